@@ -1,0 +1,196 @@
+"""The ``invite-worker`` command line: ``run`` and ``emulator``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from worker import logs
+from worker.config import DEFAULT_SITE, Config, api_url_for_site
+from worker.emulator import Emulator, Faults
+from worker.errors import UsageError
+from worker.pipeline import EXIT_ABORTED, EXIT_USAGE, run
+from worker.sources import open_source
+
+SANDBOX_KEY = "sandbox"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the README's option table and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="invite-worker",
+        description="Send Datadog shared-dashboard invitations in bulk.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="send the invitations listed in a CSV or JSONL file")
+    r.add_argument("source", metavar="SOURCE", help="a .csv or .jsonl path, or - for stdin")
+    r.add_argument("--format", choices=("csv", "jsonl"), help="override the input format")
+    r.add_argument(
+        "--report",
+        type=Path,
+        default=Path("invite-report.jsonl"),
+        help="the JSONL report (default: invite-report.jsonl)",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing report instead of refusing to start",
+    )
+    r.add_argument(
+        "--site",
+        default=os.environ.get("DD_SITE") or DEFAULT_SITE,
+        help="Datadog site (env DD_SITE, default datadoghq.com)",
+    )
+    r.add_argument(
+        "--api-url",
+        default=os.environ.get("DD_API_URL") or None,
+        help="base URL override (env DD_API_URL): a proxy or an emulator",
+    )
+    r.add_argument("--batch-size", type=int, default=100, help="emails per request (100)")
+    r.add_argument("--concurrency", type=int, default=4, help="requests in flight (4)")
+    r.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="cap in requests per second (default: only the server's limits)",
+    )
+    r.add_argument(
+        "--max-attempts", type=int, default=5, help="attempts per batch for retryable failures (5)"
+    )
+    r.add_argument(
+        "--timeout", type=float, default=30.0, help="per-request timeout in seconds (30)"
+    )
+    r.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="run against the built-in emulator; no keys needed, nothing is emailed",
+    )
+    r.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="auto: console on a terminal, JSON lines otherwise",
+    )
+
+    e = sub.add_parser("emulator", help="serve the Datadog API emulator for rehearsals")
+    e.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    e.add_argument("--port", type=int, default=8126, help="port to listen on (8126)")
+    e.add_argument("--limit", type=int, default=None, help="requests allowed per window")
+    e.add_argument("--period", type=float, default=10.0, help="window length in seconds (10)")
+    e.add_argument("--api-key", default=SANDBOX_KEY, help="expected DD-API-KEY (sandbox)")
+    e.add_argument("--app-key", default=SANDBOX_KEY, help="expected DD-APPLICATION-KEY (sandbox)")
+    e.add_argument("--error-rate", type=float, default=0.0, help="share of POSTs given a 503")
+    e.add_argument(
+        "--drop-rate", type=float, default=0.0, help="share of POSTs whose connection is dropped"
+    )
+    e.add_argument(
+        "--slow-rate",
+        type=float,
+        default=0.0,
+        help="share of POSTs answered only after --slow-seconds",
+    )
+    e.add_argument("--slow-seconds", type=float, default=5.0, help="delay of a slow answer")
+    e.add_argument(
+        "--max-batch", type=int, default=None, help="answer 400 to lists longer than this"
+    )
+    e.add_argument("--seed", type=int, default=None, help="seed for the random faults")
+    e.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return asyncio.run(_run(args))
+        return asyncio.run(_emulator(args))
+    except UsageError as exc:
+        print(f"invite-worker: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("invite-worker: interrupted", file=sys.stderr)
+        return EXIT_ABORTED
+
+
+def _config(args: argparse.Namespace, api_url: str, api_key: str, app_key: str) -> Config:
+    return Config(
+        api_url=api_url,
+        api_key=api_key,
+        app_key=app_key,
+        report_path=args.report,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        max_attempts=args.max_attempts,
+        timeout=args.timeout,
+    )
+
+
+async def _run(args: argparse.Namespace) -> int:
+    if args.sandbox:
+        if args.api_url:
+            raise UsageError("--sandbox runs against the built-in emulator; drop --api-url")
+        logs.configure(args.log_format)
+        async with Emulator() as emulator:
+            config = _config(args, emulator.url, SANDBOX_KEY, SANDBOX_KEY)
+            structlog.get_logger("worker.cli").info("sandbox.started", url=emulator.url)
+            source = open_source(args.source, args.format)
+            result = await run(config, source)
+            structlog.get_logger("worker.cli").info("sandbox.stats", **emulator.stats())
+            return result.exit_code
+    api_key = os.environ.get("DD_API_KEY", "").strip()
+    app_key = os.environ.get("DD_APP_KEY", "").strip()
+    logs.configure(args.log_format, secrets=(api_key, app_key))
+    api_url = args.api_url or api_url_for_site(args.site)
+    config = _config(args, api_url, api_key, app_key)
+    source = open_source(args.source, args.format)
+    return (await run(config, source)).exit_code
+
+
+async def _emulator(args: argparse.Namespace) -> int:
+    logs.configure(args.log_format)
+    log = structlog.get_logger("worker.emulator")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    if not args.period > 0:
+        raise UsageError("--period must be a positive number of seconds")
+    faults = Faults(
+        error_rate=args.error_rate,
+        drop_rate=args.drop_rate,
+        slow_rate=args.slow_rate,
+        slow_seconds=args.slow_seconds,
+        max_batch=args.max_batch,
+    )
+    emulator = Emulator(
+        api_key=args.api_key,
+        app_key=args.app_key,
+        limit=args.limit,
+        period=args.period,
+        faults=faults,
+        seed=args.seed,
+    )
+    try:
+        await emulator.start(args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    log.info("emulator.listening", url=emulator.url, limit=args.limit, period=args.period)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await emulator.stop()
+        log.info("emulator.stopped", **emulator.stats())
+    return 0

@@ -1,0 +1,117 @@
+"""One frozen, validated configuration for a run."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from worker.errors import UsageError
+
+#: ``DD_SITE`` value -> API base URL, as Datadog documents them.
+SITES: dict[str, str] = {
+    "datadoghq.com": "https://api.datadoghq.com",
+    "us3.datadoghq.com": "https://api.us3.datadoghq.com",
+    "us5.datadoghq.com": "https://api.us5.datadoghq.com",
+    "datadoghq.eu": "https://api.datadoghq.eu",
+    "ap1.datadoghq.com": "https://api.ap1.datadoghq.com",
+    "ap2.datadoghq.com": "https://api.ap2.datadoghq.com",
+    "uk1.datadoghq.com": "https://api.uk1.datadoghq.com",
+    "ddog-gov.com": "https://api.ddog-gov.com",
+    "us2.ddog-gov.com": "https://api.us2.ddog-gov.com",
+}
+DEFAULT_SITE = "datadoghq.com"
+
+
+def api_url_for_site(site: str) -> str:
+    """The API base URL of a Datadog site; an unknown site is a :class:`UsageError`."""
+    try:
+        return SITES[site.strip().lower()]
+    except KeyError:
+        known = ", ".join(SITES)
+        raise UsageError(f"unknown Datadog site {site!r}; use one of: {known}") from None
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and any loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_url(url: str) -> str:
+    """Validate a base URL: http(s), a host, no query; plain HTTP only to loopback.
+
+    Keys travel in headers, so plain HTTP to any other host would publish them.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--api-url must be an http(s) URL with a host, got {url!r}")
+    if parts.query or parts.fragment:
+        raise UsageError("--api-url must not carry a query string or fragment")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise UsageError(
+            f"--api-url {url!r} is plain HTTP to a non-loopback host; the keys would travel "
+            "unencrypted. Use https:// (plain http is allowed only for 127.0.0.1/localhost)."
+        )
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything a run needs, checked when built. Durations are float seconds."""
+
+    api_url: str
+    api_key: str = field(repr=False)
+    app_key: str = field(repr=False)
+    report_path: Path = Path("invite-report.jsonl")
+    #: Replace an existing, non-empty report instead of refusing to start.
+    overwrite: bool = False
+    batch_size: int = 100
+    concurrency: int = 4
+    #: Extra cap in requests per second; ``None`` means only the server's limits apply.
+    rate: float | None = None
+    max_attempts: int = 5
+    timeout: float = 30.0
+    #: Rows held in per-token buffers across all tokens before the fullest are sent early.
+    max_buffered_rows: int = 20_000
+    #: First retry waits about this long; each further one doubles it, up to ``backoff_max``.
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    #: Upper bound of the random extra wait added after a 429, so workers do not stampede.
+    ratelimit_jitter: float = 1.0
+    #: Wait after a 429 that carried no usable ``X-RateLimit-Reset``.
+    ratelimit_default_wait: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_url", check_api_url(self.api_url))
+        if not self.api_key or not self.app_key:
+            raise UsageError(
+                "missing keys: set DD_API_KEY and DD_APP_KEY "
+                "(or use --sandbox to rehearse without keys)"
+            )
+        _check_range("--batch-size", self.batch_size, 1, 10_000)
+        _check_range("--concurrency", self.concurrency, 1, 256)
+        _check_range("--max-attempts", self.max_attempts, 1, 100)
+        if self.rate is not None and not self.rate > 0:
+            raise UsageError(f"--rate must be a positive number of requests/s, got {self.rate}")
+        for name, value in (
+            ("--timeout", self.timeout),
+            ("backoff_base", self.backoff_base),
+            ("backoff_max", self.backoff_max),
+        ):
+            if not value > 0:
+                raise UsageError(f"{name} must be a positive number of seconds, got {value}")
+        if self.ratelimit_jitter < 0 or self.ratelimit_default_wait < 0:
+            raise UsageError("rate-limit waits must not be negative")
+        if self.max_buffered_rows < self.batch_size:
+            raise UsageError("max_buffered_rows must be at least --batch-size")
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise UsageError(f"{name} must be between {low} and {high}, got {value}")

@@ -1,0 +1,412 @@
+"""A local emulator of Datadog's shared-dashboard invitation API.
+
+It behaves like the real endpoint as far as this worker can observe: keys checked (403),
+unknown tokens (404), a share-list rule (400 for any address outside it, nothing created),
+201 with the recorded response shape, calendar-aligned ``X-RateLimit-*`` headers and 429s,
+and switchable faults: 5xx, slow answers and dropped connections, at random rates or
+scripted for the next requests. Used by ``--sandbox``, ``invite-worker emulator`` and tests.
+
+Sandbox rules apply to tokens not registered with :meth:`Emulator.add_dashboard`: every
+token exists except those starting with ``gone``, and every address is on the share list
+except those at ``@outside.example``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+INVITATION_PATH = "/api/v1/dashboard/public/{token}/invitation"
+RATELIMIT_NAME = "dashboard_public_invitation"
+OUTSIDE_DOMAIN = "outside.example"
+#: Faults that can be scripted with :meth:`Emulator.script`.
+FAULTS = ("503", "502-html", "429", "drop", "slow")
+
+
+@dataclass
+class Faults:
+    """Random fault rates (0..1) applied to each invitation POST before anything is created."""
+
+    error_rate: float = 0.0
+    drop_rate: float = 0.0
+    slow_rate: float = 0.0
+    slow_seconds: float = 5.0
+    #: Refuse lists longer than this with a 400, as a service might for an oversized body.
+    max_batch: int | None = None
+
+
+@dataclass
+class Dashboard:
+    """A shared dashboard: its share list (``None``: the sandbox rule) and invitations."""
+
+    token: str
+    share_list: set[str] | None = None
+    invitations: list[tuple[str, float]] = field(default_factory=list)
+
+    def allows(self, email: str) -> bool:
+        if self.share_list is None:
+            return not email.lower().endswith("@" + OUTSIDE_DOMAIN)
+        return email.lower() in self.share_list
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """One request as the emulator saw it."""
+
+    method: str
+    token: str
+    status: int
+    emails: int
+    list_form: bool
+    at: float
+
+
+class Emulator:
+    """The emulated service. ``await start()`` serves it on 127.0.0.1; state is inspectable."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "sandbox",
+        app_key: str = "sandbox",
+        limit: int | None = None,
+        period: float = 10.0,
+        faults: Faults | None = None,
+        sandbox_rules: bool = True,
+        seed: int | None = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.api_key, self.app_key = api_key, app_key
+        self.limit, self.period = limit, period
+        self.faults = faults or Faults()
+        self.sandbox_rules = sandbox_rules
+        self.dashboards: dict[str, Dashboard] = {}
+        self.requests: list[Logged] = []
+        self.invited: Counter[tuple[str, str]] = Counter()
+        self._scripted: deque[str] = deque()
+        self._rng = random.Random(seed)  # fault injection, not security
+        self._clock = clock
+        self._window = (-1, 0)  # (window index, requests counted in it)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def add_dashboard(self, token: str, share_list: list[str] | None = None) -> Dashboard:
+        """Register a dashboard; ``share_list=None`` uses the sandbox share-list rule."""
+        allowed = {e.lower() for e in share_list} if share_list is not None else None
+        board = self.dashboards[token] = Dashboard(token, allowed)
+        return board
+
+    def script(self, *faults: str) -> None:
+        """Apply these faults, in order, to the next invitation POSTs (see :data:`FAULTS`)."""
+        unknown = set(faults) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
+        self._scripted.extend(faults)
+
+    def app(self) -> web.Application:
+        """The aiohttp application (routes only; :meth:`start` serves it)."""
+        app = web.Application()
+        app.router.add_post(INVITATION_PATH, self._post)
+        app.router.add_get(INVITATION_PATH, self._list)
+        app.router.add_delete(INVITATION_PATH, self._delete)
+        app.router.add_get("/api/v1/dashboard/public/{token}", self._dashboard)
+        app.router.add_get("/_emulator/stats", self._stats)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on ``host:port`` (0 picks a free port); returns the base URL."""
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        bound = server.sockets[0].getsockname()
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        self.url = f"http://{shown}:{bound[1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Emulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- what happened --------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for people and benchmarks: requests by status, emails created, largest list."""
+        posts = [r for r in self.requests if r.method == "POST"]
+        return {
+            "requests": len(self.requests),
+            "posts": len(posts),
+            "by_status": dict(Counter(str(r.status) for r in self.requests)),
+            "rate_limited": sum(1 for r in self.requests if r.status == 429),
+            "invitations": sum(self.invited.values()),
+            "duplicates": sum(n - 1 for n in self.invited.values() if n > 1),
+            "max_list": max((r.emails for r in posts), default=0),
+            "non_list_posts": sum(1 for r in posts if not r.list_form),
+        }
+
+    # -- handlers -------------------------------------------------------------------------
+
+    def _board(self, token: str) -> Dashboard | None:
+        board = self.dashboards.get(token)
+        if board is None and self.sandbox_rules and not token.startswith("gone"):
+            board = self.add_dashboard(token)
+        return board
+
+    def _ratelimit(self, count: bool) -> tuple[bool, dict[str, str]]:
+        """Count one request in the current calendar-aligned window; (over limit, headers)."""
+        if self.limit is None:
+            return False, {}
+        now = self._clock()
+        index = math.floor(now / self.period)
+        if self._window[0] != index:
+            self._window = (index, 0)
+        used = self._window[1] + (1 if count else 0)
+        self._window = (index, used)
+        end = (index + 1) * self.period
+        headers = {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Period": f"{self.period:g}",
+            "X-RateLimit-Remaining": str(max(0, self.limit - used)),
+            "X-RateLimit-Reset": str(int(end - now)),
+            "X-RateLimit-Name": RATELIMIT_NAME,
+        }
+        return used > self.limit, headers
+
+    def _error(
+        self, status: int, message: str, headers: dict[str, str], html: bool = False
+    ) -> web.Response:
+        if html:
+            body = f"<html><body><h1>{status} Bad Gateway</h1>{message}</body></html>"
+            return web.Response(status=status, text=body, content_type="text/html", headers=headers)
+        return web.Response(
+            status=status,
+            body=orjson.dumps({"errors": [message]}),
+            content_type="application/json",
+            headers=headers,
+        )
+
+    def _authorized(self, request: web.Request) -> bool:
+        return (
+            request.headers.get("DD-API-KEY") == self.api_key
+            and request.headers.get("DD-APPLICATION-KEY") == self.app_key
+        )
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        log = self._logger(request, "POST", token)
+        if not self._authorized(request):
+            return log(self._error(403, "Forbidden", {}))
+        over, headers = self._ratelimit(count=True)
+        if over:
+            return log(self._error(429, "Rate limit exceeded", headers))
+        fault = self._next_fault()
+        if fault == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return log(web.Response(status=499))
+        if fault == "503":
+            return log(self._error(503, "Service Unavailable", headers))
+        if fault == "502-html":
+            return log(self._error(502, "upstream connect error", headers, html=True))
+        if fault == "429":
+            return log(self._error(429, "Rate limit exceeded", headers))
+        if fault == "slow":
+            await asyncio.sleep(self.faults.slow_seconds)
+            if request.transport is None or request.transport.is_closing():
+                return log(web.Response(status=499))  # the client gave up: nothing created
+        emails, list_form = self._parse(await request.read())
+        log.emails, log.list_form = len(emails or []), list_form
+        board = self._board(token)
+        if board is None:
+            return log(self._error(404, "Shared dashboard not found", headers))
+        if not emails:
+            return log(self._error(400, "Invalid request body", headers))
+        if self.faults.max_batch is not None and len(emails) > self.faults.max_batch:
+            return log(
+                self._error(
+                    400,
+                    f"Too many invitations in one request (max {self.faults.max_batch})",
+                    headers,
+                )
+            )
+        refused = [e for e in emails if not board.allows(e)]
+        if refused:
+            return log(
+                self._error(
+                    400,
+                    "Email(s) not in the shared dashboard's share list: " + ", ".join(refused),
+                    headers,
+                )
+            )
+        now = self._clock()
+        items = []
+        for email in emails:
+            board.invitations.append((email, now))
+            self.invited[(token, email.lower())] += 1
+            items.append(_invitation(token, email, now))
+        data: Any = items if list_form else items[0]
+        return log(
+            web.Response(
+                status=201,
+                body=orjson.dumps({"data": data}),
+                content_type="application/json",
+                headers=headers,
+            )
+        )
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        log = self._logger(request, "GET", token)
+        if not self._authorized(request):
+            return log(self._error(403, "Forbidden", {}))
+        over, headers = self._ratelimit(count=True)
+        if over:
+            return log(self._error(429, "Rate limit exceeded", headers))
+        board = self._board(token)
+        if board is None:
+            return log(self._error(404, "Shared dashboard not found", headers))
+        try:
+            size = min(100, max(1, int(request.query.get("page_size", "50"))))
+            number = max(0, int(request.query.get("page_number", "0")))
+        except ValueError:
+            return log(self._error(400, "page_size and page_number must be integers", headers))
+        page = board.invitations[number * size : (number + 1) * size]
+        body = {
+            "data": [_invitation(token, e, t) for e, t in page],
+            "meta": {"page": {"total_count": len(board.invitations)}},
+        }
+        return log(
+            web.Response(
+                status=200,
+                body=orjson.dumps(body),
+                content_type="application/json",
+                headers=headers,
+            )
+        )
+
+    async def _delete(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        log = self._logger(request, "DELETE", token)
+        if not self._authorized(request):
+            return log(self._error(403, "Forbidden", {}))
+        over, headers = self._ratelimit(count=True)
+        if over:
+            return log(self._error(429, "Rate limit exceeded", headers))
+        board = self._board(token)
+        if board is None:
+            return log(self._error(404, "Shared dashboard not found", headers))
+        emails, _ = self._parse(await request.read())
+        if not emails:
+            return log(self._error(400, "Invalid request body", headers))
+        gone = {e.lower() for e in emails}
+        board.invitations = [(e, t) for e, t in board.invitations if e.lower() not in gone]
+        return log(web.Response(status=204, headers=headers))
+
+    async def _dashboard(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        log = self._logger(request, "GET", token)
+        if not self._authorized(request):
+            return log(self._error(403, "Forbidden", {}))
+        board = self._board(token)
+        if board is None:
+            return log(self._error(404, "Shared dashboard not found", {}))
+        body = {
+            "token": token,
+            "share_type": "invite",
+            "status": "active",
+            "share_list": sorted(board.share_list or []),
+        }
+        return log(web.json_response(body))
+
+    async def _stats(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.stats())
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _next_fault(self) -> str | None:
+        if self._scripted:
+            return self._scripted.popleft()
+        f, roll = self.faults, self._rng.random()
+        for name, rate in (("drop", f.drop_rate), ("503", f.error_rate), ("slow", f.slow_rate)):
+            if roll < rate:
+                return name
+            roll -= rate
+        return None
+
+    @staticmethod
+    def _parse(raw: bytes) -> tuple[list[str] | None, bool]:
+        """The emails of a request body (object or list form); ``None`` if malformed."""
+        try:
+            data = orjson.loads(raw).get("data")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None, False
+        list_form = isinstance(data, list)
+        items = data if list_form else [data]
+        emails = []
+        for item in items:
+            if not isinstance(item, dict) or item.get("type") != "public_dashboard_invitation":
+                return None, list_form
+            email = (item.get("attributes") or {}).get("email")
+            if not isinstance(email, str):
+                return None, list_form
+            emails.append(email)
+        return emails, list_form
+
+    def _logger(self, request: web.Request, method: str, token: str) -> _Log:
+        return _Log(self.requests, method, token, self._clock)
+
+
+class _Log:
+    """Records a request's outcome when its response is returned."""
+
+    def __init__(
+        self, into: list[Logged], method: str, token: str, clock: Callable[[], float]
+    ) -> None:
+        self.into, self.method, self.token, self.clock = into, method, token, clock
+        self.emails, self.list_form = 0, False
+
+    def __call__(self, response: web.StreamResponse) -> web.StreamResponse:
+        self.into.append(
+            Logged(
+                self.method, self.token, response.status, self.emails, self.list_form, self.clock()
+            )
+        )
+        return response
+
+
+def _invitation(token: str, email: str, created: float) -> dict[str, Any]:
+    at = datetime.fromtimestamp(created, UTC)
+    return {
+        "type": "public_dashboard_invitation",
+        "attributes": {
+            "email": email,
+            "share_token": token,
+            "created_at": at.isoformat(),
+            "invitation_expiry": (at + timedelta(hours=1)).isoformat(),
+            "has_session": False,
+            "session_expiry": None,
+        },
+    }

@@ -1,0 +1,111 @@
+"""The exception hierarchy.
+
+Every error the worker raises derives from :class:`InviteWorkerError`. Sending errors are
+split into :class:`RetryableError` (try the same request again later) and
+:class:`PermanentError` (do not); the sender decides what to do from the *type* alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class InviteWorkerError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class UsageError(InviteWorkerError):
+    """Bad options, configuration or input shape: nothing was sent (exit code 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitInfo:
+    """What one response's ``X-RateLimit-*`` headers said (``None`` where absent or garbled)."""
+
+    limit: int | None = None
+    period: float | None = None
+    remaining: int | None = None
+    reset: float | None = None
+    name: str | None = None
+
+
+class SendError(InviteWorkerError):
+    """A request for one batch did not succeed.
+
+    ``code`` is the stable, machine-readable name written to the report; ``message`` is the
+    human explanation (the server's own words where it gave any).
+    """
+
+    code = "send_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        ratelimit: RateLimitInfo | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.ratelimit = ratelimit
+
+
+class RetryableError(SendError):
+    """Sending again later may succeed."""
+
+    code = "retryable"
+
+
+class RateLimited(RetryableError):
+    """429: the organization's budget is spent until the window resets. Not a failed attempt."""
+
+    code = "rate_limited"
+
+
+class ServerError(RetryableError):
+    """5xx (or 408) from the service or a proxy in front of it."""
+
+    code = "server_error"
+
+
+class RequestTimeout(RetryableError):
+    """No complete answer within ``--timeout`` seconds."""
+
+    code = "timeout"
+
+
+class ConnectionFailed(RetryableError):
+    """The connection could not be made, or broke before an answer arrived."""
+
+    code = "connection_error"
+
+
+class PermanentError(SendError):
+    """Sending the same request again will fail the same way."""
+
+    code = "permanent"
+
+
+class BadRequest(PermanentError):
+    """400: the batch (or an address in it) was refused, e.g. not on the share list."""
+
+    code = "bad_request"
+
+
+class AuthError(PermanentError):
+    """401/403: the keys are wrong or lack ``dashboards_invite_share``. Stops the whole run."""
+
+    code = "forbidden"
+
+
+class TokenNotFound(PermanentError):
+    """404: no shared dashboard with this token. Every batch of the token fails."""
+
+    code = "token_not_found"
+
+
+class UnexpectedResponse(PermanentError):
+    """Any other status the API does not document for this endpoint."""
+
+    code = "unexpected_response"

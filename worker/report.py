@@ -1,0 +1,125 @@
+"""The JSONL report: one record per batch outcome, per rejected row, and a final summary.
+
+Records are appended with a direct ``write(2)`` as each outcome is known, so a crash leaves a
+valid prefix. The file holds people's addresses, so it is created owner-only (0600).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from worker.errors import UsageError
+
+REPORT_MODE = 0o600
+
+
+def iso(ts: float) -> str:
+    """An epoch timestamp as ISO 8601 UTC with milliseconds."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+class Report:
+    """Appends records to the report file and keeps the counts the summary needs."""
+
+    def __init__(self, path: Path, *, overwrite: bool = False) -> None:
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        try:
+            if not overwrite and path.exists() and path.stat().st_size > 0:
+                raise UsageError(
+                    f"the report {str(path)!r} already exists and holds an earlier run; pass "
+                    "--overwrite to replace it, or choose another --report path"
+                )
+            self._fd = os.open(path, flags | (os.O_TRUNC if overwrite else 0), REPORT_MODE)
+        except OSError as exc:
+            raise UsageError(f"cannot write the report {str(path)!r}: {exc.strerror}") from None
+        os.fchmod(self._fd, REPORT_MODE)  # an existing file keeps its mode on open
+        self._pending: list[bytes] = []
+        self.rejected_by_reason: Counter[str] = Counter()
+        self.batches: Counter[str] = Counter()
+        self.emails: Counter[str] = Counter()
+        self.closed = False
+
+    def rejected(
+        self,
+        line: int,
+        reason: str,
+        token: str | None = None,
+        email: str | None = None,
+    ) -> None:
+        """Queue a ``rejected`` record; it is written by the next :meth:`flush` or batch."""
+        record: dict[str, Any] = {"kind": "rejected", "line": line, "reason": reason}
+        if token:
+            record["token"] = token[:200]
+        if email:
+            record["email"] = email[:320]
+        self.rejected_by_reason[reason] += 1
+        self._pending.append(orjson.dumps(record))
+
+    def batch(
+        self,
+        *,
+        token: str,
+        emails: list[str],
+        status: str,
+        http_status: int | None,
+        attempts: int,
+        error: dict[str, str] | None,
+        invitations: list[dict[str, Any]],
+        started_at: float,
+        finished_at: float,
+        rate_limited: int = 0,
+    ) -> None:
+        """Write one final batch outcome (``sent``, ``failed``) at once."""
+        record = {
+            "kind": "batch",
+            "token": token,
+            "emails": emails,
+            "status": status,
+            "http_status": http_status,
+            "attempts": attempts,
+            "rate_limited": rate_limited,
+            "error": error,
+            "invitations": invitations,
+            "started_at": iso(started_at),
+            "finished_at": iso(finished_at),
+            "duration_ms": round((finished_at - started_at) * 1000, 1),
+        }
+        self.batches[status] += 1
+        self.emails[status] += len(emails)
+        self._pending.append(orjson.dumps(record))
+        self.flush()
+
+    def summary(self, fields: dict[str, Any]) -> None:
+        """Write the one ``summary`` record, last, and close the file."""
+        self._pending.append(orjson.dumps({"kind": "summary", **fields}))
+        self.flush()
+        self.close()
+
+    def flush(self) -> None:
+        """Write everything queued in one system call."""
+        if self._pending:
+            data = b"\n".join(self._pending) + b"\n"
+            self._pending.clear()
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+
+    def close(self) -> None:
+        """Flush and close (idempotent)."""
+        if not self.closed:
+            self.flush()
+            os.close(self._fd)
+            self.closed = True
+
+    @property
+    def rejected_total(self) -> int:
+        """Rows rejected so far."""
+        return sum(self.rejected_by_reason.values())

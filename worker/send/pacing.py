@@ -1,0 +1,197 @@
+"""When may the next request go? Pacing from the server's ``X-RateLimit-*`` headers.
+
+Datadog counts requests per organization in fixed, calendar-aligned windows of ``Period``
+seconds and says, on every response, how many are ``Remaining`` and when the window
+``Reset``\\ s. The pacer keeps one model of the current window and:
+
+- spends the remaining budget evenly up to the window's end, counting requests still in
+  flight against it, so the limit is used to the last request without a 429;
+- sends only ``probe_in_flight`` requests until the first answer says what the limit is;
+- after a 429 pauses *every* sender until the window resets, plus jitter;
+- applies ``--rate`` as an extra, burst-free cap (aiolimiter with a capacity of one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+import structlog
+from aiolimiter import AsyncLimiter
+
+from worker.clock import Clock
+from worker.errors import RateLimitInfo
+
+log = structlog.get_logger("worker.pacing")
+
+#: Extra wait past a window boundary before counting on the new budget, for clock skew.
+BOUNDARY_MARGIN = 0.02
+
+
+def window_end(now: float, info: RateLimitInfo) -> float | None:
+    """Wall time at which the window that ``info`` describes ends.
+
+    Windows are calendar aligned, so with a known period the end is the next multiple of it.
+    ``Reset`` is whole seconds and may be 0, so it only confirms the alignment; when it
+    disagrees (a skewed clock), trust it, rounded up so we never resume early.
+    """
+    period = info.period
+    if period and period > 0:
+        aligned = (math.floor(now / period) + 1) * period
+        if info.reset is None or info.reset - 1 <= aligned - now <= info.reset + 1:
+            return aligned
+    if info.reset is not None:
+        return now + info.reset + 1.0
+    return None
+
+
+class Pacer:
+    """Shared by all senders of a run: ``acquire`` before a request, ``release`` after."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        rate: float | None = None,
+        probe_in_flight: int = 1,
+        jitter: float = 1.0,
+        default_wait: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._clock = clock
+        self._limiter = AsyncLimiter(1, 1.0 / rate) if rate else None
+        self._probe = probe_in_flight
+        self._jitter = jitter
+        self._default_wait = default_wait
+        self._rng = rng or random.Random()  # jitter, not security
+        self.limit: int | None = None
+        self.period: float | None = None
+        self._learned = False
+        self._window_end: float | None = None
+        self._remaining = 0
+        self._in_flight = 0
+        self._last_send = -math.inf
+        self._paused_until = -math.inf
+        self._logged_window: float | None = None
+        self._changed = asyncio.Event()
+        #: Times a sender had to wait for the budget or a 429 pause (for the summary).
+        self.waits = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests acquired and not yet released."""
+        return self._in_flight
+
+    async def acquire(self) -> float:
+        """Wait until a request may be sent; returns the send time to pass to ``release``."""
+        if self._limiter is not None:
+            await self._limiter.acquire()
+        while True:
+            now = self._clock.time()
+            wait = self._wait_needed(now)
+            if wait is None:
+                break
+            if wait == math.inf:
+                await self._changed.wait()  # probing: until an answer teaches us the limit
+            else:
+                await self._clock.sleep(wait)
+        self._in_flight += 1
+        self._last_send = now
+        return now
+
+    def _wait_needed(self, now: float) -> float | None:
+        if now < self._paused_until:
+            return self._paused_until - now
+        if not self._learned:
+            return math.inf if self._in_flight >= self._probe else None
+        if self.limit is None:
+            return None  # the server announces no limit: only --concurrency applies
+        if self._window_end is None or now >= self._window_end:
+            self._roll_window(now)
+        assert self._window_end is not None
+        start = self._window_end - (self.period or 1.0)
+        if now < start + BOUNDARY_MARGIN:
+            return start + BOUNDARY_MARGIN - now
+        budget = self._remaining - self._in_flight
+        if budget <= 0:
+            if self._logged_window != self._window_end:
+                self._logged_window = self._window_end
+                self.waits += 1
+                log.info(
+                    "ratelimit.wait",
+                    reason="budget_spent",
+                    seconds=round(self._window_end - now, 3),
+                    limit=self.limit,
+                )
+            return self._window_end - now + BOUNDARY_MARGIN
+        # Spread what is left evenly over what remains of the window.
+        interval = (self._window_end - now) / budget
+        earliest = self._last_send + interval
+        return earliest - now if earliest > now else None
+
+    def _roll_window(self, now: float) -> None:
+        """The known window is over: assume a full budget in the one we are now in."""
+        period = self.period or 1.0
+        self._window_end = (math.floor(now / period) + 1) * period
+        self._remaining = self.limit or 0
+
+    def release(self, sent_at: float, info: RateLimitInfo | None, *, limited: bool = False) -> None:
+        """Record the answer to a request sent at ``sent_at`` (``info`` is None if none came)."""
+        self._in_flight -= 1
+        self._learned = True
+        now = self._clock.time()
+        if info is not None and info.limit is not None:
+            self.limit = info.limit
+            if info.period:
+                self.period = info.period
+        end = window_end(now, info) if info is not None else None
+        if limited:
+            self._pause(now, end)
+        elif end is not None and info is not None and info.remaining is not None:
+            self._observe(sent_at, end, info.remaining)
+        elif self._window_end is not None and sent_at < self._window_end:
+            # No count came back (timeout, dropped connection); assume it was counted.
+            self._remaining -= 1
+        self._wake()
+
+    def cancel(self) -> None:
+        """Give back an acquired slot whose request was never sent."""
+        self._in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _observe(self, sent_at: float, end: float, remaining: int) -> None:
+        period = self.period or 1.0
+        tolerance = min(0.5, period / 2)
+        if sent_at < end - period:
+            # Sent in an earlier window, answered in this one: the count may belong to either.
+            # Assume it landed in this window, and keep the budget we already believe in.
+            if self._window_end is not None and abs(end - self._window_end) < tolerance:
+                self._remaining -= 1
+            return
+        if self._window_end is None or end > self._window_end + tolerance:
+            self._window_end = end
+            self._remaining = remaining
+        elif abs(end - self._window_end) < tolerance:
+            self._remaining = min(self._remaining, remaining)
+        # else: a late answer about a window already over; nothing to learn.
+
+    def _pause(self, now: float, end: float | None) -> None:
+        """A 429: nobody sends until the window resets (a little later, with jitter)."""
+        if end is None:
+            resume = now + self._default_wait
+            spread = self._jitter
+        else:
+            self._window_end = end
+            self._remaining = 0
+            resume = end + BOUNDARY_MARGIN
+            spread = min(self._jitter, 0.25 * (self.period or 1.0))
+        resume += self._rng.uniform(0, spread)
+        if resume > self._paused_until:
+            self._paused_until = resume
+            self.waits += 1
+            log.info("ratelimit.wait", reason="429", seconds=round(resume - now, 3))

@@ -1,0 +1,65 @@
+"""JSON Lines input: one object per line with string ``token`` and ``email`` fields."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import BinaryIO
+
+import orjson
+
+from worker.sources.lines import CHUNK_LINES, Row, chunked, read_lines
+
+
+class JsonlSource:
+    """A JSONL stream; extra fields in each object are ignored."""
+
+    def __init__(self, stream: BinaryIO, description: str) -> None:
+        self.description = description
+        self._stream = stream
+        self._lines = read_lines(stream)
+
+    def chunks(self) -> AsyncIterator[list[Row]]:
+        return chunked(self._parse_chunk)
+
+    def _parse_chunk(self) -> list[Row] | None:
+        rows: list[Row] = []
+        append = rows.append
+        loads = orjson.loads
+        for count, (number, raw) in enumerate(self._lines, 1):
+            if raw is None:
+                append((number, None, None, "line_too_long"))
+            elif raw.strip():
+                try:
+                    obj = loads(raw)
+                except orjson.JSONDecodeError:
+                    append((number, None, None, _why_not_json(raw)))
+                else:
+                    append(_row_from(number, obj))
+            if count >= CHUNK_LINES:
+                return rows
+        return rows if rows else None
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _row_from(number: int, obj: object) -> Row:
+    if not isinstance(obj, dict):
+        return (number, None, None, "not_an_object")
+    token = obj.get("token")
+    email = obj.get("email")
+    if token is None:
+        return (number, None, email if isinstance(email, str) else None, "missing_token")
+    if email is None:
+        return (number, token if isinstance(token, str) else None, None, "missing_email")
+    if not isinstance(token, str) or not isinstance(email, str):
+        return (number, None, None, "not_a_string")
+    return (number, token, email, None)
+
+
+def _why_not_json(raw: bytes) -> str:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bad_encoding"
+    return "invalid_json"
