@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from typing import Protocol
 
@@ -34,16 +35,23 @@ class SystemClock:
 
 
 class FakeClock:
-    """A clock whose sleeps return at once and move its time forward.
+    """Virtual time for tests and simulations: sleeps return without real waiting.
 
-    Sleeps run one after another in virtual time (two tasks that each sleep one second move
-    it two seconds), which only ever over-states elapsed time: a pacing test that passes on it
-    cannot be relying on waits that were skipped. ``slept`` records every requested wait.
+    A discrete-event clock. Sleepers queue by wake-up time; once the tasks that can run have
+    run (a few event-loop turns), time jumps to the earliest wake-up and that sleeper
+    resumes. Concurrent tasks therefore see the same timeline they would see in real time,
+    only compressed. ``slept`` records every requested wait.
     """
+
+    #: Event-loop turns given to runnable tasks before virtual time moves on.
+    SETTLE_TURNS = 20
 
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self.now = start
         self.slept: list[float] = []
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = 0
+        self._driver: asyncio.Task[None] | None = None
 
     def time(self) -> float:
         return self.now
@@ -54,6 +62,20 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
-        if seconds > 0:
-            self.now += seconds
-        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._seq += 1
+        heapq.heappush(self._sleepers, (self.now + max(seconds, 0.0), self._seq, future))
+        if self._driver is None or self._driver.done():
+            self._driver = loop.create_task(self._drive())
+        await future
+
+    async def _drive(self) -> None:
+        while self._sleepers:
+            for _ in range(self.SETTLE_TURNS):
+                await asyncio.sleep(0)
+            wake, _, future = heapq.heappop(self._sleepers)
+            if future.cancelled():
+                continue
+            self.now = max(self.now, wake)
+            future.set_result(None)

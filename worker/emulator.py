@@ -233,10 +233,8 @@ class Emulator:
             return log(self._error(502, "upstream connect error", headers, html=True))
         if fault == "429":
             return log(self._error(429, "Rate limit exceeded", headers))
-        if fault == "slow":
-            await asyncio.sleep(self.faults.slow_seconds)
-            if request.transport is None or request.transport.is_closing():
-                return log(web.Response(status=499))  # the client gave up: nothing created
+        if fault == "slow" and not await self._stall(request, self.faults.slow_seconds):
+            return log(web.Response(status=499))  # the client gave up: nothing created
         emails, list_form = self._parse(await request.read())
         log.emails, log.list_form = len(emails or []), list_form
         board = self._board(token)
@@ -355,6 +353,16 @@ class Emulator:
                 return name
             roll -= rate
         return None
+
+    @staticmethod
+    async def _stall(request: web.Request, seconds: float) -> bool:
+        """Wait ``seconds``; False as soon as the client has hung up."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(0.05, left))
+            if request.transport is None or request.transport.is_closing():
+                return False
+        return True
 
     @staticmethod
     def _parse(raw: bytes) -> tuple[list[str] | None, bool]:

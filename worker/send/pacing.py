@@ -125,9 +125,9 @@ class Pacer:
                     limit=self.limit,
                 )
             return self._window_end - now + BOUNDARY_MARGIN
-        # Spread what is left evenly over what remains of the window.
-        interval = (self._window_end - now) / budget
-        earliest = self._last_send + interval
+        # Spread what is left evenly between the last send and the window's end: with the
+        # full budget of a fresh window that is exactly Period / Limit apart.
+        earliest = self._last_send + (self._window_end - self._last_send) / (budget + 1)
         return earliest - now if earliest > now else None
 
     def _roll_window(self, now: float) -> None:

@@ -1,0 +1,104 @@
+"""Shared fixtures: an emulator on loopback, configs pointing at it, report helpers."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import structlog
+
+from worker.config import Config
+from worker.emulator import Emulator
+from worker.sources import Source, open_source
+
+API_KEY = "test-api-key-0123456789abcdef"
+APP_KEY = "test-app-key-fedcba9876543210"
+TOKEN_A = "fasjyydbcgwwc2uc-3dde636009128a6f937e880f67a0ad04"
+TOKEN_B = "k9x2mmq7rt5vbc1a-77c1e0f4a2b94e6d8f0a1b2c3d4e5f60"
+TOKEN_C = "zz11yy22xx33ww44-0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """The CLI configures structlog globally; give every test the defaults back."""
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    """An emulator on 127.0.0.1 expecting the test keys, with sandbox token rules."""
+    emu = Emulator(api_key=API_KEY, app_key=APP_KEY)
+    await emu.start()
+    try:
+        yield emu
+    finally:
+        await emu.stop()
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, emulator: Emulator) -> Callable[..., Config]:
+    """Build a Config aimed at the emulator, with waits shrunk so tests run in milliseconds."""
+
+    def build(**overrides: Any) -> Config:
+        values: dict[str, Any] = {
+            "api_url": emulator.url,
+            "api_key": API_KEY,
+            "app_key": APP_KEY,
+            "report_path": tmp_path / "report.jsonl",
+            "backoff_base": 0.005,
+            "backoff_max": 0.02,
+            "ratelimit_jitter": 0.01,
+            "ratelimit_default_wait": 0.01,
+            "timeout": 5.0,
+        }
+        values.update(overrides)
+        return Config(**values)
+
+    return build
+
+
+def csv_source(text: str) -> Source:
+    """A CSV source over an in-memory string (as if piped on stdin)."""
+    return open_source("-", "csv", stdin=io.BytesIO(text.encode()))
+
+
+def jsonl_source(data: bytes) -> Source:
+    """A JSONL source over in-memory bytes."""
+    return open_source("-", "jsonl", stdin=io.BytesIO(data))
+
+
+def read_report(path: Path) -> list[dict[str, Any]]:
+    """Every record of a report, checking each line is one JSON object."""
+    records = []
+    for line in path.read_bytes().splitlines():
+        record = orjson.loads(line)
+        assert isinstance(record, dict)
+        records.append(record)
+    return records
+
+
+def by_kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The records of one kind."""
+    return [r for r in records if r["kind"] == kind]
+
+
+async def collect(source: Source) -> list[tuple[int, str | None, str | None, str | None]]:
+    """Every raw row of a source."""
+    rows = []
+    async for chunk in source.chunks():
+        rows.extend(chunk)
+    source.close()
+    return rows
+
+
+def find_capture(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    """Captured structlog events with this name."""
+    return [e for e in logs if e["event"] == event]
+
+
+CaptureFactory = Callable[[], Any]

@@ -1,0 +1,222 @@
+"""The command line as people use it: a real process, exit codes, stderr, the report."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import API_KEY, APP_KEY, by_kind, read_report
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_inputs"
+
+
+def invite_worker(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m worker`` with a clean environment (no DD_* from the caller)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env={**base, **(env or {})},
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def emulator_process() -> Iterator[str]:
+    """``invite-worker emulator`` as its own process on a free loopback port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "emulator",
+            "--port",
+            str(port),
+            "--api-key",
+            API_KEY,
+            "--app-key",
+            APP_KEY,
+            "--log-format",
+            "json",
+        ],
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("the emulator did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_sandbox_runs_the_csv_sample(tmp_path: Path) -> None:
+    """The README's first command: the sample through --sandbox, exit 1 for its bad rows."""
+    report = tmp_path / "r.jsonl"
+    done = invite_worker("run", str(SAMPLES / "invites.csv"), "--sandbox", "--report", str(report))
+    assert done.returncode == 1, done.stderr.decode()
+    records = read_report(report)
+    assert {r["line"]: r["reason"] for r in by_kind(records, "rejected")} == {
+        5: "duplicate",
+        9: "invalid_email",
+        10: "invalid_token",
+    }
+    summary = records[-1]
+    assert (summary["emails_sent"], summary["emails_failed"]) == (5, 2)
+    for line in done.stderr.decode().splitlines():  # not a terminal: JSON lines
+        event = orjson.loads(line)
+        assert "event" in event
+        assert "level" in event
+
+
+def test_sandbox_reads_jsonl_from_stdin(tmp_path: Path) -> None:
+    """SOURCE '-' with --format jsonl reads standard input."""
+    report = tmp_path / "r.jsonl"
+    done = invite_worker(
+        "run",
+        "-",
+        "--format",
+        "jsonl",
+        "--sandbox",
+        "--report",
+        str(report),
+        stdin=(SAMPLES / "invites.jsonl").read_bytes(),
+    )
+    assert done.returncode == 1, done.stderr.decode()
+    records = read_report(report)
+    reasons = sorted(r["reason"] for r in by_kind(records, "rejected"))
+    assert reasons == ["duplicate", "invalid_json", "not_a_string", "not_an_object"]
+    assert records[-1]["emails_sent"] == 4
+
+
+def test_standalone_emulator_and_keys_from_the_environment(
+    tmp_path: Path, emulator_process: str
+) -> None:
+    """A separate emulator process, keys from DD_API_KEY/DD_APP_KEY, a clean run: exit 0."""
+    source = tmp_path / "in.csv"
+    source.write_text(
+        "email,token\n" + "".join(f"u{i}@example.com,tok-{i % 3}\n" for i in range(250))
+    )
+    report = tmp_path / "r.jsonl"
+    done = invite_worker(
+        "run",
+        str(source),
+        "--report",
+        str(report),
+        "--batch-size",
+        "20",
+        env={"DD_API_URL": emulator_process, "DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY},
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert read_report(report)[-1]["emails_sent"] == 250
+    assert API_KEY.encode() not in done.stderr
+    assert APP_KEY.encode() not in done.stderr
+
+
+def test_wrong_keys_exit_3_with_a_reason(tmp_path: Path, emulator_process: str) -> None:
+    """Refused keys stop the run with exit 3 and say which settings to check."""
+    report = tmp_path / "r.jsonl"
+    done = invite_worker(
+        "run",
+        str(SAMPLES / "invites.csv"),
+        "--api-url",
+        emulator_process,
+        "--report",
+        str(report),
+        env={"DD_API_KEY": "nope-api", "DD_APP_KEY": "nope-app"},
+    )
+    assert done.returncode == 3
+    stderr = done.stderr.decode()
+    assert "DD_API_KEY" in stderr
+    assert "run.aborted" in stderr
+    assert "nope-api" not in stderr
+    assert "nope-app" not in report.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--site", "datadoghq.moon"],
+            {"DD_API_KEY": "k", "DD_APP_KEY": "a"},
+            "unknown Datadog site",
+        ),
+        (["--api-url", "http://127.0.0.1:9"], {}, "DD_API_KEY"),
+        (
+            ["--api-url", "http://example.invalid:8080"],
+            {"DD_API_KEY": "k", "DD_APP_KEY": "a"},
+            "plain HTTP",
+        ),
+        (["--sandbox", "--api-url", "http://127.0.0.1:9"], {}, "drop --api-url"),
+        (["--sandbox", "--batch-size", "0"], {}, "--batch-size"),
+    ],
+)
+def test_usage_errors_exit_2_before_anything_is_sent(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    """Bad options or configuration: exit 2, a one-line reason, no report written."""
+    report = tmp_path / "r.jsonl"
+    done = invite_worker(
+        "run", str(SAMPLES / "invites.csv"), "--report", str(report), *args, env=env
+    )
+    assert done.returncode == 2
+    assert message in done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+    assert not report.exists() or report.stat().st_size == 0
+
+
+def test_missing_header_is_a_usage_error(tmp_path: Path) -> None:
+    """A CSV without token/email columns exits 2 and names the fix."""
+    source = tmp_path / "in.csv"
+    source.write_text("dashboard,address\nt,a@example.com\n")
+    done = invite_worker("run", str(source), "--sandbox", "--report", str(tmp_path / "r.jsonl"))
+    assert done.returncode == 2
+    assert "'token'" in done.stderr.decode()
+    assert "'email'" in done.stderr.decode()
+
+
+def test_console_logs_when_asked(tmp_path: Path) -> None:
+    """--log-format console prints readable lines instead of JSON."""
+    done = invite_worker(
+        "run",
+        str(SAMPLES / "invites.csv"),
+        "--sandbox",
+        "--log-format",
+        "console",
+        "--report",
+        str(tmp_path / "r.jsonl"),
+    )
+    first = done.stderr.decode().splitlines()[0]
+    assert "sandbox.started" in first
+    assert not first.startswith("{")

@@ -1,0 +1,141 @@
+"""The HTTP client against the emulator and a bare aiohttp server, over loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from tests.conftest import API_KEY, APP_KEY, TOKEN_A
+from worker.emulator import Emulator
+from worker.errors import (
+    AuthError,
+    BadRequest,
+    ConnectionFailed,
+    RateLimited,
+    ServerError,
+    TokenNotFound,
+    UnexpectedResponse,
+)
+from worker.send.client import InvitationClient, error_message, parse_ratelimit
+
+Handler = Callable[[web.Request], web.StreamResponse]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[web.Response], str]]:
+    """Serve one canned response on every invitation POST; returns the base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(response: web.Response) -> str:
+        async def handler(_: web.Request) -> web.Response:
+            return response
+
+        app = web.Application()
+        app.router.add_post("/api/v1/dashboard/public/{token}/invitation", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start  # type: ignore[misc]
+    for runner in runners:
+        await runner.cleanup()
+
+
+def client(url: str) -> InvitationClient:
+    return InvitationClient(url, API_KEY, APP_KEY, timeout=5)
+
+
+async def test_object_form_and_non_json_success_bodies(serve: Callable[..., object]) -> None:
+    """A 2xx is a success whether data is an object, a list, or the body is not JSON."""
+    obj = b'{"data": {"type": "public_dashboard_invitation", "attributes": {"email": "a@x.io"}}}'
+    url = await serve(web.Response(status=201, body=obj, content_type="application/json"))
+    async with client(url) as c:
+        sent = await c.invite(TOKEN_A, ["a@x.io"])
+    assert sent.http_status == 201
+    assert [i["email"] for i in sent.invitations] == ["a@x.io"]
+    url = await serve(web.Response(status=200, text="OK"))
+    async with client(url) as c:
+        assert (await c.invite(TOKEN_A, ["a@x.io"])).invitations == []
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, BadRequest),
+        (401, AuthError),
+        (403, AuthError),
+        (404, TokenNotFound),
+        (408, ServerError),
+        (429, RateLimited),
+        (500, ServerError),
+        (504, ServerError),
+        (302, UnexpectedResponse),
+        (418, UnexpectedResponse),
+    ],
+)
+async def test_status_codes_map_to_error_types(
+    serve: Callable[..., object], status: int, error: type[Exception]
+) -> None:
+    """Each status becomes the right retryable or permanent error; redirects are not followed."""
+    headers = {"Location": "http://127.0.0.1:9/elsewhere"} if status == 302 else {}
+    url = await serve(web.Response(status=status, text="<html>nope</html>", headers=headers))
+    async with client(url) as c:
+        with pytest.raises(error):
+            await c.invite(TOKEN_A, ["a@x.io"])
+
+
+async def test_connection_refused_is_retryable() -> None:
+    """Nothing listening on the port is a ConnectionFailed, not a crash."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with client(f"http://127.0.0.1:{port}") as c:
+        with pytest.raises(ConnectionFailed, match="cannot connect"):
+            await c.invite(TOKEN_A, ["a@x.io"])
+
+
+async def test_the_emulator_checks_both_keys(emulator: Emulator) -> None:
+    """Either key wrong is a 403 AuthError whose message says what to check."""
+    async with InvitationClient(emulator.url, API_KEY, "wrong", timeout=5) as c:
+        with pytest.raises(AuthError, match="dashboards_invite_share"):
+            await c.invite(TOKEN_A, ["a@x.io"])
+
+
+def test_urls_are_built_only_from_plain_tokens() -> None:
+    """The client itself refuses to put anything but a plain token in the path."""
+    c = client("https://api.datadoghq.com")
+    assert c.invitation_url("ab-c_9").endswith("/api/v1/dashboard/public/ab-c_9/invitation")
+    for bad in ("../x", "a/b", "a?b=1", "a%2Fb", ""):
+        with pytest.raises(ValueError, match="invalid token"):
+            c.invitation_url(bad)
+
+
+def test_ratelimit_headers_tolerate_garbage() -> None:
+    """Missing, negative or non-numeric headers become None instead of raising."""
+    info = parse_ratelimit(
+        CIMultiDict(
+            {
+                "X-RateLimit-Limit": "25",
+                "X-RateLimit-Period": "1",
+                "X-RateLimit-Remaining": "-3",
+                "X-RateLimit-Reset": "soon",
+                "X-RateLimit-Name": "x",
+            }
+        )
+    )
+    assert (info.limit, info.period, info.remaining, info.reset) == (25, 1.0, None, None)
+
+
+def test_error_messages_from_any_body() -> None:
+    """JSON errors are joined; HTML is reduced to text; the result is bounded."""
+    assert error_message(b'{"errors": ["a", "b"]}') == "a; b"
+    assert error_message(b"<html><h1>502</h1> Bad\n gateway</html>") == "502 Bad gateway"
+    assert len(error_message(b"x" * 10_000)) == 500
+    assert error_message(b"\xff\xfe") != ""

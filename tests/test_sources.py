@@ -1,0 +1,156 @@
+"""CSV and JSONL readers: header handling, line numbers, and rows they cannot parse."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import collect, csv_source, jsonl_source
+from worker.errors import UsageError
+from worker.sources import detect_format, open_source
+from worker.sources.lines import MAX_LINE_BYTES
+
+
+async def test_csv_header_any_order_case_and_extra_columns() -> None:
+    """Columns are found by name, ignoring case, order and extra columns; header is line 1."""
+    rows = await collect(csv_source("Name,EMAIL, Token \nAda,ada@example.com,tok1\n"))
+    assert rows == [(2, "tok1", "ada@example.com", None)]
+
+
+async def test_csv_bom_and_crlf() -> None:
+    """A UTF-8 byte-order mark and Windows line endings are handled."""
+    data = b"\xef\xbb\xbftoken,email\r\ntok,a@example.com\r\ntok,b@example.com\r\n"
+    rows = await collect(open_source("-", "csv", stdin=io.BytesIO(data)))
+    assert rows == [(2, "tok", "a@example.com", None), (3, "tok", "b@example.com", None)]
+
+
+async def test_csv_semicolon_and_tab_delimiters_are_detected_from_the_header() -> None:
+    """Locale-style ';' and tab-separated exports work."""
+    assert await collect(csv_source("token;email\nt;a@example.com\n")) == [
+        (2, "t", "a@example.com", None)
+    ]
+    assert await collect(csv_source("email\ttoken\na@example.com\tt\n")) == [
+        (2, "t", "a@example.com", None)
+    ]
+
+
+async def test_csv_quoted_fields() -> None:
+    """Quoted fields, including ones with the delimiter inside, are parsed."""
+    rows = await collect(csv_source('token,email,name\n"t","a@example.com","Lovelace, Ada"\n'))
+    assert rows == [(2, "t", "a@example.com", None)]
+
+
+async def test_csv_unbalanced_quote_costs_only_its_line() -> None:
+    """A stray quote costs its own line; the lines after it are read normally.
+
+    A quote inside an unquoted field is literal CSV, so that address is left to validation.
+    """
+    text = 'token,email\nt,"a@example.com\nt,b@example.com\nt,c"x"@example.com\nt,d@example.com\n'
+    rows = await collect(csv_source(text))
+    assert rows == [
+        (2, None, None, "malformed_csv"),
+        (3, "t", "b@example.com", None),
+        (4, "t", 'c"x"@example.com', None),
+        (5, "t", "d@example.com", None),
+    ]
+
+
+async def test_csv_field_counts() -> None:
+    """Too few fields is rejected; too many is rejected unless the extras are empty."""
+    rows = await collect(csv_source("token,email\nonly\nt,a@example.com,extra\nt,b@example.com,\n"))
+    assert rows == [
+        (2, None, None, "too_few_fields"),
+        (3, None, None, "too_many_fields"),
+        (4, "t", "b@example.com", None),
+    ]
+
+
+async def test_blank_lines_are_skipped_but_counted_in_line_numbers() -> None:
+    """Blank lines are not rows, yet line numbers stay those of the file."""
+    rows = await collect(csv_source("token,email\n\n  \nt,a@example.com\n"))
+    assert rows == [(4, "t", "a@example.com", None)]
+
+
+async def test_invalid_utf8_rejects_only_that_line() -> None:
+    """Latin-1 bytes in one line reject that line with bad_encoding."""
+    data = b"token,email\nt,caf\xe9@example.com\nt,ok@example.com\n"
+    rows = await collect(open_source("-", "csv", stdin=io.BytesIO(data)))
+    assert rows == [(2, None, None, "bad_encoding"), (3, "t", "ok@example.com", None)]
+
+
+async def test_very_long_line_is_rejected_with_bounded_reads() -> None:
+    """A line over the limit is rejected and the next line is still read."""
+    data = b"token,email\n" + b"x" * (MAX_LINE_BYTES * 3) + b"\nt,a@example.com\n"
+    rows = await collect(open_source("-", "csv", stdin=io.BytesIO(data)))
+    assert rows == [(2, None, None, "line_too_long"), (3, "t", "a@example.com", None)]
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["", "\n\n", "name,address\n", "tok,mail\n", "token\n"],
+)
+def test_csv_without_token_and_email_header_is_a_usage_error(header: str) -> None:
+    """A missing token/email header stops before anything runs, saying what to add."""
+    with pytest.raises(UsageError, match="token"):
+        csv_source(header + "t,a@example.com\n")
+
+
+async def test_jsonl_rows_and_reasons() -> None:
+    """Objects with string fields are rows; everything else gets a specific reason."""
+    data = b"\n".join(
+        [
+            b'{"token": "t", "email": "a@example.com", "extra": 1}',
+            b'["t", "a@example.com"]',
+            b"42",
+            b"null",
+            b'{"token": "t"',
+            b'{"token": "t", "email": 7}',
+            b'{"email": "b@example.com"}',
+            b'{"token": "t"}',
+            b"",
+            b'{"token": "t", "email": "caf\xe9@example.com"}',
+        ]
+    )
+    rows = await collect(jsonl_source(data))
+    assert rows == [
+        (1, "t", "a@example.com", None),
+        (2, None, None, "not_an_object"),
+        (3, None, None, "not_an_object"),
+        (4, None, None, "not_an_object"),
+        (5, None, None, "invalid_json"),
+        (6, None, None, "not_a_string"),
+        (7, None, "b@example.com", "missing_token"),
+        (8, "t", None, "missing_email"),
+        (10, None, None, "bad_encoding"),
+    ]
+
+
+async def test_many_rows_come_in_several_chunks(tmp_path: Path) -> None:
+    """A file larger than one chunk is read completely, in order."""
+    path = tmp_path / "big.csv"
+    path.write_text("token,email\n" + "".join(f"t,u{i}@example.com\n" for i in range(5000)))
+    chunks = []
+    source = open_source(str(path))
+    async for chunk in source.chunks():
+        chunks.append(chunk)
+    source.close()
+    assert len(chunks) > 1
+    assert [r[0] for c in chunks for r in c] == list(range(2, 5002))
+
+
+def test_format_detection() -> None:
+    """The format comes from --format, else the extension; unknown extensions are errors."""
+    assert detect_format("x.CSV", None) == "csv"
+    assert detect_format("x.jsonl", None) == "jsonl"
+    assert detect_format("-", None) == "csv"
+    assert detect_format("x.txt", "jsonl") == "jsonl"
+    with pytest.raises(UsageError, match="--format"):
+        detect_format("x.txt", None)
+
+
+def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
+    """A path that cannot be read is reported plainly."""
+    with pytest.raises(UsageError, match="cannot read"):
+        open_source(str(tmp_path / "nope.csv"))

@@ -1,0 +1,128 @@
+"""Validation rules and per-token batching."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.batching import Batcher
+from worker.validate import Validator, check_email, check_token
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["../etc", "a/b", "a?b", "a#b", "a%2Fb", "a b", "tök", "", "a" * 129, "a\x00b", "a.b"],
+)
+def test_tokens_that_could_shape_a_url_are_refused(token: str) -> None:
+    """Only letters, digits, '-' and '_' may ever reach a URL path."""
+    assert not check_token(token)
+
+
+def test_plain_share_tokens_pass() -> None:
+    """Datadog-style tokens are accepted."""
+    assert check_token("fasjyydbcgwwc2uc-3dde636009128a6f937e880f67a0ad04")
+    assert check_token("abc_DEF-123")
+
+
+@pytest.mark.parametrize(
+    "email",
+    ["a@example.com", "first.last+tag@sub.example.co.uk", "o'brien@example.ie", "x@a-b.io"],
+)
+def test_addresses_that_look_valid(email: str) -> None:
+    """Ordinary addresses pass."""
+    assert check_email(email)
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "plain",
+        "@example.com",
+        "a@",
+        "a@b",
+        "a b@example.com",
+        "a@@example.com",
+        "a@example..com",
+        ".a@example.com",
+        "a@example.com,b@example.com",
+        "a@-x.com",
+        "<a@example.com>",
+        "a@example.c",
+        "a@example.123",
+        "x" * 250 + "@example.com",
+    ],
+)
+def test_addresses_that_do_not(email: str) -> None:
+    """Malformed or oversize addresses are refused."""
+    assert not check_email(email)
+
+
+def test_validator_trims_and_detects_case_insensitive_duplicates() -> None:
+    """Values are trimmed; a repeated pair differing only by case is a duplicate."""
+    v = Validator()
+    assert v.check("  tok ", " A@Example.com ") == ("tok", "A@Example.com", None)
+    assert v.check("tok", "a@example.COM")[2] == "duplicate"
+    assert v.check("TOK", "a@example.com")[2] == "duplicate"
+    assert v.check("other", "a@example.com")[2] is None
+
+
+def test_validator_reason_order() -> None:
+    """Missing values are reported before malformed ones."""
+    v = Validator()
+    assert v.check(None, "a@example.com")[2] == "missing_token"
+    assert v.check("  ", "a@example.com")[2] == "missing_token"
+    assert v.check("t", "")[2] == "missing_email"
+    assert v.check("t/x", "a@example.com")[2] == "invalid_token"
+    assert v.check("t", "nope")[2] == "invalid_email"
+
+
+def test_batches_fill_per_token_and_never_mix() -> None:
+    """A batch is emitted when a token's buffer reaches the batch size."""
+    b = Batcher(batch_size=2, max_buffered=100)
+    assert b.add("t1", "a") is None
+    assert b.add("t2", "b") is None
+    full = b.add("t1", "c")
+    assert full is not None
+    assert (full.token, full.emails) == ("t1", ["a", "c"])
+    assert [(x.token, x.emails) for x in b.drain()] == [("t2", ["b"])]
+    assert b.buffered == 0
+
+
+def test_the_fullest_buffer_is_flushed_past_the_bound() -> None:
+    """With many tokens, no more than max_buffered rows are ever held."""
+    b = Batcher(batch_size=10, max_buffered=10)
+    out = []
+    for i in range(5):
+        out.append(b.add("big", f"b{i}"))
+    for i in range(6):
+        out.append(b.add(f"t{i}", f"x{i}"))
+    early = [x for x in out if x is not None]
+    assert len(early) == 1
+    assert early[0].token == "big"
+    assert len(early[0].emails) == 5
+    assert b.buffered <= 10
+
+
+@given(
+    pairs=st.lists(st.tuples(st.sampled_from("abcdefg"), st.integers(0, 10**6)), max_size=400),
+    batch_size=st.integers(1, 12),
+    extra=st.integers(0, 30),
+)
+def test_every_pair_leaves_exactly_once_in_bounded_batches(
+    pairs: list[tuple[str, int]], batch_size: int, extra: int
+) -> None:
+    """Property: each pair is emitted once, in a single-token batch of at most batch_size."""
+    b = Batcher(batch_size, batch_size + extra)
+    emitted = []
+    for token, n in pairs:
+        batch = b.add(token, str(n))
+        assert b.buffered <= batch_size + extra
+        if batch is not None:
+            emitted.append(batch)
+    emitted.extend(b.drain())
+    assert all(1 <= len(x.emails) <= batch_size for x in emitted)
+    got = Counter((x.token, e) for x in emitted for e in x.emails)
+    assert got == Counter((t, str(n)) for t, n in pairs)
