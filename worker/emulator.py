@@ -217,6 +217,8 @@ class Emulator:
     async def _post(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         log = self._logger(request, "POST", token)
+        emails, list_form = self._parse(await request.read())
+        log.emails, log.list_form = len(emails or []), list_form
         if not self._authorized(request):
             return log(self._error(403, "Forbidden", {}))
         over, headers = self._ratelimit(count=True)
@@ -235,8 +237,6 @@ class Emulator:
             return log(self._error(429, "Rate limit exceeded", headers))
         if fault == "slow" and not await self._stall(request, self.faults.slow_seconds):
             return log(web.Response(status=499))  # the client gave up: nothing created
-        emails, list_form = self._parse(await request.read())
-        log.emails, log.list_form = len(emails or []), list_form
         board = self._board(token)
         if board is None:
             return log(self._error(404, "Shared dashboard not found", headers))
