@@ -55,6 +55,8 @@ def make_config(tmp_path: Path, emulator: Emulator) -> Callable[..., Config]:
             "ratelimit_jitter": 0.01,
             "ratelimit_default_wait": 0.01,
             "timeout": 5.0,
+            "reconcile_delay": 0.01,
+            "durable_journal": False,
         }
         values.update(overrides)
         return Config(**values)

@@ -69,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="per-request timeout in seconds (30)"
     )
     r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run recorded in --report: skip what was sent, check unknown "
+        "outcomes, send the rest",
+    )
+    r.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish (20)",
+    )
+    r.add_argument(
+        "--reconcile-delay",
+        type=float,
+        default=5.0,
+        help="after an unknown outcome, seconds to wait before listing what the service "
+        "created (5)",
+    )
+    r.add_argument(
         "--sandbox",
         action="store_true",
         help="run against the built-in emulator; no keys needed, nothing is emailed",
@@ -98,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of POSTs answered only after --slow-seconds",
     )
     e.add_argument("--slow-seconds", type=float, default=5.0, help="delay of a slow answer")
+    e.add_argument(
+        "--error-after-rate",
+        type=float,
+        default=0.0,
+        help="share of POSTs answered 502 after the invitations were created",
+    )
+    e.add_argument(
+        "--drop-after-rate",
+        type=float,
+        default=0.0,
+        help="share of POSTs whose connection drops after the invitations were created",
+    )
     e.add_argument(
         "--max-batch", type=int, default=None, help="answer 400 to lists longer than this"
     )
@@ -133,7 +164,29 @@ def _config(args: argparse.Namespace, api_url: str, api_key: str, app_key: str) 
         rate=args.rate,
         max_attempts=args.max_attempts,
         timeout=args.timeout,
+        resume=args.resume,
+        grace=args.grace,
+        reconcile_delay=args.reconcile_delay,
     )
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT: stop gracefully. Second: leave at once (the journal stays valid)."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            print(
+                "invite-worker: second signal, exiting now; run again with --resume to finish",
+                file=sys.stderr,
+            )
+            os._exit(EXIT_ABORTED)
+        name = signal.Signals(signum).name
+        structlog.get_logger("worker.cli").warning("run.signal", signal=name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -145,7 +198,9 @@ async def _run(args: argparse.Namespace) -> int:
             config = _config(args, emulator.url, SANDBOX_KEY, SANDBOX_KEY)
             structlog.get_logger("worker.cli").info("sandbox.started", url=emulator.url)
             source = open_source(args.source, args.format)
-            result = await run(config, source)
+            stop = asyncio.Event()
+            _install_stop(stop)
+            result = await run(config, source, stop=stop)
             structlog.get_logger("worker.cli").info("sandbox.stats", **emulator.stats())
             return result.exit_code
     api_key = os.environ.get("DD_API_KEY", "").strip()
@@ -154,7 +209,9 @@ async def _run(args: argparse.Namespace) -> int:
     api_url = args.api_url or api_url_for_site(args.site)
     config = _config(args, api_url, api_key, app_key)
     source = open_source(args.source, args.format)
-    return (await run(config, source)).exit_code
+    stop = asyncio.Event()
+    _install_stop(stop)
+    return (await run(config, source, stop=stop)).exit_code
 
 
 async def _emulator(args: argparse.Namespace) -> int:
@@ -169,8 +226,14 @@ async def _emulator(args: argparse.Namespace) -> int:
         drop_rate=args.drop_rate,
         slow_rate=args.slow_rate,
         slow_seconds=args.slow_seconds,
+        error_after_rate=args.error_after_rate,
+        drop_after_rate=args.drop_after_rate,
         max_batch=args.max_batch,
     )
+    rates = (args.error_rate, args.drop_rate, args.slow_rate, args.error_after_rate,
+             args.drop_after_rate)  # fmt: skip
+    if any(not 0 <= r <= 1 for r in rates) or sum(rates) > 1:
+        raise UsageError("fault rates must be between 0 and 1 and add up to at most 1")
     emulator = Emulator(
         api_key=args.api_key,
         app_key=args.app_key,

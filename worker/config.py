@@ -86,6 +86,18 @@ class Config:
     ratelimit_jitter: float = 1.0
     #: Wait after a 429 that carried no usable ``X-RateLimit-Reset``.
     ratelimit_default_wait: float = 1.0
+    #: After an unknown outcome, wait this long before listing what the service created, so
+    #: a request still being processed has landed.
+    reconcile_delay: float = 5.0
+    #: An invitation counts as ours if created up to this long before our send time
+    #: (our clock and the service's may disagree).
+    reconcile_skew: float = 30.0
+    #: fdatasync each journal intent before its request goes out (survives power loss).
+    durable_journal: bool = True
+    #: Continue the run recorded in ``report_path``: skip what is settled, check unknowns.
+    resume: bool = False
+    #: On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    grace: float = 20.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_url", check_api_url(self.api_url))
@@ -106,8 +118,17 @@ class Config:
         ):
             if not value > 0:
                 raise UsageError(f"{name} must be a positive number of seconds, got {value}")
-        if self.ratelimit_jitter < 0 or self.ratelimit_default_wait < 0:
-            raise UsageError("rate-limit waits must not be negative")
+        for name, value in (
+            ("ratelimit_jitter", self.ratelimit_jitter),
+            ("ratelimit_default_wait", self.ratelimit_default_wait),
+            ("--reconcile-delay", self.reconcile_delay),
+            ("reconcile_skew", self.reconcile_skew),
+            ("--grace", self.grace),
+        ):
+            if value < 0:
+                raise UsageError(f"{name} must not be negative, got {value}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the report; it cannot go with --overwrite")
         if self.max_buffered_rows < self.batch_size:
             raise UsageError("max_buffered_rows must be at least --batch-size")
 

@@ -29,18 +29,27 @@ from aiohttp import web
 INVITATION_PATH = "/api/v1/dashboard/public/{token}/invitation"
 RATELIMIT_NAME = "dashboard_public_invitation"
 OUTSIDE_DOMAIN = "outside.example"
-#: Faults that can be scripted with :meth:`Emulator.script`.
-FAULTS = ("503", "502-html", "429", "drop", "slow")
+#: Faults that can be scripted with :meth:`Emulator.script`. ``*-after`` faults strike after
+#: the invitations were created; ``slow`` answers late but creates them all the same, as a
+#: server that does not notice its client hung up.
+FAULTS = ("503", "502-html", "429", "drop", "slow", "502-after", "drop-after")
 
 
 @dataclass
 class Faults:
-    """Random fault rates (0..1) applied to each invitation POST before anything is created."""
+    """Random fault rates (0..1) applied to each invitation POST."""
 
+    #: 503 before anything is created.
     error_rate: float = 0.0
+    #: Connection dropped before anything is created.
     drop_rate: float = 0.0
+    #: Answer after ``slow_seconds`` (the invitations are created then, client or not).
     slow_rate: float = 0.0
     slow_seconds: float = 5.0
+    #: 502 after the invitations were created.
+    error_after_rate: float = 0.0
+    #: Connection dropped after the invitations were created.
+    drop_after_rate: float = 0.0
     #: Refuse lists longer than this with a 400, as a service might for an oversized body.
     max_batch: int | None = None
 
@@ -123,11 +132,15 @@ class Emulator:
         app.router.add_delete(INVITATION_PATH, self._delete)
         app.router.add_get("/api/v1/dashboard/public/{token}", self._dashboard)
         app.router.add_get("/_emulator/stats", self._stats)
+        app.router.add_get("/_emulator/invited", self._invited)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on ``host:port`` (0 picks a free port); returns the base URL."""
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # A short shutdown: slow handlers must not hold a test or a sandbox run's exit.
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -226,17 +239,15 @@ class Emulator:
             return log(self._error(429, "Rate limit exceeded", headers))
         fault = self._next_fault()
         if fault == "drop":
-            assert request.transport is not None
-            request.transport.close()
-            return log(web.Response(status=499))
+            return log(self._hang_up(request))
         if fault == "503":
             return log(self._error(503, "Service Unavailable", headers))
         if fault == "502-html":
             return log(self._error(502, "upstream connect error", headers, html=True))
         if fault == "429":
             return log(self._error(429, "Rate limit exceeded", headers))
-        if fault == "slow" and not await self._stall(request, self.faults.slow_seconds):
-            return log(web.Response(status=499))  # the client gave up: nothing created
+        if fault == "slow":
+            await asyncio.sleep(self.faults.slow_seconds)
         board = self._board(token)
         if board is None:
             return log(self._error(404, "Shared dashboard not found", headers))
@@ -265,6 +276,10 @@ class Emulator:
             board.invitations.append((email, now))
             self.invited[(token, email.lower())] += 1
             items.append(_invitation(token, email, now))
+        if fault == "502-after":
+            return log(self._error(502, "Bad Gateway", headers, html=True))
+        if fault == "drop-after":
+            return log(self._hang_up(request))
         data: Any = items if list_form else items[0]
         return log(
             web.Response(
@@ -342,27 +357,35 @@ class Emulator:
     async def _stats(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.stats())
 
+    async def _invited(self, request: web.Request) -> web.StreamResponse:
+        """Every (token, email) invited and how often: for checks from another process."""
+        rows = [[t, e, n] for (t, e), n in sorted(self.invited.items())]
+        return web.Response(body=orjson.dumps(rows), content_type="application/json")
+
     # -- helpers --------------------------------------------------------------------------
 
     def _next_fault(self) -> str | None:
         if self._scripted:
             return self._scripted.popleft()
         f, roll = self.faults, self._rng.random()
-        for name, rate in (("drop", f.drop_rate), ("503", f.error_rate), ("slow", f.slow_rate)):
+        for name, rate in (
+            ("drop", f.drop_rate),
+            ("503", f.error_rate),
+            ("slow", f.slow_rate),
+            ("502-after", f.error_after_rate),
+            ("drop-after", f.drop_after_rate),
+        ):
             if roll < rate:
                 return name
             roll -= rate
         return None
 
     @staticmethod
-    async def _stall(request: web.Request, seconds: float) -> bool:
-        """Wait ``seconds``; False as soon as the client has hung up."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(0.05, left))
-            if request.transport is None or request.transport.is_closing():
-                return False
-        return True
+    def _hang_up(request: web.Request) -> web.Response:
+        """Close the connection without an answer (the client sees it drop)."""
+        if request.transport is not None:
+            request.transport.close()
+        return web.Response(status=499)
 
     @staticmethod
     def _parse(raw: bytes) -> tuple[list[str] | None, bool]:

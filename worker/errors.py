@@ -63,22 +63,38 @@ class RateLimited(RetryableError):
     code = "rate_limited"
 
 
-class ServerError(RetryableError):
+class ConnectionFailed(RetryableError):
+    """The connection could not be made: nothing was sent, so re-sending is safe."""
+
+    code = "connection_error"
+
+
+class OutcomeUnknown(RetryableError):
+    """The request went out but no verdict came back: the service may have acted on it.
+
+    A POST that ends this way must not simply be re-sent (that could email someone twice);
+    the token's invitations are listed first to see what was created.
+    """
+
+    code = "outcome_unknown"
+
+
+class ServerError(OutcomeUnknown):
     """5xx (or 408) from the service or a proxy in front of it."""
 
     code = "server_error"
 
 
-class RequestTimeout(RetryableError):
+class RequestTimeout(OutcomeUnknown):
     """No complete answer within ``--timeout`` seconds."""
 
     code = "timeout"
 
 
-class ConnectionFailed(RetryableError):
-    """The connection could not be made, or broke before an answer arrived."""
+class ConnectionDropped(OutcomeUnknown):
+    """The connection broke after the request was sent."""
 
-    code = "connection_error"
+    code = "connection_dropped"
 
 
 class PermanentError(SendError):

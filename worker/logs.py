@@ -19,7 +19,8 @@ class Redact:
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self.secrets = tuple(s for s in secrets if s)
+        # Shorter strings are not key material and would mangle ordinary words.
+        self.secrets = tuple(s for s in secrets if len(s) >= 8)
 
     def __call__(self, logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
         if self.secrets:

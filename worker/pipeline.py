@@ -2,11 +2,14 @@
 
 The reader fills a small queue of ready batches; ``--concurrency`` sender tasks drain it.
 The queue is bounded, so a fast reader waits for the senders instead of piling batches up.
+When ``stop`` is set (SIGTERM), reading stops, batches not yet sent are left for
+``--resume``, and in-flight requests get ``grace`` seconds to finish and be recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +20,14 @@ import structlog
 from worker.batching import Batch, Batcher
 from worker.clock import Clock, SystemClock
 from worker.config import Config
+from worker.journal import Journal, journal_path
 from worker.report import Report, iso
+from worker.resume import History, load_history, settle_unknowns
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer
 from worker.send.sender import Sender
 from worker.sources import Source
-from worker.validate import Validator
+from worker.validate import Validator, pair_key
 
 log = structlog.get_logger("worker.pipeline")
 
@@ -43,10 +48,17 @@ async def run(
     *,
     clock: Clock | None = None,
     rng: random.Random | None = None,
+    stop: asyncio.Event | None = None,
 ) -> RunResult:
     """Send every valid pair of ``source`` and write the report; returns the exit code."""
     clock = clock or SystemClock()
-    report = Report(config.report_path, overwrite=config.overwrite)
+    stop = stop or asyncio.Event()
+    jpath = journal_path(config.report_path)
+    history = load_history(config.report_path, jpath) if config.resume else None
+    report = Report(config.report_path, overwrite=config.overwrite, resume=config.resume)
+    journal = Journal(jpath, durable=config.durable_journal, truncate=not config.resume)
+    if history is not None:
+        report.on_batch = history.on_batch
     started = clock.time()
     log.info(
         "run.started",
@@ -56,6 +68,7 @@ async def run(
         concurrency=config.concurrency,
         rate=config.rate,
         report=str(config.report_path),
+        resume=config.resume,
     )
     try:
         async with InvitationClient(
@@ -72,17 +85,142 @@ async def run(
                 default_wait=config.ratelimit_default_wait,
                 rng=rng,
             )
-            sender = Sender(client, pacer, report, config, clock, rng)
-            counts = await _pump(config, source, report, sender)
+            sender = Sender(client, pacer, report, journal, config, clock, rng, stop)
+            if history is not None:
+                await settle_unknowns(history, sender.reconciler, report, journal, clock)
+            settled_first = report.emails["sent"] + report.emails["failed"]
+            counts = await _pump(config, source, report, sender, history, stop)
+            counts["recorded"] = report.emails["sent"] + report.emails["failed"] - settled_first
     finally:
         source.close()
         report.flush()
+        journal.close()
+    summary = _summary(config, source, report, sender, pacer, history, counts, started, clock)
+    report.summary(summary)
+    log_summary = {k: v for k, v in summary.items() if k not in ("started_at", "finished_at")}
+    if summary["aborted"] or summary["interrupted"]:
+        log.error("run.aborted", **log_summary)
+    else:
+        log.info("run.finished", **log_summary)
+    return RunResult(summary["exit_code"], summary)
+
+
+async def _pump(
+    config: Config,
+    source: Source,
+    report: Report,
+    sender: Sender,
+    history: History | None,
+    stop: asyncio.Event,
+) -> dict[str, int]:
+    queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=config.concurrency * 2)
+    counts = {"rows": 0, "valid": 0, "skipped": 0}
+
+    async def drain() -> None:
+        while (batch := await queue.get()) is not None:
+            if not stop.is_set():
+                await sender.send(batch)
+
+    async def produce() -> None:
+        validator = Validator()
+        batcher = Batcher(config.batch_size, config.max_buffered_rows)
+        check, add, rejected = validator.check, batcher.add, report.rejected
+        known_rejected = history.rejected_lines if history is not None else set()
+        settled = history.settled if history is not None else None
+        rows = valid = skipped = 0
+        try:
+            async for chunk in source.chunks():
+                ready: list[Batch] = []
+                for line, raw_token, raw_email, reason in chunk:
+                    rows += 1
+                    if reason is None:
+                        token, email, reason = check(raw_token, raw_email)
+                        if reason is None:
+                            if settled is not None and settled(pair_key(token, email)):
+                                skipped += 1
+                                continue
+                            valid += 1
+                            batch = add(token, email)
+                            if batch is not None:
+                                ready.append(batch)
+                            continue
+                        if line not in known_rejected:
+                            rejected(line, reason, token, email)
+                    elif line not in known_rejected:
+                        rejected(line, reason, raw_token, raw_email)
+                report.flush()
+                for batch in ready:
+                    await queue.put(batch)
+                if stop.is_set():
+                    return
+            for batch in batcher.drain():
+                await queue.put(batch)
+        finally:
+            counts.update(rows=rows, valid=valid, skipped=skipped)
+
+    drains = [asyncio.create_task(drain()) for _ in range(config.concurrency)]
+    producer = asyncio.create_task(produce())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({producer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if producer.done():
+            producer.result()  # a reader failure ends the run here
+        else:
+            log.warning("run.stopping", grace=config.grace)
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+        for _ in drains:
+            await queue.put(None)
+        # Senders finish what they hold; after a stop, only for the grace period.
+        pending: set[asyncio.Task[None]] = set(drains)
+        while pending:
+            wait_for_stop = not stop.is_set()
+            waiters: set[asyncio.Task[Any]] = pending | ({stopped} if wait_for_stop else set())
+            done, _ = await asyncio.wait(
+                waiters,
+                timeout=None if wait_for_stop else config.grace,
+                return_when=asyncio.FIRST_COMPLETED if wait_for_stop else asyncio.ALL_COMPLETED,
+            )
+            for task in done & pending:
+                task.result()
+            pending -= done
+            if not wait_for_stop and pending:
+                log.warning("run.grace_expired", senders=len(pending))
+                break
+    finally:
+        stopped.cancel()
+        for task in (producer, *drains):
+            task.cancel()
+        await asyncio.gather(producer, *drains, return_exceptions=True)
+    return counts
+
+
+def _summary(
+    config: Config,
+    source: Source,
+    report: Report,
+    sender: Sender,
+    pacer: Pacer,
+    history: History | None,
+    counts: dict[str, int],
+    started: float,
+    clock: Clock,
+) -> dict[str, Any]:
     finished = clock.time()
-    aborted = sender.abort_error is not None
-    failed_emails = report.emails["failed"]
-    if aborted:
+    interrupted = sender.stopping.is_set()
+    aborted = sender.aborted
+    recorded = counts.pop("recorded", 0)
+    # Valid pairs read but neither sent nor failed (left for --resume after a stop).
+    unsent = max(0, counts["valid"] - recorded)
+    totals = history.totals() if history is not None else {
+        "emails_failed": report.emails["failed"],
+        "rejected": report.rejected_total,
+        "unknown": 0,
+    }  # fmt: skip
+    if aborted or interrupted:
         exit_code = EXIT_ABORTED
-    elif failed_emails or report.rejected_total:
+    elif totals["emails_failed"] or totals["rejected"] or totals["unknown"] or unsent:
         exit_code = EXIT_INCOMPLETE
     else:
         exit_code = EXIT_OK
@@ -92,7 +230,7 @@ async def run(
         "rejected": report.rejected_total,
         "rejected_by_reason": dict(sorted(report.rejected_by_reason.items())),
         "emails_sent": report.emails["sent"],
-        "emails_failed": failed_emails,
+        "emails_failed": report.emails["failed"],
         "batches_sent": report.batches["sent"],
         "batches_failed": report.batches["failed"],
         "requests": sender.stats.requests,
@@ -100,62 +238,22 @@ async def run(
         "rate_limited": sender.stats.rate_limited,
         "ratelimit_waits": pacer.waits,
         "splits": sender.stats.splits,
+        "unknown_outcomes": sender.stats.unknown_outcomes,
+        "reconciled_sent": sender.stats.reconciled_sent,
+        "reconcile_requests": sender.reconciler.requests,
+        "unsent": unsent,
         "aborted": aborted,
         "abort_reason": sender.abort_error.message if sender.abort_error else None,
+        "interrupted": interrupted,
+        "resumed": config.resume,
         "exit_code": exit_code,
         "started_at": iso(started),
         "finished_at": iso(finished),
         "duration_ms": round((finished - started) * 1000, 1),
     }
-    report.summary(summary)
-    log_summary = {k: v for k, v in summary.items() if k not in ("started_at", "finished_at")}
-    if aborted:
-        log.error("run.aborted", **log_summary)
-    else:
-        log.info("run.finished", **log_summary)
-    return RunResult(exit_code, summary)
-
-
-async def _pump(config: Config, source: Source, report: Report, sender: Sender) -> dict[str, int]:
-    queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=config.concurrency * 2)
-
-    async def drain() -> None:
-        while (batch := await queue.get()) is not None:
-            await sender.send(batch)
-
-    rows = valid = 0
-    async with asyncio.TaskGroup() as group:
-        for _ in range(config.concurrency):
-            group.create_task(drain())
-        try:
-            validator = Validator()
-            batcher = Batcher(config.batch_size, config.max_buffered_rows)
-            check, add, rejected = validator.check, batcher.add, report.rejected
-            async for chunk in source.chunks():
-                ready: list[Batch] = []
-                for line, raw_token, raw_email, reason in chunk:
-                    rows += 1
-                    if reason is None:
-                        token, email, reason = check(raw_token, raw_email)
-                        if reason is None:
-                            valid += 1
-                            batch = add(token, email)
-                            if batch is not None:
-                                ready.append(batch)
-                            continue
-                        rejected(line, reason, token, email)
-                    else:
-                        rejected(line, reason, raw_token, raw_email)
-                report.flush()
-                for batch in ready:
-                    await queue.put(batch)
-            for batch in batcher.drain():
-                await queue.put(batch)
-        finally:
-            # Always let the senders finish what they hold, then stop them.
-            for _ in range(config.concurrency):
-                await queue.put(None)
-    return {"rows": rows, "valid": valid}
+    if history is not None:
+        summary["job"] = history.totals()
+    return summary
 
 
 def _public_origin(url: str) -> str:

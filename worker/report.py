@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import orjson
 
 from worker.errors import UsageError
 
-REPORT_MODE = 0o600
+PRIVATE_MODE = 0o600
 
 
 def iso(ts: float) -> str:
@@ -24,27 +25,51 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
+def open_private_append(path: Path, *, truncate: bool = False) -> int:
+    """Open ``path`` for appending, owner-only (0600), starting on a fresh line.
+
+    An existing file keeps its mode on open, hence the explicit chmod. If a crash cut the
+    last line short, a newline is added so the next record is not glued onto it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags | (os.O_TRUNC if truncate else 0), PRIVATE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_MODE)
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as existing:
+                existing.seek(size - 1)
+                if existing.read(1) != b"\n":
+                    os.write(fd, b"\n")
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Report:
     """Appends records to the report file and keeps the counts the summary needs."""
 
-    def __init__(self, path: Path, *, overwrite: bool = False) -> None:
+    def __init__(self, path: Path, *, overwrite: bool = False, resume: bool = False) -> None:
         self.path = path
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         try:
-            if not overwrite and path.exists() and path.stat().st_size > 0:
+            if not (overwrite or resume) and path.exists() and path.stat().st_size > 0:
                 raise UsageError(
                     f"the report {str(path)!r} already exists and holds an earlier run; pass "
-                    "--overwrite to replace it, or choose another --report path"
+                    "--resume to continue that run, --overwrite to replace it, or choose "
+                    "another --report path"
                 )
-            self._fd = os.open(path, flags | (os.O_TRUNC if overwrite else 0), REPORT_MODE)
+            self._fd = open_private_append(path, truncate=overwrite and not resume)
         except OSError as exc:
             raise UsageError(f"cannot write the report {str(path)!r}: {exc.strerror}") from None
-        os.fchmod(self._fd, REPORT_MODE)  # an existing file keeps its mode on open
         self._pending: list[bytes] = []
         self.rejected_by_reason: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
         self.emails: Counter[str] = Counter()
         self.closed = False
+        #: Called with (token, emails, status, error) for every batch record (resume uses
+        #: it to keep each pair's final state).
+        self.on_batch: Callable[[str, list[str], str, dict[str, str] | None], None] | None = None
 
     def rejected(
         self,
@@ -75,9 +100,14 @@ class Report:
         started_at: float,
         finished_at: float,
         rate_limited: int = 0,
+        reconciled: bool = False,
     ) -> None:
-        """Write one final batch outcome (``sent``, ``failed``) at once."""
-        record = {
+        """Write one final batch outcome (``sent``, ``failed``) at once.
+
+        ``reconciled`` marks emails found created by listing the token's invitations after
+        an unknown outcome, rather than confirmed by the POST's own answer.
+        """
+        record: dict[str, Any] = {
             "kind": "batch",
             "token": token,
             "emails": emails,
@@ -91,6 +121,10 @@ class Report:
             "finished_at": iso(finished_at),
             "duration_ms": round((finished_at - started_at) * 1000, 1),
         }
+        if reconciled:
+            record["reconciled"] = True
+        if self.on_batch is not None:
+            self.on_batch(token, emails, status, error)
         self.batches[status] += 1
         self.emails[status] += len(emails)
         self._pending.append(orjson.dumps(record))

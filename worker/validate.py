@@ -44,6 +44,11 @@ def check_email(email: str) -> bool:
     return len(email) <= MAX_EMAIL_LENGTH and EMAIL_RE.fullmatch(email) is not None
 
 
+def pair_key(token: str, email: str) -> int:
+    """The identity of a (token, email) pair, ignoring case, as a 64-bit hash."""
+    return hash((token.lower(), email.lower()))
+
+
 class SeenPairs:
     """Remembers every valid (token, email) pair, ignoring case, to reject repeats.
 
@@ -59,7 +64,7 @@ class SeenPairs:
 
     def add(self, token: str, email: str) -> bool:
         """Record the pair; False when it was already there."""
-        key = hash((token.lower(), email.lower()))
+        key = pair_key(token, email)
         seen = self._seen
         if key in seen:
             return False

@@ -16,6 +16,7 @@ import orjson
 from worker.errors import (
     AuthError,
     BadRequest,
+    ConnectionDropped,
     ConnectionFailed,
     RateLimited,
     RateLimitInfo,
@@ -31,6 +32,8 @@ USER_AGENT = "invite-worker/0.1"
 #: Largest response body read; 100 invitations are about 30 KB.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_MESSAGE_CHARS = 500
+#: Shorter "secrets" (the sandbox's, a test's) are not scrubbed: they would mangle words.
+MIN_SECRET_LENGTH = 8
 _TAGS = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 
@@ -41,6 +44,15 @@ class Sent:
 
     http_status: int
     invitations: list[dict[str, Any]]
+    ratelimit: RateLimitInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One page of a token's invitations."""
+
+    invitations: list[dict[str, Any]]
+    total_count: int | None
     ratelimit: RateLimitInfo
 
 
@@ -68,7 +80,7 @@ class InvitationClient:
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
         }
-        self._secrets = tuple(s for s in (api_key, app_key) if s)
+        self._secrets = tuple(s for s in (api_key, app_key) if len(s) >= MIN_SECRET_LENGTH)
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
 
@@ -110,6 +122,24 @@ class InvitationClient:
             return Sent(status, _invitations(raw), ratelimit)
         raise self._error(status, raw, ratelimit)
 
+    async def list_invitations(self, token: str, page_number: int, page_size: int = 100) -> Listing:
+        """One page of the token's invitations (``page_number`` starts at 0)."""
+        url = f"{self.invitation_url(token)}?page_size={page_size}&page_number={page_number}"
+        status, headers, raw = await self._request("GET", url, None)
+        ratelimit = parse_ratelimit(headers)
+        if status != 200:
+            raise self._error(status, raw, ratelimit)
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ServerError("the invitation list was not JSON", http_status=status) from None
+        total = (
+            doc.get("meta", {}).get("page", {}).get("total_count")
+            if isinstance(doc, dict)
+            else None
+        )
+        return Listing(_invitations(raw), total if isinstance(total, int) else None, ratelimit)
+
     async def _request(
         self, method: str, url: str, body: bytes | None
     ) -> tuple[int, Mapping[str, str], bytes]:
@@ -129,7 +159,7 @@ class InvitationClient:
         except aiohttp.ClientConnectorError as exc:
             raise ConnectionFailed(self._scrub(f"cannot connect: {exc.os_error}")) from None
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise ConnectionFailed(
+            raise ConnectionDropped(
                 self._scrub(f"connection broke: {type(exc).__name__}: {exc}")
             ) from None
 

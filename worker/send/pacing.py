@@ -46,6 +46,12 @@ def window_end(now: float, info: RateLimitInfo) -> float | None:
     return None
 
 
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": between half and all of ``base * 2**(n-1)``."""
+    ceiling = min(cap, base * 2.0 ** (attempt - 1))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
 class Pacer:
     """Shared by all senders of a run: ``acquire`` before a request, ``release`` after."""
 

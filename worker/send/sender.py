@@ -1,9 +1,12 @@
-"""Carrying one batch to a final outcome: pacing, retries, splitting, giving up."""
+"""Carrying one batch to a final outcome: pacing, journal, retries, reconciliation, splits."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -13,14 +16,17 @@ from worker.config import Config
 from worker.errors import (
     AuthError,
     BadRequest,
+    OutcomeUnknown,
     RateLimited,
     RetryableError,
     SendError,
     TokenNotFound,
 )
+from worker.journal import Journal
 from worker.report import Report
 from worker.send.client import InvitationClient
-from worker.send.pacing import Pacer
+from worker.send.pacing import Pacer, backoff_delay
+from worker.send.reconcile import Reconciler
 
 log = structlog.get_logger("worker.sender")
 
@@ -33,32 +39,44 @@ class SendStats:
     retries: int = 0
     rate_limited: int = 0
     splits: int = 0
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with "equal jitter": between half and all of ``base * 2**(n-1)``."""
-    ceiling = min(cap, base * 2.0 ** (attempt - 1))
-    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+    unknown_outcomes: int = 0
+    reconciled_sent: int = 0
 
 
 class Sender:
-    """Sends batches through one client and pacer, writing each final outcome to the report."""
+    """Sends batches through one client and pacer, writing each final outcome to the report.
+
+    Before each POST the intent is made durable in the journal. A POST whose outcome is
+    unknown (timeout, dropped connection, 5xx) is never re-sent blindly: the token's
+    invitations are listed first and only addresses without a new invitation go again.
+    """
 
     def __init__(
         self,
         client: InvitationClient,
         pacer: Pacer,
         report: Report,
+        journal: Journal,
         config: Config,
         clock: Clock,
         rng: random.Random | None = None,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self._client = client
         self._pacer = pacer
         self._report = report
+        self._journal = journal
         self._config = config
         self._clock = clock
         self._rng = rng or random.Random()  # jitter, not security
+        self.stopping = stopping or asyncio.Event()
+        self.reconciler = Reconciler(
+            client, pacer, clock,
+            max_attempts=config.max_attempts,
+            backoff=(config.backoff_base, config.backoff_max),
+            skew=config.reconcile_skew,
+            rng=self._rng,
+        )  # fmt: skip
         self.stats = SendStats()
         #: Set by the first 401/403: every later batch fails without a request.
         self.abort_error: AuthError | None = None
@@ -70,32 +88,68 @@ class Sender:
         """True once the service refused the keys; nothing more is sent."""
         return self.abort_error is not None
 
+    def _refused(self) -> bool:
+        # A method, not the property: the answer can change across an await.
+        return self.abort_error is not None
+
     async def send(self, batch: Batch) -> None:
-        """Carry ``batch`` to a final, reported outcome (never raises :class:`SendError`)."""
+        """Carry ``batch`` to a final, reported outcome (never raises :class:`SendError`).
+
+        When the run is stopping, a batch not yet sent is left unrecorded: ``--resume``
+        sends it later.
+        """
         await self._send(batch.token, batch.emails)
 
     async def _send(self, token: str, emails: list[str]) -> None:
         started = self._clock.time()
-        attempts = 0
-        limited = 0
+        attempts = limited = 0
         while True:
-            if self.abort_error is not None or token in self.dead_tokens:
+            if self.aborted or token in self.dead_tokens:
                 self._fail_without_request(token, emails, started, attempts, limited)
                 return
-            sent_at = await self._pacer.acquire()
-            if self.aborted:  # another sender was refused while we waited
+            sent_at = await self._acquire()
+            if sent_at is None:
+                return
+            if self._refused():  # another sender was refused while we waited
                 self._pacer.cancel()
                 continue
+            intent = await self._journal.intent(token, emails, sent_at)
             self.stats.requests += 1
             try:
                 result = await self._client.invite(token, emails)
             except RateLimited as exc:
                 self._pacer.release(sent_at, exc.ratelimit, limited=True)
+                self._journal.clear(intent)
                 self.stats.rate_limited += 1
                 limited += 1
                 continue
+            except OutcomeUnknown as exc:
+                self._pacer.release(sent_at, exc.ratelimit)
+                attempts += 1
+                error: SendError = exc
+                remaining = await self._settle(token, emails, intent, exc, sent_at, attempts)
+                if remaining is None:  # could not tell what happened; resume will
+                    self._record(
+                        token,
+                        emails,
+                        "failed",
+                        exc.http_status,
+                        attempts,
+                        limited,
+                        started,
+                        error={
+                            "code": "outcome_unknown",
+                            "message": f"{exc.message}; the invitation "
+                            "list could not be read to check",
+                        },
+                    )
+                    return
+                if not remaining:
+                    return
+                emails = remaining
             except SendError as exc:
                 self._pacer.release(sent_at, exc.ratelimit)
+                self._journal.clear(intent)
                 attempts += 1
                 error = exc
             else:
@@ -107,11 +161,11 @@ class Sender:
                     "sent",
                     result.http_status,
                     attempts,
-                    None,
-                    started,
                     limited,
-                    result.invitations,
+                    started,
+                    invitations=result.invitations,
                 )
+                self._journal.clear(intent)
                 return
 
             if isinstance(error, RetryableError) and attempts < self._config.max_attempts:
@@ -129,7 +183,9 @@ class Sender:
                     http_status=error.http_status,
                     error=error.message,
                 )
-                await self._clock.sleep(delay)
+                slept, _ = await self._unless_stopping(self._clock.sleep(delay))
+                if not slept:
+                    return
                 continue
             if isinstance(error, BadRequest) and len(emails) > 1:
                 # Isolate the address(es) the service refused: halves, recursively.
@@ -155,11 +211,91 @@ class Sender:
                 "failed",
                 error.http_status,
                 attempts,
-                {"code": error.code, "message": error.message},
-                started,
                 limited,
+                started,
+                error={"code": error.code, "message": error.message},
             )
             return
+
+    async def _settle(
+        self,
+        token: str,
+        emails: list[str],
+        intent: str,
+        error: OutcomeUnknown,
+        sent_at: float,
+        attempts: int,
+    ) -> list[str] | None:
+        """After an unknown outcome: record what was created; return what was not.
+
+        Returns None when the invitation list could not be read; the intent then stays
+        open in the journal for ``--resume``.
+        """
+        self.stats.unknown_outcomes += 1
+        log.warning(
+            "batch.outcome_unknown",
+            token=token,
+            emails=len(emails),
+            code=error.code,
+            http_status=error.http_status,
+            error=error.message,
+        )
+        # Give a request that is still being processed time to land before we look.
+        not_before = self._clock.time() + self._config.reconcile_delay
+        await self._clock.sleep(self._config.reconcile_delay)
+        try:
+            found = await self.reconciler.created_since(token, emails, sent_at, not_before)
+        except AuthError as exc:
+            self.abort_error = self.abort_error or exc
+            return None
+        except SendError as exc:
+            log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
+            return None
+        created = [e for e in emails if e.lower() in found]
+        if created:
+            self.stats.reconciled_sent += len(created)
+            now = self._clock.time()
+            self._report.batch(
+                token=token, emails=created, status="sent", http_status=error.http_status,
+                attempts=attempts, error=None, started_at=sent_at, finished_at=now,
+                invitations=[_compact(found[e.lower()]) for e in created], reconciled=True,
+            )  # fmt: skip
+            log.info(
+                "batch.reconciled",
+                token=token,
+                created=len(created),
+                not_created=len(emails) - len(created),
+            )
+        self._journal.clear(intent)
+        return [e for e in emails if e.lower() not in found]
+
+    async def _acquire(self) -> float | None:
+        """A pacer slot, or None if the run starts stopping while we wait for it."""
+        done, sent_at = await self._unless_stopping(
+            self._pacer.acquire(), on_discard=lambda _: self._pacer.cancel()
+        )
+        return float(sent_at) if done else None
+
+    async def _unless_stopping(
+        self, step: Awaitable[Any], on_discard: Callable[[Any], None] | None = None
+    ) -> tuple[bool, Any]:
+        """Await ``step`` unless the run starts stopping first; ``(completed, result)``.
+
+        When stopping wins, the step is cancelled; one that completed in the same instant
+        is handed to ``on_discard`` (so an acquired pacer slot is given back).
+        """
+        task = asyncio.ensure_future(step)
+        if not self.stopping.is_set():
+            stop = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+        if not self.stopping.is_set():
+            return True, task.result()
+        if not task.done():
+            task.cancel()
+        elif on_discard is not None and not task.cancelled() and task.exception() is None:
+            on_discard(task.result())
+        return False, None
 
     def _fail_without_request(
         self, token: str, emails: list[str], started: float, attempts: int, limited: int
@@ -172,7 +308,7 @@ class Sender:
             }
         else:
             error = {"code": TokenNotFound.code, "message": self.dead_tokens[token]}
-        self._record(token, emails, "failed", None, attempts, error, started, limited)
+        self._record(token, emails, "failed", None, attempts, limited, started, error=error)
 
     def _record(
         self,
@@ -181,24 +317,18 @@ class Sender:
         status: str,
         http_status: int | None,
         attempts: int,
-        error: dict[str, str] | None,
-        started: float,
         limited: int,
-        invitations: list[dict[str, object]] | None = None,
+        started: float,
+        *,
+        error: dict[str, str] | None = None,
+        invitations: list[dict[str, Any]] | None = None,
     ) -> None:
         finished = self._clock.time()
         self._report.batch(
-            token=token,
-            emails=emails,
-            status=status,
-            http_status=http_status,
-            attempts=attempts,
-            error=error,
-            invitations=invitations or [],
-            started_at=started,
-            finished_at=finished,
-            rate_limited=limited,
-        )
+            token=token, emails=emails, status=status, http_status=http_status,
+            attempts=attempts, error=error, invitations=invitations or [],
+            started_at=started, finished_at=finished, rate_limited=limited,
+        )  # fmt: skip
         sent = status == "sent"
         emit, event = (log.info, "batch.sent") if sent else (log.warning, "batch.failed")
         emit(
@@ -210,3 +340,7 @@ class Sender:
             code=error["code"] if error else None,
             ms=round((finished - started) * 1000, 1),
         )
+
+
+def _compact(invitation: dict[str, Any]) -> dict[str, Any]:
+    return {k: invitation.get(k) for k in ("email", "created_at", "invitation_expiry")}

@@ -1,0 +1,124 @@
+"""The write-ahead journal: what was about to be sent, made durable before it is sent.
+
+It lives beside the report (``<report>.journal``) and holds two kinds of line:
+
+- ``{"i": ID, "token": T, "emails": [...], "at": EPOCH}`` — an *intent*, written and
+  ``fdatasync``\\ ed before request ``ID`` goes out, with the time it was sent;
+- ``{"c": ID}`` — a *clear*: the intent is resolved, because the service answered that it
+  created nothing (4xx, 429, no connection), or because the outcome was settled by listing
+  the token's invitations and recorded in the report.
+
+A 2xx needs no clear: the report's ``sent`` record settles those pairs. So after any crash
+an intent that is neither cleared nor covered by a ``sent`` record is an *unknown* outcome,
+and ``--resume`` lists the token's invitations before sending those pairs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from worker.report import open_private_append
+
+
+def journal_path(report_path: Path) -> Path:
+    """Where the journal of a report lives."""
+    return report_path.with_name(report_path.name + ".journal")
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A request that was (about to be) sent."""
+
+    id: str
+    token: str
+    emails: list[str]
+    at: float
+
+
+class Journal:
+    """Appends intents and clears; intents are durable before :meth:`intent` returns."""
+
+    def __init__(self, path: Path, *, durable: bool = True, truncate: bool = False) -> None:
+        self.path = path
+        self._fd = open_private_append(path, truncate=truncate)
+        self._durable = durable
+        self._run = secrets.token_hex(4)
+        self._seq = 0
+        self._written = 0
+        self._synced = 0
+        self._syncing: asyncio.Future[None] | None = None
+        #: Intents written by this process and not cleared yet.
+        self.open_intents: set[str] = set()
+
+    async def intent(self, token: str, emails: list[str], at: float) -> str:
+        """Record that ``emails`` are about to be sent to ``token``; returns the intent id."""
+        self._seq += 1
+        ident = f"{self._run}-{self._seq}"
+        self._write({"i": ident, "token": token, "emails": emails, "at": at})
+        self.open_intents.add(ident)
+        if self._durable:
+            await self._sync(self._written)
+        return ident
+
+    def clear(self, ident: str) -> None:
+        """Mark an intent resolved (no sync needed: losing a clear only costs a re-check)."""
+        self._write({"c": ident})
+        self.open_intents.discard(ident)
+
+    def _write(self, record: dict[str, object]) -> None:
+        data = orjson.dumps(record) + b"\n"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._written += 1
+
+    async def _sync(self, target: int) -> None:
+        """Group commit: one fdatasync in a thread covers every line written before it."""
+        while self._synced < target:
+            if self._syncing is None:
+                self._syncing = asyncio.ensure_future(self._sync_upto(self._written))
+            await asyncio.shield(self._syncing)
+
+    async def _sync_upto(self, upto: int) -> None:
+        # The task itself publishes what it covered, before anyone awaiting it resumes;
+        # otherwise a waiter could find the finished future and spin without yielding.
+        try:
+            await asyncio.to_thread(os.fdatasync, self._fd)
+            self._synced = max(self._synced, upto)
+        finally:
+            self._syncing = None
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_journal(path: Path) -> dict[str, Intent]:
+    """Every intent of a journal that was never cleared (an absent journal has none)."""
+    intents: dict[str, Intent] = {}
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return intents
+    for line in data.splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a line cut short by a crash: that intent was never acted on
+        if not isinstance(record, dict):
+            continue
+        if "c" in record:
+            intents.pop(str(record["c"]), None)
+        elif "i" in record and isinstance(record.get("emails"), list):
+            intents[str(record["i"])] = Intent(
+                str(record["i"]), str(record["token"]), list(record["emails"]), float(record["at"])
+            )
+    return intents

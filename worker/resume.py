@@ -1,0 +1,146 @@
+"""``--resume``: rebuild each pair's state from the report and journal, settle the unknowns.
+
+After a crash, the files alone say where every pair stands:
+
+- **sent**: in a ``batch`` record with status ``sent`` — skipped on resume;
+- **failed for good**: last recorded ``failed`` with a permanent code (``bad_request``,
+  ``token_not_found``) — skipped; ``invite-worker`` will not change the answer;
+- **failed, worth another try**: ``failed`` for a passing cause (5xx, timeouts, refused keys,
+  an aborted run) — sent again;
+- **unknown**: in a journal intent that was never cleared and not in a ``sent`` record —
+  the token's invitations are listed first; what was created is recorded as sent
+  (``reconciled``), the rest is sent again;
+- **never tried**: anything else in the input — sent.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import structlog
+
+from worker.clock import Clock
+from worker.errors import SendError
+from worker.journal import Intent, Journal, read_journal
+from worker.report import Report
+from worker.send.reconcile import Reconciler
+from worker.validate import pair_key
+
+log = structlog.get_logger("worker.resume")
+
+#: Failure codes a permanent answer stands behind: resuming will not send these again.
+FINAL_FAILURES = frozenset({"bad_request", "token_not_found"})
+
+
+@dataclass
+class History:
+    """What an earlier run (or runs) of the same report settled."""
+
+    sent: set[int] = field(default_factory=set)
+    #: pair -> code of its latest failure (removed once the pair is sent)
+    failed: dict[int, str] = field(default_factory=dict)
+    rejected_lines: set[int] = field(default_factory=set)
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    #: Journal intents never cleared whose pairs are not known to be sent.
+    unknown: list[Intent] = field(default_factory=list)
+    #: Pairs whose outcome could not be settled now: not sent again in this run.
+    blocked: set[int] = field(default_factory=set)
+    runs: int = 0
+
+    def settled(self, key: int) -> bool:
+        """True when this pair must not be sent again."""
+        if key in self.sent or key in self.blocked:
+            return True
+        code = self.failed.get(key)
+        return code is not None and code in FINAL_FAILURES
+
+    def on_batch(
+        self, token: str, emails: list[str], status: str, error: dict[str, str] | None
+    ) -> None:
+        """Track a batch record as it is written, so totals cover the whole job."""
+        for email in emails:
+            key = pair_key(token, email)
+            if status == "sent":
+                self.sent.add(key)
+                self.failed.pop(key, None)
+                self.blocked.discard(key)
+            elif key not in self.sent:
+                self.failed[key] = error["code"] if error else "failed"
+
+    def totals(self) -> dict[str, int]:
+        """Email and row counts over the whole job so far."""
+        return {
+            "emails_sent": len(self.sent),
+            "emails_failed": len(self.failed),
+            "rejected": len(self.rejected_lines),
+            "unknown": len(self.blocked),
+        }
+
+
+def load_history(report_path: Path, journal_path: Path) -> History:
+    """Read an earlier report and its journal (a line cut short by a crash is ignored)."""
+    history = History()
+    try:
+        data = report_path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    for line in data.splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        kind = record.get("kind")
+        if kind == "batch":
+            history.on_batch(record["token"], record["emails"], record["status"],
+                             record.get("error"))  # fmt: skip
+        elif kind == "rejected" and record["line"] not in history.rejected_lines:
+            history.rejected_lines.add(record["line"])
+            history.rejected_by_reason[record["reason"]] += 1
+        elif kind == "summary":
+            history.runs += 1
+    for intent in read_journal(journal_path).values():
+        pending = [e for e in intent.emails if pair_key(intent.token, e) not in history.sent]
+        if pending:
+            history.unknown.append(Intent(intent.id, intent.token, pending, intent.at))
+    return history
+
+
+async def settle_unknowns(
+    history: History, reconciler: Reconciler, report: Report, journal: Journal, clock: Clock
+) -> None:
+    """List the invitations of every token with unknown outcomes; record what was created.
+
+    Pairs found are recorded ``sent`` (``reconciled``); the others go back to the input pass
+    to be sent. If a token's list cannot be read, its pairs stay unknown and are *not* sent
+    in this run (that could email someone twice); a later ``--resume`` tries again.
+    """
+    if not history.unknown:
+        return
+    log.info("resume.reconciling", intents=len(history.unknown),
+             tokens=len({i.token for i in history.unknown}))  # fmt: skip
+    now = clock.time()
+    for intent in history.unknown:
+        try:
+            found = await reconciler.created_since(intent.token, intent.emails, intent.at, now)
+        except SendError as exc:
+            log.error("reconcile.failed", token=intent.token, emails=len(intent.emails),
+                      error=exc.message)  # fmt: skip
+            history.blocked.update(pair_key(intent.token, e) for e in intent.emails)
+            continue
+        created = [e for e in intent.emails if e.lower() in found]
+        if created:
+            report.batch(
+                token=intent.token, emails=created, status="sent", http_status=None,
+                attempts=0, error=None, started_at=intent.at, finished_at=clock.time(),
+                invitations=[{k: found[e.lower()].get(k) for k in
+                              ("email", "created_at", "invitation_expiry")} for e in created],
+                reconciled=True,
+            )  # fmt: skip
+        log.info("resume.reconciled", token=intent.token, created=len(created),
+                 not_created=len(intent.emails) - len(created))  # fmt: skip
+        journal.clear(intent.id)
