@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +111,59 @@ def find_capture(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]
 
 
 CaptureFactory = Callable[[], Any]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def start_emulator() -> Iterator[Callable[..., str]]:
+    """Start ``invite-worker emulator`` processes (extra CLI args allowed); stopped after."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> str:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "emulator", "--port", str(port), "--api-key",
+             API_KEY, "--app-key", APP_KEY, "--log-format", "json", *args],
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )  # fmt: skip
+        procs.append(proc)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return f"http://127.0.0.1:{port}"
+            time.sleep(0.05)
+        raise RuntimeError("the emulator did not start")
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def emulator_invited(url: str) -> dict[tuple[str, str], int]:
+    """What a standalone emulator created: (token, email) -> times invited."""
+    with urllib.request.urlopen(f"{url}/_emulator/invited", timeout=10) as resp:  # noqa: S310
+        return {(t, e): n for t, e, n in json.loads(resp.read())}
+
+
+def worker_command(*args: str) -> list[str]:
+    """The argv of ``python -m worker`` with these arguments."""
+    return [sys.executable, "-m", "worker", *args]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without any DD_* variable, plus ``extra``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DD_")}
+    return {**base, **extra}

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.conftest import API_KEY, APP_KEY, by_kind, read_report
+from tests.conftest import (
+    API_KEY,
+    APP_KEY,
+    ROOT,
+    by_kind,
+    read_report,
+    worker_command,
+    worker_env,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_inputs"
 
 
@@ -23,10 +26,9 @@ def invite_worker(
     *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``python -m worker`` with a clean environment (no DD_* from the caller)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DD_")}
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env={**base, **(env or {})},
+        worker_command(*args),
+        env=worker_env(**(env or {})),
         input=stdin,
         capture_output=True,
         timeout=timeout,
@@ -35,50 +37,10 @@ def invite_worker(
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
-def emulator_process() -> Iterator[str]:
-    """``invite-worker emulator`` as its own process on a free loopback port."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "worker",
-            "emulator",
-            "--port",
-            str(port),
-            "--api-key",
-            API_KEY,
-            "--app-key",
-            APP_KEY,
-            "--log-format",
-            "json",
-        ],
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("the emulator did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        assert proc.stderr is not None
-        proc.stderr.close()
+def emulator_process(start_emulator: Callable[..., str]) -> str:
+    """A standalone emulator expecting the test keys."""
+    return start_emulator()
 
 
 def test_sandbox_runs_the_csv_sample(tmp_path: Path) -> None:

@@ -103,6 +103,7 @@ class Emulator:
         self.requests: list[Logged] = []
         self.invited: Counter[tuple[str, str]] = Counter()
         self._scripted: deque[str] = deque()
+        self._created = asyncio.Event()
         self._rng = random.Random(seed)  # fault injection, not security
         self._clock = clock
         self._window = (-1, 0)  # (window index, requests counted in it)
@@ -123,6 +124,12 @@ class Emulator:
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
         self._scripted.extend(faults)
+
+    async def wait_for_invitations(self, count: int) -> None:
+        """Return once at least ``count`` invitations exist (for tests that act mid-run)."""
+        while sum(self.invited.values()) < count:
+            await self._created.wait()
+            self._created = asyncio.Event()
 
     def app(self) -> web.Application:
         """The aiohttp application (routes only; :meth:`start` serves it)."""
@@ -276,6 +283,7 @@ class Emulator:
             board.invitations.append((email, now))
             self.invited[(token, email.lower())] += 1
             items.append(_invitation(token, email, now))
+        self._created.set()
         if fault == "502-after":
             return log(self._error(502, "Bad Gateway", headers, html=True))
         if fault == "drop-after":

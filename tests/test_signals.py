@@ -1,0 +1,110 @@
+"""Crashes and signals on a real process, against an emulator in another process."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from tests.conftest import (
+    API_KEY,
+    APP_KEY,
+    ROOT,
+    by_kind,
+    emulator_invited,
+    read_report,
+    worker_command,
+    worker_env,
+)
+
+
+def write_input(path: Path, rows: int, tokens: int) -> set[tuple[str, str]]:
+    pairs = {(f"dash-{i % tokens}", f"person{i}@example.com") for i in range(rows)}
+    path.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
+    return pairs
+
+
+def start_worker(url: str, source: Path, report: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        worker_command("run", str(source), "--report", str(report), "--api-url", url,
+                       "--reconcile-delay", "0.2", *extra),
+        env=worker_env(DD_API_KEY=API_KEY, DD_APP_KEY=APP_KEY),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )  # fmt: skip
+
+
+def sent_in_report(report: Path) -> Counter[tuple[str, str]]:
+    return Counter(
+        (b["token"], e.lower())
+        for b in by_kind(read_report(report), "batch")
+        if b["status"] == "sent"
+        for e in b["emails"]
+    )
+
+
+def test_three_sigkills_then_resume_invite_everyone_exactly_once(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """12,000 rows; the worker is SIGKILLed three times at random moments, then --resume
+    finishes: every pair invited once, and the report's sent records match the service."""
+    url = start_emulator("--limit", "40", "--period", "1", "--error-after-rate", "0.05",
+                         "--seed", "4")  # fmt: skip
+    source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
+    pairs = write_input(source, 12_000, 7)
+    rng = random.Random(2024)
+    for round_ in range(3):
+        extra = ("--resume",) if round_ else ()
+        proc = start_worker(url, source, report, *extra)
+        time.sleep(rng.uniform(0.6, 1.6))
+        proc.kill()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    created_before_resume = emulator_invited(url)
+    assert 0 < sum(created_before_resume.values()) < len(pairs)
+    done = start_worker(url, source, report, "--resume")
+    assert done.wait(timeout=120) == 0
+    invited = emulator_invited(url)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
+    assert sent_in_report(report) == Counter(invited)
+    assert read_report(report)[-1]["kind"] == "summary"
+
+
+def test_sigterm_stops_within_grace_and_resume_finishes(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """SIGTERM mid-run: exit 3 within --grace, summary last and marked interrupted, every
+    created invitation in the report; --resume then completes with no duplicate."""
+    url = start_emulator("--limit", "10", "--period", "1")
+    source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
+    pairs = write_input(source, 3_000, 3)
+    proc = start_worker(url, source, report, "--batch-size", "50", "--grace", "5")
+    deadline = time.monotonic() + 30
+    while not emulator_invited(url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 3
+    assert time.monotonic() - signalled < 5
+    records = read_report(report)
+    summary = records[-1]
+    assert summary["kind"] == "summary"
+    assert summary["interrupted"] is True
+    assert summary["exit_code"] == 3
+    assert summary["unsent"] > 0
+    invited = emulator_invited(url)
+    assert sent_in_report(report) == Counter(invited)
+    done = start_worker(url, source, report, "--batch-size", "50", "--resume")
+    assert done.wait(timeout=120) == 0
+    invited = emulator_invited(url)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
+    assert orjson.loads(report.read_bytes().splitlines()[-1])["resumed"] is True
