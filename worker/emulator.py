@@ -215,18 +215,29 @@ class Emulator:
         }
         return used > self.limit, headers
 
+    @staticmethod
+    def _json(status: int, body: Any, headers: dict[str, str]) -> web.Response:
+        return web.Response(
+            status=status, body=orjson.dumps(body), content_type="application/json",
+            headers=headers,
+        )  # fmt: skip
+
     def _error(
         self, status: int, message: str, headers: dict[str, str], html: bool = False
     ) -> web.Response:
-        if html:
+        if html:  # as a proxy in front of the service would answer
             body = f"<html><body><h1>{status} Bad Gateway</h1>{message}</body></html>"
             return web.Response(status=status, text=body, content_type="text/html", headers=headers)
-        return web.Response(
-            status=status,
-            body=orjson.dumps({"errors": [message]}),
-            content_type="application/json",
-            headers=headers,
-        )
+        return self._json(status, {"errors": [message]}, headers)
+
+    def _admit(self, request: web.Request) -> tuple[web.Response | None, dict[str, str]]:
+        """Keys, then the rate limit: (a refusal or None, the rate-limit headers)."""
+        if not self._authorized(request):
+            return self._error(403, "Forbidden", {}), {}
+        over, headers = self._ratelimit(count=True)
+        if over:
+            return self._error(429, "Rate limit exceeded", headers), headers
+        return None, headers
 
     def _authorized(self, request: web.Request) -> bool:
         return (
@@ -239,11 +250,9 @@ class Emulator:
         log = self._logger(request, "POST", token)
         emails, list_form = self._parse(await request.read())
         log.emails, log.list_form = len(emails or []), list_form
-        if not self._authorized(request):
-            return log(self._error(403, "Forbidden", {}))
-        over, headers = self._ratelimit(count=True)
-        if over:
-            return log(self._error(429, "Rate limit exceeded", headers))
+        refusal, headers = self._admit(request)
+        if refusal is not None:
+            return log(refusal)
         fault = self._next_fault()
         if fault == "drop":
             return log(self._hang_up(request))
@@ -289,23 +298,14 @@ class Emulator:
         if fault == "drop-after":
             return log(self._hang_up(request))
         data: Any = items if list_form else items[0]
-        return log(
-            web.Response(
-                status=201,
-                body=orjson.dumps({"data": data}),
-                content_type="application/json",
-                headers=headers,
-            )
-        )
+        return log(self._json(201, {"data": data}, headers))
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         log = self._logger(request, "GET", token)
-        if not self._authorized(request):
-            return log(self._error(403, "Forbidden", {}))
-        over, headers = self._ratelimit(count=True)
-        if over:
-            return log(self._error(429, "Rate limit exceeded", headers))
+        refusal, headers = self._admit(request)
+        if refusal is not None:
+            return log(refusal)
         board = self._board(token)
         if board is None:
             return log(self._error(404, "Shared dashboard not found", headers))
@@ -319,23 +319,14 @@ class Emulator:
             "data": [_invitation(token, e, t) for e, t in page],
             "meta": {"page": {"total_count": len(board.invitations)}},
         }
-        return log(
-            web.Response(
-                status=200,
-                body=orjson.dumps(body),
-                content_type="application/json",
-                headers=headers,
-            )
-        )
+        return log(self._json(200, body, headers))
 
     async def _delete(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         log = self._logger(request, "DELETE", token)
-        if not self._authorized(request):
-            return log(self._error(403, "Forbidden", {}))
-        over, headers = self._ratelimit(count=True)
-        if over:
-            return log(self._error(429, "Rate limit exceeded", headers))
+        refusal, headers = self._admit(request)
+        if refusal is not None:
+            return log(refusal)
         board = self._board(token)
         if board is None:
             return log(self._error(404, "Shared dashboard not found", headers))
@@ -360,15 +351,15 @@ class Emulator:
             "status": "active",
             "share_list": sorted(board.share_list or []),
         }
-        return log(web.json_response(body))
+        return log(self._json(200, body, {}))
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(self.stats())
+        return self._json(200, self.stats(), {})
 
     async def _invited(self, request: web.Request) -> web.StreamResponse:
         """Every (token, email) invited and how often: for checks from another process."""
         rows = [[t, e, n] for (t, e), n in sorted(self.invited.items())]
-        return web.Response(body=orjson.dumps(rows), content_type="application/json")
+        return self._json(200, rows, {})
 
     # -- helpers --------------------------------------------------------------------------
 
