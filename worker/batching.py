@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 
@@ -21,13 +21,18 @@ class Batcher:
     is emitted early, so memory stays flat however many tokens the input mixes.
     """
 
-    def __init__(self, batch_size: int, max_buffered: int) -> None:
+    def __init__(
+        self, batch_size: int, max_buffered: int, clock: Callable[[], float] | None = None
+    ) -> None:
         if batch_size < 1 or max_buffered < batch_size:
             raise ValueError("need 1 <= batch_size <= max_buffered")
         self.batch_size = batch_size
         self.max_buffered = max_buffered
         self._buffers: dict[str, list[str]] = {}
         self._buffered = 0
+        # Queue mode: when each buffer was started, for --linger.
+        self._clock = clock
+        self._since: dict[str, float] = {}
 
     @property
     def buffered(self) -> int:
@@ -39,25 +44,36 @@ class Batcher:
         buffer = self._buffers.get(token)
         if buffer is None:
             buffer = self._buffers[token] = []
+            if self._clock is not None:
+                self._since[token] = self._clock()
         buffer.append(email)
         if len(buffer) >= self.batch_size:
-            del self._buffers[token]
             self._buffered -= len(buffer) - 1
-            return Batch(token, buffer)
+            return self._pop(token)
         self._buffered += 1
         if self._buffered > self.max_buffered:
-            return self._pop_fullest()
+            fullest = max(self._buffers, key=lambda t: len(self._buffers[t]))
+            self._buffered -= len(self._buffers[fullest])
+            return self._pop(fullest)
         return None
 
-    def _pop_fullest(self) -> Batch:
-        token = max(self._buffers, key=lambda t: len(self._buffers[t]))
-        emails = self._buffers.pop(token)
-        self._buffered -= len(emails)
-        return Batch(token, emails)
+    def _pop(self, token: str) -> Batch:
+        self._since.pop(token, None)
+        return Batch(token, self._buffers.pop(token))
+
+    def expired(self, linger: float) -> list[Batch]:
+        """Partial batches whose first row has waited ``linger`` seconds (queue mode)."""
+        if self._clock is None:
+            return []
+        deadline = self._clock() - linger
+        old = [token for token, since in self._since.items() if since <= deadline]
+        for token in old:
+            self._buffered -= len(self._buffers[token])
+        return [self._pop(token) for token in old]
 
     def drain(self) -> Iterator[Batch]:
         """Emit every partial batch (at the end of the input)."""
         while self._buffers:
-            token, emails = self._buffers.popitem()
-            self._buffered -= len(emails)
-            yield Batch(token, emails)
+            token = next(iter(self._buffers))
+            self._buffered -= len(self._buffers[token])
+            yield self._pop(token)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -16,7 +17,8 @@ from worker import logs
 from worker.config import DEFAULT_SITE, Config, api_url_for_site
 from worker.emulator import Emulator, Faults
 from worker.errors import UsageError
-from worker.pipeline import EXIT_ABORTED, EXIT_USAGE, run
+from worker.pipeline import EXIT_ABORTED, EXIT_INCOMPLETE, EXIT_USAGE, run
+from worker.queue.options import StreamOptions, is_redis_url
 from worker.sources import open_source
 
 SANDBOX_KEY = "sandbox"
@@ -99,6 +101,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: console on a terminal, JSON lines otherwise",
     )
 
+    q = r.add_argument_group("stream mode (SOURCE is redis://HOST:PORT/DB)")
+    q.add_argument("--stream", help="the stream to read")
+    q.add_argument("--group", default="invite-worker", help="consumer group (invite-worker)")
+    q.add_argument("--consumer", default="", help="consumer name (default: host-pid)")
+    q.add_argument(
+        "--linger",
+        type=float,
+        default=2.0,
+        help="send a partial batch once it has waited this long (2)",
+    )
+    q.add_argument(
+        "--dead-letter", default="", help="stream for messages that failed for good (<stream>:dead)"
+    )
+    q.add_argument(
+        "--claim-idle",
+        type=float,
+        default=60.0,
+        help="claim other consumers' messages idle this long, in seconds (60)",
+    )
+    q.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=5,
+        help="dead-letter a message delivered more often than this (5)",
+    )
+    q.add_argument(
+        "--until-empty",
+        action="store_true",
+        help="exit once the group has no new and no pending messages",
+    )
+
+    n = sub.add_parser("enqueue", help="load a CSV or JSONL file into a Redis Stream")
+    n.add_argument("file", metavar="FILE", help="a .csv or .jsonl path, or - for stdin")
+    n.add_argument("url", metavar="URL", help="redis://HOST:PORT/DB")
+    n.add_argument("--stream", required=True, help="the stream to add to")
+    n.add_argument("--format", choices=("csv", "jsonl"), help="override the input format")
+    n.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+
     e = sub.add_parser("emulator", help="serve the Datadog API emulator for rehearsals")
     e.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     e.add_argument("--port", type=int, default=8126, help="port to listen on (8126)")
@@ -143,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return asyncio.run(_run(args))
+        if args.command == "enqueue":
+            return asyncio.run(_enqueue(args))
         return asyncio.run(_emulator(args))
     except UsageError as exc:
         print(f"invite-worker: error: {exc}", file=sys.stderr)
@@ -197,21 +239,47 @@ async def _run(args: argparse.Namespace) -> int:
         async with Emulator() as emulator:
             config = _config(args, emulator.url, SANDBOX_KEY, SANDBOX_KEY)
             structlog.get_logger("worker.cli").info("sandbox.started", url=emulator.url)
-            source = open_source(args.source, args.format)
-            stop = asyncio.Event()
-            _install_stop(stop)
-            result = await run(config, source, stop=stop)
+            code = await _execute(args, config)
             structlog.get_logger("worker.cli").info("sandbox.stats", **emulator.stats())
-            return result.exit_code
+            return code
     api_key = os.environ.get("DD_API_KEY", "").strip()
     app_key = os.environ.get("DD_APP_KEY", "").strip()
     logs.configure(args.log_format, secrets=(api_key, app_key))
     api_url = args.api_url or api_url_for_site(args.site)
     config = _config(args, api_url, api_key, app_key)
-    source = open_source(args.source, args.format)
+    return await _execute(args, config)
+
+
+async def _execute(args: argparse.Namespace, config: Config) -> int:
+    """Run from a file or, for a redis:// SOURCE, from a stream."""
     stop = asyncio.Event()
+    if is_redis_url(args.source):
+        from worker.queue.runner import run_stream
+
+        options = StreamOptions(
+            url=args.source, stream=args.stream or "", group=args.group,
+            consumer=args.consumer, linger=args.linger, dead_letter=args.dead_letter,
+            claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
+            until_empty=args.until_empty,
+        )  # fmt: skip
+        _install_stop(stop)
+        return (await run_stream(config, options, stop=stop)).exit_code
+    source = open_source(args.source, args.format)
     _install_stop(stop)
     return (await run(config, source, stop=stop)).exit_code
+
+
+async def _enqueue(args: argparse.Namespace) -> int:
+    from worker.queue.runner import enqueue
+
+    logs.configure(args.log_format)
+    if not is_redis_url(args.url):
+        raise UsageError(f"not a Redis URL: {args.url!r} (use redis://HOST:PORT/DB)")
+    source = open_source(args.file, args.format)
+    where = StreamOptions(url=args.url, stream=args.stream).where
+    summary = await enqueue(source, args.url, args.stream, where)
+    print(json.dumps(summary))
+    return EXIT_INCOMPLETE if summary["rejected"] else 0
 
 
 async def _emulator(args: argparse.Namespace) -> int:

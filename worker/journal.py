@@ -20,6 +20,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import orjson
 
@@ -29,6 +30,18 @@ from worker.report import open_private_append
 def journal_path(report_path: Path) -> Path:
     """Where the journal of a report lives."""
     return report_path.with_name(report_path.name + ".journal")
+
+
+class IntentLog(Protocol):
+    """Where the sender records what it is about to send, before it sends it."""
+
+    async def intent(self, token: str, emails: list[str], at: float) -> str:
+        """Durably record the intent; returns its id."""
+        ...
+
+    def clear(self, ident: str) -> None:
+        """The intent is resolved."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

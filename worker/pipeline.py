@@ -95,10 +95,17 @@ async def run(
         source.close()
         report.flush()
         journal.close()
-    summary = _summary(config, source, report, sender, pacer, history, counts, started, clock)
+    summary = build_summary(
+        config, source.description, report, sender, pacer, history, counts, started, clock
+    )
+    return finish(report, summary)
+
+
+def finish(report: Report, summary: dict[str, Any]) -> RunResult:
+    """Write the summary as the report's last record, log it, and return the result."""
     report.summary(summary)
     log_summary = {k: v for k, v in summary.items() if k not in ("started_at", "finished_at")}
-    if summary["aborted"] or summary["interrupted"]:
+    if summary["aborted"] or summary["exit_code"] == EXIT_ABORTED:
         log.error("run.aborted", **log_summary)
     else:
         log.info("run.finished", **log_summary)
@@ -196,9 +203,9 @@ async def _pump(
     return counts
 
 
-def _summary(
+def build_summary(
     config: Config,
-    source: Source,
+    description: str,
     report: Report,
     sender: Sender,
     pacer: Pacer,
@@ -206,7 +213,14 @@ def _summary(
     counts: dict[str, int],
     started: float,
     clock: Clock,
+    *,
+    stopping_is_normal: bool = False,
 ) -> dict[str, Any]:
+    """The ``summary`` record of a run. ``counts`` holds rows, valid and recorded.
+
+    ``stopping_is_normal``: a queue worker stopped by SIGTERM has lost nothing (what it did
+    not settle stays pending in the group), so an interruption alone does not make exit 3.
+    """
     finished = clock.time()
     interrupted = sender.stopping.is_set()
     aborted = sender.aborted
@@ -218,14 +232,14 @@ def _summary(
         "rejected": report.rejected_total,
         "unknown": 0,
     }  # fmt: skip
-    if aborted or interrupted:
+    if aborted or (interrupted and not stopping_is_normal):
         exit_code = EXIT_ABORTED
     elif totals["emails_failed"] or totals["rejected"] or totals["unknown"] or unsent:
         exit_code = EXIT_INCOMPLETE
     else:
         exit_code = EXIT_OK
     summary: dict[str, Any] = {
-        "source": source.description,
+        "source": description,
         **counts,
         "rejected": report.rejected_total,
         "rejected_by_reason": dict(sorted(report.rejected_by_reason.items())),

@@ -73,13 +73,17 @@ class Report:
 
     def rejected(
         self,
-        line: int,
+        line: int | str,
         reason: str,
         token: str | None = None,
         email: str | None = None,
     ) -> None:
-        """Queue a ``rejected`` record; it is written by the next :meth:`flush` or batch."""
-        record: dict[str, Any] = {"kind": "rejected", "line": line, "reason": reason}
+        """Queue a ``rejected`` record; it is written by the next :meth:`flush` or batch.
+
+        ``line`` is the input's line number, or a stream message id (``stream_id``).
+        """
+        where = "line" if isinstance(line, int) else "stream_id"
+        record: dict[str, Any] = {"kind": "rejected", where: line, "reason": reason}
         if token:
             record["token"] = token[:200]
         if email:
@@ -123,18 +127,23 @@ class Report:
         }
         if reconciled:
             record["reconciled"] = True
-        if self.on_batch is not None:
-            self.on_batch(token, emails, status, error)
         self.batches[status] += 1
         self.emails[status] += len(emails)
         self._pending.append(orjson.dumps(record))
         self.flush()
+        if self.on_batch is not None:  # after the write: a queue acknowledges on this
+            self.on_batch(token, emails, status, error)
 
     def summary(self, fields: dict[str, Any]) -> None:
         """Write the one ``summary`` record, last, and close the file."""
         self._pending.append(orjson.dumps({"kind": "summary", **fields}))
         self.flush()
         self.close()
+
+    def sync(self) -> None:
+        """Make everything written so far durable (before acknowledging it to a queue)."""
+        self.flush()
+        os.fdatasync(self._fd)
 
     def flush(self) -> None:
         """Write everything queued in one system call."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from typing import Protocol
 
 import structlog
 from aiolimiter import AsyncLimiter
@@ -46,6 +47,22 @@ def window_end(now: float, info: RateLimitInfo) -> float | None:
     return None
 
 
+class SharedLimit(Protocol):
+    """A budget shared with other workers of the organization (see ``worker.queue``)."""
+
+    async def take(self, now: float, limit: int, period: float, name: str | None) -> float:
+        """Take a slot in the current window: 0.0, or the seconds to wait before asking again."""
+        ...
+
+    def observe(self, window_end: float, period: float, used: int, name: str | None) -> None:
+        """The service reports ``used`` requests spent in the window ending at ``window_end``."""
+        ...
+
+    def pause(self, until: float, name: str | None) -> None:
+        """A 429 was seen: every worker waits until ``until``."""
+        ...
+
+
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Exponential backoff with "equal jitter": between half and all of ``base * 2**(n-1)``."""
     ceiling = min(cap, base * 2.0 ** (attempt - 1))
@@ -64,8 +81,11 @@ class Pacer:
         jitter: float = 1.0,
         default_wait: float = 1.0,
         rng: random.Random | None = None,
+        shared: SharedLimit | None = None,
     ) -> None:
         self._clock = clock
+        self._shared = shared
+        self.name: str | None = None
         self._limiter = AsyncLimiter(1, 1.0 / rate) if rate else None
         self._probe = probe_in_flight
         self._jitter = jitter
@@ -97,7 +117,13 @@ class Pacer:
             now = self._clock.time()
             wait = self._wait_needed(now)
             if wait is None:
-                break
+                if self._shared is None or self.limit is None:
+                    break
+                # Our own view allows it; the organization-wide budget must too.
+                wait = await self._shared.take(now, self.limit, self.period or 1.0, self.name)
+                if wait <= 0:
+                    now = self._clock.time()
+                    break
             if wait == math.inf:
                 await self._changed.wait()  # probing: until an answer teaches us the limit
             else:
@@ -149,6 +175,7 @@ class Pacer:
         now = self._clock.time()
         if info is not None and info.limit is not None:
             self.limit = info.limit
+            self.name = info.name
             if info.period:
                 self.period = info.period
         end = window_end(now, info) if info is not None else None
@@ -184,6 +211,10 @@ class Pacer:
             self._remaining = remaining
         elif abs(end - self._window_end) < tolerance:
             self._remaining = min(self._remaining, remaining)
+        else:
+            return
+        if self._shared is not None and self.limit is not None:
+            self._shared.observe(end, period, self.limit - remaining, self.name)
         # else: a late answer about a window already over; nothing to learn.
 
     def _pause(self, now: float, end: float | None) -> None:
@@ -200,4 +231,6 @@ class Pacer:
         if resume > self._paused_until:
             self._paused_until = resume
             self.waits += 1
+            if self._shared is not None:
+                self._shared.pause(resume, self.name)
             log.info("ratelimit.wait", reason="429", seconds=round(resume - now, 3))

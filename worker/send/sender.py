@@ -22,7 +22,7 @@ from worker.errors import (
     SendError,
     TokenNotFound,
 )
-from worker.journal import Journal
+from worker.journal import IntentLog
 from worker.report import Report
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer, backoff_delay
@@ -56,7 +56,7 @@ class Sender:
         client: InvitationClient,
         pacer: Pacer,
         report: Report,
-        journal: Journal,
+        journal: IntentLog,
         config: Config,
         clock: Clock,
         rng: random.Random | None = None,

@@ -1,0 +1,272 @@
+"""Queue mode against a real Redis server: groups, acknowledgements, claiming, shared limits."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import (
+    API_KEY,
+    APP_KEY,
+    ROOT,
+    TOKEN_A,
+    by_kind,
+    emulator_invited,
+    read_report,
+    worker_command,
+    worker_env,
+)
+from worker.config import Config
+from worker.emulator import Emulator
+from worker.queue.options import StreamOptions
+from worker.queue.runner import run_stream
+
+
+@pytest.fixture
+async def redis(redis_server: str) -> AsyncIterator[Redis]:
+    """A client of the test Redis server."""
+    client = Redis.from_url(redis_server, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+def options(url: str, stream: str, **extra: Any) -> StreamOptions:
+    values: dict[str, Any] = {"url": url, "stream": stream, "linger": 0.05,
+                              "until_empty": True, "claim_idle": 60.0}  # fmt: skip
+    return StreamOptions(**{**values, **extra})
+
+
+async def add(redis: Redis, stream: str, pairs: list[tuple[str, str]]) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        for token, email in pairs:
+            pipe.xadd(stream, {"token": token, "email": email})
+        await pipe.execute()
+
+
+def sent_in(*reports: Path) -> Counter[tuple[str, str]]:
+    return Counter(
+        (b["token"], e.lower())
+        for report in reports
+        for b in by_kind(read_report(report), "batch")
+        if b["status"] == "sent"
+        for e in b["emails"]
+    )
+
+
+async def test_enqueue_loads_valid_rows_and_reports_rejected(
+    tmp_path: Path, redis_server: str, redis: Redis, stream_name: str
+) -> None:
+    """1,000 valid rows become 1,000 messages; bad rows are counted, not enqueued."""
+    source = tmp_path / "in.csv"
+    source.write_text(
+        "token,email\n"
+        + "".join(f"tok-{i % 4},u{i}@example.com\n" for i in range(1000))
+        + "t,not-an-email\n"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        worker_command("enqueue", str(source), redis_server, "--stream", stream_name),
+        env=worker_env(), capture_output=True, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr.decode()
+    assert b'"enqueued": 1000' in done.stdout
+    assert b'"invalid_email": 1' in done.stdout
+    assert await redis.xlen(stream_name) == 1000
+
+
+async def test_two_workers_drain_a_group_exactly_once(
+    tmp_path: Path,
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """3,000 messages, two workers of one group with --until-empty: both exit 0, everyone
+    invited once, nothing pending, the two reports together hold every pair."""
+    pairs = [(f"dash-{i % 5}", f"person{i}@example.com") for i in range(3000)]
+    await add(redis, stream_name, pairs)
+    reports = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    results = await asyncio.gather(*(
+        run_stream(make_config(report_path=r, batch_size=50),
+                   options(redis_server, stream_name, consumer=f"worker-{i}"))
+        for i, r in enumerate(reports)
+    ))  # fmt: skip
+    assert [r.exit_code for r in results] == [0, 0]
+    assert all(r.summary["emails_sent"] > 0 for r in results)  # both did a share
+    assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
+    assert sent_in(*reports) == emulator.invited
+    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0
+
+
+async def test_bad_messages_are_acknowledged_and_reported_with_their_id(
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """Invalid messages are rejected by stream id; a JSON payload field is accepted;
+    failures for good go to the dead-letter stream with the error."""
+    bad = await redis.xadd(stream_name, {"token": "../x", "email": "a@example.com"})
+    await redis.xadd(
+        stream_name, {"payload": f'{{"token": "{TOKEN_A}", "email": "p@example.com"}}'}
+    )
+    await redis.xadd(stream_name, {"payload": "[1, 2]"})
+    await redis.xadd(stream_name, {"token": TOKEN_A, "email": "no@outside.example"})
+    config = make_config()
+    result = await run_stream(config, options(redis_server, stream_name))
+    records = read_report(config.report_path)
+    rejected = {r["stream_id"]: r["reason"] for r in by_kind(records, "rejected")}
+    assert rejected[bad] == "invalid_token"
+    assert "not_an_object" in rejected.values()
+    assert emulator.invited == Counter({(TOKEN_A, "p@example.com"): 1})
+    [dead] = [fields for _, fields in await redis.xrange(f"{stream_name}:dead")]
+    assert dead["email"] == "no@outside.example"
+    assert dead["error_code"] == "bad_request"
+    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0
+    assert result.exit_code == 1
+
+
+async def test_linger_sends_a_trickle_without_waiting_for_a_full_batch(
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """A partial batch goes once it has waited --linger, with the worker still running."""
+    stop = asyncio.Event()
+    config = make_config(batch_size=100)
+    task = asyncio.create_task(run_stream(
+        config, options(redis_server, stream_name, until_empty=False, linger=0.2), stop=stop
+    ))  # fmt: skip
+    await add(redis, stream_name, [(TOKEN_A, "first@example.com")])
+    await asyncio.wait_for(emulator.wait_for_invitations(1), 10)
+    await add(redis, stream_name, [(TOKEN_A, "second@example.com")])
+    await asyncio.wait_for(emulator.wait_for_invitations(2), 10)
+    stop.set()
+    result = await asyncio.wait_for(task, 30)
+    assert result.exit_code == 0
+    assert result.summary["interrupted"] is True
+    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0
+
+
+async def test_a_dead_workers_messages_are_claimed_and_reconciled_not_resent(
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """Messages another consumer took, sent (intent recorded) and never acknowledged are
+    claimed; what the service created is recorded, the rest sent; over-delivered ones go
+    to the dead-letter stream."""
+    opts = options(redis_server, stream_name, claim_idle=0.05, max_deliveries=3)
+    await redis.xgroup_create(stream_name, "invite-worker", id="0", mkstream=True)
+    done = [(TOKEN_A, f"done{i}@example.com") for i in range(3)]
+    await add(redis, stream_name, [*done, (TOKEN_A, "never@example.com")])
+    taken = await redis.xreadgroup("invite-worker", "dead-worker", {stream_name: ">"})
+    ids = [mid for mid, _ in taken[0][1]]
+    sent_at = emulator._clock() - 1
+    await redis.hset(f"{stream_name}:invite-worker:intents",
+                     mapping=dict.fromkeys(ids, repr(sent_at)))  # fmt: skip
+    board = emulator.add_dashboard(TOKEN_A)
+    for _, email in done:  # the dead worker's POST had created these
+        board.invitations.append((email, sent_at + 0.2))
+        emulator.invited[(TOKEN_A, email)] += 1
+    over = await redis.xadd(stream_name, {"token": TOKEN_A, "email": "loop@example.com"})
+    await redis.xreadgroup("invite-worker", "crashy", {stream_name: ">"})  # delivery 1
+    for i in range(3):  # deliveries 2..4, each consumer dying in turn
+        await redis.xautoclaim(stream_name, "invite-worker", f"crashy-{i}", 0, start_id=over,
+                               count=1)  # fmt: skip
+    await asyncio.sleep(0.1)
+    config = make_config()
+    result = await run_stream(config, opts)
+    assert result.exit_code == 0
+    posts = [(r.token, r.emails) for r in emulator.requests if r.method == "POST"]
+    assert posts == [(TOKEN_A, 1)]  # only "never@" was sent
+    assert max(emulator.invited.values()) == 1
+    reconciled = [b for b in by_kind(read_report(config.report_path), "batch")
+                  if b.get("reconciled")]  # fmt: skip
+    assert sorted(reconciled[0]["emails"]) == sorted(e for _, e in done)
+    [(_, dead)] = await redis.xrange(f"{stream_name}:dead")
+    assert dead["email"] == "loop@example.com"
+    assert dead["error_code"] == "max_deliveries"
+    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0
+
+
+async def test_two_workers_share_the_rate_limit(
+    tmp_path: Path,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """Two workers against a limited service stay inside it together: at most one 429."""
+    pairs = [(f"dash-{i % 4}", f"person{i}@example.com") for i in range(480)]
+    await add(redis, stream_name, pairs)
+    async with Emulator(api_key=API_KEY, app_key=APP_KEY, limit=8, period=0.5) as emu:
+        results = await asyncio.gather(*(
+            run_stream(make_config(api_url=emu.url, report_path=tmp_path / f"{i}.jsonl",
+                                   batch_size=10, concurrency=4),
+                       options(redis_server, stream_name, consumer=f"w{i}"))
+            for i in range(2)
+        ))  # fmt: skip
+        assert [r.exit_code for r in results] == [0, 0]
+        assert emu.invited == Counter(dict.fromkeys(pairs, 1))
+        assert emu.stats()["rate_limited"] <= 1
+
+
+def test_a_worker_killed_mid_run_is_finished_by_another(
+    tmp_path: Path, start_emulator: Callable[..., str], redis_server: str, stream_name: str
+) -> None:
+    """SIGKILL one worker mid-run; a second with --claim-idle 1 finishes the stream:
+    every pair invited exactly once, nothing pending."""
+    url = start_emulator("--limit", "20", "--period", "1")
+    source = tmp_path / "in.csv"
+    pairs = {(f"dash-{i % 3}", f"person{i}@example.com") for i in range(2000)}
+    source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
+    subprocess.run(
+        worker_command("enqueue", str(source), redis_server, "--stream", stream_name),
+        env=worker_env(),
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+    def worker(name: str, *extra: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            worker_command("run", redis_server, "--stream", stream_name, "--consumer", name,
+                           "--until-empty", "--linger", "0.1", "--api-url", url,
+                           "--report", str(tmp_path / f"{name}.jsonl"), "--batch-size", "50",
+                           "--reconcile-delay", "0.2", *extra),
+            env=worker_env(DD_API_KEY=API_KEY, DD_APP_KEY=APP_KEY),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        )  # fmt: skip
+
+    first = worker("first")
+    deadline = time.monotonic() + 30
+    while sum(emulator_invited(url).values()) < 300 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    assert sum(emulator_invited(url).values()) < len(pairs)
+    second = worker("second", "--claim-idle", "1")
+    assert second.wait(timeout=120) == 0
+    invited = emulator_invited(url)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
+    pending = subprocess.run(["redis-cli", "-u", redis_server, "XPENDING", stream_name,
+                              "invite-worker"], capture_output=True, check=True)  # fmt: skip
+    assert pending.stdout.split(b"\n")[0].strip() == b"0"

@@ -1,0 +1,1 @@
+"""Queue mode: invitations from a Redis Stream, shared by several workers."""

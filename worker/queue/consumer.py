@@ -1,0 +1,272 @@
+"""Stream mode: drain a Redis Stream through a consumer group.
+
+Messages are validated and batched per token as rows from a file are, with ``--linger``
+so a trickle still flows. A message is acknowledged only once its outcome is written and
+``fdatasync``\\ ed in the report. Messages that failed for good are copied to the
+dead-letter stream with the error; those refused for lack of permission or whose outcome
+could not be settled stay pending, to be delivered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from typing import Any
+
+import orjson
+import structlog
+
+from worker.batching import Batch, Batcher
+from worker.clock import Clock
+from worker.config import Config
+from worker.errors import SendError
+from worker.queue.options import StreamOptions
+from worker.queue.stream import Message, StreamQueue
+from worker.report import Report, iso
+from worker.send.sender import Sender
+from worker.validate import Validator
+
+log = structlog.get_logger("worker.queue")
+
+#: Failures that leave the message pending instead of dead-lettering it.
+KEEP_PENDING = frozenset({"aborted", "forbidden", "outcome_unknown"})
+
+
+def parse_message(fields: dict[str, str]) -> tuple[str | None, str | None, str | None]:
+    """``(token, email, reason)`` from ``token``/``email`` fields or a JSON ``payload``."""
+    values: dict[str, Any] = fields
+    if "payload" in fields and "token" not in fields:
+        try:
+            payload = orjson.loads(fields["payload"])
+        except orjson.JSONDecodeError:
+            return None, None, "invalid_json"
+        if not isinstance(payload, dict):
+            return None, None, "not_an_object"
+        values = payload
+    token, email = values.get("token"), values.get("email")
+    if token is not None and not isinstance(token, str):
+        return None, None, "not_a_string"
+    if email is not None and not isinstance(email, str):
+        return None, None, "not_a_string"
+    return token, email, None
+
+
+class RedisIntents:
+    """The sender's intent log in stream mode: send times kept in Redis, per message."""
+
+    def __init__(self, queue: StreamQueue, index: dict[tuple[str, str], str]) -> None:
+        self._queue, self._index = queue, index
+
+    async def intent(self, token: str, emails: list[str], at: float) -> str:
+        ids = [self._index[(token, e.lower())] for e in emails]
+        await self._queue.record_intents(ids, at)
+        return ids[0]
+
+    def clear(self, ident: str) -> None:
+        """Intents are removed when their messages are acknowledged."""
+
+
+class Consumer:
+    """Reads, claims, batches and settles; the senders do the HTTP side."""
+
+    def __init__(
+        self,
+        config: Config,
+        options: StreamOptions,
+        queue: StreamQueue,
+        report: Report,
+        sender: Sender,
+        index: dict[tuple[str, str], str],
+        clock: Clock,
+        stop: asyncio.Event,
+    ) -> None:
+        self.config, self.options, self.queue = config, options, queue
+        self.report, self.sender, self.index = report, sender, index
+        self.clock, self.stop = clock, stop
+        self.validator = Validator()
+        self.batcher = Batcher(config.batch_size, config.max_buffered_rows, clock.time)
+        self.batches: asyncio.Queue[Batch | None] = asyncio.Queue(config.concurrency * 2)
+        self.acks: list[str] = []
+        self.dead: list[tuple[str, dict[str, str]]] = []
+        self.busy = 0
+        self.counts = {"rows": 0, "valid": 0, "claimed": 0, "dead_lettered": 0}
+        report.on_batch = self._on_outcome
+
+    def _on_outcome(
+        self, token: str, emails: list[str], status: str, error: dict[str, str] | None
+    ) -> None:
+        for email in emails:
+            mid = self.index.pop((token, email.lower()), None)
+            if mid is None:
+                continue
+            code = error["code"] if error else ""
+            if status == "sent":
+                self.acks.append(mid)
+            elif code not in KEEP_PENDING:
+                message = error["message"] if error else ""
+                self._dead_letter(mid, token, email, code, message)
+
+    def _dead_letter(self, mid: str, token: str, email: str, code: str, message: str) -> None:
+        self.counts["dead_lettered"] += 1
+        self.dead.append((mid, {"token": token, "email": email, "stream_id": mid,
+                                "error_code": code, "error_message": message,
+                                "failed_at": iso(self.clock.time())}))  # fmt: skip
+
+    async def flush(self) -> None:
+        """Make the report durable, then dead-letter and acknowledge what it settles."""
+        if not (self.acks or self.dead):
+            return
+        acks, dead = self.acks, self.dead
+        self.acks, self.dead = [], []
+        await asyncio.to_thread(self.report.sync)
+        await self.queue.settle(acks, dead)
+
+    async def run(self) -> dict[str, int]:
+        """Consume until stopped, or until the group is drained with ``--until-empty``."""
+        drains = [asyncio.create_task(self._drain()) for _ in range(self.config.concurrency)]
+        flusher = asyncio.create_task(self._flush_often())
+        try:
+            await self._take(await self.queue.read_own_pending(), reclaimed=True)
+            next_claim = 0.0
+            while not self.stop.is_set():
+                if self.clock.time() >= next_claim:
+                    claimed = await self.queue.claim_idle(self.options.claim_idle)
+                    self.counts["claimed"] += len(claimed)
+                    await self._take(claimed, reclaimed=True)
+                    next_claim = self.clock.time() + min(max(self.options.claim_idle / 2, 0.5), 30)
+                block = min(self.options.linger or 0.5, 0.5)
+                messages = await self.queue.read_new(self.options.read_count, block)
+                await self._take(messages, reclaimed=False)
+                for batch in self.batcher.expired(self.options.linger):
+                    await self.batches.put(batch)
+                if self.options.until_empty and not messages and await self._drained():
+                    break
+            if not self.stop.is_set():
+                for batch in self.batcher.drain():
+                    await self.batches.put(batch)
+        finally:
+            for _ in drains:
+                await self.batches.put(None)
+            _, pending = await asyncio.wait(drains, timeout=self.config.grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*drains, return_exceptions=True)
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await self.flush()
+        return self.counts
+
+    async def _drained(self) -> bool:
+        if self.batcher.buffered or self.busy or not self.batches.empty() or self.index:
+            return False
+        await self.flush()
+        return await self.queue.group_pending() == 0
+
+    async def _drain(self) -> None:
+        while (batch := await self.batches.get()) is not None:
+            if self.stop.is_set():
+                continue
+            self.busy += 1
+            try:
+                await self.sender.send(batch)
+            finally:
+                self.busy -= 1
+
+    async def _flush_often(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            await self.flush()
+
+    async def _take(self, messages: list[Message], *, reclaimed: bool) -> None:
+        """Validate, reconcile (for reclaimed messages) and batch a set of messages."""
+        in_flight = set(self.index.values())
+        fresh: list[tuple[str, str, str]] = []
+        for mid, fields in messages:
+            if mid in in_flight:
+                continue  # ours and still being sent: claimed back only because it was slow
+            self.counts["rows"] += 1
+            if fields is None:  # deleted from the stream meanwhile
+                self.acks.append(mid)
+                continue
+            token, email, reason = parse_message(fields)
+            if reason is None:
+                token, email, reason = (token or "").strip(), (email or "").strip(), None
+                fresh.append((mid, token, email))
+                continue
+            self.report.rejected(mid, reason, token, email)
+            self.acks.append(mid)
+        if reclaimed and fresh:
+            fresh = await self._screen(fresh)
+        for mid, token, email in fresh:
+            token, email, reason = self.validator.check(token, email)
+            if reason is not None:
+                self.report.rejected(mid, reason, token, email)
+                self.acks.append(mid)
+                continue
+            self.counts["valid"] += 1
+            self.index[(token, email.lower())] = mid
+            batch = self.batcher.add(token, email)
+            if batch is not None:
+                await self.batches.put(batch)
+        self.report.flush()
+
+    async def _screen(self, fresh: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """Reclaimed messages: dead-letter the over-delivered, settle unknown outcomes."""
+        ids = [mid for mid, _, _ in fresh]
+        deliveries = await self.queue.deliveries(ids)
+        kept = []
+        for mid, token, email in fresh:
+            if deliveries.get(mid, 0) > self.options.max_deliveries:
+                self._dead_letter(
+                    mid,
+                    token,
+                    email,
+                    "max_deliveries",
+                    f"delivered {deliveries[mid]} times without an outcome",
+                )
+            else:
+                kept.append((mid, token, email))
+        times = await self.queue.intent_times([mid for mid, _, _ in kept])
+        unknown: dict[str, list[tuple[str, str, float]]] = defaultdict(list)
+        rest = []
+        for mid, token, email in kept:
+            if mid in times:
+                unknown[token].append((mid, email, times[mid]))
+            else:
+                rest.append((mid, token, email))
+        for token, items in unknown.items():
+            rest.extend(await self._reconcile(token, items))
+        return rest
+
+    async def _reconcile(
+        self, token: str, items: list[tuple[str, str, float]]
+    ) -> list[tuple[str, str, str]]:
+        """Messages a dead worker may have sent: record what was created, return the rest."""
+        emails = [email for _, email, _ in items]
+        since = min(at for _, _, at in items)
+        try:
+            found = await self.sender.reconciler.created_since(
+                token, emails, since, self.clock.time()
+            )
+        except SendError as exc:
+            log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
+            return []  # left pending; claimed again later
+        created = [(mid, email) for mid, email, _ in items if email.lower() in found]
+        for mid, email in created:
+            self.validator.seen.add(token, email)
+            self.index[(token, email.lower())] = mid
+        if created:
+            self.report.batch(
+                token=token, emails=[e for _, e in created], status="sent", http_status=None,
+                attempts=0, error=None, started_at=since, finished_at=self.clock.time(),
+                invitations=[_compact(found[e.lower()]) for _, e in created], reconciled=True,
+            )  # fmt: skip
+        log.info("queue.reconciled", token=token, created=len(created),
+                 not_created=len(items) - len(created))  # fmt: skip
+        return [(mid, token, email) for mid, email, _ in items if email.lower() not in found]
+
+
+def _compact(invitation: dict[str, Any]) -> dict[str, Any]:
+    return {k: invitation.get(k) for k in ("email", "created_at", "invitation_expiry")}

@@ -1,0 +1,66 @@
+"""Options of stream mode, checked when built."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from worker.errors import UsageError
+
+
+def default_consumer() -> str:
+    """A consumer name unique to this process: host name and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def is_redis_url(source: str) -> bool:
+    """True for ``redis://`` and ``rediss://`` sources."""
+    return urlsplit(source).scheme in ("redis", "rediss")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOptions:
+    """Where to read and how to behave as one consumer of a group. Durations in seconds."""
+
+    url: str
+    stream: str
+    group: str = "invite-worker"
+    consumer: str = ""
+    #: A partial batch is sent once its first message has waited this long.
+    linger: float = 2.0
+    #: Where messages that failed for good go; default ``<stream>:dead``.
+    dead_letter: str = ""
+    #: Other consumers' messages idle this long are claimed.
+    claim_idle: float = 60.0
+    #: A message delivered more often than this goes to the dead-letter stream.
+    max_deliveries: int = 5
+    #: Exit once the group has no new and no pending messages.
+    until_empty: bool = False
+    read_count: int = 500
+
+    def __post_init__(self) -> None:
+        if not is_redis_url(self.url):
+            raise UsageError(f"not a Redis URL: {self.url!r} (use redis://HOST:PORT/DB)")
+        if not self.stream:
+            raise UsageError("--stream NAME is required with a redis:// source")
+        if not self.group:
+            raise UsageError("--group must not be empty")
+        if not self.consumer:
+            object.__setattr__(self, "consumer", default_consumer())
+        if not self.dead_letter:
+            object.__setattr__(self, "dead_letter", f"{self.stream}:dead")
+        if self.dead_letter == self.stream:
+            raise UsageError("--dead-letter must differ from --stream")
+        if self.linger < 0 or not self.claim_idle > 0:
+            raise UsageError("--linger must be >= 0 and --claim-idle > 0 seconds")
+        if self.max_deliveries < 1 or self.read_count < 1:
+            raise UsageError("--max-deliveries must be at least 1")
+
+    @property
+    def where(self) -> str:
+        """The URL without credentials, for logs."""
+        parts = urlsplit(self.url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}{parts.path}#{self.stream}"

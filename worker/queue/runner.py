@@ -1,0 +1,125 @@
+"""Entry points of queue mode: ``run redis://...`` and ``enqueue``."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from worker.clock import Clock, SystemClock
+from worker.config import Config
+from worker.errors import UsageError
+from worker.pipeline import RunResult, build_summary, finish
+from worker.queue.consumer import Consumer, RedisIntents
+from worker.queue.options import StreamOptions
+from worker.queue.ratelimit import SharedBudget
+from worker.queue.stream import StreamQueue
+from worker.report import Report
+from worker.send.client import InvitationClient
+from worker.send.pacing import Pacer
+from worker.send.sender import Sender
+from worker.sources import Source
+from worker.validate import Validator
+
+log = structlog.get_logger("worker.queue")
+
+
+async def connect(url: str, where: str) -> Redis:
+    """A Redis connection, checked with PING (an unreachable server is a usage error)."""
+    redis = Redis.from_url(url, decode_responses=True)
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as exc:
+        await redis.aclose()
+        raise UsageError(f"cannot reach Redis at {where}: {exc}") from None
+    return redis
+
+
+async def run_stream(
+    config: Config,
+    options: StreamOptions,
+    *,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
+    stop: asyncio.Event | None = None,
+) -> RunResult:
+    """Consume the stream as one member of the group; returns the exit code and summary."""
+    clock = clock or SystemClock()
+    stop = stop or asyncio.Event()
+    redis = await connect(options.url, options.where)
+    try:
+        queue = StreamQueue(
+            redis, options.stream, options.group, options.consumer, options.dead_letter
+        )
+        await queue.ensure_group()
+        # A queue worker's report is its log: each run appends to it.
+        report = Report(config.report_path, overwrite=config.overwrite, resume=True)
+        started = clock.time()
+        log.info("run.started", source=options.where, group=options.group,
+                 consumer=options.consumer, until_empty=options.until_empty,
+                 report=str(config.report_path))  # fmt: skip
+        index: dict[tuple[str, str], str] = {}
+        async with InvitationClient(
+            config.api_url, config.api_key, config.app_key, timeout=config.timeout,
+            pool_size=config.concurrency + 1,
+        ) as client:  # fmt: skip
+            shared = SharedBudget(redis, urlsplit(config.api_url).netloc)
+            pacer = Pacer(
+                clock,
+                rate=config.rate,
+                jitter=config.ratelimit_jitter,
+                default_wait=config.ratelimit_default_wait,
+                rng=rng,
+                shared=shared,
+            )
+            sender = Sender(client, pacer, report, RedisIntents(queue, index), config, clock,
+                            rng, stop)  # fmt: skip
+            consumer = Consumer(config, options, queue, report, sender, index, clock, stop)
+            try:
+                counts: dict[str, Any] = await consumer.run()
+            finally:
+                await shared.settle()
+        counts["recorded"] = report.emails["sent"] + report.emails["failed"]
+        summary = build_summary(config, options.where, report, sender, pacer, None, counts,
+                                started, clock, stopping_is_normal=True)  # fmt: skip
+        summary["group"], summary["consumer"] = options.group, options.consumer
+        return finish(report, summary)
+    finally:
+        await redis.aclose()
+
+
+async def enqueue(source: Source, url: str, stream: str, where: str) -> dict[str, Any]:
+    """Load valid rows of a file into a stream as ``token``/``email`` messages.
+
+    Rejected rows are logged (``enqueue.rejected`` with line and reason) and counted.
+    """
+    redis = await connect(url, where)
+    validator = Validator()
+    enqueued = 0
+    rejected: Counter[str] = Counter()
+    try:
+        async for chunk in source.chunks():
+            async with redis.pipeline(transaction=False) as pipe:
+                for line, raw_token, raw_email, reason in chunk:
+                    if reason is None:
+                        token, email, reason = validator.check(raw_token, raw_email)
+                        if reason is None:
+                            pipe.xadd(stream, {"token": token, "email": email})
+                            enqueued += 1
+                            continue
+                    rejected[reason] += 1
+                    log.warning("enqueue.rejected", line=line, reason=reason)
+                await pipe.execute()
+    finally:
+        source.close()
+        await redis.aclose()
+    summary = {"stream": stream, "enqueued": enqueued, "rejected": sum(rejected.values()),
+               "rejected_by_reason": dict(sorted(rejected.items()))}  # fmt: skip
+    log.info("enqueue.finished", **summary)
+    return summary

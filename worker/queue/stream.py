@@ -1,0 +1,126 @@
+"""A Redis Stream consumed through a consumer group: reading, claiming, settling.
+
+Besides the stream and its group, two keys belong to a group:
+
+- ``<stream>:<group>:intents`` — a hash of message id -> the time a request carrying that
+  message was sent. It is written *before* the request (Redis has acknowledged it by the
+  time the POST goes out) and removed when the message is acknowledged. A message claimed
+  from a dead worker that still has an intent has an unknown outcome: the token's
+  invitations are listed before it is sent again.
+- the dead-letter stream (``<stream>:dead`` by default) — messages that failed for good or
+  were delivered too often, with the error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+Message = tuple[str, dict[str, str] | None]
+
+
+class StreamQueue:
+    """One consumer's view of a stream and its group."""
+
+    def __init__(
+        self, redis: Redis, stream: str, group: str, consumer: str, dead_letter: str
+    ) -> None:
+        self.redis = redis
+        self.stream, self.group, self.consumer = stream, group, consumer
+        self.dead_letter = dead_letter
+        self.intents_key = f"{stream}:{group}:intents"
+
+    async def ensure_group(self) -> None:
+        """Create the group (and the stream) if missing; reading starts at the beginning."""
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read_new(self, count: int, block: float) -> list[Message]:
+        """Messages never delivered to this group, waiting up to ``block`` seconds."""
+        reply = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=count,
+            block=max(1, int(block * 1000)),
+        )  # fmt: skip
+        return _entries(reply)
+
+    async def read_own_pending(self, count: int = 500) -> list[Message]:
+        """Messages delivered to this consumer earlier and never acknowledged."""
+        out: list[Message] = []
+        last = "0"
+        while True:
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: last}, count=count
+            )
+            entries = _entries(reply)
+            if not entries:
+                return out
+            out.extend(entries)
+            last = entries[-1][0]
+
+    async def claim_idle(self, min_idle: float, count: int = 500) -> list[Message]:
+        """Take over messages other consumers left unacknowledged for ``min_idle`` seconds.
+
+        XAUTOCLAIM returns a cursor; it is followed until it comes back to ``0-0``.
+        Messages deleted from the stream meanwhile come back with no fields.
+        """
+        out: list[Message] = []
+        cursor = "0-0"
+        while True:
+            reply = await self.redis.xautoclaim(
+                self.stream, self.group, self.consumer, int(min_idle * 1000),
+                start_id=cursor, count=count,
+            )  # fmt: skip
+            cursor, claimed = reply[0], reply[1]
+            out.extend((mid, fields or None) for mid, fields in claimed)
+            out.extend((mid, None) for mid in (reply[2] if len(reply) > 2 else []))
+            if cursor in ("0-0", b"0-0"):
+                return out
+
+    async def deliveries(self, ids: list[str]) -> dict[str, int]:
+        """How many times each message was delivered (one pipelined query per id)."""
+        if not ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for mid in ids:
+                pipe.xpending_range(self.stream, self.group, mid, mid, 1)
+            replies = await pipe.execute()
+        return {rows[0]["message_id"]: int(rows[0]["times_delivered"]) for rows in replies if rows}
+
+    async def group_pending(self) -> int:
+        """Messages delivered to some consumer of the group and not yet acknowledged."""
+        summary = await self.redis.xpending(self.stream, self.group)
+        return int(summary["pending"])
+
+    async def record_intents(self, ids: list[str], at: float) -> None:
+        """Before sending: these messages go out in a request sent at ``at``."""
+        await self.redis.hset(self.intents_key, mapping=dict.fromkeys(ids, repr(at)))
+
+    async def intent_times(self, ids: list[str]) -> dict[str, float]:
+        """The recorded send time of each message that has one."""
+        if not ids:
+            return {}
+        values = await self.redis.hmget(self.intents_key, ids)
+        return {mid: float(v) for mid, v in zip(ids, values, strict=True) if v is not None}
+
+    async def settle(self, acks: list[str], dead: list[tuple[str, dict[str, str]]]) -> None:
+        """Atomically copy ``dead`` to the dead-letter stream, then acknowledge everything."""
+        ids = acks + [mid for mid, _ in dead]
+        if not ids:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _, fields in dead:
+                pipe.xadd(self.dead_letter, fields)  # type: ignore[arg-type]
+            pipe.xack(self.stream, self.group, *ids)
+            pipe.hdel(self.intents_key, *ids)
+            await pipe.execute()
+
+
+def _entries(reply: Any) -> list[Message]:
+    if not reply:
+        return []
+    return [(mid, fields or None) for mid, fields in reply[0][1]]
