@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import collect, csv_source, jsonl_source
 from worker.errors import UsageError
 from worker.sources import detect_format, open_source
-from worker.sources.lines import MAX_LINE_BYTES
+from worker.sources.lines import MAX_LINE_BYTES, LineReader
 
 
 async def test_csv_header_any_order_case_and_extra_columns() -> None:
@@ -130,14 +133,14 @@ async def test_jsonl_rows_and_reasons() -> None:
 async def test_many_rows_come_in_several_chunks(tmp_path: Path) -> None:
     """A file larger than one chunk is read completely, in order."""
     path = tmp_path / "big.csv"
-    path.write_text("token,email\n" + "".join(f"t,u{i}@example.com\n" for i in range(5000)))
+    path.write_text("token,email\n" + "".join(f"t,u{i}@example.com\n" for i in range(60_000)))
     chunks = []
     source = open_source(str(path))
     async for chunk in source.chunks():
         chunks.append(chunk)
     source.close()
     assert len(chunks) > 1
-    assert [r[0] for c in chunks for r in c] == list(range(2, 5002))
+    assert [r[0] for c in chunks for r in c] == list(range(2, 60_002))
 
 
 def test_format_detection() -> None:
@@ -154,3 +157,39 @@ def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     """A path that cannot be read is reported plainly."""
     with pytest.raises(UsageError, match="cannot read"):
         open_source(str(tmp_path / "nope.csv"))
+
+
+def reference_lines(data: bytes, limit: int) -> list[bytes | None]:
+    """What LineReader must return, computed the obvious way."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    parts = data.split(b"\n")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    out: list[bytes | None] = []
+    for part in parts:
+        line = part[:-1] if part.endswith(b"\r") else part
+        out.append(None if len(part) > limit else line)
+    return out
+
+
+@given(
+    data=st.lists(
+        st.one_of(st.binary(max_size=12), st.sampled_from([b"\n", b"\r\n", b"\r", b"x" * 20])),
+        max_size=40,
+    ).map(b"".join),
+    block=st.integers(1, 9),
+    limit=st.integers(1, 15),
+)
+def test_line_reader_matches_a_naive_split(data: bytes, block: int, limit: int) -> None:
+    """Property: any bytes, any block size: the same lines as a plain split, over-long -> None."""
+    with (
+        patch("worker.sources.lines.BLOCK_BYTES", block),
+        patch("worker.sources.lines.MAX_LINE_BYTES", limit),
+    ):
+        reader = LineReader(io.BytesIO(data))
+        got: list[bytes | None] = []
+        while (lines := reader.read()) is not None:
+            got.extend(lines)
+    assert got == reference_lines(data, limit)
+    assert reader.number == len(got)

@@ -41,21 +41,29 @@ class Batcher:
 
     def add(self, token: str, email: str) -> Batch | None:
         """Buffer one pair; returns a batch when that made one ready (full, or over bound)."""
-        buffer = self._buffers.get(token)
-        if buffer is None:
-            buffer = self._buffers[token] = []
-            if self._clock is not None:
-                self._since[token] = self._clock()
-        buffer.append(email)
-        if len(buffer) >= self.batch_size:
-            self._buffered -= len(buffer) - 1
-            return self._pop(token)
-        self._buffered += 1
-        if self._buffered > self.max_buffered:
-            fullest = max(self._buffers, key=lambda t: len(self._buffers[t]))
-            self._buffered -= len(self._buffers[fullest])
-            return self._pop(fullest)
-        return None
+        ready = self.add_many([(token, email)])
+        return ready[0] if ready else None
+
+    def add_many(self, pairs: list[tuple[str, str]]) -> list[Batch]:
+        """Buffer many pairs; returns the batches they made ready (the hot path of a run)."""
+        ready: list[Batch] = []
+        buffers, size, bound = self._buffers, self.batch_size, self.max_buffered
+        for token, email in pairs:
+            buffer = buffers.get(token)
+            if buffer is None:
+                buffer = buffers[token] = []
+                if self._clock is not None:
+                    self._since[token] = self._clock()
+            buffer.append(email)
+            self._buffered += 1
+            if len(buffer) >= size:
+                self._buffered -= size
+                ready.append(self._pop(token))
+            elif self._buffered > bound:
+                fullest = max(buffers, key=lambda t: len(buffers[t]))
+                self._buffered -= len(buffers[fullest])
+                ready.append(self._pop(fullest))
+        return ready
 
     def _pop(self, token: str) -> Batch:
         self._since.pop(token, None)

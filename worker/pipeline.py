@@ -27,7 +27,7 @@ from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer
 from worker.send.sender import Sender
 from worker.sources import Source
-from worker.validate import Validator, pair_key
+from worker.validate import Validator
 
 log = structlog.get_logger("worker.pipeline")
 
@@ -131,39 +131,26 @@ async def _pump(
     async def produce() -> None:
         validator = Validator()
         batcher = Batcher(config.batch_size, config.max_buffered_rows)
-        check, add, rejected = validator.check, batcher.add, report.rejected
         known_rejected = history.rejected_lines if history is not None else set()
         settled = history.settled if history is not None else None
-        rows = valid = skipped = 0
         try:
             async for chunk in source.chunks():
-                ready: list[Batch] = []
-                for line, raw_token, raw_email, reason in chunk:
-                    rows += 1
-                    if reason is None:
-                        token, email, reason = check(raw_token, raw_email)
-                        if reason is None:
-                            if settled is not None and settled(pair_key(token, email)):
-                                skipped += 1
-                                continue
-                            valid += 1
-                            batch = add(token, email)
-                            if batch is not None:
-                                ready.append(batch)
-                            continue
-                        if line not in known_rejected:
-                            rejected(line, reason, token, email)
-                    elif line not in known_rejected:
-                        rejected(line, reason, raw_token, raw_email)
+                valid, rejections, skipped = validator.check_rows(chunk, settled)
+                counts["rows"] += len(chunk)
+                counts["valid"] += len(valid)
+                counts["skipped"] += skipped
+                for line, reason, token, email in rejections:
+                    if line not in known_rejected:
+                        report.rejected(line, reason, token, email)
                 report.flush()
-                for batch in ready:
+                for batch in batcher.add_many(valid):
                     await queue.put(batch)
                 if stop.is_set():
                     return
             for batch in batcher.drain():
                 await queue.put(batch)
         finally:
-            counts.update(rows=rows, valid=valid, skipped=skipped)
+            report.flush()
 
     drains = [asyncio.create_task(drain()) for _ in range(config.concurrency)]
     producer = asyncio.create_task(produce())

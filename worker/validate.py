@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 
 #: A share token as Datadog issues them: letters, digits, ``-`` and ``_``, nothing else.
 #: This is the only gate between input and a URL path, so it is deliberately narrow.
@@ -75,26 +76,77 @@ class SeenPairs:
         return len(self._seen)
 
 
+#: Distinct valid tokens remembered (already checked and lower-cased); past this, tokens
+#: are checked row by row again, so a file of a million tokens cannot grow it unbounded.
+TOKEN_CACHE_SIZE = 100_000
+
+RawRow = tuple[int | str, str | None, str | None, str | None]
+Rejection = tuple[int | str, str, str | None, str | None]
+
+
 class Validator:
     """Turns raw rows into valid pairs or reason codes."""
 
-    __slots__ = ("seen",)
+    __slots__ = ("_tokens", "seen")
 
     def __init__(self) -> None:
         self.seen = SeenPairs()
+        self._tokens: dict[str, str] = {}  # valid token -> its lower-case form
 
     def check(self, token: str | None, email: str | None) -> tuple[str, str, str | None]:
         """Return ``(token, email, reason)``: trimmed values, and ``None`` or why it is bad."""
-        token = token.strip() if token else ""
-        email = email.strip() if email else ""
-        if not token:
-            return token, email, "missing_token"
-        if not email:
-            return token, email, "missing_email"
-        if TOKEN_RE.fullmatch(token) is None:
-            return token, email, "invalid_token"
-        if len(email) > MAX_EMAIL_LENGTH or EMAIL_RE.fullmatch(email) is None:
-            return token, email, "invalid_email"
-        if not self.seen.add(token, email):
-            return token, email, "duplicate"
-        return token, email, None
+        valid, rejected, _ = self.check_rows([(0, token, email, None)])
+        if valid:
+            return valid[0][0], valid[0][1], None
+        _, reason, checked_token, checked_email = rejected[0]
+        return checked_token or "", checked_email or "", reason
+
+    def check_rows(
+        self, rows: Sequence[RawRow], settled: Callable[[int], bool] | None = None
+    ) -> tuple[list[tuple[str, str]], list[Rejection], int]:
+        """Check a chunk of raw rows in one pass (the hot path of a run).
+
+        Returns the valid ``(token, email)`` pairs (trimmed), the rejections as
+        ``(line, reason, token, email)``, and how many valid pairs ``settled`` said to skip
+        (already sent, on ``--resume``). Reasons, in order of precedence: missing_token,
+        missing_email, invalid_token, invalid_email, duplicate.
+        """
+        valid: list[tuple[str, str]] = []
+        rejected: list[Rejection] = []
+        skipped = 0
+        tokens, seen = self._tokens, self.seen._seen
+        token_match, email_match = TOKEN_RE.fullmatch, EMAIL_RE.fullmatch
+        for line, raw_token, raw_email, reason in rows:
+            if reason is not None:
+                rejected.append((line, reason, raw_token, raw_email))
+                continue
+            token = raw_token.strip() if raw_token else ""
+            email = raw_email.strip() if raw_email else ""
+            if not token:
+                reason = "missing_token"
+            elif not email:
+                reason = "missing_email"
+            else:
+                lowered = tokens.get(token)
+                if lowered is None:
+                    if token_match(token) is None:
+                        rejected.append((line, "invalid_token", token, email))
+                        continue
+                    lowered = token.lower()
+                    if len(tokens) < TOKEN_CACHE_SIZE:
+                        tokens[token] = lowered
+                if len(email) > MAX_EMAIL_LENGTH or email_match(email) is None:
+                    reason = "invalid_email"
+                else:
+                    key = hash((lowered, email.lower()))  # == pair_key(token, email)
+                    if key in seen:
+                        reason = "duplicate"
+                    else:
+                        seen.add(key)
+                        if settled is not None and settled(key):
+                            skipped += 1
+                        else:
+                            valid.append((token, email))
+                        continue
+            rejected.append((line, reason, token, email))
+        return valid, rejected, skipped

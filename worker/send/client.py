@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from worker.errors import (
     AuthError,
@@ -83,10 +84,14 @@ class InvitationClient:
         self._secrets = tuple(s for s in (api_key, app_key) if len(s) >= MIN_SECRET_LENGTH)
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
 
     async def __aenter__(self) -> InvitationClient:
         connector = aiohttp.TCPConnector(limit=self._pool_size)
-        self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+        # No cookies: the API sets none we need, and the jar costs time on every request.
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=self._headers, cookie_jar=aiohttp.DummyCookieJar()
+        )
         return self
 
     async def __aexit__(
@@ -116,7 +121,12 @@ class InvitationClient:
                 ]
             }
         )
-        status, headers, raw = await self._request("POST", self.invitation_url(token), body)
+        url = self._urls.get(token)
+        if url is None:
+            url = URL(self.invitation_url(token), encoded=True)
+            if len(self._urls) < 10_000:  # parsed once per token, bounded
+                self._urls[token] = url
+        status, headers, raw = await self._request("POST", url, body)
         ratelimit = parse_ratelimit(headers)
         if 200 <= status < 300:
             return Sent(status, _invitations(raw), ratelimit)
@@ -141,7 +151,7 @@ class InvitationClient:
         return Listing(_invitations(raw), total if isinstance(total, int) else None, ratelimit)
 
     async def _request(
-        self, method: str, url: str, body: bytes | None
+        self, method: str, url: str | URL, body: bytes | None
     ) -> tuple[int, Mapping[str, str], bytes]:
         if self._session is None:
             raise RuntimeError("use InvitationClient as 'async with'")
@@ -230,6 +240,15 @@ def _invitations(raw: bytes) -> list[dict[str, Any]]:
         return []
     data = doc.get("data") if isinstance(doc, dict) else None
     items = data if isinstance(data, list) else [data] if isinstance(data, dict) else []
+    try:  # the well-formed answer, in one pass
+        return [
+            {"email": a["email"], "created_at": a.get("created_at"),
+             "invitation_expiry": a.get("invitation_expiry")}
+            for a in (item["attributes"] for item in items)
+            if type(a["email"]) is str
+        ]  # fmt: skip
+    except (TypeError, KeyError, AttributeError):
+        pass
     out: list[dict[str, Any]] = []
     for item in items:
         attributes = item.get("attributes") if isinstance(item, dict) else None

@@ -109,6 +109,20 @@ class Pacer:
         """Requests acquired and not yet released."""
         return self._in_flight
 
+    def try_acquire(self) -> float | None:
+        """A slot right now if no wait is needed (the common case), else None.
+
+        Only for the pacer's own rules: with ``--rate`` or a shared budget, use ``acquire``.
+        """
+        if self._limiter is not None or self._shared is not None:
+            return None
+        now = self._clock.time()
+        if self._wait_needed(now) is not None:
+            return None
+        self._in_flight += 1
+        self._last_send = now
+        return now
+
     async def acquire(self) -> float:
         """Wait until a request may be sent; returns the send time to pass to ``release``."""
         if self._limiter is not None:

@@ -165,7 +165,7 @@ class Sender:
                     started,
                     invitations=result.invitations,
                 )
-                self._journal.clear(intent)
+                # No journal clear: the report's "sent" record settles these pairs.
                 return
 
             if isinstance(error, RetryableError) and attempts < self._config.max_attempts:
@@ -271,6 +271,9 @@ class Sender:
 
     async def _acquire(self) -> float | None:
         """A pacer slot, or None if the run starts stopping while we wait for it."""
+        sent_now = self._pacer.try_acquire()
+        if sent_now is not None:
+            return sent_now
         done, sent_at = await self._unless_stopping(
             self._pacer.acquire(), on_discard=lambda _: self._pacer.cancel()
         )

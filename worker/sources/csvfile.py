@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import BinaryIO
 
 from worker.errors import UsageError
-from worker.sources.lines import CHUNK_LINES, Row, chunked, read_lines
+from worker.sources.lines import LineReader, Row, chunked
 
 #: Delimiters recognised from the header, in order of preference (spreadsheets in some
 #: locales export ``;``; tab-separated exports are common too).
@@ -25,40 +25,57 @@ class CsvSource:
     def __init__(self, stream: BinaryIO, description: str) -> None:
         self.description = description
         self._stream = stream
-        self._lines = read_lines(stream)
+        self._reader = LineReader(stream)
+        # Lines read along with the header, still to be parsed: (first line number, lines).
+        self._pending: tuple[int, list[bytes | None]] | None = None
         self._delimiter, self._token_at, self._email_at, self._width = self._read_header()
 
     def _read_header(self) -> tuple[str, int, int, int]:
-        for number, raw in self._lines:
-            if raw is None:
-                raise UsageError(f"{self.description}: line {number} (the header) is too long")
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UsageError(
-                    f"{self.description}: the header (line {number}) is not UTF-8 text; "
-                    "save the file as UTF-8 CSV"
-                ) from None
-            for delimiter in DELIMITERS:
-                cells = _split(text, delimiter)
-                names = [c.strip().lower() for c in cells] if cells is not None else []
-                if "token" in names and "email" in names:
-                    return delimiter, names.index("token"), names.index("email"), len(names)
-            raise UsageError(
-                f"{self.description}: the header (line {number}) must name a 'token' and an "
-                f"'email' column, found {text.strip()[:200]!r}; add a header row such as "
-                "'token,email'"
-            )
+        while (lines := self._reader.read()) is not None:
+            first = self._reader.number - len(lines) + 1
+            for offset, raw in enumerate(lines):
+                number = first + offset
+                if raw is None:
+                    raise UsageError(f"{self.description}: line {number} (the header) is too long")
+                if not raw.strip():
+                    continue
+                self._pending = (number + 1, lines[offset + 1 :])
+                return self._parse_header(number, raw)
         raise UsageError(
             f"{self.description}: the input is empty; expected a header row such as 'token,email'"
+        )
+
+    def _parse_header(self, number: int, raw: bytes) -> tuple[str, int, int, int]:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(
+                f"{self.description}: the header (line {number}) is not UTF-8 text; "
+                "save the file as UTF-8 CSV"
+            ) from None
+        for delimiter in DELIMITERS:
+            cells = _split(text, delimiter)
+            names = [c.strip().lower() for c in cells] if cells is not None else []
+            if "token" in names and "email" in names:
+                return delimiter, names.index("token"), names.index("email"), len(names)
+        raise UsageError(
+            f"{self.description}: the header (line {number}) must name a 'token' and an "
+            f"'email' column, found {text.strip()[:200]!r}; add a header row such as "
+            "'token,email'"
         )
 
     def chunks(self) -> AsyncIterator[list[Row]]:
         return chunked(self._parse_chunk)
 
     def _parse_chunk(self) -> list[Row] | None:
+        if self._pending is not None:
+            first, lines = self._pending
+            self._pending = None
+        else:
+            read = self._reader.read()
+            if read is None:
+                return None
+            first, lines = self._reader.number - len(read) + 1, read
         rows: list[Row] = []
         append = rows.append
         delimiter, token_at, email_at, width = (
@@ -68,7 +85,7 @@ class CsvSource:
             self._width,
         )
         needed = max(token_at, email_at) + 1
-        for count, (number, raw) in enumerate(self._lines, 1):
+        for number, raw in enumerate(lines, first):
             if raw is None:
                 append((number, None, None, "line_too_long"))
             elif raw.strip():
@@ -76,20 +93,18 @@ class CsvSource:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     append((number, None, None, "bad_encoding"))
+                    continue
+                cells = text.split(delimiter) if '"' not in text else _split(text, delimiter)
+                if cells is None:
+                    append((number, None, None, "malformed_csv"))
+                elif len(cells) < needed:
+                    append((number, None, None, "too_few_fields"))
+                elif len(cells) > width and any(c.strip() for c in cells[width:]):
+                    # Unquoted delimiters shifted the columns: no way to know which is which.
+                    append((number, None, None, "too_many_fields"))
                 else:
-                    cells = _split(text, delimiter)
-                    if cells is None:
-                        append((number, None, None, "malformed_csv"))
-                    elif len(cells) < needed:
-                        append((number, None, None, "too_few_fields"))
-                    elif len(cells) > width and any(c.strip() for c in cells[width:]):
-                        # Unquoted commas shifted the columns: no way to know which is which.
-                        append((number, None, None, "too_many_fields"))
-                    else:
-                        append((number, cells[token_at], cells[email_at], None))
-            if count >= CHUNK_LINES:
-                return rows
-        return rows if rows else None
+                    append((number, cells[token_at], cells[email_at], None))
+        return rows
 
     def close(self) -> None:
         self._stream.close()

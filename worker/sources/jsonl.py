@@ -7,7 +7,7 @@ from typing import BinaryIO
 
 import orjson
 
-from worker.sources.lines import CHUNK_LINES, Row, chunked, read_lines
+from worker.sources.lines import LineReader, Row, chunked
 
 
 class JsonlSource:
@@ -16,16 +16,19 @@ class JsonlSource:
     def __init__(self, stream: BinaryIO, description: str) -> None:
         self.description = description
         self._stream = stream
-        self._lines = read_lines(stream)
+        self._reader = LineReader(stream)
 
     def chunks(self) -> AsyncIterator[list[Row]]:
         return chunked(self._parse_chunk)
 
     def _parse_chunk(self) -> list[Row] | None:
+        lines = self._reader.read()
+        if lines is None:
+            return None
         rows: list[Row] = []
         append = rows.append
         loads = orjson.loads
-        for count, (number, raw) in enumerate(self._lines, 1):
+        for number, raw in enumerate(lines, self._reader.number - len(lines) + 1):
             if raw is None:
                 append((number, None, None, "line_too_long"))
             elif raw.strip():
@@ -35,9 +38,7 @@ class JsonlSource:
                     append((number, None, None, _why_not_json(raw)))
                 else:
                     append(_row_from(number, obj))
-            if count >= CHUNK_LINES:
-                return rows
-        return rows if rows else None
+        return rows
 
     def close(self) -> None:
         self._stream.close()
