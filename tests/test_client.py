@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -139,3 +140,33 @@ def test_error_messages_from_any_body() -> None:
     assert error_message(b"<html><h1>502</h1> Bad\n gateway</html>") == "502 Bad gateway"
     assert len(error_message(b"x" * 10_000)) == 500
     assert error_message(b"\xff\xfe") != ""
+
+
+async def test_a_body_arriving_in_pieces_is_read_whole() -> None:
+    """A response streamed in several writes is read to its end, not cut at the first."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=201, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        items = ",".join(
+            f'{{"type": "public_dashboard_invitation", "attributes": {{"email": "u{i}@x.io"}}}}'
+            for i in range(300)
+        ).encode()
+        body = b'{"data": [' + items + b"]}"
+        for start in range(0, len(body), 4096):
+            await response.write(body[start : start + 4096])
+            await asyncio.sleep(0.001)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/api/v1/dashboard/public/{token}/invitation", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        async with client(f"http://127.0.0.1:{runner.addresses[0][1]}") as c:
+            sent = await c.invite(TOKEN_A, ["u0@x.io"])
+        assert len(sent.invitations) == 300
+    finally:
+        await runner.cleanup()

@@ -159,8 +159,7 @@ class InvitationClient:
             async with self._session.request(
                 method, url, data=body, timeout=self._timeout, allow_redirects=False
             ) as resp:
-                raw = await resp.content.read(MAX_BODY_BYTES)
-                return resp.status, resp.headers, raw
+                return resp.status, resp.headers, await _read_body(resp.content)
         except TimeoutError:
             raise RequestTimeout(
                 f"no answer within {self._timeout.total:g}s (raise --timeout if the service "
@@ -196,6 +195,23 @@ class InvitationClient:
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
         return text
+
+
+async def _read_body(content: aiohttp.StreamReader) -> bytes:
+    """The whole body up to :data:`MAX_BODY_BYTES`.
+
+    ``StreamReader.read(n)`` returns as soon as *some* bytes are there, so one call could
+    cut a body that arrives in several segments short; read until the end instead.
+    """
+    parts: list[bytes] = []
+    size = 0
+    while size < MAX_BODY_BYTES:
+        part = await content.read(MAX_BODY_BYTES - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def parse_ratelimit(headers: Mapping[str, str]) -> RateLimitInfo:
