@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.batching import Batcher
+from worker.report import iso
 from worker.validate import Validator, check_email, check_token
 
 
@@ -126,3 +128,10 @@ def test_every_pair_leaves_exactly_once_in_bounded_batches(
     assert all(1 <= len(x.emails) <= batch_size for x in emitted)
     got = Counter((x.token, e) for x in emitted for e in x.emails)
     assert got == Counter((t, str(n)) for t, n in pairs)
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_report_timestamps_match_datetime(ts: float) -> None:
+    """Property: the fast ISO formatter agrees with datetime to the millisecond digit."""
+    expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    assert iso(ts) == expected

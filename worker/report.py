@@ -6,6 +6,7 @@ valid prefix. The file holds people's addresses, so it is created owner-only (06
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -20,9 +21,23 @@ from worker.errors import UsageError
 PRIVATE_MODE = 0o600
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def iso(ts: float) -> str:
-    """An epoch timestamp as ISO 8601 UTC with milliseconds."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    """An epoch timestamp as ISO 8601 UTC with milliseconds (``...T12:00:00.250+00:00``)."""
+    # Round to microseconds first, exactly as datetime.fromtimestamp does.
+    fraction, whole = math.modf(ts)
+    micros = round(fraction * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    if second != _second[0]:  # formatting the date part is the slow bit: once a second
+        _second[0] = second
+        _second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second[1]}.{micros // 1000:03d}+00:00"
 
 
 def open_private_append(path: Path, *, truncate: bool = False) -> int:

@@ -80,6 +80,8 @@ class InvitationClient:
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
+            # Answers are small; uncompressed ones spare us decompression on every response.
+            "Accept-Encoding": "identity",
         }
         self._secrets = tuple(s for s in (api_key, app_key) if len(s) >= MIN_SECRET_LENGTH)
         self._pool_size = pool_size

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import AsyncIterator
+from itertools import count
 from typing import BinaryIO
 
 from worker.errors import UsageError
@@ -85,15 +86,12 @@ class CsvSource:
             self._width,
         )
         needed = max(token_at, email_at) + 1
-        for number, raw in enumerate(lines, first):
+        for number, raw, text in zip(count(first), lines, _decode(lines), strict=False):
             if raw is None:
                 append((number, None, None, "line_too_long"))
-            elif raw.strip():
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    append((number, None, None, "bad_encoding"))
-                    continue
+            elif text is None:
+                append((number, None, None, "bad_encoding"))
+            elif text.strip():
                 cells = text.split(delimiter) if '"' not in text else _split(text, delimiter)
                 if cells is None:
                     append((number, None, None, "malformed_csv"))
@@ -108,6 +106,32 @@ class CsvSource:
 
     def close(self) -> None:
         self._stream.close()
+
+
+def _decode(lines: list[bytes | None]) -> list[str | None]:
+    """Each line as text; None where it is over-long or not UTF-8.
+
+    Decodes the block in one call when it can (the common case) and falls back to line by
+    line, so one bad line costs only itself.
+    """
+    if None not in lines:
+        try:
+            texts: list[str | None] = b"\n".join(lines).decode("utf-8").split("\n")  # type: ignore[arg-type]
+        except UnicodeDecodeError:
+            pass
+        else:
+            if len(texts) == len(lines):
+                return texts
+    return [_decode_line(raw) for raw in lines]
+
+
+def _decode_line(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _split(text: str, delimiter: str) -> list[str] | None:
