@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DD_API_URL") or None,
         help="base URL override (env DD_API_URL): a proxy or an emulator",
     )
+    r.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="read the API key from this file (also env DD_API_KEY_FILE; else DD_API_KEY)",
+    )
+    r.add_argument(
+        "--app-key-file",
+        type=Path,
+        help="read the application key from this file (env DD_APP_KEY_FILE; else DD_APP_KEY)",
+    )
     r.add_argument("--batch-size", type=int, default=100, help="emails per request (100)")
     r.add_argument("--concurrency", type=int, default=4, help="requests in flight (4)")
     r.add_argument(
@@ -224,6 +234,23 @@ def _config(args: argparse.Namespace, api_url: str, api_key: str, app_key: str) 
     )
 
 
+def read_key(name: str, path: Path | None, file_variable: str, variable: str) -> str:
+    """A key from ``--*-key-file``, else the file named by ``*_FILE``, else the variable.
+
+    Files are how Kubernetes and Docker secrets arrive; a trailing newline is dropped.
+    Errors name the file, never its content.
+    """
+    source = path or (Path(os.environ[file_variable]) if os.environ.get(file_variable) else None)
+    if source is None:
+        return os.environ.get(variable, "").strip()
+    try:
+        return source.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the {name} file {str(source)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the {name} file {str(source)!r} is not UTF-8 text") from None
+
+
 def _install_stop(stop: asyncio.Event) -> None:
     """First SIGTERM/SIGINT: stop gracefully. Second: leave at once (the journal stays valid)."""
     loop = asyncio.get_running_loop()
@@ -256,8 +283,8 @@ async def _run(args: argparse.Namespace) -> int:
             code = await _execute(args, config)
             structlog.get_logger("worker.cli").info("sandbox.stats", **emulator.stats())
             return code
-    api_key = os.environ.get("DD_API_KEY", "").strip()
-    app_key = os.environ.get("DD_APP_KEY", "").strip()
+    api_key = read_key("API key", args.api_key_file, "DD_API_KEY_FILE", "DD_API_KEY")
+    app_key = read_key("application key", args.app_key_file, "DD_APP_KEY_FILE", "DD_APP_KEY")
     logs.configure(args.log_format, secrets=(api_key, app_key))
     api_url = args.api_url or api_url_for_site(args.site)
     config = _config(args, api_url, api_key, app_key)

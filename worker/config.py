@@ -105,8 +105,9 @@ class Config:
         object.__setattr__(self, "api_url", check_api_url(self.api_url))
         if not self.api_key or not self.app_key:
             raise UsageError(
-                "missing keys: set DD_API_KEY and DD_APP_KEY "
-                "(or use --sandbox to rehearse without keys)"
+                "missing keys: set DD_API_KEY and DD_APP_KEY, or point DD_API_KEY_FILE and "
+                "DD_APP_KEY_FILE (or --api-key-file/--app-key-file) at files holding them; "
+                "--sandbox rehearses without keys"
             )
         _check_range("--batch-size", self.batch_size, 1, 10_000)
         _check_range("--concurrency", self.concurrency, 1, 256)

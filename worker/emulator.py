@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from aiohttp import web
 INVITATION_PATH = "/api/v1/dashboard/public/{token}/invitation"
 RATELIMIT_NAME = "dashboard_public_invitation"
 OUTSIDE_DOMAIN = "outside.example"
+_INVITATION = re.compile(r"/api/v1/dashboard/public/[A-Za-z0-9_-]+/invitation")
 #: Faults that can be scripted with :meth:`Emulator.script`. ``*-after`` faults strike after
 #: the invitations were created; ``slow`` answers late but creates them all the same, as a
 #: server that does not notice its client hung up.
@@ -78,6 +80,7 @@ class Logged:
     emails: int
     list_form: bool
     at: float
+    path: str = ""
 
 
 class Emulator:
@@ -140,6 +143,7 @@ class Emulator:
         app.router.add_get("/api/v1/dashboard/public/{token}", self._dashboard)
         app.router.add_get("/_emulator/stats", self._stats)
         app.router.add_get("/_emulator/invited", self._invited)
+        app.router.add_route("*", "/{anything:.*}", self._unknown)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -185,6 +189,10 @@ class Emulator:
             "duplicates": sum(n - 1 for n in self.invited.values() if n > 1),
             "max_list": max((r.emails for r in posts), default=0),
             "non_list_posts": sum(1 for r in posts if not r.list_form),
+            # Requests to any path but the invitation endpoint (POST and the GET list).
+            "other_paths": sorted(
+                {r.path for r in self.requests if not _INVITATION.fullmatch(r.path)}
+            )[:20],
         }
 
     # -- handlers -------------------------------------------------------------------------
@@ -406,24 +414,36 @@ class Emulator:
         return emails, list_form
 
     def _logger(self, request: web.Request, method: str, token: str) -> _Log:
-        return _Log(self.requests, method, token, self._clock)
+        return _Log(self.requests, method, token, self._clock, request.path)
+
+    async def _unknown(self, request: web.Request) -> web.StreamResponse:
+        """Anything the real API would not serve here: 404, and remembered."""
+        log = self._logger(request, request.method, "")
+        return log(self._error(404, "Not found", {}))
 
 
 class _Log:
     """Records a request's outcome when its response is returned."""
 
     def __init__(
-        self, into: list[Logged], method: str, token: str, clock: Callable[[], float]
+        self,
+        into: list[Logged],
+        method: str,
+        token: str,
+        clock: Callable[[], float],
+        path: str,
     ) -> None:
         self.into, self.method, self.token, self.clock = into, method, token, clock
+        self.path = path
         self.emails, self.list_form = 0, False
 
     def __call__(self, response: web.StreamResponse) -> web.StreamResponse:
         self.into.append(
             Logged(
-                self.method, self.token, response.status, self.emails, self.list_form, self.clock()
+                self.method, self.token, response.status, self.emails, self.list_form,
+                self.clock(), self.path,
             )
-        )
+        )  # fmt: skip
         return response
 
 

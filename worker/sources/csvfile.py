@@ -8,9 +8,9 @@ quoted fields are not supported: no valid token or email contains one).
 from __future__ import annotations
 
 import csv
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from itertools import count
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from worker.errors import UsageError
 from worker.sources.lines import LineReader, Row, chunked
@@ -89,9 +89,11 @@ class CsvSource:
         for number, raw, text in zip(count(first), lines, _decode(lines), strict=False):
             if raw is None:
                 append((number, None, None, "line_too_long"))
+            elif not raw.strip():
+                continue  # blank (ASCII whitespace only): not a row, as in JSONL
             elif text is None:
                 append((number, None, None, "bad_encoding"))
-            elif text.strip():
+            else:
                 cells = text.split(delimiter) if '"' not in text else _split(text, delimiter)
                 if cells is None:
                     append((number, None, None, "malformed_csv"))
@@ -108,7 +110,7 @@ class CsvSource:
         self._stream.close()
 
 
-def _decode(lines: list[bytes | None]) -> list[str | None]:
+def _decode(lines: list[bytes | None]) -> Sequence[str | None]:
     """Each line as text; None where it is over-long or not UTF-8.
 
     Decodes the block in one call when it can (the common case) and falls back to line by
@@ -116,7 +118,7 @@ def _decode(lines: list[bytes | None]) -> list[str | None]:
     """
     if None not in lines:
         try:
-            texts: list[str | None] = b"\n".join(lines).decode("utf-8").split("\n")  # type: ignore[arg-type]
+            texts = b"\n".join(cast(list[bytes], lines)).decode("utf-8").split("\n")
         except UnicodeDecodeError:
             pass
         else:
