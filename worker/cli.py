@@ -10,7 +10,9 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 
@@ -24,9 +26,41 @@ from worker.sources import open_source
 SANDBOX_KEY = "sandbox"
 
 
+def _json_stderr(argv: Sequence[str]) -> bool:
+    """Whether stderr carries JSON lines for this command line (``--log-format``, or auto)."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg == "--log-format" and i + 1 < len(args):
+            return args[i + 1] == "json" or (args[i + 1] == "auto" and not sys.stderr.isatty())
+        if arg.startswith("--log-format="):
+            value = arg.split("=", 1)[1]
+            return value == "json" or (value == "auto" and not sys.stderr.isatty())
+    return bool(args) and args[0] in ("run", "enqueue", "emulator") and not sys.stderr.isatty()
+
+
+def say(event: str, message: str, *, json_lines: bool, level: str = "error") -> None:
+    """One message on stderr: a JSON line in JSON mode, plain text otherwise."""
+    if json_lines:
+        line = {"event": event, "level": level, "message": message,
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}  # fmt: skip
+        print(json.dumps(line), file=sys.stderr)
+    else:
+        print(f"invite-worker: {message}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are JSON lines when stderr is in JSON mode."""
+
+    def error(self, message: str) -> NoReturn:
+        if _json_stderr(sys.argv[1:]):
+            say("cli.usage_error", f"{self.prog}: {message}", json_lines=True)
+            raise SystemExit(EXIT_USAGE)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the README's option table and tests)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="invite-worker",
         description="Send Datadog shared-dashboard invitations in bulk.",
     )
@@ -106,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
         "created (5)",
     )
     r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read, validate and batch everything, send nothing, print the plan",
+    )
+    r.add_argument(
+        "--assume-limit",
+        metavar="L/P",
+        help="for the dry run's estimate: L requests per P-second window, e.g. 25/1",
+    )
+    r.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        help="seconds between progress events when no progress bar is shown (10)",
+    )
+    r.add_argument(
         "--sandbox",
         action="store_true",
         help="run against the built-in emulator; no keys needed, nothing is emailed",
@@ -154,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--stream", required=True, help="the stream to add to")
     n.add_argument("--format", choices=("csv", "jsonl"), help="override the input format")
     n.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+
+    rp = sub.add_parser("report", help="read a report: summarize it, or list what failed")
+    rsub = rp.add_subparsers(dest="report_command", required=True, metavar="ACTION")
+    rs = rsub.add_parser("summarize", help="totals, failures by code and token, rejections")
+    rs.add_argument("report", metavar="REPORT", type=Path)
+    rs.add_argument("--json", action="store_true", help="print one JSON object")
+    rf = rsub.add_parser("failed", help="CSV (token,email) of every email that failed")
+    rf.add_argument("report", metavar="REPORT", type=Path)
+    rf.add_argument("--output", type=Path, help="write the CSV here (default: stdout)")
 
     e = sub.add_parser("emulator", help="serve the Datadog API emulator for rehearsals")
     e.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
@@ -206,12 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run(args))
         if args.command == "enqueue":
             return asyncio.run(_enqueue(args))
+        if args.command == "report":
+            return _report(args)
         return asyncio.run(_emulator(args))
     except UsageError as exc:
-        print(f"invite-worker: error: {exc}", file=sys.stderr)
+        say("cli.usage_error", f"error: {exc}", json_lines=_json_stderr(argv or sys.argv[1:]))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("invite-worker: interrupted", file=sys.stderr)
+        say("cli.interrupted", "interrupted", json_lines=_json_stderr(argv or sys.argv[1:]))
         return EXIT_ABORTED
 
 
@@ -231,7 +292,16 @@ def _config(args: argparse.Namespace, api_url: str, api_key: str, app_key: str) 
         grace=args.grace,
         reconcile_delay=args.reconcile_delay,
         durable_journal=args.fsync,
+        progress=_progress_mode(args),
+        progress_every=args.progress_every,
     )
+
+
+def _progress_mode(args: argparse.Namespace) -> str:
+    """A bar for a person at a terminal; progress events for everything else."""
+    if logs.resolve_format(args.log_format, sys.stderr) == "console" and sys.stderr.isatty():
+        return "bar"
+    return "events"
 
 
 def read_key(name: str, path: Path | None, file_variable: str, variable: str) -> str:
@@ -257,10 +327,8 @@ def _install_stop(stop: asyncio.Event) -> None:
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
-            print(
-                "invite-worker: second signal, exiting now; run again with --resume to finish",
-                file=sys.stderr,
-            )
+            say("run.exiting_now", "second signal, exiting now; run again with --resume to "
+                "finish", json_lines=_json_stderr(sys.argv[1:]))  # fmt: skip
             os._exit(EXIT_ABORTED)
         name = signal.Signals(signum).name
         structlog.get_logger("worker.cli").warning("run.signal", signal=name)
@@ -287,6 +355,8 @@ async def _run(args: argparse.Namespace) -> int:
     app_key = read_key("application key", args.app_key_file, "DD_APP_KEY_FILE", "DD_APP_KEY")
     logs.configure(args.log_format, secrets=(api_key, app_key))
     api_url = args.api_url or api_url_for_site(args.site)
+    if args.dry_run:  # no request is made, so no key is needed
+        api_key, app_key = api_key or "unused-in-a-dry-run", app_key or "unused-in-a-dry-run"
     config = _config(args, api_url, api_key, app_key)
     return await _execute(args, config)
 
@@ -305,9 +375,39 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
         )  # fmt: skip
         _install_stop(stop)
         return (await run_stream(config, options, stop=stop)).exit_code
+    if args.dry_run:
+        from worker.plan import dry_run, parse_limit
+
+        assume = parse_limit(args.assume_limit) if args.assume_limit else None
+        return (await dry_run(config, open_source(args.source, args.format),
+                              assume_limit=assume)).exit_code  # fmt: skip
+    if args.assume_limit:
+        raise UsageError("--assume-limit only shapes a --dry-run estimate")
     source = open_source(args.source, args.format)
     _install_stop(stop)
     return (await run(config, source, stop=stop)).exit_code
+
+
+def _report(args: argparse.Namespace) -> int:
+    from worker.review import Review, print_summary, write_failed
+
+    if args.report_command == "summarize":
+        totals = Review.read(args.report).summary()
+        if args.json:
+            print(json.dumps(totals))
+        else:
+            print_summary(args.report, totals, sys.stdout)
+        return 0
+    if args.output is None:
+        write_failed(args.report, sys.stdout)
+        return 0
+    try:
+        with args.output.open("w", newline="", encoding="utf-8") as out:
+            count = write_failed(args.report, out)
+    except OSError as exc:
+        raise UsageError(f"cannot write {str(args.output)!r}: {exc.strerror}") from None
+    print(f"{count} failed email(s) written to {args.output}", file=sys.stderr)
+    return 0
 
 
 async def _enqueue(args: argparse.Namespace) -> int:

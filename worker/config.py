@@ -100,6 +100,9 @@ class Config:
     resume: bool = False
     #: On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     grace: float = 20.0
+    #: Live progress: ``bar`` (a terminal), ``events`` (``progress`` log events) or ``off``.
+    progress: str = "off"
+    progress_every: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_url", check_api_url(self.api_url))
@@ -130,6 +133,10 @@ class Config:
         ):
             if value < 0:
                 raise UsageError(f"{name} must not be negative, got {value}")
+        if self.progress not in ("bar", "events", "off"):
+            raise UsageError(f"progress must be bar, events or off, got {self.progress!r}")
+        if not self.progress_every > 0:
+            raise UsageError("--progress-every must be a positive number of seconds")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the report; it cannot go with --overwrite")
         if self.max_buffered_rows < self.batch_size:

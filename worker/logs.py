@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -33,7 +33,37 @@ class Redact:
         return event
 
 
-def resolve_format(log_format: str, stream: TextIO) -> str:
+class StderrProxy:
+    """Where log lines go: stderr, or, while a progress bar is shown, above the bar.
+
+    structlog holds on to its output file, so it is given this stand-in, which looks
+    ``sys.stderr`` up on every write and hands complete lines to ``sink`` when one is set.
+    """
+
+    def __init__(self) -> None:
+        self.sink: Callable[[str], None] | None = None
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        if self.sink is None:
+            return sys.stderr.write(text)
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            self.sink(line)
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+STDERR = StderrProxy()
+
+
+def resolve_format(log_format: str, stream: TextIO | StderrProxy) -> str:
     """``auto`` means console on a terminal, JSON otherwise."""
     if log_format == "auto":
         return "console" if stream.isatty() else "json"
@@ -45,10 +75,10 @@ def configure(
     *,
     secrets: Iterable[str] = (),
     level: int = logging.INFO,
-    stream: TextIO | None = None,
+    stream: TextIO | StderrProxy | None = None,
 ) -> None:
     """Route structlog to ``stream`` (stderr) as JSON lines or console output."""
-    stream = stream or sys.stderr
+    stream = stream or STDERR
     fmt = resolve_format(log_format, stream)
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -62,12 +92,27 @@ def configure(
         renderer = structlog.processors.JSONRenderer(serializer=_dumps)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    # Warnings and stdlib logging would otherwise print plain text between JSON lines.
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(logging.WARNING)
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # The proxy has all PrintLogger uses of a file: write() and flush().
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, stream)),
         cache_logger_on_first_use=True,
     )
+
+
+class _ToStructlog(logging.Handler):
+    """Library logging (aiohttp, asyncio, warnings) as structlog events, one format for all."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        structlog.get_logger(record.name).log(
+            record.levelno, "library.log", logger=record.name, message=record.getMessage()
+        )
 
 
 def _dumps(obj: Any, **_: Any) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +22,7 @@ from worker.batching import Batch, Batcher
 from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.journal import Journal, journal_path
+from worker.progress import Progress
 from worker.report import Report, iso
 from worker.resume import History, load_history, settle_unknowns
 from worker.send.client import InvitationClient
@@ -89,7 +91,20 @@ async def run(
             if history is not None:
                 await settle_unknowns(history, sender.reconciler, report, journal, clock)
             settled_first = report.emails["sent"] + report.emails["failed"]
-            counts = await _pump(config, source, report, sender, history, stop)
+            counts = {"rows": 0, "valid": 0, "skipped": 0, "tokens": 0, "read_all": 0}
+
+            def snapshot() -> dict[str, int]:
+                return {"rows": counts["rows"], "valid": counts["valid"],
+                        "read_all": counts["read_all"], "sent": report.emails["sent"],
+                        "failed": report.emails["failed"], "requests": sender.stats.requests,
+                        "waits": pacer.waits}  # fmt: skip
+
+            progress = Progress(snapshot, config.progress, config.progress_every)
+            progress.start()
+            try:
+                await _pump(config, source, report, sender, history, stop, counts)
+            finally:
+                await progress.close()
             counts["recorded"] = report.emails["sent"] + report.emails["failed"] - settled_first
     finally:
         source.close()
@@ -119,9 +134,9 @@ async def _pump(
     sender: Sender,
     history: History | None,
     stop: asyncio.Event,
-) -> dict[str, int]:
+    counts: dict[str, int],
+) -> None:
     queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=config.concurrency * 2)
-    counts = {"rows": 0, "valid": 0, "skipped": 0}
 
     async def drain() -> None:
         while (batch := await queue.get()) is not None:
@@ -129,28 +144,8 @@ async def _pump(
                 await sender.send(batch)
 
     async def produce() -> None:
-        validator = Validator()
-        batcher = Batcher(config.batch_size, config.max_buffered_rows)
-        known_rejected = history.rejected_lines if history is not None else set()
-        settled = history.settled if history is not None else None
-        try:
-            async for chunk in source.chunks():
-                valid, rejections, skipped = validator.check_rows(chunk, settled)
-                counts["rows"] += len(chunk)
-                counts["valid"] += len(valid)
-                counts["skipped"] += skipped
-                for line, reason, token, email in rejections:
-                    if line not in known_rejected:
-                        report.rejected(line, reason, token, email)
-                report.flush()
-                for batch in batcher.add_many(valid):
-                    await queue.put(batch)
-                if stop.is_set():
-                    return
-            for batch in batcher.drain():
-                await queue.put(batch)
-        finally:
-            report.flush()
+        async for batch in read_batches(config, source, report, counts, history, stop):
+            await queue.put(batch)
 
     drains = [asyncio.create_task(drain()) for _ in range(config.concurrency)]
     producer = asyncio.create_task(produce())
@@ -187,7 +182,48 @@ async def _pump(
         for task in (producer, *drains):
             task.cancel()
         await asyncio.gather(producer, *drains, return_exceptions=True)
-    return counts
+
+
+async def read_batches(
+    config: Config,
+    source: Source,
+    report: Report,
+    counts: dict[str, int],
+    history: History | None = None,
+    stop: asyncio.Event | None = None,
+) -> AsyncIterator[Batch]:
+    """Read, validate and batch ``source``: the batches to send, rejections to the report.
+
+    Updates ``counts`` (rows, valid, skipped, tokens) as it goes; on ``--resume`` skips
+    settled pairs and does not record already-rejected lines again.
+    """
+    validator = Validator()
+    batcher = Batcher(config.batch_size, config.max_buffered_rows)
+    known_rejected = history.rejected_lines if history is not None else set()
+    settled = history.settled if history is not None else None
+    tokens: set[str] = set()
+    try:
+        async for chunk in source.chunks():
+            valid, rejections, skipped = validator.check_rows(chunk, settled)
+            counts["rows"] += len(chunk)
+            counts["valid"] += len(valid)
+            counts["skipped"] += skipped
+            for line, reason, token, email in rejections:
+                if line not in known_rejected:
+                    report.rejected(line, reason, token, email)
+            report.flush()
+            for batch in batcher.add_many(valid):
+                tokens.add(batch.token)
+                yield batch
+            if stop is not None and stop.is_set():
+                return
+        counts["read_all"] = 1  # every row is read: the total is known from here on
+        for batch in batcher.drain():
+            tokens.add(batch.token)
+            yield batch
+    finally:
+        counts["tokens"] = len(tokens)
+        report.flush()
 
 
 def build_summary(
@@ -212,6 +248,7 @@ def build_summary(
     interrupted = sender.stopping.is_set()
     aborted = sender.aborted
     recorded = counts.pop("recorded", 0)
+    counts.pop("read_all", None)
     # Valid pairs read but neither sent nor failed (left for --resume after a stop).
     unsent = max(0, counts["valid"] - recorded)
     totals = history.totals() if history is not None else {

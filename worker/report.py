@@ -149,6 +149,13 @@ class Report:
         if self.on_batch is not None:  # after the write: a queue acknowledges on this
             self.on_batch(token, emails, status, error)
 
+    def planned(self, token: str, emails: list[str]) -> None:
+        """A batch a dry run would send."""
+        self.batches["planned"] += 1
+        self.emails["planned"] += len(emails)
+        record = {"kind": "batch", "token": token, "emails": emails, "status": "planned"}
+        self._pending.append(orjson.dumps(record))
+
     def summary(self, fields: dict[str, Any]) -> None:
         """Write the one ``summary`` record, last, and close the file."""
         self._pending.append(orjson.dumps({"kind": "summary", **fields}))

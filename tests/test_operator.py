@@ -1,0 +1,206 @@
+"""Operator tools: dry run, progress, report summarize/failed, JSON-only stderr."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import pty
+import select
+import struct
+import subprocess
+import termios
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import (
+    API_KEY,
+    APP_KEY,
+    ROOT,
+    by_kind,
+    emulator_invited,
+    read_report,
+    worker_command,
+    worker_env,
+)
+
+SAMPLES = ROOT / "sample_inputs"
+KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
+
+
+def invite_worker(*args: str, **env: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(worker_command(*args), env=worker_env(**env), capture_output=True,
+                          cwd=ROOT, timeout=120, check=False)  # fmt: skip
+
+
+def stats(url: str) -> dict[str, object]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/_emulator/stats", timeout=10) as resp:  # noqa: S310
+        result: dict[str, object] = json.loads(resp.read())
+        return result
+
+
+def test_dry_run_plans_without_a_single_request(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """--dry-run: zero requests, planned batches and rejections in the report, a plan with
+    an estimate for --assume-limit (and --rate), exit 1 because rows were rejected."""
+    url = start_emulator()
+    report = tmp_path / "plan.jsonl"
+    done = invite_worker("run", str(SAMPLES / "invites.csv"), "--dry-run", "--api-url", url,
+                         "--report", str(report), "--batch-size", "2", "--assume-limit", "2/10",
+                         "--rate", "0.5")  # fmt: skip
+    assert done.returncode == 1, done.stderr.decode()
+    assert stats(url)["requests"] == 0
+    plan = done.stdout.decode()
+    assert "nothing was sent" in plan
+    assert "requests needed  4" in plan
+    assert "20.0 s at --rate 0.5/s and 2 requests per 10 s window" in plan
+    records = read_report(report)
+    planned = [b for b in by_kind(records, "batch") if b["status"] == "planned"]
+    assert sum(len(b["emails"]) for b in planned) == 7
+    assert len(by_kind(records, "rejected")) == 3
+    summary = records[-1]
+    assert summary["dry_run"] is True
+    assert summary["requests"] == 4
+    assert summary["tokens"] == 3
+    assert summary["estimated_seconds"] == 20.0
+
+
+def test_summarize_agrees_with_the_report_to_the_row(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """Across a run refused by its keys and its --resume, summarize counts each pair's
+    final state, and agrees with the records line by line."""
+    url = start_emulator()
+    source = tmp_path / "in.csv"
+    rows = [f"tok-{i % 3},u{i}@example.com" for i in range(50)]
+    rows += ["tok-1,who@outside.example", "tok-1,bad", "gone-x,g@example.com"]
+    source.write_text("token,email\n" + "\n".join(rows) + "\n")
+    report = tmp_path / "r.jsonl"
+    common = ("run", str(source), "--api-url", url, "--report", str(report), "--batch-size", "7")
+    refused = invite_worker(*common, DD_API_KEY="wrong-key-123456", DD_APP_KEY=APP_KEY)
+    assert refused.returncode == 3
+    resumed = invite_worker(*common, "--resume", **KEYS)
+    assert resumed.returncode == 1
+    totals = json.loads(invite_worker("report", "summarize", str(report), "--json").stdout)
+    assert (totals["sent"], totals["failed"], totals["rejected"]) == (50, 2, 1)
+    assert totals["runs"] == 2
+    assert totals["complete"] is True
+    records = read_report(report)
+    assert totals["requests"] == sum(r["requests"] for r in by_kind(records, "summary"))
+    assert records[-1]["job"] == {"emails_sent": 50, "emails_failed": 2, "rejected": 1,
+                                  "unknown": 0}  # fmt: skip
+    assert totals["failed_by_code"] == {"bad_request": 1, "token_not_found": 1}
+    assert totals["failed_by_token"] == {"tok-1": 1, "gone-x": 1}
+    assert totals["rejected_by_reason"] == {"invalid_email": 1}
+    human = invite_worker("report", "summarize", str(report)).stdout.decode()
+    assert "emails sent        50" in human
+    assert "(2 runs)" in human
+
+
+def test_failed_rows_come_back_as_a_csv_that_reruns_cleanly(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """report failed -> token,email CSV of what failed; once the cause is fixed it re-runs
+    with exit 0, and only those are sent again."""
+    url = start_emulator()
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\n" + "".join(f"tok,u{i}@example.com\n" for i in range(20)))
+    report = tmp_path / "r.jsonl"
+    refused = invite_worker("run", str(source), "--api-url", url, "--report", str(report),
+                            DD_API_KEY="wrong-key-123456", DD_APP_KEY=APP_KEY)  # fmt: skip
+    assert refused.returncode == 3
+    failed_csv = tmp_path / "failed.csv"
+    done = invite_worker("report", "failed", str(report), "--output", str(failed_csv))
+    assert done.returncode == 0
+    with failed_csv.open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["token", "email"]
+    assert len(rows) == 21
+    again = invite_worker("run", str(failed_csv), "--api-url", url, "--report",
+                          str(tmp_path / "again.jsonl"), **KEYS)  # fmt: skip
+    assert again.returncode == 0, again.stderr.decode()
+    assert set(emulator_invited(url).values()) == {1}
+    assert len(emulator_invited(url)) == 20
+
+
+def test_json_mode_stderr_is_only_json_events_with_progress(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """In JSON mode every stderr line is one object with event and level, progress events
+    included; usage errors too."""
+    url = start_emulator("--limit", "10", "--period", "1")
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\n" + "".join(f"tok-{i % 2},u{i}@example.com\n"
+                                                for i in range(300)))  # fmt: skip
+    done = invite_worker("run", str(source), "--api-url", url, "--report",
+                         str(tmp_path / "r.jsonl"), "--batch-size", "20",
+                         "--progress-every", "0.2", "--log-format", "json", **KEYS)  # fmt: skip
+    assert done.returncode == 0
+    events = [orjson.loads(line) for line in done.stderr.splitlines()]
+    assert all("event" in e and "level" in e for e in events)
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress
+    assert {
+        "rows",
+        "sent",
+        "failed",
+        "requests",
+        "ratelimit_waits",
+        "emails_per_second",
+        "eta_seconds",
+    } <= set(progress[-1])
+    for args in (["run", "missing.csv", "--sandbox"], ["run", "x.csv", "--batch-size", "x"]):
+        bad = invite_worker(*args, "--log-format", "json")
+        assert bad.returncode == 2
+        lines = [orjson.loads(line) for line in bad.stderr.splitlines()]
+        assert all("event" in e and "level" in e for e in lines)
+        assert lines[-1]["event"] == "cli.usage_error"
+
+
+@pytest.mark.timeout(60)
+def test_a_terminal_run_shows_a_progress_bar_redrawn_in_place(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """Through a pseudo-terminal: a bar with counts and rate, redrawn with carriage returns."""
+    url = start_emulator("--limit", "10", "--period", "1")
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\n" + "".join(f"tok,u{i}@example.com\n" for i in range(400)))
+    master, slave = pty.openpty()
+    # A terminal has a size: 24 rows by 160 columns.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+    proc = subprocess.Popen(
+        worker_command("run", str(source), "--api-url", url, "--report",
+                       str(tmp_path / "r.jsonl"), "--batch-size", "20"),
+        env=worker_env(TERM="xterm", COLUMNS="160", **KEYS), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=slave, cwd=ROOT,
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 50
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    assert proc.wait(timeout=10) == 0
+    assert b"invites:" in seen
+    assert b"email/s" in seen
+    assert b"requests" in seen
+    assert seen.count(b"\r") >= 3  # redrawn in place, not one line per update
+    assert b"400/400" in seen
