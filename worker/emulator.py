@@ -16,71 +16,27 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-INVITATION_PATH = "/api/v1/dashboard/public/{token}/invitation"
-RATELIMIT_NAME = "dashboard_public_invitation"
-OUTSIDE_DOMAIN = "outside.example"
-_INVITATION = re.compile(r"/api/v1/dashboard/public/[A-Za-z0-9_-]+/invitation")
-#: Faults that can be scripted with :meth:`Emulator.script`. ``*-after`` faults strike after
-#: the invitations were created; ``slow`` answers late but creates them all the same, as a
-#: server that does not notice its client hung up.
-FAULTS = ("503", "502-html", "429", "drop", "slow", "502-after", "drop-after")
+from worker.emulation import (
+    _INVITATION,
+    FAULTS,
+    INVITATION_PATH,
+    RATELIMIT_NAME,
+    Dashboard,
+    Faults,
+    Logged,
+    RequestLog,
+    invitation,
+)
 
-
-@dataclass
-class Faults:
-    """Random fault rates (0..1) applied to each invitation POST."""
-
-    #: 503 before anything is created.
-    error_rate: float = 0.0
-    #: Connection dropped before anything is created.
-    drop_rate: float = 0.0
-    #: Answer after ``slow_seconds`` (the invitations are created then, client or not).
-    slow_rate: float = 0.0
-    slow_seconds: float = 5.0
-    #: 502 after the invitations were created.
-    error_after_rate: float = 0.0
-    #: Connection dropped after the invitations were created.
-    drop_after_rate: float = 0.0
-    #: Refuse lists longer than this with a 400, as a service might for an oversized body.
-    max_batch: int | None = None
-
-
-@dataclass
-class Dashboard:
-    """A shared dashboard: its share list (``None``: the sandbox rule) and invitations."""
-
-    token: str
-    share_list: set[str] | None = None
-    invitations: list[tuple[str, float]] = field(default_factory=list)
-
-    def allows(self, email: str) -> bool:
-        if self.share_list is None:
-            return not email.lower().endswith("@" + OUTSIDE_DOMAIN)
-        return email.lower() in self.share_list
-
-
-@dataclass(frozen=True, slots=True)
-class Logged:
-    """One request as the emulator saw it."""
-
-    method: str
-    token: str
-    status: int
-    emails: int
-    list_form: bool
-    at: float
-    path: str = ""
+__all__ = ["FAULTS", "Dashboard", "Emulator", "Faults", "Logged"]
 
 
 class Emulator:
@@ -299,7 +255,7 @@ class Emulator:
         for email in emails:
             board.invitations.append((email, now))
             self.invited[(token, email.lower())] += 1
-            items.append(_invitation(token, email, now))
+            items.append(invitation(token, email, now))
         self._created.set()
         if fault == "502-after":
             return log(self._error(502, "Bad Gateway", headers, html=True))
@@ -324,7 +280,7 @@ class Emulator:
             return log(self._error(400, "page_size and page_number must be integers", headers))
         page = board.invitations[number * size : (number + 1) * size]
         body = {
-            "data": [_invitation(token, e, t) for e, t in page],
+            "data": [invitation(token, e, t) for e, t in page],
             "meta": {"page": {"total_count": len(board.invitations)}},
         }
         return log(self._json(200, body, headers))
@@ -413,50 +369,10 @@ class Emulator:
             emails.append(email)
         return emails, list_form
 
-    def _logger(self, request: web.Request, method: str, token: str) -> _Log:
-        return _Log(self.requests, method, token, self._clock, request.path)
+    def _logger(self, request: web.Request, method: str, token: str) -> RequestLog:
+        return RequestLog(self.requests, method, token, self._clock, request.path)
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         """Anything the real API would not serve here: 404, and remembered."""
         log = self._logger(request, request.method, "")
         return log(self._error(404, "Not found", {}))
-
-
-class _Log:
-    """Records a request's outcome when its response is returned."""
-
-    def __init__(
-        self,
-        into: list[Logged],
-        method: str,
-        token: str,
-        clock: Callable[[], float],
-        path: str,
-    ) -> None:
-        self.into, self.method, self.token, self.clock = into, method, token, clock
-        self.path = path
-        self.emails, self.list_form = 0, False
-
-    def __call__(self, response: web.StreamResponse) -> web.StreamResponse:
-        self.into.append(
-            Logged(
-                self.method, self.token, response.status, self.emails, self.list_form,
-                self.clock(), self.path,
-            )
-        )  # fmt: skip
-        return response
-
-
-def _invitation(token: str, email: str, created: float) -> dict[str, Any]:
-    at = datetime.fromtimestamp(created, UTC)
-    return {
-        "type": "public_dashboard_invitation",
-        "attributes": {
-            "email": email,
-            "share_token": token,
-            "created_at": at.isoformat(),
-            "invitation_expiry": (at + timedelta(hours=1)).isoformat(),
-            "has_session": False,
-            "session_expiry": None,
-        },
-    }

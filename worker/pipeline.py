@@ -25,7 +25,7 @@ from worker.journal import Journal, journal_path
 from worker.progress import Progress
 from worker.report import Report, iso
 from worker.resume import History, load_history, settle_unknowns
-from worker.send.client import InvitationClient
+from worker.send import client_for, pacer_for
 from worker.send.pacing import Pacer
 from worker.send.sender import Sender
 from worker.sources import Source
@@ -73,20 +73,8 @@ async def run(
         resume=config.resume,
     )
     try:
-        async with InvitationClient(
-            config.api_url,
-            config.api_key,
-            config.app_key,
-            timeout=config.timeout,
-            pool_size=config.concurrency + 1,
-        ) as client:
-            pacer = Pacer(
-                clock,
-                rate=config.rate,
-                jitter=config.ratelimit_jitter,
-                default_wait=config.ratelimit_default_wait,
-                rng=rng,
-            )
+        async with client_for(config) as client:
+            pacer = pacer_for(config, clock, rng)
             sender = Sender(client, pacer, report, journal, config, clock, rng, stop)
             if history is not None:
                 await settle_unknowns(history, sender.reconciler, report, journal, clock)

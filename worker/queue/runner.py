@@ -21,8 +21,7 @@ from worker.queue.options import StreamOptions
 from worker.queue.ratelimit import SharedBudget
 from worker.queue.stream import StreamQueue
 from worker.report import Report
-from worker.send.client import InvitationClient
-from worker.send.pacing import Pacer
+from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
 from worker.sources import Source
 from worker.validate import Validator
@@ -65,19 +64,9 @@ async def run_stream(
                  consumer=options.consumer, until_empty=options.until_empty,
                  report=str(config.report_path))  # fmt: skip
         index: dict[tuple[str, str], str] = {}
-        async with InvitationClient(
-            config.api_url, config.api_key, config.app_key, timeout=config.timeout,
-            pool_size=config.concurrency + 1,
-        ) as client:  # fmt: skip
+        async with client_for(config) as client:
             shared = SharedBudget(redis, urlsplit(config.api_url).netloc)
-            pacer = Pacer(
-                clock,
-                rate=config.rate,
-                jitter=config.ratelimit_jitter,
-                default_wait=config.ratelimit_default_wait,
-                rng=rng,
-                shared=shared,
-            )
+            pacer = pacer_for(config, clock, rng, shared)
             sender = Sender(client, pacer, report, RedisIntents(queue, index), config, clock,
                             rng, stop)  # fmt: skip
             consumer = Consumer(config, options, queue, report, sender, index, clock, stop)

@@ -1,0 +1,215 @@
+"""What each ``invite-worker`` command does once its arguments are parsed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from worker import logs
+from worker.cli.parser import SANDBOX_KEY, json_stderr, say
+from worker.config import Config, api_url_for_site
+from worker.errors import UsageError
+from worker.pipeline import EXIT_ABORTED, EXIT_INCOMPLETE, run
+from worker.queue.options import StreamOptions, is_redis_url
+from worker.sources import open_source
+
+
+def config_from(args: argparse.Namespace, api_url: str, api_key: str, app_key: str) -> Config:
+    return Config(
+        api_url=api_url,
+        api_key=api_key,
+        app_key=app_key,
+        report_path=args.report,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        max_attempts=args.max_attempts,
+        timeout=args.timeout,
+        resume=args.resume,
+        grace=args.grace,
+        reconcile_delay=args.reconcile_delay,
+        durable_journal=args.fsync,
+        progress=_progress_mode(args),
+        progress_every=args.progress_every,
+    )
+
+
+def _progress_mode(args: argparse.Namespace) -> str:
+    """A bar for a person at a terminal; progress events for everything else."""
+    if logs.resolve_format(args.log_format, sys.stderr) == "console" and sys.stderr.isatty():
+        return "bar"
+    return "events"
+
+
+def read_key(name: str, path: Path | None, file_variable: str, variable: str) -> str:
+    """A key from ``--*-key-file``, else the file named by ``*_FILE``, else the variable.
+
+    Files are how Kubernetes and Docker secrets arrive; a trailing newline is dropped.
+    Errors name the file, never its content.
+    """
+    source = path or (Path(os.environ[file_variable]) if os.environ.get(file_variable) else None)
+    if source is None:
+        return os.environ.get(variable, "").strip()
+    try:
+        return source.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the {name} file {str(source)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the {name} file {str(source)!r} is not UTF-8 text") from None
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT: stop gracefully. Second: leave at once (the journal stays valid)."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            say("run.exiting_now", "second signal, exiting now; run again with --resume to "
+                "finish", json_lines=json_stderr(sys.argv[1:]))  # fmt: skip
+            os._exit(EXIT_ABORTED)
+        name = signal.Signals(signum).name
+        structlog.get_logger("worker.cli").warning("run.signal", signal=name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def run_command(args: argparse.Namespace) -> int:
+    if args.sandbox:
+        if args.api_url:
+            raise UsageError("--sandbox runs against the built-in emulator; drop --api-url")
+        from worker.emulator import Emulator  # the server side loads only when needed
+
+        logs.configure(args.log_format)
+        async with Emulator() as emulator:
+            config = config_from(args, emulator.url, SANDBOX_KEY, SANDBOX_KEY)
+            structlog.get_logger("worker.cli").info("sandbox.started", url=emulator.url)
+            code = await _execute(args, config)
+            structlog.get_logger("worker.cli").info("sandbox.stats", **emulator.stats())
+            return code
+    api_key = read_key("API key", args.api_key_file, "DD_API_KEY_FILE", "DD_API_KEY")
+    app_key = read_key("application key", args.app_key_file, "DD_APP_KEY_FILE", "DD_APP_KEY")
+    logs.configure(args.log_format, secrets=(api_key, app_key))
+    api_url = args.api_url or api_url_for_site(args.site)
+    if args.dry_run:  # no request is made, so no key is needed
+        api_key, app_key = api_key or "unused-in-a-dry-run", app_key or "unused-in-a-dry-run"
+    config = config_from(args, api_url, api_key, app_key)
+    return await _execute(args, config)
+
+
+async def _execute(args: argparse.Namespace, config: Config) -> int:
+    """Run from a file or, for a redis:// SOURCE, from a stream."""
+    stop = asyncio.Event()
+    if is_redis_url(args.source):
+        from worker.queue.runner import run_stream
+
+        options = StreamOptions(
+            url=args.source, stream=args.stream or "", group=args.group,
+            consumer=args.consumer, linger=args.linger, dead_letter=args.dead_letter,
+            claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
+            until_empty=args.until_empty,
+        )  # fmt: skip
+        _install_stop(stop)
+        return (await run_stream(config, options, stop=stop)).exit_code
+    if args.dry_run:
+        from worker.plan import dry_run, parse_limit
+
+        assume = parse_limit(args.assume_limit) if args.assume_limit else None
+        return (await dry_run(config, open_source(args.source, args.format),
+                              assume_limit=assume)).exit_code  # fmt: skip
+    if args.assume_limit:
+        raise UsageError("--assume-limit only shapes a --dry-run estimate")
+    source = open_source(args.source, args.format)
+    _install_stop(stop)
+    return (await run(config, source, stop=stop)).exit_code
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from worker.review import Review, print_summary, write_failed
+
+    if args.report_command == "summarize":
+        totals = Review.read(args.report).summary()
+        if args.json:
+            print(json.dumps(totals))
+        else:
+            print_summary(args.report, totals, sys.stdout)
+        return 0
+    if args.output is None:
+        write_failed(args.report, sys.stdout)
+        return 0
+    try:
+        with args.output.open("w", newline="", encoding="utf-8") as out:
+            count = write_failed(args.report, out)
+    except OSError as exc:
+        raise UsageError(f"cannot write {str(args.output)!r}: {exc.strerror}") from None
+    print(f"{count} failed email(s) written to {args.output}", file=sys.stderr)
+    return 0
+
+
+async def enqueue_command(args: argparse.Namespace) -> int:
+    from worker.queue.runner import enqueue
+
+    logs.configure(args.log_format)
+    if not is_redis_url(args.url):
+        raise UsageError(f"not a Redis URL: {args.url!r} (use redis://HOST:PORT/DB)")
+    source = open_source(args.file, args.format)
+    where = StreamOptions(url=args.url, stream=args.stream).where
+    summary = await enqueue(source, args.url, args.stream, where)
+    print(json.dumps(summary))
+    return EXIT_INCOMPLETE if summary["rejected"] else 0
+
+
+async def emulator_command(args: argparse.Namespace) -> int:
+    from worker.emulator import Emulator, Faults
+
+    logs.configure(args.log_format)
+    log = structlog.get_logger("worker.emulator")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    if not args.period > 0:
+        raise UsageError("--period must be a positive number of seconds")
+    faults = Faults(
+        error_rate=args.error_rate,
+        drop_rate=args.drop_rate,
+        slow_rate=args.slow_rate,
+        slow_seconds=args.slow_seconds,
+        error_after_rate=args.error_after_rate,
+        drop_after_rate=args.drop_after_rate,
+        max_batch=args.max_batch,
+    )
+    rates = (args.error_rate, args.drop_rate, args.slow_rate, args.error_after_rate,
+             args.drop_after_rate)  # fmt: skip
+    if any(not 0 <= r <= 1 for r in rates) or sum(rates) > 1:
+        raise UsageError("fault rates must be between 0 and 1 and add up to at most 1")
+    emulator = Emulator(
+        api_key=args.api_key,
+        app_key=args.app_key,
+        limit=args.limit,
+        period=args.period,
+        faults=faults,
+        seed=args.seed,
+    )
+    try:
+        await emulator.start(args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    log.info("emulator.listening", url=emulator.url, limit=args.limit, period=args.period)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await emulator.stop()
+        log.info("emulator.stopped", **emulator.stats())
+    return 0

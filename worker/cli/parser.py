@@ -1,0 +1,243 @@
+"""The ``invite-worker`` argument parser, and messages that respect the log format."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn
+
+from worker.config import DEFAULT_SITE
+from worker.pipeline import EXIT_USAGE
+
+SANDBOX_KEY = "sandbox"
+
+
+def json_stderr(argv: Sequence[str]) -> bool:
+    """Whether stderr carries JSON lines for this command line (``--log-format``, or auto)."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg == "--log-format" and i + 1 < len(args):
+            return args[i + 1] == "json" or (args[i + 1] == "auto" and not sys.stderr.isatty())
+        if arg.startswith("--log-format="):
+            value = arg.split("=", 1)[1]
+            return value == "json" or (value == "auto" and not sys.stderr.isatty())
+    return bool(args) and args[0] in ("run", "enqueue", "emulator") and not sys.stderr.isatty()
+
+
+def say(event: str, message: str, *, json_lines: bool, level: str = "error") -> None:
+    """One message on stderr: a JSON line in JSON mode, plain text otherwise."""
+    if json_lines:
+        line = {"event": event, "level": level, "message": message,
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}  # fmt: skip
+        print(json.dumps(line), file=sys.stderr)
+    else:
+        print(f"invite-worker: {message}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are JSON lines when stderr is in JSON mode."""
+
+    def error(self, message: str) -> NoReturn:
+        if json_stderr(sys.argv[1:]):
+            say("cli.usage_error", f"{self.prog}: {message}", json_lines=True)
+            raise SystemExit(EXIT_USAGE)
+        super().error(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the README's option table and tests)."""
+    parser = _Parser(
+        prog="invite-worker",
+        description="Send Datadog shared-dashboard invitations in bulk.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="send the invitations listed in a CSV or JSONL file")
+    r.add_argument("source", metavar="SOURCE", help="a .csv or .jsonl path, or - for stdin")
+    r.add_argument("--format", choices=("csv", "jsonl"), help="override the input format")
+    r.add_argument(
+        "--report",
+        type=Path,
+        default=Path("invite-report.jsonl"),
+        help="the JSONL report (default: invite-report.jsonl)",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing report instead of refusing to start",
+    )
+    r.add_argument(
+        "--site",
+        default=os.environ.get("DD_SITE") or DEFAULT_SITE,
+        help="Datadog site (env DD_SITE, default datadoghq.com)",
+    )
+    r.add_argument(
+        "--api-url",
+        default=os.environ.get("DD_API_URL") or None,
+        help="base URL override (env DD_API_URL): a proxy or an emulator",
+    )
+    r.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="read the API key from this file (also env DD_API_KEY_FILE; else DD_API_KEY)",
+    )
+    r.add_argument(
+        "--app-key-file",
+        type=Path,
+        help="read the application key from this file (env DD_APP_KEY_FILE; else DD_APP_KEY)",
+    )
+    r.add_argument("--batch-size", type=int, default=100, help="emails per request (100)")
+    r.add_argument("--concurrency", type=int, default=4, help="requests in flight (4)")
+    r.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="cap in requests per second (default: only the server's limits)",
+    )
+    r.add_argument(
+        "--max-attempts", type=int, default=5, help="attempts per batch for retryable failures (5)"
+    )
+    r.add_argument(
+        "--timeout", type=float, default=30.0, help="per-request timeout in seconds (30)"
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run recorded in --report: skip what was sent, check unknown "
+        "outcomes, send the rest",
+    )
+    r.add_argument(
+        "--fsync",
+        action="store_true",
+        help="fdatasync each journal intent before its request: survive power loss too, "
+        "at one sync per request",
+    )
+    r.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish (20)",
+    )
+    r.add_argument(
+        "--reconcile-delay",
+        type=float,
+        default=5.0,
+        help="after an unknown outcome, seconds to wait before listing what the service "
+        "created (5)",
+    )
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read, validate and batch everything, send nothing, print the plan",
+    )
+    r.add_argument(
+        "--assume-limit",
+        metavar="L/P",
+        help="for the dry run's estimate: L requests per P-second window, e.g. 25/1",
+    )
+    r.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        help="seconds between progress events when no progress bar is shown (10)",
+    )
+    r.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="run against the built-in emulator; no keys needed, nothing is emailed",
+    )
+    r.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="auto: console on a terminal, JSON lines otherwise",
+    )
+
+    q = r.add_argument_group("stream mode (SOURCE is redis://HOST:PORT/DB)")
+    q.add_argument("--stream", help="the stream to read")
+    q.add_argument("--group", default="invite-worker", help="consumer group (invite-worker)")
+    q.add_argument("--consumer", default="", help="consumer name (default: host-pid)")
+    q.add_argument(
+        "--linger",
+        type=float,
+        default=2.0,
+        help="send a partial batch once it has waited this long (2)",
+    )
+    q.add_argument(
+        "--dead-letter", default="", help="stream for messages that failed for good (<stream>:dead)"
+    )
+    q.add_argument(
+        "--claim-idle",
+        type=float,
+        default=60.0,
+        help="claim other consumers' messages idle this long, in seconds (60)",
+    )
+    q.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=5,
+        help="dead-letter a message delivered more often than this (5)",
+    )
+    q.add_argument(
+        "--until-empty",
+        action="store_true",
+        help="exit once the group has no new and no pending messages",
+    )
+
+    n = sub.add_parser("enqueue", help="load a CSV or JSONL file into a Redis Stream")
+    n.add_argument("file", metavar="FILE", help="a .csv or .jsonl path, or - for stdin")
+    n.add_argument("url", metavar="URL", help="redis://HOST:PORT/DB")
+    n.add_argument("--stream", required=True, help="the stream to add to")
+    n.add_argument("--format", choices=("csv", "jsonl"), help="override the input format")
+    n.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+
+    rp = sub.add_parser("report", help="read a report: summarize it, or list what failed")
+    rsub = rp.add_subparsers(dest="report_command", required=True, metavar="ACTION")
+    rs = rsub.add_parser("summarize", help="totals, failures by code and token, rejections")
+    rs.add_argument("report", metavar="REPORT", type=Path)
+    rs.add_argument("--json", action="store_true", help="print one JSON object")
+    rf = rsub.add_parser("failed", help="CSV (token,email) of every email that failed")
+    rf.add_argument("report", metavar="REPORT", type=Path)
+    rf.add_argument("--output", type=Path, help="write the CSV here (default: stdout)")
+
+    e = sub.add_parser("emulator", help="serve the Datadog API emulator for rehearsals")
+    e.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    e.add_argument("--port", type=int, default=8126, help="port to listen on (8126)")
+    e.add_argument("--limit", type=int, default=None, help="requests allowed per window")
+    e.add_argument("--period", type=float, default=10.0, help="window length in seconds (10)")
+    e.add_argument("--api-key", default=SANDBOX_KEY, help="expected DD-API-KEY (sandbox)")
+    e.add_argument("--app-key", default=SANDBOX_KEY, help="expected DD-APPLICATION-KEY (sandbox)")
+    e.add_argument("--error-rate", type=float, default=0.0, help="share of POSTs given a 503")
+    e.add_argument(
+        "--drop-rate", type=float, default=0.0, help="share of POSTs whose connection is dropped"
+    )
+    e.add_argument(
+        "--slow-rate",
+        type=float,
+        default=0.0,
+        help="share of POSTs answered only after --slow-seconds",
+    )
+    e.add_argument("--slow-seconds", type=float, default=5.0, help="delay of a slow answer")
+    e.add_argument(
+        "--error-after-rate",
+        type=float,
+        default=0.0,
+        help="share of POSTs answered 502 after the invitations were created",
+    )
+    e.add_argument(
+        "--drop-after-rate",
+        type=float,
+        default=0.0,
+        help="share of POSTs whose connection drops after the invitations were created",
+    )
+    e.add_argument(
+        "--max-batch", type=int, default=None, help="answer 400 to lists longer than this"
+    )
+    e.add_argument("--seed", type=int, default=None, help="seed for the random faults")
+    e.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    return parser
