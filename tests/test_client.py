@@ -111,7 +111,7 @@ async def test_the_emulator_checks_both_keys(emulator: Emulator) -> None:
 
 def test_urls_are_built_only_from_plain_tokens() -> None:
     """The client itself refuses to put anything but a plain token in the path."""
-    c = client("https://api.datadoghq.com")
+    c = client("http://127.0.0.1:9")  # never contacted: only URLs are built
     assert c.invitation_url("ab-c_9").endswith("/api/v1/dashboard/public/ab-c_9/invitation")
     for bad in ("../x", "a/b", "a?b=1", "a%2Fb", ""):
         with pytest.raises(ValueError, match="invalid token"):
