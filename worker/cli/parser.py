@@ -57,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="send the invitations listed in a CSV or JSONL file")
-    r.add_argument("source", metavar="SOURCE", help="a .csv or .jsonl path, or - for stdin")
+    r = sub.add_parser(
+        "run",
+        help="send the invitations listed in a CSV or JSONL file, or queued in a Redis Stream",
+    )
+    r.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a .csv or .jsonl path, - for stdin, or redis://HOST:PORT/DB (with --stream)",
+    )
     r.add_argument("--format", choices=("csv", "jsonl"), help="override the input format")
     r.add_argument(
         "--report",
@@ -190,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     n = sub.add_parser("enqueue", help="load a CSV or JSONL file into a Redis Stream")
-    n.add_argument("file", metavar="FILE", help="a .csv or .jsonl path, or - for stdin")
+    n.add_argument(
+        "file",
+        metavar="FILE",
+        help="a .csv or .jsonl path, - for stdin, or redis://HOST:PORT/DB (with --stream)",
+    )
     n.add_argument("url", metavar="URL", help="redis://HOST:PORT/DB")
     n.add_argument("--stream", required=True, help="the stream to add to")
     n.add_argument("--format", choices=("csv", "jsonl"), help="override the input format")
