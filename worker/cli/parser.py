@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument(
         "file",
         metavar="FILE",
-        help="a .csv or .jsonl path, - for stdin, or redis://HOST:PORT/DB (with --stream)",
+        help="a .csv or .jsonl path, or - for stdin",
     )
     n.add_argument("url", metavar="URL", help="redis://HOST:PORT/DB")
     n.add_argument("--stream", required=True, help="the stream to add to")
