@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -243,3 +244,18 @@ async def test_stop_leaves_unsent_batches_for_resume(
     again = await run(make_config(batch_size=10, resume=True), csv_source(rows_csv(pairs)))
     assert again.exit_code == 0
     assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
+
+
+async def test_resume_after_a_dry_run_sends_everything_once(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A dry run's planned batches are not outcomes: --resume on its report sends them all."""
+    from worker.plan import dry_run
+
+    pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(12)] + [(TOKEN_A, "not-an-email")]
+    await dry_run(make_config(batch_size=5), csv_source(rows_csv(pairs)), out=io.StringIO())
+    assert emulator.requests == []
+    result = await run(make_config(batch_size=5, resume=True), csv_source(rows_csv(pairs)))
+    assert result.summary["job"] == {"emails_sent": 12, "emails_failed": 0, "rejected": 1,
+                                     "unknown": 0}  # fmt: skip
+    assert emulator.invited == Counter(dict.fromkeys(pairs[:12], 1))

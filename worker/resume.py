@@ -61,6 +61,8 @@ class History:
         self, token: str, emails: list[str], status: str, error: dict[str, str] | None
     ) -> None:
         """Track a batch record as it is written, so totals cover the whole job."""
+        if status == "planned":  # a dry run's plan is not an outcome
+            return
         for email in emails:
             key = pair_key(token, email)
             if status == "sent":
