@@ -257,7 +257,8 @@ async def test_resume_after_a_dry_run_sends_everything_once(
     await dry_run(config, csv_source(rows_csv(pairs)), out=io.StringIO())
     assert emulator.requests == []
     planned = load_history(config.report_path, journal_path(config.report_path))
-    assert planned.failed == {} and planned.sent == set()  # nothing happened yet
+    assert planned.failed == {}
+    assert planned.sent == set()
     result = await run(make_config(batch_size=5, resume=True), csv_source(rows_csv(pairs)))
     assert result.summary["job"] == {"emails_sent": 12, "emails_failed": 0, "rejected": 1,
                                      "unknown": 0}  # fmt: skip
