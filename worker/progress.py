@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from tqdm import tqdm
 
 from worker import logs
 
@@ -35,7 +34,7 @@ class Progress:
         self._snapshot = snapshot
         self.mode = mode
         self._every = BAR_REFRESH if mode == "bar" else max(every, 0.05)
-        self._bar: tqdm[Any] | None = None
+        self._bar: Any = None  # a tqdm bar, in bar mode
         self._task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
 
@@ -44,6 +43,8 @@ class Progress:
         if self.mode == "off":
             return
         if self.mode == "bar":
+            from tqdm import tqdm  # only a terminal run pays for the import
+
             # Some terminals (and bare pseudo-terminals) report a width of 0: then tqdm
             # would draw nothing, so fall back to a fixed width.
             try:
