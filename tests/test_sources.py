@@ -7,7 +7,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import collect, csv_source, jsonl_source
@@ -173,6 +173,8 @@ def reference_lines(data: bytes, limit: int) -> list[bytes | None]:
     return out
 
 
+@example(data=b"\xef\xbb\xbfa\r\nb", block=1, limit=1)  # a BOM split over reads
+@example(data=b"\xef\xbb\xbf", block=1, limit=1)
 @given(
     data=st.lists(
         st.one_of(st.binary(max_size=12), st.sampled_from([b"\n", b"\r\n", b"\r", b"x" * 20])),
@@ -181,6 +183,7 @@ def reference_lines(data: bytes, limit: int) -> list[bytes | None]:
     block=st.integers(1, 9),
     limit=st.integers(1, 15),
 )
+@settings(max_examples=300)
 def test_line_reader_matches_a_naive_split(data: bytes, block: int, limit: int) -> None:
     """Property: any bytes, any block size: the same lines as a plain split, over-long -> None."""
     with (

@@ -46,11 +46,17 @@ class LineReader:
                 if self._tail:
                     return self._count(self._clean([self._tail]))
                 return None
+            data = self._tail + block
             if not self._started:
+                # A pipe may hand the byte-order mark over a byte at a time: decide only
+                # once three bytes are in (or they can no longer be one).
+                if len(data) < len(BOM) and BOM.startswith(data):
+                    self._tail = data
+                    continue
                 self._started = True
-                if block.startswith(BOM):
-                    block = block[len(BOM) :]
-            lines: list[bytes | None] = (self._tail + block).split(b"\n")  # type: ignore[assignment]
+                if data.startswith(BOM):
+                    data = data[len(BOM) :]
+            lines: list[bytes | None] = data.split(b"\n")  # type: ignore[assignment]
             tail = lines.pop()
             assert tail is not None
             self._tail = tail
