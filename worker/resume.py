@@ -26,7 +26,7 @@ from worker.clock import Clock
 from worker.errors import SendError
 from worker.journal import Intent, Journal, read_journal
 from worker.report import Report
-from worker.send.reconcile import Reconciler
+from worker.send.reconcile import Reconciler, record_created
 from worker.validate import pair_key
 
 log = structlog.get_logger("worker.resume")
@@ -134,15 +134,8 @@ async def settle_unknowns(
                       error=exc.message)  # fmt: skip
             history.blocked.update(pair_key(intent.token, e) for e in intent.emails)
             continue
-        created = [e for e in intent.emails if e.lower() in found]
-        if created:
-            report.batch(
-                token=intent.token, emails=created, status="sent", http_status=None,
-                attempts=0, error=None, started_at=intent.at, finished_at=clock.time(),
-                invitations=[{k: found[e.lower()].get(k) for k in
-                              ("email", "created_at", "invitation_expiry")} for e in created],
-                reconciled=True,
-            )  # fmt: skip
+        created = record_created(report, intent.token, intent.emails, found,
+                                 started_at=intent.at, finished_at=clock.time())  # fmt: skip
         log.info("resume.reconciled", token=intent.token, created=len(created),
                  not_created=len(intent.emails) - len(created))  # fmt: skip
         journal.clear(intent.id)

@@ -24,6 +24,7 @@ from worker.errors import SendError
 from worker.queue.options import StreamOptions
 from worker.queue.stream import Message, StreamQueue
 from worker.report import Report, iso
+from worker.send.reconcile import record_created
 from worker.send.sender import Sender
 from worker.validate import Validator
 
@@ -253,20 +254,13 @@ class Consumer:
         except SendError as exc:
             log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
             return []  # left pending; claimed again later
-        created = [(mid, email) for mid, email, _ in items if email.lower() in found]
-        for mid, email in created:
-            self.validator.seen.add(token, email)
-            self.index[(token, email.lower())] = mid
-        if created:
-            self.report.batch(
-                token=token, emails=[e for _, e in created], status="sent", http_status=None,
-                attempts=0, error=None, started_at=since, finished_at=self.clock.time(),
-                invitations=[_compact(found[e.lower()]) for _, e in created], reconciled=True,
-            )  # fmt: skip
+        for mid, email, _ in items:
+            if email.lower() in found:
+                # Registered before the record is written: writing it acknowledges them.
+                self.validator.seen.add(token, email)
+                self.index[(token, email.lower())] = mid
+        created = record_created(self.report, token, emails, found, started_at=since,
+                                 finished_at=self.clock.time())  # fmt: skip
         log.info("queue.reconciled", token=token, created=len(created),
                  not_created=len(items) - len(created))  # fmt: skip
         return [(mid, token, email) for mid, email, _ in items if email.lower() not in found]
-
-
-def _compact(invitation: dict[str, Any]) -> dict[str, Any]:
-    return {k: invitation.get(k) for k in ("email", "created_at", "invitation_expiry")}

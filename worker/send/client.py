@@ -250,6 +250,10 @@ def error_message(raw: bytes) -> str:
     return text[:MAX_MESSAGE_CHARS]
 
 
+#: What the report keeps of each invitation the service returns.
+INVITATION_FIELDS = ("email", "created_at", "invitation_expiry")
+
+
 def _invitations(raw: bytes) -> list[dict[str, Any]]:
     """The created invitations of a 2xx body; ``data`` may be one object or a list."""
     try:

@@ -19,7 +19,8 @@ import structlog
 
 from worker.clock import Clock
 from worker.errors import RateLimited, RetryableError, SendError, TokenNotFound
-from worker.send.client import InvitationClient
+from worker.report import Report
+from worker.send.client import INVITATION_FIELDS, InvitationClient
 from worker.send.pacing import Pacer, backoff_delay
 
 log = structlog.get_logger("worker.reconcile")
@@ -45,6 +46,33 @@ def created_epoch(invitation: dict[str, Any]) -> float | None:
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
         return None
+
+
+def record_created(
+    report: Report,
+    token: str,
+    emails: list[str],
+    found: dict[str, dict[str, Any]],
+    *,
+    started_at: float,
+    finished_at: float,
+    attempts: int = 0,
+    http_status: int | None = None,
+) -> list[str]:
+    """Record the ``emails`` a listing ``found`` as one ``sent`` batch marked ``reconciled``.
+
+    Returns them (in input order); the caller sends the others again.
+    """
+    created = [e for e in emails if e.lower() in found]
+    if created:
+        report.batch(
+            token=token, emails=created, status="sent", http_status=http_status,
+            attempts=attempts, error=None, started_at=started_at, finished_at=finished_at,
+            invitations=[{k: found[e.lower()].get(k) for k in INVITATION_FIELDS}
+                         for e in created],
+            reconciled=True,
+        )  # fmt: skip
+    return created
 
 
 class Reconciler:

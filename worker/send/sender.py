@@ -26,7 +26,7 @@ from worker.journal import IntentLog
 from worker.report import Report
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer, backoff_delay
-from worker.send.reconcile import Reconciler
+from worker.send.reconcile import Reconciler, record_created
 
 log = structlog.get_logger("worker.sender")
 
@@ -251,15 +251,12 @@ class Sender:
         except SendError as exc:
             log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
             return None
-        created = [e for e in emails if e.lower() in found]
+        created = record_created(
+            self._report, token, emails, found, started_at=sent_at,
+            finished_at=self._clock.time(), attempts=attempts, http_status=error.http_status,
+        )  # fmt: skip
         if created:
             self.stats.reconciled_sent += len(created)
-            now = self._clock.time()
-            self._report.batch(
-                token=token, emails=created, status="sent", http_status=error.http_status,
-                attempts=attempts, error=None, started_at=sent_at, finished_at=now,
-                invitations=[_compact(found[e.lower()]) for e in created], reconciled=True,
-            )  # fmt: skip
             log.info(
                 "batch.reconciled",
                 token=token,
@@ -343,7 +340,3 @@ class Sender:
             code=error["code"] if error else None,
             ms=round((finished - started) * 1000, 1),
         )
-
-
-def _compact(invitation: dict[str, Any]) -> dict[str, Any]:
-    return {k: invitation.get(k) for k in ("email", "created_at", "invitation_expiry")}
