@@ -24,7 +24,7 @@ from typing import Protocol
 
 import orjson
 
-from worker.report import open_private_append
+from worker.report import open_private_append, write_all
 
 
 def journal_path(report_path: Path) -> Path:
@@ -66,15 +66,12 @@ class Journal:
         self._written = 0
         self._synced = 0
         self._syncing: asyncio.Future[None] | None = None
-        #: Intents written by this process and not cleared yet.
-        self.open_intents: set[str] = set()
 
     async def intent(self, token: str, emails: list[str], at: float) -> str:
         """Record that ``emails`` are about to be sent to ``token``; returns the intent id."""
         self._seq += 1
         ident = f"{self._run}-{self._seq}"
         self._write({"i": ident, "token": token, "emails": emails, "at": at})
-        self.open_intents.add(ident)
         if self._durable:
             await self._sync(self._written)
         return ident
@@ -82,13 +79,9 @@ class Journal:
     def clear(self, ident: str) -> None:
         """Mark an intent resolved (no sync needed: losing a clear only costs a re-check)."""
         self._write({"c": ident})
-        self.open_intents.discard(ident)
 
     def _write(self, record: dict[str, object]) -> None:
-        data = orjson.dumps(record) + b"\n"
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        write_all(self._fd, orjson.dumps(record) + b"\n")
         self._written += 1
 
     async def _sync(self, target: int) -> None:

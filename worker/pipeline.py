@@ -79,7 +79,7 @@ async def run(
             if history is not None:
                 await settle_unknowns(history, sender.reconciler, report, journal, clock)
             settled_first = report.emails["sent"] + report.emails["failed"]
-            counts = {"rows": 0, "valid": 0, "skipped": 0, "tokens": 0, "read_all": 0}
+            counts = new_counts()
 
             def snapshot() -> dict[str, int]:
                 return {"rows": counts["rows"], "valid": counts["valid"],
@@ -170,6 +170,11 @@ async def _pump(
         for task in (producer, *drains):
             task.cancel()
         await asyncio.gather(producer, *drains, return_exceptions=True)
+
+
+def new_counts() -> dict[str, int]:
+    """The counters :func:`read_batches` keeps up to date."""
+    return {"rows": 0, "valid": 0, "skipped": 0, "tokens": 0, "read_all": 0}
 
 
 async def read_batches(

@@ -10,7 +10,7 @@ import structlog
 
 from worker.config import Config
 from worker.errors import UsageError
-from worker.pipeline import EXIT_INCOMPLETE, EXIT_OK, RunResult, read_batches
+from worker.pipeline import EXIT_INCOMPLETE, EXIT_OK, RunResult, new_counts, read_batches
 from worker.report import Report
 from worker.sources import Source
 
@@ -49,7 +49,7 @@ async def dry_run(
 ) -> RunResult:  # fmt: skip
     """Plan the run: ``planned`` batches and rejected rows to the report, the plan to ``out``."""
     report = Report(config.report_path, overwrite=config.overwrite)
-    counts = {"rows": 0, "valid": 0, "skipped": 0, "tokens": 0, "read_all": 0}
+    counts = new_counts()
     requests = 0
     try:
         async for batch in read_batches(config, source, report, counts):

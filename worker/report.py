@@ -40,6 +40,13 @@ def iso(ts: float) -> str:
     return f"{_second[1]}.{micros // 1000:03d}+00:00"
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte (``os.write`` may write fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def open_private_append(path: Path, *, truncate: bool = False) -> int:
     """Open ``path`` for appending, owner-only (0600), starting on a fresh line.
 
@@ -172,10 +179,7 @@ class Report:
         if self._pending:
             data = b"\n".join(self._pending) + b"\n"
             self._pending.clear()
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            write_all(self._fd, data)
 
     def close(self) -> None:
         """Flush and close (idempotent)."""
