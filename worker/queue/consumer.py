@@ -182,7 +182,9 @@ class Consumer:
 
     async def _take(self, messages: list[Message], *, reclaimed: bool) -> None:
         """Validate, reconcile (for reclaimed messages) and batch a set of messages."""
-        in_flight = set(self.index.values())
+        # Only a claimed message can be one of ours still in flight (claimed back because it
+        # was slow); new messages cannot, so skip building the set for them.
+        in_flight = set(self.index.values()) if reclaimed else set()
         fresh: list[tuple[str, str, str]] = []
         for mid, fields in messages:
             if mid in in_flight:
