@@ -100,7 +100,6 @@ class Reconciler:
         self._cache: dict[str, _Listing] = {}
         #: GET requests made (for the summary).
         self.requests = 0
-        self.listings = 0
 
     async def created_since(
         self, token: str, emails: list[str], since: float, not_before: float
@@ -127,7 +126,6 @@ class Reconciler:
 
     async def _list(self, token: str) -> _Listing:
         listing = _Listing(started=self._clock.time())
-        self.listings += 1
         seen = 0
         for page in range(MAX_PAGES):
             result = await self._page(token, page)
