@@ -23,7 +23,7 @@ from tests.conftest import (
     read_report,
 )
 from worker.config import Config
-from worker.emulator import Emulator
+from worker.emulator import Emulator, Faults
 from worker.errors import UsageError
 from worker.pipeline import run
 
@@ -326,3 +326,14 @@ def test_config_is_validated_and_hides_keys() -> None:
     assert Config(**{**good, "api_url": "https://proxy.internal/"}).api_url == (
         "https://proxy.internal"
     )
+
+
+def test_emulator_settings_are_checked_when_built() -> None:
+    """Fault rates outside 0..1 (or summing past 1), a zero period or limit are refused."""
+    for faults in ({"error_rate": 1.5}, {"error_rate": 0.7, "drop_after_rate": 0.5}):
+        with pytest.raises(UsageError, match="fault rates"):
+            Faults(**faults)
+    with pytest.raises(UsageError, match="--period"):
+        Emulator(period=0)
+    with pytest.raises(UsageError, match="--limit"):
+        Emulator(limit=0)

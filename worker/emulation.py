@@ -10,6 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
+from worker.errors import UsageError
+
 INVITATION_PATH = "/api/v1/dashboard/public/{token}/invitation"
 RATELIMIT_NAME = "dashboard_public_invitation"
 OUTSIDE_DOMAIN = "outside.example"
@@ -37,6 +39,12 @@ class Faults:
     drop_after_rate: float = 0.0
     #: Refuse lists longer than this with a 400, as a service might for an oversized body.
     max_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        rates = (self.error_rate, self.drop_rate, self.slow_rate, self.error_after_rate,
+                 self.drop_after_rate)  # fmt: skip
+        if any(not 0 <= r <= 1 for r in rates) or sum(rates) > 1:
+            raise UsageError("fault rates must be between 0 and 1 and add up to at most 1")
 
 
 @dataclass

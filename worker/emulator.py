@@ -35,6 +35,7 @@ from worker.emulation import (
     RequestLog,
     invitation,
 )
+from worker.errors import UsageError
 
 __all__ = ["FAULTS", "Dashboard", "Emulator", "Faults", "Logged"]
 
@@ -54,6 +55,10 @@ class Emulator:
         seed: int | None = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if limit is not None and limit < 1:
+            raise UsageError("--limit must be at least 1")
+        if not period > 0:
+            raise UsageError("--period must be a positive number of seconds")
         self.api_key, self.app_key = api_key, app_key
         self.limit, self.period = limit, period
         self.faults = faults or Faults()

@@ -173,10 +173,6 @@ async def emulator_command(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_format)
     log = structlog.get_logger("worker.emulator")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    if not args.period > 0:
-        raise UsageError("--period must be a positive number of seconds")
     faults = Faults(
         error_rate=args.error_rate,
         drop_rate=args.drop_rate,
@@ -186,10 +182,6 @@ async def emulator_command(args: argparse.Namespace) -> int:
         drop_after_rate=args.drop_after_rate,
         max_batch=args.max_batch,
     )
-    rates = (args.error_rate, args.drop_rate, args.slow_rate, args.error_after_rate,
-             args.drop_after_rate)  # fmt: skip
-    if any(not 0 <= r <= 1 for r in rates) or sum(rates) > 1:
-        raise UsageError("fault rates must be between 0 and 1 and add up to at most 1")
     emulator = Emulator(
         api_key=args.api_key,
         app_key=args.app_key,
