@@ -24,7 +24,7 @@ from typing import Protocol
 
 import orjson
 
-from worker.report import open_private_append, write_all
+from worker.report import open_private_append, read_records, write_all
 
 
 def journal_path(report_path: Path) -> Path:
@@ -110,17 +110,8 @@ class Journal:
 def read_journal(path: Path) -> dict[str, Intent]:
     """Every intent of a journal that was never cleared (an absent journal has none)."""
     intents: dict[str, Intent] = {}
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return intents
-    for line in data.splitlines():
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue  # a line cut short by a crash: that intent was never acted on
-        if not isinstance(record, dict):
-            continue
+    # A line cut short by a crash is skipped: that intent was never acted on.
+    for record in read_records(path, missing_ok=True):
         if "c" in record:
             intents.pop(str(record["c"]), None)
         elif "i" in record and isinstance(record.get("emails"), list):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,28 @@ def iso(ts: float) -> str:
         _second[0] = second
         _second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{_second[1]}.{micros // 1000:03d}+00:00"
+
+
+def read_records(path: Path, *, missing_ok: bool = False) -> Iterator[dict[str, Any]]:
+    """Every JSON object of a JSONL file (report or journal), streamed in order.
+
+    A line cut short by a crash, or that is not an object, is skipped. A missing file is
+    an empty one when ``missing_ok``; otherwise ``OSError`` propagates.
+    """
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise
+    with handle:
+        for line in handle:
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -19,13 +19,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
 import structlog
 
 from worker.clock import Clock
 from worker.errors import SendError
 from worker.journal import Intent, Journal, read_journal
-from worker.report import Report
+from worker.report import Report, read_records
 from worker.send.reconcile import Reconciler, record_created
 from worker.validate import pair_key
 
@@ -85,17 +84,7 @@ class History:
 def load_history(report_path: Path, journal_path: Path) -> History:
     """Read an earlier report and its journal (a line cut short by a crash is ignored)."""
     history = History()
-    try:
-        data = report_path.read_bytes()
-    except FileNotFoundError:
-        data = b""
-    for line in data.splitlines():
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(record, dict):
-            continue
+    for record in read_records(report_path, missing_ok=True):
         kind = record.get("kind")
         if kind == "batch":
             history.on_batch(record["token"], record["emails"], record["status"],

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import orjson
-
 from worker.errors import UsageError
+from worker.report import read_records
 from worker.validate import pair_key
 
 #: Request counters summed over the runs' summaries.
@@ -24,17 +23,9 @@ RUN_COUNTERS = ("requests", "retries", "rate_limited", "ratelimit_waits", "durat
 def records(path: Path) -> Iterator[dict[str, Any]]:
     """The report's records; a line cut short by a crash is skipped."""
     try:
-        handle = path.open("rb")
+        yield from read_records(path)
     except OSError as exc:
         raise UsageError(f"cannot read the report {str(path)!r}: {exc.strerror}") from None
-    with handle:
-        for line in handle:
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                yield record
 
 
 @dataclass
