@@ -27,16 +27,16 @@ Handler = Callable[[web.Request], web.StreamResponse]
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[web.Response], str]]:
-    """Serve one canned response on every invitation POST; returns the base URL."""
+async def serve() -> AsyncIterator[Callable[..., str]]:
+    """Serve one canned response on the invitation endpoint (POST unless told); the URL."""
     runners: list[web.AppRunner] = []
 
-    async def start(response: web.Response) -> str:
+    async def start(response: web.Response, method: str = "POST") -> str:
         async def handler(_: web.Request) -> web.Response:
             return response
 
         app = web.Application()
-        app.router.add_post("/api/v1/dashboard/public/{token}/invitation", handler)
+        app.router.add_route(method, "/api/v1/dashboard/public/{token}/invitation", handler)
         runner = web.AppRunner(app)
         await runner.setup()
         runners.append(runner)
@@ -170,3 +170,19 @@ async def test_a_body_arriving_in_pieces_is_read_whole() -> None:
         assert len(sent.invitations) == 300
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"data": [], "meta": []}', b'{"data": [], "meta": {"page": 7}}', b'{"data": 5}', b"[]"],
+)
+async def test_an_odd_invitation_list_never_crashes(
+    serve: Callable[..., object], body: bytes
+) -> None:
+    """A 200 list whose meta or data has the wrong shape yields no invitations, no error."""
+    response = web.Response(status=200, body=body, content_type="application/json")
+    url = await serve(response, method="GET")
+    async with client(url) as c:
+        listing = await c.list_invitations(TOKEN_A, 0)
+    assert listing.invitations == []
+    assert listing.total_count is None

@@ -131,7 +131,7 @@ class InvitationClient:
         status, headers, raw = await self._request("POST", url, body)
         ratelimit = parse_ratelimit(headers)
         if 200 <= status < 300:
-            return Sent(status, _invitations(raw), ratelimit)
+            return Sent(status, _invitations(_json_or_none(raw)), ratelimit)
         raise self._error(status, raw, ratelimit)
 
     async def list_invitations(self, token: str, page_number: int, page_size: int = 100) -> Listing:
@@ -141,16 +141,14 @@ class InvitationClient:
         ratelimit = parse_ratelimit(headers)
         if status != 200:
             raise self._error(status, raw, ratelimit)
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise ServerError("the invitation list was not JSON", http_status=status) from None
-        total = (
-            doc.get("meta", {}).get("page", {}).get("total_count")
-            if isinstance(doc, dict)
-            else None
-        )
-        return Listing(_invitations(raw), total if isinstance(total, int) else None, ratelimit)
+        doc = _json_or_none(raw)
+        if doc is None:
+            raise ServerError("the invitation list was not JSON", http_status=status)
+        # meta.page.total_count, tolerating any shape: a malformed answer must not crash.
+        total: Any = doc
+        for key in ("meta", "page", "total_count"):
+            total = total.get(key) if isinstance(total, dict) else None
+        return Listing(_invitations(doc), total if isinstance(total, int) else None, ratelimit)
 
     async def _request(
         self, method: str, url: str | URL, body: bytes | None
@@ -239,10 +237,7 @@ def _number(value: str | None, kind: type[int] | type[float]) -> Any:
 
 def error_message(raw: bytes) -> str:
     """The server's explanation: ``errors`` from a JSON body, else the text of whatever came."""
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        doc = None
+    doc = _json_or_none(raw)
     if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
         text = "; ".join(str(e) for e in doc["errors"])
     else:
@@ -254,12 +249,16 @@ def error_message(raw: bytes) -> str:
 INVITATION_FIELDS = ("email", "created_at", "invitation_expiry")
 
 
-def _invitations(raw: bytes) -> list[dict[str, Any]]:
-    """The created invitations of a 2xx body; ``data`` may be one object or a list."""
+def _json_or_none(raw: bytes) -> Any:
+    """The parsed body, or None when it is not JSON."""
     try:
-        doc = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return []
+        return None
+
+
+def _invitations(doc: Any) -> list[dict[str, Any]]:
+    """The invitations in a parsed 2xx body; ``data`` may be one object or a list."""
     data = doc.get("data") if isinstance(doc, dict) else None
     items = data if isinstance(data, list) else [data] if isinstance(data, dict) else []
     try:  # the well-formed answer, in one pass
