@@ -119,9 +119,7 @@ class Pacer:
         now = self._clock.time()
         if self._wait_needed(now) is not None:
             return None
-        self._in_flight += 1
-        self._last_send = now
-        return now
+        return self._grant(now)
 
     async def acquire(self) -> float:
         """Wait until a request may be sent; returns the send time to pass to ``release``."""
@@ -142,6 +140,10 @@ class Pacer:
                 await self._changed.wait()  # probing: until an answer teaches us the limit
             else:
                 await self._clock.sleep(wait)
+        return self._grant(now)
+
+    def _grant(self, now: float) -> float:
+        """Count a request sent at ``now`` as in flight."""
         self._in_flight += 1
         self._last_send = now
         return now
