@@ -57,17 +57,16 @@ class Batcher:
             buffer.append(email)
             self._buffered += 1
             if len(buffer) >= size:
-                self._buffered -= size
                 ready.append(self._pop(token))
             elif self._buffered > bound:
-                fullest = max(buffers, key=lambda t: len(buffers[t]))
-                self._buffered -= len(buffers[fullest])
-                ready.append(self._pop(fullest))
+                ready.append(self._pop(max(buffers, key=lambda t: len(buffers[t]))))
         return ready
 
     def _pop(self, token: str) -> Batch:
+        emails = self._buffers.pop(token)
+        self._buffered -= len(emails)
         self._since.pop(token, None)
-        return Batch(token, self._buffers.pop(token))
+        return Batch(token, emails)
 
     def expired(self, linger: float) -> list[Batch]:
         """Partial batches whose first row has waited ``linger`` seconds (queue mode)."""
@@ -75,13 +74,9 @@ class Batcher:
             return []
         deadline = self._clock() - linger
         old = [token for token, since in self._since.items() if since <= deadline]
-        for token in old:
-            self._buffered -= len(self._buffers[token])
         return [self._pop(token) for token in old]
 
     def drain(self) -> Iterator[Batch]:
         """Emit every partial batch (at the end of the input)."""
         while self._buffers:
-            token = next(iter(self._buffers))
-            self._buffered -= len(self._buffers[token])
-            yield self._pop(token)
+            yield self._pop(next(iter(self._buffers)))

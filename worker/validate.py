@@ -82,8 +82,8 @@ class SeenPairs:
         return len(self._seen)
 
 
-#: Distinct valid tokens remembered (already checked and lower-cased); past this, tokens
-#: are checked row by row again, so a file of a million tokens cannot grow it unbounded.
+#: Distinct valid tokens remembered (checked, with the hash of their lower-case form); past
+#: this, tokens are checked row by row again, so a million distinct tokens cannot grow it.
 TOKEN_CACHE_SIZE = 100_000
 
 RawRow = tuple[int | str, str | None, str | None, str | None]
