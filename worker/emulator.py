@@ -216,7 +216,7 @@ class Emulator:
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
-        log = self._logger(request, "POST", token)
+        log = self._logger(request)
         emails, list_form = self._parse(await request.read())
         log.emails, log.list_form = len(emails or []), list_form
         refusal, headers = self._admit(request)
@@ -235,7 +235,7 @@ class Emulator:
             await asyncio.sleep(self.faults.slow_seconds)
         board = self._board(token)
         if board is None:
-            return log(self._error(404, "Shared dashboard not found", headers))
+            return log(self._no_dashboard(headers))
         if not emails:
             return log(self._error(400, "Invalid request body", headers))
         if self.faults.max_batch is not None and len(emails) > self.faults.max_batch:
@@ -271,13 +271,13 @@ class Emulator:
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
-        log = self._logger(request, "GET", token)
+        log = self._logger(request)
         refusal, headers = self._admit(request)
         if refusal is not None:
             return log(refusal)
         board = self._board(token)
         if board is None:
-            return log(self._error(404, "Shared dashboard not found", headers))
+            return log(self._no_dashboard(headers))
         try:
             size = min(100, max(1, int(request.query.get("page_size", "50"))))
             number = max(0, int(request.query.get("page_number", "0")))
@@ -292,13 +292,13 @@ class Emulator:
 
     async def _delete(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
-        log = self._logger(request, "DELETE", token)
+        log = self._logger(request)
         refusal, headers = self._admit(request)
         if refusal is not None:
             return log(refusal)
         board = self._board(token)
         if board is None:
-            return log(self._error(404, "Shared dashboard not found", headers))
+            return log(self._no_dashboard(headers))
         emails, _ = self._parse(await request.read())
         if not emails:
             return log(self._error(400, "Invalid request body", headers))
@@ -308,12 +308,12 @@ class Emulator:
 
     async def _dashboard(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
-        log = self._logger(request, "GET", token)
+        log = self._logger(request)
         if not self._authorized(request):
             return log(self._error(403, "Forbidden", {}))
         board = self._board(token)
         if board is None:
-            return log(self._error(404, "Shared dashboard not found", {}))
+            return log(self._no_dashboard({}))
         body = {
             "token": token,
             "share_type": "invite",
@@ -374,10 +374,14 @@ class Emulator:
             emails.append(email)
         return emails, list_form
 
-    def _logger(self, request: web.Request, method: str, token: str) -> RequestLog:
-        return RequestLog(self.requests, method, token, self._clock, request.path)
+    def _logger(self, request: web.Request) -> RequestLog:
+        token = request.match_info.get("token", "")
+        return RequestLog(self.requests, request.method, token, self._clock, request.path)
+
+    def _no_dashboard(self, headers: dict[str, str]) -> web.Response:
+        return self._error(404, "Shared dashboard not found", headers)
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         """Anything the real API would not serve here: 404, and remembered."""
-        log = self._logger(request, request.method, "")
+        log = self._logger(request)
         return log(self._error(404, "Not found", {}))
