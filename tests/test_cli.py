@@ -182,3 +182,11 @@ def test_console_logs_when_asked(tmp_path: Path) -> None:
     first = done.stderr.decode().splitlines()[0]
     assert "sandbox.started" in first
     assert not first.startswith("{")
+
+
+def test_a_dry_run_never_reads_a_stream(tmp_path: Path) -> None:
+    """--dry-run with a redis:// source is refused (exit 2) rather than run for real."""
+    done = invite_worker("run", "redis://127.0.0.1:9/0", "--stream", "s", "--dry-run",
+                         "--sandbox", "--report", str(tmp_path / "r.jsonl"))  # fmt: skip
+    assert done.returncode == 2
+    assert b"--dry-run plans a file" in done.stderr

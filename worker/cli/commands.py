@@ -110,6 +110,11 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
     """Run from a file or, for a redis:// SOURCE, from a stream."""
     stop = asyncio.Event()
     if is_redis_url(args.source):
+        if args.dry_run:  # a plan must never turn into a run that sends
+            raise UsageError(
+                "--dry-run plans a file; it cannot read a stream. Use "
+                "'invite-worker run FILE --dry-run' on the file you would enqueue"
+            )
         from worker.queue.runner import run_stream
 
         options = StreamOptions(
