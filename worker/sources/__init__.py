@@ -8,11 +8,14 @@ plain tuple ``(line, token, email, reason)``:
 - ``reason``: ``None`` when the reader could parse the row, else the reason code of why it
   could not (``invalid_json``, ``bad_encoding``, ``line_too_long``, ...). Validation of the
   values themselves happens later, in :mod:`worker.validate`.
+
+A chunk is any sequence of such rows; a reader may hand a clean block over as
+:class:`~worker.sources.lines.Columns`, which holds the same rows column-wise.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
 
@@ -28,8 +31,8 @@ class Source(Protocol):
     #: Human description for logs, e.g. the path.
     description: str
 
-    def chunks(self) -> AsyncIterator[list[RawRow]]:
-        """Yield lists of raw rows until the input ends."""
+    def chunks(self) -> AsyncIterator[Sequence[RawRow]]:
+        """Yield chunks of raw rows until the input ends."""
         ...
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import BinaryIO
 
 import orjson
@@ -18,7 +18,7 @@ class JsonlSource:
         self._stream = stream
         self._reader = LineReader(stream)
 
-    def chunks(self) -> AsyncIterator[list[Row]]:
+    def chunks(self) -> AsyncIterator[Sequence[Row]]:
         return chunked(self._parse_chunk)
 
     def _parse_chunk(self) -> list[Row] | None:

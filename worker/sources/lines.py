@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import BinaryIO
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from itertools import count, repeat
+from typing import BinaryIO, cast, overload
 
 #: Longest line accepted; a longer one is rejected as ``line_too_long`` without being held.
 MAX_LINE_BYTES = 64 * 1024
@@ -14,6 +15,36 @@ BLOCK_BYTES = 256 * 1024
 BOM = b"\xef\xbb\xbf"
 
 Row = tuple[int, str | None, str | None, str | None]
+
+
+class Columns(Sequence[Row]):
+    """A block of rows the reader found well-formed, held column-wise.
+
+    Row ``i`` is ``(first + i, tokens[i], emails[i], None)``. Readers return this for the
+    common, clean block so that no tuple is built per row; validation reads the columns
+    directly (see :meth:`worker.validate.Validator.check_rows`), anything else may iterate.
+    """
+
+    __slots__ = ("emails", "first", "tokens")
+
+    def __init__(self, first: int, tokens: list[str], emails: list[str]) -> None:
+        self.first, self.tokens, self.emails = first, tokens, emails
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __iter__(self) -> Iterator[Row]:
+        return zip(count(self.first), self.tokens, self.emails, repeat(None), strict=False)
+
+    @overload
+    def __getitem__(self, index: int) -> Row: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Row]: ...
+    def __getitem__(self, index: int | slice) -> Row | list[Row]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        position = range(len(self))[index]  # IndexError and negative indexes, as a list
+        return (self.first + position, self.tokens[position], self.emails[position], None)
 
 
 class LineReader:
@@ -67,7 +98,7 @@ class LineReader:
                 self._tail = b""
                 self._skipping = True
             if lines:
-                return self._count(self._clean(lines))
+                return self._count(self._clean(lines, b"\r" in data))
         return None
 
     def _count(self, lines: list[bytes | None]) -> list[bytes | None]:
@@ -75,8 +106,12 @@ class LineReader:
         return lines
 
     @staticmethod
-    def _clean(lines: list[bytes | None]) -> list[bytes | None]:
+    def _clean(lines: list[bytes | None], crlf: bool = True) -> list[bytes | None]:
+        """Over-long lines to None, a trailing ``\r`` dropped (``crlf``: the block has one)."""
         limit = MAX_LINE_BYTES
+        # The common block needs no per-line work, and that is checked in C.
+        if not crlf and None not in lines and max(map(len, cast(list[bytes], lines))) <= limit:
+            return lines
         return [
             None if line is None or len(line) > limit
             else line[:-1] if line[-1:] == b"\r" else line
@@ -84,7 +119,9 @@ class LineReader:
         ]  # fmt: skip
 
 
-async def chunked(parse_chunk: Callable[[], list[Row] | None]) -> AsyncIterator[list[Row]]:
+async def chunked(
+    parse_chunk: Callable[[], Sequence[Row] | None],
+) -> AsyncIterator[Sequence[Row]]:
     """Call a blocking ``parse_chunk`` in a thread until it returns ``None`` (end of input).
 
     Reading happens off the event loop so a slow pipe on standard input never stalls the
