@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 #: Keys held in the recent set before the first merge into the array.
 MIN_RECENT = 1 << 16
 #: The recent set is merged into the array when it holds more keys than this share of it.
-MERGE_FRACTION = 1 / 8
+MERGE_FRACTION = 1 / 16
 
 
 class PairIndex:
@@ -106,10 +106,13 @@ class PairIndex:
         if self._base is None:
             self._base = fresh
         else:
-            merged = np.concatenate((self._base, fresh))
-            self._base = None  # let the old array go before the merge allocates more
-            merged.sort(kind="stable")  # timsort: two sorted runs, merged in linear time
-            self._base = merged
+            # Grow the array in place (realloc: never the old and a new copy at once), put
+            # the new run after the old one and let timsort merge the two sorted runs in
+            # linear time, with a buffer the size of the smaller run.
+            base, size = self._base, len(self._base)
+            base.resize(size + len(fresh), refcheck=False)
+            base[size:] = fresh
+            base.sort(kind="stable")
         recent.clear()
         self._order.clear()
 
