@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
+import msgspec
 import pytest
 import structlog
 
@@ -87,7 +87,7 @@ def read_report(path: Path) -> list[dict[str, Any]]:
     """Every record of a report, checking each line is one JSON object."""
     records = []
     for line in path.read_bytes().splitlines():
-        record = orjson.loads(line)
+        record = msgspec.json.decode(line)
         assert isinstance(record, dict)
         records.append(record)
     return records

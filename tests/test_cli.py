@@ -6,7 +6,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
+import msgspec
 import pytest
 
 from tests.conftest import (
@@ -57,7 +57,7 @@ def test_sandbox_runs_the_csv_sample(tmp_path: Path) -> None:
     summary = records[-1]
     assert (summary["emails_sent"], summary["emails_failed"]) == (5, 2)
     for line in done.stderr.decode().splitlines():  # not a terminal: JSON lines
-        event = orjson.loads(line)
+        event = msgspec.json.decode(line)
         assert "event" in event
         assert "level" in event
 

@@ -60,7 +60,7 @@ async def test_object_form_and_non_json_success_bodies(serve: Callable[..., obje
     async with client(url) as c:
         sent = await c.invite(TOKEN_A, ["a@x.io"])
     assert sent.http_status == 201
-    assert [i["email"] for i in sent.invitations] == ["a@x.io"]
+    assert [i.email for i in sent.invitations] == ["a@x.io"]
     url = await serve(web.Response(status=200, text="OK"))
     async with client(url) as c:
         assert (await c.invite(TOKEN_A, ["a@x.io"])).invitations == []

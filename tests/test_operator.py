@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
+import msgspec
 import pytest
 
 from tests.conftest import (
@@ -144,7 +144,7 @@ def test_json_mode_stderr_is_only_json_events_with_progress(
                          str(tmp_path / "r.jsonl"), "--batch-size", "20",
                          "--progress-every", "0.2", "--log-format", "json", **KEYS)  # fmt: skip
     assert done.returncode == 0
-    events = [orjson.loads(line) for line in done.stderr.splitlines()]
+    events = [msgspec.json.decode(line) for line in done.stderr.splitlines()]
     assert all("event" in e and "level" in e for e in events)
     progress = [e for e in events if e["event"] == "progress"]
     assert progress
@@ -160,7 +160,7 @@ def test_json_mode_stderr_is_only_json_events_with_progress(
     for args in (["run", "missing.csv", "--sandbox"], ["run", "x.csv", "--batch-size", "x"]):
         bad = invite_worker(*args, "--log-format", "json")
         assert bad.returncode == 2
-        lines = [orjson.loads(line) for line in bad.stderr.splitlines()]
+        lines = [msgspec.json.decode(line) for line in bad.stderr.splitlines()]
         assert all("event" in e and "level" in e for e in lines)
         assert lines[-1]["event"] == "cli.usage_error"
 

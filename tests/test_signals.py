@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
+import msgspec
 
 from tests.conftest import (
     API_KEY,
@@ -107,4 +107,4 @@ def test_sigterm_stops_within_grace_and_resume_finishes(
     invited = emulator_invited(url)
     assert set(invited) == pairs
     assert set(invited.values()) == {1}
-    assert orjson.loads(report.read_bytes().splitlines()[-1])["resumed"] is True
+    assert msgspec.json.decode(report.read_bytes().splitlines()[-1])["resumed"] is True

@@ -21,7 +21,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-import orjson
+import msgspec
 from aiohttp import web
 
 from worker.emulation import (
@@ -187,7 +187,7 @@ class Emulator:
     @staticmethod
     def _json(status: int, body: Any, headers: dict[str, str]) -> web.Response:
         return web.Response(
-            status=status, body=orjson.dumps(body), content_type="application/json",
+            status=status, body=msgspec.json.encode(body), content_type="application/json",
             headers=headers,
         )  # fmt: skip
 
@@ -359,8 +359,8 @@ class Emulator:
     def _parse(raw: bytes) -> tuple[list[str] | None, bool]:
         """The emails of a request body (object or list form); ``None`` if malformed."""
         try:
-            data = orjson.loads(raw).get("data")
-        except (orjson.JSONDecodeError, AttributeError):
+            data = msgspec.json.decode(raw).get("data")
+        except (ValueError, AttributeError):  # not JSON (or not UTF-8), or not an object
             return None, False
         list_form = isinstance(data, list)
         items = data if list_form else [data]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import orjson
+import msgspec
 
 from worker.report import open_private_append, read_records, write_all
 
@@ -81,7 +81,7 @@ class Journal:
         self._write({"c": ident})
 
     def _write(self, record: dict[str, object]) -> None:
-        write_all(self._fd, orjson.dumps(record) + b"\n")
+        write_all(self._fd, msgspec.json.encode(record) + b"\n")
         self._written += 1
 
     async def _sync(self, target: int) -> None:

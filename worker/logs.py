@@ -116,6 +116,7 @@ class _ToStructlog(logging.Handler):
 
 
 def _dumps(obj: Any, **_: Any) -> str:
-    import orjson
+    import msgspec
 
-    return orjson.dumps(obj, default=str).decode()
+    text: str = msgspec.json.encode(obj, enc_hook=str).decode()
+    return text

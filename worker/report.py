@@ -9,16 +9,26 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
+import msgspec
 
 from worker.errors import UsageError
 
 PRIVATE_MODE = 0o600
+
+_encode = msgspec.json.encode
+
+
+class Invitation(msgspec.Struct, frozen=True):
+    """What the report keeps of one invitation the service returns."""
+
+    email: str
+    created_at: str | None = None
+    invitation_expiry: str | None = None
 
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
@@ -55,8 +65,8 @@ def read_records(path: Path, *, missing_ok: bool = False) -> Iterator[dict[str, 
     with handle:
         for line in handle:
             try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
+                record = msgspec.json.decode(line)
+            except ValueError:  # msgspec.DecodeError, or a UnicodeError inside a string
                 continue
             if isinstance(record, dict):
                 yield record
@@ -133,7 +143,7 @@ class Report:
         if email:
             record["email"] = email[:320]
         self.rejected_by_reason[reason] += 1
-        self._pending.append(orjson.dumps(record))
+        self._pending.append(_encode(record))
 
     def batch(
         self,
@@ -144,7 +154,7 @@ class Report:
         http_status: int | None,
         attempts: int,
         error: dict[str, str] | None,
-        invitations: list[dict[str, Any]],
+        invitations: Sequence[Invitation],
         started_at: float,
         finished_at: float,
         rate_limited: int = 0,
@@ -173,7 +183,7 @@ class Report:
             record["reconciled"] = True
         self.batches[status] += 1
         self.emails[status] += len(emails)
-        self._pending.append(orjson.dumps(record))
+        self._pending.append(_encode(record))
         self.flush()
         if self.on_batch is not None:  # after the write: a queue acknowledges on this
             self.on_batch(token, emails, status, error)
@@ -183,11 +193,11 @@ class Report:
         self.batches["planned"] += 1
         self.emails["planned"] += len(emails)
         record = {"kind": "batch", "token": token, "emails": emails, "status": "planned"}
-        self._pending.append(orjson.dumps(record))
+        self._pending.append(_encode(record))
 
     def summary(self, fields: dict[str, Any]) -> None:
         """Write the one ``summary`` record, last, and close the file."""
-        self._pending.append(orjson.dumps({"kind": "summary", **fields}))
+        self._pending.append(_encode({"kind": "summary", **fields}))
         self.flush()
         self.close()
 

@@ -90,7 +90,7 @@ class SeenPairs:
 TOKEN_CACHE_SIZE = 100_000
 
 RawRow = tuple[int | str, str | None, str | None, str | None]
-_TOKEN, _EMAIL_CELL, _REASON = itemgetter(1), itemgetter(2), itemgetter(3)
+_LINE, _TOKEN, _EMAIL_CELL, _REASON = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
 Rejection = tuple[int | str, str, str | None, str | None]
 
 
@@ -144,6 +144,8 @@ class Validator:
                 skipped += 1
             else:
                 valid.append(pair)
+        if repeated and len(rejected) > len(repeated):
+            rejected.sort(key=_LINE)  # duplicates were found last: back into input order
         return valid, rejected, skipped
 
     def _clean_chunk(

@@ -14,7 +14,7 @@ import contextlib
 from collections import defaultdict
 from typing import Any
 
-import orjson
+import msgspec
 import structlog
 
 from worker.batching import Batch, Batcher
@@ -39,8 +39,8 @@ def parse_message(fields: dict[str, str]) -> tuple[str | None, str | None, str |
     values: dict[str, Any] = fields
     if "payload" in fields and "token" not in fields:
         try:
-            payload = orjson.loads(fields["payload"])
-        except orjson.JSONDecodeError:
+            payload = msgspec.json.decode(fields["payload"])
+        except ValueError:  # msgspec.DecodeError, or a UnicodeError inside a string
             return None, None, "invalid_json"
         if not isinstance(payload, dict):
             return None, None, "not_an_object"

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import orjson
+import msgspec
 from yarl import URL
 
 from worker.errors import (
@@ -27,6 +27,7 @@ from worker.errors import (
     TokenNotFound,
     UnexpectedResponse,
 )
+from worker.report import Invitation
 from worker.validate import check_token
 
 USER_AGENT = "invite-worker/0.1"
@@ -44,7 +45,7 @@ class Sent:
     """A 2xx answer: which invitations the service says it created."""
 
     http_status: int
-    invitations: list[dict[str, Any]]
+    invitations: list[Invitation]
     ratelimit: RateLimitInfo
 
 
@@ -52,7 +53,7 @@ class Sent:
 class Listing:
     """One page of a token's invitations."""
 
-    invitations: list[dict[str, Any]]
+    invitations: list[Invitation]
     total_count: int | None
     ratelimit: RateLimitInfo
 
@@ -115,7 +116,7 @@ class InvitationClient:
 
     async def invite(self, token: str, emails: list[str]) -> Sent:
         """Send one list-form request; return :class:`Sent` or raise a :class:`SendError`."""
-        body = orjson.dumps(
+        body = _encode(
             {
                 "data": [
                     {"type": "public_dashboard_invitation", "attributes": {"email": e}}
@@ -131,7 +132,7 @@ class InvitationClient:
         status, headers, raw = await self._request("POST", url, body)
         ratelimit = parse_ratelimit(headers)
         if 200 <= status < 300:
-            return Sent(status, _invitations(_json_or_none(raw)), ratelimit)
+            return Sent(status, _created(raw), ratelimit)
         raise self._error(status, raw, ratelimit)
 
     async def list_invitations(self, token: str, page_number: int, page_size: int = 100) -> Listing:
@@ -245,40 +246,55 @@ def error_message(raw: bytes) -> str:
     return text[:MAX_MESSAGE_CHARS]
 
 
-#: What the report keeps of each invitation the service returns.
-INVITATION_FIELDS = ("email", "created_at", "invitation_expiry")
+_encode = msgspec.json.encode
+
+
+class _Item(msgspec.Struct):
+    attributes: Invitation
+
+
+class _Answer(msgspec.Struct):
+    data: list[_Item] | _Item | None = None
+
+
+#: Decodes a well-formed answer straight into :class:`Invitation` objects, skipping the
+#: fields the report does not keep (about twice as fast as building every dict).
+_ANSWER = msgspec.json.Decoder(_Answer)
 
 
 def _json_or_none(raw: bytes) -> Any:
     """The parsed body, or None when it is not JSON."""
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        return msgspec.json.decode(raw)
+    except ValueError:  # msgspec.DecodeError, or a UnicodeError inside a string
         return None
 
 
-def _invitations(doc: Any) -> list[dict[str, Any]]:
-    """The invitations in a parsed 2xx body; ``data`` may be one object or a list."""
+def _created(raw: bytes) -> list[Invitation]:
+    """The invitations in a 2xx body; ``data`` may be one object or a list."""
+    try:
+        data = _ANSWER.decode(raw).data
+    except ValueError:  # not JSON, or not the documented shape: pick what is there
+        return _invitations(_json_or_none(raw))
+    if data is None:
+        return []
+    return [item.attributes for item in data] if isinstance(data, list) else [data.attributes]
+
+
+def _invitations(doc: Any) -> list[Invitation]:
+    """The invitations in a parsed body, tolerating any shape: what is malformed is left out."""
     data = doc.get("data") if isinstance(doc, dict) else None
     items = data if isinstance(data, list) else [data] if isinstance(data, dict) else []
-    try:  # the well-formed answer, in one pass
-        return [
-            {"email": a["email"], "created_at": a.get("created_at"),
-             "invitation_expiry": a.get("invitation_expiry")}
-            for a in (item["attributes"] for item in items)
-            if type(a["email"]) is str
-        ]  # fmt: skip
-    except (TypeError, KeyError, AttributeError):
-        pass
-    out: list[dict[str, Any]] = []
+    out: list[Invitation] = []
     for item in items:
         attributes = item.get("attributes") if isinstance(item, dict) else None
         if isinstance(attributes, dict) and isinstance(attributes.get("email"), str):
+            created, expiry = attributes.get("created_at"), attributes.get("invitation_expiry")
             out.append(
-                {
-                    "email": attributes["email"],
-                    "created_at": attributes.get("created_at"),
-                    "invitation_expiry": attributes.get("invitation_expiry"),
-                }
+                Invitation(
+                    attributes["email"],
+                    created if isinstance(created, str) else None,
+                    expiry if isinstance(expiry, str) else None,
+                )
             )
     return out

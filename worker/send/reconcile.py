@@ -19,8 +19,8 @@ import structlog
 
 from worker.clock import Clock
 from worker.errors import RateLimited, RetryableError, SendError, TokenNotFound
-from worker.report import Report
-from worker.send.client import INVITATION_FIELDS, InvitationClient
+from worker.report import Invitation, Report
+from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer, backoff_delay
 
 log = structlog.get_logger("worker.reconcile")
@@ -34,13 +34,13 @@ MAX_PAGES = 100_000
 class _Listing:
     started: float
     #: lower-cased email -> the newest invitation for it
-    newest: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    newest: dict[str, tuple[float, Invitation]] = field(default_factory=dict)
 
 
-def created_epoch(invitation: dict[str, Any]) -> float | None:
+def created_epoch(invitation: Invitation) -> float | None:
     """``created_at`` as epoch seconds; None when absent or unreadable."""
-    value = invitation.get("created_at")
-    if not isinstance(value, str):
+    value = invitation.created_at
+    if value is None:
         return None
     try:
         return datetime.fromisoformat(value).timestamp()
@@ -52,7 +52,7 @@ def record_created(
     report: Report,
     token: str,
     emails: list[str],
-    found: dict[str, dict[str, Any]],
+    found: dict[str, Invitation],
     *,
     started_at: float,
     finished_at: float,
@@ -68,8 +68,7 @@ def record_created(
         report.batch(
             token=token, emails=created, status="sent", http_status=http_status,
             attempts=attempts, error=None, started_at=started_at, finished_at=finished_at,
-            invitations=[{k: found[e.lower()].get(k) for k in INVITATION_FIELDS}
-                         for e in created],
+            invitations=[found[e.lower()] for e in created],
             reconciled=True,
         )  # fmt: skip
     return created
@@ -103,7 +102,7 @@ class Reconciler:
 
     async def created_since(
         self, token: str, emails: list[str], since: float, not_before: float
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, Invitation]:
         """Which of ``emails`` have an invitation created at or after ``since`` (minus skew).
 
         The listing used starts no earlier than ``not_before``, so the request in question
@@ -117,7 +116,7 @@ class Reconciler:
                 listing = await self._list(token)
                 self._cache[token] = listing
         threshold = since - self._skew
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, Invitation] = {}
         for email in emails:
             entry = listing.newest.get(email.lower())
             if entry is not None and entry[0] >= threshold:
@@ -133,8 +132,8 @@ class Reconciler:
                 break
             for item in result.invitations:
                 created = created_epoch(item)
-                key = str(item["email"]).lower()
-                if created is not None and created >= listing.newest.get(key, (-1.0, {}))[0]:
+                key = item.email.lower()
+                if created is not None and created >= listing.newest.get(key, (-1.0,))[0]:
                     listing.newest[key] = (created, item)
             seen += len(result.invitations)
             if len(result.invitations) < PAGE_SIZE or (

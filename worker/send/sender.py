@@ -23,7 +23,7 @@ from worker.errors import (
     TokenNotFound,
 )
 from worker.journal import IntentLog
-from worker.report import Report
+from worker.report import Invitation, Report
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer, backoff_delay
 from worker.send.reconcile import Reconciler, record_created
@@ -321,7 +321,7 @@ class Sender:
         started: float,
         *,
         error: dict[str, str] | None = None,
-        invitations: list[dict[str, Any]] | None = None,
+        invitations: list[Invitation] | None = None,
     ) -> None:
         finished = self._clock.time()
         self._report.batch(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import BinaryIO
 
-import orjson
+import msgspec
 
 from worker.sources.lines import LineReader, Row, chunked
 
@@ -27,14 +27,14 @@ class JsonlSource:
             return None
         rows: list[Row] = []
         append = rows.append
-        loads = orjson.loads
+        loads = msgspec.json.decode
         for number, raw in enumerate(lines, self._reader.number - len(lines) + 1):
             if raw is None:
                 append((number, None, None, "line_too_long"))
             elif raw.strip():
                 try:
                     obj = loads(raw)
-                except orjson.JSONDecodeError:
+                except ValueError:  # msgspec.DecodeError, or a UnicodeError in a string
                     append((number, None, None, _why_not_json(raw)))
                 else:
                     append(_row_from(number, obj))
