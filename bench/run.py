@@ -2,11 +2,17 @@
 
     python bench/run.py --rows 1000000 --tokens 1000 --batch-size 100
     python bench/run.py --rows 5000 --tokens 10 --batch-size 10 --limit 25 --period 1
+    python bench/run.py --rows 1000000 --tokens 1000 --batch-size 100 --peers
 
 Generates N rows over T tokens, starts the emulator (unlimited, or with --limit/--period),
 runs the worker as a separate process and prints one table: emails/s, worker CPU µs per
 email (user+sys of the worker process), peak RSS, requests, 429s, duplicates, and for a
 limited run the wall time against the floor ceil(N / B / L) windows.
+
+``--peers`` (needs the ``bench`` extra) also runs the job through Datadog's official Python
+client (``bench/peers.py``), each mode against a fresh emulator: one email per call over the
+first ``--peer-rows`` rows, and list-form batches over enough rows to fill lists of B for
+every token. The per-email figures and their ratios to the worker's are added to the table.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +71,19 @@ def start_emulator(port: int, limit: int | None, period: float) -> subprocess.Po
 
 def run_worker(source: Path, report: Path, url: str, opts: argparse.Namespace) -> dict[str, Any]:
     """Run the worker; its CPU and peak RSS come from wait4 on the child alone."""
-    env = {**os.environ, "DD_API_KEY": KEY, "DD_APP_KEY": KEY}
     args = [sys.executable, "-m", "worker", "run", str(source), "--api-url", url, "--report",
             str(report), "--overwrite", "--batch-size", str(opts.batch_size), "--concurrency",
             str(opts.concurrency), "--log-format", "json"]  # fmt: skip
-    started = time.monotonic()
     with open(report.with_suffix(".log"), "wb") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=log)
-        _, status, usage = os.wait4(proc.pid, 0)
+        return measure(args, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def measure(args: list[str], **popen: Any) -> dict[str, Any]:
+    """Run one process to its end: exit code, wall time, and its own CPU and peak RSS."""
+    env = {**os.environ, "DD_API_KEY": KEY, "DD_APP_KEY": KEY}
+    started = time.monotonic()
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, **popen)
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - started
     return {
         "exit": os.waitstatus_to_exitcode(status),
@@ -88,6 +101,54 @@ def stats(url: str) -> dict[str, Any]:
         return result
 
 
+@contextmanager
+def emulator(limit: int | None, period: float) -> Iterator[str]:
+    """A fresh emulator process on a free loopback port; yields its URL."""
+    port = free_port()
+    proc = start_emulator(port, limit, period)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run_peer(mode: str, source: Path, rows: int, opts: argparse.Namespace) -> dict[str, Any]:
+    """``bench/peers.py`` in one mode over the first ``rows`` rows, on its own emulator."""
+    with emulator(opts.limit, opts.period) as url:
+        result = measure(
+            [sys.executable, str(ROOT / "bench" / "peers.py"), "--url", url, "--input",
+             str(source), "--mode", mode, "--rows", str(rows), "--batch-size",
+             str(opts.batch_size)],
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        result["service"] = stats(url)
+    return result
+
+
+def peer_rows(worker: dict[str, Any], opts: argparse.Namespace) -> list[tuple[str, str]]:
+    """Run both peer modes; their per-email figures and the worker's advantage."""
+    ours_cpu = worker["cpu"] / opts.rows
+    ours_rate = opts.rows / worker["wall"]
+    single = min(opts.rows, opts.peer_rows)
+    listed = min(opts.rows, max(opts.peer_rows, opts.tokens * opts.batch_size))
+    table = []
+    for mode, rows, label in (("single", single, "one email per call"),
+                              ("list", listed, f"lists of up to {opts.batch_size}")):  # fmt: skip
+        peer = run_peer(mode, opts.source, rows, opts)
+        service = peer["service"]
+        if peer["exit"] != 0 or service["invitations"] != rows:
+            raise SystemExit(f"the peer run ({mode}) failed: exit {peer['exit']}, {service}")
+        cpu, rate = peer["cpu"] / rows, rows / peer["wall"]
+        table += [
+            (f"official client, {label}", f"{rows:,} rows, {service['posts']:,} requests"),
+            ("  CPU per email", f"{cpu * 1e6:.1f} µs = {cpu / ours_cpu:.0f}x the worker's"),
+            ("  emails/s", f"{rate:,.0f} (the worker: {ours_rate / rate:.1f}x faster)"),
+            ("  peak RSS", f"{peer['rss_mb']:.1f} MB"),
+        ]
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -96,21 +157,26 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--limit", type=int, default=None, help="emulator requests per window")
     parser.add_argument("--period", type=float, default=1.0, help="emulator window, seconds")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run the job through the official datadog-api-client",
+    )
+    parser.add_argument(
+        "--peer-rows",
+        type=int,
+        default=20_000,
+        help="rows the one-email-per-call peer sends (default 20,000)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the input and report")
-    opts = parser.parse_args()
+    opts = parser.parse_args()  # fmt: skip
 
     workdir = Path(tempfile.mkdtemp(prefix="invite-bench-"))
-    source, report = workdir / "input.csv", workdir / "report.jsonl"
-    write_input(source, opts.rows, opts.tokens)
-    port = free_port()
-    emulator = start_emulator(port, opts.limit, opts.period)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        worker = run_worker(source, report, url, opts)
+    opts.source, report = workdir / "input.csv", workdir / "report.jsonl"
+    write_input(opts.source, opts.rows, opts.tokens)
+    with emulator(opts.limit, opts.period) as url:
+        worker = run_worker(opts.source, report, url, opts)
         service = stats(url)
-    finally:
-        emulator.terminate()
-        emulator.wait(timeout=30)
     rows = [
         ("rows / tokens / batch", f"{opts.rows:,} / {opts.tokens:,} / {opts.batch_size}"),
         ("worker exit code", str(worker["exit"])),
@@ -135,6 +201,8 @@ def main() -> None:
                 f"({(worker['wall'] - floor) / opts.period:+.2f} windows)",
             )
         )
+    if opts.peers:
+        rows += peer_rows(worker, opts)
     width = max(len(k) for k, _ in rows)
     print(f"{'measure':<{width}}  value")
     print(f"{'-' * width}  {'-' * 40}")
