@@ -1,4 +1,4 @@
-"""The duplicate index: every valid (token, email) pair of a run, in about 8 bytes each.
+"""The duplicate index: every valid (token, email) pair of a run, in about 13 bytes each.
 
 A Python ``set`` of 64-bit keys costs about 70 bytes per key (an int object plus its slot),
 which is most of a large run's memory. :class:`PairIndex` keeps the bulk of the keys in one
@@ -9,8 +9,8 @@ the rest, so the per-row Python work stays a couple of C calls.
 When the recent set outgrows :data:`MERGE_FRACTION` of the array it is merged in (two sorted
 runs, merged in linear time). The array grows geometrically, so each key is copied a
 bounded number of times over a run, and the set never holds more than a fraction of the
-keys. numpy is imported at the first merge: a run of fewer than :data:`MIN_RECENT` pairs
-never needs it.
+keys: 8 bytes per key in the array, about 13 per key in all. numpy is imported at the first
+merge: a run of fewer than :data:`MIN_RECENT` pairs never needs it.
 """
 
 from __future__ import annotations
