@@ -43,8 +43,10 @@ def invitation(email: str) -> SharedDashboardInvitesDataObject:
 
 
 def pairs(path: str, rows: int | None) -> Iterator[tuple[str, str]]:
+    """The first ``rows`` pairs of a CSV or JSONL input."""
     with open(path, newline="") as f:
-        for row in islice(csv.DictReader(f), rows):
+        records = csv.DictReader(f) if path.endswith(".csv") else map(json.loads, f)
+        for row in islice(records, rows):
             yield row["token"], row["email"]
 
 
@@ -62,7 +64,7 @@ def batches(path: str, rows: int | None, size: int) -> Iterator[tuple[str, list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="the emulator, http://127.0.0.1:PORT")
-    parser.add_argument("--input", required=True, help="a token,email CSV")
+    parser.add_argument("--input", required=True, help="a token,email CSV or a JSONL file")
     parser.add_argument("--mode", choices=("single", "list"), required=True)
     parser.add_argument("--rows", type=int, default=None, help="only the first ROWS rows")
     parser.add_argument("--batch-size", type=int, default=100)

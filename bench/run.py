@@ -45,13 +45,16 @@ def free_port() -> int:
 
 
 def write_input(path: Path, rows: int, tokens: int) -> None:
-    """``rows`` distinct pairs spread round-robin over ``tokens`` tokens."""
+    """``rows`` distinct pairs spread round-robin over ``tokens`` tokens (CSV or JSONL)."""
+    line = '{"token":"bench-token-%05d","email":"user%d@example.com"}\n'
+    if path.suffix == ".csv":
+        line = "bench-token-%05d,user%d@example.com\n"
     with path.open("w") as f:
-        f.write("token,email\n")
+        if path.suffix == ".csv":
+            f.write("token,email\n")
         step = 100_000
         for start in range(0, rows, step):
-            f.write("".join(f"bench-token-{i % tokens:05d},user{i}@example.com\n"
-                            for i in range(start, min(rows, start + step))))  # fmt: skip
+            f.write("".join(line % (i % tokens, i) for i in range(start, min(rows, start + step))))
 
 
 def start_emulator(port: int, limit: int | None, period: float) -> subprocess.Popen[bytes]:
@@ -156,6 +159,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="input format")
     parser.add_argument("--limit", type=int, default=None, help="emulator requests per window")
     parser.add_argument("--period", type=float, default=1.0, help="emulator window, seconds")
     parser.add_argument(
@@ -180,7 +184,7 @@ def main() -> None:
     opts = parser.parse_args()  # fmt: skip
 
     workdir = Path(tempfile.mkdtemp(prefix="invite-bench-"))
-    opts.source, report = workdir / "input.csv", workdir / "report.jsonl"
+    opts.source, report = workdir / f"input.{opts.format}", workdir / "report.jsonl"
     write_input(opts.source, opts.rows, opts.tokens)
     runs = []
     for _ in range(max(1, opts.repeat)):
