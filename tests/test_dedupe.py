@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import worker.dedupe
+import worker.sources.lines
+from tests.conftest import TOKEN_A, TOKEN_B, by_kind, csv_source, read_report
+from worker.config import Config
 from worker.dedupe import PairIndex
+from worker.emulator import Emulator
+from worker.pipeline import run
 from worker.sources import open_source
 from worker.sources.csvfile import CsvSource
 from worker.sources.lines import Columns, Row
@@ -148,3 +155,25 @@ def test_columns_behave_as_a_sequence_of_rows() -> None:
     assert len(columns) == 3
     with pytest.raises(IndexError):
         columns[3]
+
+
+@pytest.mark.usefixtures("small_index")
+async def test_a_run_rejects_repeats_long_after_the_index_has_merged(
+    emulator: Emulator, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repeats 1,500 rows apart, across many chunks and merges: rejected, each pair sent once."""
+    monkeypatch.setattr(worker.sources.lines, "BLOCK_BYTES", 2048)  # ~60 rows per chunk
+    pairs = [(TOKEN_A if i % 2 else TOKEN_B, f"user{i}@example.com") for i in range(1_500)]
+    lines = ["token,email", *(f"{t},{e}" for t, e in pairs)]
+    lines.append(f"{TOKEN_A},not-an-address")  # line 1502: a bad row between the two halves
+    lines += [f"{t},{e.upper()}" for t, e in pairs]  # lines 1503..3002: every pair again
+    config = make_config(batch_size=100)
+    result = await run(config, csv_source("\n".join(lines) + "\n"))
+
+    assert result.exit_code == 1
+    records = read_report(config.report_path)
+    rejected = [(r["line"], r["reason"]) for r in by_kind(records, "rejected")]
+    assert rejected == [(1502, "invalid_email"), *((n, "duplicate") for n in range(1503, 3003))]
+    sent = Counter((b["token"], e) for b in by_kind(records, "batch") for e in b["emails"])
+    assert sent == Counter(pairs)
+    assert sent == emulator.invited
