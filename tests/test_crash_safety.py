@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 from tests.conftest import TOKEN_A, TOKEN_B, by_kind, csv_source, find_capture, read_report
 from worker.config import Config
 from worker.emulator import Emulator, Faults
-from worker.journal import Journal, journal_path, read_journal
+from worker.journal import Intent, Journal, journal_path, read_journal
 from worker.pipeline import run
 from worker.resume import load_history
 
@@ -55,6 +55,23 @@ def test_a_torn_last_journal_line_is_ignored_and_appends_start_fresh(tmp_path: P
     journal.close()
     assert read_journal(path) == {}
     assert path.read_bytes().endswith(b'\n{"c":"a-1"}\n')
+
+
+async def test_resume_holds_only_the_open_part_of_each_journal_intent(tmp_path: Path) -> None:
+    """Intents whose pairs all have a sent record are dropped as the journal is read."""
+    journal = Journal(tmp_path / "j", durable=False)
+    done = await journal.intent(TOKEN_A, ["a@example.com", "b@example.com"], 1.0)
+    half = await journal.intent(TOKEN_A, ["c@example.com", "d@example.com"], 2.0)
+    journal.close()
+    sent = {"a@example.com", "b@example.com", "c@example.com"}
+
+    def unsent(intent: Intent) -> Intent | None:
+        left = [e for e in intent.emails if e not in sent]
+        return Intent(intent.id, intent.token, left, intent.at) if left else None
+
+    still_open = read_journal(tmp_path / "j", unsent)
+    assert still_open == {half: Intent(half, TOKEN_A, ["d@example.com"], 2.0)}
+    assert set(read_journal(tmp_path / "j")) == {done, half}
 
 
 async def test_a_502_after_commit_is_reconciled_not_resent(
@@ -258,7 +275,7 @@ async def test_resume_after_a_dry_run_sends_everything_once(
     assert emulator.requests == []
     planned = load_history(config.report_path, journal_path(config.report_path))
     assert planned.failed == {}
-    assert planned.sent == set()
+    assert len(planned.sent) == 0
     result = await run(make_config(batch_size=5, resume=True), csv_source(rows_csv(pairs)))
     assert result.summary["job"] == {"emails_sent": 12, "emails_failed": 0, "rejected": 1,
                                      "unknown": 0}  # fmt: skip

@@ -46,6 +46,12 @@ class PairIndex:
     def __contains__(self, key: object) -> bool:
         return key in self._recent or (isinstance(key, int) and bool(self._in_base([key])))
 
+    def find_many(self, keys: Sequence[int]) -> set[int]:
+        """Those of ``keys`` that are present."""
+        found = self._in_base(keys) if self._base is not None else set()
+        found.update(self._recent.intersection(keys))
+        return found
+
     def add(self, key: int) -> bool:
         """Add one key; False when it was already there."""
         return not self.add_many([key])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -107,15 +108,25 @@ class Journal:
             self._fd = -1
 
 
-def read_journal(path: Path) -> dict[str, Intent]:
-    """Every intent of a journal that was never cleared (an absent journal has none)."""
+def read_journal(
+    path: Path, pending: Callable[[Intent], Intent | None] | None = None
+) -> dict[str, Intent]:
+    """Every intent of a journal that was never cleared (an absent journal has none).
+
+    ``pending`` sees each intent as it is read and returns what is still open of it (or
+    None): a journal keeps the intents of every sent batch, so a long job's journal holds
+    millions of addresses, and only the few still open should be held in memory.
+    """
     intents: dict[str, Intent] = {}
     # A line cut short by a crash is skipped: that intent was never acted on.
     for record in read_records(path, missing_ok=True):
         if "c" in record:
             intents.pop(str(record["c"]), None)
         elif "i" in record and isinstance(record.get("emails"), list):
-            intents[str(record["i"])] = Intent(
+            intent = Intent(
                 str(record["i"]), str(record["token"]), list(record["emails"]), float(record["at"])
             )
+            still_open = pending(intent) if pending is not None else intent
+            if still_open is not None:
+                intents[intent.id] = still_open
     return intents

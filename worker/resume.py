@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from worker.clock import Clock
+from worker.dedupe import PairIndex
 from worker.errors import SendError
 from worker.journal import Intent, Journal, read_journal
 from worker.report import Report, read_records
@@ -38,7 +39,8 @@ FINAL_FAILURES = frozenset({"bad_request", "token_not_found"})
 class History:
     """What an earlier run (or runs) of the same report settled."""
 
-    sent: set[int] = field(default_factory=set)
+    #: Every pair with a ``sent`` record (compact: a long job has millions).
+    sent: PairIndex = field(default_factory=PairIndex)
     #: pair -> code of its latest failure (removed once the pair is sent)
     failed: dict[int, str] = field(default_factory=dict)
     rejected_lines: set[int] = field(default_factory=set)
@@ -49,12 +51,13 @@ class History:
     blocked: set[int] = field(default_factory=set)
     runs: int = 0
 
-    def settled(self, key: int) -> bool:
-        """True when this pair must not be sent again."""
-        if key in self.sent or key in self.blocked:
-            return True
-        code = self.failed.get(key)
-        return code is not None and code in FINAL_FAILURES
+    def settled(self, keys: list[int]) -> set[int]:
+        """Those of ``keys`` (see :func:`pair_key`) that must not be sent again."""
+        done = self.sent.find_many(keys)
+        if self.blocked or self.failed:
+            blocked, failed = self.blocked, self.failed
+            done.update(k for k in keys if k in blocked or failed.get(k) in FINAL_FAILURES)
+        return done
 
     def on_batch(
         self, token: str, emails: list[str], status: str, error: dict[str, str] | None
@@ -62,14 +65,18 @@ class History:
         """Track a batch record as it is written, so totals cover the whole job."""
         if status == "planned":  # a dry run's plan is not an outcome
             return
-        for email in emails:
-            key = pair_key(token, email)
-            if status == "sent":
-                self.sent.add(key)
-                self.failed.pop(key, None)
-                self.blocked.discard(key)
-            elif key not in self.sent:
-                self.failed[key] = error["code"] if error else "failed"
+        keys = [pair_key(token, email) for email in emails]
+        if status == "sent":
+            self.sent.add_many(keys)
+            if self.failed or self.blocked:
+                for key in keys:
+                    self.failed.pop(key, None)
+                    self.blocked.discard(key)
+            return
+        sent, code = self.sent.find_many(keys), error["code"] if error else "failed"
+        for key in keys:
+            if key not in sent:
+                self.failed[key] = code
 
     def totals(self) -> dict[str, int]:
         """Email and row counts over the whole job so far."""
@@ -94,10 +101,15 @@ def load_history(report_path: Path, journal_path: Path) -> History:
             history.rejected_by_reason[record["reason"]] += 1
         elif kind == "summary":
             history.runs += 1
-    for intent in read_journal(journal_path).values():
-        pending = [e for e in intent.emails if pair_key(intent.token, e) not in history.sent]
-        if pending:
-            history.unknown.append(Intent(intent.id, intent.token, pending, intent.at))
+
+    def unsent(intent: Intent) -> Intent | None:
+        """What of an intent has no ``sent`` record."""
+        keys = [pair_key(intent.token, e) for e in intent.emails]
+        sent = history.sent.find_many(keys)
+        pending = [e for e, key in zip(intent.emails, keys, strict=True) if key not in sent]
+        return Intent(intent.id, intent.token, pending, intent.at) if pending else None
+
+    history.unknown.extend(read_journal(journal_path, unsent).values())
     return history
 
 

@@ -112,13 +112,14 @@ class Validator:
         return checked_token or "", checked_email or "", reason
 
     def check_rows(
-        self, rows: Sequence[RawRow], settled: Callable[[int], bool] | None = None
+        self, rows: Sequence[RawRow], settled: Callable[[list[int]], set[int]] | None = None
     ) -> tuple[list[tuple[str, str]], list[Rejection], int]:
         """Check a chunk of raw rows (the hot path of a run).
 
         Returns the valid ``(token, email)`` pairs (trimmed), the rejections as
         ``(line, reason, token, email)``, and how many valid pairs ``settled`` said to skip
-        (already sent, on ``--resume``). Reasons, in order of precedence: missing_token,
+        (already sent, on ``--resume``: it gets the chunk's :func:`pair_key` keys and
+        returns those to skip). Reasons, in order of precedence: missing_token,
         missing_email, invalid_token, invalid_email, duplicate.
         """
         rejected: list[Rejection] = []
@@ -130,7 +131,8 @@ class Validator:
             pairs, keys, lines = self._check_each(rows, rejected)
         # Duplicates are found for the whole chunk at once (see PairIndex.add_many).
         repeats = self.seen.index.add_many(keys)
-        if not repeats and settled is None:
+        done = settled(keys) if settled is not None else None
+        if not repeats and not done:
             return pairs, rejected, 0
         repeated = set(repeats)
         if lines is None:
@@ -140,7 +142,7 @@ class Validator:
         for position, (pair, key) in enumerate(zip(pairs, keys, strict=True)):
             if position in repeated:
                 rejected.append((lines[position], "duplicate", *pair))
-            elif settled is not None and settled(key):
+            elif done and key in done:
                 skipped += 1
             else:
                 valid.append(pair)
