@@ -94,17 +94,16 @@ async def enqueue(source: Source, url: str, stream: str, where: str) -> dict[str
     rejected: Counter[str] = Counter()
     try:
         async for chunk in source.chunks():
-            async with redis.pipeline(transaction=False) as pipe:
-                for line, raw_token, raw_email, reason in chunk:
-                    if reason is None:
-                        token, email, reason = validator.check(raw_token, raw_email)
-                        if reason is None:
-                            pipe.xadd(stream, {"token": token, "email": email})
-                            enqueued += 1
-                            continue
-                    rejected[reason] += 1
-                    log.warning("enqueue.rejected", line=line, reason=reason)
-                await pipe.execute()
+            valid, rejections, _ = validator.check_rows(chunk)
+            for line, reason, _token, _email in rejections:
+                rejected[reason] += 1
+                log.warning("enqueue.rejected", line=line, reason=reason)
+            if valid:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for token, email in valid:
+                        pipe.xadd(stream, {"token": token, "email": email})
+                    await pipe.execute()
+                enqueued += len(valid)
     finally:
         source.close()
         await redis.aclose()
