@@ -28,6 +28,7 @@ from tests.conftest import (
     worker_command,
     worker_env,
 )
+from worker.review import Review, write_failed
 
 SAMPLES = ROOT / "sample_inputs"
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
@@ -204,3 +205,32 @@ def test_a_terminal_run_shows_a_progress_bar_redrawn_in_place(
     assert b"requests" in seen
     assert seen.count(b"\r") >= 3  # redrawn in place, not one line per update
     assert b"400/400" in seen
+
+
+def test_a_pairs_last_batch_record_decides_its_state(tmp_path: Path) -> None:
+    """Summaries and the failed CSV follow each pair's last record, across runs, once each."""
+
+    def batch(token: str, emails: list[str], status: str, code: str | None = None) -> bytes:
+        error = {"code": code, "message": "x"} if code else None
+        return msgspec.json.encode({"kind": "batch", "token": token, "emails": emails,
+                                    "status": status, "error": error})  # fmt: skip
+
+    report = tmp_path / "report.jsonl"
+    report.write_bytes(b"\n".join([
+        batch("t1", ["a@x.io", "b@x.io", "c@x.io"], "failed", "server_error"),
+        batch("t1", ["A@x.io"], "sent"),  # a: failed, then sent (case does not matter)
+        batch("t2", ["a@x.io"], "failed", "bad_request"),  # another token: another pair
+        batch("t1", ["c@x.io", "c@x.io"], "failed", "timeout"),  # c: failed again, once
+        b'{"kind": "summary", "requests": 4}',
+        b'{"kind": "batch", "token": "t1", "emails": ["b@x.io"], "sta',  # torn by a crash
+    ]) + b"\n")  # fmt: skip
+    totals = Review.read(report).summary()
+    assert (totals["sent"], totals["failed"], totals["runs"]) == (1, 3, 1)
+    assert totals["failed_by_code"] == {"server_error": 1, "bad_request": 1, "timeout": 1}
+    assert totals["failed_by_token"] == {"t1": 2, "t2": 1}
+    out = tmp_path / "failed.csv"
+    with out.open("w") as f:
+        assert write_failed(report, f) == 3
+    rows = list(csv.reader(out.read_text().splitlines()))
+    assert rows[0] == ["token", "email"]
+    assert sorted(rows[1:]) == [["t1", "b@x.io"], ["t1", "c@x.io"], ["t2", "a@x.io"]]

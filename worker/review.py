@@ -6,9 +6,11 @@ A report may hold several runs (``--resume``): a pair's *last* batch record is i
 from __future__ import annotations
 
 import csv
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,38 +32,80 @@ def records(path: Path) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class Review:
-    """What a report says, pair by pair and run by run."""
+    """What a report says, pair by pair and run by run.
 
-    #: pair -> (status, error code, token) of its last batch record
-    final: dict[int, tuple[str, str | None, str]] = field(default_factory=dict)
+    A report can hold millions of pairs, so their final states are kept compact: one
+    64-bit key per pair (see :func:`pair_key`) with the number of the batch record that
+    holds its last state, in two numpy arrays sorted by key.
+    """
+
+    #: (status, error code, token) of every batch record, in the report's order
+    batches: list[tuple[str, str | None, str]] = field(default_factory=list)
     rejected: dict[Any, str] = field(default_factory=dict)  # line or stream id -> reason
     runs: list[dict[str, Any]] = field(default_factory=list)
     ends_with_summary: bool = False
+    _keys: Any = None  # sorted pair keys, each once
+    _last: Any = None  # for each, the number of its last batch record
 
     @classmethod
     def read(cls, path: Path) -> Review:
         review = cls()
+        keys, owners = array("q"), array("i")  # 8 + 4 bytes a pair
         last_kind = None
         for record in records(path):
             last_kind = kind = record.get("kind")
             if kind == "batch":
                 error = record.get("error") or {}
-                state = (record["status"], error.get("code"), record["token"])
-                for email in record["emails"]:
-                    review.final[pair_key(record["token"], email)] = state
+                token, emails = record["token"], record["emails"]
+                owners.extend(repeat(len(review.batches), len(emails)))
+                review.batches.append((record["status"], error.get("code"), token))
+                keys.extend(pair_key(token, email) for email in emails)
             elif kind == "rejected":
                 where = record.get("line", record.get("stream_id"))
                 review.rejected.setdefault(where, record["reason"])
             elif kind == "summary":
                 review.runs.append(record)
         review.ends_with_summary = last_kind == "summary"
+        review._index(keys, owners)
         return review
+
+    def _index(self, keys: array[int], owners: array[int]) -> None:
+        import numpy as np
+
+        all_keys = np.frombuffer(keys, dtype=np.int64) if keys else np.empty(0, np.int64)
+        all_owners = np.frombuffer(owners, dtype=np.intc) if owners else np.empty(0, np.intc)
+        order = np.argsort(all_keys, kind="stable")  # equal keys stay in report order
+        sorted_keys, sorted_owners = all_keys[order], all_owners[order]
+        last = np.ones(len(sorted_keys), dtype=bool)  # the last of each run of equal keys
+        last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
+        self._keys, self._last = sorted_keys[last], sorted_owners[last]
+
+    def last_records(self, keys: list[int]) -> list[int]:
+        """For each key, the number of the batch record holding its last state (-1: none)."""
+        import numpy as np
+
+        if not len(self._keys) or not keys:
+            return [-1] * len(keys)
+        needles = np.array(keys, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._keys, needles), len(self._keys) - 1)
+        found = self._keys[at] == needles
+        result: list[int] = np.where(found, self._last[at], -1).tolist()
+        return result
 
     def summary(self) -> dict[str, Any]:
         """Totals over the whole history (emails by final state, rows rejected)."""
-        statuses = Counter(status for status, _, _ in self.final.values())
-        failed = [(code, token) for status, code, token in self.final.values()
-                  if status == "failed"]  # fmt: skip
+        import numpy as np
+
+        statuses: Counter[str] = Counter()
+        failed_by_code: Counter[str] = Counter()
+        failed_by_token: Counter[str] = Counter()
+        finals = np.bincount(self._last, minlength=len(self.batches)).tolist()
+        for (status, code, token), pairs in zip(self.batches, finals, strict=True):
+            if pairs:
+                statuses[status] += pairs
+                if status == "failed":
+                    failed_by_code[code or "?"] += pairs
+                    failed_by_token[token] += pairs
         totals: dict[str, Any] = {
             "sent": statuses["sent"],
             "failed": statuses["failed"],
@@ -73,8 +117,8 @@ class Review:
         for name in RUN_COUNTERS:
             totals[name] = sum(run.get(name) or 0 for run in self.runs)
         totals["duration_ms"] = round(totals["duration_ms"], 1)
-        totals["failed_by_code"] = dict(Counter(code or "?" for code, _ in failed).most_common())
-        totals["failed_by_token"] = dict(Counter(token for _, token in failed).most_common())
+        totals["failed_by_code"] = dict(failed_by_code.most_common())
+        totals["failed_by_token"] = dict(failed_by_token.most_common())
         totals["rejected_by_reason"] = dict(Counter(self.rejected.values()).most_common())
         return totals
 
@@ -112,13 +156,20 @@ def write_failed(path: Path, out: TextIO) -> int:
     review = Review.read(path)
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["token", "email"])
-    written: set[int] = set()
+    written = 0
+    number = -1  # of the batch record, counted as Review.read counts them
     for record in records(path):
-        if record.get("kind") != "batch" or record.get("status") != "failed":
+        if record.get("kind") != "batch":
             continue
-        for email in record["emails"]:
-            key = pair_key(record["token"], email)
-            if key not in written and review.final.get(key, ("",))[0] == "failed":
-                written.add(key)
-                writer.writerow([record["token"], email])
-    return len(written)
+        number += 1
+        if record.get("status") != "failed":
+            continue
+        token, emails = record["token"], record["emails"]
+        keys = [pair_key(token, email) for email in emails]
+        here: set[int] = set()  # an address twice in one record is written once
+        for email, key, last in zip(emails, keys, review.last_records(keys), strict=True):
+            if last == number and key not in here:
+                here.add(key)
+                writer.writerow([token, email])
+                written += 1
+    return written
