@@ -32,6 +32,8 @@ def small_index(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("small_index")
+# No deadline: the first example imports numpy, which is slow on a loaded machine.
+@settings(deadline=None)
 @given(st.lists(st.lists(st.integers(min_value=-50, max_value=50) | INT64, max_size=30)))
 def test_index_answers_like_a_set(chunks: list[list[int]]) -> None:
     """add_many reports exactly the keys a plain set has already seen, across merges."""
@@ -97,7 +99,7 @@ EMAILS = st.sampled_from(["a@b.co", "A@B.CO", "x.y@ex.io", "a@b.co\nc@d.io"]) | 
 READER = st.sampled_from([None] * 9 + ["bad_encoding"])
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 @given(st.lists(st.lists(st.tuples(TOKENS, EMAILS, READER), max_size=8), max_size=6))
 def test_chunk_wise_validation_matches_row_by_row(chunks: list[list[tuple]]) -> None:  # type: ignore[type-arg]
     """Whatever a chunk holds, check_rows gives the oracle's valid pairs and rejections."""
@@ -130,7 +132,7 @@ CSV_LINES = st.lists(
 )  # fmt: skip
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(header=st.sampled_from(["token,email", "email,token,name", "token;email"]),
        lines=CSV_LINES)  # fmt: skip
 def test_csv_clean_blocks_match_the_line_parser(header: str, lines: list[str]) -> None:
