@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # leave everything imported so far out of the collector's walks.
     gc.set_threshold(50_000, 20, 20)
     gc.freeze()
+    # numpy (the duplicate index) never multiplies a matrix here, but its OpenBLAS would
+    # start a thread per core that spins for a while after start: measurable CPU for nothing.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         if args.command == "run":
             return asyncio.run(run_command(args))
