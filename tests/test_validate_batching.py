@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.batching import Batcher
+from worker.logs import timestamp
 from worker.report import iso
 from worker.validate import Validator, check_email, check_token
 
@@ -135,3 +137,12 @@ def test_report_timestamps_match_datetime(ts: float) -> None:
     """Property: the fast ISO formatter agrees with datetime to the millisecond digit."""
     expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
     assert iso(ts) == expected
+
+
+def test_log_timestamps_are_utc_iso_with_microseconds() -> None:
+    """Each event's timestamp reads back as UTC within a moment of now, in structlog's form."""
+    before = datetime.now(UTC)
+    stamped = timestamp(None, "info", {})["timestamp"]
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamped)
+    assert before - timedelta(microseconds=2) <= datetime.fromisoformat(stamped) <= after
