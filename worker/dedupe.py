@@ -95,9 +95,8 @@ class PairIndex:
 
         needles = np.array(keys, dtype=np.int64)
         needles.sort()  # sorted needles walk the array in order: far fewer cache misses
-        at = np.searchsorted(base, needles)
-        np.minimum(at, len(base) - 1, out=at)
-        hits: Any = needles[base[at] == needles]
+        _, found = locate(base, needles)
+        hits: Any = needles[found]
         return set(hits.tolist()) if len(hits) else set()
 
     def _maybe_merge(self) -> None:
@@ -121,6 +120,15 @@ class PairIndex:
             base.sort(kind="stable")
         recent.clear()
         self._order.clear()
+
+
+def locate(haystack: npt.NDArray[np.int64], needles: npt.NDArray[np.int64]) -> tuple[Any, Any]:
+    """For each needle, its position in the sorted, non-empty ``haystack`` (or where it would
+    go, kept in bounds), and whether it is there."""
+    import numpy as np
+
+    at = np.minimum(np.searchsorted(haystack, needles), len(haystack) - 1)
+    return at, haystack[at] == needles
 
 
 def _repeats_within(keys: Sequence[int]) -> list[int]:

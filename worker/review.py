@@ -14,6 +14,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, TextIO
 
+from worker.dedupe import locate
 from worker.errors import UsageError
 from worker.report import read_records
 from worker.validate import pair_key
@@ -86,9 +87,7 @@ class Review:
 
         if not len(self._keys) or not keys:
             return [-1] * len(keys)
-        needles = np.array(keys, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self._keys, needles), len(self._keys) - 1)
-        found = self._keys[at] == needles
+        at, found = locate(self._keys, np.array(keys, dtype=np.int64))
         result: list[int] = np.where(found, self._last[at], -1).tolist()
         return result
 
