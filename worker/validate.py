@@ -60,29 +60,10 @@ def pair_key(token: str, email: str) -> int:
 
     The two string hashes are combined with XOR rather than by hashing a tuple: the token's
     hash is computed once per token (see :class:`Validator`), and no tuple is built per row.
+    A collision (odds about one in 10^7 for a million pairs) would reject a row as
+    ``duplicate`` — visibly, in the report — never send it twice.
     """
     return hash(token.lower()) ^ hash(email.lower())
-
-
-class SeenPairs:
-    """Remembers every valid (token, email) pair, ignoring case, to reject repeats.
-
-    Stores one 64-bit hash per pair in a compact :class:`~worker.dedupe.PairIndex` rather
-    than the strings. A hash collision (odds about one in 10^7 for a million pairs) would
-    reject a row as ``duplicate`` — visibly, in the report — never send it twice.
-    """
-
-    __slots__ = ("index",)
-
-    def __init__(self) -> None:
-        self.index = PairIndex()
-
-    def add(self, token: str, email: str) -> bool:
-        """Record the pair; False when it was already there."""
-        return self.index.add(pair_key(token, email))
-
-    def __len__(self) -> int:
-        return len(self.index)
 
 
 #: Distinct valid tokens remembered (checked, with the hash of their lower-case form); past
@@ -100,7 +81,8 @@ class Validator:
     __slots__ = ("_tokens", "seen")
 
     def __init__(self) -> None:
-        self.seen = SeenPairs()
+        #: Every valid pair so far, as :func:`pair_key` keys, to reject repeats.
+        self.seen = PairIndex()
         self._tokens: dict[str, int] = {}  # valid token -> hash of its lower-case form
 
     def check(self, token: str | None, email: str | None) -> tuple[str, str, str | None]:
@@ -130,7 +112,7 @@ class Validator:
         else:
             pairs, keys, lines = self._check_each(rows, rejected)
         # Duplicates are found for the whole chunk at once (see PairIndex.add_many).
-        repeats = self.seen.index.add_many(keys)
+        repeats = self.seen.add_many(keys)
         done = settled(keys) if settled is not None else None
         if not repeats and not done:
             return pairs, rejected, 0

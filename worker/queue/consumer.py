@@ -26,7 +26,7 @@ from worker.queue.stream import Message, StreamQueue
 from worker.report import Report, iso
 from worker.send.reconcile import record_created
 from worker.send.sender import Sender
-from worker.validate import Validator
+from worker.validate import Validator, pair_key
 
 log = structlog.get_logger("worker.queue")
 
@@ -262,7 +262,7 @@ class Consumer:
         for mid, email, _ in items:
             if email.lower() in found:
                 # Registered before the record is written: writing it acknowledges them.
-                self.validator.seen.add(token, email)
+                self.validator.seen.add(pair_key(token, email))
                 self.index[(token, email.lower())] = mid
         created = record_created(self.report, token, emails, found, started_at=since,
                                  finished_at=self.clock.time())  # fmt: skip
