@@ -17,11 +17,12 @@ from worker.errors import (
     BadRequest,
     ConnectionFailed,
     RateLimited,
+    RateLimitInfo,
     ServerError,
     TokenNotFound,
     UnexpectedResponse,
 )
-from worker.send.client import InvitationClient, error_message, parse_ratelimit
+from worker.send.client import InvitationClient, error_message, parse_ratelimit, read_ratelimit
 
 Handler = Callable[[web.Request], web.StreamResponse]
 
@@ -119,19 +120,54 @@ def test_urls_are_built_only_from_plain_tokens() -> None:
 
 
 def test_ratelimit_headers_tolerate_garbage() -> None:
-    """Missing, negative or non-numeric headers become None instead of raising."""
-    info = parse_ratelimit(
+    """Negative or non-numeric headers never raise: the whole set becomes unknown."""
+    garbage = {
+        "X-RateLimit-Limit": "25",
+        "X-RateLimit-Period": "1",
+        "X-RateLimit-Remaining": "-3",
+        "X-RateLimit-Reset": "soon",
+        "X-RateLimit-Name": "x",
+    }
+    info = parse_ratelimit(CIMultiDict(garbage))
+    assert (info.limit, info.period, info.remaining, info.reset) == (None, None, None, None)
+    _, raw = read_ratelimit(CIMultiDict(garbage))
+    assert raw == {"Limit": "25", "Period": "1", "Remaining": "-3", "Reset": "soon"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-RateLimit-Limit": "0", "X-RateLimit-Period": "10"},
+        {"X-RateLimit-Limit": "10", "X-RateLimit-Period": "abc"},
+        {"X-RateLimit-Limit": "10", "X-RateLimit-Period": "-1"},
+        {"X-RateLimit-Limit": "10", "X-RateLimit-Period": "nan"},
+        {"X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "-3"},
+        {"X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "11"},
+        {"X-RateLimit-Period": "10", "X-RateLimit-Reset": "-5"},
+        {"X-RateLimit-Period": "10", "X-RateLimit-Reset": "3600"},
+    ],
+)
+def test_nonsense_ratelimit_headers_are_unknown(headers: dict[str, str]) -> None:
+    """Each kind of nonsense makes the header set unknown, returned raw for the warning."""
+    info, raw = read_ratelimit(CIMultiDict(headers))
+    assert info == RateLimitInfo()
+    assert raw == {k.removeprefix("X-RateLimit-"): v for k, v in headers.items()}
+
+
+def test_sane_ratelimit_headers_are_read() -> None:
+    """A consistent set is read as numbers, a reset of 0 and a missing name included."""
+    info, raw = read_ratelimit(
         CIMultiDict(
             {
                 "X-RateLimit-Limit": "25",
-                "X-RateLimit-Period": "1",
-                "X-RateLimit-Remaining": "-3",
-                "X-RateLimit-Reset": "soon",
-                "X-RateLimit-Name": "x",
+                "X-RateLimit-Period": "10",
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": "0",
             }
         )
     )
-    assert (info.limit, info.period, info.remaining, info.reset) == (25, 1.0, None, None)
+    assert raw is None
+    assert info == RateLimitInfo(limit=25, period=10.0, remaining=0, reset=0.0)
 
 
 def test_error_messages_from_any_body() -> None:

@@ -118,7 +118,9 @@ async def test_clean_run_exits_zero_with_invitations_recorded(
 async def test_one_refused_address_does_not_block_the_other_99(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
-    """A 400 splits the batch in halves until the refused address stands alone."""
+    """A 400 that names no address splits the batch in halves until the refused one stands
+    alone."""
+    emulator.faults.name_refused = False
     config = make_config(batch_size=100)
     pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(100)]
     pairs[37] = (TOKEN_A, "intruder@outside.example")
@@ -128,11 +130,34 @@ async def test_one_refused_address_does_not_block_the_other_99(
     failed = [b for b in batches if b["status"] == "failed"]
     assert [b["emails"] for b in failed] == [["intruder@outside.example"]]
     assert failed[0]["error"]["code"] == "bad_request"
-    assert "outside.example" in failed[0]["error"]["message"]
+    assert "share list" in failed[0]["error"]["message"]
     assert sum(len(b["emails"]) for b in batches if b["status"] == "sent") == 99
     assert sorted(e for b in batches for e in b["emails"]) == sorted(e for _, e in pairs)
     assert len(emulator.requests) <= 2 * 7 + 1  # about two requests per halving level
     assert find_capture(logs, "batch.split")
+    assert not find_capture(logs, "batch.cap_learned")  # an address, not the length
+    assert result.exit_code == 1
+
+
+async def test_a_400_naming_addresses_fails_exactly_those_and_resends_the_rest_once(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The refused addresses the 400 names fail; the other 97 go again in one request."""
+    config = make_config(batch_size=100)
+    pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(100)]
+    for i in (3, 37, 90):
+        pairs[i] = (TOKEN_A, f"Intruder{i}@Outside.Example")
+    with capture_logs() as logs:
+        result = await run(config, csv_source(rows_csv(pairs)))
+    batches = by_kind(read_report(config.report_path), "batch")
+    failed = [b for b in batches if b["status"] == "failed"]
+    assert [b["emails"] for b in failed] == [[pairs[3][1], pairs[37][1], pairs[90][1]]]
+    assert failed[0]["error"]["code"] == "bad_request"
+    sent = [b for b in batches if b["status"] == "sent"]
+    assert [len(b["emails"]) for b in sent] == [97]
+    assert len(emulator.requests) == 2
+    assert not find_capture(logs, "batch.split")
+    assert find_capture(logs, "batch.refused_named")[0]["refused"] == 3
     assert result.exit_code == 1
 
 

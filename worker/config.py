@@ -84,8 +84,10 @@ class Config:
     backoff_max: float = 30.0
     #: Upper bound of the random extra wait added after a 429, so workers do not stampede.
     ratelimit_jitter: float = 1.0
-    #: Wait after a 429 that carried no usable ``X-RateLimit-Reset``.
+    #: First wait after a 429 that carried no usable headers; it doubles while 429s go on.
     ratelimit_default_wait: float = 1.0
+    #: The longest any single wait for the rate limit may be, whatever the headers say.
+    max_wait: float = 60.0
     #: After an unknown outcome, wait this long before listing what the service created, so
     #: a request still being processed has landed.
     reconcile_delay: float = 5.0
@@ -119,6 +121,7 @@ class Config:
             raise UsageError(f"--rate must be a positive number of requests/s, got {self.rate}")
         for name, value in (
             ("--timeout", self.timeout),
+            ("--max-wait", self.max_wait),
             ("backoff_base", self.backoff_base),
             ("backoff_max", self.backoff_max),
         ):

@@ -14,6 +14,14 @@ from worker.errors import UsageError
 
 INVITATION_PATH = "/api/v1/dashboard/public/{token}/invitation"
 RATELIMIT_NAME = "dashboard_public_invitation"
+#: How the emulator reports its rate limit (see ``Emulator.ratelimit_headers``).
+RATELIMIT_HEADERS = ("standard", "none", "nonsense")
+NONSENSE_HEADERS = {
+    "X-RateLimit-Limit": "0",
+    "X-RateLimit-Period": "abc",
+    "X-RateLimit-Remaining": "-3",
+    "X-RateLimit-Reset": "-5",
+}
 OUTSIDE_DOMAIN = "outside.example"
 _INVITATION = re.compile(r"/api/v1/dashboard/public/[A-Za-z0-9_-]+/invitation")
 #: Faults that can be scripted with :meth:`Emulator.script`. ``*-after`` faults strike after
@@ -37,8 +45,12 @@ class Faults:
     error_after_rate: float = 0.0
     #: Connection dropped after the invitations were created.
     drop_after_rate: float = 0.0
-    #: Refuse lists longer than this with a 400, as a service might for an oversized body.
+    #: Refuse lists longer than this with a 400 naming no address, as a service might for an
+    #: oversized body.
     max_batch: int | None = None
+    #: Whether a 400 for addresses off the share list names them (the real message format
+    #: is not documented; without names the worker must bisect).
+    name_refused: bool = True
 
     def __post_init__(self) -> None:
         rates = (self.error_rate, self.drop_rate, self.slow_rate, self.error_after_rate,

@@ -28,6 +28,8 @@ from worker.emulation import (
     _INVITATION,
     FAULTS,
     INVITATION_PATH,
+    NONSENSE_HEADERS,
+    RATELIMIT_HEADERS,
     RATELIMIT_NAME,
     Dashboard,
     Faults,
@@ -54,13 +56,19 @@ class Emulator:
         sandbox_rules: bool = True,
         seed: int | None = 0,
         clock: Callable[[], float] = time.time,
+        ratelimit_headers: str = "standard",
     ) -> None:
         if limit is not None and limit < 1:
             raise UsageError("--limit must be at least 1")
+        if ratelimit_headers not in RATELIMIT_HEADERS:
+            raise UsageError(f"--ratelimit-headers must be one of {', '.join(RATELIMIT_HEADERS)}")
         if not period > 0:
             raise UsageError("--period must be a positive number of seconds")
         self.api_key, self.app_key = api_key, app_key
         self.limit, self.period = limit, period
+        #: ``standard`` headers; ``none`` (the limit still holds, 429s are a proxy's HTML
+        #: page); ``nonsense`` (Limit 0, Period abc, Remaining -3, Reset -5 on every answer).
+        self.ratelimit_headers = ratelimit_headers
         self.faults = faults or Faults()
         self.sandbox_rules = sandbox_rules
         self.dashboards: dict[str, Dashboard] = {}
@@ -166,6 +174,14 @@ class Emulator:
 
     def _ratelimit(self, count: bool) -> tuple[bool, dict[str, str]]:
         """Count one request in the current calendar-aligned window; (over limit, headers)."""
+        over, headers = self._window_count(count)
+        if self.ratelimit_headers == "none":
+            return over, {}
+        if self.ratelimit_headers == "nonsense":
+            return over, dict(NONSENSE_HEADERS)
+        return over, headers
+
+    def _window_count(self, count: bool) -> tuple[bool, dict[str, str]]:
         if self.limit is None:
             return False, {}
         now = self._clock()
@@ -195,7 +211,7 @@ class Emulator:
         self, status: int, message: str, headers: dict[str, str], html: bool = False
     ) -> web.Response:
         if html:  # as a proxy in front of the service would answer
-            body = f"<html><body><h1>{status} Bad Gateway</h1>{message}</body></html>"
+            body = f"<html><body><h1>{status}</h1>{message}</body></html>"
             return web.Response(status=status, text=body, content_type="text/html", headers=headers)
         return self._json(status, {"errors": [message]}, headers)
 
@@ -205,7 +221,8 @@ class Emulator:
             return self._error(403, "Forbidden", {}), {}
         over, headers = self._ratelimit(count=True)
         if over:
-            return self._error(429, "Rate limit exceeded", headers), headers
+            html = self.ratelimit_headers == "none"  # as a proxy in front would answer
+            return self._error(429, "Rate limit exceeded", headers, html=html), headers
         return None, headers
 
     def _authorized(self, request: web.Request) -> bool:
@@ -248,13 +265,10 @@ class Emulator:
             )
         refused = [e for e in emails if not board.allows(e)]
         if refused:
-            return log(
-                self._error(
-                    400,
-                    "Email(s) not in the shared dashboard's share list: " + ", ".join(refused),
-                    headers,
-                )
-            )
+            message = "Email(s) not in the shared dashboard's share list"
+            if self.faults.name_refused:
+                message += ": " + ", ".join(refused)
+            return log(self._error(400, message, headers))
         now = self._clock()
         items = []
         for email in emails:

@@ -7,6 +7,7 @@ split into :class:`RetryableError` (try the same request again later) and
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -16,6 +17,48 @@ class InviteWorkerError(Exception):
 
 class UsageError(InviteWorkerError):
     """Bad options, configuration or input shape: nothing was sent (exit code 2)."""
+
+
+class ReportLocked(UsageError):
+    """Another live process holds the report (and its journal): this run must not start."""
+
+
+class FatalError(InviteWorkerError):
+    """The run cannot go on safely: nothing more is sent, in-flight requests get ``--grace``,
+    what is unsettled is left for ``--resume`` (or pending in the stream), and the run exits 3.
+    """
+
+    code = "fatal"
+
+
+class StorageError(FatalError):
+    """Writing the report or the journal failed (a full disk, EIO, a quota)."""
+
+    code = "storage_error"
+
+    def __init__(self, path: object, cause: OSError) -> None:
+        errno_name = errno.errorcode.get(cause.errno or 0, "") if cause.errno else ""
+        reason = cause.strerror or str(cause)
+        super().__init__(
+            f"cannot write {str(path)!r}: {reason}{f' ({errno_name})' if errno_name else ''}. "
+            "Nothing more is sent. Free space (or fix the disk), then run the same command "
+            "again with --resume; to continue elsewhere, copy the report and its .journal "
+            "together and point --report at the copy"
+        )
+        self.path = path
+        self.cause = cause
+
+
+class ServiceUnreachable(FatalError):
+    """No connection to the API could ever be made: nothing reached the service."""
+
+    code = "service_unreachable"
+
+
+class QueueLost(FatalError):
+    """The Redis stream, its group or the server itself is gone for good."""
+
+    code = "queue_lost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +147,14 @@ class PermanentError(SendError):
 
 
 class BadRequest(PermanentError):
-    """400: the batch (or an address in it) was refused, e.g. not on the share list."""
+    """400: the batch (or an address in it) was refused, e.g. not on the share list.
+
+    ``named`` holds the batch's addresses the service's message names (empty when it names
+    none, or when it cannot be trusted to: see ``worker.send.refusals``).
+    """
 
     code = "bad_request"
+    named: list[str] = []  # noqa: RUF012 - read-only default; set per instance
 
 
 class AuthError(PermanentError):

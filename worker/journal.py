@@ -16,7 +16,6 @@ and ``--resume`` lists the token's invitations before sending those pairs again.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ from typing import Protocol
 
 import msgspec
 
-from worker.report import open_private_append, read_records, write_all
+from worker.errors import UsageError
+from worker.report import AppendFile, read_records
 
 
 def journal_path(report_path: Path) -> Path:
@@ -60,7 +60,10 @@ class Journal:
 
     def __init__(self, path: Path, *, durable: bool = True, truncate: bool = False) -> None:
         self.path = path
-        self._fd = open_private_append(path, truncate=truncate)
+        try:
+            self._file = AppendFile(path, truncate=truncate)
+        except OSError as exc:
+            raise UsageError(f"cannot write the journal {str(path)!r}: {exc.strerror}") from None
         self._durable = durable
         self._run = secrets.token_hex(4)
         self._seq = 0
@@ -82,7 +85,7 @@ class Journal:
         self._write({"c": ident})
 
     def _write(self, record: dict[str, object]) -> None:
-        write_all(self._fd, msgspec.json.encode(record) + b"\n")
+        self._file.write(msgspec.json.encode(record) + b"\n")  # StorageError if it fails
         self._written += 1
 
     async def _sync(self, target: int) -> None:
@@ -96,16 +99,29 @@ class Journal:
         # The task itself publishes what it covered, before anyone awaiting it resumes;
         # otherwise a waiter could find the finished future and spin without yielding.
         try:
-            await asyncio.to_thread(os.fdatasync, self._fd)
+            await asyncio.to_thread(self._file.sync)
             self._synced = max(self._synced, upto)
         finally:
             self._syncing = None
 
     def close(self) -> None:
         """Close the file (idempotent)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
+
+
+def _journal_shape(record: dict[str, object]) -> bool:
+    """A clear, or an intent with every field it needs."""
+    if "c" in record:
+        return True
+    emails = record.get("emails")
+    return (
+        "i" in record
+        and isinstance(record.get("token"), str)
+        and isinstance(emails, list)
+        and all(isinstance(e, str) for e in emails)
+        and isinstance(record.get("at"), int | float)
+        and not isinstance(record.get("at"), bool)
+    )
 
 
 def read_journal(
@@ -119,10 +135,10 @@ def read_journal(
     """
     intents: dict[str, Intent] = {}
     # A line cut short by a crash is skipped: that intent was never acted on.
-    for record in read_records(path, missing_ok=True):
+    for record in read_records(path, missing_ok=True, check=_journal_shape):
         if "c" in record:
             intents.pop(str(record["c"]), None)
-        elif "i" in record and isinstance(record.get("emails"), list):
+        else:
             intent = Intent(
                 str(record["i"]), str(record["token"]), list(record["emails"]), float(record["at"])
             )

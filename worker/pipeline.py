@@ -21,10 +21,12 @@ import structlog
 from worker.batching import Batch, Batcher
 from worker.clock import Clock, SystemClock
 from worker.config import Config
+from worker.errors import FatalError, StorageError, UsageError
 from worker.journal import Journal, journal_path
+from worker.lock import hold_report
 from worker.progress import Progress
 from worker.report import Report, iso
-from worker.resume import History, load_history, settle_unknowns
+from worker.resume import History, check_resumable, load_history, settle_unknowns
 from worker.send import client_for, pacer_for
 from worker.send.pacing import Pacer
 from worker.send.sender import Sender
@@ -52,13 +54,32 @@ async def run(
     rng: random.Random | None = None,
     stop: asyncio.Event | None = None,
 ) -> RunResult:
-    """Send every valid pair of ``source`` and write the report; returns the exit code."""
-    clock = clock or SystemClock()
-    stop = stop or asyncio.Event()
+    """Send every valid pair of ``source`` and write the report; returns the exit code.
+
+    The report's lock is held throughout: a second run on the same report is refused
+    (:class:`ReportLocked`) before it reads or writes anything.
+    """
+    if config.resume:
+        check_resumable(config.report_path)
+    with hold_report(config.report_path):
+        return await _run(config, source, clock or SystemClock(), rng, stop or asyncio.Event())
+
+
+async def _run(
+    config: Config,
+    source: Source,
+    clock: Clock,
+    rng: random.Random | None,
+    stop: asyncio.Event,
+) -> RunResult:
     jpath = journal_path(config.report_path)
     history = load_history(config.report_path, jpath) if config.resume else None
     report = Report(config.report_path, overwrite=config.overwrite, resume=config.resume)
-    journal = Journal(jpath, durable=config.durable_journal, truncate=not config.resume)
+    try:
+        journal = Journal(jpath, durable=config.durable_journal, truncate=not config.resume)
+    except UsageError:
+        report.close()
+        raise
     if history is not None:
         report.on_batch = history.on_batch
     started = clock.time()
@@ -77,7 +98,10 @@ async def run(
             pacer = pacer_for(config, clock, rng)
             sender = Sender(client, pacer, report, journal, config, clock, rng, stop)
             if history is not None:
-                await settle_unknowns(history, sender.reconciler, report, journal, clock)
+                try:
+                    await settle_unknowns(history, sender.reconciler, report, journal, clock)
+                except FatalError as exc:
+                    sender.halt(exc)
             settled_first = report.emails["sent"] + report.emails["failed"]
             counts = new_counts()
 
@@ -96,7 +120,10 @@ async def run(
             counts["recorded"] = report.emails["sent"] + report.emails["failed"] - settled_first
     finally:
         source.close()
-        report.flush()
+        try:
+            report.flush()
+        except StorageError as exc:
+            sender.halt(exc)
         journal.close()
     summary = build_summary(
         config, source.description, report, sender, pacer, history, counts, started, clock
@@ -105,8 +132,15 @@ async def run(
 
 
 def finish(report: Report, summary: dict[str, Any]) -> RunResult:
-    """Write the summary as the report's last record, log it, and return the result."""
-    report.summary(summary)
+    """Write the summary as the report's last record, log it, and return the result.
+
+    When the report cannot be written (the disk that stopped the run), the summary is
+    still logged; ``--resume`` does not need it.
+    """
+    try:
+        report.summary(summary)
+    except StorageError as exc:
+        log.error("run.summary_not_written", error=str(exc))
     log_summary = {k: v for k, v in summary.items() if k not in ("started_at", "finished_at")}
     if summary["aborted"] or summary["exit_code"] == EXIT_ABORTED:
         log.error("run.aborted", **log_summary)
@@ -132,8 +166,11 @@ async def _pump(
                 await sender.send(batch)
 
     async def produce() -> None:
-        async for batch in read_batches(config, source, report, counts, history, stop):
-            await queue.put(batch)
+        try:
+            async for batch in read_batches(config, source, report, counts, history, stop):
+                await queue.put(batch)
+        except FatalError as exc:  # the report cannot take the rejected rows
+            sender.halt(exc)
 
     drains = [asyncio.create_task(drain()) for _ in range(config.concurrency)]
     producer = asyncio.create_task(produce())
@@ -238,7 +275,8 @@ def build_summary(
     not settle stays pending in the group), so an interruption alone does not make exit 3.
     """
     finished = clock.time()
-    interrupted = sender.stopping.is_set()
+    halted = sender.fatal
+    interrupted = sender.stopping.is_set() and halted is None
     aborted = sender.aborted
     recorded = counts.pop("recorded", 0)
     counts.pop("read_all", None)
@@ -249,7 +287,7 @@ def build_summary(
         "rejected": report.rejected_total,
         "unknown": 0,
     }  # fmt: skip
-    if aborted or (interrupted and not stopping_is_normal):
+    if aborted or halted is not None or (interrupted and not stopping_is_normal):
         exit_code = EXIT_ABORTED
     elif totals["emails_failed"] or totals["rejected"] or totals["unknown"] or unsent:
         exit_code = EXIT_INCOMPLETE
@@ -276,6 +314,7 @@ def build_summary(
         "aborted": aborted,
         "abort_reason": sender.abort_error.message if sender.abort_error else None,
         "interrupted": interrupted,
+        "halted": {"code": halted.code, "message": str(halted)} if halted is not None else None,
         "resumed": config.resume,
         "exit_code": exit_code,
         "started_at": iso(started),

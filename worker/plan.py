@@ -10,6 +10,7 @@ import structlog
 
 from worker.config import Config
 from worker.errors import UsageError
+from worker.lock import hold_report
 from worker.pipeline import EXIT_INCOMPLETE, EXIT_OK, RunResult, new_counts, read_batches
 from worker.report import Report
 from worker.sources import Source
@@ -48,6 +49,13 @@ async def dry_run(
     out: TextIO | None = None,
 ) -> RunResult:  # fmt: skip
     """Plan the run: ``planned`` batches and rejected rows to the report, the plan to ``out``."""
+    with hold_report(config.report_path):
+        return await _plan(config, source, assume_limit, out)
+
+
+async def _plan(
+    config: Config, source: Source, assume_limit: tuple[int, float] | None, out: TextIO | None
+) -> RunResult:
     report = Report(config.report_path, overwrite=config.overwrite)
     counts = new_counts()
     requests = 0

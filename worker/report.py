@@ -6,6 +6,7 @@ valid prefix. The file holds people's addresses, so it is created owner-only (06
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import Counter
@@ -15,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 
-from worker.errors import UsageError
+from worker.errors import StorageError, UsageError
 
 PRIVATE_MODE = 0o600
+
+log = structlog.get_logger("worker.report")
 
 _encode = msgspec.json.encode
 
@@ -50,11 +54,18 @@ def iso(ts: float) -> str:
     return f"{_second[1]}.{micros // 1000:03d}+00:00"
 
 
-def read_records(path: Path, *, missing_ok: bool = False) -> Iterator[dict[str, Any]]:
+def read_records(
+    path: Path,
+    *,
+    missing_ok: bool = False,
+    check: Callable[[dict[str, Any]], bool] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Every JSON object of a JSONL file (report or journal), streamed in order.
 
-    A line cut short by a crash, or that is not an object, is skipped. A missing file is
-    an empty one when ``missing_ok``; otherwise ``OSError`` propagates.
+    A line that is not a JSON object (cut short by a crash or a full disk, or glued to
+    another), or that fails ``check``, is skipped; once the file is read, one
+    ``records.torn_line`` warning names the first such line and how many there were. A
+    missing file is an empty one when ``missing_ok``; otherwise ``OSError`` propagates.
     """
     try:
         handle = path.open("rb")
@@ -62,14 +73,41 @@ def read_records(path: Path, *, missing_ok: bool = False) -> Iterator[dict[str, 
         if missing_ok:
             return
         raise
+    first_bad, bad = 0, 0
     with handle:
-        for line in handle:
+        for number, line in enumerate(handle, 1):
             try:
                 record = msgspec.json.decode(line)
             except ValueError:  # msgspec.DecodeError, or a UnicodeError inside a string
-                continue
-            if isinstance(record, dict):
+                record = None
+            if isinstance(record, dict) and (check is None or check(record)):
                 yield record
+            elif line.strip():
+                first_bad, bad = first_bad or number, bad + 1
+    if bad:
+        log.warning(
+            "records.torn_line", path=str(path), line=first_bad, skipped=bad,
+            hint="a line cut short (a crash or a full disk) or edited by hand; it was skipped",
+        )  # fmt: skip
+
+
+def batch_shape(record: dict[str, Any]) -> bool:
+    """Whether a report record can be read (a ``batch`` needs its token, emails, status)."""
+    kind = record.get("kind")
+    if kind == "batch":
+        error = record.get("error")
+        return (
+            isinstance(record.get("token"), str)
+            and isinstance(record.get("status"), str)
+            and isinstance(record.get("emails"), list)
+            and all(isinstance(e, str) for e in record["emails"])
+            and (error is None or (isinstance(error, dict) and isinstance(error.get("code"), str)))
+        )
+    if kind == "rejected":
+        return isinstance(record.get("reason"), str) and (
+            isinstance(record.get("line"), int) or isinstance(record.get("stream_id"), str)
+        )
+    return isinstance(kind, str)  # a summary, or a kind a later version writes
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -101,6 +139,51 @@ def open_private_append(path: Path, *, truncate: bool = False) -> int:
     return fd
 
 
+class AppendFile:
+    """An owner-only JSONL file we append to, whose first failed write ends all writing.
+
+    A write that fails (ENOSPC, EIO, EDQUOT) raises :class:`StorageError` and its partial
+    bytes are cut off again where possible, so no torn line is left for the next write to
+    be glued onto. Every later write raises at once: after the disk failed us once, nothing
+    more is recorded (and so, for the journal, nothing more is sent).
+    """
+
+    def __init__(self, path: Path, *, truncate: bool = False) -> None:
+        self.path = path
+        self.fd = open_private_append(path, truncate=truncate)
+        self._size = os.fstat(self.fd).st_size
+        self._broken: OSError | None = None
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` whole, or raise :class:`StorageError`."""
+        if self._broken is not None:
+            raise StorageError(self.path, self._broken)
+        try:
+            write_all(self.fd, data)
+        except OSError as exc:
+            self._broken = exc
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self._size)
+            raise StorageError(self.path, exc) from None
+        self._size += len(data)
+
+    def sync(self) -> None:
+        """``fdatasync``: what was written survives a power loss."""
+        if self._broken is not None:
+            raise StorageError(self.path, self._broken)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            self._broken = exc
+            raise StorageError(self.path, exc) from None
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class Report:
     """Appends records to the report file and keeps the counts the summary needs."""
 
@@ -113,7 +196,7 @@ class Report:
                     "--resume to continue that run, --overwrite to replace it, or choose "
                     "another --report path"
                 )
-            self._fd = open_private_append(path, truncate=overwrite and not resume)
+            self._file = AppendFile(path, truncate=overwrite and not resume)
         except OSError as exc:
             raise UsageError(f"cannot write the report {str(path)!r}: {exc.strerror}") from None
         self._pending: list[bytes] = []
@@ -204,21 +287,23 @@ class Report:
     def sync(self) -> None:
         """Make everything written so far durable (before acknowledging it to a queue)."""
         self.flush()
-        os.fdatasync(self._fd)
+        self._file.sync()
 
     def flush(self) -> None:
-        """Write everything queued in one system call."""
+        """Write everything queued in one system call; :class:`StorageError` if it fails."""
         if self._pending:
             data = b"\n".join(self._pending) + b"\n"
             self._pending.clear()
-            write_all(self._fd, data)
+            self._file.write(data)
 
     def close(self) -> None:
-        """Flush and close (idempotent)."""
+        """Flush and close (idempotent); the file is closed even if the flush fails."""
         if not self.closed:
-            self.flush()
-            os.close(self._fd)
             self.closed = True
+            try:
+                self.flush()
+            finally:
+                self._file.close()
 
     @property
     def rejected_total(self) -> int:

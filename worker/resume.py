@@ -23,9 +23,9 @@ import structlog
 
 from worker.clock import Clock
 from worker.dedupe import PairIndex
-from worker.errors import SendError
-from worker.journal import Intent, Journal, read_journal
-from worker.report import Report, read_records
+from worker.errors import SendError, UsageError
+from worker.journal import Intent, Journal, journal_path, read_journal
+from worker.report import Report, batch_shape, read_records
 from worker.send.reconcile import Reconciler, record_created
 from worker.validate import pair_key
 
@@ -88,15 +88,41 @@ class History:
         }
 
 
+def check_resumable(report_path: Path) -> None:
+    """``--resume`` needs an earlier run: a report, holding a record (or its journal one).
+
+    A mistyped path must never turn a resume into a fresh run that invites everyone again.
+    """
+    journal = journal_path(report_path)
+    if not report_path.exists():
+        raise UsageError(
+            f"--resume: there is no report at {str(report_path)!r}. Point --report at the "
+            f"report the earlier run wrote (its journal, {journal.name}, lies beside it); to "
+            "start a new run instead, drop --resume"
+        )
+    for path in (report_path, journal):
+        try:
+            if next(read_records(path, missing_ok=True), None) is not None:
+                return
+        except OSError as exc:
+            raise UsageError(f"--resume: cannot read {str(path)!r}: {exc.strerror}") from None
+    raise UsageError(
+        f"--resume: the report {str(report_path)!r} holds no run (neither it nor its journal "
+        "has a record), so there is nothing to continue; drop --resume to start a run"
+    )
+
+
 def load_history(report_path: Path, journal_path: Path) -> History:
     """Read an earlier report and its journal (a line cut short by a crash is ignored)."""
     history = History()
-    for record in read_records(report_path, missing_ok=True):
+    for record in read_records(report_path, missing_ok=True, check=batch_shape):
         kind = record.get("kind")
         if kind == "batch":
             history.on_batch(record["token"], record["emails"], record["status"],
                              record.get("error"))  # fmt: skip
-        elif kind == "rejected" and record["line"] not in history.rejected_lines:
+        elif (
+            kind == "rejected" and "line" in record and record["line"] not in history.rejected_lines
+        ):
             history.rejected_lines.add(record["line"])
             history.rejected_by_reason[record["reason"]] += 1
         elif kind == "summary":

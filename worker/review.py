@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from worker.dedupe import locate
 from worker.errors import UsageError
-from worker.report import read_records
+from worker.report import batch_shape, read_records
 from worker.validate import pair_key
 
 #: Request counters summed over the runs' summaries.
@@ -26,7 +26,7 @@ RUN_COUNTERS = ("requests", "retries", "rate_limited", "ratelimit_waits", "durat
 def records(path: Path) -> Iterator[dict[str, Any]]:
     """The report's records; a line cut short by a crash is skipped."""
     try:
-        yield from read_records(path)
+        yield from read_records(path, check=batch_shape)
     except OSError as exc:
         raise UsageError(f"cannot read the report {str(path)!r}: {exc.strerror}") from None
 

@@ -33,6 +33,7 @@ def config_from(args: argparse.Namespace, api_url: str, api_key: str, app_key: s
         rate=args.rate,
         max_attempts=args.max_attempts,
         timeout=args.timeout,
+        max_wait=args.max_wait,
         resume=args.resume,
         grace=args.grace,
         reconcile_delay=args.reconcile_delay,
@@ -186,6 +187,7 @@ async def emulator_command(args: argparse.Namespace) -> int:
         error_after_rate=args.error_after_rate,
         drop_after_rate=args.drop_after_rate,
         max_batch=args.max_batch,
+        name_refused=not args.unnamed_refusals,
     )
     emulator = Emulator(
         api_key=args.api_key,
@@ -194,6 +196,7 @@ async def emulator_command(args: argparse.Namespace) -> int:
         period=args.period,
         faults=faults,
         seed=args.seed,
+        ratelimit_headers=args.ratelimit_headers,
     )
     try:
         await emulator.start(args.host, args.port)

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="per-request timeout in seconds (30)"
     )
     r.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        help="the longest single wait for the rate limit, in seconds, whatever the "
+        "service's headers say (60)",
+    )
+    r.add_argument(
         "--resume",
         action="store_true",
         help="continue the run recorded in --report: skip what was sent, check unknown "
@@ -247,7 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of POSTs whose connection drops after the invitations were created",
     )
     e.add_argument(
-        "--max-batch", type=int, default=None, help="answer 400 to lists longer than this"
+        "--max-batch",
+        type=int,
+        default=None,
+        help="answer 400, naming no address, to lists longer than this",
+    )
+    e.add_argument(
+        "--unnamed-refusals",
+        action="store_true",
+        help="a 400 for addresses off the share list does not name them",
+    )
+    e.add_argument(
+        "--ratelimit-headers",
+        choices=("standard", "none", "nonsense"),
+        default="standard",
+        help="standard X-RateLimit-* headers; none (429s are a proxy's HTML page, the "
+        "limit still holds); nonsense (Limit 0, Period abc, Remaining -3, Reset -5)",
     )
     e.add_argument("--seed", type=int, default=None, help="seed for the random faults")
     e.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")

@@ -16,11 +16,12 @@ from typing import Any
 
 import msgspec
 import structlog
+from redis.exceptions import RedisError, ResponseError
 
 from worker.batching import Batch, Batcher
 from worker.clock import Clock
 from worker.config import Config
-from worker.errors import SendError
+from worker.errors import FatalError, QueueLost, SendError
 from worker.queue.options import StreamOptions
 from worker.queue.stream import Message, StreamQueue
 from worker.report import Report, iso
@@ -32,6 +33,23 @@ log = structlog.get_logger("worker.queue")
 
 #: Failures that leave the message pending instead of dead-lettering it.
 KEEP_PENDING = frozenset({"aborted", "forbidden", "outcome_unknown"})
+#: Message ids settled here that are remembered, so a claim racing with their
+#: acknowledgement does not take them for new work (see ``Consumer._take``).
+RECENTLY_SETTLED = 100_000
+
+
+def queue_lost(exc: RedisError, where: str) -> QueueLost:
+    """The fatal error for Redis failing us after its reconnection attempts."""
+    if isinstance(exc, ResponseError):
+        return QueueLost(
+            f"Redis at {where} refused the stream: {exc}. The stream or its consumer group is "
+            "gone (a Redis restart that lost its data?); what was settled is in the report, "
+            "the rest must be enqueued again"
+        )
+    return QueueLost(
+        f"lost Redis at {where}: {exc}. Reconnecting did not help; unsettled messages stay "
+        "pending in the group for the next worker"
+    )
 
 
 def parse_message(fields: dict[str, str]) -> tuple[str | None, str | None, str | None]:
@@ -56,12 +74,15 @@ def parse_message(fields: dict[str, str]) -> tuple[str | None, str | None, str |
 class RedisIntents:
     """The sender's intent log in stream mode: send times kept in Redis, per message."""
 
-    def __init__(self, queue: StreamQueue, index: dict[tuple[str, str], str]) -> None:
-        self._queue, self._index = queue, index
+    def __init__(self, queue: StreamQueue, index: dict[tuple[str, str], str], where: str) -> None:
+        self._queue, self._index, self._where = queue, index, where
 
     async def intent(self, token: str, emails: list[str], at: float) -> str:
         ids = [self._index[(token, e.lower())] for e in emails]
-        await self._queue.record_intents(ids, at)
+        try:
+            await self._queue.record_intents(ids, at)
+        except RedisError as exc:  # no intent stored: the request must not leave
+            raise queue_lost(exc, self._where) from None
         return ids[0]
 
     def clear(self, ident: str) -> None:
@@ -92,6 +113,7 @@ class Consumer:
         self.dead: list[tuple[str, dict[str, str]]] = []
         self.busy = 0
         self.counts = {"rows": 0, "valid": 0, "claimed": 0, "dead_lettered": 0}
+        self.settled: dict[str, None] = {}  # insertion-ordered, at most RECENTLY_SETTLED
         report.on_batch = self._on_outcome
 
     def _on_outcome(
@@ -103,12 +125,19 @@ class Consumer:
                 continue
             code = error["code"] if error else ""
             if status == "sent":
+                self._settled(mid)
                 self.acks.append(mid)
             elif code not in KEEP_PENDING:
                 message = error["message"] if error else ""
                 self._dead_letter(mid, token, email, code, message)
 
+    def _settled(self, mid: str) -> None:
+        self.settled[mid] = None
+        if len(self.settled) > RECENTLY_SETTLED:
+            del self.settled[next(iter(self.settled))]
+
     def _dead_letter(self, mid: str, token: str, email: str, code: str, message: str) -> None:
+        self._settled(mid)
         self.counts["dead_lettered"] += 1
         self.dead.append((mid, {"token": token, "email": email, "stream_id": mid,
                                 "error_code": code, "error_message": message,
@@ -116,48 +145,63 @@ class Consumer:
 
     async def flush(self) -> None:
         """Make the report durable, then dead-letter and acknowledge what it settles."""
-        if not (self.acks or self.dead):
-            return
+        if not (self.acks or self.dead) or isinstance(self.sender.fatal, QueueLost):
+            return  # with Redis lost, the messages stay pending for the next worker
         acks, dead = self.acks, self.dead
         self.acks, self.dead = [], []
-        await asyncio.to_thread(self.report.sync)
-        await self.queue.settle(acks, dead)
+        try:
+            await asyncio.to_thread(self.report.sync)
+            await self.queue.settle(acks, dead)
+        except FatalError as exc:  # not durable in the report: the messages stay pending
+            self.sender.halt(exc)
+        except RedisError as exc:
+            self.sender.halt(queue_lost(exc, self.options.where))
 
     async def run(self) -> dict[str, int]:
         """Consume until stopped, or until the group is drained with ``--until-empty``."""
         drains = [asyncio.create_task(self._drain()) for _ in range(self.config.concurrency)]
         flusher = asyncio.create_task(self._flush_often())
         try:
-            await self._take(await self.queue.read_own_pending(), reclaimed=True)
-            next_claim = 0.0
-            while not self.stop.is_set():
-                if self.clock.time() >= next_claim:
-                    claimed = await self.queue.claim_idle(self.options.claim_idle)
-                    self.counts["claimed"] += len(claimed)
-                    await self._take(claimed, reclaimed=True)
-                    next_claim = self.clock.time() + min(max(self.options.claim_idle / 2, 0.5), 30)
-                block = min(self.options.linger or 0.5, 0.5)
-                messages = await self.queue.read_new(self.options.read_count, block)
-                await self._take(messages, reclaimed=False)
-                for batch in self.batcher.expired(self.options.linger):
-                    await self.batches.put(batch)
-                if self.options.until_empty and not messages and await self._drained():
-                    break
-            if not self.stop.is_set():
-                for batch in self.batcher.drain():
-                    await self.batches.put(batch)
+            await self._consume()
+        except FatalError as exc:
+            self.sender.halt(exc)
+        except RedisError as exc:
+            self.sender.halt(queue_lost(exc, self.options.where))
         finally:
-            for _ in drains:
-                await self.batches.put(None)
-            _, pending = await asyncio.wait(drains, timeout=self.config.grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*drains, return_exceptions=True)
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
-            await self.flush()
+            await self._finish(drains, flusher)
         return self.counts
+
+    async def _consume(self) -> None:
+        await self._take(await self.queue.read_own_pending(), reclaimed=True)
+        next_claim = 0.0
+        while not self.stop.is_set():
+            if self.clock.time() >= next_claim:
+                claimed = await self.queue.claim_idle(self.options.claim_idle)
+                self.counts["claimed"] += len(claimed)
+                await self._take(claimed, reclaimed=True)
+                next_claim = self.clock.time() + min(max(self.options.claim_idle / 2, 0.5), 30)
+            block = min(self.options.linger or 0.5, 0.5)
+            messages = await self.queue.read_new(self.options.read_count, block)
+            await self._take(messages, reclaimed=False)
+            for batch in self.batcher.expired(self.options.linger):
+                await self.batches.put(batch)
+            if self.options.until_empty and not messages and await self._drained():
+                break
+        if not self.stop.is_set():
+            for batch in self.batcher.drain():
+                await self.batches.put(batch)
+
+    async def _finish(self, drains: list[asyncio.Task[None]], flusher: asyncio.Task[None]) -> None:
+        for _ in drains:
+            await self.batches.put(None)
+        _, pending = await asyncio.wait(drains, timeout=self.config.grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*drains, return_exceptions=True)
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await self.flush()
 
     async def _drained(self) -> bool:
         if self.batcher.buffered or self.busy or not self.batches.empty() or self.index:
@@ -187,8 +231,10 @@ class Consumer:
         in_flight = set(self.index.values()) if reclaimed else set()
         fresh: list[tuple[str, str, str]] = []
         for mid, fields in messages:
-            if mid in in_flight:
-                continue  # ours and still being sent: claimed back only because it was slow
+            if mid in in_flight or (reclaimed and mid in self.settled):
+                # Ours: still being sent, or settled with its acknowledgement under way;
+                # claimed back only because it took longer than --claim-idle.
+                continue
             self.counts["rows"] += 1
             if fields is None:  # deleted from the stream meanwhile
                 self.acks.append(mid)

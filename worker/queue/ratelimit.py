@@ -15,6 +15,9 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from worker.errors import QueueLost
 
 log = structlog.get_logger("worker.queue.ratelimit")
 
@@ -45,8 +48,9 @@ return 0
 class SharedBudget:
     """The organization's per-window request budget, shared through Redis."""
 
-    def __init__(self, redis: Redis, scope: str) -> None:
+    def __init__(self, redis: Redis, scope: str, where: str = "") -> None:
         self._redis = redis
+        self._where = where
         self._prefix = f"invite-worker:ratelimit:{scope}"
         self._take: Any = redis.register_script(_TAKE)
         self._raise: Any = redis.register_script(_RAISE)
@@ -63,7 +67,11 @@ class SharedBudget:
         window = math.floor(now / period)
         end = (window + 1) * period
         keys = [self._window_key(name, window), self._pause_key(name)]
-        wait = float(await self._take(keys=keys, args=[repr(now), limit, repr(end)]))
+        try:
+            wait = float(await self._take(keys=keys, args=[repr(now), limit, repr(end)]))
+        except RedisError as exc:  # reconnecting did not help: no shared budget, no sending
+            raise QueueLost(f"lost Redis at {self._where}, which keeps the shared rate "
+                            f"limit: {exc}") from None  # fmt: skip
         return max(0.0, wait)
 
     def observe(self, window_end: float, period: float, used: int, name: str | None) -> None:

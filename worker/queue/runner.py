@@ -10,7 +10,11 @@ from urllib.parse import urlsplit
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import BusyLoadingError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.clock import Clock, SystemClock
 from worker.config import Config
@@ -29,14 +33,32 @@ from worker.validate import Validator
 log = structlog.get_logger("worker.queue")
 
 
+#: Reconnection attempts before Redis counts as lost: about 30 s of backoff, enough for a
+#: server restart; a run cannot tell a long outage from a permanent one.
+RECONNECT_RETRIES = 20
+
+
+def _retry(retries: int) -> Retry:
+    return Retry(
+        ExponentialWithJitterBackoff(cap=2.0, base=0.1),
+        retries,
+        supported_errors=(RedisConnectionError, RedisTimeoutError, BusyLoadingError),
+    )
+
+
 async def connect(url: str, where: str) -> Redis:
-    """A Redis connection, checked with PING (an unreachable server is a usage error)."""
-    redis = Redis.from_url(url, decode_responses=True)
+    """A Redis connection, checked with PING (an unreachable server is a usage error).
+
+    Once it answered, a dropped connection (a restart, a fail-over) is retried with
+    backoff for about 30 s, commands included, before the run gives up on it.
+    """
+    redis = Redis.from_url(url, decode_responses=True, retry=_retry(1), socket_connect_timeout=5)
     try:
         await redis.ping()
     except (RedisError, OSError) as exc:
         await redis.aclose()
         raise UsageError(f"cannot reach Redis at {where}: {exc}") from None
+    redis.set_retry(_retry(RECONNECT_RETRIES))
     return redis
 
 
@@ -65,10 +87,10 @@ async def run_stream(
                  report=str(config.report_path))  # fmt: skip
         index: dict[tuple[str, str], str] = {}
         async with client_for(config) as client:
-            shared = SharedBudget(redis, urlsplit(config.api_url).netloc)
+            shared = SharedBudget(redis, urlsplit(config.api_url).netloc, options.where)
             pacer = pacer_for(config, clock, rng, shared)
-            sender = Sender(client, pacer, report, RedisIntents(queue, index), config, clock,
-                            rng, stop)  # fmt: skip
+            intents = RedisIntents(queue, index, options.where)
+            sender = Sender(client, pacer, report, intents, config, clock, rng, stop)
             consumer = Consumer(config, options, queue, report, sender, index, clock, stop)
             try:
                 counts: dict[str, Any] = await consumer.run()

@@ -33,6 +33,7 @@ def pacer_for(
         rate=config.rate,
         jitter=config.ratelimit_jitter,
         default_wait=config.ratelimit_default_wait,
+        max_wait=config.max_wait,
         rng=rng,
         shared=shared,
     )

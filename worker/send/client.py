@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from urllib.parse import quote
 
 import aiohttp
 import msgspec
+import structlog
 from yarl import URL
 
 from worker.errors import (
@@ -24,11 +26,15 @@ from worker.errors import (
     RequestTimeout,
     SendError,
     ServerError,
+    ServiceUnreachable,
     TokenNotFound,
     UnexpectedResponse,
 )
 from worker.report import Invitation
+from worker.send.refusals import named_addresses
 from worker.validate import check_token
+
+log = structlog.get_logger("worker.client")
 
 USER_AGENT = "invite-worker/0.1"
 #: Largest response body read; 100 invitations are about 30 KB.
@@ -36,6 +42,9 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_MESSAGE_CHARS = 500
 #: Shorter "secrets" (the sandbox's, a test's) are not scrubbed: they would mangle words.
 MIN_SECRET_LENGTH = 8
+#: Connections that failed before the service ever answered, after which the run stops:
+#: a wrong URL or port, DNS or TLS trouble will not heal by retrying batch after batch.
+UNREACHABLE_AFTER = 3
 _TAGS = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 
@@ -88,6 +97,10 @@ class InvitationClient:
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
+        #: Whether the service ever answered (any HTTP status) on this client.
+        self.answered = False
+        self._failed_connects = 0
+        self._bad_headers_logged = False
 
     async def __aenter__(self) -> InvitationClient:
         connector = aiohttp.TCPConnector(limit=self._pool_size)
@@ -130,16 +143,20 @@ class InvitationClient:
             if len(self._urls) < 10_000:  # parsed once per token, bounded
                 self._urls[token] = url
         status, headers, raw = await self._request("POST", url, body)
-        ratelimit = parse_ratelimit(headers)
+        ratelimit = self._ratelimit(headers)
         if 200 <= status < 300:
             return Sent(status, _created(raw), ratelimit)
-        raise self._error(status, raw, ratelimit)
+        error = self._error(status, raw, ratelimit)
+        if isinstance(error, BadRequest):
+            # Read the whole message, not the shortened one: it may name many addresses.
+            error.named = named_addresses(error_message(raw, limit=None), emails)
+        raise error
 
     async def list_invitations(self, token: str, page_number: int, page_size: int = 100) -> Listing:
         """One page of the token's invitations (``page_number`` starts at 0)."""
         url = f"{self.invitation_url(token)}?page_size={page_size}&page_number={page_number}"
         status, headers, raw = await self._request("GET", url, None)
-        ratelimit = parse_ratelimit(headers)
+        ratelimit = self._ratelimit(headers)
         if status != 200:
             raise self._error(status, raw, ratelimit)
         doc = _json_or_none(raw)
@@ -160,6 +177,7 @@ class InvitationClient:
             async with self._session.request(
                 method, url, data=body, timeout=self._timeout, allow_redirects=False
             ) as resp:
+                self.answered = True
                 return resp.status, resp.headers, await _read_body(resp.content)
         except TimeoutError:
             raise RequestTimeout(
@@ -167,11 +185,33 @@ class InvitationClient:
                 "is slow)"
             ) from None
         except aiohttp.ClientConnectorError as exc:
-            raise ConnectionFailed(self._scrub(f"cannot connect: {exc.os_error}")) from None
+            cause = self._scrub(str(exc.os_error) or str(exc))
+            if not self.answered:
+                self._failed_connects += 1
+                if self._failed_connects >= UNREACHABLE_AFTER:
+                    raise ServiceUnreachable(
+                        f"cannot reach the API at {self._origin()}: {cause}. Nothing reached "
+                        "the service. Check --api-url or --site (DD_SITE), DNS, proxies and "
+                        "TLS, then run the same command again (--resume for a file)"
+                    ) from None
+            raise ConnectionFailed(f"cannot connect: {cause}") from None
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ConnectionDropped(
                 self._scrub(f"connection broke: {type(exc).__name__}: {exc}")
             ) from None
+
+    def _origin(self) -> str:
+        """Scheme, host and port of the API: never a path or credentials."""
+        url = URL(self.api_url)
+        return f"{url.scheme}://{url.host}:{url.port}"
+
+    def _ratelimit(self, headers: Mapping[str, str]) -> RateLimitInfo:
+        info, bad = read_ratelimit(headers)
+        if bad and not self._bad_headers_logged:
+            self._bad_headers_logged = True
+            log.warning("ratelimit.bad_headers", headers=bad,
+                        action="treated as unknown: pacing adapts without them")  # fmt: skip
+        return info
 
     def _error(self, status: int, raw: bytes, ratelimit: RateLimitInfo) -> SendError:
         message = self._scrub(error_message(raw) or f"HTTP {status}")
@@ -215,35 +255,63 @@ async def _read_body(content: aiohttp.StreamReader) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+_RATELIMIT_HEADERS = ("Limit", "Period", "Remaining", "Reset")
+
+
 def parse_ratelimit(headers: Mapping[str, str]) -> RateLimitInfo:
-    """Read ``X-RateLimit-*``; a missing or garbled header becomes ``None``."""
-    return RateLimitInfo(
-        limit=_number(headers.get("X-RateLimit-Limit"), int),
-        period=_number(headers.get("X-RateLimit-Period"), float),
-        remaining=_number(headers.get("X-RateLimit-Remaining"), int),
-        reset=_number(headers.get("X-RateLimit-Reset"), float),
-        name=headers.get("X-RateLimit-Name"),
+    """Read ``X-RateLimit-*``; see :func:`read_ratelimit`."""
+    return read_ratelimit(headers)[0]
+
+
+def read_ratelimit(headers: Mapping[str, str]) -> tuple[RateLimitInfo, dict[str, str] | None]:
+    """``X-RateLimit-*`` as evidence: ``(info, None)``, or ``(RateLimitInfo(), raw)``.
+
+    Absent headers are ``None`` in the info. Headers that make no sense together — a limit
+    of 0 or less, a period of 0 or less or not a number, a negative remaining or reset, a
+    remaining above the limit or a reset longer than the period — make the whole set
+    unknown, returned raw (for one warning) with an empty info.
+    """
+    raw = {name: headers.get(f"X-RateLimit-{name}") for name in _RATELIMIT_HEADERS}
+    if all(value is None for value in raw.values()):
+        return RateLimitInfo(name=headers.get("X-RateLimit-Name")), None
+    limit, period = _number(raw["Limit"], int), _number(raw["Period"], float)
+    remaining, reset = _number(raw["Remaining"], int), _number(raw["Reset"], float)
+    bad = (
+        (raw["Limit"] is not None and (limit is None or limit <= 0))
+        or (raw["Period"] is not None and (period is None or period <= 0))
+        or (raw["Remaining"] is not None and (remaining is None or remaining < 0))
+        or (raw["Reset"] is not None and (reset is None or reset < 0))
+        or (limit is not None and remaining is not None and remaining > limit)
+        or (period is not None and reset is not None and reset > period)
     )
+    if bad:
+        return RateLimitInfo(), {k: v[:40] for k, v in raw.items() if v is not None}
+    name = headers.get("X-RateLimit-Name")
+    return RateLimitInfo(limit, period, remaining, reset, name), None
 
 
 def _number(value: str | None, kind: type[int] | type[float]) -> Any:
+    """The header's number, or None when absent, not a number, or not finite."""
     if value is None:
         return None
     try:
         number = kind(value.strip())
     except ValueError:
         return None
-    return number if number >= 0 else None
+    return number if math.isfinite(number) else None
 
 
-def error_message(raw: bytes) -> str:
-    """The server's explanation: ``errors`` from a JSON body, else the text of whatever came."""
+def error_message(raw: bytes, limit: int | None = MAX_MESSAGE_CHARS) -> str:
+    """The server's explanation: ``errors`` from a JSON body, else the text of whatever came.
+
+    Shortened to ``limit`` characters (None: whole) for the report.
+    """
     doc = _json_or_none(raw)
     if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
         text = "; ".join(str(e) for e in doc["errors"])
     else:
         text = _SPACE.sub(" ", _TAGS.sub(" ", raw.decode("utf-8", "replace"))).strip()
-    return text[:MAX_MESSAGE_CHARS]
+    return text[:limit]
 
 
 _encode = msgspec.json.encode

@@ -8,7 +8,12 @@ seconds and says, on every response, how many are ``Remaining`` and when the win
   flight against it, so the limit is used to the last request without a 429;
 - sends only ``probe_in_flight`` requests until the first answer says what the limit is;
 - after a 429 pauses *every* sender until the window resets, plus jitter;
-- applies ``--rate`` as an extra, burst-free cap (aiolimiter with a capacity of one).
+- after a 429 that carries no usable headers (a proxy's page), backs off exponentially
+  with jitter and paces itself by AIMD, as TCP does: the pace is halved, then raised a
+  little with every answer that is not a 429;
+- applies ``--rate`` as an extra, burst-free cap (aiolimiter with a capacity of one);
+- never waits longer than ``max_wait`` at a time: headers are evidence, not orders, so a
+  run can be slow but never stuck.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections import deque
 from typing import Protocol
 
 import structlog
@@ -28,6 +34,13 @@ log = structlog.get_logger("worker.pacing")
 
 #: Extra wait past a window boundary before counting on the new budget, for clock skew.
 BOUNDARY_MARGIN = 0.02
+#: AIMD, for a service that rate-limits without saying how: the pace after a 429 is this
+#: share of the pace that met it, ...
+DECREASE = 0.5
+#: ... and grows by about this many requests/s per second while answers are not 429s.
+INCREASE = 0.5
+#: The slowest AIMD pace, in requests per second.
+MIN_RATE = 0.05
 
 
 def window_end(now: float, info: RateLimitInfo) -> float | None:
@@ -80,6 +93,7 @@ class Pacer:
         probe_in_flight: int = 1,
         jitter: float = 1.0,
         default_wait: float = 1.0,
+        max_wait: float = 60.0,
         rng: random.Random | None = None,
         shared: SharedLimit | None = None,
     ) -> None:
@@ -90,6 +104,7 @@ class Pacer:
         self._probe = probe_in_flight
         self._jitter = jitter
         self._default_wait = default_wait
+        self._max_wait = max_wait
         self._rng = rng or random.Random()  # jitter, not security
         self.limit: int | None = None
         self.period: float | None = None
@@ -101,6 +116,11 @@ class Pacer:
         self._paused_until = -math.inf
         self._logged_window: float | None = None
         self._changed = asyncio.Event()
+        #: AIMD pace in requests/s, once a 429 came without usable headers; else None.
+        self.adaptive_rate: float | None = None
+        self._limited_streak = 0  # header-less 429s in a row
+        self._decreased_at = -math.inf
+        self._accepted: deque[float] = deque(maxlen=256)  # when answers other than 429 came
         #: Times a sender had to wait for the budget or a 429 pause (for the summary).
         self.waits = 0
 
@@ -139,7 +159,7 @@ class Pacer:
             if wait == math.inf:
                 await self._changed.wait()  # probing: until an answer teaches us the limit
             else:
-                await self._clock.sleep(wait)
+                await self._clock.sleep(min(wait, self._max_wait))
         return self._grant(now)
 
     def _grant(self, now: float) -> float:
@@ -153,6 +173,10 @@ class Pacer:
             return self._paused_until - now
         if not self._learned:
             return math.inf if self._in_flight >= self._probe else None
+        if self.adaptive_rate is not None:
+            earliest = self._last_send + 1.0 / self.adaptive_rate
+            if earliest > now:
+                return earliest - now
         if self.limit is None:
             return None  # the server announces no limit: only --concurrency applies
         if self._window_end is None or now >= self._window_end:
@@ -195,13 +219,25 @@ class Pacer:
             if info.period:
                 self.period = info.period
         end = window_end(now, info) if info is not None else None
+        if end is not None:
+            end = min(end, now + self._max_wait)
+            self.adaptive_rate = None  # the service says where its window ends: pace by it
         if limited:
-            self._pause(now, end)
+            if end is None:
+                self._back_off(sent_at, now)
+            else:
+                self._pause(now, end)
         elif end is not None and info is not None and info.remaining is not None:
             self._observe(sent_at, end, info.remaining)
         elif self._window_end is not None and sent_at < self._window_end:
             # No count came back (timeout, dropped connection); assume it was counted.
             self._remaining -= 1
+        if not limited:
+            self._limited_streak = 0
+            self._accepted.append(now)
+            if self.adaptive_rate is not None:
+                # Additive increase: about INCREASE requests/s more per second of answers.
+                self.adaptive_rate += INCREASE / max(self.adaptive_rate, 1.0)
         self._wake()
 
     def cancel(self) -> None:
@@ -233,20 +269,46 @@ class Pacer:
             self._shared.observe(end, period, self.limit - remaining, self.name)
         # else: a late answer about a window already over; nothing to learn.
 
-    def _pause(self, now: float, end: float | None) -> None:
+    def _back_off(self, sent_at: float, now: float) -> None:
+        """A 429 with no usable headers: exponential backoff, and halve the pace (AIMD).
+
+        The pace is lowered once per backoff: the other answers of requests sent before it
+        met the old pace, and must not halve it again.
+        """
+        self._limited_streak += 1
+        if sent_at >= self._decreased_at:
+            if self.adaptive_rate is None:
+                # First time: start from what the service took over the last second, but
+                # never pace slower than the backoff itself waits.
+                took = sum(1 for t in self._accepted if t > now - 1.0)
+                current = max(float(took), 2.0 / max(self._default_wait, 1e-3))
+            else:
+                current = self.adaptive_rate
+            self.adaptive_rate = max(MIN_RATE, current * DECREASE)
+            self._decreased_at = now
+        ceiling = min(self._max_wait, self._default_wait * 2.0 ** (self._limited_streak - 1))
+        jitter = self._rng.uniform(0, min(self._jitter, ceiling))
+        self._pause_until(now, now + ceiling + jitter, headers=False)
+
+    def _pause(self, now: float, end: float) -> None:
         """A 429: nobody sends until the window resets (a little later, with jitter)."""
-        if end is None:
-            resume = now + self._default_wait
-            spread = self._jitter
-        else:
-            self._window_end = end
-            self._remaining = 0
-            resume = end + BOUNDARY_MARGIN
-            spread = min(self._jitter, 0.25 * (self.period or 1.0))
-        resume += self._rng.uniform(0, spread)
+        self._window_end = end
+        self._remaining = 0
+        spread = min(self._jitter, 0.25 * (self.period or 1.0))
+        self._pause_until(now, end + BOUNDARY_MARGIN + self._rng.uniform(0, spread), headers=True)
+
+    def _pause_until(self, now: float, resume: float, *, headers: bool) -> None:
+        resume = min(resume, now + self._max_wait)
         if resume > self._paused_until:
             self._paused_until = resume
             self.waits += 1
             if self._shared is not None:
                 self._shared.pause(resume, self.name)
-            log.info("ratelimit.wait", reason="429", seconds=round(resume - now, 3))
+            pace = round(self.adaptive_rate, 2) if self.adaptive_rate else None
+            log.info(
+                "ratelimit.wait",
+                reason="429",
+                seconds=round(resume - now, 3),
+                headers=headers,
+                pace=pace,
+            )

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from worker.clock import Clock
-from worker.errors import RateLimited, RetryableError, SendError, TokenNotFound
+from worker.errors import FatalError, RateLimited, RetryableError, SendError, TokenNotFound
 from worker.report import Invitation, Report
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer, backoff_delay
@@ -150,6 +150,9 @@ class Reconciler:
             self.requests += 1
             try:
                 result = await self._client.list_invitations(token, page, PAGE_SIZE)
+            except FatalError:
+                self._pacer.cancel()
+                raise
             except RateLimited as exc:
                 self._pacer.release(sent_at, exc.ratelimit, limited=True)
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from worker.config import Config
 from worker.errors import (
     AuthError,
     BadRequest,
+    FatalError,
     OutcomeUnknown,
     RateLimited,
     RetryableError,
@@ -27,6 +29,7 @@ from worker.report import Invitation, Report
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer, backoff_delay
 from worker.send.reconcile import Reconciler, record_created
+from worker.send.refusals import ListCap
 
 log = structlog.get_logger("worker.sender")
 
@@ -78,6 +81,10 @@ class Sender:
             rng=self._rng,
         )  # fmt: skip
         self.stats = SendStats()
+        #: The longest list the service takes, as far as its answers have shown.
+        self.cap = ListCap(config.batch_size)
+        #: Set by the first fatal error (storage, unreachable service, lost queue).
+        self.fatal: FatalError | None = None
         #: Set by the first 401/403: every later batch fails without a request.
         self.abort_error: AuthError | None = None
         #: Tokens that answered 404, with the server's message.
@@ -92,31 +99,64 @@ class Sender:
         # A method, not the property: the answer can change across an await.
         return self.abort_error is not None
 
+    def halt(self, error: FatalError) -> None:
+        """Stop the run for ``error``: nothing more is sent; in-flight requests get grace."""
+        if self.fatal is None:
+            self.fatal = error
+            log.error("run.halted", code=error.code, error=str(error))
+        self.stopping.set()
+
     async def send(self, batch: Batch) -> None:
         """Carry ``batch`` to a final, reported outcome (never raises :class:`SendError`).
 
         When the run is stopping, a batch not yet sent is left unrecorded: ``--resume``
-        sends it later.
+        sends it later. A :class:`FatalError` (storage, an unreachable service, a lost
+        queue) halts the run instead of raising.
         """
-        await self._send(batch.token, batch.emails)
+        try:
+            await self._send(batch.token, batch.emails)
+        except FatalError as exc:
+            self.halt(exc)
 
-    async def _send(self, token: str, emails: list[str]) -> None:
+    async def _send(self, token: str, emails: list[str]) -> bool:
+        """Send ``emails`` in lists the service takes; True if it accepted every one.
+
+        Whether every email was accepted is what tells a refusal about a list's size from
+        one about an address in it (see :class:`ListCap`).
+        """
+        accepted = True
+        while len(emails) > (size := self.cap.size()) and not self.stopping.is_set():
+            accepted = await self._attempts(token, emails[:size]) and accepted
+            emails = emails[size:]
+        return await self._attempts(token, emails) and accepted
+
+    async def _attempts(self, token: str, emails: list[str]) -> bool:
+        """Carry one request's worth of emails to their outcomes (see :meth:`_send`)."""
         started = self._clock.time()
         attempts = limited = 0
         while True:
             if self.aborted or token in self.dead_tokens:
                 self._fail_without_request(token, emails, started, attempts, limited)
-                return
+                return False
             sent_at = await self._acquire()
             if sent_at is None:
-                return
+                return False
             if self._refused():  # another sender was refused while we waited
                 self._pacer.cancel()
                 continue
-            intent = await self._journal.intent(token, emails, sent_at)
+            try:
+                intent = await self._journal.intent(token, emails, sent_at)
+            except BaseException:  # no intent on disk: the request must not leave
+                self._pacer.cancel()
+                raise
             self.stats.requests += 1
             try:
                 result = await self._client.invite(token, emails)
+            except FatalError:  # nothing left: no connection could be made
+                self._pacer.cancel()
+                with contextlib.suppress(FatalError):
+                    self._journal.clear(intent)
+                raise
             except RateLimited as exc:
                 self._pacer.release(sent_at, exc.ratelimit, limited=True)
                 self._journal.clear(intent)
@@ -143,9 +183,9 @@ class Sender:
                             "list could not be read to check",
                         },
                     )
-                    return
+                    return False
                 if not remaining:
-                    return
+                    return True
                 emails = remaining
             except SendError as exc:
                 self._pacer.release(sent_at, exc.ratelimit)
@@ -155,6 +195,7 @@ class Sender:
             else:
                 self._pacer.release(sent_at, result.ratelimit)
                 attempts += 1
+                self.cap.accept(len(emails))
                 self._record(
                     token,
                     emails,
@@ -166,7 +207,7 @@ class Sender:
                     invitations=result.invitations,
                 )
                 # No journal clear: the report's "sent" record settles these pairs.
-                return
+                return True
 
             if isinstance(error, RetryableError) and attempts < self._config.max_attempts:
                 delay = backoff_delay(
@@ -185,16 +226,13 @@ class Sender:
                 )
                 slept, _ = await self._unless_stopping(self._clock.sleep(delay))
                 if not slept:
-                    return
+                    return False
                 continue
             if isinstance(error, BadRequest) and len(emails) > 1:
-                # Isolate the address(es) the service refused: halves, recursively.
-                self.stats.splits += 1
-                half = len(emails) // 2
-                log.info("batch.split", token=token, emails=len(emails), error=error.message)
-                await self._send(token, emails[:half])
-                await self._send(token, emails[half:])
-                return
+                if not error.named:
+                    return await self._bisect(token, emails, error)
+                await self._refused_named(token, emails, error, started, attempts, limited)
+                return False
             if isinstance(error, AuthError) and self.abort_error is None:
                 self.abort_error = error
                 log.error(
@@ -215,7 +253,40 @@ class Sender:
                 started,
                 error={"code": error.code, "message": error.message},
             )
-            return
+            return False
+
+    async def _refused_named(
+        self,
+        token: str,
+        emails: list[str],
+        error: BadRequest,
+        started: float,
+        attempts: int,
+        limited: int,
+    ) -> None:
+        """A 400 naming addresses: those fail, the rest goes again as one request."""
+        named = set(error.named)
+        log.info("batch.refused_named", token=token, emails=len(emails), refused=len(named))
+        self._record(token, error.named, "failed", error.http_status, attempts, limited,
+                     started, error={"code": error.code, "message": error.message})  # fmt: skip
+        rest = [e for e in emails if e not in named]
+        if rest:
+            await self._send(token, rest)
+
+    async def _bisect(self, token: str, emails: list[str], error: BadRequest) -> bool:
+        """A 400 naming no address: halves, recursively, until the refused stand alone.
+
+        If every part is then accepted, the service refused the list for its length: the
+        cap is learned, and later lists are cut to it.
+        """
+        self.stats.splits += 1
+        half = len(emails) // 2
+        log.info("batch.split", token=token, emails=len(emails), error=error.message)
+        first = await self._send(token, emails[:half])
+        second = await self._send(token, emails[half:])
+        if first and second:
+            self.cap.refuse(len(emails))
+        return first and second
 
     async def _settle(
         self,

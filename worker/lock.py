@@ -1,0 +1,106 @@
+"""One run per report: an exclusive lock held for the whole run.
+
+Two runs on one report and journal would each read the other's intents as their own and
+send the same pairs twice. So before a run reads or writes either file it takes an
+exclusive ``flock(2)`` on ``<report>.lock``, non-blocking: a second run fails at once and
+says who holds it. The kernel drops the lock when the holder's process ends, however it
+ends (SIGKILL, OOM), so a crash never leaves a stale lock behind.
+
+The lock file stays after the run: removing it would let a process that opened the old
+file lock it while a third locks a new one.
+
+On NFS, Linux maps ``flock`` onto the server's byte-range locks (NFSv4, or NLM for v3), so
+runs on different clients exclude each other as long as locking works there; a mount with
+``nolock`` or ``local_lock=flock`` keeps locks on one host only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from worker.errors import ReportLocked, UsageError
+
+PRIVATE_MODE = 0o600
+
+
+def lock_path(report_path: Path) -> Path:
+    """Where the lock of a report lives: beside the real file, symbolic links resolved."""
+    real = report_path.resolve()
+    return real.with_name(real.name + ".lock")
+
+
+class ReportLock:
+    """An exclusive, non-blocking lock on a report; use :func:`hold_report`."""
+
+    def __init__(self, report_path: Path) -> None:
+        self.report_path = report_path
+        self.path = lock_path(report_path)
+        self._fd = -1
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`ReportLocked` naming the holder."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_MODE)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create the lock file {str(self.path)!r}: {exc.strerror}; the "
+                "report's folder must be writable"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ReportLocked(
+                f"the report {str(self.report_path)!r} is in use by another run ({holder}). "
+                "Two runs on one report would invite people twice: wait for that run to end, "
+                "or stop it, then start this one again (with --resume to continue it)"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise UsageError(
+                f"cannot lock {str(self.path)!r}: {exc.strerror}. The filesystem does not "
+                "support locks (NFS mounted with 'nolock'?); put the report on one that does"
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
+        with contextlib.suppress(OSError):  # who holds it is a courtesy; the lock is what counts
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (idempotent); the file stays, see the module notes."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its file says: pid, host and since when."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {int(info['pid'])} on {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is just starting"
+
+
+@contextlib.contextmanager
+def hold_report(report_path: Path) -> Iterator[ReportLock]:
+    """Hold the report's lock for the duration of the block."""
+    lock = ReportLock(report_path)
+    lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
