@@ -126,32 +126,82 @@ def free_port() -> int:
         return port
 
 
+class Proc:
+    """A process a test started, its stderr kept in a file to show when a check fails."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with log.open("wb") as stderr:
+            self.popen = subprocess.Popen(
+                argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT
+            )
+
+    def stderr(self, limit: int = 6000) -> str:
+        """The last ``limit`` characters the process wrote to stderr."""
+        text = self.log.read_text(errors="replace")
+        return text[-limit:]
+
+    def expect(self, code: int, timeout: float) -> None:
+        """Wait for the exit and check its code; on failure show stderr (kill if it hangs)."""
+        try:
+            got = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+            raise AssertionError(
+                f"still running after {timeout}s; stderr:\n{self.stderr()}"
+            ) from None
+        assert got == code, f"exit {got}, expected {code}; stderr:\n{self.stderr()}"
+
+    def stop(self) -> None:
+        """Kill it if it still runs (fixture teardown)."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
 @pytest.fixture
-def start_emulator() -> Iterator[Callable[..., str]]:
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """Start ``python -m worker ARGS`` processes with the test keys; killed after the test."""
+    procs: list[Proc] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Proc:
+        log = tmp_path / f"stderr-{len(procs)}.log"
+        keys = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
+        proc = Proc(worker_command(*args), log, worker_env(**(env if env is not None else keys)))
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
+def start_emulator(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Start ``invite-worker emulator`` processes (extra CLI args allowed); stopped after."""
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Proc] = []
 
     def start(*args: str) -> str:
         port = free_port()
-        proc = subprocess.Popen(
+        proc = Proc(
             [sys.executable, "-m", "worker", "emulator", "--port", str(port), "--api-key",
              API_KEY, "--app-key", APP_KEY, "--log-format", "json", *args],
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
+            tmp_path / f"emulator-{port}.log",
         )  # fmt: skip
         procs.append(proc)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.popen.poll() is None:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     return f"http://127.0.0.1:{port}"
             time.sleep(0.05)
-        raise RuntimeError("the emulator did not start")
+        raise RuntimeError(f"the emulator did not start; stderr:\n{proc.stderr()}")
 
     yield start
     for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
+        proc.popen.terminate()
+        proc.popen.wait(timeout=10)
 
 
 def emulator_invited(url: str) -> dict[tuple[str, str], int]:

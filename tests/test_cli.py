@@ -118,7 +118,7 @@ def test_wrong_keys_exit_3_with_a_reason(tmp_path: Path, emulator_process: str) 
         str(report),
         env={"DD_API_KEY": "nope-api", "DD_APP_KEY": "nope-app"},
     )
-    assert done.returncode == 3
+    assert done.returncode == 3, done.stderr.decode()
     stderr = done.stderr.decode()
     assert "DD_API_KEY" in stderr
     assert "run.aborted" in stderr
@@ -152,7 +152,7 @@ def test_usage_errors_exit_2_before_anything_is_sent(
     done = invite_worker(
         "run", str(SAMPLES / "invites.csv"), "--report", str(report), *args, env=env
     )
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr.decode()
     assert message in done.stderr.decode()
     assert b"Traceback" not in done.stderr
     assert not report.exists() or report.stat().st_size == 0
@@ -163,7 +163,7 @@ def test_missing_header_is_a_usage_error(tmp_path: Path) -> None:
     source = tmp_path / "in.csv"
     source.write_text("dashboard,address\nt,a@example.com\n")
     done = invite_worker("run", str(source), "--sandbox", "--report", str(tmp_path / "r.jsonl"))
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr.decode()
     assert "'token'" in done.stderr.decode()
     assert "'email'" in done.stderr.decode()
 
@@ -188,5 +188,5 @@ def test_a_dry_run_never_reads_a_stream(tmp_path: Path) -> None:
     """--dry-run with a redis:// source is refused (exit 2) rather than run for real."""
     done = invite_worker("run", "redis://127.0.0.1:9/0", "--stream", "s", "--dry-run",
                          "--sandbox", "--report", str(tmp_path / "r.jsonl"))  # fmt: skip
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr.decode()
     assert b"--dry-run plans a file" in done.stderr

@@ -217,7 +217,7 @@ def test_an_unreadable_key_file_is_a_usage_error(tmp_path: Path) -> None:
         env=worker_env(DD_API_KEY_FILE=str(tmp_path / "nope"), DD_APP_KEY="x"),
         capture_output=True, cwd=ROOT, timeout=60, check=False,
     )  # fmt: skip
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr.decode()
     assert b"API key file" in done.stderr
     assert b"nope" in done.stderr
 

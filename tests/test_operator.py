@@ -87,9 +87,9 @@ def test_summarize_agrees_with_the_report_to_the_row(
     report = tmp_path / "r.jsonl"
     common = ("run", str(source), "--api-url", url, "--report", str(report), "--batch-size", "7")
     refused = invite_worker(*common, DD_API_KEY="wrong-key-123456", DD_APP_KEY=APP_KEY)
-    assert refused.returncode == 3
+    assert refused.returncode == 3, refused.stderr.decode()
     resumed = invite_worker(*common, "--resume", **KEYS)
-    assert resumed.returncode == 1
+    assert resumed.returncode == 1, resumed.stderr.decode()
     totals = json.loads(invite_worker("report", "summarize", str(report), "--json").stdout)
     assert (totals["sent"], totals["failed"], totals["rejected"]) == (50, 2, 1)
     assert totals["runs"] == 2
@@ -117,10 +117,10 @@ def test_failed_rows_come_back_as_a_csv_that_reruns_cleanly(
     report = tmp_path / "r.jsonl"
     refused = invite_worker("run", str(source), "--api-url", url, "--report", str(report),
                             DD_API_KEY="wrong-key-123456", DD_APP_KEY=APP_KEY)  # fmt: skip
-    assert refused.returncode == 3
+    assert refused.returncode == 3, refused.stderr.decode()
     failed_csv = tmp_path / "failed.csv"
     done = invite_worker("report", "failed", str(report), "--output", str(failed_csv))
-    assert done.returncode == 0
+    assert done.returncode == 0, done.stderr.decode()
     with failed_csv.open(newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["token", "email"]
@@ -144,7 +144,7 @@ def test_json_mode_stderr_is_only_json_events_with_progress(
     done = invite_worker("run", str(source), "--api-url", url, "--report",
                          str(tmp_path / "r.jsonl"), "--batch-size", "20",
                          "--progress-every", "0.2", "--log-format", "json", **KEYS)  # fmt: skip
-    assert done.returncode == 0
+    assert done.returncode == 0, done.stderr.decode()
     events = [msgspec.json.decode(line) for line in done.stderr.splitlines()]
     assert all("event" in e and "level" in e for e in events)
     progress = [e for e in events if e["event"] == "progress"]
@@ -160,7 +160,7 @@ def test_json_mode_stderr_is_only_json_events_with_progress(
     } <= set(progress[-1])
     for args in (["run", "missing.csv", "--sandbox"], ["run", "x.csv", "--batch-size", "x"]):
         bad = invite_worker(*args, "--log-format", "json")
-        assert bad.returncode == 2
+        assert bad.returncode == 2, bad.stderr.decode()
         lines = [msgspec.json.decode(line) for line in bad.stderr.splitlines()]
         assert all("event" in e and "level" in e for e in lines)
         assert lines[-1]["event"] == "cli.usage_error"

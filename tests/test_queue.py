@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from tests.conftest import (
     API_KEY,
     APP_KEY,
     ROOT,
     TOKEN_A,
+    Proc,
     by_kind,
     emulator_invited,
     read_report,
@@ -29,6 +31,7 @@ from worker.config import Config
 from worker.emulator import Emulator
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
+from worker.queue.stream import StreamQueue
 
 
 @pytest.fixture
@@ -228,7 +231,11 @@ async def test_two_workers_share_the_rate_limit(
 
 
 def test_a_worker_killed_mid_run_is_finished_by_another(
-    tmp_path: Path, start_emulator: Callable[..., str], redis_server: str, stream_name: str
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
 ) -> None:
     """SIGKILL one worker mid-run; a second with --claim-idle 1 finishes the stream:
     every pair invited exactly once, nothing pending."""
@@ -236,37 +243,76 @@ def test_a_worker_killed_mid_run_is_finished_by_another(
     source = tmp_path / "in.csv"
     pairs = {(f"dash-{i % 3}", f"person{i}@example.com") for i in range(2000)}
     source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
-    subprocess.run(
-        worker_command("enqueue", str(source), redis_server, "--stream", stream_name),
-        env=worker_env(),
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    spawn("enqueue", str(source), redis_server, "--stream", stream_name).expect(0, timeout=60)
 
-    def worker(name: str, *extra: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            worker_command("run", redis_server, "--stream", stream_name, "--consumer", name,
-                           "--until-empty", "--linger", "0.1", "--api-url", url,
-                           "--report", str(tmp_path / f"{name}.jsonl"), "--batch-size", "50",
-                           "--reconcile-delay", "0.2", *extra),
-            env=worker_env(DD_API_KEY=API_KEY, DD_APP_KEY=APP_KEY),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-        )  # fmt: skip
+    def worker(name: str, *extra: str) -> Proc:
+        return spawn("run", redis_server, "--stream", stream_name, "--consumer", name,
+                     "--until-empty", "--linger", "0.1", "--api-url", url,
+                     "--report", str(tmp_path / f"{name}.jsonl"), "--batch-size", "50",
+                     "--reconcile-delay", "0.2", *extra)  # fmt: skip
 
     first = worker("first")
     deadline = time.monotonic() + 30
     while sum(emulator_invited(url).values()) < 300 and time.monotonic() < deadline:
         time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=10)
+    first.popen.send_signal(signal.SIGKILL)
+    first.expect(-signal.SIGKILL, timeout=10)
     assert sum(emulator_invited(url).values()) < len(pairs)
     second = worker("second", "--claim-idle", "1")
-    assert second.wait(timeout=120) == 0
+    second.expect(0, timeout=120)
     invited = emulator_invited(url)
     assert set(invited) == pairs
     assert set(invited.values()) == {1}
     pending = subprocess.run(["redis-cli", "-u", redis_server, "XPENDING", stream_name,
                               "invite-worker"], capture_output=True, check=True)  # fmt: skip
     assert pending.stdout.split(b"\n")[0].strip() == b"0"
+    second_report = read_report(tmp_path / "second.jsonl")
+    assert by_kind(second_report, "rejected") == []
+
+
+async def test_a_message_claimed_back_while_its_ack_is_under_way_is_not_new_work(
+    redis: Redis,
+    redis_server: str,
+    stream_name: str,
+    make_config: Callable[..., Config],
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Messages settled here but not yet acknowledged, claimed back by this worker's own
+    periodic claim, are not new work: one record each, no 'duplicate' rejection, exit 0.
+
+    This race made the two-worker SIGKILL test flaky on a loaded machine: the second
+    worker's own settled messages were claimed back after --claim-idle and handled again."""
+    await add(redis, stream_name, [(TOKEN_A, f"p{i}@example.com") for i in range(5)])
+    settle = StreamQueue.settle
+
+    async def slow_settle(self: StreamQueue, acks: list[str], dead: Any) -> None:
+        await asyncio.sleep(1.2)  # a loaded machine: the claim cycle (0.5 s) comes first
+        await settle(self, acks, dead)
+
+    monkeypatch.setattr(StreamQueue, "settle", slow_settle)
+    config = make_config(batch_size=5)
+    stop = asyncio.Event()
+    # Not --until-empty: its check would flush from the read loop itself; the race is
+    # between the background flusher and the loop's claim cycle.
+    loop = asyncio.get_running_loop()
+    loop.call_later(2.5, stop.set)
+    with capture_logs():
+        result = await run_stream(
+            config,
+            options(redis_server, stream_name, claim_idle=0.05, until_empty=False),
+            stop=stop,
+        )
+    assert result.exit_code == 0, result.summary
+    records = read_report(config.report_path)
+    assert by_kind(records, "rejected") == []
+    assert sorted(e for b in by_kind(records, "batch") for e in b["emails"]) == sorted(
+        f"p{i}@example.com" for i in range(5)
+    )
+    assert emulator.invited == Counter({(TOKEN_A, f"p{i}@example.com"): 1 for i in range(5)})
+    assert await redis.xpending(stream_name, "invite-worker") == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }

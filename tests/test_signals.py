@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -12,16 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from tests.conftest import (
-    API_KEY,
-    APP_KEY,
-    ROOT,
-    by_kind,
-    emulator_invited,
-    read_report,
-    worker_command,
-    worker_env,
-)
+from tests.conftest import Proc, by_kind, emulator_invited, read_report
 
 
 def write_input(path: Path, rows: int, tokens: int) -> set[tuple[str, str]]:
@@ -30,15 +20,11 @@ def write_input(path: Path, rows: int, tokens: int) -> set[tuple[str, str]]:
     return pairs
 
 
-def start_worker(url: str, source: Path, report: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        worker_command("run", str(source), "--report", str(report), "--api-url", url,
-                       "--reconcile-delay", "0.2", *extra),
-        env=worker_env(DD_API_KEY=API_KEY, DD_APP_KEY=APP_KEY),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )  # fmt: skip
+def start_worker(
+    spawn: Callable[..., Proc], url: str, source: Path, report: Path, *extra: str
+) -> Proc:
+    return spawn("run", str(source), "--report", str(report), "--api-url", url,
+                 "--reconcile-delay", "0.2", *extra)  # fmt: skip
 
 
 def sent_in_report(report: Path) -> Counter[tuple[str, str]]:
@@ -51,7 +37,7 @@ def sent_in_report(report: Path) -> Counter[tuple[str, str]]:
 
 
 def test_three_sigkills_then_resume_invite_everyone_exactly_once(
-    tmp_path: Path, start_emulator: Callable[..., str]
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
 ) -> None:
     """12,000 rows; the worker is SIGKILLed three times at random moments, then --resume
     finishes: every pair invited once, and the report's sent records match the service."""
@@ -62,14 +48,14 @@ def test_three_sigkills_then_resume_invite_everyone_exactly_once(
     rng = random.Random(2024)
     for round_ in range(3):
         extra = ("--resume",) if round_ else ()
-        proc = start_worker(url, source, report, *extra)
+        proc = start_worker(spawn, url, source, report, *extra)
         time.sleep(rng.uniform(0.6, 1.6))
-        proc.kill()
-        assert proc.wait(timeout=10) == -signal.SIGKILL
+        proc.popen.kill()
+        proc.expect(-signal.SIGKILL, timeout=10)
     created_before_resume = emulator_invited(url)
     assert 0 < sum(created_before_resume.values()) < len(pairs)
-    done = start_worker(url, source, report, "--resume")
-    assert done.wait(timeout=120) == 0
+    done = start_worker(spawn, url, source, report, "--resume")
+    done.expect(0, timeout=120)
     invited = emulator_invited(url)
     assert set(invited) == pairs
     assert set(invited.values()) == {1}
@@ -78,21 +64,21 @@ def test_three_sigkills_then_resume_invite_everyone_exactly_once(
 
 
 def test_sigterm_stops_within_grace_and_resume_finishes(
-    tmp_path: Path, start_emulator: Callable[..., str]
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
 ) -> None:
     """SIGTERM mid-run: exit 3 within --grace, summary last and marked interrupted, every
     created invitation in the report; --resume then completes with no duplicate."""
     url = start_emulator("--limit", "10", "--period", "1")
     source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
     pairs = write_input(source, 3_000, 3)
-    proc = start_worker(url, source, report, "--batch-size", "50", "--grace", "5")
+    proc = start_worker(spawn, url, source, report, "--batch-size", "50", "--grace", "5")
     deadline = time.monotonic() + 30
     while not emulator_invited(url) and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(0.5)
     signalled = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 3
+    proc.popen.send_signal(signal.SIGTERM)
+    proc.expect(3, timeout=10)
     assert time.monotonic() - signalled < 5
     records = read_report(report)
     summary = records[-1]
@@ -102,8 +88,8 @@ def test_sigterm_stops_within_grace_and_resume_finishes(
     assert summary["unsent"] > 0
     invited = emulator_invited(url)
     assert sent_in_report(report) == Counter(invited)
-    done = start_worker(url, source, report, "--batch-size", "50", "--resume")
-    assert done.wait(timeout=120) == 0
+    done = start_worker(spawn, url, source, report, "--batch-size", "50", "--resume")
+    done.expect(0, timeout=120)
     invited = emulator_invited(url)
     assert set(invited) == pairs
     assert set(invited.values()) == {1}
