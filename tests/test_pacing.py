@@ -140,31 +140,39 @@ async def test_rate_cap_has_no_start_burst() -> None:
 
 
 async def simulate(
-    requests: int, limit: int, period: float, concurrency: int, latency: float, start: float
-) -> tuple[float, int]:
+    requests: int,
+    limit: int,
+    period: float,
+    concurrency: int,
+    latency: float,
+    start: float,
+    *,
+    headers: str = "standard",
+    seed: int = 1,
+) -> tuple[float, list[float]]:
     """Send ``requests`` through a pacer to the emulator's window counter on virtual time.
 
-    Returns (elapsed virtual seconds, number of 429s).
+    ``headers`` is how the emulator reports its limit (see ``Emulator.ratelimit_headers``).
+    Returns (elapsed virtual seconds, the virtual times at which 429s came back).
     """
     clock = FakeClock(start=start)
-    server = Emulator(limit=limit, period=period, clock=clock.time)
-    pacer = Pacer(clock, rng=random.Random(1))
+    server = Emulator(limit=limit, period=period, clock=clock.time, ratelimit_headers=headers)
+    pacer = Pacer(clock, rng=random.Random(seed))
     queue = list(range(requests))
-    limited = 0
+    limited: list[float] = []
 
     async def sender() -> None:
-        nonlocal limited
         while queue:
             queue.pop()
             while True:
                 sent = await pacer.acquire()
                 await clock.sleep(latency / 2)
-                over, headers = server._ratelimit(count=True)
+                over, answer = server._ratelimit(count=True)
                 await clock.sleep(latency / 2)
-                pacer.release(sent, parse_ratelimit(headers), limited=over)
+                pacer.release(sent, parse_ratelimit(answer), limited=over)
                 if not over:
                     break
-                limited += 1
+                limited.append(clock.time())
 
     await asyncio.gather(*(sender() for _ in range(concurrency)))
     return clock.time() - start, limited
@@ -185,5 +193,44 @@ async def test_simulated_run_uses_the_limit_without_429s(
     """Never told the limit, the pacer finishes within one window of the floor, zero 429s."""
     elapsed, limited = await simulate(requests, limit, period, concurrency, latency, start)
     floor = math.ceil(requests / limit) * period
-    assert limited == 0
+    assert limited == []
     assert elapsed <= floor + period
+
+
+@pytest.mark.parametrize(("concurrency", "latency", "seed"), [(4, 0.02, 1), (8, 0.05, 2)])
+async def test_a_service_that_sends_no_headers_gets_about_one_429_per_few_windows(
+    concurrency: int, latency: float, seed: int
+) -> None:
+    """5 requests/s, 429s as a proxy's page with no headers: after the first window, AIMD
+    keeps it to at most one 429 per three windows, and the run is not starved."""
+    start = 1_700_000_000.37
+    elapsed, limited = await simulate(
+        200, 5, 1.0, concurrency, latency, start, headers="none", seed=seed
+    )
+    later = [t for t in limited if t > start + 1.0]
+    assert len(later) <= elapsed / 3
+    assert elapsed <= 2 * 200 / 5  # at least half the service's rate, on average
+
+
+async def test_nonsense_headers_are_unknown_and_the_run_is_never_stuck() -> None:
+    """Limit 0, Period abc, Remaining -3, Reset -5 on every answer: the pacer does not wait
+    forever on them; a limited service is met by backing off instead."""
+    elapsed, _ = await simulate(100, 20, 1.0, 4, 0.02, 1_700_000_000.0, headers="nonsense")
+    assert elapsed < 60
+
+
+async def test_no_single_wait_exceeds_max_wait() -> None:
+    """A reset of nearly an hour (or a 429 pause past it) waits at most --max-wait at once."""
+    clock = FakeClock(start=1000.0)
+    pacer = Pacer(clock, max_wait=5.0)
+    sent = await pacer.acquire()
+    pacer.release(sent, RateLimitInfo(limit=10, period=3600, remaining=0, reset=3599))
+    first = await pacer.acquire()
+    assert clock.slept
+    assert sum(clock.slept) <= 5.0 + 1e-6
+    assert first - 1000.0 <= 5.0 + 1e-6
+    sent = clock.time()
+    pacer.release(sent, RateLimitInfo(limit=10, period=3600, remaining=0, reset=3500), limited=True)
+    await pacer.acquire()
+    assert max(clock.slept) <= 5.0
+    assert clock.time() - sent <= 5.0 + 1e-6

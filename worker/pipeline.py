@@ -140,7 +140,7 @@ def finish(report: Report, summary: dict[str, Any]) -> RunResult:
     try:
         report.summary(summary)
     except StorageError as exc:
-        log.error("run.summary_not_written", error=str(exc))
+        log.error("run.summary_not_written", path=str(exc.path), cause=exc.cause.strerror)
     log_summary = {k: v for k, v in summary.items() if k not in ("started_at", "finished_at")}
     if summary["aborted"] or summary["exit_code"] == EXIT_ABORTED:
         log.error("run.aborted", **log_summary)

@@ -38,9 +38,19 @@ log = structlog.get_logger("worker.queue")
 RECONNECT_RETRIES = 20
 
 
-def _retry(retries: int) -> Retry:
+class _Reconnecting(ExponentialWithJitterBackoff):
+    """redis-py's jittered exponential backoff, saying each time that it reconnects."""
+
+    def compute(self, failures: int) -> float:
+        delay = float(super().compute(failures))
+        log.warning("queue.reconnecting", attempt=failures, of=RECONNECT_RETRIES,
+                    delay=round(delay, 2))  # fmt: skip
+        return delay
+
+
+def _retry(retries: int, backoff: ExponentialWithJitterBackoff) -> Retry:
     return Retry(
-        ExponentialWithJitterBackoff(cap=2.0, base=0.1),
+        backoff,
         retries,
         supported_errors=(RedisConnectionError, RedisTimeoutError, BusyLoadingError),
     )
@@ -52,13 +62,14 @@ async def connect(url: str, where: str) -> Redis:
     Once it answered, a dropped connection (a restart, a fail-over) is retried with
     backoff for about 30 s, commands included, before the run gives up on it.
     """
-    redis = Redis.from_url(url, decode_responses=True, retry=_retry(1), socket_connect_timeout=5)
+    first = _retry(1, ExponentialWithJitterBackoff(cap=2.0, base=0.1))
+    redis = Redis.from_url(url, decode_responses=True, retry=first, socket_connect_timeout=5)
     try:
         await redis.ping()
     except (RedisError, OSError) as exc:
         await redis.aclose()
         raise UsageError(f"cannot reach Redis at {where}: {exc}") from None
-    redis.set_retry(_retry(RECONNECT_RETRIES))
+    redis.set_retry(_retry(RECONNECT_RETRIES, _Reconnecting(cap=2.0, base=0.1)))
     return redis
 
 

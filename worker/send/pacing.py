@@ -120,6 +120,7 @@ class Pacer:
         self.adaptive_rate: float | None = None
         self._limited_streak = 0  # header-less 429s in a row
         self._decreased_at = -math.inf
+        self._capped = False  # whether a wait was ever cut at max_wait (logged once)
         self._accepted: deque[float] = deque(maxlen=256)  # when answers other than 429 came
         #: Times a sender had to wait for the budget or a 429 pause (for the summary).
         self.waits = 0
@@ -142,9 +143,14 @@ class Pacer:
         return self._grant(now)
 
     async def acquire(self) -> float:
-        """Wait until a request may be sent; returns the send time to pass to ``release``."""
+        """Wait until a request may be sent; returns the send time to pass to ``release``.
+
+        However the headers or the shared budget read, no request waits here longer than
+        ``max_wait`` in all: past it the request goes, and the answer corrects the model.
+        """
         if self._limiter is not None:
             await self._limiter.acquire()
+        give_up = self._clock.time() + self._max_wait
         while True:
             now = self._clock.time()
             wait = self._wait_needed(now)
@@ -158,8 +164,14 @@ class Pacer:
                     break
             if wait == math.inf:
                 await self._changed.wait()  # probing: until an answer teaches us the limit
+            elif now >= give_up:
+                if not self._capped:
+                    self._capped = True
+                    hint = "raise --max-wait if the service's windows are longer"
+                    log.warning("ratelimit.wait_capped", max_wait=self._max_wait, hint=hint)
+                break
             else:
-                await self._clock.sleep(min(wait, self._max_wait))
+                await self._clock.sleep(min(wait, give_up - now))
         return self._grant(now)
 
     def _grant(self, now: float) -> float:
@@ -272,20 +284,21 @@ class Pacer:
     def _back_off(self, sent_at: float, now: float) -> None:
         """A 429 with no usable headers: exponential backoff, and halve the pace (AIMD).
 
-        The pace is lowered once per backoff: the other answers of requests sent before it
-        met the old pace, and must not halve it again.
+        The pace is lowered, and the backoff grows, once per backoff: the other answers of
+        requests sent before it met the old pace and must not count again.
         """
+        if sent_at < self._decreased_at:
+            return  # sent before the last backoff began: that backoff already answers it
         self._limited_streak += 1
-        if sent_at >= self._decreased_at:
-            if self.adaptive_rate is None:
-                # First time: start from what the service took over the last second, but
-                # never pace slower than the backoff itself waits.
-                took = sum(1 for t in self._accepted if t > now - 1.0)
-                current = max(float(took), 2.0 / max(self._default_wait, 1e-3))
-            else:
-                current = self.adaptive_rate
-            self.adaptive_rate = max(MIN_RATE, current * DECREASE)
-            self._decreased_at = now
+        if self.adaptive_rate is None:
+            # First time: start from what the service took over the last second, but
+            # never pace slower than the backoff itself waits.
+            took = sum(1 for t in self._accepted if t > now - 1.0)
+            current = max(float(took), 2.0 / max(self._default_wait, 1e-3))
+        else:
+            current = self.adaptive_rate
+        self.adaptive_rate = max(MIN_RATE, current * DECREASE)
+        self._decreased_at = now
         ceiling = min(self._max_wait, self._default_wait * 2.0 ** (self._limited_streak - 1))
         jitter = self._rng.uniform(0, min(self._jitter, ceiling))
         self._pause_until(now, now + ceiling + jitter, headers=False)

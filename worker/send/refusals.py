@@ -10,6 +10,7 @@ remembers that for the rest of the run.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import structlog
 
@@ -39,9 +40,14 @@ def named_addresses(message: str, emails: list[str]) -> list[str]:
 class ListCap:
     """The longest list the service accepts, learned from refusals about size alone.
 
-    ``size()`` is what to send now: the configured ``--batch-size`` until a size refusal is
-    confirmed, then a binary search between the longest list accepted and the shortest
-    refused, which settles on the service's cap within a few requests.
+    ``size()`` is what to send now: the configured ``--batch-size`` until a list is refused
+    with no address named, then a binary search between the longest list accepted and the
+    shortest refused, which settles on the service's cap within a few requests.
+
+    A refusal counts as *confirmed* (about size) once every part of the refused list has
+    been accepted; until then it is a *suspect*, which already steers the search so that
+    concurrent senders do not each rediscover the cap, and which is dropped if some
+    address of the list turns out to be the refused one.
     """
 
     def __init__(self, configured: int) -> None:
@@ -50,14 +56,19 @@ class ListCap:
         self.accepted = 0
         #: Shortest list refused for its size alone (None: no such refusal yet).
         self.refused: int | None = None
+        self._suspects: Counter[int] = Counter()
 
     def size(self) -> int:
         """How many emails the next request should carry at most."""
-        if self.refused is None:
+        bounds = [n for n in self._suspects if n > self.accepted]
+        if self.refused is not None:
+            bounds.append(self.refused)
+        if not bounds:
             return self.configured
-        if self.accepted >= self.refused - 1:
-            return max(1, self.refused - 1)
-        return max(1, (self.accepted + self.refused) // 2)
+        upper = min(bounds)
+        if self.accepted >= upper - 1:
+            return max(1, upper - 1)
+        return max(1, (self.accepted + upper) // 2)
 
     def accept(self, size: int) -> None:
         """The service took a list of ``size``."""
@@ -65,6 +76,18 @@ class ListCap:
             self.accepted = size
             if self.refused is not None and size >= self.refused:
                 self.refused = None  # it took what it "refused": that was not about size
+
+    def suspect(self, size: int) -> None:
+        """A list of ``size`` was refused with no address named; its parts go out next."""
+        self._suspects[size] += 1
+
+    def settle(self, size: int, *, all_accepted: bool) -> None:
+        """The parts of a suspect list of ``size`` are done; were they all accepted?"""
+        self._suspects[size] -= 1
+        if self._suspects[size] <= 0:
+            del self._suspects[size]
+        if all_accepted:
+            self.refuse(size)
 
     def refuse(self, size: int) -> None:
         """A list of ``size`` was refused, and every part of it was then accepted."""

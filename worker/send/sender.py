@@ -282,11 +282,14 @@ class Sender:
         self.stats.splits += 1
         half = len(emails) // 2
         log.info("batch.split", token=token, emails=len(emails), error=error.message)
-        first = await self._send(token, emails[:half])
-        second = await self._send(token, emails[half:])
-        if first and second:
-            self.cap.refuse(len(emails))
-        return first and second
+        self.cap.suspect(len(emails))
+        accepted = False
+        try:
+            accepted = await self._send(token, emails[:half])
+            accepted = await self._send(token, emails[half:]) and accepted
+        finally:
+            self.cap.settle(len(emails), all_accepted=accepted)
+        return accepted
 
     async def _settle(
         self,
