@@ -29,6 +29,8 @@ from tests.conftest import (
 )
 from worker.config import Config
 from worker.emulator import Emulator
+from worker.errors import ReportLocked
+from worker.lock import hold_report
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.queue.stream import StreamQueue
@@ -316,3 +318,12 @@ async def test_a_message_claimed_back_while_its_ack_is_under_way_is_not_new_work
         "max": None,
         "consumers": [],
     }
+
+
+async def test_a_queue_worker_refuses_a_report_another_run_holds(
+    redis_server: str, stream_name: str, make_config: Callable[..., Config]
+) -> None:
+    """Queue workers lock their own reports too: one already held is refused at once."""
+    config = make_config()
+    with hold_report(config.report_path), pytest.raises(ReportLocked, match="in use"):
+        await run_stream(config, options(redis_server, stream_name))

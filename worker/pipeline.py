@@ -26,7 +26,13 @@ from worker.journal import Journal, journal_path
 from worker.lock import hold_report
 from worker.progress import Progress
 from worker.report import Report, iso
-from worker.resume import History, check_resumable, load_history, settle_unknowns
+from worker.resume import (
+    History,
+    check_resumable,
+    load_history,
+    require_report,
+    settle_unknowns,
+)
 from worker.send import client_for, pacer_for
 from worker.send.pacing import Pacer
 from worker.send.sender import Sender
@@ -60,8 +66,10 @@ async def run(
     (:class:`ReportLocked`) before it reads or writes anything.
     """
     if config.resume:
-        check_resumable(config.report_path)
+        require_report(config.report_path)
     with hold_report(config.report_path):
+        if config.resume:
+            check_resumable(config.report_path)
         return await _run(config, source, clock or SystemClock(), rng, stop or asyncio.Event())
 
 

@@ -88,19 +88,22 @@ class History:
         }
 
 
-def check_resumable(report_path: Path) -> None:
-    """``--resume`` needs an earlier run: a report, holding a record (or its journal one).
-
-    A mistyped path must never turn a resume into a fresh run that invites everyone again.
-    """
-    journal = journal_path(report_path)
+def require_report(report_path: Path) -> None:
+    """``--resume`` needs the report of an earlier run: a mistyped path must never turn a
+    resume into a fresh run that invites everyone again (checked before the lock, which
+    would otherwise leave a ``.lock`` file beside the typo)."""
     if not report_path.exists():
         raise UsageError(
             f"--resume: there is no report at {str(report_path)!r}. Point --report at the "
-            f"report the earlier run wrote (its journal, {journal.name}, lies beside it); to "
-            "start a new run instead, drop --resume"
+            f"report the earlier run wrote (its journal, {journal_path(report_path).name}, "
+            "lies beside it); to start a new run instead, drop --resume"
         )
-    for path in (report_path, journal):
+
+
+def check_resumable(report_path: Path) -> None:
+    """The report (or its journal) holds a record of an earlier run; else a UsageError."""
+    require_report(report_path)
+    for path in (report_path, journal_path(report_path)):
         try:
             if next(read_records(path, missing_ok=True), None) is not None:
                 return

@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import UsageError
+from worker.lock import hold_report
 from worker.pipeline import RunResult, build_summary, finish
 from worker.queue.consumer import Consumer, RedisIntents
 from worker.queue.options import StreamOptions
@@ -82,8 +83,18 @@ async def run_stream(
     stop: asyncio.Event | None = None,
 ) -> RunResult:
     """Consume the stream as one member of the group; returns the exit code and summary."""
-    clock = clock or SystemClock()
-    stop = stop or asyncio.Event()
+    with hold_report(config.report_path):
+        return await _run_stream(config, options, clock or SystemClock(), rng,
+                                 stop or asyncio.Event())  # fmt: skip
+
+
+async def _run_stream(
+    config: Config,
+    options: StreamOptions,
+    clock: Clock,
+    rng: random.Random | None,
+    stop: asyncio.Event,
+) -> RunResult:
     redis = await connect(options.url, options.where)
     try:
         queue = StreamQueue(
