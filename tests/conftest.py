@@ -83,6 +83,18 @@ def jsonl_source(data: bytes) -> Source:
     return open_source("-", "jsonl", stdin=io.BytesIO(data))
 
 
+def rows_csv(pairs: list[tuple[str, str]]) -> str:
+    """A CSV input (with its header) of these (token, email) pairs."""
+    return "token,email\n" + "".join(f"{t},{e}\n" for t, e in pairs)
+
+
+def write_input(path: Path, rows: int, tokens: int) -> set[tuple[str, str]]:
+    """Write a CSV of ``rows`` distinct pairs over ``tokens`` tokens; return the pairs."""
+    pairs = {(f"dash-{i % tokens}", f"person{i}@example.com") for i in range(rows)}
+    path.write_text(rows_csv(sorted(pairs)))
+    return pairs
+
+
 def read_report(path: Path) -> list[dict[str, Any]]:
     """Every record of a report, checking each line is one JSON object."""
     records = []

@@ -19,6 +19,7 @@ from tests.conftest import (
     csv_source,
     find_capture,
     read_report,
+    rows_csv,
 )
 from worker.config import Config
 from worker.emulator import Emulator
@@ -27,10 +28,6 @@ from worker.pipeline import run
 from worker.resume import load_history
 from worker.review import Review
 from worker.send.refusals import ListCap, named_addresses
-
-
-def rows_csv(pairs: list[tuple[str, str]]) -> str:
-    return "token,email\n" + "".join(f"{t},{e}\n" for t, e in pairs)
 
 
 async def test_a_service_capping_lists_at_20_costs_at_most_30_percent_more_requests(

@@ -10,16 +10,20 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from tests.conftest import TOKEN_A, TOKEN_B, by_kind, csv_source, find_capture, read_report
+from tests.conftest import (
+    TOKEN_A,
+    TOKEN_B,
+    by_kind,
+    csv_source,
+    find_capture,
+    read_report,
+    rows_csv,
+)
 from worker.config import Config
 from worker.emulator import Emulator, Faults
 from worker.journal import Intent, Journal, journal_path, read_journal
 from worker.pipeline import run
 from worker.resume import load_history
-
-
-def rows_csv(pairs: list[tuple[str, str]]) -> str:
-    return "token,email\n" + "".join(f"{t},{e}\n" for t, e in pairs)
 
 
 def sent_pairs(path: Path) -> Counter[tuple[str, str]]:

@@ -13,14 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Proc, by_kind, emulator_invited, free_port, read_report
+from tests.conftest import Proc, by_kind, emulator_invited, free_port, read_report, write_input
 from worker.lock import lock_path
-
-
-def write_input(path: Path, rows: int, tokens: int) -> set[tuple[str, str]]:
-    pairs = {(f"dash-{i % tokens}", f"person{i}@example.com") for i in range(rows)}
-    path.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
-    return pairs
 
 
 def requests_seen(url: str) -> int:

@@ -87,6 +87,14 @@ def enqueue(
     return pairs
 
 
+def start_worker(spawn: Callable[..., Proc], server: RedisProcess, api: str, report: Path) -> Proc:
+    """One queue worker draining the stream, logging JSON lines."""
+    return spawn("run", server.url, "--stream", "invites", "--until-empty", "--linger", "0.1",
+                 "--api-url", api, "--report", str(report), "--batch-size", "10",
+                 "--claim-idle", "2", "--reconcile-delay", "0.2",
+                 "--log-format", "json")  # fmt: skip
+
+
 def restart_mid_run(server: RedisProcess, api: str, seen: int) -> None:
     """Once ``seen`` invitations exist, kill the server and start it again a second later."""
     deadline = time.monotonic() + 30
@@ -109,10 +117,7 @@ def test_redis_restarting_with_its_data_is_survived(
     server = restartable_redis(keep_data=True)
     api = start_emulator("--limit", "30", "--period", "1")
     pairs = enqueue(spawn, tmp_path, server.url, 1500)
-    worker = spawn("run", server.url, "--stream", "invites", "--until-empty", "--linger",
-                   "0.1", "--api-url", api, "--report", str(tmp_path / "w.jsonl"),
-                   "--batch-size", "10", "--claim-idle", "2", "--reconcile-delay", "0.2",
-                   "--log-format", "json")  # fmt: skip
+    worker = start_worker(spawn, server, api, tmp_path / "w.jsonl")
     restart_mid_run(server, api, 200)
     worker.expect(0, timeout=120)
     invited = emulator_invited(api)
@@ -134,10 +139,7 @@ def test_redis_restarting_without_its_data_ends_with_a_clear_error(
     server = restartable_redis(keep_data=False)
     api = start_emulator("--limit", "30", "--period", "1")
     pairs = enqueue(spawn, tmp_path, server.url, 1500)
-    worker = spawn("run", server.url, "--stream", "invites", "--until-empty", "--linger",
-                   "0.1", "--api-url", api, "--report", str(tmp_path / "w.jsonl"),
-                   "--batch-size", "10", "--reconcile-delay", "0.2",
-                   "--log-format", "json")  # fmt: skip
+    worker = start_worker(spawn, server, api, tmp_path / "w.jsonl")
     restart_mid_run(server, api, 200)
     worker.expect(3, timeout=120)
     lines = [json.loads(line) for line in worker.log.read_text().splitlines()]

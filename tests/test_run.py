@@ -21,15 +21,12 @@ from tests.conftest import (
     csv_source,
     find_capture,
     read_report,
+    rows_csv,
 )
 from worker.config import Config
 from worker.emulator import Emulator, Faults
 from worker.errors import UsageError
 from worker.pipeline import run
-
-
-def rows_csv(pairs: list[tuple[str, str]]) -> str:
-    return "token,email\n" + "".join(f"{t},{e}\n" for t, e in pairs)
 
 
 async def test_ten_thousand_mixed_rows_invite_every_valid_address_exactly_once(

@@ -11,13 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from tests.conftest import Proc, by_kind, emulator_invited, read_report
-
-
-def write_input(path: Path, rows: int, tokens: int) -> set[tuple[str, str]]:
-    pairs = {(f"dash-{i % tokens}", f"person{i}@example.com") for i in range(rows)}
-    path.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
-    return pairs
+from tests.conftest import Proc, by_kind, emulator_invited, read_report, write_input
 
 
 def start_worker(
