@@ -24,9 +24,9 @@ from tests.conftest import (
 from worker.config import Config
 from worker.emulator import Emulator
 from worker.journal import journal_path, read_journal
-from worker.pipeline import run
-from worker.resume import load_history
 from worker.review import Review
+from worker.run import run
+from worker.run.resume import load_history
 from worker.send.refusals import ListCap, named_addresses
 
 

@@ -22,8 +22,8 @@ from tests.conftest import (
 from worker.config import Config
 from worker.emulator import Emulator, Faults
 from worker.journal import Intent, Journal, journal_path, read_journal
-from worker.pipeline import run
-from worker.resume import load_history
+from worker.run import run
+from worker.run.resume import load_history
 
 
 def sent_pairs(path: Path) -> Counter[tuple[str, str]]:
@@ -271,7 +271,7 @@ async def test_resume_after_a_dry_run_sends_everything_once(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
     """A dry run's planned batches are not outcomes: --resume on its report sends them all."""
-    from worker.plan import dry_run
+    from worker.run.plan import dry_run
 
     pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(12)] + [(TOKEN_A, "not-an-email")]
     config = make_config(batch_size=5)

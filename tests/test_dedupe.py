@@ -16,7 +16,7 @@ from tests.conftest import TOKEN_A, TOKEN_B, by_kind, csv_source, read_report
 from worker.config import Config
 from worker.dedupe import PairIndex
 from worker.emulator import Emulator
-from worker.pipeline import run
+from worker.run import run
 from worker.sources import open_source
 from worker.sources.csvfile import CsvSource
 from worker.sources.lines import Columns, Row

@@ -26,7 +26,7 @@ from tests.conftest import (
 from worker.config import Config
 from worker.emulator import Emulator, Faults
 from worker.errors import UsageError
-from worker.pipeline import run
+from worker.run import run
 
 
 async def test_ten_thousand_mixed_rows_invite_every_valid_address_exactly_once(

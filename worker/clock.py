@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -79,3 +82,27 @@ class FakeClock:
                 continue
             self.now = max(self.now, wake)
             future.set_result(None)
+
+
+async def unless_set(
+    event: asyncio.Event, step: Awaitable[T], on_discard: Callable[[T], object] | None = None
+) -> tuple[bool, T | None]:
+    """Await ``step`` unless ``event`` is set first; ``(completed, result)``.
+
+    When the event wins, the step is cancelled; one that completed in the same instant is
+    handed to ``on_discard`` (so, say, an acquired pacer slot is given back).
+    """
+    task = asyncio.ensure_future(step)
+    if not event.is_set():
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+    if not event.is_set():
+        return True, task.result()
+    if not task.done():
+        task.cancel()
+    elif on_discard is not None and not task.cancelled() and task.exception() is None:
+        on_discard(task.result())
+    return False, None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 class InviteWorkerError(Exception):
@@ -80,6 +81,16 @@ class SendError(InviteWorkerError):
     """
 
     code = "send_error"
+    #: Sending the same request again would get the same answer: ``--resume`` skips it.
+    final: ClassVar[bool] = False
+    #: In queue mode the message stays pending, to be delivered again, instead of going to
+    #: the dead-letter stream (the failure says nothing about the message itself).
+    keep_pending: ClassVar[bool] = False
+    _by_code: ClassVar[dict[str, type[SendError]]] = {}
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        SendError._by_code[cls.code] = cls
 
     def __init__(
         self,
@@ -116,28 +127,33 @@ class OutcomeUnknown(RetryableError):
     """The request went out but no verdict came back: the service may have acted on it.
 
     A POST that ends this way must not simply be re-sent (that could email someone twice);
-    the token's invitations are listed first to see what was created.
+    the token's invitations are listed first to see what was created. As a batch's final
+    failure, it means the list could not be read to check.
     """
 
     code = "outcome_unknown"
+    keep_pending = True
 
 
 class ServerError(OutcomeUnknown):
     """5xx (or 408) from the service or a proxy in front of it."""
 
     code = "server_error"
+    keep_pending = False  # settled by listing on each attempt: known not created
 
 
 class RequestTimeout(OutcomeUnknown):
     """No complete answer within ``--timeout`` seconds."""
 
     code = "timeout"
+    keep_pending = False  # settled by listing on each attempt: known not created
 
 
 class ConnectionDropped(OutcomeUnknown):
     """The connection broke after the request was sent."""
 
     code = "connection_dropped"
+    keep_pending = False  # settled by listing on each attempt: known not created
 
 
 class PermanentError(SendError):
@@ -154,6 +170,7 @@ class BadRequest(PermanentError):
     """
 
     code = "bad_request"
+    final = True
     named: list[str] = []  # noqa: RUF012 - read-only default; set per instance
 
 
@@ -161,15 +178,36 @@ class AuthError(PermanentError):
     """401/403: the keys are wrong or lack ``dashboards_invite_share``. Stops the whole run."""
 
     code = "forbidden"
+    keep_pending = True  # about the keys, not the message
+
+
+class Aborted(PermanentError):
+    """Not sent: the run stopped after the service refused the keys."""
+
+    code = "aborted"
+    keep_pending = True
 
 
 class TokenNotFound(PermanentError):
     """404: no shared dashboard with this token. Every batch of the token fails."""
 
     code = "token_not_found"
+    final = True
 
 
 class UnexpectedResponse(PermanentError):
     """Any other status the API does not document for this endpoint."""
 
     code = "unexpected_response"
+
+
+def is_final(code: str) -> bool:
+    """Whether a failure ``code`` written in a report is final (see ``SendError.final``)."""
+    kind = SendError._by_code.get(code)
+    return kind is not None and kind.final
+
+
+def keeps_pending(code: str) -> bool:
+    """Whether a queue message that failed with ``code`` stays pending."""
+    kind = SendError._by_code.get(code)
+    return kind is not None and kind.keep_pending

@@ -10,29 +10,24 @@ import contextlib
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
 from worker.errors import StorageError, UsageError
 
+if TYPE_CHECKING:
+    from worker.outcome import Outcome
+
 PRIVATE_MODE = 0o600
 
 log = structlog.get_logger("worker.report")
 
 _encode = msgspec.json.encode
-
-
-class Invitation(msgspec.Struct, frozen=True):
-    """What the report keeps of one invitation the service returns."""
-
-    email: str
-    created_at: str | None = None
-    invitation_expiry: str | None = None
 
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
@@ -204,9 +199,6 @@ class Report:
         self.batches: Counter[str] = Counter()
         self.emails: Counter[str] = Counter()
         self.closed = False
-        #: Called with (token, emails, status, error) for every batch record (resume uses
-        #: it to keep each pair's final state).
-        self.on_batch: Callable[[str, list[str], str, dict[str, str] | None], None] | None = None
 
     def rejected(
         self,
@@ -228,48 +220,33 @@ class Report:
         self.rejected_by_reason[reason] += 1
         self._pending.append(_encode(record))
 
-    def batch(
-        self,
-        *,
-        token: str,
-        emails: list[str],
-        status: str,
-        http_status: int | None,
-        attempts: int,
-        error: dict[str, str] | None,
-        invitations: Sequence[Invitation],
-        started_at: float,
-        finished_at: float,
-        rate_limited: int = 0,
-        reconciled: bool = False,
-    ) -> None:
+    def batch(self, outcome: Outcome) -> None:
         """Write one final batch outcome (``sent``, ``failed``) at once.
 
         ``reconciled`` marks emails found created by listing the token's invitations after
         an unknown outcome, rather than confirmed by the POST's own answer.
         """
+        error = outcome.error
         record: dict[str, Any] = {
             "kind": "batch",
-            "token": token,
-            "emails": emails,
-            "status": status,
-            "http_status": http_status,
-            "attempts": attempts,
-            "rate_limited": rate_limited,
-            "error": error,
-            "invitations": invitations,
-            "started_at": iso(started_at),
-            "finished_at": iso(finished_at),
-            "duration_ms": round((finished_at - started_at) * 1000, 1),
+            "token": outcome.token,
+            "emails": outcome.emails,
+            "status": outcome.status.value,
+            "http_status": outcome.http_status,
+            "attempts": outcome.attempts,
+            "rate_limited": outcome.rate_limited,
+            "error": {"code": error.code, "message": error.message} if error else None,
+            "invitations": outcome.invitations,
+            "started_at": iso(outcome.started_at),
+            "finished_at": iso(outcome.finished_at),
+            "duration_ms": round((outcome.finished_at - outcome.started_at) * 1000, 1),
         }
-        if reconciled:
+        if outcome.reconciled:
             record["reconciled"] = True
-        self.batches[status] += 1
-        self.emails[status] += len(emails)
+        self.batches[outcome.status] += 1
+        self.emails[outcome.status] += len(outcome.emails)
         self._pending.append(_encode(record))
         self.flush()
-        if self.on_batch is not None:  # after the write: a queue acknowledges on this
-            self.on_batch(token, emails, status, error)
 
     def planned(self, token: str, emails: list[str]) -> None:
         """A batch a dry run would send."""

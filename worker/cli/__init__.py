@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from worker.cli.commands import emulator_command, enqueue_command, report_command, run_command
 from worker.cli.parser import build_parser, json_stderr, say
 from worker.errors import UsageError
-from worker.pipeline import EXIT_ABORTED, EXIT_USAGE
+from worker.exits import EXIT_ABORTED, EXIT_USAGE
 
 __all__ = ["build_parser", "main"]
 

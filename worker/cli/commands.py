@@ -16,8 +16,9 @@ from worker import logs
 from worker.cli.parser import SANDBOX_KEY, json_stderr, say
 from worker.config import Config, api_url_for_site
 from worker.errors import UsageError
-from worker.pipeline import EXIT_ABORTED, EXIT_INCOMPLETE, run
+from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE
 from worker.queue.options import StreamOptions, is_redis_url
+from worker.run import run
 from worker.sources import open_source
 
 
@@ -127,7 +128,7 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
         _install_stop(stop)
         return (await run_stream(config, options, stop=stop)).exit_code
     if args.dry_run:
-        from worker.plan import dry_run, parse_limit
+        from worker.run.plan import dry_run, parse_limit
 
         assume = parse_limit(args.assume_limit) if args.assume_limit else None
         return (await dry_run(config, open_source(args.source, args.format),

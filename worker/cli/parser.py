@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from worker.config import DEFAULT_SITE
-from worker.pipeline import EXIT_USAGE
+from worker.exits import EXIT_USAGE
 
 SANDBOX_KEY = "sandbox"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -21,18 +22,18 @@ from redis.exceptions import RedisError, ResponseError
 from worker.batching import Batch, Batcher
 from worker.clock import Clock
 from worker.config import Config
-from worker.errors import FatalError, QueueLost, SendError
+from worker.errors import FatalError, QueueLost, SendError, keeps_pending
+from worker.outcome import Outcome, Status
 from worker.queue.options import StreamOptions
 from worker.queue.stream import Message, StreamQueue
 from worker.report import Report, iso
-from worker.send.reconcile import record_created
+from worker.run.summary import QueueCounts
+from worker.send.reconcile import found_outcome
 from worker.send.sender import Sender
 from worker.validate import Validator, pair_key
 
 log = structlog.get_logger("worker.queue")
 
-#: Failures that leave the message pending instead of dead-lettering it.
-KEEP_PENDING = frozenset({"aborted", "forbidden", "outcome_unknown"})
 #: Message ids settled here that are remembered, so a claim racing with their
 #: acknowledgement does not take them for new work (see ``Consumer._take``).
 RECENTLY_SETTLED = 100_000
@@ -71,6 +72,10 @@ def parse_message(fields: dict[str, str]) -> tuple[str | None, str | None, str |
     return token, email, None
 
 
+def _unset(outcome: Outcome) -> None:
+    raise RuntimeError("Consumer.record must be set before consuming")
+
+
 class RedisIntents:
     """The sender's intent log in stream mode: send times kept in Redis, per message."""
 
@@ -101,35 +106,31 @@ class Consumer:
         sender: Sender,
         index: dict[tuple[str, str], str],
         clock: Clock,
-        stop: asyncio.Event,
     ) -> None:
         self.config, self.options, self.queue = config, options, queue
         self.report, self.sender, self.index = report, sender, index
-        self.clock, self.stop = clock, stop
+        self.clock, self.stop = clock, sender.stopping
         self.validator = Validator()
         self.batcher = Batcher(config.batch_size, config.max_buffered_rows, clock.time)
-        self.batches: asyncio.Queue[Batch | None] = asyncio.Queue(config.concurrency * 2)
         self.acks: list[str] = []
         self.dead: list[tuple[str, dict[str, str]]] = []
-        self.busy = 0
-        self.counts = {"rows": 0, "valid": 0, "claimed": 0, "dead_lettered": 0}
+        self.counts = QueueCounts()
         self.settled: dict[str, None] = {}  # insertion-ordered, at most RECENTLY_SETTLED
-        report.on_batch = self._on_outcome
+        #: Records an outcome (the runner's): set before :meth:`batches` is iterated.
+        self.record: Callable[[Outcome], None] = _unset
 
-    def _on_outcome(
-        self, token: str, emails: list[str], status: str, error: dict[str, str] | None
-    ) -> None:
-        for email in emails:
-            mid = self.index.pop((token, email.lower()), None)
+    def on_outcome(self, outcome: Outcome) -> None:
+        """An outcome is on disk: acknowledge its messages, or dead-letter them."""
+        error = outcome.error
+        for email in outcome.emails:
+            mid = self.index.pop((outcome.token, email.lower()), None)
             if mid is None:
                 continue
-            code = error["code"] if error else ""
-            if status == "sent":
+            if outcome.status is Status.SENT:
                 self._settled(mid)
                 self.acks.append(mid)
-            elif code not in KEEP_PENDING:
-                message = error["message"] if error else ""
-                self._dead_letter(mid, token, email, code, message)
+            elif error is not None and not keeps_pending(error.code):
+                self._dead_letter(mid, outcome.token, email, error.code, error.message)
 
     def _settled(self, mid: str) -> None:
         self.settled[mid] = None
@@ -138,7 +139,7 @@ class Consumer:
 
     def _dead_letter(self, mid: str, token: str, email: str, code: str, message: str) -> None:
         self._settled(mid)
-        self.counts["dead_lettered"] += 1
+        self.counts.dead_lettered += 1
         self.dead.append((mid, {"token": token, "email": email, "stream_id": mid,
                                 "error_code": code, "error_message": message,
                                 "failed_at": iso(self.clock.time())}))  # fmt: skip
@@ -157,74 +158,60 @@ class Consumer:
         except RedisError as exc:
             self.sender.halt(queue_lost(exc, self.options.where))
 
-    async def run(self) -> dict[str, int]:
-        """Consume until stopped, or until the group is drained with ``--until-empty``."""
-        drains = [asyncio.create_task(self._drain()) for _ in range(self.config.concurrency)]
+    async def batches(self) -> AsyncIterator[Batch]:
+        """Batches to send, until stopped or, with ``--until-empty``, the group is drained.
+
+        Settled messages are acknowledged in the background meanwhile (see :meth:`flush`).
+        Redis failing for good ends the iteration with :class:`QueueLost`.
+        """
         flusher = asyncio.create_task(self._flush_often())
         try:
-            await self._consume()
-        except FatalError as exc:
-            self.sender.halt(exc)
+            async for batch in self._consume():
+                yield batch
         except RedisError as exc:
-            self.sender.halt(queue_lost(exc, self.options.where))
+            raise queue_lost(exc, self.options.where) from None
         finally:
-            await self._finish(drains, flusher)
-        return self.counts
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
 
-    async def _consume(self) -> None:
-        await self._take(await self.queue.read_own_pending(), reclaimed=True)
+    async def _consume(self) -> AsyncIterator[Batch]:
+        for batch in await self._take(await self.queue.read_own_pending(), reclaimed=True):
+            yield batch
         next_claim = 0.0
         while not self.stop.is_set():
             if self.clock.time() >= next_claim:
                 claimed = await self.queue.claim_idle(self.options.claim_idle)
-                self.counts["claimed"] += len(claimed)
-                await self._take(claimed, reclaimed=True)
+                self.counts.claimed += len(claimed)
+                for batch in await self._take(claimed, reclaimed=True):
+                    yield batch
                 next_claim = self.clock.time() + min(max(self.options.claim_idle / 2, 0.5), 30)
             block = min(self.options.linger or 0.5, 0.5)
             messages = await self.queue.read_new(self.options.read_count, block)
-            await self._take(messages, reclaimed=False)
+            for batch in await self._take(messages, reclaimed=False):
+                yield batch
             for batch in self.batcher.expired(self.options.linger):
-                await self.batches.put(batch)
+                yield batch
             if self.options.until_empty and not messages and await self._drained():
                 break
         if not self.stop.is_set():
             for batch in self.batcher.drain():
-                await self.batches.put(batch)
-
-    async def _finish(self, drains: list[asyncio.Task[None]], flusher: asyncio.Task[None]) -> None:
-        for _ in drains:
-            await self.batches.put(None)
-        _, pending = await asyncio.wait(drains, timeout=self.config.grace)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*drains, return_exceptions=True)
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
-        await self.flush()
+                yield batch
 
     async def _drained(self) -> bool:
-        if self.batcher.buffered or self.busy or not self.batches.empty() or self.index:
+        # Every valid message is in the index until its outcome is recorded, so an empty
+        # index means nothing is buffered, queued or being sent.
+        if self.batcher.buffered or self.index:
             return False
         await self.flush()
         return await self.queue.group_pending() == 0
-
-    async def _drain(self) -> None:
-        while (batch := await self.batches.get()) is not None:
-            if self.stop.is_set():
-                continue
-            self.busy += 1
-            try:
-                await self.sender.send(batch)
-            finally:
-                self.busy -= 1
 
     async def _flush_often(self) -> None:
         while True:
             await asyncio.sleep(0.1)
             await self.flush()
 
-    async def _take(self, messages: list[Message], *, reclaimed: bool) -> None:
+    async def _take(self, messages: list[Message], *, reclaimed: bool) -> list[Batch]:
         """Validate, reconcile (for reclaimed messages) and batch a set of messages."""
         # Only a claimed message can be one of ours still in flight (claimed back because it
         # was slow); new messages cannot, so skip building the set for them.
@@ -235,7 +222,7 @@ class Consumer:
                 # Ours: still being sent, or settled with its acknowledgement under way;
                 # claimed back only because it took longer than --claim-idle.
                 continue
-            self.counts["rows"] += 1
+            self.counts.rows += 1
             if fields is None:  # deleted from the stream meanwhile
                 self.acks.append(mid)
                 continue
@@ -256,13 +243,15 @@ class Consumer:
             self.acks.append(str(where))
         refused = {where for where, _, _, _ in rejections}
         kept = (mid for mid, _, _ in fresh if mid not in refused)
+        full = []
         for mid, (token, email) in zip(kept, valid, strict=True):
-            self.counts["valid"] += 1
+            self.counts.valid += 1
             self.index[(token, email.lower())] = mid
             batch = self.batcher.add(token, email)
             if batch is not None:
-                await self.batches.put(batch)
+                full.append(batch)
         self.report.flush()
+        return full
 
     async def _screen(self, fresh: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
         """Reclaimed messages: dead-letter the over-delivered, settle unknown outcomes."""
@@ -310,8 +299,11 @@ class Consumer:
                 # Registered before the record is written: writing it acknowledges them.
                 self.validator.seen.add(pair_key(token, email))
                 self.index[(token, email.lower())] = mid
-        created = record_created(self.report, token, emails, found, started_at=since,
-                                 finished_at=self.clock.time())  # fmt: skip
-        log.info("queue.reconciled", token=token, created=len(created),
-                 not_created=len(items) - len(created))  # fmt: skip
+        outcome = found_outcome(token, emails, found, started_at=since,
+                                finished_at=self.clock.time())  # fmt: skip
+        if outcome is not None:
+            self.record(outcome)  # which acknowledges them
+        created = len(outcome.emails) if outcome else 0
+        log.info("queue.reconciled", token=token, created=created,
+                 not_created=len(items) - created)  # fmt: skip
         return [(mid, token, email) for mid, email, _ in items if email.lower() not in found]

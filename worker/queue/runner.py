@@ -20,12 +20,13 @@ from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import UsageError
 from worker.lock import hold_report
-from worker.pipeline import RunResult, build_summary, finish
 from worker.queue.consumer import Consumer, RedisIntents
 from worker.queue.options import StreamOptions
 from worker.queue.ratelimit import SharedBudget
 from worker.queue.stream import StreamQueue
 from worker.report import Report
+from worker.run.runner import Runner
+from worker.run.summary import RunResult, build_summary, finish
 from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
 from worker.sources import Source
@@ -112,15 +113,17 @@ async def _run_stream(
             shared = SharedBudget(redis, urlsplit(config.api_url).netloc, options.where)
             pacer = pacer_for(config, clock, rng, shared)
             intents = RedisIntents(queue, index, options.where)
-            sender = Sender(client, pacer, report, intents, config, clock, rng, stop)
-            consumer = Consumer(config, options, queue, report, sender, index, clock, stop)
+            sender = Sender(client, pacer, intents, config, clock, rng, stop)
+            consumer = Consumer(config, options, queue, report, sender, index, clock)
+            runner = Runner(config, sender, report, intents, hooks=(consumer.on_outcome,))
+            consumer.record = runner.record
             try:
-                counts: dict[str, Any] = await consumer.run()
+                await runner.drive(consumer.batches())
+                await consumer.flush()  # what the last outcomes settle
             finally:
                 await shared.settle()
-        counts["recorded"] = report.emails["sent"] + report.emails["failed"]
-        summary = build_summary(config, options.where, report, sender, pacer, None, counts,
-                                started, clock, stopping_is_normal=True)  # fmt: skip
+        summary = build_summary(runner, options.where, consumer.counts, started, clock.time(),
+                                stopping_is_normal=True)  # fmt: skip
         summary["group"], summary["consumer"] = options.group, options.consumer
         return finish(report, summary)
     finally:

@@ -30,7 +30,7 @@ from worker.errors import (
     TokenNotFound,
     UnexpectedResponse,
 )
-from worker.report import Invitation
+from worker.outcome import Invitation
 from worker.send.refusals import named_addresses
 from worker.validate import check_token
 

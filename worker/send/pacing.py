@@ -19,15 +19,17 @@ seconds and says, on every response, how many are ``Remaining`` and when the win
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import structlog
 from aiolimiter import AsyncLimiter
 
-from worker.clock import Clock
+from worker.clock import Clock, unless_set
 from worker.errors import RateLimitInfo
 
 log = structlog.get_logger("worker.pacing")
@@ -74,12 +76,6 @@ class SharedLimit(Protocol):
     def pause(self, until: float, name: str | None) -> None:
         """A 429 was seen: every worker waits until ``until``."""
         ...
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff with "equal jitter": between half and all of ``base * 2**(n-1)``."""
-    ceiling = min(cap, base * 2.0 ** (attempt - 1))
-    return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
 class Pacer:
@@ -173,6 +169,30 @@ class Pacer:
             else:
                 await self._clock.sleep(min(wait, give_up - now))
         return self._grant(now)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, stop: asyncio.Event | None = None) -> AsyncIterator[Slot | None]:
+        """``async with pacer.slot() as slot:`` send one request, then ``slot.observe(...)``.
+
+        Leaving the block without an observation gives the slot back as never used (the
+        request did not leave: a refusal before sending, a failed journal write). With
+        ``stop``, the slot is None if ``stop`` is set before one is free.
+        """
+        sent_at = self.try_acquire()
+        if sent_at is None:
+            if stop is None:
+                sent_at = await self.acquire()
+            else:
+                _, sent_at = await unless_set(stop, self.acquire(), lambda _: self.cancel())
+        if sent_at is None:
+            yield None
+            return
+        slot = Slot(self, sent_at)
+        try:
+            yield slot
+        finally:
+            if not slot.observed:
+                self.cancel()
 
     def _grant(self, now: float) -> float:
         """Count a request sent at ``now`` as in flight."""
@@ -325,3 +345,20 @@ class Pacer:
                 headers=headers,
                 pace=pace,
             )
+
+
+class Slot:
+    """One request's place in the pace: when it was sent, and what its answer said."""
+
+    __slots__ = ("_pacer", "observed", "sent_at")
+
+    def __init__(self, pacer: Pacer, sent_at: float) -> None:
+        self._pacer = pacer
+        self.sent_at = sent_at
+        self.observed = False
+
+    def observe(self, info: RateLimitInfo | None, *, limited: bool = False) -> None:
+        """The answer came (``info`` None if none did): account for it, once."""
+        if not self.observed:
+            self.observed = True
+            self._pacer.release(self.sent_at, info, limited=limited)

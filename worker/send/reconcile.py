@@ -13,15 +13,15 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import structlog
 
 from worker.clock import Clock
-from worker.errors import FatalError, RateLimited, RetryableError, SendError, TokenNotFound
-from worker.report import Invitation, Report
-from worker.send.client import InvitationClient
-from worker.send.pacing import Pacer, backoff_delay
+from worker.errors import RateLimited, SendError, TokenNotFound
+from worker.outcome import Invitation, Outcome, Status
+from worker.send.client import InvitationClient, Listing
+from worker.send.pacing import Pacer
+from worker.send.retry import RetryPolicy
 
 log = structlog.get_logger("worker.reconcile")
 
@@ -48,8 +48,7 @@ def created_epoch(invitation: Invitation) -> float | None:
         return None
 
 
-def record_created(
-    report: Report,
+def found_outcome(
     token: str,
     emails: list[str],
     found: dict[str, Invitation],
@@ -58,20 +57,20 @@ def record_created(
     finished_at: float,
     attempts: int = 0,
     http_status: int | None = None,
-) -> list[str]:
-    """Record the ``emails`` a listing ``found`` as one ``sent`` batch marked ``reconciled``.
+    clears: tuple[str, ...] = (),
+) -> Outcome | None:
+    """The ``emails`` a listing ``found``, as one ``sent`` outcome marked ``reconciled``.
 
-    Returns them (in input order); the caller sends the others again.
+    None when none was found; the caller sends those again. ``clears`` are the journal
+    intents this outcome settles, cleared only once it is recorded.
     """
     created = [e for e in emails if e.lower() in found]
-    if created:
-        report.batch(
-            token=token, emails=created, status="sent", http_status=http_status,
-            attempts=attempts, error=None, started_at=started_at, finished_at=finished_at,
-            invitations=[found[e.lower()] for e in created],
-            reconciled=True,
-        )  # fmt: skip
-    return created
+    if not created:
+        return None
+    return Outcome(
+        token, created, Status.SENT, http_status, attempts, started_at, finished_at,
+        invitations=[found[e.lower()] for e in created], reconciled=True, clears=clears,
+    )  # fmt: skip
 
 
 class Reconciler:
@@ -83,16 +82,14 @@ class Reconciler:
         pacer: Pacer,
         clock: Clock,
         *,
-        max_attempts: int,
-        backoff: tuple[float, float],
+        retry: RetryPolicy,
         skew: float,
         rng: random.Random,
     ) -> None:
         self._client = client
         self._pacer = pacer
         self._clock = clock
-        self._max_attempts = max_attempts
-        self._backoff = backoff
+        self._retry = retry
         self._skew = skew
         self._rng = rng
         self._locks: dict[str, asyncio.Lock] = {}
@@ -143,28 +140,25 @@ class Reconciler:
         log.info("reconcile.listed", token=token, invitations=seen, pages=page + 1)
         return listing
 
-    async def _page(self, token: str, page: int) -> Any:
+    async def _page(self, token: str, page: int) -> Listing | None:
+        """One page, retried by the run's policy; None when the dashboard is gone."""
         attempts = 0
         while True:
-            sent_at = await self._pacer.acquire()
-            self.requests += 1
-            try:
-                result = await self._client.list_invitations(token, page, PAGE_SIZE)
-            except FatalError:
-                self._pacer.cancel()
-                raise
-            except RateLimited as exc:
-                self._pacer.release(sent_at, exc.ratelimit, limited=True)
-                continue
-            except TokenNotFound as exc:
-                self._pacer.release(sent_at, exc.ratelimit)
-                return None
-            except SendError as exc:
-                self._pacer.release(sent_at, exc.ratelimit)
+            async with self._pacer.slot() as slot:
+                assert slot is not None  # no stop event: a slot always comes
+                self.requests += 1
+                try:
+                    result = await self._client.list_invitations(token, page, PAGE_SIZE)
+                except SendError as exc:
+                    slot.observe(exc.ratelimit, limited=isinstance(exc, RateLimited))
+                    error: SendError = exc
+                else:
+                    slot.observe(result.ratelimit)
+                    return result
+            if isinstance(error, TokenNotFound):
+                return None  # nothing of ours can exist there
+            if not isinstance(error, RateLimited):
                 attempts += 1
-                if not isinstance(exc, RetryableError) or attempts >= self._max_attempts:
-                    raise
-                await self._clock.sleep(backoff_delay(attempts, *self._backoff, self._rng))
-                continue
-            self._pacer.release(sent_at, result.ratelimit)
-            return result
+                if not self._retry.retries(error, attempts):
+                    raise error
+                await self._clock.sleep(self._retry.delay(attempts, self._rng))

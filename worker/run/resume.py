@@ -16,6 +16,7 @@ After a crash, the files alone say where every pair stands:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,16 +24,14 @@ import structlog
 
 from worker.clock import Clock
 from worker.dedupe import PairIndex
-from worker.errors import SendError, UsageError
-from worker.journal import Intent, Journal, journal_path, read_journal
-from worker.report import Report, batch_shape, read_records
-from worker.send.reconcile import Reconciler, record_created
+from worker.errors import SendError, UsageError, is_final
+from worker.journal import Intent, journal_path, read_journal
+from worker.outcome import Outcome, Status
+from worker.report import batch_shape, read_records
+from worker.send.reconcile import Reconciler, found_outcome
 from worker.validate import pair_key
 
 log = structlog.get_logger("worker.resume")
-
-#: Failure codes a permanent answer stands behind: resuming will not send these again.
-FINAL_FAILURES = frozenset({"bad_request", "token_not_found"})
 
 
 @dataclass
@@ -56,27 +55,30 @@ class History:
         done = self.sent.find_many(keys)
         if self.blocked or self.failed:
             blocked, failed = self.blocked, self.failed
-            done.update(k for k in keys if k in blocked or failed.get(k) in FINAL_FAILURES)
+            done.update(k for k in keys if k in blocked or is_final(failed.get(k, "")))
         return done
 
-    def on_batch(
-        self, token: str, emails: list[str], status: str, error: dict[str, str] | None
-    ) -> None:
-        """Track a batch record as it is written, so totals cover the whole job."""
-        if status == "planned":  # a dry run's plan is not an outcome
+    def on_batch(self, token: str, emails: list[str], status: str, code: str | None) -> None:
+        """Track a batch record as it is read or written, so totals cover the whole job."""
+        if status == Status.PLANNED:  # a dry run's plan is not an outcome
             return
         keys = [pair_key(token, email) for email in emails]
-        if status == "sent":
+        if status == Status.SENT:
             self.sent.add_many(keys)
             if self.failed or self.blocked:
                 for key in keys:
                     self.failed.pop(key, None)
                     self.blocked.discard(key)
             return
-        sent, code = self.sent.find_many(keys), error["code"] if error else "failed"
+        sent = self.sent.find_many(keys)
         for key in keys:
             if key not in sent:
-                self.failed[key] = code
+                self.failed[key] = code or "failed"
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        """Track an outcome of this run."""
+        code = outcome.error.code if outcome.error else None
+        self.on_batch(outcome.token, outcome.emails, outcome.status, code)
 
     def totals(self) -> dict[str, int]:
         """Email and row counts over the whole job so far."""
@@ -121,8 +123,9 @@ def load_history(report_path: Path, journal_path: Path) -> History:
     for record in read_records(report_path, missing_ok=True, check=batch_shape):
         kind = record.get("kind")
         if kind == "batch":
+            error = record.get("error")
             history.on_batch(record["token"], record["emails"], record["status"],
-                             record.get("error"))  # fmt: skip
+                             error["code"] if error else None)  # fmt: skip
         elif (
             kind == "rejected" and "line" in record and record["line"] not in history.rejected_lines
         ):
@@ -143,13 +146,14 @@ def load_history(report_path: Path, journal_path: Path) -> History:
 
 
 async def settle_unknowns(
-    history: History, reconciler: Reconciler, report: Report, journal: Journal, clock: Clock
-) -> None:
-    """List the invitations of every token with unknown outcomes; record what was created.
+    history: History, reconciler: Reconciler, clock: Clock
+) -> AsyncIterator[Outcome]:
+    """List the invitations of every token with unknown outcomes; yield what was created.
 
-    Pairs found are recorded ``sent`` (``reconciled``); the others go back to the input pass
-    to be sent. If a token's list cannot be read, its pairs stay unknown and are *not* sent
-    in this run (that could email someone twice); a later ``--resume`` tries again.
+    Each outcome found is ``sent`` (``reconciled``) and clears its intent once recorded;
+    the pairs not found go back to the input pass to be sent. If a token's list cannot be
+    read, its pairs stay unknown and are *not* sent in this run (that could email someone
+    twice); a later ``--resume`` tries again.
     """
     if not history.unknown:
         return
@@ -164,8 +168,11 @@ async def settle_unknowns(
                       error=exc.message)  # fmt: skip
             history.blocked.update(pair_key(intent.token, e) for e in intent.emails)
             continue
-        created = record_created(report, intent.token, intent.emails, found,
-                                 started_at=intent.at, finished_at=clock.time())  # fmt: skip
-        log.info("resume.reconciled", token=intent.token, created=len(created),
-                 not_created=len(intent.emails) - len(created))  # fmt: skip
-        journal.clear(intent.id)
+        outcome = found_outcome(intent.token, intent.emails, found, started_at=intent.at,
+                                finished_at=clock.time(), clears=(intent.id,))  # fmt: skip
+        created = len(outcome.emails) if outcome else 0
+        log.info("resume.reconciled", token=intent.token, created=created,
+                 not_created=len(intent.emails) - created)  # fmt: skip
+        # Nothing found still clears the intent: an empty outcome carries the clear.
+        yield outcome or Outcome(intent.token, [], Status.SENT, None, 0, intent.at, now,
+                                 clears=(intent.id,))  # fmt: skip

@@ -10,9 +10,11 @@ import structlog
 
 from worker.config import Config
 from worker.errors import UsageError
+from worker.exits import EXIT_INCOMPLETE, EXIT_OK
 from worker.lock import hold_report
-from worker.pipeline import EXIT_INCOMPLETE, EXIT_OK, RunResult, new_counts, read_batches
 from worker.report import Report
+from worker.run.files import read_batches
+from worker.run.summary import FileCounts, RunResult
 from worker.sources import Source
 
 log = structlog.get_logger("worker.plan")
@@ -57,10 +59,10 @@ async def _plan(
     config: Config, source: Source, assume_limit: tuple[int, float] | None, out: TextIO | None
 ) -> RunResult:
     report = Report(config.report_path, overwrite=config.overwrite)
-    counts = new_counts()
+    counts = FileCounts()
     requests = 0
     try:
-        async for batch in read_batches(config, source, report, counts):
+        async for batch in read_batches(config, source, report.rejected, counts):
             report.planned(batch.token, batch.emails)
             requests += 1
     finally:
@@ -69,11 +71,11 @@ async def _plan(
     summary: dict[str, Any] = {
         "source": source.description,
         "dry_run": True,
-        "rows": counts["rows"],
-        "valid": counts["valid"],
+        "rows": counts.rows,
+        "valid": counts.valid,
         "rejected": report.rejected_total,
         "rejected_by_reason": dict(sorted(report.rejected_by_reason.items())),
-        "tokens": counts["tokens"],
+        "tokens": counts.tokens,
         "requests": requests,
         "batch_size": config.batch_size,
         "rate": config.rate,

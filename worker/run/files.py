@@ -1,0 +1,182 @@
+"""A run over a file: source -> validation -> batching, driven through the runner.
+
+:func:`read_batches` is the file's async iterator of batches (rejections go to a sink);
+:func:`run` sets up the report, journal, client and sender around it, settles what an
+earlier run left unknown (``--resume``), drives the batches, and writes the summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
+
+import structlog
+
+from worker.batching import Batch, Batcher
+from worker.clock import Clock, SystemClock
+from worker.config import Config
+from worker.errors import FatalError, StorageError, UsageError
+from worker.journal import Journal, journal_path
+from worker.lock import hold_report
+from worker.report import Report
+from worker.run.progress import Progress
+from worker.run.resume import (
+    History,
+    check_resumable,
+    load_history,
+    require_report,
+    settle_unknowns,
+)
+from worker.run.runner import Runner
+from worker.run.summary import FileCounts, RunResult, build_summary, finish
+from worker.send import client_for, pacer_for
+from worker.send.sender import Sender
+from worker.sources import Source
+from worker.validate import Validator
+
+log = structlog.get_logger("worker.run")
+
+#: Where a rejected row goes: (line or stream id, reason, token, email).
+RejectSink = Callable[[int | str, str, str | None, str | None], None]
+
+
+async def read_batches(
+    config: Config,
+    source: Source,
+    reject: RejectSink,
+    counts: FileCounts,
+    history: History | None = None,
+    stop: asyncio.Event | None = None,
+) -> AsyncIterator[Batch]:
+    """Read, validate and batch ``source``: the batches to send; rejections to ``reject``.
+
+    Updates ``counts`` as it goes; on ``--resume`` skips settled pairs and does not report
+    already-rejected lines again.
+    """
+    validator = Validator()
+    batcher = Batcher(config.batch_size, config.max_buffered_rows)
+    known_rejected = history.rejected_lines if history is not None else set()
+    settled = history.settled if history is not None else None
+    tokens: set[str] = set()
+    try:
+        async for chunk in source.chunks():
+            valid, rejections, skipped = validator.check_rows(chunk, settled)
+            counts.rows += len(chunk)
+            counts.valid += len(valid)
+            counts.skipped += skipped
+            for line, reason, token, email in rejections:
+                if line not in known_rejected:
+                    reject(line, reason, token, email)
+            for batch in batcher.add_many(valid):
+                tokens.add(batch.token)
+                yield batch
+            if stop is not None and stop.is_set():
+                return
+        counts.read_all = True
+        for batch in batcher.drain():
+            tokens.add(batch.token)
+            yield batch
+    finally:
+        counts.tokens = len(tokens)
+
+
+async def run(
+    config: Config,
+    source: Source,
+    *,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
+    stop: asyncio.Event | None = None,
+) -> RunResult:
+    """Send every valid pair of ``source`` and write the report; returns the exit code.
+
+    The report's lock is held throughout: a second run on the same report is refused
+    (:class:`ReportLocked`) before it reads or writes anything.
+    """
+    if config.resume:
+        require_report(config.report_path)
+    with hold_report(config.report_path):
+        if config.resume:
+            check_resumable(config.report_path)
+        return await _run(config, source, clock or SystemClock(), rng, stop or asyncio.Event())
+
+
+async def _run(
+    config: Config, source: Source, clock: Clock, rng: random.Random | None, stop: asyncio.Event
+) -> RunResult:
+    jpath = journal_path(config.report_path)
+    history = load_history(config.report_path, jpath) if config.resume else None
+    report = Report(config.report_path, overwrite=config.overwrite, resume=config.resume)
+    try:
+        journal = Journal(jpath, durable=config.durable_journal, truncate=not config.resume)
+    except UsageError:
+        report.close()
+        raise
+    started = clock.time()
+    log.info("run.started", source=source.description, api=_public_origin(config.api_url),
+             batch_size=config.batch_size, concurrency=config.concurrency, rate=config.rate,
+             report=str(config.report_path), resume=config.resume)  # fmt: skip
+    counts = FileCounts()
+    try:
+        async with client_for(config) as client:
+            sender = Sender(client, pacer_for(config, clock, rng), journal, config, clock, rng,
+                            stop)  # fmt: skip
+            hooks = (history.on_outcome,) if history is not None else ()
+            runner = Runner(config, sender, report, journal, hooks=hooks)
+            if history is not None:
+                await _settle(runner, history, clock)
+            runner.recorded = 0  # settling is not this run's reading
+            progress = Progress(_snapshot(runner, counts), config.progress, config.progress_every)
+            progress.start()
+            try:
+                await runner.drive(_flushed(report, read_batches(
+                    config, source, report.rejected, counts, history, stop)))  # fmt: skip
+            finally:
+                await progress.close()
+    finally:
+        source.close()
+        try:
+            report.flush()
+        except StorageError as exc:
+            sender.halt(exc)
+        journal.close()
+    summary = build_summary(runner, source.description, counts, started, clock.time(),
+                            history=history, resumed=config.resume)  # fmt: skip
+    return finish(report, summary)
+
+
+async def _settle(runner: Runner, history: History, clock: Clock) -> None:
+    """``--resume``: record what unknown outcomes of the earlier run actually created."""
+    try:
+        async for outcome in settle_unknowns(history, runner.sender.reconciler, clock):
+            runner.record(outcome)
+    except FatalError as exc:
+        runner.sender.halt(exc)
+
+
+async def _flushed(report: Report, batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
+    """The batches, with the rejected rows of each chunk written before it is sent."""
+    async for batch in batches:
+        report.flush()
+        yield batch
+    report.flush()
+
+
+def _snapshot(runner: Runner, counts: FileCounts) -> Callable[[], dict[str, int]]:
+    report, sender = runner.report, runner.sender
+
+    def snapshot() -> dict[str, int]:
+        return {"rows": counts.rows, "valid": counts.valid, "read_all": int(counts.read_all),
+                "sent": report.emails["sent"], "failed": report.emails["failed"],
+                "requests": sender.stats.requests, "waits": sender.pacer.waits}  # fmt: skip
+
+    return snapshot
+
+
+def _public_origin(url: str) -> str:
+    """Scheme, host and port only: a URL's user-info could carry credentials."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"

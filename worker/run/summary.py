@@ -1,0 +1,129 @@
+"""The ``summary`` record that ends every run in the report, and the run's result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import structlog
+
+from worker.errors import StorageError
+from worker.exits import EXIT_ABORTED, exit_code
+from worker.report import Report, iso
+from worker.run.resume import History
+from worker.run.runner import Runner
+
+log = structlog.get_logger("worker.run")
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a run ended: its exit code and the summary written last to the report."""
+
+    exit_code: int
+    summary: dict[str, Any]
+
+
+@dataclass(slots=True)
+class FileCounts:
+    """What reading a file found (updated as it is read)."""
+
+    rows: int = 0
+    valid: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    read_all: bool = False  # every row is read: the total is known from here on
+
+    def fields(self) -> dict[str, int]:
+        """The summary's share: everything but the progress flag."""
+        return {k: v for k, v in asdict(self).items() if k != "read_all"}
+
+
+@dataclass(slots=True)
+class QueueCounts:
+    """What a stream consumer read, claimed and dead-lettered."""
+
+    rows: int = 0
+    valid: int = 0
+    claimed: int = 0
+    dead_lettered: int = 0
+
+    def fields(self) -> dict[str, int]:
+        """The summary's share."""
+        return asdict(self)
+
+
+def build_summary(
+    runner: Runner,
+    description: str,
+    counts: FileCounts | QueueCounts,
+    started: float,
+    finished: float,
+    *,
+    history: History | None = None,
+    resumed: bool = False,
+    stopping_is_normal: bool = False,
+) -> dict[str, Any]:
+    """The ``summary`` record of a run."""
+    sender, report = runner.sender, runner.report
+    halted = sender.fatal
+    interrupted = sender.stopping.is_set() and halted is None
+    # Valid pairs read but neither sent nor failed (left for --resume after a stop).
+    unsent = max(0, counts.valid - runner.recorded)
+    if history is not None:
+        totals = history.totals()
+    else:
+        totals = {"emails_failed": report.emails["failed"], "rejected": report.rejected_total,
+                  "unknown": 0}  # fmt: skip
+    incomplete = bool(totals["emails_failed"] or totals["rejected"] or totals["unknown"] or unsent)
+    code = exit_code(aborted=sender.aborted, halted=halted is not None, interrupted=interrupted,
+                     incomplete=incomplete, stopping_is_normal=stopping_is_normal)  # fmt: skip
+    summary: dict[str, Any] = {
+        "source": description,
+        **counts.fields(),
+        "rejected": report.rejected_total,
+        "rejected_by_reason": dict(sorted(report.rejected_by_reason.items())),
+        "emails_sent": report.emails["sent"],
+        "emails_failed": report.emails["failed"],
+        "batches_sent": report.batches["sent"],
+        "batches_failed": report.batches["failed"],
+        "requests": sender.stats.requests,
+        "retries": sender.stats.retries,
+        "rate_limited": sender.stats.rate_limited,
+        "ratelimit_waits": sender.pacer.waits,
+        "splits": sender.stats.splits,
+        "unknown_outcomes": sender.stats.unknown_outcomes,
+        "reconciled_sent": sender.stats.reconciled_sent,
+        "reconcile_requests": sender.reconciler.requests,
+        "unsent": unsent,
+        "aborted": sender.aborted,
+        "abort_reason": sender.abort_error.message if sender.abort_error else None,
+        "interrupted": interrupted,
+        "halted": {"code": halted.code, "message": str(halted)} if halted is not None else None,
+        "resumed": resumed,
+        "exit_code": code,
+        "started_at": iso(started),
+        "finished_at": iso(finished),
+        "duration_ms": round((finished - started) * 1000, 1),
+    }
+    if history is not None:
+        summary["job"] = totals
+    return summary
+
+
+def finish(report: Report, summary: dict[str, Any]) -> RunResult:
+    """Write the summary as the report's last record, log it, and return the result.
+
+    When the report cannot be written (the disk that stopped the run), the summary is
+    still logged; ``--resume`` does not need it.
+    """
+    try:
+        report.summary(summary)
+    except StorageError as exc:
+        log.error("run.summary_not_written", path=str(exc.path), cause=exc.cause.strerror)
+    log_summary = {k: v for k, v in summary.items() if k not in ("started_at", "finished_at")}
+    if summary["aborted"] or summary["exit_code"] == EXIT_ABORTED:
+        log.error("run.aborted", **log_summary)
+    else:
+        log.info("run.finished", **log_summary)
+    return RunResult(summary["exit_code"], summary)
