@@ -23,7 +23,7 @@ from tests.conftest import (
 )
 from worker.config import Config
 from worker.emulator import Emulator
-from worker.journal import journal_path, read_journal
+from worker.record.journal import journal_path, read_journal
 from worker.review import Review
 from worker.run import run
 from worker.run.resume import load_history

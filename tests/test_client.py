@@ -22,7 +22,8 @@ from worker.errors import (
     TokenNotFound,
     UnexpectedResponse,
 )
-from worker.send.client import InvitationClient, error_message, parse_ratelimit, read_ratelimit
+from worker.send.answers import error_message, parse_ratelimit, read_ratelimit
+from worker.send.client import InvitationClient
 
 Handler = Callable[[web.Request], web.StreamResponse]
 

@@ -21,7 +21,7 @@ from tests.conftest import (
 )
 from worker.config import Config
 from worker.emulator import Emulator, Faults
-from worker.journal import Intent, Journal, journal_path, read_journal
+from worker.record.journal import Intent, Journal, journal_path, read_journal
 from worker.run import run
 from worker.run.resume import load_history
 

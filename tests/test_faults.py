@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Proc, by_kind, emulator_invited, free_port, read_report, write_input
-from worker.lock import lock_path
+from worker.record.lock import lock_path
 
 
 def requests_seen(url: str) -> int:

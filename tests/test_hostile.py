@@ -27,7 +27,7 @@ from tests.conftest import (
     worker_env,
 )
 from worker.errors import UsageError
-from worker.journal import journal_path
+from worker.record.journal import journal_path
 from worker.sources import open_source
 from worker.sources.lines import Row
 

@@ -12,7 +12,7 @@ import pytest
 from worker.clock import FakeClock
 from worker.emulator import Emulator
 from worker.errors import RateLimitInfo
-from worker.send.client import parse_ratelimit
+from worker.send.answers import parse_ratelimit
 from worker.send.pacing import BOUNDARY_MARGIN, Pacer, window_end
 
 
@@ -167,7 +167,7 @@ async def simulate(
             while True:
                 sent = await pacer.acquire()
                 await clock.sleep(latency / 2)
-                over, answer = server._ratelimit(count=True)
+                over, answer = server.window.count()
                 await clock.sleep(latency / 2)
                 pacer.release(sent, parse_ratelimit(answer), limited=over)
                 if not over:

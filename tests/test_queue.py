@@ -30,10 +30,10 @@ from tests.conftest import (
 from worker.config import Config
 from worker.emulator import Emulator
 from worker.errors import ReportLocked
-from worker.lock import hold_report
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.queue.stream import StreamQueue
+from worker.record.lock import hold_report
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from worker.batching import Batcher
 from worker.logs import timestamp
-from worker.report import iso
+from worker.record.report import iso
 from worker.validate import Validator, check_email, check_token
 
 

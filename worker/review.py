@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from worker.dedupe import locate
 from worker.errors import UsageError
-from worker.report import batch_shape, read_records
+from worker.record.files import batch_shape, read_records
 from worker.validate import pair_key
 
 #: Request counters summed over the runs' summaries.

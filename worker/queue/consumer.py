@@ -26,7 +26,7 @@ from worker.errors import FatalError, QueueLost, SendError, keeps_pending
 from worker.outcome import Outcome, Status
 from worker.queue.options import StreamOptions
 from worker.queue.stream import Message, StreamQueue
-from worker.report import Report, iso
+from worker.record.report import Report, iso
 from worker.run.summary import QueueCounts
 from worker.send.reconcile import found_outcome
 from worker.send.sender import Sender

@@ -19,12 +19,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import UsageError
-from worker.lock import hold_report
 from worker.queue.consumer import Consumer, RedisIntents
 from worker.queue.options import StreamOptions
 from worker.queue.ratelimit import SharedBudget
 from worker.queue.stream import StreamQueue
-from worker.report import Report
+from worker.record.lock import hold_report
+from worker.record.report import Report
 from worker.run.runner import Runner
 from worker.run.summary import RunResult, build_summary, finish
 from worker.send import client_for, pacer_for

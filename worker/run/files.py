@@ -18,9 +18,9 @@ from worker.batching import Batch, Batcher
 from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import FatalError, StorageError, UsageError
-from worker.journal import Journal, journal_path
-from worker.lock import hold_report
-from worker.report import Report
+from worker.record.journal import Journal, journal_path
+from worker.record.lock import hold_report
+from worker.record.report import Report
 from worker.run.progress import Progress
 from worker.run.resume import (
     History,

@@ -11,8 +11,8 @@ import structlog
 from worker.config import Config
 from worker.errors import UsageError
 from worker.exits import EXIT_INCOMPLETE, EXIT_OK
-from worker.lock import hold_report
-from worker.report import Report
+from worker.record.lock import hold_report
+from worker.record.report import Report
 from worker.run.files import read_batches
 from worker.run.summary import FileCounts, RunResult
 from worker.sources import Source

@@ -25,9 +25,9 @@ import structlog
 from worker.clock import Clock
 from worker.dedupe import PairIndex
 from worker.errors import SendError, UsageError, is_final
-from worker.journal import Intent, journal_path, read_journal
 from worker.outcome import Outcome, Status
-from worker.report import batch_shape, read_records
+from worker.record.files import batch_shape, read_records
+from worker.record.journal import Intent, journal_path, read_journal
 from worker.send.reconcile import Reconciler, found_outcome
 from worker.validate import pair_key
 

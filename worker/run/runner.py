@@ -23,9 +23,9 @@ import structlog
 from worker.batching import Batch
 from worker.config import Config
 from worker.errors import FatalError
-from worker.journal import IntentLog
 from worker.outcome import Outcome
-from worker.report import Report
+from worker.record.journal import IntentLog
+from worker.record.report import Report
 from worker.send.sender import Sender
 
 log = structlog.get_logger("worker.runner")

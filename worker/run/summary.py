@@ -9,7 +9,7 @@ import structlog
 
 from worker.errors import StorageError
 from worker.exits import EXIT_ABORTED, exit_code
-from worker.report import Report, iso
+from worker.record.report import Report, iso
 from worker.run.resume import History
 from worker.run.runner import Runner
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -31,6 +29,13 @@ from worker.errors import (
     UnexpectedResponse,
 )
 from worker.outcome import Invitation
+from worker.send.answers import (
+    created,
+    error_message,
+    invitations,
+    json_or_none,
+    read_ratelimit,
+)
 from worker.send.refusals import named_addresses
 from worker.validate import check_token
 
@@ -39,14 +44,11 @@ log = structlog.get_logger("worker.client")
 USER_AGENT = "invite-worker/0.1"
 #: Largest response body read; 100 invitations are about 30 KB.
 MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_MESSAGE_CHARS = 500
 #: Shorter "secrets" (the sandbox's, a test's) are not scrubbed: they would mangle words.
 MIN_SECRET_LENGTH = 8
 #: Connections that failed before the service ever answered, after which the run stops:
 #: a wrong URL or port, DNS or TLS trouble will not heal by retrying batch after batch.
 UNREACHABLE_AFTER = 3
-_TAGS = re.compile(r"<[^>]*>")
-_SPACE = re.compile(r"\s+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +131,7 @@ class InvitationClient:
 
     async def invite(self, token: str, emails: list[str]) -> Sent:
         """Send one list-form request; return :class:`Sent` or raise a :class:`SendError`."""
-        body = _encode(
+        body = msgspec.json.encode(
             {
                 "data": [
                     {"type": "public_dashboard_invitation", "attributes": {"email": e}}
@@ -145,7 +147,7 @@ class InvitationClient:
         status, headers, raw = await self._request("POST", url, body)
         ratelimit = self._ratelimit(headers)
         if 200 <= status < 300:
-            return Sent(status, _created(raw), ratelimit)
+            return Sent(status, created(raw), ratelimit)
         error = self._error(status, raw, ratelimit)
         if isinstance(error, BadRequest):
             # Read the whole message, not the shortened one: it may name many addresses.
@@ -159,14 +161,14 @@ class InvitationClient:
         ratelimit = self._ratelimit(headers)
         if status != 200:
             raise self._error(status, raw, ratelimit)
-        doc = _json_or_none(raw)
+        doc = json_or_none(raw)
         if doc is None:
             raise ServerError("the invitation list was not JSON", http_status=status)
         # meta.page.total_count, tolerating any shape: a malformed answer must not crash.
         total: Any = doc
         for key in ("meta", "page", "total_count"):
             total = total.get(key) if isinstance(total, dict) else None
-        return Listing(_invitations(doc), total if isinstance(total, int) else None, ratelimit)
+        return Listing(invitations(doc), total if isinstance(total, int) else None, ratelimit)
 
     async def _request(
         self, method: str, url: str | URL, body: bytes | None
@@ -253,116 +255,3 @@ async def _read_body(content: aiohttp.StreamReader) -> bytes:
         parts.append(part)
         size += len(part)
     return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-_RATELIMIT_HEADERS = ("Limit", "Period", "Remaining", "Reset")
-
-
-def parse_ratelimit(headers: Mapping[str, str]) -> RateLimitInfo:
-    """Read ``X-RateLimit-*``; see :func:`read_ratelimit`."""
-    return read_ratelimit(headers)[0]
-
-
-def read_ratelimit(headers: Mapping[str, str]) -> tuple[RateLimitInfo, dict[str, str] | None]:
-    """``X-RateLimit-*`` as evidence: ``(info, None)``, or ``(RateLimitInfo(), raw)``.
-
-    Absent headers are ``None`` in the info. Headers that make no sense together — a limit
-    of 0 or less, a period of 0 or less or not a number, a negative remaining or reset, a
-    remaining above the limit or a reset longer than the period — make the whole set
-    unknown, returned raw (for one warning) with an empty info.
-    """
-    raw = {name: headers.get(f"X-RateLimit-{name}") for name in _RATELIMIT_HEADERS}
-    if all(value is None for value in raw.values()):
-        return RateLimitInfo(name=headers.get("X-RateLimit-Name")), None
-    limit, period = _number(raw["Limit"], int), _number(raw["Period"], float)
-    remaining, reset = _number(raw["Remaining"], int), _number(raw["Reset"], float)
-    bad = (
-        (raw["Limit"] is not None and (limit is None or limit <= 0))
-        or (raw["Period"] is not None and (period is None or period <= 0))
-        or (raw["Remaining"] is not None and (remaining is None or remaining < 0))
-        or (raw["Reset"] is not None and (reset is None or reset < 0))
-        or (limit is not None and remaining is not None and remaining > limit)
-        or (period is not None and reset is not None and reset > period)
-    )
-    if bad:
-        return RateLimitInfo(), {k: v[:40] for k, v in raw.items() if v is not None}
-    name = headers.get("X-RateLimit-Name")
-    return RateLimitInfo(limit, period, remaining, reset, name), None
-
-
-def _number(value: str | None, kind: type[int] | type[float]) -> Any:
-    """The header's number, or None when absent, not a number, or not finite."""
-    if value is None:
-        return None
-    try:
-        number = kind(value.strip())
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def error_message(raw: bytes, limit: int | None = MAX_MESSAGE_CHARS) -> str:
-    """The server's explanation: ``errors`` from a JSON body, else the text of whatever came.
-
-    Shortened to ``limit`` characters (None: whole) for the report.
-    """
-    doc = _json_or_none(raw)
-    if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
-        text = "; ".join(str(e) for e in doc["errors"])
-    else:
-        text = _SPACE.sub(" ", _TAGS.sub(" ", raw.decode("utf-8", "replace"))).strip()
-    return text[:limit]
-
-
-_encode = msgspec.json.encode
-
-
-class _Item(msgspec.Struct):
-    attributes: Invitation
-
-
-class _Answer(msgspec.Struct):
-    data: list[_Item] | _Item | None = None
-
-
-#: Decodes a well-formed answer straight into :class:`Invitation` objects, skipping the
-#: fields the report does not keep (about twice as fast as building every dict).
-_ANSWER = msgspec.json.Decoder(_Answer)
-
-
-def _json_or_none(raw: bytes) -> Any:
-    """The parsed body, or None when it is not JSON."""
-    try:
-        return msgspec.json.decode(raw)
-    except ValueError:  # msgspec.DecodeError, or a UnicodeError inside a string
-        return None
-
-
-def _created(raw: bytes) -> list[Invitation]:
-    """The invitations in a 2xx body; ``data`` may be one object or a list."""
-    try:
-        data = _ANSWER.decode(raw).data
-    except ValueError:  # not JSON, or not the documented shape: pick what is there
-        return _invitations(_json_or_none(raw))
-    if data is None:
-        return []
-    return [item.attributes for item in data] if isinstance(data, list) else [data.attributes]
-
-
-def _invitations(doc: Any) -> list[Invitation]:
-    """The invitations in a parsed body, tolerating any shape: what is malformed is left out."""
-    data = doc.get("data") if isinstance(doc, dict) else None
-    items = data if isinstance(data, list) else [data] if isinstance(data, dict) else []
-    out: list[Invitation] = []
-    for item in items:
-        attributes = item.get("attributes") if isinstance(item, dict) else None
-        if isinstance(attributes, dict) and isinstance(attributes.get("email"), str):
-            created, expiry = attributes.get("created_at"), attributes.get("invitation_expiry")
-            out.append(
-                Invitation(
-                    attributes["email"],
-                    created if isinstance(created, str) else None,
-                    expiry if isinstance(expiry, str) else None,
-                )
-            )
-    return out

@@ -28,8 +28,8 @@ from worker.errors import (
     SendError,
     TokenNotFound,
 )
-from worker.journal import IntentLog
 from worker.outcome import Failure, Invitation, Outcome, Status
+from worker.record.journal import IntentLog
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer
 from worker.send.reconcile import Reconciler, found_outcome

@@ -25,7 +25,7 @@ from typing import Protocol
 import msgspec
 
 from worker.errors import UsageError
-from worker.report import AppendFile, read_records
+from worker.record.files import AppendFile, read_records
 
 
 def journal_path(report_path: Path) -> Path:

@@ -14,32 +14,27 @@ except those at ``@outside.example``.
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
-from worker.emulation import (
-    _INVITATION,
+from worker.emulator.model import (
     FAULTS,
     INVITATION_PATH,
-    NONSENSE_HEADERS,
-    RATELIMIT_HEADERS,
-    RATELIMIT_NAME,
     Dashboard,
     Faults,
     Logged,
+    RateWindow,
     RequestLog,
     invitation,
+    parse_body,
+    summarize,
 )
-from worker.errors import UsageError
-
-__all__ = ["FAULTS", "Dashboard", "Emulator", "Faults", "Logged"]
+from worker.emulator.responses import error, hang_up, json_response, no_dashboard
 
 
 class Emulator:
@@ -58,17 +53,8 @@ class Emulator:
         clock: Callable[[], float] = time.time,
         ratelimit_headers: str = "standard",
     ) -> None:
-        if limit is not None and limit < 1:
-            raise UsageError("--limit must be at least 1")
-        if ratelimit_headers not in RATELIMIT_HEADERS:
-            raise UsageError(f"--ratelimit-headers must be one of {', '.join(RATELIMIT_HEADERS)}")
-        if not period > 0:
-            raise UsageError("--period must be a positive number of seconds")
+        self.window = RateWindow(limit, period, ratelimit_headers, clock)
         self.api_key, self.app_key = api_key, app_key
-        self.limit, self.period = limit, period
-        #: ``standard`` headers; ``none`` (the limit still holds, 429s are a proxy's HTML
-        #: page); ``nonsense`` (Limit 0, Period abc, Remaining -3, Reset -5 on every answer).
-        self.ratelimit_headers = ratelimit_headers
         self.faults = faults or Faults()
         self.sandbox_rules = sandbox_rules
         self.dashboards: dict[str, Dashboard] = {}
@@ -78,7 +64,6 @@ class Emulator:
         self._created = asyncio.Event()
         self._rng = random.Random(seed)  # fault injection, not security
         self._clock = clock
-        self._window = (-1, 0)  # (window index, requests counted in it)
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -148,21 +133,7 @@ class Emulator:
 
     def stats(self) -> dict[str, Any]:
         """Counts for people and benchmarks: requests by status, emails created, largest list."""
-        posts = [r for r in self.requests if r.method == "POST"]
-        return {
-            "requests": len(self.requests),
-            "posts": len(posts),
-            "by_status": dict(Counter(str(r.status) for r in self.requests)),
-            "rate_limited": sum(1 for r in self.requests if r.status == 429),
-            "invitations": sum(self.invited.values()),
-            "duplicates": sum(n - 1 for n in self.invited.values() if n > 1),
-            "max_list": max((r.emails for r in posts), default=0),
-            "non_list_posts": sum(1 for r in posts if not r.list_form),
-            # Requests to any path but the invitation endpoint (POST and the GET list).
-            "other_paths": sorted(
-                {r.path for r in self.requests if not _INVITATION.fullmatch(r.path)}
-            )[:20],
-        }
+        return summarize(self.requests, self.invited)
 
     # -- handlers -------------------------------------------------------------------------
 
@@ -172,57 +143,14 @@ class Emulator:
             board = self.add_dashboard(token)
         return board
 
-    def _ratelimit(self, count: bool) -> tuple[bool, dict[str, str]]:
-        """Count one request in the current calendar-aligned window; (over limit, headers)."""
-        over, headers = self._window_count(count)
-        if self.ratelimit_headers == "none":
-            return over, {}
-        if self.ratelimit_headers == "nonsense":
-            return over, dict(NONSENSE_HEADERS)
-        return over, headers
-
-    def _window_count(self, count: bool) -> tuple[bool, dict[str, str]]:
-        if self.limit is None:
-            return False, {}
-        now = self._clock()
-        index = math.floor(now / self.period)
-        if self._window[0] != index:
-            self._window = (index, 0)
-        used = self._window[1] + (1 if count else 0)
-        self._window = (index, used)
-        end = (index + 1) * self.period
-        headers = {
-            "X-RateLimit-Limit": str(self.limit),
-            "X-RateLimit-Period": f"{self.period:g}",
-            "X-RateLimit-Remaining": str(max(0, self.limit - used)),
-            "X-RateLimit-Reset": str(int(end - now)),
-            "X-RateLimit-Name": RATELIMIT_NAME,
-        }
-        return used > self.limit, headers
-
-    @staticmethod
-    def _json(status: int, body: Any, headers: dict[str, str]) -> web.Response:
-        return web.Response(
-            status=status, body=msgspec.json.encode(body), content_type="application/json",
-            headers=headers,
-        )  # fmt: skip
-
-    def _error(
-        self, status: int, message: str, headers: dict[str, str], html: bool = False
-    ) -> web.Response:
-        if html:  # as a proxy in front of the service would answer
-            body = f"<html><body><h1>{status}</h1>{message}</body></html>"
-            return web.Response(status=status, text=body, content_type="text/html", headers=headers)
-        return self._json(status, {"errors": [message]}, headers)
-
     def _admit(self, request: web.Request) -> tuple[web.Response | None, dict[str, str]]:
         """Keys, then the rate limit: (a refusal or None, the rate-limit headers)."""
         if not self._authorized(request):
-            return self._error(403, "Forbidden", {}), {}
-        over, headers = self._ratelimit(count=True)
+            return error(403, "Forbidden", {}), {}
+        over, headers = self.window.count()
         if over:
-            html = self.ratelimit_headers == "none"  # as a proxy in front would answer
-            return self._error(429, "Rate limit exceeded", headers, html=html), headers
+            html = self.window.headers == "none"  # as a proxy in front would answer
+            return error(429, "Rate limit exceeded", headers, html=html), headers
         return None, headers
 
     def _authorized(self, request: web.Request) -> bool:
@@ -234,30 +162,30 @@ class Emulator:
     async def _post(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
         log = self._logger(request)
-        emails, list_form = self._parse(await request.read())
+        emails, list_form = parse_body(await request.read())
         log.emails, log.list_form = len(emails or []), list_form
         refusal, headers = self._admit(request)
         if refusal is not None:
             return log(refusal)
         fault = self._next_fault()
         if fault == "drop":
-            return log(self._hang_up(request))
+            return log(hang_up(request))
         if fault == "503":
-            return log(self._error(503, "Service Unavailable", headers))
+            return log(error(503, "Service Unavailable", headers))
         if fault == "502-html":
-            return log(self._error(502, "upstream connect error", headers, html=True))
+            return log(error(502, "upstream connect error", headers, html=True))
         if fault == "429":
-            return log(self._error(429, "Rate limit exceeded", headers))
+            return log(error(429, "Rate limit exceeded", headers))
         if fault == "slow":
             await asyncio.sleep(self.faults.slow_seconds)
         board = self._board(token)
         if board is None:
-            return log(self._no_dashboard(headers))
+            return log(no_dashboard(headers))
         if not emails:
-            return log(self._error(400, "Invalid request body", headers))
+            return log(error(400, "Invalid request body", headers))
         if self.faults.max_batch is not None and len(emails) > self.faults.max_batch:
             return log(
-                self._error(
+                error(
                     400,
                     f"Too many invitations in one request (max {self.faults.max_batch})",
                     headers,
@@ -268,7 +196,7 @@ class Emulator:
             message = "Email(s) not in the shared dashboard's share list"
             if self.faults.name_refused:
                 message += ": " + ", ".join(refused)
-            return log(self._error(400, message, headers))
+            return log(error(400, message, headers))
         now = self._clock()
         items = []
         for email in emails:
@@ -277,11 +205,11 @@ class Emulator:
             items.append(invitation(token, email, now))
         self._created.set()
         if fault == "502-after":
-            return log(self._error(502, "Bad Gateway", headers, html=True))
+            return log(error(502, "Bad Gateway", headers, html=True))
         if fault == "drop-after":
-            return log(self._hang_up(request))
+            return log(hang_up(request))
         data: Any = items if list_form else items[0]
-        return log(self._json(201, {"data": data}, headers))
+        return log(json_response(201, {"data": data}, headers))
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
@@ -291,18 +219,18 @@ class Emulator:
             return log(refusal)
         board = self._board(token)
         if board is None:
-            return log(self._no_dashboard(headers))
+            return log(no_dashboard(headers))
         try:
             size = min(100, max(1, int(request.query.get("page_size", "50"))))
             number = max(0, int(request.query.get("page_number", "0")))
         except ValueError:
-            return log(self._error(400, "page_size and page_number must be integers", headers))
+            return log(error(400, "page_size and page_number must be integers", headers))
         page = board.invitations[number * size : (number + 1) * size]
         body = {
             "data": [invitation(token, e, t) for e, t in page],
             "meta": {"page": {"total_count": len(board.invitations)}},
         }
-        return log(self._json(200, body, headers))
+        return log(json_response(200, body, headers))
 
     async def _delete(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
@@ -312,10 +240,10 @@ class Emulator:
             return log(refusal)
         board = self._board(token)
         if board is None:
-            return log(self._no_dashboard(headers))
-        emails, _ = self._parse(await request.read())
+            return log(no_dashboard(headers))
+        emails, _ = parse_body(await request.read())
         if not emails:
-            return log(self._error(400, "Invalid request body", headers))
+            return log(error(400, "Invalid request body", headers))
         gone = {e.lower() for e in emails}
         board.invitations = [(e, t) for e, t in board.invitations if e.lower() not in gone]
         return log(web.Response(status=204, headers=headers))
@@ -324,78 +252,38 @@ class Emulator:
         token = request.match_info["token"]
         log = self._logger(request)
         if not self._authorized(request):
-            return log(self._error(403, "Forbidden", {}))
+            return log(error(403, "Forbidden", {}))
         board = self._board(token)
         if board is None:
-            return log(self._no_dashboard({}))
+            return log(no_dashboard({}))
         body = {
             "token": token,
             "share_type": "invite",
             "status": "active",
             "share_list": sorted(board.share_list or []),
         }
-        return log(self._json(200, body, {}))
+        return log(json_response(200, body, {}))
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
-        return self._json(200, self.stats(), {})
+        return json_response(200, self.stats(), {})
 
     async def _invited(self, request: web.Request) -> web.StreamResponse:
         """Every (token, email) invited and how often: for checks from another process."""
         rows = [[t, e, n] for (t, e), n in sorted(self.invited.items())]
-        return self._json(200, rows, {})
+        return json_response(200, rows, {})
 
     # -- helpers --------------------------------------------------------------------------
 
     def _next_fault(self) -> str | None:
         if self._scripted:
             return self._scripted.popleft()
-        f, roll = self.faults, self._rng.random()
-        for name, rate in (
-            ("drop", f.drop_rate),
-            ("503", f.error_rate),
-            ("slow", f.slow_rate),
-            ("502-after", f.error_after_rate),
-            ("drop-after", f.drop_after_rate),
-        ):
-            if roll < rate:
-                return name
-            roll -= rate
-        return None
-
-    @staticmethod
-    def _hang_up(request: web.Request) -> web.Response:
-        """Close the connection without an answer (the client sees it drop)."""
-        if request.transport is not None:
-            request.transport.close()
-        return web.Response(status=499)
-
-    @staticmethod
-    def _parse(raw: bytes) -> tuple[list[str] | None, bool]:
-        """The emails of a request body (object or list form); ``None`` if malformed."""
-        try:
-            data = msgspec.json.decode(raw).get("data")
-        except (ValueError, AttributeError):  # not JSON (or not UTF-8), or not an object
-            return None, False
-        list_form = isinstance(data, list)
-        items = data if list_form else [data]
-        emails = []
-        for item in items:
-            if not isinstance(item, dict) or item.get("type") != "public_dashboard_invitation":
-                return None, list_form
-            email = (item.get("attributes") or {}).get("email")
-            if not isinstance(email, str):
-                return None, list_form
-            emails.append(email)
-        return emails, list_form
+        return self.faults.pick(self._rng.random())
 
     def _logger(self, request: web.Request) -> RequestLog:
         token = request.match_info.get("token", "")
         return RequestLog(self.requests, request.method, token, self._clock, request.path)
 
-    def _no_dashboard(self, headers: dict[str, str]) -> web.Response:
-        return self._error(404, "Shared dashboard not found", headers)
-
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         """Anything the real API would not serve here: 404, and remembered."""
         log = self._logger(request)
-        return log(self._error(404, "Not found", {}))
+        return log(error(404, "Not found", {}))

@@ -1,0 +1,153 @@
+"""The JSONL files a run keeps: appended safely, owner-only, and read back tolerantly.
+
+Both the report and the journal are appended to with direct ``write(2)`` calls, created
+owner-only (0600) because they hold addresses, and read back skipping any line a crash or
+a full disk cut short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from worker.errors import StorageError
+
+PRIVATE_MODE = 0o600
+
+log = structlog.get_logger("worker.report")
+
+
+def read_records(
+    path: Path,
+    *,
+    missing_ok: bool = False,
+    check: Callable[[dict[str, Any]], bool] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Every JSON object of a JSONL file (report or journal), streamed in order.
+
+    A line that is not a JSON object (cut short by a crash or a full disk, or glued to
+    another), or that fails ``check``, is skipped; once the file is read, one
+    ``records.torn_line`` warning names the first such line and how many there were. A
+    missing file is an empty one when ``missing_ok``; otherwise ``OSError`` propagates.
+    """
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise
+    first_bad, bad = 0, 0
+    with handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                record = msgspec.json.decode(line)
+            except ValueError:  # msgspec.DecodeError, or a UnicodeError inside a string
+                record = None
+            if isinstance(record, dict) and (check is None or check(record)):
+                yield record
+            elif line.strip():
+                first_bad, bad = first_bad or number, bad + 1
+    if bad:
+        log.warning(
+            "records.torn_line", path=str(path), line=first_bad, skipped=bad,
+            hint="a line cut short (a crash or a full disk) or edited by hand; it was skipped",
+        )  # fmt: skip
+
+
+def batch_shape(record: dict[str, Any]) -> bool:
+    """Whether a report record can be read (a ``batch`` needs its token, emails, status)."""
+    kind = record.get("kind")
+    if kind == "batch":
+        error = record.get("error")
+        return (
+            isinstance(record.get("token"), str)
+            and isinstance(record.get("status"), str)
+            and isinstance(record.get("emails"), list)
+            and all(isinstance(e, str) for e in record["emails"])
+            and (error is None or (isinstance(error, dict) and isinstance(error.get("code"), str)))
+        )
+    if kind == "rejected":
+        return isinstance(record.get("reason"), str) and (
+            isinstance(record.get("line"), int) or isinstance(record.get("stream_id"), str)
+        )
+    return isinstance(kind, str)  # a summary, or a kind a later version writes
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte (``os.write`` may write fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def open_private_append(path: Path, *, truncate: bool = False) -> int:
+    """Open ``path`` for appending, owner-only (0600), starting on a fresh line.
+
+    An existing file keeps its mode on open, hence the explicit chmod. If a crash cut the
+    last line short, a newline is added so the next record is not glued onto it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags | (os.O_TRUNC if truncate else 0), PRIVATE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_MODE)
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as existing:
+                existing.seek(size - 1)
+                if existing.read(1) != b"\n":
+                    os.write(fd, b"\n")
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class AppendFile:
+    """An owner-only JSONL file we append to, whose first failed write ends all writing.
+
+    A write that fails (ENOSPC, EIO, EDQUOT) raises :class:`StorageError` and its partial
+    bytes are cut off again where possible, so no torn line is left for the next write to
+    be glued onto. Every later write raises at once: after the disk failed us once, nothing
+    more is recorded (and so, for the journal, nothing more is sent).
+    """
+
+    def __init__(self, path: Path, *, truncate: bool = False) -> None:
+        self.path = path
+        self.fd = open_private_append(path, truncate=truncate)
+        self._size = os.fstat(self.fd).st_size
+        self._broken: OSError | None = None
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` whole, or raise :class:`StorageError`."""
+        if self._broken is not None:
+            raise StorageError(self.path, self._broken)
+        try:
+            write_all(self.fd, data)
+        except OSError as exc:
+            self._broken = exc
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self._size)
+            raise StorageError(self.path, exc) from None
+        self._size += len(data)
+
+    def sync(self) -> None:
+        """``fdatasync``: what was written survives a power loss."""
+        if self._broken is not None:
+            raise StorageError(self.path, self._broken)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            self._broken = exc
+            raise StorageError(self.path, exc) from None
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
