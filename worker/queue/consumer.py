@@ -13,17 +13,16 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
-import msgspec
 import structlog
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from worker.batching import Batch, Batcher
 from worker.clock import Clock
 from worker.config import Config
 from worker.errors import FatalError, QueueLost, SendError, keeps_pending
 from worker.outcome import Outcome, Status
+from worker.queue.messages import parse_message, queue_lost, unset_record
 from worker.queue.options import StreamOptions
 from worker.queue.stream import Message, StreamQueue
 from worker.record.report import Report, iso
@@ -37,61 +36,6 @@ log = structlog.get_logger("worker.queue")
 #: Message ids settled here that are remembered, so a claim racing with their
 #: acknowledgement does not take them for new work (see ``Consumer._take``).
 RECENTLY_SETTLED = 100_000
-
-
-def queue_lost(exc: RedisError, where: str) -> QueueLost:
-    """The fatal error for Redis failing us after its reconnection attempts."""
-    if isinstance(exc, ResponseError):
-        return QueueLost(
-            f"Redis at {where} refused the stream: {exc}. The stream or its consumer group is "
-            "gone (a Redis restart that lost its data?); what was settled is in the report, "
-            "the rest must be enqueued again"
-        )
-    return QueueLost(
-        f"lost Redis at {where}: {exc}. Reconnecting did not help; unsettled messages stay "
-        "pending in the group for the next worker"
-    )
-
-
-def parse_message(fields: dict[str, str]) -> tuple[str | None, str | None, str | None]:
-    """``(token, email, reason)`` from ``token``/``email`` fields or a JSON ``payload``."""
-    values: dict[str, Any] = fields
-    if "payload" in fields and "token" not in fields:
-        try:
-            payload = msgspec.json.decode(fields["payload"])
-        except ValueError:  # msgspec.DecodeError, or a UnicodeError inside a string
-            return None, None, "invalid_json"
-        if not isinstance(payload, dict):
-            return None, None, "not_an_object"
-        values = payload
-    token, email = values.get("token"), values.get("email")
-    if token is not None and not isinstance(token, str):
-        return None, None, "not_a_string"
-    if email is not None and not isinstance(email, str):
-        return None, None, "not_a_string"
-    return token, email, None
-
-
-def _unset(outcome: Outcome) -> None:
-    raise RuntimeError("Consumer.record must be set before consuming")
-
-
-class RedisIntents:
-    """The sender's intent log in stream mode: send times kept in Redis, per message."""
-
-    def __init__(self, queue: StreamQueue, index: dict[tuple[str, str], str], where: str) -> None:
-        self._queue, self._index, self._where = queue, index, where
-
-    async def intent(self, token: str, emails: list[str], at: float) -> str:
-        ids = [self._index[(token, e.lower())] for e in emails]
-        try:
-            await self._queue.record_intents(ids, at)
-        except RedisError as exc:  # no intent stored: the request must not leave
-            raise queue_lost(exc, self._where) from None
-        return ids[0]
-
-    def clear(self, ident: str) -> None:
-        """Intents are removed when their messages are acknowledged."""
 
 
 class Consumer:
@@ -117,7 +61,7 @@ class Consumer:
         self.counts = QueueCounts()
         self.settled: dict[str, None] = {}  # insertion-ordered, at most RECENTLY_SETTLED
         #: Records an outcome (the runner's): set before :meth:`batches` is iterated.
-        self.record: Callable[[Outcome], None] = _unset
+        self.record: Callable[[Outcome], None] = unset_record
 
     def on_outcome(self, outcome: Outcome) -> None:
         """An outcome is on disk: acknowledge its messages, or dead-letter them."""

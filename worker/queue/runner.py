@@ -19,7 +19,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import UsageError
-from worker.queue.consumer import Consumer, RedisIntents
+from worker.queue.consumer import Consumer
+from worker.queue.messages import RedisIntents
 from worker.queue.options import StreamOptions
 from worker.queue.ratelimit import SharedBudget
 from worker.queue.stream import StreamQueue
