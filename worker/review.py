@@ -16,17 +16,25 @@ from typing import Any, TextIO
 
 from worker.dedupe import locate
 from worker.errors import UsageError
-from worker.record.files import batch_shape, read_records
+from worker.outcome import Status
+from worker.record.files import read_records
+from worker.record.records import (
+    REPORT_LINE,
+    BatchRecord,
+    RejectedRecord,
+    ReportRecord,
+    SummaryRecord,
+)
 from worker.validate import pair_key
 
 #: Request counters summed over the runs' summaries.
 RUN_COUNTERS = ("requests", "retries", "rate_limited", "ratelimit_waits", "duration_ms")
 
 
-def records(path: Path) -> Iterator[dict[str, Any]]:
+def records(path: Path) -> Iterator[ReportRecord]:
     """The report's records; a line cut short by a crash is skipped."""
     try:
-        yield from read_records(path, check=batch_shape)
+        yield from read_records(path, REPORT_LINE)
     except OSError as exc:
         raise UsageError(f"cannot read the report {str(path)!r}: {exc.strerror}") from None
 
@@ -43,7 +51,7 @@ class Review:
     #: (status, error code, token) of every batch record, in the report's order
     batches: list[tuple[str, str | None, str]] = field(default_factory=list)
     rejected: dict[Any, str] = field(default_factory=dict)  # line or stream id -> reason
-    runs: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[SummaryRecord] = field(default_factory=list)
     ends_with_summary: bool = False
     _keys: Any = None  # sorted pair keys, each once
     _last: Any = None  # for each, the number of its last batch record
@@ -52,21 +60,19 @@ class Review:
     def read(cls, path: Path) -> Review:
         review = cls()
         keys, owners = array("q"), array("i")  # 8 + 4 bytes a pair
-        last_kind = None
+        last: ReportRecord | None = None
         for record in records(path):
-            last_kind = kind = record.get("kind")
-            if kind == "batch":
-                error = record.get("error") or {}
-                token, emails = record["token"], record["emails"]
+            last = record
+            if isinstance(record, BatchRecord):
+                token, emails = record.token, record.emails
                 owners.extend(repeat(len(review.batches), len(emails)))
-                review.batches.append((record["status"], error.get("code"), token))
+                review.batches.append((record.status, record.code, token))
                 keys.extend(pair_key(token, email) for email in emails)
-            elif kind == "rejected":
-                where = record.get("line", record.get("stream_id"))
-                review.rejected.setdefault(where, record["reason"])
-            elif kind == "summary":
+            elif isinstance(record, RejectedRecord):
+                review.rejected.setdefault(record.where, record.reason)
+            else:
                 review.runs.append(record)
-        review.ends_with_summary = last_kind == "summary"
+        review.ends_with_summary = isinstance(last, SummaryRecord)
         review._index(keys, owners)
         return review
 
@@ -114,7 +120,7 @@ class Review:
             "complete": self.ends_with_summary,
         }
         for name in RUN_COUNTERS:
-            totals[name] = sum(run.get(name) or 0 for run in self.runs)
+            totals[name] = sum(getattr(run, name) for run in self.runs)
         totals["duration_ms"] = round(totals["duration_ms"], 1)
         totals["failed_by_code"] = dict(failed_by_code.most_common())
         totals["failed_by_token"] = dict(failed_by_token.most_common())
@@ -158,12 +164,12 @@ def write_failed(path: Path, out: TextIO) -> int:
     written = 0
     number = -1  # of the batch record, counted as Review.read counts them
     for record in records(path):
-        if record.get("kind") != "batch":
+        if not isinstance(record, BatchRecord):
             continue
         number += 1
-        if record.get("status") != "failed":
+        if record.status != Status.FAILED:
             continue
-        token, emails = record["token"], record["emails"]
+        token, emails = record.token, record.emails
         keys = [pair_key(token, email) for email in emails]
         here: set[int] = set()  # an address twice in one record is written once
         for email, key, last in zip(emails, keys, review.last_records(keys), strict=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 from operator import itemgetter, xor
 from typing import Any
 
@@ -27,21 +28,40 @@ EMAIL_RE = re.compile(_EMAIL, re.ASCII)
 EMAILS_RE = re.compile(rf"(?:{_EMAIL}\n)*+{_EMAIL}", re.ASCII)
 MAX_EMAIL_LENGTH = 254
 
+
+class Reason(StrEnum):
+    """Why an input row (or stream message) was rejected: the report's ``reason``."""
+
+    MISSING_TOKEN = "missing_token"  # noqa: S105 - a reason, not a password
+    MISSING_EMAIL = "missing_email"
+    INVALID_TOKEN = "invalid_token"  # noqa: S105 - a reason, not a password
+    INVALID_EMAIL = "invalid_email"
+    DUPLICATE = "duplicate"
+    MALFORMED_CSV = "malformed_csv"
+    TOO_FEW_FIELDS = "too_few_fields"
+    TOO_MANY_FIELDS = "too_many_fields"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    NOT_A_STRING = "not_a_string"
+    BAD_ENCODING = "bad_encoding"
+    LINE_TOO_LONG = "line_too_long"
+
+
 #: Human explanations of every reason code, for logs and error messages.
-REASONS: dict[str, str] = {
-    "missing_token": "the token is empty or missing",
-    "missing_email": "the email is empty or missing",
-    "invalid_token": "the token may contain only letters, digits, '-' and '_' (max 128)",
-    "invalid_email": "the email does not look like an address (name@domain.tld)",
-    "duplicate": "this token/email pair already appeared earlier (compared ignoring case)",
-    "invalid_json": "the line is not valid JSON",
-    "not_an_object": "the line is JSON but not an object with token and email",
-    "not_a_string": "token and email must be JSON strings",
-    "bad_encoding": "the line is not valid UTF-8",
-    "line_too_long": "the line is longer than 64 KiB",
-    "malformed_csv": "the line's quoting is broken (unbalanced or stray quote)",
-    "too_few_fields": "the line has fewer fields than the token/email columns need",
-    "too_many_fields": "the line has more fields than the header (an unquoted delimiter?)",
+REASONS: dict[Reason, str] = {
+    Reason.MISSING_TOKEN: "the token is empty or missing",
+    Reason.MISSING_EMAIL: "the email is empty or missing",
+    Reason.INVALID_TOKEN: "the token may contain only letters, digits, '-' and '_' (max 128)",
+    Reason.INVALID_EMAIL: "the email does not look like an address (name@domain.tld)",
+    Reason.DUPLICATE: "this token/email pair already appeared earlier (compared ignoring case)",
+    Reason.INVALID_JSON: "the line is not valid JSON",
+    Reason.NOT_AN_OBJECT: "the line is JSON but not an object with token and email",
+    Reason.NOT_A_STRING: "token and email must be JSON strings",
+    Reason.BAD_ENCODING: "the line is not valid UTF-8",
+    Reason.LINE_TOO_LONG: "the line is longer than 64 KiB",
+    Reason.MALFORMED_CSV: "the line's quoting is broken (unbalanced or stray quote)",
+    Reason.TOO_FEW_FIELDS: "the line has fewer fields than the token/email columns need",
+    Reason.TOO_MANY_FIELDS: "the line has more fields than the header (an unquoted delimiter?)",
 }
 
 
@@ -123,7 +143,7 @@ class Validator:
         skipped = 0
         for position, (pair, key) in enumerate(zip(pairs, keys, strict=True)):
             if position in repeated:
-                rejected.append((lines[position], "duplicate", *pair))
+                rejected.append((lines[position], Reason.DUPLICATE, *pair))
             elif done and key in done:
                 skipped += 1
             else:
@@ -191,14 +211,14 @@ class Validator:
             token = raw_token.strip() if raw_token else ""
             email = raw_email.strip() if raw_email else ""
             if not token:
-                reason = "missing_token"
+                reason = Reason.MISSING_TOKEN
             elif not email:
-                reason = "missing_email"
+                reason = Reason.MISSING_EMAIL
             else:
                 token_hash = tokens.get(token)
                 if token_hash is None:
                     if token_match(token) is None:
-                        rejected.append((line, "invalid_token", token, email))
+                        rejected.append((line, Reason.INVALID_TOKEN, token, email))
                         continue
                     token_hash = hash(token.lower())
                     if len(tokens) < TOKEN_CACHE_SIZE:
@@ -208,6 +228,6 @@ class Validator:
                     keys.append(token_hash ^ hash(email.lower()))  # == pair_key(token, email)
                     lines.append(line)
                     continue
-                reason = "invalid_email"
+                reason = Reason.INVALID_EMAIL
             rejected.append((line, reason, token, email))
         return pairs, keys, lines

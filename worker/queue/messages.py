@@ -13,6 +13,7 @@ from redis.exceptions import RedisError, ResponseError
 from worker.errors import QueueLost
 from worker.outcome import Outcome
 from worker.queue.stream import StreamQueue
+from worker.validate import Reason
 
 
 def queue_lost(exc: RedisError, where: str) -> QueueLost:
@@ -36,15 +37,15 @@ def parse_message(fields: dict[str, str]) -> tuple[str | None, str | None, str |
         try:
             payload = msgspec.json.decode(fields["payload"])
         except ValueError:  # msgspec.DecodeError, or a UnicodeError inside a string
-            return None, None, "invalid_json"
+            return None, None, Reason.INVALID_JSON
         if not isinstance(payload, dict):
-            return None, None, "not_an_object"
+            return None, None, Reason.NOT_AN_OBJECT
         values = payload
     token, email = values.get("token"), values.get("email")
     if token is not None and not isinstance(token, str):
-        return None, None, "not_a_string"
+        return None, None, Reason.NOT_A_STRING
     if email is not None and not isinstance(email, str):
-        return None, None, "not_a_string"
+        return None, None, Reason.NOT_A_STRING
     return token, email, None
 
 

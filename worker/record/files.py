@@ -11,7 +11,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import msgspec
 import structlog
@@ -19,20 +19,22 @@ import structlog
 from worker.errors import StorageError
 
 PRIVATE_MODE = 0o600
+T = TypeVar("T")
 
 log = structlog.get_logger("worker.report")
 
 
 def read_records(
     path: Path,
+    decoder: msgspec.json.Decoder[T],
     *,
     missing_ok: bool = False,
-    check: Callable[[dict[str, Any]], bool] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Every JSON object of a JSONL file (report or journal), streamed in order.
+    check: Callable[[T], bool] | None = None,
+) -> Iterator[T]:
+    """Every record of a JSONL file (report or journal), typed by ``decoder``, in order.
 
-    A line that is not a JSON object (cut short by a crash or a full disk, or glued to
-    another), or that fails ``check``, is skipped; once the file is read, one
+    A line that does not decode (cut short by a crash or a full disk, glued to another,
+    edited by hand), or that fails ``check``, is skipped; once the file is read, one
     ``records.torn_line`` warning names the first such line and how many there were. A
     missing file is an empty one when ``missing_ok``; otherwise ``OSError`` propagates.
     """
@@ -46,37 +48,20 @@ def read_records(
     with handle:
         for number, line in enumerate(handle, 1):
             try:
-                record = msgspec.json.decode(line)
-            except ValueError:  # msgspec.DecodeError, or a UnicodeError inside a string
-                record = None
-            if isinstance(record, dict) and (check is None or check(record)):
+                record = decoder.decode(line)
+            except ValueError:  # msgspec's errors, or a UnicodeError inside a string
+                if line.strip():
+                    first_bad, bad = first_bad or number, bad + 1
+                continue
+            if check is None or check(record):
                 yield record
-            elif line.strip():
+            else:
                 first_bad, bad = first_bad or number, bad + 1
     if bad:
         log.warning(
             "records.torn_line", path=str(path), line=first_bad, skipped=bad,
             hint="a line cut short (a crash or a full disk) or edited by hand; it was skipped",
         )  # fmt: skip
-
-
-def batch_shape(record: dict[str, Any]) -> bool:
-    """Whether a report record can be read (a ``batch`` needs its token, emails, status)."""
-    kind = record.get("kind")
-    if kind == "batch":
-        error = record.get("error")
-        return (
-            isinstance(record.get("token"), str)
-            and isinstance(record.get("status"), str)
-            and isinstance(record.get("emails"), list)
-            and all(isinstance(e, str) for e in record["emails"])
-            and (error is None or (isinstance(error, dict) and isinstance(error.get("code"), str)))
-        )
-    if kind == "rejected":
-        return isinstance(record.get("reason"), str) and (
-            isinstance(record.get("line"), int) or isinstance(record.get("stream_id"), str)
-        )
-    return isinstance(kind, str)  # a summary, or a kind a later version writes
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import msgspec
-
 from worker.errors import UsageError
 from worker.record.files import AppendFile, read_records
+from worker.record.records import JOURNAL_LINE, JournalLine, encode
 
 
 def journal_path(report_path: Path) -> Path:
@@ -75,17 +74,17 @@ class Journal:
         """Record that ``emails`` are about to be sent to ``token``; returns the intent id."""
         self._seq += 1
         ident = f"{self._run}-{self._seq}"
-        self._write({"i": ident, "token": token, "emails": emails, "at": at})
+        self._write(JournalLine(i=ident, token=token, emails=emails, at=at))
         if self._durable:
             await self._sync(self._written)
         return ident
 
     def clear(self, ident: str) -> None:
         """Mark an intent resolved (no sync needed: losing a clear only costs a re-check)."""
-        self._write({"c": ident})
+        self._write(JournalLine(c=ident))
 
-    def _write(self, record: dict[str, object]) -> None:
-        self._file.write(msgspec.json.encode(record) + b"\n")  # StorageError if it fails
+    def _write(self, record: JournalLine) -> None:
+        self._file.write(encode(record) + b"\n")  # StorageError if it fails
         self._written += 1
 
     async def _sync(self, target: int) -> None:
@@ -109,21 +108,6 @@ class Journal:
         self._file.close()
 
 
-def _journal_shape(record: dict[str, object]) -> bool:
-    """A clear, or an intent with every field it needs."""
-    if "c" in record:
-        return True
-    emails = record.get("emails")
-    return (
-        "i" in record
-        and isinstance(record.get("token"), str)
-        and isinstance(emails, list)
-        and all(isinstance(e, str) for e in emails)
-        and isinstance(record.get("at"), int | float)
-        and not isinstance(record.get("at"), bool)
-    )
-
-
 def read_journal(
     path: Path, pending: Callable[[Intent], Intent | None] | None = None
 ) -> dict[str, Intent]:
@@ -135,14 +119,16 @@ def read_journal(
     """
     intents: dict[str, Intent] = {}
     # A line cut short by a crash is skipped: that intent was never acted on.
-    for record in read_records(path, missing_ok=True, check=_journal_shape):
-        if "c" in record:
-            intents.pop(str(record["c"]), None)
-        else:
-            intent = Intent(
-                str(record["i"]), str(record["token"]), list(record["emails"]), float(record["at"])
-            )
-            still_open = pending(intent) if pending is not None else intent
-            if still_open is not None:
-                intents[intent.id] = still_open
+    for line in read_records(path, JOURNAL_LINE, missing_ok=True, check=_readable):
+        if isinstance(line.c, str):
+            intents.pop(line.c, None)
+            continue
+        intent = Intent(str(line.i), str(line.token), list(line.emails or ()), float(line.at or 0))
+        still_open = pending(intent) if pending is not None else intent
+        if still_open is not None:
+            intents[intent.id] = still_open
     return intents
+
+
+def _readable(line: JournalLine) -> bool:
+    return line.is_clear() or line.is_intent()

@@ -12,15 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
+from msgspec import UNSET
 
 from worker.errors import UsageError
+from worker.outcome import Status
 from worker.record.files import AppendFile
+from worker.record.records import BatchRecord, ErrorInfo, RejectedRecord, encode
 
 if TYPE_CHECKING:
     from worker.outcome import Outcome
-
-_encode = msgspec.json.encode
 
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
@@ -74,53 +74,40 @@ class Report:
 
         ``line`` is the input's line number, or a stream message id (``stream_id``).
         """
-        where = "line" if isinstance(line, int) else "stream_id"
-        record: dict[str, Any] = {"kind": "rejected", where: line, "reason": reason}
-        if token:
-            record["token"] = token[:200]
-        if email:
-            record["email"] = email[:320]
+        record = RejectedRecord(reason, token=token[:200] if token else UNSET,
+                                email=email[:320] if email else UNSET)  # fmt: skip
+        if isinstance(line, int):
+            record.line = line
+        else:
+            record.stream_id = line
         self.rejected_by_reason[reason] += 1
-        self._pending.append(_encode(record))
+        self._pending.append(encode(record))
 
     def batch(self, outcome: Outcome) -> None:
-        """Write one final batch outcome (``sent``, ``failed``) at once.
-
-        ``reconciled`` marks emails found created by listing the token's invitations after
-        an unknown outcome, rather than confirmed by the POST's own answer.
-        """
+        """Write one final batch outcome (``sent``, ``failed``) at once."""
         error = outcome.error
-        record: dict[str, Any] = {
-            "kind": "batch",
-            "token": outcome.token,
-            "emails": outcome.emails,
-            "status": outcome.status.value,
-            "http_status": outcome.http_status,
-            "attempts": outcome.attempts,
-            "rate_limited": outcome.rate_limited,
-            "error": {"code": error.code, "message": error.message} if error else None,
-            "invitations": outcome.invitations,
-            "started_at": iso(outcome.started_at),
-            "finished_at": iso(outcome.finished_at),
-            "duration_ms": round((outcome.finished_at - outcome.started_at) * 1000, 1),
-        }
-        if outcome.reconciled:
-            record["reconciled"] = True
+        record = BatchRecord(
+            outcome.token, outcome.emails, outcome.status, outcome.http_status,
+            outcome.attempts, outcome.rate_limited,
+            ErrorInfo(error.code, error.message) if error else None,
+            list(outcome.invitations), iso(outcome.started_at), iso(outcome.finished_at),
+            round((outcome.finished_at - outcome.started_at) * 1000, 1),
+            True if outcome.reconciled else UNSET,
+        )  # fmt: skip
         self.batches[outcome.status] += 1
         self.emails[outcome.status] += len(outcome.emails)
-        self._pending.append(_encode(record))
+        self._pending.append(encode(record))
         self.flush()
 
     def planned(self, token: str, emails: list[str]) -> None:
         """A batch a dry run would send."""
-        self.batches["planned"] += 1
-        self.emails["planned"] += len(emails)
-        record = {"kind": "batch", "token": token, "emails": emails, "status": "planned"}
-        self._pending.append(_encode(record))
+        self.batches[Status.PLANNED] += 1
+        self.emails[Status.PLANNED] += len(emails)
+        self._pending.append(encode(BatchRecord(token, emails, Status.PLANNED)))
 
     def summary(self, fields: dict[str, Any]) -> None:
         """Write the one ``summary`` record, last, and close the file."""
-        self._pending.append(_encode({"kind": "summary", **fields}))
+        self._pending.append(encode({"kind": "summary", **fields}))
         self.flush()
         self.close()
 

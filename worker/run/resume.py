@@ -26,8 +26,9 @@ from worker.clock import Clock
 from worker.dedupe import PairIndex
 from worker.errors import SendError, UsageError, is_final
 from worker.outcome import Outcome, Status
-from worker.record.files import batch_shape, read_records
+from worker.record.files import read_records
 from worker.record.journal import Intent, journal_path, read_journal
+from worker.record.records import JOURNAL_LINE, REPORT_LINE, BatchRecord, RejectedRecord
 from worker.send.reconcile import Reconciler, found_outcome
 from worker.validate import pair_key
 
@@ -105,12 +106,14 @@ def require_report(report_path: Path) -> None:
 def check_resumable(report_path: Path) -> None:
     """The report (or its journal) holds a record of an earlier run; else a UsageError."""
     require_report(report_path)
-    for path in (report_path, journal_path(report_path)):
-        try:
-            if next(read_records(path, missing_ok=True), None) is not None:
-                return
-        except OSError as exc:
-            raise UsageError(f"--resume: cannot read {str(path)!r}: {exc.strerror}") from None
+    journal = journal_path(report_path)
+    try:
+        if any(True for _ in read_records(report_path, REPORT_LINE, missing_ok=True)) or any(
+            True for _ in read_records(journal, JOURNAL_LINE, missing_ok=True)
+        ):
+            return
+    except OSError as exc:
+        raise UsageError(f"--resume: cannot read {exc.filename!r}: {exc.strerror}") from None
     raise UsageError(
         f"--resume: the report {str(report_path)!r} holds no run (neither it nor its journal "
         "has a record), so there is nothing to continue; drop --resume to start a run"
@@ -120,18 +123,14 @@ def check_resumable(report_path: Path) -> None:
 def load_history(report_path: Path, journal_path: Path) -> History:
     """Read an earlier report and its journal (a line cut short by a crash is ignored)."""
     history = History()
-    for record in read_records(report_path, missing_ok=True, check=batch_shape):
-        kind = record.get("kind")
-        if kind == "batch":
-            error = record.get("error")
-            history.on_batch(record["token"], record["emails"], record["status"],
-                             error["code"] if error else None)  # fmt: skip
-        elif (
-            kind == "rejected" and "line" in record and record["line"] not in history.rejected_lines
-        ):
-            history.rejected_lines.add(record["line"])
-            history.rejected_by_reason[record["reason"]] += 1
-        elif kind == "summary":
+    for record in read_records(report_path, REPORT_LINE, missing_ok=True):
+        if isinstance(record, BatchRecord):
+            history.on_batch(record.token, record.emails, record.status, record.code)
+        elif isinstance(record, RejectedRecord):
+            if isinstance(record.line, int) and record.line not in history.rejected_lines:
+                history.rejected_lines.add(record.line)
+                history.rejected_by_reason[record.reason] += 1
+        else:
             history.runs += 1
 
     def unsent(intent: Intent) -> Intent | None:

@@ -14,6 +14,7 @@ from typing import BinaryIO, cast
 
 from worker.errors import UsageError
 from worker.sources.lines import Columns, LineReader, Row, chunked
+from worker.validate import Reason
 
 #: Delimiters recognised from the header, in order of preference (spreadsheets in some
 #: locales export ``;``; tab-separated exports are common too).
@@ -114,20 +115,20 @@ class CsvSource:
         needed = max(token_at, email_at) + 1
         for number, raw, text in zip(count(first), lines, _decode(lines), strict=False):
             if raw is None:
-                append((number, None, None, "line_too_long"))
+                append((number, None, None, Reason.LINE_TOO_LONG))
             elif not raw.strip():
                 continue  # blank (ASCII whitespace only): not a row, as in JSONL
             elif text is None:
-                append((number, None, None, "bad_encoding"))
+                append((number, None, None, Reason.BAD_ENCODING))
             else:
                 cells = text.split(delimiter) if '"' not in text else _split(text, delimiter)
                 if cells is None:
-                    append((number, None, None, "malformed_csv"))
+                    append((number, None, None, Reason.MALFORMED_CSV))
                 elif len(cells) < needed:
-                    append((number, None, None, "too_few_fields"))
+                    append((number, None, None, Reason.TOO_FEW_FIELDS))
                 elif len(cells) > width and any(c.strip() for c in cells[width:]):
                     # Unquoted delimiters shifted the columns: no way to know which is which.
-                    append((number, None, None, "too_many_fields"))
+                    append((number, None, None, Reason.TOO_MANY_FIELDS))
                 else:
                     append((number, cells[token_at], cells[email_at], None))
         return rows

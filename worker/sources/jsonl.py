@@ -8,6 +8,7 @@ from typing import BinaryIO
 import msgspec
 
 from worker.sources.lines import LineReader, Row, chunked
+from worker.validate import Reason
 
 
 class JsonlSource:
@@ -30,7 +31,7 @@ class JsonlSource:
         loads = msgspec.json.decode
         for number, raw in enumerate(lines, self._reader.number - len(lines) + 1):
             if raw is None:
-                append((number, None, None, "line_too_long"))
+                append((number, None, None, Reason.LINE_TOO_LONG))
             elif raw.strip():
                 try:
                     obj = loads(raw)
@@ -46,15 +47,15 @@ class JsonlSource:
 
 def _row_from(number: int, obj: object) -> Row:
     if not isinstance(obj, dict):
-        return (number, None, None, "not_an_object")
+        return (number, None, None, Reason.NOT_AN_OBJECT)
     token = obj.get("token")
     email = obj.get("email")
     if token is None:
-        return (number, None, email if isinstance(email, str) else None, "missing_token")
+        return (number, None, email if isinstance(email, str) else None, Reason.MISSING_TOKEN)
     if email is None:
-        return (number, token if isinstance(token, str) else None, None, "missing_email")
+        return (number, token if isinstance(token, str) else None, None, Reason.MISSING_EMAIL)
     if not isinstance(token, str) or not isinstance(email, str):
-        return (number, None, None, "not_a_string")
+        return (number, None, None, Reason.NOT_A_STRING)
     return (number, token, email, None)
 
 
@@ -62,5 +63,5 @@ def _why_not_json(raw: bytes) -> str:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
-        return "bad_encoding"
-    return "invalid_json"
+        return Reason.BAD_ENCODING
+    return Reason.INVALID_JSON

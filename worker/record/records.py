@@ -1,0 +1,106 @@
+"""The records of the report and the journal, as types shared by the writer and every reader.
+
+A report line is one object tagged by ``kind``: ``batch`` (an outcome, or a dry run's plan),
+``rejected`` (an input row) or ``summary`` (the end of a run). A journal line is an intent
+(``i``) or a clear (``c``). Fields a record does not carry are ``UNSET`` and left out when
+written, so the files read the same as before these types existed, and older files decode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from worker.outcome import Invitation, Status
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """A failed batch's ``error``: the stable ``code`` and the human ``message``."""
+
+    code: str
+    message: str = ""
+
+
+class BatchRecord(msgspec.Struct, tag_field="kind", tag="batch"):
+    """A batch's final outcome (``sent``, ``failed``), or what a dry run would send."""
+
+    token: str
+    emails: list[str]
+    status: Status
+    http_status: int | UnsetType | None = UNSET
+    attempts: int | UnsetType = UNSET
+    rate_limited: int | UnsetType = UNSET
+    error: ErrorInfo | UnsetType | None = UNSET
+    invitations: list[Invitation] | UnsetType = UNSET
+    started_at: str | UnsetType = UNSET
+    finished_at: str | UnsetType = UNSET
+    duration_ms: float | UnsetType = UNSET
+    #: Found created by listing after an unknown outcome, not confirmed by the POST's answer.
+    reconciled: bool | UnsetType = UNSET
+
+    @property
+    def code(self) -> str | None:
+        """The failure code, if the batch failed with one."""
+        return self.error.code if isinstance(self.error, ErrorInfo) else None
+
+
+class RejectedRecord(msgspec.Struct, tag_field="kind", tag="rejected"):
+    """An input row (``line``) or stream message (``stream_id``) that was not sent."""
+
+    reason: str  # a validate.Reason; a str, so a reader never fails on one it does not know
+    line: int | UnsetType = UNSET
+    stream_id: str | UnsetType = UNSET
+    token: str | UnsetType = UNSET
+    email: str | UnsetType = UNSET
+
+    @property
+    def where(self) -> int | str | None:
+        """The line number or stream message id."""
+        if isinstance(self.line, int):
+            return self.line
+        return self.stream_id if isinstance(self.stream_id, str) else None
+
+
+class SummaryRecord(msgspec.Struct, tag_field="kind", tag="summary"):
+    """The end of a run, as readers see it: the counters summed across runs."""
+
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    ratelimit_waits: int = 0
+    duration_ms: float = 0.0
+
+
+ReportRecord = BatchRecord | RejectedRecord | SummaryRecord
+
+#: Decodes one report line; a line of any other shape raises ``msgspec.ValidationError``.
+REPORT_LINE = msgspec.json.Decoder(ReportRecord)
+
+
+class JournalLine(msgspec.Struct):
+    """One journal line: an intent (``i`` with token, emails and send time) or a clear."""
+
+    i: str | UnsetType = UNSET
+    c: str | UnsetType = UNSET
+    token: str | UnsetType = UNSET
+    emails: list[str] | UnsetType = UNSET
+    at: float | UnsetType = UNSET
+
+    def is_clear(self) -> bool:
+        """A clear: the intent it names is resolved."""
+        return isinstance(self.c, str)
+
+    def is_intent(self) -> bool:
+        """An intent with every field it needs."""
+        fields = (self.i, self.token, self.emails, self.at)
+        return not self.is_clear() and not any(isinstance(f, UnsetType) for f in fields)
+
+
+JOURNAL_LINE = msgspec.json.Decoder(JournalLine)
+
+
+def encode(record: Any) -> bytes:
+    """One record as its JSON line (without the newline)."""
+    return msgspec.json.encode(record)
