@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +112,16 @@ def by_kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 async def collect(source: Source) -> list[tuple[int, str | None, str | None, str | None]]:
     """Every raw row of a source."""
-    rows = []
+    rows: list[tuple[int, str | None, str | None, str | None]] = []
     async for chunk in source.chunks():
         rows.extend(chunk)
     source.close()
     return rows
 
 
-def find_capture(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+def find_capture(
+    logs: Sequence[MutableMapping[str, Any]], event: str
+) -> list[MutableMapping[str, Any]]:
     """Captured structlog events with this name."""
     return [e for e in logs if e["event"] == event]
 

@@ -24,7 +24,7 @@ from tests.conftest import (
 from worker.config import Config
 from worker.emulator import Emulator
 from worker.record.journal import journal_path, read_journal
-from worker.review import Review
+from worker.record.replay import Replay
 from worker.run import run
 from worker.run.resume import load_history
 from worker.send.refusals import ListCap, named_addresses
@@ -174,11 +174,11 @@ def test_a_torn_line_in_the_middle_is_skipped_with_one_warning(tmp_path: Path) -
     journal_path(report).write_text('{"i":"x-1","token":"t","emails":["c@x.io"],"at":"soon"}\n')
     with capture_logs() as logs:
         history = load_history(report, journal_path(report))
-        review = Review.read(report)
+        replay = Replay.read(report)
     warnings = find_capture(logs, "records.torn_line")
     assert [(w["line"], w["skipped"]) for w in warnings] == [(2, 3), (1, 1), (2, 3)]
     assert history.totals()["emails_sent"] == 1
     assert history.totals()["emails_failed"] == 1
     assert history.unknown == []
-    assert review.summary()["sent"] == 1
-    assert review.summary()["failed"] == 1
+    assert replay.summary()["sent"] == 1
+    assert replay.summary()["failed"] == 1

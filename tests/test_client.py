@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -29,7 +29,7 @@ Handler = Callable[[web.Request], web.StreamResponse]
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[..., str]]:
+async def serve() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     """Serve one canned response on the invitation endpoint (POST unless told); the URL."""
     runners: list[web.AppRunner] = []
 
@@ -46,7 +46,7 @@ async def serve() -> AsyncIterator[Callable[..., str]]:
         await site.start()
         return f"http://127.0.0.1:{runner.addresses[0][1]}"
 
-    yield start  # type: ignore[misc]
+    yield start
     for runner in runners:
         await runner.cleanup()
 
@@ -55,7 +55,9 @@ def client(url: str) -> InvitationClient:
     return InvitationClient(url, API_KEY, APP_KEY, timeout=5)
 
 
-async def test_object_form_and_non_json_success_bodies(serve: Callable[..., object]) -> None:
+async def test_object_form_and_non_json_success_bodies(
+    serve: Callable[..., Awaitable[str]],
+) -> None:
     """A 2xx is a success whether data is an object, a list, or the body is not JSON."""
     obj = b'{"data": {"type": "public_dashboard_invitation", "attributes": {"email": "a@x.io"}}}'
     url = await serve(web.Response(status=201, body=obj, content_type="application/json"))
@@ -84,7 +86,7 @@ async def test_object_form_and_non_json_success_bodies(serve: Callable[..., obje
     ],
 )
 async def test_status_codes_map_to_error_types(
-    serve: Callable[..., object], status: int, error: type[Exception]
+    serve: Callable[..., Awaitable[str]], status: int, error: type[Exception]
 ) -> None:
     """Each status becomes the right retryable or permanent error; redirects are not followed."""
     headers = {"Location": "http://127.0.0.1:9/elsewhere"} if status == 302 else {}
@@ -214,7 +216,7 @@ async def test_a_body_arriving_in_pieces_is_read_whole() -> None:
     [b'{"data": [], "meta": []}', b'{"data": [], "meta": {"page": 7}}', b'{"data": 5}', b"[]"],
 )
 async def test_an_odd_invitation_list_never_crashes(
-    serve: Callable[..., object], body: bytes
+    serve: Callable[..., Awaitable[str]], body: bytes
 ) -> None:
     """A 200 list whose meta or data has the wrong shape yields no invitations, no error."""
     response = web.Response(status=200, body=body, content_type="application/json")

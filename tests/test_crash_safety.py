@@ -22,8 +22,10 @@ from tests.conftest import (
 from worker.config import Config
 from worker.emulator import Emulator, Faults
 from worker.record.journal import Intent, Journal, journal_path, read_journal
+from worker.record.replay import Replay
 from worker.run import run
 from worker.run.resume import load_history
+from worker.validate import pair_key
 
 
 def sent_pairs(path: Path) -> Counter[tuple[str, str]]:
@@ -250,7 +252,7 @@ async def test_stop_leaves_unsent_batches_for_resume(
 ) -> None:
     """A stop mid-run: exit 3, summary marked interrupted, every created invitation in the
     report; --resume finishes with no duplicate."""
-    emulator.limit, emulator.period = 5, 0.2  # slow enough to stop in the middle
+    emulator.window.limit, emulator.window.period = 5, 0.2  # slow enough to stop in the middle
     stop = asyncio.Event()
     pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(300)]
     config = make_config(batch_size=10, grace=5.0)
@@ -284,3 +286,35 @@ async def test_resume_after_a_dry_run_sends_everything_once(
     assert result.summary["job"] == {"emails_sent": 12, "emails_failed": 0, "rejected": 1,
                                      "unknown": 0}  # fmt: skip
     assert emulator.invited == Counter(dict.fromkeys(pairs[:12], 1))
+
+
+def test_resume_and_summarize_replay_a_report_the_same_way(tmp_path: Path) -> None:
+    """One replay serves --resume and report summarize: a pair once sent stays sent even if
+    a later record says failed; a final failure is settled; a passing one is not."""
+    report = tmp_path / "r.jsonl"
+    report.write_text(
+        "\n".join(
+            [
+                '{"kind":"batch","token":"t","emails":["a@x.io","b@x.io"],"status":"sent"}',
+                '{"kind":"batch","token":"t","emails":["a@x.io"],"status":"failed",'
+                '"error":{"code":"server_error","message":"?"}}',
+                '{"kind":"batch","token":"t","emails":["c@x.io"],"status":"failed",'
+                '"error":{"code":"bad_request","message":"no"}}',
+                '{"kind":"batch","token":"t","emails":["d@x.io"],"status":"failed",'
+                '"error":{"code":"timeout","message":"slow"}}',
+                '{"kind":"rejected","line":7,"reason":"invalid_email","email":"nope"}',
+                '{"kind":"summary","requests":3}',
+            ]
+        )
+        + "\n"
+    )
+    history = load_history(report, journal_path(report))
+    keys = {e: pair_key("t", e) for e in ("a@x.io", "b@x.io", "c@x.io", "d@x.io")}
+    assert history.settled(list(keys.values())) == {keys["a@x.io"], keys["b@x.io"],
+                                                    keys["c@x.io"]}  # fmt: skip
+    assert history.totals() == {"emails_sent": 2, "emails_failed": 2, "rejected": 1,
+                                "unknown": 0}  # fmt: skip
+    assert history.runs == 1
+    totals = Replay.read(report).summary()
+    assert (totals["sent"], totals["failed"], totals["rejected"]) == (2, 2, 1)
+    assert totals["failed_by_code"] == {"bad_request": 1, "timeout": 1}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -20,7 +20,7 @@ from worker.run import run
 from worker.sources import open_source
 from worker.sources.csvfile import CsvSource
 from worker.sources.lines import Columns, Row
-from worker.validate import MAX_EMAIL_LENGTH, TOKEN_RE, Validator
+from worker.validate import MAX_EMAIL_LENGTH, TOKEN_RE, Rejection, Validator
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
@@ -61,11 +61,13 @@ def test_index_keeps_most_keys_in_the_sorted_array() -> None:
     assert index.add_many([0, 7919 * 19_999, -1]) == [0, 1]
 
 
-def oracle(rows: list[Row]) -> tuple[list[tuple[str, str]], list[tuple[object, ...]]]:
+def oracle(rows: list[Row]) -> tuple[list[tuple[str, str]], list[Rejection]]:
     """Row-by-row reference: trim, the reasons in order of precedence, exact duplicates."""
     from worker.validate import check_email
 
-    valid, rejected, seen = [], [], set()
+    valid: list[tuple[str, str]] = []
+    rejected: list[Rejection] = []
+    seen: set[tuple[str, str]] = set()
     for line, token, email, reason in rows:
         if reason is not None:
             rejected.append((line, reason, token, email))
@@ -111,7 +113,7 @@ def test_chunk_wise_validation_matches_row_by_row(chunks: list[list[tuple]]) -> 
             line += 1
             rows.append((line, token, email, reason))
         all_rows += rows
-        chunk = rows
+        chunk: Sequence[Row] = rows
         if rows and all(r[1] is not None and r[2] is not None and r[3] is None for r in rows):
             # the same rows as a reader's clean block
             chunk = Columns(rows[0][0], [r[1] for r in rows], [r[2] for r in rows])  # type: ignore[misc]

@@ -28,7 +28,8 @@ from tests.conftest import (
     worker_command,
     worker_env,
 )
-from worker.review import Review, write_failed
+from worker.record.replay import Replay
+from worker.review import write_failed
 
 SAMPLES = ROOT / "sample_inputs"
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
@@ -224,7 +225,7 @@ def test_a_pairs_last_batch_record_decides_its_state(tmp_path: Path) -> None:
         b'{"kind": "summary", "requests": 4}',
         b'{"kind": "batch", "token": "t1", "emails": ["b@x.io"], "sta',  # torn by a crash
     ]) + b"\n")  # fmt: skip
-    totals = Review.read(report).summary()
+    totals = Replay.read(report).summary()
     assert (totals["sent"], totals["failed"], totals["runs"]) == (1, 3, 1)
     assert totals["failed_by_code"] == {"server_error": 1, "bad_request": 1, "timeout": 1}
     assert totals["failed_by_token"] == {"t1": 2, "t2": 1}

@@ -135,7 +135,8 @@ async def test_bad_messages_are_acknowledged_and_reported_with_their_id(
     assert rejected[bad] == "invalid_token"
     assert "not_an_object" in rejected.values()
     assert emulator.invited == Counter({(TOKEN_A, "p@example.com"): 1})
-    [dead] = [fields for _, fields in await redis.xrange(f"{stream_name}:dead")]
+    entries: Any = await redis.xrange(f"{stream_name}:dead")
+    [dead] = [fields for _, fields in entries]
     assert dead["email"] == "no@outside.example"
     assert dead["error_code"] == "bad_request"
     assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0
@@ -180,8 +181,8 @@ async def test_a_dead_workers_messages_are_claimed_and_reconciled_not_resent(
     await redis.xgroup_create(stream_name, "invite-worker", id="0", mkstream=True)
     done = [(TOKEN_A, f"done{i}@example.com") for i in range(3)]
     await add(redis, stream_name, [*done, (TOKEN_A, "never@example.com")])
-    taken = await redis.xreadgroup("invite-worker", "dead-worker", {stream_name: ">"})
-    ids = [mid for mid, _ in taken[0][1]]
+    taken: Any = await redis.xreadgroup("invite-worker", "dead-worker", {stream_name: ">"})
+    ids: list[str] = [mid for mid, _ in taken[0][1]]
     sent_at = emulator._clock() - 1
     await redis.hset(f"{stream_name}:invite-worker:intents",
                      mapping=dict.fromkeys(ids, repr(sent_at)))  # fmt: skip
@@ -204,7 +205,8 @@ async def test_a_dead_workers_messages_are_claimed_and_reconciled_not_resent(
     reconciled = [b for b in by_kind(read_report(config.report_path), "batch")
                   if b.get("reconciled")]  # fmt: skip
     assert sorted(reconciled[0]["emails"]) == sorted(e for _, e in done)
-    [(_, dead)] = await redis.xrange(f"{stream_name}:dead")
+    dead_letters: Any = await redis.xrange(f"{stream_name}:dead")
+    [(_, dead)] = dead_letters
     assert dead["email"] == "loop@example.com"
     assert dead["error_code"] == "max_deliveries"
     assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0

@@ -7,6 +7,7 @@ import stat
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -332,8 +333,10 @@ async def test_events_have_stable_names(
 
 def test_config_is_validated_and_hides_keys() -> None:
     """Bad values are usage errors; repr never shows the keys; plain HTTP only to loopback."""
-    good = {"api_url": "http://127.0.0.1:1", "api_key": "k" * 8, "app_key": "a" * 8}
+    good: dict[str, Any] = {"api_url": "http://127.0.0.1:1", "api_key": "k" * 8,
+                            "app_key": "a" * 8}  # fmt: skip
     assert "kkkkkkkk" not in repr(Config(**good))
+    bad: dict[str, Any]
     for bad in (
         {"batch_size": 0},
         {"concurrency": 0},
@@ -352,7 +355,8 @@ def test_config_is_validated_and_hides_keys() -> None:
 
 def test_emulator_settings_are_checked_when_built() -> None:
     """Fault rates outside 0..1 (or summing past 1), a zero period or limit are refused."""
-    for faults in ({"error_rate": 1.5}, {"error_rate": 0.7, "drop_after_rate": 0.5}):
+    cases: list[dict[str, Any]] = [{"error_rate": 1.5}, {"error_rate": 0.7, "drop_after_rate": 0.5}]
+    for faults in cases:
         with pytest.raises(UsageError, match="fault rates"):
             Faults(**faults)
     with pytest.raises(UsageError, match="--period"):

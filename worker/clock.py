@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
@@ -106,3 +108,13 @@ async def unless_set(
     elif on_discard is not None and not task.cancelled() and task.exception() is None:
         on_discard(task.result())
     return False, None
+
+
+@functools.lru_cache(maxsize=4)
+def second_text(second: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` (UTC) of a whole epoch second.
+
+    Formatting the date is most of the cost of a timestamp, and a run stamps a log line and
+    a report record per batch: each second is formatted once, then only the fraction added.
+    """
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")

@@ -40,6 +40,14 @@ class PairIndex:
         # faster than from a set, and the list holds only references to the same ints.
         self._order: list[int] = []
 
+    @classmethod
+    def of_sorted(cls, keys: npt.NDArray[np.int64]) -> PairIndex:
+        """An index of ``keys``, already sorted and distinct (an owned array, kept as is)."""
+        index = cls()
+        if len(keys):
+            index._base = keys
+        return index
+
     def __len__(self) -> int:
         return len(self._recent) + (0 if self._base is None else len(self._base))
 

@@ -6,11 +6,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from typing import Any, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from worker.clock import second_text
 
 
 class Redact:
@@ -35,21 +36,14 @@ class Redact:
         return event
 
 
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
-
-
 def timestamp(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
     """``timestamp``: ISO 8601 UTC with microseconds and ``Z`` (as structlog's TimeStamper).
 
-    Formatting the date is most of the cost of a log line's timestamp, and a run logs a
-    line per batch: the text of the current second is kept and only the fraction added.
+    A run logs a line per batch, so the date part comes from :func:`second_text`'s cache.
     """
     now = time.time()
     second = int(now)
-    if second != _second[0]:
-        _second[0] = second
-        _second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    event["timestamp"] = f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
+    event["timestamp"] = f"{second_text(second)}.{int((now - second) * 1e6):06d}Z"
     return event
 
 

@@ -141,10 +141,11 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from worker.review import Review, print_summary, write_failed
+    from worker.record.replay import Replay
+    from worker.review import print_summary, write_failed
 
     if args.report_command == "summarize":
-        totals = Review.read(args.report).summary()
+        totals = Replay.read(args.report).summary()
         if args.json:
             print(json.dumps(totals))
         else:

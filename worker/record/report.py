@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from msgspec import UNSET
 
+from worker.clock import second_text
 from worker.errors import UsageError
 from worker.outcome import Status
 from worker.record.files import AppendFile
@@ -21,9 +21,6 @@ from worker.record.records import BatchRecord, ErrorInfo, RejectedRecord, encode
 
 if TYPE_CHECKING:
     from worker.outcome import Outcome
-
-
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
 
 
 def iso(ts: float) -> str:
@@ -36,10 +33,7 @@ def iso(ts: float) -> str:
         second, micros = second + 1, micros - 1_000_000
     elif micros < 0:
         second, micros = second - 1, micros + 1_000_000
-    if second != _second[0]:  # formatting the date part is the slow bit: once a second
-        _second[0] = second
-        _second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_second[1]}.{micros // 1000:03d}+00:00"
+    return f"{second_text(second)}.{micros // 1000:03d}+00:00"
 
 
 class Report:

@@ -28,7 +28,8 @@ from worker.errors import SendError, UsageError, is_final
 from worker.outcome import Outcome, Status
 from worker.record.files import read_records
 from worker.record.journal import Intent, journal_path, read_journal
-from worker.record.records import JOURNAL_LINE, REPORT_LINE, BatchRecord, RejectedRecord
+from worker.record.records import JOURNAL_LINE, REPORT_LINE
+from worker.record.replay import Replay
 from worker.send.reconcile import Reconciler, found_outcome
 from worker.validate import pair_key
 
@@ -121,17 +122,19 @@ def check_resumable(report_path: Path) -> None:
 
 
 def load_history(report_path: Path, journal_path: Path) -> History:
-    """Read an earlier report and its journal (a line cut short by a crash is ignored)."""
-    history = History()
-    for record in read_records(report_path, REPORT_LINE, missing_ok=True):
-        if isinstance(record, BatchRecord):
-            history.on_batch(record.token, record.emails, record.status, record.code)
-        elif isinstance(record, RejectedRecord):
-            if isinstance(record.line, int) and record.line not in history.rejected_lines:
-                history.rejected_lines.add(record.line)
-                history.rejected_by_reason[record.reason] += 1
-        else:
-            history.runs += 1
+    """Read an earlier report (replayed as ``report summarize`` does) and its journal."""
+    replay = Replay.read(report_path)
+    history = History(runs=len(replay.runs))
+    sent, _ = replay.keys_in(Status.SENT)
+    history.sent = PairIndex.of_sorted(sent)
+    failed, records = replay.keys_in(Status.FAILED)
+    codes = [code or "failed" for _, code, _ in replay.batches]
+    history.failed = dict(zip(failed.tolist(), map(codes.__getitem__, records), strict=True))
+    for where, reason in replay.rejected.items():
+        if isinstance(where, int):
+            history.rejected_lines.add(where)
+            history.rejected_by_reason[reason] += 1
+    del replay, sent, failed, records  # the history holds what it needs, compactly
 
     def unsent(intent: Intent) -> Intent | None:
         """What of an intent has no ``sent`` record."""
