@@ -10,17 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import worker.dedupe
 import worker.sources.lines
+import worker.validate.dedupe
 from tests.conftest import TOKEN_A, TOKEN_B, by_kind, csv_source, read_report
 from worker.config import Config
-from worker.dedupe import PairIndex
 from worker.emulator import Emulator
 from worker.run import run
 from worker.sources import open_source
 from worker.sources.csvfile import CsvSource
 from worker.sources.lines import Columns, Row
 from worker.validate import MAX_EMAIL_LENGTH, TOKEN_RE, Rejection, Validator
+from worker.validate.dedupe import PairIndex
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
@@ -28,7 +28,7 @@ INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 @pytest.fixture
 def small_index(monkeypatch: pytest.MonkeyPatch) -> None:
     """Merge into the sorted array after a handful of keys, so tests cross many merges."""
-    monkeypatch.setattr(worker.dedupe, "MIN_RECENT", 4)
+    monkeypatch.setattr(worker.validate.dedupe, "MIN_RECENT", 4)
 
 
 @pytest.mark.usefixtures("small_index")
@@ -57,7 +57,7 @@ def test_index_keeps_most_keys_in_the_sorted_array() -> None:
     for start in range(0, 20_000, 500):
         assert index.add_many(list(range(start * 7919, (start + 500) * 7919, 7919))) == []
     assert len(index) == 20_000
-    assert len(index._recent) <= 20_000 * worker.dedupe.MERGE_FRACTION
+    assert len(index._recent) <= 20_000 * worker.validate.dedupe.MERGE_FRACTION
     assert index.add_many([0, 7919 * 19_999, -1]) == [0, 1]
 
 

@@ -28,8 +28,8 @@ from tests.conftest import (
     worker_command,
     worker_env,
 )
+from worker.cli.review import write_failed
 from worker.record.replay import Replay
-from worker.review import write_failed
 
 SAMPLES = ROOT / "sample_inputs"
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}

@@ -141,8 +141,8 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    from worker.cli.review import print_summary, write_failed
     from worker.record.replay import Replay
-    from worker.review import print_summary, write_failed
 
     if args.report_command == "summarize":
         totals = Replay.read(args.report).summary()

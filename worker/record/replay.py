@@ -15,7 +15,6 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from worker.dedupe import locate
 from worker.errors import UsageError
 from worker.outcome import Status
 from worker.record.files import read_records
@@ -27,6 +26,7 @@ from worker.record.records import (
     SummaryRecord,
 )
 from worker.validate import pair_key
+from worker.validate.dedupe import locate
 
 #: Request counters summed over the runs' summaries.
 RUN_COUNTERS = ("requests", "retries", "rate_limited", "ratelimit_waits", "duration_ms")

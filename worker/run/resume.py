@@ -23,7 +23,6 @@ from pathlib import Path
 import structlog
 
 from worker.clock import Clock
-from worker.dedupe import PairIndex
 from worker.errors import SendError, UsageError, is_final
 from worker.outcome import Outcome, Status
 from worker.record.files import read_records
@@ -32,6 +31,7 @@ from worker.record.records import JOURNAL_LINE, REPORT_LINE
 from worker.record.replay import Replay
 from worker.send.reconcile import Reconciler, found_outcome
 from worker.validate import pair_key
+from worker.validate.dedupe import PairIndex
 
 log = structlog.get_logger("worker.resume")
 

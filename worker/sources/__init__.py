@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
 
 from worker.errors import UsageError
+from worker.sources.lines import Row
 
-RawRow = tuple[int, str | None, str | None, str | None]
+RawRow = Row  # (line, token, email, reason a reader already rejected the line for)
 Format = Literal["csv", "jsonl"]
 
 

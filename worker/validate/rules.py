@@ -8,8 +8,8 @@ from enum import StrEnum
 from operator import itemgetter, xor
 from typing import Any
 
-from worker.dedupe import PairIndex
 from worker.sources.lines import Columns
+from worker.validate.dedupe import PairIndex
 
 #: A share token as Datadog issues them: letters, digits, ``-`` and ``_``, nothing else.
 #: This is the only gate between input and a URL path, so it is deliberately narrow.
