@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import structlog
@@ -177,7 +178,7 @@ async def enqueue_command(args: argparse.Namespace) -> int:
 
 
 async def emulator_command(args: argparse.Namespace) -> int:
-    from worker.emulator import Emulator, Faults
+    from worker.emulator import Emulator, Faults, load_dashboards
 
     logs.configure(args.log_format)
     log = structlog.get_logger("worker.emulator")
@@ -199,7 +200,10 @@ async def emulator_command(args: argparse.Namespace) -> int:
         faults=faults,
         seed=args.seed,
         ratelimit_headers=args.ratelimit_headers,
+        session_rate=args.session_rate,
     )
+    if args.dashboards is not None:
+        emulator.seed(load_dashboards(args.dashboards, time.time()))
     try:
         await emulator.start(args.host, args.port)
     except OSError as exc:

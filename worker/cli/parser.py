@@ -271,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="standard X-RateLimit-* headers; none (429s are a proxy's HTML page, the "
         "limit still holds); nonsense (Limit 0, Period abc, Remaining -3, Reset -5)",
     )
+    e.add_argument(
+        "--session-rate",
+        type=float,
+        default=0.0,
+        help="share of new invitations whose link is opened at once (a session starts)",
+    )
+    e.add_argument(
+        "--dashboards",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="JSON list of shared dashboards to serve (token, share_type, status, invitees, "
+        "share_list, and 'invited'/'sessions' address lists); other tokens follow the "
+        "sandbox rule",
+    )
     e.add_argument("--seed", type=int, default=None, help="seed for the random faults")
     e.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     return parser

@@ -4,7 +4,8 @@
 faults, the rate window, the request log.
 """
 
-from worker.emulator.model import FAULTS, Dashboard, Faults, Logged
+from worker.emulator.dashboards import Dashboard, load_dashboards
+from worker.emulator.model import FAULTS, Faults, Logged
 from worker.emulator.server import Emulator
 
-__all__ = ["FAULTS", "Dashboard", "Emulator", "Faults", "Logged"]
+__all__ = ["FAULTS", "Dashboard", "Emulator", "Faults", "Logged", "load_dashboards"]

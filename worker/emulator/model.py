@@ -6,9 +6,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from dataclasses import dataclass
 
 import msgspec
 from aiohttp import web
@@ -25,7 +23,6 @@ NONSENSE_HEADERS = {
     "X-RateLimit-Remaining": "-3",
     "X-RateLimit-Reset": "-5",
 }
-OUTSIDE_DOMAIN = "outside.example"
 _INVITATION = re.compile(r"/api/v1/dashboard/public/[A-Za-z0-9_-]+/invitation")
 #: Faults that can be scripted with :meth:`Emulator.script`. ``*-after`` faults strike after
 #: the invitations were created; ``slow`` answers late but creates them all the same, as a
@@ -76,20 +73,6 @@ class Faults:
         return None
 
 
-@dataclass
-class Dashboard:
-    """A shared dashboard: its share list (``None``: the sandbox rule) and invitations."""
-
-    token: str
-    share_list: set[str] | None = None
-    invitations: list[tuple[str, float]] = field(default_factory=list)
-
-    def allows(self, email: str) -> bool:
-        if self.share_list is None:
-            return not email.lower().endswith("@" + OUTSIDE_DOMAIN)
-        return email.lower() in self.share_list
-
-
 @dataclass(frozen=True, slots=True)
 class Logged:
     """One request as the emulator saw it."""
@@ -126,21 +109,6 @@ class RequestLog:
             )
         )  # fmt: skip
         return response
-
-
-def invitation(token: str, email: str, created: float) -> dict[str, Any]:
-    at = datetime.fromtimestamp(created, UTC)
-    return {
-        "type": "public_dashboard_invitation",
-        "attributes": {
-            "email": email,
-            "share_token": token,
-            "created_at": at.isoformat(),
-            "invitation_expiry": (at + timedelta(hours=1)).isoformat(),
-            "has_session": False,
-            "session_expiry": None,
-        },
-    }
 
 
 class RateWindow:

@@ -20,21 +20,22 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
+from worker.emulator.dashboards import Dashboard
 from worker.emulator.model import (
     FAULTS,
     INVITATION_PATH,
-    Dashboard,
     Faults,
     Logged,
     RateWindow,
     RequestLog,
-    invitation,
     parse_body,
     summarize,
 )
 from worker.emulator.responses import error, hang_up, json_response, no_dashboard
+from worker.errors import UsageError
 
 
 class Emulator:
@@ -52,8 +53,13 @@ class Emulator:
         seed: int | None = 0,
         clock: Callable[[], float] = time.time,
         ratelimit_headers: str = "standard",
+        session_rate: float = 0.0,
     ) -> None:
         self.window = RateWindow(limit, period, ratelimit_headers, clock)
+        if not 0 <= session_rate <= 1:
+            raise UsageError("--session-rate must be between 0 and 1")
+        #: Share of new invitations whose link is opened at once (a session starts).
+        self.session_rate = session_rate
         self.api_key, self.app_key = api_key, app_key
         self.faults = faults or Faults()
         self.sandbox_rules = sandbox_rules
@@ -69,11 +75,34 @@ class Emulator:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def add_dashboard(self, token: str, share_list: list[str] | None = None) -> Dashboard:
-        """Register a dashboard; ``share_list=None`` uses the sandbox share-list rule."""
-        allowed = {e.lower() for e in share_list} if share_list is not None else None
-        board = self.dashboards[token] = Dashboard(token, allowed)
+    def add_dashboard(
+        self,
+        token: str,
+        share_list: list[str] | None = None,
+        *,
+        invitees: list[str] | None = None,
+        share_type: str = "invite",
+        status: str = "active",
+    ) -> Dashboard:
+        """Register a dashboard.
+
+        With neither ``share_list`` nor ``invitees`` it follows the sandbox rule (every
+        address but ``@outside.example``, not listed); otherwise it allows exactly those.
+        """
+        now = self._clock()
+        board = Dashboard(token, share_type=share_type, status=status)
+        if share_list is not None or invitees is not None:
+            board.update({"share_list": share_list or [],
+                          "invitees": [{"email": e} for e in invitees or []]}, now)  # fmt: skip
+        self.dashboards[token] = board
         return board
+
+    def seed(self, boards: list[Dashboard]) -> None:
+        """Register dashboards read from a file (see ``dashboards.load_dashboards``)."""
+        for board in boards:
+            self.dashboards[board.token] = board
+            for email, _ in board.invitations:
+                self.invited[(board.token, email.lower())] += 1
 
     def script(self, *faults: str) -> None:
         """Apply these faults, in order, to the next invitation POSTs (see :data:`FAULTS`)."""
@@ -95,6 +124,7 @@ class Emulator:
         app.router.add_get(INVITATION_PATH, self._list)
         app.router.add_delete(INVITATION_PATH, self._delete)
         app.router.add_get("/api/v1/dashboard/public/{token}", self._dashboard)
+        app.router.add_put("/api/v1/dashboard/public/{token}", self._update)
         app.router.add_get("/_emulator/stats", self._stats)
         app.router.add_get("/_emulator/invited", self._invited)
         app.router.add_route("*", "/{anything:.*}", self._unknown)
@@ -191,18 +221,24 @@ class Emulator:
                     headers,
                 )
             )
-        refused = [e for e in emails if not board.allows(e)]
+        now = self._clock()
+        if board.share_type != "invite" or board.status != "active":
+            state = "paused" if board.status != "active" else f"shared as {board.share_type!r}"
+            return log(error(400, f"Invitations need an active invite-only shared dashboard; "
+                             f"this one is {state}", headers))  # fmt: skip
+        refused = [e for e in emails if not board.allows(e, now)]
         if refused:
             message = "Email(s) not in the shared dashboard's share list"
             if self.faults.name_refused:
                 message += ": " + ", ".join(refused)
             return log(error(400, message, headers))
-        now = self._clock()
         items = []
         for email in emails:
             board.invitations.append((email, now))
             self.invited[(token, email.lower())] += 1
-            items.append(invitation(token, email, now))
+            if self.session_rate and self._rng.random() < self.session_rate:
+                board.open_session(email, now)
+            items.append(board.invitation(email, now, now))
         self._created.set()
         if fault == "502-after":
             return log(error(502, "Bad Gateway", headers, html=True))
@@ -226,8 +262,9 @@ class Emulator:
         except ValueError:
             return log(error(400, "page_size and page_number must be integers", headers))
         page = board.invitations[number * size : (number + 1) * size]
+        now = self._clock()
         body = {
-            "data": [invitation(token, e, t) for e, t in page],
+            "data": [board.invitation(e, t, now) for e, t in page],
             "meta": {"page": {"total_count": len(board.invitations)}},
         }
         return log(json_response(200, body, headers))
@@ -249,20 +286,33 @@ class Emulator:
         return log(web.Response(status=204, headers=headers))
 
     async def _dashboard(self, request: web.Request) -> web.StreamResponse:
-        token = request.match_info["token"]
         log = self._logger(request)
-        if not self._authorized(request):
-            return log(error(403, "Forbidden", {}))
-        board = self._board(token)
+        refusal, headers = self._admit(request)
+        if refusal is not None:
+            return log(refusal)
+        board = self._board(request.match_info["token"])
         if board is None:
-            return log(no_dashboard({}))
-        body = {
-            "token": token,
-            "share_type": "invite",
-            "status": "active",
-            "share_list": sorted(board.share_list or []),
-        }
-        return log(json_response(200, body, {}))
+            return log(no_dashboard(headers))
+        return log(json_response(200, board.as_json(), headers))
+
+    async def _update(self, request: web.Request) -> web.StreamResponse:
+        """PUT: the writable fields the body carries replace the dashboard's."""
+        log = self._logger(request)
+        refusal, headers = self._admit(request)
+        if refusal is not None:
+            return log(refusal)
+        board = self._board(request.match_info["token"])
+        if board is None:
+            return log(no_dashboard(headers))
+        try:
+            body = msgspec.json.decode(await request.read())
+            if board.sandbox:
+                # A sandbox-rule dashboard becomes an explicit one on its first edit.
+                board.share_list, board.invitees = set(), {}
+            board.update(body, self._clock())
+        except ValueError as exc:  # not JSON, or a field of the wrong shape
+            return log(error(400, f"Invalid shared dashboard update: {exc}", headers))
+        return log(json_response(200, board.as_json(), headers))
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
         return json_response(200, self.stats(), {})

@@ -144,8 +144,8 @@ async def enqueue(source: Source, url: str, stream: str, where: str) -> dict[str
         async for chunk in source.chunks():
             valid, rejections, _ = validator.check_rows(chunk)
             for line, reason, _token, _email in rejections:
-                rejected[reason] += 1
-                log.warning("enqueue.rejected", line=line, reason=reason)
+                rejected[str(reason)] += 1
+                log.warning("enqueue.rejected", line=line, reason=str(reason))
             if valid:
                 async with redis.pipeline(transaction=False) as pipe:
                     for token, email in valid:

@@ -74,7 +74,7 @@ class Report:
             record.line = line
         else:
             record.stream_id = line
-        self.rejected_by_reason[reason] += 1
+        self.rejected_by_reason[str(reason)] += 1  # a Reason is a str: keep the plain text
         self._pending.append(encode(record))
 
     def batch(self, outcome: Outcome) -> None:
