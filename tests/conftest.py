@@ -21,7 +21,7 @@ import pytest
 import structlog
 
 from worker.config import Config
-from worker.emulator import Emulator
+from worker.emulator import Emulator, Logged
 from worker.sources import Source, open_source
 
 API_KEY = "test-api-key-0123456789abcdef"
@@ -117,6 +117,22 @@ async def collect(source: Source) -> list[tuple[int, str | None, str | None, str
         rows.extend(chunk)
     source.close()
     return rows
+
+
+def invitation_traffic(emulator: Emulator) -> list[Logged]:
+    """The POSTs, and the listings made to settle them: each token's preflight reads (the
+    dashboard, and its invitations listed before its first POST) left out."""
+    posted: set[str] = set()
+    traffic = []
+    for request in emulator.requests:
+        if not request.path.endswith("/invitation"):
+            continue  # the dashboard read
+        if request.method == "POST":
+            posted.add(request.token)
+        elif request.token not in posted:
+            continue  # the preflight listing
+        traffic.append(request)
+    return traffic
 
 
 def find_capture(

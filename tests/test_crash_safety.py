@@ -16,6 +16,7 @@ from tests.conftest import (
     by_kind,
     csv_source,
     find_capture,
+    invitation_traffic,
     read_report,
     rows_csv,
 )
@@ -89,7 +90,7 @@ async def test_a_502_after_commit_is_reconciled_not_resent(
     pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(5)]
     with capture_logs() as logs:
         result = await run(config, csv_source(rows_csv(pairs)))
-    assert [r.method for r in emulator.requests] == ["POST", "GET"]
+    assert [r.method for r in invitation_traffic(emulator)] == ["POST", "GET"]
     [batch] = by_kind(read_report(config.report_path), "batch")
     assert batch["status"] == "sent"
     assert batch["reconciled"] is True
@@ -108,7 +109,7 @@ async def test_a_dropped_connection_after_commit_is_reconciled(
     config = make_config(concurrency=1)
     result = await run(config, csv_source(rows_csv([(TOKEN_A, "a@example.com")])))
     assert result.exit_code == 0
-    assert [r.method for r in emulator.requests] == ["POST", "GET"]
+    assert [r.method for r in invitation_traffic(emulator)] == ["POST", "GET"]
     assert emulator.invited[(TOKEN_A, "a@example.com")] == 1
 
 
@@ -133,7 +134,7 @@ async def test_a_failure_before_commit_is_checked_then_resent(
     emulator.script("503")
     config = make_config(concurrency=1)
     result = await run(config, csv_source(rows_csv([(TOKEN_A, "a@example.com")])))
-    assert [r.method for r in emulator.requests] == ["POST", "GET", "POST"]
+    assert [r.method for r in invitation_traffic(emulator)] == ["POST", "GET", "POST"]
     [batch] = by_kind(read_report(config.report_path), "batch")
     assert batch["status"] == "sent"
     assert "reconciled" not in batch
@@ -144,15 +145,17 @@ async def test_a_failure_before_commit_is_checked_then_resent(
 async def test_reconciliation_reads_every_page_and_ignores_older_invitations(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
-    """Across 4 pages; an invitation from before the send time does not count as ours."""
+    """Across 4 pages; an invitation from before the send time does not count as ours.
+
+    (--resend: "again@" was invited long ago, and the test is about reconciliation.)"""
     board = emulator.add_dashboard(TOKEN_A)
     board.invitations.extend((f"old{i}@example.com", 1_000.0) for i in range(340))
     board.invitations.append(("again@example.com", 1_000.0))  # invited long ago
     emulator.script("502-after")
-    config = make_config(concurrency=1)
+    config = make_config(concurrency=1, resend=True)
     pairs = [(TOKEN_A, "again@example.com"), (TOKEN_A, "new@example.com")]
     await run(config, csv_source(rows_csv(pairs)))
-    gets = [r for r in emulator.requests if r.method == "GET"]
+    gets = [r for r in invitation_traffic(emulator) if r.method == "GET"]
     assert len(gets) == 4  # 342 invitations at 100 a page
     # Both were created by the faulted POST (the newest invitation of each is ours).
     assert emulator.invited[(TOKEN_A, "again@example.com")] == 1
@@ -162,13 +165,14 @@ async def test_reconciliation_reads_every_page_and_ignores_older_invitations(
 async def test_an_old_invitation_alone_does_not_stop_a_resend(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
-    """Only invitations created at or after the send time settle an unknown outcome."""
+    """Only invitations created at or after the send time settle an unknown outcome
+    (--resend: the old invitation alone would otherwise skip the address)."""
     board = emulator.add_dashboard(TOKEN_A)
     board.invitations.append(("again@example.com", 1_000.0))
     emulator.script("503")
-    config = make_config(concurrency=1)
+    config = make_config(concurrency=1, resend=True)
     await run(config, csv_source(rows_csv([(TOKEN_A, "again@example.com")])))
-    assert [r.method for r in emulator.requests] == ["POST", "GET", "POST"]
+    assert [r.method for r in invitation_traffic(emulator)] == ["POST", "GET", "POST"]
 
 
 async def test_a_fault_heavy_service_still_gets_everyone_exactly_once(

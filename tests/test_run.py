@@ -21,6 +21,7 @@ from tests.conftest import (
     by_kind,
     csv_source,
     find_capture,
+    invitation_traffic,
     read_report,
     rows_csv,
 )
@@ -153,7 +154,7 @@ async def test_a_400_naming_addresses_fails_exactly_those_and_resends_the_rest_o
     assert failed[0]["error"]["code"] == "bad_request"
     sent = [b for b in batches if b["status"] == "sent"]
     assert [len(b["emails"]) for b in sent] == [97]
-    assert len(emulator.requests) == 2
+    assert len(invitation_traffic(emulator)) == 2
     assert not find_capture(logs, "batch.split")
     assert find_capture(logs, "batch.refused_named")[0]["refused"] == 3
     assert result.exit_code == 1
@@ -173,7 +174,7 @@ async def test_retryable_failures_are_retried_with_backoff(
     retries = find_capture(logs, "batch.retry_scheduled")
     assert [r["code"] for r in retries] == ["server_error", "server_error", "connection_dropped"]
     # Each outcome was unknown, so the token's invitations were listed before every re-send.
-    assert [r.method for r in emulator.requests] == ["POST", "GET"] * 3 + ["POST"]
+    assert [r.method for r in invitation_traffic(emulator)] == ["POST", "GET"] * 3 + ["POST"]
     assert "<" not in retries[1]["error"]  # the HTML body was reduced to its text
     assert all(r["delay"] > 0 for r in retries)
     assert result.exit_code == 0
@@ -262,7 +263,7 @@ async def test_wrong_keys_abort_quickly_and_record_everything_as_failed(
 async def test_unknown_token_fails_its_batches_without_more_requests(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
-    """404: the first batch learns the token is gone; its other batches send nothing."""
+    """404 on the dashboard read: every batch of the token fails, and nothing is POSTed."""
     config = make_config(batch_size=2, concurrency=1)
     pairs = [("gone-token", f"p{i}@example.com") for i in range(6)] + [(TOKEN_A, "a@example.com")]
     result = await run(config, csv_source(rows_csv(pairs)))
@@ -273,7 +274,8 @@ async def test_unknown_token_fails_its_batches_without_more_requests(
     dead = [b for b in batches if b["token"] == "gone-token"]
     assert len(dead) == 3
     assert all(b["error"]["code"] == "token_not_found" for b in dead)
-    assert [b["attempts"] for b in dead].count(0) == 2
+    assert [b["attempts"] for b in dead] == [0, 0, 0]
+    assert not [r for r in gone if r.method == "POST"]
     assert result.exit_code == 1
 
 

@@ -98,6 +98,13 @@ class Config:
     #: still survives the process dying (SIGKILL, OOM, eviction: the kernel has the
     #: bytes); with it, also a power loss or kernel crash, at one sync per request.
     durable_journal: bool = False
+    #: Send to everyone, even those the service lists as invited or in a session.
+    resend: bool = False
+    #: Send again to those whose last invitation is older than this (and no session);
+    #: None: skip anyone the service still lists as invited.
+    resend_after: float | None = None
+    #: How long a token's dashboard check stays good (queue mode); None: the whole run.
+    preflight_ttl: float | None = None
     #: Continue the run recorded in ``report_path``: skip what is settled, check unknowns.
     resume: bool = False
     #: On SIGTERM/SIGINT, how long in-flight requests may take to finish.
@@ -140,6 +147,10 @@ class Config:
             raise UsageError(f"progress must be bar, events or off, got {self.progress!r}")
         if not self.progress_every > 0:
             raise UsageError("--progress-every must be a positive number of seconds")
+        if self.resend and self.resend_after is not None:
+            raise UsageError("--resend sends to everyone; it cannot go with --resend-after")
+        if self.resend_after is not None and not self.resend_after > 0:
+            raise UsageError("--resend-after must be a positive duration, e.g. 12h or 7d")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the report; it cannot go with --overwrite")
         if self.max_buffered_rows < self.batch_size:

@@ -30,6 +30,8 @@ class Status(StrEnum):
     SENT = "sent"
     FAILED = "failed"
     PLANNED = "planned"
+    #: Not sent because the service says it is not needed (see ``send.preflight``).
+    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,3 +73,5 @@ class Outcome:
     rate_limited: int = 0
     reconciled: bool = False
     clears: tuple[str, ...] = ()
+    #: Why the emails were skipped (``active_session``, ``already_invited``).
+    reason: str | None = None

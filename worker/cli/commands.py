@@ -36,6 +36,8 @@ def config_from(args: argparse.Namespace, api_url: str, api_key: str, app_key: s
         max_attempts=args.max_attempts,
         timeout=args.timeout,
         max_wait=args.max_wait,
+        resend=args.resend,
+        resend_after=args.resend_after,
         resume=args.resume,
         grace=args.grace,
         reconcile_delay=args.reconcile_delay,

@@ -39,6 +39,25 @@ def say(event: str, message: str, *, json_lines: bool, level: str = "error") -> 
         print(f"invite-worker: {message}", file=sys.stderr)
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """``90m``, ``12h``, ``7d`` (or plain seconds) as seconds."""
+    value, unit = text.strip(), "s"
+    if value and value[-1].lower() in _UNITS:
+        value, unit = value[:-1], value[-1].lower()
+    try:
+        seconds = float(value) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use e.g. 90m, 12h, 7d)"
+        ) from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
+    return seconds
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, whose usage errors are JSON lines when stderr is in JSON mode."""
 
@@ -118,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="the longest single wait for the rate limit, in seconds, whatever the "
         "service's headers say (60)",
+    )
+    r.add_argument(
+        "--resend",
+        action="store_true",
+        help="send to everyone, even those the service lists as already invited or in a "
+        "session (default: skip them)",
+    )
+    r.add_argument(
+        "--resend-after",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="invite again those whose last invitation is older than this (90m, 12h, 7d) and "
+        "who have no open session",
     )
     r.add_argument(
         "--resume",

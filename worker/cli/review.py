@@ -21,6 +21,7 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
         ("emails sent", totals["sent"]),
         ("emails failed", totals["failed"]),
         ("rows rejected", totals["rejected"]),
+        ("emails skipped", totals["skipped"]),
         ("requests", totals["requests"]),
         ("retries", totals["retries"]),
         ("429 answers", totals["rate_limited"]),
@@ -33,7 +34,8 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
     print(f"  {'duration':<18} {totals['duration_ms'] / 1000:,.1f} s", file=out)
     for title, key in (("Failures by error code", "failed_by_code"),
                        ("Failures by token", "failed_by_token"),
-                       ("Rejected rows by reason", "rejected_by_reason")):  # fmt: skip
+                       ("Rejected rows by reason", "rejected_by_reason"),
+                       ("Skipped emails by reason", "skipped_by_reason")):  # fmt: skip
         if totals[key]:
             print(title, file=out)
             for name, count in totals[key].items():

@@ -23,7 +23,8 @@ NONSENSE_HEADERS = {
     "X-RateLimit-Remaining": "-3",
     "X-RateLimit-Reset": "-5",
 }
-_INVITATION = re.compile(r"/api/v1/dashboard/public/[A-Za-z0-9_-]+/invitation")
+#: The API's paths: a shared dashboard, and its invitations.
+_API = re.compile(r"/api/v1/dashboard/public/[A-Za-z0-9_-]+(?:/invitation)?")
 #: Faults that can be scripted with :meth:`Emulator.script`. ``*-after`` faults strike after
 #: the invitations were created; ``slow`` answers late but creates them all the same, as a
 #: server that does not notice its client hung up.
@@ -189,6 +190,6 @@ def summarize(requests: list[Logged], invited: Counter[tuple[str, str]]) -> dict
         "duplicates": sum(n - 1 for n in invited.values() if n > 1),
         "max_list": max((r.emails for r in posts), default=0),
         "non_list_posts": sum(1 for r in posts if not r.list_form),
-        # Requests to any path but the invitation endpoint (POST and the GET list).
-        "other_paths": sorted({r.path for r in requests if not _INVITATION.fullmatch(r.path)})[:20],
+        # Requests to any path but the API's (a dashboard and its invitations).
+        "other_paths": sorted({r.path for r in requests if not _API.fullmatch(r.path)})[:20],
     }

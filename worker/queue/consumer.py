@@ -70,7 +70,7 @@ class Consumer:
             mid = self.index.pop((outcome.token, email.lower()), None)
             if mid is None:
                 continue
-            if outcome.status is Status.SENT:
+            if outcome.status in (Status.SENT, Status.SKIPPED):  # both are done with
                 self._settled(mid)
                 self.acks.append(mid)
             elif error is not None and not keeps_pending(error.code):

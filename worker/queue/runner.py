@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections import Counter
 from typing import Any
@@ -39,6 +40,8 @@ log = structlog.get_logger("worker.queue")
 #: Reconnection attempts before Redis counts as lost: about 30 s of backoff, enough for a
 #: server restart; a run cannot tell a long outage from a permanent one.
 RECONNECT_RETRIES = 20
+#: Seconds a token's dashboard check (who is allowed, invited, in a session) is reused.
+PREFLIGHT_TTL = 60.0
 
 
 class _Reconnecting(ExponentialWithJitterBackoff):
@@ -97,6 +100,8 @@ async def _run_stream(
     rng: random.Random | None,
     stop: asyncio.Event,
 ) -> RunResult:
+    # Messages trickle in for hours: a dashboard check is good for a minute, not a day.
+    config = dataclasses.replace(config, preflight_ttl=config.preflight_ttl or PREFLIGHT_TTL)
     redis = await connect(options.url, options.where)
     try:
         queue = StreamQueue(

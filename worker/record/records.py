@@ -63,6 +63,14 @@ class RejectedRecord(msgspec.Struct, tag_field="kind", tag="rejected"):
         return self.stream_id if isinstance(self.stream_id, str) else None
 
 
+class SkippedRecord(msgspec.Struct, tag_field="kind", tag="skipped"):
+    """Emails of a token not sent because the service already serves them."""
+
+    token: str
+    emails: list[str]
+    reason: str  # active_session, already_invited
+
+
 class SummaryRecord(msgspec.Struct, tag_field="kind", tag="summary"):
     """The end of a run, as readers see it: the counters summed across runs."""
 
@@ -73,7 +81,7 @@ class SummaryRecord(msgspec.Struct, tag_field="kind", tag="summary"):
     duration_ms: float = 0.0
 
 
-ReportRecord = BatchRecord | RejectedRecord | SummaryRecord
+ReportRecord = BatchRecord | RejectedRecord | SkippedRecord | SummaryRecord
 
 #: Decodes one report line; a line of any other shape raises ``msgspec.ValidationError``.
 REPORT_LINE = msgspec.json.Decoder(ReportRecord)

@@ -23,6 +23,7 @@ from worker.record.records import (
     BatchRecord,
     RejectedRecord,
     ReportRecord,
+    SkippedRecord,
     SummaryRecord,
 )
 from worker.validate import pair_key
@@ -53,6 +54,8 @@ class Replay:
     batches: list[tuple[str, str | None, str]] = field(default_factory=list)
     rejected: dict[Any, str] = field(default_factory=dict)  # line or stream id -> reason
     runs: list[SummaryRecord] = field(default_factory=list)
+    #: emails skipped (already served), by reason, over all runs
+    skipped: Counter[str] = field(default_factory=Counter)
     ends_with_summary: bool = False
     _keys: Any = None  # sorted pair keys, each once
     _last: Any = None  # for each, the number of its last batch record
@@ -71,6 +74,8 @@ class Replay:
                 keys.extend(pair_key(token, email) for email in emails)
             elif isinstance(record, RejectedRecord):
                 review.rejected.setdefault(record.where, record.reason)
+            elif isinstance(record, SkippedRecord):
+                review.skipped[record.reason] += len(record.emails)
             else:
                 review.runs.append(record)
         review.ends_with_summary = isinstance(last, SummaryRecord)
@@ -131,6 +136,7 @@ class Replay:
             "failed": statuses["failed"],
             "planned": statuses["planned"],
             "rejected": len(self.rejected),
+            "skipped": sum(self.skipped.values()),
             "runs": len(self.runs),
             "complete": self.ends_with_summary,
         }
@@ -140,4 +146,5 @@ class Replay:
         totals["failed_by_code"] = dict(failed_by_code.most_common())
         totals["failed_by_token"] = dict(failed_by_token.most_common())
         totals["rejected_by_reason"] = dict(Counter(self.rejected.values()).most_common())
+        totals["skipped_by_reason"] = dict(self.skipped.most_common())
         return totals

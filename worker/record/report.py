@@ -17,7 +17,13 @@ from worker.clock import second_text
 from worker.errors import UsageError
 from worker.outcome import Status
 from worker.record.files import AppendFile
-from worker.record.records import BatchRecord, ErrorInfo, RejectedRecord, encode
+from worker.record.records import (
+    BatchRecord,
+    ErrorInfo,
+    RejectedRecord,
+    SkippedRecord,
+    encode,
+)
 
 if TYPE_CHECKING:
     from worker.outcome import Outcome
@@ -53,6 +59,7 @@ class Report:
             raise UsageError(f"cannot write the report {str(path)!r}: {exc.strerror}") from None
         self._pending: list[bytes] = []
         self.rejected_by_reason: Counter[str] = Counter()
+        self.skipped_by_reason: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
         self.emails: Counter[str] = Counter()
         self.closed = False
@@ -78,7 +85,15 @@ class Report:
         self._pending.append(encode(record))
 
     def batch(self, outcome: Outcome) -> None:
-        """Write one final batch outcome (``sent``, ``failed``) at once."""
+        """Write one final batch outcome (``sent``, ``failed``, ``skipped``) at once."""
+        if outcome.status is Status.SKIPPED:
+            reason = outcome.reason or "skipped"
+            self.batches[outcome.status] += 1
+            self.emails[outcome.status] += len(outcome.emails)
+            self.skipped_by_reason[reason] += len(outcome.emails)
+            self._pending.append(encode(SkippedRecord(outcome.token, outcome.emails, reason)))
+            self.flush()
+            return
         error = outcome.error
         record = BatchRecord(
             outcome.token, outcome.emails, outcome.status, outcome.http_status,

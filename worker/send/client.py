@@ -30,11 +30,14 @@ from worker.errors import (
 )
 from worker.outcome import Invitation
 from worker.send.answers import (
+    SharedDashboard,
     created,
     error_message,
     invitations,
     json_or_none,
     read_ratelimit,
+    sessions,
+    shared_dashboard,
 )
 from worker.send.refusals import named_addresses
 from worker.validate import check_token
@@ -62,10 +65,19 @@ class Sent:
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """One page of a token's invitations."""
+    """One page of a token's invitations, and which of them have an open session."""
 
     invitations: list[Invitation]
     total_count: int | None
+    ratelimit: RateLimitInfo
+    sessions: dict[str, str]  # lower-cased email -> session_expiry
+
+
+@dataclass(frozen=True, slots=True)
+class Dashboard:
+    """The shared dashboard a token names."""
+
+    dashboard: SharedDashboard
     ratelimit: RateLimitInfo
 
 
@@ -168,7 +180,17 @@ class InvitationClient:
         total: Any = doc
         for key in ("meta", "page", "total_count"):
             total = total.get(key) if isinstance(total, dict) else None
-        return Listing(invitations(doc), total if isinstance(total, int) else None, ratelimit)
+        count = total if isinstance(total, int) else None
+        return Listing(invitations(doc), count, ratelimit, sessions(doc))
+
+    async def get_dashboard(self, token: str) -> Dashboard:
+        """The shared dashboard of ``token`` (``TokenNotFound`` when there is none)."""
+        url = self.invitation_url(token).removesuffix("/invitation")
+        status, headers, raw = await self._request("GET", url, None)
+        ratelimit = self._ratelimit(headers)
+        if status != 200:
+            raise self._error(status, raw, ratelimit)
+        return Dashboard(shared_dashboard(json_or_none(raw)), ratelimit)
 
     async def _request(
         self, method: str, url: str | URL, body: bytes | None

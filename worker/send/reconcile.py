@@ -31,15 +31,22 @@ MAX_PAGES = 100_000
 
 
 @dataclass(slots=True)
-class _Listing:
+class TokenListing:
+    """Every invitation of a token, as listed from ``started`` on."""
+
     started: float
-    #: lower-cased email -> the newest invitation for it
+    #: lower-cased email -> the newest invitation for it (epoch of creation, invitation)
     newest: dict[str, tuple[float, Invitation]] = field(default_factory=dict)
+    #: lower-cased email -> when its open session ends (epoch)
+    sessions: dict[str, float] = field(default_factory=dict)
 
 
 def created_epoch(invitation: Invitation) -> float | None:
     """``created_at`` as epoch seconds; None when absent or unreadable."""
-    value = invitation.created_at
+    return _epoch(invitation.created_at)
+
+
+def _epoch(value: str | None) -> float | None:
     if value is None:
         return None
     try:
@@ -89,11 +96,11 @@ class Reconciler:
         self._client = client
         self._pacer = pacer
         self._clock = clock
-        self._retry = retry
+        self.retry = retry
         self._skew = skew
-        self._rng = rng
+        self.rng = rng
         self._locks: dict[str, asyncio.Lock] = {}
-        self._cache: dict[str, _Listing] = {}
+        self._cache: dict[str, TokenListing] = {}
         #: GET requests made (for the summary).
         self.requests = 0
 
@@ -106,12 +113,7 @@ class Reconciler:
         had time to land. Returns lower-cased email -> invitation. Raises :class:`SendError`
         when the list cannot be read (the outcome then stays unknown).
         """
-        lock = self._locks.setdefault(token, asyncio.Lock())
-        async with lock:
-            listing = self._cache.get(token)
-            if listing is None or listing.started < not_before:
-                listing = await self._list(token)
-                self._cache[token] = listing
+        listing = await self.listing(token, not_before)
         threshold = since - self._skew
         found: dict[str, Invitation] = {}
         for email in emails:
@@ -120,8 +122,21 @@ class Reconciler:
                 found[email.lower()] = entry[1]
         return found
 
-    async def _list(self, token: str) -> _Listing:
-        listing = _Listing(started=self._clock.time())
+    async def listing(self, token: str, not_before: float) -> TokenListing:
+        """The token's invitations, listed no earlier than ``not_before`` (all pages).
+
+        One listing is shared between concurrent questions about the same token.
+        """
+        lock = self._locks.setdefault(token, asyncio.Lock())
+        async with lock:
+            listing = self._cache.get(token)
+            if listing is None or listing.started < not_before:
+                listing = await self._list(token)
+                self._cache[token] = listing
+        return listing
+
+    async def _list(self, token: str) -> TokenListing:
+        listing = TokenListing(started=self._clock.time())
         seen = 0
         for page in range(MAX_PAGES):
             result = await self._page(token, page)
@@ -132,6 +147,10 @@ class Reconciler:
                 key = item.email.lower()
                 if created is not None and created >= listing.newest.get(key, (-1.0,))[0]:
                     listing.newest[key] = (created, item)
+            for email, expiry in result.sessions.items():
+                ends = _epoch(expiry)
+                if ends is not None:
+                    listing.sessions[email] = max(ends, listing.sessions.get(email, ends))
             seen += len(result.invitations)
             if len(result.invitations) < PAGE_SIZE or (
                 result.total_count is not None and seen >= result.total_count
@@ -159,6 +178,6 @@ class Reconciler:
                 return None  # nothing of ours can exist there
             if not isinstance(error, RateLimited):
                 attempts += 1
-                if not self._retry.retries(error, attempts):
+                if not self.retry.retries(error, attempts):
                     raise error
-                await self._clock.sleep(self._retry.delay(attempts, self._rng))
+                await self._clock.sleep(self.retry.delay(attempts, self.rng))

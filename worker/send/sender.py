@@ -32,6 +32,7 @@ from worker.outcome import Failure, Invitation, Outcome, Status
 from worker.record.journal import IntentLog
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer
+from worker.send.preflight import Preflight, refusal_message
 from worker.send.reconcile import Reconciler, found_outcome
 from worker.send.refusals import ListCap
 from worker.send.retry import RetryPolicy
@@ -87,6 +88,10 @@ class Sender:
         self.reconciler = Reconciler(client, pacer, clock, retry=self.retry,
                                      skew=config.reconcile_skew, rng=self._rng)  # fmt: skip
         self.stats = SendStats()
+        self.preflight = Preflight(
+            client, pacer, self.reconciler, clock, resend=config.resend,
+            resend_after=config.resend_after, ttl=config.preflight_ttl,
+        )  # fmt: skip
         #: The longest list the service takes, as far as its answers have shown.
         self.cap = ListCap(config.batch_size)
         #: Set by the first fatal error (storage, unreachable service, lost queue).
@@ -121,10 +126,41 @@ class Sender:
         """
         out: list[Outcome] = []
         try:
-            await self._send(batch.token, batch.emails, out)
+            emails = await self._screen(batch.token, batch.emails, out)
+            if emails:
+                await self._send(batch.token, emails, out)
         except FatalError as exc:
             self.halt(exc)
         return out
+
+    async def _screen(self, token: str, emails: list[str], out: list[Outcome]) -> list[str]:
+        """The preflight check: refused and skipped become outcomes; returns what to send."""
+        if self.stopping.is_set() or self._refused() or token in self.dead_tokens:
+            return emails  # _send records (or leaves) them as before
+        started = self._clock.time()
+        try:
+            screened = await self.preflight.screen(token, emails)
+        except SendError as exc:  # the dashboard could not be read: --resume tries again
+            failure = Failure(exc.code, f"could not read the shared dashboard: {exc.message}")
+            out.append(Outcome(token, emails, Status.FAILED, exc.http_status, 0, started,
+                               self._clock.time(), failure))  # fmt: skip
+            return []
+        finished = self._clock.time()
+        by_code: dict[str, tuple[Failure, list[str]]] = {}
+        for email, failure in screened.refused:
+            by_code.setdefault(failure.code, (failure, []))[1].append(email)
+        for code, (failure, refused) in by_code.items():
+            if len(refused) > 1:
+                failure = Failure(code, refusal_message(failure))
+            if code == TokenNotFound.code:
+                self.dead_tokens[token] = failure.message
+            log.warning("batch.refused", token=token, emails=len(refused), code=code)
+            out.append(Outcome(token, refused, Status.FAILED, None, 0, started, finished, failure))
+        for reason, skipped in screened.skipped.items():
+            log.info("batch.skipped", token=token, emails=len(skipped), reason=reason)
+            out.append(Outcome(token, skipped, Status.SKIPPED, None, 0, started, finished,
+                               reason=reason))  # fmt: skip
+        return screened.send
 
     async def _send(self, token: str, emails: list[str], out: list[Outcome]) -> bool:
         """Send ``emails`` in lists the service takes; True if it accepted every one.

@@ -1,0 +1,201 @@
+"""Invite only who still needs it: each dashboard read before its first send, people already
+invited or in a session skipped, addresses the dashboard does not allow refused unsent."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from tests.conftest import (
+    TOKEN_A,
+    TOKEN_B,
+    TOKEN_C,
+    Proc,
+    by_kind,
+    csv_source,
+    emulator_invited,
+    find_capture,
+    read_report,
+    rows_csv,
+)
+from worker.config import Config
+from worker.emulator import Emulator
+from worker.queue.options import StreamOptions
+from worker.queue.runner import run_stream
+from worker.record.replay import Replay
+from worker.run import run
+
+PEOPLE = [f"p{i}@example.com" for i in range(30)]
+
+
+def posts(emulator: Emulator) -> list[int]:
+    """The number of emails in each POST the service received."""
+    return [r.emails for r in emulator.requests if r.method == "POST"]
+
+
+async def test_the_same_list_twice_sends_nothing_the_second_time(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """Run 1 invites everyone; run 2 of the same list makes zero POSTs and reports every
+    pair skipped (already_invited); new rows added between runs are the only ones sent."""
+    emulator.add_dashboard(TOKEN_A, invitees=[*PEOPLE, "new@example.com"])
+    pairs = [(TOKEN_A, e) for e in PEOPLE]
+    first = await run(make_config(batch_size=10), csv_source(rows_csv(pairs)))
+    assert first.exit_code == 0
+    assert sum(posts(emulator)) == 30
+    before = len(emulator.requests)
+    second_config = make_config(batch_size=10, report_path=tmp_path / "second.jsonl")
+    with capture_logs() as logs:
+        second = await run(second_config, csv_source(rows_csv(pairs)))
+    assert second.exit_code == 0
+    assert sum(posts(emulator)) == 30  # not one more
+    assert [r.method for r in emulator.requests[before:]] == ["GET", "GET"]  # two reads
+    skipped = by_kind(read_report(second_config.report_path), "skipped")
+    assert sorted(e for s in skipped for e in s["emails"]) == sorted(PEOPLE)
+    assert {s["reason"] for s in skipped} == {"already_invited"}
+    assert second.summary["emails_skipped"] == 30
+    assert second.summary["skipped_by_reason"] == {"already_invited": 30}
+    assert second.summary["requests_by_kind"] == {"invite": 0, "list_invitations": 1,
+                                                  "read_dashboard": 1}  # fmt: skip
+    assert find_capture(logs, "batch.skipped")
+    third_config = make_config(batch_size=10, report_path=tmp_path / "third.jsonl")
+    third = await run(third_config, csv_source(rows_csv([*pairs, (TOKEN_A, "new@example.com")])))
+    assert third.exit_code == 0
+    assert posts(emulator)[-1] == 1
+    assert emulator.invited == Counter(
+        {(TOKEN_A, e.lower()): 1 for e in [*PEOPLE, "new@example.com"]}
+    )
+
+
+async def test_open_sessions_are_skipped_even_with_resend_after(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """--resend-after re-invites those whose invitation is older and who have no session;
+    --resend sends to everyone."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["old@example.com", "open@example.com",
+                                                      "recent@example.com"])  # fmt: skip
+    now = emulator._clock()
+    board.invitations += [("old@example.com", now - 3 * 86400), ("open@example.com", now - 86400),
+                          ("recent@example.com", now - 600)]  # fmt: skip
+    board.open_session("open@example.com", now - 86400)
+    pairs = [(TOKEN_A, e) for e in ("old@example.com", "open@example.com", "recent@example.com")]
+    after = await run(make_config(resend_after=2 * 86400), csv_source(rows_csv(pairs)))
+    assert after.summary["skipped_by_reason"] == {"active_session": 1, "already_invited": 1}
+    assert posts(emulator) == [1]
+    assert emulator.invited[(TOKEN_A, "old@example.com")] == 1
+    everyone = await run(make_config(resend=True, report_path=tmp_path / "all.jsonl"),
+                         csv_source(rows_csv(pairs)))  # fmt: skip
+    assert everyone.summary["emails_skipped"] == 0
+    assert posts(emulator) == [1, 3]
+
+
+async def test_addresses_the_dashboard_does_not_allow_are_refused_without_a_400(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Not an invitee (or one whose access expired) and not on the share list: failed
+    not_on_share_list before any POST, so the service answers no 400 at all."""
+    board = emulator.add_dashboard(TOKEN_A, share_list=["listed@example.com"],
+                                   invitees=["ok@example.com", "expired@example.com"])  # fmt: skip
+    assert board.invitees is not None
+    board.invitees["expired@example.com"].access_expiration = emulator._clock() - 60
+    emails = ["ok@example.com", "listed@example.com", "expired@example.com", "x@example.com"]
+    result = await run(make_config(), csv_source(rows_csv([(TOKEN_A, e) for e in emails])))
+    assert result.exit_code == 1
+    assert [r.status for r in emulator.requests if r.method == "POST"] == [201]
+    assert posts(emulator) == [2]
+    [refused] = [b for b in by_kind(read_report(make_config().report_path), "batch")
+                 if b["status"] == "failed"]  # fmt: skip
+    assert refused["emails"] == ["expired@example.com", "x@example.com"]
+    assert refused["error"]["code"] == "not_on_share_list"
+    assert refused["attempts"] == 0
+
+
+@pytest.mark.parametrize(
+    ("setup", "code"),
+    [("paused", "dashboard_paused"), ("open", "not_invite_only"), ("missing", "token_not_found")],
+)
+async def test_paused_open_and_missing_dashboards_are_refused_unsent(
+    emulator: Emulator, make_config: Callable[..., Config], setup: str, code: str
+) -> None:
+    """A paused dashboard, one shared openly, and a token with no dashboard: every row of
+    the token fails with a clear code, and nothing is POSTed for it."""
+    token = TOKEN_B if setup != "missing" else "gone-dashboard"
+    if setup == "paused":
+        emulator.add_dashboard(token, invitees=PEOPLE, status="paused")
+    elif setup == "open":
+        emulator.add_dashboard(token, invitees=PEOPLE, share_type="open")
+    emulator.add_dashboard(TOKEN_C, invitees=PEOPLE)
+    pairs = [(token, e) for e in PEOPLE[:12]] + [(TOKEN_C, PEOPLE[0])]
+    result = await run(make_config(batch_size=5), csv_source(rows_csv(pairs)))
+    assert result.exit_code == 1
+    assert [r.token for r in emulator.requests if r.method == "POST"] == [TOKEN_C]
+    failed = [b for b in by_kind(read_report(make_config().report_path), "batch")
+              if b["status"] == "failed"]  # fmt: skip
+    assert sorted(e for b in failed for e in b["emails"]) == sorted(PEOPLE[:12])
+    assert {b["error"]["code"] for b in failed} == {code}
+    reads = [r for r in emulator.requests if r.token == token]
+    assert len(reads) == 1  # one read for the token, however many batches
+
+
+async def test_report_summarize_counts_skipped_by_reason(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """report summarize shows skipped emails by reason next to sent and failed."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=PEOPLE[:3])
+    board.invitations.append((PEOPLE[0], emulator._clock() - 60))
+    config = make_config()
+    await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:3]])))
+    totals = Replay.read(config.report_path).summary()
+    assert (totals["sent"], totals["skipped"]) == (2, 1)
+    assert totals["skipped_by_reason"] == {"already_invited": 1}
+
+
+async def test_queue_mode_skips_and_refuses_by_the_same_rules(
+    emulator: Emulator, make_config: Callable[..., Config], redis_server: str, stream_name: str
+) -> None:
+    """A stream worker reads the dashboard too: the already invited are acknowledged as
+    skipped, the not allowed dead-lettered, the rest sent; nothing stays pending."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=PEOPLE[:4])
+    board.invitations.append((PEOPLE[0], emulator._clock() - 60))
+    client = Redis.from_url(redis_server, decode_responses=True)
+    try:
+        for email in [*PEOPLE[:4], "stranger@example.com"]:
+            await client.xadd(stream_name, {"token": TOKEN_A, "email": email})
+        options = StreamOptions(url=redis_server, stream=stream_name, linger=0.05,
+                                until_empty=True)  # fmt: skip
+        result = await run_stream(make_config(), options)
+        pending = await client.xpending(stream_name, "invite-worker")
+        dead: Any = await client.xrange(f"{stream_name}:dead")
+    finally:
+        await client.aclose()
+    assert result.summary["emails_skipped"] == 1
+    assert posts(emulator) == [3]
+    assert pending["pending"] == 0
+    assert [fields["error_code"] for _, fields in dead] == ["not_on_share_list"]
+
+
+def test_the_cron_job_run_twice_emails_nobody_twice(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """The scheduled job as the README shows it (--overwrite, the same list each day),
+    against a seeded emulator process: the second day sends nothing, exit 0."""
+    seed = tmp_path / "dashboards.json"
+    seed.write_text(json.dumps([{"token": TOKEN_A, "invitees": [{"email": e} for e in PEOPLE]}]))
+    url = start_emulator("--dashboards", str(seed), "--session-rate", "0.3")
+    source = tmp_path / "invites.csv"
+    source.write_text(rows_csv([(TOKEN_A, e) for e in PEOPLE]))
+    for _day in range(2):
+        spawn("run", str(source), "--report", str(tmp_path / "report.jsonl"), "--overwrite",
+              "--api-url", url).expect(0, timeout=60)  # fmt: skip
+    assert emulator_invited(url) == {(TOKEN_A, e): 1 for e in PEOPLE}
+    summary = read_report(tmp_path / "report.jsonl")[-1]
+    assert summary["emails_sent"] == 0
+    assert summary["emails_skipped"] == 30
+    assert set(summary["skipped_by_reason"]) <= {"already_invited", "active_session"}

@@ -1,0 +1,216 @@
+"""Before a token's first send: is the dashboard there, open to invitations, and who on the
+list is allowed, already invited, or already in a session?
+
+Each token's shared dashboard is read once (``GET .../public/{token}``) and its invitations
+listed once (all pages), through the same pacer as every other request. What that settles
+needs no POST at all:
+
+- the whole token is refused when there is no dashboard (``token_not_found``), it is not
+  invite-only (``not_invite_only``) or it is paused (``dashboard_paused``);
+- an address neither an invitee with unexpired access nor on the ``share_list`` is refused
+  (``not_on_share_list``) — where the service gives an allow-list at all;
+- an address with an open session is skipped (``active_session``), and one invited before
+  is skipped (``already_invited``): any invitation the service still lists, or with
+  ``--resend-after``, one created within that long. ``--resend`` skips nobody.
+
+A key without ``dashboards_read`` (a 403 on the read) is not an error: the run goes on
+without the check, saying so once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from worker.clock import Clock
+from worker.errors import AuthError, SendError, TokenNotFound
+from worker.outcome import Failure
+from worker.send.answers import SharedDashboard
+from worker.send.client import InvitationClient
+from worker.send.pacing import Pacer
+from worker.send.reconcile import Reconciler
+
+log = structlog.get_logger("worker.preflight")
+
+NOT_INVITE_ONLY = "not_invite_only"
+DASHBOARD_PAUSED = "dashboard_paused"
+NOT_ON_SHARE_LIST = "not_on_share_list"
+ACTIVE_SESSION = "active_session"
+ALREADY_INVITED = "already_invited"
+
+
+@dataclass(slots=True)
+class TokenCheck:
+    """What a token's dashboard and invitations say, as of ``checked`` (epoch)."""
+
+    checked: float
+    #: The whole token is refused with this failure; nothing below applies.
+    refused: Failure | None = None
+    #: Lower-cased addresses allowed now; None when the service gave no allow-list.
+    allowed: frozenset[str] | None = None
+    #: Lower-cased address -> why it is skipped.
+    served: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Screened:
+    """A list of emails sorted by what the check says of them."""
+
+    send: list[str] = field(default_factory=list)
+    refused: list[tuple[str, Failure]] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> emails
+
+
+class Preflight:
+    """Checks each token once (or again after ``ttl`` seconds, in queue mode)."""
+
+    def __init__(
+        self,
+        client: InvitationClient,
+        pacer: Pacer,
+        reconciler: Reconciler,
+        clock: Clock,
+        *,
+        resend: bool = False,
+        resend_after: float | None = None,
+        ttl: float | None = None,
+    ) -> None:
+        self._client, self._pacer, self._reconciler = client, pacer, reconciler
+        self._clock = clock
+        self._resend, self._resend_after, self._ttl = resend, resend_after, ttl
+        self._checks: dict[str, TokenCheck] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._readable = True  # False once the key proved unable to read dashboards
+        #: GET requests for dashboards (invitation listings are the reconciler's).
+        self.requests = 0
+
+    async def screen(self, token: str, emails: list[str]) -> Screened:
+        """Which of ``emails`` to send, which are refused, which skipped (by reason)."""
+        check = await self._check(token)
+        out = Screened()
+        if check.refused is not None:
+            out.refused = [(e, check.refused) for e in emails]
+            return out
+        for email in emails:
+            lower = email.lower()
+            if check.allowed is not None and lower not in check.allowed:
+                out.refused.append((email, _not_allowed(email)))
+            elif lower in check.served:
+                out.skipped.setdefault(check.served[lower], []).append(email)
+            else:
+                out.send.append(email)
+        return out
+
+    async def _check(self, token: str) -> TokenCheck:
+        lock = self._locks.setdefault(token, asyncio.Lock())
+        async with lock:
+            now = self._clock.time()
+            check = self._checks.get(token)
+            if check is None or (self._ttl is not None and now - check.checked > self._ttl):
+                check = self._checks[token] = await self._read(token, now)
+            return check
+
+    async def _read(self, token: str, now: float) -> TokenCheck:
+        check = TokenCheck(now)
+        if not self._readable:
+            return check
+        try:
+            board = await self._dashboard(token)
+        except TokenNotFound as exc:
+            check.refused = Failure(TokenNotFound.code, exc.message)
+            return check
+        except AuthError as exc:
+            self._unreadable(exc)
+            return check
+        if board.share_type is not None and board.share_type != "invite":
+            check.refused = Failure(NOT_INVITE_ONLY, f"the shared dashboard is shared as "
+                                    f"{board.share_type!r}; invitations are for invite-only "
+                                    "sharing (share_type 'invite')")  # fmt: skip
+        elif board.status == "paused":
+            check.refused = Failure(DASHBOARD_PAUSED, "the shared dashboard is paused; "
+                                    "resume sharing it, then run again")  # fmt: skip
+        if check.refused is not None:
+            return check
+        check.allowed = _allowed(board, now)
+        if not self._resend:
+            try:
+                listing = await self._reconciler.listing(token, now)
+            except AuthError as exc:
+                self._unreadable(exc)
+                return check
+            cutoff = now - self._resend_after if self._resend_after is not None else None
+            for email, ends in listing.sessions.items():
+                if ends > now:
+                    check.served[email] = ACTIVE_SESSION
+            for email, (created, _) in listing.newest.items():
+                if email not in check.served and (cutoff is None or created >= cutoff):
+                    check.served[email] = ALREADY_INVITED
+        log.info("preflight.checked", token=token, allowed=None if check.allowed is None
+                 else len(check.allowed), served=len(check.served))  # fmt: skip
+        return check
+
+    async def _dashboard(self, token: str) -> SharedDashboard:
+        """One paced, retried read of the dashboard (errors other than 403/404 retried)."""
+        attempt = 0
+        while True:
+            async with self._pacer.slot() as slot:
+                assert slot is not None  # no stop event: a slot always comes
+                self.requests += 1
+                try:
+                    answer = await self._client.get_dashboard(token)
+                except SendError as exc:
+                    slot.observe(exc.ratelimit, limited=exc.http_status == 429)
+                    error: SendError = exc
+                else:
+                    slot.observe(answer.ratelimit)
+                    return answer.dashboard
+            if isinstance(error, (TokenNotFound, AuthError)) or error.http_status == 429:
+                if error.http_status != 429:
+                    raise error
+                continue
+            attempt += 1
+            if not self._reconciler.retry.retries(error, attempt):
+                raise error
+            await self._clock.sleep(self._reconciler.retry.delay(attempt, self._reconciler.rng))
+
+    def _unreadable(self, error: AuthError) -> None:
+        if self._readable:
+            self._readable = False
+            log.warning("preflight.unavailable", error=error.message,
+                        consequence="sending without checking who is allowed or already "
+                        "invited: give the application key dashboards_read")  # fmt: skip
+
+
+def _allowed(board: SharedDashboard, now: float) -> frozenset[str] | None:
+    """Addresses allowed now: invitees whose access has not expired, and the share list."""
+    if board.invitees is None and board.share_list is None:
+        return None
+    allowed = set(board.share_list or ())
+    for email, expiry in (board.invitees or {}).items():
+        if expiry is None or _after(expiry, now):
+            allowed.add(email)
+    return frozenset(allowed)
+
+
+def _after(value: str, now: float) -> bool:
+    try:
+        return datetime.fromisoformat(value).timestamp() > now
+    except ValueError:
+        return True  # an expiry we cannot read: let the service decide
+
+
+NOT_ALLOWED = "neither an invitee with unexpired access nor on the dashboard's share list"
+
+
+def _not_allowed(email: str) -> Failure:
+    return Failure(NOT_ON_SHARE_LIST, f"{email} is {NOT_ALLOWED}; add it to the invitees")
+
+
+def refusal_message(failure: Failure) -> str:
+    """The message for several emails refused alike (one record for them all)."""
+    if failure.code == NOT_ON_SHARE_LIST:
+        return f"each address is {NOT_ALLOWED}; add them to the invitees"
+    return failure.message
