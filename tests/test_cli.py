@@ -44,7 +44,8 @@ def emulator_process(start_emulator: Callable[..., str]) -> str:
 
 
 def test_sandbox_runs_the_csv_sample(tmp_path: Path) -> None:
-    """The README's first command: the sample through --sandbox, exit 1 for its bad rows."""
+    """The README's first command: the sample through --sandbox, exit 1 for its bad rows;
+    the sandbox's dashboards make it show every outcome: sent, skipped, refused."""
     report = tmp_path / "r.jsonl"
     done = invite_worker("run", str(SAMPLES / "invites.csv"), "--sandbox", "--report", str(report))
     assert done.returncode == 1, done.stderr.decode()
@@ -55,7 +56,10 @@ def test_sandbox_runs_the_csv_sample(tmp_path: Path) -> None:
         10: "invalid_token",
     }
     summary = records[-1]
-    assert (summary["emails_sent"], summary["emails_failed"]) == (5, 2)
+    assert (summary["emails_sent"], summary["emails_failed"]) == (3, 2)
+    assert summary["skipped_by_reason"] == {"active_session": 1, "already_invited": 1}
+    failed = {b["error"]["code"] for b in by_kind(records, "batch") if b["status"] == "failed"}
+    assert failed == {"not_on_share_list", "token_not_found"}
     for line in done.stderr.decode().splitlines():  # not a terminal: JSON lines
         event = msgspec.json.decode(line)
         assert "event" in event

@@ -92,10 +92,13 @@ async def run_command(args: argparse.Namespace) -> int:
     if args.sandbox:
         if args.api_url:
             raise UsageError("--sandbox runs against the built-in emulator; drop --api-url")
-        from worker.emulator import Emulator  # the server side loads only when needed
+        # The server side loads only when needed.
+        from worker.emulator import Emulator
+        from worker.emulator.dashboards import SANDBOX, dashboards_from
 
         logs.configure(args.log_format)
         async with Emulator() as emulator:
+            emulator.seed(dashboards_from(SANDBOX, time.time()))
             config = config_from(args, emulator.url, SANDBOX_KEY, SANDBOX_KEY)
             structlog.get_logger("worker.cli").info("sandbox.started", url=emulator.url)
             code = await _execute(args, config)

@@ -172,6 +172,27 @@ def _invitees(value: Any, now: float) -> dict[str, Invitee] | None:
     return out
 
 
+#: What ``--sandbox`` serves for the sample input's tokens, so a first run shows every
+#: outcome: sent, skipped (invited before, in a session), refused, and a missing token.
+SANDBOX: list[dict[str, Any]] = [
+    {
+        "token": "fasjyydbcgwwc2uc-3dde636009128a6f937e880f67a0ad04",
+        "title": "Checkout latency",
+        "invitees": [
+            {"email": f"{name}@example.com"}
+            for name in ("ada", "grace", "linus", "margaret", "alan")
+        ],
+        "sessions": ["linus@example.com"],
+    },
+    {
+        "token": "k9x2mmq7rt5vbc1a-77c1e0f4a2b94e6d8f0a1b2c3d4e5f60",
+        "title": "Payments SLOs",
+        "invitees": [{"email": "ken@example.com"}, {"email": "barbara@example.com"}],
+        "invited": ["ken@example.com"],
+    },
+]
+
+
 def load_dashboards(path: Path, now: float) -> list[Dashboard]:
     """Dashboards from a JSON file: a list of objects shaped like the API's, plus
     ``sessions`` (addresses with an open session) and ``invited`` (addresses already
@@ -180,8 +201,13 @@ def load_dashboards(path: Path, now: float) -> list[Dashboard]:
         items = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read the dashboards file {str(path)!r}: {exc}") from None
+    return dashboards_from(items, now, str(path))
+
+
+def dashboards_from(items: Any, now: float, where: str = "the dashboards") -> list[Dashboard]:
+    """Dashboards from parsed JSON (see :func:`load_dashboards`)."""
     if not isinstance(items, list):
-        raise UsageError(f"{str(path)!r} must hold a JSON list of dashboards")
+        raise UsageError(f"{where!r} must hold a JSON list of dashboards")
     boards = []
     for number, item in enumerate(items, 1):
         try:
@@ -195,6 +221,6 @@ def load_dashboards(path: Path, now: float) -> list[Dashboard]:
                 board.invitations.append((email, now - 86400))
                 board.open_session(email, now - 86400)
         except (ValueError, UsageError) as exc:
-            raise UsageError(f"{str(path)!r}, dashboard {number}: {exc}") from None
+            raise UsageError(f"{where!r}, dashboard {number}: {exc}") from None
         boards.append(board)
     return boards
