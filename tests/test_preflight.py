@@ -27,6 +27,7 @@ from tests.conftest import (
 )
 from worker.config import Config
 from worker.emulator import Emulator
+from worker.emulator.dashboards import Dashboard, Invitee
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.record.replay import Replay
@@ -63,7 +64,7 @@ async def test_the_same_list_twice_sends_nothing_the_second_time(
     assert second.summary["emails_skipped"] == 30
     assert second.summary["skipped_by_reason"] == {"already_invited": 30}
     assert second.summary["requests_by_kind"] == {"invite": 0, "list_invitations": 1,
-                                                  "read_dashboard": 1}  # fmt: skip
+                                                  "dashboard": 1}  # fmt: skip
     assert find_capture(logs, "batch.skipped")
     third_config = make_config(batch_size=10, report_path=tmp_path / "third.jsonl")
     third = await run(third_config, csv_source(rows_csv([*pairs, (TOKEN_A, "new@example.com")])))
@@ -199,3 +200,72 @@ def test_the_cron_job_run_twice_emails_nobody_twice(
     assert summary["emails_sent"] == 0
     assert summary["emails_skipped"] == 30
     assert set(summary["skipped_by_reason"]) <= {"already_invited", "active_session"}
+
+
+async def test_add_invitees_adds_only_what_is_missing_and_keeps_everything_else(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """--add-invitees: the missing addresses are added (read, merge, write, read back),
+    existing invitees and the share list are untouched, then everyone is invited."""
+    board = emulator.add_dashboard(TOKEN_A, share_list=["s@example.com"],
+                                   invitees=["a@example.com", "b@example.com"])  # fmt: skip
+    assert board.invitees is not None
+    later = float(int(emulator._clock()) + 86400)  # whole seconds survive ISO 8601
+    board.invitees["b@example.com"].access_expiration = later
+    emails = ["a@example.com", "new1@example.com", "New2@example.com"]
+    result = await run(make_config(add_invitees=True),
+                       csv_source(rows_csv([(TOKEN_A, e) for e in emails])))  # fmt: skip
+    assert result.exit_code == 0
+    assert result.summary["invitees_added"] == 2
+    assert set(board.invitees) == {"a@example.com", "b@example.com", "new1@example.com",
+                                   "new2@example.com"}  # fmt: skip
+    assert board.invitees["b@example.com"].access_expiration == later
+    assert board.share_list == {"s@example.com"}
+    assert emulator.invited == Counter({(TOKEN_A, e.lower()): 1 for e in emails})
+    assert [r.method for r in emulator.requests].count("PUT") == 1
+
+
+async def test_add_invitees_keeps_an_edit_made_between_its_read_and_its_write(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Someone adds an invitee between the worker's reads: the worker reads again before it
+    writes, so that person's change survives alongside the worker's."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+
+    def someone_else(dashboard: Dashboard) -> None:
+        assert dashboard.invitees is not None
+        dashboard.invitees["colleague@example.com"] = Invitee("colleague@example.com")
+
+    # Reads: the preflight's, then the update's first and second (edited before it).
+    emulator.before_read[TOKEN_A] = [None, None, someone_else]
+    result = await run(make_config(add_invitees=True),
+                       csv_source(rows_csv([(TOKEN_A, "new@example.com")])))  # fmt: skip
+    assert result.exit_code == 0
+    assert board.invitees is not None
+    assert set(board.invitees) == {"a@example.com", "colleague@example.com", "new@example.com"}
+    assert emulator.invited == Counter({(TOKEN_A, "new@example.com"): 1})
+
+
+async def test_add_invitees_fails_its_rows_loudly_when_the_change_does_not_hold(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The read-back does not show the address written (someone removed it at once): those
+    rows fail invitee_update_failed, nothing is sent to them, the others are invited."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+
+    def removed(dashboard: Dashboard) -> None:
+        assert dashboard.invitees is not None
+        dashboard.invitees.pop("new@example.com", None)
+
+    emulator.before_read[TOKEN_A] = [None, None, None, removed]
+    pairs = [(TOKEN_A, "a@example.com"), (TOKEN_A, "new@example.com")]
+    with capture_logs() as logs:
+        result = await run(make_config(add_invitees=True), csv_source(rows_csv(pairs)))
+    assert result.exit_code == 1
+    assert board.invitees is not None
+    assert find_capture(logs, "invitees.update_failed")
+    [failed] = [b for b in by_kind(read_report(make_config().report_path), "batch")
+                if b["status"] == "failed"]  # fmt: skip
+    assert (failed["emails"], failed["error"]["code"]) == (["new@example.com"],
+                                                          "invitee_update_failed")  # fmt: skip
+    assert emulator.invited == Counter({(TOKEN_A, "a@example.com"): 1})

@@ -103,6 +103,8 @@ class Config:
     #: Send again to those whose last invitation is older than this (and no session);
     #: None: skip anyone the service still lists as invited.
     resend_after: float | None = None
+    #: Add addresses the dashboard does not allow to its invitees first (never the default).
+    add_invitees: bool = False
     #: How long a token's dashboard check stays good (queue mode); None: the whole run.
     preflight_ttl: float | None = None
     #: Continue the run recorded in ``report_path``: skip what is settled, check unknowns.

@@ -38,6 +38,7 @@ def config_from(args: argparse.Namespace, api_url: str, api_key: str, app_key: s
         max_wait=args.max_wait,
         resend=args.resend,
         resend_after=args.resend_after,
+        add_invitees=args.add_invitees,
         resume=args.resume,
         grace=args.grace,
         reconcile_delay=args.reconcile_delay,

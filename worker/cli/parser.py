@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         "who have no open session",
     )
     r.add_argument(
+        "--add-invitees",
+        action="store_true",
+        help="add addresses the dashboard does not allow to its invitees first (read, merge, "
+        "write, read back; nothing existing is removed or changed), then invite them",
+    )
+    r.add_argument(
         "--resume",
         action="store_true",
         help="continue the run recorded in --report: skip what was sent, check unknown "

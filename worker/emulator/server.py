@@ -72,6 +72,9 @@ class Emulator:
         self._clock = clock
         self._runner: web.AppRunner | None = None
         self.url = ""
+        #: Per token, what happens to the dashboard before each of its next GETs (None:
+        #: nothing): another person's edit, for tests of concurrent changes.
+        self.before_read: dict[str, list[Callable[[Dashboard], None] | None]] = {}
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -293,6 +296,11 @@ class Emulator:
         board = self._board(request.match_info["token"])
         if board is None:
             return log(no_dashboard(headers))
+        edits = self.before_read.get(board.token)
+        if edits:
+            edit = edits.pop(0)
+            if edit is not None:
+                edit(board)
         return log(json_response(200, board.as_json(), headers))
 
     async def _update(self, request: web.Request) -> web.StreamResponse:

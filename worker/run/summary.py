@@ -86,6 +86,7 @@ def build_summary(
         "emails_sent": report.emails["sent"],
         "emails_failed": report.emails["failed"],
         "emails_skipped": report.emails["skipped"],
+        "invitees_added": sender.preflight.invitees_added,
         "skipped_by_reason": dict(sorted(report.skipped_by_reason.items())),
         "batches_sent": report.batches["sent"],
         "batches_failed": report.batches["failed"],
@@ -100,7 +101,7 @@ def build_summary(
         "requests_by_kind": {
             "invite": sender.stats.requests,
             "list_invitations": sender.reconciler.requests,
-            "read_dashboard": sender.preflight.requests,
+            "dashboard": sender.preflight.requests,
         },
         "unsent": unsent,
         "aborted": sender.aborted,

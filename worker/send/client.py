@@ -75,10 +75,11 @@ class Listing:
 
 @dataclass(frozen=True, slots=True)
 class Dashboard:
-    """The shared dashboard a token names."""
+    """The shared dashboard a token names: what the worker reads of it, and the whole object."""
 
     dashboard: SharedDashboard
     ratelimit: RateLimitInfo
+    raw: dict[str, Any]
 
 
 class InvitationClient:
@@ -185,12 +186,21 @@ class InvitationClient:
 
     async def get_dashboard(self, token: str) -> Dashboard:
         """The shared dashboard of ``token`` (``TokenNotFound`` when there is none)."""
+        return await self._dashboard("GET", token, None)
+
+    async def put_dashboard(self, token: str, body: dict[str, Any]) -> Dashboard:
+        """Replace the writable fields of ``token``'s shared dashboard; the object after."""
+        return await self._dashboard("PUT", token, msgspec.json.encode(body))
+
+    async def _dashboard(self, method: str, token: str, body: bytes | None) -> Dashboard:
         url = self.invitation_url(token).removesuffix("/invitation")
-        status, headers, raw = await self._request("GET", url, None)
+        status, headers, raw = await self._request(method, url, body)
         ratelimit = self._ratelimit(headers)
         if status != 200:
             raise self._error(status, raw, ratelimit)
-        return Dashboard(shared_dashboard(json_or_none(raw)), ratelimit)
+        doc = json_or_none(raw)
+        doc = doc if isinstance(doc, dict) else {}
+        return Dashboard(shared_dashboard(doc), ratelimit, doc)
 
     async def _request(
         self, method: str, url: str | URL, body: bytes | None

@@ -20,16 +20,19 @@ without the check, saying so once.
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import structlog
 
 from worker.clock import Clock
-from worker.errors import AuthError, SendError, TokenNotFound
+from worker.errors import AuthError, PermanentError, RateLimited, SendError, TokenNotFound
 from worker.outcome import Failure
 from worker.send.answers import SharedDashboard
-from worker.send.client import InvitationClient
+from worker.send.client import Dashboard, InvitationClient
 from worker.send.pacing import Pacer
 from worker.send.reconcile import Reconciler
 
@@ -40,6 +43,7 @@ DASHBOARD_PAUSED = "dashboard_paused"
 NOT_ON_SHARE_LIST = "not_on_share_list"
 ACTIVE_SESSION = "active_session"
 ALREADY_INVITED = "already_invited"
+INVITEE_UPDATE_FAILED = "invitee_update_failed"
 
 
 @dataclass(slots=True)
@@ -77,15 +81,20 @@ class Preflight:
         resend: bool = False,
         resend_after: float | None = None,
         ttl: float | None = None,
+        add_invitees: bool = False,
     ) -> None:
         self._client, self._pacer, self._reconciler = client, pacer, reconciler
         self._clock = clock
         self._resend, self._resend_after, self._ttl = resend, resend_after, ttl
+        self._add_invitees = add_invitees
         self._checks: dict[str, TokenCheck] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._readable = True  # False once the key proved unable to read dashboards
-        #: GET requests for dashboards (invitation listings are the reconciler's).
+        #: Requests for dashboards, reads and writes (invitation listings are the
+        #: reconciler's).
         self.requests = 0
+        #: Addresses added to dashboards' invitees (``--add-invitees``).
+        self.invitees_added = 0
 
     async def screen(self, token: str, emails: list[str]) -> Screened:
         """Which of ``emails`` to send, which are refused, which skipped (by reason)."""
@@ -94,11 +103,23 @@ class Preflight:
         if check.refused is not None:
             out.refused = [(e, check.refused) for e in emails]
             return out
+        outside = [e for e in emails if check.allowed is not None
+                   and e.lower() not in check.allowed]  # fmt: skip
+        if outside and self._add_invitees:
+            if await self.add(token, outside):
+                outside = []
+            else:
+                why = "could not add the address to the dashboard's invitees safely"
+                failure = Failure(INVITEE_UPDATE_FAILED, f"{why} (see invitees.update_failed)")
+                out.refused = [(e, failure) for e in outside]
+        elif outside:
+            out.refused = [(e, _not_allowed(e)) for e in outside]
+        refused = {e.lower() for e in outside}
         for email in emails:
             lower = email.lower()
-            if check.allowed is not None and lower not in check.allowed:
-                out.refused.append((email, _not_allowed(email)))
-            elif lower in check.served:
+            if lower in refused:
+                continue
+            if lower in check.served:
                 out.skipped.setdefault(check.served[lower], []).append(email)
             else:
                 out.send.append(email)
@@ -153,28 +174,77 @@ class Preflight:
         return check
 
     async def _dashboard(self, token: str) -> SharedDashboard:
-        """One paced, retried read of the dashboard (errors other than 403/404 retried)."""
+        return (await self._paced(functools.partial(self._client.get_dashboard, token))).dashboard
+
+    async def _paced(self, call: Callable[[], Awaitable[Dashboard]]) -> Dashboard:
+        """One paced read or write of a dashboard, retried by the run's policy (a 403 or 404
+        is not retried; a 429 waits for the pacer)."""
         attempt = 0
         while True:
             async with self._pacer.slot() as slot:
                 assert slot is not None  # no stop event: a slot always comes
                 self.requests += 1
                 try:
-                    answer = await self._client.get_dashboard(token)
+                    answer = await call()
                 except SendError as exc:
-                    slot.observe(exc.ratelimit, limited=exc.http_status == 429)
+                    slot.observe(exc.ratelimit, limited=isinstance(exc, RateLimited))
                     error: SendError = exc
                 else:
                     slot.observe(answer.ratelimit)
-                    return answer.dashboard
-            if isinstance(error, (TokenNotFound, AuthError)) or error.http_status == 429:
-                if error.http_status != 429:
-                    raise error
+                    return answer
+            if isinstance(error, RateLimited):
                 continue
             attempt += 1
-            if not self._reconciler.retry.retries(error, attempt):
+            if isinstance(error, PermanentError) or not self._reconciler.retry.retries(
+                error, attempt
+            ):
                 raise error
             await self._clock.sleep(self._reconciler.retry.delay(attempt, self._reconciler.rng))
+
+    async def add(self, token: str, emails: list[str]) -> bool:
+        """``--add-invitees``: add ``emails`` to the dashboard's invitees; True when done.
+
+        Read, merge, write, read back: the dashboard is read twice before the write, and
+        the write goes only if nobody changed it in between (else it starts again, up to
+        three times), so another edit is not overwritten; the read-back must show every
+        earlier invitee unchanged and every new one present. Nothing is ever removed or
+        changed, only added.
+        """
+        async with self._locks.setdefault(token, asyncio.Lock()):
+            for _ in range(3):
+                first = (
+                    await self._paced(functools.partial(self._client.get_dashboard, token))
+                ).raw
+                before = (
+                    await self._paced(functools.partial(self._client.get_dashboard, token))
+                ).raw
+                if writable(first) != writable(before):
+                    log.warning("invitees.concurrent_edit", token=token, action="reading again")
+                    continue
+                body = writable(before)
+                kept = _invitee_list(before)
+                present = {i["email"].lower() for i in kept}
+                new = [e for e in dict.fromkeys(emails) if e.lower() not in present]
+                body["invitees"] = [*kept, *({"email": e, "access_expiration": None} for e in new)]
+                await self._paced(functools.partial(self._client.put_dashboard, token, body))
+                after = (
+                    await self._paced(functools.partial(self._client.get_dashboard, token))
+                ).raw
+                now_listed = {i["email"].lower(): i for i in _invitee_list(after)}
+                intact = all(now_listed.get(i["email"].lower()) == i for i in kept)
+                if intact and all(e.lower() in now_listed for e in new):
+                    self.invitees_added += len(new)
+                    check = self._checks.get(token)
+                    if check is not None and check.allowed is not None:
+                        check.allowed = check.allowed | {e.lower() for e in new}
+                    log.info("invitees.added", token=token, added=len(new))
+                    return True
+                log.error("invitees.update_failed", token=token, intact=intact,
+                          reason="the read-back does not show the change as written")  # fmt: skip
+                return False
+            log.error("invitees.update_failed", token=token,
+                      reason="the dashboard kept changing while being read")  # fmt: skip
+            return False
 
     def _unreadable(self, error: AuthError) -> None:
         if self._readable:
@@ -214,3 +284,27 @@ def refusal_message(failure: Failure) -> str:
     if failure.code == NOT_ON_SHARE_LIST:
         return f"each address is {NOT_ALLOWED}; add them to the invitees"
     return failure.message
+
+
+#: The fields of a shared dashboard a PUT carries back: every writable one, as read.
+WRITABLE = ("global_time", "global_time_selectable_enabled", "selectable_template_vars",
+            "share_type", "status", "expiration", "embeddable_domains", "title",
+            "viewing_preferences", "share_list", "invitees")  # fmt: skip
+
+
+def writable(doc: dict[str, Any]) -> dict[str, Any]:
+    """The writable fields of a dashboard object exactly as read (invitees: email and
+    access expiration, the fields an update takes)."""
+    body = {k: doc[k] for k in WRITABLE if k in doc}
+    if "invitees" in body:
+        body["invitees"] = _invitee_list(doc)
+    return body
+
+
+def _invitee_list(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    items = doc.get("invitees")
+    return [
+        {"email": i["email"], "access_expiration": i.get("access_expiration")}
+        for i in (items if isinstance(items, list) else [])
+        if isinstance(i, dict) and isinstance(i.get("email"), str)
+    ]

@@ -91,6 +91,7 @@ class Sender:
         self.preflight = Preflight(
             client, pacer, self.reconciler, clock, resend=config.resend,
             resend_after=config.resend_after, ttl=config.preflight_ttl,
+            add_invitees=config.add_invitees,
         )  # fmt: skip
         #: The longest list the service takes, as far as its answers have shown.
         self.cap = ListCap(config.batch_size)
