@@ -24,7 +24,6 @@ import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import structlog
 
@@ -33,6 +32,7 @@ from worker.errors import AuthError, PermanentError, RateLimited, SendError, Tok
 from worker.outcome import Failure
 from worker.send.answers import SharedDashboard
 from worker.send.client import Dashboard, InvitationClient
+from worker.send.invitees import add_invitees
 from worker.send.pacing import Pacer
 from worker.send.reconcile import Reconciler
 
@@ -176,6 +176,18 @@ class Preflight:
     async def _dashboard(self, token: str) -> SharedDashboard:
         return (await self._paced(functools.partial(self._client.get_dashboard, token))).dashboard
 
+    async def add(self, token: str, emails: list[str]) -> bool:
+        """``--add-invitees``: add ``emails`` to the dashboard's invitees (see ``invitees``)."""
+        async with self._locks.setdefault(token, asyncio.Lock()):
+            added = await add_invitees(self._paced, self._client, token, emails)
+        if added is None:
+            return False
+        self.invitees_added += added
+        check = self._checks.get(token)
+        if check is not None and check.allowed is not None:
+            check.allowed = check.allowed | {e.lower() for e in emails}
+        return True
+
     async def _paced(self, call: Callable[[], Awaitable[Dashboard]]) -> Dashboard:
         """One paced read or write of a dashboard, retried by the run's policy (a 403 or 404
         is not retried; a 429 waits for the pacer)."""
@@ -200,51 +212,6 @@ class Preflight:
             ):
                 raise error
             await self._clock.sleep(self._reconciler.retry.delay(attempt, self._reconciler.rng))
-
-    async def add(self, token: str, emails: list[str]) -> bool:
-        """``--add-invitees``: add ``emails`` to the dashboard's invitees; True when done.
-
-        Read, merge, write, read back: the dashboard is read twice before the write, and
-        the write goes only if nobody changed it in between (else it starts again, up to
-        three times), so another edit is not overwritten; the read-back must show every
-        earlier invitee unchanged and every new one present. Nothing is ever removed or
-        changed, only added.
-        """
-        async with self._locks.setdefault(token, asyncio.Lock()):
-            for _ in range(3):
-                first = (
-                    await self._paced(functools.partial(self._client.get_dashboard, token))
-                ).raw
-                before = (
-                    await self._paced(functools.partial(self._client.get_dashboard, token))
-                ).raw
-                if writable(first) != writable(before):
-                    log.warning("invitees.concurrent_edit", token=token, action="reading again")
-                    continue
-                body = writable(before)
-                kept = _invitee_list(before)
-                present = {i["email"].lower() for i in kept}
-                new = [e for e in dict.fromkeys(emails) if e.lower() not in present]
-                body["invitees"] = [*kept, *({"email": e, "access_expiration": None} for e in new)]
-                await self._paced(functools.partial(self._client.put_dashboard, token, body))
-                after = (
-                    await self._paced(functools.partial(self._client.get_dashboard, token))
-                ).raw
-                now_listed = {i["email"].lower(): i for i in _invitee_list(after)}
-                intact = all(now_listed.get(i["email"].lower()) == i for i in kept)
-                if intact and all(e.lower() in now_listed for e in new):
-                    self.invitees_added += len(new)
-                    check = self._checks.get(token)
-                    if check is not None and check.allowed is not None:
-                        check.allowed = check.allowed | {e.lower() for e in new}
-                    log.info("invitees.added", token=token, added=len(new))
-                    return True
-                log.error("invitees.update_failed", token=token, intact=intact,
-                          reason="the read-back does not show the change as written")  # fmt: skip
-                return False
-            log.error("invitees.update_failed", token=token,
-                      reason="the dashboard kept changing while being read")  # fmt: skip
-            return False
 
     def _unreadable(self, error: AuthError) -> None:
         if self._readable:
@@ -284,27 +251,3 @@ def refusal_message(failure: Failure) -> str:
     if failure.code == NOT_ON_SHARE_LIST:
         return f"each address is {NOT_ALLOWED}; add them to the invitees"
     return failure.message
-
-
-#: The fields of a shared dashboard a PUT carries back: every writable one, as read.
-WRITABLE = ("global_time", "global_time_selectable_enabled", "selectable_template_vars",
-            "share_type", "status", "expiration", "embeddable_domains", "title",
-            "viewing_preferences", "share_list", "invitees")  # fmt: skip
-
-
-def writable(doc: dict[str, Any]) -> dict[str, Any]:
-    """The writable fields of a dashboard object exactly as read (invitees: email and
-    access expiration, the fields an update takes)."""
-    body = {k: doc[k] for k in WRITABLE if k in doc}
-    if "invitees" in body:
-        body["invitees"] = _invitee_list(doc)
-    return body
-
-
-def _invitee_list(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    items = doc.get("invitees")
-    return [
-        {"email": i["email"], "access_expiration": i.get("access_expiration")}
-        for i in (items if isinstance(items, list) else [])
-        if isinstance(i, dict) and isinstance(i.get("email"), str)
-    ]

@@ -1,0 +1,77 @@
+"""``--add-invitees``: adding addresses to a shared dashboard's invitees, and nothing else.
+
+The API has no version field or ETag, so a write replaces the writable fields with what
+the writer read. To keep another person's edit: read twice, write only if nobody changed
+the dashboard in between (else read again, up to three times), then read back — every
+earlier invitee unchanged and every new one present. Nothing is ever removed or changed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from worker.send.client import Dashboard, InvitationClient
+
+log = structlog.get_logger("worker.invitees")
+
+Paced = Callable[[Callable[[], Awaitable[Dashboard]]], Awaitable[Dashboard]]
+
+
+async def add_invitees(
+    paced: Paced, client: InvitationClient, token: str, emails: list[str]
+) -> int | None:
+    """Add ``emails`` to ``token``'s invitees; how many were new, or None if it failed.
+
+    ``paced`` runs one request through the run's pacer and retry policy.
+    """
+    read = functools.partial(client.get_dashboard, token)
+    for _ in range(3):
+        first, before = (await paced(read)).raw, (await paced(read)).raw
+        if writable(first) != writable(before):
+            log.warning("invitees.concurrent_edit", token=token, action="reading again")
+            continue
+        body = writable(before)
+        kept = invitee_list(before)
+        present = {i["email"].lower() for i in kept}
+        new = [e for e in dict.fromkeys(emails) if e.lower() not in present]
+        body["invitees"] = [*kept, *({"email": e, "access_expiration": None} for e in new)]
+        await paced(functools.partial(client.put_dashboard, token, body))
+        after = {i["email"].lower(): i for i in invitee_list((await paced(read)).raw)}
+        intact = all(after.get(i["email"].lower()) == i for i in kept)
+        if intact and all(e.lower() in after for e in new):
+            log.info("invitees.added", token=token, added=len(new))
+            return len(new)
+        log.error("invitees.update_failed", token=token, intact=intact,
+                  reason="the read-back does not show the change as written")  # fmt: skip
+        return None
+    log.error("invitees.update_failed", token=token,
+              reason="the dashboard kept changing while being read")  # fmt: skip
+    return None
+
+
+#: The fields of a shared dashboard a PUT carries back: every writable one, as read.
+WRITABLE = ("global_time", "global_time_selectable_enabled", "selectable_template_vars",
+            "share_type", "status", "expiration", "embeddable_domains", "title",
+            "viewing_preferences", "share_list", "invitees")  # fmt: skip
+
+
+def writable(doc: dict[str, Any]) -> dict[str, Any]:
+    """The writable fields of a dashboard object exactly as read (invitees: email and
+    access expiration, the fields an update takes)."""
+    body = {k: doc[k] for k in WRITABLE if k in doc}
+    if "invitees" in body:
+        body["invitees"] = invitee_list(doc)
+    return body
+
+
+def invitee_list(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    items = doc.get("invitees")
+    return [
+        {"email": i["email"], "access_expiration": i.get("access_expiration")}
+        for i in (items if isinstance(items, list) else [])
+        if isinstance(i, dict) and isinstance(i.get("email"), str)
+    ]
