@@ -3,7 +3,9 @@ invited or in a session skipped, addresses the dashboard does not allow refused 
 
 from __future__ import annotations
 
+import io
 import json
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ from tests.conftest import (
     read_report,
     rows_csv,
 )
+from worker.cli.review import write_failed
 from worker.config import Config
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard, Invitee
@@ -269,3 +272,60 @@ async def test_add_invitees_fails_its_rows_loudly_when_the_change_does_not_hold(
     assert (failed["emails"], failed["error"]["code"]) == (["new@example.com"],
                                                           "invitee_update_failed")  # fmt: skip
     assert emulator.invited == Counter({(TOKEN_A, "a@example.com"): 1})
+
+
+def test_dry_run_preflight_only_reads_and_says_what_would_happen(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """--dry-run --preflight: GETs only (no POST, PUT or DELETE); the plan says per token
+    how many would be sent, skipped by reason and refused by code."""
+    seed = tmp_path / "dashboards.json"
+    seed.write_text(json.dumps([
+        {"token": TOKEN_A, "invitees": [{"email": e} for e in PEOPLE[:5]],
+         "invited": PEOPLE[:1], "sessions": PEOPLE[1:2]},
+        {"token": TOKEN_B, "status": "paused", "invitees": [{"email": PEOPLE[0]}]},
+    ]))  # fmt: skip
+    url = start_emulator("--dashboards", str(seed))
+    source = tmp_path / "in.csv"
+    source.write_text(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]] + [(TOKEN_B, PEOPLE[0])]))
+    plan = spawn("run", str(source), "--dry-run", "--preflight", "--api-url", url,
+                 "--report", str(tmp_path / "plan.jsonl"), "--log-format", "json")  # fmt: skip
+    plan.expect(0, timeout=60)
+    with urllib.request.urlopen(f"{url}/_emulator/stats", timeout=10) as resp:  # noqa: S310
+        stats = json.loads(resp.read())
+    assert stats["posts"] == 0
+    assert set(stats["by_status"]) == {"200"}
+    summary = read_report(tmp_path / "plan.jsonl")[-1]
+    assert summary["preflight"] == {
+        TOKEN_A: {"refuse: not_on_share_list": 1, "send": 3, "skip: active_session": 1,
+                  "skip: already_invited": 1},
+        TOKEN_B: {"refuse: dashboard_paused": 1, "send": 0},
+    }  # fmt: skip
+    assert summary["requests"] == 1
+
+
+def test_preflight_without_dry_run_is_a_usage_error(
+    spawn: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """--preflight plans; on its own it is refused (exit 2) before anything is read."""
+    source = tmp_path / "in.csv"
+    source.write_text(rows_csv([(TOKEN_A, PEOPLE[0])]))
+    run_ = spawn("run", str(source), "--preflight", "--api-url", "http://127.0.0.1:9")
+    run_.expect(2, timeout=30)
+    assert "--preflight goes with --dry-run" in run_.stderr()
+
+
+def test_report_failed_leaves_out_refusals_unless_asked(tmp_path: Path) -> None:
+    """A re-run cannot fix a refusal (not on the share list): report failed lists only what
+    failed for a passing cause, unless --include-refused."""
+    report = tmp_path / "r.jsonl"
+    report.write_text(
+        '{"kind":"batch","token":"t","emails":["a@x.io"],"status":"failed",'
+        '"error":{"code":"not_on_share_list","message":"no"}}\n'
+        '{"kind":"batch","token":"t","emails":["b@x.io"],"status":"failed",'
+        '"error":{"code":"server_error","message":"503"}}\n'
+    )
+    for include, expected in ((False, ["t,b@x.io"]), (True, ["t,a@x.io", "t,b@x.io"])):
+        out = io.StringIO()
+        write_failed(report, out, include_refused=include)
+        assert out.getvalue().splitlines() == ["token,email", *expected]

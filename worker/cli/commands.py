@@ -109,7 +109,9 @@ async def run_command(args: argparse.Namespace) -> int:
     app_key = read_key("application key", args.app_key_file, "DD_APP_KEY_FILE", "DD_APP_KEY")
     logs.configure(args.log_format, secrets=(api_key, app_key))
     api_url = args.api_url or api_url_for_site(args.site)
-    if args.dry_run:  # no request is made, so no key is needed
+    if args.preflight and not args.dry_run:
+        raise UsageError("--preflight goes with --dry-run: it plans with the dashboards' reads")
+    if args.dry_run and not args.preflight:  # no request is made, so no key is needed
         api_key, app_key = api_key or "unused-in-a-dry-run", app_key or "unused-in-a-dry-run"
     config = config_from(args, api_url, api_key, app_key)
     return await _execute(args, config)
@@ -139,7 +141,7 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
 
         assume = parse_limit(args.assume_limit) if args.assume_limit else None
         return (await dry_run(config, open_source(args.source, args.format),
-                              assume_limit=assume)).exit_code  # fmt: skip
+                              assume_limit=assume, preflight=args.preflight)).exit_code  # fmt: skip
     if args.assume_limit:
         raise UsageError("--assume-limit only shapes a --dry-run estimate")
     source = open_source(args.source, args.format)
@@ -159,11 +161,11 @@ def report_command(args: argparse.Namespace) -> int:
             print_summary(args.report, totals, sys.stdout)
         return 0
     if args.output is None:
-        write_failed(args.report, sys.stdout)
+        write_failed(args.report, sys.stdout, include_refused=args.include_refused)
         return 0
     try:
         with args.output.open("w", newline="", encoding="utf-8") as out:
-            count = write_failed(args.report, out)
+            count = write_failed(args.report, out, include_refused=args.include_refused)
     except OSError as exc:
         raise UsageError(f"cannot write {str(args.output)!r}: {exc.strerror}") from None
     print(f"{count} failed email(s) written to {args.output}", file=sys.stderr)

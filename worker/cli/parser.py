@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="read, validate and batch everything, send nothing, print the plan",
     )
     r.add_argument(
+        "--preflight",
+        action="store_true",
+        help="with --dry-run: read each dashboard and list its invitations (GETs only; keys "
+        "needed) and say per token what would be sent, skipped and refused",
+    )
+    r.add_argument(
         "--assume-limit",
         metavar="L/P",
         help="for the dry run's estimate: L requests per P-second window, e.g. 25/1",
@@ -261,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     rf = rsub.add_parser("failed", help="CSV (token,email) of every email that failed")
     rf.add_argument("report", metavar="REPORT", type=Path)
     rf.add_argument("--output", type=Path, help="write the CSV here (default: stdout)")
+    rf.add_argument(
+        "--include-refused",
+        action="store_true",
+        help="also list emails the dashboard check refused (not on the share list, no "
+        "dashboard, paused, not invite-only): a re-run fails them again until it changes",
+    )
 
     e = sub.add_parser("emulator", help="serve the Datadog API emulator for rehearsals")
     e.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")

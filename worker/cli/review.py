@@ -9,6 +9,7 @@ from typing import Any, TextIO
 from worker.outcome import Status
 from worker.record.records import BatchRecord
 from worker.record.replay import Replay, records
+from worker.send.preflight import REFUSED
 from worker.validate import pair_key
 
 
@@ -42,8 +43,11 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
                 print(f"  {name:<18} {count:,}", file=out)
 
 
-def write_failed(path: Path, out: TextIO) -> int:
-    """``token,email`` of every email whose last outcome is failed; returns how many."""
+def write_failed(path: Path, out: TextIO, *, include_refused: bool = False) -> int:
+    """``token,email`` of every email whose last outcome is failed; returns how many.
+
+    Refusals a re-run cannot fix (see ``REFUSED``) are left out unless ``include_refused``.
+    """
     review = Replay.read(path)
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["token", "email"])
@@ -53,7 +57,7 @@ def write_failed(path: Path, out: TextIO) -> int:
         if not isinstance(record, BatchRecord):
             continue
         number += 1
-        if record.status != Status.FAILED:
+        if record.status != Status.FAILED or (record.code in REFUSED and not include_refused):
             continue
         token, emails = record.token, record.emails
         keys = [pair_key(token, email) for email in emails]

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import sys
+from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
 import structlog
 
+from worker.clock import SystemClock
 from worker.config import Config
-from worker.errors import UsageError
+from worker.errors import SendError, UsageError
 from worker.exits import EXIT_INCOMPLETE, EXIT_OK
 from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.files import read_batches
 from worker.run.summary import FileCounts, RunResult
+from worker.send import client_for, pacer_for
+from worker.send.preflight import Preflight
+from worker.send.reconcile import Reconciler
+from worker.send.retry import RetryPolicy
 from worker.sources import Source
 
 log = structlog.get_logger("worker.plan")
@@ -48,23 +57,37 @@ def estimate(requests: int, rate: float | None, limit: tuple[int, float] | None)
 
 async def dry_run(
     config: Config, source: Source, *, assume_limit: tuple[int, float] | None = None,
-    out: TextIO | None = None,
+    out: TextIO | None = None, preflight: bool = False,
 ) -> RunResult:  # fmt: skip
-    """Plan the run: ``planned`` batches and rejected rows to the report, the plan to ``out``."""
+    """Plan the run: ``planned`` batches and rejected rows to the report, the plan to ``out``.
+
+    With ``preflight`` each token's dashboard is read and its invitations listed (GETs,
+    never a write): the plan then says who would be sent, skipped and refused.
+    """
     with hold_report(config.report_path):
-        return await _plan(config, source, assume_limit, out)
+        return await _plan(config, source, assume_limit, out, preflight)
 
 
 async def _plan(
-    config: Config, source: Source, assume_limit: tuple[int, float] | None, out: TextIO | None
+    config: Config,
+    source: Source,
+    assume_limit: tuple[int, float] | None,
+    out: TextIO | None,
+    preflight: bool,
 ) -> RunResult:
     report = Report(config.report_path, overwrite=config.overwrite)
     counts = FileCounts()
     requests = 0
+    checked: dict[str, Counter[str]] = {}
     try:
-        async for batch in read_batches(config, source, report.rejected, counts):
-            report.planned(batch.token, batch.emails)
-            requests += 1
+        async with _checker(config, preflight) as check:
+            async for batch in read_batches(config, source, report.rejected, counts):
+                emails = batch.emails
+                if check is not None:
+                    emails = await _screen(check, batch.token, emails, checked)
+                if emails:
+                    report.planned(batch.token, emails)
+                    requests += math.ceil(len(emails) / config.batch_size)
     finally:
         source.close()
     seconds = estimate(requests, config.rate, assume_limit)
@@ -83,10 +106,46 @@ async def _plan(
         "estimated_seconds": None if seconds is None else round(seconds, 1),
         "exit_code": EXIT_INCOMPLETE if report.rejected_total else EXIT_OK,
     }
+    if preflight:
+        summary["preflight"] = {token: dict(sorted(c.items())) for token, c in checked.items()}
     report.summary(summary)
     log.info("plan.ready", **{k: v for k, v in summary.items() if k != "rejected_by_reason"})
     print_plan(summary, out or sys.stdout)
     return RunResult(summary["exit_code"], summary)
+
+
+@contextlib.asynccontextmanager
+async def _checker(config: Config, preflight: bool) -> AsyncIterator[Preflight | None]:
+    """A dashboard checker for ``--dry-run --preflight`` (None without it): reads only."""
+    if not preflight:
+        yield None
+        return
+    clock = SystemClock()
+    async with client_for(config) as client:
+        pacer = pacer_for(config, clock)
+        retry = RetryPolicy(config.max_attempts, config.backoff_base, config.backoff_max)
+        reconciler = Reconciler(client, pacer, clock, retry=retry, skew=config.reconcile_skew,
+                                rng=random.Random())  # fmt: skip  # jitter, not security
+        yield Preflight(client, pacer, reconciler, clock, resend=config.resend,
+                        resend_after=config.resend_after)  # fmt: skip  # never writes
+
+
+async def _screen(
+    check: Preflight, token: str, emails: list[str], checked: dict[str, Counter[str]]
+) -> list[str]:
+    """What of a batch would be sent; the counts per token of what would not."""
+    counts = checked.setdefault(token, Counter())
+    try:
+        screened = await check.screen(token, emails)
+    except SendError as exc:
+        counts[f"unchecked ({exc.code})"] += len(emails)
+        return emails
+    counts["send"] += len(screened.send)
+    for reason, skipped in screened.skipped.items():
+        counts[f"skip: {reason}"] += len(skipped)
+    for _, failure in screened.refused:
+        counts[f"refuse: {failure.code}"] += 1
+    return screened.send
 
 
 def print_plan(plan: dict[str, Any], out: TextIO) -> None:
@@ -114,6 +173,11 @@ def print_plan(plan: dict[str, Any], out: TextIO) -> None:
     print(f"Dry run of {plan['source']}: nothing was sent.", file=out)
     for name, value in rows:
         print(f"  {name:<16} {value}", file=out)
+    if "preflight" in plan:
+        print("Per token (dashboards read, invitations listed; nothing written):", file=out)
+        for token, counts in plan["preflight"].items():
+            text = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+            print(f"  {token}: {text}", file=out)
 
 
 def _duration(seconds: float) -> str:

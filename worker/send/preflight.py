@@ -28,7 +28,13 @@ from datetime import datetime
 import structlog
 
 from worker.clock import Clock
-from worker.errors import AuthError, PermanentError, RateLimited, SendError, TokenNotFound
+from worker.errors import (
+    AuthError,
+    PermanentError,
+    RateLimited,
+    SendError,
+    TokenNotFound,
+)
 from worker.outcome import Failure
 from worker.send.answers import SharedDashboard
 from worker.send.client import Dashboard, InvitationClient
@@ -44,6 +50,9 @@ NOT_ON_SHARE_LIST = "not_on_share_list"
 ACTIVE_SESSION = "active_session"
 ALREADY_INVITED = "already_invited"
 INVITEE_UPDATE_FAILED = "invitee_update_failed"
+#: What the check refuses, and a re-run cannot fix until the dashboard changes:
+#: ``report failed`` leaves these out unless asked.
+REFUSED = frozenset({TokenNotFound.code, NOT_INVITE_ONLY, DASHBOARD_PAUSED, NOT_ON_SHARE_LIST})
 
 
 @dataclass(slots=True)
