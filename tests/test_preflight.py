@@ -35,6 +35,7 @@ from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.record.replay import Replay
 from worker.run import run
+from worker.run.progress import Progress
 
 PEOPLE = [f"p{i}@example.com" for i in range(30)]
 
@@ -329,3 +330,13 @@ def test_report_failed_leaves_out_refusals_unless_asked(tmp_path: Path) -> None:
         out = io.StringIO()
         write_failed(report, out, include_refused=include)
         assert out.getvalue().splitlines() == ["token,email", *expected]
+
+
+def test_progress_counts_skipped_and_refused() -> None:
+    """The progress events (and the bar) count skipped and refused emails as done."""
+    snap = {"rows": 10, "valid": 10, "read_all": 1, "sent": 5, "failed": 3, "skipped": 2,
+            "refused": 2, "requests": 1, "waits": 0}  # fmt: skip
+    with capture_logs() as logs:
+        Progress(lambda: snap, "events", 1.0).update()
+    [event] = find_capture(logs, "progress")
+    assert (event["skipped"], event["refused"], event["eta_seconds"]) == (2, 2, 0.0)

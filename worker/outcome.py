@@ -13,7 +13,7 @@ from enum import StrEnum
 
 import msgspec
 
-from worker.errors import SendError, is_final
+from worker.errors import SendError, TokenNotFound, is_final
 
 
 class Invitation(msgspec.Struct, frozen=True):
@@ -22,6 +22,15 @@ class Invitation(msgspec.Struct, frozen=True):
     email: str
     created_at: str | None = None
     invitation_expiry: str | None = None
+
+
+#: Codes the dashboard check fails emails with, before any POST (see ``send.preflight``).
+NOT_INVITE_ONLY = "not_invite_only"
+DASHBOARD_PAUSED = "dashboard_paused"
+NOT_ON_SHARE_LIST = "not_on_share_list"
+#: Those, and a missing dashboard: a re-run cannot fix them until the dashboard changes
+#: (``report failed`` leaves them out unless asked).
+REFUSED = frozenset({TokenNotFound.code, NOT_INVITE_ONLY, DASHBOARD_PAUSED, NOT_ON_SHARE_LIST})
 
 
 class Status(StrEnum):

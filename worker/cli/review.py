@@ -6,10 +6,9 @@ import csv
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker.outcome import Status
+from worker.outcome import REFUSED, Status
 from worker.record.records import BatchRecord
 from worker.record.replay import Replay, records
-from worker.send.preflight import REFUSED
 from worker.validate import pair_key
 
 

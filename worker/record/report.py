@@ -15,7 +15,7 @@ from msgspec import UNSET
 
 from worker.clock import second_text
 from worker.errors import UsageError
-from worker.outcome import Status
+from worker.outcome import REFUSED, Status
 from worker.record.files import AppendFile
 from worker.record.records import (
     BatchRecord,
@@ -60,6 +60,8 @@ class Report:
         self._pending: list[bytes] = []
         self.rejected_by_reason: Counter[str] = Counter()
         self.skipped_by_reason: Counter[str] = Counter()
+        #: Emails the dashboard check refused, before any POST.
+        self.refused = 0
         self.batches: Counter[str] = Counter()
         self.emails: Counter[str] = Counter()
         self.closed = False
@@ -105,6 +107,8 @@ class Report:
         )  # fmt: skip
         self.batches[outcome.status] += 1
         self.emails[outcome.status] += len(outcome.emails)
+        if error is not None and error.code in REFUSED and not outcome.attempts:
+            self.refused += len(outcome.emails)
         self._pending.append(encode(record))
         self.flush()
 

@@ -66,13 +66,14 @@ class Progress:
     def update(self) -> None:
         """Redraw the bar, or log one ``progress`` event."""
         snap = self._snapshot()
-        done = snap["sent"] + snap["failed"]
+        done = snap["sent"] + snap["failed"] + snap["skipped"]
         if self._bar is not None:
             bar = self._bar
             if snap["read_all"] and bar.total != snap["valid"]:
                 bar.total = snap["valid"]
             bar.set_postfix_str(
-                f"rows {snap['rows']:,} | sent {snap['sent']:,} | failed {snap['failed']:,}"
+                f"rows {snap['rows']:,} | sent {snap['sent']:,} | skipped {snap['skipped']:,}"
+                f" | failed {snap['failed']:,} (refused {snap['refused']:,})"
                 f" | requests {snap['requests']:,} | 429 waits {snap['waits']:,}",
                 refresh=False,
             )
@@ -83,7 +84,8 @@ class Progress:
         left = snap["valid"] - done
         eta = round(left / rate, 1) if snap["read_all"] and rate > 0 else None
         log.info("progress", rows=snap["rows"], valid=snap["valid"], sent=snap["sent"],
-                 failed=snap["failed"], requests=snap["requests"],
+                 failed=snap["failed"], skipped=snap["skipped"], refused=snap["refused"],
+                 requests=snap["requests"],
                  ratelimit_waits=snap["waits"], emails_per_second=round(rate, 1),
                  eta_seconds=eta)  # fmt: skip
 

@@ -35,7 +35,7 @@ from worker.errors import (
     SendError,
     TokenNotFound,
 )
-from worker.outcome import Failure
+from worker.outcome import DASHBOARD_PAUSED, NOT_INVITE_ONLY, NOT_ON_SHARE_LIST, Failure
 from worker.send.answers import SharedDashboard
 from worker.send.client import Dashboard, InvitationClient
 from worker.send.invitees import add_invitees
@@ -44,15 +44,9 @@ from worker.send.reconcile import Reconciler
 
 log = structlog.get_logger("worker.preflight")
 
-NOT_INVITE_ONLY = "not_invite_only"
-DASHBOARD_PAUSED = "dashboard_paused"
-NOT_ON_SHARE_LIST = "not_on_share_list"
 ACTIVE_SESSION = "active_session"
 ALREADY_INVITED = "already_invited"
 INVITEE_UPDATE_FAILED = "invitee_update_failed"
-#: What the check refuses, and a re-run cannot fix until the dashboard changes:
-#: ``report failed`` leaves these out unless asked.
-REFUSED = frozenset({TokenNotFound.code, NOT_INVITE_ONLY, DASHBOARD_PAUSED, NOT_ON_SHARE_LIST})
 
 
 @dataclass(slots=True)
