@@ -145,6 +145,7 @@ async def test_paused_open_and_missing_dashboards_are_refused_unsent(
               if b["status"] == "failed"]  # fmt: skip
     assert sorted(e for b in failed for e in b["emails"]) == sorted(PEOPLE[:12])
     assert {b["error"]["code"] for b in failed} == {code}
+    assert result.summary["refused_by_code"] == {code: 12}
     reads = [r for r in emulator.requests if r.token == token]
     assert len(reads) == 1  # one read for the token, however many batches
 

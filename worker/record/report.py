@@ -60,8 +60,8 @@ class Report:
         self._pending: list[bytes] = []
         self.rejected_by_reason: Counter[str] = Counter()
         self.skipped_by_reason: Counter[str] = Counter()
-        #: Emails the dashboard check refused, before any POST.
-        self.refused = 0
+        #: Emails the dashboard check refused, before any POST, by code.
+        self.refused_by_code: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
         self.emails: Counter[str] = Counter()
         self.closed = False
@@ -108,7 +108,7 @@ class Report:
         self.batches[outcome.status] += 1
         self.emails[outcome.status] += len(outcome.emails)
         if error is not None and error.code in REFUSED and not outcome.attempts:
-            self.refused += len(outcome.emails)
+            self.refused_by_code[error.code] += len(outcome.emails)
         self._pending.append(encode(record))
         self.flush()
 
@@ -144,6 +144,11 @@ class Report:
                 self.flush()
             finally:
                 self._file.close()
+
+    @property
+    def refused(self) -> int:
+        """Emails the dashboard check refused."""
+        return sum(self.refused_by_code.values())
 
     @property
     def rejected_total(self) -> int:

@@ -86,6 +86,7 @@ def build_summary(
         "emails_sent": report.emails["sent"],
         "emails_failed": report.emails["failed"],
         "emails_skipped": report.emails["skipped"],
+        "refused_by_code": dict(sorted(report.refused_by_code.items())),
         "invitees_added": sender.preflight.invitees_added,
         "skipped_by_reason": dict(sorted(report.skipped_by_reason.items())),
         "batches_sent": report.batches["sent"],
