@@ -176,6 +176,19 @@ class Emulator:
             board = self.add_dashboard(token)
         return board
 
+    def _open(
+        self, request: web.Request
+    ) -> web.StreamResponse | tuple[RequestLog, dict[str, str], Dashboard]:
+        """Keys, rate limit and dashboard for a request: a refusal, or what to answer with."""
+        log = self._logger(request)
+        refusal, headers = self._admit(request)
+        if refusal is not None:
+            return log(refusal)
+        board = self._board(request.match_info["token"])
+        if board is None:
+            return log(no_dashboard(headers))
+        return log, headers, board
+
     def _admit(self, request: web.Request) -> tuple[web.Response | None, dict[str, str]]:
         """Keys, then the rate limit: (a refusal or None, the rate-limit headers)."""
         if not self._authorized(request):
@@ -251,14 +264,10 @@ class Emulator:
         return log(json_response(201, {"data": data}, headers))
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
-        token = request.match_info["token"]
-        log = self._logger(request)
-        refusal, headers = self._admit(request)
-        if refusal is not None:
-            return log(refusal)
-        board = self._board(token)
-        if board is None:
-            return log(no_dashboard(headers))
+        opened = self._open(request)
+        if isinstance(opened, web.StreamResponse):
+            return opened
+        log, headers, board = opened
         try:
             size = min(100, max(1, int(request.query.get("page_size", "50"))))
             number = max(0, int(request.query.get("page_number", "0")))
@@ -273,14 +282,10 @@ class Emulator:
         return log(json_response(200, body, headers))
 
     async def _delete(self, request: web.Request) -> web.StreamResponse:
-        token = request.match_info["token"]
-        log = self._logger(request)
-        refusal, headers = self._admit(request)
-        if refusal is not None:
-            return log(refusal)
-        board = self._board(token)
-        if board is None:
-            return log(no_dashboard(headers))
+        opened = self._open(request)
+        if isinstance(opened, web.StreamResponse):
+            return opened
+        log, headers, board = opened
         emails, _ = parse_body(await request.read())
         if not emails:
             return log(error(400, "Invalid request body", headers))
@@ -289,13 +294,10 @@ class Emulator:
         return log(web.Response(status=204, headers=headers))
 
     async def _dashboard(self, request: web.Request) -> web.StreamResponse:
-        log = self._logger(request)
-        refusal, headers = self._admit(request)
-        if refusal is not None:
-            return log(refusal)
-        board = self._board(request.match_info["token"])
-        if board is None:
-            return log(no_dashboard(headers))
+        opened = self._open(request)
+        if isinstance(opened, web.StreamResponse):
+            return opened
+        log, headers, board = opened
         edits = self.before_read.get(board.token)
         if edits:
             edit = edits.pop(0)
@@ -305,13 +307,10 @@ class Emulator:
 
     async def _update(self, request: web.Request) -> web.StreamResponse:
         """PUT: the writable fields the body carries replace the dashboard's."""
-        log = self._logger(request)
-        refusal, headers = self._admit(request)
-        if refusal is not None:
-            return log(refusal)
-        board = self._board(request.match_info["token"])
-        if board is None:
-            return log(no_dashboard(headers))
+        opened = self._open(request)
+        if isinstance(opened, web.StreamResponse):
+            return opened
+        log, headers, board = opened
         try:
             body = msgspec.json.decode(await request.read())
             if board.sandbox:

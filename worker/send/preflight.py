@@ -30,9 +30,6 @@ import structlog
 from worker.clock import Clock
 from worker.errors import (
     AuthError,
-    PermanentError,
-    RateLimited,
-    SendError,
     TokenNotFound,
 )
 from worker.outcome import DASHBOARD_PAUSED, NOT_INVITE_ONLY, NOT_ON_SHARE_LIST, Failure
@@ -41,6 +38,7 @@ from worker.send.client import Dashboard, InvitationClient
 from worker.send.invitees import add_invitees
 from worker.send.pacing import Pacer
 from worker.send.reconcile import Reconciler
+from worker.send.retry import paced_call
 
 log = structlog.get_logger("worker.preflight")
 
@@ -192,29 +190,13 @@ class Preflight:
         return True
 
     async def _paced(self, call: Callable[[], Awaitable[Dashboard]]) -> Dashboard:
-        """One paced read or write of a dashboard, retried by the run's policy (a 403 or 404
-        is not retried; a 429 waits for the pacer)."""
-        attempt = 0
-        while True:
-            async with self._pacer.slot() as slot:
-                assert slot is not None  # no stop event: a slot always comes
-                self.requests += 1
-                try:
-                    answer = await call()
-                except SendError as exc:
-                    slot.observe(exc.ratelimit, limited=isinstance(exc, RateLimited))
-                    error: SendError = exc
-                else:
-                    slot.observe(answer.ratelimit)
-                    return answer
-            if isinstance(error, RateLimited):
-                continue
-            attempt += 1
-            if isinstance(error, PermanentError) or not self._reconciler.retry.retries(
-                error, attempt
-            ):
-                raise error
-            await self._clock.sleep(self._reconciler.retry.delay(attempt, self._reconciler.rng))
+        """One read or write of a dashboard, paced and retried like every request."""
+        reconciler = self._reconciler
+        return await paced_call(call, self._pacer, reconciler.retry, self._clock, reconciler.rng,
+                                self._count)  # fmt: skip
+
+    def _count(self) -> None:
+        self.requests += 1
 
     def _unreadable(self, error: AuthError) -> None:
         if self._readable:

@@ -10,6 +10,7 @@ allowance). Those are *sent*; only the rest may be sent again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,11 +18,11 @@ from datetime import datetime
 import structlog
 
 from worker.clock import Clock
-from worker.errors import RateLimited, SendError, TokenNotFound
+from worker.errors import TokenNotFound
 from worker.outcome import Invitation, Outcome, Status
 from worker.send.client import InvitationClient, Listing
 from worker.send.pacing import Pacer
-from worker.send.retry import RetryPolicy
+from worker.send.retry import RetryPolicy, paced_call
 
 log = structlog.get_logger("worker.reconcile")
 
@@ -161,23 +162,13 @@ class Reconciler:
 
     async def _page(self, token: str, page: int) -> Listing | None:
         """One page, retried by the run's policy; None when the dashboard is gone."""
-        attempts = 0
-        while True:
-            async with self._pacer.slot() as slot:
-                assert slot is not None  # no stop event: a slot always comes
-                self.requests += 1
-                try:
-                    result = await self._client.list_invitations(token, page, PAGE_SIZE)
-                except SendError as exc:
-                    slot.observe(exc.ratelimit, limited=isinstance(exc, RateLimited))
-                    error: SendError = exc
-                else:
-                    slot.observe(result.ratelimit)
-                    return result
-            if isinstance(error, TokenNotFound):
-                return None  # nothing of ours can exist there
-            if not isinstance(error, RateLimited):
-                attempts += 1
-                if not self.retry.retries(error, attempts):
-                    raise error
-                await self._clock.sleep(self.retry.delay(attempts, self.rng))
+        try:
+            return await paced_call(
+                functools.partial(self._client.list_invitations, token, page, PAGE_SIZE),
+                self._pacer, self.retry, self._clock, self.rng, self._count,
+            )  # fmt: skip
+        except TokenNotFound:
+            return None  # nothing of ours can exist there
+
+    def _count(self) -> None:
+        self.requests += 1
