@@ -14,7 +14,8 @@ from pathlib import Path
 import structlog
 
 from worker import logs
-from worker.cli.parser import SANDBOX_KEY, json_stderr, say
+from worker.cli.parser import json_stderr, say
+from worker.cli.stream_and_emulator import SANDBOX_KEY
 from worker.config import Config, api_url_for_site
 from worker.errors import UsageError
 from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE

@@ -32,13 +32,13 @@ from worker.emulator.model import (
     RateWindow,
     RequestLog,
     parse_body,
-    summarize,
 )
 from worker.emulator.responses import error, hang_up, json_response, no_dashboard
+from worker.emulator.service import Service
 from worker.errors import UsageError
 
 
-class Emulator:
+class Emulator(Service):
     """The emulated service. ``await start()`` serves it on 127.0.0.1; state is inspectable."""
 
     def __init__(
@@ -133,41 +133,6 @@ class Emulator:
         app.router.add_route("*", "/{anything:.*}", self._unknown)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on ``host:port`` (0 picks a free port); returns the base URL."""
-        # A short shutdown: slow handlers must not hold a test or a sandbox run's exit.
-        self._runner = web.AppRunner(
-            self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        bound = server.sockets[0].getsockname()
-        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self.url = f"http://{shown}:{bound[1]}"
-        return self.url
-
-    async def stop(self) -> None:
-        """Stop serving (idempotent)."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Emulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    # -- what happened --------------------------------------------------------------------
-
-    def stats(self) -> dict[str, Any]:
-        """Counts for people and benchmarks: requests by status, emails created, largest list."""
-        return summarize(self.requests, self.invited)
-
     # -- handlers -------------------------------------------------------------------------
 
     def _board(self, token: str) -> Dashboard | None:
@@ -188,22 +153,6 @@ class Emulator:
         if board is None:
             return log(no_dashboard(headers))
         return log, headers, board
-
-    def _admit(self, request: web.Request) -> tuple[web.Response | None, dict[str, str]]:
-        """Keys, then the rate limit: (a refusal or None, the rate-limit headers)."""
-        if not self._authorized(request):
-            return error(403, "Forbidden", {}), {}
-        over, headers = self.window.count()
-        if over:
-            html = self.window.headers == "none"  # as a proxy in front would answer
-            return error(429, "Rate limit exceeded", headers, html=html), headers
-        return None, headers
-
-    def _authorized(self, request: web.Request) -> bool:
-        return (
-            request.headers.get("DD-API-KEY") == self.api_key
-            and request.headers.get("DD-APPLICATION-KEY") == self.app_key
-        )
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
@@ -321,26 +270,9 @@ class Emulator:
             return log(error(400, f"Invalid shared dashboard update: {exc}", headers))
         return log(json_response(200, board.as_json(), headers))
 
-    async def _stats(self, request: web.Request) -> web.StreamResponse:
-        return json_response(200, self.stats(), {})
-
-    async def _invited(self, request: web.Request) -> web.StreamResponse:
-        """Every (token, email) invited and how often: for checks from another process."""
-        rows = [[t, e, n] for (t, e), n in sorted(self.invited.items())]
-        return json_response(200, rows, {})
-
     # -- helpers --------------------------------------------------------------------------
 
     def _next_fault(self) -> str | None:
         if self._scripted:
             return self._scripted.popleft()
         return self.faults.pick(self._rng.random())
-
-    def _logger(self, request: web.Request) -> RequestLog:
-        token = request.match_info.get("token", "")
-        return RequestLog(self.requests, request.method, token, self._clock, request.path)
-
-    async def _unknown(self, request: web.Request) -> web.StreamResponse:
-        """Anything the real API would not serve here: 404, and remembered."""
-        log = self._logger(request)
-        return log(error(404, "Not found", {}))

@@ -32,7 +32,14 @@ from worker.errors import (
     AuthError,
     TokenNotFound,
 )
-from worker.outcome import DASHBOARD_PAUSED, NOT_INVITE_ONLY, NOT_ON_SHARE_LIST, Failure
+from worker.outcome import (
+    DASHBOARD_PAUSED,
+    NOT_INVITE_ONLY,
+    NOT_ON_SHARE_LIST,
+    Failure,
+    Outcome,
+    Status,
+)
 from worker.send.answers import SharedDashboard
 from worker.send.client import Dashboard, InvitationClient
 from worker.send.invitees import add_invitees
@@ -67,6 +74,23 @@ class Screened:
     send: list[str] = field(default_factory=list)
     refused: list[tuple[str, Failure]] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> emails
+
+    def outcomes(self, token: str, started: float, finished: float) -> list[Outcome]:
+        """The refused and the skipped as outcomes (one per code, one per reason)."""
+        out: list[Outcome] = []
+        by_code: dict[str, tuple[Failure, list[str]]] = {}
+        for email, failure in self.refused:
+            by_code.setdefault(failure.code, (failure, []))[1].append(email)
+        for code, (failure, refused) in by_code.items():
+            if len(refused) > 1:
+                failure = Failure(code, refusal_message(failure))
+            log.warning("batch.refused", token=token, emails=len(refused), code=code)
+            out.append(Outcome(token, refused, Status.FAILED, None, 0, started, finished, failure))
+        for reason, skipped in self.skipped.items():
+            log.info("batch.skipped", token=token, emails=len(skipped), reason=reason)
+            out.append(Outcome(token, skipped, Status.SKIPPED, None, 0, started, finished,
+                               reason=reason))  # fmt: skip
+        return out
 
 
 class Preflight:

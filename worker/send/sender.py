@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from dataclasses import dataclass
 
 import structlog
 
@@ -28,40 +27,17 @@ from worker.errors import (
     SendError,
     TokenNotFound,
 )
-from worker.outcome import Failure, Invitation, Outcome, Status
+from worker.outcome import Failure, Outcome, Status
 from worker.record.journal import IntentLog
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer
-from worker.send.preflight import Preflight, refusal_message
+from worker.send.preflight import Preflight
 from worker.send.reconcile import Reconciler, found_outcome
 from worker.send.refusals import ListCap
 from worker.send.retry import RetryPolicy
+from worker.send.trip import SendStats, Trip
 
 log = structlog.get_logger("worker.sender")
-
-
-@dataclass(slots=True)
-class SendStats:
-    """Request counters for the summary (outcomes are counted by the report)."""
-
-    requests: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    splits: int = 0
-    unknown_outcomes: int = 0
-    reconciled_sent: int = 0
-
-
-@dataclass(slots=True)
-class _Try:
-    """One list of one token on its way: what the outcome record will say."""
-
-    token: str
-    emails: list[str]
-    started: float
-    out: list[Outcome]
-    attempts: int = 0
-    limited: int = 0
 
 
 class Sender:
@@ -146,21 +122,10 @@ class Sender:
             out.append(Outcome(token, emails, Status.FAILED, exc.http_status, 0, started,
                                self._clock.time(), failure))  # fmt: skip
             return []
-        finished = self._clock.time()
-        by_code: dict[str, tuple[Failure, list[str]]] = {}
-        for email, failure in screened.refused:
-            by_code.setdefault(failure.code, (failure, []))[1].append(email)
-        for code, (failure, refused) in by_code.items():
-            if len(refused) > 1:
-                failure = Failure(code, refusal_message(failure))
-            if code == TokenNotFound.code:
-                self.dead_tokens[token] = failure.message
-            log.warning("batch.refused", token=token, emails=len(refused), code=code)
-            out.append(Outcome(token, refused, Status.FAILED, None, 0, started, finished, failure))
-        for reason, skipped in screened.skipped.items():
-            log.info("batch.skipped", token=token, emails=len(skipped), reason=reason)
-            out.append(Outcome(token, skipped, Status.SKIPPED, None, 0, started, finished,
-                               reason=reason))  # fmt: skip
+        for outcome in screened.outcomes(token, started, self._clock.time()):
+            if outcome.error is not None and outcome.error.code == TokenNotFound.code:
+                self.dead_tokens[token] = outcome.error.message
+            out.append(outcome)
         return screened.send
 
     async def _send(self, token: str, emails: list[str], out: list[Outcome]) -> bool:
@@ -177,10 +142,10 @@ class Sender:
 
     async def _attempts(self, token: str, emails: list[str], out: list[Outcome]) -> bool:
         """Carry one request's worth of emails to their outcomes (see :meth:`_send`)."""
-        trip = _Try(token, emails, self._clock.time(), out)
+        trip = Trip(token, emails, self._clock, out)
         while True:
             if self._refused() or token in self.dead_tokens:
-                self._fail(trip, self._without_request(token))
+                trip.fail(self._without_request(token))
                 return False
             async with self.pacer.slot(self.stopping) as slot:
                 if slot is None:
@@ -204,7 +169,7 @@ class Sender:
                     trip.attempts += 1
                     self.cap.accept(len(trip.emails))
                     # No journal clear: the report's "sent" record settles these pairs.
-                    self._done(trip, Status.SENT, result.http_status, result.invitations)
+                    trip.done(Status.SENT, result.http_status, result.invitations)
                     return True
             if isinstance(error, RateLimited):  # not a failed attempt: the pacer waits
                 self._journal.clear(intent)
@@ -215,7 +180,7 @@ class Sender:
             if isinstance(error, OutcomeUnknown):
                 remaining = await self._settle(trip, intent, error, sent_at)
                 if remaining is None:  # could not tell what happened; resume will
-                    self._fail(trip, Failure("outcome_unknown", f"{error.message}; the "
+                    trip.fail(Failure("outcome_unknown", f"{error.message}; the "
                                              "invitation list could not be read to check"),
                                error.http_status)  # fmt: skip
                     return False
@@ -230,7 +195,7 @@ class Sender:
                 continue
             return await self._give_up(trip, error)
 
-    async def _back_off(self, trip: _Try, error: SendError) -> bool:
+    async def _back_off(self, trip: Trip, error: SendError) -> bool:
         """Wait before the next attempt; False if the run starts stopping meanwhile."""
         delay = self.retry.delay(trip.attempts, self._rng)
         self.stats.retries += 1
@@ -240,7 +205,7 @@ class Sender:
         slept, _ = await unless_set(self.stopping, self._clock.sleep(delay))
         return slept
 
-    async def _give_up(self, trip: _Try, error: SendError) -> bool:
+    async def _give_up(self, trip: Trip, error: SendError) -> bool:
         """The attempts are over: split a refused list, or record the failure."""
         if isinstance(error, BadRequest) and len(trip.emails) > 1:
             if not error.named:
@@ -250,7 +215,7 @@ class Sender:
                      refused=len(named))  # fmt: skip
             rest = [e for e in trip.emails if e not in named]
             trip.emails = error.named
-            self._fail(trip, Failure.of(error), error.http_status)
+            trip.fail(Failure.of(error), error.http_status)
             if rest:  # the others go again, as one request
                 await self._send(trip.token, rest, trip.out)
             return False
@@ -260,10 +225,10 @@ class Sender:
                       error=error.message)  # fmt: skip
         if isinstance(error, TokenNotFound):
             self.dead_tokens[trip.token] = error.message
-        self._fail(trip, Failure.of(error), error.http_status)
+        trip.fail(Failure.of(error), error.http_status)
         return False
 
-    async def _bisect(self, trip: _Try, error: BadRequest) -> bool:
+    async def _bisect(self, trip: Trip, error: BadRequest) -> bool:
         """A 400 naming no address: halves, recursively, until the refused stand alone.
 
         If every part is then accepted, the service refused the list for its length: the
@@ -283,7 +248,7 @@ class Sender:
         return accepted
 
     async def _settle(
-        self, trip: _Try, intent: str, error: OutcomeUnknown, sent_at: float
+        self, trip: Trip, intent: str, error: OutcomeUnknown, sent_at: float
     ) -> list[str] | None:
         """After an unknown outcome: the created become an outcome; return the others.
 
@@ -324,24 +289,3 @@ class Sender:
             return Failure(Aborted.code, "not sent: the run stopped after the service "
                            f"refused the keys ({self.abort_error.message})")  # fmt: skip
         return Failure(TokenNotFound.code, self.dead_tokens[token])
-
-    def _fail(self, trip: _Try, error: Failure, http_status: int | None = None) -> None:
-        self._done(trip, Status.FAILED, http_status, (), error)
-
-    def _done(
-        self,
-        trip: _Try,
-        status: Status,
-        http_status: int | None,
-        invitations: list[Invitation] | tuple[()],
-        error: Failure | None = None,
-    ) -> None:
-        finished = self._clock.time()
-        outcome = Outcome(trip.token, trip.emails, status, http_status, trip.attempts,
-                          trip.started, finished, error, invitations, trip.limited)  # fmt: skip
-        trip.out.append(outcome)
-        sent = status is Status.SENT
-        emit, event = (log.info, "batch.sent") if sent else (log.warning, "batch.failed")
-        emit(event, token=trip.token, emails=len(trip.emails), http_status=http_status,
-             attempts=trip.attempts, code=error.code if error else None,
-             ms=round((finished - trip.started) * 1000, 1))  # fmt: skip

@@ -1,0 +1,59 @@
+"""One list of one token on its way to its outcomes, and the sender's request counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from worker.clock import Clock
+from worker.outcome import Failure, Invitation, Outcome, Status
+
+log = structlog.get_logger("worker.sender")
+
+
+@dataclass(slots=True)
+class SendStats:
+    """Request counters for the summary (outcomes are counted by the report)."""
+
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    splits: int = 0
+    unknown_outcomes: int = 0
+    reconciled_sent: int = 0
+
+
+class Trip:
+    """The emails of one request on their way: what their outcome record will say."""
+
+    __slots__ = ("_clock", "attempts", "emails", "limited", "out", "started", "token")
+
+    def __init__(self, token: str, emails: list[str], clock: Clock, out: list[Outcome]) -> None:
+        self.token, self.emails, self.out = token, emails, out
+        self._clock = clock
+        self.started = clock.time()
+        self.attempts = 0
+        self.limited = 0  # 429 answers met on the way
+
+    def fail(self, error: Failure, http_status: int | None = None) -> None:
+        """The emails failed with ``error``."""
+        self.done(Status.FAILED, http_status, (), error)
+
+    def done(
+        self,
+        status: Status,
+        http_status: int | None,
+        invitations: list[Invitation] | tuple[()],
+        error: Failure | None = None,
+    ) -> None:
+        """The emails reached their outcome: add it, and log ``batch.sent|failed``."""
+        finished = self._clock.time()
+        outcome = Outcome(self.token, self.emails, status, http_status, self.attempts,
+                          self.started, finished, error, invitations, self.limited)  # fmt: skip
+        self.out.append(outcome)
+        sent = status is Status.SENT
+        emit, event = (log.info, "batch.sent") if sent else (log.warning, "batch.failed")
+        emit(event, token=self.token, emails=len(self.emails), http_status=http_status,
+             attempts=self.attempts, code=error.code if error else None,
+             ms=round((finished - self.started) * 1000, 1))  # fmt: skip
