@@ -181,6 +181,12 @@ def main() -> None:
         help="run the worker this many times, each against a fresh emulator, and show the "
         "run with the median CPU (a shared machine is noisy)",
     )
+    parser.add_argument(
+        "--queue",
+        action="store_true",
+        help="also run the job through a Redis Stream (a private redis-server): enqueue, "
+        "one worker, then two (see bench/queue.py)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the input and report")
     opts = parser.parse_args()  # fmt: skip
 
@@ -227,6 +233,12 @@ def main() -> None:
         )
     if opts.peers:
         rows += peer_rows(worker, opts)
+    if opts.queue:
+        from queue_bench import queue_rows
+
+        env = {**os.environ, "DD_API_KEY": KEY, "DD_APP_KEY": KEY}
+        rows += queue_rows(opts, ROOT, env, lambda: emulator(opts.limit, opts.period), stats,
+                           worker["cpu"] / opts.rows * 1e6)  # fmt: skip
     width = max(len(k) for k, _ in rows)
     print(f"{'measure':<{width}}  value")
     print(f"{'-' * width}  {'-' * 40}")

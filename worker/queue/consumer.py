@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable
 
 import structlog
@@ -59,27 +59,34 @@ class Consumer:
         self.acks: list[str] = []
         self.dead: list[tuple[str, dict[str, str]]] = []
         self.counts = QueueCounts()
-        self.settled: dict[str, None] = {}  # insertion-ordered, at most RECENTLY_SETTLED
+        # Oldest first, at most RECENTLY_SETTLED. An OrderedDict: dropping a plain dict's
+        # first key again and again makes finding the next one ever slower.
+        self.settled: OrderedDict[str, None] = OrderedDict()
         #: Records an outcome (the runner's): set before :meth:`batches` is iterated.
         self.record: Callable[[Outcome], None] = unset_record
 
     def on_outcome(self, outcome: Outcome) -> None:
         """An outcome is on disk: acknowledge its messages, or dead-letter them."""
+        pop, token = self.index.pop, outcome.token
+        mids = [pop((token, email.lower()), None) for email in outcome.emails]
+        if outcome.status in (Status.SENT, Status.SKIPPED):  # both are done with
+            done = [mid for mid in mids if mid is not None]
+            self.acks.extend(done)
+            self.settled.update(dict.fromkeys(done))
+            while len(self.settled) > RECENTLY_SETTLED:
+                self.settled.popitem(last=False)
+            return
         error = outcome.error
-        for email in outcome.emails:
-            mid = self.index.pop((outcome.token, email.lower()), None)
-            if mid is None:
-                continue
-            if outcome.status in (Status.SENT, Status.SKIPPED):  # both are done with
-                self._settled(mid)
-                self.acks.append(mid)
-            elif error is not None and not keeps_pending(error.code):
-                self._dead_letter(mid, outcome.token, email, error.code, error.message)
+        if error is None or keeps_pending(error.code):
+            return
+        for mid, email in zip(mids, outcome.emails, strict=True):
+            if mid is not None:
+                self._dead_letter(mid, token, email, error.code, error.message)
 
     def _settled(self, mid: str) -> None:
         self.settled[mid] = None
         if len(self.settled) > RECENTLY_SETTLED:
-            del self.settled[next(iter(self.settled))]
+            self.settled.popitem(last=False)
 
     def _dead_letter(self, mid: str, token: str, email: str, code: str, message: str) -> None:
         self._settled(mid)
@@ -161,8 +168,9 @@ class Consumer:
         # was slow); new messages cannot, so skip building the set for them.
         in_flight = set(self.index.values()) if reclaimed else set()
         fresh: list[tuple[str, str, str]] = []
+        append = fresh.append
         for mid, fields in messages:
-            if mid in in_flight or (reclaimed and mid in self.settled):
+            if reclaimed and (mid in in_flight or mid in self.settled):
                 # Ours: still being sent, or settled with its acknowledgement under way;
                 # claimed back only because it took longer than --claim-idle.
                 continue
@@ -170,10 +178,13 @@ class Consumer:
             if fields is None:  # deleted from the stream meanwhile
                 self.acks.append(mid)
                 continue
+            token, email = fields.get("token"), fields.get("email")
+            if type(token) is str and type(email) is str:  # the common case, inline
+                append((mid, token.strip(), email.strip()))
+                continue
             token, email, reason = parse_message(fields)
             if reason is None:
-                token, email, reason = (token or "").strip(), (email or "").strip(), None
-                fresh.append((mid, token, email))
+                append((mid, (token or "").strip(), (email or "").strip()))
                 continue
             self.report.rejected(mid, reason, token, email)
             self.acks.append(mid)
@@ -186,14 +197,11 @@ class Consumer:
             self.report.rejected(where, why, bad_token, bad_email)
             self.acks.append(str(where))
         refused = {where for where, _, _, _ in rejections}
-        kept = (mid for mid, _, _ in fresh if mid not in refused)
-        full = []
-        for mid, (token, email) in zip(kept, valid, strict=True):
-            self.counts.valid += 1
-            self.index[(token, email.lower())] = mid
-            batch = self.batcher.add(token, email)
-            if batch is not None:
-                full.append(batch)
+        kept = [mid for mid, _, _ in fresh if mid not in refused] if refused else [
+            mid for mid, _, _ in fresh]  # fmt: skip
+        self.counts.valid += len(valid)
+        self.index.update(zip(((t, e.lower()) for t, e in valid), kept, strict=True))
+        full = self.batcher.add_many(valid)
         self.report.flush()
         return full
 

@@ -38,7 +38,8 @@ class StreamOptions:
     max_deliveries: int = 5
     #: Exit once the group has no new and no pending messages.
     until_empty: bool = False
-    read_count: int = 500
+    #: Messages asked for per read: enough to fill a few batches at once (see ``_take``).
+    read_count: int = 2000
 
     def __post_init__(self) -> None:
         if not is_redis_url(self.url):

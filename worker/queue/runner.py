@@ -24,7 +24,7 @@ from worker.queue.consumer import Consumer
 from worker.queue.messages import RedisIntents
 from worker.queue.options import StreamOptions
 from worker.queue.ratelimit import SharedBudget
-from worker.queue.stream import StreamQueue
+from worker.queue.stream import StreamQueue, enqueue_rows
 from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.runner import Runner
@@ -40,6 +40,8 @@ log = structlog.get_logger("worker.queue")
 #: Reconnection attempts before Redis counts as lost: about 30 s of backoff, enough for a
 #: server restart; a run cannot tell a long outage from a permanent one.
 RECONNECT_RETRIES = 20
+#: Rows added by one script call: Redis runs a script alone, so a slice keeps that short.
+ENQUEUE_SLICE = 2000
 #: Seconds a token's dashboard check (who is allowed, invited, in a session) is reused.
 PREFLIGHT_TTL = 60.0
 
@@ -151,12 +153,8 @@ async def enqueue(source: Source, url: str, stream: str, where: str) -> dict[str
             for line, reason, _token, _email in rejections:
                 rejected[str(reason)] += 1
                 log.warning("enqueue.rejected", line=line, reason=str(reason))
-            if valid:
-                async with redis.pipeline(transaction=False) as pipe:
-                    for token, email in valid:
-                        pipe.xadd(stream, {"token": token, "email": email})
-                    await pipe.execute()
-                enqueued += len(valid)
+            for start in range(0, len(valid), ENQUEUE_SLICE):
+                enqueued += await enqueue_rows(redis, stream, valid[start : start + ENQUEUE_SLICE])
     finally:
         source.close()
         await redis.aclose()

@@ -20,6 +20,45 @@ from redis.exceptions import ResponseError
 
 Message = tuple[str, dict[str, str] | None]
 
+# Scripts take a whole batch's ids (or rows) as one joined string: redis-py packs every
+# argument in Python, so one argument instead of hundreds is most of the saving, and one
+# round trip instead of several. Lua's unpack() is limited in size, hence the slices.
+
+# KEYS: stream. ARGV: rows "token\temail\n..." (validated: no tab or newline inside).
+_ENQUEUE = r"""
+local n = 0
+for token, email in string.gmatch(ARGV[1], '([^\t\n]*)\t([^\n]*)\n') do
+  redis.call('XADD', KEYS[1], '*', 'token', token, 'email', email)
+  n = n + 1
+end
+return n
+"""
+
+# KEYS: intents hash. ARGV: "id,id,...", send time.
+_INTENTS = """
+local fields = {}
+for id in string.gmatch(ARGV[1], '[^,]+') do
+  fields[#fields + 1] = id
+  fields[#fields + 1] = ARGV[2]
+end
+for i = 1, #fields, 1000 do
+  redis.call('HSET', KEYS[1], unpack(fields, i, math.min(i + 999, #fields)))
+end
+return #fields / 2
+"""
+
+# KEYS: stream, intents hash. ARGV: group, "id,id,...".
+_ACK = """
+local ids = {}
+for id in string.gmatch(ARGV[2], '[^,]+') do ids[#ids + 1] = id end
+for i = 1, #ids, 1000 do
+  local slice = {unpack(ids, i, math.min(i + 999, #ids))}
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(slice))
+  redis.call('HDEL', KEYS[2], unpack(slice))
+end
+return #ids
+"""
+
 
 class StreamQueue:
     """One consumer's view of a stream and its group."""
@@ -31,6 +70,8 @@ class StreamQueue:
         self.stream, self.group, self.consumer = stream, group, consumer
         self.dead_letter = dead_letter
         self.intents_key = f"{stream}:{group}:intents"
+        self._intents: Any = redis.register_script(_INTENTS)
+        self._ack: Any = redis.register_script(_ACK)
 
     async def ensure_group(self) -> None:
         """Create the group (and the stream) if missing; reading starts at the beginning."""
@@ -97,8 +138,8 @@ class StreamQueue:
         return int(summary["pending"])
 
     async def record_intents(self, ids: list[str], at: float) -> None:
-        """Before sending: these messages go out in a request sent at ``at``."""
-        await self.redis.hset(self.intents_key, mapping=dict.fromkeys(ids, repr(at)))
+        """Before sending: these messages go out in a request sent at ``at`` (one script)."""
+        await self._intents(keys=[self.intents_key], args=[",".join(ids), repr(at)])
 
     async def intent_times(self, ids: list[str]) -> dict[str, float]:
         """The recorded send time of each message that has one."""
@@ -112,6 +153,9 @@ class StreamQueue:
         ids = acks + [mid for mid, _ in dead]
         if not ids:
             return
+        if not dead:  # the common case: one script acknowledges a whole flush
+            await self._ack(keys=[self.stream, self.intents_key], args=[self.group, ",".join(ids)])
+            return
         async with self.redis.pipeline(transaction=True) as pipe:
             for _, fields in dead:
                 pipe.xadd(self.dead_letter, fields)  # type: ignore[arg-type]
@@ -124,3 +168,10 @@ def _entries(reply: Any) -> list[Message]:
     if not reply:
         return []
     return [(mid, fields or None) for mid, fields in reply[0][1]]
+
+
+async def enqueue_rows(redis: Redis, stream: str, rows: list[tuple[str, str]]) -> int:
+    """Add validated ``(token, email)`` rows as ``token``/``email`` messages, in one script."""
+    script: Any = redis.register_script(_ENQUEUE)
+    text = "".join(f"{token}\t{email}\n" for token, email in rows)
+    return int(await script(keys=[stream], args=[text]))
