@@ -18,6 +18,7 @@ from tests.conftest import (
     worker_command,
     worker_env,
 )
+from worker import __version__
 
 SAMPLES = ROOT / "sample_inputs"
 
@@ -194,3 +195,46 @@ def test_a_dry_run_never_reads_a_stream(tmp_path: Path) -> None:
                          "--sandbox", "--report", str(tmp_path / "r.jsonl"))  # fmt: skip
     assert done.returncode == 2, done.stderr.decode()
     assert b"--dry-run plans a file" in done.stderr
+
+
+def test_version_and_quiet_broken_pipes(tmp_path: Path) -> None:
+    """--version prints the version; report summarize piped into a reader that stops early
+    ends quietly, without a BrokenPipeError traceback."""
+    done = invite_worker("--version")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == f"invite-worker {__version__}"
+    report = tmp_path / "r.jsonl"
+    invite_worker("run", str(SAMPLES / "invites.csv"), "--sandbox", "--report", str(report))
+    reader = subprocess.Popen(
+        worker_command("report", "summarize", str(report)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(), cwd=ROOT,
+    )  # fmt: skip
+    assert reader.stdout is not None
+    reader.stdout.close()  # the reader is gone before the first line is written
+    _, stderr = reader.communicate(timeout=30)
+    assert reader.returncode == 0, stderr.decode()
+    assert b"Traceback" not in stderr
+
+
+def test_report_failed_keeps_an_existing_file_and_summarize_refuses_a_non_report(
+    tmp_path: Path,
+) -> None:
+    """report failed will not replace a file without --overwrite (exit 2); report
+    summarize on a file that is not a report says so and exits 2."""
+    report = tmp_path / "r.jsonl"
+    invite_worker("run", str(SAMPLES / "invites.csv"), "--sandbox", "--report", str(report))
+    existing = tmp_path / "failed.csv"
+    existing.write_text("keep me\n")
+    refused = invite_worker("report", "failed", str(report), "--output", str(existing))
+    assert refused.returncode == 2, refused.stderr.decode()
+    assert b"--overwrite" in refused.stderr
+    assert existing.read_text() == "keep me\n"
+    replaced = invite_worker("report", "failed", str(report), "--output", str(existing),
+                             "--overwrite")  # fmt: skip
+    assert replaced.returncode == 0, replaced.stderr.decode()
+    assert existing.read_text().startswith("token,email,error_code,error_message\n")
+    not_a_report = tmp_path / "invites.csv"
+    not_a_report.write_text("token,email\nt,a@example.com\n")
+    done = invite_worker("report", "summarize", str(not_a_report))
+    assert done.returncode == 2, done.stderr.decode()
+    assert b"is not an invite-worker report" in done.stderr

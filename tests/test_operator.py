@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import stat
 import struct
 import subprocess
 import termios
@@ -124,8 +125,10 @@ def test_failed_rows_come_back_as_a_csv_that_reruns_cleanly(
     assert done.returncode == 0, done.stderr.decode()
     with failed_csv.open(newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["token", "email"]
+    assert rows[0] == ["token", "email", "error_code", "error_message"]
     assert len(rows) == 21
+    assert {row[2] for row in rows[1:]} <= {"aborted", "forbidden"}
+    assert stat.S_IMODE(failed_csv.stat().st_mode) == 0o600
     again = invite_worker("run", str(failed_csv), "--api-url", url, "--report",
                           str(tmp_path / "again.jsonl"), **KEYS)  # fmt: skip
     assert again.returncode == 0, again.stderr.decode()
@@ -233,5 +236,7 @@ def test_a_pairs_last_batch_record_decides_its_state(tmp_path: Path) -> None:
     with out.open("w") as f:
         assert write_failed(report, f) == 3
     rows = list(csv.reader(out.read_text().splitlines()))
-    assert rows[0] == ["token", "email"]
-    assert sorted(rows[1:]) == [["t1", "b@x.io"], ["t1", "c@x.io"], ["t2", "a@x.io"]]
+    assert rows[0] == ["token", "email", "error_code", "error_message"]
+    assert sorted(row[:2] for row in rows[1:]) == [["t1", "b@x.io"], ["t1", "c@x.io"],
+                                                   ["t2", "a@x.io"]]  # fmt: skip
+    assert sorted(row[2] for row in rows[1:]) == ["bad_request", "server_error", "timeout"]

@@ -327,10 +327,12 @@ def test_report_failed_leaves_out_refusals_unless_asked(tmp_path: Path) -> None:
         '{"kind":"batch","token":"t","emails":["b@x.io"],"status":"failed",'
         '"error":{"code":"server_error","message":"503"}}\n'
     )
-    for include, expected in ((False, ["t,b@x.io"]), (True, ["t,a@x.io", "t,b@x.io"])):
+    header = "token,email,error_code,error_message"
+    a, b = "t,a@x.io,not_on_share_list,no", "t,b@x.io,server_error,503"
+    for include, expected in ((False, [b]), (True, [a, b])):
         out = io.StringIO()
         write_failed(report, out, include_refused=include)
-        assert out.getvalue().splitlines() == ["token,email", *expected]
+        assert out.getvalue().splitlines() == [header, *expected]
 
 
 def test_progress_counts_skipped_and_refused() -> None:

@@ -41,3 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("cli.interrupted", "interrupted", json_lines=json_stderr(argv or sys.argv[1:]))
         return EXIT_ABORTED
+    except BrokenPipeError:
+        # The reader went away (``report failed ... | head``): not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not fail on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -155,7 +155,7 @@ def report_command(args: argparse.Namespace) -> int:
     from worker.record.replay import Replay
 
     if args.report_command == "summarize":
-        totals = Replay.read(args.report).summary()
+        totals = Replay.read(args.report, strict=True).summary()
         if args.json:
             print(json.dumps(totals))
         else:
@@ -164,11 +164,17 @@ def report_command(args: argparse.Namespace) -> int:
     if args.output is None:
         write_failed(args.report, sys.stdout, include_refused=args.include_refused)
         return 0
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.overwrite else os.O_EXCL)
     try:
-        with args.output.open("w", newline="", encoding="utf-8") as out:
-            count = write_failed(args.report, out, include_refused=args.include_refused)
+        # Owner-only, like the report: the file holds addresses.
+        fd = os.open(args.output, flags, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{str(args.output)!r} exists; pass --overwrite to replace it, or "
+                         "choose another --output") from None  # fmt: skip
     except OSError as exc:
         raise UsageError(f"cannot write {str(args.output)!r}: {exc.strerror}") from None
+    with open(fd, "w", newline="", encoding="utf-8") as out:
+        count = write_failed(args.report, out, include_refused=args.include_refused)
     print(f"{count} failed email(s) written to {args.output}", file=sys.stderr)
     return 0
 

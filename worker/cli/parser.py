@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
+from worker import __version__
 from worker.cli.stream_and_emulator import add_emulator_parser, add_stream_options
 from worker.config import DEFAULT_SITE
 from worker.exits import EXIT_USAGE
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="invite-worker",
         description="Send Datadog shared-dashboard invitations in bulk.",
     )
+    parser.add_argument("--version", action="version", version=f"invite-worker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser(
@@ -237,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf = rsub.add_parser("failed", help="CSV (token,email) of every email that failed")
     rf.add_argument("report", metavar="REPORT", type=Path)
     rf.add_argument("--output", type=Path, help="write the CSV here (default: stdout)")
+    rf.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     rf.add_argument(
         "--include-refused",
         action="store_true",

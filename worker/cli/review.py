@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from worker.outcome import REFUSED, Status
-from worker.record.records import BatchRecord
+from worker.record.records import BatchRecord, ErrorInfo
 from worker.record.replay import Replay, records
 from worker.validate import pair_key
 
@@ -47,9 +47,9 @@ def write_failed(path: Path, out: TextIO, *, include_refused: bool = False) -> i
 
     Refusals a re-run cannot fix (see ``REFUSED``) are left out unless ``include_refused``.
     """
-    review = Replay.read(path)
+    review = Replay.read(path, strict=True)
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["token", "email"])
+    writer.writerow(["token", "email", "error_code", "error_message"])
     written = 0
     number = -1  # of the batch record, counted as Replay.read counts them
     for record in records(path):
@@ -64,6 +64,11 @@ def write_failed(path: Path, out: TextIO, *, include_refused: bool = False) -> i
         for email, key, last in zip(emails, keys, review.last_records(keys), strict=True):
             if last == number and key not in here:
                 here.add(key)
-                writer.writerow([token, email])
+                writer.writerow([token, email, record.code or "", _message(record)])
                 written += 1
     return written
+
+
+def _message(record: BatchRecord) -> str:
+    error = record.error
+    return error.message if isinstance(error, ErrorInfo) else ""

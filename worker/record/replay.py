@@ -61,7 +61,8 @@ class Replay:
     _last: Any = None  # for each, the number of its last batch record
 
     @classmethod
-    def read(cls, path: Path) -> Replay:
+    def read(cls, path: Path, *, strict: bool = False) -> Replay:
+        """Replay the report at ``path``; ``strict``: one without any record is an error."""
         review = cls()
         keys, owners = array("q"), array("i")  # 8 + 4 bytes a pair
         last: ReportRecord | None = None
@@ -78,6 +79,11 @@ class Replay:
                 review.skipped[record.reason] += len(record.emails)
             else:
                 review.runs.append(record)
+        if last is None and strict:
+            raise UsageError(
+                f"{str(path)!r} is not an invite-worker report: it holds no report record "
+                "(a JSON line with kind batch, rejected, skipped or summary)"
+            )
         review.ends_with_summary = isinstance(last, SummaryRecord)
         review._index(keys, owners)
         return review
