@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -238,3 +239,29 @@ def test_report_failed_keeps_an_existing_file_and_summarize_refuses_a_non_report
     done = invite_worker("report", "summarize", str(not_a_report))
     assert done.returncode == 2, done.stderr.decode()
     assert b"is not an invite-worker report" in done.stderr
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_token_and_email_columns_can_be_named(tmp_path: Path, fmt: str) -> None:
+    """--token-column/--email-column read a CSV (any case) or JSONL with other names."""
+    token = "k9x2mmq7rt5vbc1a-77c1e0f4a2b94e6d8f0a1b2c3d4e5f60"
+    if fmt == "csv":
+        body = f"Dashboard_Token,user_email,name\n{token},barbara@example.com,Barbara\n"
+    else:
+        body = json.dumps({"dashboard_token": token, "user_email": "barbara@example.com"}) + "\n"
+    source = tmp_path / f"in.{fmt}"
+    source.write_text(body)
+    report = tmp_path / "r.jsonl"
+    names = ("--token-column", "dashboard_token", "--email-column", "user_email")
+    done = invite_worker("run", str(source), "--sandbox", "--report", str(report), *names)
+    assert done.returncode == 0, done.stderr.decode()
+    assert read_report(report)[-1]["emails_sent"] == 1
+
+
+def test_a_header_without_the_columns_suggests_naming_them(tmp_path: Path) -> None:
+    """A CSV whose columns have other names: exit 2, and the message says how to name them."""
+    source = tmp_path / "in.csv"
+    source.write_text("dashboard_token,user_email\nt,a@example.com\n")
+    done = invite_worker("run", str(source), "--sandbox", "--report", str(tmp_path / "r.jsonl"))
+    assert done.returncode == 2, done.stderr.decode()
+    assert b"--token-column and --email-column" in done.stderr

@@ -49,6 +49,16 @@ def config_from(args: argparse.Namespace, api_url: str, api_key: str, app_key: s
     )
 
 
+def _columns(args: argparse.Namespace) -> tuple[str, str]:
+    """The token and email column (or field) names, checked: ``--token-column`` and co."""
+    token, email = args.token_column.strip(), args.email_column.strip()
+    if not token or not email:
+        raise UsageError("--token-column and --email-column must not be empty")
+    if token.lower() == email.lower():
+        raise UsageError(f"--token-column and --email-column both name {token!r}")
+    return token, email
+
+
 def _progress_mode(args: argparse.Namespace) -> str:
     """A bar for a person at a terminal; progress events for everything else."""
     if logs.resolve_format(args.log_format, sys.stderr) == "console" and sys.stderr.isatty():
@@ -141,11 +151,12 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
         from worker.run.plan import dry_run, parse_limit
 
         assume = parse_limit(args.assume_limit) if args.assume_limit else None
-        return (await dry_run(config, open_source(args.source, args.format),
-                              assume_limit=assume, preflight=args.preflight)).exit_code  # fmt: skip
+        source = open_source(args.source, args.format, columns=_columns(args))
+        plan = await dry_run(config, source, assume_limit=assume, preflight=args.preflight)
+        return plan.exit_code
     if args.assume_limit:
         raise UsageError("--assume-limit only shapes a --dry-run estimate")
-    source = open_source(args.source, args.format)
+    source = open_source(args.source, args.format, columns=_columns(args))
     _install_stop(stop)
     return (await run(config, source, stop=stop)).exit_code
 
@@ -185,7 +196,7 @@ async def enqueue_command(args: argparse.Namespace) -> int:
     logs.configure(args.log_format)
     if not is_redis_url(args.url):
         raise UsageError(f"not a Redis URL: {args.url!r} (use redis://HOST:PORT/DB)")
-    source = open_source(args.file, args.format)
+    source = open_source(args.file, args.format, columns=_columns(args))
     where = StreamOptions(url=args.url, stream=args.stream).where
     summary = await enqueue(source, args.url, args.stream, where)
     print(json.dumps(summary))

@@ -58,6 +58,24 @@ def duration(text: str) -> float:
     return seconds
 
 
+def add_column_options(p: argparse.ArgumentParser) -> None:
+    """``--token-column`` and ``--email-column``, for ``run`` and ``enqueue``."""
+    p.add_argument(
+        "--token-column",
+        default="token",
+        metavar="NAME",
+        help="the CSV column (any case) or JSONL field holding the token (default: token), "
+        "e.g. --token-column dashboard_token",
+    )
+    p.add_argument(
+        "--email-column",
+        default="email",
+        metavar="NAME",
+        help="the CSV column (any case) or JSONL field holding the address (default: email), "
+        "e.g. --email-column user_email",
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, whose usage errors are JSON lines when stderr is in JSON mode."""
 
@@ -87,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .csv or .jsonl path, - for stdin, or redis://HOST:PORT/DB (with --stream)",
     )
     r.add_argument("--format", choices=("csv", "jsonl"), help="override the input format")
+    add_column_options(r)
     r.add_argument(
         "--report",
         type=Path,
@@ -229,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("url", metavar="URL", help="redis://HOST:PORT/DB")
     n.add_argument("--stream", required=True, help="the stream to add to")
     n.add_argument("--format", choices=("csv", "jsonl"), help="override the input format")
+    add_column_options(n)
     n.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
 
     rp = sub.add_parser("report", help="read a report: summarize it, or list what failed")

@@ -60,11 +60,17 @@ def detect_format(source: str, explicit: str | None) -> Format:
     )
 
 
-def open_source(source: str, fmt: str | None = None, stdin: BinaryIO | None = None) -> Source:
+def open_source(
+    source: str,
+    fmt: str | None = None,
+    stdin: BinaryIO | None = None,
+    columns: tuple[str, str] = ("token", "email"),
+) -> Source:
     """Open a file (or ``-`` for standard input) as a :class:`Source`.
 
     For CSV the header is read here, so a missing ``token``/``email`` column is reported as a
-    :class:`UsageError` before anything is sent.
+    :class:`UsageError` before anything is sent. ``columns`` names the token and email
+    columns (CSV, any case) or fields (JSONL).
     """
     from worker.sources.csvfile import CsvSource
     from worker.sources.jsonl import JsonlSource
@@ -83,8 +89,8 @@ def open_source(source: str, fmt: str | None = None, stdin: BinaryIO | None = No
         description = source
     try:
         if kind == "csv":
-            return CsvSource(stream, description)
-        return JsonlSource(stream, description)
+            return CsvSource(stream, description, columns)
+        return JsonlSource(stream, description, columns)
     except BaseException:
         stream.close()
         raise

@@ -24,8 +24,11 @@ DELIMITERS = (",", ";", "\t")
 class CsvSource:
     """A CSV stream; the header is read and checked on construction."""
 
-    def __init__(self, stream: BinaryIO, description: str) -> None:
+    def __init__(
+        self, stream: BinaryIO, description: str, columns: tuple[str, str] = ("token", "email")
+    ) -> None:
         self.description = description
+        self._columns = (columns[0].strip().lower(), columns[1].strip().lower())
         self._stream = stream
         self._reader = LineReader(stream)
         # Lines read along with the header, still to be parsed: (first line number, lines).
@@ -55,15 +58,16 @@ class CsvSource:
                 f"{self.description}: the header (line {number}) is not UTF-8 text; "
                 "save the file as UTF-8 CSV"
             ) from None
+        token, email = self._columns
         for delimiter in DELIMITERS:
             cells = _split(text, delimiter)
             names = [c.strip().lower() for c in cells] if cells is not None else []
-            if "token" in names and "email" in names:
-                return delimiter, names.index("token"), names.index("email"), len(names)
+            if token in names and email in names:
+                return delimiter, names.index(token), names.index(email), len(names)
         raise UsageError(
-            f"{self.description}: the header (line {number}) must name a 'token' and an "
-            f"'email' column, found {text.strip()[:200]!r}; add a header row such as "
-            "'token,email'"
+            f"{self.description}: the header (line {number}) must name a {token!r} and an "
+            f"{email!r} column, found {text.strip()[:200]!r}; add a header row such as "
+            f"'{token},{email}', or name your columns with --token-column and --email-column"
         )
 
     def chunks(self) -> AsyncIterator[Sequence[Row]]:

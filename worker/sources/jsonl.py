@@ -1,4 +1,5 @@
-"""JSON Lines input: one object per line with string ``token`` and ``email`` fields."""
+"""JSON Lines input: one object per line with string ``token`` and ``email`` fields (or the
+fields ``--token-column`` and ``--email-column`` name)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from worker.validate import Reason
 class JsonlSource:
     """A JSONL stream; extra fields in each object are ignored."""
 
-    def __init__(self, stream: BinaryIO, description: str) -> None:
+    def __init__(
+        self, stream: BinaryIO, description: str, fields: tuple[str, str] = ("token", "email")
+    ) -> None:
         self.description = description
+        self._fields = fields
         self._stream = stream
         self._reader = LineReader(stream)
 
@@ -38,18 +42,18 @@ class JsonlSource:
                 except ValueError:  # msgspec.DecodeError, or a UnicodeError in a string
                     append((number, None, None, _why_not_json(raw)))
                 else:
-                    append(_row_from(number, obj))
+                    append(_row_from(number, obj, self._fields))
         return rows
 
     def close(self) -> None:
         self._stream.close()
 
 
-def _row_from(number: int, obj: object) -> Row:
+def _row_from(number: int, obj: object, fields: tuple[str, str]) -> Row:
     if not isinstance(obj, dict):
         return (number, None, None, Reason.NOT_AN_OBJECT)
-    token = obj.get("token")
-    email = obj.get("email")
+    token = obj.get(fields[0])
+    email = obj.get(fields[1])
     if token is None:
         return (number, None, email if isinstance(email, str) else None, Reason.MISSING_TOKEN)
     if email is None:
