@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import json
 import os
 import pty
@@ -31,6 +32,7 @@ from tests.conftest import (
 )
 from worker.cli.review import write_failed
 from worker.record.replay import Replay
+from worker.run.human import print_summary
 
 SAMPLES = ROOT / "sample_inputs"
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
@@ -209,6 +211,10 @@ def test_a_terminal_run_shows_a_progress_bar_redrawn_in_place(
     assert b"requests" in seen
     assert seen.count(b"\r") >= 3  # redrawn in place, not one line per update
     assert b"400/400" in seen
+    # ...and it ends with how it went and what to do next, for the person reading.
+    assert b"Done: " in seen
+    assert b"invited" in seen
+    assert b"Next: nothing: everyone is invited" in seen
 
 
 def test_a_pairs_last_batch_record_decides_its_state(tmp_path: Path) -> None:
@@ -240,3 +246,32 @@ def test_a_pairs_last_batch_record_decides_its_state(tmp_path: Path) -> None:
     assert sorted(row[:2] for row in rows[1:]) == [["t1", "b@x.io"], ["t1", "c@x.io"],
                                                    ["t2", "a@x.io"]]  # fmt: skip
     assert sorted(row[2] for row in rows[1:]) == ["bad_request", "server_error", "timeout"]
+
+
+@pytest.mark.parametrize(
+    ("facts", "advice"),
+    [
+        ({}, "nothing: everyone is invited"),
+        ({"interrupted": True, "unsent": 5}, "finish the run: invite-worker run in.csv --resume"),
+        ({"emails_failed": 2}, "invite-worker report failed r.jsonl --output retry.csv"),
+        ({"aborted": True}, "check DD_API_KEY"),
+        ({"halted": {"code": "storage_error", "message": "cannot write 'r.jsonl': full. More"}},
+         "cannot write 'r.jsonl': full; then: invite-worker run in.csv --resume"),
+        ({"emails_failed": 1, "refused_by_code": {"not_on_share_list": 1}}, "--add-invitees"),
+        ({"rejected": 3}, "fix the rejected rows"),
+    ],
+)  # fmt: skip
+def test_the_terminal_summary_ends_with_the_next_step(
+    facts: dict[str, object], advice: str
+) -> None:
+    """The human summary names the one next step that fits how the run ended."""
+    summary: dict[str, object] = {
+        "source": "in.csv", "exit_code": 0, "duration_ms": 1500.0, "emails_sent": 10,
+        "emails_failed": 0, "rejected": 0, "requests": 1, "rate_limited": 0,
+        **facts,
+    }  # fmt: skip
+    out = io.StringIO()
+    print_summary(summary, "r.jsonl", ["invite-worker", "run", "in.csv"], out)
+    text = out.getvalue()
+    assert "invited" in text
+    assert advice in text.splitlines()[-1]

@@ -158,7 +158,14 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("--assume-limit only shapes a --dry-run estimate")
     source = open_source(args.source, args.format, columns=_columns(args))
     _install_stop(stop)
-    return (await run(config, source, stop=stop)).exit_code
+    result = await run(config, source, stop=stop)
+    if config.progress == "bar":  # a person at a terminal: how it went, and what next
+        from worker.run.human import print_summary
+
+        # The same command, to resume with: --overwrite cannot go with --resume.
+        command = ["invite-worker", *(a for a in sys.argv[1:] if a != "--overwrite")]
+        print_summary(result.summary, str(config.report_path), command, sys.stderr)
+    return result.exit_code
 
 
 def report_command(args: argparse.Namespace) -> int:

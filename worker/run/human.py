@@ -1,0 +1,63 @@
+"""How a run went, for a person at a terminal: a short table, then the one next step.
+
+Off a terminal (JSON logs, a CronJob) nothing here is printed: the ``run.finished`` event
+carries the same numbers for machines.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any, TextIO
+
+
+def print_summary(summary: dict[str, Any], report: str, command: list[str], out: TextIO) -> None:
+    """The run's outcome as a table, and what to do next."""
+    seconds = summary["duration_ms"] / 1000
+    sent = summary["emails_sent"]
+    rows: list[tuple[str, str]] = [("invited", f"{sent:,}")]
+    rows += _by("skipped", summary.get("skipped_by_reason", {}))
+    rows += _by("refused", summary.get("refused_by_code", {}))
+    refused = sum(summary.get("refused_by_code", {}).values())
+    failed = summary["emails_failed"] - refused
+    if failed:
+        rows.append(("failed", f"{failed:,}"))
+    rows += _by("rejected rows", summary.get("rejected_by_reason", {}))
+    if summary.get("unsent"):
+        rows.append(("not sent (stopped)", f"{summary['unsent']:,}"))
+    kinds = summary.get("requests_by_kind", {"invite": summary["requests"]})
+    rows.append(("requests", ", ".join(f"{n:,} {k}" for k, n in kinds.items() if n)))
+    rows.append(("429 answers", f"{summary['rate_limited']:,}"))
+    rate = f", {sent / seconds:,.0f} invited/s" if seconds > 0 and sent else ""
+    rows.append(("duration", f"{seconds:,.1f} s{rate}"))
+    width = max(len(name) for name, _ in rows)
+    print(f"\nDone: {summary['source']} (exit {summary['exit_code']})", file=out)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}", file=out)
+    print(f"Next: {next_step(summary, report, command)}", file=out)
+
+
+def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
+    """The one thing to do now, as a command where there is one."""
+    resume = shlex.join([*command, *(["--resume"] if "--resume" not in command else [])])
+    if summary.get("halted"):
+        return f"{summary['halted']['message'].split('. ')[0]}; then: {resume}"
+    if summary.get("aborted"):
+        return ("the service refused the keys: check DD_API_KEY / DD_APP_KEY, --site and the "
+                f"dashboards_invite_share permission, then: {resume}")  # fmt: skip
+    if summary.get("interrupted") or summary.get("unsent"):
+        return f"finish the run: {resume}"
+    refused = sum(summary.get("refused_by_code", {}).values())
+    if summary["emails_failed"] > refused:
+        retry = shlex.join(["invite-worker", "report", "failed", report, "--output",
+                            "retry.csv"])  # fmt: skip
+        return f"once the cause is fixed: {retry}, then run retry.csv"
+    if refused:
+        return "fix the dashboards the refusals name (invite-worker report summarize " \
+            f"{shlex.quote(report)}), or run with --add-invitees"  # fmt: skip
+    if summary["rejected"]:
+        return "fix the rejected rows in the input (their lines are in the report)"
+    return "nothing: everyone is invited"
+
+
+def _by(label: str, counts: dict[str, int]) -> list[tuple[str, str]]:
+    return [(f"{label}: {key}", f"{count:,}") for key, count in counts.items() if count]
