@@ -265,3 +265,35 @@ def test_a_header_without_the_columns_suggests_naming_them(tmp_path: Path) -> No
     done = invite_worker("run", str(source), "--sandbox", "--report", str(tmp_path / "r.jsonl"))
     assert done.returncode == 2, done.stderr.decode()
     assert b"--token-column and --email-column" in done.stderr
+
+
+def test_a_plain_dry_run_does_not_block_the_run_that_follows(tmp_path: Path) -> None:
+    """Without --report, a dry run writes its plan beside the default report and says
+    where; the real run that follows starts without --overwrite."""
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\nk9x2mmq7rt5vbc1a-77c1e0f4a2b94e6d8f0a1b2c3d4e5f60,"
+                      "barbara@example.com\n")  # fmt: skip
+    env = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
+    plan = subprocess.run(
+        worker_command("run", str(source), "--dry-run"),
+        cwd=tmp_path, env=worker_env(**env), capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert plan.returncode == 0, plan.stderr.decode()
+    assert b"the plan is in invite-report.plan.jsonl" in plan.stdout
+    assert (tmp_path / "invite-report.plan.jsonl").exists()
+    assert not (tmp_path / "invite-report.jsonl").exists()
+    done = subprocess.run(
+        worker_command("run", str(source), "--sandbox"),
+        cwd=tmp_path, env=worker_env(), capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert (tmp_path / "invite-report.jsonl").exists()
+
+
+def test_sandbox_checks_its_input_before_the_emulator_starts(tmp_path: Path) -> None:
+    """A CSV without the columns fails at once (exit 2): no emulator is started for it."""
+    source = tmp_path / "in.csv"
+    source.write_text("who,what\nx,y\n")
+    done = invite_worker("run", str(source), "--sandbox", "--report", str(tmp_path / "r.jsonl"))
+    assert done.returncode == 2, done.stderr.decode()
+    assert b"sandbox.started" not in done.stderr

@@ -29,7 +29,7 @@ def config_from(args: argparse.Namespace, api_url: str, api_key: str, app_key: s
         api_url=api_url,
         api_key=api_key,
         app_key=app_key,
-        report_path=args.report,
+        report_path=report_path(args),
         overwrite=args.overwrite,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
@@ -47,6 +47,18 @@ def config_from(args: argparse.Namespace, api_url: str, api_key: str, app_key: s
         progress=_progress_mode(args),
         progress_every=args.progress_every,
     )
+
+
+#: Where the report goes without --report; a dry run's plan goes beside it, not in it.
+DEFAULT_REPORT = Path("invite-report.jsonl")
+DEFAULT_PLAN = Path("invite-report.plan.jsonl")
+
+
+def report_path(args: argparse.Namespace) -> Path:
+    """``--report``, or the default for a run or a dry run."""
+    if args.report is not None:
+        return Path(args.report)
+    return DEFAULT_PLAN if getattr(args, "dry_run", False) else DEFAULT_REPORT
 
 
 def _columns(args: argparse.Namespace) -> tuple[str, str]:
@@ -109,6 +121,8 @@ async def run_command(args: argparse.Namespace) -> int:
         from worker.emulator.dashboards import SANDBOX, dashboards_from
 
         logs.configure(args.log_format)
+        if args.source != "-" and not is_redis_url(args.source):  # the input first
+            open_source(args.source, args.format, columns=_columns(args)).close()
         async with Emulator() as emulator:
             emulator.seed(dashboards_from(SANDBOX, time.time()))
             config = config_from(args, emulator.url, SANDBOX_KEY, SANDBOX_KEY)

@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--report",
         type=Path,
-        default=Path("invite-report.jsonl"),
-        help="the JSONL report (default: invite-report.jsonl)",
+        default=None,
+        help="the JSONL report (default: invite-report.jsonl; for a --dry-run, "
+        "invite-report.plan.jsonl, so the plan never blocks the run that follows)",
     )
     r.add_argument(
         "--overwrite",

@@ -94,6 +94,7 @@ async def _plan(
     summary: dict[str, Any] = {
         "source": source.description,
         "dry_run": True,
+        "report": str(config.report_path),
         "rows": counts.rows,
         "valid": counts.valid,
         "rejected": report.rejected_total,
@@ -170,7 +171,8 @@ def print_plan(plan: dict[str, Any], out: TextIO) -> None:
         ("requests needed", f"{plan['requests']:,}   (batches of up to {plan['batch_size']})"),
         ("estimated time", when),
     ]
-    print(f"Dry run of {plan['source']}: nothing was sent.", file=out)
+    print(f"Dry run of {plan['source']}: nothing was sent; the plan is in {plan['report']}.",
+          file=out)  # fmt: skip
     for name, value in rows:
         print(f"  {name:<16} {value}", file=out)
     if "preflight" in plan:
