@@ -343,3 +343,19 @@ def test_progress_counts_skipped_and_refused() -> None:
         Progress(lambda: snap, "events", 1.0).update()
     [event] = find_capture(logs, "progress")
     assert (event["skipped"], event["refused"], event["eta_seconds"]) == (2, 2, 0.0)
+
+
+async def test_a_resumed_run_does_not_count_skipped_people_as_failed(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Skipped pairs are done, not failed: a run stopped early and resumed still ends with
+    exit 0 and job totals without failures."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=PEOPLE)
+    board.invitations += [(e, emulator._clock() - 60) for e in PEOPLE[:10]]
+    pairs = [(TOKEN_A, e) for e in PEOPLE]
+    first = await run(make_config(batch_size=10), csv_source(rows_csv(pairs[:20])))
+    assert first.summary["emails_skipped"] == 10
+    again = await run(make_config(batch_size=10, resume=True), csv_source(rows_csv(pairs)))
+    assert again.exit_code == 0, again.summary
+    assert again.summary["job"]["emails_failed"] == 0
+    assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in PEOPLE[10:]})

@@ -62,7 +62,8 @@ class History:
 
     def on_batch(self, token: str, emails: list[str], status: str, code: str | None) -> None:
         """Track a batch record as it is read or written, so totals cover the whole job."""
-        if status == Status.PLANNED:  # a dry run's plan is not an outcome
+        if status in (Status.PLANNED, Status.SKIPPED):
+            # A plan is not an outcome; a skip needs nothing (a resumed run checks again).
             return
         keys = [pair_key(token, email) for email in emails]
         if status == Status.SENT:
