@@ -297,3 +297,13 @@ def test_sandbox_checks_its_input_before_the_emulator_starts(tmp_path: Path) -> 
     done = invite_worker("run", str(source), "--sandbox", "--report", str(tmp_path / "r.jsonl"))
     assert done.returncode == 2, done.stderr.decode()
     assert b"sandbox.started" not in done.stderr
+
+
+def test_no_arguments_lists_the_commands() -> None:
+    """invite-worker alone lists every command on one line, and how to learn more."""
+    done = invite_worker()
+    assert done.returncode == 2, done.stderr.decode()
+    listed = done.stdout.decode()
+    for command in ("run", "enqueue", "report", "emulator"):
+        assert f"\n  {command} " in listed
+    assert "--help" in listed

@@ -10,14 +10,27 @@ from collections.abc import Sequence
 
 from worker.cli.commands import emulator_command, enqueue_command, report_command, run_command
 from worker.cli.parser import build_parser, json_stderr, say
+from worker.cli.stream_and_emulator import COMMANDS
 from worker.errors import UsageError
 from worker.exits import EXIT_ABORTED, EXIT_USAGE
 
 __all__ = ["build_parser", "main"]
 
 
+def commands_overview() -> str:
+    """What ``invite-worker`` alone prints: each command on one line."""
+    lines = ["usage: invite-worker COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "'invite-worker COMMAND --help' shows a command's options; "
+              "'invite-worker --version' the version."]  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    if not (sys.argv[1:] if argv is None else list(argv)):
+        print(commands_overview())
+        return EXIT_USAGE
     args = build_parser().parse_args(argv)
     # A run allocates millions of short-lived rows and dicts; collecting every 700
     # allocations (the default) costs over 10% of its CPU. Collect far less often, and

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from worker import __version__
-from worker.cli.stream_and_emulator import add_emulator_parser, add_stream_options
+from worker.cli.stream_and_emulator import COMMANDS, add_emulator_parser, add_stream_options
 from worker.config import DEFAULT_SITE
 from worker.exits import EXIT_USAGE
 
@@ -95,10 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"invite-worker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser(
-        "run",
-        help="send the invitations listed in a CSV or JSONL file, or queued in a Redis Stream",
-    )
+    r = sub.add_parser("run", help=COMMANDS["run"])
     r.add_argument(
         "source",
         metavar="SOURCE",
@@ -240,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_stream_options(r)
 
-    n = sub.add_parser("enqueue", help="load a CSV or JSONL file into a Redis Stream")
+    n = sub.add_parser("enqueue", help=COMMANDS["enqueue"])
     n.add_argument(
         "file",
         metavar="FILE",
@@ -252,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_column_options(n)
     n.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
 
-    rp = sub.add_parser("report", help="read a report: summarize it, or list what failed")
+    rp = sub.add_parser("report", help=COMMANDS["report"])
     rsub = rp.add_subparsers(dest="report_command", required=True, metavar="ACTION")
     rs = rsub.add_parser("summarize", help="totals, failures by code and token, rejections")
     rs.add_argument("report", metavar="REPORT", type=Path)

@@ -8,6 +8,14 @@ from typing import Any
 
 SANDBOX_KEY = "sandbox"
 
+#: Every command and its one-line description (``invite-worker`` alone lists them).
+COMMANDS = {
+    "run": "send the invitations listed in a CSV or JSONL file, or queued in a Redis Stream",
+    "enqueue": "load a CSV or JSONL file into a Redis Stream",
+    "report": "read a report: summarize it, or list what failed",
+    "emulator": "serve the Datadog API emulator for rehearsals",
+}
+
 
 def add_stream_options(r: argparse.ArgumentParser) -> None:
     """``run``'s options for a ``redis://`` SOURCE."""
@@ -45,7 +53,7 @@ def add_stream_options(r: argparse.ArgumentParser) -> None:
 
 def add_emulator_parser(sub: Any) -> None:
     """``invite-worker emulator``: serve the emulated API for rehearsals."""
-    e = sub.add_parser("emulator", help="serve the Datadog API emulator for rehearsals")
+    e = sub.add_parser("emulator", help=COMMANDS["emulator"])
     e.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     e.add_argument("--port", type=int, default=8126, help="port to listen on (8126)")
     e.add_argument("--limit", type=int, default=None, help="requests allowed per window")
