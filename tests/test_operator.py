@@ -209,6 +209,8 @@ def test_a_terminal_run_shows_a_progress_bar_redrawn_in_place(
     assert b"invites:" in seen
     assert b"email/s" in seen
     assert b"requests" in seen
+    assert b"429s 0" in seen  # 429 answers and pacing waits are labelled apart
+    assert b"pacing waits" in seen
     assert seen.count(b"\r") >= 3  # redrawn in place, not one line per update
     assert b"400/400" in seen
     # ...and it ends with how it went and what to do next, for the person reading.

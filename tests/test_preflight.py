@@ -338,7 +338,7 @@ def test_report_failed_leaves_out_refusals_unless_asked(tmp_path: Path) -> None:
 def test_progress_counts_skipped_and_refused() -> None:
     """The progress events (and the bar) count skipped and refused emails as done."""
     snap = {"rows": 10, "valid": 10, "read_all": 1, "sent": 5, "failed": 3, "skipped": 2,
-            "refused": 2, "requests": 1, "waits": 0}  # fmt: skip
+            "refused": 2, "requests": 1, "limited": 0, "waits": 0}  # fmt: skip
     with capture_logs() as logs:
         Progress(lambda: snap, "events", 1.0).update()
     [event] = find_capture(logs, "progress")

@@ -171,7 +171,8 @@ def _snapshot(runner: Runner, counts: FileCounts) -> Callable[[], dict[str, int]
         return {"rows": counts.rows, "valid": counts.valid, "read_all": int(counts.read_all),
                 "sent": report.emails["sent"], "failed": report.emails["failed"],
                 "skipped": report.emails["skipped"], "refused": report.refused,
-                "requests": sender.stats.requests, "waits": sender.pacer.waits}  # fmt: skip
+                "requests": sender.stats.requests, "limited": sender.stats.rate_limited,
+                "waits": sender.pacer.waits}  # fmt: skip
 
     return snapshot
 

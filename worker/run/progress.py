@@ -74,7 +74,8 @@ class Progress:
             bar.set_postfix_str(
                 f"rows {snap['rows']:,} | sent {snap['sent']:,} | skipped {snap['skipped']:,}"
                 f" | failed {snap['failed']:,} (refused {snap['refused']:,})"
-                f" | requests {snap['requests']:,} | 429 waits {snap['waits']:,}",
+                f" | requests {snap['requests']:,} | 429s {snap['limited']:,}"
+                f" | pacing waits {snap['waits']:,}",
                 refresh=False,
             )
             bar.update(done - bar.n)  # redraws in place
@@ -85,7 +86,7 @@ class Progress:
         eta = round(left / rate, 1) if snap["read_all"] and rate > 0 else None
         log.info("progress", rows=snap["rows"], valid=snap["valid"], sent=snap["sent"],
                  failed=snap["failed"], skipped=snap["skipped"], refused=snap["refused"],
-                 requests=snap["requests"],
+                 requests=snap["requests"], rate_limited=snap["limited"],
                  ratelimit_waits=snap["waits"], emails_per_second=round(rate, 1),
                  eta_seconds=eta)  # fmt: skip
 
