@@ -72,9 +72,7 @@ class Consumer:
         if outcome.status in (Status.SENT, Status.SKIPPED):  # both are done with
             done = [mid for mid in mids if mid is not None]
             self.acks.extend(done)
-            self.settled.update(dict.fromkeys(done))
-            while len(self.settled) > RECENTLY_SETTLED:
-                self.settled.popitem(last=False)
+            self._settled(done)
             return
         error = outcome.error
         if error is None or keeps_pending(error.code):
@@ -83,13 +81,14 @@ class Consumer:
             if mid is not None:
                 self._dead_letter(mid, token, email, error.code, error.message)
 
-    def _settled(self, mid: str) -> None:
-        self.settled[mid] = None
-        if len(self.settled) > RECENTLY_SETTLED:
+    def _settled(self, mids: list[str]) -> None:
+        """Remember these messages as settled here, forgetting the oldest past the bound."""
+        self.settled.update(dict.fromkeys(mids))
+        while len(self.settled) > RECENTLY_SETTLED:
             self.settled.popitem(last=False)
 
     def _dead_letter(self, mid: str, token: str, email: str, code: str, message: str) -> None:
-        self._settled(mid)
+        self._settled([mid])
         self.counts.dead_lettered += 1
         self.dead.append((mid, {"token": token, "email": email, "stream_id": mid,
                                 "error_code": code, "error_message": message,
