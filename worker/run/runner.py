@@ -48,10 +48,8 @@ class Runner:
         self.config, self.sender, self.report, self.journal = config, sender, report, journal
         self.stop = sender.stopping
         self._hooks = hooks
-        #: Emails recorded sent or failed by this run.
+        #: Emails recorded (sent, failed or skipped) by this run.
         self.recorded = 0
-        #: Batches being sent right now.
-        self.busy = 0
 
     def record(self, outcome: Outcome) -> None:
         """Record one outcome: report first, then what may only follow it.
@@ -80,13 +78,8 @@ class Runner:
 
         async def drain() -> None:
             while (batch := await queue.get()) is not None:
-                if self.stop.is_set():
-                    continue
-                self.busy += 1
-                try:
+                if not self.stop.is_set():
                     self.record_all(await self.sender.send(batch))
-                finally:
-                    self.busy -= 1
 
         async def produce() -> None:
             try:
