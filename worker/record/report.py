@@ -88,27 +88,25 @@ class Report:
 
     def batch(self, outcome: Outcome) -> None:
         """Write one final batch outcome (``sent``, ``failed``, ``skipped``) at once."""
+        count, error = len(outcome.emails), outcome.error
+        self.batches[outcome.status] += 1
+        self.emails[outcome.status] += count
+        record: BatchRecord | SkippedRecord
         if outcome.status is Status.SKIPPED:
             reason = outcome.reason or "skipped"
-            self.batches[outcome.status] += 1
-            self.emails[outcome.status] += len(outcome.emails)
-            self.skipped_by_reason[reason] += len(outcome.emails)
-            self._pending.append(encode(SkippedRecord(outcome.token, outcome.emails, reason)))
-            self.flush()
-            return
-        error = outcome.error
-        record = BatchRecord(
-            outcome.token, outcome.emails, outcome.status, outcome.http_status,
-            outcome.attempts, outcome.rate_limited,
-            ErrorInfo(error.code, error.message) if error else None,
-            list(outcome.invitations), iso(outcome.started_at), iso(outcome.finished_at),
-            round((outcome.finished_at - outcome.started_at) * 1000, 1),
-            True if outcome.reconciled else UNSET,
-        )  # fmt: skip
-        self.batches[outcome.status] += 1
-        self.emails[outcome.status] += len(outcome.emails)
-        if error is not None and error.code in REFUSED and not outcome.attempts:
-            self.refused_by_code[error.code] += len(outcome.emails)
+            self.skipped_by_reason[reason] += count
+            record = SkippedRecord(outcome.token, outcome.emails, reason)
+        else:
+            if error is not None and error.code in REFUSED and not outcome.attempts:
+                self.refused_by_code[error.code] += count
+            record = BatchRecord(
+                outcome.token, outcome.emails, outcome.status, outcome.http_status,
+                outcome.attempts, outcome.rate_limited,
+                ErrorInfo(error.code, error.message) if error else None,
+                list(outcome.invitations), iso(outcome.started_at), iso(outcome.finished_at),
+                round((outcome.finished_at - outcome.started_at) * 1000, 1),
+                True if outcome.reconciled else UNSET,
+            )  # fmt: skip
         self._pending.append(encode(record))
         self.flush()
 
