@@ -23,7 +23,6 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import structlog
 
@@ -44,7 +43,7 @@ from worker.send.answers import SharedDashboard
 from worker.send.client import Dashboard, InvitationClient
 from worker.send.invitees import add_invitees
 from worker.send.pacing import Pacer
-from worker.send.reconcile import Reconciler
+from worker.send.reconcile import Reconciler, iso_epoch
 from worker.send.retry import paced_call
 
 log = structlog.get_logger("worker.preflight")
@@ -242,10 +241,8 @@ def _allowed(board: SharedDashboard, now: float) -> frozenset[str] | None:
 
 
 def _after(value: str, now: float) -> bool:
-    try:
-        return datetime.fromisoformat(value).timestamp() > now
-    except ValueError:
-        return True  # an expiry we cannot read: let the service decide
+    ends = iso_epoch(value)
+    return ends is None or ends > now  # an expiry we cannot read: let the service decide
 
 
 NOT_ALLOWED = "neither an invitee with unexpired access nor on the dashboard's share list"

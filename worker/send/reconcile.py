@@ -44,10 +44,11 @@ class TokenListing:
 
 def created_epoch(invitation: Invitation) -> float | None:
     """``created_at`` as epoch seconds; None when absent or unreadable."""
-    return _epoch(invitation.created_at)
+    return iso_epoch(invitation.created_at)
 
 
-def _epoch(value: str | None) -> float | None:
+def iso_epoch(value: str | None) -> float | None:
+    """An ISO 8601 time from the API as epoch seconds; None when absent or unreadable."""
     if value is None:
         return None
     try:
@@ -149,7 +150,7 @@ class Reconciler:
                 if created is not None and created >= listing.newest.get(key, (-1.0,))[0]:
                     listing.newest[key] = (created, item)
             for email, expiry in result.sessions.items():
-                ends = _epoch(expiry)
+                ends = iso_epoch(expiry)
                 if ends is not None:
                     listing.sessions[email] = max(ends, listing.sessions.get(email, ends))
             seen += len(result.invitations)
