@@ -20,10 +20,8 @@ from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.files import read_batches
 from worker.run.summary import FileCounts, RunResult
-from worker.send import client_for, pacer_for
+from worker.send import client_for, pacer_for, preflight_for, reconciler_for
 from worker.send.preflight import Preflight
-from worker.send.reconcile import Reconciler
-from worker.send.retry import RetryPolicy
 from worker.sources import Source
 
 log = structlog.get_logger("worker.plan")
@@ -124,11 +122,8 @@ async def _checker(config: Config, preflight: bool) -> AsyncIterator[Preflight |
     clock = SystemClock()
     async with client_for(config) as client:
         pacer = pacer_for(config, clock)
-        retry = RetryPolicy(config.max_attempts, config.backoff_base, config.backoff_max)
-        reconciler = Reconciler(client, pacer, clock, retry=retry, skew=config.reconcile_skew,
-                                rng=random.Random())  # fmt: skip  # jitter, not security
-        yield Preflight(client, pacer, reconciler, clock, resend=config.resend,
-                        resend_after=config.resend_after)  # fmt: skip  # never writes
+        reconciler = reconciler_for(config, client, pacer, clock, random.Random())  # jitter
+        yield preflight_for(config, client, pacer, reconciler, clock, writes=False)
 
 
 async def _screen(

@@ -8,6 +8,9 @@ from worker.clock import Clock
 from worker.config import Config
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer, SharedLimit
+from worker.send.preflight import Preflight
+from worker.send.reconcile import Reconciler
+from worker.send.retry import RetryPolicy
 
 
 def client_for(config: Config) -> InvitationClient:
@@ -37,3 +40,28 @@ def pacer_for(
         rng=rng,
         shared=shared,
     )
+
+
+def reconciler_for(
+    config: Config, client: InvitationClient, pacer: Pacer, clock: Clock, rng: random.Random
+) -> Reconciler:
+    """What lists a run's invitations: with the run's retry policy and clock-skew allowance."""
+    retry = RetryPolicy(config.max_attempts, config.backoff_base, config.backoff_max)
+    return Reconciler(client, pacer, clock, retry=retry, skew=config.reconcile_skew, rng=rng)
+
+
+def preflight_for(
+    config: Config,
+    client: InvitationClient,
+    pacer: Pacer,
+    reconciler: Reconciler,
+    clock: Clock,
+    *,
+    writes: bool = True,
+) -> Preflight:
+    """The dashboard check of a run; ``writes=False`` (a plan) never adds invitees."""
+    return Preflight(
+        client, pacer, reconciler, clock, resend=config.resend,
+        resend_after=config.resend_after, ttl=config.preflight_ttl,
+        add_invitees=config.add_invitees and writes,
+    )  # fmt: skip

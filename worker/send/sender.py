@@ -29,12 +29,11 @@ from worker.errors import (
 )
 from worker.outcome import Failure, Outcome, Status
 from worker.record.journal import IntentLog
+from worker.send import preflight_for, reconciler_for
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer
-from worker.send.preflight import Preflight
-from worker.send.reconcile import Reconciler, found_outcome
+from worker.send.reconcile import found_outcome
 from worker.send.refusals import ListCap
-from worker.send.retry import RetryPolicy
 from worker.send.trip import SendStats, Trip
 
 log = structlog.get_logger("worker.sender")
@@ -60,15 +59,10 @@ class Sender:
         self._clock = clock
         self._rng = rng or random.Random()  # jitter, not security
         self.stopping = stopping or asyncio.Event()
-        self.retry = RetryPolicy(config.max_attempts, config.backoff_base, config.backoff_max)
-        self.reconciler = Reconciler(client, pacer, clock, retry=self.retry,
-                                     skew=config.reconcile_skew, rng=self._rng)  # fmt: skip
+        self.reconciler = reconciler_for(config, client, pacer, clock, self._rng)
+        self.retry = self.reconciler.retry
         self.stats = SendStats()
-        self.preflight = Preflight(
-            client, pacer, self.reconciler, clock, resend=config.resend,
-            resend_after=config.resend_after, ttl=config.preflight_ttl,
-            add_invitees=config.add_invitees,
-        )  # fmt: skip
+        self.preflight = preflight_for(config, client, pacer, self.reconciler, clock)
         #: The longest list the service takes, as far as its answers have shown.
         self.cap = ListCap(config.batch_size)
         #: Set by the first fatal error (storage, unreachable service, lost queue).
