@@ -17,7 +17,7 @@ import asyncio
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -36,6 +36,12 @@ from worker.emulator.model import (
 from worker.emulator.responses import error, hang_up, json_response, no_dashboard
 from worker.emulator.service import Service
 from worker.errors import UsageError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: A handler of a request about one dashboard, once keys, limit and dashboard are checked.
+BoardHandler = Callable[
+    [web.Request, RequestLog, dict[str, str], Dashboard], Awaitable[web.StreamResponse]
+]
 
 
 class Emulator(Service):
@@ -124,10 +130,10 @@ class Emulator(Service):
         """The aiohttp application (routes only; :meth:`start` serves it)."""
         app = web.Application()
         app.router.add_post(INVITATION_PATH, self._post)
-        app.router.add_get(INVITATION_PATH, self._list)
-        app.router.add_delete(INVITATION_PATH, self._delete)
-        app.router.add_get("/api/v1/dashboard/public/{token}", self._dashboard)
-        app.router.add_put("/api/v1/dashboard/public/{token}", self._update)
+        app.router.add_get(INVITATION_PATH, self._on_board(self._list))
+        app.router.add_delete(INVITATION_PATH, self._on_board(self._delete))
+        app.router.add_get("/api/v1/dashboard/public/{token}", self._on_board(self._dashboard))
+        app.router.add_put("/api/v1/dashboard/public/{token}", self._on_board(self._update))
         app.router.add_get("/_emulator/stats", self._stats)
         app.router.add_get("/_emulator/invited", self._invited)
         app.router.add_route("*", "/{anything:.*}", self._unknown)
@@ -141,18 +147,20 @@ class Emulator(Service):
             board = self.add_dashboard(token)
         return board
 
-    def _open(
-        self, request: web.Request
-    ) -> web.StreamResponse | tuple[RequestLog, dict[str, str], Dashboard]:
-        """Keys, rate limit and dashboard for a request: a refusal, or what to answer with."""
-        log = self._logger(request)
-        refusal, headers = self._admit(request)
-        if refusal is not None:
-            return log(refusal)
-        board = self._board(request.match_info["token"])
-        if board is None:
-            return log(no_dashboard(headers))
-        return log, headers, board
+    def _on_board(self, handler: BoardHandler) -> Handler:
+        """The aiohttp handler: keys, rate limit and dashboard checked, then ``handler``."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            log = self._logger(request)
+            refusal, headers = self._admit(request)
+            if refusal is not None:
+                return log(refusal)
+            board = self._board(request.match_info["token"])
+            if board is None:
+                return log(no_dashboard(headers))
+            return await handler(request, log, headers, board)
+
+        return handle
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"]
@@ -212,11 +220,9 @@ class Emulator(Service):
         data: Any = items if list_form else items[0]
         return log(json_response(201, {"data": data}, headers))
 
-    async def _list(self, request: web.Request) -> web.StreamResponse:
-        opened = self._open(request)
-        if isinstance(opened, web.StreamResponse):
-            return opened
-        log, headers, board = opened
+    async def _list(
+        self, request: web.Request, log: RequestLog, headers: dict[str, str], board: Dashboard
+    ) -> web.StreamResponse:
         try:
             size = min(100, max(1, int(request.query.get("page_size", "50"))))
             number = max(0, int(request.query.get("page_number", "0")))
@@ -230,11 +236,9 @@ class Emulator(Service):
         }
         return log(json_response(200, body, headers))
 
-    async def _delete(self, request: web.Request) -> web.StreamResponse:
-        opened = self._open(request)
-        if isinstance(opened, web.StreamResponse):
-            return opened
-        log, headers, board = opened
+    async def _delete(
+        self, request: web.Request, log: RequestLog, headers: dict[str, str], board: Dashboard
+    ) -> web.StreamResponse:
         emails, _ = parse_body(await request.read())
         if not emails:
             return log(error(400, "Invalid request body", headers))
@@ -242,11 +246,9 @@ class Emulator(Service):
         board.invitations = [(e, t) for e, t in board.invitations if e.lower() not in gone]
         return log(web.Response(status=204, headers=headers))
 
-    async def _dashboard(self, request: web.Request) -> web.StreamResponse:
-        opened = self._open(request)
-        if isinstance(opened, web.StreamResponse):
-            return opened
-        log, headers, board = opened
+    async def _dashboard(
+        self, request: web.Request, log: RequestLog, headers: dict[str, str], board: Dashboard
+    ) -> web.StreamResponse:
         edits = self.before_read.get(board.token)
         if edits:
             edit = edits.pop(0)
@@ -254,12 +256,10 @@ class Emulator(Service):
                 edit(board)
         return log(json_response(200, board.as_json(), headers))
 
-    async def _update(self, request: web.Request) -> web.StreamResponse:
+    async def _update(
+        self, request: web.Request, log: RequestLog, headers: dict[str, str], board: Dashboard
+    ) -> web.StreamResponse:
         """PUT: the writable fields the body carries replace the dashboard's."""
-        opened = self._open(request)
-        if isinstance(opened, web.StreamResponse):
-            return opened
-        log, headers, board = opened
         try:
             body = msgspec.json.decode(await request.read())
             if board.sandbox:
