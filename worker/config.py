@@ -5,9 +5,13 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from worker.errors import UsageError
+
+if TYPE_CHECKING:
+    from worker.metrics.target import StatsdTarget
 
 #: ``DD_SITE`` value -> API base URL, as Datadog documents them.
 SITES: dict[str, str] = {
@@ -31,6 +35,15 @@ def api_url_for_site(site: str) -> str:
     except KeyError:
         known = ", ".join(SITES)
         raise UsageError(f"unknown Datadog site {site!r}; use one of: {known}") from None
+
+
+def site_of(api_url: str) -> str:
+    """The Datadog site an API URL belongs to; ``local`` for an emulator on loopback."""
+    for site, url in SITES.items():
+        if api_url.rstrip("/") == url:
+            return site
+    host = urlsplit(api_url).hostname or ""
+    return "local" if is_loopback_host(host) else host
 
 
 def is_loopback_host(host: str) -> bool:
@@ -114,6 +127,8 @@ class Config:
     #: Live progress: ``bar`` (a terminal), ``events`` (``progress`` log events) or ``off``.
     progress: str = "off"
     progress_every: float = 10.0
+    #: Where DogStatsD metrics go (``--statsd`` or the Agent's environment); None: nowhere.
+    statsd: StatsdTarget | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_url", check_api_url(self.api_url))

@@ -19,6 +19,7 @@ from worker.cli.stream_and_emulator import SANDBOX_KEY
 from worker.config import Config, api_url_for_site
 from worker.errors import UsageError
 from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE
+from worker.metrics.target import statsd_target
 from worker.queue.options import StreamOptions, is_redis_url
 from worker.run import run
 from worker.sources import open_source
@@ -46,6 +47,7 @@ def config_from(args: argparse.Namespace, api_url: str, api_key: str, app_key: s
         durable_journal=args.fsync,
         progress=_progress_mode(args),
         progress_every=args.progress_every,
+        statsd=statsd_target(args.statsd, os.environ),
     )
 
 

@@ -224,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between progress events when no progress bar is shown (10)",
     )
     r.add_argument(
+        "--statsd",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="send metrics to the Datadog Agent's DogStatsD: HOST:PORT, udp://HOST:PORT or "
+        "unix:///path (alone: the Agent's environment, else 127.0.0.1:8125). On by itself "
+        "when DD_DOGSTATSD_URL or DD_AGENT_HOST is set; e.g. --statsd datadog-agent:8125",
+    )
+    r.add_argument(
+        "--no-statsd",
+        dest="statsd",
+        action="store_const",
+        const="off",
+        help="send no metrics, even if DD_DOGSTATSD_URL or DD_AGENT_HOST is set",
+    )
+    r.add_argument(
         "--sandbox",
         action="store_true",
         help="run against the built-in emulator; no keys needed, nothing is emailed",

@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import UsageError
+from worker.metrics import metrics_for
 from worker.queue.consumer import Consumer
 from worker.queue.messages import RedisIntents
 from worker.queue.options import StreamOptions
@@ -105,6 +106,7 @@ async def _run_stream(
     # Messages trickle in for hours: a dashboard check is good for a minute, not a day.
     config = dataclasses.replace(config, preflight_ttl=config.preflight_ttl or PREFLIGHT_TTL)
     redis = await connect(options.url, options.where)
+    metrics = metrics_for(config, mode="queue", consumer=options.consumer)
     try:
         queue = StreamQueue(
             redis, options.stream, options.group, options.consumer, options.dead_letter
@@ -117,13 +119,15 @@ async def _run_stream(
                  consumer=options.consumer, until_empty=options.until_empty,
                  report=str(config.report_path))  # fmt: skip
         index: dict[tuple[str, str], str] = {}
-        async with client_for(config) as client:
+        report.metrics = metrics
+        async with client_for(config, metrics) as client:
             shared = SharedBudget(redis, urlsplit(config.api_url).netloc, options.where)
             pacer = pacer_for(config, clock, rng, shared)
             intents = RedisIntents(queue, index, options.where)
             sender = Sender(client, pacer, intents, config, clock, rng, stop)
             consumer = Consumer(config, options, queue, report, sender, index, clock)
-            runner = Runner(config, sender, report, intents, hooks=(consumer.on_outcome,))
+            hooks = (consumer.on_outcome, metrics.outcome)
+            runner = Runner(config, sender, report, intents, hooks=hooks)
             consumer.record = runner.record
             try:
                 await runner.drive(consumer.batches())
@@ -135,6 +139,7 @@ async def _run_stream(
         summary["group"], summary["consumer"] = options.group, options.consumer
         return finish(report, summary)
     finally:
+        metrics.close()
         await redis.aclose()
 
 

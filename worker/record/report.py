@@ -15,6 +15,7 @@ from msgspec import UNSET
 
 from worker.clock import second_text
 from worker.errors import UsageError
+from worker.metrics import Metrics
 from worker.outcome import REFUSED, Status
 from worker.record.files import AppendFile
 from worker.record.records import (
@@ -65,6 +66,8 @@ class Report:
         self.batches: Counter[str] = Counter()
         self.emails: Counter[str] = Counter()
         self.closed = False
+        #: Rejections are counted here too, whichever stage found them.
+        self.metrics = Metrics()
 
     def rejected(
         self,
@@ -84,6 +87,7 @@ class Report:
         else:
             record.stream_id = line
         self.rejected_by_reason[str(reason)] += 1  # a Reason is a str: keep the plain text
+        self.metrics.rejected(str(reason))
         self._pending.append(encode(record))
 
     def batch(self, outcome: Outcome) -> None:

@@ -18,6 +18,7 @@ from worker.batching import Batch, Batcher
 from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import FatalError, StorageError, UsageError
+from worker.metrics import metrics_for
 from worker.record.journal import Journal, journal_path
 from worker.record.lock import hold_report
 from worker.record.report import Report
@@ -119,12 +120,13 @@ async def _run(
              batch_size=config.batch_size, concurrency=config.concurrency, rate=config.rate,
              report=str(config.report_path), resume=config.resume)  # fmt: skip
     counts = FileCounts()
+    report.metrics = metrics = metrics_for(config, mode="file")
     try:
-        async with client_for(config) as client:
+        async with client_for(config, metrics) as client:
             sender = Sender(client, pacer_for(config, clock, rng), journal, config, clock, rng,
                             stop)  # fmt: skip
             hooks = (history.on_outcome,) if history is not None else ()
-            runner = Runner(config, sender, report, journal, hooks=hooks)
+            runner = Runner(config, sender, report, journal, hooks=(*hooks, metrics.outcome))
             if history is not None:
                 await _settle(runner, history, clock)
             runner.recorded = 0  # settling is not this run's reading
@@ -142,6 +144,7 @@ async def _run(
         except StorageError as exc:
             sender.halt(exc)
         journal.close()
+        metrics.close()
     summary = build_summary(runner, source.description, counts, started, clock.time(),
                             history=history, resumed=config.resume)  # fmt: skip
     return finish(report, summary)

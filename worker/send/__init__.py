@@ -6,6 +6,7 @@ import random
 
 from worker.clock import Clock
 from worker.config import Config
+from worker.metrics import Metrics
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer, SharedLimit
 from worker.send.preflight import Preflight
@@ -13,14 +14,15 @@ from worker.send.reconcile import Reconciler
 from worker.send.retry import RetryPolicy
 
 
-def client_for(config: Config) -> InvitationClient:
-    """The HTTP client a run uses (enter it with ``async with``)."""
+def client_for(config: Config, metrics: Metrics | None = None) -> InvitationClient:
+    """The HTTP client a run uses (enter it with ``async with``); it counts requests."""
     return InvitationClient(
         config.api_url,
         config.api_key,
         config.app_key,
         timeout=config.timeout,
         pool_size=config.concurrency + 1,
+        metrics=metrics,
     )
 
 

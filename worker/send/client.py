@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -19,6 +20,7 @@ from worker.errors import (
     BadRequest,
     ConnectionDropped,
     ConnectionFailed,
+    InviteWorkerError,
     RateLimited,
     RateLimitInfo,
     RequestTimeout,
@@ -28,6 +30,7 @@ from worker.errors import (
     TokenNotFound,
     UnexpectedResponse,
 )
+from worker.metrics import Metrics
 from worker.outcome import Invitation
 from worker.send.answers import (
     SharedDashboard,
@@ -96,6 +99,7 @@ class InvitationClient:
         *,
         timeout: float,
         pool_size: int = 8,
+        metrics: Metrics | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -116,6 +120,7 @@ class InvitationClient:
         self.answered = False
         self._failed_connects = 0
         self._bad_headers_logged = False
+        self.metrics = metrics or Metrics()
 
     async def __aenter__(self) -> InvitationClient:
         connector = aiohttp.TCPConnector(limit=self._pool_size)
@@ -157,7 +162,7 @@ class InvitationClient:
             url = URL(self.invitation_url(token), encoded=True)
             if len(self._urls) < 10_000:  # parsed once per token, bounded
                 self._urls[token] = url
-        status, headers, raw = await self._request("POST", url, body)
+        status, headers, raw = await self._request("invite", "POST", url, body)
         ratelimit = self._ratelimit(headers)
         if 200 <= status < 300:
             return Sent(status, created(raw), ratelimit)
@@ -170,7 +175,7 @@ class InvitationClient:
     async def list_invitations(self, token: str, page_number: int, page_size: int = 100) -> Listing:
         """One page of the token's invitations (``page_number`` starts at 0)."""
         url = f"{self.invitation_url(token)}?page_size={page_size}&page_number={page_number}"
-        status, headers, raw = await self._request("GET", url, None)
+        status, headers, raw = await self._request("list_invitations", "GET", url, None)
         ratelimit = self._ratelimit(headers)
         if status != 200:
             raise self._error(status, raw, ratelimit)
@@ -194,7 +199,7 @@ class InvitationClient:
 
     async def _dashboard(self, method: str, token: str, body: bytes | None) -> Dashboard:
         url = self.invitation_url(token).removesuffix("/invitation")
-        status, headers, raw = await self._request(method, url, body)
+        status, headers, raw = await self._request("dashboard", method, url, body)
         ratelimit = self._ratelimit(headers)
         if status != 200:
             raise self._error(status, raw, ratelimit)
@@ -203,6 +208,19 @@ class InvitationClient:
         return Dashboard(shared_dashboard(doc), ratelimit, doc)
 
     async def _request(
+        self, kind: str, method: str, url: str | URL, body: bytes | None
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """One request of ``kind`` (the metrics' name for it): status, headers and body."""
+        started = time.perf_counter()
+        try:
+            answer = await self._exchange(method, url, body)
+        except InviteWorkerError:  # no answer: a timeout, a refused or broken connection
+            self.metrics.request(kind, None, time.perf_counter() - started)
+            raise
+        self.metrics.request(kind, answer[0], time.perf_counter() - started)
+        return answer
+
+    async def _exchange(
         self, method: str, url: str | URL, body: bytes | None
     ) -> tuple[int, Mapping[str, str], bytes]:
         if self._session is None:
@@ -241,6 +259,8 @@ class InvitationClient:
 
     def _ratelimit(self, headers: Mapping[str, str]) -> RateLimitInfo:
         info, bad = read_ratelimit(headers)
+        if info.remaining is not None:
+            self.metrics.budget(info.remaining)
         if bad and not self._bad_headers_logged:
             self._bad_headers_logged = True
             log.warning("ratelimit.bad_headers", headers=bad,

@@ -62,6 +62,7 @@ class Sender:
         self.reconciler = reconciler_for(config, client, pacer, clock, self._rng)
         self.retry = self.reconciler.retry
         self.stats = SendStats()
+        self.metrics = client.metrics
         self.preflight = preflight_for(config, client, pacer, self.reconciler, clock)
         #: The longest list the service takes, as far as its answers have shown.
         self.cap = ListCap(config.batch_size)
@@ -193,6 +194,7 @@ class Sender:
         """Wait before the next attempt; False if the run starts stopping meanwhile."""
         delay = self.retry.delay(trip.attempts, self._rng)
         self.stats.retries += 1
+        self.metrics.retry(error.code)
         log.warning("batch.retry_scheduled", token=trip.token, emails=len(trip.emails),
                     attempt=trip.attempts, delay=round(delay, 3), code=error.code,
                     http_status=error.http_status, error=error.message)  # fmt: skip
@@ -260,14 +262,17 @@ class Sender:
             found = await self.reconciler.created_since(token, emails, sent_at, not_before)
         except AuthError as exc:
             self.abort_error = self.abort_error or exc
+            self.metrics.reconciled("unreadable")
             return None
         except SendError as exc:
             log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
+            self.metrics.reconciled("unreadable")
             return None
         outcome = found_outcome(
             token, emails, found, started_at=sent_at, finished_at=self._clock.time(),
             attempts=trip.attempts, http_status=error.http_status, clears=(intent,),
         )  # fmt: skip
+        self.metrics.reconciled("none" if outcome is None else "created")
         if outcome is None:
             self._journal.clear(intent)  # nothing was created: nothing to account for
         else:
