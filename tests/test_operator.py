@@ -8,7 +8,10 @@ import io
 import json
 import os
 import pty
+import re
 import select
+import shlex
+import signal
 import stat
 import struct
 import subprocess
@@ -27,6 +30,7 @@ from tests.conftest import (
     by_kind,
     emulator_invited,
     read_report,
+    rows_csv,
     worker_command,
     worker_env,
 )
@@ -172,23 +176,20 @@ def test_json_mode_stderr_is_only_json_events_with_progress(
         assert lines[-1]["event"] == "cli.usage_error"
 
 
-@pytest.mark.timeout(60)
-def test_a_terminal_run_shows_a_progress_bar_redrawn_in_place(
-    tmp_path: Path, start_emulator: Callable[..., str]
-) -> None:
-    """Through a pseudo-terminal: a bar with counts and rate, redrawn with carriage returns."""
-    url = start_emulator("--limit", "10", "--period", "1")
-    source = tmp_path / "in.csv"
-    source.write_text("token,email\n" + "".join(f"tok,u{i}@example.com\n" for i in range(400)))
+def on_a_terminal(
+    argv: list[str], when: bytes | None = None, then: Callable[[subprocess.Popen[bytes]], None]
+    = lambda proc: None,
+) -> tuple[int, bytes]:  # fmt: skip
+    """Run ``argv`` with stderr on a pseudo-terminal; once ``when`` is shown, do ``then``.
+
+    Returns the exit code and everything the terminal showed.
+    """
     master, slave = pty.openpty()
     # A terminal has a size: 24 rows by 160 columns.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
-    proc = subprocess.Popen(
-        worker_command("run", str(source), "--api-url", url, "--report",
-                       str(tmp_path / "r.jsonl"), "--batch-size", "20"),
-        env=worker_env(TERM="xterm", COLUMNS="160", **KEYS), stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=slave, cwd=ROOT,
-    )  # fmt: skip
+    proc = subprocess.Popen(argv, env=worker_env(TERM="xterm", COLUMNS="160", **KEYS),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
+                            cwd=ROOT)  # fmt: skip
     os.close(slave)
     seen = b""
     deadline = time.monotonic() + 50
@@ -201,11 +202,28 @@ def test_a_terminal_run_shows_a_progress_bar_redrawn_in_place(
                 break
             if not chunk:
                 break
+            if when is not None and when in seen + chunk and when not in seen:
+                then(proc)
             seen += chunk
         elif proc.poll() is not None:
             break
     os.close(master)
-    assert proc.wait(timeout=10) == 0
+    return proc.wait(timeout=10), seen
+
+
+@pytest.mark.timeout(60)
+def test_a_terminal_run_shows_a_progress_bar_redrawn_in_place(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """Through a pseudo-terminal: a bar with counts and rate, redrawn with carriage returns."""
+    url = start_emulator("--limit", "10", "--period", "1")
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\n" + "".join(f"tok,u{i}@example.com\n" for i in range(400)))
+    code, seen = on_a_terminal(
+        worker_command("run", str(source), "--api-url", url, "--report",
+                       str(tmp_path / "r.jsonl"), "--batch-size", "20"),
+    )  # fmt: skip
+    assert code == 0
     assert b"invites:" in seen
     assert b"email/s" in seen
     assert b"requests" in seen
@@ -217,6 +235,39 @@ def test_a_terminal_run_shows_a_progress_bar_redrawn_in_place(
     assert b"Done: " in seen
     assert b"invited" in seen
     assert b"Next: nothing: everyone is invited" in seen
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_on_a_terminal_ends_with_one_plain_line_and_the_exact_resume_command(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """SIGTERM mid-run: the terminal ends with "Stopped by SIGTERM: … Finish with: <command>"
+    (no thirty-field run.aborted line), and that command, run as shown, finishes the job
+    with every address invited exactly once."""
+    url = start_emulator("--limit", "10", "--period", "1")
+    source = tmp_path / "in.csv"
+    pairs = {("tok", f"u{i}@example.com") for i in range(400)}
+    source.write_text(rows_csv(sorted(pairs)))
+    code, seen = on_a_terminal(
+        worker_command("run", str(source), "--api-url", url, "--batch-size", "20",
+                       "--report", str(tmp_path / "r.jsonl")),
+        when=b"invites:", then=lambda proc: proc.send_signal(signal.SIGTERM),
+    )  # fmt: skip
+    assert code == 3
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode()).replace("\r", "\n")
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    assert last.startswith("Stopped by SIGTERM: "), last
+    assert "not sent yet, nothing is lost. Finish with: invite-worker run " in last
+    assert "run.aborted" not in text
+    assert "interrupted=" not in text
+    command = shlex.split(last.split("Finish with: ", 1)[1])
+    assert command[-1] == "--resume"
+    finished = subprocess.run(worker_command(*command[1:]), env=worker_env(**KEYS), cwd=ROOT,
+                              capture_output=True, timeout=60, check=False)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+    invited = emulator_invited(url)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
 
 
 def test_a_pairs_last_batch_record_decides_its_state(tmp_path: Path) -> None:
@@ -254,7 +305,11 @@ def test_a_pairs_last_batch_record_decides_its_state(tmp_path: Path) -> None:
     ("facts", "advice"),
     [
         ({}, "nothing: everyone is invited"),
-        ({"interrupted": True, "unsent": 5}, "finish the run: invite-worker run in.csv --resume"),
+        ({"interrupted": True, "unsent": 5},
+         "5 not sent yet, nothing is lost. Finish with: invite-worker run in.csv --resume"),
+        ({"interrupted": True, "group": "g"},
+         "stay pending for the next worker, nothing is lost. Run again with: invite-worker "
+         "run in.csv"),
         ({"emails_failed": 2}, "invite-worker report failed r.jsonl --output retry.csv"),
         ({"aborted": True}, "check DD_API_KEY"),
         ({"halted": {"code": "storage_error", "message": "cannot write 'r.jsonl': full. More"}},

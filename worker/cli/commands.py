@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE
 from worker.metrics.target import statsd_target
 from worker.queue.options import StreamOptions, is_redis_url
 from worker.run import run
+from worker.run.human import print_summary, resume_command
 from worker.sources import open_source
 
 
@@ -97,21 +99,28 @@ def read_key(name: str, path: Path | None, file_variable: str, variable: str) ->
         raise UsageError(f"the {name} file {str(source)!r} is not UTF-8 text") from None
 
 
-def _install_stop(stop: asyncio.Event) -> None:
-    """First SIGTERM/SIGINT: stop gracefully. Second: leave at once (the journal stays valid)."""
+def _install_stop(stop: asyncio.Event, again: str) -> list[str]:
+    """First SIGTERM/SIGINT: stop gracefully. Second: leave at once (the journal stays valid).
+
+    Returns the list the names of the signals received are added to; ``again`` is the
+    command that finishes the run, said if a second signal cuts it short.
+    """
     loop = asyncio.get_running_loop()
+    received: list[str] = []
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
-            say("run.exiting_now", "second signal, exiting now; run again with --resume to "
-                "finish", json_lines=json_stderr(sys.argv[1:]))  # fmt: skip
+            say("run.exiting_now", f"second signal, exiting now; nothing is lost. Finish with: "
+                f"{again}", json_lines=json_stderr(sys.argv[1:]))  # fmt: skip
             os._exit(EXIT_ABORTED)
         name = signal.Signals(signum).name
+        received.append(name)
         structlog.get_logger("worker.cli").warning("run.signal", signal=name)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    return received
 
 
 async def run_command(args: argparse.Namespace) -> int:
@@ -147,6 +156,8 @@ async def run_command(args: argparse.Namespace) -> int:
 async def _execute(args: argparse.Namespace, config: Config) -> int:
     """Run from a file or, for a redis:// SOURCE, from a stream."""
     stop = asyncio.Event()
+    # The same command, to finish with: --overwrite cannot go with --resume.
+    command = ["invite-worker", *(a for a in sys.argv[1:] if a != "--overwrite")]
     if is_redis_url(args.source):
         if args.dry_run:  # a plan must never turn into a run that sends
             raise UsageError(
@@ -161,31 +172,30 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
             claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
             until_empty=args.until_empty,
         )  # fmt: skip
-        _install_stop(stop)
-        return (await run_stream(config, options, stop=stop)).exit_code
-    if args.dry_run:
+        received = _install_stop(stop, shlex.join(command))
+        result = await run_stream(config, options, stop=stop)
+    elif args.dry_run:
         from worker.run.plan import dry_run, parse_limit
 
         assume = parse_limit(args.assume_limit) if args.assume_limit else None
         source = open_source(args.source, args.format, columns=_columns(args))
         plan = await dry_run(config, source, assume_limit=assume, preflight=args.preflight)
         return plan.exit_code
-    if args.assume_limit:
-        raise UsageError("--assume-limit only shapes a --dry-run estimate")
-    source = open_source(args.source, args.format, columns=_columns(args))
-    _install_stop(stop)
-    result = await run(config, source, stop=stop)
+    else:
+        if args.assume_limit:
+            raise UsageError("--assume-limit only shapes a --dry-run estimate")
+        source = open_source(args.source, args.format, columns=_columns(args))
+        received = _install_stop(stop, resume_command(command))
+        result = await run(config, source, stop=stop)
     if config.progress == "bar":  # a person at a terminal: how it went, and what next
-        from worker.run.human import print_summary
-
-        # The same command, to resume with: --overwrite cannot go with --resume.
-        command = ["invite-worker", *(a for a in sys.argv[1:] if a != "--overwrite")]
-        print_summary(result.summary, str(config.report_path), command, sys.stderr)
+        print_summary(result.summary, str(config.report_path), command, sys.stderr,
+                      signal=received[0] if received else None)  # fmt: skip
     return result.exit_code
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from worker.cli.review import print_summary, write_failed
+    from worker.cli.review import print_summary as print_totals
+    from worker.cli.review import write_failed
     from worker.record.replay import Replay
 
     if args.report_command == "summarize":
@@ -193,7 +203,7 @@ def report_command(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(totals))
         else:
-            print_summary(args.report, totals, sys.stdout)
+            print_totals(args.report, totals, sys.stdout)
         return 0
     if args.output is None:
         write_failed(args.report, sys.stdout, include_refused=args.include_refused)

@@ -137,7 +137,7 @@ async def _run_stream(
         summary = build_summary(runner, options.where, consumer.counts, started, clock.time(),
                                 stopping_is_normal=True)  # fmt: skip
         summary["group"], summary["consumer"] = options.group, options.consumer
-        return finish(report, summary)
+        return finish(report, summary, for_people=config.progress == "bar")
     finally:
         metrics.close()
         await redis.aclose()

@@ -147,7 +147,7 @@ async def _run(
         metrics.close()
     summary = build_summary(runner, source.description, counts, started, clock.time(),
                             history=history, resumed=config.resume)  # fmt: skip
-    return finish(report, summary)
+    return finish(report, summary, for_people=config.progress == "bar")
 
 
 async def _settle(runner: Runner, history: History, clock: Clock) -> None:

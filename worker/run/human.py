@@ -10,8 +10,19 @@ import shlex
 from typing import Any, TextIO
 
 
-def print_summary(summary: dict[str, Any], report: str, command: list[str], out: TextIO) -> None:
-    """The run's outcome as a table, and what to do next."""
+def print_summary(
+    summary: dict[str, Any],
+    report: str,
+    command: list[str],
+    out: TextIO,
+    *,
+    signal: str | None = None,
+) -> None:
+    """The run's outcome as a table, and what to do next.
+
+    A run stopped by ``signal`` (SIGINT, SIGTERM) ends with one plain line instead: what
+    was done, what is left, and the exact command that finishes it.
+    """
     seconds = summary["duration_ms"] / 1000
     sent = summary["emails_sent"]
     rows: list[tuple[str, str]] = [("invited", f"{sent:,}")]
@@ -30,15 +41,34 @@ def print_summary(summary: dict[str, Any], report: str, command: list[str], out:
     rate = f", {sent / seconds:,.0f} invited/s" if seconds > 0 and sent else ""
     rows.append(("duration", f"{seconds:,.1f} s{rate}"))
     width = max(len(name) for name, _ in rows)
-    print(f"\nDone: {summary['source']} (exit {summary['exit_code']})", file=out)
+    stopped = summary.get("interrupted") and not summary.get("halted")
+    print(f"\n{'Stopped' if stopped else 'Done'}: {summary['source']} "
+          f"(exit {summary['exit_code']})", file=out)  # fmt: skip
     for name, value in rows:
         print(f"  {name:<{width}}  {value}", file=out)
-    print(f"Next: {next_step(summary, report, command)}", file=out)
+    if stopped:
+        print(stopped_line(summary, command, signal), file=out)
+    else:
+        print(f"Next: {next_step(summary, report, command)}", file=out)
+
+
+def stopped_line(summary: dict[str, Any], command: list[str], signal: str | None) -> str:
+    """One plain line for a run a signal stopped: done, left, and how to finish."""
+    by = f" by {signal}" if signal else ""
+    counts = (("invited", summary["emails_sent"]), ("skipped", summary.get("emails_skipped", 0)),
+              ("failed", summary["emails_failed"]))  # fmt: skip
+    done = ", ".join(f"{n:,} {what}" for what, n in counts if n or what == "invited")
+    if "group" in summary:  # a queue worker: the stream keeps what it did not settle
+        return (f"Stopped{by}: {done}; messages not yet settled stay pending for the next "
+                f"worker, nothing is lost. Run again with: {shlex.join(command)}")  # fmt: skip
+    left = summary.get("unsent", 0)
+    return (f"Stopped{by}: {done}; {left:,} not sent yet, nothing is lost. Finish with: "
+            f"{resume_command(command)}")  # fmt: skip
 
 
 def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
     """The one thing to do now, as a command where there is one."""
-    resume = shlex.join([*command, *(["--resume"] if "--resume" not in command else [])])
+    resume = resume_command(command)
     if summary.get("halted"):
         return f"{summary['halted']['message'].split('. ')[0]}; then: {resume}"
     if summary.get("aborted"):
@@ -57,6 +87,11 @@ def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
     if summary["rejected"]:
         return "fix the rejected rows in the input (their lines are in the report)"
     return "nothing: everyone is invited"
+
+
+def resume_command(command: list[str]) -> str:
+    """The command again, with ``--resume``: it continues from the report."""
+    return shlex.join([*command, *(["--resume"] if "--resume" not in command else [])])
 
 
 def _by(label: str, counts: dict[str, int]) -> list[tuple[str, str]]:

@@ -120,19 +120,21 @@ def build_summary(
     return summary
 
 
-def finish(report: Report, summary: dict[str, Any]) -> RunResult:
+def finish(report: Report, summary: dict[str, Any], *, for_people: bool = False) -> RunResult:
     """Write the summary as the report's last record, log it, and return the result.
 
     When the report cannot be written (the disk that stopped the run), the summary is
-    still logged; ``--resume`` does not need it.
+    still logged; ``--resume`` does not need it. ``for_people`` (a terminal, which gets
+    the table of :mod:`worker.run.human` instead) leaves the thirty-field event out.
     """
     try:
         report.summary(summary)
     except StorageError as exc:
         log.error("run.summary_not_written", path=str(exc.path), cause=exc.cause.strerror)
     log_summary = {k: v for k, v in summary.items() if k not in ("started_at", "finished_at")}
-    if summary["aborted"] or summary["exit_code"] == EXIT_ABORTED:
-        log.error("run.aborted", **log_summary)
-    else:
-        log.info("run.finished", **log_summary)
+    if not for_people:
+        if summary["aborted"] or summary["exit_code"] == EXIT_ABORTED:
+            log.error("run.aborted", **log_summary)
+        else:
+            log.info("run.finished", **log_summary)
     return RunResult(summary["exit_code"], summary)
