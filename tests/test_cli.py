@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -20,6 +21,7 @@ from tests.conftest import (
     worker_env,
 )
 from worker import __version__
+from worker.cli import build_parser
 
 SAMPLES = ROOT / "sample_inputs"
 
@@ -304,6 +306,41 @@ def test_no_arguments_lists_the_commands() -> None:
     done = invite_worker()
     assert done.returncode == 2, done.stderr.decode()
     listed = done.stdout.decode()
-    for command in ("run", "enqueue", "report", "emulator"):
+    for command in ("run", "enqueue", "dead-letter", "report", "emulator"):
         assert f"\n  {command} " in listed
     assert "--help" in listed
+
+
+def command_parsers(
+    parser: argparse.ArgumentParser, path: str = "invite-worker"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command and sub-command parser under ``parser``, with its command line."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{path} {name}", sub
+                yield from command_parsers(sub, f"{path} {name}")
+
+
+def test_every_command_and_option_has_a_description_its_default_and_an_example() -> None:
+    """--help of each command: a description, examples of whole commands; each option
+    explained, with an example when it takes a value, and its default when it has one."""
+    commands = dict(command_parsers(build_parser()))
+    assert {"invite-worker run", "invite-worker enqueue", "invite-worker dead-letter list",
+            "invite-worker dead-letter requeue", "invite-worker report summarize",
+            "invite-worker report failed", "invite-worker emulator"} <= set(commands)  # fmt: skip
+    for name, parser in commands.items():
+        assert parser.description, name
+        assert parser.epilog is not None, name
+        assert parser.epilog.startswith("examples:\n  "), name
+        assert "invite-worker " in parser.epilog, name
+        shown = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            label = f"{name} {action.option_strings or action.dest}"
+            assert action.help, label
+            if action.nargs != 0 and action.choices is None:
+                assert "e.g. " in action.help, label
+            if action.option_strings and action.default not in (None, False, "", []):
+                assert f"(default: {action.default})" in shown, label

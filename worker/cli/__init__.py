@@ -1,4 +1,4 @@
-"""The ``invite-worker`` command line: ``run``, ``enqueue``, ``report``, ``emulator``."""
+"""The ``invite-worker`` command line: one module per command, dispatched here."""
 
 from __future__ import annotations
 
@@ -8,22 +8,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from worker.cli.commands import emulator_command, enqueue_command, report_command, run_command
-from worker.cli.parser import build_parser, json_stderr, say
-from worker.cli.stream_and_emulator import COMMANDS
+from worker.cli.commands import run_command
+from worker.cli.help import commands_overview, json_stderr, say
+from worker.cli.parser import build_parser
 from worker.errors import UsageError
 from worker.exits import EXIT_ABORTED, EXIT_USAGE
 
 __all__ = ["build_parser", "main"]
-
-
-def commands_overview() -> str:
-    """What ``invite-worker`` alone prints: each command on one line."""
-    lines = ["usage: invite-worker COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
-    lines += ["", "'invite-worker COMMAND --help' shows a command's options; "
-              "'invite-worker --version' the version."]  # fmt: skip
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,9 +35,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return asyncio.run(run_command(args))
         if args.command == "enqueue":
+            from worker.cli.queue import enqueue_command
+
             return asyncio.run(enqueue_command(args))
+        if args.command == "dead-letter":
+            from worker.cli.queue import dead_letter_command
+
+            return asyncio.run(dead_letter_command(args))
         if args.command == "report":
+            from worker.cli.review import report_command
+
             return report_command(args)
+        from worker.cli.emulator import emulator_command
+
         return asyncio.run(emulator_command(args))
     except UsageError as exc:
         say("cli.usage_error", f"error: {exc}", json_lines=json_stderr(argv or sys.argv[1:]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shlex
 import signal
@@ -15,11 +14,11 @@ from pathlib import Path
 import structlog
 
 from worker import logs
-from worker.cli.parser import json_stderr, say
-from worker.cli.stream_and_emulator import SANDBOX_KEY
+from worker.cli.emulator import SANDBOX_KEY
+from worker.cli.help import columns_of, json_stderr, say
 from worker.config import Config, api_url_for_site
 from worker.errors import UsageError
-from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE
+from worker.exits import EXIT_ABORTED
 from worker.metrics.target import statsd_target
 from worker.queue.options import StreamOptions, is_redis_url
 from worker.run import run
@@ -63,16 +62,6 @@ def report_path(args: argparse.Namespace) -> Path:
     if args.report is not None:
         return Path(args.report)
     return DEFAULT_PLAN if getattr(args, "dry_run", False) else DEFAULT_REPORT
-
-
-def _columns(args: argparse.Namespace) -> tuple[str, str]:
-    """The token and email column (or field) names, checked: ``--token-column`` and co."""
-    token, email = args.token_column.strip(), args.email_column.strip()
-    if not token or not email:
-        raise UsageError("--token-column and --email-column must not be empty")
-    if token.lower() == email.lower():
-        raise UsageError(f"--token-column and --email-column both name {token!r}")
-    return token, email
 
 
 def _progress_mode(args: argparse.Namespace) -> str:
@@ -133,7 +122,7 @@ async def run_command(args: argparse.Namespace) -> int:
 
         logs.configure(args.log_format)
         if args.source != "-" and not is_redis_url(args.source):  # the input first
-            open_source(args.source, args.format, columns=_columns(args)).close()
+            open_source(args.source, args.format, columns=columns_of(args)).close()
         async with Emulator() as emulator:
             emulator.seed(dashboards_from(SANDBOX, time.time()))
             config = config_from(args, emulator.url, SANDBOX_KEY, SANDBOX_KEY)
@@ -178,103 +167,16 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
         from worker.run.plan import dry_run, parse_limit
 
         assume = parse_limit(args.assume_limit) if args.assume_limit else None
-        source = open_source(args.source, args.format, columns=_columns(args))
+        source = open_source(args.source, args.format, columns=columns_of(args))
         plan = await dry_run(config, source, assume_limit=assume, preflight=args.preflight)
         return plan.exit_code
     else:
         if args.assume_limit:
             raise UsageError("--assume-limit only shapes a --dry-run estimate")
-        source = open_source(args.source, args.format, columns=_columns(args))
+        source = open_source(args.source, args.format, columns=columns_of(args))
         received = _install_stop(stop, resume_command(command))
         result = await run(config, source, stop=stop)
     if config.progress == "bar":  # a person at a terminal: how it went, and what next
         print_summary(result.summary, str(config.report_path), command, sys.stderr,
                       signal=received[0] if received else None)  # fmt: skip
     return result.exit_code
-
-
-def report_command(args: argparse.Namespace) -> int:
-    from worker.cli.review import print_summary as print_totals
-    from worker.cli.review import write_failed
-    from worker.record.replay import Replay
-
-    if args.report_command == "summarize":
-        totals = Replay.read(args.report, strict=True).summary()
-        if args.json:
-            print(json.dumps(totals))
-        else:
-            print_totals(args.report, totals, sys.stdout)
-        return 0
-    if args.output is None:
-        write_failed(args.report, sys.stdout, include_refused=args.include_refused)
-        return 0
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.overwrite else os.O_EXCL)
-    try:
-        # Owner-only, like the report: the file holds addresses.
-        fd = os.open(args.output, flags, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{str(args.output)!r} exists; pass --overwrite to replace it, or "
-                         "choose another --output") from None  # fmt: skip
-    except OSError as exc:
-        raise UsageError(f"cannot write {str(args.output)!r}: {exc.strerror}") from None
-    with open(fd, "w", newline="", encoding="utf-8") as out:
-        count = write_failed(args.report, out, include_refused=args.include_refused)
-    print(f"{count} failed email(s) written to {args.output}", file=sys.stderr)
-    return 0
-
-
-async def enqueue_command(args: argparse.Namespace) -> int:
-    from worker.queue.runner import enqueue
-
-    logs.configure(args.log_format)
-    if not is_redis_url(args.url):
-        raise UsageError(f"not a Redis URL: {args.url!r} (use redis://HOST:PORT/DB)")
-    source = open_source(args.file, args.format, columns=_columns(args))
-    where = StreamOptions(url=args.url, stream=args.stream).where
-    summary = await enqueue(source, args.url, args.stream, where)
-    print(json.dumps(summary))
-    return EXIT_INCOMPLETE if summary["rejected"] else 0
-
-
-async def emulator_command(args: argparse.Namespace) -> int:
-    from worker.emulator import Emulator, Faults, load_dashboards
-
-    logs.configure(args.log_format)
-    log = structlog.get_logger("worker.emulator")
-    faults = Faults(
-        error_rate=args.error_rate,
-        drop_rate=args.drop_rate,
-        slow_rate=args.slow_rate,
-        slow_seconds=args.slow_seconds,
-        error_after_rate=args.error_after_rate,
-        drop_after_rate=args.drop_after_rate,
-        max_batch=args.max_batch,
-        name_refused=not args.unnamed_refusals,
-    )
-    emulator = Emulator(
-        api_key=args.api_key,
-        app_key=args.app_key,
-        limit=args.limit,
-        period=args.period,
-        faults=faults,
-        seed=args.seed,
-        ratelimit_headers=args.ratelimit_headers,
-        session_rate=args.session_rate,
-    )
-    if args.dashboards is not None:
-        emulator.seed(load_dashboards(args.dashboards, time.time()))
-    try:
-        await emulator.start(args.host, args.port)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    log.info("emulator.listening", url=emulator.url, limit=args.limit, period=args.period)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await emulator.stop()
-        log.info("emulator.stopped", **emulator.stats())
-    return 0

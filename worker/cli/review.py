@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from worker.cli.help import command
+from worker.errors import UsageError
 from worker.outcome import REFUSED, Status
 from worker.record.records import BatchRecord, ErrorInfo
 from worker.record.replay import Replay, records
@@ -32,10 +38,12 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
     for name, value in lines:
         print(f"  {name:<18} {value:,}", file=out)
     print(f"  {'duration':<18} {totals['duration_ms'] / 1000:,.1f} s", file=out)
-    for title, key in (("Failures by error code", "failed_by_code"),
-                       ("Failures by token", "failed_by_token"),
-                       ("Rejected rows by reason", "rejected_by_reason"),
-                       ("Skipped emails by reason", "skipped_by_reason")):  # fmt: skip
+    for title, key in (
+        ("Failures by error code", "failed_by_code"),
+        ("Failures by token", "failed_by_token"),
+        ("Rejected rows by reason", "rejected_by_reason"),
+        ("Skipped emails by reason", "skipped_by_reason"),
+    ):
         if totals[key]:
             print(title, file=out)
             for name, count in totals[key].items():
@@ -72,3 +80,91 @@ def write_failed(path: Path, out: TextIO, *, include_refused: bool = False) -> i
 def _message(record: BatchRecord) -> str:
     error = record.error
     return error.message if isinstance(error, ErrorInfo) else ""
+
+
+def add_report_parser(sub: Any) -> None:
+    """``invite-worker report summarize|failed REPORT``."""
+    rp = command(
+        sub,
+        "report",
+        "Read a run's JSONL report (every run on it, resumed ones "
+        "included; a pair's last record counts).",
+        """
+  invite-worker report summarize invite-report.jsonl
+  invite-worker report failed invite-report.jsonl --output retry.csv
+""",
+    )
+    actions = rp.add_subparsers(dest="report_command", required=True, metavar="ACTION")
+    rs = command(
+        actions,
+        "summarize",
+        "Totals (emails sent, failed, skipped; rows rejected; "
+        "requests, retries, 429s, duration), failures by code and by token, "
+        "rejections by reason. Exit 2 for a file that is not a report.",
+        """
+  invite-worker report summarize invite-report.jsonl
+  invite-worker report summarize invite-report.jsonl --json | jq .failed
+""",
+        help="totals, failures by code and token, rejections",
+    )
+    rs.add_argument(
+        "report", metavar="REPORT", type=Path, help="the report; e.g. invite-report.jsonl"
+    )
+    rs.add_argument("--json", action="store_true", help="print one JSON object")
+    rf = command(
+        actions,
+        "failed",
+        "A CSV (token,email,error_code,error_message) of every "
+        "email whose last outcome is failed, ready for 'run' once the cause is "
+        "fixed ('run' ignores the extra columns). Written owner-only (0600).",
+        """
+  invite-worker report failed invite-report.jsonl --output retry.csv
+  invite-worker run retry.csv --report retry-report.jsonl
+""",
+        help="CSV of every email that failed, to run again",
+    )
+    rf.add_argument(
+        "report", metavar="REPORT", type=Path, help="the report; e.g. invite-report.jsonl"
+    )
+    rf.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="write the CSV here (default: stdout); e.g. --output retry.csv",
+    )
+    rf.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    rf.add_argument(
+        "--include-refused",
+        action="store_true",
+        help="also list emails the dashboard check refused (not on the share list, no "
+        "dashboard, paused, not invite-only): a re-run fails them again until it changes",
+    )
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """``report summarize`` or ``report failed``."""
+    if args.report_command == "summarize":
+        totals = Replay.read(args.report, strict=True).summary()
+        if args.json:
+            print(json.dumps(totals))
+        else:
+            print_summary(args.report, totals, sys.stdout)
+        return 0
+    if args.output is None:
+        write_failed(args.report, sys.stdout, include_refused=args.include_refused)
+        return 0
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.overwrite else os.O_EXCL)
+    try:
+        # Owner-only, like the report: the file holds addresses.
+        fd = os.open(args.output, flags, 0o600)
+    except FileExistsError:
+        raise UsageError(
+            f"{str(args.output)!r} exists; pass --overwrite to replace it, or "
+            "choose another --output"
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {str(args.output)!r}: {exc.strerror}") from None
+    with open(fd, "w", newline="", encoding="utf-8") as out:
+        count = write_failed(args.report, out, include_refused=args.include_refused)
+    print(f"{count} failed email(s) written to {args.output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,147 @@
+"""``invite-worker dead-letter list|requeue`` against a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import ROOT, TOKEN_A, worker_command, worker_env
+from worker.config import Config
+from worker.emulator import Emulator
+from worker.emulator.dashboards import Dashboard
+from worker.queue.deadletters import Selection, requeue
+from worker.queue.options import StreamOptions
+from worker.queue.runner import run_stream
+from worker.queue.stream import enqueue_rows
+
+PAUSED = "pausedpausedpau-0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+async def redis(redis_server: str) -> AsyncIterator[Redis]:
+    """A client of the test Redis server."""
+    client = Redis.from_url(redis_server, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+def dead_letter(*args: str) -> subprocess.CompletedProcess[str]:
+    """``invite-worker dead-letter ARGS`` as a separate process."""
+    return subprocess.run(worker_command("dead-letter", *args), env=worker_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+
+async def entries(redis: Redis, key: str) -> list[tuple[str, dict[str, str]]]:
+    """A stream's entries (the client decodes replies)."""
+    reply: Any = await redis.xrange(key)
+    return [(mid, fields) for mid, fields in reply]
+
+
+def drain(redis_server: str, stream: str) -> StreamOptions:
+    return StreamOptions(url=redis_server, stream=stream, linger=0.05, until_empty=True)
+
+
+async def test_dead_letters_are_listed_then_requeued_once_fixed_and_invited_once(
+    tmp_path: Path,
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """A paused dashboard's messages are dead-lettered; `list` shows them with their code;
+    once the dashboard is active, `requeue --code` moves them back (a second requeue moves
+    nothing) and the next worker invites each address exactly once."""
+    emulator.seed([Dashboard(PAUSED, status="paused")])
+    paused = [(PAUSED, f"p{i}@example.com") for i in range(7)]
+    fine = [(TOKEN_A, f"a{i}@example.com") for i in range(5)]
+    await enqueue_rows(redis, stream_name, paused + fine)
+    first = await run_stream(make_config(report_path=tmp_path / "1.jsonl"),
+                             drain(redis_server, stream_name))  # fmt: skip
+    assert first.summary["dead_lettered"] == 7
+
+    listed = await asyncio.to_thread(dead_letter, "list", redis_server, "--stream", stream_name)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 8
+    assert all("dashboard_paused" in line and PAUSED in line for line in lines[:7])
+    assert lines[-1] == f"7 dead letter(s) in {stream_name}:dead: dashboard_paused 7"
+    as_json = await asyncio.to_thread(
+        dead_letter, "list", redis_server, "--stream", stream_name, "--json"
+    )
+    letters = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert {(d["token"], d["email"]) for d in letters} == set(paused)
+    assert {d["error_code"] for d in letters} == {"dashboard_paused"}
+
+    emulator.dashboards[PAUSED].status = "active"  # the cause, fixed
+    moved = await asyncio.to_thread(dead_letter, "requeue", redis_server, "--stream",
+                                    stream_name, "--code", "dashboard_paused")  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["requeued"] == 7
+    again = await asyncio.to_thread(dead_letter, "requeue", redis_server, "--stream",
+                                    stream_name, "--code", "dashboard_paused")  # fmt: skip
+    assert json.loads(again.stdout)["requeued"] == 0
+    assert await redis.xlen(f"{stream_name}:dead") == 0
+
+    second = await run_stream(make_config(report_path=tmp_path / "2.jsonl"),
+                              drain(redis_server, stream_name))  # fmt: skip
+    assert second.exit_code == 0
+    assert emulator.invited == Counter(dict.fromkeys(paused + fine, 1))
+
+
+async def test_requeues_racing_each_other_put_each_dead_letter_back_once(
+    redis: Redis, stream_name: str
+) -> None:
+    """Two requeues at once (two operators, a retried job): every dead letter is moved
+    by exactly one of them, so the stream gets each message once."""
+    dead = f"{stream_name}:dead"
+    for i in range(1200):  # more than one page
+        await redis.xadd(dead, {"token": TOKEN_A, "email": f"r{i}@example.com",
+                                "error_code": "server_error"})  # fmt: skip
+    results = await asyncio.gather(
+        *(requeue(redis, dead, stream_name, Selection()) for _ in range(2))
+    )
+    assert sum(r["requeued"] for r in results) == 1200
+    emails = Counter(fields["email"] for _, fields in await entries(redis, stream_name))
+    assert len(emails) == 1200
+    assert set(emails.values()) == {1}
+    assert await redis.xlen(dead) == 0
+
+
+async def test_requeue_takes_only_what_is_chosen_and_leaves_what_it_cannot_send(
+    redis: Redis, redis_server: str, stream_name: str
+) -> None:
+    """--id picks one dead letter; one without token and address stays where it is (exit
+    1, counted as not_requeueable); a --dry-run moves nothing; no choice at all is exit 2."""
+    dead = f"{stream_name}:dead"
+    one = str(await redis.xadd(dead, {"token": TOKEN_A, "email": "one@example.com",
+                                      "error_code": "bad_request"}))  # fmt: skip
+    await redis.xadd(dead, {"token": TOKEN_A, "email": "two@example.com",
+                            "error_code": "bad_request"})  # fmt: skip
+    junk = str(await redis.xadd(dead, {"note": "by hand", "error_code": "bad_request"}))
+
+    refused = await asyncio.to_thread(dead_letter, "requeue", redis_server, "--stream",
+                                      stream_name)  # fmt: skip
+    assert refused.returncode == 2
+    assert "--code CODE, --id ID, or --all" in refused.stderr
+
+    dry = await asyncio.to_thread(dead_letter, "requeue", redis_server, "--stream",
+                                  stream_name, "--all", "--dry-run")  # fmt: skip
+    assert json.loads(dry.stdout)["requeued"] == 2
+    assert await redis.xlen(stream_name) == 0
+
+    picked = await asyncio.to_thread(dead_letter, "requeue", redis_server, "--stream",
+                                     stream_name, "--id", one, "--id", junk)  # fmt: skip
+    assert picked.returncode == 1
+    assert {"requeued": 1, "not_requeueable": 1}.items() <= json.loads(picked.stdout).items()
+    moved = [(f["email"], f["requeued_from"]) for _, f in await entries(redis, stream_name)]
+    assert moved == [("one@example.com", one)]
+    assert await redis.xlen(dead) == 2  # "two" (not chosen) and the junk entry

@@ -1,0 +1,143 @@
+"""What the command line says: the command list, help layout, shared options, messages.
+
+Every command has a description and examples; every option says what it does, its default
+(added here, from the option itself, so the two cannot disagree) and an example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+from worker.errors import UsageError
+from worker.exits import EXIT_USAGE
+
+#: Every command and its one-line description (``invite-worker`` alone lists them).
+COMMANDS = {
+    "run": "send the invitations listed in a CSV or JSONL file, or queued in a Redis Stream",
+    "enqueue": "load a CSV or JSONL file into a Redis Stream",
+    "dead-letter": "list a stream's dead letters, or put fixed ones back on the stream",
+    "report": "read a report: summarize it, or list what failed",
+    "emulator": "serve the Datadog API emulator for rehearsals",
+}
+
+LOG_FORMATS = ("auto", "json", "console")
+
+
+def json_stderr(argv: Sequence[str]) -> bool:
+    """Whether stderr carries JSON lines for this command line (``--log-format``, or auto)."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg == "--log-format" and i + 1 < len(args):
+            return args[i + 1] == "json" or (args[i + 1] == "auto" and not sys.stderr.isatty())
+        if arg.startswith("--log-format="):
+            value = arg.split("=", 1)[1]
+            return value == "json" or (value == "auto" and not sys.stderr.isatty())
+    logging = ("run", "enqueue", "emulator", "dead-letter")
+    return bool(args) and args[0] in logging and not sys.stderr.isatty()
+
+
+def say(event: str, message: str, *, json_lines: bool, level: str = "error") -> None:
+    """One message on stderr: a JSON line in JSON mode, plain text otherwise."""
+    if json_lines:
+        line = {"event": event, "level": level, "message": message,
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}  # fmt: skip
+        print(json.dumps(line), file=sys.stderr)
+    else:
+        print(f"invite-worker: {message}", file=sys.stderr)
+
+
+def commands_overview() -> str:
+    """What ``invite-worker`` alone prints: each command on one line."""
+    lines = ["usage: invite-worker COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<12} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "'invite-worker COMMAND --help' shows a command's options and examples; "
+              "'invite-worker --version' the version."]  # fmt: skip
+    return "\n".join(lines)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written; each option's default appended to its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = default not in (None, False, "", [], argparse.SUPPRESS) and action.nargs != 0
+        if action.option_strings and shown and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are JSON lines when stderr is in JSON mode."""
+
+    def error(self, message: str) -> NoReturn:
+        if json_stderr(sys.argv[1:]):
+            say("cli.usage_error", f"{self.prog}: {message}", json_lines=True)
+            raise SystemExit(EXIT_USAGE)
+        super().error(message)
+
+
+def command(sub: Any, name: str, description: str, examples: str, **extra: Any) -> Parser:
+    """A subcommand parser with its description and an ``examples:`` section."""
+    # Paragraphs filled to a terminal's width; the examples are kept as written.
+    text = "\n\n".join(textwrap.fill(" ".join(p.split()), 88) for p in description.split("\n\n"))
+    parser: Parser = sub.add_parser(
+        name, help=extra.pop("help", None) or COMMANDS.get(name), description=text,
+        epilog="examples:\n" + examples.strip("\n"), formatter_class=HelpFormatter, **extra,
+    )  # fmt: skip
+    return parser
+
+
+def add_log_format(p: argparse._ActionsContainer) -> None:
+    """``--log-format``, which every command that logs takes."""
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="auto",
+        help="auto: readable lines on a terminal, JSON lines otherwise (all on stderr); "
+        "e.g. --log-format json for a log shipper",
+    )
+
+
+def add_column_options(p: argparse._ActionsContainer) -> None:
+    """``--token-column`` and ``--email-column``, for ``run`` and ``enqueue``."""
+    p.add_argument(
+        "--token-column",
+        default="token",
+        metavar="NAME",
+        help="the CSV column (any case) or JSONL field holding the token; "
+        "e.g. --token-column dashboard_token",
+    )
+    p.add_argument(
+        "--email-column",
+        default="email",
+        metavar="NAME",
+        help="the CSV column (any case) or JSONL field holding the address; "
+        "e.g. --email-column user_email",
+    )
+
+
+def add_format(p: argparse._ActionsContainer) -> None:
+    """``--format``, for a file whose name does not say it."""
+    p.add_argument(
+        "--format",
+        choices=("csv", "jsonl"),
+        help="the input's format when its name does not end in .csv or .jsonl (stdin, "
+        "for one); e.g. --format jsonl",
+    )
+
+
+def columns_of(args: argparse.Namespace) -> tuple[str, str]:
+    """The token and email column (or field) names, checked: ``--token-column`` and co."""
+    token, email = args.token_column.strip(), args.email_column.strip()
+    if not token or not email:
+        raise UsageError("--token-column and --email-column must not be empty")
+    if token.lower() == email.lower():
+        raise UsageError(f"--token-column and --email-column both name {token!r}")
+    return token, email

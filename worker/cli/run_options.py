@@ -1,0 +1,268 @@
+"""``run``'s options, in groups: the service, sending, who is invited, planning, operating.
+
+Stream mode's own options are in :mod:`worker.cli.queue`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from worker.cli.help import add_column_options, add_format, add_log_format
+from worker.config import DEFAULT_SITE
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """``90m``, ``12h``, ``7d`` (or plain seconds) as seconds."""
+    value, unit = text.strip(), "s"
+    if value and value[-1].lower() in _UNITS:
+        value, unit = value[:-1], value[-1].lower()
+    try:
+        seconds = float(value) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use e.g. 90m, 12h, 7d)"
+        ) from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
+    return seconds
+
+
+RUN_DESCRIPTION = """\
+Send the invitations a file (or a Redis Stream) lists: rows are validated, grouped per
+dashboard token into list requests, paced to the organization's rate limit, and every
+outcome is written to a JSONL report. Keys come from DD_API_KEY and DD_APP_KEY (or the
+files DD_API_KEY_FILE / DD_APP_KEY_FILE name). Exit 0: everything went; 1: some rows or
+emails did not; 2: a usage error; 3: aborted or interrupted (--resume finishes it)."""
+
+RUN_EXAMPLES = """\
+  invite-worker run invites.csv --sandbox                # rehearse: nothing is emailed
+  invite-worker run invites.csv --dry-run --assume-limit 100/60
+  invite-worker run invites.csv --report /data/report.jsonl
+  invite-worker run invites.csv --report /data/report.jsonl --resume   # after a stop
+  invite-worker run users.csv --token-column dashboard_token --email-column user_email
+  invite-worker run redis://127.0.0.1:6379/0 --stream invites --until-empty"""
+
+
+def add_run_options(r: argparse.ArgumentParser) -> None:
+    """Everything ``run`` takes but the stream options."""
+    r.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a .csv or .jsonl path, - for stdin, or redis://HOST:PORT/DB (with --stream); "
+        "e.g. invites.csv",
+    )
+    add_format(r)
+    add_column_options(r)
+    r.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the JSONL report (default: invite-report.jsonl; for a --dry-run, "
+        "invite-report.plan.jsonl, so the plan never blocks the run that follows); "
+        "e.g. --report /data/report.jsonl",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing report instead of refusing to start",
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run recorded in --report: skip what was sent, check unknown "
+        "outcomes, send the rest",
+    )
+    add_target_options(r)
+    add_sending_options(r)
+    add_who_options(r)
+    add_planning_options(r)
+    add_operating_options(r)
+
+
+def add_target_options(r: argparse.ArgumentParser) -> None:
+    """Where requests go, and with which keys."""
+    g = r.add_argument_group("the service")
+    g.add_argument(
+        "--site",
+        default=os.environ.get("DD_SITE") or DEFAULT_SITE,
+        help="the Datadog site of the organization (env DD_SITE); e.g. --site datadoghq.eu",
+    )
+    g.add_argument(
+        "--api-url",
+        default=os.environ.get("DD_API_URL") or None,
+        metavar="URL",
+        help="base URL instead of the site's (env DD_API_URL): a proxy or an emulator; "
+        "e.g. --api-url http://127.0.0.1:8126",
+    )
+    g.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="PATH",
+        help="read the API key from this file (else env DD_API_KEY_FILE, else DD_API_KEY); "
+        "e.g. --api-key-file /secrets/api-key",
+    )
+    g.add_argument(
+        "--app-key-file",
+        type=Path,
+        metavar="PATH",
+        help="read the application key from this file (else env DD_APP_KEY_FILE, else "
+        "DD_APP_KEY); e.g. --app-key-file /secrets/app-key",
+    )
+    g.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="run against the built-in emulator instead; no keys needed, nothing is emailed",
+    )
+
+
+def add_sending_options(r: argparse.ArgumentParser) -> None:
+    """How requests are made: size, concurrency, pace, retries."""
+    g = r.add_argument_group("sending")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=100,
+        metavar="N",
+        help="emails per request; e.g. --batch-size 50",
+    )
+    g.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="requests in flight at once; e.g. --concurrency 8",
+    )
+    g.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="a cap in requests per second, below the service's own limit (default: only "
+        "the service's limit); e.g. --rate 2",
+    )
+    g.add_argument(
+        "--max-attempts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="attempts per batch for retryable failures; e.g. --max-attempts 8",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds one request may take; e.g. --timeout 60",
+    )
+    g.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="the longest single wait for the rate limit, in seconds, whatever the "
+        "service's headers say; e.g. --max-wait 120",
+    )
+    g.add_argument(
+        "--reconcile-delay",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="after an unknown outcome, seconds to wait before listing what the service "
+        "created; e.g. --reconcile-delay 10",
+    )
+    g.add_argument(
+        "--fsync",
+        action="store_true",
+        help="fdatasync each journal intent before its request: survive power loss too, "
+        "at one sync per request",
+    )
+
+
+def add_who_options(r: argparse.ArgumentParser) -> None:
+    """Who is invited: skip the invited, or not; add invitees."""
+    g = r.add_argument_group("who is invited")
+    g.add_argument(
+        "--resend",
+        action="store_true",
+        help="send to everyone, even those the service lists as already invited or in a "
+        "session (default: skip them)",
+    )
+    g.add_argument(
+        "--resend-after",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="invite again those whose last invitation is older than this and who have no "
+        "open session; e.g. --resend-after 7d (or 90m, 12h)",
+    )
+    g.add_argument(
+        "--add-invitees",
+        action="store_true",
+        help="add addresses the dashboard does not allow to its invitees first (read, merge, "
+        "write, read back; nothing existing is removed or changed), then invite them",
+    )
+
+
+def add_planning_options(r: argparse.ArgumentParser) -> None:
+    """A dry run and its estimate."""
+    g = r.add_argument_group("planning")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read, validate and batch everything, send nothing, print the plan",
+    )
+    g.add_argument(
+        "--preflight",
+        action="store_true",
+        help="with --dry-run: read each dashboard and list its invitations (GETs only; keys "
+        "needed) and say per token what would be sent, skipped and refused",
+    )
+    g.add_argument(
+        "--assume-limit",
+        metavar="L/P",
+        help="for the dry run's estimate: L requests per P-second window; "
+        "e.g. --assume-limit 100/60",
+    )
+
+
+def add_operating_options(r: argparse.ArgumentParser) -> None:
+    """Signals, progress, logs and metrics."""
+    g = r.add_argument_group("operating")
+    g.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish; e.g. --grace 5",
+    )
+    g.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between progress events when no progress bar is shown; "
+        "e.g. --progress-every 60",
+    )
+    g.add_argument(
+        "--statsd",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="send metrics to the Datadog Agent's DogStatsD: HOST:PORT, udp://HOST:PORT or "
+        "unix:///path (alone: the Agent's environment, else 127.0.0.1:8125). On by itself "
+        "when DD_DOGSTATSD_URL or DD_AGENT_HOST is set; e.g. --statsd datadog-agent:8125",
+    )
+    g.add_argument(
+        "--no-statsd",
+        dest="statsd",
+        action="store_const",
+        const="off",
+        help="send no metrics, even if DD_DOGSTATSD_URL or DD_AGENT_HOST is set",
+    )
+    add_log_format(g)
