@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import pty
+import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 import urllib.request
 import uuid
@@ -287,3 +292,38 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def stream_name() -> str:
     """A stream name no other test uses (the server may be shared through REDIS_URL)."""
     return f"invites-{uuid.uuid4().hex[:12]}"
+
+
+def on_a_terminal(
+    argv: list[str], when: bytes | None = None, then: Callable[[subprocess.Popen[bytes]], None]
+    = lambda proc: None,
+) -> tuple[int, bytes]:  # fmt: skip
+    """Run ``argv`` with stderr on a pseudo-terminal; once ``when`` is shown, do ``then``.
+
+    Returns the exit code and everything the terminal showed.
+    """
+    master, slave = pty.openpty()
+    # A terminal has a size: 24 rows by 160 columns.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+    env = worker_env(TERM="xterm", COLUMNS="160", DD_API_KEY=API_KEY, DD_APP_KEY=APP_KEY)
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=slave, cwd=ROOT)  # fmt: skip
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 50
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            if when is not None and when in seen + chunk and when not in seen:
+                then(proc)
+            seen += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=10), seen

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
-import os
-import pty
 import re
-import select
 import shlex
 import signal
 import stat
-import struct
 import subprocess
-import termios
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +22,7 @@ from tests.conftest import (
     ROOT,
     by_kind,
     emulator_invited,
+    on_a_terminal,
     read_report,
     rows_csv,
     worker_command,
@@ -37,6 +31,7 @@ from tests.conftest import (
 from worker.cli.review import write_failed
 from worker.record.replay import Replay
 from worker.run.human import print_summary
+from worker.run.progress import SteadyRate, duration_text
 
 SAMPLES = ROOT / "sample_inputs"
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
@@ -176,41 +171,6 @@ def test_json_mode_stderr_is_only_json_events_with_progress(
         assert lines[-1]["event"] == "cli.usage_error"
 
 
-def on_a_terminal(
-    argv: list[str], when: bytes | None = None, then: Callable[[subprocess.Popen[bytes]], None]
-    = lambda proc: None,
-) -> tuple[int, bytes]:  # fmt: skip
-    """Run ``argv`` with stderr on a pseudo-terminal; once ``when`` is shown, do ``then``.
-
-    Returns the exit code and everything the terminal showed.
-    """
-    master, slave = pty.openpty()
-    # A terminal has a size: 24 rows by 160 columns.
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
-    proc = subprocess.Popen(argv, env=worker_env(TERM="xterm", COLUMNS="160", **KEYS),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave,
-                            cwd=ROOT)  # fmt: skip
-    os.close(slave)
-    seen = b""
-    deadline = time.monotonic() + 50
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            if when is not None and when in seen + chunk and when not in seen:
-                then(proc)
-            seen += chunk
-        elif proc.poll() is not None:
-            break
-    os.close(master)
-    return proc.wait(timeout=10), seen
-
-
 @pytest.mark.timeout(60)
 def test_a_terminal_run_shows_a_progress_bar_redrawn_in_place(
     tmp_path: Path, start_emulator: Callable[..., str]
@@ -231,6 +191,7 @@ def test_a_terminal_run_shows_a_progress_bar_redrawn_in_place(
     assert b"pacing waits" in seen
     assert seen.count(b"\r") >= 3  # redrawn in place, not one line per update
     assert b"400/400" in seen
+    assert b"ETA " in seen  # once every row is read, the total and an ETA
     # ...and it ends with how it went and what to do next, for the person reading.
     assert b"Done: " in seen
     assert b"invited" in seen
@@ -309,13 +270,16 @@ def test_a_pairs_last_batch_record_decides_its_state(tmp_path: Path) -> None:
          "5 not sent yet, nothing is lost. Finish with: invite-worker run in.csv --resume"),
         ({"interrupted": True, "group": "g"},
          "stay pending for the next worker, nothing is lost. Run again with: invite-worker "
-         "run in.csv"),
+         "run redis://r:6379/0 --stream s"),
         ({"emails_failed": 2}, "invite-worker report failed r.jsonl --output retry.csv"),
         ({"aborted": True}, "check DD_API_KEY"),
         ({"halted": {"code": "storage_error", "message": "cannot write 'r.jsonl': full. More"}},
          "cannot write 'r.jsonl': full; then: invite-worker run in.csv --resume"),
         ({"emails_failed": 1, "refused_by_code": {"not_on_share_list": 1}}, "--add-invitees"),
         ({"rejected": 3}, "fix the rejected rows"),
+        ({"group": "g", "dead_lettered": 2},
+         "invite-worker dead-letter list redis://r:6379/0 --stream s; once fixed"),
+        ({"group": "g"}, "nothing: every message read is settled"),
     ],
 )  # fmt: skip
 def test_the_terminal_summary_ends_with_the_next_step(
@@ -327,8 +291,37 @@ def test_the_terminal_summary_ends_with_the_next_step(
         "emails_failed": 0, "rejected": 0, "requests": 1, "rate_limited": 0,
         **facts,
     }  # fmt: skip
+    source = ["redis://r:6379/0", "--stream", "s"] if "group" in facts else ["in.csv"]
     out = io.StringIO()
-    print_summary(summary, "r.jsonl", ["invite-worker", "run", "in.csv"], out)
+    print_summary(summary, "r.jsonl", ["invite-worker", "run", *source], out)
     text = out.getvalue()
     assert "invited" in text
     assert advice in text.splitlines()[-1]
+
+
+def test_the_eta_holds_steady_through_bursts_paced_by_a_rate_limit() -> None:
+    """A run paced to 100 requests per 10 s window sends in bursts; the ETA shown at each
+    redraw stays within 15% of the truth once a minute has passed, where the instant rate
+    would swing between nothing and ten times the average."""
+    now = [0.0]
+    rate = SteadyRate(lambda: now[0])
+    total, done, etas = 60_000, 0, []
+    while done < total:
+        second = now[0] % 10
+        if second < 1:  # the window's budget, spent in its first second: 1,000 emails/s
+            done = min(total, done + 250)
+        r = rate.add(done)
+        eta = SteadyRate.eta(total - done, r)
+        if now[0] >= 60 and eta is not None and done < total:
+            truth = (total - done) / 100  # 100 emails/s on average
+            etas.append(eta / truth)
+        now[0] += 0.25
+    assert etas
+    assert min(etas) > 0.85
+    assert max(etas) < 1.15
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(4.4, "4s"), (200, "3m 20s"), (7500, "2h 05m")])
+def test_durations_are_short_and_steady_in_width(seconds: float, text: str) -> None:
+    """The ETA reads 45s, 3m 20s, 2h 05m."""
+    assert duration_text(seconds) == text

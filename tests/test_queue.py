@@ -23,6 +23,7 @@ from tests.conftest import (
     Proc,
     by_kind,
     emulator_invited,
+    on_a_terminal,
     read_report,
     worker_command,
     worker_env,
@@ -329,3 +330,31 @@ async def test_a_queue_worker_refuses_a_report_another_run_holds(
     config = make_config()
     with hold_report(config.report_path), pytest.raises(ReportLocked, match="in use"):
         await run_stream(config, options(redis_server, stream_name))
+
+
+@pytest.mark.timeout(60)
+async def test_a_queue_worker_on_a_terminal_shows_a_bar_and_the_summary(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """On a terminal a stream worker shows messages read, held and dead-lettered as it
+    goes, then the summary table; its log has no thirty-field run.finished line."""
+    url = start_emulator()
+    gone = "gone1234gone1234-0123456789abcdef0123456789abcdef"
+    await add(redis, stream_name, [(TOKEN_A, f"t{i}@example.com") for i in range(300)]
+              + [(gone, "nobody@example.com")])  # fmt: skip
+    code, seen = await asyncio.to_thread(
+        on_a_terminal,
+        worker_command("run", redis_server, "--stream", stream_name, "--until-empty",
+                       "--linger", "0.05", "--api-url", url, "--report",
+                       str(tmp_path / "r.jsonl")),
+    )  # fmt: skip
+    assert code == 1  # the dead-lettered message failed
+    assert b"messages 301" in seen
+    assert b"held " in seen
+    assert b"dead-lettered 1" in seen
+    assert b"Done: " in seen
+    assert b"run.finished" not in seen

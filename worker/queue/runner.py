@@ -28,6 +28,7 @@ from worker.queue.ratelimit import SharedBudget
 from worker.queue.stream import StreamQueue, enqueue_rows
 from worker.record.lock import hold_report
 from worker.record.report import Report
+from worker.run.progress import Progress, snapshot_of
 from worker.run.runner import Runner
 from worker.run.summary import RunResult, build_summary, finish
 from worker.send import client_for, pacer_for
@@ -129,10 +130,16 @@ async def _run_stream(
             hooks = (consumer.on_outcome, metrics.outcome)
             runner = Runner(config, sender, report, intents, hooks=hooks)
             consumer.record = runner.record
+            # A bar for a person watching; no periodic events: a worker's log stays as it was.
+            mode = "bar" if config.progress == "bar" else "off"
+            progress = Progress(snapshot_of(runner, consumer.counts, lambda: len(index)), mode,
+                                config.progress_every, queue=True)  # fmt: skip
+            progress.start()
             try:
                 await runner.drive(consumer.batches())
                 await consumer.flush()  # what the last outcomes settle
             finally:
+                await progress.close()
                 await shared.settle()
         summary = build_summary(runner, options.where, consumer.counts, started, clock.time(),
                                 stopping_is_normal=True)  # fmt: skip

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from urllib.parse import urlsplit
 
 import structlog
@@ -22,7 +22,7 @@ from worker.metrics import metrics_for
 from worker.record.journal import Journal, journal_path
 from worker.record.lock import hold_report
 from worker.record.report import Report
-from worker.run.progress import Progress
+from worker.run.progress import Progress, snapshot_of
 from worker.run.resume import (
     History,
     check_resumable,
@@ -34,7 +34,7 @@ from worker.run.runner import Runner
 from worker.run.summary import FileCounts, RunResult, build_summary, finish
 from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
-from worker.sources import Source
+from worker.sources import RawRow, Source
 from worker.validate import Validator
 
 log = structlog.get_logger("worker.run")
@@ -61,12 +61,24 @@ async def read_batches(
     known_rejected = history.rejected_lines if history is not None else set()
     settled = history.settled if history is not None else None
     tokens: set[str] = set()
+    chunks = source.chunks()
+    ahead: asyncio.Future[Sequence[RawRow] | None] | None = None
+
+    def known_total(read: asyncio.Future[Sequence[RawRow] | None]) -> None:
+        if not read.cancelled() and read.exception() is None and read.result() is None:
+            counts.read_all = True  # the last chunk is counted: the total is known
+
     try:
-        async for chunk in source.chunks():
+        chunk = await anext(chunks, None)
+        while chunk is not None:
             valid, rejections, skipped = validator.check_rows(chunk, settled)
             counts.rows += len(chunk)
             counts.valid += len(valid)
             counts.skipped += skipped
+            # The next chunk is read while this one's batches go out, so the total (and the
+            # ETA) shows as soon as every row is read, and a pipe is never waited on early.
+            ahead = asyncio.ensure_future(anext(chunks, None))
+            ahead.add_done_callback(known_total)
             for line, reason, token, email in rejections:
                 if line not in known_rejected:
                     reject(line, reason, token, email)
@@ -75,11 +87,14 @@ async def read_batches(
                 yield batch
             if stop is not None and stop.is_set():
                 return
+            chunk = await ahead
         counts.read_all = True
         for batch in batcher.drain():
             tokens.add(batch.token)
             yield batch
     finally:
+        if ahead is not None and not ahead.done():
+            ahead.cancel()
         counts.tokens = len(tokens)
 
 
@@ -130,7 +145,7 @@ async def _run(
             if history is not None:
                 await _settle(runner, history, clock)
             runner.recorded = 0  # settling is not this run's reading
-            progress = Progress(_snapshot(runner, counts), config.progress, config.progress_every)
+            progress = Progress(snapshot_of(runner, counts), config.progress, config.progress_every)
             progress.start()
             try:
                 await runner.drive(_flushed(report, read_batches(
@@ -165,19 +180,6 @@ async def _flushed(report: Report, batches: AsyncIterator[Batch]) -> AsyncIterat
         report.flush()
         yield batch
     report.flush()
-
-
-def _snapshot(runner: Runner, counts: FileCounts) -> Callable[[], dict[str, int]]:
-    report, sender = runner.report, runner.sender
-
-    def snapshot() -> dict[str, int]:
-        return {"rows": counts.rows, "valid": counts.valid, "read_all": int(counts.read_all),
-                "sent": report.emails["sent"], "failed": report.emails["failed"],
-                "skipped": report.emails["skipped"], "refused": report.refused,
-                "requests": sender.stats.requests, "limited": sender.stats.rate_limited,
-                "waits": sender.pacer.waits}  # fmt: skip
-
-    return snapshot
 
 
 def _public_origin(url: str) -> str:

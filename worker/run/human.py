@@ -6,6 +6,7 @@ carries the same numbers for machines.
 
 from __future__ import annotations
 
+import itertools
 import shlex
 from typing import Any, TextIO
 
@@ -74,6 +75,8 @@ def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
     if summary.get("aborted"):
         return ("the service refused the keys: check DD_API_KEY / DD_APP_KEY, --site and the "
                 f"dashboards_invite_share permission, then: {resume}")  # fmt: skip
+    if "group" in summary:  # a queue worker
+        return _queue_step(summary, command)
     if summary.get("interrupted") or summary.get("unsent"):
         return f"finish the run: {resume}"
     refused = sum(summary.get("refused_by_code", {}).values())
@@ -87,6 +90,20 @@ def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
     if summary["rejected"]:
         return "fix the rejected rows in the input (their lines are in the report)"
     return "nothing: everyone is invited"
+
+
+def _queue_step(summary: dict[str, Any], command: list[str]) -> str:
+    """A stream worker's next step: its dead letters, else nothing (the stream goes on)."""
+    if summary.get("dead_lettered"):
+        stream = next((v for k, v in itertools.pairwise(command) if k == "--stream"), None)
+        listing = ["invite-worker", "dead-letter", "list", command[2]]
+        listing += ["--stream", stream] if stream else []
+        return (f"see why {summary['dead_lettered']:,} message(s) were dead-lettered: "
+                f"{shlex.join(listing)}; once fixed, 'dead-letter requeue' puts them "
+                "back")  # fmt: skip
+    if summary["rejected"]:
+        return "fix the producer of the rejected messages (their ids are in the report)"
+    return "nothing: every message read is settled"
 
 
 def resume_command(command: list[str]) -> str:

@@ -1,9 +1,13 @@
 """Live progress of a run: a bar redrawn in place on a terminal, or periodic events.
 
-On a terminal (console logs, stderr a TTY) a tqdm bar on stderr shows rows read, emails
-sent and failed, requests, 429 waits, the rate and, once the input is fully read, the ETA;
-log lines are written above it. Otherwise a ``progress`` event is logged every
-``--progress-every`` seconds with the same numbers.
+On a terminal (console logs, stderr a TTY) a tqdm bar on stderr shows emails done, and
+rows read, sent, skipped, failed, requests, 429 answers and pacing waits; for a file, once
+every row is read, the total and an ETA; for a stream, the messages this worker holds and
+those it dead-lettered. Log lines are written above it. Otherwise a ``progress`` event is
+logged every ``--progress-every`` seconds with the same numbers.
+
+The rate and ETA are taken over the last minute, not from one redraw to the next: a run
+paced to a rate limit sends in bursts, and an instant rate would swing the ETA with each.
 """
 
 from __future__ import annotations
@@ -12,31 +16,102 @@ import asyncio
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from worker import logs
+from worker.run.runner import Runner
+from worker.run.summary import FileCounts, QueueCounts
 
 log = structlog.get_logger("worker.progress")
 
 #: How often the bar is redrawn.
 BAR_REFRESH = 0.25
+#: The span the rate (and so the ETA) is measured over.
+RATE_WINDOW = 60.0
+#: Before this much of a window is seen, the rate is the average since the start.
+RATE_MIN_SPAN = 5.0
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+_COUNT = "{desc}: {n_fmt} [{elapsed}{postfix}]"
 
 Snapshot = Callable[[], dict[str, int]]
 
 
-class Progress:
-    """Shows a run's progress until :meth:`close`. ``mode``: ``bar``, ``events`` or ``off``."""
+def snapshot_of(
+    runner: Runner, counts: FileCounts | QueueCounts, held: Callable[[], int] | None = None
+) -> Snapshot:
+    """What the progress shows of a run; ``held``: a stream worker's unsettled messages."""
+    report, sender = runner.report, runner.sender
 
-    def __init__(self, snapshot: Snapshot, mode: str, every: float) -> None:
+    def snapshot() -> dict[str, int]:
+        snap = {"rows": counts.rows, "valid": counts.valid,
+                "sent": report.emails["sent"], "failed": report.emails["failed"],
+                "skipped": report.emails["skipped"], "refused": report.refused,
+                "requests": sender.stats.requests, "limited": sender.stats.rate_limited,
+                "waits": sender.pacer.waits}  # fmt: skip
+        if isinstance(counts, FileCounts):
+            snap["read_all"] = int(counts.read_all)
+        else:
+            snap.update(read_all=0, held=held() if held else 0, dead=counts.dead_lettered)
+        return snap
+
+    return snapshot
+
+
+class SteadyRate:
+    """Emails per second over the last :data:`RATE_WINDOW` seconds, and the ETA from it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, done: int) -> float:
+        """Record ``done`` emails so far; the rate now."""
+        now = self._clock()
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
+            self._samples.popleft()
+        first_at, first_done = self._samples[0]
+        if now - first_at < RATE_MIN_SPAN:  # too short a span: the run's average
+            span = now - self._started
+            return done / span if span > 0 else 0.0
+        return (done - first_done) / (now - first_at)
+
+    @staticmethod
+    def eta(left: int, rate: float) -> float | None:
+        """Seconds until ``left`` more are done at ``rate``; None when it cannot be told."""
+        return left / rate if rate > 0 and left >= 0 else None
+
+
+def duration_text(seconds: float) -> str:
+    """``45s``, ``3m 20s``, ``2h 05m``: short, and steady in width."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Shows a run's progress until :meth:`close`. ``mode``: ``bar``, ``events`` or ``off``.
+
+    ``queue``: the snapshot is a stream worker's (no total; messages held, dead-lettered).
+    """
+
+    def __init__(self, snapshot: Snapshot, mode: str, every: float, *, queue: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self._snapshot = snapshot
         self.mode = mode
+        self.queue = queue
         self._every = BAR_REFRESH if mode == "bar" else max(every, 0.05)
         self._bar: Any = None  # a tqdm bar, in bar mode
         self._task: asyncio.Task[None] | None = None
-        self._started = time.monotonic()
+        self.rate = SteadyRate(clock)
 
     def start(self) -> None:
         """Begin showing progress (a no-op when off)."""
@@ -45,15 +120,16 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm  # only a terminal run pays for the import
 
-            # Some terminals (and bare pseudo-terminals) report a width of 0: then tqdm
-            # would draw nothing, so fall back to a fixed width.
+            # Some terminals (and bare pseudo-terminals, `script` without a terminal of its
+            # own) report a size of 0x0: then tqdm would draw nothing (no room, it thinks),
+            # so fall back to a fixed size.
             try:
-                width = os.get_terminal_size(sys.stderr.fileno()).columns
+                width, height = os.get_terminal_size(sys.stderr.fileno())
             except (OSError, ValueError):
-                width = 0
+                width = height = 0
             self._bar = tqdm(total=None, unit="email", desc="invites", file=sys.stderr,
                              dynamic_ncols=width > 0, ncols=None if width > 0 else 120,
-                             smoothing=0.2, leave=True)  # fmt: skip
+                             nrows=height or 24, bar_format=_COUNT, leave=True)  # fmt: skip
             bar = self._bar
             logs.STDERR.sink = lambda line: bar.write(line, file=sys.stderr)
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -67,28 +143,38 @@ class Progress:
         """Redraw the bar, or log one ``progress`` event."""
         snap = self._snapshot()
         done = snap["sent"] + snap["failed"] + snap["skipped"]
+        rate = self.rate.add(done)
+        total = None if self.queue or not snap["read_all"] else snap["valid"]
+        eta = None if total is None else SteadyRate.eta(total - done, rate)
         if self._bar is not None:
-            bar = self._bar
-            if snap["read_all"] and bar.total != snap["valid"]:
-                bar.total = snap["valid"]
-            bar.set_postfix_str(
-                f"rows {snap['rows']:,} | sent {snap['sent']:,} | skipped {snap['skipped']:,}"
-                f" | failed {snap['failed']:,} (refused {snap['refused']:,})"
-                f" | requests {snap['requests']:,} | 429s {snap['limited']:,}"
-                f" | pacing waits {snap['waits']:,}",
-                refresh=False,
-            )
-            bar.update(done - bar.n)  # redraws in place
+            self._draw(snap, done, total, rate, eta)
             return
-        elapsed = time.monotonic() - self._started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        left = snap["valid"] - done
-        eta = round(left / rate, 1) if snap["read_all"] and rate > 0 else None
-        log.info("progress", rows=snap["rows"], valid=snap["valid"], sent=snap["sent"],
-                 failed=snap["failed"], skipped=snap["skipped"], refused=snap["refused"],
-                 requests=snap["requests"], rate_limited=snap["limited"],
-                 ratelimit_waits=snap["waits"], emails_per_second=round(rate, 1),
-                 eta_seconds=eta)  # fmt: skip
+        extra = ({"held": snap["held"], "dead_lettered": snap["dead"]} if self.queue
+                 else {"valid": snap["valid"]})  # fmt: skip
+        log.info("progress", rows=snap["rows"], sent=snap["sent"], failed=snap["failed"],
+                 skipped=snap["skipped"], refused=snap["refused"], requests=snap["requests"],
+                 rate_limited=snap["limited"], ratelimit_waits=snap["waits"],
+                 emails_per_second=round(rate, 1),
+                 eta_seconds=None if eta is None else round(eta, 1), **extra)  # fmt: skip
+
+    def _draw(self, snap: dict[str, int], done: int, total: int | None, rate: float,
+              eta: float | None) -> None:  # fmt: skip
+        bar = self._bar
+        if total is not None and bar.total != total:
+            bar.total = total
+            bar.bar_format = _BAR
+        when = f", ETA {duration_text(eta)}" if eta is not None else ""
+        rows = "messages" if self.queue else "rows"
+        held = (f" | held {snap['held']:,} | dead-lettered {snap['dead']:,}"
+                if self.queue else "")  # fmt: skip
+        bar.set_postfix_str(
+            f"{rate:,.1f} email/s{when} | {rows} {snap['rows']:,} | sent {snap['sent']:,}"
+            f" | skipped {snap['skipped']:,} | failed {snap['failed']:,}"
+            f" (refused {snap['refused']:,}){held} | requests {snap['requests']:,}"
+            f" | 429s {snap['limited']:,} | pacing waits {snap['waits']:,}",
+            refresh=False,
+        )
+        bar.update(done - bar.n)  # redraws in place
 
     async def close(self) -> None:
         """Stop; a bar gets its final state, then goes back to plain stderr."""
