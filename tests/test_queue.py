@@ -358,3 +358,24 @@ async def test_a_queue_worker_on_a_terminal_shows_a_bar_and_the_summary(
     assert b"dead-lettered 1" in seen
     assert b"Done: " in seen
     assert b"run.finished" not in seen
+
+
+@pytest.mark.parametrize("protocol", ["", "?protocol=2", "?protocol=3"])
+async def test_a_worker_reads_the_stream_over_either_protocol(
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+    protocol: str,
+) -> None:
+    """Replies are read as Redis sends them, in RESP2's shape or RESP3's: every message,
+    in whatever field order a producer wrote it, is invited once and acknowledged."""
+    pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(250)]
+    await add(redis, stream_name, pairs[:240])
+    for token, email in pairs[240:]:  # another producer: other field order, extra fields
+        await redis.xadd(stream_name, {"source": "crm", "email": email, "token": token})
+    result = await run_stream(make_config(), options(redis_server + protocol, stream_name))
+    assert result.exit_code == 0
+    assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
+    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 
 import structlog
@@ -22,7 +22,13 @@ from worker.clock import Clock
 from worker.config import Config
 from worker.errors import FatalError, QueueLost, SendError, keeps_pending
 from worker.outcome import Outcome, Status
-from worker.queue.messages import parse_message, queue_lost, unset_record
+from worker.queue.messages import (
+    MessageIndex,
+    RecentlySettled,
+    parse_message,
+    queue_lost,
+    unset_record,
+)
 from worker.queue.options import StreamOptions
 from worker.queue.stream import Message, StreamQueue
 from worker.record.report import Report, iso
@@ -48,7 +54,7 @@ class Consumer:
         queue: StreamQueue,
         report: Report,
         sender: Sender,
-        index: dict[tuple[str, str], str],
+        index: MessageIndex,
         clock: Clock,
     ) -> None:
         self.config, self.options, self.queue = config, options, queue
@@ -59,20 +65,18 @@ class Consumer:
         self.acks: list[str] = []
         self.dead: list[tuple[str, dict[str, str]]] = []
         self.counts = QueueCounts()
-        # Oldest first, at most RECENTLY_SETTLED. An OrderedDict: dropping a plain dict's
-        # first key again and again makes finding the next one ever slower.
-        self.settled: OrderedDict[str, None] = OrderedDict()
+        self.settled = RecentlySettled(RECENTLY_SETTLED)
         #: Records an outcome (the runner's): set before :meth:`batches` is iterated.
         self.record: Callable[[Outcome], None] = unset_record
 
     def on_outcome(self, outcome: Outcome) -> None:
         """An outcome is on disk: acknowledge its messages, or dead-letter them."""
-        pop, token = self.index.pop, outcome.token
-        mids = [pop((token, email.lower()), None) for email in outcome.emails]
+        token = outcome.token
+        mids = self.index.pop(token, outcome.emails)
         if outcome.status in (Status.SENT, Status.SKIPPED):  # both are done with
             done = [mid for mid in mids if mid is not None]
             self.acks.extend(done)
-            self._settled(done)
+            self.settled.update(done)
             return
         error = outcome.error
         if error is None or keeps_pending(error.code):
@@ -81,14 +85,8 @@ class Consumer:
             if mid is not None:
                 self._dead_letter(mid, token, email, error.code, error.message)
 
-    def _settled(self, mids: list[str]) -> None:
-        """Remember these messages as settled here, forgetting the oldest past the bound."""
-        self.settled.update(dict.fromkeys(mids))
-        while len(self.settled) > RECENTLY_SETTLED:
-            self.settled.popitem(last=False)
-
     def _dead_letter(self, mid: str, token: str, email: str, code: str, message: str) -> None:
-        self._settled([mid])
+        self.settled.update((mid,))
         self.counts.dead_lettered += 1
         self.dead.append((mid, {"token": token, "email": email, "stream_id": mid,
                                 "error_code": code, "error_message": message,
@@ -140,8 +138,12 @@ class Consumer:
             messages = await self.queue.read_new(self.options.read_count, block)
             for batch in await self._take(messages, reclaimed=False):
                 yield batch
-            for batch in self.batcher.expired(self.options.linger):
-                yield batch
+            # Partial batches go after --linger only once the stream is caught up: while a
+            # backlog is read, waiting costs nothing and fills them, and half-full requests
+            # would spend the rate limit's budget (and CPU) on half the emails.
+            if len(messages) < self.options.read_count:
+                for batch in self.batcher.expired(self.options.linger):
+                    yield batch
             if self.options.until_empty and not messages and await self._drained():
                 break
         if not self.stop.is_set():
@@ -177,11 +179,10 @@ class Consumer:
             if fields is None:  # deleted from the stream meanwhile
                 self.acks.append(mid)
                 continue
-            token, email = fields.get("token"), fields.get("email")
-            if type(token) is str and type(email) is str:  # the common case, inline
-                append((mid, token.strip(), email.strip()))
+            if len(fields) == 4 and fields[0] == "token" and fields[2] == "email":
+                append((mid, fields[1].strip(), fields[3].strip()))  # as enqueue writes it
                 continue
-            token, email, reason = parse_message(fields)
+            token, email, reason = parse_message(dict(zip(fields[::2], fields[1::2], strict=True)))
             if reason is None:
                 append((mid, (token or "").strip(), (email or "").strip()))
                 continue
@@ -199,7 +200,7 @@ class Consumer:
         kept = [mid for mid, _, _ in fresh if mid not in refused] if refused else [
             mid for mid, _, _ in fresh]  # fmt: skip
         self.counts.valid += len(valid)
-        self.index.update(zip(((t, e.lower()) for t, e in valid), kept, strict=True))
+        self.index.add_pairs(valid, kept)
         full = self.batcher.add_many(valid)
         self.report.flush()
         return full
@@ -249,7 +250,7 @@ class Consumer:
             if email.lower() in found:
                 # Registered before the record is written: writing it acknowledges them.
                 self.validator.seen.add(pair_key(token, email))
-                self.index[(token, email.lower())] = mid
+                self.index.add(token, email, mid)
         outcome = found_outcome(token, emails, found, started_at=since,
                                 finished_at=self.clock.time())  # fmt: skip
         if outcome is not None:

@@ -5,6 +5,8 @@ Also the one error for Redis failing us for good (:func:`queue_lost`).
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -54,14 +56,90 @@ def unset_record(outcome: Outcome) -> None:
     raise RuntimeError("Consumer.record must be set before consuming")
 
 
+class MessageIndex:
+    """Which stream message each pair in hand came from, until its outcome settles it.
+
+    Keyed per token by the address exactly as its batch carries it: an outcome names its
+    emails with the very strings of its batch, and the validator has made them unique per
+    token (case aside), so the hot path builds no tuple and lower-cases nothing.
+    """
+
+    def __init__(self) -> None:
+        self._by_token: dict[str, dict[str, str]] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, token: str, email: str, mid: str) -> None:
+        """Remember that ``(token, email)`` came from message ``mid``."""
+        ids = self._by_token.setdefault(token, {})
+        self._size += email not in ids
+        ids[email] = mid
+
+    def add_pairs(self, pairs: list[tuple[str, str]], mids: list[str]) -> None:
+        """:meth:`add` for each pair and its message id, in order."""
+        by_token = self._by_token
+        for (token, email), mid in zip(pairs, mids, strict=True):
+            ids = by_token.get(token)
+            if ids is None:
+                ids = by_token[token] = {}
+            ids[email] = mid
+        self._size = sum(len(ids) for ids in by_token.values())
+
+    def ids(self, token: str, emails: list[str]) -> list[str]:
+        """The message ids of ``emails`` of ``token`` (all in hand)."""
+        ids = self._by_token[token]
+        return [ids[email] for email in emails]
+
+    def pop(self, token: str, emails: list[str]) -> list[str | None]:
+        """Forget these pairs; their message ids (None for one not in hand)."""
+        ids = self._by_token.get(token)
+        if ids is None:
+            return [None] * len(emails)
+        take = ids.pop
+        mids = [take(email, None) for email in emails]
+        if not ids:
+            del self._by_token[token]
+        self._size -= len(mids) - mids.count(None)
+        return mids
+
+    def values(self) -> set[str]:
+        """Every message id in hand."""
+        return {mid for ids in self._by_token.values() for mid in ids.values()}
+
+
+class RecentlySettled:
+    """Message ids settled lately: at least ``limit`` of the latest, in a few generations.
+
+    A set per generation, not one ordered mapping trimmed id by id: adding a settled
+    batch's ids is one C-level update, and a lookup checks at most five sets.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._generation = max(1, limit // 4)
+        self._current: set[str] = set()
+        self._older: deque[set[str]] = deque(maxlen=4)
+
+    def update(self, mids: Iterable[str]) -> None:
+        """Remember these ids; the oldest generation goes once four are full."""
+        self._current.update(mids)
+        if len(self._current) >= self._generation:
+            self._older.append(self._current)
+            self._current = set()
+
+    def __contains__(self, mid: object) -> bool:
+        return mid in self._current or any(mid in older for older in self._older)
+
+
 class RedisIntents:
     """The sender's intent log in stream mode: send times kept in Redis, per message."""
 
-    def __init__(self, queue: StreamQueue, index: dict[tuple[str, str], str], where: str) -> None:
+    def __init__(self, queue: StreamQueue, index: MessageIndex, where: str) -> None:
         self._queue, self._index, self._where = queue, index, where
 
     async def intent(self, token: str, emails: list[str], at: float) -> str:
-        ids = [self._index[(token, e.lower())] for e in emails]
+        ids = self._index.ids(token, emails)
         try:
             await self._queue.record_intents(ids, at)
         except RedisError as exc:  # no intent stored: the request must not leave

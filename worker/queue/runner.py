@@ -22,7 +22,7 @@ from worker.config import Config
 from worker.errors import UsageError
 from worker.metrics import metrics_for
 from worker.queue.consumer import Consumer
-from worker.queue.messages import RedisIntents
+from worker.queue.messages import MessageIndex, RedisIntents
 from worker.queue.options import StreamOptions
 from worker.queue.ratelimit import SharedBudget
 from worker.queue.stream import StreamQueue, enqueue_rows
@@ -119,7 +119,7 @@ async def _run_stream(
         log.info("run.started", source=options.where, group=options.group,
                  consumer=options.consumer, until_empty=options.until_empty,
                  report=str(config.report_path))  # fmt: skip
-        index: dict[tuple[str, str], str] = {}
+        index = MessageIndex()
         report.metrics = metrics
         async with client_for(config, metrics) as client:
             shared = SharedBudget(redis, urlsplit(config.api_url).netloc, options.where)
