@@ -60,6 +60,27 @@ def redis_server() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def redis_cpu(url: str) -> float:
+    """CPU seconds redis-server has used so far (INFO cpu: user + system)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        info: Any = client.info("cpu")
+    finally:
+        client.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def busy(workers: list[float], emulator: float, redis: float, wall: float) -> str:
+    """Where the machine's CPU went during a run: is it the worker, or the machine?"""
+    total = sum(workers) + emulator + redis
+    cores = os.cpu_count() or 1
+    return (f"workers {sum(workers):.2f} s + emulator {emulator:.2f} s + redis {redis:.2f} s "
+            f"= {total:.2f} s of CPU in {wall:.2f} s on {cores} cores "
+            f"({total / wall / cores:.0%} busy)")  # fmt: skip
+
+
 def measure_all(commands: list[list[str]], env: dict[str, str], cwd: Path) -> list[dict[str, Any]]:
     """Run processes side by side; each one's exit, CPU and peak RSS (wait4), and the wall
     time until the last ends."""
@@ -104,12 +125,16 @@ def queue_rows(
     with redis_server() as url:
         enq = enqueue(url, "bench-one")
         with emulator() as api:
+            before = redis_cpu(url)
             [one] = measure_all([worker(url, "bench-one", api, "one")], env, root)
+            one_redis = redis_cpu(url) - before
             one_service = stats(api)
         enqueue(url, "bench-two")
         with emulator() as api:
+            before = redis_cpu(url)
             two = measure_all([worker(url, "bench-two", api, f"w{i}") for i in range(2)],
                               env, root)  # fmt: skip
+            two_redis = redis_cpu(url) - before
             two_service = stats(api)
     one_cpu = one["cpu"] / rows * 1e6
     two_rate, one_rate = rows / two[0]["wall"], rows / one["wall"]
@@ -122,6 +147,10 @@ def queue_rows(
         ("queue: 2 workers CPU/email", f"{sum(w['cpu'] for w in two) / rows * 1e6:.2f} µs "
                                        f"together (exits {[w['exit'] for w in two]})"),
         ("queue: 2 workers emails/s", f"{two_rate:,.0f} ({two_rate / one_rate:.2f}x one)"),
+        ("queue: machine, 1 worker", busy([one["cpu"]], one_service["cpu_seconds"], one_redis,
+                                          one["wall"])),
+        ("queue: machine, 2 workers", busy([w["cpu"] for w in two], two_service["cpu_seconds"],
+                                           two_redis, two[0]["wall"])),
         ("queue: invitations / dups", f"{one_service['invitations']:,} / "
                                       f"{one_service['duplicates']}; two workers: "
                                       f"{two_service['invitations']:,} / "
