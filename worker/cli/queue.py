@@ -34,7 +34,8 @@ def add_stream_options(r: argparse.ArgumentParser) -> None:
         type=float,
         default=2.0,
         metavar="S",
-        help="send a partial batch once its first message has waited this long; e.g. --linger 0.5",
+        help="send a partial batch once its first message has waited this long and the "
+        "stream is caught up; e.g. --linger 0.5",
     )
     add_dead_letter_option(q)
     q.add_argument(
