@@ -379,3 +379,24 @@ async def test_a_worker_reads_the_stream_over_either_protocol(
     assert result.exit_code == 0
     assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
     assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0
+
+
+async def test_a_backlog_is_sent_in_full_batches_whatever_the_linger(
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """2,000 waiting messages over 10 tokens, read 100 at a time with --linger 0: while
+    reads come back full, partial batches wait and fill, so every request carries 100
+    addresses (half-full ones would spend the rate limit on half the emails)."""
+    pairs = [(f"dash-{i % 10}", f"b{i}@example.com") for i in range(2000)]
+    await add(redis, stream_name, pairs)
+    opts = options(redis_server, stream_name, linger=0.0, read_count=100)
+    result = await run_stream(make_config(batch_size=100), opts)
+    assert result.exit_code == 0
+    posts = [r for r in emulator.requests if r.method == "POST"]
+    assert len(posts) == 20
+    assert {r.emails for r in posts} == {100}
+    assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
