@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import pytest
 import structlog
+from redis.asyncio import Redis
 
 from worker.config import Config
 from worker.emulator import Emulator, Logged
@@ -286,6 +287,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def redis(redis_server: str) -> AsyncIterator[Redis]:
+    """A client of the test Redis server."""
+    client = Redis.from_url(redis_server, decode_responses=True)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

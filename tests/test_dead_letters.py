@@ -6,11 +6,10 @@ import asyncio
 import json
 import subprocess
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import ROOT, TOKEN_A, worker_command, worker_env
@@ -23,14 +22,6 @@ from worker.queue.runner import run_stream
 from worker.queue.stream import enqueue_rows
 
 PAUSED = "pausedpausedpau-0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture
-async def redis(redis_server: str) -> AsyncIterator[Redis]:
-    """A client of the test Redis server."""
-    client = Redis.from_url(redis_server, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 def dead_letter(*args: str) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +35,6 @@ from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.queue.stream import StreamQueue
 from worker.record.lock import hold_report
-
-
-@pytest.fixture
-async def redis(redis_server: str) -> AsyncIterator[Redis]:
-    """A client of the test Redis server."""
-    client = Redis.from_url(redis_server, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 def options(url: str, stream: str, **extra: Any) -> StreamOptions:
