@@ -1,4 +1,4 @@
-"""Reading the service's answers: rate-limit headers, error messages, created invitations.
+"""Reading the service's answers: bodies, rate-limit headers, errors, created invitations.
 
 Every reader here tolerates any shape: a proxy's HTML page, a body cut short, headers that
 make no sense. What cannot be read becomes ``None`` or is left out, never an exception.
@@ -11,12 +11,24 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import msgspec
 
-from worker.errors import RateLimitInfo
+from worker.errors import (
+    AuthError,
+    BadRequest,
+    RateLimited,
+    RateLimitInfo,
+    SendError,
+    ServerError,
+    TokenNotFound,
+    UnexpectedResponse,
+)
 from worker.outcome import Invitation
 
 MAX_MESSAGE_CHARS = 500
+#: Largest response body read; 100 invitations are about 30 KB.
+MAX_BODY_BYTES = 8 * 1024 * 1024
 _TAGS = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 _RATELIMIT_HEADERS = ("Limit", "Period", "Remaining", "Reset")
@@ -171,3 +183,40 @@ def shared_dashboard(doc: Any) -> SharedDashboard:
         k: doc.get(k) if isinstance(doc.get(k), str) else None for k in ("share_type", "status")
     }
     return SharedDashboard(text["share_type"], text["status"], invitees, share_list)
+
+
+def error_for(status: int, message: str, ratelimit: RateLimitInfo) -> SendError:
+    """The typed error for a non-2xx ``status``; ``message`` is the service's, scrubbed."""
+    kwargs: dict[str, Any] = {"http_status": status, "ratelimit": ratelimit}
+    if status == 429:
+        return RateLimited(message, **kwargs)
+    if status == 400:
+        return BadRequest(message, **kwargs)
+    if status in (401, 403):
+        return AuthError(
+            f"{message} — check DD_API_KEY / DD_APP_KEY, the site (--site), and that the "
+            "application key has the dashboards_invite_share permission",
+            **kwargs,
+        )
+    if status == 404:
+        return TokenNotFound(f"{message} — no shared dashboard with this token", **kwargs)
+    if status == 408 or status >= 500:
+        return ServerError(message, **kwargs)
+    return UnexpectedResponse(message, **kwargs)
+
+
+async def read_body(content: aiohttp.StreamReader) -> bytes:
+    """The whole body up to :data:`MAX_BODY_BYTES`.
+
+    ``StreamReader.read(n)`` returns as soon as *some* bytes are there, so one call could
+    cut a body that arrives in several segments short; read until the end instead.
+    """
+    parts: list[bytes] = []
+    size = 0
+    while size < MAX_BODY_BYTES:
+        part = await content.read(MAX_BODY_BYTES - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -16,28 +16,26 @@ import structlog
 from yarl import URL
 
 from worker.errors import (
-    AuthError,
     BadRequest,
     ConnectionDropped,
     ConnectionFailed,
     InviteWorkerError,
-    RateLimited,
     RateLimitInfo,
     RequestTimeout,
     SendError,
     ServerError,
     ServiceUnreachable,
-    TokenNotFound,
-    UnexpectedResponse,
 )
 from worker.metrics import Metrics
 from worker.outcome import Invitation
 from worker.send.answers import (
     SharedDashboard,
     created,
+    error_for,
     error_message,
     invitations,
     json_or_none,
+    read_body,
     read_ratelimit,
     sessions,
     shared_dashboard,
@@ -48,8 +46,6 @@ from worker.validate import check_token
 log = structlog.get_logger("worker.client")
 
 USER_AGENT = "invite-worker/0.1"
-#: Largest response body read; 100 invitations are about 30 KB.
-MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Shorter "secrets" (the sandbox's, a test's) are not scrubbed: they would mangle words.
 MIN_SECRET_LENGTH = 8
 #: Connections that failed before the service ever answered, after which the run stops:
@@ -230,7 +226,7 @@ class InvitationClient:
                 method, url, data=body, timeout=self._timeout, allow_redirects=False
             ) as resp:
                 self.answered = True
-                return resp.status, resp.headers, await _read_body(resp.content)
+                return resp.status, resp.headers, await read_body(resp.content)
         except TimeoutError:
             raise RequestTimeout(
                 f"no answer within {self._timeout.total:g}s (raise --timeout if the service "
@@ -268,42 +264,9 @@ class InvitationClient:
         return info
 
     def _error(self, status: int, raw: bytes, ratelimit: RateLimitInfo) -> SendError:
-        message = self._scrub(error_message(raw) or f"HTTP {status}")
-        kwargs: dict[str, Any] = {"http_status": status, "ratelimit": ratelimit}
-        if status == 429:
-            return RateLimited(message, **kwargs)
-        if status == 400:
-            return BadRequest(message, **kwargs)
-        if status in (401, 403):
-            return AuthError(
-                f"{message} — check DD_API_KEY / DD_APP_KEY, the site (--site), and that the "
-                "application key has the dashboards_invite_share permission",
-                **kwargs,
-            )
-        if status == 404:
-            return TokenNotFound(f"{message} — no shared dashboard with this token", **kwargs)
-        if status == 408 or status >= 500:
-            return ServerError(message, **kwargs)
-        return UnexpectedResponse(message, **kwargs)
+        return error_for(status, self._scrub(error_message(raw) or f"HTTP {status}"), ratelimit)
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
         return text
-
-
-async def _read_body(content: aiohttp.StreamReader) -> bytes:
-    """The whole body up to :data:`MAX_BODY_BYTES`.
-
-    ``StreamReader.read(n)`` returns as soon as *some* bytes are there, so one call could
-    cut a body that arrives in several segments short; read until the end instead.
-    """
-    parts: list[bytes] = []
-    size = 0
-    while size < MAX_BODY_BYTES:
-        part = await content.read(MAX_BODY_BYTES - size)
-        if not part:
-            break
-        parts.append(part)
-        size += len(part)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
