@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -292,3 +294,27 @@ def test_tags_are_made_safe_and_dd_tags_is_read_like_the_agents_clients_read_it(
     assert dd_tags({"DD_TAGS": "team:a, owner:b"}) == ["team:a", "owner:b"]
     assert dd_tags({"DD_TAGS": "team:a owner:b"}) == ["team:a", "owner:b"]
     assert dd_tags({}) == []
+
+
+@pytest.mark.usefixtures("clean_agent_env")
+async def test_dd_dogstatsd_url_names_a_unix_socket_the_agent_listens_on(
+    tmp_path: Path, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DD_DOGSTATSD_URL=unix:///…/dsd.socket, as the Agent's Kubernetes set-up mounts it:
+    the run's metrics arrive on that datagram socket."""
+    path = tmp_path / "dsd.socket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+        monkeypatch.setenv("DD_DOGSTATSD_URL", f"unix://{path}")
+        target = statsd_target(None, os.environ)
+        assert target == StatsdTarget(socket_path=str(path))
+        pairs = [(TOKEN_A, f"u{i}@example.com") for i in range(20)]
+        result = await run(make_config(statsd=target), csv_source(rows_csv(pairs)))
+        assert result.exit_code == 0
+        lines = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                lines += sock.recv(65535).decode().splitlines()
+    sent = [parse(line) for line in lines if line.startswith("invite_worker.emails.sent:")]
+    assert sum(v for m in sent for v in m.values) == 20
