@@ -208,21 +208,35 @@ async def test_a_queue_worker_tags_its_metrics_with_mode_and_consumer(
 
 
 @pytest.mark.usefixtures("clean_agent_env")
-@pytest.mark.parametrize("where", ["nobody-listens-udp", "missing-unix-socket"])
+@pytest.mark.parametrize(
+    "where", ["nobody-listens-udp", "missing-unix-socket", "agent-never-reads-unix-socket"]
+)
 async def test_metrics_that_cannot_be_sent_never_fail_or_slow_a_run(
     tmp_path: Path, where: str, make_config: Callable[..., Config]
 ) -> None:
-    """No Agent on the port, or no socket at the path: the run sends everything and exits
-    0, with at most one ``metrics.unavailable`` warning and no library noise."""
-    target = (StatsdTarget(host="127.0.0.1", port=free_port()) if where.endswith("udp")
-              else StatsdTarget(socket_path=str(tmp_path / "no" / "dsd.socket")))  # fmt: skip
-    pairs = [(TOKEN_A, f"x{i}@example.com") for i in range(300)]
+    """No Agent on the port, no socket at the path, or an Agent that never reads (its
+    socket's buffer full): the run sends everything and exits 0, with at most one
+    ``metrics.unavailable`` warning and no library noise."""
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.bind(str(tmp_path / "stuck.socket"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:  # its buffer, full
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(100_000):
+                filler.sendto(b"x" * 512, str(tmp_path / "stuck.socket"))
+    target = {
+        "nobody-listens-udp": StatsdTarget(host="127.0.0.1", port=free_port()),
+        "missing-unix-socket": StatsdTarget(socket_path=str(tmp_path / "no" / "dsd.socket")),
+        "agent-never-reads-unix-socket": StatsdTarget(socket_path=str(tmp_path / "stuck.socket")),
+    }[where]
+    pairs = [(TOKEN_A, f"x{i}@example.com") for i in range(3000)]
     started = time.monotonic()
-    with capture_logs() as logs:
+    with stuck, capture_logs() as logs:
         result = await run(make_config(statsd=target, batch_size=10), csv_source(rows_csv(pairs)))
     assert time.monotonic() - started < 30  # a bound against a hang, not a speed target
     assert result.exit_code == 0
-    assert result.summary["emails_sent"] == 300
+    assert result.summary["emails_sent"] == 3000
     warnings = find_capture(logs, "metrics.unavailable")
     # No socket at the path fails the first send; UDP fails once the kernel has the ICMP.
     assert len(warnings) == 1 if where.startswith("missing") else len(warnings) <= 1
