@@ -58,11 +58,15 @@ def write_input(path: Path, rows: int, tokens: int) -> None:
             f.write("".join(line % (i % tokens, i) for i in range(start, min(rows, start + step))))
 
 
-def start_emulator(port: int, limit: int | None, period: float) -> subprocess.Popen[bytes]:
+def start_emulator(
+    port: int, limit: int | None, period: float, latency: float = 0.0
+) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "worker", "emulator", "--port", str(port), "--api-key", KEY,
             "--app-key", KEY, "--log-format", "json"]  # fmt: skip
     if limit:
         args += ["--limit", str(limit), "--period", str(period)]
+    if latency:  # every POST answered this late, as a distant service would
+        args += ["--slow-rate", "1", "--slow-seconds", str(latency)]
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -107,10 +111,10 @@ def stats(url: str) -> dict[str, Any]:
 
 
 @contextmanager
-def emulator(limit: int | None, period: float) -> Iterator[str]:
+def emulator(limit: int | None, period: float, latency: float = 0.0) -> Iterator[str]:
     """A fresh emulator process on a free loopback port; yields its URL."""
     port = free_port()
-    proc = start_emulator(port, limit, period)
+    proc = start_emulator(port, limit, period, latency)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -120,7 +124,7 @@ def emulator(limit: int | None, period: float) -> Iterator[str]:
 
 def run_peer(mode: str, source: Path, rows: int, opts: argparse.Namespace) -> dict[str, Any]:
     """``bench/peers.py`` in one mode over the first ``rows`` rows, on its own emulator."""
-    with emulator(opts.limit, opts.period) as url:
+    with emulator(opts.limit, opts.period, opts.latency) as url:
         result = measure(
             [sys.executable, str(ROOT / "bench" / "peers.py"), "--url", url, "--input",
              str(source), "--mode", mode, "--rows", str(rows), "--batch-size",
@@ -164,6 +168,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="emulator requests per window")
     parser.add_argument("--period", type=float, default=1.0, help="emulator window, seconds")
     parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="seconds the emulator takes to answer each POST, as a distant service would "
+        "(default 0: at once)",
+    )
+    parser.add_argument(
         "--peers",
         action="store_true",
         help="also run the job through the official datadog-api-client",
@@ -198,7 +209,7 @@ def main() -> None:
     compileall.compile_dir(ROOT / "worker", quiet=1)
     runs = []
     for _ in range(max(1, opts.repeat)):
-        with emulator(opts.limit, opts.period) as url:
+        with emulator(opts.limit, opts.period, opts.latency) as url:
             runs.append((run_worker(opts.source, report, url, opts), stats(url)))
     runs.sort(key=lambda run: run[0]["cpu"])
     worker, service = runs[len(runs) // 2]
@@ -237,8 +248,8 @@ def main() -> None:
         from queue_bench import queue_rows
 
         env = {**os.environ, "DD_API_KEY": KEY, "DD_APP_KEY": KEY}
-        rows += queue_rows(opts, ROOT, env, lambda: emulator(opts.limit, opts.period), stats,
-                           worker["cpu"] / opts.rows * 1e6)  # fmt: skip
+        fresh = lambda: emulator(opts.limit, opts.period, opts.latency)  # noqa: E731
+        rows += queue_rows(opts, ROOT, env, fresh, stats, worker["cpu"] / opts.rows * 1e6)
     width = max(len(k) for k, _ in rows)
     print(f"{'measure':<{width}}  value")
     print(f"{'-' * width}  {'-' * 40}")
