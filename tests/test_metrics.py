@@ -271,11 +271,11 @@ def test_the_agent_environment_turns_metrics_on_and_no_statsd_turns_them_off(
 def test_the_target_comes_from_the_option_then_the_agent_environment() -> None:
     """--statsd ADDRESS wins; then DD_DOGSTATSD_URL; then DD_AGENT_HOST[:DD_DOGSTATSD_PORT];
     a bare --statsd means the local Agent; --no-statsd (``off``) wins over everything."""
-    agent_env = {"DD_AGENT_HOST": "10.1.2.3", "DD_DOGSTATSD_PORT": "9125"}
+    agent_env = {"DD_AGENT_HOST": "datadog-agent", "DD_DOGSTATSD_PORT": "9125"}
     url_env = {**agent_env, "DD_DOGSTATSD_URL": "unix:///var/run/datadog/dsd.socket"}
     assert statsd_target(None, {}) is None
     assert str(statsd_target("", {})) == "udp://127.0.0.1:8125"
-    assert str(statsd_target(None, agent_env)) == "udp://10.1.2.3:9125"
+    assert str(statsd_target(None, agent_env)) == "udp://datadog-agent:9125"
     assert str(statsd_target(None, {"DD_AGENT_HOST": "agent"})) == "udp://agent:8125"
     assert str(statsd_target("", url_env)) == "unix:///var/run/datadog/dsd.socket"
     assert str(statsd_target("127.0.0.1:9999", url_env)) == "udp://127.0.0.1:9999"
