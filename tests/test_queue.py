@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import subprocess
 import time
@@ -29,7 +30,7 @@ from tests.conftest import (
     worker_env,
 )
 from worker.config import Config
-from worker.emulator import Emulator
+from worker.emulator import Emulator, Faults
 from worker.errors import ReportLocked
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
@@ -283,9 +284,9 @@ async def test_a_message_claimed_back_while_its_ack_is_under_way_is_not_new_work
     await add(redis, stream_name, [(TOKEN_A, f"p{i}@example.com") for i in range(5)])
     settle = StreamQueue.settle
 
-    async def slow_settle(self: StreamQueue, acks: list[str], dead: Any) -> None:
+    async def slow_settle(self: StreamQueue, acks: list[str], dead: Any, now: float) -> None:
         await asyncio.sleep(1.2)  # a loaded machine: the claim cycle (0.5 s) comes first
-        await settle(self, acks, dead)
+        await settle(self, acks, dead, now)
 
     monkeypatch.setattr(StreamQueue, "settle", slow_settle)
     config = make_config(batch_size=5)
@@ -392,3 +393,37 @@ async def test_a_backlog_is_sent_in_full_batches_whatever_the_linger(
     assert len(posts) == 20
     assert {r.emails for r in posts} == {100}
     assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
+
+
+async def test_a_pair_enqueued_twice_and_read_by_two_workers_is_sent_once(
+    tmp_path: Path,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """A producer enqueues its 600 pairs twice; two workers drain the stream at once, each
+    having checked the dashboards before anything was invited. Each pair is invited once:
+    the copy read by the other worker is rejected as a duplicate, and nothing is pending."""
+    emulator = Emulator(api_key=API_KEY, app_key=APP_KEY,
+                        faults=Faults(slow_rate=1.0, slow_seconds=0.2))  # fmt: skip
+    await emulator.start()
+    try:
+        pairs = [(f"dash-{i % 6}", f"twice{i}@example.com") for i in range(600)]
+        await add(redis, stream_name, pairs)
+        await add(redis, stream_name, pairs)
+        config = make_config(api_url=emulator.url, batch_size=20, concurrency=4)
+        reports = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+        results = await asyncio.gather(*(
+            run_stream(dataclasses.replace(config, report_path=report),
+                       options(redis_server, stream_name, consumer=f"w{i}", read_count=50))
+            for i, report in enumerate(reports)
+        ))  # fmt: skip
+    finally:
+        await emulator.stop()
+    assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
+    duplicates = [r for report in reports for r in by_kind(read_report(report), "rejected")
+                  if r["reason"] == "duplicate"]  # fmt: skip
+    assert len(duplicates) == 600
+    assert sum(r.summary["emails_sent"] for r in results) == 600
+    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0

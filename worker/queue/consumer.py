@@ -35,7 +35,7 @@ from worker.record.report import Report, iso
 from worker.run.summary import QueueCounts
 from worker.send.reconcile import found_outcome
 from worker.send.sender import Sender
-from worker.validate import Validator, pair_key
+from worker.validate import Reason, Validator, pair_key
 
 log = structlog.get_logger("worker.queue")
 
@@ -100,7 +100,7 @@ class Consumer:
         self.acks, self.dead = [], []
         try:
             await asyncio.to_thread(self.report.sync)
-            await self.queue.settle(acks, dead)
+            await self.queue.settle(acks, dead, self.clock.time())
         except FatalError as exc:  # not durable in the report: the messages stay pending
             self.sender.halt(exc)
         except RedisError as exc:
@@ -199,6 +199,14 @@ class Consumer:
         refused = {where for where, _, _, _ in rejections}
         kept = [mid for mid, _, _ in fresh if mid not in refused] if refused else [
             mid for mid, _, _ in fresh]  # fmt: skip
+        if kept and (taken := await self.queue.hold_pairs(kept, valid, self.clock.time())):
+            # The same pair from another message, which another worker holds: not twice.
+            for mid, (token, email) in zip(kept, valid, strict=True):
+                if mid in taken:
+                    self.report.rejected(mid, Reason.DUPLICATE, token, email)
+                    self.acks.append(mid)
+            valid = [pair for mid, pair in zip(kept, valid, strict=True) if mid not in taken]
+            kept = [mid for mid in kept if mid not in taken]
         self.counts.valid += len(valid)
         self.index.add_pairs(valid, kept)
         full = self.batcher.add_many(valid)

@@ -8,7 +8,12 @@ Besides the stream and its group, two keys belong to a group:
   from a dead worker that still has an intent has an unknown outcome: the token's
   invitations are listed before it is sent again.
 - the dead-letter stream (``<stream>:dead`` by default) — messages that failed for good or
-  were delivered too often, with the error.
+  were delivered too often, with the error;
+- ``<stream>:<group>:pairs:<period>`` — hashes of ``token\temail`` -> the message that
+  holds the pair, for at least :data:`HOLD_SECONDS`: the same pair enqueued twice and read
+  by two workers at once is sent by one of them, the other message is rejected as a
+  ``duplicate``. A message that fails for good lets go of its pair, so that it can be
+  requeued.
 """
 
 from __future__ import annotations
@@ -34,6 +39,30 @@ for token, email in string.gmatch(ARGV[1], '([^\t\n]*)\t([^\n]*)\n') do
   n = n + 1
 end
 return n
+"""
+
+#: How long a message holds its pair against duplicates in other workers, at least. Past
+#: that, the dashboard check (the token's invitations, listed) is what tells a pair was
+#: invited. Pairs are held in one hash per period, the current and the previous one read.
+HOLD_SECONDS = 3600
+
+# KEYS: this period's hash, the previous period's. ARGV: hash lifetime in seconds,
+# "id\ttoken\temail\n..." (validated; email lower-cased). Returns the ids whose pair another
+# message holds.
+_HOLD = r"""
+local taken = {}
+for id, pair in string.gmatch(ARGV[2], '([^\t\n]+)\t([^\n]*)\n') do
+  local holder = redis.call('HGET', KEYS[2], pair)
+  if not holder or holder == id then
+    holder = id
+    if redis.call('HSETNX', KEYS[1], pair, id) == 0 then
+      holder = redis.call('HGET', KEYS[1], pair)
+    end
+  end
+  if holder ~= id then taken[#taken + 1] = id end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return taken
 """
 
 # KEYS: intents hash. ARGV: "id,id,...", send time.
@@ -72,10 +101,12 @@ class StreamQueue:
         self.stream, self.group, self.consumer = stream, group, consumer
         self.dead_letter = dead_letter
         self.intents_key = f"{stream}:{group}:intents"
+        self.pairs_prefix = f"{stream}:{group}:pairs:"
         # XREADGROUP replies are taken as Redis sends them: redis-py's conversion of each
         # message's fields to a dict cost more than the rest of reading it.
         redis.set_response_callback("XREADGROUP", _as_sent)
         self._intents: Any = redis.register_script(_INTENTS)
+        self._hold: Any = redis.register_script(_HOLD)
         self._ack: Any = redis.register_script(_ACK)
 
     async def ensure_group(self) -> None:
@@ -153,8 +184,28 @@ class StreamQueue:
         values = await self.redis.hmget(self.intents_key, ids)
         return {mid: float(v) for mid, v in zip(ids, values, strict=True) if v is not None}
 
-    async def settle(self, acks: list[str], dead: list[tuple[str, dict[str, str]]]) -> None:
-        """Atomically copy ``dead`` to the dead-letter stream, then acknowledge everything."""
+    def _pair_hashes(self, now: float) -> tuple[str, str]:
+        """This period's hash of held pairs, and the previous period's."""
+        period = int(now // HOLD_SECONDS)
+        return f"{self.pairs_prefix}{period}", f"{self.pairs_prefix}{period - 1}"
+
+    async def hold_pairs(
+        self, mids: list[str], pairs: list[tuple[str, str]], now: float
+    ) -> set[str]:
+        """Each message takes its pair (one script); returns the ids of those whose pair
+        another message holds: duplicates, to be rejected."""
+        text = "".join(f"{mid}\t{token}\t{email.lower()}\n"
+                       for mid, (token, email) in zip(mids, pairs, strict=True))  # fmt: skip
+        # A hash lives two periods: a pair stays held between one and two periods.
+        taken = await self._hold(keys=list(self._pair_hashes(now)),
+                                 args=[2 * HOLD_SECONDS, text])  # fmt: skip
+        return {str(mid) for mid in taken}
+
+    async def settle(
+        self, acks: list[str], dead: list[tuple[str, dict[str, str]]], now: float
+    ) -> None:
+        """Atomically copy ``dead`` to the dead-letter stream (letting go of their pairs),
+        then acknowledge everything."""
         ids = acks + [mid for mid, _ in dead]
         if not ids:
             return
@@ -162,8 +213,11 @@ class StreamQueue:
             await self._ack(keys=[self.stream, self.intents_key], args=[self.group, ",".join(ids)])
             return
         async with self.redis.pipeline(transaction=True) as pipe:
+            held = self._pair_hashes(now)
             for _, fields in dead:
                 pipe.xadd(self.dead_letter, fields)  # type: ignore[arg-type]
+                for key in held:
+                    pipe.hdel(key, f"{fields['token']}\t{fields['email'].lower()}")
             pipe.xack(self.stream, self.group, *ids)
             pipe.hdel(self.intents_key, *ids)
             await pipe.execute()
