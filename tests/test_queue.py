@@ -333,7 +333,7 @@ async def test_a_queue_worker_on_a_terminal_shows_a_bar_and_the_summary(
     redis: Redis,
     stream_name: str,
 ) -> None:
-    """On a terminal a stream worker shows messages read, held and dead-lettered as it
+    """On a terminal a stream worker shows messages read, pending and dead-lettered as it
     goes, then the summary table; its log has no thirty-field run.finished line."""
     url = start_emulator()
     gone = "gone1234gone1234-0123456789abcdef0123456789abcdef"
@@ -347,7 +347,7 @@ async def test_a_queue_worker_on_a_terminal_shows_a_bar_and_the_summary(
     )  # fmt: skip
     assert code == 1  # the dead-lettered message failed
     assert b"messages 301" in seen
-    assert b"held " in seen
+    assert b"pending " in seen
     assert b"dead-lettered 1" in seen
     assert b"Done: " in seen
     assert b"run.finished" not in seen

@@ -41,9 +41,9 @@ Snapshot = Callable[[], dict[str, int]]
 
 
 def snapshot_of(
-    runner: Runner, counts: FileCounts | QueueCounts, held: Callable[[], int] | None = None
+    runner: Runner, counts: FileCounts | QueueCounts, pending: Callable[[], int] | None = None
 ) -> Snapshot:
-    """What the progress shows of a run; ``held``: a stream worker's unsettled messages."""
+    """What the progress shows of a run; ``pending``: a stream worker's unsettled messages."""
     report, sender = runner.report, runner.sender
 
     def snapshot() -> dict[str, int]:
@@ -55,7 +55,8 @@ def snapshot_of(
         if isinstance(counts, FileCounts):
             snap["read_all"] = int(counts.read_all)
         else:
-            snap.update(read_all=0, held=held() if held else 0, dead=counts.dead_lettered)
+            snap.update(read_all=0, pending=pending() if pending else 0,
+                        dead=counts.dead_lettered)  # fmt: skip
         return snap
 
     return snapshot
@@ -100,7 +101,7 @@ def duration_text(seconds: float) -> str:
 class Progress:
     """Shows a run's progress until :meth:`close`. ``mode``: ``bar``, ``events`` or ``off``.
 
-    ``queue``: the snapshot is a stream worker's (no total; messages held, dead-lettered).
+    ``queue``: the snapshot is a stream worker's (no total; messages pending, dead-lettered).
     """
 
     def __init__(self, snapshot: Snapshot, mode: str, every: float, *, queue: bool = False,
@@ -149,7 +150,7 @@ class Progress:
         if self._bar is not None:
             self._draw(snap, done, total, rate, eta)
             return
-        extra = ({"held": snap["held"], "dead_lettered": snap["dead"]} if self.queue
+        extra = ({"pending": snap["pending"], "dead_lettered": snap["dead"]} if self.queue
                  else {"valid": snap["valid"]})  # fmt: skip
         log.info("progress", rows=snap["rows"], sent=snap["sent"], failed=snap["failed"],
                  skipped=snap["skipped"], refused=snap["refused"], requests=snap["requests"],
@@ -165,12 +166,12 @@ class Progress:
             bar.bar_format = _BAR
         when = f", ETA {duration_text(eta)}" if eta is not None else ""
         rows = "messages" if self.queue else "rows"
-        held = (f" | held {snap['held']:,} | dead-lettered {snap['dead']:,}"
-                if self.queue else "")  # fmt: skip
+        stream = (f" | pending {snap['pending']:,} | dead-lettered {snap['dead']:,}"
+                  if self.queue else "")  # fmt: skip
         bar.set_postfix_str(
             f"{rate:,.1f} email/s{when} | {rows} {snap['rows']:,} | sent {snap['sent']:,}"
             f" | skipped {snap['skipped']:,} | failed {snap['failed']:,}"
-            f" (refused {snap['refused']:,}){held} | requests {snap['requests']:,}"
+            f" (refused {snap['refused']:,}){stream} | requests {snap['requests']:,}"
             f" | 429s {snap['limited']:,} | pacing waits {snap['waits']:,}",
             refresh=False,
         )
