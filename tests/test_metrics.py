@@ -243,24 +243,27 @@ async def test_metrics_that_cannot_be_sent_never_fail_or_slow_a_run(
     assert not find_capture(logs, "library.log")
 
 
-def test_the_agent_environment_turns_metrics_on_and_no_statsd_turns_them_off(
+def test_the_agent_environment_or_statsd_turn_metrics_on_and_no_statsd_turns_them_off(
     tmp_path: Path, agent: Agent
 ) -> None:
     """DD_AGENT_HOST with DD_DOGSTATSD_PORT sends a sandbox run's metrics there, as the
-    Agent's other clients do; --no-statsd sends none."""
+    Agent's other clients do; so does --statsd HOST:PORT without them; --no-statsd sends
+    none whatever the environment says."""
     source = tmp_path / "in.csv"
     source.write_text(rows_csv([(FRESH, f"e{i}@example.com") for i in range(12)]))
-    env = worker_env(DD_AGENT_HOST="127.0.0.1", DD_DOGSTATSD_PORT=str(agent.port))
-    for extra in (["--sandbox"], ["--sandbox", "--no-statsd"]):
+    agent_env = worker_env(DD_AGENT_HOST="127.0.0.1", DD_DOGSTATSD_PORT=str(agent.port))
+    cases = [(agent_env, [], True), (worker_env(), ["--statsd", f"127.0.0.1:{agent.port}"], True),
+             (agent_env, ["--no-statsd"], False)]  # fmt: skip
+    for env, extra, metrics_on in cases:
         done = subprocess.run(
-            worker_command("run", str(source), "--overwrite", "--log-format",
+            worker_command("run", str(source), "--sandbox", "--overwrite", "--log-format",
                            "json", "--report", str(tmp_path / "r.jsonl"), *extra),
             env=env, capture_output=True, cwd=ROOT, timeout=60, check=False,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr.decode()[-2000:]
-        if len(extra) == 1:
+        if metrics_on:
             agent.metrics(wait=5.0)
-            assert agent.total("emails.sent", "site:local", "mode:file") == 12
+            assert agent.total("emails.sent", "site:local", "mode:file") == 12, extra
             agent.datagrams.clear()
         else:
             assert agent.metrics(wait=0.5) == []
