@@ -201,12 +201,14 @@ class Consumer:
             mid for mid, _, _ in fresh]  # fmt: skip
         if kept and (taken := await self.queue.hold_pairs(kept, valid, self.clock.time())):
             # The same pair from another message, which another worker holds: not twice.
-            for mid, (token, email) in zip(kept, valid, strict=True):
+            held: list[tuple[str, tuple[str, str]]] = []
+            for mid, pair in zip(kept, valid, strict=True):
                 if mid in taken:
-                    self.report.rejected(mid, Reason.DUPLICATE, token, email)
+                    self.report.rejected(mid, Reason.DUPLICATE, *pair)
                     self.acks.append(mid)
-            valid = [pair for mid, pair in zip(kept, valid, strict=True) if mid not in taken]
-            kept = [mid for mid in kept if mid not in taken]
+                else:
+                    held.append((mid, pair))
+            kept, valid = [mid for mid, _ in held], [pair for _, pair in held]
         self.counts.valid += len(valid)
         self.index.add_pairs(valid, kept)
         full = self.batcher.add_many(valid)

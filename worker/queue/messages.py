@@ -66,16 +66,14 @@ class MessageIndex:
 
     def __init__(self) -> None:
         self._by_token: dict[str, dict[str, str]] = {}
-        self._size = 0
 
     def __len__(self) -> int:
-        return self._size
+        # Counted when asked (a progress redraw, the drain check), not kept at every change.
+        return sum(len(ids) for ids in self._by_token.values())
 
     def add(self, token: str, email: str, mid: str) -> None:
         """Remember that ``(token, email)`` came from message ``mid``."""
-        ids = self._by_token.setdefault(token, {})
-        self._size += email not in ids
-        ids[email] = mid
+        self._by_token.setdefault(token, {})[email] = mid
 
     def add_pairs(self, pairs: list[tuple[str, str]], mids: list[str]) -> None:
         """:meth:`add` for each pair and its message id, in order."""
@@ -85,7 +83,6 @@ class MessageIndex:
             if ids is None:
                 ids = by_token[token] = {}
             ids[email] = mid
-        self._size = sum(len(ids) for ids in by_token.values())
 
     def ids(self, token: str, emails: list[str]) -> list[str]:
         """The message ids of ``emails`` of ``token`` (all in hand)."""
@@ -101,7 +98,6 @@ class MessageIndex:
         mids = [take(email, None) for email in emails]
         if not ids:
             del self._by_token[token]
-        self._size -= len(mids) - mids.count(None)
         return mids
 
     def values(self) -> set[str]:
