@@ -9,8 +9,11 @@ import sys
 from collections.abc import Sequence
 
 from worker.cli.commands import run_command
+from worker.cli.emulator import emulator_command
 from worker.cli.help import commands_overview, json_stderr, say
 from worker.cli.parser import build_parser
+from worker.cli.queue import dead_letter_command, enqueue_command
+from worker.cli.review import report_command
 from worker.errors import UsageError
 from worker.exits import EXIT_ABORTED, EXIT_USAGE
 
@@ -35,19 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return asyncio.run(run_command(args))
         if args.command == "enqueue":
-            from worker.cli.queue import enqueue_command
-
             return asyncio.run(enqueue_command(args))
         if args.command == "dead-letter":
-            from worker.cli.queue import dead_letter_command
-
             return asyncio.run(dead_letter_command(args))
         if args.command == "report":
-            from worker.cli.review import report_command
-
             return report_command(args)
-        from worker.cli.emulator import emulator_command
-
         return asyncio.run(emulator_command(args))
     except UsageError as exc:
         say("cli.usage_error", f"error: {exc}", json_lines=json_stderr(argv or sys.argv[1:]))

@@ -2,9 +2,9 @@
 
 On a terminal (console logs, stderr a TTY) a tqdm bar on stderr shows emails done, and
 rows read, sent, skipped, failed, requests, 429 answers and pacing waits; for a file, once
-every row is read, the total and an ETA; for a stream, the messages this worker holds and
-those it dead-lettered. Log lines are written above it. Otherwise a ``progress`` event is
-logged every ``--progress-every`` seconds with the same numbers.
+every row is read, the total and an ETA; for a stream, the messages this worker has
+pending and those it dead-lettered. Log lines are written above it. Otherwise a
+``progress`` event is logged every ``--progress-every`` seconds with the same numbers.
 
 The rate and ETA are taken over the last minute, not from one redraw to the next: a run
 paced to a rate limit sends in bursts, and an instant rate would swing the ETA with each.
