@@ -18,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY --from=build /opt/invite-worker /opt/invite-worker
 # /data is where inputs and reports live. It belongs to the non-root user, so a named
 # volume mounted there starts out writable by it (Docker copies the ownership into a new
-# volume); for a host directory or a Kubernetes volume see the README ("Operating it").
+# volume); for a host directory or a Kubernetes volume see docs/operating.md ("In a container").
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin invite \
     && install -d -o 10001 -g 10001 -m 0700 /data
 VOLUME ["/data"]

@@ -190,7 +190,7 @@ async def test_queue_mode_skips_and_refuses_by_the_same_rules(
 def test_the_cron_job_run_twice_emails_nobody_twice(
     tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
 ) -> None:
-    """The scheduled job as the README shows it (--overwrite, the same list each day),
+    """The scheduled job as docs/operating.md shows it (--overwrite, the same list each day),
     against a seeded emulator process: the second day sends nothing, exit 0."""
     seed = tmp_path / "dashboards.json"
     seed.write_text(json.dumps([{"token": TOKEN_A, "invitees": [{"email": e} for e in PEOPLE]}]))

@@ -20,7 +20,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for the README's option table and tests)."""
+    """The argument parser (exposed for the option table in docs/running.md and tests)."""
     parser = Parser(
         prog="invite-worker",
         description="Send Datadog shared-dashboard invitations in bulk: grouped per dashboard "

@@ -4,7 +4,7 @@ The pipeline calls one :class:`Metrics` object at the few places where something
 counting happens: a request answered, an outcome recorded, a row rejected, a retry, a
 reconciliation. Without ``--statsd`` (or the Agent's environment) that object is this
 base class, whose methods do nothing; with it, :class:`worker.metrics.statsd.StatsdMetrics`
-hands each call to Datadog's DogStatsD client. Names and tags are documented in the README.
+hands each call to Datadog's DogStatsD client. Names and tags are documented in docs/operating.md.
 """
 
 from __future__ import annotations
