@@ -110,6 +110,20 @@ async def unless_set(
     return False, None
 
 
+async def sleep_unless(clock: Clock, seconds: float, stop: asyncio.Event | None) -> bool:
+    """Sleep ``seconds`` on ``clock`` unless ``stop`` is set first; True if slept in full.
+
+    The one wait of a run that a stop cuts short: a backoff, the reconcile delay.
+    """
+    if stop is None:
+        await clock.sleep(seconds)
+        return True
+    if stop.is_set():
+        return False
+    slept, _ = await unless_set(stop, clock.sleep(seconds))
+    return slept
+
+
 @functools.lru_cache(maxsize=4)
 def second_text(second: int) -> str:
     """``YYYY-MM-DDTHH:MM:SS`` (UTC) of a whole epoch second.

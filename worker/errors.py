@@ -62,6 +62,30 @@ class QueueLost(FatalError):
     code = "queue_lost"
 
 
+class InternalError(FatalError):
+    """A part of the run (the reader, a sender, the flusher, the progress) raised something
+    unexpected: a bug. The run halts as for any fault, so nothing is lost or sent twice."""
+
+    code = "internal_error"
+
+    def __init__(self, role: str, cause: BaseException) -> None:
+        super().__init__(
+            f"unexpected {type(cause).__name__} in the {role}: {cause}. Nothing more is sent "
+            "and nothing is lost; run the same command again (with --resume for a file) "
+            "and report this error with the log"
+        )
+        self.role = role
+        self.cause = cause
+
+
+class Stopped(InviteWorkerError):
+    """The run is stopping: a request was not made, or a wait not sat out.
+
+    Not a :class:`SendError`: nothing failed, and what was not settled stays for
+    ``--resume`` (or pending in the stream).
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimitInfo:
     """What one response's ``X-RateLimit-*`` headers said (``None`` where absent or garbled)."""

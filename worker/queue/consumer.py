@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import structlog
 from redis.exceptions import RedisError
@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from worker.batching import Batch, Batcher
 from worker.clock import Clock
 from worker.config import Config
-from worker.errors import FatalError, QueueLost, SendError, keeps_pending
+from worker.errors import AuthError, QueueLost, SendError, keeps_pending
 from worker.outcome import Outcome, Status
 from worker.queue.messages import (
     MessageIndex,
@@ -59,7 +59,7 @@ class Consumer:
     ) -> None:
         self.config, self.options, self.queue = config, options, queue
         self.report, self.sender, self.index = report, sender, index
-        self.clock, self.stop = clock, sender.stopping
+        self.clock, self.state, self.stop = clock, sender.state, sender.state.stop
         self.validator = Validator()
         self.batcher = Batcher(config.batch_size, config.max_buffered_rows, clock.time)
         self.acks: list[str] = []
@@ -93,35 +93,42 @@ class Consumer:
                                 "failed_at": iso(self.clock.time())}))  # fmt: skip
 
     async def flush(self) -> None:
-        """Make the report durable, then dead-letter and acknowledge what it settles."""
-        if not (self.acks or self.dead) or isinstance(self.sender.fatal, QueueLost):
+        """Make the report durable, then dead-letter and acknowledge what it settles.
+
+        Raises :class:`FatalError` when the report cannot be made durable or Redis is lost:
+        the messages then stay pending.
+        """
+        if not (self.acks or self.dead) or isinstance(self.state.fatal, QueueLost):
             return  # with Redis lost, the messages stay pending for the next worker
         acks, dead = self.acks, self.dead
         self.acks, self.dead = [], []
         try:
             await asyncio.to_thread(self.report.sync)
             await self.queue.settle(acks, dead, self.clock.time())
-        except FatalError as exc:  # not durable in the report: the messages stay pending
-            self.sender.halt(exc)
         except RedisError as exc:
-            self.sender.halt(queue_lost(exc, self.options.where))
+            raise queue_lost(exc, self.options.where) from None
 
-    async def batches(self) -> AsyncIterator[Batch]:
+    async def flush_until(self, finished: asyncio.Event) -> None:
+        """Flush every 0.1 s, and once more when ``finished`` is set (a runner's service:
+        the last outcomes are acknowledged after the senders are done)."""
+        while not finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), 0.1)
+            await self.flush()
+        await self.flush()  # a no-op unless the run ended before the first round
+
+    async def batches(self) -> AsyncGenerator[Batch, None]:
         """Batches to send, until stopped or, with ``--until-empty``, the group is drained.
 
-        Settled messages are acknowledged in the background meanwhile (see :meth:`flush`).
-        Redis failing for good ends the iteration with :class:`QueueLost`.
+        Settled messages are acknowledged meanwhile by :meth:`flush_until`, which the
+        runner runs beside. Redis failing for good ends the iteration with
+        :class:`QueueLost`.
         """
-        flusher = asyncio.create_task(self._flush_often())
         try:
             async for batch in self._consume():
                 yield batch
         except RedisError as exc:
             raise queue_lost(exc, self.options.where) from None
-        finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
 
     async def _consume(self) -> AsyncIterator[Batch]:
         for batch in await self._take(await self.queue.read_own_pending(), reclaimed=True):
@@ -157,11 +164,6 @@ class Consumer:
             return False
         await self.flush()
         return await self.queue.group_pending() == 0
-
-    async def _flush_often(self) -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            await self.flush()
 
     async def _take(self, messages: list[Message], *, reclaimed: bool) -> list[Batch]:
         """Validate, reconcile (for reclaimed messages) and batch a set of messages."""
@@ -249,10 +251,15 @@ class Consumer:
         """Messages a dead worker may have sent: record what was created, return the rest."""
         emails = [email for _, email, _ in items]
         since = min(at for _, _, at in items)
+        if self.state.aborted:
+            return []  # refused keys: left pending for a worker with good ones
         try:
             found = await self.sender.reconciler.created_since(
                 token, emails, since, self.clock.time()
             )
+        except AuthError as exc:  # refused keys end the run; the messages stay pending
+            self.state.abort(exc)
+            return []
         except SendError as exc:
             log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
             return []  # left pending; claimed again later

@@ -34,6 +34,7 @@ from worker.run.summary import RunResult, build_summary, finish
 from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
 from worker.sources import Source
+from worker.state import RunState
 from worker.validate import Validator
 
 log = structlog.get_logger("worker.queue")
@@ -125,7 +126,10 @@ async def _run_stream(
             shared = SharedBudget(redis, urlsplit(config.api_url).netloc, options.where)
             pacer = pacer_for(config, clock, rng, shared)
             intents = RedisIntents(queue, index, options.where)
-            sender = Sender(client, pacer, intents, config, clock, rng, stop)
+            # Refused keys stop a queue worker: its messages stay pending for a worker
+            # with good keys, and reading more would only meet the same refusal.
+            state = RunState(stop, stop_on_abort=True)
+            sender = Sender(client, pacer, intents, config, clock, rng, state)
             consumer = Consumer(config, options, queue, report, sender, index, clock)
             hooks = (consumer.on_outcome, metrics.outcome)
             runner = Runner(config, sender, report, intents, hooks=hooks)
@@ -136,10 +140,11 @@ async def _run_stream(
                                 config.progress_every, queue=True)  # fmt: skip
             progress.start()
             try:
-                await runner.drive(consumer.batches())
-                await consumer.flush()  # what the last outcomes settle
+                # The flusher acknowledges what outcomes settle, last after the senders.
+                await runner.drive(consumer.batches(), services=[
+                    ("flusher", consumer.flush_until), ("progress", progress.run)])  # fmt: skip
             finally:
-                await progress.close()
+                progress.close()
                 await shared.settle()
         summary = build_summary(runner, options.where, consumer.counts, started, clock.time(),
                                 stopping_is_normal=True)  # fmt: skip

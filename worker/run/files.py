@@ -8,8 +8,9 @@ earlier run left unknown (``--resume``), drives the batches, and writes the summ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from urllib.parse import urlsplit
 
 import structlog
@@ -17,7 +18,7 @@ import structlog
 from worker.batching import Batch, Batcher
 from worker.clock import Clock, SystemClock
 from worker.config import Config
-from worker.errors import FatalError, StorageError, UsageError
+from worker.errors import UsageError
 from worker.metrics import metrics_for
 from worker.record.journal import Journal, journal_path
 from worker.record.lock import hold_report
@@ -35,6 +36,7 @@ from worker.run.summary import FileCounts, RunResult, build_summary, finish
 from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
 from worker.sources import RawRow, Source
+from worker.state import RunState
 from worker.validate import Validator
 
 log = structlog.get_logger("worker.run")
@@ -50,7 +52,7 @@ async def read_batches(
     counts: FileCounts,
     history: History | None = None,
     stop: asyncio.Event | None = None,
-) -> AsyncIterator[Batch]:
+) -> AsyncGenerator[Batch, None]:
     """Read, validate and batch ``source``: the batches to send; rejections to ``reject``.
 
     Updates ``counts`` as it goes; on ``--resume`` skips settled pairs and does not report
@@ -136,28 +138,26 @@ async def _run(
              report=str(config.report_path), resume=config.resume)  # fmt: skip
     counts = FileCounts()
     report.metrics = metrics = metrics_for(config, mode="file")
+    state = RunState(stop)
     try:
         async with client_for(config, metrics) as client:
             sender = Sender(client, pacer_for(config, clock, rng), journal, config, clock, rng,
-                            stop)  # fmt: skip
+                            state)  # fmt: skip
             hooks = (history.on_outcome,) if history is not None else ()
             runner = Runner(config, sender, report, journal, hooks=(*hooks, metrics.outcome))
             if history is not None:
-                await _settle(runner, history, clock)
+                await runner.supervise("reconciler", _settle(runner, history, clock))
             runner.recorded = 0  # settling is not this run's reading
             progress = Progress(snapshot_of(runner, counts), config.progress, config.progress_every)
             progress.start()
             try:
                 await runner.drive(_flushed(report, read_batches(
-                    config, source, report.rejected, counts, history, stop)))  # fmt: skip
+                    config, source, report.rejected, counts, history, stop)),
+                    services=[("progress", progress.run)])  # fmt: skip
             finally:
-                await progress.close()
+                progress.close()
     finally:
         source.close()
-        try:
-            report.flush()
-        except StorageError as exc:
-            sender.halt(exc)
         journal.close()
         metrics.close()
     summary = build_summary(runner, source.description, counts, started, clock.time(),
@@ -167,19 +167,22 @@ async def _run(
 
 async def _settle(runner: Runner, history: History, clock: Clock) -> None:
     """``--resume``: record what unknown outcomes of the earlier run actually created."""
-    try:
-        async for outcome in settle_unknowns(history, runner.sender.reconciler, clock):
-            runner.record(outcome)
-    except FatalError as exc:
-        runner.sender.halt(exc)
+    async for outcome in settle_unknowns(history, runner.sender.reconciler, clock):
+        runner.record(outcome)
 
 
-async def _flushed(report: Report, batches: AsyncIterator[Batch]) -> AsyncIterator[Batch]:
-    """The batches, with the rejected rows of each chunk written before it is sent."""
-    async for batch in batches:
-        report.flush()
-        yield batch
-    report.flush()
+async def _flushed(
+    report: Report, batches: AsyncGenerator[Batch, None]
+) -> AsyncGenerator[Batch, None]:
+    """The batches, with the rejected rows of each chunk written before it is sent (and
+    those of the last, however reading ends)."""
+    async with contextlib.aclosing(batches):
+        try:
+            async for batch in batches:
+                report.flush()
+                yield batch
+        finally:
+            report.flush()
 
 
 def _public_origin(url: str) -> str:

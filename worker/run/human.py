@@ -69,12 +69,14 @@ def stopped_line(summary: dict[str, Any], command: list[str], signal: str | None
 
 def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
     """The one thing to do now, as a command where there is one."""
-    resume = resume_command(command)
+    # A queue worker runs the same command again: its unsettled messages stay pending.
+    resume = shlex.join(command) if "group" in summary else resume_command(command)
     if summary.get("halted"):
         return f"{summary['halted']['message'].split('. ')[0]}; then: {resume}"
     if summary.get("aborted"):
+        kept = "; the messages not settled stay pending" if "group" in summary else ""
         return ("the service refused the keys: check DD_API_KEY / DD_APP_KEY, --site and the "
-                f"dashboards_invite_share permission, then: {resume}")  # fmt: skip
+                f"dashboards_invite_share permission{kept}, then: {resume}")  # fmt: skip
     if "group" in summary:  # a queue worker
         return _queue_step(summary, command)
     if summary.get("interrupted") or summary.get("unsent"):

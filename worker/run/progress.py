@@ -13,6 +13,7 @@ paced to a rate limit sends in bursts, and an instant rate would swing the ETA w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -99,7 +100,9 @@ def duration_text(seconds: float) -> str:
 
 
 class Progress:
-    """Shows a run's progress until :meth:`close`. ``mode``: ``bar``, ``events`` or ``off``.
+    """Shows a run's progress: :meth:`start`, :meth:`run` as a runner's service, :meth:`close`.
+
+    ``mode``: ``bar``, ``events`` or ``off``.
 
     ``queue``: the snapshot is a stream worker's (no total; messages pending, dead-lettered).
     """
@@ -111,11 +114,10 @@ class Progress:
         self.queue = queue
         self._every = BAR_REFRESH if mode == "bar" else max(every, 0.05)
         self._bar: Any = None  # a tqdm bar, in bar mode
-        self._task: asyncio.Task[None] | None = None
         self.rate = SteadyRate(clock)
 
     def start(self) -> None:
-        """Begin showing progress (a no-op when off)."""
+        """Set up the display (a bar on a terminal); :meth:`run` then keeps it current."""
         if self.mode == "off":
             return
         if self.mode == "bar":
@@ -133,12 +135,16 @@ class Progress:
                              nrows=height or 24, bar_format=_COUNT, leave=True)  # fmt: skip
             bar = self._bar
             logs.STDERR.sink = lambda line: bar.write(line, file=sys.stderr)
-        self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._every)
-            self.update()
+    async def run(self, finished: asyncio.Event) -> None:
+        """Redraw (or log) every interval until ``finished`` is set (a runner's service)."""
+        if self.mode == "off":
+            return
+        while not finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), self._every)
+            if not finished.is_set():
+                self.update()
 
     def update(self) -> None:
         """Redraw the bar, or log one ``progress`` event."""
@@ -177,11 +183,8 @@ class Progress:
         )
         bar.update(done - bar.n)  # redraws in place
 
-    async def close(self) -> None:
-        """Stop; a bar gets its final state, then goes back to plain stderr."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    def close(self) -> None:
+        """A bar gets its final state, then goes back to plain stderr."""
         if self._bar is not None:
             self.update()
             self._bar.close()

@@ -65,9 +65,9 @@ def build_summary(
     stopping_is_normal: bool = False,
 ) -> dict[str, Any]:
     """The ``summary`` record of a run."""
-    sender, report = runner.sender, runner.report
-    halted = sender.fatal
-    interrupted = sender.stopping.is_set() and halted is None
+    sender, report, state = runner.sender, runner.report, runner.state
+    halted = state.fatal
+    interrupted = state.interrupted
     # Valid pairs read but neither sent nor failed (left for --resume after a stop).
     unsent = max(0, counts.valid - runner.recorded)
     if history is not None:
@@ -76,7 +76,7 @@ def build_summary(
         totals = {"emails_failed": report.emails["failed"], "rejected": report.rejected_total,
                   "unknown": 0}  # fmt: skip
     incomplete = bool(totals["emails_failed"] or totals["rejected"] or totals["unknown"] or unsent)
-    code = exit_code(aborted=sender.aborted, halted=halted is not None, interrupted=interrupted,
+    code = exit_code(aborted=state.aborted, halted=halted is not None, interrupted=interrupted,
                      incomplete=incomplete, stopping_is_normal=stopping_is_normal)  # fmt: skip
     summary: dict[str, Any] = {
         "source": description,
@@ -105,8 +105,8 @@ def build_summary(
             "dashboard": sender.preflight.requests,
         },
         "unsent": unsent,
-        "aborted": sender.aborted,
-        "abort_reason": sender.abort_error.message if sender.abort_error else None,
+        "aborted": state.aborted,
+        "abort_reason": state.abort_error.message if state.abort_error else None,
         "interrupted": interrupted,
         "halted": {"code": halted.code, "message": str(halted)} if halted is not None else None,
         "resumed": resumed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 from worker.clock import Clock
@@ -45,11 +46,19 @@ def pacer_for(
 
 
 def reconciler_for(
-    config: Config, client: InvitationClient, pacer: Pacer, clock: Clock, rng: random.Random
+    config: Config,
+    client: InvitationClient,
+    pacer: Pacer,
+    clock: Clock,
+    rng: random.Random,
+    *,
+    stop: asyncio.Event | None = None,
 ) -> Reconciler:
-    """What lists a run's invitations: with the run's retry policy and clock-skew allowance."""
+    """What lists a run's invitations: with the run's retry policy and clock-skew allowance;
+    ``stop`` (the run's) cuts its waits short."""
     retry = RetryPolicy(config.max_attempts, config.backoff_base, config.backoff_max)
-    return Reconciler(client, pacer, clock, retry=retry, skew=config.reconcile_skew, rng=rng)
+    return Reconciler(client, pacer, clock, retry=retry, skew=config.reconcile_skew, rng=rng,
+                      stop=stop)  # fmt: skip
 
 
 def preflight_for(

@@ -94,6 +94,7 @@ class Reconciler:
         retry: RetryPolicy,
         skew: float,
         rng: random.Random,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self._client = client
         self._pacer = pacer
@@ -101,6 +102,8 @@ class Reconciler:
         self.retry = retry
         self._skew = skew
         self.rng = rng
+        #: The run's stop: a listing's pacing and backoff end when it is set (``Stopped``).
+        self.stop = stop
         self._locks: dict[str, asyncio.Lock] = {}
         self._cache: dict[str, TokenListing] = {}
         #: GET requests made (for the summary).
@@ -166,7 +169,7 @@ class Reconciler:
         try:
             return await paced_call(
                 functools.partial(self._client.list_invitations, token, page, PAGE_SIZE),
-                self._pacer, self.retry, self._clock, self.rng, self._count,
+                self._pacer, self.retry, self._clock, self.rng, self._count, stop=self.stop,
             )  # fmt: skip
         except TokenNotFound:
             return None  # nothing of ours can exist there

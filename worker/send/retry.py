@@ -1,19 +1,31 @@
-"""One retry policy for every request the worker makes: attempts, backoff and jitter.
+"""One retry policy and one attempt loop for every request the worker makes.
 
 Shaped like stamina's: a policy says *whether* a failure is worth another attempt (from
-the error's type alone, never its text) and *how long* to wait first. Sending and listing
-use the same policy, so ``--max-attempts`` and the backoff mean one thing everywhere.
+the error's type alone, never its text) and *how long* to wait first. Sending, listing and
+reading dashboards go through the same loop (:func:`attempt`), so ``--max-attempts``, the
+backoff and a stop mean one thing everywhere; the sender's journal and reconciliation are
+hooks of it (:class:`Hooks`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from worker.clock import Clock
-from worker.errors import RateLimited, RateLimitInfo, RetryableError, SendError
+from worker.clock import Clock, sleep_unless
+from worker.errors import (
+    FatalError,
+    OutcomeUnknown,
+    RateLimited,
+    RateLimitInfo,
+    RetryableError,
+    SendError,
+    Stopped,
+)
 
 if TYPE_CHECKING:
     from worker.send.pacing import Pacer
@@ -57,26 +69,73 @@ class Answered(Protocol):
 A = TypeVar("A", bound=Answered)
 
 
-async def paced_call(
+class Hooks:
+    """What one attempt loop tells its owner, and asks it. The defaults suit a read (or an
+    idempotent write): nothing to journal, and an unknown outcome is simply tried again.
+    """
+
+    def refusal(self) -> SendError | None:
+        """Checked before each request: an error to end with instead of making it."""
+        return None
+
+    async def sending(self, sent_at: float) -> None:
+        """A request is about to leave (the sender makes its intent durable here)."""
+
+    def unsent(self) -> None:
+        """The last request created nothing: a 429, a known failure, or none was made."""
+
+    def limited(self) -> None:
+        """The last request was answered 429 (not a failed attempt)."""
+
+    def failed(self, error: SendError, attempt: int) -> None:
+        """Try number ``attempt`` failed with ``error`` (a 429 is not a failed try)."""
+
+    async def unknown(self, error: OutcomeUnknown, attempt: int, sent_at: float) -> bool:
+        """After an unknown outcome (try number ``attempt``): settle it, e.g. by listing.
+
+        False ends the attempts (nothing is left to send, or what happened cannot be told).
+        """
+        return True
+
+    def retrying(self, error: SendError, attempt: int, delay: float) -> None:
+        """Try number ``attempt`` failed with ``error``; the next goes after ``delay`` s."""
+
+
+async def attempt(
     call: Callable[[], Awaitable[A]],
+    hooks: Hooks,
+    *,
     pacer: Pacer,
     policy: RetryPolicy,
     clock: Clock,
     rng: random.Random,
-    counted: Callable[[], None],
-) -> A:
-    """One request (a read, or an idempotent write) through the pacer, retried by the
-    policy: a 429 waits for the pacer, a retryable error backs off, anything else raises.
+    stop: asyncio.Event | None = None,
+) -> A | None:
+    """The one attempt loop of every request: pace, send, observe, settle, back off.
 
-    ``counted`` is called for every request made (for the summary's counters).
+    A 429 waits for the pacer (not a failed attempt); a retryable error backs off by the
+    policy, anything else is raised, as is the last error once the policy gives up. An
+    unknown outcome goes to ``hooks.unknown`` first (None is returned when that ends it).
+    Raises :class:`Stopped` when ``stop`` is set before a slot is free or during a backoff:
+    a stop never waits out a wait.
     """
-    attempt = 0
+    tries = 0
     while True:
-        async with pacer.slot() as slot:
-            assert slot is not None  # no stop event: a slot always comes
-            counted()
+        if (refused := hooks.refusal()) is not None:
+            raise refused
+        async with pacer.slot(stop) as slot:
+            if slot is None:
+                raise Stopped("stopping: the request was not made")
+            if (refused := hooks.refusal()) is not None:  # decided while we waited
+                raise refused
+            sent_at = slot.sent_at
+            await hooks.sending(sent_at)
             try:
                 answer = await call()
+            except FatalError:  # no connection could ever be made: nothing was created
+                with contextlib.suppress(FatalError):  # the first fault is the one to tell
+                    hooks.unsent()
+                raise
             except SendError as exc:
                 slot.observe(exc.ratelimit, limited=isinstance(exc, RateLimited))
                 error: SendError = exc
@@ -84,8 +143,48 @@ async def paced_call(
                 slot.observe(answer.ratelimit)
                 return answer
         if isinstance(error, RateLimited):
+            hooks.unsent()
+            hooks.limited()
             continue
-        attempt += 1
-        if not policy.retries(error, attempt):
+        tries += 1
+        hooks.failed(error, tries)
+        if isinstance(error, OutcomeUnknown):
+            if not await hooks.unknown(error, tries, sent_at):
+                return None
+        else:
+            hooks.unsent()
+        if not policy.retries(error, tries):
             raise error
-        await clock.sleep(policy.delay(attempt, rng))
+        delay = policy.delay(tries, rng)
+        hooks.retrying(error, tries, delay)
+        if not await sleep_unless(clock, delay, stop):
+            raise Stopped("stopping: the retry was not waited for")
+
+
+class _Counted(Hooks):
+    def __init__(self, counted: Callable[[], None]) -> None:
+        self._counted = counted
+
+    async def sending(self, sent_at: float) -> None:
+        self._counted()
+
+
+async def paced_call(
+    call: Callable[[], Awaitable[A]],
+    pacer: Pacer,
+    policy: RetryPolicy,
+    clock: Clock,
+    rng: random.Random,
+    counted: Callable[[], None],
+    *,
+    stop: asyncio.Event | None = None,
+) -> A:
+    """One request (a read, or an idempotent write) through :func:`attempt`.
+
+    ``counted`` is called for every request made (for the summary's counters); with
+    ``stop``, a stop ends it with :class:`Stopped`.
+    """
+    answer = await attempt(call, _Counted(counted), pacer=pacer, policy=policy, clock=clock,
+                           rng=rng, stop=stop)  # fmt: skip
+    assert answer is not None  # the default hooks never end the attempts early
+    return answer

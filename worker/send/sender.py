@@ -1,30 +1,29 @@
 """Carrying one batch to its outcomes: pacing, journal, retries, reconciliation, splits.
 
 :meth:`Sender.send` *returns* what happened, as :class:`~worker.outcome.Outcome` values;
-it writes no report. Before each POST the intent is made durable in the journal. A POST
-whose outcome is unknown (timeout, dropped connection, 5xx) is never re-sent blindly: the
-token's invitations are listed first and only addresses without a new invitation go again.
+it writes no report. Each request goes through the one attempt loop
+(:func:`~worker.send.retry.attempt`); the sender's hooks make the intent durable in the
+journal before each POST, and settle an unknown outcome (timeout, dropped connection,
+5xx) by listing the token's invitations first: only addresses without a new invitation go
+again, never a blind re-send.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
 
 import structlog
 
 from worker.batching import Batch
-from worker.clock import Clock, unless_set
+from worker.clock import Clock
 from worker.config import Config
 from worker.errors import (
     Aborted,
     AuthError,
     BadRequest,
-    FatalError,
     OutcomeUnknown,
-    RateLimited,
     SendError,
+    Stopped,
     TokenNotFound,
 )
 from worker.outcome import Failure, Outcome, Status
@@ -34,13 +33,19 @@ from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer
 from worker.send.reconcile import found_outcome
 from worker.send.refusals import ListCap
+from worker.send.retry import Hooks, attempt
 from worker.send.trip import SendStats, Trip
+from worker.state import RunState
 
 log = structlog.get_logger("worker.sender")
 
 
 class Sender:
-    """Sends batches through one client and pacer; returns each batch's outcomes."""
+    """Sends batches through one client and pacer; returns each batch's outcomes.
+
+    ``state`` is the run's (its runner's): the sender stops sending when it stops, makes
+    no request once the keys were refused, and tells it when they are.
+    """
 
     def __init__(
         self,
@@ -50,7 +55,7 @@ class Sender:
         config: Config,
         clock: Clock,
         rng: random.Random | None = None,
-        stopping: asyncio.Event | None = None,
+        state: RunState | None = None,
     ) -> None:
         self._client = client
         self.pacer = pacer
@@ -58,61 +63,45 @@ class Sender:
         self._config = config
         self._clock = clock
         self._rng = rng or random.Random()  # jitter, not security
-        self.stopping = stopping or asyncio.Event()
-        self.reconciler = reconciler_for(config, client, pacer, clock, self._rng)
+        self.state = state or RunState()
+        self.reconciler = reconciler_for(config, client, pacer, clock, self._rng,
+                                         stop=self.state.stop)  # fmt: skip
         self.retry = self.reconciler.retry
         self.stats = SendStats()
         self.metrics = client.metrics
         self.preflight = preflight_for(config, client, pacer, self.reconciler, clock)
         #: The longest list the service takes, as far as its answers have shown.
         self.cap = ListCap(config.batch_size)
-        #: Set by the first fatal error (storage, unreachable service, lost queue).
-        self.fatal: FatalError | None = None
-        #: Set by the first 401/403: every later batch fails without a request.
-        self.abort_error: AuthError | None = None
         #: Tokens that answered 404, with the server's message.
         self.dead_tokens: dict[str, str] = {}
 
-    @property
-    def aborted(self) -> bool:
-        """True once the service refused the keys; nothing more is sent."""
-        return self.abort_error is not None
+    async def send(self, batch: Batch, out: list[Outcome] | None = None) -> list[Outcome]:
+        """Carry ``batch`` to its outcomes, appended to ``out`` (and returned).
 
-    def _refused(self) -> bool:
-        # A method, not the property: the answer can change across an await.
-        return self.abort_error is not None
-
-    def halt(self, error: FatalError) -> None:
-        """Stop the run for ``error``: nothing more is sent; in-flight requests get grace."""
-        if self.fatal is None:
-            self.fatal = error
-            log.error("run.halted", code=error.code, error=str(error))
-        self.stopping.set()
-
-    async def send(self, batch: Batch) -> list[Outcome]:
-        """Carry ``batch`` to its outcomes (never raises :class:`SendError`).
-
-        When the run is stopping, what is not yet sent has no outcome: ``--resume`` sends
-        it later. A :class:`FatalError` (storage, an unreachable service, a lost queue)
-        halts the run; the outcomes reached before it are still returned.
+        Never raises :class:`SendError`. When the run is stopping, what is not yet sent has
+        no outcome: ``--resume`` sends it later. A :class:`FatalError` (storage, an
+        unreachable service) is raised for the runner to halt the run; the outcomes reached
+        before it are in ``out`` all the same.
         """
-        out: list[Outcome] = []
+        out = [] if out is None else out
         try:
             emails = await self._screen(batch.token, batch.emails, out)
             if emails:
                 await self._send(batch.token, emails, out)
-        except FatalError as exc:
-            self.halt(exc)
+        except Stopped:
+            pass  # what has no outcome yet is left for --resume (or pending in the stream)
         return out
 
     async def _screen(self, token: str, emails: list[str], out: list[Outcome]) -> list[str]:
         """The preflight check: refused and skipped become outcomes; returns what to send."""
-        if self.stopping.is_set() or self._refused() or token in self.dead_tokens:
+        if self.state.stop.is_set() or self.state.aborted or token in self.dead_tokens:
             return emails  # _send records (or leaves) them as before
         started = self._clock.time()
         try:
             screened = await self.preflight.screen(token, emails)
         except SendError as exc:  # the dashboard could not be read: --resume tries again
+            if isinstance(exc, AuthError):  # a write refused (--add-invitees): keys refused
+                self.state.abort(exc)
             failure = Failure(exc.code, f"could not read the shared dashboard: {exc.message}")
             out.append(Outcome(token, emails, Status.FAILED, exc.http_status, 0, started,
                                self._clock.time(), failure))  # fmt: skip
@@ -130,7 +119,7 @@ class Sender:
         one about an address in it (see :class:`ListCap`).
         """
         accepted = True
-        while len(emails) > (size := self.cap.size()) and not self.stopping.is_set():
+        while len(emails) > (size := self.cap.size()) and not self.state.stop.is_set():
             accepted = await self._attempts(token, emails[:size], out) and accepted
             emails = emails[size:]
         return await self._attempts(token, emails, out) and accepted
@@ -138,68 +127,23 @@ class Sender:
     async def _attempts(self, token: str, emails: list[str], out: list[Outcome]) -> bool:
         """Carry one request's worth of emails to their outcomes (see :meth:`_send`)."""
         trip = Trip(token, emails, self._clock, out)
-        while True:
-            if self._refused() or token in self.dead_tokens:
-                trip.fail(self._without_request(token))
-                return False
-            async with self.pacer.slot(self.stopping) as slot:
-                if slot is None:
-                    return False  # stopping: left for --resume
-                if self._refused():  # another sender was refused while we waited
-                    continue
-                sent_at = slot.sent_at
-                intent = await self._journal.intent(token, trip.emails, sent_at)
-                self.stats.requests += 1
-                try:
-                    result = await self._client.invite(token, trip.emails)
-                except FatalError:  # no connection could ever be made: nothing left
-                    with contextlib.suppress(FatalError):
-                        self._journal.clear(intent)
-                    raise
-                except SendError as exc:
-                    slot.observe(exc.ratelimit, limited=isinstance(exc, RateLimited))
-                    error: SendError = exc
-                else:
-                    slot.observe(result.ratelimit)
-                    trip.attempts += 1
-                    self.cap.accept(len(trip.emails))
-                    # No journal clear: the report's "sent" record settles these pairs.
-                    trip.done(Status.SENT, result.http_status, result.invitations)
-                    return True
-            if isinstance(error, RateLimited):  # not a failed attempt: the pacer waits
-                self._journal.clear(intent)
-                self.stats.rate_limited += 1
-                trip.limited += 1
-                continue
-            trip.attempts += 1
-            if isinstance(error, OutcomeUnknown):
-                remaining = await self._settle(trip, intent, error, sent_at)
-                if remaining is None:  # could not tell what happened; resume will
-                    trip.fail(Failure("outcome_unknown", f"{error.message}; the "
-                                             "invitation list could not be read to check"),
-                               error.http_status)  # fmt: skip
-                    return False
-                if not remaining:
-                    return True
-                trip.emails = remaining
-            else:
-                self._journal.clear(intent)  # the service created nothing
-            if self.retry.retries(error, trip.attempts):
-                if not await self._back_off(trip, error):
-                    return False
-                continue
+        hooks = _Journaled(self, trip)
+        try:
+            result = await attempt(
+                lambda: self._client.invite(token, trip.emails), hooks, pacer=self.pacer,
+                policy=self.retry, clock=self._clock, rng=self._rng, stop=self.state.stop,
+            )  # fmt: skip
+        except Stopped:
+            return False  # left for --resume; an unknown outcome stays in the journal
+        except SendError as error:
             return await self._give_up(trip, error)
-
-    async def _back_off(self, trip: Trip, error: SendError) -> bool:
-        """Wait before the next attempt; False if the run starts stopping meanwhile."""
-        delay = self.retry.delay(trip.attempts, self._rng)
-        self.stats.retries += 1
-        self.metrics.retry(error.code)
-        log.warning("batch.retry_scheduled", token=trip.token, emails=len(trip.emails),
-                    attempt=trip.attempts, delay=round(delay, 3), code=error.code,
-                    http_status=error.http_status, error=error.message)  # fmt: skip
-        slept, _ = await unless_set(self.stopping, self._clock.sleep(delay))
-        return slept
+        if result is None:  # settled by a listing: all created, or it could not be told
+            return hooks.all_created
+        trip.attempts += 1
+        self.cap.accept(len(trip.emails))
+        # No journal clear: the report's "sent" record settles these pairs.
+        trip.done(Status.SENT, result.http_status, result.invitations)
+        return True
 
     async def _give_up(self, trip: Trip, error: SendError) -> bool:
         """The attempts are over: split a refused list, or record the failure."""
@@ -215,10 +159,8 @@ class Sender:
             if rest:  # the others go again, as one request
                 await self._send(trip.token, rest, trip.out)
             return False
-        if isinstance(error, AuthError) and self.abort_error is None:
-            self.abort_error = error
-            log.error("run.aborting", reason=error.code, http_status=error.http_status,
-                      error=error.message)  # fmt: skip
+        if isinstance(error, AuthError):
+            self.state.abort(error)
         if isinstance(error, TokenNotFound):
             self.dead_tokens[trip.token] = error.message
         trip.fail(Failure.of(error), error.http_status)
@@ -257,11 +199,12 @@ class Sender:
                     http_status=error.http_status, error=error.message)  # fmt: skip
         # Give a request that is still being processed time to land before we look.
         not_before = self._clock.time() + self._config.reconcile_delay
-        await self._clock.sleep(self._config.reconcile_delay)
+        if not await self.state.sleep(self._clock, self._config.reconcile_delay):
+            raise Stopped("stopping: the unknown outcome is left in the journal")
         try:
             found = await self.reconciler.created_since(token, emails, sent_at, not_before)
         except AuthError as exc:
-            self.abort_error = self.abort_error or exc
+            self.state.abort(exc)
             self.metrics.reconciled("unreadable")
             return None
         except SendError as exc:
@@ -282,9 +225,58 @@ class Sender:
                      not_created=len(emails) - len(outcome.emails))  # fmt: skip
         return [e for e in emails if e.lower() not in found]
 
-    def _without_request(self, token: str) -> Failure:
-        """Why a batch fails without a request: refused keys, or a token that is gone."""
-        if self.abort_error is not None:
-            return Failure(Aborted.code, "not sent: the run stopped after the service "
-                           f"refused the keys ({self.abort_error.message})")  # fmt: skip
-        return Failure(TokenNotFound.code, self.dead_tokens[token])
+
+class _Journaled(Hooks):
+    """The sender's side of one request's attempts: journal, reconciliation, counters."""
+
+    def __init__(self, sender: Sender, trip: Trip) -> None:
+        self._sender, self._trip = sender, trip
+        self._intent = ""
+        #: Set when a listing found every email of the request created.
+        self.all_created = False
+
+    def refusal(self) -> SendError | None:
+        sender, token = self._sender, self._trip.token
+        refused = sender.state.abort_error
+        if refused is not None:
+            return Aborted("not sent: the run stopped after the service refused the keys "
+                           f"({refused.message})")  # fmt: skip
+        if token in sender.dead_tokens:
+            return TokenNotFound(sender.dead_tokens[token])
+        return None
+
+    async def sending(self, sent_at: float) -> None:
+        sender, trip = self._sender, self._trip
+        self._intent = await sender._journal.intent(trip.token, trip.emails, sent_at)
+        sender.stats.requests += 1
+
+    def unsent(self) -> None:
+        self._sender._journal.clear(self._intent)  # the service created nothing
+
+    def limited(self) -> None:
+        self._sender.stats.rate_limited += 1
+        self._trip.limited += 1
+
+    def failed(self, error: SendError, attempt: int) -> None:
+        self._trip.attempts = attempt
+
+    async def unknown(self, error: OutcomeUnknown, attempt: int, sent_at: float) -> bool:
+        trip = self._trip
+        remaining = await self._sender._settle(trip, self._intent, error, sent_at)
+        if remaining is None:  # could not tell what happened; resume will
+            trip.fail(Failure("outcome_unknown", f"{error.message}; the invitation list "
+                              "could not be read to check"), error.http_status)  # fmt: skip
+            return False
+        if not remaining:
+            self.all_created = True
+            return False
+        trip.emails = remaining
+        return True
+
+    def retrying(self, error: SendError, attempt: int, delay: float) -> None:
+        sender, trip = self._sender, self._trip
+        sender.stats.retries += 1
+        sender.metrics.retry(error.code)
+        log.warning("batch.retry_scheduled", token=trip.token, emails=len(trip.emails),
+                    attempt=attempt, delay=round(delay, 3), code=error.code,
+                    http_status=error.http_status, error=error.message)  # fmt: skip

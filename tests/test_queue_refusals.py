@@ -1,0 +1,147 @@
+"""Queue workers under refused keys: exit 3 within seconds, every message left pending.
+
+Real processes throughout: a private redis-server, an ``invite-worker emulator`` that
+refuses wrong keys with 403, and workers started as a user would.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import API_KEY, APP_KEY, Proc, by_kind, emulator_invited, read_report
+
+WRONG = {"DD_API_KEY": API_KEY, "DD_APP_KEY": "rotated-app-key-000000"}
+GOOD = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
+
+
+def redis_cli(url: str, *args: str) -> str:
+    done = subprocess.run(["redis-cli", "-u", url, *args], capture_output=True, check=True)
+    return done.stdout.decode().strip()
+
+
+def pending(url: str, stream: str) -> int:
+    return int(redis_cli(url, "XPENDING", stream, "invite-worker").split("\n")[0])
+
+
+def dead_letters(url: str, stream: str) -> int:
+    return int(redis_cli(url, "XLEN", f"{stream}:dead"))
+
+
+def enqueue(
+    spawn: Callable[..., Proc], tmp_path: Path, url: str, stream: str, rows: int
+) -> set[tuple[str, str]]:
+    source = tmp_path / "in.csv"
+    pairs = {(f"dash-{i % 3}", f"person{i}@example.com") for i in range(rows)}
+    source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
+    spawn("enqueue", str(source), url, "--stream", stream).expect(0, timeout=60)
+    return pairs
+
+
+def worker(spawn: Callable[..., Proc], tmp_path: Path, url: str, stream: str, api: str,
+           name: str, *extra: str, env: dict[str, str]) -> Proc:  # fmt: skip
+    return spawn("run", url, "--stream", stream, "--consumer", name, "--linger", "0.1",
+                 "--api-url", api, "--report", str(tmp_path / f"{name}.jsonl"),
+                 "--batch-size", "20", "--reconcile-delay", "0.2", *extra, env=env)  # fmt: skip
+
+
+def expect_refused(proc: Proc, report: Path) -> float:
+    """The worker exits 3 within 10 s, its summary aborted with the reason; the seconds."""
+    started = time.monotonic()
+    proc.expect(3, timeout=10)
+    took = time.monotonic() - started
+    summary = by_kind(read_report(report), "summary")[-1]
+    assert summary["aborted"] is True
+    assert "DD_APP_KEY" in summary["abort_reason"]
+    assert summary["emails_sent"] == 0
+    assert "run.aborting" in proc.stderr()
+    assert "Traceback" not in proc.stderr()
+    return took
+
+
+@pytest.mark.parametrize("until_empty", [True, False])
+def test_refused_keys_on_a_fresh_stream_end_the_worker_and_lose_nothing(
+    until_empty: bool,
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """Keys the service refuses (403): exit 3 in under 10 s, every message still pending,
+    none dead-lettered; then a worker with good keys sends each exactly once."""
+    api = start_emulator()
+    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 200)
+    extra = ["--until-empty"] if until_empty else []
+    refused = worker(spawn, tmp_path, redis_server, stream_name, api, "refused", *extra,
+                     env=WRONG)  # fmt: skip
+    expect_refused(refused, tmp_path / "refused.jsonl")
+    assert pending(redis_server, stream_name) == len(pairs)  # read, none acknowledged
+    assert dead_letters(redis_server, stream_name) == 0
+    assert emulator_invited(api) == {}
+    good = worker(spawn, tmp_path, redis_server, stream_name, api, "good", "--until-empty",
+                  "--claim-idle", "1", env=GOOD)  # fmt: skip
+    good.expect(0, timeout=60)
+    invited = emulator_invited(api)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
+    assert pending(redis_server, stream_name) == 0
+
+
+def test_refused_keys_while_settling_a_killed_workers_messages_end_the_worker(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """A stream holding a SIGKILLed worker's pending messages (intents included): workers
+    with refused keys, with and without --until-empty, exit 3 in under 10 s without
+    acknowledging or dead-lettering any; a worker with good keys then finishes: every pair
+    invited exactly once."""
+    api = start_emulator("--limit", "20", "--period", "1")
+    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 600)
+    killed = worker(spawn, tmp_path, redis_server, stream_name, api, "killed", env=GOOD)
+    deadline = time.monotonic() + 30
+    while sum(emulator_invited(api).values()) < 100 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.popen.send_signal(signal.SIGKILL)
+    killed.expect(-signal.SIGKILL, timeout=10)
+    left = pending(redis_server, stream_name)
+    assert left > 0
+    before = emulator_invited(api)
+    for name, extra in (("refused-1", ["--until-empty"]), ("refused-2", [])):
+        proc = worker(spawn, tmp_path, redis_server, stream_name, api, name, "--claim-idle",
+                      "1", *extra, env=WRONG)  # fmt: skip
+        expect_refused(proc, tmp_path / f"{name}.jsonl")
+        assert pending(redis_server, stream_name) == left
+        assert dead_letters(redis_server, stream_name) == 0
+        assert emulator_invited(api) == before
+    good = worker(spawn, tmp_path, redis_server, stream_name, api, "good", "--until-empty",
+                  "--claim-idle", "1", env=GOOD)  # fmt: skip
+    good.expect(0, timeout=90)
+    invited = emulator_invited(api)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
+    assert pending(redis_server, stream_name) == 0
+    assert dead_letters(redis_server, stream_name) == 0
+
+
+def test_the_terminal_summary_of_a_refused_queue_worker_names_the_fix() -> None:
+    """The next step of a refused queue worker names the keys to check and the command to
+    run again as it was (a queue worker has no --resume)."""
+    from worker.run.human import next_step
+
+    command = ["invite-worker", "run", "redis://127.0.0.1:6379/0", "--stream", "s"]
+    summary = {"aborted": True, "group": "invite-worker", "halted": None}
+    step = next_step(summary, "r.jsonl", command)
+    assert "DD_API_KEY / DD_APP_KEY" in step
+    assert "stay pending" in step
+    assert "--resume" not in step
+    assert step.endswith(shlex.join(command))
