@@ -1,0 +1,152 @@
+"""One attempt loop: every wait in it (backoff, reconcile delay, pacer) ends on a stop.
+
+Time is the injected clock: a stop that comes as a long wait begins must end the wait at
+once, without virtual time moving through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import TOKEN_A
+from worker.batching import Batch
+from worker.clock import FakeClock
+from worker.config import Config
+from worker.emulator import Emulator
+from worker.errors import ServerError, Stopped
+from worker.record.journal import Journal, read_journal
+from worker.send import client_for, pacer_for, reconciler_for
+from worker.send.client import Sent
+from worker.send.pacing import Pacer
+from worker.send.retry import RetryPolicy, paced_call
+from worker.send.sender import Sender
+from worker.state import RunState
+
+#: A wait at least this long is the one the stop arrives during.
+LONG = 10.0
+
+
+class StopDuringLongWaits(FakeClock):
+    """Virtual time whose first long wait is when the run is told to stop (a SIGTERM)."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        super().__init__()
+        self.stop = stop
+        self.started = self.now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds >= LONG:
+            self.stop.set()
+        await super().sleep(seconds)
+
+
+async def test_a_stop_ends_a_reads_backoff_without_waiting_it_out() -> None:
+    """paced_call: a stop during the backoff after a 5xx ends the call (Stopped) at once."""
+    stop = asyncio.Event()
+    clock = StopDuringLongWaits(stop)
+    calls = 0
+
+    async def failing() -> Sent:
+        nonlocal calls
+        calls += 1
+        raise ServerError("Service Unavailable", http_status=503)
+
+    policy = RetryPolicy(attempts=5, base=100.0, cap=100.0)
+    with pytest.raises(Stopped):
+        await asyncio.wait_for(paced_call(failing, Pacer(clock), policy, clock, random.Random(1),
+                                          lambda: None, stop=stop), 10)  # fmt: skip
+    assert calls == 1
+    assert clock.now - clock.started < LONG
+
+
+@pytest.fixture
+async def refusing_listings() -> AsyncIterator[tuple[str, list[str]]]:
+    """A service on 127.0.0.1 whose invitation listings all answer 503; its request log."""
+    seen: list[str] = []
+
+    async def unavailable(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        return web.json_response({"errors": ["Service Unavailable"]}, status=503)
+
+    app = web.Application()
+    app.router.add_route("*", "/api/v1/dashboard/public/{token}/invitation", unavailable)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_stop_during_a_listings_backoff_does_not_wait_it_out(
+    refusing_listings: tuple[str, list[str]], make_config: Callable[..., Config]
+) -> None:
+    """A SIGTERM while a listing backs off after a 503 ends the listing at once."""
+    url, seen = refusing_listings
+    config = make_config(api_url=url, backoff_base=60.0, backoff_max=60.0, max_attempts=5)
+    stop = asyncio.Event()
+    clock = StopDuringLongWaits(stop)
+    async with client_for(config) as client:
+        reconciler = reconciler_for(config, client, pacer_for(config, clock), clock,
+                                    random.Random(1), stop=stop)  # fmt: skip
+        with pytest.raises(Stopped):
+            await asyncio.wait_for(reconciler.created_since(TOKEN_A, ["a@example.com"],
+                                                            clock.now, clock.now), 10)  # fmt: skip
+    assert seen == ["GET"]
+    assert clock.now - clock.started < LONG
+
+
+async def test_a_stop_during_the_reconcile_delay_leaves_the_unknown_for_resume(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """An unknown outcome's reconcile delay ends on a stop: no listing, no second POST, no
+    outcome; the intent stays open in the journal for --resume to settle."""
+    config = make_config(reconcile_delay=120.0, batch_size=3)
+    state = RunState()
+    clock = StopDuringLongWaits(state.stop)
+    emulator.script("502-after")  # created, but the answer says 502
+    journal = Journal(tmp_path / "j", durable=False, truncate=True)
+    emails = ["a@example.com", "b@example.com"]
+    async with client_for(config) as client:
+        sender = Sender(client, pacer_for(config, clock), journal, config, clock,
+                        random.Random(1), state)  # fmt: skip
+        out = await asyncio.wait_for(sender.send(Batch(TOKEN_A, emails)), 10)
+    journal.close()
+    assert out == []
+    posts = [r for r in emulator.requests if r.method == "POST"]
+    assert len(posts) == 1
+    assert clock.now - clock.started < LONG
+    [intent] = read_journal(tmp_path / "j").values()
+    assert intent.emails == emails
+    assert sum(emulator.invited.values()) == 2
+
+
+async def test_the_sender_and_a_listing_share_the_attempt_count_and_backoff(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """Two 503s then a 2xx: one outcome, sent, after three attempts and two backoffs, with
+    a listing before each re-send (the loop's reconciliation hook), nobody invited twice."""
+    config = make_config(max_attempts=3)
+    clock = FakeClock()
+    emulator.script("503", "503")
+    journal = Journal(tmp_path / "j", durable=False, truncate=True)
+    async with client_for(config) as client:
+        sender = Sender(client, pacer_for(config, clock), journal, config, clock,
+                        random.Random(1))  # fmt: skip
+        [outcome] = await sender.send(Batch(TOKEN_A, ["a@example.com"]))
+    journal.close()
+    assert outcome.status.value == "sent"
+    assert outcome.attempts == 3
+    assert sender.stats.retries == 2
+    methods = [r.method for r in emulator.requests if r.path.endswith("/invitation")]
+    assert methods[-5:] == ["POST", "GET", "POST", "GET", "POST"]
+    assert emulator.invited[(TOKEN_A, "a@example.com")] == 1
