@@ -6,6 +6,8 @@ refuses wrong keys with 403, and workers started as a user would.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import shlex
 import signal
 import subprocess
@@ -14,8 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from tests.conftest import API_KEY, APP_KEY, Proc, by_kind, emulator_invited, read_report
+from tests.conftest import (
+    API_KEY,
+    APP_KEY,
+    TOKEN_A,
+    Proc,
+    by_kind,
+    emulator_invited,
+    read_report,
+)
+from worker.batching import Batch
+from worker.clock import SystemClock
+from worker.config import Config
+from worker.errors import keeps_pending
+from worker.record.journal import Journal
+from worker.send import client_for, pacer_for
+from worker.send.sender import Sender
+from worker.state import RunState
 
 WRONG = {"DD_API_KEY": API_KEY, "DD_APP_KEY": "rotated-app-key-000000"}
 GOOD = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
@@ -145,3 +164,42 @@ def test_the_terminal_summary_of_a_refused_queue_worker_names_the_fix() -> None:
     assert "stay pending" in step
     assert "--resume" not in step
     assert step.endswith(shlex.join(command))
+
+
+async def test_a_listing_refused_while_settling_an_unknown_outcome_stops_a_queue_worker(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """A POST's answer is lost (503), and the listing that would settle it is refused
+    (403): a queue worker's run stops, no second POST, and the emails stay unsettled
+    (``outcome_unknown``, kept pending) instead of being re-sent or dead-lettered."""
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path.rsplit('/', 1)[-1]}")
+        if request.method == "POST":
+            return web.json_response({"errors": ["Service Unavailable"]}, status=503)
+        return web.json_response({"errors": ["Forbidden"]}, status=403)
+
+    app = web.Application()
+    app.router.add_route("*", "/{anything:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    config = make_config(api_url=f"http://127.0.0.1:{runner.addresses[0][1]}")
+    state = RunState(stop_on_abort=True)
+    journal = Journal(tmp_path / "j", durable=False, truncate=True)
+    try:
+        async with client_for(config) as client:
+            clock = SystemClock()
+            sender = Sender(client, pacer_for(config, clock), journal, config, clock,
+                            random.Random(1), state)  # fmt: skip
+            [outcome] = await asyncio.wait_for(sender.send(Batch(TOKEN_A, ["a@example.com"])), 10)
+    finally:
+        journal.close()
+        await runner.cleanup()
+    assert state.aborted
+    assert state.stop.is_set()
+    assert seen.count("POST invitation") == 1
+    assert outcome.error is not None
+    assert outcome.error.code == "outcome_unknown"
+    assert keeps_pending(outcome.error.code)
