@@ -1,4 +1,11 @@
-"""structlog set-up: JSON lines for machines, readable lines for people, secrets scrubbed."""
+"""structlog set-up: JSON lines for machines, readable lines for people, secrets scrubbed.
+
+How much is shown: a person at a terminal watching a run's bar sees warnings and errors
+(the bar and the end table say the rest); everything else -- JSON mode, a run off a
+terminal, the other commands -- keeps every info event, so log shippers lose nothing.
+``-v`` adds the info events, ``-q`` keeps errors only, ``--log-level`` says it outright.
+A run's summary event is shown at every level.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,58 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from worker.clock import second_text
+
+#: ``--log-level`` names.
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}  # fmt: skip
+#: structlog's method names (the level an event was logged at) as numbers.
+_METHOD_LEVELS = {**LEVELS, "warn": logging.WARNING, "exception": logging.ERROR,
+                  "critical": logging.CRITICAL, "fatal": logging.CRITICAL}  # fmt: skip
+#: The events that sum a command up: shown whatever the level, even with ``-q``.
+SUMMARY_EVENTS = frozenset({"run.finished", "run.aborted", "enqueue.finished", "plan.ready"})
+
+
+def choose_level(
+    *, watched: bool, verbose: bool = False, quiet: bool = False, log_level: str | None = None
+) -> int:
+    """The level for a command's options; ``watched``: a person watches a run's bar.
+
+    ``--log-level`` wins, then ``-q`` (errors), then ``-v`` (info); by default a watched
+    run shows warnings, and anything else info.
+    """
+    if log_level is not None:
+        return LEVELS[log_level]
+    if quiet:
+        return logging.ERROR
+    if verbose or not watched:
+        return logging.INFO
+    return logging.WARNING
+
+
+class LevelFilter:
+    """Drops events below ``level``, except the summary events (:data:`SUMMARY_EVENTS`).
+
+    Calls below info are dropped before any processor runs (structlog's filtering logger);
+    this sees only info events when the level is above info, which costs a dict and a call
+    per event -- and keeps ``run.finished`` for a quiet scheduled run.
+    """
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def __call__(self, logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+        below = _METHOD_LEVELS.get(method, logging.CRITICAL) < self.level
+        if below and event.get("event") not in SUMMARY_EVENTS:
+            raise structlog.DropEvent
+        return event
+
+
+def shown_level() -> int:
+    """The level :func:`configure` set (info when it was not called)."""
+    for processor in structlog.get_config()["processors"]:
+        if isinstance(processor, LevelFilter):
+            return processor.level
+    return logging.INFO
 
 
 class Redact:
@@ -91,10 +150,14 @@ def configure(
     level: int = logging.INFO,
     stream: TextIO | StderrProxy | None = None,
 ) -> None:
-    """Route structlog to ``stream`` (stderr) as JSON lines or console output."""
+    """Route structlog to ``stream`` (stderr) as JSON lines or console output.
+
+    ``level``: the lowest level shown (see :func:`choose_level`); summary events always are.
+    """
     stream = stream or STDERR
     fmt = resolve_format(log_format, stream)
     processors: list[Processor] = [
+        LevelFilter(level),
         structlog.processors.add_log_level,
         timestamp,
         structlog.processors.format_exc_info,
@@ -112,7 +175,8 @@ def configure(
     root.setLevel(logging.WARNING)
     structlog.configure(
         processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        # Info calls reach LevelFilter, which keeps the summary events above info.
+        wrapper_class=structlog.make_filtering_bound_logger(min(level, logging.INFO)),
         # The proxy has all PrintLogger uses of a file: write() and flush().
         logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, stream)),
         cache_logger_on_first_use=True,

@@ -15,7 +15,7 @@ import structlog
 
 from worker import logs
 from worker.cli.emulator import SANDBOX_KEY
-from worker.cli.help import columns_of, json_stderr, say
+from worker.cli.help import columns_of, json_stderr, log_level, say
 from worker.config import Config, api_url_for_site
 from worker.errors import UsageError
 from worker.exits import EXIT_ABORTED
@@ -66,9 +66,12 @@ def report_path(args: argparse.Namespace) -> Path:
 
 def _progress_mode(args: argparse.Namespace) -> str:
     """A bar for a person at a terminal; progress events for everything else."""
-    if logs.resolve_format(args.log_format, sys.stderr) == "console" and sys.stderr.isatty():
-        return "bar"
-    return "events"
+    return "bar" if _watched(args) else "events"
+
+
+def _watched(args: argparse.Namespace) -> bool:
+    """A person at a terminal: console logs on a TTY (the bar and the end table show)."""
+    return logs.resolve_format(args.log_format, sys.stderr) == "console" and sys.stderr.isatty()
 
 
 def read_key(name: str, path: Path | None, file_variable: str, variable: str) -> str:
@@ -120,7 +123,7 @@ async def run_command(args: argparse.Namespace) -> int:
         from worker.emulator import Emulator
         from worker.emulator.dashboards import SANDBOX, dashboards_from
 
-        logs.configure(args.log_format)
+        logs.configure(args.log_format, level=log_level(args, watched=_watched(args)))
         if args.source != "-" and not is_redis_url(args.source):  # the input first
             open_source(args.source, args.format, columns=columns_of(args)).close()
         async with Emulator() as emulator:
@@ -132,7 +135,8 @@ async def run_command(args: argparse.Namespace) -> int:
             return code
     api_key = read_key("API key", args.api_key_file, "DD_API_KEY_FILE", "DD_API_KEY")
     app_key = read_key("application key", args.app_key_file, "DD_APP_KEY_FILE", "DD_APP_KEY")
-    logs.configure(args.log_format, secrets=(api_key, app_key))
+    logs.configure(args.log_format, secrets=(api_key, app_key),
+                   level=log_level(args, watched=_watched(args)))  # fmt: skip
     api_url = args.api_url or api_url_for_site(args.site)
     if args.preflight and not args.dry_run:
         raise UsageError("--preflight goes with --dry-run: it plans with the dashboards' reads")

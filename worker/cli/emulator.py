@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 
 from worker import logs
-from worker.cli.help import add_log_format, command
+from worker.cli.help import add_log_format, command, log_level
 from worker.errors import UsageError
 
 #: The keys the sandbox (``run --sandbox``, and the emulator by default) expects.
@@ -136,7 +136,7 @@ async def emulator_command(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM."""
     from worker.emulator import Emulator, Faults, load_dashboards
 
-    logs.configure(args.log_format)
+    logs.configure(args.log_format, level=log_level(args))
     log = structlog.get_logger("worker.emulator")
     faults = Faults(
         error_rate=args.error_rate,

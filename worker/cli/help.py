@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from worker.errors import UsageError
 from worker.exits import EXIT_USAGE
+from worker.logs import LEVELS, choose_level
 
 #: Every command and its one-line description (``invite-worker`` alone lists them).
 COMMANDS = {
@@ -103,6 +104,31 @@ def add_log_format(p: argparse._ActionsContainer) -> None:
         help="auto: readable lines on a terminal, JSON lines otherwise (all on stderr); "
         "e.g. --log-format json for a log shipper",
     )
+    how_much = p.add_mutually_exclusive_group()
+    how_much.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show info events too, such as one line per batch (a run on a terminal shows "
+        "only warnings and errors by default; JSON lines and other commands always do)",
+    )
+    how_much.add_argument(
+        "-q", "--quiet", action="store_true", help="show only errors and the end summary"
+    )
+    how_much.add_argument(
+        "--log-level",
+        choices=tuple(LEVELS),
+        default=None,
+        metavar="LEVEL",
+        help="show events from LEVEL up: debug, info, warning or error (the summary is "
+        "always shown); e.g. --log-level warning",
+    )
+
+
+def log_level(args: argparse.Namespace, *, watched: bool = False) -> int:
+    """The level ``-v``/``-q``/``--log-level`` ask for; ``watched``: a run's bar is shown."""
+    return choose_level(watched=watched, verbose=args.verbose, quiet=args.quiet,
+                        log_level=args.log_level)  # fmt: skip
 
 
 def add_column_options(p: argparse._ActionsContainer) -> None:

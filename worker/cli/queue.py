@@ -11,7 +11,14 @@ from typing import Any, TextIO
 import structlog
 
 from worker import logs
-from worker.cli.help import add_column_options, add_format, add_log_format, columns_of, command
+from worker.cli.help import (
+    add_column_options,
+    add_format,
+    add_log_format,
+    columns_of,
+    command,
+    log_level,
+)
 from worker.errors import UsageError
 from worker.exits import EXIT_INCOMPLETE
 from worker.queue.options import StreamOptions, is_redis_url
@@ -113,7 +120,7 @@ async def enqueue_command(args: argparse.Namespace) -> int:
     """``enqueue``: print a JSON summary; exit 1 if rows were rejected."""
     from worker.queue.runner import enqueue
 
-    logs.configure(args.log_format)
+    logs.configure(args.log_format, level=log_level(args))
     if not is_redis_url(args.url):
         raise UsageError(f"not a Redis URL: {args.url!r} (use redis://HOST:PORT/DB)")
     source = open_source(args.file, args.format, columns=columns_of(args))
@@ -197,7 +204,7 @@ async def dead_letter_command(args: argparse.Namespace) -> int:
     from worker.queue.deadletters import Selection, dead_letters, requeue
     from worker.queue.runner import connect
 
-    logs.configure(args.log_format)
+    logs.configure(args.log_format, level=log_level(args))
     options = StreamOptions(url=args.url, stream=args.stream, dead_letter=args.dead_letter)
     selection = Selection(codes=set(args.code), ids=set(args.ids))
     if args.dead_letter_command == "requeue" and not (args.all or args.code or args.ids):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -110,9 +111,11 @@ class Progress:
     def __init__(self, snapshot: Snapshot, mode: str, every: float, *, queue: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self._snapshot = snapshot
-        self.mode = mode
+        # -q (errors only) on a terminal: no bar either, only the end table.
+        quiet = mode == "bar" and logs.shown_level() > logging.WARNING
+        self.mode = "off" if quiet else mode
         self.queue = queue
-        self._every = BAR_REFRESH if mode == "bar" else max(every, 0.05)
+        self._every = BAR_REFRESH if self.mode == "bar" else max(every, 0.05)
         self._bar: Any = None  # a tqdm bar, in bar mode
         self.rate = SteadyRate(clock)
 
