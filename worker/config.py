@@ -12,6 +12,7 @@ from worker.errors import UsageError
 
 if TYPE_CHECKING:
     from worker.metrics.target import StatsdTarget
+    from worker.send.proxy import Proxy
 
 #: ``DD_SITE`` value -> API base URL, as Datadog documents them.
 SITES: dict[str, str] = {
@@ -129,6 +130,8 @@ class Config:
     progress_every: float = 10.0
     #: Where DogStatsD metrics go (``--statsd`` or the Agent's environment); None: nowhere.
     statsd: StatsdTarget | None = None
+    #: The HTTP proxy every API request goes through (``HTTPS_PROXY``...); None: direct.
+    proxy: Proxy | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_url", check_api_url(self.api_url))

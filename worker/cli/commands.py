@@ -23,10 +23,14 @@ from worker.metrics.target import statsd_target
 from worker.queue.options import StreamOptions, is_redis_url
 from worker.run import run
 from worker.run.human import print_summary, resume_command
+from worker.send.proxy import env_proxy, proxy_secrets
 from worker.sources import open_source
 
 
-def config_from(args: argparse.Namespace, api_url: str, api_key: str, app_key: str) -> Config:
+def config_from(
+    args: argparse.Namespace, api_url: str, api_key: str, app_key: str, *, direct: bool = False
+) -> Config:
+    """The run's configuration; ``direct``: ignore proxy variables (the sandbox's emulator)."""
     return Config(
         api_url=api_url,
         api_key=api_key,
@@ -49,6 +53,7 @@ def config_from(args: argparse.Namespace, api_url: str, api_key: str, app_key: s
         progress=_progress_mode(args),
         progress_every=args.progress_every,
         statsd=statsd_target(args.statsd, os.environ),
+        proxy=None if direct else env_proxy(api_url, os.environ),
     )
 
 
@@ -128,14 +133,14 @@ async def run_command(args: argparse.Namespace) -> int:
             open_source(args.source, args.format, columns=columns_of(args)).close()
         async with Emulator() as emulator:
             emulator.seed(dashboards_from(SANDBOX, time.time()))
-            config = config_from(args, emulator.url, SANDBOX_KEY, SANDBOX_KEY)
+            config = config_from(args, emulator.url, SANDBOX_KEY, SANDBOX_KEY, direct=True)
             structlog.get_logger("worker.cli").info("sandbox.started", url=emulator.url)
             code = await _execute(args, config)
             structlog.get_logger("worker.cli").info("sandbox.stats", **emulator.stats())
             return code
     api_key = read_key("API key", args.api_key_file, "DD_API_KEY_FILE", "DD_API_KEY")
     app_key = read_key("application key", args.app_key_file, "DD_APP_KEY_FILE", "DD_APP_KEY")
-    logs.configure(args.log_format, secrets=(api_key, app_key),
+    logs.configure(args.log_format, secrets=(api_key, app_key, *proxy_secrets(os.environ)),
                    level=log_level(args, watched=_watched(args)))  # fmt: skip
     api_url = args.api_url or api_url_for_site(args.site)
     if args.preflight and not args.dry_run:

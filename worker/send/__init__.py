@@ -24,6 +24,7 @@ def client_for(config: Config, metrics: Metrics | None = None) -> InvitationClie
         timeout=config.timeout,
         pool_size=config.concurrency + 1,
         metrics=metrics,
+        proxy=config.proxy,
     )
 
 

@@ -40,6 +40,7 @@ from worker.send.answers import (
     sessions,
     shared_dashboard,
 )
+from worker.send.proxy import PROXY_AUTH_REQUIRED, Proxy, refused
 from worker.send.refusals import named_addresses
 from worker.validate import check_token
 
@@ -96,6 +97,7 @@ class InvitationClient:
         timeout: float,
         pool_size: int = 8,
         metrics: Metrics | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -109,6 +111,17 @@ class InvitationClient:
             "Accept-Encoding": "identity",
         }
         self._secrets = tuple(s for s in (api_key, app_key) if len(s) >= MIN_SECRET_LENGTH)
+        if proxy is not None and proxy.login is not None:  # its forms in text, longest first
+            pair, pw = f"{proxy.login}:{proxy.password}", proxy.password
+            self._secrets += (proxy.basic(), pair, *([pw] if len(pw) > 3 else []))
+        #: Requests go through it when set (resolved once: see worker.send.proxy).
+        self.proxy = proxy
+        self._proxy_url = URL(proxy.url) if proxy is not None else None
+        self._proxy_headers = proxy.headers() if proxy is not None else None
+        if self._proxy_headers and not self.api_url.startswith("https:"):
+            # Plain HTTP goes to the proxy as is: the credentials ride on each request. For
+            # https they go only on the CONNECT, never through the tunnel to the API.
+            self._headers.update(self._proxy_headers)
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
@@ -121,9 +134,13 @@ class InvitationClient:
     async def __aenter__(self) -> InvitationClient:
         connector = aiohttp.TCPConnector(limit=self._pool_size)
         # No cookies: the API sets none we need, and the jar costs time on every request.
+        # trust_env stays off: the proxy was read from the environment once, up front.
         self._session = aiohttp.ClientSession(
             connector=connector, headers=self._headers, cookie_jar=aiohttp.DummyCookieJar()
         )
+        if self.proxy is not None:
+            log.info("client.proxy", proxy=self.proxy.url, source=self.proxy.source,
+                     api=self._origin())  # fmt: skip
         return self
 
     async def __aexit__(
@@ -223,10 +240,20 @@ class InvitationClient:
             raise RuntimeError("use InvitationClient as 'async with'")
         try:
             async with self._session.request(
-                method, url, data=body, timeout=self._timeout, allow_redirects=False
-            ) as resp:
+                method, url, data=body, timeout=self._timeout, allow_redirects=False,
+                proxy=self._proxy_url, proxy_headers=self._proxy_headers,
+            ) as resp:  # fmt: skip
+                if resp.status == PROXY_AUTH_REQUIRED and self.proxy is not None:
+                    raise refused(self.proxy)
                 self.answered = True
                 return resp.status, resp.headers, await read_body(resp.content)
+        except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the tunnel (CONNECT)
+            if exc.status == PROXY_AUTH_REQUIRED and self.proxy is not None:
+                raise refused(self.proxy) from None
+            self._count_failed_connect(f"the proxy answered {exc.status} {exc.message}")
+            raise ConnectionFailed(self._scrub(
+                f"the proxy {self.proxy} answered {exc.status} {exc.message} instead of "
+                f"connecting to {self._origin()}")) from None  # fmt: skip
         except TimeoutError:
             raise RequestTimeout(
                 f"no answer within {self._timeout.total:g}s (raise --timeout if the service "
@@ -234,19 +261,28 @@ class InvitationClient:
             ) from None
         except aiohttp.ClientConnectorError as exc:
             cause = self._scrub(str(exc.os_error) or str(exc))
-            if not self.answered:
-                self._failed_connects += 1
-                if self._failed_connects >= UNREACHABLE_AFTER:
-                    raise ServiceUnreachable(
-                        f"cannot reach the API at {self._origin()}: {cause}. Nothing reached "
-                        "the service. Check --api-url or --site (DD_SITE), DNS, proxies and "
-                        "TLS, then run the same command again (--resume for a file)"
-                    ) from None
-            raise ConnectionFailed(f"cannot connect: {cause}") from None
+            self._count_failed_connect(cause)
+            raise ConnectionFailed(f"cannot connect{self._via()}: {cause}") from None
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ConnectionDropped(
                 self._scrub(f"connection broke: {type(exc).__name__}: {exc}")
             ) from None
+
+    def _count_failed_connect(self, cause: str) -> None:
+        """A connection failed: past :data:`UNREACHABLE_AFTER` before any answer, stop."""
+        if self.answered:
+            return
+        self._failed_connects += 1
+        if self._failed_connects >= UNREACHABLE_AFTER:
+            proxy = ", the proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)" if self.proxy else ", proxies"
+            raise ServiceUnreachable(
+                f"cannot reach the API at {self._origin()}{self._via()}: {cause}. Nothing "
+                f"reached the service. Check --api-url or --site (DD_SITE), DNS{proxy} and "
+                "TLS, then run the same command again (--resume for a file)"
+            ) from None
+
+    def _via(self) -> str:
+        return f" through the proxy {self.proxy}" if self.proxy is not None else ""
 
     def _origin(self) -> str:
         """Scheme, host and port of the API: never a path or credentials."""
