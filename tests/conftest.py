@@ -252,8 +252,12 @@ def worker_command(*args: str) -> list[str]:
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without any DD_* variable, plus ``extra``."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DD_")}
+    """The caller's environment without any DD_* or proxy variable, plus ``extra``.
+
+    A proxy set on the machine would otherwise carry the tests' loopback requests off it.
+    """
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("DD_") and not k.lower().endswith("_proxy")}  # fmt: skip
     return {**base, **extra}
 
 
