@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,8 @@ async def test_a_file_run_reports_every_kind_of_outcome_with_the_documented_name
     assert budget
     assert budget[-1].type == "g"
     assert 0 < budget[-1].values[-1] < 10_000
+    assert agent.total("runs.finished", f"exit_code:{result.exit_code}") == 1
+    assert result.exit_code == 1
 
     everything = "\n".join(agent.datagrams)
     for token in {t for t, _ in pairs}:
@@ -205,6 +208,38 @@ async def test_a_queue_worker_tags_its_metrics_with_mode_and_consumer(
     agent.metrics(wait=2.0)
     assert agent.total("emails.sent", "mode:queue", "consumer:host_7_a") == 25
     assert agent.total("requests", "kind:invite", "status_class:2xx") == 1
+    assert agent.total("runs.finished", "exit_code:0", "mode:queue") == 1
+
+
+@pytest.mark.usefixtures("clean_agent_env")
+async def test_dead_letters_and_the_end_of_a_run_are_counted(
+    agent: Agent, redis_server: str, stream_name: str, make_config: Callable[..., Config],
+) -> None:  # fmt: skip
+    """Each message moved to the dead-letter stream counts once, tagged with its error code,
+    and the run's end counts once with its exit code (what the deploy/ monitors watch)."""
+    from redis.asyncio import Redis
+
+    gone = "gone5678gone5678-0123456789abcdef0123456789abcdef"
+    rows = [(TOKEN_A, f"ok{i}@example.com") for i in range(5)]
+    rows += [(gone, f"g{i}@example.com") for i in range(3)]
+    rows += [(TOKEN_B, f"out{i}@outside.example") for i in range(2)]
+    redis = Redis.from_url(redis_server, decode_responses=True)
+    try:
+        await enqueue_rows(redis, stream_name, rows)
+        options = StreamOptions(url=redis_server, stream=stream_name, consumer="w1",
+                                linger=0.05, until_empty=True)  # fmt: skip
+        result = await run_stream(make_config(statsd=agent.target), options)
+        dead = await redis.xrange(f"{stream_name}:dead")
+    finally:
+        await redis.aclose()
+    agent.metrics(wait=2.0)
+    codes = Counter(fields["error_code"] for _, fields in dead)
+    assert sum(codes.values()) == 5
+    assert agent.total("messages.dead_lettered") == 5
+    for code, count in codes.items():
+        assert agent.total("messages.dead_lettered", f"code:{code}", "mode:queue") == count
+    assert agent.total("runs.finished") == 1
+    assert agent.total("runs.finished", f"exit_code:{result.exit_code}") == 1
 
 
 @pytest.mark.usefixtures("clean_agent_env")

@@ -37,6 +37,12 @@ class Metrics:
     def reconciled(self, result: str) -> None:
         """An unknown outcome was looked up: ``created``, ``none`` or ``unreadable``."""
 
+    def dead_lettered(self, code: str, count: int) -> None:
+        """``count`` queue messages were moved to the dead-letter stream after ``code``."""
+
+    def finished(self, exit_code: int) -> None:
+        """The run ended with ``exit_code`` (0: all done, 1: some failed, 3: aborted)."""
+
     def close(self) -> None:
         """Send what is buffered; never blocks a run for long."""
 

@@ -118,6 +118,12 @@ class StatsdMetrics(Metrics):
     def reconciled(self, result: str) -> None:
         self._client.increment("reconciliations", tags=[tag("result", result)])
 
+    def dead_lettered(self, code: str, count: int) -> None:
+        self._client.increment("messages.dead_lettered", count, tags=[tag("code", code)])
+
+    def finished(self, exit_code: int) -> None:
+        self._client.increment("runs.finished", tags=[tag("exit_code", exit_code)])
+
     def close(self) -> None:
         """Send the rest, waiting at most :data:`CLOSE_SECONDS` (a name may hang in DNS)."""
         closing = threading.Thread(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import structlog
@@ -105,6 +105,8 @@ class Consumer:
         try:
             await asyncio.to_thread(self.report.sync)
             await self.queue.settle(acks, dead, self.clock.time())
+            for code, count in Counter(f["error_code"] for _, f in dead).items():
+                self.sender.metrics.dead_lettered(code, count)
         except RedisError as exc:
             raise queue_lost(exc, self.options.where) from None
 

@@ -149,7 +149,9 @@ async def _run_stream(
         summary = build_summary(runner, options.where, consumer.counts, started, clock.time(),
                                 stopping_is_normal=True)  # fmt: skip
         summary["group"], summary["consumer"] = options.group, options.consumer
-        return finish(report, summary, for_people=config.progress == "bar")
+        result = finish(report, summary, for_people=config.progress == "bar")
+        metrics.finished(result.exit_code)
+        return result
     finally:
         metrics.close()
         await redis.aclose()

@@ -156,13 +156,20 @@ async def _run(
                     services=[("progress", progress.run)])  # fmt: skip
             finally:
                 progress.close()
+    except BaseException:
+        metrics.close()  # no summary follows
+        raise
     finally:
         source.close()
         journal.close()
+    try:
+        summary = build_summary(runner, source.description, counts, started, clock.time(),
+                                history=history, resumed=config.resume)  # fmt: skip
+        result = finish(report, summary, for_people=config.progress == "bar")
+        metrics.finished(result.exit_code)
+    finally:
         metrics.close()
-    summary = build_summary(runner, source.description, counts, started, clock.time(),
-                            history=history, resumed=config.resume)  # fmt: skip
-    return finish(report, summary, for_people=config.progress == "bar")
+    return result
 
 
 async def _settle(runner: Runner, history: History, clock: Clock) -> None:
