@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -229,7 +230,7 @@ async def test_dead_letters_and_the_end_of_a_run_are_counted(
         options = StreamOptions(url=redis_server, stream=stream_name, consumer="w1",
                                 linger=0.05, until_empty=True)  # fmt: skip
         result = await run_stream(make_config(statsd=agent.target), options)
-        dead = await redis.xrange(f"{stream_name}:dead")
+        dead: Any = await redis.xrange(f"{stream_name}:dead")
     finally:
         await redis.aclose()
     agent.metrics(wait=2.0)
