@@ -249,3 +249,67 @@ def test_an_https_api_is_reached_through_connect_with_the_credentials_on_it(
     assert "refused the credentials (407" in message
     assert proxy_server.forwarded(port) == before
     assert "wrong-password-123" not in written(done, report)
+
+
+@pytest.fixture
+def tls_front(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> Iterator[tuple[str, str, Path]]:
+    """The emulator behind TLS on loopback (pproxy terminating it with a fresh self-signed
+    certificate): (https URL, the emulator's own URL, the certificate to trust)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the https test makes its certificate with the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    url = start_emulator()
+    binary = shutil.which("pproxy", path=str(Path(sys.executable).parent)) or "pproxy"
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "-l", f"tunnel{{127.0.0.1:{port_of(url)}}}+ssl://127.0.0.1:{port}",
+         "--ssl", f"{cert},{key}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield f"https://127.0.0.1:{port}", url, cert
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_a_real_https_run_goes_through_the_proxy_with_the_certificate_checked(
+    tmp_path: Path, tls_front: tuple[str, str, Path], proxy_server: ProxyServer
+) -> None:
+    """An https API behind HTTPS_PROXY: everyone invited once through the authenticated
+    tunnel, TLS verified end to end (the certificate must be trusted); NO_PROXY: direct."""
+    https, emulator, cert = tls_front
+    trust = {"SSL_CERT_FILE": str(cert)}
+    env = {"HTTPS_PROXY": proxy_server.url(), **trust}
+    done, pairs, report = run_worker(tmp_path, https, env)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    invited = emulator_invited(emulator)
+    assert {pair: invited.get(pair) for pair in pairs} == dict.fromkeys(pairs, 1)
+    assert proxy_server.forwarded(port_of(https)) >= 1
+    assert_no_credentials(written(done, report))
+
+    before = proxy_server.forwarded(port_of(https))
+    done, pairs, _ = run_worker(tmp_path, https, {**env, "NO_PROXY": "127.0.0.1"}, rows=20)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert set(emulator_invited(emulator)) >= pairs
+    assert proxy_server.forwarded(port_of(https)) == before
+
+    # Through the proxy or not, an untrusted certificate stops the run: nothing is sent.
+    done, pairs, _ = run_worker(tmp_path, https, {"HTTPS_PROXY": proxy_server.url()}, rows=20)
+    assert done.returncode == 3, done.stderr.decode()[-3000:]
+    assert "CERTIFICATE_VERIFY_FAILED" in done.stderr.decode()
+    assert not set(emulator_invited(emulator)) & pairs
