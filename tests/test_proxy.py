@@ -180,10 +180,17 @@ def test_an_unreachable_proxy_is_named_without_its_credentials(
 
 
 @pytest.mark.timeout(120)
-def test_the_sandbox_talks_to_its_own_emulator_directly(tmp_path: Path) -> None:
-    """--sandbox with a dead proxy in the environment still runs: it never uses the proxy."""
+def test_a_dead_proxy_stops_a_run_but_the_sandbox_talks_to_its_own_emulator_directly(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """A proxy that is not there: a run against the emulator stops (exit 3, nothing sent);
+    the same environment with --sandbox runs (exit 0): it never uses the proxy."""
+    url = start_emulator()
     dead = f"http://{USER}:{PASSWORD}@127.0.0.1:{free_port()}"
     env = {"HTTP_PROXY": dead, "HTTPS_PROXY": dead, "ALL_PROXY": dead}
+    done, pairs, _ = run_worker(tmp_path, url, env, rows=50)
+    assert done.returncode == 3, done.stderr.decode()[-3000:]
+    assert not set(emulator_invited(url)) & pairs
     done, _, _ = run_worker(tmp_path, "", env, "--sandbox", rows=50)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert "client.proxy" not in {e["event"] for e in events(done)}
@@ -192,8 +199,9 @@ def test_the_sandbox_talks_to_its_own_emulator_directly(tmp_path: Path) -> None:
 def test_an_https_or_socks_proxy_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
     """aiohttp speaks plain HTTP to a proxy: another scheme is exit 2, said without secrets."""
     for proxy in (f"https://{USER}:{PASSWORD}@proxy.internal:3128", "socks5://127.0.0.1:1080"):
-        done, _, report = run_worker(tmp_path, "https://api.datadoghq.com",
-                                     {"HTTPS_PROXY": proxy}, rows=1)  # fmt: skip
+        # An https URL on loopback: were the proxy ignored, nothing would leave the machine.
+        api = f"https://127.0.0.1:{free_port()}"
+        done, _, report = run_worker(tmp_path, api, {"HTTPS_PROXY": proxy}, rows=1)
         assert done.returncode == 2, done.stderr.decode()
         assert "only an http:// proxy is supported" in done.stderr.decode()
         assert_no_credentials(written(done, report))
