@@ -96,8 +96,8 @@ def add_target_options(r: argparse.ArgumentParser) -> None:
         "--api-url",
         default=os.environ.get("DD_API_URL") or None,
         metavar="URL",
-        help="base URL instead of the site's (env DD_API_URL): a proxy or an emulator; "
-        "e.g. --api-url http://127.0.0.1:8126",
+        help="base URL instead of the site's (env DD_API_URL): a reverse proxy or an "
+        "emulator (an egress proxy comes from HTTPS_PROXY); e.g. --api-url http://127.0.0.1:8126",
     )
     g.add_argument(
         "--api-key-file",
