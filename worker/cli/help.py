@@ -109,8 +109,8 @@ def add_log_format(p: argparse._ActionsContainer) -> None:
         "-v",
         "--verbose",
         action="store_true",
-        help="show info events too, such as one line per batch (a run on a terminal shows "
-        "only warnings and errors by default; JSON lines and other commands always do)",
+        help="show info events too, such as one line per batch (by default a run on a "
+        "terminal shows only warnings and errors; JSON lines show info events anyway)",
     )
     how_much.add_argument(
         "-q", "--quiet", action="store_true", help="show only errors and the end summary"
