@@ -227,8 +227,15 @@ def test_the_proxy_for_a_url_follows_curls_variables() -> None:
     for bypass in ("datadoghq.com", ".datadoghq.com", "api.datadoghq.com:443", "*"):
         assert env_proxy("https://api.datadoghq.com:443", {**env, "NO_PROXY": bypass}) is None
     assert env_proxy("https://api.datadoghq.com", {**env, "no_proxy": "datadoghq.eu"})
-    with pytest.raises(UsageError, match="only an http:// proxy"):
+    with pytest.raises(UsageError, match="only an http:// proxy") as refused:
         env_proxy("https://api.datadoghq.com", {"HTTPS_PROXY": "socks5h://u:secret@h:1"})
+    assert "secret" not in str(refused.value)
+    for bad, said in (("http://u:secret@:3128", "names no host"),
+                      ("http://u:secret@proxy:port", "no valid port")):  # fmt: skip
+        with pytest.raises(UsageError, match=said) as refused:
+            env_proxy("https://api.datadoghq.com", {"https_proxy": bad})
+        assert "secret" not in str(refused.value)
+        assert "https_proxy=" in str(refused.value)
     assert "p@ss" in proxy_secrets(env)
     assert "u:p%40ss" in proxy_secrets(env)
 

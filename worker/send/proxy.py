@@ -76,8 +76,11 @@ def env_proxy(api_url: str, env: Mapping[str, str]) -> Proxy | None:
         return None
     source, raw = found
     parts = urlsplit(raw if "://" in raw else f"http://{raw}")
-    if parts.scheme != "http" or not parts.hostname:
-        shown = _without_credentials(raw)
+    shown = _without_credentials(raw)
+    if parts.scheme == "http" and not parts.hostname:
+        raise UsageError(f"{source}={shown!r} names no host; e.g. "
+                         f"{source}=http://proxy.internal:3128")  # fmt: skip
+    if parts.scheme != "http":
         raise UsageError(
             f"{source}={shown!r}: only an http:// proxy is supported (the API is still "
             "reached over TLS through it); e.g. "
@@ -86,8 +89,9 @@ def env_proxy(api_url: str, env: Mapping[str, str]) -> Proxy | None:
     try:
         port = parts.port or 80
     except ValueError:
-        raise UsageError(f"{source} has no valid port (1-65535)") from None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        raise UsageError(f"{source}={shown!r} has no valid port (1-65535)") from None
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
     if parts.username is None:
         return Proxy(f"http://{host}:{port}", source)
     login, password = unquote(parts.username), unquote(parts.password or "")
