@@ -111,17 +111,15 @@ class InvitationClient:
             "Accept-Encoding": "identity",
         }
         self._secrets = tuple(s for s in (api_key, app_key) if len(s) >= MIN_SECRET_LENGTH)
-        if proxy is not None and proxy.login is not None:  # its forms in text, longest first
-            pair, pw = f"{proxy.login}:{proxy.password}", proxy.password
-            self._secrets += (proxy.basic(), pair, *([pw] if len(pw) > 3 else []))
         #: Requests go through it when set (resolved once: see worker.send.proxy).
         self.proxy = proxy
         self._proxy_url = URL(proxy.url) if proxy is not None else None
+        self._via = f" through the proxy {proxy}" if proxy is not None else ""
         self._proxy_headers = proxy.headers() if proxy is not None else None
-        if self._proxy_headers and not self.api_url.startswith("https:"):
-            # Plain HTTP goes to the proxy as is: the credentials ride on each request. For
-            # https they go only on the CONNECT, never through the tunnel to the API.
-            self._headers.update(self._proxy_headers)
+        if proxy is not None:
+            self._secrets += proxy.secrets()
+            if not self.api_url.startswith("https:"):  # plain HTTP: on every request
+                self._headers.update(self._proxy_headers or {})
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
@@ -134,7 +132,7 @@ class InvitationClient:
     async def __aenter__(self) -> InvitationClient:
         connector = aiohttp.TCPConnector(limit=self._pool_size)
         # No cookies: the API sets none we need, and the jar costs time on every request.
-        # trust_env stays off: the proxy was read from the environment once, up front.
+        # No trust_env: the proxy was read from the environment once, up front.
         self._session = aiohttp.ClientSession(
             connector=connector, headers=self._headers, cookie_jar=aiohttp.DummyCookieJar()
         )
@@ -250,10 +248,9 @@ class InvitationClient:
         except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the tunnel (CONNECT)
             if exc.status == PROXY_AUTH_REQUIRED and self.proxy is not None:
                 raise refused(self.proxy) from None
-            self._count_failed_connect(f"the proxy answered {exc.status} {exc.message}")
-            raise ConnectionFailed(self._scrub(
-                f"the proxy {self.proxy} answered {exc.status} {exc.message} instead of "
-                f"connecting to {self._origin()}")) from None  # fmt: skip
+            cause = self._scrub(f"the proxy answered {exc.status} {exc.message}")
+            self._count_failed_connect(cause)
+            raise ConnectionFailed(f"cannot connect{self._via}: {cause}") from None
         except TimeoutError:
             raise RequestTimeout(
                 f"no answer within {self._timeout.total:g}s (raise --timeout if the service "
@@ -262,7 +259,7 @@ class InvitationClient:
         except aiohttp.ClientConnectorError as exc:
             cause = self._scrub(str(exc.os_error) or str(exc))
             self._count_failed_connect(cause)
-            raise ConnectionFailed(f"cannot connect{self._via()}: {cause}") from None
+            raise ConnectionFailed(f"cannot connect{self._via}: {cause}") from None
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ConnectionDropped(
                 self._scrub(f"connection broke: {type(exc).__name__}: {exc}")
@@ -274,15 +271,12 @@ class InvitationClient:
             return
         self._failed_connects += 1
         if self._failed_connects >= UNREACHABLE_AFTER:
-            proxy = ", the proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)" if self.proxy else ", proxies"
+            proxy = "the proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)" if self.proxy else "proxies"
             raise ServiceUnreachable(
-                f"cannot reach the API at {self._origin()}{self._via()}: {cause}. Nothing "
-                f"reached the service. Check --api-url or --site (DD_SITE), DNS{proxy} and "
-                "TLS, then run the same command again (--resume for a file)"
+                f"cannot reach the API at {self._origin()}{self._via}: {cause}. Nothing reached "
+                f"the service. Check --api-url or --site (DD_SITE), DNS, {proxy} and TLS, then "
+                "run the same command again (--resume for a file)"
             ) from None
-
-    def _via(self) -> str:
-        return f" through the proxy {self.proxy}" if self.proxy is not None else ""
 
     def _origin(self) -> str:
         """Scheme, host and port of the API: never a path or credentials."""

@@ -42,10 +42,21 @@ class Proxy:
     password: str = field(default="", repr=False)
 
     def headers(self) -> dict[str, str] | None:
-        """``Proxy-Authorization`` for the credentials, if any (basic, as curl sends it)."""
+        """``Proxy-Authorization`` for the credentials, if any (basic, as curl sends it).
+
+        For an https API they go on the ``CONNECT`` only, never through the tunnel; for
+        plain HTTP (an emulator on loopback) the proxy reads them on every request.
+        """
         if self.login is None:
             return None
         return {"Proxy-Authorization": f"Basic {self.basic()}"}
+
+    def secrets(self) -> tuple[str, ...]:
+        """The forms the credentials could take in a message, for scrubbing it."""
+        if self.login is None:
+            return ()
+        pw = self.password
+        return (self.basic(), f"{self.login}:{pw}", *([pw] if len(pw) > 3 else []))
 
     def basic(self) -> str:
         """The credentials as basic authentication encodes them (``user:password``, base64)."""
