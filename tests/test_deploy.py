@@ -202,6 +202,7 @@ def test_keda_scales_the_queue_workers_on_their_groups_pending_entries() -> None
     assert args.source.startswith("redis://")
     assert not args.until_empty  # a long-running worker; KEDA decides how many
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert "replicas" not in deployment["spec"]  # KEDA's to set; an apply must not reset it
     assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"] <= 20
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "redis-streams"
