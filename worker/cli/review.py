@@ -7,12 +7,15 @@ import csv
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
+from worker.cli.guards import check_not_input
 from worker.cli.help import command
 from worker.errors import UsageError
 from worker.outcome import REFUSED, Status
+from worker.record.files import reads_as_report
 from worker.record.records import BatchRecord, ErrorInfo
 from worker.record.replay import Replay, records
 from worker.validate import pair_key
@@ -50,10 +53,13 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
                 print(f"  {name:<18} {count:,}", file=out)
 
 
-def write_failed(path: Path, out: TextIO, *, include_refused: bool = False) -> int:
+def write_failed(
+    path: Path, out: TextIO, *, include_refused: bool = False, left_out: Counter[str] | None = None
+) -> int:
     """``token,email`` of every email whose last outcome is failed; returns how many.
 
-    Refusals a re-run cannot fix (see ``REFUSED``) are left out unless ``include_refused``.
+    Refusals a re-run cannot fix (see ``REFUSED``) are left out unless ``include_refused``;
+    ``left_out`` counts them by code.
     """
     review = Replay.read(path, strict=True)
     writer = csv.writer(out, lineterminator="\n")
@@ -64,17 +70,42 @@ def write_failed(path: Path, out: TextIO, *, include_refused: bool = False) -> i
         if not isinstance(record, BatchRecord):
             continue
         number += 1
-        if record.status != Status.FAILED or (record.code in REFUSED and not include_refused):
+        if record.status != Status.FAILED:
             continue
+        skip = record.code in REFUSED and not include_refused
         token, emails = record.token, record.emails
         keys = [pair_key(token, email) for email in emails]
         here: set[int] = set()  # an address twice in one record is written once
         for email, key, last in zip(emails, keys, review.last_records(keys), strict=True):
             if last == number and key not in here:
                 here.add(key)
+                if skip:
+                    if left_out is not None:
+                        left_out[record.code or ""] += 1
+                    continue
                 writer.writerow([token, email, record.code or "", _message(record)])
                 written += 1
     return written
+
+
+def require_report(path: Path) -> None:
+    """A file that is not a report, said before reading it (not as torn lines)."""
+    if path.is_dir():
+        raise UsageError(f"{str(path)!r} is a folder; give the report file, e.g. "
+                         f"{str(path / 'invite-report.jsonl')!r}")  # fmt: skip
+    if path.exists() and not reads_as_report(path):
+        raise UsageError(
+            f"{str(path)!r} is not an invite-worker report (its first line is not a report "
+            "record); give the file a run wrote with --report (default invite-report.jsonl)"
+        )
+
+
+def _left_out_note(left_out: Counter[str]) -> str:
+    if not left_out:
+        return ""
+    codes = ", ".join(f"{code} {n:,}" for code, n in sorted(left_out.items()))
+    return (f"; {left_out.total():,} refused by the dashboard check left out ({codes}): "
+            "add --include-refused to list them too")  # fmt: skip
 
 
 def _message(record: BatchRecord) -> str:
@@ -143,6 +174,7 @@ def add_report_parser(sub: Any) -> None:
 
 def report_command(args: argparse.Namespace) -> int:
     """``report summarize`` or ``report failed``."""
+    require_report(args.report)
     if args.report_command == "summarize":
         totals = Replay.read(args.report, strict=True).summary()
         if args.json:
@@ -150,9 +182,14 @@ def report_command(args: argparse.Namespace) -> int:
         else:
             print_summary(args.report, totals, sys.stdout)
         return 0
+    left_out: Counter[str] = Counter()
     if args.output is None:
-        write_failed(args.report, sys.stdout, include_refused=args.include_refused)
+        count = write_failed(args.report, sys.stdout, include_refused=args.include_refused,
+                             left_out=left_out)  # fmt: skip
+        if left_out:
+            print(f"{count:,} failed email(s) listed{_left_out_note(left_out)}", file=sys.stderr)
         return 0
+    check_not_input(str(args.report), {"--output": args.output})
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.overwrite else os.O_EXCL)
     try:
         # Owner-only, like the report: the file holds addresses.
@@ -165,6 +202,8 @@ def report_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot write {str(args.output)!r}: {exc.strerror}") from None
     with open(fd, "w", newline="", encoding="utf-8") as out:
-        count = write_failed(args.report, out, include_refused=args.include_refused)
-    print(f"{count} failed email(s) written to {args.output}", file=sys.stderr)
+        count = write_failed(args.report, out, include_refused=args.include_refused,
+                             left_out=left_out)  # fmt: skip
+    print(f"{count:,} failed email(s) written to {args.output}{_left_out_note(left_out)}",
+          file=sys.stderr)  # fmt: skip
     return 0

@@ -136,3 +136,67 @@ class AppendFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+#: The ``kind`` of every report record.
+REPORT_KINDS = frozenset({"batch", "rejected", "skipped", "summary"})
+
+
+class _Kind(msgspec.Struct):
+    kind: str = ""
+    status: str = ""
+    dry_run: bool = False
+
+
+_KIND = msgspec.json.Decoder(_Kind)
+
+
+def _first_line(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                return line
+    return b""
+
+
+def reads_as_report(path: Path) -> bool:
+    """Whether ``path`` is empty or its first line is a report record (of any run).
+
+    What ``--overwrite`` may replace: a CSV, a JSONL input, anything else is not.
+    """
+    try:
+        line = _first_line(path)
+    except OSError:
+        return False
+    if not line:
+        return True
+    try:
+        return _KIND.decode(line).kind in REPORT_KINDS
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError):
+        return False
+
+
+def holds_only_a_plan(path: Path) -> bool:
+    """Whether ``path`` holds a dry run's plan and nothing a real run wrote.
+
+    A plan may be replaced by the next dry run: it records no outcome anyone relies on.
+    """
+    if not reads_as_report(path):
+        return False
+    try:
+        with path.open("rb") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                try:
+                    record = _KIND.decode(line)
+                except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError):
+                    continue  # a torn line of an interrupted dry run
+                if record.kind == "skipped" or (record.kind == "batch" and
+                                                record.status != "planned"):  # fmt: skip
+                    return False
+                if record.kind == "summary" and not record.dry_run:
+                    return False
+    except OSError:
+        return False
+    return True

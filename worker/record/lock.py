@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,9 +50,11 @@ class ReportLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_MODE)
         except OSError as exc:
+            elsewhere = Path(tempfile.gettempdir()) / self.report_path.name
             raise UsageError(
-                f"cannot create the lock file {str(self.path)!r}: {exc.strerror}; the "
-                "report's folder must be writable"
+                f"cannot write in {str(self.path.parent)!r} ({exc.strerror}): the report, "
+                "its journal and its lock go there. Choose a writable folder, e.g. "
+                f"--report {str(elsewhere)!r}"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

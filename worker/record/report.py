@@ -17,7 +17,7 @@ from worker.clock import second_text
 from worker.errors import UsageError
 from worker.metrics import Metrics
 from worker.outcome import REFUSED, Status
-from worker.record.files import AppendFile
+from worker.record.files import AppendFile, holds_only_a_plan, reads_as_report
 from worker.record.records import (
     BatchRecord,
     ErrorInfo,
@@ -46,14 +46,27 @@ def iso(ts: float) -> str:
 class Report:
     """Appends records to the report file and keeps the counts the summary needs."""
 
-    def __init__(self, path: Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, overwrite: bool = False, resume: bool = False, plan: bool = False
+    ) -> None:
+        """Open the report; ``plan``: a dry run's (an earlier plan there is replaced)."""
         self.path = path
         try:
-            if not (overwrite or resume) and path.exists() and path.stat().st_size > 0:
+            held = path.exists() and path.stat().st_size > 0
+            if plan and held and holds_only_a_plan(path):
+                overwrite = True  # an earlier plan: dry runs repeat freely
+            if held and not resume and not reads_as_report(path):
+                raise UsageError(
+                    f"{str(path)!r} is not a report (its first line is not a report record) "
+                    "and is never replaced, --overwrite or not; choose another --report path"
+                )
+            if not (overwrite or resume) and held:
+                hint = ("--overwrite to replace it with this plan, or choose another --report "
+                        "path" if plan else "--resume to continue that run, --overwrite to "
+                        "replace it, or choose another --report path")  # fmt: skip
                 raise UsageError(
                     f"the report {str(path)!r} already exists and holds an earlier run; pass "
-                    "--resume to continue that run, --overwrite to replace it, or choose "
-                    "another --report path"
+                    + hint
                 )
             self._file = AppendFile(path, truncate=overwrite and not resume)
         except OSError as exc:

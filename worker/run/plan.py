@@ -73,7 +73,7 @@ async def _plan(
     out: TextIO | None,
     preflight: bool,
 ) -> RunResult:
-    report = Report(config.report_path, overwrite=config.overwrite)
+    report = Report(config.report_path, overwrite=config.overwrite, plan=True)
     counts = FileCounts()
     requests = 0
     checked: dict[str, Counter[str]] = {}
@@ -136,11 +136,11 @@ async def _screen(
     except SendError as exc:
         counts[f"unchecked ({exc.code})"] += len(emails)
         return emails
-    counts["send"] += len(screened.send)
+    counts["would send"] += len(screened.send)
     for reason, skipped in screened.skipped.items():
-        counts[f"skip: {reason}"] += len(skipped)
+        counts[f"would skip: {reason}"] += len(skipped)
     for _, failure in screened.refused:
-        counts[f"refuse: {failure.code}"] += 1
+        counts[f"would refuse: {failure.code}"] += 1
     return screened.send
 
 

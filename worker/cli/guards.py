@@ -1,0 +1,97 @@
+"""Checks made before a command opens anything for writing: what can only be a mistake.
+
+A report, its journal, its lock, a plan or ``report failed``'s CSV written over the input
+would destroy the rows it was meant to record, silently and for good. So every path a
+command writes is compared with its input, as the paths resolve (symbolic links) and as
+the files are (the same inode: hard links, a second name), and refused before any write,
+``--overwrite`` or not.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+from worker.errors import UsageError
+from worker.record.journal import journal_path
+from worker.record.lock import lock_path
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` names, links followed; None if nothing is there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _input_identity(source: str) -> tuple[int, int] | None:
+    """(device, inode) of the input: the file, or standard input when it is a file."""
+    if source == "-":
+        try:
+            st = os.fstat(sys.stdin.fileno())
+        except (OSError, ValueError):
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+    return _identity(Path(source))
+
+
+def same_file(written: Path, source: str) -> bool:
+    """Whether writing ``written`` would write the input ``source`` (``-``: stdin)."""
+    if source != "-" and written.resolve() == Path(source).resolve():
+        return True
+    mine, theirs = _identity(written), _input_identity(source)
+    return mine is not None and mine == theirs
+
+
+def check_not_input(source: str, outputs: dict[str, Path]) -> None:
+    """Refuse when any of ``outputs`` (what -> path) is the input ``source`` itself."""
+    for what, path in outputs.items():
+        if same_file(path, source):
+            shown = "standard input" if source == "-" else repr(source)
+            raise UsageError(
+                f"{what} {str(path)!r} is the input {shown} itself: writing it would destroy "
+                "the rows it reads (--overwrite or not). Choose another path, e.g. "
+                f"--report {_suggest(source)}"
+            )
+
+
+def _suggest(source: str) -> str:
+    if source == "-":
+        return "invite-report.jsonl"
+    return str(Path(source).with_name(Path(source).stem + "-report.jsonl"))
+
+
+def run_outputs(report: Path, *, dry_run: bool) -> dict[str, Path]:
+    """Every file a run (or a dry run) writes beside its input, named for a message."""
+    first = "the plan (--report)" if dry_run else "the report (--report)"
+    return {
+        first: report,
+        "its journal": journal_path(report),
+        "its lock file": lock_path(report),
+    }
+
+
+def check_report_path(report: Path, *, dry_run: bool = False) -> None:
+    """A ``--report`` that is a folder, or whose folder is missing, said as such."""
+    if report.is_dir():
+        name = "invite-report.plan.jsonl" if dry_run else "invite-report.jsonl"
+        raise UsageError(
+            f"--report {str(report)!r} is a folder; name a file in it, e.g. "
+            f"--report {str(report / name)!r}"
+        )
+    folder = report.resolve().parent
+    if not folder.is_dir():
+        raise UsageError(
+            f"the folder of --report {str(report)!r} does not exist ({str(folder)!r}); "
+            f"create it first (mkdir -p {folder}) or choose another --report"
+        )
+
+
+def writable_elsewhere(report: Path) -> str:
+    """Where a dry run could write its plan instead, for a message: the temp folder."""
+    return str(Path(tempfile.gettempdir()) / report.name)
