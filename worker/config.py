@@ -58,15 +58,24 @@ def is_loopback_host(host: str) -> bool:
 
 
 def check_api_url(url: str) -> str:
-    """Validate a base URL: http(s), a host, no query; plain HTTP only to loopback.
+    """Validate a base URL: http(s), a host, no path or query; plain HTTP only to loopback.
 
     Keys travel in headers, so plain HTTP to any other host would publish them.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--api-url must be an http(s) URL with a host, got {url!r}")
-    if parts.query or parts.fragment:
-        raise UsageError("--api-url must not carry a query string or fragment")
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        raise UsageError(f"--api-url has a port that is not a number: {url!r}") from None
+    base = f"{parts.scheme}://{parts.hostname}{port}"  # never user-info: it may hold secrets
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        what = "a path" if parts.path.strip("/") else "a query or fragment"
+        raise UsageError(
+            f"--api-url takes the base URL only, without {what} (the worker adds "
+            f"/api/v1/dashboard/...); use --api-url {base}"
+        )
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise UsageError(
             f"--api-url {url!r} is plain HTTP to a non-loopback host; the keys would travel "

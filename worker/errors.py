@@ -56,6 +56,12 @@ class ServiceUnreachable(FatalError):
     code = "service_unreachable"
 
 
+class WrongUrl(FatalError):
+    """Every answer so far is a 404, even where the API always answers: no API at that URL."""
+
+    code = "wrong_url"
+
+
 class QueueLost(FatalError):
     """The Redis stream, its group or the server itself is gone for good."""
 

@@ -15,9 +15,10 @@ import structlog
 
 from worker import logs
 from worker.cli.emulator import SANDBOX_KEY
+from worker.cli.guards import check_not_input, check_report_path, run_outputs
 from worker.cli.help import columns_of, json_stderr, log_level, say
-from worker.config import Config, api_url_for_site
-from worker.errors import UsageError
+from worker.config import Config, api_url_for_site, check_api_url
+from worker.errors import FatalError, UsageError
 from worker.exits import EXIT_ABORTED
 from worker.metrics.target import statsd_target
 from worker.queue.options import StreamOptions, is_redis_url
@@ -120,7 +121,25 @@ def _install_stop(stop: asyncio.Event, again: str) -> list[str]:
     return received
 
 
+def _refuse_mistakes(args: argparse.Namespace) -> None:
+    """What can only be a mistake, refused before anything is started, read or written."""
+    if args.preflight and not args.dry_run:
+        raise UsageError(
+            "--preflight goes with --dry-run (it plans from the dashboards' reads and sends "
+            "nothing); add --dry-run, or drop --preflight: a run checks the dashboards anyway"
+        )
+    if args.assume_limit and not args.dry_run:
+        raise UsageError("--assume-limit only shapes a --dry-run estimate; add --dry-run")
+    if args.api_url and not args.sandbox:
+        check_api_url(args.api_url)
+    report = report_path(args)
+    check_report_path(report, dry_run=args.dry_run)
+    if not is_redis_url(args.source):
+        check_not_input(args.source, run_outputs(report, dry_run=args.dry_run))
+
+
 async def run_command(args: argparse.Namespace) -> int:
+    _refuse_mistakes(args)
     if args.sandbox:
         if args.api_url:
             raise UsageError("--sandbox runs against the built-in emulator; drop --api-url")
@@ -143,8 +162,6 @@ async def run_command(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, secrets=(api_key, app_key, *proxy_secrets(os.environ)),
                    level=log_level(args, watched=_watched(args)))  # fmt: skip
     api_url = args.api_url or api_url_for_site(args.site)
-    if args.preflight and not args.dry_run:
-        raise UsageError("--preflight goes with --dry-run: it plans with the dashboards' reads")
     if args.dry_run and not args.preflight:  # no request is made, so no key is needed
         api_key, app_key = api_key or "unused-in-a-dry-run", app_key or "unused-in-a-dry-run"
     config = config_from(args, api_url, api_key, app_key)
@@ -170,6 +187,12 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
             claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
             until_empty=args.until_empty,
         )  # fmt: skip
+        if options.until_empty:
+            await _require_stream(options)
+        if not any(a == "--consumer" or a.startswith("--consumer=") for a in command):
+            # Run again under the same name, it re-reads its own pending messages at once
+            # instead of waiting --claim-idle for another name to claim them.
+            command += ["--consumer", options.consumer]
         received = _install_stop(stop, shlex.join(command))
         result = await run_stream(config, options, stop=stop)
     elif args.dry_run:
@@ -177,11 +200,13 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
 
         assume = parse_limit(args.assume_limit) if args.assume_limit else None
         source = open_source(args.source, args.format, columns=columns_of(args))
-        plan = await dry_run(config, source, assume_limit=assume, preflight=args.preflight)
+        try:
+            plan = await dry_run(config, source, assume_limit=assume, preflight=args.preflight)
+        except FatalError as exc:  # --preflight found no API at the URL
+            say("run.halted", str(exc), json_lines=json_stderr(sys.argv[1:]))
+            return EXIT_ABORTED
         return plan.exit_code
     else:
-        if args.assume_limit:
-            raise UsageError("--assume-limit only shapes a --dry-run estimate")
         source = open_source(args.source, args.format, columns=columns_of(args))
         received = _install_stop(stop, resume_command(command))
         result = await run(config, source, stop=stop)
@@ -189,3 +214,17 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
         print_summary(result.summary, str(config.report_path), command, sys.stderr,
                       signal=received[0] if received else None)  # fmt: skip
     return result.exit_code
+
+
+async def _require_stream(options: StreamOptions) -> None:
+    """``--until-empty`` on a stream that does not exist: a mistyped name, refused."""
+    from worker.cli.queue import require_stream
+    from worker.queue.runner import connect
+
+    redis = await connect(options.url, options.where)
+    try:
+        await require_stream(redis, options.stream, "--until-empty would find it empty and "
+                             "stop at once (a worker without it waits for the stream to "
+                             "appear)")  # fmt: skip
+    finally:
+        await redis.aclose()

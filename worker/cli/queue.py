@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from collections import Counter
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
@@ -23,6 +23,37 @@ from worker.errors import UsageError
 from worker.exits import EXIT_INCOMPLETE
 from worker.queue.options import StreamOptions, is_redis_url
 from worker.sources import open_source
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+#: Stream names shown when the one asked for does not exist.
+SHOWN_STREAMS = 10
+
+
+async def require_stream(redis: Redis, stream: str, why: str) -> None:
+    """Refuse a stream that does not exist, naming those that do.
+
+    ``why``: what the stream was needed for. A mistyped name would otherwise read as an
+    empty queue (``--until-empty`` exits 0) or as no dead letters.
+    """
+    if await redis.exists(stream):
+        kind = str(await redis.type(stream))
+        if kind == "stream":
+            return
+        raise UsageError(f"{stream!r} is a Redis {kind}, not a stream; check --stream")
+    names: list[str] = []
+    async for name in redis.scan_iter(_type="stream", count=1000):
+        names.append(name)
+        if len(names) > 10 * SHOWN_STREAMS:
+            break
+    names.sort()
+    shown = ", ".join(names[:SHOWN_STREAMS]) + (", ..." if len(names) > SHOWN_STREAMS else "")
+    found = f"the streams there: {shown}" if names else "there is no stream on that server"
+    raise UsageError(
+        f"no stream {stream!r} on that Redis server ({found}); {why}. Check --stream "
+        "(and the URL's database number)"
+    )
 
 
 def add_stream_options(r: argparse.ArgumentParser) -> None:
@@ -211,6 +242,9 @@ async def dead_letter_command(args: argparse.Namespace) -> int:
         raise UsageError("say which dead letters to requeue: --code CODE, --id ID, or --all")
     redis = await connect(args.url, options.where)
     try:
+        if not await redis.exists(options.dead_letter):  # none yet, or a mistyped name?
+            await require_stream(redis, options.stream, "its dead letters would be in "
+                                 f"{options.dead_letter!r}, which does not exist either")  # fmt: skip
         if args.dead_letter_command == "list":
             counts: Counter[str] = Counter()
             async for page in dead_letters(redis, options.dead_letter, selection):
@@ -228,13 +262,16 @@ async def dead_letter_command(args: argparse.Namespace) -> int:
         )
     finally:
         await redis.aclose()
+    if args.dry_run:  # nothing moved: say what would
+        done = {("would_requeue" if k == "requeued" else k): v for k, v in done.items()}
     summary = {
         "dead_letter": options.dead_letter,
         "stream": options.stream,
         "dry_run": args.dry_run,
         **done,
     }
-    structlog.get_logger("worker.queue").info("dead_letter.requeued", **summary)
+    event = "dead_letter.requeue_planned" if args.dry_run else "dead_letter.requeued"
+    structlog.get_logger("worker.queue").info(event, **summary)
     print(json.dumps(summary))
     return EXIT_INCOMPLETE if done["not_requeueable"] else 0
 

@@ -134,6 +134,7 @@ class Emulator(Service):
         app.router.add_delete(INVITATION_PATH, self._on_board(self._delete))
         app.router.add_get("/api/v1/dashboard/public/{token}", self._on_board(self._dashboard))
         app.router.add_put("/api/v1/dashboard/public/{token}", self._on_board(self._update))
+        app.router.add_get("/api/v1/validate", self._validate)
         app.router.add_get("/_emulator/stats", self._stats)
         app.router.add_get("/_emulator/invited", self._invited)
         app.router.add_route("*", "/{anything:.*}", self._unknown)

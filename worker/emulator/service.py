@@ -94,6 +94,13 @@ class Service:
         token = request.match_info.get("token", "")
         return RequestLog(self.requests, request.method, token, self._clock, request.path)
 
+    async def _validate(self, request: web.Request) -> web.StreamResponse:
+        """``GET /api/v1/validate``: the API key check (200, or 403 for a wrong key)."""
+        log = self._logger(request)
+        if request.headers.get("DD-API-KEY") != self.api_key:
+            return log(error(403, "Forbidden", {}))
+        return log(json_response(200, {"valid": True}, {}))
+
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         """Anything the real API would not serve here: 404, and remembered."""
         log = self._logger(request)

@@ -20,6 +20,37 @@ def is_redis_url(source: str) -> bool:
     return urlsplit(source).scheme in ("redis", "rediss")
 
 
+def check_redis_url(url: str) -> None:
+    """Refuse a Redis URL redis-py would read otherwise than written.
+
+    redis-py takes a URL without a host (``redis:/127.0.0.1:6379``, one slash) as
+    ``localhost:6379``: a mistyped URL would quietly use another server.
+    """
+    parts = urlsplit(url)
+    secret = parts.password
+    shown = url.replace(f":{secret}@", ":***@") if secret else url  # never the password
+    if not parts.hostname:
+        raise UsageError(
+            f"the Redis URL {shown!r} names no host (redis would connect to localhost "
+            "instead); write redis://HOST:PORT/DB, with two slashes, e.g. "
+            "redis://127.0.0.1:6379/0"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise UsageError(
+            f"the Redis URL {shown!r} has a port that is not a number; write "
+            "redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0"
+        ) from None
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise UsageError(
+            f"the Redis URL {shown!r} ends in {parts.path!r}, but that place holds the "
+            "database number; write redis://HOST:PORT/DB (e.g. /0) and name the stream "
+            "with --stream"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class StreamOptions:
     """Where to read and how to behave as one consumer of a group. Durations in seconds."""
@@ -44,6 +75,7 @@ class StreamOptions:
     def __post_init__(self) -> None:
         if not is_redis_url(self.url):
             raise UsageError(f"not a Redis URL: {self.url!r} (use redis://HOST:PORT/DB)")
+        check_redis_url(self.url)
         if not self.stream:
             raise UsageError("--stream NAME is required with a redis:// source")
         if not self.group:

@@ -204,6 +204,13 @@ class InvitationClient:
         """The shared dashboard of ``token`` (``TokenNotFound`` when there is none)."""
         return await self._dashboard("GET", token, None)
 
+    async def validate(self) -> int:
+        """``GET /api/v1/validate`` (the API key check): its status. A Datadog API answers
+        200 or 403 there; a 404 says the base URL points at something else."""
+        status, _, _ = await self._request("validate", "GET", f"{self.api_url}/api/v1/validate",
+                                           None)  # fmt: skip
+        return status
+
     async def put_dashboard(self, token: str, body: dict[str, Any]) -> Dashboard:
         """Replace the writable fields of ``token``'s shared dashboard; the object after."""
         return await self._dashboard("PUT", token, msgspec.json.encode(body))

@@ -23,6 +23,7 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -30,6 +31,7 @@ from worker.clock import Clock
 from worker.errors import (
     AuthError,
     TokenNotFound,
+    WrongUrl,
 )
 from worker.outcome import (
     DASHBOARD_PAUSED,
@@ -114,6 +116,10 @@ class Preflight:
         self._checks: dict[str, TokenCheck] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._readable = True  # False once the key proved unable to read dashboards
+        # Whether the base URL is known to serve the API (checked on the first 404).
+        self._url_checked = False
+        self._url_lock = asyncio.Lock()
+        self._wrong_url: WrongUrl | None = None
         #: Requests for dashboards, reads and writes (invitation listings are the
         #: reconciler's).
         self.requests = 0
@@ -165,11 +171,14 @@ class Preflight:
         try:
             board = await self._dashboard(token)
         except TokenNotFound as exc:
+            await self._check_url()
             check.refused = Failure(TokenNotFound.code, exc.message)
             return check
         except AuthError as exc:
+            self._url_checked = True  # the API answered
             self._unreadable(exc)
             return check
+        self._url_checked = True
         if board.share_type is not None and board.share_type != "invite":
             check.refused = Failure(NOT_INVITE_ONLY, f"the shared dashboard is shared as "
                                     f"{board.share_type!r}; invitations are for invite-only "
@@ -196,6 +205,33 @@ class Preflight:
         log.info("preflight.checked", token=token, allowed=None if check.allowed is None
                  else len(check.allowed), served=len(check.served))  # fmt: skip
         return check
+
+    async def _check_url(self) -> None:
+        """A 404 before any other answer: is there an API at this base URL at all?
+
+        A base URL with a path, or another service on the port, answers 404 to every
+        token; refusing each as ``token_not_found`` would record them failed for good.
+        One ``GET /api/v1/validate`` tells: a 404 there too halts the run (:class:`WrongUrl`,
+        exit 3), leaving every row for ``--resume``.
+        """
+        async with self._url_lock:
+            if self._wrong_url is not None:
+                raise self._wrong_url
+            if self._url_checked:
+                return
+            self._count()
+            status = await self._client.validate()
+            if status == 404:
+                url = urlsplit(self._client.api_url)  # never user-info: it may hold secrets
+                origin = f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
+                self._wrong_url = WrongUrl(
+                    f"{origin} answers 404 to every dashboard and to GET "
+                    "/api/v1/validate: no Datadog API there. Check --api-url (the base URL "
+                    "only, e.g. https://api.datadoghq.com) or --site; nothing was recorded "
+                    "as failed: run the same command again with --resume"
+                )
+                raise self._wrong_url
+            self._url_checked = True
 
     async def _dashboard(self, token: str) -> SharedDashboard:
         return (await self._paced(functools.partial(self._client.get_dashboard, token))).dashboard
