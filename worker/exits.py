@@ -11,13 +11,12 @@ def exit_code(
     halted: bool,
     interrupted: bool,
     incomplete: bool,
-    stopping_is_normal: bool = False,
 ) -> int:
     """3 if refused keys, a fault or a signal stopped the run; 1 if rows are unsettled.
 
-    ``stopping_is_normal``: a queue worker stopped by SIGTERM has lost nothing (what it
-    did not settle stays pending in the group), so an interruption alone is not exit 3.
+    The same in file and queue mode: a stop is exit 3 whether what is left waits for
+    ``--resume`` or stays pending in the stream.
     """
-    if aborted or halted or (interrupted and not stopping_is_normal):
+    if aborted or halted or interrupted:
         return EXIT_ABORTED
     return EXIT_INCOMPLETE if incomplete else EXIT_OK

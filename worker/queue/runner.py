@@ -146,8 +146,7 @@ async def _run_stream(
             finally:
                 progress.close()
                 await shared.settle()
-        summary = build_summary(runner, options.where, consumer.counts, started, clock.time(),
-                                stopping_is_normal=True)  # fmt: skip
+        summary = build_summary(runner, options.where, consumer.counts, started, clock.time())
         summary["group"], summary["consumer"] = options.group, options.consumer
         result = finish(report, summary, for_people=config.progress == "bar")
         metrics.finished(result.exit_code)

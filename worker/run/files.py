@@ -31,12 +31,14 @@ from worker.run.resume import (
     require_report,
     settle_unknowns,
 )
+from worker.run.rows import InputRows
 from worker.run.runner import Runner
 from worker.run.summary import FileCounts, RunResult, build_summary, finish
 from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
 from worker.sources import RawRow, Source
 from worker.state import RunState
+from worker.sources.csvfile import CsvSource
 from worker.validate import Validator
 
 log = structlog.get_logger("worker.run")
@@ -136,7 +138,9 @@ async def _run(
     log.info("run.started", source=source.description, api=_public_origin(config.api_url),
              batch_size=config.batch_size, concurrency=config.concurrency, rate=config.rate,
              report=str(config.report_path), resume=config.resume)  # fmt: skip
-    counts = FileCounts()
+    counts = FileCounts(
+        input=InputRows.of(source.description, header=isinstance(source, CsvSource))
+    )
     report.metrics = metrics = metrics_for(config, mode="file")
     state = RunState(stop)
     try:
@@ -148,7 +152,8 @@ async def _run(
             if history is not None:
                 await runner.supervise("reconciler", _settle(runner, history, clock))
             runner.recorded = 0  # settling is not this run's reading
-            progress = Progress(snapshot_of(runner, counts), config.progress, config.progress_every)
+            progress = Progress(snapshot_of(runner, counts), config.progress, config.progress_every,
+                                rows=counts.input)  # fmt: skip
             progress.start()
             try:
                 await runner.drive(_flushed(report, read_batches(

@@ -34,8 +34,9 @@ def print_summary(
     if failed:
         rows.append(("failed", f"{failed:,}"))
     rows += _by("rejected rows", summary.get("rejected_by_reason", {}))
-    if summary.get("unsent"):
-        rows.append(("not sent (stopped)", f"{summary['unsent']:,}"))
+    left = summary.get("unsent", 0) + (summary.get("unread") or 0)
+    if left:
+        rows.append(("not sent yet", f"{left:,}" + _unknown_rest(summary)))
     kinds = summary.get("requests_by_kind", {"invite": summary["requests"]})
     rows.append(("requests", ", ".join(f"{n:,} {k}" for k, n in kinds.items() if n)))
     rows.append(("429 answers", f"{summary['rate_limited']:,}"))
@@ -43,14 +44,26 @@ def print_summary(
     rows.append(("duration", f"{seconds:,.1f} s{rate}"))
     width = max(len(name) for name, _ in rows)
     stopped = summary.get("interrupted") and not summary.get("halted")
-    print(f"\n{'Stopped' if stopped else 'Done'}: {summary['source']} "
-          f"(exit {summary['exit_code']})", file=out)  # fmt: skip
+    print(f"\n{heading(summary)}: {summary['source']} (exit {summary['exit_code']})",
+          file=out)  # fmt: skip
     for name, value in rows:
         print(f"  {name:<{width}}  {value}", file=out)
     if stopped:
         print(stopped_line(summary, command, signal), file=out)
     else:
         print(f"Next: {next_step(summary, report, command)}", file=out)
+
+
+def heading(summary: dict[str, Any]) -> str:
+    """What happened, in a word: Done, Stopped (a signal) or Halted (a fault, the keys)."""
+    if summary.get("halted") or summary.get("aborted"):
+        return "Halted"
+    return "Stopped" if summary.get("interrupted") else "Done"
+
+
+def _unknown_rest(summary: dict[str, Any]) -> str:
+    """For a stop on a pipe: the rows it never read cannot be counted."""
+    return " read, and the rest of the input" if summary.get("unread", 0) is None else ""
 
 
 def stopped_line(summary: dict[str, Any], command: list[str], signal: str | None) -> str:
@@ -62,9 +75,9 @@ def stopped_line(summary: dict[str, Any], command: list[str], signal: str | None
     if "group" in summary:  # a queue worker: the stream keeps what it did not settle
         return (f"Stopped{by}: {done}; messages not yet settled stay pending for the next "
                 f"worker, nothing is lost. Run again with: {shlex.join(command)}")  # fmt: skip
-    left = summary.get("unsent", 0)
-    return (f"Stopped{by}: {done}; {left:,} not sent yet, nothing is lost. Finish with: "
-            f"{resume_command(command)}")  # fmt: skip
+    left = summary.get("unsent", 0) + (summary.get("unread") or 0)
+    return (f"Stopped{by}: {done}; {left:,}{_unknown_rest(summary)} not sent yet, nothing "
+            f"is lost. Finish with: {resume_command(command)}")  # fmt: skip
 
 
 def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
@@ -79,19 +92,32 @@ def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
                 f"dashboards_invite_share permission{kept}, then: {resume}")  # fmt: skip
     if "group" in summary:  # a queue worker
         return _queue_step(summary, command)
-    if summary.get("interrupted") or summary.get("unsent"):
+    if summary.get("interrupted") or summary.get("unsent") or summary.get("unread"):
         return f"finish the run: {resume}"
-    refused = sum(summary.get("refused_by_code", {}).values())
-    if summary["emails_failed"] > refused:
+    refused = summary.get("refused_by_code", {})
+    if summary["emails_failed"] > sum(refused.values()):
         retry = shlex.join(["invite-worker", "report", "failed", report, "--output",
                             "retry.csv"])  # fmt: skip
         return f"once the cause is fixed: {retry}, then run retry.csv"
     if refused:
-        return "fix the dashboards the refusals name (invite-worker report summarize " \
-            f"{shlex.quote(report)}), or run with --add-invitees"  # fmt: skip
+        fixes = "; ".join(REFUSAL_FIXES.get(code, code) for code in sorted(refused))
+        retry = shlex.join(["invite-worker", "report", "failed", report, "--include-refused",
+                            "--output", "retry.csv"])  # fmt: skip
+        return f"{fixes}; then: {retry}, and run retry.csv"
     if summary["rejected"]:
         return "fix the rejected rows in the input (their lines are in the report)"
     return "nothing: everyone is invited"
+
+
+#: What fixes each refusal of the dashboard check (the "Next:" step after it).
+REFUSAL_FIXES = {
+    "not_on_share_list": "add the refused addresses to their dashboards' invitees (or run "
+    "again with --add-invitees)",
+    "token_not_found": "check the tokens no shared dashboard answers to (report summarize "
+    "lists them); correct them in the input",
+    "dashboard_paused": "resume sharing the paused dashboards",
+    "not_invite_only": "share those dashboards as invite-only",
+}
 
 
 def _queue_step(summary: dict[str, Any], command: list[str]) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from worker import logs
+from worker.run.rows import InputRows
 from worker.run.runner import Runner
 from worker.run.summary import FileCounts, QueueCounts
 
@@ -56,6 +57,8 @@ def snapshot_of(
                 "waits": sender.pacer.waits}  # fmt: skip
         if isinstance(counts, FileCounts):
             snap["read_all"] = int(counts.read_all)
+            estimate = counts.input.estimate() if counts.input is not None else None
+            snap["expected"] = -1 if estimate is None else estimate
         else:
             snap.update(read_all=0, pending=pending() if pending else 0,
                         dead=counts.dead_lettered)  # fmt: skip
@@ -90,6 +93,45 @@ class SteadyRate:
         return left / rate if rate > 0 and left >= 0 else None
 
 
+#: The narrowest the bar itself may get before fields are left out of the line.
+BAR_MIN = 10
+
+
+def _columns() -> int:
+    """The terminal's width now (it may be resized during a run); 120 when unknown."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns or 120
+    except (OSError, ValueError):
+        return 120
+
+
+def fit(parts: list[str], room: int) -> str:
+    """``parts`` joined with " | ", as many as fit in ``room`` characters, in order."""
+    text = ""
+    for part in parts:
+        longer = f"{text} | {part}" if text else part
+        if len(longer) > room:
+            break
+        text = longer
+    return text
+
+
+def _total(snap: dict[str, int], done: int) -> int | None:
+    """Emails the run will have done: exact once every row is read, else estimated.
+
+    The estimate is the input's rows (counted beside the run, or scaled from its size)
+    times the share of rows read so far that were valid.
+    """
+    if snap["read_all"]:
+        return snap["valid"]
+    expected = snap.get("expected", -1)
+    if expected < 0:
+        return None
+    if snap["rows"]:
+        expected = round(expected * snap["valid"] / snap["rows"])
+    return max(expected, done)
+
+
 def duration_text(seconds: float) -> str:
     """``45s``, ``3m 20s``, ``2h 05m``: short, and steady in width."""
     whole = round(seconds)
@@ -109,8 +151,10 @@ class Progress:
     """
 
     def __init__(self, snapshot: Snapshot, mode: str, every: float, *, queue: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic,
+                 rows: InputRows | None = None) -> None:  # fmt: skip
         self._snapshot = snapshot
+        self._rows = rows  # counted beside the run: the total before the reader gets there
         # -q (errors only) on a terminal: no bar either, only the end table.
         quiet = mode == "bar" and logs.shown_level() > logging.WARNING
         self.mode = "off" if quiet else mode
@@ -143,18 +187,26 @@ class Progress:
         """Redraw (or log) every interval until ``finished`` is set (a runner's service)."""
         if self.mode == "off":
             return
-        while not finished.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(finished.wait(), self._every)
-            if not finished.is_set():
-                self.update()
+        rows = self._rows
+        counting = None if rows is None else asyncio.ensure_future(rows.count_in_thread())
+        try:
+            while not finished.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), self._every)
+                if not finished.is_set():
+                    self.update()
+        finally:
+            if rows is not None and counting is not None:
+                rows.abandon()  # the thread stops at its next block
+                counting.cancel()
+                await asyncio.gather(counting, return_exceptions=True)
 
     def update(self) -> None:
         """Redraw the bar, or log one ``progress`` event."""
         snap = self._snapshot()
         done = snap["sent"] + snap["failed"] + snap["skipped"]
         rate = self.rate.add(done)
-        total = None if self.queue or not snap["read_all"] else snap["valid"]
+        total = None if self.queue else _total(snap, done)
         eta = None if total is None else SteadyRate.eta(total - done, rate)
         if self._bar is not None:
             self._draw(snap, done, total, rate, eta)
@@ -174,16 +226,20 @@ class Progress:
             bar.total = total
             bar.bar_format = _BAR
         when = f", ETA {duration_text(eta)}" if eta is not None else ""
-        rows = "messages" if self.queue else "rows"
-        stream = (f" | pending {snap['pending']:,} | dead-lettered {snap['dead']:,}"
-                  if self.queue else "")  # fmt: skip
-        bar.set_postfix_str(
-            f"{rate:,.1f} email/s{when} | {rows} {snap['rows']:,} | sent {snap['sent']:,}"
-            f" | skipped {snap['skipped']:,} | failed {snap['failed']:,}"
-            f" (refused {snap['refused']:,}){stream} | requests {snap['requests']:,}"
-            f" | 429s {snap['limited']:,} | pacing waits {snap['waits']:,}",
-            refresh=False,
-        )
+        # Most telling first: what does not fit the terminal's width is left out, so the
+        # line is never cut (nor wrapped, which would stop it redrawing in place).
+        parts = [f"{rate:,.1f} email/s{when}",
+                 f"{'messages' if self.queue else 'rows'} {snap['rows']:,}",
+                 f"sent {snap['sent']:,}", f"failed {snap['failed']:,}"]  # fmt: skip
+        if self.queue:
+            parts += [f"pending {snap['pending']:,}", f"dead-lettered {snap['dead']:,}"]
+        parts += [f"{name} {snap[key]:,}" for name, key in
+                  (("skipped", "skipped"), ("refused", "refused")) if snap[key]]  # fmt: skip
+        parts += [f"requests {snap['requests']:,}", f"429s {snap['limited']:,}",
+                  f"pacing waits {snap['waits']:,}"]  # fmt: skip
+        room = _columns() - len(f"invites: 100%|| {done:,}/{max(total or 0, done):,} "
+                                f"[00:00:00, ]") - BAR_MIN  # fmt: skip
+        bar.set_postfix_str(fit(parts, room), refresh=False)
         bar.update(done - bar.n)  # redraws in place
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from worker.errors import StorageError
 from worker.exits import EXIT_ABORTED, exit_code
 from worker.record.report import Report, iso
 from worker.run.resume import History
+from worker.run.rows import InputRows
 from worker.run.runner import Runner
 
 log = structlog.get_logger("worker.run")
@@ -33,10 +34,22 @@ class FileCounts:
     skipped: int = 0
     tokens: int = 0
     read_all: bool = False  # every row is read: the total is known from here on
+    #: The input file's rows, counted apart (None: standard input, a pipe).
+    input: InputRows | None = None
 
     def fields(self) -> dict[str, int]:
-        """The summary's share: everything but the progress flag."""
-        return {k: v for k, v in asdict(self).items() if k != "read_all"}
+        """The summary's share: the counts."""
+        return {"rows": self.rows, "valid": self.valid, "skipped": self.skipped,
+                "tokens": self.tokens}  # fmt: skip
+
+    def unread(self) -> int | None:
+        """Rows of the input never read (a stop came first); None when it cannot be told."""
+        if self.read_all:
+            return 0
+        if self.input is None:
+            return None
+        total = self.input.total if self.input.total is not None else self.input.count()
+        return max(0, total - self.rows)
 
 
 @dataclass(slots=True)
@@ -62,7 +75,6 @@ def build_summary(
     *,
     history: History | None = None,
     resumed: bool = False,
-    stopping_is_normal: bool = False,
 ) -> dict[str, Any]:
     """The ``summary`` record of a run."""
     sender, report, state = runner.sender, runner.report, runner.state
@@ -76,8 +88,15 @@ def build_summary(
         totals = {"emails_failed": report.emails["failed"], "rejected": report.rejected_total,
                   "unknown": 0}  # fmt: skip
     incomplete = bool(totals["emails_failed"] or totals["rejected"] or totals["unknown"] or unsent)
+    # One code per kind of stop, in both modes: a signal is exit 3 for a queue worker too
+    # (what it did not settle stays pending for the next one, nothing is lost).
     code = exit_code(aborted=state.aborted, halted=halted is not None, interrupted=interrupted,
-                     incomplete=incomplete, stopping_is_normal=stopping_is_normal)  # fmt: skip
+                     incomplete=incomplete)  # fmt: skip
+    by_kind = {
+        "invite": sender.stats.requests,
+        "list_invitations": sender.reconciler.requests,
+        "dashboard": sender.preflight.requests,
+    }
     summary: dict[str, Any] = {
         "source": description,
         **counts.fields(),
@@ -91,7 +110,7 @@ def build_summary(
         "skipped_by_reason": dict(sorted(report.skipped_by_reason.items())),
         "batches_sent": report.batches["sent"],
         "batches_failed": report.batches["failed"],
-        "requests": sender.stats.requests,
+        "requests": sum(by_kind.values()),
         "retries": sender.stats.retries,
         "rate_limited": sender.stats.rate_limited,
         "ratelimit_waits": sender.pacer.waits,
@@ -99,12 +118,10 @@ def build_summary(
         "unknown_outcomes": sender.stats.unknown_outcomes,
         "reconciled_sent": sender.stats.reconciled_sent,
         "reconcile_requests": sender.reconciler.requests,
-        "requests_by_kind": {
-            "invite": sender.stats.requests,
-            "list_invitations": sender.reconciler.requests,
-            "dashboard": sender.preflight.requests,
-        },
+        "requests_by_kind": by_kind,
         "unsent": unsent,
+        # Rows never read because the run stopped first (None: a pipe, it cannot be told).
+        "unread": counts.unread() if isinstance(counts, FileCounts) else 0,
         "aborted": state.aborted,
         "abort_reason": state.abort_error.message if state.abort_error else None,
         "interrupted": interrupted,
@@ -133,8 +150,14 @@ def finish(report: Report, summary: dict[str, Any], *, for_people: bool = False)
         log.error("run.summary_not_written", path=str(exc.path), cause=exc.cause.strerror)
     log_summary = {k: v for k, v in summary.items() if k not in ("started_at", "finished_at")}
     if not for_people:
-        if summary["aborted"] or summary["exit_code"] == EXIT_ABORTED:
+        # run.aborted is the refused keys' event (aborted=true); a signal or a fault ends
+        # with run.finished, at warning or error level, its interrupted or halted set.
+        if summary["aborted"]:
             log.error("run.aborted", **log_summary)
+        elif summary["halted"]:
+            log.error("run.finished", **log_summary)
+        elif summary["exit_code"] == EXIT_ABORTED:
+            log.warning("run.finished", **log_summary)
         else:
             log.info("run.finished", **log_summary)
     return RunResult(summary["exit_code"], summary)
