@@ -126,7 +126,7 @@ async def test_requeue_takes_only_what_is_chosen_and_leaves_what_it_cannot_send(
 
     dry = await asyncio.to_thread(dead_letter, "requeue", redis_server, "--stream",
                                   stream_name, "--all", "--dry-run")  # fmt: skip
-    assert json.loads(dry.stdout)["requeued"] == 2
+    assert json.loads(dry.stdout)["would_requeue"] == 2  # a dry run says "would"
     assert await redis.xlen(stream_name) == 0
 
     picked = await asyncio.to_thread(dead_letter, "requeue", redis_server, "--stream",

@@ -299,9 +299,9 @@ def test_dry_run_preflight_only_reads_and_says_what_would_happen(
     assert set(stats["by_status"]) == {"200"}
     summary = read_report(tmp_path / "plan.jsonl")[-1]
     assert summary["preflight"] == {
-        TOKEN_A: {"refuse: not_on_share_list": 1, "send": 3, "skip: active_session": 1,
-                  "skip: already_invited": 1},
-        TOKEN_B: {"refuse: dashboard_paused": 1, "send": 0},
+        TOKEN_A: {"would refuse: not_on_share_list": 1, "would send": 3,
+                  "would skip: active_session": 1, "would skip: already_invited": 1},
+        TOKEN_B: {"would refuse: dashboard_paused": 1, "would send": 0},
     }  # fmt: skip
     assert summary["requests"] == 1
 

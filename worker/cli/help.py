@@ -78,10 +78,12 @@ class Parser(argparse.ArgumentParser):
     """argparse, whose usage errors are JSON lines when stderr is in JSON mode."""
 
     def error(self, message: str) -> NoReturn:
+        """One line naming the mistake and where the options are: no usage dump."""
         if json_stderr(sys.argv[1:]):
             say("cli.usage_error", f"{self.prog}: {message}", json_lines=True)
             raise SystemExit(EXIT_USAGE)
-        super().error(message)
+        print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 def command(sub: Any, name: str, description: str, examples: str, **extra: Any) -> Parser:

@@ -75,6 +75,12 @@ def open_source(
     from worker.sources.csvfile import CsvSource
     from worker.sources.jsonl import JsonlSource
 
+    if source != "-":  # what the path is, before what its name suggests
+        if Path(source).is_dir():
+            raise UsageError(f"{source!r} is a folder; give the input file in it (a .csv or "
+                             ".jsonl file), or - for standard input")  # fmt: skip
+        if not Path(source).exists():
+            raise UsageError(f"cannot read {source!r}: no such file")
     kind = detect_format(source, fmt)
     if source == "-":
         import sys

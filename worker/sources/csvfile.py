@@ -44,11 +44,26 @@ class CsvSource:
                     raise UsageError(f"{self.description}: line {number} (the header) is too long")
                 if not raw.strip():
                     continue
-                self._pending = (number + 1, lines[offset + 1 :])
-                return self._parse_header(number, raw)
+                header = self._parse_header(number, raw)
+                self._pending = self._first_rows(number, number + 1, lines[offset + 1 :])
+                return header
         raise UsageError(
             f"{self.description}: the input is empty; expected a header row such as 'token,email'"
         )
+
+    def _first_rows(
+        self, header: int, first: int, lines: list[bytes | None]
+    ) -> tuple[int, list[bytes | None]]:
+        """The lines from the first row on: a header with no row under it is refused."""
+        while all(line is not None and not line.strip() for line in lines):
+            more = self._reader.read()
+            if more is None:
+                raise UsageError(
+                    f"{self.description}: the input holds a header (line {header}) but no "
+                    "row; nothing to send"
+                )
+            first, lines = self._reader.number - len(more) + 1, more
+        return first, lines
 
     def _parse_header(self, number: int, raw: bytes) -> tuple[str, int, int, int]:
         try:
@@ -64,10 +79,19 @@ class CsvSource:
             names = [c.strip().lower() for c in cells] if cells is not None else []
             if token in names and email in names:
                 return delimiter, names.index(token), names.index(email), len(names)
+        if text.lstrip().startswith(("{", "[")):
+            raise UsageError(
+                f"{self.description}: line {number} looks like JSON, not a CSV header; for "
+                "JSON Lines pass --format jsonl (or name the file .jsonl)"
+            )
+        delimiter = max(DELIMITERS, key=text.count)
+        names = [c.strip().lower() for c in (_split(text, delimiter) or [text])]
+        missing = " and ".join(repr(c) for c in (token, email) if c not in names)
         raise UsageError(
-            f"{self.description}: the header (line {number}) must name a {token!r} and an "
-            f"{email!r} column, found {text.strip()[:200]!r}; add a header row such as "
-            f"'{token},{email}', or name your columns with --token-column and --email-column"
+            f"{self.description}: the header (line {number}) has no {missing} column (its "
+            f"columns: {', '.join(repr(n) for n in names[:20])[:300]}); add a header row such "
+            f"as '{token},{email}', or name your columns with --token-column and "
+            "--email-column"
         )
 
     def chunks(self) -> AsyncIterator[Sequence[Row]]:

@@ -8,6 +8,7 @@ from typing import BinaryIO
 
 import msgspec
 
+from worker.errors import UsageError
 from worker.sources.lines import LineReader, Row, chunked
 from worker.validate import Reason
 
@@ -22,14 +23,59 @@ class JsonlSource:
         self._fields = fields
         self._stream = stream
         self._reader = LineReader(stream)
+        # Lines read with the first object, still to be parsed: (first line number, lines).
+        self._pending: tuple[int, list[bytes | None]] | None = None
+        self._check_first()
+
+    def _check_first(self) -> None:
+        """The first object must hold the token and email fields: a file whose fields have
+        other names is refused whole (as a CSV header is), not row by row."""
+        while (lines := self._reader.read()) is not None:
+            first = self._reader.number - len(lines) + 1
+            for offset, raw in enumerate(lines):
+                if raw is not None and not raw.strip():
+                    continue
+                self._pending = (first, lines)
+                self._check_object(first + offset, raw)
+                return
+        raise UsageError(
+            f"{self.description}: the input is empty; expected one JSON object per line, "
+            'such as {"token": "...", "email": "..."}'
+        )
+
+    def _check_object(self, number: int, raw: bytes | None) -> None:
+        try:
+            obj = msgspec.json.decode(raw) if raw is not None else None
+        except ValueError:
+            obj = None
+        token, email = self._fields
+        if not isinstance(obj, dict):
+            shown = (raw or b"")[:80].decode("utf-8", "replace")
+            raise UsageError(
+                f"{self.description}: line {number} is not a JSON object ({shown!r}); JSON "
+                "Lines input holds one object per line. If the input is CSV, pass --format csv"
+            )
+        missing = [name for name in (token, email) if name not in obj]
+        if missing:
+            found = ", ".join(repr(str(k)) for k in list(obj)[:20]) or "none"
+            raise UsageError(
+                f"{self.description}: the first object (line {number}) has no "
+                f"{' and no '.join(repr(m) for m in missing)} field (its fields: {found}); "
+                "name the fields with --token-column and --email-column"
+            )
 
     def chunks(self) -> AsyncIterator[Sequence[Row]]:
         return chunked(self._parse_chunk)
 
     def _parse_chunk(self) -> list[Row] | None:
-        lines = self._reader.read()
-        if lines is None:
-            return None
+        if self._pending is not None:
+            _, lines = self._pending
+            self._pending = None
+        else:
+            read = self._reader.read()
+            if read is None:
+                return None
+            lines = read
         rows: list[Row] = []
         append = rows.append
         loads = msgspec.json.decode
