@@ -309,16 +309,16 @@ def stream_name() -> str:
 
 def on_a_terminal(
     argv: list[str], when: bytes | None = None, then: Callable[[subprocess.Popen[bytes]], None]
-    = lambda proc: None,
+    = lambda proc: None, columns: int = 160,
 ) -> tuple[int, bytes]:  # fmt: skip
     """Run ``argv`` with stderr on a pseudo-terminal; once ``when`` is shown, do ``then``.
 
     Returns the exit code and everything the terminal showed.
     """
     master, slave = pty.openpty()
-    # A terminal has a size: 24 rows by 160 columns.
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
-    env = worker_env(TERM="xterm", COLUMNS="160", DD_API_KEY=API_KEY, DD_APP_KEY=APP_KEY)
+    # A terminal has a size: 24 rows by 160 columns (or ``columns``).
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = worker_env(TERM="xterm", COLUMNS=str(columns), DD_API_KEY=API_KEY, DD_APP_KEY=APP_KEY)
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=slave, cwd=ROOT)  # fmt: skip
     os.close(slave)

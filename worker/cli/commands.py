@@ -22,6 +22,7 @@ from worker.errors import FatalError, UsageError
 from worker.exits import EXIT_ABORTED
 from worker.metrics.target import statsd_target
 from worker.queue.options import StreamOptions, is_redis_url
+from worker.record.files import reads_as_report
 from worker.run import run
 from worker.run.human import print_summary, resume_command
 from worker.send.proxy import env_proxy, proxy_secrets
@@ -136,6 +137,11 @@ def _refuse_mistakes(args: argparse.Namespace) -> None:
     check_report_path(report, dry_run=args.dry_run)
     if not is_redis_url(args.source):
         check_not_input(args.source, run_outputs(report, dry_run=args.dry_run))
+    if report.is_file() and not reads_as_report(report):
+        raise UsageError(
+            f"{str(report)!r} is not a report (its first line is not a report record) and is "
+            "never written to, --overwrite or not; choose another --report path"
+        )
 
 
 async def run_command(args: argparse.Namespace) -> int:

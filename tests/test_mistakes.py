@@ -1,0 +1,292 @@
+"""A newcomer's mistakes, made as a user makes them: the CLI in a real process, real files.
+
+Each is refused (exit 2, one line naming the fix) before anything is written or sent, or
+said the way that points to the fix: the input is never written over, a wrong URL or
+stream name is never taken as given, and JSONL is as strict as CSV.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    API_KEY,
+    APP_KEY,
+    ROOT,
+    Proc,
+    by_kind,
+    free_port,
+    read_report,
+    worker_command,
+)
+from tests.conftest import worker_env as clean_env
+
+SAMPLE = ROOT / "sample_inputs" / "invites.csv"
+KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
+
+
+def invite_worker(
+    *args: str, stdin: bytes | int | None = None, cwd: Path = ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``invite-worker ARGS`` with the test keys; stderr as console text (not JSON)."""
+    return subprocess.run(
+        worker_command(*args, "--log-format", "console")
+        if args[0] in ("run", "enqueue", "dead-letter") else worker_command(*args),
+        env=clean_env(**KEYS), cwd=cwd, capture_output=True, timeout=timeout, check=False,
+        text=True, **({"input": stdin.decode()} if isinstance(stdin, bytes) else {"stdin": stdin}),
+    )  # fmt: skip
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The single message a refused command printed."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def emulator_stats(url: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"{url}/_emulator/stats", timeout=10) as resp:  # noqa: S310
+        stats: dict[str, int] = json.loads(resp.read())
+        return stats
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Path:
+    """A copy of the README's sample input."""
+    path = tmp_path / "in.csv"
+    shutil.copy(SAMPLE, path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["same path", "symbolic link", "hard link", "journal", "lock"])
+def test_a_report_that_is_the_input_is_refused_even_with_overwrite(
+    sample: Path, tmp_path: Path, how: str
+) -> None:
+    """Case 1: a report (or its journal, or its lock) that is the input file, by path or
+    through a link, is exit 2 before anything is written; the input is unchanged."""
+    report = tmp_path / "r.jsonl"
+    if how == "same path":
+        report = sample
+    elif how == "symbolic link":
+        report.symlink_to(sample)
+    elif how == "hard link":
+        os.link(sample, report)
+    else:  # the journal of --report R is R.journal, its lock R.lock
+        sample = sample.rename(tmp_path / f"r.jsonl.{how}")
+    before = sample.read_bytes()
+    done = invite_worker("run", str(sample), "--sandbox", "--format", "csv", "--report",
+                         str(report), "--overwrite")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "is the input" in one_line(done)
+    assert sample.read_bytes() == before
+    linked = {report.name} if report.exists() or report.is_symlink() else set()
+    assert {p.name for p in tmp_path.iterdir()} == {sample.name} | linked  # no journal, no lock
+
+
+def test_stdin_redirected_from_the_report_is_refused(sample: Path) -> None:
+    """Case 1: ``run - --report in.csv < in.csv`` is the same file, told by its inode."""
+    before = sample.read_bytes()
+    with sample.open("rb") as stdin:
+        done = invite_worker("run", "-", "--sandbox", "--report", str(sample), "--overwrite",
+                             stdin=stdin.fileno())  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "is the input standard input itself" in one_line(done)
+    assert sample.read_bytes() == before
+
+
+def test_overwrite_replaces_only_a_report_and_report_failed_never_its_input(
+    sample: Path, tmp_path: Path
+) -> None:
+    """Case 1: --overwrite on a file that is not a report is refused; ``report failed``
+    with --output the report itself is refused, --overwrite or not."""
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"my": "notes"}\n')
+    done = invite_worker("run", str(sample), "--sandbox", "--report", str(notes), "--overwrite")
+    assert done.returncode == 2, done.stderr
+    assert "is not a report" in one_line(done)
+    assert notes.read_text() == '{"my": "notes"}\n'
+    report = tmp_path / "r.jsonl"
+    assert invite_worker("run", str(sample), "--sandbox", "--report", str(report)).returncode == 1
+    before = report.read_bytes()
+    done = invite_worker("report", "failed", str(report), "--output", str(report), "--overwrite")
+    assert done.returncode == 2, done.stderr
+    assert "is the input" in one_line(done)
+    assert report.read_bytes() == before
+
+
+def test_preflight_without_dry_run_sends_nothing(sample: Path, tmp_path: Path) -> None:
+    """Case 2: --preflight without --dry-run is exit 2 naming --dry-run, even in the sandbox
+    (it used to send 3 invitations there); no report is written."""
+    report = tmp_path / "r.jsonl"
+    done = invite_worker("run", str(sample), "--sandbox", "--preflight", "--report", str(report))
+    assert done.returncode == 2, done.stderr
+    assert "--preflight goes with --dry-run" in one_line(done)
+    assert not report.exists()
+
+
+@pytest.mark.parametrize("suffix", ["/api/v2", "/?x=1", "#top"])
+def test_an_api_url_with_a_path_is_refused_before_any_request(
+    sample: Path, tmp_path: Path, start_emulator: Callable[..., str], suffix: str
+) -> None:
+    """Case 3: a base URL with a path, query or fragment is exit 2 naming the base URL to
+    use; the service sees no request."""
+    url = start_emulator()
+    done = invite_worker("run", str(sample), "--api-url", url + suffix, "--report",
+                         str(tmp_path / "r.jsonl"))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"use --api-url {url}" in one_line(done)
+    assert emulator_stats(url)["requests"] == 0
+
+
+@pytest.fixture
+def not_an_api(tmp_path: Path) -> Iterator[str]:
+    """A web server on loopback answering 404 to every GET (as a wrong base URL would)."""
+    port, empty = free_port(), tmp_path / "empty"
+    empty.mkdir()
+    proc = Proc([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                 "--directory", str(empty)], tmp_path / "http.log")  # fmt: skip
+    deadline = time.monotonic() + 20
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert time.monotonic() < deadline, proc.stderr()
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    proc.stop()
+
+
+def test_every_token_answering_404_is_a_wrong_url_left_for_resume(
+    tmp_path: Path, not_an_api: str, start_emulator: Callable[..., str]
+) -> None:
+    """Case 3: a URL where every read answers 404 halts with exit 3 instead of refusing
+    every token for good; --resume against the right URL then invites everyone once."""
+    source, report = tmp_path / "in.csv", tmp_path / "r.jsonl"
+    pairs = {(f"tok{i % 3}", f"u{i}@example.com") for i in range(30)}
+    source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
+    done = invite_worker("run", str(source), "--api-url", not_an_api, "--report", str(report))
+    assert done.returncode == 3, done.stderr
+    assert "no Datadog API there" in done.stderr
+    records = read_report(report)
+    assert by_kind(records, "batch") == []  # nothing refused for good
+    assert records[-1]["halted"]["code"] == "wrong_url"
+    url = start_emulator()
+    resumed = invite_worker("run", str(source), "--api-url", url, "--report", str(report),
+                            "--resume")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    with urllib.request.urlopen(f"{url}/_emulator/invited", timeout=10) as resp:  # noqa: S310
+        invited = {(t, e): n for t, e, n in json.loads(resp.read())}
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
+
+
+def test_a_wrong_token_column_names_what_is_missing(tmp_path: Path) -> None:
+    """Case 7: a wrong --token-column says that column is missing, not the email's."""
+    source = tmp_path / "users.csv"
+    source.write_text("dashboard_token,user_email\nt,a@example.com\n")
+    done = invite_worker("run", str(source), "--sandbox", "--token-column", "dash_token",
+                         "--email-column", "user_email")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    line = one_line(done)
+    assert "has no 'dash_token' column" in line
+    assert "'user_email' column" not in line.split("(its columns")[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "args", "says"),
+    [
+        (b'{"dashboard": "t", "address": "a@example.com"}\n' * 3, "in.jsonl", (),
+         "has no 'token' and no 'email' field (its fields: 'dashboard', 'address')"),
+        (b"", "in.jsonl", (), "the input is empty"),
+        (b"\n\n", "in.csv", (), "the input is empty"),
+        (b"token,email\n\n", "in.csv", (), "a header (line 1) but no row"),
+        (b'{"token": "t", "email": "a@example.com"}\n', "-", (), "pass --format jsonl"),
+    ],
+)  # fmt: skip
+def test_jsonl_is_as_strict_as_csv(
+    tmp_path: Path, content: bytes, name: str, args: tuple[str, ...], says: str
+) -> None:
+    """Case 6: other field names, an empty input in any format, and JSON on stdin without
+    --format are each exit 2 with one line, before any row is sent or reported."""
+    report = tmp_path / "r.jsonl"
+    source = name if name == "-" else str(tmp_path / name)
+    if name != "-":
+        Path(source).write_bytes(content)
+    done = invite_worker("run", source, "--dry-run", "--report", str(report), *args,
+                         stdin=content if name == "-" else None)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    line = one_line(done)
+    assert says in line, line
+    if "field" in says:
+        assert "--token-column and --email-column" in line
+    assert not report.exists()
+
+
+def test_messages_point_the_right_way(sample: Path, tmp_path: Path) -> None:
+    """Case 7: a folder as input or --report, a --report folder that does not exist, a CSV
+    given to 'report summarize', and a bad --resend-after: one line each, saying so."""
+    cases = [
+        (("run", str(tmp_path), "--sandbox"), "is a folder; give the input file"),
+        (("run", str(sample), "--sandbox", "--report", str(tmp_path)), "is a folder; name a file"),
+        (("run", str(sample), "--sandbox", "--report", str(tmp_path / "no" / "r.jsonl")),
+         "does not exist"),
+        (("report", "summarize", str(sample)), "is not an invite-worker report"),
+        (("run", str(sample), "--resend-after", "7days"), "not a duration: '7days'"),
+    ]  # fmt: skip
+    for args, says in cases:
+        done = invite_worker(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        line = one_line(done)
+        assert says in line, (args, line)
+        assert "lock" not in line and "crash" not in line and "usage:" not in line
+
+
+def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
+    sample: Path, tmp_path: Path
+) -> None:
+    """Case 8: a second dry run replaces the first one's plan (no --resume hint); a dry run
+    in a read-only folder names a writable --report, and that command works."""
+    first = invite_worker("run", str(sample), "--dry-run", cwd=tmp_path)
+    again = invite_worker("run", str(sample), "--dry-run", cwd=tmp_path)
+    assert (first.returncode, again.returncode) == (1, 1), again.stderr
+    plan = read_report(tmp_path / "invite-report.plan.jsonl")
+    assert len(by_kind(plan, "summary")) == 1  # replaced, not appended to
+    real = tmp_path / "real.jsonl"
+    assert invite_worker("run", str(sample), "--sandbox", "--report", str(real)).returncode == 1
+    kept = invite_worker("run", str(sample), "--dry-run", "--report", str(real))
+    assert kept.returncode == 2  # a real run's report is not a plan: never replaced silently
+    assert "--overwrite to replace it with this plan" in one_line(kept)
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    shutil.copy(sample, readonly / "in.csv")
+    mount = shutil.which("mount")
+    if mount is None or subprocess.run([mount, "-t", "tmpfs", "-o", "ro", "tmpfs",
+                                        str(readonly)], check=False).returncode:  # fmt: skip
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        done = invite_worker("run", str(sample), "--dry-run", cwd=readonly)
+        assert done.returncode == 2, done.stderr
+        line = one_line(done)
+        assert "Choose a writable folder, e.g. --report" in line, line
+        suggested = line.rsplit("--report ", 1)[1].strip("'")
+        Path(suggested).unlink(missing_ok=True)
+        try:
+            fine = invite_worker("run", str(sample), "--dry-run", "--report", suggested,
+                                 cwd=readonly)  # fmt: skip
+            assert fine.returncode == 1, fine.stderr
+        finally:
+            for leftover in (suggested, f"{suggested}.lock"):
+                Path(leftover).unlink(missing_ok=True)
+    finally:
+        subprocess.run(["umount", "-l", str(readonly)], capture_output=True, check=False)
