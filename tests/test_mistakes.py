@@ -7,9 +7,11 @@ stream name is never taken as given, and JSONL is as strict as CSV.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from tests.conftest import (
     API_KEY,
@@ -26,6 +29,7 @@ from tests.conftest import (
     ROOT,
     Proc,
     by_kind,
+    emulator_invited,
     free_port,
     read_report,
     worker_command,
@@ -249,7 +253,8 @@ def test_messages_point_the_right_way(sample: Path, tmp_path: Path) -> None:
         assert done.returncode == 2, (args, done.stderr)
         line = one_line(done)
         assert says in line, (args, line)
-        assert "lock" not in line and "crash" not in line and "usage:" not in line
+        for misleading in ("lock", "crash", "usage:"):
+            assert misleading not in line, (args, line)
 
 
 def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
@@ -290,3 +295,53 @@ def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
                 Path(leftover).unlink(missing_ok=True)
     finally:
         subprocess.run(["umount", "-l", str(readonly)], capture_output=True, check=False)
+
+
+@pytest.mark.timeout(90)
+async def test_a_mistyped_redis_url_or_stream_is_refused(
+    tmp_path: Path, redis_server: str, redis: Redis, stream_name: str,
+    start_emulator: Callable[..., str], spawn: Callable[..., Proc],
+) -> None:  # fmt: skip
+    """Case 4: a one-slash Redis URL, --until-empty or dead-letter on a stream that does not
+    exist are exit 2 naming the streams that do (and create nothing); a long-lived worker
+    still waits for its stream, which enqueue creates."""
+    await redis.xadd(stream_name, {"token": "tok", "email": "a@example.com"})
+    port = redis_server.rsplit(":", 1)[1].split("/")[0]
+    typo = stream_name[:-1]
+    cases = [
+        (("run", f"redis:/127.0.0.1:{port}", "--stream", stream_name, "--until-empty",
+          "--sandbox"), "names no host"),
+        (("run", redis_server, "--stream", typo, "--until-empty", "--sandbox"),
+         f"no stream {typo!r} on that Redis server (the streams there: "),
+        (("dead-letter", "list", redis_server, "--stream", typo), f"no stream {typo!r}"),
+        (("dead-letter", "requeue", redis_server, "--stream", typo, "--all", "--dry-run"),
+         f"no stream {typo!r}"),
+    ]  # fmt: skip
+    for args, says in cases:
+        done = await asyncio.to_thread(invite_worker, *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert says in done.stderr, done.stderr
+        if "the streams there" in says:
+            assert stream_name in done.stderr
+    assert not await redis.exists(typo)
+    assert not await redis.exists(f"{typo}:dead")
+    listed = await asyncio.to_thread(invite_worker, "dead-letter", "list", redis_server,
+                                     "--stream", stream_name)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert "0 dead letter(s)" in listed.stdout  # true: the stream is there, with none
+    url, later = start_emulator(), f"{stream_name}-later"
+    worker = spawn("run", redis_server, "--stream", later, "--linger", "0.05", "--api-url",
+                   url, "--report", str(tmp_path / "w.jsonl"))  # fmt: skip
+    await asyncio.sleep(1.5)
+    assert worker.popen.poll() is None, worker.stderr()  # waits for its stream
+    source = tmp_path / "later.csv"
+    source.write_text("token,email\ntok,later@example.com\n")
+    await asyncio.to_thread(
+        spawn("enqueue", str(source), redis_server, "--stream", later).expect, 0, 60
+    )
+    deadline = time.monotonic() + 30
+    while not await asyncio.to_thread(emulator_invited, url):
+        assert time.monotonic() < deadline, worker.stderr()
+        await asyncio.sleep(0.1)
+    worker.popen.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(worker.expect, 3, 30)  # a stop: exit 3, as in file mode

@@ -21,7 +21,7 @@ from worker.config import Config, api_url_for_site, check_api_url
 from worker.errors import FatalError, UsageError
 from worker.exits import EXIT_ABORTED
 from worker.metrics.target import statsd_target
-from worker.queue.options import StreamOptions, is_redis_url
+from worker.queue.options import StreamOptions, check_redis_url, is_redis_url
 from worker.record.files import reads_as_report
 from worker.run import run
 from worker.run.human import print_summary, resume_command
@@ -135,7 +135,9 @@ def _refuse_mistakes(args: argparse.Namespace) -> None:
         check_api_url(args.api_url)
     report = report_path(args)
     check_report_path(report, dry_run=args.dry_run)
-    if not is_redis_url(args.source):
+    if is_redis_url(args.source):
+        check_redis_url(args.source)
+    else:
         check_not_input(args.source, run_outputs(report, dry_run=args.dry_run))
     if report.is_file() and not reads_as_report(report):
         raise UsageError(

@@ -243,8 +243,8 @@ async def dead_letter_command(args: argparse.Namespace) -> int:
     redis = await connect(args.url, options.where)
     try:
         if not await redis.exists(options.dead_letter):  # none yet, or a mistyped name?
-            await require_stream(redis, options.stream, "its dead letters would be in "
-                                 f"{options.dead_letter!r}, which does not exist either")  # fmt: skip
+            why = f"its dead letters would be in {options.dead_letter!r}, which is not there"
+            await require_stream(redis, options.stream, why)
         if args.dead_letter_command == "list":
             counts: Counter[str] = Counter()
             async for page in dead_letters(redis, options.dead_letter, selection):

@@ -94,7 +94,7 @@ class SteadyRate:
 
 
 #: The narrowest the bar itself may get before fields are left out of the line.
-BAR_MIN = 10
+BAR_MIN = 6
 
 
 def _columns() -> int:
@@ -228,17 +228,19 @@ class Progress:
         when = f", ETA {duration_text(eta)}" if eta is not None else ""
         # Most telling first: what does not fit the terminal's width is left out, so the
         # line is never cut (nor wrapped, which would stop it redrawing in place).
-        parts = [f"{rate:,.1f} email/s{when}",
-                 f"{'messages' if self.queue else 'rows'} {snap['rows']:,}",
-                 f"sent {snap['sent']:,}", f"failed {snap['failed']:,}"]  # fmt: skip
+        speed = f"{rate:,.0f}" if rate >= 100 else f"{rate:,.1f}"
+        parts = [f"{speed} email/s{when}", f"sent {snap['sent']:,}",
+                 f"failed {snap['failed']:,}",
+                 f"{'messages' if self.queue else 'rows'} {snap['rows']:,}"]  # fmt: skip
         if self.queue:
             parts += [f"pending {snap['pending']:,}", f"dead-lettered {snap['dead']:,}"]
         parts += [f"{name} {snap[key]:,}" for name, key in
                   (("skipped", "skipped"), ("refused", "refused")) if snap[key]]  # fmt: skip
         parts += [f"requests {snap['requests']:,}", f"429s {snap['limited']:,}",
                   f"pacing waits {snap['waits']:,}"]  # fmt: skip
-        room = _columns() - len(f"invites: 100%|| {done:,}/{max(total or 0, done):,} "
-                                f"[00:00:00, ]") - BAR_MIN  # fmt: skip
+        elapsed = bar.format_interval(bar.format_dict["elapsed"])
+        room = _columns() - len(f"invites: 100%|| {done}/{max(total or 0, done)} "
+                                f"[{elapsed}, ]") - BAR_MIN  # fmt: skip
         bar.set_postfix_str(fit(parts, room), refresh=False)
         bar.update(done - bar.n)  # redraws in place
 
