@@ -94,7 +94,8 @@ def add_stream_options(r: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--until-empty",
         action="store_true",
-        help="exit once the group has no new and no pending messages (a CronJob)",
+        help="exit once the group has no new and no pending messages (a CronJob); the "
+        "stream must exist",
     )
 
 
@@ -227,7 +228,9 @@ def add_dead_letter_parser(sub: Any) -> None:
         add_log_format(p)
     ls.add_argument("--json", action="store_true", help="one JSON object per dead letter")
     rq.add_argument("--all", action="store_true", help="requeue every dead letter")
-    rq.add_argument("--dry-run", action="store_true", help="say what would move; move nothing")
+    rq.add_argument(
+        "--dry-run", action="store_true", help="say what would move (would_requeue); move nothing"
+    )
 
 
 async def dead_letter_command(args: argparse.Namespace) -> int:

@@ -147,7 +147,9 @@ def add_report_parser(sub: Any) -> None:
         "failed",
         "A CSV (token,email,error_code,error_message) of every "
         "email whose last outcome is failed, ready for 'run' once the cause is "
-        "fixed ('run' ignores the extra columns). Written owner-only (0600).",
+        "fixed ('run' ignores the extra columns). Written owner-only (0600), never over "
+        "the report. Refusals of the dashboard check are left out (it says how many) "
+        "unless --include-refused.",
         """
   invite-worker report failed invite-report.jsonl --output retry.csv
   invite-worker run retry.csv --report retry-report.jsonl

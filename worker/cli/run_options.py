@@ -36,7 +36,8 @@ Send the invitations a file (or a Redis Stream) lists: rows are validated, group
 dashboard token into list requests, paced to the organization's rate limit, and every
 outcome is written to a JSONL report. Keys come from DD_API_KEY and DD_APP_KEY (or the
 files DD_API_KEY_FILE / DD_APP_KEY_FILE name). Exit 0: everything went; 1: some rows or
-emails did not; 2: a usage error; 3: aborted or interrupted (--resume finishes it)."""
+emails did not; 2: a usage error or what can only be a mistake, nothing sent; 3: stopped
+before the end by refused keys, a signal or a fault (--resume finishes it)."""
 
 RUN_EXAMPLES = """\
   invite-worker run invites.csv --sandbox                # rehearse: nothing is emailed
@@ -62,14 +63,15 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="PATH",
-        help="the JSONL report (default: invite-report.jsonl; for a --dry-run, "
-        "invite-report.plan.jsonl, so the plan never blocks the run that follows); "
-        "e.g. --report /data/report.jsonl",
+        help="the JSONL report, never the input (default: invite-report.jsonl; for a "
+        "--dry-run, invite-report.plan.jsonl, an earlier plan there replaced, so the plan "
+        "never blocks the run that follows); e.g. --report /data/report.jsonl",
     )
     r.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing report instead of refusing to start",
+        help="replace an existing report instead of refusing to start (only a file that "
+        "reads as a report; never the input)",
     )
     r.add_argument(
         "--resume",
@@ -96,8 +98,9 @@ def add_target_options(r: argparse.ArgumentParser) -> None:
         "--api-url",
         default=os.environ.get("DD_API_URL") or None,
         metavar="URL",
-        help="base URL instead of the site's (env DD_API_URL): a reverse proxy or an "
-        "emulator (an egress proxy comes from HTTPS_PROXY); e.g. --api-url http://127.0.0.1:8126",
+        help="base URL instead of the site's, without a path (env DD_API_URL): a reverse "
+        "proxy or an emulator (an egress proxy comes from HTTPS_PROXY); "
+        "e.g. --api-url http://127.0.0.1:8126",
     )
     g.add_argument(
         "--api-key-file",
