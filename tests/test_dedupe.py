@@ -139,7 +139,8 @@ CSV_LINES = st.lists(
        lines=CSV_LINES)  # fmt: skip
 def test_csv_clean_blocks_match_the_line_parser(header: str, lines: list[str]) -> None:
     """A block taken column-wise yields exactly the rows the line-by-line parser would."""
-    body = (header + "\n" + "\n".join(lines) + "\n").encode()
+    # A last row: a header alone is refused as an empty input.
+    body = (header + "\n" + "\n".join(lines) + "\nt,a@example.com\n").encode()
     source = open_source("-", "csv", stdin=io.BytesIO(body))
     assert isinstance(source, CsvSource)
     raw = [line.encode() for line in lines]

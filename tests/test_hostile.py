@@ -67,8 +67,10 @@ def non_blank_lines(data: bytes, skip_header: bool) -> list[int]:
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(body=hostile_bytes)
 def test_csv_reader_accounts_for_every_line_of_arbitrary_bytes(body: bytes) -> None:
-    """Property: after a good header, every non-blank line is one row (or one rejection)."""
-    data = b"token,email\n" + body
+    """Property: after a good header, every non-blank line is one row (or one rejection).
+
+    (A last good row keeps the input from being a header alone, which is refused.)"""
+    data = b"token,email\n" + body + b"\nt,a@example.com\n"
     rows = rows_of(data, "csv")
     assert [r[0] for r in rows] == non_blank_lines(data, skip_header=True)
 
@@ -76,9 +78,11 @@ def test_csv_reader_accounts_for_every_line_of_arbitrary_bytes(body: bytes) -> N
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(body=hostile_bytes)
 def test_jsonl_reader_accounts_for_every_line_of_arbitrary_bytes(body: bytes) -> None:
-    """Property: every non-blank JSONL line is one row, parsed or rejected, never an error."""
-    rows = rows_of(body, "jsonl")
-    assert [r[0] for r in rows] == non_blank_lines(body, skip_header=False)
+    """Property: after a good first object (whose field names are checked, as a CSV header
+    is), every non-blank JSONL line is one row, parsed or rejected, never an error."""
+    data = b'{"token": "t", "email": "a@example.com"}\n' + body
+    rows = rows_of(data, "jsonl")
+    assert [r[0] for r in rows] == non_blank_lines(data, skip_header=False)
     for _, token, email, reason in rows:
         assert reason is not None or (isinstance(token, str) and isinstance(email, str))
 
@@ -93,6 +97,18 @@ def test_any_header_is_either_read_or_a_usage_error(header: bytes) -> None:
     else:
         return  # the garbage happened to name token and email columns
     assert "header" in message or "empty" in message
+
+
+@given(first=hostile_bytes)
+def test_any_first_jsonl_line_is_either_read_or_a_usage_error(first: bytes) -> None:
+    """Property: a garbage first JSONL line never raises anything but a clear UsageError."""
+    try:
+        rows_of(first + b'\n{"token": "t", "email": "a@example.com"}\n', "jsonl")
+    except UsageError as exc:
+        message = str(exc)
+    else:
+        return  # the garbage happened to be an object with both fields, or blank
+    assert "JSON object" in message or "first object" in message or "empty" in message
 
 
 def hostile_corpus(tmp_path: Path) -> tuple[Path, Path, set[tuple[str, str]], set[int], set[int]]:

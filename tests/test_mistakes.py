@@ -274,7 +274,6 @@ def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
     assert "--overwrite to replace it with this plan" in one_line(kept)
     readonly = tmp_path / "ro"
     readonly.mkdir()
-    shutil.copy(sample, readonly / "in.csv")
     mount = shutil.which("mount")
     if mount is None or subprocess.run([mount, "-t", "tmpfs", "-o", "ro", "tmpfs",
                                         str(readonly)], check=False).returncode:  # fmt: skip
