@@ -53,7 +53,8 @@ def snapshot_of(
         snap = {"rows": counts.rows, "valid": counts.valid,
                 "sent": report.emails["sent"], "failed": report.emails["failed"],
                 "skipped": report.emails["skipped"], "refused": report.refused,
-                "requests": sender.stats.requests, "limited": sender.stats.rate_limited,
+                "requests": sender.stats.requests + sender.reconciler.requests
+                + sender.preflight.requests, "limited": sender.stats.rate_limited,
                 "waits": sender.pacer.waits}  # fmt: skip
         if isinstance(counts, FileCounts):
             snap["read_all"] = int(counts.read_all)
