@@ -37,8 +37,8 @@ from worker.run.summary import FileCounts, RunResult, build_summary, finish
 from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
 from worker.sources import RawRow, Source
-from worker.state import RunState
 from worker.sources.csvfile import CsvSource
+from worker.state import RunState
 from worker.validate import Validator
 
 log = structlog.get_logger("worker.run")
