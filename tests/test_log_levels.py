@@ -109,7 +109,7 @@ def test_a_terminal_run_shows_warnings_and_quiet_keeps_only_errors_and_the_table
     )
     assert code == 3, shown[-3000:]
     assert "run.aborting" in shown  # an error is shown even with -q
-    assert "Done: " in shown
+    assert "Halted: " in shown  # the table, headed with what happened
 
 
 @pytest.mark.timeout(120)
