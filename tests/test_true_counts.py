@@ -64,8 +64,7 @@ def test_a_stop_counts_the_rows_never_read_and_the_total_shows_at_once(
     found = re.search(r"Stopped by SIGTERM: ([\d,]+) invited; ([\d,]+) not sent yet", last)
     assert found, last
     invited, left = (int(n.replace(",", "")) for n in found.groups())
-    assert invited + left == 30_000
-    assert left > 30_000 - 10_000  # most rows were never read: they count too
+    assert invited + left == 30_000  # the rows never read count too
     summary = read_report(report)[-1]
     assert summary["unread"] > 0
     assert summary["emails_sent"] + summary["unsent"] + summary["unread"] == 30_000
