@@ -128,6 +128,8 @@ class Config:
     resend_after: float | None = None
     #: Add addresses the dashboard does not allow to its invitees first (never the default).
     add_invitees: bool = False
+    #: Invitations asked for per page of a listing; the service may honor fewer.
+    list_page_size: int = 100
     #: How long a token's dashboard check stays good (queue mode); None: the whole run.
     preflight_ttl: float | None = None
     #: Continue the run recorded in ``report_path``: skip what is settled, check unknowns.
@@ -153,6 +155,7 @@ class Config:
         _check_range("--batch-size", self.batch_size, 1, 10_000)
         _check_range("--concurrency", self.concurrency, 1, 256)
         _check_range("--max-attempts", self.max_attempts, 1, 100)
+        _check_range("--list-page-size", self.list_page_size, 1, 10_000)
         if self.rate is not None and not self.rate > 0:
             raise UsageError(f"--rate must be a positive number of requests/s, got {self.rate}")
         for name, value in (

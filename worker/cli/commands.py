@@ -48,6 +48,7 @@ def config_from(
         resend=args.resend,
         resend_after=args.resend_after,
         add_invitees=args.add_invitees,
+        list_page_size=args.list_page_size,
         resume=args.resume,
         grace=args.grace,
         reconcile_delay=args.reconcile_delay,

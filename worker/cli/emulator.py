@@ -101,6 +101,14 @@ def add_emulator_parser(sub: Any) -> None:
         "(default: any length); e.g. --max-batch 50",
     )
     rates.add_argument(
+        "--max-page-size",
+        type=int,
+        default=100,
+        metavar="N",
+        help="serve at most N invitations per listed page, whatever page_size asks "
+        "(default 100); e.g. --max-page-size 50",
+    )
+    rates.add_argument(
         "--unnamed-refusals",
         action="store_true",
         help="a 400 for addresses off the share list does not name them",
@@ -157,6 +165,7 @@ async def emulator_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         ratelimit_headers=args.ratelimit_headers,
         session_rate=args.session_rate,
+        max_page_size=args.max_page_size,
     )
     if args.dashboards is not None:
         emulator.seed(load_dashboards(args.dashboards, time.time()))

@@ -204,6 +204,14 @@ def add_who_options(r: argparse.ArgumentParser) -> None:
         "open session; e.g. --resend-after 7d (or 90m, 12h)",
     )
     g.add_argument(
+        "--list-page-size",
+        type=int,
+        default=100,
+        metavar="N",
+        help="invitations asked for per page when listing a dashboard's (a service that "
+        "honors fewer is read at its size, to the end); e.g. --list-page-size 500",
+    )
+    g.add_argument(
         "--add-invitees",
         action="store_true",
         help="add addresses the dashboard does not allow to its invitees first (read, merge, "

@@ -49,6 +49,8 @@ class Faults:
     #: Refuse lists longer than this with a 400 naming no address, as a service might for an
     #: oversized body.
     max_batch: int | None = None
+    #: Whether that 400 names the maximum ("max 20"); without it the worker must search.
+    name_max_batch: bool = True
     #: Whether a 400 for addresses off the share list names them (the real message format
     #: is not documented; without names the worker must bisect).
     name_refused: bool = True

@@ -60,12 +60,23 @@ class Emulator(Service):
         clock: Callable[[], float] = time.time,
         ratelimit_headers: str = "standard",
         session_rate: float = 0.0,
+        max_page_size: int = 100,
     ) -> None:
         self.window = RateWindow(limit, period, ratelimit_headers, clock)
         if not 0 <= session_rate <= 1:
             raise UsageError("--session-rate must be between 0 and 1")
         #: Share of new invitations whose link is opened at once (a session starts).
         self.session_rate = session_rate
+        if max_page_size < 1:
+            raise UsageError("--max-page-size must be at least 1")
+        #: The largest page of invitations served, whatever page_size asks (undocumented
+        #: for the real service: a worker must not take a short page for the end).
+        self.max_page_size = max_page_size
+        #: Whether a listing says ``meta.page.total_count`` (False: only an empty page
+        #: tells the end).
+        self.list_total = True
+        #: (page_size, page_number) of every listing request, as asked.
+        self.pages_asked: list[tuple[int, int]] = []
         self.api_key, self.app_key = api_key, app_key
         self.faults = faults or Faults()
         self.sandbox_rules = sandbox_rules
@@ -188,13 +199,10 @@ class Emulator(Service):
         if not emails:
             return log(error(400, "Invalid request body", headers))
         if self.faults.max_batch is not None and len(emails) > self.faults.max_batch:
-            return log(
-                error(
-                    400,
-                    f"Too many invitations in one request (max {self.faults.max_batch})",
-                    headers,
-                )
-            )
+            message = "Too many invitations in one request"
+            if self.faults.name_max_batch:
+                message += f" (max {self.faults.max_batch})"
+            return log(error(400, message, headers))
         now = self._clock()
         if board.share_type != "invite" or board.status != "active":
             state = "paused" if board.status != "active" else f"shared as {board.share_type!r}"
@@ -225,16 +233,16 @@ class Emulator(Service):
         self, request: web.Request, log: RequestLog, headers: dict[str, str], board: Dashboard
     ) -> web.StreamResponse:
         try:
-            size = min(100, max(1, int(request.query.get("page_size", "50"))))
+            size = min(self.max_page_size, max(1, int(request.query.get("page_size", "50"))))
             number = max(0, int(request.query.get("page_number", "0")))
         except ValueError:
             return log(error(400, "page_size and page_number must be integers", headers))
+        self.pages_asked.append((int(request.query.get("page_size", "50")), number))
         page = board.invitations[number * size : (number + 1) * size]
         now = self._clock()
-        body = {
-            "data": [board.invitation(e, t, now) for e, t in page],
-            "meta": {"page": {"total_count": len(board.invitations)}},
-        }
+        body: dict[str, Any] = {"data": [board.invitation(e, t, now) for e, t in page]}
+        if self.list_total:
+            body["meta"] = {"page": {"total_count": len(board.invitations)}}
         return log(json_response(200, body, headers))
 
     async def _delete(

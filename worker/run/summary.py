@@ -118,6 +118,7 @@ def build_summary(
         "unknown_outcomes": sender.stats.unknown_outcomes,
         "reconciled_sent": sender.stats.reconciled_sent,
         "reconcile_requests": sender.reconciler.requests,
+        "list_pages": sender.reconciler.pages,
         "requests_by_kind": by_kind,
         "unsent": unsent,
         # Rows never read because the run stopped first (None: a pipe, it cannot be told).

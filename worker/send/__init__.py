@@ -59,7 +59,7 @@ def reconciler_for(
     ``stop`` (the run's) cuts its waits short."""
     retry = RetryPolicy(config.max_attempts, config.backoff_base, config.backoff_max)
     return Reconciler(client, pacer, clock, retry=retry, skew=config.reconcile_skew, rng=rng,
-                      stop=stop)  # fmt: skip
+                      stop=stop, page_size=config.list_page_size)  # fmt: skip
 
 
 def preflight_for(

@@ -141,50 +141,6 @@ def invitations(doc: Any) -> list[Invitation]:
     return out
 
 
-def sessions(doc: Any) -> dict[str, str]:
-    """Lower-cased email -> ``session_expiry`` of each listed invitation with a session."""
-    data = doc.get("data") if isinstance(doc, dict) else None
-    out: dict[str, str] = {}
-    for item in data if isinstance(data, list) else []:
-        attributes = item.get("attributes") if isinstance(item, dict) else None
-        if not isinstance(attributes, dict) or attributes.get("has_session") is not True:
-            continue
-        email, expiry = attributes.get("email"), attributes.get("session_expiry")
-        if isinstance(email, str) and isinstance(expiry, str):
-            out[email.lower()] = max(expiry, out.get(email.lower(), ""))
-    return out
-
-
-class SharedDashboard(msgspec.Struct, frozen=True):
-    """What the worker needs of a shared dashboard; an allow-list is None when not given."""
-
-    share_type: str | None = None
-    status: str | None = None
-    #: lower-cased email -> its access expiration (None: never expires)
-    invitees: dict[str, str | None] | None = None
-    share_list: frozenset[str] | None = None
-
-
-def shared_dashboard(doc: Any) -> SharedDashboard:
-    """The shared dashboard object, tolerating any shape: what is malformed is unknown."""
-    if not isinstance(doc, dict):
-        return SharedDashboard()
-    invitees = None
-    if isinstance(doc.get("invitees"), list):
-        invitees = {}
-        for item in doc["invitees"]:
-            if isinstance(item, dict) and isinstance(item.get("email"), str):
-                expiry = item.get("access_expiration")
-                invitees[item["email"].lower()] = expiry if isinstance(expiry, str) else None
-    share_list = None
-    if isinstance(doc.get("share_list"), list):
-        share_list = frozenset(e.lower() for e in doc["share_list"] if isinstance(e, str))
-    text = {
-        k: doc.get(k) if isinstance(doc.get(k), str) else None for k in ("share_type", "status")
-    }
-    return SharedDashboard(text["share_type"], text["status"], invitees, share_list)
-
-
 def error_for(status: int, message: str, ratelimit: RateLimitInfo) -> SendError:
     """The typed error for a non-2xx ``status``; ``message`` is the service's, scrubbed."""
     kwargs: dict[str, Any] = {"http_status": status, "ratelimit": ratelimit}

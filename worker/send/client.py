@@ -29,17 +29,14 @@ from worker.errors import (
 from worker.metrics import Metrics
 from worker.outcome import Invitation
 from worker.send.answers import (
-    SharedDashboard,
     created,
     error_for,
     error_message,
-    invitations,
     json_or_none,
     read_body,
     read_ratelimit,
-    sessions,
-    shared_dashboard,
 )
+from worker.send.listed import Listed, SharedDashboard, read_dashboard, read_listing
 from worker.send.proxy import PROXY_AUTH_REQUIRED, Proxy, refused
 from worker.send.refusals import named_addresses
 from worker.validate import check_token
@@ -65,12 +62,11 @@ class Sent:
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """One page of a token's invitations, and which of them have an open session."""
+    """One page of a token's invitations (the fields decisions and records need)."""
 
-    invitations: list[Invitation]
+    invitations: list[Listed]
     total_count: int | None
     ratelimit: RateLimitInfo
-    sessions: dict[str, str]  # lower-cased email -> session_expiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +75,13 @@ class Dashboard:
 
     dashboard: SharedDashboard
     ratelimit: RateLimitInfo
-    raw: dict[str, Any]
+    body: bytes
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The whole object, decoded on demand (only ``--add-invitees`` writes it back)."""
+        doc = json_or_none(self.body)
+        return doc if isinstance(doc, dict) else {}
 
 
 class InvitationClient:
@@ -190,15 +192,10 @@ class InvitationClient:
         ratelimit = self._ratelimit(headers)
         if status != 200:
             raise self._error(status, raw, ratelimit)
-        doc = json_or_none(raw)
-        if doc is None:
+        page = read_listing(raw)
+        if page is None:
             raise ServerError("the invitation list was not JSON", http_status=status)
-        # meta.page.total_count, tolerating any shape: a malformed answer must not crash.
-        total: Any = doc
-        for key in ("meta", "page", "total_count"):
-            total = total.get(key) if isinstance(total, dict) else None
-        count = total if isinstance(total, int) else None
-        return Listing(invitations(doc), count, ratelimit, sessions(doc))
+        return Listing(page[0], page[1], ratelimit)
 
     async def get_dashboard(self, token: str) -> Dashboard:
         """The shared dashboard of ``token`` (``TokenNotFound`` when there is none)."""
@@ -221,9 +218,7 @@ class InvitationClient:
         ratelimit = self._ratelimit(headers)
         if status != 200:
             raise self._error(status, raw, ratelimit)
-        doc = json_or_none(raw)
-        doc = doc if isinstance(doc, dict) else {}
-        return Dashboard(shared_dashboard(doc), ratelimit, doc)
+        return Dashboard(read_dashboard(raw), ratelimit, raw)
 
     async def _request(
         self, kind: str, method: str, url: str | URL, body: bytes | None

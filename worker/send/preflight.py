@@ -15,6 +15,11 @@ needs no POST at all:
 
 A key without ``dashboards_read`` (a 403 on the read) is not an error: the run goes on
 without the check, saying so once.
+
+What a check keeps is compact (see ``send.compact``): the allowed, the invited and those in
+a session as sorted arrays of 64-bit address hashes, 8 bytes an address, decided once when
+the token is read. In queue mode a check older than ``ttl`` is dropped, so a long-lived
+worker holds the checks of the tokens it is working on, not of every token it ever met.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import structlog
@@ -41,12 +47,17 @@ from worker.outcome import (
     Outcome,
     Status,
 )
-from worker.send.answers import SharedDashboard
 from worker.send.client import Dashboard, InvitationClient
+from worker.send.compact import iso_epoch, key_set, keys_of, member
 from worker.send.invitees import add_invitees
+from worker.send.listed import SharedDashboard
 from worker.send.pacing import Pacer
-from worker.send.reconcile import Reconciler, iso_epoch
+from worker.send.reconcile import Reconciler
 from worker.send.retry import paced_call
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 log = structlog.get_logger("worker.preflight")
 
@@ -62,10 +73,11 @@ class TokenCheck:
     checked: float
     #: The whole token is refused with this failure; nothing below applies.
     refused: Failure | None = None
-    #: Lower-cased addresses allowed now; None when the service gave no allow-list.
-    allowed: frozenset[str] | None = None
-    #: Lower-cased address -> why it is skipped.
-    served: dict[str, str] = field(default_factory=dict)
+    #: Keys of the addresses allowed now; None when the service gave no allow-list.
+    allowed: npt.NDArray[np.int64] | None = None
+    #: Keys of the addresses skipped: with an open session, and (the others) invited.
+    in_session: npt.NDArray[np.int64] = field(default_factory=lambda: key_set(()))
+    invited: npt.NDArray[np.int64] = field(default_factory=lambda: key_set(()))
 
 
 @dataclass(slots=True)
@@ -120,6 +132,7 @@ class Preflight:
         self._url_checked = False
         self._url_lock = asyncio.Lock()
         self._wrong_url: WrongUrl | None = None
+        self._swept = clock.time()
         #: Requests for dashboards, reads and writes (invitation listings are the
         #: reconciler's).
         self.requests = 0
@@ -133,8 +146,12 @@ class Preflight:
         if check.refused is not None:
             out.refused = [(e, check.refused) for e in emails]
             return out
-        outside = [e for e in emails if check.allowed is not None
-                   and e.lower() not in check.allowed]  # fmt: skip
+        keys = keys_of(emails)
+        outside: list[str] = []
+        if check.allowed is not None:
+            allowed = member(check.allowed, keys)
+            if not allowed.all():
+                outside = [e for e, ok in zip(emails, allowed.tolist(), strict=True) if not ok]
         if outside and self._add_invitees:
             if await self.add(token, outside):
                 outside = []
@@ -144,13 +161,18 @@ class Preflight:
                 out.refused = [(e, failure) for e in outside]
         elif outside:
             out.refused = [(e, _not_allowed(e)) for e in outside]
-        refused = {e.lower() for e in outside}
-        for email in emails:
-            lower = email.lower()
-            if lower in refused:
+        session, invited = member(check.in_session, keys), member(check.invited, keys)
+        if not outside and not session.any() and not invited.any():
+            out.send = list(emails)  # the common case, decided in C
+            return out
+        refused = set(outside)
+        for email, open_, listed in zip(emails, session.tolist(), invited.tolist(), strict=True):
+            if email in refused:
                 continue
-            if lower in check.served:
-                out.skipped.setdefault(check.served[lower], []).append(email)
+            if open_:
+                out.skipped.setdefault(ACTIVE_SESSION, []).append(email)
+            elif listed:
+                out.skipped.setdefault(ALREADY_INVITED, []).append(email)
             else:
                 out.send.append(email)
         return out
@@ -161,8 +183,21 @@ class Preflight:
             now = self._clock.time()
             check = self._checks.get(token)
             if check is None or (self._ttl is not None and now - check.checked > self._ttl):
+                self._sweep(now)
                 check = self._checks[token] = await self._read(token, now)
             return check
+
+    def _sweep(self, now: float) -> None:
+        """Drop the checks past ``ttl`` (queue mode), at most once per ``ttl``."""
+        ttl = self._ttl
+        if ttl is None or now - self._swept < ttl:
+            return
+        self._swept = now
+        for token in [t for t, c in self._checks.items() if now - c.checked > ttl]:
+            del self._checks[token]
+            lock = self._locks.get(token)
+            if lock is not None and not lock.locked():
+                del self._locks[token]
 
     async def _read(self, token: str, now: float) -> TokenCheck:
         check = TokenCheck(now)
@@ -189,21 +224,22 @@ class Preflight:
         if check.refused is not None:
             return check
         check.allowed = _allowed(board, now)
+        del board  # the allow-list's strings: only their keys are kept
         if not self._resend:
             try:
                 listing = await self._reconciler.listing(token, now)
             except AuthError as exc:
                 self._unreadable(exc)
                 return check
-            cutoff = now - self._resend_after if self._resend_after is not None else None
-            for email, ends in listing.sessions.items():
-                if ends > now:
-                    check.served[email] = ACTIVE_SESSION
-            for email, (created, _) in listing.newest.items():
-                if email not in check.served and (cutoff is None or created >= cutoff):
-                    check.served[email] = ALREADY_INVITED
-        log.info("preflight.checked", token=token, allowed=None if check.allowed is None
-                 else len(check.allowed), served=len(check.served))  # fmt: skip
+            open_ = listing.session_ends > now
+            check.in_session = listing.keys[open_]
+            invited = ~open_
+            if self._resend_after is not None:  # only those invited within that long
+                invited &= listing.created >= now - self._resend_after
+            check.invited = listing.keys[invited]
+        allowed = None if check.allowed is None else len(check.allowed)
+        served = len(check.in_session) + len(check.invited)
+        log.info("preflight.checked", token=token, allowed=allowed, served=served)
         return check
 
     async def _check_url(self) -> None:
@@ -245,7 +281,9 @@ class Preflight:
         self.invitees_added += added
         check = self._checks.get(token)
         if check is not None and check.allowed is not None:
-            check.allowed = check.allowed | {e.lower() for e in emails}
+            import numpy as np
+
+            check.allowed = np.union1d(check.allowed, key_set(emails))
         return True
 
     async def _paced(self, call: Callable[[], Awaitable[Dashboard]]) -> Dashboard:
@@ -265,15 +303,15 @@ class Preflight:
                         "invited: give the application key dashboards_read")  # fmt: skip
 
 
-def _allowed(board: SharedDashboard, now: float) -> frozenset[str] | None:
-    """Addresses allowed now: invitees whose access has not expired, and the share list."""
+def _allowed(board: SharedDashboard, now: float) -> npt.NDArray[np.int64] | None:
+    """Keys of the addresses allowed now: invitees whose access has not expired, and the
+    share list."""
     if board.invitees is None and board.share_list is None:
         return None
-    allowed = set(board.share_list or ())
-    for email, expiry in (board.invitees or {}).items():
-        if expiry is None or _after(expiry, now):
-            allowed.add(email)
-    return frozenset(allowed)
+    emails = list(board.share_list or ())
+    emails += [i.email for i in board.invitees or ()
+               if i.access_expiration is None or _after(i.access_expiration, now)]  # fmt: skip
+    return key_set(emails)
 
 
 def _after(value: str, now: float) -> bool:

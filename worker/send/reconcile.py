@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections import OrderedDict
+from collections.abc import Collection
 
 import structlog
 
@@ -21,40 +21,26 @@ from worker.clock import Clock
 from worker.errors import TokenNotFound
 from worker.outcome import Invitation, Outcome, Status
 from worker.send.client import InvitationClient, Listing
+from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_epoch
 from worker.send.pacing import Pacer
 from worker.send.retry import RetryPolicy, paced_call
 
+__all__ = ["Reconciler", "TokenListing", "created_epoch", "found_outcome", "iso_epoch"]
+
 log = structlog.get_logger("worker.reconcile")
 
+#: Invitations asked for per page (``--list-page-size``).
 PAGE_SIZE = 100
-#: Safety stop for a listing whose total_count never comes true.
+#: Safety stop for a listing that never ends (a service ignoring page_number).
 MAX_PAGES = 100_000
-
-
-@dataclass(slots=True)
-class TokenListing:
-    """Every invitation of a token, as listed from ``started`` on."""
-
-    started: float
-    #: lower-cased email -> the newest invitation for it (epoch of creation, invitation)
-    newest: dict[str, tuple[float, Invitation]] = field(default_factory=dict)
-    #: lower-cased email -> when its open session ends (epoch)
-    sessions: dict[str, float] = field(default_factory=dict)
+#: Listings kept for reuse by later questions about the same token. They are compact, but
+#: a long-lived queue worker meets ever more tokens: the least recently used go.
+CACHED_LISTINGS = 32
 
 
 def created_epoch(invitation: Invitation) -> float | None:
     """``created_at`` as epoch seconds; None when absent or unreadable."""
     return iso_epoch(invitation.created_at)
-
-
-def iso_epoch(value: str | None) -> float | None:
-    """An ISO 8601 time from the API as epoch seconds; None when absent or unreadable."""
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None
 
 
 def found_outcome(
@@ -95,6 +81,7 @@ class Reconciler:
         skew: float,
         rng: random.Random,
         stop: asyncio.Event | None = None,
+        page_size: int = PAGE_SIZE,
     ) -> None:
         self._client = client
         self._pacer = pacer
@@ -104,10 +91,16 @@ class Reconciler:
         self.rng = rng
         #: The run's stop: a listing's pacing and backoff end when it is set (``Stopped``).
         self.stop = stop
+        self.page_size = page_size
         self._locks: dict[str, asyncio.Lock] = {}
-        self._cache: dict[str, TokenListing] = {}
+        self._cache: OrderedDict[str, TokenListing] = OrderedDict()
+        #: Keys asked about per token, not yet listed: the next listing keeps their
+        #: invitations, so concurrent questions share it.
+        self._wanted: dict[str, set[int]] = {}
         #: GET requests made (for the summary).
         self.requests = 0
+        #: Pages of invitations read, over every listing.
+        self.pages = 0
 
     async def created_since(
         self, token: str, emails: list[str], since: float, not_before: float
@@ -118,57 +111,78 @@ class Reconciler:
         had time to land. Returns lower-cased email -> invitation. Raises :class:`SendError`
         when the list cannot be read (the outcome then stays unknown).
         """
-        listing = await self.listing(token, not_before)
+        keys = [address_key(e) for e in emails]
+        listing = await self.listing(token, not_before, keys)
         threshold = since - self._skew
         found: dict[str, Invitation] = {}
-        for email in emails:
-            entry = listing.newest.get(email.lower())
+        for email, key in zip(emails, keys, strict=True):
+            entry = listing.invitations.get(key)
             if entry is not None and entry[0] >= threshold:
                 found[email.lower()] = entry[1]
         return found
 
-    async def listing(self, token: str, not_before: float) -> TokenListing:
-        """The token's invitations, listed no earlier than ``not_before`` (all pages).
+    async def listing(
+        self, token: str, not_before: float, wanted: Collection[int] = ()
+    ) -> TokenListing:
+        """The token's invitations, listed no earlier than ``not_before`` (all pages), with
+        the newest invitation of each ``wanted`` key.
 
         One listing is shared between concurrent questions about the same token.
         """
+        if wanted:
+            self._wanted.setdefault(token, set()).update(wanted)
         lock = self._locks.setdefault(token, asyncio.Lock())
         async with lock:
             listing = self._cache.get(token)
-            if listing is None or listing.started < not_before:
-                listing = await self._list(token)
+            if (
+                listing is None
+                or listing.started < not_before
+                or not listing.wanted.issuperset(wanted)
+            ):
+                pending = frozenset(self._wanted.pop(token, ()))
+                listing = await self._list(token, pending | frozenset(wanted))
                 self._cache[token] = listing
+                while len(self._cache) > CACHED_LISTINGS:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(token)
         return listing
 
-    async def _list(self, token: str) -> TokenListing:
-        listing = TokenListing(started=self._clock.time())
-        seen = 0
-        for page in range(MAX_PAGES):
-            result = await self._page(token, page)
+    async def _list(self, token: str, wanted: frozenset[int]) -> TokenListing:
+        """Every page, to the end of the listing.
+
+        The end is ``meta.page.total_count`` entries, or an empty page. A page shorter
+        than asked is not the end: the service may honor a smaller size than the one
+        asked for, so the listing goes on at that size. ``page_number`` counts pages of
+        the size asked, so after a change of size the next page starts from the entries
+        read so far, and any of them the page repeats are passed over.
+        """
+        builder = ListingBuilder(self._clock.time(), wanted)
+        listing, size = builder.listing, self.page_size
+        while listing.pages < MAX_PAGES:
+            number, skip = divmod(listing.read, size)
+            result = await self._page(token, number, size)
+            listing.pages += 1
             if result is None:  # the dashboard is gone: nothing of ours can exist
                 break
-            for item in result.invitations:
-                created = created_epoch(item)
-                key = item.email.lower()
-                if created is not None and created >= listing.newest.get(key, (-1.0,))[0]:
-                    listing.newest[key] = (created, item)
-            for email, expiry in result.sessions.items():
-                ends = iso_epoch(expiry)
-                if ends is not None:
-                    listing.sessions[email] = max(ends, listing.sessions.get(email, ends))
-            seen += len(result.invitations)
-            if len(result.invitations) < PAGE_SIZE or (
-                result.total_count is not None and seen >= result.total_count
-            ):
+            fresh = result.invitations[skip:]
+            if not fresh:  # an empty page: the end (or the listing shrank meanwhile)
                 break
-        log.info("reconcile.listed", token=token, invitations=seen, pages=page + 1)
-        return listing
+            builder.add(fresh)
+            total = result.total_count
+            if total is not None and total >= 0 and listing.read >= total:
+                break
+            if len(result.invitations) != size:
+                size = len(result.invitations)  # the size the service honors
+        self.pages += listing.pages
+        log.info("reconcile.listed", token=token, invitations=listing.read,
+                 pages=listing.pages, page_size=size)  # fmt: skip
+        return builder.done()
 
-    async def _page(self, token: str, page: int) -> Listing | None:
+    async def _page(self, token: str, number: int, size: int) -> Listing | None:
         """One page, retried by the run's policy; None when the dashboard is gone."""
         try:
             return await paced_call(
-                functools.partial(self._client.list_invitations, token, page, PAGE_SIZE),
+                functools.partial(self._client.list_invitations, token, number, size),
                 self._pacer, self.retry, self._clock, self.rng, self._count, stop=self.stop,
             )  # fmt: skip
         except TokenNotFound:

@@ -1,0 +1,146 @@
+"""Listings read to their end, whatever page size the service honors, into compact state."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import (
+    TOKEN_A,
+    TOKEN_B,
+    Proc,
+    by_kind,
+    csv_source,
+    emulator_invited,
+    find_capture,
+    read_report,
+    rows_csv,
+)
+from worker.clock import SystemClock
+from worker.config import Config
+from worker.emulator import Emulator
+from worker.run import run
+from worker.send import client_for, pacer_for, reconciler_for
+from worker.send.compact import ListingBuilder, address_key, keys_of
+from worker.send.listed import Listed
+
+PEOPLE = [f"p{i}@example.com" for i in range(260)]
+
+
+def list_gets(emulator: Emulator) -> list[str]:
+    """The paths of the invitation listings the service answered."""
+    return [r.path for r in emulator.requests
+            if r.method == "GET" and r.path.endswith("/invitation")]  # fmt: skip
+
+
+def test_a_service_capping_pages_at_50_gets_nobody_invited_twice(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """The daily job against an emulator process that serves at most 50 invitations a page
+    (total_count says 260): day 2 sends nothing and every address is skipped."""
+    seed = tmp_path / "dashboards.json"
+    seed.write_text(json.dumps([{"token": TOKEN_A, "invitees": [{"email": e} for e in PEOPLE]}]))
+    url = start_emulator("--dashboards", str(seed), "--max-page-size", "50")
+    source = tmp_path / "invites.csv"
+    source.write_text(rows_csv([(TOKEN_A, e) for e in PEOPLE]))
+    report = tmp_path / "report.jsonl"
+    for _day in range(2):
+        spawn("run", str(source), "--report", str(report), "--overwrite", "--api-url", url,
+              "--log-format", "json").expect(0, timeout=60)  # fmt: skip
+    assert emulator_invited(url) == {(TOKEN_A, e): 1 for e in PEOPLE}
+    records = read_report(report)
+    summary = records[-1]
+    assert summary["emails_sent"] == 0
+    assert summary["emails_skipped"] == len(PEOPLE)
+    assert summary["skipped_by_reason"] == {"already_invited": len(PEOPLE)}
+    assert summary["requests_by_kind"]["invite"] == 0
+    # 260 at 50 a page: 6 pages, the first asked at 100 and served at 50.
+    assert summary["list_pages"] == 6
+    skipped = sorted(e for r in by_kind(records, "skipped") for e in r["emails"])
+    assert skipped == sorted(PEOPLE)
+
+
+@pytest.mark.parametrize(("asked", "cap"), [(100, 30), (70, 50), (7, 100), (100, 1)])
+async def test_every_entry_is_read_once_when_the_page_size_changes(
+    emulator: Emulator, make_config: Callable[..., Config], asked: int, cap: int
+) -> None:
+    """Asked for pages of one size and served another: every listed invitation is read,
+    none twice, and the pages asked for cover the listing without a gap."""
+    emulator.max_page_size = cap
+    board = emulator.add_dashboard(TOKEN_A)
+    board.invitations.extend((f"x{i}@example.com", 1_000.0 + i) for i in range(237))
+    config = make_config(list_page_size=asked)
+    async with client_for(config) as client:
+        clock = SystemClock()
+        reconciler = reconciler_for(config, client, pacer_for(config, clock), clock,
+                                    random.Random(1))  # fmt: skip
+        listing = await reconciler.listing(TOKEN_A, 0.0)
+    assert listing.read == 237
+    assert len(listing.keys) == 237
+    assert sorted(listing.keys.tolist()) == sorted(keys_of(e for e, _ in board.invitations))
+    served = min(asked, cap)
+    assert listing.pages == len(list_gets(emulator)) == math.ceil(237 / served)
+    # Each page asked starts where the entries read so far end.
+    assert all(size * number <= 237 for size, number in emulator.pages_asked)
+
+
+async def test_without_total_count_a_listing_ends_at_an_empty_page(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """No meta.page.total_count and pages capped at 40: the worker reads on until an empty
+    page, so the already invited are all skipped."""
+    emulator.list_total = False
+    emulator.max_page_size = 40
+    emulator.add_dashboard(TOKEN_A, invitees=PEOPLE[:150])
+    pairs = [(TOKEN_A, e) for e in PEOPLE[:150]]
+    first = await run(make_config(), csv_source(rows_csv(pairs)))
+    assert first.exit_code == 0
+    with capture_logs() as logs:
+        second = await run(make_config(report_path=tmp_path / "day2.jsonl"),
+                           csv_source(rows_csv(pairs)))  # fmt: skip
+    assert second.summary["emails_skipped"] == 150
+    assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in PEOPLE[:150]})
+    # 40, 40, 40, 30, then the empty page that ends it.
+    assert second.summary["list_pages"] == 5
+    [listed] = find_capture(logs, "reconcile.listed")
+    assert (listed["invitations"], listed["pages"]) == (150, 5)
+
+
+async def test_list_page_size_is_what_the_worker_asks_for(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """--list-page-size N asks for pages of N: 150 invitations at 25 a page are 6 pages."""
+    board = emulator.add_dashboard(TOKEN_B, invitees=PEOPLE[:151])
+    board.invitations.extend((e, 1_000.0) for e in PEOPLE[:150])
+    result = await run(make_config(list_page_size=25),
+                       csv_source(rows_csv([(TOKEN_B, e) for e in PEOPLE[:151]])))  # fmt: skip
+    assert result.summary["list_pages"] == 6
+    assert emulator.pages_asked == [(25, n) for n in range(6)]
+    assert result.summary["emails_sent"] == 1
+
+
+def test_a_listing_keeps_the_newest_time_and_session_of_each_address() -> None:
+    """Folded page by page: one entry per address (any case), the newest creation time, the
+    latest session end, and full invitations only for the addresses asked about."""
+    builder = ListingBuilder(0.0, frozenset({address_key("b@x.io")}))
+    iso = "2026-01-01T00:00:{:02d}+00:00".format
+    builder.add([Listed("a@x.io", iso(1)), Listed("B@x.io", iso(5), "exp-5")])
+    builder.add([Listed("b@x.io", iso(3), "exp-3"), Listed("A@X.IO", "not a time"),
+                 Listed("a@x.io", iso(2), has_session=True, session_expiry=iso(9))])  # fmt: skip
+    listing = builder.done()
+    assert len(listing.keys) == 2
+    found, created = listing.newest(keys_of(["a@x.io", "b@x.io", "c@x.io"]))
+    assert found.tolist() == [True, True, False]
+    base = 1767225600.0
+    assert created[:2].tolist() == [base + 2, base + 5]
+    [a_at] = [i for i, k in enumerate(listing.keys.tolist()) if k == address_key("a@x.io")]
+    assert listing.session_ends[a_at] == base + 9
+    assert list(listing.invitations) == [address_key("b@x.io")]
+    assert listing.invitations[address_key("b@x.io")][1].invitation_expiry == "exp-5"

@@ -1,0 +1,167 @@
+"""Per-token state in a few bytes per address: what the dashboard check and reconciliation
+decide from, and nothing else.
+
+A dashboard may allow, and list invitations for, millions of addresses. Holding them as
+strings and invitation objects costs hundreds of bytes each and grows with what the
+service holds, not with the run's work. Here an address is a 64-bit hash of its
+lower-cased form (:func:`address_key`, as the duplicate index keys its pairs), kept in
+sorted ``int64`` arrays beside ``float64`` times: 8 bytes per allowed address, 24 per
+listed one while a listing is built, 8 per address the check skips.
+
+A collision between two addresses of one dashboard can only make the worker *not* send:
+an address taken for another that is invited, in a session or created since a send is
+skipped or recorded sent; one taken for an allowed address is sent and the service's
+400 decides. It never sends twice. Python's string hash is salted per process, so a
+collision does not repeat in the next run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from worker.outcome import Invitation
+from worker.validate.dedupe import locate
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from worker.send.listed import Listed
+
+#: Pages folded before their keys are merged into one sorted run (bounds the chunks held).
+MERGE_EVERY = 64
+_NONE: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
+
+
+def address_key(email: str) -> int:
+    """The identity of an address, ignoring case, as a 64-bit hash."""
+    return hash(email.lower())
+
+
+def keys_of(emails: Iterable[str]) -> npt.NDArray[np.int64]:
+    """The :func:`address_key` of each address, in order."""
+    return np.array([hash(e) for e in map(str.lower, emails)], dtype=np.int64)
+
+
+def key_set(emails: Iterable[str]) -> npt.NDArray[np.int64]:
+    """The distinct keys of ``emails``, sorted (a set, at 8 bytes an address)."""
+    return np.unique(keys_of(emails))
+
+
+def member(keys: npt.NDArray[np.int64], needles: npt.NDArray[np.int64]) -> Any:
+    """For each needle, whether it is in the sorted ``keys`` (a boolean array)."""
+    if not len(keys) or not len(needles):
+        return np.zeros(len(needles), dtype=bool)
+    return locate(keys, needles)[1]
+
+
+def iso_epoch(value: str | None) -> float | None:
+    """An ISO 8601 time from the API as epoch seconds; None when absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass(slots=True)
+class TokenListing:
+    """What a token's invitations say, as listed from ``started`` on.
+
+    ``keys`` are sorted and distinct; ``created`` holds the newest creation time of each
+    (NaN: none readable) and ``session_ends`` when its open session ends (-inf: none).
+    ``invitations`` holds full invitations only for the keys a caller asked for
+    (``wanted``): the newest of each, for the records that settle unknown outcomes.
+    """
+
+    started: float
+    keys: npt.NDArray[np.int64] = field(default_factory=lambda: _NONE)
+    created: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
+    session_ends: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
+    wanted: frozenset[int] = frozenset()
+    invitations: dict[int, tuple[float, Invitation]] = field(default_factory=dict)
+    #: Entries read and pages requested.
+    read: int = 0
+    pages: int = 0
+
+    def newest(self, needles: npt.NDArray[np.int64]) -> tuple[Any, Any]:
+        """For each needle: whether it is listed, and its newest creation time (or NaN)."""
+        if not len(self.keys) or not len(needles):
+            return np.zeros(len(needles), dtype=bool), np.full(len(needles), math.nan)
+        at, found = locate(self.keys, needles)
+        return found, np.where(found, self.created[at], math.nan)
+
+
+class ListingBuilder:
+    """Builds a :class:`TokenListing` page by page, as the pages come in.
+
+    A page's entries become three small arrays; every :data:`MERGE_EVERY` pages they are
+    merged into the sorted, distinct run, so what is held stays about 24 bytes per
+    distinct address listed, however long the listing.
+    """
+
+    def __init__(self, started: float, wanted: frozenset[int] = frozenset()) -> None:
+        self.listing = TokenListing(started, wanted=wanted)
+        self._chunks: list[tuple[Any, Any, Any]] = []
+
+    def add(self, page: Sequence[Listed]) -> None:
+        """Fold one page in."""
+        stamps: dict[str | None, float] = {}  # one request's invitations share a time
+        keys, created, ends = [], [], []
+        listing = self.listing
+        wanted, kept = listing.wanted, listing.invitations
+        for item in page:
+            key = hash(item.email.lower())
+            at = stamps.get(item.created_at)
+            if at is None:
+                at = stamps[item.created_at] = _epoch_or_nan(item.created_at)
+            keys.append(key)
+            created.append(at)
+            ends.append(_session_end(item))
+            if wanted and key in wanted and at >= kept.get(key, (-math.inf,))[0]:
+                kept[key] = (at, item.invitation())  # NaN >= x is False: never kept
+        self._chunks.append((np.array(keys, dtype=np.int64), np.array(created, dtype=float),
+                             np.array(ends, dtype=float)))  # fmt: skip
+        listing.read += len(page)
+        if len(self._chunks) >= MERGE_EVERY:
+            self._merge()
+
+    def done(self) -> TokenListing:
+        """The listing, with every page folded in."""
+        self._merge()
+        return self.listing
+
+    def _merge(self) -> None:
+        chunks, self._chunks = self._chunks, []
+        if not chunks:
+            return
+        listing = self.listing
+        keys = np.concatenate([listing.keys, *(c[0] for c in chunks)])
+        if not len(keys):
+            return
+        created = np.concatenate([listing.created, *(c[1] for c in chunks)])
+        ends = np.concatenate([listing.session_ends, *(c[2] for c in chunks)])
+        order = np.argsort(keys, kind="stable")
+        keys, created, ends = keys[order], created[order], ends[order]
+        listing.keys, starts = np.unique(keys, return_index=True)
+        # fmax ignores NaN: an unreadable time never hides a readable one.
+        listing.created = np.fmax.reduceat(created, starts)
+        listing.session_ends = np.maximum.reduceat(ends, starts)
+
+
+def _epoch_or_nan(value: str | None) -> float:
+    at = iso_epoch(value)
+    return math.nan if at is None else at
+
+
+def _session_end(item: Listed) -> float:
+    if item.has_session is not True:
+        return -math.inf
+    ends = iso_epoch(item.session_expiry)
+    return -math.inf if ends is None else ends
