@@ -27,7 +27,7 @@ from worker.record.journal import journal_path, read_journal
 from worker.record.replay import Replay
 from worker.run import run
 from worker.run.resume import load_history
-from worker.send.refusals import ListCap, named_addresses
+from worker.send.refusals import ListCap, named_addresses, named_limit
 
 
 async def test_a_service_capping_lists_at_20_costs_at_most_30_percent_more_requests(
@@ -49,6 +49,48 @@ async def test_a_service_capping_lists_at_20_costs_at_most_30_percent_more_reque
     assert learned
     assert learned[-1]["batch_size"] == 20
     assert by_kind(read_report(config.report_path), "batch")[-1]["status"] == "sent"
+
+
+@pytest.mark.parametrize(("named", "most"), [(True, 115), (False, 115)])
+async def test_the_list_cap_is_learned_in_few_requests(
+    emulator: Emulator, make_config: Callable[..., Config], named: bool, most: int
+) -> None:
+    """2,000 addresses, --batch-size 100, a service taking at most 20 a list: at most 115
+    requests (100 at least), whether its 400 names the maximum or the cap is searched for
+    between the longest list accepted and the shortest refused."""
+    emulator.faults.max_batch = 20
+    emulator.faults.name_max_batch = named
+    pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(2000)]
+    result = await run(make_config(batch_size=100, concurrency=1 if not named else 4),
+                       csv_source(rows_csv(pairs)))  # fmt: skip
+    assert result.exit_code == 0
+    assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
+    assert emulator.stats()["posts"] <= most, emulator.stats()["posts"]
+
+
+def test_a_named_maximum_is_tried_first_and_kept_once_it_holds() -> None:
+    """'max 20' in a refusal of 100: lists of 20 go next, and once one is accepted 21 is
+    known refused; a named maximum that is itself refused is dropped."""
+    assert named_limit("Too many invitations in one request (max 20)", 100) == 20
+    assert named_limit("at most 50 invitations per request", 100) == 50
+    assert named_limit("the limit is 100", 100) is None  # not below the refused size
+    assert named_limit("Invalid email at line 3", 100) is None
+    cap = ListCap(100)
+    cap.named(20)
+    cap.suspect(100)
+    assert cap.size() == 20
+    cap.accept(20)
+    cap.settle(100, all_accepted=True)
+    assert (cap.refused, cap.size()) == (21, 20)
+    wrong = ListCap(100)
+    wrong.named(40)
+    wrong.suspect(100)
+    assert wrong.size() == 40
+    wrong.suspect(40)
+    wrong.accept(20)
+    wrong.settle(40, all_accepted=True)  # 40 refused for its size: the hint was wrong
+    assert wrong.hint is None
+    assert wrong.size() == 30
 
 
 async def test_a_refused_address_is_never_taken_for_a_list_cap(

@@ -4,7 +4,9 @@ The service's 400 message is not documented. When it names addresses of the batc
 those are refused; when it names none, either an address it did not name is refused or
 the list is longer than it takes. Bisection tells the two apart: if every part of a
 refused list is then accepted, the refusal was about its size, and :class:`ListCap`
-remembers that for the rest of the run.
+remembers that for the rest of the run. A message that names a maximum ("max 20") is
+taken as a hint: lists of that size are tried first, and once one is accepted the cap is
+known without a search.
 """
 
 from __future__ import annotations
@@ -18,6 +20,18 @@ log = structlog.get_logger("worker.sender")
 
 #: Anything address-shaped inside free text; delimiters common in messages are excluded.
 _ADDRESS = re.compile(r"[^\s,;:<>()\[\]{}\"'`|]+@[^\s,;:<>()\[\]{}\"'`|]+")
+#: A maximum named in free text: "max 20", "maximum of 20", "at most 20", "limit is 20".
+_MAXIMUM = re.compile(r"\b(?:max(?:imum)?|at most|up to|limit(?:ed)?)\b\D{0,24}?(\d{1,6})\b", re.I)
+
+
+def named_limit(message: str, size: int) -> int | None:
+    """The longest list a refusal of a list of ``size`` says the service takes, if it says
+    one: a number after "max", "at most", "up to" or "limit", between 1 and ``size - 1``."""
+    match = _MAXIMUM.search(message)
+    if match is None:
+        return None
+    limit = int(match.group(1))
+    return limit if 1 <= limit < size else None
 
 
 def named_addresses(message: str, emails: list[str]) -> list[str]:
@@ -57,12 +71,18 @@ class ListCap:
         #: Shortest list refused for its size alone (None: no such refusal yet).
         self.refused: int | None = None
         self._suspects: Counter[int] = Counter()
+        #: The maximum a refusal's message named (see :func:`named_limit`), until a list of
+        #: that size is accepted (then it is the cap) or refused for its size (then wrong).
+        self.hint: int | None = None
 
     def size(self) -> int:
         """How many emails the next request should carry at most."""
         bounds = [n for n in self._suspects if n > self.accepted]
         if self.refused is not None:
             bounds.append(self.refused)
+        hint = self.hint
+        if hint is not None and hint > self.accepted and all(hint < b for b in bounds):
+            return hint
         if not bounds:
             return self.configured
         upper = min(bounds)
@@ -76,6 +96,19 @@ class ListCap:
             self.accepted = size
             if self.refused is not None and size >= self.refused:
                 self.refused = None  # it took what it "refused": that was not about size
+        if self.hint is not None and size >= self.hint:
+            hint, self.hint = self.hint, None
+            if size == hint:  # the named maximum holds: one more is what it refuses
+                self.refuse(hint + 1)
+
+    def named(self, limit: int | None) -> None:
+        """A refusal's message named ``limit`` as the maximum (None: it named none)."""
+        if (
+            limit is not None
+            and limit > self.accepted
+            and (self.refused is None or limit < self.refused)
+        ):
+            self.hint = limit
 
     def suspect(self, size: int) -> None:
         """A list of ``size`` was refused with no address named; its parts go out next."""
@@ -91,6 +124,8 @@ class ListCap:
 
     def refuse(self, size: int) -> None:
         """A list of ``size`` was refused, and every part of it was then accepted."""
+        if self.hint is not None and size <= self.hint:
+            self.hint = None  # the named maximum was refused: the message was wrong
         if size <= self.accepted or (self.refused is not None and size >= self.refused):
             return
         self.refused = size

@@ -32,7 +32,7 @@ from worker.send import preflight_for, reconciler_for
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer
 from worker.send.reconcile import found_outcome
-from worker.send.refusals import ListCap
+from worker.send.refusals import ListCap, named_limit
 from worker.send.retry import Hooks, attempt
 from worker.send.trip import SendStats, Trip
 from worker.state import RunState
@@ -175,12 +175,16 @@ class Sender:
         emails = trip.emails
         self.stats.splits += 1
         log.info("batch.split", token=trip.token, emails=len(emails), error=error.message)
+        self.cap.named(named_limit(error.message, len(emails)))
         self.cap.suspect(len(emails))
         accepted = False
         try:
-            half = len(emails) // 2
-            accepted = await self._send(trip.token, emails[:half], trip.out)
-            accepted = await self._send(trip.token, emails[half:], trip.out) and accepted
+            if self.cap.size() < len(emails):  # lists of the size the cap's search is at
+                accepted = await self._send(trip.token, emails, trip.out)
+            else:
+                half = len(emails) // 2
+                accepted = await self._send(trip.token, emails[:half], trip.out)
+                accepted = await self._send(trip.token, emails[half:], trip.out) and accepted
         finally:
             self.cap.settle(len(emails), all_accepted=accepted)
         return accepted
