@@ -23,13 +23,14 @@ from tests.conftest import (
     read_report,
     rows_csv,
 )
-from worker.clock import SystemClock
+from worker.clock import FakeClock, SystemClock
 from worker.config import Config
 from worker.emulator import Emulator
 from worker.run import run
-from worker.send import client_for, pacer_for, reconciler_for
+from worker.send import client_for, pacer_for, preflight_for, reconciler_for
 from worker.send.compact import ListingBuilder, address_key, keys_of
 from worker.send.listed import Listed
+from worker.send.reconcile import CACHED_LISTINGS
 
 PEOPLE = [f"p{i}@example.com" for i in range(260)]
 
@@ -144,3 +145,40 @@ def test_a_listing_keeps_the_newest_time_and_session_of_each_address() -> None:
     assert listing.session_ends[a_at] == base + 9
     assert list(listing.invitations) == [address_key("b@x.io")]
     assert listing.invitations[address_key("b@x.io")][1].invitation_expiry == "exp-5"
+
+
+async def test_a_long_lived_worker_holds_the_checks_of_recent_tokens_only(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Queue mode (a check good for a minute): checks past their minute are dropped as new
+    tokens come, and at most CACHED_LISTINGS listings are kept, however many tokens pass."""
+    clock = FakeClock()
+    config = make_config(preflight_ttl=60.0)
+    async with client_for(config) as client:
+        pacer = pacer_for(config, clock)
+        reconciler = reconciler_for(config, client, pacer, clock, random.Random(1))
+        preflight = preflight_for(config, client, pacer, reconciler, clock)
+        for n in range(CACHED_LISTINGS + 8):
+            token = f"tok{n:03d}-aaaa"
+            emulator.add_dashboard(token, invitees=["a@example.com"])
+            screened = await preflight.screen(token, ["a@example.com"])
+            assert screened.send == ["a@example.com"]
+        assert preflight.held == CACHED_LISTINGS + 8
+        assert reconciler.held == CACHED_LISTINGS
+        clock.advance(61)
+        await preflight.screen("late-token-aaaa", ["a@example.com"])
+        assert preflight.held == 1
+
+
+def test_a_listing_costs_24_bytes_per_address_listed() -> None:
+    """100,000 invitations over 50,000 addresses, folded a page of 100 at a time: three
+    arrays of 50,000 (8 bytes each), no per-invitation object kept."""
+    builder = ListingBuilder(0.0)
+    at = "2026-01-01T00:00:00+00:00"
+    for start in range(0, 100_000, 100):
+        builder.add([Listed(f"u{i % 50_000}@example.com", at) for i in range(start, start + 100)])
+    listing = builder.done()
+    assert listing.read == 100_000
+    held = listing.keys.nbytes + listing.created.nbytes + listing.session_ends.nbytes
+    assert held == 24 * 50_000
+    assert listing.invitations == {}

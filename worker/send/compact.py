@@ -111,26 +111,30 @@ class ListingBuilder:
         self._chunks: list[tuple[Any, Any, Any]] = []
 
     def add(self, page: Sequence[Listed]) -> None:
-        """Fold one page in."""
-        stamps: dict[str | None, float] = {}  # one request's invitations share a time
-        keys, created, ends = [], [], []
+        """Fold one page in (a column at a time: a page is a few C calls, mostly)."""
         listing = self.listing
-        wanted, kept = listing.wanted, listing.invitations
-        for item in page:
-            key = hash(item.email.lower())
-            at = stamps.get(item.created_at)
-            if at is None:
-                at = stamps[item.created_at] = _epoch_or_nan(item.created_at)
-            keys.append(key)
-            created.append(at)
-            ends.append(_session_end(item))
-            if wanted and key in wanted and at >= kept.get(key, (-math.inf,))[0]:
-                kept[key] = (at, item.invitation())  # NaN >= x is False: never kept
-        self._chunks.append((np.array(keys, dtype=np.int64), np.array(created, dtype=float),
-                             np.array(ends, dtype=float)))  # fmt: skip
+        keys = list(map(hash, map(str.lower, [item.email for item in page])))
+        stamps = [item.created_at for item in page]
+        # The invitations of one request share a creation time: parse each time once.
+        epochs = {stamp: _epoch_or_nan(stamp) for stamp in set(stamps)}
+        created = np.array(list(map(epochs.__getitem__, stamps)), dtype=float)
+        ends = np.full(len(page), -math.inf)
+        for at, item in enumerate(page):
+            if item.has_session is True:
+                ends[at] = _session_end(item)
+        if listing.wanted:
+            self._keep(page, keys, created)
+        self._chunks.append((np.array(keys, dtype=np.int64), created, ends))
         listing.read += len(page)
         if len(self._chunks) >= MERGE_EVERY:
             self._merge()
+
+    def _keep(self, page: Sequence[Listed], keys: list[int], created: Any) -> None:
+        """The newest invitation of each wanted key (one with no readable time: never)."""
+        wanted, kept = self.listing.wanted, self.listing.invitations
+        for at, key in enumerate(keys):
+            if key in wanted and created[at] >= kept.get(key, (-math.inf,))[0]:
+                kept[key] = (float(created[at]), page[at].invitation())
 
     def done(self) -> TokenListing:
         """The listing, with every page folded in."""
@@ -161,7 +165,5 @@ def _epoch_or_nan(value: str | None) -> float:
 
 
 def _session_end(item: Listed) -> float:
-    if item.has_session is not True:
-        return -math.inf
     ends = iso_epoch(item.session_expiry)
     return -math.inf if ends is None else ends

@@ -139,6 +139,11 @@ class Preflight:
         #: Addresses added to dashboards' invitees (``--add-invitees``).
         self.invitees_added = 0
 
+    @property
+    def held(self) -> int:
+        """How many tokens' checks are held (all of a file run's; queue mode: recent ones)."""
+        return len(self._checks)
+
     async def screen(self, token: str, emails: list[str]) -> Screened:
         """Which of ``emails`` to send, which are refused, which skipped (by reason)."""
         check = await self._check(token)

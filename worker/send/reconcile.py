@@ -102,6 +102,11 @@ class Reconciler:
         #: Pages of invitations read, over every listing.
         self.pages = 0
 
+    @property
+    def held(self) -> int:
+        """How many tokens' listings are kept for reuse (at most :data:`CACHED_LISTINGS`)."""
+        return len(self._cache)
+
     async def created_since(
         self, token: str, emails: list[str], since: float, not_before: float
     ) -> dict[str, Invitation]:
