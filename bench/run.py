@@ -3,6 +3,7 @@
     python bench/run.py --rows 1000000 --tokens 1000 --batch-size 100
     python bench/run.py --rows 5000 --tokens 10 --batch-size 10 --limit 25 --period 1
     python bench/run.py --rows 1000000 --tokens 1000 --batch-size 100 --peers
+    python bench/run.py --rows 1000000 --tokens 1000 --invitees --days 2
 
 Generates N rows over T tokens, starts the emulator (unlimited, or with --limit/--period),
 runs the worker as a separate process and prints one table: emails/s, worker CPU µs per
@@ -14,6 +15,9 @@ the worker K times (a fresh emulator each time) and shows the run with the media
 client (``bench/peers.py``), each mode against a fresh emulator: one email per call over the
 first ``--peer-rows`` rows, and list-form batches over enough rows to fill lists of B for
 every token. The per-email figures and their ratios to the worker's are added to the table.
+
+``--invitees`` makes every address an invitee of its dashboard; ``--days N`` runs the same
+list N times against one emulator and prints each day (see ``bench/days.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from days import day_rows, summary_of, write_dashboards
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key-0123456789"
@@ -59,17 +65,17 @@ def write_input(path: Path, rows: int, tokens: int) -> None:
 
 
 def start_emulator(
-    port: int, limit: int | None, period: float, latency: float = 0.0
+    port: int, limit: int | None, period: float, latency: float = 0.0, extra: tuple[str, ...] = ()
 ) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "worker", "emulator", "--port", str(port), "--api-key", KEY,
-            "--app-key", KEY, "--log-format", "json"]  # fmt: skip
+            "--app-key", KEY, "--log-format", "json", *extra]  # fmt: skip
     if limit:
         args += ["--limit", str(limit), "--period", str(period)]
     if latency:  # every POST answered this late, as a distant service would
         args += ["--slow-rate", "1", "--slow-seconds", str(latency)]
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 300  # a million invitees take a while to load
+    while time.monotonic() < deadline and proc.poll() is None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return proc
@@ -83,8 +89,12 @@ def run_worker(source: Path, report: Path, url: str, opts: argparse.Namespace) -
     args = [sys.executable, "-m", "worker", "run", str(source), "--api-url", url, "--report",
             str(report), "--overwrite", "--batch-size", str(opts.batch_size), "--concurrency",
             str(opts.concurrency), "--log-format", "json"]  # fmt: skip
+    if opts.list_page_size:
+        args += ["--list-page-size", str(opts.list_page_size)]
     with open(report.with_suffix(".log"), "wb") as log:
-        return measure(args, stdout=subprocess.DEVNULL, stderr=log)
+        result = measure(args, stdout=subprocess.DEVNULL, stderr=log)
+    result["summary"] = summary_of(report) if report.exists() else {}
+    return result
 
 
 def measure(args: list[str], **popen: Any) -> dict[str, Any]:
@@ -111,10 +121,12 @@ def stats(url: str) -> dict[str, Any]:
 
 
 @contextmanager
-def emulator(limit: int | None, period: float, latency: float = 0.0) -> Iterator[str]:
+def emulator(
+    limit: int | None, period: float, latency: float = 0.0, extra: tuple[str, ...] = ()
+) -> Iterator[str]:
     """A fresh emulator process on a free loopback port; yields its URL."""
     port = free_port()
-    proc = start_emulator(port, limit, period, latency)
+    proc = start_emulator(port, limit, period, latency, extra)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -198,18 +210,58 @@ def main() -> None:
         help="also run the job through a Redis Stream (a private redis-server): enqueue, "
         "one worker, then two (see bench/queue.py)",
     )
+    parser.add_argument(
+        "--invitees",
+        action="store_true",
+        help="make every address an invitee of its token's dashboard (the dashboard check "
+        "then reads the whole allow-list of each token)",
+    )
+    parser.add_argument(
+        "--days",
+        type=int,
+        default=1,
+        help="run the same list this many times against one emulator, as a daily job does, "
+        "and print each day (day 2 finds everyone invited)",
+    )
+    parser.add_argument(
+        "--max-page-size",
+        type=int,
+        default=None,
+        help="the emulator serves at most this many invitations per listed page",
+    )
+    parser.add_argument(
+        "--list-page-size",
+        type=int,
+        default=None,
+        help="the worker's --list-page-size (default: the worker's default, 100)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the input and report")
     opts = parser.parse_args()  # fmt: skip
 
     workdir = Path(tempfile.mkdtemp(prefix="invite-bench-"))
     opts.source, report = workdir / f"input.{opts.format}", workdir / "report.jsonl"
     write_input(opts.source, opts.rows, opts.tokens)
+    extra: tuple[str, ...] = ()
+    if opts.invitees:
+        write_dashboards(workdir / "dashboards.json", opts.rows, opts.tokens)
+        extra += ("--dashboards", str(workdir / "dashboards.json"))
+    if opts.max_page_size:
+        extra += ("--max-page-size", str(opts.max_page_size))
     # Measure the worker as installed from a wheel, with its bytecode compiled: where
     # PYTHONDONTWRITEBYTECODE is set, an editable checkout would compile it on every run.
     compileall.compile_dir(ROOT / "worker", quiet=1)
+    fresh = lambda: emulator(opts.limit, opts.period, opts.latency, extra)  # noqa: E731
+    if opts.days > 1:
+        day = lambda url: run_worker(opts.source, report, url, opts)  # noqa: E731
+        who = "every address an invitee" if opts.invitees else "no allow-list"
+        print_table([("rows / tokens / batch", f"{opts.rows:,} / {opts.tokens:,} / "
+                      f"{opts.batch_size}; {who}"),
+                     *day_rows(opts.days, opts.rows, fresh, day)])  # fmt: skip
+        cleanup(workdir, opts.keep)
+        return
     runs = []
     for _ in range(max(1, opts.repeat)):
-        with emulator(opts.limit, opts.period, opts.latency) as url:
+        with fresh() as url:
             runs.append((run_worker(opts.source, report, url, opts), stats(url)))
     runs.sort(key=lambda run: run[0]["cpu"])
     worker, service = runs[len(runs) // 2]
@@ -248,14 +300,21 @@ def main() -> None:
         from queue_bench import queue_rows
 
         env = {**os.environ, "DD_API_KEY": KEY, "DD_APP_KEY": KEY}
-        fresh = lambda: emulator(opts.limit, opts.period, opts.latency)  # noqa: E731
         rows += queue_rows(opts, ROOT, env, fresh, stats, worker["cpu"] / opts.rows * 1e6)
+    print_table(rows)
+    cleanup(workdir, opts.keep)
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"{'measure':<{width}}  value")
     print(f"{'-' * width}  {'-' * 40}")
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    if opts.keep:
+
+
+def cleanup(workdir: Path, keep: bool) -> None:
+    if keep:
         print(f"\ninput and report kept in {workdir}")
     else:
         for path in workdir.iterdir():
