@@ -26,6 +26,7 @@ from tests.conftest import (
 from worker.clock import FakeClock, SystemClock
 from worker.config import Config
 from worker.emulator import Emulator
+from worker.record.journal import Journal, journal_path
 from worker.run import run
 from worker.send import client_for, pacer_for, preflight_for, reconciler_for
 from worker.send.compact import ListingBuilder, address_key, keys_of
@@ -182,3 +183,31 @@ def test_a_listing_costs_24_bytes_per_address_listed() -> None:
     held = listing.keys.nbytes + listing.created.nbytes + listing.session_ends.nbytes
     assert held == 24 * 50_000
     assert listing.invitations == {}
+
+
+async def test_a_resume_settles_every_intent_of_a_token_from_one_listing(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Five intents of one token left open by a crash (three created, two not): one
+    listing of its 250 invitations settles all five; only the two never created are sent."""
+    config = make_config(concurrency=1)
+    journal = Journal(journal_path(config.report_path), durable=False)
+    at = emulator._clock() - 1
+    board = emulator.add_dashboard(TOKEN_A)
+    board.invitations.extend((f"old{i}@example.com", at - 86400) for i in range(245))
+    batches = [[f"b{n}x{i}@example.com" for i in range(2)] for n in range(5)]
+    for n, emails in enumerate(batches):
+        await journal.intent(TOKEN_A, emails, at)
+        if n < 3:  # the POST that succeeded, then the crash
+            board.invitations.extend((e, at + 0.5) for e in emails)
+            for e in emails:
+                emulator.invited[(TOKEN_A, e)] += 1
+    journal.close()
+    config.report_path.write_text("")
+    pairs = [(TOKEN_A, e) for emails in batches for e in emails]
+    result = await run(make_config(concurrency=1, resume=True, resend=True),
+                       csv_source(rows_csv(pairs)))  # fmt: skip
+    assert result.exit_code == 0
+    assert emulator.invited == Counter({(TOKEN_A, e): 1 for _, e in pairs})
+    assert [r.emails for r in emulator.requests if r.method == "POST"] == [4]
+    assert result.summary["list_pages"] == 3  # 251 invitations at 100 a page, listed once

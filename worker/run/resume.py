@@ -163,6 +163,8 @@ async def settle_unknowns(
     log.info("resume.reconciling", intents=len(history.unknown),
              tokens=len({i.token for i in history.unknown}))  # fmt: skip
     now = clock.time()
+    for intent in history.unknown:  # one listing per token serves all its intents
+        reconciler.expect(intent.token, intent.emails)
     for intent in history.unknown:
         try:
             found = await reconciler.created_since(intent.token, intent.emails, intent.at, now)

@@ -107,6 +107,11 @@ class Reconciler:
         """How many tokens' listings are kept for reuse (at most :data:`CACHED_LISTINGS`)."""
         return len(self._cache)
 
+    def expect(self, token: str, emails: list[str]) -> None:
+        """``emails`` of ``token`` will be asked about: the next listing of the token keeps
+        their invitations too, so questions asked one after another share it."""
+        self._wanted.setdefault(token, set()).update(address_key(e) for e in emails)
+
     async def created_since(
         self, token: str, emails: list[str], since: float, not_before: float
     ) -> dict[str, Invitation]:
@@ -149,6 +154,10 @@ class Reconciler:
                 self._cache[token] = listing
                 while len(self._cache) > CACHED_LISTINGS:
                     self._cache.popitem(last=False)
+            elif wanted and token in self._wanted:  # answered: no need to keep them next
+                self._wanted[token].difference_update(wanted)
+                if not self._wanted[token]:
+                    del self._wanted[token]
             self._cache.move_to_end(token)
         return listing
 
