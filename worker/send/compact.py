@@ -45,12 +45,14 @@ def address_key(email: str) -> int:
 
 def keys_of(emails: Iterable[str]) -> npt.NDArray[np.int64]:
     """The :func:`address_key` of each address, in order."""
-    return np.array([hash(e) for e in map(str.lower, emails)], dtype=np.int64)
+    return np.array(list(map(hash, map(str.lower, emails))), dtype=np.int64)
 
 
 def key_set(emails: Iterable[str]) -> npt.NDArray[np.int64]:
     """The distinct keys of ``emails``, sorted (a set, at 8 bytes an address)."""
-    return np.unique(keys_of(emails))
+    keys = keys_of(emails)
+    keys.sort()
+    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
 
 
 def member(keys: npt.NDArray[np.int64], needles: npt.NDArray[np.int64]) -> Any:

@@ -313,10 +313,12 @@ def _allowed(board: SharedDashboard, now: float) -> npt.NDArray[np.int64] | None
     share list."""
     if board.invitees is None and board.share_list is None:
         return None
-    emails = list(board.share_list or ())
-    emails += [i.email for i in board.invitees or ()
-               if i.access_expiration is None or _after(i.access_expiration, now)]  # fmt: skip
-    return key_set(emails)
+    invitees = board.invitees or []
+    emails = [i.email for i in invitees]
+    if any(i.access_expiration is not None for i in invitees):
+        emails = [i.email for i in invitees
+                  if i.access_expiration is None or _after(i.access_expiration, now)]  # fmt: skip
+    return key_set([*(board.share_list or ()), *emails])
 
 
 def _after(value: str, now: float) -> bool:
