@@ -45,8 +45,10 @@ def day_rows(
     rows: int,
     fresh: Callable[[], AbstractContextManager[str]],
     run_day: Callable[[str], dict[str, Any]],
+    stats: Callable[[str], dict[str, Any]],
 ) -> list[tuple[str, str]]:
-    """Run the job ``days`` times against one emulator; a table row per figure per day."""
+    """Run the job ``days`` times against one emulator; a table row per figure per day,
+    then what the service holds at the end (every address invited once, or not)."""
     table: list[tuple[str, str]] = []
     first_cpu = 0.0
     with fresh() as url:
@@ -69,6 +71,9 @@ def day_rows(
                  ", ".join(f"{k} {v:,}" for k, v in kinds.items())
                  + f"; {summary.get('list_pages', 0):,} pages listed"),
             ]  # fmt: skip
+        service = stats(url)
+    table.append(("invitations / duplicates", f"{service['invitations']:,} / "
+                  f"{service['duplicates']:,}"))  # fmt: skip
     return table
 
 

@@ -256,7 +256,7 @@ def main() -> None:
         who = "every address an invitee" if opts.invitees else "no allow-list"
         print_table([("rows / tokens / batch", f"{opts.rows:,} / {opts.tokens:,} / "
                       f"{opts.batch_size}; {who}"),
-                     *day_rows(opts.days, opts.rows, fresh, day)])  # fmt: skip
+                     *day_rows(opts.days, opts.rows, fresh, day, stats)])  # fmt: skip
         cleanup(workdir, opts.keep)
         return
     runs = []
