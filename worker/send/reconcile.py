@@ -18,7 +18,7 @@ from collections.abc import Collection
 import structlog
 
 from worker.clock import Clock
-from worker.errors import TokenNotFound
+from worker.errors import TokenNotFound, UnexpectedResponse
 from worker.outcome import Invitation, Outcome, Status
 from worker.send.client import InvitationClient, Listing
 from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_epoch
@@ -31,7 +31,8 @@ log = structlog.get_logger("worker.reconcile")
 
 #: Invitations asked for per page (``--list-page-size``).
 PAGE_SIZE = 100
-#: Safety stop for a listing that never ends (a service ignoring page_number).
+#: Pages after which a listing that has not ended is given up as unreadable (a service
+#: ignoring page_number would repeat its first page forever).
 MAX_PAGES = 100_000
 #: Listings kept for reuse by later questions about the same token. They are compact, but
 #: a long-lived queue worker meets ever more tokens: the least recently used go.
@@ -153,7 +154,10 @@ class Reconciler:
                 listing = await self._list(token, pending | frozenset(wanted))
                 self._cache[token] = listing
                 while len(self._cache) > CACHED_LISTINGS:
-                    self._cache.popitem(last=False)
+                    gone, _ = self._cache.popitem(last=False)
+                    held = self._locks.get(gone)
+                    if held is not None and not held.locked():
+                        del self._locks[gone]  # a token met once holds nothing
             elif wanted and token in self._wanted:  # answered: no need to keep them next
                 self._wanted[token].difference_update(wanted)
                 if not self._wanted[token]:
@@ -172,7 +176,11 @@ class Reconciler:
         """
         builder = ListingBuilder(self._clock.time(), wanted)
         listing, size = builder.listing, self.page_size
-        while listing.pages < MAX_PAGES:
+        while True:
+            if listing.pages >= MAX_PAGES:
+                # Not an end: taking it for one could invite again whoever is further on.
+                raise UnexpectedResponse(f"the invitation list did not end after {MAX_PAGES:,} "
+                                         f"pages ({listing.read:,} invitations read)")  # fmt: skip
             number, skip = divmod(listing.read, size)
             result = await self._page(token, number, size)
             listing.pages += 1
@@ -182,8 +190,9 @@ class Reconciler:
             if not fresh:  # an empty page: the end (or the listing shrank meanwhile)
                 break
             builder.add(fresh)
-            total = result.total_count
-            if total is not None and total >= 0 and listing.read >= total:
+            # Past a total that says less than was read, the total is stale or wrong: on
+            # to an empty page instead.
+            if result.total_count == listing.read:
                 break
             if len(result.invitations) != size:
                 size = len(result.invitations)  # the size the service honors
