@@ -23,19 +23,30 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from worker.outcome import Invitation
 from worker.validate.dedupe import locate
 
 if TYPE_CHECKING:
+    import numpy as np
     import numpy.typing as npt
 
     from worker.send.listed import Listed
+else:
+
+    class _Numpy:
+        """numpy, imported at its first use: a run's start (its report, its lock) and a
+        dry run need not wait the tenths of a second its import takes."""
+
+        def __getattr__(self, name: str) -> Any:
+            import numpy
+
+            globals()["np"] = numpy
+            return getattr(numpy, name)
+
+    np = _Numpy()
 
 #: Pages folded before their keys are merged into one sorted run (bounds the chunks held).
 MERGE_EVERY = 64
-_NONE: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
 
 
 def address_key(email: str) -> int:
@@ -83,7 +94,7 @@ class TokenListing:
     """
 
     started: float
-    keys: npt.NDArray[np.int64] = field(default_factory=lambda: _NONE)
+    keys: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     created: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
     session_ends: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
     wanted: frozenset[int] = frozenset()

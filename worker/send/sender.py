@@ -167,10 +167,11 @@ class Sender:
         return False
 
     async def _bisect(self, trip: Trip, error: BadRequest) -> bool:
-        """A 400 naming no address: halves, recursively, until the refused stand alone.
+        """A 400 naming no address: parts, recursively, until the refused stand alone.
 
-        If every part is then accepted, the service refused the list for its length: the
-        cap is learned, and later lists are cut to it.
+        The parts are lists of the size the cap's search is at (see :class:`ListCap`), or
+        halves once that is no shorter. If every part is then accepted, the service refused
+        the list for its length: the cap is learned, and later lists are cut to it.
         """
         emails = trip.emails
         self.stats.splits += 1
