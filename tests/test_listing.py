@@ -30,7 +30,7 @@ from worker.record.journal import Journal, journal_path
 from worker.run import run
 from worker.send import client_for, pacer_for, preflight_for, reconciler_for
 from worker.send.compact import ListingBuilder, address_key, keys_of
-from worker.send.listed import Listed
+from worker.send.listed import Listed, read_dashboard, read_listing
 from worker.send.reconcile import CACHED_LISTINGS
 
 PEOPLE = [f"p{i}@example.com" for i in range(260)]
@@ -211,3 +211,46 @@ async def test_a_resume_settles_every_intent_of_a_token_from_one_listing(
     assert emulator.invited == Counter({(TOKEN_A, e): 1 for _, e in pairs})
     assert [r.emails for r in emulator.requests if r.method == "POST"] == [4]
     assert result.summary["list_pages"] == 3  # 251 invitations at 100 a page, listed once
+
+
+@pytest.mark.parametrize(
+    ("body", "emails", "total"),
+    [
+        (
+            b'{"data": [{"attributes": {"email": "a@x.io", "created_at": 5}}], '
+            b'"meta": {"page": {"total_count": "7"}}}',
+            ["a@x.io"],
+            None,
+        ),
+        (
+            b'{"data": [{"attributes": {"email": "a@x.io"}}, {"attributes": {}}, 3], '
+            b'"meta": {"page": {"total_count": 2}}}',
+            ["a@x.io"],
+            2,
+        ),
+        (b'{"data": [], "meta": {"page": {"total_count": true}}}', [], None),
+        (b"null", [], None),
+    ],
+)
+def test_a_listing_page_of_any_shape_is_read_for_what_it_holds(
+    body: bytes, emails: list[str], total: int | None
+) -> None:
+    """A page whose fields have the wrong types is read field by field: what is malformed
+    is left out, a total that is not a number is no total, nothing raises."""
+    page = read_listing(body)
+    assert page is not None
+    assert [item.email for item in page[0]] == emails
+    assert page[1] == total
+
+
+def test_a_dashboard_of_any_shape_is_read_for_what_it_holds() -> None:
+    """Odd fields of a shared dashboard are unknown; malformed invitees are left out."""
+    board = read_dashboard(b'{"share_type": 7, "status": "paused", "share_list": ["s@x.io", 4],'
+                           b' "invitees": [{"email": "a@x.io"}, {"nope": 1},'
+                           b' {"email": "b@x.io", "access_expiration": 9}]}')  # fmt: skip
+    assert (board.share_type, board.status) == (None, "paused")
+    assert [(i.email, i.access_expiration) for i in board.invitees or []] == [
+        ("a@x.io", None), ("b@x.io", None)
+    ]  # fmt: skip
+    assert board.share_list == ["s@x.io"]
+    assert read_listing(b"<html>502</html>") is None
