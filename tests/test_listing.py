@@ -254,3 +254,21 @@ def test_a_dashboard_of_any_shape_is_read_for_what_it_holds() -> None:
     ]  # fmt: skip
     assert board.share_list == ["s@x.io"]
     assert read_listing(b"<html>502</html>") is None
+
+
+async def test_a_service_ignoring_page_number_fails_the_token_and_sends_nothing(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Every page_number answered with the first page (total_count 250): the listing is
+    not taken as read — the token's rows fail, unsent, for --resume — and nobody already
+    invited is emailed again."""
+    emulator.ignore_page_number = True
+    board = emulator.add_dashboard(TOKEN_A, invitees=PEOPLE[:250])
+    now = emulator._clock()
+    board.invitations.extend((e, now - 3600 + i) for i, e in enumerate(PEOPLE[:250]))
+    result = await run(make_config(), csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:250]])))
+    assert result.exit_code == 1
+    assert not [r for r in emulator.requests if r.method == "POST"]
+    assert result.summary["emails_failed"] == 250
+    failed = by_kind(read_report(make_config().report_path), "batch")
+    assert {b["error"]["code"] for b in failed} == {"unexpected_response"}

@@ -75,6 +75,8 @@ class Emulator(Service):
         #: Whether a listing says ``meta.page.total_count`` (False: only an empty page
         #: tells the end).
         self.list_total = True
+        #: Serve the first page whatever page_number asks (a broken service, for tests).
+        self.ignore_page_number = False
         #: (page_size, page_number) of every listing request, as asked.
         self.pages_asked: list[tuple[int, int]] = []
         self.api_key, self.app_key = api_key, app_key
@@ -238,6 +240,8 @@ class Emulator(Service):
         except ValueError:
             return log(error(400, "page_size and page_number must be integers", headers))
         self.pages_asked.append((int(request.query.get("page_size", "50")), number))
+        if self.ignore_page_number:
+            number = 0
         page = board.invitations[number * size : (number + 1) * size]
         now = self._clock()
         body: dict[str, Any] = {"data": [board.invitation(e, t, now) for e, t in page]}

@@ -176,6 +176,7 @@ class Reconciler:
         """
         builder = ListingBuilder(self._clock.time(), wanted)
         listing, size = builder.listing, self.page_size
+        last: int | None = None  # what the previous page held
         while True:
             if listing.pages >= MAX_PAGES:
                 # Not an end: taking it for one could invite again whoever is further on.
@@ -189,6 +190,16 @@ class Reconciler:
             fresh = result.invitations[skip:]
             if not fresh:  # an empty page: the end (or the listing shrank meanwhile)
                 break
+            # Two pages holding the same invitations (address and creation time, in the
+            # same order) are one page served twice: page_number is not being honored,
+            # and counting on would take the first page for the whole listing.
+            held = hash(tuple((i.email, i.created_at) for i in result.invitations))
+            if held == last:
+                raise UnexpectedResponse(
+                    f"the invitation list answered page {number} with the page before it: "
+                    "the service does not seem to honor page_number, so it cannot be read"
+                )
+            last = held
             builder.add(fresh)
             # Past a total that says less than was read, the total is stale or wrong: on
             # to an empty page instead.
