@@ -64,6 +64,37 @@ async def test_a_list_cap_named_in_the_refusal_costs_at_most_115_requests(
     assert emulator.stats()["posts"] <= 115, emulator.stats()["posts"]
 
 
+async def test_a_list_cap_searched_for_by_four_senders_costs_at_most_120_requests(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The same service, its 400 naming no maximum: the four senders search in parallel
+    (each below the sizes the others are trying), at most 120 requests (before: 135)."""
+    emulator.faults.max_batch = 20
+    emulator.faults.name_max_batch = False
+    pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(2000)]
+    result = await run(make_config(batch_size=100, concurrency=4), csv_source(rows_csv(pairs)))
+    assert result.exit_code == 0
+    assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
+    assert emulator.stats()["posts"] <= 120, emulator.stats()["posts"]
+
+
+def test_concurrent_probes_of_the_cap_go_below_each_other() -> None:
+    """While lists of 50 are being tried after a refusal of 100, the next sender tries 25,
+    then 12; with no room left below, what is known to pass (or the lowest being tried)."""
+    cap = ListCap(100)
+    cap.suspect(100)
+    assert cap.size() == 50
+    with cap.trying(50):
+        assert cap.size() == 25
+        with cap.trying(25):
+            assert cap.size() == 12
+            with cap.trying(12):
+                assert cap.size() == 12  # 6 would be lists too short to be worth it
+                cap.accept(10)
+                assert cap.size() == 10  # what is known to pass
+    assert cap.size() == 55  # nothing in flight: the midpoint of 10 and 100
+
+
 def test_a_named_maximum_is_tried_first_and_kept_once_it_holds() -> None:
     """'max 20' in a refusal of 100: lists of 20 go next, and once one is accepted 21 is
     known refused; a named maximum that is itself refused is dropped."""

@@ -11,8 +11,10 @@ known without a search.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
+from collections.abc import Iterator
 
 import structlog
 
@@ -56,7 +58,9 @@ class ListCap:
 
     ``size()`` is what to send now: the configured ``--batch-size`` until a list is refused
     with no address named, then a binary search between the longest list accepted and the
-    shortest refused, which settles on the service's cap within a few requests.
+    shortest refused, which settles on the service's cap within a few requests. Senders
+    searching at once each try a size below those being tried (:meth:`trying`), so the
+    search goes on in parallel rather than every sender failing at one size.
 
     A refusal counts as *confirmed* (about size) once every part of the refused list has
     been accepted; until then it is a *suspect*, which already steers the search so that
@@ -74,6 +78,7 @@ class ListCap:
         #: The maximum a refusal's message named (see :func:`named_limit`), until a list of
         #: that size is accepted (then it is the cap) or refused for its size (then wrong).
         self.hint: int | None = None
+        self._trying: Counter[int] = Counter()
 
     def size(self) -> int:
         """How many emails the next request should carry at most."""
@@ -88,7 +93,28 @@ class ListCap:
         upper = min(bounds)
         if self.accepted >= upper - 1:
             return max(1, upper - 1)
+        # Sizes already being tried by other senders: probe below the lowest, so that
+        # concurrent senders search in parallel instead of all failing at one size; where
+        # there is no room for that (or only for lists too short to be worth a request),
+        # send what is known to pass.
+        flying = [n for n in self._trying if self.accepted < n < upper]
+        if flying:
+            below = (self.accepted + min(flying)) // 2
+            if below > self.accepted and below >= upper // 8:
+                return below
+            return self.accepted or min(flying)
         return max(1, (self.accepted + upper) // 2)
+
+    @contextlib.contextmanager
+    def trying(self, size: int) -> Iterator[None]:
+        """A list of ``size`` is being sent (see :meth:`size`)."""
+        self._trying[size] += 1
+        try:
+            yield
+        finally:
+            self._trying[size] -= 1
+            if self._trying[size] <= 0:
+                del self._trying[size]
 
     def accept(self, size: int) -> None:
         """The service took a list of ``size``."""

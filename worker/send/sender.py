@@ -120,9 +120,11 @@ class Sender:
         """
         accepted = True
         while len(emails) > (size := self.cap.size()) and not self.state.stop.is_set():
-            accepted = await self._attempts(token, emails[:size], out) and accepted
+            with self.cap.trying(size):
+                accepted = await self._attempts(token, emails[:size], out) and accepted
             emails = emails[size:]
-        return await self._attempts(token, emails, out) and accepted
+        with self.cap.trying(len(emails)):
+            return await self._attempts(token, emails, out) and accepted
 
     async def _attempts(self, token: str, emails: list[str], out: list[Outcome]) -> bool:
         """Carry one request's worth of emails to their outcomes (see :meth:`_send`)."""
