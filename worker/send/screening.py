@@ -1,0 +1,100 @@
+"""What a token's check holds, and what it makes of a list of emails (see ``preflight``).
+
+The check is decided once, when the token is read, and kept compact (``send.compact``):
+the allowed, those in a session and the invited as sorted arrays of address hashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from worker.outcome import NOT_ON_SHARE_LIST, Failure, Outcome, Status
+from worker.send.compact import iso_epoch, key_set
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from worker.send.listed import SharedDashboard
+
+log = structlog.get_logger("worker.preflight")
+
+ACTIVE_SESSION = "active_session"
+ALREADY_INVITED = "already_invited"
+INVITEE_UPDATE_FAILED = "invitee_update_failed"
+
+
+@dataclass(slots=True)
+class TokenCheck:
+    """What a token's dashboard and invitations say, as of ``checked`` (epoch)."""
+
+    checked: float
+    #: The whole token is refused with this failure; nothing below applies.
+    refused: Failure | None = None
+    #: Keys of the addresses allowed now; None when the service gave no allow-list.
+    allowed: npt.NDArray[np.int64] | None = None
+    #: Keys of the addresses skipped: with an open session, and (the others) invited.
+    in_session: npt.NDArray[np.int64] = field(default_factory=lambda: key_set(()))
+    invited: npt.NDArray[np.int64] = field(default_factory=lambda: key_set(()))
+
+
+@dataclass(slots=True)
+class Screened:
+    """A list of emails sorted by what the check says of them."""
+
+    send: list[str] = field(default_factory=list)
+    refused: list[tuple[str, Failure]] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> emails
+
+    def outcomes(self, token: str, started: float, finished: float) -> list[Outcome]:
+        """The refused and the skipped as outcomes (one per code, one per reason)."""
+        out: list[Outcome] = []
+        by_code: dict[str, tuple[Failure, list[str]]] = {}
+        for email, failure in self.refused:
+            by_code.setdefault(failure.code, (failure, []))[1].append(email)
+        for code, (failure, refused) in by_code.items():
+            if len(refused) > 1:
+                failure = Failure(code, refusal_message(failure))
+            log.warning("batch.refused", token=token, emails=len(refused), code=code)
+            out.append(Outcome(token, refused, Status.FAILED, None, 0, started, finished, failure))
+        for reason, skipped in self.skipped.items():
+            log.info("batch.skipped", token=token, emails=len(skipped), reason=reason)
+            out.append(Outcome(token, skipped, Status.SKIPPED, None, 0, started, finished,
+                               reason=reason))  # fmt: skip
+        return out
+
+
+def allowed_keys(board: SharedDashboard, now: float) -> npt.NDArray[np.int64] | None:
+    """Keys of the addresses allowed now: invitees whose access has not expired, and the
+    share list."""
+    if board.invitees is None and board.share_list is None:
+        return None
+    invitees = board.invitees or []
+    emails = [i.email for i in invitees]
+    if any(i.access_expiration is not None for i in invitees):
+        emails = [i.email for i in invitees
+                  if i.access_expiration is None or _after(i.access_expiration, now)]  # fmt: skip
+    return key_set([*(board.share_list or ()), *emails])
+
+
+def _after(value: str, now: float) -> bool:
+    ends = iso_epoch(value)
+    return ends is None or ends > now  # an expiry we cannot read: let the service decide
+
+
+NOT_ALLOWED = "neither an invitee with unexpired access nor on the dashboard's share list"
+
+
+def not_allowed(email: str) -> Failure:
+    """The refusal of one address the dashboard does not allow."""
+    return Failure(NOT_ON_SHARE_LIST, f"{email} is {NOT_ALLOWED}; add it to the invitees")
+
+
+def refusal_message(failure: Failure) -> str:
+    """The message for several emails refused alike (one record for them all)."""
+    if failure.code == NOT_ON_SHARE_LIST:
+        return f"each address is {NOT_ALLOWED}; add them to the invitees"
+    return failure.message
