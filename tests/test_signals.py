@@ -42,8 +42,16 @@ def test_three_sigkills_then_resume_invite_everyone_exactly_once(
     rng = random.Random(2024)
     for round_ in range(3):
         extra = ("--resume",) if round_ else ()
+        before = report.stat().st_size if report.exists() else 0
         proc = start_worker(spawn, url, source, report, *extra)
-        time.sleep(rng.uniform(0.6, 1.6))
+        # A random moment of the run, not of the start-up: a worker killed before it wrote
+        # anything leaves nothing to --resume, and a loaded machine starts slowly.
+        deadline = time.monotonic() + 30
+        while not report.exists() or report.stat().st_size <= before:
+            assert proc.popen.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.05, 1.0))
         proc.popen.kill()
         proc.expect(-signal.SIGKILL, timeout=10)
     created_before_resume = emulator_invited(url)
