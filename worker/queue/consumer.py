@@ -35,7 +35,8 @@ from worker.record.report import Report, iso
 from worker.run.summary import QueueCounts
 from worker.send.reconcile import found_outcome
 from worker.send.sender import Sender
-from worker.validate import Reason, Validator, pair_key
+from worker.validate import Reason, Validator
+from worker.validate.dedupe import PairIndex
 
 log = structlog.get_logger("worker.queue")
 
@@ -103,7 +104,7 @@ class Consumer:
         acks, dead = self.acks, self.dead
         self.acks, self.dead = [], []
         try:
-            await asyncio.to_thread(self.report.sync)
+            await self.report.sync()
             await self.queue.settle(acks, dead, self.clock.time())
             for code, count in Counter(f["error_code"] for _, f in dead).items():
                 self.sender.metrics.dead_lettered(code, count)
@@ -174,6 +175,7 @@ class Consumer:
         in_flight = set(self.index.values()) if reclaimed else set()
         fresh: list[tuple[str, str, str]] = []
         append = fresh.append
+        requeued: set[str] = set()
         for mid, fields in messages:
             if reclaimed and (mid in in_flight or mid in self.settled):
                 # Ours: still being sent, or settled with its acknowledgement under way;
@@ -186,14 +188,23 @@ class Consumer:
             if len(fields) == 4 and fields[0] == "token" and fields[2] == "email":
                 append((mid, fields[1].strip(), fields[3].strip()))  # as enqueue writes it
                 continue
-            token, email, reason = parse_message(dict(zip(fields[::2], fields[1::2], strict=True)))
+            named = dict(zip(fields[::2], fields[1::2], strict=True))
+            token, email, reason = parse_message(named)
             if reason is None:
                 append((mid, (token or "").strip(), (email or "").strip()))
+                if "requeued_from" in named:  # put back once its cause was fixed
+                    requeued.add((token or "").strip())
                 continue
             self.report.rejected(mid, reason, token, email)
             self.acks.append(mid)
+        for token in requeued:  # what this worker learnt of the token may be what was fixed
+            self.sender.forget(token)
         if reclaimed and fresh:
             fresh = await self._screen(fresh)
+        # Repeats are dropped within this read only. Across reads (and workers) Redis's hold
+        # on the pair is the check: it lets go of a dead-lettered pair, so a requeued message
+        # is sent, and a pair kept here for the worker's life would grow with it.
+        self.validator.seen = PairIndex()
         # Checked as one chunk (a read's worth); each row not rejected is one valid pair,
         # in order, so the message ids line up with the pairs again.
         valid, rejections, _ = self.validator.check_rows([(m, t, e, None) for m, t, e in fresh])
@@ -268,7 +279,6 @@ class Consumer:
         for mid, email, _ in items:
             if email.lower() in found:
                 # Registered before the record is written: writing it acknowledges them.
-                self.validator.seen.add(pair_key(token, email))
                 self.index.add(token, email, mid)
         outcome = found_outcome(token, emails, found, started_at=since,
                                 finished_at=self.clock.time())  # fmt: skip

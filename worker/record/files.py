@@ -7,6 +7,7 @@ a full disk cut short.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterator
@@ -127,6 +128,21 @@ class AppendFile:
             raise StorageError(self.path, self._broken)
         try:
             os.fdatasync(self.fd)
+        except OSError as exc:
+            self._broken = exc
+            raise StorageError(self.path, exc) from None
+
+    async def sync_off_loop(self) -> None:
+        """:meth:`sync` with only the ``fdatasync`` itself in a thread.
+
+        Everything else — the broken state, the size, the writes — stays on the caller's
+        (the loop's) thread: a thread that touched them would race with the writes the loop
+        goes on making meanwhile.
+        """
+        if self._broken is not None:
+            raise StorageError(self.path, self._broken)
+        try:
+            await asyncio.to_thread(os.fdatasync, self.fd)
         except OSError as exc:
             self._broken = exc
             raise StorageError(self.path, exc) from None

@@ -98,7 +98,7 @@ class Journal:
         # The task itself publishes what it covered, before anyone awaiting it resumes;
         # otherwise a waiter could find the finished future and spin without yielding.
         try:
-            await asyncio.to_thread(self._file.sync)
+            await self._file.sync_off_loop()
             self._synced = max(self._synced, upto)
         finally:
             self._syncing = None

@@ -139,10 +139,15 @@ class Report:
         self.flush()
         self.close()
 
-    def sync(self) -> None:
-        """Make everything written so far durable (before acknowledging it to a queue)."""
+    async def sync(self) -> None:
+        """Make everything written so far durable (before acknowledging it to a queue).
+
+        The records are written here, on the loop's thread, like every other write; only
+        the ``fdatasync`` goes to a thread. A thread that flushed would race with the
+        records the loop keeps adding: one added between its join and its clear is lost.
+        """
         self.flush()
-        self._file.sync()
+        await self._file.sync_off_loop()
 
     def flush(self) -> None:
         """Write everything queued in one system call; :class:`StorageError` if it fails."""

@@ -134,6 +134,10 @@ class Preflight:
                 out.send.append(email)
         return out
 
+    def forget(self, token: str) -> None:
+        """Read ``token``'s dashboard again before its next batch."""
+        self._checks.pop(token, None)
+
     async def _check(self, token: str) -> TokenCheck:
         lock = self._locks.setdefault(token, asyncio.Lock())
         async with lock:

@@ -75,6 +75,11 @@ class Sender:
         #: Tokens that answered 404, with the server's message.
         self.dead_tokens: dict[str, str] = {}
 
+    def forget(self, token: str) -> None:
+        """Check ``token`` afresh (a 404 or a refusal may since have been fixed)."""
+        self.dead_tokens.pop(token, None)
+        self.preflight.forget(token)
+
     async def send(self, batch: Batch, out: list[Outcome] | None = None) -> list[Outcome]:
         """Carry ``batch`` to its outcomes, appended to ``out`` (and returned).
 

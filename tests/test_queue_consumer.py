@@ -1,0 +1,148 @@
+"""The queue consumer's own state: what it remembers between reads, and its report writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from tests.conftest import (
+    ROOT,
+    TOKEN_A,
+    Proc,
+    by_kind,
+    read_report,
+    worker_command,
+    worker_env,
+)
+from worker.clock import SystemClock
+from worker.config import Config
+from worker.emulator import Emulator
+from worker.queue.consumer import Consumer
+from worker.queue.messages import MessageIndex, RedisIntents
+from worker.queue.options import StreamOptions
+from worker.queue.stream import StreamQueue, enqueue_rows
+from worker.record.report import Report
+from worker.send import client_for, pacer_for
+from worker.send.sender import Sender
+from worker.validate import Reason
+
+#: A token the emulator has no dashboard for (404) until the test registers one.
+GONE = "gone-dashboard-0123456789abcdef0123456789abcdef"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``invite-worker ARGS`` as a separate process (no keys needed)."""
+    return subprocess.run(worker_command(*args), env=worker_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+
+async def until(check: Callable[[], object], what: str, proc: Proc) -> None:
+    """Poll ``check`` (a test on loopback state) for up to 15 s; fail naming ``what``."""
+    deadline = time.monotonic() + 15
+    while not check():
+        assert proc.popen.poll() is None, f"the worker exited; stderr:\n{proc.stderr()}"
+        assert time.monotonic() < deadline, f"{what} never happened; stderr:\n{proc.stderr()}"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_running_worker_sends_messages_requeued_from_its_dead_letters(
+    tmp_path: Path,
+    emulator: Emulator,
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """Two messages for a dashboard that 404s are dead-lettered; once it exists, `dead-letter
+    requeue --all` puts them back and the SAME worker, still running, sends each once."""
+    pairs = [(GONE, "ann@example.com"), (GONE, "bob@example.com")]
+    await enqueue_rows(redis, stream_name, [*pairs, (TOKEN_A, "cy@example.com")])
+    report = tmp_path / "worker.jsonl"
+    worker = spawn("run", redis_server, "--stream", stream_name, "--api-url", emulator.url,
+                   "--report", str(report), "--linger", "0.05", "--log-format", "json")  # fmt: skip
+    dead = f"{stream_name}:dead"
+    deadline = time.monotonic() + 15
+    while await redis.xlen(dead) < 2:
+        assert worker.popen.poll() is None, worker.stderr()
+        assert time.monotonic() < deadline, f"nothing dead-lettered; stderr:\n{worker.stderr()}"
+        await asyncio.sleep(0.05)
+    await until(lambda: emulator.invited[(TOKEN_A, "cy@example.com")] == 1, "cy's invite", worker)
+
+    emulator.add_dashboard(GONE)  # the cause, fixed
+    moved = await asyncio.to_thread(cli, "dead-letter", "requeue", redis_server, "--stream",
+                                    stream_name, "--all")  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["requeued"] == 2
+    await until(lambda: all(emulator.invited[p] for p in pairs), "the requeued invites", worker)
+
+    worker.popen.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(worker.expect, 1, 30)  # 1: two failures (dead-lettered) this run
+    assert {p: emulator.invited[p] for p in pairs} == dict.fromkeys(pairs, 1)
+    records = read_report(report)
+    assert not [r for r in by_kind(records, "rejected") if r["reason"] == "duplicate"]
+    sent = {(b["token"], e) for b in by_kind(records, "batch") if b["status"] == "sent"
+            for e in b["emails"]}  # fmt: skip
+    assert set(pairs) <= sent
+    assert await redis.xlen(dead) == 0
+    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0
+    assert "Traceback" not in worker.stderr()
+
+
+async def test_report_records_written_while_the_consumer_makes_it_durable_are_all_kept(
+    tmp_path: Path,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """With a thread switch forced every microsecond, records added on the loop while the
+    consumer syncs the report (its flush) are all written: none is lost between threads."""
+    config = make_config()
+    options = StreamOptions(url=redis_server, stream=stream_name)
+    queue = StreamQueue(redis, stream_name, options.group, "c1", options.dead_letter)
+    await queue.ensure_group()
+    report = Report(config.report_path)
+    index, clock = MessageIndex(), SystemClock()
+    records = 200_000
+    async with client_for(config) as client:
+        intents = RedisIntents(queue, index, options.where)
+        sender = Sender(client, pacer_for(config, clock), intents, config, clock)
+        consumer = Consumer(config, options, queue, report, sender, index, clock)
+        writing = True
+
+        async def flush_while_writing() -> int:
+            flushes = 0
+            while writing:
+                consumer.acks.append("0-1")  # an id never delivered: acknowledging it is a no-op
+                await consumer.flush()
+                flushes += 1
+            return flushes
+
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            flusher = asyncio.create_task(flush_while_writing())
+            for i in range(records):
+                report.rejected(f"{i}-1", Reason.INVALID_EMAIL, "tok", f"bad{i}")
+                if i % 50 == 0:
+                    await asyncio.sleep(0)
+            writing = False
+            flushes = await flusher
+        finally:
+            sys.setswitchinterval(before)
+        consumer.acks.append("0-1")
+        await consumer.flush()
+    report.close()
+    assert flushes > 10  # the syncs did overlap the writing
+    assert sender.state.fatal is None
+    written = [r["stream_id"] for r in by_kind(read_report(config.report_path), "rejected")]
+    assert len(written) == records
+    assert len(set(written)) == records
