@@ -113,7 +113,7 @@ async def test_report_records_written_while_the_consumer_makes_it_durable_are_al
     index, clock = MessageIndex(), SystemClock()
     records = 200_000
     async with client_for(config) as client:
-        intents = RedisIntents(queue, index, options.where)
+        intents = RedisIntents(queue, index)
         sender = Sender(client, pacer_for(config, clock), intents, config, clock)
         consumer = Consumer(config, options, queue, report, sender, index, clock)
         writing = True

@@ -14,7 +14,7 @@ from worker.cli.help import commands_overview, json_stderr, say
 from worker.cli.parser import build_parser
 from worker.cli.queue import dead_letter_command, enqueue_command
 from worker.cli.review import report_command
-from worker.errors import UsageError
+from worker.errors import FatalError, UsageError
 from worker.exits import EXIT_ABORTED, EXIT_USAGE
 
 __all__ = ["build_parser", "main"]
@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         say("cli.usage_error", f"error: {exc}", json_lines=json_stderr(argv or sys.argv[1:]))
         return EXIT_USAGE
+    except FatalError as exc:  # before a run started, or a command with no run (enqueue)
+        say("cli.fatal", f"error: {exc}", json_lines=json_stderr(argv or sys.argv[1:]))
+        return EXIT_ABORTED
     except KeyboardInterrupt:
         say("cli.interrupted", "interrupted", json_lines=json_stderr(argv or sys.argv[1:]))
         return EXIT_ABORTED

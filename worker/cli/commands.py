@@ -227,13 +227,18 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
 
 async def _require_stream(options: StreamOptions) -> None:
     """``--until-empty`` on a stream that does not exist: a mistyped name, refused."""
-    from worker.cli.queue import require_stream
-    from worker.queue.runner import connect
+    from redis.exceptions import RedisError
 
-    redis = await connect(options.url, options.where)
+    from worker.cli.queue import require_stream
+    from worker.queue.runner import at_start, command_failures, connect
+
+    failures = command_failures(options.stream, options.where, options.dead_letter)
+    redis = await connect(options.url, options.where, failures)
     try:
         await require_stream(redis, options.stream, "--until-empty would find it empty and "
                              "stop at once (a worker without it waits for the stream to "
                              "appear)")  # fmt: skip
+    except RedisError as exc:  # one message for what it means, never a traceback
+        raise at_start(await failures(redis)(exc)) from None
     finally:
         await redis.aclose()

@@ -27,6 +27,8 @@ from worker.sources import open_source
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from worker.queue.deadletters import Selection
+
 #: Stream names shown when the one asked for does not exist.
 SHOWN_STREAMS = 10
 
@@ -235,36 +237,49 @@ def add_dead_letter_parser(sub: Any) -> None:
 
 async def dead_letter_command(args: argparse.Namespace) -> int:
     """``dead-letter list`` or ``dead-letter requeue``."""
-    from worker.queue.deadletters import Selection, dead_letters, requeue
-    from worker.queue.runner import connect
+    from redis.exceptions import RedisError
+
+    from worker.queue.deadletters import Selection
+    from worker.queue.runner import at_start, command_failures, connect
 
     logs.configure(args.log_format, level=log_level(args))
     options = StreamOptions(url=args.url, stream=args.stream, dead_letter=args.dead_letter)
     selection = Selection(codes=set(args.code), ids=set(args.ids))
     if args.dead_letter_command == "requeue" and not (args.all or args.code or args.ids):
         raise UsageError("say which dead letters to requeue: --code CODE, --id ID, or --all")
-    redis = await connect(args.url, options.where)
+    failures = command_failures(options.stream, options.where, options.dead_letter)
+    redis = await connect(args.url, options.where, failures)
     try:
-        if not await redis.exists(options.dead_letter):  # none yet, or a mistyped name?
-            why = f"its dead letters would be in {options.dead_letter!r}, which is not there"
-            await require_stream(redis, options.stream, why)
-        if args.dead_letter_command == "list":
-            counts: Counter[str] = Counter()
-            async for page in dead_letters(redis, options.dead_letter, selection):
-                counts.update(letter.code for letter in page)
-                _print_dead_letters(page, sys.stdout, as_json=args.json)
-            if not args.json:
-                by_code = ", ".join(f"{code or '?'} {n}" for code, n in counts.most_common())
-                print(
-                    f"{counts.total()} dead letter(s) in {options.dead_letter}"
-                    + (f": {by_code}" if by_code else "")
-                )
-            return 0
-        done = await requeue(
-            redis, options.dead_letter, options.stream, selection, dry_run=args.dry_run
-        )
+        return await _dead_letter(args, redis, options, selection)
+    except RedisError as exc:  # one message for what it means, never a traceback
+        raise at_start(await failures(redis)(exc)) from None
     finally:
         await redis.aclose()
+
+
+async def _dead_letter(
+    args: argparse.Namespace, redis: Redis, options: StreamOptions, selection: Selection
+) -> int:
+    from worker.queue.deadletters import dead_letters, requeue
+
+    if not await redis.exists(options.dead_letter):  # none yet, or a mistyped name?
+        why = f"its dead letters would be in {options.dead_letter!r}, which is not there"
+        await require_stream(redis, options.stream, why)
+    if args.dead_letter_command == "list":
+        counts: Counter[str] = Counter()
+        async for page in dead_letters(redis, options.dead_letter, selection):
+            counts.update(letter.code for letter in page)
+            _print_dead_letters(page, sys.stdout, as_json=args.json)
+        if not args.json:
+            by_code = ", ".join(f"{code or '?'} {n}" for code, n in counts.most_common())
+            print(
+                f"{counts.total()} dead letter(s) in {options.dead_letter}"
+                + (f": {by_code}" if by_code else "")
+            )
+        return 0
+    done = await requeue(
+        redis, options.dead_letter, options.stream, selection, dry_run=args.dry_run
+    )
     if args.dry_run:  # nothing moved: say what would
         done = {("would_requeue" if k == "requeued" else k): v for k, v in done.items()}
     summary = {

@@ -26,7 +26,6 @@ from worker.queue.messages import (
     MessageIndex,
     RecentlySettled,
     parse_message,
-    queue_lost,
     unset_record,
 )
 from worker.queue.options import StreamOptions
@@ -109,7 +108,7 @@ class Consumer:
             for code, count in Counter(f["error_code"] for _, f in dead).items():
                 self.sender.metrics.dead_lettered(code, count)
         except RedisError as exc:
-            raise queue_lost(exc, self.options.where) from None
+            raise await self.queue.failure(exc) from None
 
     async def flush_until(self, finished: asyncio.Event) -> None:
         """Flush every 0.1 s, and once more when ``finished`` is set (a runner's service:
@@ -124,14 +123,14 @@ class Consumer:
         """Batches to send, until stopped or, with ``--until-empty``, the group is drained.
 
         Settled messages are acknowledged meanwhile by :meth:`flush_until`, which the
-        runner runs beside. Redis failing for good ends the iteration with
-        :class:`QueueLost`.
+        runner runs beside. Redis failing for good ends the iteration with the failure its
+        error means (see :mod:`worker.queue.failures`).
         """
         try:
             async for batch in self._consume():
                 yield batch
         except RedisError as exc:
-            raise queue_lost(exc, self.options.where) from None
+            raise await self.queue.failure(exc) from None
 
     async def _consume(self) -> AsyncIterator[Batch]:
         for batch in await self._take(await self.queue.read_own_pending(), reclaimed=True):

@@ -1,7 +1,4 @@
-"""What a stream message is to the worker: its fields read, its intents kept in Redis.
-
-Also the one error for Redis failing us for good (:func:`queue_lost`).
-"""
+"""What a stream message is to the worker: its fields read, its intents kept in Redis."""
 
 from __future__ import annotations
 
@@ -10,26 +7,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from worker.errors import QueueLost
 from worker.outcome import Outcome
 from worker.queue.stream import StreamQueue
 from worker.validate import Reason
-
-
-def queue_lost(exc: RedisError, where: str) -> QueueLost:
-    """The fatal error for Redis failing us after its reconnection attempts."""
-    if isinstance(exc, ResponseError):
-        return QueueLost(
-            f"Redis at {where} refused the stream: {exc}. The stream or its consumer group is "
-            "gone (a Redis restart that lost its data?); what was settled is in the report, "
-            "the rest must be enqueued again"
-        )
-    return QueueLost(
-        f"lost Redis at {where}: {exc}. Reconnecting did not help; unsettled messages stay "
-        "pending in the group for the next worker"
-    )
 
 
 def parse_message(fields: dict[str, str]) -> tuple[str | None, str | None, str | None]:
@@ -131,15 +113,15 @@ class RecentlySettled:
 class RedisIntents:
     """The sender's intent log in stream mode: send times kept in Redis, per message."""
 
-    def __init__(self, queue: StreamQueue, index: MessageIndex, where: str) -> None:
-        self._queue, self._index, self._where = queue, index, where
+    def __init__(self, queue: StreamQueue, index: MessageIndex) -> None:
+        self._queue, self._index = queue, index
 
     async def intent(self, token: str, emails: list[str], at: float) -> str:
         ids = self._index.ids(token, emails)
         try:
             await self._queue.record_intents(ids, at)
         except RedisError as exc:  # no intent stored: the request must not leave
-            raise queue_lost(exc, self._where) from None
+            raise await self._queue.failure(exc) from None
         return ids[0]
 
     def clear(self, ident: str) -> None:

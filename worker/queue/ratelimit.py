@@ -17,7 +17,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker.errors import QueueLost
+from worker.queue.failures import RedisFailures
 
 log = structlog.get_logger("worker.queue.ratelimit")
 
@@ -48,9 +48,11 @@ return 0
 class SharedBudget:
     """The organization's per-window request budget, shared through Redis."""
 
-    def __init__(self, redis: Redis, scope: str, where: str = "") -> None:
+    def __init__(
+        self, redis: Redis, scope: str, where: str = "", failure: RedisFailures | None = None
+    ) -> None:
         self._redis = redis
-        self._where = where
+        self._failure = failure or RedisFailures(redis, where, "", worker=False)
         self._prefix = f"invite-worker:ratelimit:{scope}"
         self._take: Any = redis.register_script(_TAKE)
         self._raise: Any = redis.register_script(_RAISE)
@@ -69,9 +71,8 @@ class SharedBudget:
         keys = [self._window_key(name, window), self._pause_key(name)]
         try:
             wait = float(await self._take(keys=keys, args=[repr(now), limit, repr(end)]))
-        except RedisError as exc:  # reconnecting did not help: no shared budget, no sending
-            raise QueueLost(f"lost Redis at {self._where}, which keeps the shared rate "
-                            f"limit: {exc}") from None  # fmt: skip
+        except RedisError as exc:  # no shared budget, no sending
+            raise await self._failure(exc) from None
         return max(0.0, wait)
 
     def observe(self, window_end: float, period: float, used: int, name: str | None) -> None:

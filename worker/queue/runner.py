@@ -6,7 +6,8 @@ import asyncio
 import dataclasses
 import random
 from collections import Counter
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import structlog
@@ -19,9 +20,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.clock import Clock, SystemClock
 from worker.config import Config
-from worker.errors import UsageError
+from worker.errors import FatalError, InviteWorkerError, UsageError
+from worker.exits import EXIT_USAGE
 from worker.metrics import metrics_for
 from worker.queue.consumer import Consumer
+from worker.queue.failures import (
+    FAILING_OVER,
+    REFUSALS,
+    RedisFailures,
+    RedisOutOfMemory,
+    RedisRefused,
+)
 from worker.queue.messages import MessageIndex, RedisIntents
 from worker.queue.options import StreamOptions
 from worker.queue.ratelimit import SharedBudget
@@ -47,6 +56,10 @@ RECONNECT_RETRIES = 20
 ENQUEUE_SLICE = 2000
 #: Seconds a token's dashboard check (who is allowed, invited, in a session) is reused.
 PREFLIGHT_TTL = 60.0
+#: Seconds a Redis command may go unanswered (reads block for at most one); set here, not
+#: left to the client library's default, which was "forever" before redis-py 8.
+COMMAND_TIMEOUT = 5.0
+T = TypeVar("T")
 
 
 class _Reconnecting(ExponentialWithJitterBackoff):
@@ -59,29 +72,70 @@ class _Reconnecting(ExponentialWithJitterBackoff):
         return delay
 
 
+class _Retry(Retry):
+    """redis-py's retry loop, except that a refused password is never retried.
+
+    ``AuthenticationError`` (``NOAUTH``, ``WRONGPASS``) derives from ``ConnectionError``;
+    retried, it would look like an outage for half a minute before saying what it is.
+    """
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        backoff: Any = self._backoff
+        backoff.reset()
+        failures = 0
+        while True:
+            try:
+                return await do()
+            except self._supported_errors as error:
+                if isinstance(error, REFUSALS) or (is_retryable and not is_retryable(error)):
+                    raise
+                failures += 1
+                await (fail(error, failures) if with_failure_count else fail(error))
+                if failures > self._retries >= 0:
+                    raise error
+                await asyncio.sleep(backoff.compute(failures))
+
+
 def _retry(retries: int, backoff: ExponentialWithJitterBackoff) -> Retry:
-    return Retry(
-        backoff,
-        retries,
-        supported_errors=(RedisConnectionError, RedisTimeoutError, BusyLoadingError),
-    )
+    # A read-only replica (a failover under way) is retried like a dropped connection:
+    # each retry reconnects, and the address may lead to the new primary by then.
+    return _Retry(backoff, retries, supported_errors=(RedisConnectionError, RedisTimeoutError,
+                                                      BusyLoadingError, *FAILING_OVER))  # fmt: skip
 
 
-async def connect(url: str, where: str) -> Redis:
+async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailures]) -> Redis:
     """A Redis connection, checked with PING (an unreachable server is a usage error).
 
     Once it answered, a dropped connection (a restart, a fail-over) is retried with
-    backoff for about 30 s, commands included, before the run gives up on it.
+    backoff for about 30 s, commands included, before the run gives up on it. A command
+    left unanswered for :data:`COMMAND_TIMEOUT` counts as a dropped connection: a frozen
+    server or a network that silently lost the peer would otherwise hold it forever.
     """
     first = _retry(1, ExponentialWithJitterBackoff(cap=2.0, base=0.1))
-    redis = Redis.from_url(url, decode_responses=True, retry=first, socket_connect_timeout=5)
+    redis = Redis.from_url(url, decode_responses=True, retry=first, socket_connect_timeout=5,
+                           socket_timeout=COMMAND_TIMEOUT)  # fmt: skip
     try:
         await redis.ping()
+    except REFUSALS as exc:
+        failure = await failures(redis)(exc, "PING")
+        await redis.aclose()
+        raise UsageError(str(failure)) from None
     except (RedisError, OSError) as exc:
         await redis.aclose()
         raise UsageError(f"cannot reach Redis at {where}: {exc}") from None
     redis.set_retry(_retry(RECONNECT_RETRIES, _Reconnecting(cap=2.0, base=0.1)))
     return redis
+
+
+def at_start(failure: FatalError) -> InviteWorkerError:
+    """A failure before anything was read: a refusal is a usage error (exit 2)."""
+    return failure.as_usage() if isinstance(failure, RedisRefused) else failure
 
 
 async def run_stream(
@@ -107,13 +161,14 @@ async def _run_stream(
 ) -> RunResult:
     # Messages trickle in for hours: a dashboard check is good for a minute, not a day.
     config = dataclasses.replace(config, preflight_ttl=config.preflight_ttl or PREFLIGHT_TTL)
-    redis = await connect(options.url, options.where)
+    redis = await connect(options.url, options.where, lambda r: _queue(r, options).failure)
     metrics = metrics_for(config, mode="queue", consumer=options.consumer)
     try:
-        queue = StreamQueue(
-            redis, options.stream, options.group, options.consumer, options.dead_letter
-        )
-        await queue.ensure_group()
+        queue = _queue(redis, options)
+        try:
+            await queue.ensure_group()
+        except RedisError as exc:
+            raise at_start(await queue.failure(exc, "XGROUP CREATE")) from None
         # A queue worker's report is its log: each run appends to it.
         report = Report(config.report_path, overwrite=config.overwrite, resume=True)
         started = clock.time()
@@ -123,9 +178,10 @@ async def _run_stream(
         index = MessageIndex()
         report.metrics = metrics
         async with client_for(config, metrics) as client:
-            shared = SharedBudget(redis, urlsplit(config.api_url).netloc, options.where)
+            shared = SharedBudget(redis, urlsplit(config.api_url).netloc, options.where,
+                                  queue.failure)  # fmt: skip
             pacer = pacer_for(config, clock, rng, shared)
-            intents = RedisIntents(queue, index, options.where)
+            intents = RedisIntents(queue, index)
             # Refused keys stop a queue worker: its messages stay pending for a worker
             # with good keys, and reading more would only meet the same refusal.
             state = RunState(stop, stop_on_abort=True)
@@ -146,8 +202,12 @@ async def _run_stream(
             finally:
                 progress.close()
                 await shared.settle()
+        if isinstance(state.fatal, RedisOutOfMemory):  # what the last flush left pending
+            state.fatal.recount(await queue.failure.pending())
         summary = build_summary(runner, options.where, consumer.counts, started, clock.time())
         summary["group"], summary["consumer"] = options.group, options.consumer
+        if isinstance(state.fatal, RedisRefused):  # the URL's user: a usage error
+            summary["exit_code"] = EXIT_USAGE
         result = finish(report, summary, for_people=config.progress == "bar")
         metrics.finished(result.exit_code)
         return result
@@ -156,12 +216,26 @@ async def _run_stream(
         await redis.aclose()
 
 
+def _queue(redis: Redis, options: StreamOptions) -> StreamQueue:
+    return StreamQueue(redis, options.stream, options.group, options.consumer,
+                       options.dead_letter, options.where)  # fmt: skip
+
+
+def command_failures(
+    stream: str, where: str, dead_letter: str = ""
+) -> Callable[[Redis], RedisFailures]:
+    """What Redis errors mean to ``enqueue`` and ``dead-letter`` (no pending messages)."""
+    return lambda redis: RedisFailures(redis, where, stream, "", dead_letter, worker=False)
+
+
 async def enqueue(source: Source, url: str, stream: str, where: str) -> dict[str, Any]:
     """Load valid rows of a file into a stream as ``token``/``email`` messages.
 
-    Rejected rows are logged (``enqueue.rejected`` with line and reason) and counted.
+    Rejected rows are logged (``enqueue.rejected`` with line and reason) and counted. A
+    Redis error ends it with the failure it means, saying how many rows were added.
     """
-    redis = await connect(url, where)
+    failures = command_failures(stream, where)
+    redis = await connect(url, where, failures)
     validator = Validator()
     enqueued = 0
     rejected: Counter[str] = Counter()
@@ -172,7 +246,14 @@ async def enqueue(source: Source, url: str, stream: str, where: str) -> dict[str
                 rejected[str(reason)] += 1
                 log.warning("enqueue.rejected", line=line, reason=str(reason))
             for start in range(0, len(valid), ENQUEUE_SLICE):
-                enqueued += await enqueue_rows(redis, stream, valid[start : start + ENQUEUE_SLICE])
+                rows = valid[start : start + ENQUEUE_SLICE]
+                try:
+                    enqueued += await enqueue_rows(redis, stream, rows)
+                except RedisError as exc:
+                    failure = at_start(await failures(redis)(exc, "EVALSHA (XADD)"))
+                    failure.args = (f"{failure}. {enqueued:,} row(s) were added to the stream "
+                                    "before this; the rest of the input was not",)  # fmt: skip
+                    raise failure from None
     finally:
         source.close()
         await redis.aclose()

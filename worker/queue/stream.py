@@ -23,6 +23,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from worker.queue.failures import RedisFailures
+
 #: A message: its id and its fields as Redis sends them, ``[name, value, name, value…]``
 #: (None: deleted from the stream meanwhile).
 Message = tuple[str, list[str] | None]
@@ -95,11 +97,14 @@ class StreamQueue:
     """One consumer's view of a stream and its group."""
 
     def __init__(
-        self, redis: Redis, stream: str, group: str, consumer: str, dead_letter: str
-    ) -> None:
+        self, redis: Redis, stream: str, group: str, consumer: str, dead_letter: str,
+        where: str = "",
+    ) -> None:  # fmt: skip
         self.redis = redis
         self.stream, self.group, self.consumer = stream, group, consumer
         self.dead_letter = dead_letter
+        #: What a Redis error means, as the failure that ends the run.
+        self.failure = RedisFailures(redis, where or stream, stream, group, dead_letter)
         self.intents_key = f"{stream}:{group}:intents"
         self.pairs_prefix = f"{stream}:{group}:pairs:"
         # XREADGROUP replies are taken as Redis sends them: redis-py's conversion of each
@@ -110,7 +115,17 @@ class StreamQueue:
         self._ack: Any = redis.register_script(_ACK)
 
     async def ensure_group(self) -> None:
-        """Create the group (and the stream) if missing; reading starts at the beginning."""
+        """Create the group (and the stream) if missing; reading starts at the beginning.
+
+        It is looked for first: XGROUP CREATE is a write, which a full (OOM) or read-only
+        Redis refuses even when the group exists.
+        """
+        try:
+            groups: Any = await self.redis.xinfo_groups(self.stream)
+        except ResponseError:  # no such key (or not a stream: XGROUP CREATE says which)
+            groups = []
+        if any(_name(group["name"]) == self.group for group in groups):
+            return
         try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
@@ -221,6 +236,10 @@ class StreamQueue:
             pipe.xack(self.stream, self.group, *ids)
             pipe.hdel(self.intents_key, *ids)
             await pipe.execute()
+
+
+def _name(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _as_sent(response: Any, **options: Any) -> Any:

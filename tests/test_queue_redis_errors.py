@@ -1,0 +1,293 @@
+"""Redis refusing queue commands, with real redis-servers: out of memory, a read-only
+replica, a user without permission, a frozen server. Each ends with exit 3 (or 2 for the
+user's mistake) and one message, never a traceback, and once Redis is healthy a run sends
+every message exactly once."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import API_KEY, APP_KEY, Proc, emulator_invited, worker_env
+from tests.test_queue_restart import RedisProcess, enqueue
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Callable[[], RedisProcess]]:
+    """Start private redis-servers a test may fill, demote or lock down; killed after."""
+    binary = shutil.which("redis-server")
+    if binary is None or shutil.which("redis-cli") is None:
+        pytest.skip("needs redis-server and redis-cli on PATH")
+    started: list[RedisProcess] = []
+
+    def start() -> RedisProcess:
+        workdir = tmp_path / f"redis-{len(started)}"
+        workdir.mkdir()
+        server = RedisProcess(binary, workdir, keep_data=False)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc is not None:
+            server.proc.send_signal(signal.SIGCONT)  # a frozen one must be able to die
+        server.kill()
+
+
+#: The CLI with Redis's retry budget shrunk (about 30 s of reconnecting, and 5 s for a
+#: command to be answered, down to a second or two), for failures that are retried first.
+QUICK = ("import sys, worker.queue.runner as r; r.RECONNECT_RETRIES = 2; "
+         "r.COMMAND_TIMEOUT = 1.0; from worker.cli import main; sys.exit(main())")  # fmt: skip
+
+
+class Workers:
+    """Starts CLI processes (``quick``: with the shrunk retry budget); killed after."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path, self.procs = tmp_path, list[Proc]()
+
+    def __call__(self, *args: str, quick: bool = False) -> Proc:
+        argv = [sys.executable, *(("-c", QUICK) if quick else ("-m", "worker")), *args]
+        log = self.tmp_path / f"cli-{len(self.procs)}.log"
+        proc = Proc(argv, log, worker_env(DD_API_KEY=API_KEY, DD_APP_KEY=APP_KEY))
+        self.procs.append(proc)
+        return proc
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Workers]:
+    """``invite-worker`` processes for a test."""
+    workers = Workers(tmp_path)
+    yield workers
+    for proc in workers.procs:
+        proc.stop()
+
+
+def worker_args(url: str, api: str, report: Path, *extra: str) -> list[str]:
+    """A queue worker draining ``invites`` as consumer ``w1``."""
+    return ["run", url, "--stream", "invites", "--until-empty", "--consumer", "w1",
+            "--linger", "0.05", "--api-url", api, "--report", str(report), "--batch-size",
+            "10", "--claim-idle", "2", "--reconcile-delay", "0.2", *extra]  # fmt: skip
+
+
+def one_message(proc: Proc) -> str:
+    """The stderr of a command that failed: one message, no traceback."""
+    text = proc.stderr()
+    assert "Traceback" not in text, text
+    assert "enqueued again" not in text, text  # only a missing stream or group says so
+    return text
+
+
+def pending(server: RedisProcess) -> int:
+    return int(server.cli("XPENDING", "invites", "invite-worker").splitlines()[0])
+
+
+def sent_exactly_once(api: str, pairs: set[tuple[str, str]]) -> None:
+    invited = emulator_invited(api)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
+
+
+def wait_for_invites(api: str, count: int, worker: Proc) -> None:
+    deadline = time.monotonic() + 30
+    while sum(emulator_invited(api).values()) < count:
+        assert worker.popen.poll() is None, worker.stderr()
+        assert time.monotonic() < deadline, f"the worker never got going:\n{worker.stderr()}"
+        time.sleep(0.05)
+
+
+def test_redis_out_of_memory_at_start_loses_nothing_and_says_so(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """A full Redis (maxmemory, noeviction): the worker exits 3 saying it is out of memory,
+    nothing lost, 300 pending; enqueue exits 3 too, and listing dead letters still works.
+    Once memory is freed, a run sends every message exactly once."""
+    server = servers()
+    api = start_emulator()
+    pairs = enqueue(cli, tmp_path, server.url, 300)
+    server.cli("XGROUP", "CREATE", "invites", "invite-worker", "0")
+    server.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    server.cli("CONFIG", "SET", "maxmemory", "1")
+
+    worker = cli(*worker_args(server.url, api, tmp_path / "1.jsonl"))
+    worker.expect(3, timeout=30)
+    said = one_message(worker)
+    assert "out of memory (OOM" in said
+    assert "nothing was lost (300 message(s) stay pending in group 'invite-worker'" in said
+    assert emulator_invited(api) == {}
+    assert pending(server) == 300
+
+    (tmp_path / "more.csv").write_text("token,email\ndash-0,late@example.com\n")
+    more = cli("enqueue", str(tmp_path / "more.csv"), server.url, "--stream", "invites")
+    more.expect(3, timeout=30)
+    assert "out of memory" in one_message(more)
+    assert "0 row(s) were added" in more.stderr()
+    listed = cli("dead-letter", "list", server.url, "--stream", "invites")
+    listed.expect(0, timeout=30)
+
+    server.cli("CONFIG", "SET", "maxmemory", "0")
+    cli(*worker_args(server.url, api, tmp_path / "2.jsonl")).expect(0, timeout=60)
+    sent_exactly_once(api, pairs)
+    assert pending(server) == 0
+
+
+def test_redis_out_of_memory_mid_run_leaves_the_rest_pending_for_the_next_run(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """Redis fills up mid-run: exit 3 within seconds, the message counts the messages left
+    pending (as Redis does) and never says to enqueue again; a run after sends the rest,
+    nobody twice."""
+    server = servers()
+    api = start_emulator("--limit", "30", "--period", "1")
+    pairs = enqueue(cli, tmp_path, server.url, 1500)
+    worker = cli(*worker_args(server.url, api, tmp_path / "1.jsonl", "--log-format", "json"))
+    wait_for_invites(api, 200, worker)
+    server.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    server.cli("CONFIG", "SET", "maxmemory", "1")
+    started = time.monotonic()
+    worker.expect(3, timeout=30)
+    assert time.monotonic() - started < 10
+    one_message(worker)
+    events = [json.loads(line) for line in worker.log.read_text().splitlines()]
+    finished = [e for e in events if e["event"] == "run.aborted"]
+    assert len(finished) == 1, worker.stderr()
+    halted = finished[0]["halted"]
+    assert halted["code"] == "redis_out_of_memory"
+    left = pending(server)
+    assert 0 < left < 1500
+    assert f"nothing was lost ({left:,} message(s) stay pending" in halted["message"]
+
+    server.cli("CONFIG", "SET", "maxmemory", "0")
+    cli(*worker_args(server.url, api, tmp_path / "2.jsonl")).expect(0, timeout=120)
+    sent_exactly_once(api, pairs)
+    assert pending(server) == 0
+
+
+def test_a_replica_address_backs_off_then_exits_3_naming_the_primary(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """A worker and enqueue pointed at a read-only replica (an old primary's address after
+    a failover) reconnect with backoff, then exit 3 naming the primary; the worker pointed
+    where the message says sends every message exactly once."""
+    primary, replica = servers(), servers()
+    api = start_emulator()
+    pairs = enqueue(cli, tmp_path, primary.url, 200)
+    replica.cli("REPLICAOF", "127.0.0.1", str(primary.port))
+    deadline = time.monotonic() + 20
+    while replica.cli("XLEN", "invites") != "200":
+        assert time.monotonic() < deadline, "the replica never synced"
+        time.sleep(0.05)
+
+    worker = cli(*worker_args(replica.url, api, tmp_path / "1.jsonl"), quick=True)
+    worker.expect(3, timeout=30)
+    said = one_message(worker)
+    assert "read-only replica (READONLY)" in said
+    assert "queue.reconnecting" in said  # backed off and reconnected first
+    named = re.search(r"point the worker at the primary \((redis://[^)]+)\)", said)
+    assert named is not None, said
+    assert named.group(1) == primary.url
+    (tmp_path / "more.csv").write_text("token,email\ndash-0,late@example.com\n")
+    more = cli("enqueue", str(tmp_path / "more.csv"), replica.url, "--stream", "invites",
+               quick=True)  # fmt: skip
+    more.expect(3, timeout=30)
+    assert f"primary at 127.0.0.1:{primary.port}" in one_message(more)
+    assert emulator_invited(api) == {}
+
+    cli(*worker_args(named.group(1), api, tmp_path / "2.jsonl")).expect(0, timeout=60)
+    sent_exactly_once(api, pairs)
+    assert pending(primary) == 0
+
+
+def test_a_redis_user_without_permission_is_a_usage_error_naming_user_and_command(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """NOPERM, WRONGPASS and NOAUTH exit 2 at once, naming the user and the command, for
+    run, enqueue and dead-letter; the grant the message gives is enough for a run that
+    sends every message exactly once."""
+    server = servers()
+    api = start_emulator()
+    pairs = enqueue(cli, tmp_path, server.url, 100)
+    server.cli("ACL", "SETUSER", "alice", "on", ">s3cret", "+@connection")
+    alice = f"redis://alice:s3cret@127.0.0.1:{server.port}/0"
+
+    worker = cli(*worker_args(alice, api, tmp_path / "1.jsonl"))
+    worker.expect(2, timeout=10)
+    said = one_message(worker)
+    assert "refused user 'alice' XGROUP|CREATE (NOPERM" in said
+    assert "s3cret" not in said
+    grant = re.search(r"ACL SETUSER alice (.+?), or put", said)
+    assert grant is not None, said
+    (tmp_path / "more.csv").write_text("token,email\ndash-0,late@example.com\n")
+    more = cli("enqueue", str(tmp_path / "more.csv"), alice, "--stream", "invites")
+    more.expect(2, timeout=10)
+    assert "refused user 'alice' EVALSHA (NOPERM" in one_message(more)
+
+    wrong = f"redis://alice:guess@127.0.0.1:{server.port}/0"
+    listed = cli("dead-letter", "list", wrong, "--stream", "invites")
+    listed.expect(2, timeout=10)
+    assert "refused user 'alice' on AUTH" in one_message(listed)
+    cli(*worker_args(wrong, api, tmp_path / "0.jsonl")).expect(2, timeout=10)
+    assert emulator_invited(api) == {}
+
+    server.cli("ACL", "SETUSER", "alice", *grant.group(1).split())
+    cli(*worker_args(alice, api, tmp_path / "2.jsonl")).expect(0, timeout=60)
+    sent_exactly_once(api, pairs)
+    assert pending(server) == 0
+
+    server.cli("ACL", "SETUSER", "default", "off")  # last: the test's own commands need it
+    anonymous = cli("dead-letter", "requeue", server.url, "--stream", "invites", "--all")
+    anonymous.expect(2, timeout=10)
+    assert "requires a password (NOAUTH) for PING, and user 'default'" in one_message(anonymous)
+
+
+def test_a_frozen_redis_ends_the_run_within_its_bound_and_nobody_is_invited_twice(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """A Redis that stops answering (SIGSTOP: connections stay open, nothing comes back)
+    no longer holds a worker forever: each command has a time limit, then the reconnection
+    budget, then exit 3; after SIGCONT a run sends the rest, nobody twice."""
+    server = servers()
+    api = start_emulator("--limit", "30", "--period", "1")
+    pairs = enqueue(cli, tmp_path, server.url, 1000)
+    worker = cli(*worker_args(server.url, api, tmp_path / "1.jsonl"), quick=True)
+    wait_for_invites(api, 100, worker)
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        worker.expect(3, timeout=30)
+        # Three 1 s command limits and backoff: about 3 s (15 s with the client's own 5 s).
+        assert time.monotonic() - stopped < 10
+        assert "lost Redis at" in one_message(worker)
+        at_start = cli("dead-letter", "list", server.url, "--stream", "invites", quick=True)
+        at_start.expect(2, timeout=30)
+        assert "cannot reach Redis" in one_message(at_start)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    cli(*worker_args(server.url, api, tmp_path / "2.jsonl")).expect(0, timeout=120)
+    sent_exactly_once(api, pairs)
+    assert pending(server) == 0
