@@ -164,12 +164,7 @@ class RedisFailures:
 
     def grants(self) -> str:
         """The ACL rules a queue worker needs, on this stream's keys."""
-        keys = [self.stream, f"{self.stream}:*"]
-        if self.dead_letter and not self.dead_letter.startswith(f"{self.stream}:"):
-            keys.append(self.dead_letter)
-        patterns = " ".join(f"~{key}" for key in [*keys, "invite-worker:ratelimit:*"])
-        commands = "+@connection +@stream +@hash +@string +@scripting +expire +pexpireat"
-        return f"{commands} +exists +type +scan {patterns}"
+        return acl_rules(self.stream, self.dead_letter)
 
     async def _read_only(self, exc: RedisError) -> str:
         primary = await self._primary()
@@ -208,6 +203,16 @@ class RedisFailures:
         except RedisError:
             return False
         return self.group not in {_text(g["name"]) for g in groups}
+
+
+def acl_rules(stream: str, dead_letter: str = "") -> str:
+    """The ``ACL SETUSER`` rules a queue worker (and ``enqueue``) needs for ``stream``."""
+    keys = [stream, f"{stream}:*"]
+    if dead_letter and not dead_letter.startswith(f"{stream}:"):
+        keys.append(dead_letter)
+    patterns = " ".join(f"~{key}" for key in [*keys, "invite-worker:ratelimit:*"])
+    commands = "+@connection +@stream +@hash +@string +@scripting +expire +pexpireat"
+    return f"{commands} +exists +type +scan {patterns}"
 
 
 def _text(value: str | bytes) -> str:

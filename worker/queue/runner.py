@@ -251,8 +251,10 @@ async def enqueue(source: Source, url: str, stream: str, where: str) -> dict[str
                     enqueued += await enqueue_rows(redis, stream, rows)
                 except RedisError as exc:
                     failure = at_start(await failures(redis)(exc, "EVALSHA (XADD)"))
-                    failure.args = (f"{failure}. {enqueued:,} row(s) were added to the stream "
-                                    "before this; the rest of the input was not",)  # fmt: skip
+                    again = (" (the whole file again would add those a second time: "
+                             "enqueue only the rest)") if enqueued else ""  # fmt: skip
+                    failure.args = (f"{failure}; {enqueued:,} row(s) had been added to the "
+                                    f"stream, the rest of the input was not{again}",)  # fmt: skip
                     raise failure from None
     finally:
         source.close()
