@@ -106,6 +106,15 @@ def wait_for_invites(api: str, count: int, worker: Proc) -> None:
         time.sleep(0.05)
 
 
+def replicate(replica: RedisProcess, primary: RedisProcess, length: str) -> None:
+    """Make ``replica`` follow ``primary``; return once it holds the stream's messages."""
+    replica.cli("REPLICAOF", "127.0.0.1", str(primary.port))
+    deadline = time.monotonic() + 20
+    while replica.cli("XLEN", "invites") != length:
+        assert time.monotonic() < deadline, "the replica never synced"
+        time.sleep(0.05)
+
+
 def test_redis_out_of_memory_at_start_loses_nothing_and_says_so(
     tmp_path: Path,
     start_emulator: Callable[..., str],
@@ -191,11 +200,7 @@ def test_a_replica_address_backs_off_then_exits_3_naming_the_primary(
     primary, replica = servers(), servers()
     api = start_emulator()
     pairs = enqueue(cli, tmp_path, primary.url, 200)
-    replica.cli("REPLICAOF", "127.0.0.1", str(primary.port))
-    deadline = time.monotonic() + 20
-    while replica.cli("XLEN", "invites") != "200":
-        assert time.monotonic() < deadline, "the replica never synced"
-        time.sleep(0.05)
+    replicate(replica, primary, "200")
 
     worker = cli(*worker_args(replica.url, api, tmp_path / "1.jsonl"), quick=True)
     worker.expect(3, timeout=30)
@@ -215,6 +220,34 @@ def test_a_replica_address_backs_off_then_exits_3_naming_the_primary(
     cli(*worker_args(named.group(1), api, tmp_path / "2.jsonl")).expect(0, timeout=60)
     sent_exactly_once(api, pairs)
     assert pending(primary) == 0
+
+
+def test_a_failover_mid_run_ends_the_run_naming_the_new_primary_which_finishes_it(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """Mid-run, the worker's Redis is demoted to a replica of its replica (a manual
+    failover): it backs off, exits 3 naming the new primary, and a worker there sends the
+    rest, nobody twice."""
+    old, new = servers(), servers()
+    api = start_emulator("--limit", "30", "--period", "1")
+    pairs = enqueue(cli, tmp_path, old.url, 600)
+    replicate(new, old, "600")
+    worker = cli(*worker_args(old.url, api, tmp_path / "1.jsonl"), quick=True)
+    wait_for_invites(api, 100, worker)
+    time.sleep(0.2)  # what the worker wrote reaches the replica (as a planned failover waits)
+    new.cli("REPLICAOF", "NO", "ONE")
+    old.cli("REPLICAOF", "127.0.0.1", str(new.port))
+    worker.expect(3, timeout=30)
+    said = one_message(worker)
+    assert f"answers as a read-only replica (READONLY), following the primary at " \
+        f"127.0.0.1:{new.port}" in said  # fmt: skip
+
+    cli(*worker_args(new.url, api, tmp_path / "2.jsonl")).expect(0, timeout=120)
+    sent_exactly_once(api, pairs)
+    assert pending(new) == 0
 
 
 def test_a_redis_user_without_permission_is_a_usage_error_naming_user_and_command(

@@ -161,7 +161,8 @@ async def _run_stream(
 ) -> RunResult:
     # Messages trickle in for hours: a dashboard check is good for a minute, not a day.
     config = dataclasses.replace(config, preflight_ttl=config.preflight_ttl or PREFLIGHT_TTL)
-    redis = await connect(options.url, options.where, lambda r: _queue(r, options).failure)
+    redis = await connect(options.url, options.where, lambda r: RedisFailures(
+        r, options.where, options.stream, options.group, options.dead_letter))  # fmt: skip
     metrics = metrics_for(config, mode="queue", consumer=options.consumer)
     try:
         queue = _queue(redis, options)
