@@ -122,7 +122,7 @@ class RedisFailures:
         if isinstance(exc, FAILING_OVER):
             return RedisReadOnly(await self._read_only(exc))
         if isinstance(exc, OutOfMemoryError):
-            pending = await self._pending() if self.worker else None
+            pending = await self.pending() if self.worker else None
             return RedisOutOfMemory(self.where, self.group, pending, worker=self.worker)
         if isinstance(exc, RedisConnectionError | RedisTimeoutError):
             left = ("unsettled messages stay pending in the group for the next worker"
@@ -139,10 +139,6 @@ class RedisFailures:
                 if self.worker else "")  # fmt: skip
         return RedisFailed(f"Redis at {self.where} refused a command ({exc}){left}: fix what "
                            "Redis says, then run again")  # fmt: skip
-
-    async def pending(self) -> int | None:
-        """Messages of the group delivered and not acknowledged (None if unknown)."""
-        return await self._pending()
 
     def _refused(self, exc: RedisError, command: str) -> str:
         said = str(exc).rstrip(".")
@@ -185,7 +181,8 @@ class RedisFailures:
             return f"{role[1]}:{role[2]}"
         return None
 
-    async def _pending(self) -> int | None:
+    async def pending(self) -> int | None:
+        """Messages of the group delivered and not acknowledged (None if unknown)."""
         if not self.group:
             return None
         try:
