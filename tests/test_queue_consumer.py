@@ -28,6 +28,7 @@ from worker.emulator import Emulator
 from worker.queue.consumer import Consumer
 from worker.queue.messages import MessageIndex, RedisIntents
 from worker.queue.options import StreamOptions
+from worker.queue.runner import run_stream
 from worker.queue.stream import StreamQueue, enqueue_rows
 from worker.record.report import Report
 from worker.send import client_for, pacer_for
@@ -146,3 +147,37 @@ async def test_report_records_written_while_the_consumer_makes_it_durable_are_al
     written = [r["stream_id"] for r in by_kind(read_report(config.report_path), "rejected")]
     assert len(written) == records
     assert len(set(written)) == records
+
+
+async def test_a_dashboard_shared_after_a_404_gets_the_messages_that_come_later(
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """A worker that runs on: a token that answered 404 is asked again once the dashboard
+    check has aged, so a message for it that arrives after the dashboard was shared is
+    sent, not refused for the rest of the worker's life."""
+    stop = asyncio.Event()
+    options = StreamOptions(url=redis_server, stream=stream_name, linger=0.05)
+    await enqueue_rows(redis, stream_name, [(GONE, "ann@example.com")])
+    run = asyncio.create_task(run_stream(make_config(preflight_ttl=0.3), options, stop=stop))
+    try:
+        for _ in range(300):
+            if await redis.xlen(options.dead_letter):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("ann's message was never dead-lettered")
+        emulator.add_dashboard(GONE)  # shared since
+        await asyncio.sleep(0.4)
+        await enqueue_rows(redis, stream_name, [(GONE, "bob@example.com")])
+        async with asyncio.timeout(15):
+            await emulator.wait_for_invitations(1)  # ann was never invited: this is bob
+    finally:
+        stop.set()
+        result = await run
+    assert result.summary["emails_sent"] == 1
+    assert emulator.invited[(GONE, "bob@example.com")] == 1
+    assert await redis.xlen(options.dead_letter) == 1  # ann's, from before

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from worker.batching import Batch, Batcher
 from worker.clock import Clock
 from worker.config import Config
-from worker.errors import AuthError, QueueLost, SendError, keeps_pending
+from worker.errors import AuthError, QueueLost, SendError, TokenNotFound, keeps_pending
 from worker.outcome import Outcome, Status
 from worker.queue.messages import (
     MessageIndex,
@@ -68,6 +68,10 @@ class Consumer:
         self.settled = RecentlySettled(RECENTLY_SETTLED)
         #: Records an outcome (the runner's): set before :meth:`batches` is iterated.
         self.record: Callable[[Outcome], None] = unset_record
+        #: Tokens whose dashboard answered 404, and when. The sender refuses such a token
+        #: from then on; a worker that runs for days asks again once the dashboard check
+        #: has aged (``preflight_ttl``): the dashboard may have been shared since.
+        self.gone: dict[str, float] = {}
 
     def on_outcome(self, outcome: Outcome) -> None:
         """An outcome is on disk: acknowledge its messages, or dead-letter them."""
@@ -81,6 +85,8 @@ class Consumer:
         error = outcome.error
         if error is None or keeps_pending(error.code):
             return
+        if error.code == TokenNotFound.code:
+            self.gone.setdefault(token, self.clock.time())
         for mid, email in zip(mids, outcome.emails, strict=True):
             if mid is not None:
                 self._dead_letter(mid, token, email, error.code, error.message)
@@ -174,7 +180,7 @@ class Consumer:
         in_flight = set(self.index.values()) if reclaimed else set()
         fresh: list[tuple[str, str, str]] = []
         append = fresh.append
-        requeued: set[str] = set()
+        recheck: set[str] = set()  # tokens to check afresh
         for mid, fields in messages:
             if reclaimed and (mid in in_flight or mid in self.settled):
                 # Ours: still being sent, or settled with its acknowledgement under way;
@@ -192,11 +198,13 @@ class Consumer:
             if reason is None:
                 append((mid, (token or "").strip(), (email or "").strip()))
                 if "requeued_from" in named:  # put back once its cause was fixed
-                    requeued.add((token or "").strip())
+                    recheck.add((token or "").strip())
                 continue
             self.report.rejected(mid, reason, token, email)
             self.acks.append(mid)
-        for token in requeued:  # what this worker learnt of the token may be what was fixed
+        if self.gone:
+            recheck.update(self._aged_gone({token for _, token, _ in fresh}))
+        for token in recheck:  # what this worker learnt of the token may be what was fixed
             self.sender.forget(token)
         if reclaimed and fresh:
             fresh = await self._screen(fresh)
@@ -228,6 +236,14 @@ class Consumer:
         full = self.batcher.add_many(valid)
         self.report.flush()
         return full
+
+    def _aged_gone(self, tokens: set[str]) -> list[str]:
+        """Of ``tokens``, those that answered 404 longer ago than a dashboard check lasts."""
+        now, ttl = self.clock.time(), self.config.preflight_ttl or 0.0
+        aged = [token for token in tokens.intersection(self.gone) if now - self.gone[token] > ttl]
+        for token in aged:
+            del self.gone[token]
+        return aged
 
     async def _screen(self, fresh: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
         """Reclaimed messages: dead-letter the over-delivered, settle unknown outcomes."""
