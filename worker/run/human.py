@@ -85,6 +85,8 @@ def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
     # A queue worker runs the same command again: its unsettled messages stay pending.
     resume = shlex.join(command) if "group" in summary else resume_command(command)
     if summary.get("halted"):
+        if "group" in summary:  # a queue worker's halt says what to do (another URL, say)
+            return str(summary["halted"]["message"])
         return f"{summary['halted']['message'].split('. ')[0]}; then: {resume}"
     if summary.get("aborted"):
         kept = "; the messages not settled stay pending" if "group" in summary else ""
