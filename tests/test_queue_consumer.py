@@ -26,10 +26,11 @@ from worker.clock import SystemClock
 from worker.config import Config
 from worker.emulator import Emulator
 from worker.queue.consumer import Consumer
-from worker.queue.messages import MessageIndex, RedisIntents
+from worker.queue.messages import MessageIndex
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.queue.stream import StreamQueue, enqueue_rows
+from worker.record.journal import Journal
 from worker.record.report import Report
 from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
@@ -114,8 +115,8 @@ async def test_report_records_written_while_the_consumer_makes_it_durable_are_al
     index, clock = MessageIndex(), SystemClock()
     records = 200_000
     async with client_for(config) as client:
-        intents = RedisIntents(queue, index)
-        sender = Sender(client, pacer_for(config, clock), intents, config, clock)
+        journal = Journal(tmp_path / "unused.journal")  # nothing is sent here
+        sender = Sender(client, pacer_for(config, clock), journal, config, clock)
         consumer = Consumer(config, options, queue, report, sender, index, clock)
         writing = True
 
@@ -142,6 +143,7 @@ async def test_report_records_written_while_the_consumer_makes_it_durable_are_al
         consumer.acks.append("0-1")
         await consumer.flush()
     report.close()
+    journal.close()
     assert flushes > 10  # the syncs did overlap the writing
     assert sender.state.fatal is None
     written = [r["stream_id"] for r in by_kind(read_report(config.report_path), "rejected")]

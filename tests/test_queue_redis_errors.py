@@ -18,7 +18,6 @@ import pytest
 
 from tests.conftest import API_KEY, APP_KEY, Proc, emulator_invited, worker_env
 from tests.test_queue_restart import RedisProcess, enqueue
-from worker.queue.failures import acl_rules
 
 
 @pytest.fixture
@@ -48,6 +47,11 @@ def servers(tmp_path: Path) -> Iterator[Callable[[], RedisProcess]]:
 #: command to be answered, down to a second or two), for failures that are retried first.
 QUICK = ("import sys, worker.queue.runner as r; r.RECONNECT_RETRIES = 2; "
          "r.COMMAND_TIMEOUT = 1.0; from worker.cli import main; sys.exit(main())")  # fmt: skip
+
+
+#: What the NOPERM message tells to grant for stream ``invites`` (checked to be enough).
+WORKER_RULES = ("+@connection +@stream +@hash +@string +@scripting +expire +pexpireat "
+                "~invites ~invites:* ~invite-worker:ratelimit:*")  # fmt: skip
 
 
 class Workers:
@@ -272,6 +276,7 @@ def test_a_redis_user_without_permission_is_a_usage_error_naming_user_and_comman
     assert "s3cret" not in said
     grant = re.search(r"ACL SETUSER alice (.+?), or put", said)
     assert grant is not None, said
+    assert grant.group(1) == WORKER_RULES
     (tmp_path / "more.csv").write_text("token,email\ndash-0,late@example.com\n")
     more = cli("enqueue", str(tmp_path / "more.csv"), alice, "--stream", "invites")
     more.expect(2, timeout=10)
@@ -306,7 +311,7 @@ def test_a_permission_revoked_mid_run_ends_it_with_a_usage_error_and_nothing_los
     server = servers()
     api = start_emulator("--limit", "30", "--period", "1")
     pairs = enqueue(cli, tmp_path, server.url, 600)
-    server.cli("ACL", "SETUSER", "bob", "on", ">pw", *acl_rules("invites").split())
+    server.cli("ACL", "SETUSER", "bob", "on", ">pw", *WORKER_RULES.split())
     bob = f"redis://bob:pw@127.0.0.1:{server.port}/0"
     worker = cli(*worker_args(bob, api, tmp_path / "1.jsonl", "--log-format", "json"))
     wait_for_invites(api, 100, worker)
