@@ -125,16 +125,24 @@ def test_redis_out_of_memory_at_start_loses_nothing_and_says_so(
     servers: Callable[[], RedisProcess],
     cli: Workers,
 ) -> None:
-    """A full Redis (maxmemory, noeviction): the worker exits 3 saying it is out of memory,
-    nothing lost, 300 pending; enqueue exits 3 too, and listing dead letters still works.
-    Once memory is freed, a run sends every message exactly once."""
+    """A full Redis (maxmemory, noeviction): a worker exits 3 saying it is out of memory,
+    nothing lost, 300 pending (or, on a stream with no group yet, before reading); enqueue
+    and dead-letter requeue exit 3 too, listing dead letters still works. Once memory is
+    freed, the requeue and a run send every message exactly once."""
     server = servers()
     api = start_emulator()
     pairs = enqueue(cli, tmp_path, server.url, 300)
     server.cli("XGROUP", "CREATE", "invites", "invite-worker", "0")
+    server.cli("XADD", "invites:dead", "*", "token", "dash-0", "email", "dead@example.com",
+               "error_code", "server_error")  # fmt: skip
+    server.cli("XADD", "fresh", "*", "token", "dash-0", "email", "fresh@example.com")
     server.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
     server.cli("CONFIG", "SET", "maxmemory", "1")
 
+    fresh = cli("run", server.url, "--stream", "fresh", "--api-url", api, "--report",
+                str(tmp_path / "0.jsonl"))  # fmt: skip
+    fresh.expect(3, timeout=30)
+    assert "out of memory (OOM" in one_message(fresh)
     worker = cli(*worker_args(server.url, api, tmp_path / "1.jsonl"))
     worker.expect(3, timeout=30)
     said = one_message(worker)
@@ -150,10 +158,16 @@ def test_redis_out_of_memory_at_start_loses_nothing_and_says_so(
     assert "0 row(s) had been added to the stream" in more.stderr()
     listed = cli("dead-letter", "list", server.url, "--stream", "invites")
     listed.expect(0, timeout=30)
+    requeue = ("dead-letter", "requeue", server.url, "--stream", "invites", "--all")
+    refused = cli(*requeue)
+    refused.expect(3, timeout=30)
+    assert "out of memory (OOM" in one_message(refused)
+    assert server.cli("XLEN", "invites:dead") == "1"
 
     server.cli("CONFIG", "SET", "maxmemory", "0")
+    cli(*requeue).expect(0, timeout=30)
     cli(*worker_args(server.url, api, tmp_path / "2.jsonl")).expect(0, timeout=60)
-    sent_exactly_once(api, pairs)
+    sent_exactly_once(api, pairs | {("dash-0", "dead@example.com")})
     assert pending(server) == 0
 
 

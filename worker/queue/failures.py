@@ -68,12 +68,12 @@ class RedisOutOfMemory(FatalError):
         free = "free memory in Redis (delete or trim other keys, or raise maxmemory)"
         if not self.worker:
             return f"{full} to store more: {free}, then run this command again"
-        held = "unsettled messages stay in the stream"
+        held = "the messages stay in the stream"
         if pending is not None:
-            held = f"{pending:,} message(s) stay pending in group '{self.group}'"
+            held = (f"{pending:,} message(s) stay pending in group '{self.group}', what was "
+                    "settled is in the report")  # fmt: skip
         return (f"{full} to store more, so nothing more is read or sent; nothing was lost "
-                f"({held}, what was settled is in the report): {free}, then run the worker "
-                "again and it takes them up")  # fmt: skip
+                f"({held}): {free}, then run the worker again and it takes them up")  # fmt: skip
 
 
 class RedisRefused(FatalError):
