@@ -4,12 +4,17 @@
     python bench/run.py --rows 5000 --tokens 10 --batch-size 10 --limit 25 --period 1
     python bench/run.py --rows 1000000 --tokens 1000 --batch-size 100 --peers
     python bench/run.py --rows 1000000 --tokens 1000 --invitees --days 2
+    python bench/run.py --rows 600000 --tokens 50000 --dry-run --versus-tokens 1000
 
 Generates N rows over T tokens, starts the emulator (unlimited, or with --limit/--period),
 runs the worker as a separate process and prints one table: emails/s, worker CPU µs per
 email (user+sys of the worker process), peak RSS, requests, 429s, duplicates, and for a
 limited run the wall time against the floor ceil(N / B / L) windows. ``--repeat K`` runs
 the worker K times (a fresh emulator each time) and shows the run with the median CPU.
+
+``--dry-run`` times the worker's dry run instead (read, validate, batch, write the plan; no
+emulator), and ``--versus-tokens T2`` times the same rows over T2 tokens right after it and
+prints the ratio: what the number of tokens costs.
 
 ``--peers`` (needs the ``bench`` extra) also runs the job through Datadog's official Python
 client (``bench/peers.py``), each mode against a fresh emulator: one email per call over the
@@ -112,6 +117,43 @@ def measure(args: list[str], **popen: Any) -> dict[str, Any]:
         "sys": usage.ru_stime,
         "rss_mb": usage.ru_maxrss / 1024,
     }
+
+
+def dry_run(source: Path, workdir: Path, opts: argparse.Namespace) -> dict[str, Any]:
+    """The worker's dry run of ``source``, measured like a run."""
+    args = [sys.executable, "-m", "worker", "run", str(source), "--dry-run", "--report",
+            str(workdir / "plan.jsonl"), "--overwrite", "--batch-size", str(opts.batch_size),
+            "--log-format", "json"]  # fmt: skip
+    with open(workdir / "plan.log", "wb") as log:
+        result = measure(args, stdout=subprocess.DEVNULL, stderr=log)
+    if result["exit"] not in (0, 1):
+        raise SystemExit(f"the dry run failed (exit {result['exit']}); see {workdir / 'plan.log'}")
+    return result
+
+
+def dry_run_rows(workdir: Path, opts: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--dry-run``: the dry run over ``--tokens`` (and ``--versus-tokens``), median of K."""
+    table, walls = [], []
+    for tokens in (opts.tokens, *([opts.versus_tokens] if opts.versus_tokens else [])):
+        source = workdir / f"input-{tokens}.{opts.format}"
+        write_input(source, opts.rows, tokens)
+        runs = sorted((dry_run(source, workdir, opts) for _ in range(max(1, opts.repeat))),
+                      key=lambda run: run["wall"])  # fmt: skip
+        run = runs[len(runs) // 2]
+        walls.append(run["wall"])
+        each = ", ".join(f"{r['wall']:.2f}" for r in runs)
+        source.unlink()
+        table += [
+            (f"dry run, {opts.rows:,} rows / {tokens:,} tokens",
+             f"{run['wall']:.2f} s wall (median of {len(runs)}: {each})"),
+            ("  CPU per row", f"{run['cpu'] / opts.rows * 1e6:.2f} µs "
+                              f"(user {run['user']:.2f} s + sys {run['sys']:.2f} s)"),
+            ("  peak RSS", f"{run['rss_mb']:.1f} MB"),
+        ]  # fmt: skip
+    if len(walls) == 2:
+        table.append((f"{opts.tokens:,} tokens / {opts.versus_tokens:,} tokens",
+                      f"{walls[0] / walls[1]:.2f}x the wall time"))  # fmt: skip
+    return table
 
 
 def stats(url: str) -> dict[str, Any]:
@@ -235,11 +277,29 @@ def main() -> None:
         default=None,
         help="the worker's --list-page-size (default: the worker's default, 100)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="time the worker's dry run (no emulator) instead of a run",
+    )
+    parser.add_argument(
+        "--versus-tokens",
+        type=int,
+        default=None,
+        help="with --dry-run: also time the same rows over this many tokens, and the ratio",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the input and report")
     opts = parser.parse_args()  # fmt: skip
+    if opts.versus_tokens and not opts.dry_run:
+        parser.error("--versus-tokens goes with --dry-run")
 
     workdir = Path(tempfile.mkdtemp(prefix="invite-bench-"))
     opts.source, report = workdir / f"input.{opts.format}", workdir / "report.jsonl"
+    if opts.dry_run:
+        compileall.compile_dir(ROOT / "worker", quiet=1)
+        print_table(dry_run_rows(workdir, opts))
+        cleanup(workdir, opts.keep)
+        return
     write_input(opts.source, opts.rows, opts.tokens)
     extra: tuple[str, ...] = ()
     if opts.invitees:

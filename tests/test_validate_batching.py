@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -111,25 +111,69 @@ def test_the_fullest_buffer_is_flushed_past_the_bound() -> None:
 
 
 @given(
-    pairs=st.lists(st.tuples(st.sampled_from("abcdefg"), st.integers(0, 10**6)), max_size=400),
+    pairs=st.lists(st.tuples(st.sampled_from("abcdefghijkl"), st.integers(0, 10**6)), max_size=600),
     batch_size=st.integers(1, 12),
     extra=st.integers(0, 30),
 )
 def test_every_pair_leaves_exactly_once_in_bounded_batches(
     pairs: list[tuple[str, int]], batch_size: int, extra: int
 ) -> None:
-    """Property: each pair is emitted once, in a single-token batch of at most batch_size."""
-    b = Batcher(batch_size, batch_size + extra)
-    emitted = []
+    """Property: each pair leaves once, in its token's buffer as it stood: a full one at
+    once, a partial one only past the bound and only if no buffer is fuller; the rest
+    at the end, the oldest buffer first."""
+    bound = batch_size + extra
+    b = Batcher(batch_size, bound)
+    held: dict[str, list[str]] = {}  # the buffers as they must be
     for token, n in pairs:
+        held.setdefault(token, []).append(str(n))
         batch = b.add(token, str(n))
-        assert b.buffered <= batch_size + extra
         if batch is not None:
-            emitted.append(batch)
-    emitted.extend(b.drain())
-    assert all(1 <= len(x.emails) <= batch_size for x in emitted)
-    got = Counter((x.token, e) for x in emitted for e in x.emails)
-    assert got == Counter((t, str(n)) for t, n in pairs)
+            assert batch.emails == held[batch.token]
+            if len(batch.emails) == batch_size:
+                assert batch.token == token
+            else:
+                assert sum(map(len, held.values())) > bound
+                assert len(batch.emails) == max(map(len, held.values()))
+            del held[batch.token]
+        assert b.buffered == sum(map(len, held.values())) <= bound
+    assert [(x.token, x.emails) for x in b.drain()] == list(held.items())
+    assert b.buffered == 0
+
+
+def calls_per_eviction(tokens: int) -> int:
+    """Function calls (Python and C) made by 200 evictions, with ``tokens`` buffers of 2
+    rows held at the bound: each time a third row makes one the fullest, and two rows for
+    a new token bring the held rows back to the bound."""
+    b = Batcher(batch_size=100, max_buffered=2 * tokens)
+    for _ in range(2):
+        b.add_many([(f"t{i}", "x@example.com") for i in range(tokens)])
+
+    def evict(i: int) -> list[str]:
+        out = b.add_many([(f"t{i}", "x@example.com")])
+        out += b.add_many([(f"new{i}", "x@example.com"), (f"new{i}", "y@example.com")])
+        return [x.token for x in out]
+
+    assert evict(0) == ["t0"]  # the first eviction may set things up
+    calls = 0
+
+    def count(frame: object, event: str, arg: object) -> None:
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(count)
+    try:
+        evicted = [evict(i) for i in range(1, 201)]
+    finally:
+        sys.setprofile(None)
+    assert evicted == [[f"t{i}"] for i in range(1, 201)]
+    return calls
+
+
+def test_evicting_past_the_bound_does_not_scan_every_token() -> None:
+    """Past the bound, the work per row is the same with 300 tokens as with 20,000: the
+    fullest buffer is found without looking at every buffer."""
+    few, many = calls_per_eviction(300), calls_per_eviction(20_000)
+    assert many <= few + 20, (few, many)
 
 
 @given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
