@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import select
+import threading
 from pathlib import Path
 from unittest.mock import patch
 
@@ -196,3 +200,32 @@ def test_line_reader_matches_a_naive_split(data: bytes, block: int, limit: int) 
             got.extend(lines)
     assert got == reference_lines(data, limit)
     assert reader.number == len(got)
+
+
+async def test_closing_a_source_while_its_pipe_is_silent_returns_at_once() -> None:
+    """A read waiting on a pipe's silent writer holds nothing close() needs: close returns
+    at once from another thread, the pipe's reading end is closed (the writer sees EPIPE)."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"token,email\nt,a@example.com\n")
+        source = open_source("-", "csv", stdin=os.fdopen(read_end, "rb"))
+        chunks = source.chunks()
+        assert list(await anext(chunks)) == [(2, "t", "a@example.com", None)]
+        waiting = asyncio.ensure_future(anext(chunks))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        closer = threading.Thread(target=source.close)
+        closer.start()
+        closer.join(timeout=5)
+        assert not closer.is_alive(), "close() waited for the writer"
+        waiting.cancel()
+        # The reading end goes as the woken read returns: the writing end then says so.
+        watch = select.poll()
+        watch.register(write_end, select.POLLERR)
+        for _ in range(50):
+            if watch.poll(100):
+                break
+        with pytest.raises(BrokenPipeError):
+            os.write(write_end, b"t,b@example.com\n")
+    finally:
+        os.close(write_end)

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 import shlex
-import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 
 from worker import logs
+from worker.cli import signals
 from worker.cli.emulator import SANDBOX_KEY
 from worker.cli.guards import check_not_input, check_report_path, run_outputs
 from worker.cli.help import columns_of, json_stderr, log_level, say
@@ -100,27 +101,14 @@ def read_key(name: str, path: Path | None, file_variable: str, variable: str) ->
 
 
 def _install_stop(stop: asyncio.Event, again: str) -> list[str]:
-    """First SIGTERM/SIGINT: stop gracefully. Second: leave at once (the journal stays valid).
+    """The run starts: a first SIGTERM/SIGINT now sets ``stop``, a second exits at once
+    (the journal stays valid), even if the event loop is stuck (see
+    :mod:`worker.cli.signals`).
 
     Returns the list the names of the signals received are added to; ``again`` is the
     command that finishes the run, said if a second signal cuts it short.
     """
-    loop = asyncio.get_running_loop()
-    received: list[str] = []
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            say("run.exiting_now", f"second signal, exiting now; nothing is lost. Finish with: "
-                f"{again}", json_lines=json_stderr(sys.argv[1:]))  # fmt: skip
-            os._exit(EXIT_ABORTED)
-        name = signal.Signals(signum).name
-        received.append(name)
-        structlog.get_logger("worker.cli").warning("run.signal", signal=name)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    return received
+    return signals.current().run_started(stop, again)
 
 
 def _refuse_mistakes(args: argparse.Namespace) -> None:
@@ -157,7 +145,7 @@ async def run_command(args: argparse.Namespace) -> int:
         from worker.emulator.dashboards import SANDBOX, dashboards_from
 
         logs.configure(args.log_format, level=log_level(args, watched=_watched(args)))
-        if args.source != "-" and not is_redis_url(args.source):  # the input first
+        if _read_twice_safely(args.source):  # the input first
             open_source(args.source, args.format, columns=columns_of(args)).close()
         async with Emulator() as emulator:
             emulator.seed(dashboards_from(SANDBOX, time.time()))
@@ -177,7 +165,24 @@ async def run_command(args: argparse.Namespace) -> int:
     return await _execute(args, config)
 
 
+def _read_twice_safely(source: str) -> bool:
+    """A file that can be opened to check it, then again to run: not stdin, a stream, or
+    a FIFO (what the check read would be lost to the run)."""
+    if source == "-" or is_redis_url(source):
+        return False
+    try:
+        return stat.S_ISREG(os.stat(source).st_mode)
+    except OSError:
+        return True  # let opening it say what is wrong
+
+
 async def _execute(args: argparse.Namespace, config: Config) -> int:
+    """Run under :class:`StopSignals`: a signal is heard from the start, a stuck loop or not."""
+    with signals.StopSignals(json_lines=json_stderr(sys.argv[1:])):
+        return await _execute_run(args, config)
+
+
+async def _execute_run(args: argparse.Namespace, config: Config) -> int:
     """Run from a file or, for a redis:// SOURCE, from a stream."""
     stop = asyncio.Event()
     # The same command, to finish with: --overwrite cannot go with --resume.

@@ -29,11 +29,14 @@ class CsvSource:
     ) -> None:
         self.description = description
         self._columns = (columns[0].strip().lower(), columns[1].strip().lower())
-        self._stream = stream
         self._reader = LineReader(stream)
         # Lines read along with the header, still to be parsed: (first line number, lines).
         self._pending: tuple[int, list[bytes | None]] | None = None
-        self._delimiter, self._token_at, self._email_at, self._width = self._read_header()
+        try:
+            self._delimiter, self._token_at, self._email_at, self._width = self._read_header()
+        except BaseException:
+            self._reader.close()
+            raise
 
     def _read_header(self) -> tuple[str, int, int, int]:
         while (lines := self._reader.read()) is not None:
@@ -162,7 +165,7 @@ class CsvSource:
         return rows
 
     def close(self) -> None:
-        self._stream.close()
+        self._reader.close()
 
 
 def _decode(lines: list[bytes | None]) -> Sequence[str | None]:

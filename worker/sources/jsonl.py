@@ -21,7 +21,6 @@ class JsonlSource:
     ) -> None:
         self.description = description
         self._fields = fields
-        self._stream = stream
         self._reader = LineReader(stream)
         # Lines read with the first object, still to be parsed: (first line number, lines).
         self._pending: tuple[int, list[bytes | None]] | None = None
@@ -92,7 +91,7 @@ class JsonlSource:
         return rows
 
     def close(self) -> None:
-        self._stream.close()
+        self._reader.close()
 
 
 def _row_from(number: int, obj: object, fields: tuple[str, str]) -> Row:

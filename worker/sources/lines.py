@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from itertools import count, repeat
 from typing import BinaryIO, cast, overload
+
+from worker.sources.feed import Feed, in_thread
 
 #: Longest line accepted; a longer one is rejected as ``line_too_long`` without being held.
 MAX_LINE_BYTES = 64 * 1024
@@ -53,12 +54,14 @@ class LineReader:
     Splits on ``\\n`` and drops one trailing ``\\r`` (CRLF files). A line longer than
     :data:`MAX_LINE_BYTES` comes back as ``None`` and is never held whole, so a 1 GB line
     with no newline costs no more memory than a short one. A byte-order mark at the start
-    is dropped. ``read1`` is used where the stream has it, so a slow pipe hands over what
-    it has instead of making us wait for a full block.
+    is dropped. A slow pipe hands over what it has instead of making us wait for a full
+    block, and :meth:`close` returns at once even while a read waits (see
+    :class:`~worker.sources.feed.Feed`).
     """
 
     def __init__(self, stream: BinaryIO) -> None:
-        self._read = getattr(stream, "read1", stream.read)
+        self._feed = Feed(stream)
+        self._read = self._feed.read
         self._tail = b""
         self._skipping = False  # inside an over-long line whose end has not come yet
         self._started = False
@@ -101,6 +104,10 @@ class LineReader:
                 return self._count(self._clean(lines, b"\r" in data))
         return None
 
+    def close(self) -> None:
+        """Close the stream (idempotent); a read waiting in another thread is woken."""
+        self._feed.close()
+
     def _count(self, lines: list[bytes | None]) -> list[bytes | None]:
         self.number += len(lines)
         return lines
@@ -125,10 +132,12 @@ async def chunked(
     """Call a blocking ``parse_chunk`` in a thread until it returns ``None`` (end of input).
 
     Reading happens off the event loop so a slow pipe on standard input never stalls the
-    requests in flight. Empty chunks (only blank lines) are skipped.
+    requests in flight; the thread is a daemon of its own, so a read still waiting on a
+    silent writer never holds up the end of the run. Empty chunks (only blank lines) are
+    skipped.
     """
     while True:
-        rows = await asyncio.to_thread(parse_chunk)
+        rows = await in_thread(parse_chunk)
         if rows is None:
             return
         if rows:

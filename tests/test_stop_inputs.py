@@ -1,0 +1,274 @@
+"""Stopping a real process whatever feeds it: a silent pipe, a FIFO, a terminal, a stuck loop."""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import subprocess
+import sys
+import termios
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    API_KEY,
+    APP_KEY,
+    ROOT,
+    by_kind,
+    emulator_invited,
+    read_report,
+    rows_csv,
+    worker_command,
+    worker_env,
+)
+
+KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
+#: 40 pairs over two tokens; with --batch-size 5 the first 23 rows make four full batches
+#: (20 emails) and leave three rows held in partial ones.
+PAIRS = sorted({(f"dash-{i % 2}", f"person{i}@example.com") for i in range(40)})
+FIRST = PAIRS[:12] + PAIRS[20:31]
+
+
+class Worker:
+    """One ``python -m worker`` process; its stderr in a file, killed if still alive."""
+
+    def __init__(self, argv: list[str], stdin: int | None, log: Path) -> None:
+        self.log = log
+        with log.open("wb") as stderr:
+            self.popen = subprocess.Popen(
+                argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr,
+                env=worker_env(**KEYS), cwd=ROOT,
+            )  # fmt: skip
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def exits(self, code: int, within: float) -> float:
+        """Wait for the exit, check its code; the seconds it took."""
+        started = time.monotonic()
+        try:
+            got = self.popen.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+            raise AssertionError(f"still running after {within}s:\n{self.stderr()}") from None
+        assert got == code, f"exit {got}, expected {code}:\n{self.stderr()}"
+        return time.monotonic() - started
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Start workers (argv after ``python -m worker``, optional stdin); killed after."""
+    workers: list[Worker] = []
+
+    def starter(*args: str, stdin: int | None = None, argv: list[str] | None = None) -> Worker:
+        log = tmp_path / f"stderr-{len(workers)}.log"
+        worker = Worker(argv or worker_command(*args), stdin, log)
+        workers.append(worker)
+        return worker
+
+    yield starter
+    for worker in workers:
+        if worker.popen.poll() is None:
+            worker.popen.kill()
+            worker.popen.wait(timeout=10)
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM yet (Linux: /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+def open_fifo_writer(path: str | Path, worker: Worker, timeout: float = 30) -> int:
+    """The FIFO's writing end, once the worker has opened it to read (or an error)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            assert worker.popen.poll() is None, f"the worker ended:\n{worker.stderr()}"
+            assert time.monotonic() < deadline, "the worker never opened the FIFO"
+            time.sleep(0.05)
+        else:
+            os.set_blocking(fd, True)
+            return fd
+
+
+def sent_in_report(report: Path) -> Counter[tuple[str, str]]:
+    return Counter(
+        (b["token"], e)
+        for b in by_kind(read_report(report), "batch")
+        if b["status"] == "sent"
+        for e in b["emails"]
+    )
+
+
+class Input:
+    """What feeds the worker: its SOURCE argument, its stdin, and the writing end."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind, self.source, self.stdin, self._ends = kind, "-", None, []
+        if kind == "pipe":
+            self.stdin, self.writer = os.pipe()
+        elif kind == "terminal":
+            self.writer, self.stdin = pty.openpty()
+            attrs = termios.tcgetattr(self.stdin)
+            attrs[3] &= ~termios.ECHO  # nobody reads the echo back
+            termios.tcsetattr(self.stdin, termios.TCSANOW, attrs)
+        else:
+            self.source = str(tmp_path / "invites.csv")
+            os.mkfifo(self.source)
+        self._ends = [fd for fd in (self.stdin,) if fd is not None]
+
+    def open_writer(self, worker: Worker) -> None:
+        """A FIFO's writer opens once the worker opened it for reading."""
+        if self.kind == "fifo":
+            self.writer = open_fifo_writer(self.source, worker)
+
+    def started(self) -> None:
+        """The worker holds its end now."""
+        for fd in self._ends:
+            os.close(fd)
+        self._ends = []
+
+    def close(self) -> None:
+        for fd in [*self._ends, getattr(self, "writer", None)]:
+            if fd is not None:
+                os.close(fd)
+
+
+@pytest.fixture(params=["pipe", "fifo", "terminal"])
+def feed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Input]:
+    """A pipe on stdin, a FIFO path, or a terminal on stdin; closed after the test."""
+    source = Input(request.param, tmp_path)
+    yield source
+    source.close()
+
+
+def test_sigterm_while_the_input_is_silent_stops_within_grace(
+    feed: Input,
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    start: Callable[..., Worker],
+) -> None:
+    """A writer that sent 23 rows and stays open, silent: SIGTERM ends the run within
+    --grace with exit 3, what was sent is in the report, the rows held are left; --resume
+    then invites everyone, nobody twice."""
+    url = start_emulator()
+    report = tmp_path / "report.jsonl"
+    worker = start("run", feed.source, "--api-url", url, "--report", str(report),
+                   "--batch-size", "5", "--grace", "5", "--reconcile-delay", "0.2",
+                   stdin=feed.stdin)  # fmt: skip
+    feed.started()
+    feed.open_writer(worker)
+    os.write(feed.writer, rows_csv(FIRST).encode())
+    wait_for(lambda: sum(emulator_invited(url).values()) >= 20, "four full batches sent")
+    time.sleep(0.5)  # the held rows read too, the next read waiting on the silent writer
+    worker.popen.send_signal(signal.SIGTERM)
+    assert worker.exits(3, within=15) < 5
+    invited = emulator_invited(url)
+    assert sent_in_report(report) == Counter(invited)
+    assert set(invited.values()) == {1}
+    summary = read_report(report)[-1]
+    assert summary["kind"] == "summary"
+    assert (summary["interrupted"], summary["exit_code"]) == (True, 3)
+    assert summary["unsent"] == 3
+    done = start("run", "-", "--api-url", url, "--report", str(report), "--batch-size", "5",
+                 "--resume", stdin=subprocess.PIPE)  # fmt: skip
+    assert done.popen.stdin is not None
+    done.popen.stdin.write(rows_csv(PAIRS).encode())
+    done.popen.stdin.close()
+    done.exits(0, within=60)
+    invited = emulator_invited(url)
+    assert set(invited) == set(PAIRS)
+    assert set(invited.values()) == {1}
+
+
+def test_sigterm_before_the_header_exits_at_once(
+    tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker]
+) -> None:
+    """A pipe whose writer never writes: SIGTERM while the header is awaited exits 3 at
+    once, says nothing was sent, and leaves no report."""
+    url = start_emulator()
+    read_end, write_end = os.pipe()
+    report = tmp_path / "report.jsonl"
+    try:
+        worker = start("run", "-", "--api-url", url, "--report", str(report), stdin=read_end)
+        os.close(read_end)
+        read_end = -1
+        wait_for(lambda: catches_sigterm(worker.popen.pid), "a handler for SIGTERM", 10)
+        time.sleep(0.3)  # and waiting for the header
+        worker.popen.send_signal(signal.SIGTERM)
+        assert worker.exits(3, within=10) < 5
+        assert "nothing was sent" in worker.stderr()
+        assert not report.exists()
+        assert emulator_invited(url) == {}
+    finally:
+        os.close(write_end)
+        if read_end != -1:
+            os.close(read_end)
+
+
+def test_a_fifo_in_the_sandbox_is_read_once(tmp_path: Path, start: Callable[..., Worker]) -> None:
+    """--sandbox with a FIFO path: the input is not opened a second time (what a first
+    open read would be lost): the run reads every row the writer sent, and ends."""
+    fifo = tmp_path / "invites.csv"
+    os.mkfifo(fifo)
+    report = tmp_path / "report.jsonl"
+    worker = start("run", str(fifo), "--sandbox", "--report", str(report))
+    writer = open_fifo_writer(fifo, worker)
+    try:
+        os.write(writer, (ROOT / "sample_inputs" / "invites.csv").read_bytes())
+    finally:
+        os.close(writer)
+    worker.exits(1, within=60)  # the sample holds rows the sandbox refuses
+    summary = read_report(report)[-1]
+    lines = (ROOT / "sample_inputs" / "invites.csv").read_text().strip().splitlines()
+    assert summary["rows"] == len(lines) - 1
+
+
+STUCK = """
+import sys, threading, pathlib
+import worker.batching
+def stuck(self, pairs):
+    pathlib.Path(sys.argv[1]).touch()
+    threading.Event().wait()  # the loop thread blocks, as on a lock nobody releases
+worker.batching.Batcher.add_many = stuck
+from worker.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_second_sigterm_exits_at_once_while_the_loop_is_stuck(
+    tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker]
+) -> None:
+    """The event loop blocked for good: the first SIGTERM cannot stop the run gently, the
+    second exits 3 at once and says how to finish."""
+    url = start_emulator()
+    source, flag = tmp_path / "in.csv", tmp_path / "stuck"
+    source.write_text(rows_csv(PAIRS))
+    worker = start(argv=[sys.executable, "-c", STUCK, str(flag), "run", str(source),
+                         "--api-url", url, "--report", str(tmp_path / "report.jsonl")])  # fmt: skip
+    wait_for(flag.exists, "the loop to be stuck")
+    worker.popen.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert worker.popen.poll() is None  # stuck: stopping gently needs the loop
+    worker.popen.send_signal(signal.SIGTERM)
+    assert worker.exits(3, within=10) < 3
+    assert "second signal, exiting now" in worker.stderr()
+    assert "--resume" in worker.stderr()
