@@ -29,6 +29,7 @@ class CsvSource:
     ) -> None:
         self.description = description
         self._columns = (columns[0].strip().lower(), columns[1].strip().lower())
+        self._stream = stream
         self._reader = LineReader(stream)
         # Lines read along with the header, still to be parsed: (first line number, lines).
         self._pending: tuple[int, list[bytes | None]] | None = None

@@ -21,6 +21,7 @@ class JsonlSource:
     ) -> None:
         self.description = description
         self._fields = fields
+        self._stream = stream
         self._reader = LineReader(stream)
         # Lines read with the first object, still to be parsed: (first line number, lines).
         self._pending: tuple[int, list[bytes | None]] | None = None
