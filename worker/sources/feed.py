@@ -136,6 +136,10 @@ async def in_thread(work: Callable[[], T]) -> T:
     def run() -> None:
         try:
             result: tuple[bool, object] = (True, work())
+        except StopIteration as exc:  # a future cannot hold one
+            error = RuntimeError(f"StopIteration in {work!r}")
+            error.__cause__ = exc
+            result = (False, error)
         except BaseException as exc:  # handed to the caller, whatever it is
             result = (False, exc)
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
