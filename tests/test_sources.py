@@ -7,6 +7,7 @@ import io
 import os
 import select
 import threading
+import time
 from pathlib import Path
 from unittest.mock import patch
 
@@ -229,3 +230,24 @@ async def test_closing_a_source_while_its_pipe_is_silent_returns_at_once() -> No
             os.write(write_end, b"t,b@example.com\n")
     finally:
         os.close(write_end)
+
+
+async def test_a_pipe_left_non_blocking_is_read_to_its_end() -> None:
+    """A pipe handed over non-blocking (as some parents leave stdin): a pause of the writer
+    is waited for, not taken for the end of the input."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+
+    def write() -> None:
+        os.write(write_end, b"token,email\nt,a@example.com\n")
+        time.sleep(0.3)
+        os.write(write_end, b"t,b@example.com\n")
+        os.close(write_end)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        rows = await collect(open_source("-", "csv", stdin=os.fdopen(read_end, "rb")))
+    finally:
+        writer.join()
+    assert [row[2] for row in rows] == ["a@example.com", "b@example.com"]
