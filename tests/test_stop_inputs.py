@@ -187,7 +187,10 @@ def test_sigterm_while_the_input_is_silent_stops_within_grace(
     summary = read_report(report)[-1]
     assert summary["kind"] == "summary"
     assert (summary["interrupted"], summary["exit_code"]) == (True, 3)
-    assert summary["unsent"] == 3
+    # Rows read and not sent are left for --resume (a terminal hands them over a line at a
+    # time: the last may still be on its way).
+    assert summary["emails_sent"] == 20
+    assert summary["unsent"] == summary["valid"] - 20 >= 2
     done = start("run", "-", "--api-url", url, "--report", str(report), "--batch-size", "5",
                  "--resume", stdin=subprocess.PIPE)  # fmt: skip
     assert done.popen.stdin is not None
