@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import select
+import sys
 import threading
 import time
 from pathlib import Path
@@ -251,3 +252,41 @@ async def test_a_pipe_left_non_blocking_is_read_to_its_end() -> None:
     finally:
         writer.join()
     assert [row[2] for row in rows] == ["a@example.com", "b@example.com"]
+
+
+def test_close_racing_a_read_never_blocks_and_closes_the_pipe_once() -> None:
+    """Property under a thread switch every microsecond: whenever close() comes, during a
+    read that waits or one that has data, it returns at once, the read ends with its lines
+    or InputClosed, and the pipe's reading end is closed (the writer sees EPIPE)."""
+    from worker.sources.feed import InputClosed
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for round_ in range(100):
+            read_end, write_end = os.pipe()
+            reader = LineReader(os.fdopen(read_end, "rb"))
+            got: list[object] = []
+
+            def read(reader: LineReader = reader, got: list[object] = got) -> None:
+                try:
+                    got.append(reader.read())
+                except InputClosed as exc:
+                    got.append(exc)
+
+            thread = threading.Thread(target=read)
+            thread.start()
+            if round_ % 2:
+                os.write(write_end, b"x\n")
+            closer = threading.Thread(target=reader.close)
+            closer.start()
+            closer.join(timeout=5)
+            thread.join(timeout=5)
+            assert not closer.is_alive()
+            assert not thread.is_alive()
+            assert got[0] == [b"x"] or isinstance(got[0], InputClosed)
+            with pytest.raises(BrokenPipeError):
+                os.write(write_end, b"y\n")
+            os.close(write_end)
+    finally:
+        sys.setswitchinterval(interval)
