@@ -40,8 +40,11 @@ class Batcher:
         # reached it. A token whose buffer has since grown or gone is stale there, and is
         # dropped when it comes up; `_top` is at least the size of the fullest buffer.
         self._levels: list[deque[str]] | None = None
-        self._entries = 0
         self._top = 0
+        # Rows added in all, and when the levels were last built: they hold at most one
+        # entry per row since, and are built again once that is several times the tokens.
+        self._added = 0
+        self._indexed_at = 0
 
     @property
     def buffered(self) -> int:
@@ -57,6 +60,8 @@ class Batcher:
         """Buffer many pairs; returns the batches they made ready (the hot path of a run)."""
         ready: list[Batch] = []
         buffers, size, bound = self._buffers, self.batch_size, self.max_buffered
+        self._added += len(pairs)
+        levels = self._levels
         for token, email in pairs:
             buffer = buffers.get(token)
             if buffer is None:
@@ -68,19 +73,20 @@ class Batcher:
             held = len(buffer)
             if held >= size:
                 ready.append(self._pop(token))
+                levels = self._levels
                 continue
-            if self._levels is not None:
-                self._levels[held].append(token)
-                self._entries += 1
+            if levels is not None:
+                levels[held].append(token)
                 if held > self._top:
                     self._top = held
             if self._buffered > bound:
                 ready.append(self._pop(self._fullest()))
+                levels = self._levels
         return ready
 
     def _fullest(self) -> str:
         """The token of a fullest buffer (of those equally full, the first to get there)."""
-        if self._levels is None or self._entries > 2 * len(self._buffers) + 64:
+        if self._levels is None or self._added - self._indexed_at > 3 * len(self._buffers) + 1024:
             self._index()
         levels, buffers, top = self._levels, self._buffers, self._top
         assert levels is not None
@@ -88,7 +94,6 @@ class Batcher:
             level = levels[top]
             while level:
                 token = level.popleft()
-                self._entries -= 1
                 buffer = buffers.get(token)
                 if buffer is not None and len(buffer) == top:
                     self._top = top
@@ -101,8 +106,8 @@ class Batcher:
         levels: list[deque[str]] = [deque() for _ in range(self.batch_size)]
         for token, emails in self._buffers.items():
             levels[len(emails)].append(token)
-        self._levels, self._entries = levels, len(self._buffers)
-        self._top = max((len(emails) for emails in self._buffers.values()), default=0)
+        self._levels, self._indexed_at = levels, self._added
+        self._top = next((n for n in range(self.batch_size - 1, 0, -1) if levels[n]), 0)
 
     def _pop(self, token: str) -> Batch:
         emails = self._buffers.pop(token)
@@ -110,7 +115,7 @@ class Batcher:
         self._since.pop(token, None)
         if self._levels is not None and self._buffered <= self.max_buffered // 2:
             # Far from the bound again: stop keeping the levels, and their cost per row.
-            self._levels, self._entries, self._top = None, 0, 0
+            self._levels, self._top = None, 0
         return Batch(token, emails)
 
     def expired(self, linger: float) -> list[Batch]:
