@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from redis import Redis
 
 from tests.conftest import (
     API_KEY,
@@ -276,3 +277,26 @@ def test_a_second_sigterm_exits_at_once_while_the_loop_is_stuck(
     assert worker.exits(3, within=10) < 3
     assert "second signal, exiting now" in worker.stderr()
     assert "--resume" in worker.stderr()
+
+
+def test_ctrl_c_on_enqueue_from_a_silent_pipe_exits(
+    redis_server: str, stream_name: str, start: Callable[..., Worker]
+) -> None:
+    """enqueue reading a pipe whose writer stays silent: Ctrl-C (SIGINT) ends it at once,
+    with the read still waiting (it is not joined at exit)."""
+    read_end, write_end = os.pipe()
+    try:
+        worker = start("enqueue", "-", redis_server, "--stream", stream_name, stdin=read_end)
+        os.close(read_end)
+        read_end = -1
+        os.write(write_end, rows_csv(PAIRS[:3]).encode())
+        with Redis.from_url(redis_server) as redis:
+            wait_for(lambda: redis.exists(stream_name) and redis.xlen(stream_name) == 3,
+                     "the rows enqueued")  # fmt: skip
+        time.sleep(0.3)  # and the next read waiting on the silent writer
+        worker.popen.send_signal(signal.SIGINT)
+        assert worker.exits(3, within=10) < 5
+    finally:
+        os.close(write_end)
+        if read_end != -1:
+            os.close(read_end)
