@@ -166,14 +166,15 @@ async def run_command(args: argparse.Namespace) -> int:
 
 
 def _read_twice_safely(source: str) -> bool:
-    """A file that can be opened to check it, then again to run: not stdin, a stream, or
-    a FIFO (what the check read would be lost to the run)."""
+    """An input that can be opened to check it, then again to run: not stdin, a stream,
+    a FIFO or a device (what the check read would be lost to the run)."""
     if source == "-" or is_redis_url(source):
         return False
     try:
-        return stat.S_ISREG(os.stat(source).st_mode)
+        mode = os.stat(source).st_mode
     except OSError:
         return True  # let opening it say what is wrong
+    return not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode))
 
 
 async def _execute(args: argparse.Namespace, config: Config) -> int:
