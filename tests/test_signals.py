@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -96,3 +98,36 @@ def test_sigterm_stops_within_grace_and_resume_finishes(
     assert set(invited) == pairs
     assert set(invited.values()) == {1}
     assert msgspec.json.decode(report.read_bytes().splitlines()[-1])["resumed"] is True
+
+
+_FIRST_SIGNAL_AFTER_A_HALT = """
+import asyncio, os, signal, sys
+from worker.cli.signals import StopSignals
+
+async def main() -> None:
+    with StopSignals(json_lines=True) as signals:
+        stop = asyncio.Event()
+        received = signals.run_started(stop, "invite-worker run in.csv --resume")
+        stop.set()  # the run halted or was refused its keys: it is already stopping
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(200):
+            if received:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        print("finished", received, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_first_signal_while_a_halted_run_winds_down_is_not_taken_as_the_second() -> None:
+    """A run already stopping on its own (a halt, refused keys) still gets its grace and
+    its summary when the first SIGTERM arrives: only a second signal exits at once."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_SIGNAL_AFTER_A_HALT],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "finished ['SIGTERM']" in done.stdout
+    assert "exiting_now" not in done.stderr

@@ -9,8 +9,9 @@ kernel picked), and a daemon thread reading that pipe acts on it:
   at once; nothing was sent, and nothing is lost;
 - the first signal of a run: ``stop`` is set on the loop: reading stops, batches not yet
   sent are left for ``--resume``, in-flight requests get ``--grace`` seconds;
-- a second signal (or one while the run is already stopping): exit 3 at once, from that
-  thread, whatever the loop is doing. The journal lets ``--resume`` settle everything.
+- a second signal: exit 3 at once, from that thread, whatever the loop is doing. The
+  journal lets ``--resume`` settle everything. A run that is already stopping on its own
+  (a halt, refused keys) takes the first signal as a first one: it keeps its grace.
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ class StopSignals:
         stop = self._stop
         if stop is None:
             self._exit_now("run.stopped", f"{name}, stopping at once: nothing was sent yet")
-        if self._stopping or stop.is_set():
+        # Only a signal heard before is a second one: a run that halted or was refused its
+        # keys is already stopping, and the first SIGTERM (a scale-down, say) must still
+        # leave it its grace, its last acknowledgements and its summary.
+        if self._stopping:
             self._exit_now("run.exiting_now", "second signal, exiting now; nothing is lost. "
                            f"Finish with: {self._again}")  # fmt: skip
         self._stopping = True
