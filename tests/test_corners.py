@@ -17,6 +17,7 @@ from tests.conftest import (
     API_KEY,
     APP_KEY,
     ROOT,
+    by_kind,
     on_a_terminal,
     read_report,
     worker_command,
@@ -73,3 +74,65 @@ def test_blank_lines_between_rows_are_not_counted_as_rows_after_a_stop(
     summary = read_report(report)[-1]
     assert summary["unread"] > 0
     assert summary["emails_sent"] + summary["unsent"] + summary["unread"] == 30_000
+
+
+def _tear_first_line(path: Path) -> None:
+    first, rest = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(first[: len(first) // 2] + b"\n" + rest)
+
+
+def test_a_report_whose_first_line_is_torn_is_still_summarized_and_resumed(
+    tmp_path: Path,
+) -> None:
+    """A report whose first record a crash cut short is still a report: ``report
+    summarize`` and ``report failed`` read it, and ``--resume`` continues it; a CSV or
+    JSONL input (first line torn, or a byte-order mark) is still refused as one."""
+    source, report = tmp_path / "in.csv", tmp_path / "r.jsonl"
+    source.write_bytes(SAMPLE.read_bytes())
+    assert invite_worker("run", str(source), "--sandbox", "--report", str(report)).returncode == 1
+    whole = invite_worker("report", "summarize", str(report))
+    assert whole.returncode != 2, whole.stderr
+    _tear_first_line(report)
+    summarized = invite_worker("report", "summarize", str(report))
+    assert summarized.returncode == whole.returncode, summarized.stderr
+    assert "not an invite-worker report" not in summarized.stderr
+    failed = invite_worker("report", "failed", str(report), "--output", str(tmp_path / "f.csv"))
+    assert failed.returncode != 2, failed.stderr
+    before = report.stat().st_size
+    resumed = invite_worker("run", str(source), "--sandbox", "--report", str(report), "--resume")
+    assert resumed.returncode in (0, 1), resumed.stderr
+    assert report.stat().st_size > before
+    assert by_kind(read_report_tolerantly(report), "summary")[-1]["resumed"] is True
+    # Still never an input taken for a report, whatever its first line.
+    notes = tmp_path / "notes.jsonl"
+    for content in INPUTS:
+        notes.write_bytes(content)
+        for flag in ("--overwrite", "--resume"):
+            done = invite_worker("run", str(source), "--sandbox", "--report", str(notes), flag)
+            assert done.returncode == 2, (content, done.stderr)
+            assert "is not a report" in done.stderr
+        assert invite_worker("report", "summarize", str(notes)).returncode == 2
+        assert notes.read_bytes() == content
+
+
+#: Inputs given where a report goes: JSONL with its first line torn, or a byte-order mark.
+INPUTS = [
+    b'{"tok\n{"token":"t","email":"a@example.com"}\n',
+    b'\xef\xbb\xbf{"token":"t","email":"a@example.com"}\n{"token":"t","email":"b@x.co"}\n',
+    b"\xef\xbb\xbftoken,email\nt,a@example.com\n",
+    b"token,email\nt,a@example.com\n",
+]
+
+
+def read_report_tolerantly(path: Path) -> list[dict[str, object]]:
+    """The records of a report whose torn lines are left out."""
+    import msgspec
+
+    records = []
+    for line in path.read_bytes().splitlines():
+        try:
+            record = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            continue
+        records.append(record)
+    return records

@@ -167,29 +167,42 @@ class _Kind(msgspec.Struct):
 _KIND = msgspec.json.Decoder(_Kind)
 
 
-def _first_line(path: Path) -> bytes:
+def _first_object(path: Path) -> tuple[dict[object, object] | None, bool]:
+    """The first line of ``path`` that decodes as a JSON object, and whether any line was
+    not blank; lines that do not decode are skipped, as :func:`read_records` skips them.
+
+    A crash can tear any line, the first one too (a run cut short while writing it, then
+    resumed): the next whole record says what the file is.
+    """
+    text = False
     with path.open("rb") as handle:
         for line in handle:
-            if line.strip():
-                return line
-    return b""
+            if not line.strip():
+                continue
+            text = True
+            try:
+                found = msgspec.json.decode(line)
+            except ValueError:  # msgspec's errors, or a UnicodeError inside a string
+                continue
+            if isinstance(found, dict):
+                return found, text
+    return None, text
 
 
 def reads_as_report(path: Path) -> bool:
-    """Whether ``path`` is empty or its first line is a report record (of any run).
+    """Whether ``path`` is empty or its first record is a report record (of any run).
 
-    What ``--overwrite`` may replace: a CSV, a JSONL input, anything else is not.
+    What ``--overwrite`` may replace: a CSV, a JSONL input, anything else is not. The
+    first line that decodes as a JSON object decides (a CSV has none; a JSONL input's
+    lack a report ``kind``); a blank file reads as an empty report.
     """
     try:
-        line = _first_line(path)
+        first, text = _first_object(path)
     except OSError:
         return False
-    if not line:
-        return True
-    try:
-        return _KIND.decode(line).kind in REPORT_KINDS
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError):
-        return False
+    if first is None:
+        return not text
+    return first.get("kind") in REPORT_KINDS
 
 
 def holds_only_a_plan(path: Path) -> bool:
