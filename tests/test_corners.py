@@ -136,3 +136,25 @@ def read_report_tolerantly(path: Path) -> list[dict[str, object]]:
             continue
         records.append(record)
     return records
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://user:{SECRET}@127.0.0.1:99999",
+        f"http://user:{SECRET}@127.0.0.1:port",
+        f"http://user:{SECRET}@[::1",
+        f"ftp://user:{SECRET}@127.0.0.1",
+        f"http://user:{SECRET}@example.com",
+        f"http://user:{SECRET}/x@127.0.0.1:abc",
+        f"user:{SECRET}@127.0.0.1",
+    ],
+)
+def test_a_bad_api_url_is_refused_without_its_credentials(url: str) -> None:
+    """Every refusal of --api-url (bad port, unclosed IPv6, scheme, plain HTTP afar) is
+    exit 2 and shows the URL without its user and password."""
+    done = invite_worker("run", str(SAMPLE), "--api-url", url, "--report", "/nonexistent/r")
+    assert done.returncode == 2, done.stderr
+    assert "--api-url" in done.stderr
+    assert SECRET not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr

@@ -57,28 +57,48 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def without_userinfo(url: str) -> str:
+    """``url`` for a message: any ``user:password@`` replaced by ``***@``.
+
+    Cut by hand (everything up to the last ``@``), not by ``urlsplit``: the URLs shown are
+    the ones that failed to parse, and a password may hold ``/``, ``?`` or ``#``.
+    """
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    if "@" not in rest:
+        return url
+    return f"{head}{sep}***@{rest.rsplit('@', 1)[1]}"
+
+
 def check_api_url(url: str) -> str:
     """Validate a base URL: http(s), a host, no path or query; plain HTTP only to loopback.
 
-    Keys travel in headers, so plain HTTP to any other host would publish them.
+    Keys travel in headers, so plain HTTP to any other host would publish them. No message
+    shows the URL's user-info: it may hold a password.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--api-url must be an http(s) URL with a host, got {url!r}")
+    shown = without_userinfo(url)
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # an unclosed "[" of an IPv6 address
+        raise UsageError(f"--api-url is not a valid URL: {shown!r}") from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise UsageError(f"--api-url must be an http(s) URL with a host, got {shown!r}")
     try:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
-        raise UsageError(f"--api-url has a port that is not a number: {url!r}") from None
-    base = f"{parts.scheme}://{parts.hostname}{port}"  # never user-info: it may hold secrets
+        raise UsageError(f"--api-url has a port that is not a number: {shown!r}") from None
+    base = f"{parts.scheme}://{hostname}{port}"  # never user-info: it may hold secrets
     if parts.path.strip("/") or parts.query or parts.fragment:
         what = "a path" if parts.path.strip("/") else "a query or fragment"
         raise UsageError(
             f"--api-url takes the base URL only, without {what} (the worker adds "
             f"/api/v1/dashboard/...); use --api-url {base}"
         )
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_host(hostname):
         raise UsageError(
-            f"--api-url {url!r} is plain HTTP to a non-loopback host; the keys would travel "
+            f"--api-url {shown!r} is plain HTTP to a non-loopback host; the keys would travel "
             "unencrypted. Use https:// (plain http is allowed only for 127.0.0.1/localhost)."
         )
     return url.rstrip("/")
