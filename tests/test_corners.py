@@ -158,3 +158,28 @@ def test_a_bad_api_url_is_refused_without_its_credentials(url: str) -> None:
     assert "--api-url" in done.stderr
     assert SECRET not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "http_proxy", "ALL_PROXY"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"http://user:{SECRET}@[::1",
+        f"user:{SECRET}@[::1",
+        f"http://user:{SECRET}@ex\uff0fample.com",
+    ],
+    ids=["ipv6", "no-scheme", "nfkc"],
+)
+def test_a_malformed_proxy_variable_is_a_usage_error_without_its_password(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    """A proxy variable that does not parse is exit 2 naming the variable, not a traceback;
+    its password is never shown; nothing is written."""
+    report = tmp_path / "r.jsonl"
+    done = invite_worker("run", str(SAMPLE), "--api-url", "http://127.0.0.1:9", "--report",
+                         str(report), **{variable: value})  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"{variable}=" in done.stderr
+    assert SECRET not in done.stderr + done.stdout
+    assert not report.exists()

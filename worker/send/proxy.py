@@ -19,8 +19,9 @@ import base64
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
+from worker.config import without_userinfo
 from worker.errors import ServiceUnreachable, UsageError
 
 #: The variables, in the order curl reads them for an ``https://`` URL.
@@ -86,8 +87,8 @@ def env_proxy(api_url: str, env: Mapping[str, str]) -> Proxy | None:
     if found is None or _bypassed(target.hostname or "", target.port, env):
         return None
     source, raw = found
-    parts = urlsplit(raw if "://" in raw else f"http://{raw}")
-    shown = _without_credentials(raw)
+    parts = _split(source, raw)
+    shown = without_userinfo(raw)
     if parts.scheme == "http" and not parts.hostname:
         raise UsageError(f"{source}={shown!r} names no host; e.g. "
                          f"{source}=http://proxy.internal:3128")  # fmt: skip
@@ -119,11 +120,23 @@ def _bypassed(host: str, port: int | None, env: Mapping[str, str]) -> bool:
     return bool(bypass(netloc, {"no": found[1]}))
 
 
-def _without_credentials(raw: str) -> str:
-    parts = urlsplit(raw if "://" in raw else f"http://{raw}")
-    if "@" not in parts.netloc:
-        return raw
-    return raw.replace(parts.netloc, "***@" + parts.netloc.rsplit("@", 1)[1])
+def _split(name: str, raw: str) -> SplitResult:
+    """The proxy URL in variable ``name``, split; a :class:`UsageError` if it cannot be.
+
+    ``urlsplit`` refuses some (an unclosed ``[`` of an IPv6 address) with a ``ValueError``
+    that would end the run with a traceback; the message shows the value without its
+    user-info, cut out by hand since the URL does not parse.
+    """
+    try:
+        parts = urlsplit(raw if "://" in raw else f"http://{raw}")
+        parts.hostname  # noqa: B018 -- parsed lazily, and may raise too
+    except ValueError:  # its text may quote the netloc, password and all
+        raise UsageError(
+            f"{name}={without_userinfo(raw)!r} is not a valid proxy URL; e.g. "
+            f"{name}=http://USER:PASSWORD@proxy.internal:3128 (the user and password "
+            "percent-encoded), or unset it"
+        ) from None
+    return parts
 
 
 def proxy_secrets(env: Mapping[str, str]) -> list[str]:
@@ -136,7 +149,7 @@ def proxy_secrets(env: Mapping[str, str]) -> list[str]:
     for names in (*_NAMES.values(), _ALL):
         for name in names:
             raw = env.get(name, "").strip()
-            parts = urlsplit(raw if "://" in raw else f"http://{raw}")
+            parts = _split(name, raw)
             if "@" not in parts.netloc:
                 continue
             userinfo = parts.netloc.rsplit("@", 1)[0]
