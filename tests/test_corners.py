@@ -183,3 +183,24 @@ def test_a_malformed_proxy_variable_is_a_usage_error_without_its_password(
     assert f"{variable}=" in done.stderr
     assert SECRET not in done.stderr + done.stdout
     assert not report.exists()
+
+
+def test_a_dry_run_never_replaces_a_crashed_runs_report(tmp_path: Path) -> None:
+    """A report holding only ``rejected`` records (a real run that crashed before its first
+    batch) is not a plan: a dry run refuses it (exit 2) and leaves it whole; a real plan
+    is still replaced by the next dry run."""
+    source, report = tmp_path / "in.csv", tmp_path / "r.jsonl"
+    source.write_bytes(SAMPLE.read_bytes())
+    assert invite_worker("run", str(source), "--sandbox", "--report", str(report)).returncode == 1
+    rejected = [line for line in report.read_bytes().splitlines(keepends=True)
+                if b'"kind":"rejected"' in line]  # fmt: skip
+    assert rejected
+    report.write_bytes(b"".join(rejected))
+    done = invite_worker("run", str(source), "--dry-run", "--report", str(report))
+    assert done.returncode == 2, done.stderr
+    assert "already exists" in done.stderr
+    assert report.read_bytes() == b"".join(rejected)
+    plan = tmp_path / "plan.jsonl"
+    assert invite_worker("run", str(source), "--dry-run", "--report", str(plan)).returncode == 1
+    again = invite_worker("run", str(source), "--dry-run", "--report", str(plan))
+    assert again.returncode == 1, again.stderr

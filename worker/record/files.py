@@ -209,14 +209,18 @@ def holds_only_a_plan(path: Path) -> bool:
     """Whether ``path`` holds a dry run's plan and nothing a real run wrote.
 
     A plan may be replaced by the next dry run: it records no outcome anyone relies on.
+    Only positive evidence counts -- a ``planned`` batch or a dry run's summary -- since
+    a real run that crashed early may have written nothing but ``rejected`` records.
     """
     if not reads_as_report(path):
         return False
+    planned = text = False
     try:
         with path.open("rb") as handle:
             for line in handle:
                 if not line.strip():
                     continue
+                text = True
                 try:
                     record = _KIND.decode(line)
                 except (msgspec.ValidationError, msgspec.DecodeError, UnicodeError):
@@ -226,6 +230,7 @@ def holds_only_a_plan(path: Path) -> bool:
                     return False
                 if record.kind == "summary" and not record.dry_run:
                     return False
+                planned = planned or record.kind == "batch" or record.kind == "summary"
     except OSError:
         return False
-    return True
+    return planned or not text  # a blank file holds nothing to lose
