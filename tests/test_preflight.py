@@ -3,8 +3,10 @@ invited or in a session skipped, addresses the dashboard does not allow refused 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -359,3 +361,53 @@ async def test_a_resumed_run_does_not_count_skipped_people_as_failed(
     assert again.exit_code == 0, again.summary
     assert again.summary["job"]["emails_failed"] == 0
     assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in PEOPLE[10:]})
+
+
+@pytest.mark.parametrize(
+    ("script", "exit_code"),
+    [(["drop", "drop", "502"], 1), (["drop"] * 20, 1), (["drop", "drop", "drop", "404"], 3)],
+    ids=["reverse-proxy-502", "never-answered", "404-after-a-drop"],
+)
+async def test_the_url_check_is_retried_and_only_a_404_halts(
+    emulator: Emulator, make_config: Callable[..., Config], script: list[str], exit_code: int
+) -> None:
+    """GET /api/v1/validate after a token's 404 is retried as every read is: a dropped
+    connection there never fails the batch; only a clear 404 halts the run (exit 3), any
+    other answer, or none after every try, leaves the token refused and the run going."""
+    emulator.add_dashboard(TOKEN_C, invitees=PEOPLE)
+    emulator.validate_script = list(script)
+    pairs = [("gone-dashboard", e) for e in PEOPLE[:3]] + [(TOKEN_C, PEOPLE[0])]
+    result = await run(make_config(batch_size=5, concurrency=1), csv_source(rows_csv(pairs)))
+    assert result.exit_code == exit_code
+    checks = [r for r in emulator.requests if r.path == "/api/v1/validate"]
+    failed = [b for b in by_kind(read_report(make_config().report_path), "batch")
+              if b["status"] == "failed"]  # fmt: skip
+    if exit_code == 3:
+        assert result.summary["halted"]["code"] == "wrong_url"
+        assert failed == []  # nothing recorded as failed for good
+        return
+    # Tried again after each drop (aiohttp itself may retry a GET once on a reused
+    # connection, hence no exact count): the 502 reached, or every try made.
+    assert len(checks) >= min(len(script), make_config().max_attempts)
+    assert {b["error"]["code"] for b in failed} == {"token_not_found"}
+    assert sorted(e for b in failed for e in b["emails"]) == sorted(PEOPLE[:3])
+    assert dict(emulator.invited) == {(TOKEN_C, PEOPLE[0]): 1}
+
+
+@pytest.mark.timeout(30)
+async def test_a_stop_ends_the_url_checks_retries_at_once(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A stop during the URL check's backoff ends it at once: the token's rows are left
+    unsent for --resume, never recorded as failed."""
+    emulator.validate_script = ["drop"] * 100
+    pairs = [("gone-dashboard", e) for e in PEOPLE[:3]]
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(1.0, stop.set)
+    config = make_config(backoff_base=60.0, backoff_max=60.0)
+    started = time.monotonic()
+    result = await run(config, csv_source(rows_csv(pairs)), stop=stop)
+    assert time.monotonic() - started < 15
+    assert result.summary["interrupted"] is True
+    assert result.summary["unsent"] == 3
+    assert by_kind(read_report(config.report_path), "batch") == []

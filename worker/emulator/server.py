@@ -86,6 +86,7 @@ class Emulator(Service):
         self.requests: list[Logged] = []
         self.invited: Counter[tuple[str, str]] = Counter()
         self._scripted: deque[str] = deque()
+        self.validate_script: list[str] = []
         self._created = asyncio.Event()
         self._rng = random.Random(seed)  # fault injection, not security
         self._clock = clock

@@ -12,7 +12,7 @@ from typing import Any, Self
 from aiohttp import web
 
 from worker.emulator.model import Logged, RateWindow, RequestLog, summarize
-from worker.emulator.responses import error, json_response
+from worker.emulator.responses import error, hang_up, json_response
 
 
 class Service:
@@ -26,6 +26,10 @@ class Service:
     url: str
     _clock: Callable[[], float]
     _runner: web.AppRunner | None
+    #: How the next ``GET /api/v1/validate`` requests are answered, in order: ``"drop"``
+    #: (the connection is closed, no answer) or an HTTP status such as ``"502"`` (a
+    #: reverse proxy in front of the API that does not forward the path). Then as usual.
+    validate_script: list[str]
 
     def app(self) -> web.Application:
         """The aiohttp application (routes only; :meth:`start` serves it)."""
@@ -97,6 +101,11 @@ class Service:
     async def _validate(self, request: web.Request) -> web.StreamResponse:
         """``GET /api/v1/validate``: the API key check (200, or 403 for a wrong key)."""
         log = self._logger(request)
+        if self.validate_script:
+            answer = self.validate_script.pop(0)
+            if answer == "drop":
+                return log(hang_up(request))
+            return log(error(int(answer), "scripted answer", {}))
         if request.headers.get("DD-API-KEY") != self.api_key:
             return log(error(403, "Forbidden", {}))
         return log(json_response(200, {"valid": True}, {}))

@@ -70,6 +70,14 @@ class Listing:
 
 
 @dataclass(frozen=True, slots=True)
+class Validated:
+    """The answer to ``GET /api/v1/validate``: its status."""
+
+    http_status: int
+    ratelimit: RateLimitInfo
+
+
+@dataclass(frozen=True, slots=True)
 class Dashboard:
     """The shared dashboard a token names: what the worker reads of it, and the whole object."""
 
@@ -201,12 +209,15 @@ class InvitationClient:
         """The shared dashboard of ``token`` (``TokenNotFound`` when there is none)."""
         return await self._dashboard("GET", token, None)
 
-    async def validate(self) -> int:
-        """``GET /api/v1/validate`` (the API key check): its status. A Datadog API answers
-        200 or 403 there; a 404 says the base URL points at something else."""
-        status, _, _ = await self._request("validate", "GET", f"{self.api_url}/api/v1/validate",
-                                           None)  # fmt: skip
-        return status
+    async def validate(self) -> Validated:
+        """``GET /api/v1/validate`` (the API key check). A Datadog API answers 200 or 403
+        there; a 404 says the base URL points at something else. Its rate-limit headers
+        are not the invitations' (another endpoint, another limit): the pacer is told
+        nothing of them."""
+        status, _, _ = await self._request(
+            "validate", "GET", f"{self.api_url}/api/v1/validate", None
+        )
+        return Validated(status, RateLimitInfo())
 
     async def put_dashboard(self, token: str, body: dict[str, Any]) -> Dashboard:
         """Replace the writable fields of ``token``'s shared dashboard; the object after."""

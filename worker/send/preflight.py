@@ -34,6 +34,7 @@ import structlog
 from worker.clock import Clock
 from worker.errors import (
     AuthError,
+    SendError,
     TokenNotFound,
     WrongUrl,
 )
@@ -209,25 +210,35 @@ class Preflight:
         A base URL with a path, or another service on the port, answers 404 to every
         token; refusing each as ``token_not_found`` would record them failed for good.
         One ``GET /api/v1/validate`` tells: a 404 there too halts the run (:class:`WrongUrl`,
-        exit 3), leaving every row for ``--resume``.
+        exit 3), leaving every row for ``--resume``. It is paced, retried and stopped as
+        every read is; any other answer, or none after every try (a reverse proxy that
+        does not forward the path, a timeout), is taken for an API: the check must never
+        be what halts a run.
         """
         async with self._url_lock:
             if self._wrong_url is not None:
                 raise self._wrong_url
             if self._url_checked:
                 return
-            self._count()
-            status = await self._client.validate()
-            if status == 404:
-                url = urlsplit(self._client.api_url)  # never user-info: it may hold secrets
-                origin = f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
-                self._wrong_url = WrongUrl(
-                    f"{origin} answers 404 to every dashboard and to GET "
-                    "/api/v1/validate: no Datadog API there. Check --api-url (the base URL "
-                    "only, e.g. https://api.datadoghq.com) or --site; nothing was recorded "
-                    "as failed: run the same command again with --resume"
-                )
-                raise self._wrong_url
+            reconciler = self._reconciler
+            try:
+                answer = await paced_call(self._client.validate, self._pacer, reconciler.retry,
+                                          self._clock, reconciler.rng, self._count,
+                                          stop=reconciler.stop)  # fmt: skip
+            except SendError as exc:
+                log.warning("preflight.url_unchecked", error=exc.code, message=exc.message,
+                            action="taken for an API; the 404 refuses the token")  # fmt: skip
+            else:
+                if answer.http_status == 404:
+                    url = urlsplit(self._client.api_url)  # never user-info: may hold secrets
+                    origin = f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
+                    self._wrong_url = WrongUrl(
+                        f"{origin} answers 404 to every dashboard and to GET "
+                        "/api/v1/validate: no Datadog API there. Check --api-url (the base "
+                        "URL only, e.g. https://api.datadoghq.com) or --site; nothing was "
+                        "recorded as failed: run the same command again with --resume"
+                    )
+                    raise self._wrong_url
             self._url_checked = True
 
     async def _dashboard(self, token: str) -> SharedDashboard:
