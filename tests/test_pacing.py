@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from worker.clock import FakeClock
+from worker.clock import FakeClock, unless_set
 from worker.emulator import Emulator
 from worker.errors import RateLimitInfo
 from worker.send.answers import parse_ratelimit
@@ -234,3 +234,40 @@ async def test_no_single_wait_exceeds_max_wait() -> None:
     await pacer.acquire()
     assert max(clock.slept) <= 5.0
     assert clock.time() - sent <= 5.0 + 1e-6
+
+
+async def test_a_caller_cancelled_in_unless_set_takes_its_step_down_with_it() -> None:
+    """A task cancelled while in ``unless_set`` cancels its step (no orphaned sleep or
+    acquire left running); a step that finished in that same instant goes to on_discard."""
+    clock = FakeClock()
+    ended: list[str] = []
+
+    async def step() -> str:
+        try:
+            await clock.sleep(60)
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+        return "slept"
+
+    caller = asyncio.ensure_future(unless_set(asyncio.Event(), step()))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert ended == ["cancelled"]
+
+    slot: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    discarded: list[str] = []
+    acquiring = unless_set(asyncio.Event(), slot, discarded.append)
+    acquirer = asyncio.ensure_future(acquiring)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    slot.set_result("slot")
+    acquirer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await acquirer
+    assert discarded == ["slot"]  # given back, as when the event wins

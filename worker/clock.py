@@ -95,19 +95,30 @@ async def unless_set(
     handed to ``on_discard`` (so, say, an acquired pacer slot is given back).
     """
     task = asyncio.ensure_future(step)
-    if not event.is_set():
-        waiter = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
+    try:
+        if not event.is_set():
+            waiter = asyncio.ensure_future(event.wait())
+            try:
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+    except BaseException:
+        # The caller itself was cancelled: the step must not outlive it (an orphaned
+        # acquire would take a slot nobody uses, a sleep would run on for nothing).
+        _discard(task, on_discard)
+        raise
     if not event.is_set():
         return True, task.result()
+    _discard(task, on_discard)
+    return False, None
+
+
+def _discard(task: asyncio.Future[T], on_discard: Callable[[T], object] | None) -> None:
+    """Cancel ``task``, or hand a result it already has to ``on_discard``."""
     if not task.done():
         task.cancel()
-    elif on_discard is not None and not task.cancelled() and task.exception() is None:
+    elif not task.cancelled() and task.exception() is None and on_discard is not None:
         on_discard(task.result())
-    return False, None
 
 
 async def sleep_unless(clock: Clock, seconds: float, stop: asyncio.Event | None) -> bool:
