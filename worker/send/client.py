@@ -195,7 +195,9 @@ class InvitationClient:
 
     async def list_invitations(self, token: str, page_number: int, page_size: int = 100) -> Listing:
         """One page of the token's invitations (``page_number`` starts at 0)."""
-        url = f"{self.invitation_url(token)}?page_size={page_size}&page_number={page_number}"
+        # Built already encoded (a checked token, two integers): yarl need not quote it.
+        url = URL(f"{self.invitation_url(token)}?page_size={int(page_size)}"
+                  f"&page_number={int(page_number)}", encoded=True)  # fmt: skip
         status, headers, raw = await self._request("list_invitations", "GET", url, None)
         ratelimit = self._ratelimit(headers)
         if status != 200:
@@ -224,7 +226,7 @@ class InvitationClient:
         return await self._dashboard("PUT", token, msgspec.json.encode(body))
 
     async def _dashboard(self, method: str, token: str, body: bytes | None) -> Dashboard:
-        url = self.invitation_url(token).removesuffix("/invitation")
+        url = URL(self.invitation_url(token).removesuffix("/invitation"), encoded=True)
         status, headers, raw = await self._request("dashboard", method, url, body)
         ratelimit = self._ratelimit(headers)
         if status != 200:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
+from itertools import compress
 from urllib.parse import urlsplit
 
 import structlog
@@ -106,6 +107,7 @@ class Preflight:
             return out
         keys = keys_of(emails)
         outside: list[str] = []
+        allowed = None
         if check.allowed is not None:
             allowed = member(check.allowed, keys)
             if not allowed.all():
@@ -120,19 +122,25 @@ class Preflight:
         elif outside:
             out.refused = [(e, not_allowed(e)) for e in outside]
         session, invited = member(check.in_session, keys), member(check.invited, keys)
-        if not outside and not session.any() and not invited.any():
-            out.send = list(emails)  # the common case, decided in C
-            return out
-        refused = set(outside)
-        for email, open_, listed in zip(emails, session.tolist(), invited.tolist(), strict=True):
-            if email in refused:
-                continue
-            if open_:
-                out.skipped.setdefault(ACTIVE_SESSION, []).append(email)
-            elif listed:
-                out.skipped.setdefault(ALREADY_INVITED, []).append(email)
-            else:
-                out.send.append(email)
+        if not outside and not session.any():  # the common cases, decided in C
+            if not invited.any():
+                out.send = list(emails)
+                return out
+            if invited.all():  # a day after a send: everyone was invited then
+                out.skipped[ALREADY_INVITED] = list(emails)
+                return out
+        # Column by column too: a day after a send, every address of a batch is skipped.
+        invited &= ~session  # an open session is the reason given first
+        send = ~(session | invited)
+        if outside:  # the refused are neither sent nor skipped
+            session &= allowed
+            invited &= allowed
+            send &= allowed
+        out.send = list(compress(emails, send.tolist()))
+        reasons = [(ACTIVE_SESSION, session), (ALREADY_INVITED, invited)]
+        for reason, mask in sorted(reasons, key=lambda r: int(r[1].argmax())):
+            if mask.any():  # reasons in the order of their first address, as listed
+                out.skipped[reason] = list(compress(emails, mask.tolist()))
         return out
 
     def forget(self, token: str) -> None:

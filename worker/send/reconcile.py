@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import operator
 import random
 from collections import OrderedDict
 from collections.abc import Collection
@@ -37,6 +38,8 @@ MAX_PAGES = 100_000
 #: Listings kept for reuse by later questions about the same token. They are compact, but
 #: a long-lived queue worker meets ever more tokens: the least recently used go.
 CACHED_LISTINGS = 32
+#: What tells one listed invitation from another when a page is compared with the last.
+_IDENTITY = operator.attrgetter("email", "created_at")
 
 
 def created_epoch(invitation: Invitation) -> float | None:
@@ -193,7 +196,7 @@ class Reconciler:
             # Two pages holding the same invitations (address and creation time, in the
             # same order) are one page served twice: page_number is not being honored,
             # and counting on would take the first page for the whole listing.
-            held = hash(tuple((i.email, i.created_at) for i in result.invitations))
+            held = hash(tuple(map(_IDENTITY, result.invitations)))
             if held == last:
                 raise UnexpectedResponse(
                     f"the invitation list answered page {number} with the page before it: "
