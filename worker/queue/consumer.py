@@ -20,8 +20,16 @@ from redis.exceptions import RedisError
 from worker.batching import Batch, Batcher
 from worker.clock import Clock
 from worker.config import Config
-from worker.errors import AuthError, QueueLost, SendError, TokenNotFound, keeps_pending
+from worker.errors import (
+    AuthError,
+    OutcomeUnknown,
+    QueueLost,
+    SendError,
+    TokenNotFound,
+    keeps_pending,
+)
 from worker.outcome import Outcome, Status
+from worker.queue.deliveries import HeldDeliveries
 from worker.queue.messages import (
     MessageIndex,
     RecentlySettled,
@@ -66,6 +74,9 @@ class Consumer:
         self.dead: list[tuple[str, dict[str, str]]] = []
         self.counts = QueueCounts()
         self.settled = RecentlySettled(RECENTLY_SETTLED)
+        #: Deliveries this run added to the messages it holds: given back if the run ends
+        #: for a reason that is not the messages' (see :mod:`worker.queue.deliveries`).
+        self.held = HeldDeliveries()
         #: Records an outcome (the runner's): set before :meth:`batches` is iterated.
         self.record: Callable[[Outcome], None] = unset_record
         #: Tokens whose dashboard answered 404, and when. The sender refuses such a token
@@ -84,6 +95,8 @@ class Consumer:
             return
         error = outcome.error
         if error is None or keeps_pending(error.code):
+            if error is not None and error.code == OutcomeUnknown.code and not self.stop.is_set():
+                self.held.forget(mids)  # left pending for its own failure: it counts
             return
         if error.code == TokenNotFound.code:
             self.gone.setdefault(token, self.clock.time())
@@ -111,6 +124,8 @@ class Consumer:
         try:
             await self.report.sync()
             await self.queue.settle(acks, dead, self.clock.time())
+            self.held.forget(acks)
+            self.held.forget(mid for mid, _ in dead)
             for code, count in Counter(f["error_code"] for _, f in dead).items():
                 self.sender.metrics.dead_lettered(code, count)
         except RedisError as exc:
@@ -185,7 +200,9 @@ class Consumer:
             if reclaimed and (mid in in_flight or mid in self.settled):
                 # Ours: still being sent, or settled with its acknowledgement under way;
                 # claimed back only because it took longer than --claim-idle.
+                self.held.claimed_again(mid)
                 continue
+            self.held.taken(mid)
             self.counts.rows += 1
             if fields is None:  # deleted from the stream meanwhile
                 self.acks.append(mid)
@@ -290,6 +307,8 @@ class Consumer:
             return []
         except SendError as exc:
             log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
+            if not self.stop.is_set():  # left pending for its own failure: it counts
+                self.held.forget(mid for mid, _, _ in items)
             return []  # left pending; claimed again later
         for mid, email, _ in items:
             if email.lower() in found:

@@ -203,6 +203,8 @@ async def _run_stream(
             finally:
                 progress.close()
                 await shared.settle()
+            # Refused keys, a stop, Redis or the disk failing: not the messages' fault.
+            await consumer.held.give_back(queue, state)
         if isinstance(state.fatal, RedisOutOfMemory):  # what the last flush left pending
             state.fatal.recount(await queue.failure.pending())
         summary = build_summary(runner, options.where, consumer.counts, started, clock.time())

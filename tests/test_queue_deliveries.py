@@ -1,0 +1,110 @@
+"""Runs that end for a reason not the messages' give back the deliveries they added.
+
+A refused key or a stop says nothing about a message; if each such run counted as a
+delivery, a few in a row would make the next good worker dead-letter them as
+``max_deliveries``. Real processes: a private redis-server, an ``invite-worker emulator``
+that refuses wrong keys with 403, workers started as a user would.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Proc, emulator_invited
+from tests.test_queue_refusals import (
+    GOOD,
+    WRONG,
+    dead_letters,
+    enqueue,
+    expect_refused,
+    pending,
+    redis_cli,
+    worker,
+)
+
+#: The strictest bound: a single delivery more than the good worker's own dead-letters.
+STRICT = ("--max-deliveries", "1", "--claim-idle", "0.2")
+
+
+def deliveries(url: str, stream: str) -> dict[str, tuple[str, int]]:
+    """Each pending message's owner and delivery count."""
+    lines = redis_cli(url, "XPENDING", stream, "invite-worker", "-", "+", "100000").split("\n")
+    rows = [lines[i : i + 4] for i in range(0, len(lines), 4) if len(lines) >= 4]
+    return {mid: (owner, int(count)) for mid, owner, _idle, count in rows}
+
+
+def finish_with_good_keys(spawn: Callable[..., Proc], tmp_path: Path, url: str, stream: str,
+                          api: str, pairs: set[tuple[str, str]]) -> None:  # fmt: skip
+    """A worker with good keys and --max-deliveries 1 sends each pair exactly once."""
+    good = worker(spawn, tmp_path, url, stream, api, "good", "--until-empty", *STRICT, env=GOOD)
+    good.expect(0, timeout=90)
+    invited = emulator_invited(api)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
+    assert dead_letters(url, stream) == 0
+    assert pending(url, stream) == 0
+
+
+def test_five_refused_runs_in_a_row_dead_letter_nothing(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """Five runs with refused keys (new consumers claiming, one re-reading its own pending,
+    with and without --until-empty) each take every message and leave its delivery count
+    as they found it; a worker with good keys and --max-deliveries 1 then sends every
+    message exactly once and dead-letters none."""
+    api = start_emulator()
+    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 200)
+    runs = [("refused-0", ["--until-empty"]), ("refused-1", []), ("refused-1", ["--until-empty"]),
+            ("refused-2", []), ("refused-3", ["--until-empty"])]  # fmt: skip
+    for number, (name, extra) in enumerate(runs):
+        time.sleep(0.3)  # older than --claim-idle: the next run claims them at once
+        proc = worker(spawn, tmp_path, redis_server, stream_name, api, name, *STRICT, *extra,
+                      env=WRONG)  # fmt: skip
+        expect_refused(proc, tmp_path / f"{name}.jsonl")
+        held = deliveries(redis_server, stream_name)
+        assert len(held) == len(pairs), f"run {number}"
+        # Every message was taken by this run, and its count is what it was before: 0.
+        assert set(held.values()) == {(name, 0)}, f"run {number}: {set(held.values())}"
+        assert dead_letters(redis_server, stream_name) == 0
+        assert "queue.deliveries_given_back" in proc.stderr()
+    assert emulator_invited(api) == {}
+    finish_with_good_keys(spawn, tmp_path, redis_server, stream_name, api, pairs)
+
+
+def test_workers_stopped_by_sigterm_again_and_again_dead_letter_nothing(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """Three workers stopped by SIGTERM mid-run (a scale-down, a rolling update) each give
+    back the deliveries they added; a worker with --max-deliveries 1 then sends the rest:
+    every pair exactly once, none dead-lettered."""
+    api = start_emulator("--limit", "20", "--period", "1")
+    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 400)
+    for number in range(3):
+        time.sleep(0.3)
+        before = sum(emulator_invited(api).values())
+        name = f"stopped-{number}"
+        proc = worker(spawn, tmp_path, redis_server, stream_name, api, name, *STRICT, env=GOOD)
+        deadline = time.monotonic() + 30
+        while sum(emulator_invited(api).values()) < before + 20:
+            assert proc.popen.poll() is None, proc.stderr()
+            assert time.monotonic() < deadline, proc.stderr()
+            time.sleep(0.05)
+        proc.popen.send_signal(signal.SIGTERM)
+        proc.expect(3, timeout=30)
+        held = deliveries(redis_server, stream_name)
+        assert held, f"run {number}: nothing left to stop on"
+        assert {count for _, count in held.values()} == {0}, f"run {number}"
+        assert dead_letters(redis_server, stream_name) == 0
+        assert set(emulator_invited(api).values()) == {1}
+    finish_with_good_keys(spawn, tmp_path, redis_server, stream_name, api, pairs)
