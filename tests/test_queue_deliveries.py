@@ -8,10 +8,13 @@ that refuses wrong keys with 403, workers started as a user would.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from redis.asyncio import Redis
 
 from tests.conftest import Proc, emulator_invited
 from tests.test_queue_refusals import (
@@ -24,6 +27,9 @@ from tests.test_queue_refusals import (
     redis_cli,
     worker,
 )
+from worker.queue.deliveries import HeldDeliveries
+from worker.queue.stream import StreamQueue, enqueue_rows
+from worker.state import RunState
 
 #: The strictest bound: a single delivery more than the good worker's own dead-letters.
 STRICT = ("--max-deliveries", "1", "--claim-idle", "0.2")
@@ -108,3 +114,39 @@ def test_workers_stopped_by_sigterm_again_and_again_dead_letter_nothing(
         assert dead_letters(redis_server, stream_name) == 0
         assert set(emulator_invited(api).values()) == {1}
     finish_with_good_keys(spawn, tmp_path, redis_server, stream_name, api, pairs)
+
+
+async def held_by(redis: Redis, stream: str) -> dict[str, tuple[str, int]]:
+    """Each pending message's owner and delivery count, through the client."""
+    rows = await redis.xpending_range(stream, "invite-worker", "-", "+", 1000)
+    return {r["message_id"]: (r["consumer"], int(r["times_delivered"])) for r in rows}
+
+
+async def test_deliveries_are_given_back_only_for_messages_still_this_consumers(
+    redis: Redis, stream_name: str
+) -> None:
+    """Given back: this consumer's messages, to their count before this run (a slow one it
+    claimed back from itself included); left alone: one another worker claimed meanwhile,
+    and everything when the run halted on an internal error (the poison-message case)."""
+    await enqueue_rows(redis, stream_name, [(f"t{i}", f"p{i}@example.com") for i in range(4)])
+    queue = StreamQueue(redis, stream_name, "invite-worker", "c1", f"{stream_name}:dead")
+    await queue.ensure_group()
+    earlier = StreamQueue(redis, stream_name, "invite-worker", "c0", f"{stream_name}:dead")
+    a, b = [mid for mid, _ in await earlier.read_new(2, 0.1)]  # a worker that died: 1
+    c, d = [mid for mid, _ in await queue.read_new(2, 0.1)]
+    await redis.xclaim(stream_name, "invite-worker", "c1", 0, [a, b])  # claimed: 2 each
+    held = HeldDeliveries()
+    for mid in (a, b, c, d):
+        held.taken(mid)
+    # c1 claims its own slow message back (a delivery more), and another worker takes one.
+    await redis.xclaim(stream_name, "invite-worker", "c1", 0, [c])
+    held.claimed_again(c)
+    await redis.xclaim(stream_name, "invite-worker", "c2", 0, [b])
+    halted = RunState()
+    halted.halt(RuntimeError("a bug"), "sender")
+    await held.give_back(queue, halted)
+    assert (await held_by(redis, stream_name))[a] == ("c1", 2)
+    await held.give_back(queue, RunState(asyncio.Event()))
+    assert await held_by(redis, stream_name) == {
+        a: ("c1", 1), b: ("c2", 3), c: ("c1", 0), d: ("c1", 0)}  # fmt: skip
+    assert len(held) == 0
