@@ -91,7 +91,8 @@ def add_stream_options(r: argparse.ArgumentParser) -> None:
         type=int,
         default=5,
         metavar="N",
-        help="dead-letter a message delivered more often than this; e.g. --max-deliveries 3",
+        help="dead-letter a message delivered more often than this (a run stopped or refused "
+        "gives its deliveries back); e.g. --max-deliveries 3",
     )
     q.add_argument(
         "--until-empty",
