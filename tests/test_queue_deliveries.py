@@ -38,7 +38,7 @@ STRICT = ("--max-deliveries", "1", "--claim-idle", "0.2")
 def deliveries(url: str, stream: str) -> dict[str, tuple[str, int]]:
     """Each pending message's owner and delivery count."""
     lines = redis_cli(url, "XPENDING", stream, "invite-worker", "-", "+", "100000").split("\n")
-    rows = [lines[i : i + 4] for i in range(0, len(lines), 4) if len(lines) >= 4]
+    rows = [lines[i : i + 4] for i in range(0, len(lines) - 3, 4)]  # none: one empty line
     return {mid: (owner, int(count)) for mid, owner, _idle, count in rows}
 
 
@@ -119,7 +119,7 @@ def test_workers_stopped_by_sigterm_again_and_again_dead_letter_nothing(
 async def held_by(redis: Redis, stream: str) -> dict[str, tuple[str, int]]:
     """Each pending message's owner and delivery count, through the client."""
     rows = await redis.xpending_range(stream, "invite-worker", "-", "+", 1000)
-    return {r["message_id"]: (r["consumer"], int(r["times_delivered"])) for r in rows}
+    return {str(r["message_id"]): (str(r["consumer"]), int(r["times_delivered"])) for r in rows}
 
 
 async def test_deliveries_are_given_back_only_for_messages_still_this_consumers(
