@@ -16,7 +16,7 @@ from worker.cli.help import command
 from worker.errors import UsageError
 from worker.outcome import REFUSED, Status
 from worker.record.files import reads_as_report
-from worker.record.records import BatchRecord, ErrorInfo
+from worker.record.records import BatchRecord, ErrorInfo, SkippedRecord
 from worker.record.replay import Replay, records
 from worker.validate import pair_key
 
@@ -65,12 +65,12 @@ def write_failed(
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["token", "email", "error_code", "error_message"])
     written = 0
-    number = -1  # of the batch record, counted as Replay.read counts them
+    number = -1  # of the batch or skipped record, counted as Replay.read counts them
     for record in records(path):
-        if not isinstance(record, BatchRecord):
+        if not isinstance(record, BatchRecord | SkippedRecord):
             continue
         number += 1
-        if record.status != Status.FAILED:
+        if isinstance(record, SkippedRecord) or record.status != Status.FAILED:
             continue
         skip = record.code in REFUSED and not include_refused
         token, emails = record.token, record.emails

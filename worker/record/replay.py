@@ -1,6 +1,7 @@
 """Replaying a report's history: each pair's last state, the runs, the rejected rows.
 
-A report may hold several runs (``--resume``): a pair's *last* batch record is its state.
+A report may hold several runs (``--resume``): a pair's *last* batch or skipped record is
+its state, so a pair skipped again by a resumed run is counted once.
 ``--resume`` (which pairs are settled) and ``report summarize|failed`` (totals, the failed
 pairs) both read a report through :class:`Replay`, so they cannot disagree.
 """
@@ -41,6 +42,13 @@ def records(path: Path) -> Iterator[ReportRecord]:
         raise UsageError(f"cannot read the report {str(path)!r}: {exc.strerror}") from None
 
 
+def state_of(record: BatchRecord | SkippedRecord) -> tuple[str, str | None, str]:
+    """(status, code, token) of a record that holds pairs' states; a skip's code: its reason."""
+    if isinstance(record, SkippedRecord):
+        return Status.SKIPPED, record.reason, record.token
+    return record.status, record.code, record.token
+
+
 @dataclass
 class Replay:
     """What a report says, pair by pair and run by run: its history replayed once.
@@ -50,12 +58,11 @@ class Replay:
     holds its last state, in two numpy arrays sorted by key.
     """
 
-    #: (status, error code, token) of every batch record, in the report's order
+    #: (status, error code, token) of every batch and skipped record, in the report's
+    #: order; a skipped record's code is its reason
     batches: list[tuple[str, str | None, str]] = field(default_factory=list)
     rejected: dict[Any, str] = field(default_factory=dict)  # line or stream id -> reason
     runs: list[SummaryRecord] = field(default_factory=list)
-    #: emails skipped (already served), by reason, over all runs
-    skipped: Counter[str] = field(default_factory=Counter)
     ends_with_summary: bool = False
     _keys: Any = None  # sorted pair keys, each once
     _last: Any = None  # for each, the number of its last batch record
@@ -68,15 +75,13 @@ class Replay:
         last: ReportRecord | None = None
         for record in records(path):
             last = record
-            if isinstance(record, BatchRecord):
+            if isinstance(record, BatchRecord | SkippedRecord):
                 token, emails = record.token, record.emails
                 owners.extend(repeat(len(review.batches), len(emails)))
-                review.batches.append((record.status, record.code, token))
+                review.batches.append(state_of(record))
                 keys.extend(pair_key(token, email) for email in emails)
             elif isinstance(record, RejectedRecord):
                 review.rejected.setdefault(record.where, record.reason)
-            elif isinstance(record, SkippedRecord):
-                review.skipped[record.reason] += len(record.emails)
             else:
                 review.runs.append(record)
         if last is None and strict:
@@ -104,7 +109,7 @@ class Replay:
         self._keys, self._last = sorted_keys[last], sorted_owners[last]
 
     def keys_in(self, status: Status) -> tuple[Any, list[int]]:
-        """The pairs whose state is ``status``: their keys (sorted) and state's batch record."""
+        """The pairs whose state is ``status``: their keys (sorted) and their state's record."""
         import numpy as np
 
         wanted = np.array([s == status for s, _, _ in self.batches], dtype=bool)
@@ -114,7 +119,9 @@ class Replay:
         return self._keys[mask].copy(), self._last[mask].tolist()
 
     def last_records(self, keys: list[int]) -> list[int]:
-        """For each key, the number of the batch record holding its last state (-1: none)."""
+        """For each key, the number of the record holding its last state (-1: none).
+
+        Batch and skipped records are numbered together, in the report's order."""
         import numpy as np
 
         if not len(self._keys) or not keys:
@@ -130,19 +137,22 @@ class Replay:
         statuses: Counter[str] = Counter()
         failed_by_code: Counter[str] = Counter()
         failed_by_token: Counter[str] = Counter()
+        skipped: Counter[str] = Counter()
         finals = np.bincount(self._last, minlength=len(self.batches)).tolist()
         for (status, code, token), pairs in zip(self.batches, finals, strict=True):
             if pairs:
                 statuses[status] += pairs
-                if status == "failed":
+                if status == Status.FAILED:
                     failed_by_code[code or "?"] += pairs
                     failed_by_token[token] += pairs
+                elif status == Status.SKIPPED:
+                    skipped[code or "skipped"] += pairs
         totals: dict[str, Any] = {
             "sent": statuses["sent"],
             "failed": statuses["failed"],
             "planned": statuses["planned"],
             "rejected": len(self.rejected),
-            "skipped": sum(self.skipped.values()),
+            "skipped": statuses["skipped"],
             "runs": len(self.runs),
             "complete": self.ends_with_summary,
         }
@@ -152,5 +162,5 @@ class Replay:
         totals["failed_by_code"] = dict(failed_by_code.most_common())
         totals["failed_by_token"] = dict(failed_by_token.most_common())
         totals["rejected_by_reason"] = dict(Counter(self.rejected.values()).most_common())
-        totals["skipped_by_reason"] = dict(self.skipped.most_common())
+        totals["skipped_by_reason"] = dict(skipped.most_common())
         return totals

@@ -127,7 +127,9 @@ async def _run(
     config: Config, source: Source, clock: Clock, rng: random.Random | None, stop: asyncio.Event
 ) -> RunResult:
     jpath = journal_path(config.report_path)
-    history = load_history(config.report_path, jpath) if config.resume else None
+    # --resend/--resend-after: a pair skipped as served earlier may be due now; check again.
+    recheck = config.resend or config.resend_after is not None
+    history = load_history(config.report_path, jpath, resend=recheck) if config.resume else None
     report = Report(config.report_path, overwrite=config.overwrite, resume=config.resume)
     try:
         journal = Journal(jpath, durable=config.durable_journal, truncate=not config.resume)

@@ -7,6 +7,8 @@ After a crash, the files alone say where every pair stands:
   ``token_not_found``) — skipped; ``invite-worker`` will not change the answer;
 - **failed, worth another try**: ``failed`` for a passing cause (5xx, timeouts, refused keys,
   an aborted run) — sent again;
+- **skipped**: last recorded ``skipped`` (the service already served it) — not checked or
+  recorded again (unless ``--resend``), so a history of resumed runs counts it once;
 - **unknown**: in a journal intent that was never cleared and not in a ``sent`` record —
   the token's invitations are listed first; what was created is recorded as sent
   (``reconciled``), the rest is sent again;
@@ -42,6 +44,8 @@ class History:
 
     #: Every pair with a ``sent`` record (compact: a long job has millions).
     sent: PairIndex = field(default_factory=PairIndex)
+    #: Every pair whose last record is ``skipped`` (already served): not checked again.
+    skipped: PairIndex = field(default_factory=PairIndex)
     #: pair -> code of its latest failure (removed once the pair is sent)
     failed: dict[int, str] = field(default_factory=dict)
     rejected_lines: set[int] = field(default_factory=set)
@@ -55,6 +59,8 @@ class History:
     def settled(self, keys: list[int]) -> set[int]:
         """Those of ``keys`` (see :func:`pair_key`) that must not be sent again."""
         done = self.sent.find_many(keys)
+        if len(self.skipped):
+            done.update(self.skipped.find_many(keys))
         if self.blocked or self.failed:
             blocked, failed = self.blocked, self.failed
             done.update(k for k in keys if k in blocked or is_final(failed.get(k, "")))
@@ -122,12 +128,18 @@ def check_resumable(report_path: Path) -> None:
     )
 
 
-def load_history(report_path: Path, journal_path: Path) -> History:
-    """Read an earlier report (replayed as ``report summarize`` does) and its journal."""
+def load_history(report_path: Path, journal_path: Path, *, resend: bool = False) -> History:
+    """Read an earlier report (replayed as ``report summarize`` does) and its journal.
+
+    With ``resend`` the pairs skipped as already served are checked again."""
     replay = Replay.read(report_path)
     history = History(runs=len(replay.runs))
     sent, _ = replay.keys_in(Status.SENT)
     history.sent = PairIndex.of_sorted(sent)
+    if not resend:
+        skipped, _ = replay.keys_in(Status.SKIPPED)
+        history.skipped = PairIndex.of_sorted(skipped)
+        del skipped
     failed, records = replay.keys_in(Status.FAILED)
     codes = [code or "failed" for _, code, _ in replay.batches]
     history.failed = dict(zip(failed.tolist(), map(codes.__getitem__, records), strict=True))

@@ -1,0 +1,77 @@
+"""What a report says after resumed runs and what ``report`` commands may write: a pair's
+last record counts, skipped pairs are settled, and ``report failed`` never writes over
+the run's own files (the CLI in a real process, real files)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import API_KEY, APP_KEY, by_kind, read_report, worker_command, worker_env
+
+KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
+
+
+def invite_worker(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``invite-worker ARGS`` with the test keys, output captured."""
+    return subprocess.run(worker_command(*args), env=worker_env(**KEYS), cwd=cwd,
+                          capture_output=True, timeout=90, check=False, text=True)  # fmt: skip
+
+
+def summarize(report: Path) -> dict[str, object]:
+    done = invite_worker("report", "summarize", str(report), "--json")
+    assert done.returncode == 0, done.stderr
+    totals: dict[str, object] = json.loads(done.stdout)
+    return totals
+
+
+def test_a_pair_skipped_by_two_runs_counts_once(tmp_path: Path) -> None:
+    """``report summarize`` counts a pair skipped by a run and again by its resume once,
+    by its last record; a skipped pair later sent counts as sent only."""
+    report = tmp_path / "r.jsonl"
+    skip = {"kind": "skipped", "token": "tok-a", "reason": "already_invited"}
+    lines = [
+        {**skip, "emails": ["a@example.com", "b@example.com"]},
+        {"kind": "summary"},
+        {**skip, "emails": ["A@example.com"]},  # the same pair, told apart by case only
+        {**skip, "emails": ["c@example.com"], "reason": "active_session"},
+        {"kind": "batch", "token": "tok-a", "emails": ["b@example.com"], "status": "sent"},
+        {"kind": "summary"},
+    ]
+    report.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    totals = summarize(report)
+    assert (totals["sent"], totals["skipped"]) == (1, 2)
+    assert totals["skipped_by_reason"] == {"already_invited": 1, "active_session": 1}
+
+
+@pytest.mark.timeout(120)
+def test_a_resume_does_not_check_or_record_settled_skips_again(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """A resumed run leaves the pairs its report settled as skipped alone: no new skipped
+    record, no listing for them; the report still counts each pair once."""
+    url = start_emulator()
+    first, second = tmp_path / "old.csv", tmp_path / "all.csv"
+    tokens = [f"tok{i}" for i in range(5)]
+    first.write_text("token,email\n" + "".join(f"{t},old@example.com\n" for t in tokens))
+    second.write_text("token,email\n" + "".join(
+        f"{t},old@example.com\n" + "".join(f"{t},new{n}@example.com\n" for n in range(3))
+        for t in tokens))  # fmt: skip
+    common = ("--api-url", url, "--batch-size", "10")
+    done = invite_worker("run", str(first), "--report", str(tmp_path / "a.jsonl"), *common)
+    assert done.returncode == 0, done.stderr
+    report = tmp_path / "b.jsonl"
+    assert invite_worker("run", str(second), "--report", str(report), *common).returncode == 0
+    before = len(read_report(report))
+    done = invite_worker("run", str(second), "--report", str(report), "--resume", *common)
+    assert done.returncode == 0, done.stderr
+    added = read_report(report)[before:]
+    assert (by_kind(added, "skipped"), by_kind(added, "batch")) == ([], [])
+    assert (added[-1]["requests"], added[-1]["skipped"]) == (0, 20)  # all settled, read
+    totals = summarize(report)
+    assert (totals["sent"], totals["skipped"]) == (15, 5)
+
