@@ -75,3 +75,34 @@ def test_a_resume_does_not_check_or_record_settled_skips_again(
     totals = summarize(report)
     assert (totals["sent"], totals["skipped"]) == (15, 5)
 
+
+@pytest.mark.parametrize("what", ["input", "input beside the report", "journal", "lock"])
+def test_report_failed_never_writes_over_the_runs_own_files(tmp_path: Path, what: str) -> None:
+    """``report failed --output X --overwrite`` is exit 2 in one line, X unchanged, when X
+    is the input a run of the report read (as the run named it: relative to where it ran,
+    or beside the report), the report's journal or its lock."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    source = here / "in.csv"
+    source.write_text("token,email\ntok-a,a@example.com\n")
+    report = there / "r.jsonl"
+    done = invite_worker("run", "in.csv", "--sandbox", "--report", str(report), cwd=here)
+    assert done.returncode == 0, done.stderr
+    if what == "input beside the report":
+        source = there / "in.csv"
+        source.write_text((here / "in.csv").read_text())
+        cwd = tmp_path  # neither where the run ran nor beside the report
+    else:
+        cwd = here
+    output = {"journal": Path(f"{report}.journal"), "lock": Path(f"{report}.lock")}.get(
+        what, source
+    )
+    if not output.exists():
+        output.write_text("kept\n")
+    before = output.read_bytes()
+    done = invite_worker("report", "failed", str(report), "--output", str(output),
+                         "--overwrite", cwd=cwd)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert output.read_bytes() == before

@@ -13,6 +13,7 @@ import os
 import stat
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from worker.errors import UsageError
@@ -58,6 +59,36 @@ def check_not_input(source: str, outputs: dict[str, Path]) -> None:
                 "the rows it reads (--overwrite or not). Choose another path, e.g. "
                 f"--report {_suggest(source)}"
             )
+
+
+def check_failed_output(report: Path, output: Path, sources: Iterable[str]) -> None:
+    """``report failed --output``: never the report, its journal, its lock, or the input
+    of a run the report records (``sources``, as the runs named them)."""
+    check_not_input(str(report), {"--output": output})
+    instead = report.with_name(report.stem + "-failed.csv")
+    fix = f"(--overwrite or not). Choose another path, e.g. --output {instead}"
+    for what, path in run_outputs(report, dry_run=False).items():
+        if what != "the report (--report)" and same_file(output, str(path)):
+            raise UsageError(f"--output {str(output)!r} is {what} {str(path)!r}: writing it "
+                             f"would destroy the run's record of what it sent {fix}")  # fmt: skip
+    for source in dict.fromkeys(sources):
+        for place in _input_places(source, report):
+            if same_file(output, place):
+                raise UsageError(
+                    f"--output {str(output)!r} is {source!r}, the input of a run in "
+                    f"{str(report)!r}: writing it would destroy the rows it holds {fix}"
+                )
+
+
+def _input_places(source: str, report: Path) -> list[str]:
+    """Where a run's input may be: a relative path is relative to where the run ran,
+    which the report does not say, so here and beside the report are both taken."""
+    if source in ("-", "<stdin>") or "://" in source:
+        return []
+    path = Path(source)
+    if path.is_absolute():
+        return [source]
+    return [source, str(report.parent / path)]
 
 
 def _suggest(source: str) -> str:

@@ -11,12 +11,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker.cli.guards import check_not_input
+from worker.cli.guards import check_failed_output
 from worker.cli.help import command
 from worker.errors import UsageError
 from worker.outcome import REFUSED, Status
 from worker.record.files import reads_as_report
-from worker.record.records import BatchRecord, ErrorInfo, SkippedRecord
+from worker.record.records import BatchRecord, ErrorInfo, SkippedRecord, SummaryRecord
 from worker.record.replay import Replay, records
 from worker.validate import pair_key
 
@@ -98,6 +98,12 @@ def require_report(path: Path) -> None:
             f"{str(path)!r} is not an invite-worker report (its first line is not a report "
             "record); give the file a run wrote with --report (default invite-report.jsonl)"
         )
+
+
+def _sources(path: Path) -> list[str]:
+    """The inputs of the runs the report holds, as each run's summary names it."""
+    return [record.source for record in records(path)
+            if isinstance(record, SummaryRecord) and isinstance(record.source, str)]  # fmt: skip
 
 
 def _left_out_note(left_out: Counter[str]) -> str:
@@ -191,7 +197,7 @@ def report_command(args: argparse.Namespace) -> int:
         if left_out:
             print(f"{count:,} failed email(s) listed{_left_out_note(left_out)}", file=sys.stderr)
         return 0
-    check_not_input(str(args.report), {"--output": args.output})
+    check_failed_output(args.report, args.output, _sources(args.report))
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.overwrite else os.O_EXCL)
     try:
         # Owner-only, like the report: the file holds addresses.

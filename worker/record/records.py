@@ -74,6 +74,8 @@ class SkippedRecord(msgspec.Struct, tag_field="kind", tag="skipped"):
 class SummaryRecord(msgspec.Struct, tag_field="kind", tag="summary"):
     """The end of a run, as readers see it: the counters summed across runs."""
 
+    #: The run's input as it was named (a path relative to where it ran, ``<stdin>``, a URL).
+    source: str | UnsetType = UNSET
     requests: int = 0
     retries: int = 0
     rate_limited: int = 0
