@@ -139,7 +139,7 @@ def test_preflight_without_dry_run_sends_nothing(sample: Path, tmp_path: Path) -
     assert not report.exists()
 
 
-@pytest.mark.parametrize("suffix", ["/api/v2", "/?x=1", "#top"])
+@pytest.mark.parametrize("suffix", ["/api/v2", "/?x=1", "#top", "?", "/#"])
 def test_an_api_url_with_a_path_is_refused_before_any_request(
     sample: Path, tmp_path: Path, start_emulator: Callable[..., str], suffix: str
 ) -> None:
@@ -301,15 +301,20 @@ async def test_a_mistyped_redis_url_or_stream_is_refused(
     tmp_path: Path, redis_server: str, redis: Redis, stream_name: str,
     start_emulator: Callable[..., str], spawn: Callable[..., Proc],
 ) -> None:  # fmt: skip
-    """Case 4: a one-slash Redis URL, --until-empty or dead-letter on a stream that does not
-    exist are exit 2 naming the streams that do (and create nothing); a long-lived worker
-    still waits for its stream, which enqueue creates."""
+    """Case 4: a one-slash Redis URL, one with a query (?db=3 would beat /0), --until-empty
+    or dead-letter on a stream that does not exist are exit 2 naming the streams that do
+    (and create nothing); a long-lived worker still waits for its stream, which enqueue
+    creates."""
     await redis.xadd(stream_name, {"token": "tok", "email": "a@example.com"})
     port = redis_server.rsplit(":", 1)[1].split("/")[0]
     typo = stream_name[:-1]
     cases = [
         (("run", f"redis:/127.0.0.1:{port}", "--stream", stream_name, "--until-empty",
           "--sandbox"), "names no host"),
+        (("run", f"redis://127.0.0.1:{port}/0?db=3", "--stream", stream_name, "--until-empty",
+          "--sandbox"), "has a query or fragment"),
+        (("enqueue", str(ROOT / "sample_inputs" / "invites.csv"),
+          f"redis://127.0.0.1:{port}/0?", "--stream", stream_name), "has a query or fragment"),
         (("run", redis_server, "--stream", typo, "--until-empty", "--sandbox"),
          f"no stream {typo!r} on that Redis server (the streams there: "),
         (("dead-letter", "list", redis_server, "--stream", typo), f"no stream {typo!r}"),

@@ -90,7 +90,8 @@ def check_api_url(url: str) -> str:
     except ValueError:
         raise UsageError(f"--api-url has a port that is not a number: {shown!r}") from None
     base = f"{parts.scheme}://{hostname}{port}"  # never user-info: it may hold secrets
-    if parts.path.strip("/") or parts.query or parts.fragment:
+    # "?" or "#" with nothing after it too: urlsplit drops an empty query or fragment.
+    if parts.path.strip("/") or "?" in url or "#" in url:
         what = "a path" if parts.path.strip("/") else "a query or fragment"
         raise UsageError(
             f"--api-url takes the base URL only, without {what} (the worker adds "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from worker.errors import UsageError
 
@@ -18,6 +18,10 @@ def default_consumer() -> str:
 def is_redis_url(source: str) -> bool:
     """True for ``redis://`` and ``rediss://`` sources."""
     return urlsplit(source).scheme in ("redis", "rediss")
+
+
+#: The query options a Redis URL may carry, with their values: the RESP version only.
+URL_OPTIONS = {"protocol": ("2", "3")}
 
 
 def check_redis_url(url: str) -> None:
@@ -42,6 +46,22 @@ def check_redis_url(url: str) -> None:
             f"the Redis URL {shown!r} has a port that is not a number; write "
             "redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0"
         ) from None
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if (
+        "#" in url
+        or ("?" in url and not query)
+        or any(value not in URL_OPTIONS.get(name, ()) for name, value in query)
+        or len({name for name, _ in query}) < len(query)
+    ):
+        # redis-py reads options from the query (?db=3 beats the path's /0) while the logs
+        # show the path: take only what the worker knows, so the URL means what it says.
+        where = f"{parts.scheme}://{parts.hostname}{':' if parts.port else ''}{parts.port or ''}"
+        raise UsageError(
+            f"the Redis URL {shown.split('?')[0].split('#')[0]!r} has a query or fragment "
+            "the worker does not take (redis would read options such as ?db= from it); "
+            f"write redis://HOST:PORT/DB, e.g. {where}/0, with at most ?protocol=2 or "
+            "?protocol=3"
+        )
     database = parts.path.strip("/")
     if database and not database.isdigit():
         raise UsageError(
