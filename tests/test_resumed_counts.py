@@ -106,3 +106,22 @@ def test_report_failed_never_writes_over_the_runs_own_files(tmp_path: Path, what
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert output.read_bytes() == before
+
+
+@pytest.mark.parametrize("action", ["summarize", "failed"])
+def test_report_errors_off_a_terminal_are_json_lines(tmp_path: Path, action: str) -> None:
+    """Off a terminal every stderr line of ``report summarize|failed`` is one JSON object
+    with ``event`` and ``level``, as for ``run``: an error (exit 2) and a note alike."""
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"my": "notes"}\n')
+    done = invite_worker("report", action, str(notes))
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert json.loads(line)["event"] == "cli.usage_error", line
+    if action == "failed":
+        report = tmp_path / "r.jsonl"
+        report.write_text(json.dumps({"kind": "summary"}) + "\n")
+        done = invite_worker("report", action, str(report), "--output", str(tmp_path / "f.csv"))
+        assert done.returncode == 0, done.stderr
+        [line] = done.stderr.splitlines()
+        assert json.loads(line)["level"] == "info", line

@@ -39,7 +39,7 @@ def json_stderr(argv: Sequence[str]) -> bool:
         if arg.startswith("--log-format="):
             value = arg.split("=", 1)[1]
             return value == "json" or (value == "auto" and not sys.stderr.isatty())
-    logging = ("run", "enqueue", "emulator", "dead-letter")
+    logging = ("run", "enqueue", "emulator", "dead-letter", "report")
     return bool(args) and args[0] in logging and not sys.stderr.isatty()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from worker.cli.guards import check_failed_output
-from worker.cli.help import command
+from worker.cli.help import command, json_stderr, say
 from worker.errors import UsageError
 from worker.outcome import REFUSED, Status
 from worker.record.files import reads_as_report
@@ -195,7 +195,9 @@ def report_command(args: argparse.Namespace) -> int:
         count = write_failed(args.report, sys.stdout, include_refused=args.include_refused,
                              left_out=left_out)  # fmt: skip
         if left_out:
-            print(f"{count:,} failed email(s) listed{_left_out_note(left_out)}", file=sys.stderr)
+            say("report.failed_listed", f"{count:,} failed email(s) listed"
+                f"{_left_out_note(left_out)}", json_lines=json_stderr(sys.argv[1:]),
+                level="info")  # fmt: skip
         return 0
     check_failed_output(args.report, args.output, _sources(args.report))
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.overwrite else os.O_EXCL)
@@ -212,6 +214,7 @@ def report_command(args: argparse.Namespace) -> int:
     with open(fd, "w", newline="", encoding="utf-8") as out:
         count = write_failed(args.report, out, include_refused=args.include_refused,
                              left_out=left_out)  # fmt: skip
-    print(f"{count:,} failed email(s) written to {args.output}{_left_out_note(left_out)}",
-          file=sys.stderr)  # fmt: skip
+    say("report.failed_written", f"{count:,} failed email(s) written to {args.output}"
+        f"{_left_out_note(left_out)}", json_lines=json_stderr(sys.argv[1:]),
+        level="info")  # fmt: skip
     return 0
