@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import API_KEY, APP_KEY, by_kind, read_report, worker_command, worker_env
+from tests.conftest import (
+    API_KEY,
+    APP_KEY,
+    by_kind,
+    emulator_invited,
+    read_report,
+    worker_command,
+    worker_env,
+)
 
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
 
@@ -125,3 +134,29 @@ def test_report_errors_off_a_terminal_are_json_lines(tmp_path: Path, action: str
         assert done.returncode == 0, done.stderr
         [line] = done.stderr.splitlines()
         assert json.loads(line)["level"] == "info", line
+
+
+@pytest.mark.timeout(120)
+def test_a_resume_that_settles_a_batch_by_listing_counts_it_reconciled(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """A resume that finds an open intent's invitations created (by listing) records them
+    sent and says so in its summary's ``reconciled_sent``; nobody is invited twice."""
+    url = start_emulator()
+    source, report = tmp_path / "in.csv", tmp_path / "r.jsonl"
+    emails = [f"u{n}@example.com" for n in range(3)]
+    source.write_text("token,email\n" + "".join(f"tok-a,{e}\n" for e in emails))
+    before = time.time() - 5
+    done = invite_worker("run", str(source), "--api-url", url, "--report", str(report))
+    assert done.returncode == 0, done.stderr
+    # As if the process died after the POST, before its outcome was recorded.
+    report.write_text("".join(json.dumps(r) + "\n" for r in read_report(report)
+                              if r["kind"] != "batch"))  # fmt: skip
+    intent = {"i": "x-1", "token": "tok-a", "emails": emails, "at": before}
+    Path(f"{report}.journal").write_text(json.dumps(intent) + "\n")
+    done = invite_worker("run", str(source), "--api-url", url, "--report", str(report),
+                         "--resume")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = read_report(report)[-1]
+    assert (summary["reconciled_sent"], summary["emails_sent"]) == (3, 3)
+    assert set(emulator_invited(url).values()) == {1}
