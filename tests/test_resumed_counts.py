@@ -4,25 +4,31 @@ the run's own files (the CLI in a real process, real files)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from tests.conftest import (
     API_KEY,
     APP_KEY,
+    TOKEN_A,
     by_kind,
     emulator_invited,
+    on_a_terminal,
     read_report,
     worker_command,
     worker_env,
 )
 
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def invite_worker(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -160,3 +166,54 @@ def test_a_resume_that_settles_a_batch_by_listing_counts_it_reconciled(
     summary = read_report(report)[-1]
     assert (summary["reconciled_sent"], summary["emails_sent"]) == (3, 3)
     assert set(emulator_invited(url).values()) == {1}
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("columns", [30, 40])
+def test_the_bar_is_never_cut_on_a_very_narrow_terminal(
+    tmp_path: Path, start_emulator: Callable[..., str], columns: int
+) -> None:
+    """On a 30- or 40-column terminal every redraw of the bar fits whole: a narrower frame
+    (no label, then no bar) instead of a line cut mid-field, so each still ends with its
+    closing bracket and shows the emails done of the total."""
+    url = start_emulator("--limit", "20", "--period", "1")
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\n" + "".join(f"tok{n % 3},u{n}@example.com\n"
+                                                for n in range(2_000)))  # fmt: skip
+    code, seen = on_a_terminal(
+        worker_command("run", str(source), "--api-url", url, "--batch-size", "50",
+                       "--report", str(tmp_path / "r.jsonl")),
+        columns=columns,
+    )  # fmt: skip
+    assert code == 0
+    lines = [p for p in re.split(r"[\r\n]", ANSI.sub("", seen.decode())) if p.strip()]
+    bars = [line for line in lines if re.search(r"\d+%\|", line)]
+    assert any("/2000" in bar for bar in bars), lines
+    assert max(len(bar) for bar in bars) <= columns, max(bars, key=len)
+    assert all(bar.rstrip().endswith("]") for bar in bars), [b for b in bars if b[-1] != "]"]
+
+
+@pytest.mark.timeout(150)
+async def test_a_queue_workers_bar_shows_pending_and_dead_lettered_first(
+    tmp_path: Path, start_emulator: Callable[..., str], redis_server: str, redis: Redis,
+    stream_name: str,
+) -> None:  # fmt: skip
+    """On a 60-column terminal a stream worker's bar still shows messages read, pending and
+    dead-lettered (its watcher's numbers), the rate and the rest only as room allows."""
+    url = start_emulator()
+    gone = "gone1234gone1234-0123456789abcdef0123456789abcdef"
+    for n in range(300):
+        await redis.xadd(stream_name, {"token": TOKEN_A, "email": f"t{n}@example.com"})
+    await redis.xadd(stream_name, {"token": gone, "email": "nobody@example.com"})
+    code, seen = await asyncio.to_thread(
+        on_a_terminal,
+        worker_command("run", redis_server, "--stream", stream_name, "--until-empty",
+                       "--linger", "0.05", "--api-url", url, "--report",
+                       str(tmp_path / "r.jsonl")),
+        columns=60,
+    )  # fmt: skip
+    assert code == 1  # the dead-lettered message failed
+    lines = [p for p in re.split(r"[\r\n]", ANSI.sub("", seen.decode())) if p.strip()]
+    bars = [line for line in lines if "messages " in line]
+    assert any("dead-lettered 1" in bar for bar in bars), lines
+    assert all("pending " in bar and len(bar) <= 60 for bar in bars), bars

@@ -39,6 +39,17 @@ RATE_WINDOW = 60.0
 RATE_MIN_SPAN = 5.0
 _BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 _COUNT = "{desc}: {n_fmt} [{elapsed}{postfix}]"
+#: The line's frames, richest first: the first that fits the terminal is drawn, and the
+#: fields of the postfix fill what it leaves. A narrow terminal loses words, never the
+#: line's end (tqdm would cut a frame wider than the terminal mid-word).
+_BARS = (
+    _BAR,
+    "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+    "{percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+    "{percentage:3.0f}% {n_fmt}/{total_fmt}",
+    "{n_fmt}/{total_fmt}",
+)
+_COUNTS = (_COUNT, "{n_fmt} [{elapsed}{postfix}]", "{n_fmt}")
 
 Snapshot = Callable[[], dict[str, int]]
 
@@ -115,6 +126,23 @@ def fit(parts: list[str], room: int) -> str:
             break
         text = longer
     return text
+
+
+def frame(
+    formats: tuple[str, ...], columns: int, *, want: int = 0, **values: Any
+) -> tuple[str, int]:
+    """The richest of ``formats`` that fits ``columns`` (with a bar of :data:`BAR_MIN`) and
+    leaves ``want`` columns for the postfix (else the richest that fits), and the room it
+    leaves for the postfix's fields (0: none)."""
+    fitting: list[tuple[str, int]] = []
+    for fmt in formats:
+        used = len(fmt.format(bar="", postfix="", **values)) + BAR_MIN * ("{bar}" in fmt)
+        if used <= columns:
+            room = max(0, columns - used - 2) if "{postfix}" in fmt else 0  # 2: ", "
+            if room >= want:
+                return fmt, room
+            fitting.append((fmt, room))
+    return fitting[0] if fitting else (formats[-1], 0)
 
 
 def _total(snap: dict[str, int], done: int) -> int | None:
@@ -225,23 +253,28 @@ class Progress:
         bar = self._bar
         if total is not None and bar.total != total:
             bar.total = total
-            bar.bar_format = _BAR
         when = f", ETA {duration_text(eta)}" if eta is not None else ""
         # Most telling first: what does not fit the terminal's width is left out, so the
         # line is never cut (nor wrapped, which would stop it redrawing in place).
         speed = f"{rate:,.0f}" if rate >= 100 else f"{rate:,.1f}"
         parts = [f"{speed} email/s{when}", f"sent {snap['sent']:,}",
-                 f"failed {snap['failed']:,}",
-                 f"{'messages' if self.queue else 'rows'} {snap['rows']:,}"]  # fmt: skip
-        if self.queue:
-            parts += [f"pending {snap['pending']:,}", f"dead-lettered {snap['dead']:,}"]
+                 f"failed {snap['failed']:,}", f"rows {snap['rows']:,}"]  # fmt: skip
+        want = 0
+        if self.queue:  # what a worker's watcher looks for first (its bar has no total)
+            parts = [f"messages {snap['rows']:,}", f"pending {snap['pending']:,}",
+                     f"dead-lettered {snap['dead']:,}", *parts[:3]]  # fmt: skip
+            want = len(" | ".join(parts[:3]))  # worth a shorter frame
         parts += [f"{name} {snap[key]:,}" for name, key in
                   (("skipped", "skipped"), ("refused", "refused")) if snap[key]]  # fmt: skip
         parts += [f"requests {snap['requests']:,}", f"429s {snap['limited']:,}",
                   f"pacing waits {snap['waits']:,}"]  # fmt: skip
         elapsed = bar.format_interval(bar.format_dict["elapsed"])
-        room = _columns() - len(f"invites: 100%|| {done}/{max(total or 0, done)} "
-                                f"[{elapsed}, ]") - BAR_MIN  # fmt: skip
+        shown = max(total or 0, done)
+        bar.bar_format, room = frame(
+            _COUNTS if bar.total is None else _BARS, _columns(), want=want, desc=bar.desc,
+            n_fmt=done,
+            total_fmt=shown, percentage=100 * done / shown if shown else 0, elapsed=elapsed,
+        )  # fmt: skip
         bar.set_postfix_str(fit(parts, room), refresh=False)
         bar.update(done - bar.n)  # redraws in place
 
