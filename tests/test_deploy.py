@@ -121,7 +121,7 @@ def emitted() -> dict[str, set[str]]:
     metrics.retry("server_error")
     metrics.reconciled("created")
     metrics.dead_lettered("bad_request", 2)
-    metrics.finished(1)
+    metrics.finished(1, "incomplete")
     metrics.close()
     found: dict[str, set[str]] = {}
     try:

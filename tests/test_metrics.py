@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -210,6 +212,25 @@ async def test_a_queue_worker_tags_its_metrics_with_mode_and_consumer(
     assert agent.total("emails.sent", "mode:queue", "consumer:host_7_a") == 25
     assert agent.total("requests", "kind:invite", "status_class:2xx") == 1
     assert agent.total("runs.finished", "exit_code:0", "mode:queue") == 1
+
+
+async def test_a_stopped_queue_worker_is_counted_interrupted_not_failed(
+    tmp_path: Path, agent: Agent, redis_server: str, stream_name: str,
+    make_config: Callable[..., Config],
+) -> None:  # fmt: skip
+    """A queue worker stopped by a signal (a scale-down) ends exit 3 with outcome:interrupted,
+    so the failed-run monitor, which leaves that outcome out, does not fire for it."""
+    stop = asyncio.Event()
+    options = StreamOptions(url=redis_server, stream=stream_name, linger=0.05)
+    task = asyncio.create_task(run_stream(make_config(statsd=agent.target), options, stop=stop))
+    await asyncio.sleep(0.5)
+    stop.set()
+    result = await asyncio.wait_for(task, 30)
+    assert result.exit_code == 3
+    agent.metrics(wait=2.0)
+    assert agent.total("runs.finished", "exit_code:3", "outcome:interrupted") == 1
+    monitor = json.loads((ROOT / "deploy/datadog/monitors/run-failed.json").read_text())
+    assert "!outcome:interrupted" in monitor["query"]
 
 
 @pytest.mark.usefixtures("clean_agent_env")

@@ -40,8 +40,9 @@ class Metrics:
     def dead_lettered(self, code: str, count: int) -> None:
         """``count`` queue messages were moved to the dead-letter stream after ``code``."""
 
-    def finished(self, exit_code: int) -> None:
-        """The run ended with ``exit_code`` (0: all done, 1: some failed, 3: aborted)."""
+    def finished(self, exit_code: int, outcome: str) -> None:
+        """The run ended with ``exit_code`` (0: all done, 1: some failed, 3: stopped before
+        the end); ``outcome`` says how (see :func:`worker.run.summary.outcome_of`)."""
 
     def close(self) -> None:
         """Send what is buffered; never blocks a run for long."""

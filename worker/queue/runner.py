@@ -39,7 +39,7 @@ from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.progress import Progress, snapshot_of
 from worker.run.runner import Runner
-from worker.run.summary import RunResult, build_summary, finish
+from worker.run.summary import RunResult, build_summary, finish, outcome_of
 from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
 from worker.sources import Source
@@ -212,7 +212,7 @@ async def _run_stream(
         if isinstance(state.fatal, RedisRefused):  # the URL's user: a usage error
             summary["exit_code"] = EXIT_USAGE
         result = finish(report, summary, for_people=config.progress == "bar")
-        metrics.finished(result.exit_code)
+        metrics.finished(result.exit_code, outcome_of(result.summary))
         return result
     finally:
         metrics.close()

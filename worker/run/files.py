@@ -33,7 +33,7 @@ from worker.run.resume import (
 )
 from worker.run.rows import InputRows
 from worker.run.runner import Runner
-from worker.run.summary import FileCounts, RunResult, build_summary, finish
+from worker.run.summary import FileCounts, RunResult, build_summary, finish, outcome_of
 from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
 from worker.sources import RawRow, Source
@@ -173,7 +173,7 @@ async def _run(
         summary = build_summary(runner, source.description, counts, started, clock.time(),
                                 history=history, resumed=config.resume)  # fmt: skip
         result = finish(report, summary, for_people=config.progress == "bar")
-        metrics.finished(result.exit_code)
+        metrics.finished(result.exit_code, outcome_of(result.summary))
     finally:
         metrics.close()
     return result

@@ -138,6 +138,19 @@ def build_summary(
     return summary
 
 
+def outcome_of(summary: dict[str, Any]) -> str:
+    """How a run ended, one word: ``done`` (exit 0), ``incomplete`` (1: some failed or were
+    rejected), or the kind of stop behind exit 3: ``aborted`` (the keys were refused),
+    ``halted`` (a fault: a full disk, no API, Redis gone) or ``interrupted`` (a signal)."""
+    if summary["aborted"]:
+        return "aborted"
+    if summary["halted"]:
+        return "halted"
+    if summary["interrupted"]:
+        return "interrupted"
+    return "done" if summary["exit_code"] == 0 else "incomplete"
+
+
 def finish(report: Report, summary: dict[str, Any], *, for_people: bool = False) -> RunResult:
     """Write the summary as the report's last record, log it, and return the result.
 
