@@ -280,27 +280,53 @@ class Consumer:
                 kept.append((mid, token, email))
         times = await self.queue.intent_times([mid for mid, _, _ in kept])
         unknown: dict[str, list[tuple[str, str, float]]] = defaultdict(list)
+        landed: dict[str, float] = {}
         rest = []
         for mid, token, email in kept:
             if mid in times:
-                unknown[token].append((mid, email, times[mid]))
+                at, timeout = times[mid]
+                unknown[token].append((mid, email, at))
+                # A request sent at ``at`` may still be in progress until its timeout has
+                # passed (the one it was sent with; ours when an older worker did not say),
+                # and the service may create its invitations until the very end.
+                until = at + (timeout if timeout is not None else self.config.timeout)
+                until += self.config.reconcile_delay
+                landed[token] = max(landed.get(token, until), until)
             else:
                 rest.append((mid, token, email))
-        for token, items in unknown.items():
-            rest.extend(await self._reconcile(token, items))
+        for token in sorted(unknown, key=landed.__getitem__):
+            rest.extend(await self._reconcile(token, unknown[token], landed[token]))
         return rest
 
+    async def _landed(self, token: str, mids: list[str], until: float) -> bool:
+        """Wait until ``until``, when the dead worker's request can no longer be in
+        progress; False if the run stops first (the messages then stay pending).
+
+        The claimed messages are claimed again every half ``--claim-idle`` meanwhile, so
+        that no other worker takes them for idle while this one waits.
+        """
+        while (wait := until - self.clock.time()) > 0:
+            log.info("queue.waiting", token=token, messages=len(mids), seconds=round(wait, 3),
+                     reason="the dead worker's request may still be in progress")  # fmt: skip
+            if not await self.state.sleep(self.clock, min(wait, self.options.claim_idle / 2)):
+                return False
+            await self.queue.touch(mids)
+        return True
+
     async def _reconcile(
-        self, token: str, items: list[tuple[str, str, float]]
+        self, token: str, items: list[tuple[str, str, float]], landed: float
     ) -> list[tuple[str, str, str]]:
-        """Messages a dead worker may have sent: record what was created, return the rest."""
+        """Messages a dead worker may have sent: once its request can no longer be in
+        progress (``landed``), record what was created, return the rest."""
         emails = [email for _, email, _ in items]
         since = min(at for _, _, at in items)
         if self.state.aborted:
             return []  # refused keys: left pending for a worker with good ones
+        if not await self._landed(token, [mid for mid, _, _ in items], landed):
+            return []  # stopping: left pending, settled by the next worker to hold them
         try:
             found = await self.sender.reconciler.created_since(
-                token, emails, since, self.clock.time()
+                token, emails, since, max(landed, self.clock.time())
             )
         except AuthError as exc:  # refused keys end the run; the messages stay pending
             self.state.abort(exc)

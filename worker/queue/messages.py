@@ -116,10 +116,12 @@ class RedisIntents:
     def __init__(self, queue: StreamQueue, index: MessageIndex) -> None:
         self._queue, self._index = queue, index
 
-    async def intent(self, token: str, emails: list[str], at: float) -> str:
+    async def intent(
+        self, token: str, emails: list[str], at: float, request_timeout: float | None = None
+    ) -> str:
         ids = self._index.ids(token, emails)
         try:
-            await self._queue.record_intents(ids, at)
+            await self._queue.record_intents(ids, at, request_timeout)
         except RedisError as exc:  # no intent stored: the request must not leave
             raise await self._queue.failure(exc) from None
         return ids[0]

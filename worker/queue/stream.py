@@ -3,10 +3,12 @@
 Besides the stream and its group, two keys belong to a group:
 
 - ``<stream>:<group>:intents`` — a hash of message id -> the time a request carrying that
-  message was sent. It is written *before* the request (Redis has acknowledged it by the
-  time the POST goes out) and removed when the message is acknowledged. A message claimed
-  from a dead worker that still has an intent has an unknown outcome: the token's
-  invitations are listed before it is sent again.
+  message was sent and the timeout it was sent with (``"SENT TIMEOUT"``; older workers
+  wrote the time alone). It is written *before* the request (Redis has acknowledged it by
+  the time the POST goes out) and removed when the message is acknowledged. A message
+  claimed from a dead worker that still has an intent has an unknown outcome: once that
+  request can no longer be in progress, the token's invitations are listed before it is
+  sent again.
 - the dead-letter stream (``<stream>:dead`` by default) — messages that failed for good or
   were delivered too often, with the error;
 - ``<stream>:<group>:pairs:<period>`` — hashes of ``token\temail`` -> the message that
@@ -173,6 +175,12 @@ class StreamQueue:
             if cursor in ("0-0", b"0-0"):
                 return out
 
+    async def touch(self, ids: list[str]) -> None:
+        """Claim these messages (ours) again, so their idle time starts over; JUSTID: not
+        counted as a delivery."""
+        if ids:
+            await self.redis.xclaim(self.stream, self.group, self.consumer, 0, [*ids], justid=True)
+
     async def deliveries(self, ids: list[str]) -> dict[str, int]:
         """How many times each message was delivered (one pipelined query per id)."""
         if not ids:
@@ -188,16 +196,21 @@ class StreamQueue:
         summary = await self.redis.xpending(self.stream, self.group)
         return int(summary["pending"])
 
-    async def record_intents(self, ids: list[str], at: float) -> None:
-        """Before sending: these messages go out in a request sent at ``at`` (one script)."""
-        await self._intents(keys=[self.intents_key], args=[",".join(ids), repr(at)])
+    async def record_intents(
+        self, ids: list[str], at: float, request_timeout: float | None
+    ) -> None:
+        """Before sending: these messages go out in a request sent at ``at`` that may take
+        up to ``request_timeout`` seconds (one script)."""
+        value = repr(at) if request_timeout is None else f"{at!r} {request_timeout!r}"
+        await self._intents(keys=[self.intents_key], args=[",".join(ids), value])
 
-    async def intent_times(self, ids: list[str]) -> dict[str, float]:
-        """The recorded send time of each message that has one."""
+    async def intent_times(self, ids: list[str]) -> dict[str, tuple[float, float | None]]:
+        """The recorded send time and timeout (None: not recorded) of each message that
+        has an intent."""
         if not ids:
             return {}
         values = await self.redis.hmget(self.intents_key, ids)
-        return {mid: float(v) for mid, v in zip(ids, values, strict=True) if v is not None}
+        return {mid: _intent(str(v)) for mid, v in zip(ids, values, strict=True) if v is not None}
 
     def _pair_hashes(self, now: float) -> tuple[str, str]:
         """This period's hash of held pairs, and the previous period's."""
@@ -240,6 +253,12 @@ class StreamQueue:
 
 def _name(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _intent(value: str) -> tuple[float, float | None]:
+    """An intent's ``"SENT TIMEOUT"`` (or, written by an older worker, ``"SENT"``)."""
+    sent, _, timeout = value.partition(" ")
+    return float(sent), float(timeout) if timeout else None
 
 
 def _as_sent(response: Any, **options: Any) -> Any:

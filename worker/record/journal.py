@@ -2,8 +2,10 @@
 
 It lives beside the report (``<report>.journal``) and holds two kinds of line:
 
-- ``{"i": ID, "token": T, "emails": [...], "at": EPOCH}`` — an *intent*, written and
-  ``fdatasync``\\ ed before request ``ID`` goes out, with the time it was sent;
+- ``{"i": ID, "token": T, "emails": [...], "at": EPOCH, "t": SECONDS}`` — an *intent*,
+  written and ``fdatasync``\\ ed before request ``ID`` goes out, with the time it was sent
+  and the ``--timeout`` it was sent with (so a later run knows until when it could still
+  be in progress; journals written before ``t`` existed lack it);
 - ``{"c": ID}`` — a *clear*: the intent is resolved, because the service answered that it
   created nothing (4xx, 429, no connection), or because the outcome was settled by listing
   the token's invitations and recorded in the report.
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from msgspec import UNSET
+
 from worker.errors import UsageError
 from worker.record.files import AppendFile, read_records
 from worker.record.records import JOURNAL_LINE, JournalLine, encode
@@ -35,8 +39,11 @@ def journal_path(report_path: Path) -> Path:
 class IntentLog(Protocol):
     """Where the sender records what it is about to send, before it sends it."""
 
-    async def intent(self, token: str, emails: list[str], at: float) -> str:
-        """Durably record the intent; returns its id."""
+    async def intent(
+        self, token: str, emails: list[str], at: float, request_timeout: float | None = None
+    ) -> str:
+        """Durably record the intent (sent at ``at``, ``request_timeout`` the longest it may
+        take); returns its id."""
         ...
 
     def clear(self, ident: str) -> None:
@@ -52,6 +59,14 @@ class Intent:
     token: str
     emails: list[str]
     at: float
+    #: The request timeout it was sent with; None: not recorded (an older journal).
+    timeout: float | None = None
+
+    def in_progress_until(self, timeout: float, delay: float) -> float:
+        """When a request sent at ``at`` can no longer be in progress: its send time, its
+        timeout (``timeout`` when none was recorded) and ``delay`` for the service to
+        finish what it was doing (the reconcile delay)."""
+        return self.at + (self.timeout if self.timeout is not None else timeout) + delay
 
 
 class Journal:
@@ -70,11 +85,15 @@ class Journal:
         self._synced = 0
         self._syncing: asyncio.Future[None] | None = None
 
-    async def intent(self, token: str, emails: list[str], at: float) -> str:
-        """Record that ``emails`` are about to be sent to ``token``; returns the intent id."""
+    async def intent(
+        self, token: str, emails: list[str], at: float, request_timeout: float | None = None
+    ) -> str:
+        """Record that ``emails`` are about to be sent to ``token`` at ``at``, with
+        ``request_timeout``; returns the intent id."""
         self._seq += 1
         ident = f"{self._run}-{self._seq}"
-        self._write(JournalLine(i=ident, token=token, emails=emails, at=at))
+        t = UNSET if request_timeout is None else request_timeout
+        self._write(JournalLine(i=ident, token=token, emails=emails, at=at, t=t))
         if self._durable:
             await self._sync(self._written)
         return ident
@@ -123,7 +142,9 @@ def read_journal(
         if isinstance(line.c, str):
             intents.pop(line.c, None)
             continue
-        intent = Intent(str(line.i), str(line.token), list(line.emails or ()), float(line.at or 0))
+        timeout = float(line.t) if isinstance(line.t, int | float) else None
+        intent = Intent(str(line.i), str(line.token), list(line.emails or ()),
+                        float(line.at or 0), timeout)  # fmt: skip
         still_open = pending(intent) if pending is not None else intent
         if still_open is not None:
             intents[intent.id] = still_open

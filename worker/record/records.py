@@ -90,13 +90,16 @@ REPORT_LINE = msgspec.json.Decoder(ReportRecord)
 
 
 class JournalLine(msgspec.Struct):
-    """One journal line: an intent (``i`` with token, emails and send time) or a clear."""
+    """One journal line: an intent (``i`` with token, emails, send time and the timeout it
+    was sent with) or a clear."""
 
     i: str | UnsetType = UNSET
     c: str | UnsetType = UNSET
     token: str | UnsetType = UNSET
     emails: list[str] | UnsetType = UNSET
     at: float | UnsetType = UNSET
+    #: The request timeout in force (absent in journals written before it was recorded).
+    t: float | UnsetType = UNSET
 
     def is_clear(self) -> bool:
         """A clear: the intent it names is resolved."""

@@ -181,7 +181,10 @@ async def _run(
 
 async def _settle(runner: Runner, history: History, clock: Clock) -> None:
     """``--resume``: record what unknown outcomes of the earlier run actually created."""
-    async for outcome in settle_unknowns(history, runner.sender.reconciler, clock):
+    unknowns = settle_unknowns(history, runner.sender.reconciler, clock,
+                               request_timeout=runner.config.timeout,
+                               delay=runner.config.reconcile_delay)  # fmt: skip
+    async for outcome in unknowns:
         if outcome.reconciled:  # counted as the sender counts what a listing settles
             runner.sender.stats.reconciled_sent += len(outcome.emails)
         runner.record(outcome)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from worker.clock import Clock
+from worker.clock import Clock, sleep_unless
 from worker.errors import SendError, UsageError, is_final
 from worker.outcome import Outcome, Status
 from worker.record.files import read_records
@@ -154,16 +154,25 @@ def load_history(report_path: Path, journal_path: Path, *, resend: bool = False)
         keys = [pair_key(intent.token, e) for e in intent.emails]
         sent = history.sent.find_many(keys)
         pending = [e for e, key in zip(intent.emails, keys, strict=True) if key not in sent]
-        return Intent(intent.id, intent.token, pending, intent.at) if pending else None
+        if not pending:
+            return None
+        return Intent(intent.id, intent.token, pending, intent.at, intent.timeout)
 
     history.unknown.extend(read_journal(journal_path, unsent).values())
     return history
 
 
 async def settle_unknowns(
-    history: History, reconciler: Reconciler, clock: Clock
+    history: History, reconciler: Reconciler, clock: Clock, *, request_timeout: float, delay: float
 ) -> AsyncIterator[Outcome]:
     """List the invitations of every token with unknown outcomes; yield what was created.
+
+    An intent is listed for only once its request can no longer be in progress: the
+    service may still create the invitations of a request whose process stopped or died
+    (it does not know the client went away). So each waits until its send time, plus the
+    timeout it was sent with (``request_timeout`` if the journal does not say), plus ``delay``,
+    as the unknown outcome of a running request does. A stop ends the wait: the intents
+    not yet listed stay open for the next ``--resume``, their pairs unsent.
 
     Each outcome found is ``sent`` (``reconciled``) and clears its intent once recorded;
     the pairs not found go back to the input pass to be sent. If a token's list cannot be
@@ -174,12 +183,24 @@ async def settle_unknowns(
         return
     log.info("resume.reconciling", intents=len(history.unknown),
              tokens=len({i.token for i in history.unknown}))  # fmt: skip
-    now = clock.time()
     for intent in history.unknown:  # one listing per token serves all its intents
         reconciler.expect(intent.token, intent.emails)
-    for intent in history.unknown:
+    # Soonest landed first: a listing serves every intent whose time has come.
+    waiting = sorted(history.unknown, key=lambda i: i.in_progress_until(request_timeout, delay))
+    for number, intent in enumerate(waiting):
+        landed = intent.in_progress_until(request_timeout, delay)
+        if (wait := landed - clock.time()) > 0:
+            log.info("resume.waiting", token=intent.token, seconds=round(wait, 3),
+                     reason="an earlier request may still be in progress")  # fmt: skip
+            if not await sleep_unless(clock, wait, reconciler.stop):
+                left = waiting[number:]
+                log.warning("resume.stopped_waiting", intents=len(left))
+                history.blocked.update(pair_key(i.token, e) for i in left for e in i.emails)
+                return
+        now = clock.time()
         try:
-            found = await reconciler.created_since(intent.token, intent.emails, intent.at, now)
+            found = await reconciler.created_since(intent.token, intent.emails, intent.at,
+                                                   max(now, landed))  # fmt: skip
         except SendError as exc:
             log.error("reconcile.failed", token=intent.token, emails=len(intent.emails),
                       error=exc.message)  # fmt: skip

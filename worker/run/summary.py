@@ -80,8 +80,9 @@ def build_summary(
     sender, report, state = runner.sender, runner.report, runner.state
     halted = state.fatal
     interrupted = state.interrupted
-    # Valid pairs read but neither sent nor failed (left for --resume after a stop).
-    unsent = max(0, counts.valid - runner.recorded)
+    # Valid pairs read but neither sent nor failed (left for --resume after a stop); those
+    # of requests that went out but whose outcome is unknown (cut by the stop) are not.
+    unsent = max(0, counts.valid - runner.recorded - sender.stats.unknown_left)
     if history is not None:
         totals = history.totals()
     else:

@@ -84,6 +84,10 @@ class Hooks:
     def unsent(self) -> None:
         """The last request created nothing: a 429, a known failure, or none was made."""
 
+    def cut(self) -> None:
+        """The request in flight was cancelled (a stop's grace ran out): it may have
+        reached the service, so its outcome is unknown."""
+
     def limited(self) -> None:
         """The last request was answered 429 (not a failed attempt)."""
 
@@ -132,6 +136,9 @@ async def attempt(
             await hooks.sending(sent_at)
             try:
                 answer = await call()
+            except asyncio.CancelledError:
+                hooks.cut()
+                raise
             except FatalError:  # no connection could ever be made: nothing was created
                 with contextlib.suppress(FatalError):  # the first fault is the one to tell
                     hooks.unsent()

@@ -212,9 +212,13 @@ class Sender:
         # Give a request that is still being processed time to land before we look.
         not_before = self._clock.time() + self._config.reconcile_delay
         if not await self.state.sleep(self._clock, self._config.reconcile_delay):
+            self.stats.unknown_left += len(emails)
             raise Stopped("stopping: the unknown outcome is left in the journal")
         try:
             found = await self.reconciler.created_since(token, emails, sent_at, not_before)
+        except Stopped:
+            self.stats.unknown_left += len(emails)
+            raise
         except AuthError as exc:
             self.state.abort(exc)
             self.metrics.reconciled("unreadable")
@@ -259,11 +263,21 @@ class _Journaled(Hooks):
 
     async def sending(self, sent_at: float) -> None:
         sender, trip = self._sender, self._trip
-        self._intent = await sender._journal.intent(trip.token, trip.emails, sent_at)
+        self._intent = await sender._journal.intent(trip.token, trip.emails, sent_at,
+                                                    sender._config.timeout)  # fmt: skip
         sender.stats.requests += 1
 
     def unsent(self) -> None:
         self._sender._journal.clear(self._intent)  # the service created nothing
+
+    def cut(self) -> None:
+        # The intent stays open: --resume (or a claiming worker) settles it once the
+        # request can no longer be in progress.
+        stats = self._sender.stats
+        stats.unknown_outcomes += 1
+        stats.unknown_left += len(self._trip.emails)
+        log.warning("batch.outcome_unknown", token=self._trip.token, emails=len(self._trip.emails),
+                    code="cut", error="the run stopped with the request in flight")  # fmt: skip
 
     def limited(self) -> None:
         self._sender.stats.rate_limited += 1

@@ -21,6 +21,9 @@ class SendStats:
     rate_limited: int = 0
     splits: int = 0
     unknown_outcomes: int = 0
+    #: Emails of unknown outcomes left open when the run stopped (a request cut at the end
+    #: of the grace, or one whose check was not waited for): neither sent nor unsent.
+    unknown_left: int = 0
     reconciled_sent: int = 0
 
 
