@@ -211,7 +211,8 @@ async def test_eio_on_the_journal_stops_sending_and_no_post_leaves_without_its_i
 
     monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
     pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(200)]
-    config = make_config(batch_size=10, durable_journal=True)
+    # A short timeout: --resume waits out the halted run's requests before listing.
+    config = make_config(batch_size=10, durable_journal=True, timeout=1.0)
     with capture_logs():
         result = await run(config, csv_source(rows_csv(pairs)))
     assert result.exit_code == 3

@@ -205,7 +205,7 @@ async def test_crash_between_sent_and_recorded_is_settled_on_resume(
     report = config.report_path
     report.write_text('{"kind": "rejected", "line": 9, "reason": "invalid_email"}\n')
     journal = Journal(journal_path(report), durable=True)
-    at = emulator._clock() - 1
+    at = emulator._clock() - 10  # long enough ago that no request can be in progress
     await journal.intent(TOKEN_A, created, at)  # the POST that succeeded, then the crash
     await journal.intent(TOKEN_B, lost, at)  # journaled, but the process died before sending
     journal.close()

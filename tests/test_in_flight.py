@@ -6,14 +6,23 @@ a listing made before that request could end would miss them and invite everyone
 
 from __future__ import annotations
 
+import asyncio
+import random
 import signal
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Proc, by_kind, emulator_invited, read_report
-from worker.record.journal import journal_path
+from tests.conftest import TOKEN_A, TOKEN_B, Proc, by_kind, emulator_invited, read_report
+from worker.clock import FakeClock
+from worker.config import Config
+from worker.emulator import Emulator
+from worker.outcome import Outcome
+from worker.record.journal import Intent, journal_path
+from worker.run.resume import History, settle_unknowns
+from worker.send import client_for, pacer_for, reconciler_for
+from worker.validate import pair_key
 
 #: The emulator answers every POST this late, creating its invitations then, client or not;
 #: the worker's --timeout is just longer, so the request is not one that times out.
@@ -103,3 +112,67 @@ def test_a_killed_queue_workers_slow_request_is_settled_only_once_it_has_landed(
     [sent] = [b for b in by_kind(read_report(tmp_path / "second.jsonl"), "batch")
               if b["status"] == "sent"]  # fmt: skip
     assert sent["reconciled"] is True
+
+
+class StopOnLongWait(FakeClock):
+    """Virtual time in which a wait of ``long`` seconds or more is ended by a stop."""
+
+    def __init__(self, stop: asyncio.Event, long: float) -> None:
+        super().__init__(time.time())
+        self.stop, self.long, self.started = stop, long, self.now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds >= self.long:
+            self.stop.set()
+        await super().sleep(seconds)
+
+
+async def settle(
+    config: Config, history: History, clock: FakeClock, stop: asyncio.Event
+) -> list[tuple[float, Outcome]]:
+    """settle_unknowns over the emulator: each outcome with the virtual time it came at."""
+    async with client_for(config) as client:
+        reconciler = reconciler_for(config, client, pacer_for(config, clock), clock,
+                                    random.Random(1), stop=stop)  # fmt: skip
+        settled = settle_unknowns(history, reconciler, clock, request_timeout=config.timeout,
+                                  delay=config.reconcile_delay)  # fmt: skip
+        return [(clock.time(), outcome) async for outcome in settled]
+
+
+async def test_resume_lists_an_intent_only_once_its_request_can_no_longer_be_in_progress(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """--resume lists an open intent at its send time + the timeout it recorded (the run's
+    --timeout for a journal that recorded none) + the reconcile delay, not before."""
+    config = make_config(timeout=5.0, reconcile_delay=2.0)
+    clock = FakeClock(time.time())
+    at = clock.now - 1
+    for token, email in ((TOKEN_A, "a@example.com"), (TOKEN_B, "b@example.com")):
+        emulator.add_dashboard(token).invitations.append((email, at + 0.5))
+        emulator.invited[(token, email)] += 1
+    recorded = Intent("r-1", TOKEN_A, ["a@example.com"], at, 60.0)
+    older = Intent("r-2", TOKEN_B, ["b@example.com"], at)  # written before "t" existed
+    history = History(unknown=[recorded, older])
+    settled = await asyncio.wait_for(settle(config, history, clock, asyncio.Event()), 10)
+    assert [(round(when - at, 3), o.token, o.reconciled) for when, o in settled] == [
+        (7.0, TOKEN_B, True), (62.0, TOKEN_A, True)
+    ]  # fmt: skip
+    assert [r.method for r in emulator.requests] == ["GET", "GET"]
+    assert history.blocked == set()
+
+
+async def test_a_stop_while_resume_waits_for_a_request_leaves_it_open(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A stop during --resume's wait for an earlier request ends the wait at once: nothing
+    listed, no outcome, its pairs not sent in this run (left for the next --resume)."""
+    config = make_config(timeout=30.0, reconcile_delay=5.0)
+    stop = asyncio.Event()
+    clock = StopOnLongWait(stop, long=10.0)
+    intent = Intent("r-1", TOKEN_A, ["a@example.com"], clock.now - 1, 30.0)
+    history = History(unknown=[intent])
+    settled = await asyncio.wait_for(settle(config, history, clock, stop), 10)
+    assert settled == []
+    assert emulator.requests == []
+    assert clock.now - clock.started < 10
+    assert history.blocked == {pair_key(TOKEN_A, "a@example.com")}

@@ -192,7 +192,7 @@ async def test_a_resume_settles_every_intent_of_a_token_from_one_listing(
     listing of its 250 invitations settles all five; only the two never created are sent."""
     config = make_config(concurrency=1)
     journal = Journal(journal_path(config.report_path), durable=False)
-    at = emulator._clock() - 1
+    at = emulator._clock() - 10  # long enough ago that no request can be in progress
     board = emulator.add_dashboard(TOKEN_A)
     board.invitations.extend((f"old{i}@example.com", at - 86400) for i in range(245))
     batches = [[f"b{n}x{i}@example.com" for i in range(2)] for n in range(5)]

@@ -177,7 +177,7 @@ async def test_a_dead_workers_messages_are_claimed_and_reconciled_not_resent(
     await add(redis, stream_name, [*done, (TOKEN_A, "never@example.com")])
     taken: Any = await redis.xreadgroup("invite-worker", "dead-worker", {stream_name: ">"})
     ids: list[str] = [mid for mid, _ in taken[0][1]]
-    sent_at = emulator._clock() - 1
+    sent_at = emulator._clock() - 10  # long enough ago that no request can be in progress
     await redis.hset(f"{stream_name}:invite-worker:intents",
                      mapping=dict.fromkeys(ids, repr(sent_at)))  # fmt: skip
     board = emulator.add_dashboard(TOKEN_A)

@@ -305,9 +305,10 @@ class Consumer:
         The claimed messages are claimed again every half ``--claim-idle`` meanwhile, so
         that no other worker takes them for idle while this one waits.
         """
-        while (wait := until - self.clock.time()) > 0:
+        if (wait := until - self.clock.time()) > 0:
             log.info("queue.waiting", token=token, messages=len(mids), seconds=round(wait, 3),
                      reason="the dead worker's request may still be in progress")  # fmt: skip
+        while (wait := until - self.clock.time()) > 0:
             if not await self.state.sleep(self.clock, min(wait, self.options.claim_idle / 2)):
                 return False
             await self.queue.touch(mids)
@@ -325,9 +326,7 @@ class Consumer:
         if not await self._landed(token, [mid for mid, _, _ in items], landed):
             return []  # stopping: left pending, settled by the next worker to hold them
         try:
-            found = await self.sender.reconciler.created_since(
-                token, emails, since, max(landed, self.clock.time())
-            )
+            found = await self.sender.reconciler.created_since(token, emails, since, landed)
         except AuthError as exc:  # refused keys end the run; the messages stay pending
             self.state.abort(exc)
             return []

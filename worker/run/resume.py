@@ -199,8 +199,9 @@ async def settle_unknowns(
                 return
         now = clock.time()
         try:
+            # Any listing started once it landed will do: one serves all of a token's.
             found = await reconciler.created_since(intent.token, intent.emails, intent.at,
-                                                   max(now, landed))  # fmt: skip
+                                                   landed)  # fmt: skip
         except SendError as exc:
             log.error("reconcile.failed", token=intent.token, emails=len(intent.emails),
                       error=exc.message)  # fmt: skip
