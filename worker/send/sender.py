@@ -277,7 +277,7 @@ class _Journaled(Hooks):
         stats.unknown_outcomes += 1
         stats.unknown_left += len(self._trip.emails)
         log.warning("batch.outcome_unknown", token=self._trip.token, emails=len(self._trip.emails),
-                    code="cut", error="the run stopped with the request in flight")  # fmt: skip
+                    code="grace_expired", error="the run stopped with the request in flight")  # fmt: skip
 
     def limited(self) -> None:
         self._sender.stats.rate_limited += 1
