@@ -126,7 +126,9 @@ def test_refused_keys_while_settling_a_killed_workers_messages_end_the_worker(
     invited exactly once."""
     api = start_emulator("--limit", "20", "--period", "1")
     pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 600)
-    killed = worker(spawn, tmp_path, redis_server, stream_name, api, "killed", env=GOOD)
+    # A short --timeout: a claimer waits out the killed worker's requests before listing.
+    killed = worker(spawn, tmp_path, redis_server, stream_name, api, "killed", "--timeout", "3",
+                    env=GOOD)  # fmt: skip
     deadline = time.monotonic() + 30
     while sum(emulator_invited(api).values()) < 100 and time.monotonic() < deadline:
         time.sleep(0.05)

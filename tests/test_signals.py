@@ -19,8 +19,9 @@ from tests.conftest import Proc, by_kind, emulator_invited, read_report, write_i
 def start_worker(
     spawn: Callable[..., Proc], url: str, source: Path, report: Path, *extra: str
 ) -> Proc:
+    # A short --timeout: --resume waits out a killed run's requests before it lists them.
     return spawn("run", str(source), "--report", str(report), "--api-url", url,
-                 "--reconcile-delay", "0.2", *extra)  # fmt: skip
+                 "--reconcile-delay", "0.2", "--timeout", "3", *extra)  # fmt: skip
 
 
 def sent_in_report(report: Path) -> Counter[tuple[str, str]]:
