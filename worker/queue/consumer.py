@@ -298,22 +298,6 @@ class Consumer:
             rest.extend(await self._reconcile(token, unknown[token], landed[token]))
         return rest
 
-    async def _landed(self, token: str, mids: list[str], until: float) -> bool:
-        """Wait until ``until``, when the dead worker's request can no longer be in
-        progress; False if the run stops first (the messages then stay pending).
-
-        The claimed messages are claimed again every half ``--claim-idle`` meanwhile, so
-        that no other worker takes them for idle while this one waits.
-        """
-        if (wait := until - self.clock.time()) > 0:
-            log.info("queue.waiting", token=token, messages=len(mids), seconds=round(wait, 3),
-                     reason="the dead worker's request may still be in progress")  # fmt: skip
-        while (wait := until - self.clock.time()) > 0:
-            if not await self.state.sleep(self.clock, min(wait, self.options.claim_idle / 2)):
-                return False
-            await self.queue.touch(mids)
-        return True
-
     async def _reconcile(
         self, token: str, items: list[tuple[str, str, float]], landed: float
     ) -> list[tuple[str, str, str]]:
@@ -323,7 +307,13 @@ class Consumer:
         since = min(at for _, _, at in items)
         if self.state.aborted:
             return []  # refused keys: left pending for a worker with good ones
-        if not await self._landed(token, [mid for mid, _, _ in items], landed):
+        if (wait := landed - self.clock.time()) > 0:
+            log.info("queue.waiting", token=token, messages=len(items), seconds=round(wait, 3),
+                     reason="the dead worker's request may still be in progress")  # fmt: skip
+        # Claimed again every half --claim-idle meanwhile: no other worker takes them.
+        mids = [mid for mid, _, _ in items]
+        if not await self.queue.keep(mids, landed, self.options.claim_idle / 2, self.clock,
+                                     self.stop):  # fmt: skip
             return []  # stopping: left pending, settled by the next worker to hold them
         try:
             found = await self.sender.reconciler.created_since(token, emails, since, landed)

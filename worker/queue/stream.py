@@ -20,11 +20,13 @@ Besides the stream and its group, two keys belong to a group:
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from worker.clock import Clock, sleep_unless
 from worker.queue.failures import RedisFailures
 
 #: A message: its id and its fields as Redis sends them, ``[name, value, name, value…]``
@@ -175,11 +177,17 @@ class StreamQueue:
             if cursor in ("0-0", b"0-0"):
                 return out
 
-    async def touch(self, ids: list[str]) -> None:
-        """Claim these messages (ours) again, so their idle time starts over; JUSTID: not
-        counted as a delivery."""
-        if ids:
+    async def keep(
+        self, ids: list[str], until: float, every: float, clock: Clock, stop: asyncio.Event
+    ) -> bool:
+        """Hold these messages (ours) until ``until``, claiming them again every ``every``
+        seconds so their idle time starts over (JUSTID: not counted as a delivery), and no
+        other consumer claims them meanwhile. False if ``stop`` is set first."""
+        while (wait := until - clock.time()) > 0:
+            if not await sleep_unless(clock, min(wait, every), stop):
+                return False
             await self.redis.xclaim(self.stream, self.group, self.consumer, 0, [*ids], justid=True)
+        return True
 
     async def deliveries(self, ids: list[str]) -> dict[str, int]:
         """How many times each message was delivered (one pipelined query per id)."""

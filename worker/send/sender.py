@@ -273,11 +273,11 @@ class _Journaled(Hooks):
     def cut(self) -> None:
         # The intent stays open: --resume (or a claiming worker) settles it once the
         # request can no longer be in progress.
-        stats = self._sender.stats
+        stats, trip = self._sender.stats, self._trip
         stats.unknown_outcomes += 1
-        stats.unknown_left += len(self._trip.emails)
-        log.warning("batch.outcome_unknown", token=self._trip.token, emails=len(self._trip.emails),
-                    code="grace_expired", error="the run stopped with the request in flight")  # fmt: skip
+        stats.unknown_left += len(trip.emails)
+        log.warning("batch.outcome_unknown", token=trip.token, emails=len(trip.emails),
+                    code="grace_expired", error="stopped with the request in flight")  # fmt: skip
 
     def limited(self) -> None:
         self._sender.stats.rate_limited += 1
