@@ -307,15 +307,18 @@ class Consumer:
         since = min(at for _, _, at in items)
         if self.state.aborted:
             return []  # refused keys: left pending for a worker with good ones
-        if (wait := landed - self.clock.time()) > 0:
-            log.info("queue.waiting", token=token, messages=len(items), seconds=round(wait, 3),
-                     reason="the dead worker's request may still be in progress")  # fmt: skip
-        # Claimed again every half --claim-idle meanwhile: no other worker takes them.
         mids = [mid for mid, _, _ in items]
-        if not await self.queue.keep(mids, landed, self.options.claim_idle / 2, self.clock,
-                                     self.stop):  # fmt: skip
-            return []  # stopping: left pending, settled by the next worker to hold them
         try:
+            if (wait := landed - self.clock.time()) > 0:
+                log.info("queue.waiting", token=token, messages=len(items),
+                         seconds=round(wait, 3),
+                         reason="the dead worker's request may still be in progress")  # fmt: skip
+                # One listing first: refused keys end the run now, not after the wait.
+                await self.sender.reconciler.listing(token, 0.0)
+                # Claimed again every half --claim-idle meanwhile: no other worker takes them.
+                if not await self.queue.keep(mids, landed, self.options.claim_idle / 2,
+                                             self.clock, self.stop):  # fmt: skip
+                    return []  # stopping: left pending, settled by the next worker to hold them
             found = await self.sender.reconciler.created_since(token, emails, since, landed)
         except AuthError as exc:  # refused keys end the run; the messages stay pending
             self.state.abort(exc)
