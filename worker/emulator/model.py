@@ -187,6 +187,7 @@ def summarize(requests: list[Logged], invited: Counter[tuple[str, str]]) -> dict
         "requests": len(requests),
         "posts": len(posts),
         "by_status": dict(Counter(str(r.status) for r in requests)),
+        "by_method": dict(Counter(r.method for r in requests)),
         "rate_limited": sum(1 for r in requests if r.status == 429),
         "invitations": sum(invited.values()),
         "duplicates": sum(n - 1 for n in invited.values() if n > 1),

@@ -253,12 +253,19 @@ class Emulator(Service):
     async def _delete(
         self, request: web.Request, log: RequestLog, headers: dict[str, str], board: Dashboard
     ) -> web.StreamResponse:
-        emails, _ = parse_body(await request.read())
+        """Revoke invitations (object or list form): they leave the listing and their
+        sessions end. 204 with an empty ``text/html`` body, as the service answers."""
+        emails, list_form = parse_body(await request.read())
+        log.emails, log.list_form = len(emails or []), list_form
         if not emails:
             return log(error(400, "Invalid request body", headers))
+        if self.faults.max_batch is not None and len(emails) > self.faults.max_batch:
+            return log(error(400, "Too many invitations in one request", headers))
         gone = {e.lower() for e in emails}
         board.invitations = [(e, t) for e, t in board.invitations if e.lower() not in gone]
-        return log(web.Response(status=204, headers=headers))
+        for email in gone:
+            board.sessions.pop(email, None)
+        return log(web.Response(status=204, content_type="text/html", headers=headers))
 
     async def _dashboard(
         self, request: web.Request, log: RequestLog, headers: dict[str, str], board: Dashboard
