@@ -106,6 +106,40 @@ def check_api_url(url: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class PruneMax:
+    """``--prune-max``: the most one run may remove of a dashboard's people, as a count
+    (``25``) or a share (``10%``, ``100%``)."""
+
+    count: int | None = None
+    percent: float | None = 10.0
+
+    @classmethod
+    def parse(cls, text: str) -> PruneMax:
+        """``10%``, ``100%`` or ``25``; anything else is a :class:`UsageError`."""
+        value = text.strip()
+        try:
+            if value.endswith("%"):
+                percent = float(value[:-1])
+                if 0 <= percent <= 100:
+                    return cls(None, percent)
+            elif int(value) >= 0:
+                return cls(int(value), None)
+        except ValueError:
+            pass
+        raise UsageError(f"--prune-max takes a share or a count, e.g. 10%, 100% or 25; "
+                         f"got {text!r}")  # fmt: skip
+
+    def allows(self, remove: int, people: int) -> bool:
+        """Whether removing ``remove`` of a dashboard's ``people`` stays within the cap."""
+        if self.count is not None:
+            return remove <= self.count
+        return remove * 100 <= (self.percent or 0.0) * people
+
+    def __str__(self) -> str:
+        return str(self.count) if self.count is not None else f"{self.percent:g}%"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything a run needs, checked when built. Durations are float seconds."""
 
@@ -151,6 +185,12 @@ class Config:
     add_invitees: bool = False
     #: Invitations asked for per page of a listing; the service may honor fewer.
     list_page_size: int = 100
+    #: Invitees ``--add-invitees`` adds get access until now + this (seconds); None: always.
+    access_expires: float | None = None
+    #: After sending, remove from each dashboard the list names whom it no longer names.
+    prune: bool = False
+    #: The most one run may remove of a dashboard's people (``--prune-max``).
+    prune_max: PruneMax = field(default_factory=PruneMax)
     #: How long a token's dashboard check stays good (queue mode); None: the whole run.
     preflight_ttl: float | None = None
     #: Continue the run recorded in ``report_path``: skip what is settled, check unknowns.
@@ -206,6 +246,11 @@ class Config:
             raise UsageError("--resend-after must be a positive duration, e.g. 12h or 7d")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the report; it cannot go with --overwrite")
+        if self.access_expires is not None and not self.add_invitees:
+            raise UsageError("--access-expires sets the access of the invitees --add-invitees "
+                             "adds; add --add-invitees, or drop it")  # fmt: skip
+        if self.access_expires is not None and not self.access_expires > 0:
+            raise UsageError("--access-expires must be a positive duration, e.g. 7d or 12h")
         if self.max_buffered_rows < self.batch_size:
             raise UsageError("max_buffered_rows must be at least --batch-size")
 

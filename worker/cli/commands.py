@@ -18,7 +18,7 @@ from worker.cli import signals
 from worker.cli.emulator import SANDBOX_KEY
 from worker.cli.guards import check_not_input, check_report_path, run_outputs
 from worker.cli.help import columns_of, json_stderr, log_level, say
-from worker.config import Config, api_url_for_site, check_api_url
+from worker.config import Config, PruneMax, api_url_for_site, check_api_url
 from worker.errors import FatalError, UsageError
 from worker.exits import EXIT_ABORTED
 from worker.metrics.target import statsd_target
@@ -50,6 +50,9 @@ def config_from(
         resend_after=args.resend_after,
         add_invitees=args.add_invitees,
         list_page_size=args.list_page_size,
+        access_expires=args.access_expires,
+        prune=args.prune,
+        prune_max=args.prune_max or PruneMax(),
         resume=args.resume,
         grace=args.grace,
         reconcile_delay=args.reconcile_delay,
@@ -120,6 +123,15 @@ def _refuse_mistakes(args: argparse.Namespace) -> None:
         )
     if args.assume_limit and not args.dry_run:
         raise UsageError("--assume-limit only shapes a --dry-run estimate; add --dry-run")
+    if args.prune_max is not None and not args.prune:
+        raise UsageError("--prune-max caps what --prune removes; add --prune, or drop it")
+    if args.prune and is_redis_url(args.source):  # a stream has no whole list to compare
+        raise UsageError("--prune compares dashboards with a whole list; a stream has no "
+                         "end. Use 'invite-worker run FILE --prune' on the file you would "
+                         "enqueue")  # fmt: skip
+    if args.prune and args.dry_run and not args.preflight:
+        raise UsageError("a --dry-run of --prune needs --preflight: it reads the dashboards "
+                         "to know whom a run would remove")  # fmt: skip
     if args.api_url and not args.sandbox:
         check_api_url(args.api_url)
     report = report_path(args)

@@ -38,6 +38,9 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
     ]
     if totals["planned"]:
         lines.insert(0, ("emails planned", totals["planned"]))
+    if totals["revoked"] or totals["prunes_refused"]:
+        lines.insert(4, ("emails revoked", totals["revoked"]))
+        lines.insert(5, ("prunes refused", totals["prunes_refused"]))
     for name, value in lines:
         print(f"  {name:<18} {value:,}", file=out)
     print(f"  {'duration':<18} {totals['duration_ms'] / 1000:,.1f} s", file=out)
@@ -46,6 +49,8 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
         ("Failures by token", "failed_by_token"),
         ("Rejected rows by reason", "rejected_by_reason"),
         ("Skipped emails by reason", "skipped_by_reason"),
+        ("Revoked emails by what was removed", "revoked_by_what"),
+        ("Refused prunes by code", "prune_refused_by_code"),
     ):
         if totals[key]:
             print(title, file=out)

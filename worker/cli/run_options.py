@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from worker.cli.help import add_column_options, add_format, add_log_format
-from worker.config import DEFAULT_SITE
+from worker.config import DEFAULT_SITE, PruneMax
+from worker.errors import UsageError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -31,6 +32,14 @@ def duration(text: str) -> float:
     return seconds
 
 
+def prune_max(text: str) -> PruneMax:
+    """``10%``, ``100%`` or a count, for ``--prune-max``."""
+    try:
+        return PruneMax.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 RUN_DESCRIPTION = """\
 Send the invitations a file (or a Redis Stream) lists: rows are validated, grouped per
 dashboard token into list requests, paced to the organization's rate limit, and every
@@ -45,6 +54,7 @@ RUN_EXAMPLES = """\
   invite-worker run invites.csv --report /data/report.jsonl
   invite-worker run invites.csv --report /data/report.jsonl --resume   # after a stop
   invite-worker run users.csv --token-column dashboard_token --email-column user_email
+  invite-worker run team.csv --add-invitees --prune     # dashboards hold exactly the list
   invite-worker run redis://127.0.0.1:6379/0 --stream invites --until-empty"""
 
 
@@ -216,6 +226,30 @@ def add_who_options(r: argparse.ArgumentParser) -> None:
         action="store_true",
         help="add addresses the dashboard does not allow to its invitees first (read, merge, "
         "write, read back; nothing existing is removed or changed), then invite them",
+    )
+    g.add_argument(
+        "--access-expires",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="with --add-invitees: the invitees it adds get access until now + DURATION "
+        "(existing invitees keep theirs); e.g. --access-expires 7d (or 12h)",
+    )
+    g.add_argument(
+        "--prune",
+        action="store_true",
+        help="make each dashboard the list names match it: once everything is sent, remove "
+        "whom the list no longer names (invitee and share_list entries, invitations, "
+        "sessions); a file only",
+    )
+    g.add_argument(
+        "--prune-max",
+        type=prune_max,
+        default=None,
+        metavar="SHARE|N",
+        help="with --prune: the most one run may remove of a dashboard's people; a dashboard "
+        "over it is left whole and the run exits 1 (default 10%%); e.g. --prune-max 25 or "
+        "--prune-max 100%%",
     )
 
 

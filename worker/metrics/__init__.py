@@ -31,6 +31,12 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         """An input row was rejected for ``reason``."""
 
+    def revoked(self, removed: list[str], count: int) -> None:
+        """``--prune`` took ``count`` emails' access away, removing ``removed``."""
+
+    def prune_refused(self, code: str) -> None:
+        """``--prune`` left a dashboard (or the run) whole, for ``code``."""
+
     def retry(self, code: str) -> None:
         """A request is retried after an error with ``code``."""
 

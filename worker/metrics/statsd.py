@@ -112,6 +112,13 @@ class StatsdMetrics(Metrics):
     def rejected(self, reason: str) -> None:
         self._client.increment("rows.rejected", tags=[tag("reason", reason)])
 
+    def revoked(self, removed: list[str], count: int) -> None:
+        self._client.increment("emails.revoked", count,
+                               tags=[tag("removed", what) for what in sorted(removed)])  # fmt: skip
+
+    def prune_refused(self, code: str) -> None:
+        self._client.increment("prunes.refused", tags=[tag("code", code)])
+
     def retry(self, code: str) -> None:
         self._client.increment("retries", tags=[tag("code", code)])
 

@@ -1,7 +1,8 @@
 """The records of the report and the journal, as types shared by the writer and every reader.
 
 A report line is one object tagged by ``kind``: ``batch`` (an outcome, or a dry run's plan),
-``rejected`` (an input row) or ``summary`` (the end of a run). A journal line is an intent
+``rejected`` (an input row), ``skipped``, ``revoked`` and ``prune_refused`` (``--prune``)
+or ``summary`` (the end of a run). A journal line is an intent
 (``i``) or a clear (``c``). Fields a record does not carry are ``UNSET`` and left out when
 written, so the files read the same as before these types existed, and older files decode.
 """
@@ -71,6 +72,29 @@ class SkippedRecord(msgspec.Struct, tag_field="kind", tag="skipped"):
     reason: str  # active_session, already_invited
 
 
+class RevokedRecord(msgspec.Struct, tag_field="kind", tag="revoked"):
+    """Emails of a token whose access ``--prune`` took away, and what it removed:
+    ``invitation``, ``invitee``, ``share_list``. In a dry run's plan, what it would remove
+    (``planned``)."""
+
+    token: str
+    emails: list[str]
+    removed: list[str]
+    planned: bool | UnsetType = UNSET
+
+
+class PruneRefusedRecord(msgspec.Struct, tag_field="kind", tag="prune_refused"):
+    """A dashboard ``--prune`` left whole, or (no ``token``) a run that pruned nothing,
+    and why: ``code`` and the human ``message``."""
+
+    code: str
+    message: str
+    token: str | UnsetType = UNSET
+    #: The dashboard's people, and how many the list no longer names.
+    people: int | UnsetType = UNSET
+    remove: int | UnsetType = UNSET
+
+
 class SummaryRecord(msgspec.Struct, tag_field="kind", tag="summary"):
     """The end of a run, as readers see it: the counters summed across runs."""
 
@@ -83,7 +107,14 @@ class SummaryRecord(msgspec.Struct, tag_field="kind", tag="summary"):
     duration_ms: float = 0.0
 
 
-ReportRecord = BatchRecord | RejectedRecord | SkippedRecord | SummaryRecord
+ReportRecord = (
+    BatchRecord
+    | RejectedRecord
+    | SkippedRecord
+    | RevokedRecord
+    | PruneRefusedRecord
+    | SummaryRecord
+)
 
 #: Decodes one report line; a line of any other shape raises ``msgspec.ValidationError``.
 REPORT_LINE = msgspec.json.Decoder(ReportRecord)

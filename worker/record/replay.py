@@ -22,8 +22,10 @@ from worker.record.files import read_records
 from worker.record.records import (
     REPORT_LINE,
     BatchRecord,
+    PruneRefusedRecord,
     RejectedRecord,
     ReportRecord,
+    RevokedRecord,
     SkippedRecord,
     SummaryRecord,
 )
@@ -63,6 +65,10 @@ class Replay:
     batches: list[tuple[str, str | None, str]] = field(default_factory=list)
     rejected: dict[Any, str] = field(default_factory=dict)  # line or stream id -> reason
     runs: list[SummaryRecord] = field(default_factory=list)
+    #: ``--prune``: emails whose access was taken away (by what), dashboards left whole
+    revoked: int = 0
+    revoked_by_what: Counter[str] = field(default_factory=Counter)
+    prunes_refused: Counter[str] = field(default_factory=Counter)
     ends_with_summary: bool = False
     _keys: Any = None  # sorted pair keys, each once
     _last: Any = None  # for each, the number of its last batch record
@@ -82,6 +88,13 @@ class Replay:
                 keys.extend(pair_key(token, email) for email in emails)
             elif isinstance(record, RejectedRecord):
                 review.rejected.setdefault(record.where, record.reason)
+            elif isinstance(record, RevokedRecord):
+                if record.planned is not True:
+                    review.revoked += len(record.emails)
+                    for what in record.removed:
+                        review.revoked_by_what[what] += len(record.emails)
+            elif isinstance(record, PruneRefusedRecord):
+                review.prunes_refused[record.code] += 1
             else:
                 review.runs.append(record)
         if last is None and strict:
@@ -163,4 +176,8 @@ class Replay:
         totals["failed_by_token"] = dict(failed_by_token.most_common())
         totals["rejected_by_reason"] = dict(Counter(self.rejected.values()).most_common())
         totals["skipped_by_reason"] = dict(skipped.most_common())
+        totals["revoked"] = self.revoked
+        totals["revoked_by_what"] = dict(sorted(self.revoked_by_what.items()))
+        totals["prunes_refused"] = sum(self.prunes_refused.values())
+        totals["prune_refused_by_code"] = dict(self.prunes_refused.most_common())
         return totals

@@ -21,7 +21,9 @@ from worker.record.files import AppendFile, holds_only_a_plan, reads_as_report
 from worker.record.records import (
     BatchRecord,
     ErrorInfo,
+    PruneRefusedRecord,
     RejectedRecord,
+    RevokedRecord,
     SkippedRecord,
     encode,
 )
@@ -78,6 +80,10 @@ class Report:
         self.refused_by_code: Counter[str] = Counter()
         self.batches: Counter[str] = Counter()
         self.emails: Counter[str] = Counter()
+        #: ``--prune``: emails whose access was taken away, by what; refusals by code.
+        self.revoked_emails = 0
+        self.revoked_by_what: Counter[str] = Counter()
+        self.prunes_refused: Counter[str] = Counter()
         self.closed = False
         #: Rejections are counted here too, whichever stage found them.
         self.metrics = Metrics()
@@ -124,6 +130,31 @@ class Report:
                 round((outcome.finished_at - outcome.started_at) * 1000, 1),
                 True if outcome.reconciled else UNSET,
             )  # fmt: skip
+        self._pending.append(encode(record))
+        self.flush()
+
+    def revoked(self, token: str, emails: list[str], removed: list[str], *,
+                planned: bool = False) -> None:  # fmt: skip
+        """Emails whose access ``--prune`` took away (or, ``planned``, would), at once."""
+        if not planned:
+            self.revoked_emails += len(emails)
+            for what in removed:
+                self.revoked_by_what[what] += len(emails)
+            self.metrics.revoked(removed, len(emails))
+        self._pending.append(encode(RevokedRecord(token, emails, sorted(removed),
+                                                  True if planned else UNSET)))  # fmt: skip
+        self.flush()
+
+    def prune_refused(self, code: str, message: str, token: str | None = None,
+                      people: int | None = None, remove: int | None = None) -> None:  # fmt: skip
+        """A dashboard ``--prune`` left whole (or, no ``token``, the whole run), and why."""
+        self.prunes_refused[code] += 1
+        self.metrics.prune_refused(code)
+        record = PruneRefusedRecord(code, message)
+        if token is not None:
+            record.token = token
+        if people is not None and remove is not None:
+            record.people, record.remove = people, remove
         self._pending.append(encode(record))
         self.flush()
 

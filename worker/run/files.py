@@ -24,6 +24,7 @@ from worker.record.journal import Journal, journal_path
 from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.progress import Progress, snapshot_of
+from worker.run.prune import ListedInput, prune
 from worker.run.resume import (
     History,
     check_resumable,
@@ -34,7 +35,8 @@ from worker.run.resume import (
 from worker.run.rows import InputRows
 from worker.run.runner import Runner
 from worker.run.summary import FileCounts, RunResult, build_summary, finish, outcome_of
-from worker.send import client_for, pacer_for
+from worker.send import client_for, pacer_for, pruner_for
+from worker.send.prune import Pruner
 from worker.send.sender import Sender
 from worker.sources import RawRow, Source
 from worker.sources.csvfile import CsvSource
@@ -54,13 +56,16 @@ async def read_batches(
     counts: FileCounts,
     history: History | None = None,
     stop: asyncio.Event | None = None,
+    listed: ListedInput | None = None,
 ) -> AsyncGenerator[Batch, None]:
     """Read, validate and batch ``source``: the batches to send; rejections to ``reject``.
 
     Updates ``counts`` as it goes; on ``--resume`` skips settled pairs and does not report
-    already-rejected lines again.
+    already-rejected lines again. ``listed`` (``--prune``) learns what the list names.
     """
     validator = Validator()
+    if listed is not None:
+        listed.index = validator.seen
     batcher = Batcher(config.batch_size, config.max_buffered_rows)
     known_rejected = history.rejected_lines if history is not None else set()
     settled = history.settled if history is not None else None
@@ -79,6 +84,8 @@ async def read_batches(
             counts.rows += len(chunk)
             counts.valid += len(valid)
             counts.skipped += skipped
+            if listed is not None:
+                listed.chunk(chunk, rejections)
             # The next chunk is read while this one's batches go out, so the total (and the
             # ETA) shows as soon as every row is read, and a pipe is never waited on early.
             ahead = asyncio.ensure_future(anext(chunks, None))
@@ -143,6 +150,7 @@ async def _run(
     counts = FileCounts(
         input=InputRows.of(source.description, header=isinstance(source, CsvSource))
     )
+    pruner: Pruner | None = None
     report.metrics = metrics = metrics_for(config, mode="file")
     state = RunState(stop)
     try:
@@ -157,12 +165,21 @@ async def _run(
             progress = Progress(snapshot_of(runner, counts), config.progress, config.progress_every,
                                 rows=counts.input)  # fmt: skip
             progress.start()
+            listed = ListedInput() if config.prune else None
+            if config.prune:
+                pruner = pruner_for(config, client, sender.pacer, sender.retry, clock, rng,
+                                    sender.cap.size, state.stop)  # fmt: skip
             try:
                 await runner.drive(_flushed(report, read_batches(
-                    config, source, report.rejected, counts, history, stop)),
+                    config, source, report.rejected, counts, history, stop, listed)),
                     services=[("progress", progress.run)])  # fmt: skip
             finally:
                 progress.close()
+            finished = counts.read_all and not (state.stop.is_set() or state.aborted)
+            if listed is not None and pruner is not None and finished:
+                pruning = prune(config, pruner, listed, report, stop=state.stop,
+                                abort=state.abort)  # fmt: skip
+                await runner.supervise("prune", pruning)
     except BaseException:
         metrics.close()  # no summary follows
         raise
@@ -171,7 +188,7 @@ async def _run(
         journal.close()
     try:
         summary = build_summary(runner, source.description, counts, started, clock.time(),
-                                history=history, resumed=config.resume)  # fmt: skip
+                                history=history, resumed=config.resume, pruner=pruner)  # fmt: skip
         result = finish(report, summary, for_people=config.progress == "bar")
         metrics.finished(result.exit_code, outcome_of(result.summary))
     finally:

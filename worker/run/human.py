@@ -34,6 +34,9 @@ def print_summary(
     if failed:
         rows.append(("failed", f"{failed:,}"))
     rows += _by("rejected rows", summary.get("rejected_by_reason", {}))
+    if "emails_revoked" in summary:  # --prune
+        rows.append(("revoked (pruned)", f"{summary['emails_revoked']:,}"))
+        rows += _by("prune refused", summary.get("prune_refused_by_code", {}))
     left = summary.get("unsent", 0) + (summary.get("unread") or 0)
     if left:
         rows.append(("not sent yet", f"{left:,}" + _unknown_rest(summary)))
@@ -108,6 +111,9 @@ def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
         return f"{fixes}; then: {retry}, and run retry.csv"
     if summary["rejected"]:
         return "fix the rejected rows in the input (their lines are in the report)"
+    if summary.get("prunes_refused"):
+        return ("see why --prune left dashboards whole (the prune_refused records in "
+                f"{shlex.quote(report)}), then run again")  # fmt: skip
     return "nothing: everyone is invited"
 
 

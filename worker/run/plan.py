@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import random
@@ -19,9 +20,11 @@ from worker.exits import EXIT_INCOMPLETE, EXIT_OK
 from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.files import read_batches
-from worker.run.summary import FileCounts, RunResult
-from worker.send import client_for, pacer_for, preflight_for, reconciler_for
+from worker.run.prune import ListedInput, prune
+from worker.run.summary import FileCounts, RunResult, prune_fields
+from worker.send import client_for, pacer_for, preflight_for, pruner_for, reconciler_for
 from worker.send.preflight import Preflight
+from worker.send.prune import Pruner
 from worker.sources import Source
 
 log = structlog.get_logger("worker.plan")
@@ -77,15 +80,20 @@ async def _plan(
     counts = FileCounts()
     requests = 0
     checked: dict[str, Counter[str]] = {}
+    listed = ListedInput() if config.prune else None
     try:
-        async with _checker(config, preflight) as check:
-            async for batch in read_batches(config, source, report.rejected, counts):
+        async with _checker(config, preflight) as (check, pruner):
+            async for batch in read_batches(config, source, report.rejected, counts,
+                                            listed=listed):  # fmt: skip
                 emails = batch.emails
                 if check is not None:
                     emails = await _screen(check, batch.token, emails, checked)
                 if emails:
                     report.planned(batch.token, emails)
                     requests += math.ceil(len(emails) / config.batch_size)
+            report.flush()
+            if listed is not None and pruner is not None:
+                await prune(config, pruner, listed, report, stop=asyncio.Event(), plan=checked)
     finally:
         source.close()
     seconds = estimate(requests, config.rate, assume_limit)
@@ -103,8 +111,11 @@ async def _plan(
         "rate": config.rate,
         "assume_limit": list(assume_limit) if assume_limit else None,
         "estimated_seconds": None if seconds is None else round(seconds, 1),
-        "exit_code": EXIT_INCOMPLETE if report.rejected_total else EXIT_OK,
+        "exit_code": EXIT_INCOMPLETE if report.rejected_total or report.prunes_refused else EXIT_OK,
     }
+    if listed is not None:
+        summary["removals"] = sum(c["remove"] for c in checked.values())
+        summary.update(prune_fields(report))
     if preflight:
         summary["preflight"] = {token: dict(sorted(c.items())) for token, c in checked.items()}
     report.summary(summary)
@@ -114,16 +125,23 @@ async def _plan(
 
 
 @contextlib.asynccontextmanager
-async def _checker(config: Config, preflight: bool) -> AsyncIterator[Preflight | None]:
-    """A dashboard checker for ``--dry-run --preflight`` (None without it): reads only."""
+async def _checker(
+    config: Config, preflight: bool
+) -> AsyncIterator[tuple[Preflight | None, Pruner | None]]:
+    """A dashboard checker for ``--dry-run --preflight`` (None without it), and what
+    surveys the dashboards for ``--prune`` (None without it): reads only."""
     if not preflight:
-        yield None
+        yield None, None
         return
     clock = SystemClock()
     async with client_for(config) as client:
         pacer = pacer_for(config, clock)
-        reconciler = reconciler_for(config, client, pacer, clock, random.Random())  # jitter
-        yield preflight_for(config, client, pacer, reconciler, clock, writes=False)
+        rng = random.Random()  # jitter
+        reconciler = reconciler_for(config, client, pacer, clock, rng)
+        pruner = None
+        if config.prune:
+            pruner = pruner_for(config, client, pacer, reconciler.retry, clock, rng)
+        yield preflight_for(config, client, pacer, reconciler, clock, writes=False), pruner
 
 
 async def _screen(
@@ -175,6 +193,10 @@ def print_plan(plan: dict[str, Any], out: TextIO) -> None:
         for token, counts in plan["preflight"].items():
             text = ", ".join(f"{k} {v:,}" for k, v in counts.items())
             print(f"  {token}: {text}", file=out)
+    if "removals" in plan:
+        print(f"--prune would remove {plan['removals']:,} people (their addresses are in "
+              f"{plan['report']}); dashboards it would leave whole: "
+              f"{plan['prunes_refused']:,}", file=out)  # fmt: skip
 
 
 def _duration(seconds: float) -> str:

@@ -13,6 +13,7 @@ from worker.record.report import Report, iso
 from worker.run.resume import History
 from worker.run.rows import InputRows
 from worker.run.runner import Runner
+from worker.send.prune import Pruner
 
 log = structlog.get_logger("worker.run")
 
@@ -75,8 +76,9 @@ def build_summary(
     *,
     history: History | None = None,
     resumed: bool = False,
+    pruner: Pruner | None = None,
 ) -> dict[str, Any]:
-    """The ``summary`` record of a run."""
+    """The ``summary`` record of a run; with ``pruner``, what ``--prune`` did."""
     sender, report, state = runner.sender, runner.report, runner.state
     halted = state.fatal
     interrupted = state.interrupted
@@ -88,7 +90,8 @@ def build_summary(
     else:
         totals = {"emails_failed": report.emails["failed"], "rejected": report.rejected_total,
                   "unknown": 0}  # fmt: skip
-    incomplete = bool(totals["emails_failed"] or totals["rejected"] or totals["unknown"] or unsent)
+    incomplete = bool(totals["emails_failed"] or totals["rejected"] or totals["unknown"] or unsent
+                      or report.prunes_refused)  # fmt: skip
     # One code per kind of stop, in both modes: a signal is exit 3 for a queue worker too
     # (what it did not settle stays pending for the next one, nothing is lost).
     code = exit_code(aborted=state.aborted, halted=halted is not None, interrupted=interrupted,
@@ -98,6 +101,8 @@ def build_summary(
         "list_invitations": sender.reconciler.requests,
         "dashboard": sender.preflight.requests,
     }
+    for kind, n in (pruner.requests if pruner is not None else {}).items():
+        by_kind[kind] = by_kind.get(kind, 0) + n  # --prune's reads, PUTs and DELETEs
     summary: dict[str, Any] = {
         "source": description,
         **counts.fields(),
@@ -134,6 +139,8 @@ def build_summary(
         "finished_at": iso(finished),
         "duration_ms": round((finished - started) * 1000, 1),
     }
+    if pruner is not None:
+        summary.update(prune_fields(report))
     if history is not None:
         summary["job"] = totals
     return summary
@@ -150,6 +157,16 @@ def outcome_of(summary: dict[str, Any]) -> str:
     if summary["interrupted"]:
         return "interrupted"
     return "done" if summary["exit_code"] == 0 else "incomplete"
+
+
+def prune_fields(report: Report) -> dict[str, Any]:
+    """What ``--prune`` did: emails revoked (by what was removed), dashboards refused."""
+    return {
+        "emails_revoked": report.revoked_emails,
+        "revoked_by_what": dict(sorted(report.revoked_by_what.items())),
+        "prunes_refused": sum(report.prunes_refused.values()),
+        "prune_refused_by_code": dict(sorted(report.prunes_refused.items())),
+    }
 
 
 def finish(report: Report, summary: dict[str, Any], *, for_people: bool = False) -> RunResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 from worker.clock import Clock
 from worker.config import Config
@@ -11,6 +12,7 @@ from worker.metrics import Metrics
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer, SharedLimit
 from worker.send.preflight import Preflight
+from worker.send.prune import Pruner
 from worker.send.reconcile import Reconciler
 from worker.send.retry import RetryPolicy
 
@@ -75,5 +77,22 @@ def preflight_for(
     return Preflight(
         client, pacer, reconciler, clock, resend=config.resend,
         resend_after=config.resend_after, ttl=config.preflight_ttl,
-        add_invitees=config.add_invitees and writes,
+        add_invitees=config.add_invitees and writes, access_expires=config.access_expires,
     )  # fmt: skip
+
+
+def pruner_for(
+    config: Config,
+    client: InvitationClient,
+    pacer: Pacer,
+    retry: RetryPolicy,
+    clock: Clock,
+    rng: random.Random | None,
+    cap: Callable[[], int] | None = None,
+    stop: asyncio.Event | None = None,
+) -> Pruner:
+    """What ``--prune`` reads and removes with: the run's pacer, retry policy and batch
+    size (``cap``: the longest list the service took, learned from the POSTs)."""
+    return Pruner(client, pacer, retry, clock, rng or random.Random(),  # jitter
+                  batch_size=config.batch_size, page_size=config.list_page_size, cap=cap,
+                  stop=stop)  # fmt: skip

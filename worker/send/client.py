@@ -61,6 +61,14 @@ class Sent:
 
 
 @dataclass(frozen=True, slots=True)
+class Revoked:
+    """A 2xx answer to a revocation (its body is empty)."""
+
+    http_status: int
+    ratelimit: RateLimitInfo
+
+
+@dataclass(frozen=True, slots=True)
 class Listing:
     """One page of a token's invitations (the fields decisions and records need)."""
 
@@ -192,6 +200,19 @@ class InvitationClient:
             # Read the whole message, not the shortened one: it may name many addresses.
             error.named = named_addresses(error_message(raw, limit=None), emails)
         raise error
+
+    async def revoke(self, token: str, emails: list[str]) -> Revoked:
+        """Revoke the invitations of ``emails`` (list form; ends their sessions): 2xx, with
+        an empty body (204, ``text/html``), or a :class:`SendError`."""
+        body = msgspec.json.encode({"data": [
+            {"type": "public_dashboard_invitation", "attributes": {"email": e}} for e in emails
+        ]})  # fmt: skip
+        url = self.invitation_url(token)
+        status, headers, raw = await self._request("revoke", "DELETE", url, body)
+        ratelimit = self._ratelimit(headers)
+        if 200 <= status < 300:
+            return Revoked(status, ratelimit)
+        raise self._error(status, raw, ratelimit)
 
     async def list_invitations(self, token: str, page_number: int, page_size: int = 100) -> Listing:
         """One page of the token's invitations (``page_number`` starts at 0)."""

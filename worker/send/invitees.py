@@ -22,11 +22,13 @@ Paced = Callable[[Callable[[], Awaitable[Dashboard]]], Awaitable[Dashboard]]
 
 
 async def add_invitees(
-    paced: Paced, client: InvitationClient, token: str, emails: list[str]
-) -> int | None:
+    paced: Paced, client: InvitationClient, token: str, emails: list[str],
+    expires: str | None = None,
+) -> int | None:  # fmt: skip
     """Add ``emails`` to ``token``'s invitees; how many were new, or None if it failed.
 
-    ``paced`` runs one request through the run's pacer and retry policy.
+    ``paced`` runs one request through the run's pacer and retry policy. The new invitees'
+    ``access_expiration`` is ``expires`` (``--access-expires``; None: never).
     """
     read = functools.partial(client.get_dashboard, token)
     for _ in range(3):
@@ -38,7 +40,7 @@ async def add_invitees(
         kept = invitee_list(before)
         present = {i["email"].lower() for i in kept}
         new = [e for e in dict.fromkeys(emails) if e.lower() not in present]
-        body["invitees"] = [*kept, *({"email": e, "access_expiration": None} for e in new)]
+        body["invitees"] = [*kept, *({"email": e, "access_expiration": expires} for e in new)]
         await paced(functools.partial(client.put_dashboard, token, body))
         after = {i["email"].lower(): i for i in invitee_list((await paced(read)).raw)}
         intact = all(after.get(i["email"].lower()) == i for i in kept)

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from worker.clock import Clock
+from worker.clock import Clock, second_text
 from worker.errors import (
     AuthError,
     SendError,
@@ -74,11 +74,12 @@ class Preflight:
         resend_after: float | None = None,
         ttl: float | None = None,
         add_invitees: bool = False,
+        access_expires: float | None = None,
     ) -> None:
         self._client, self._pacer, self._reconciler = client, pacer, reconciler
         self._clock = clock
         self._resend, self._resend_after, self._ttl = resend, resend_after, ttl
-        self._add_invitees = add_invitees
+        self._add_invitees, self._access_expires = add_invitees, access_expires
         self._checks: dict[str, TokenCheck] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._readable = True  # False once the key proved unable to read dashboards
@@ -255,7 +256,10 @@ class Preflight:
     async def add(self, token: str, emails: list[str]) -> bool:
         """``--add-invitees``: add ``emails`` to the dashboard's invitees (see ``invitees``)."""
         async with self._locks.setdefault(token, asyncio.Lock()):
-            added = await add_invitees(self._paced, self._client, token, emails)
+            expires = None
+            if self._access_expires is not None:  # whole seconds: they read back exactly
+                expires = second_text(int(self._clock.time() + self._access_expires)) + "+00:00"
+            added = await add_invitees(self._paced, self._client, token, emails, expires)
         if added is None:
             return False
         self.invitees_added += added

@@ -1,0 +1,681 @@
+"""``--prune``: each dashboard the list names ends up holding exactly the list, guarded so a
+truncated or mangled list never empties one; ``--access-expires`` bounds what it adds."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import random
+import shutil
+import signal
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import (
+    API_KEY,
+    APP_KEY,
+    TOKEN_A,
+    TOKEN_B,
+    Proc,
+    by_kind,
+    csv_source,
+    emulator_invited,
+    read_report,
+    rows_csv,
+)
+from tests.test_metrics import Agent
+from worker.cli.review import print_summary
+from worker.clock import SystemClock
+from worker.config import Config, PruneMax
+from worker.emulator import Emulator
+from worker.emulator.dashboards import Dashboard, Invitee
+from worker.record.replay import Replay
+from worker.run import run
+from worker.run.human import print_summary as human_summary
+from worker.run.plan import dry_run
+from worker.run.prune import ListedInput
+from worker.send import client_for, pacer_for
+from worker.send.prune import Pruner
+from worker.send.retry import RetryPolicy
+
+PEOPLE = [f"p{i}@example.com" for i in range(88)]
+KEPT, GONE = PEOPLE[:80], PEOPLE[80:]
+NEW = [f"new{i}@example.com" for i in range(5)]
+
+
+def api(url: str, path: str) -> Any:
+    """GET an API path from the emulator process, as any client with the keys would."""
+    request = urllib.request.Request(  # noqa: S310 - loopback only
+        f"{url}{path}", headers={"DD-API-KEY": API_KEY, "DD-APPLICATION-KEY": APP_KEY}
+    )
+    for _ in range(20):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 429:  # the emulator's rate limit, when a test sets one
+                raise
+            time.sleep(0.5)
+    raise AssertionError(f"{path}: still rate limited")
+
+
+def state(url: str, token: str) -> dict[str, Any]:
+    """A dashboard as the service holds it: invitees, share list, invitations, sessions."""
+    board = api(url, f"/api/v1/dashboard/public/{token}")
+    invitations: list[dict[str, Any]] = []
+    while True:
+        page = api(url, f"/api/v1/dashboard/public/{token}/invitation?page_size=100"
+                        f"&page_number={len(invitations) // 100}")  # fmt: skip
+        invitations += [item["attributes"] for item in page["data"]]
+        if len(invitations) >= page["meta"]["page"]["total_count"] or not page["data"]:
+            break
+    return {
+        "invitees": {i["email"]: i["access_expiration"] for i in board["invitees"] or []},
+        "share_list": set(board["share_list"] or []),
+        "invited": {i["email"] for i in invitations},
+        "sessions": {i["email"] for i in invitations if i["has_session"]},
+    }
+
+
+def methods(url: str) -> dict[str, int]:
+    """Requests the emulator process served, by HTTP method."""
+    stats: dict[str, int] = api(url, "/_emulator/stats")["by_method"]
+    return stats
+
+
+def seed(tmp_path: Path, boards: list[dict[str, Any]]) -> str:
+    """A dashboards file for ``invite-worker emulator --dashboards``."""
+    path = tmp_path / "dashboards.json"
+    path.write_text(json.dumps(boards))
+    return str(path)
+
+
+def eighty_eight(token: str = TOKEN_A) -> dict[str, Any]:
+    """A dashboard with 88 people: every one an invitee, invited, ten in a session."""
+    return {"token": token, "invitees": [{"email": e} for e in PEOPLE],
+            "invited": PEOPLE[10:80] + GONE[2:], "sessions": PEOPLE[:10] + GONE[:2]}  # fmt: skip
+
+
+def write_list(tmp_path: Path, pairs: list[tuple[str, str]], extra: str = "") -> str:
+    path = tmp_path / "list.csv"
+    path.write_text(rows_csv(pairs) + extra)
+    return str(path)
+
+
+def run_args(source: str, url: str, report: Path, *extra: str) -> list[str]:
+    return ["run", source, "--api-url", url, "--report", str(report), "--log-format", "json",
+            "--batch-size", "3", *extra]  # fmt: skip
+
+
+THE_LIST = [(TOKEN_A, e) for e in KEPT + NEW]
+
+
+def test_a_list_of_80_of_88_plus_5_new_leaves_exactly_the_85(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """88 people, a list of 80 of them plus 5 new: the dashboard ends with exactly the 85,
+    the 8 others' invitations (and sessions) revoked and their entries gone; each removal
+    is a revoked record, counted by the summary and `report summarize`."""
+    url = start_emulator("--dashboards", seed(tmp_path, [eighty_eight()]))
+    report = tmp_path / "report.jsonl"
+    spawn(*run_args(write_list(tmp_path, THE_LIST), url, report, "--add-invitees",
+                    "--prune")).expect(0, timeout=60)  # fmt: skip
+    after = state(url, TOKEN_A)
+    assert set(after["invitees"]) == set(KEPT + NEW)
+    assert after["invited"] == set(KEPT + NEW)
+    assert not after["sessions"] & set(GONE)
+    records = read_report(report)
+    revoked = by_kind(records, "revoked")
+    assert sorted(e for r in revoked for e in r["emails"]) == sorted(GONE)
+    assert all(r["token"] == TOKEN_A for r in revoked)
+    assert {tuple(r["removed"]) for r in revoked} == {("invitation", "invitee")}
+    summary = records[-1]
+    assert summary["emails_revoked"] == 8
+    assert summary["revoked_by_what"] == {"invitation": 8, "invitee": 8}
+    assert summary["requests_by_kind"]["revoke"] == 3  # 8 addresses in lists of up to 3
+    assert max(emulator_invited(url).values()) == 1
+    summarize = spawn("report", "summarize", str(report), "--json")
+    summarize.expect(0, timeout=30)
+
+
+def test_a_dashboard_the_list_does_not_name_is_untouched(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """A second dashboard, not named by the list, keeps every invitee and invitation; no
+    request of the run goes near it but reads of the dashboards the list names."""
+    url = start_emulator("--dashboards", seed(tmp_path, [eighty_eight(), eighty_eight(TOKEN_B)]))
+    before = state(url, TOKEN_B)
+    spawn(*run_args(write_list(tmp_path, THE_LIST), url, tmp_path / "r.jsonl",
+                    "--add-invitees", "--prune")).expect(0, timeout=60)  # fmt: skip
+    assert state(url, TOKEN_B) == before
+    assert set(state(url, TOKEN_A)["invitees"]) == set(KEPT + NEW)
+
+
+def test_a_list_naming_half_a_dashboard_is_refused_unless_prune_max_allows_it(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """Half of a dashboard's people left off the list: the default 10% guard leaves it
+    whole, records the refusal and exits 1; --prune-max 100% prunes it."""
+    url = start_emulator("--dashboards", seed(tmp_path, [eighty_eight()]))
+    source = write_list(tmp_path, [(TOKEN_A, e) for e in PEOPLE[:44]])
+    before = state(url, TOKEN_A)
+    spawn(*run_args(source, url, tmp_path / "r1.jsonl", "--prune")).expect(1, timeout=60)
+    assert state(url, TOKEN_A) == before
+    assert methods(url).keys() == {"GET"}
+    [refused] = by_kind(read_report(tmp_path / "r1.jsonl"), "prune_refused")
+    assert (refused["token"], refused["code"]) == (TOKEN_A, "prune_max")
+    assert (refused["people"], refused["remove"]) == (88, 44)
+    assert read_report(tmp_path / "r1.jsonl")[-1]["prunes_refused"] == 1
+    spawn(*run_args(source, url, tmp_path / "r2.jsonl", "--prune", "--prune-max",
+                    "100%")).expect(0, timeout=60)  # fmt: skip
+    after = state(url, TOKEN_A)
+    assert set(after["invitees"]) == after["invited"] == set(PEOPLE[:44])
+
+
+def test_one_unreadable_row_prunes_nothing_and_exits_non_zero(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """A list with one row that cannot be read (broken quoting) prunes nothing anywhere:
+    no PUT, no DELETE; the refusal names the line; exit 1."""
+    url = start_emulator("--dashboards", seed(tmp_path, [eighty_eight()]))
+    source = write_list(tmp_path, [(TOKEN_A, e) for e in KEPT], extra='"broken,row\n')
+    before = state(url, TOKEN_A)
+    spawn(*run_args(source, url, tmp_path / "r.jsonl", "--prune")).expect(1, timeout=60)
+    assert state(url, TOKEN_A) == before
+    assert "PUT" not in methods(url)
+    assert "DELETE" not in methods(url)
+    [refused] = by_kind(read_report(tmp_path / "r.jsonl"), "prune_refused")
+    assert refused["code"] == "input_unreadable"
+    assert "line 82" in refused["message"]
+
+
+def test_the_dry_run_reads_only_and_names_the_8(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """--dry-run --preflight --prune: GETs only; the plan counts per token whom it would
+    invite, skip and remove, and its file names exactly the 8 addresses."""
+    url = start_emulator("--dashboards", seed(tmp_path, [eighty_eight()]))
+    plan = tmp_path / "plan.jsonl"
+    spawn(*run_args(write_list(tmp_path, THE_LIST), url, plan, "--dry-run", "--preflight",
+                    "--prune")).expect(0, timeout=60)  # fmt: skip
+    assert methods(url).keys() == {"GET"}
+    records = read_report(plan)
+    planned = by_kind(records, "revoked")
+    assert sorted(e for r in planned for e in r["emails"]) == sorted(GONE)
+    assert all(r["planned"] is True for r in planned)
+    counts = records[-1]["preflight"][TOKEN_A]
+    assert counts["remove"] == 8
+    assert counts["refuse: not_on_share_list"] == 5  # not invitees yet
+    assert counts["skip: already_invited"] + counts["skip: active_session"] == 80
+    assert records[-1]["emails_revoked"] == 0
+    assert len(state(url, TOKEN_A)["invitees"]) == 88
+
+
+def test_a_second_identical_run_changes_nothing(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """The same list again: no POST, no PUT, no DELETE; nothing revoked; exit 0."""
+    url = start_emulator("--dashboards", seed(tmp_path, [eighty_eight()]))
+    source = write_list(tmp_path, THE_LIST)
+    for name in ("r1.jsonl", "r2.jsonl"):
+        if name == "r2.jsonl":
+            first = methods(url)
+        spawn(*run_args(source, url, tmp_path / name, "--add-invitees",
+                        "--prune")).expect(0, timeout=60)  # fmt: skip
+    second = methods(url)
+    assert {m: second[m] - first.get(m, 0) for m in second if m != "GET"} == {
+        m: 0 for m in second if m != "GET"
+    }
+    summary = read_report(tmp_path / "r2.jsonl")[-1]
+    assert (summary["emails_revoked"], summary["emails_sent"]) == (0, 0)
+
+
+def test_access_expires_sets_the_expiration_of_the_invitees_it_adds_and_only_theirs(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """--add-invitees --access-expires 7d: the invitees added expire in 7 days; existing
+    ones keep theirs (none, or the date they had)."""
+    later = "2031-01-02T03:04:05+00:00"
+    url = start_emulator("--dashboards", seed(tmp_path, [{"token": TOKEN_A, "invitees": [
+        {"email": "old@example.com"},
+        {"email": "dated@example.com", "access_expiration": later}]}]))  # fmt: skip
+    pairs = [(TOKEN_A, e) for e in ["old@example.com", "dated@example.com", *NEW]]
+    started = time.time()
+    spawn(*run_args(write_list(tmp_path, pairs), url, tmp_path / "r.jsonl", "--add-invitees",
+                    "--access-expires", "7d")).expect(0, timeout=60)  # fmt: skip
+    invitees = state(url, TOKEN_A)["invitees"]
+    assert invitees["old@example.com"] is None
+    assert datetime.fromisoformat(invitees["dated@example.com"]) == datetime.fromisoformat(later)
+    for email in NEW:
+        expires = datetime.fromisoformat(invitees[email]).timestamp()
+        assert started + 7 * 86400 - 2 <= expires <= time.time() + 7 * 86400 + 1
+
+
+def test_a_run_killed_mid_prune_is_finished_by_running_again(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """SIGKILL while revoking (one address per DELETE, three requests a second), then the
+    same command with --resume: the dashboard ends as the list says, nobody is emailed
+    twice, and every removed address is recorded as revoked."""
+    board = {"token": TOKEN_A, "invitees": [{"email": e} for e in PEOPLE[:24]],
+             "share_list": PEOPLE[12:24], "invited": PEOPLE[:24]}  # fmt: skip
+    url = start_emulator("--dashboards", seed(tmp_path, [board]), "--limit", "3", "--period",
+                         "1")  # fmt: skip
+    source = write_list(tmp_path, [(TOKEN_A, e) for e in PEOPLE[:6]])
+    report = tmp_path / "r.jsonl"
+    args = run_args(source, url, report, "--prune", "--prune-max", "100%", "--batch-size", "1")
+    first = spawn(*args)
+    deadline = time.monotonic() + 50
+    while time.monotonic() < deadline and not (
+        report.exists() and report.read_text().count('"kind":"revoked"') >= 3
+    ):
+        time.sleep(0.05)
+    first.popen.send_signal(signal.SIGKILL)
+    first.popen.wait(timeout=10)
+    middle = state(url, TOKEN_A)
+    assert set(PEOPLE[6:24]) & middle["invited"], "killed too late to test anything"
+    spawn(*args, "--resume").expect(0, timeout=90)
+    after = state(url, TOKEN_A)
+    assert set(after["invitees"]) == after["invited"] == set(PEOPLE[:6])
+    assert not after["share_list"]
+    assert max(emulator_invited(url).values()) == 1
+    revoked = {e for r in by_kind(read_report(report), "revoked") for e in r["emails"]}
+    assert revoked == set(PEOPLE[6:24])
+
+
+# -- the guards, the removal's discipline and the listing, against an in-process emulator --
+
+
+def board_of(emulator: Emulator, token: str, people: list[str]) -> Dashboard:
+    """A dashboard whose people are all invitees, each invited once."""
+    board = emulator.add_dashboard(token, invitees=people)
+    emulator.seed([board])
+    for email in people:
+        board.invitations.append((email, time.time() - 60))
+        emulator.invited[(token, email.lower())] += 1
+    return board
+
+
+def held(board: Dashboard) -> set[str]:
+    """Everyone a dashboard holds: invitees, share list, invitations."""
+    invitees = set(board.invitees or {})
+    return invitees | (board.share_list or set()) | {e.lower() for e, _ in board.invitations}
+
+
+async def test_an_address_rejection_spares_its_token_and_duplicates_are_harmless(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A token with a row rejected for its address (invalid_email) is not pruned, and the
+    refusal is recorded; another token of the same list is, duplicate rows and all."""
+    a = board_of(emulator, TOKEN_A, PEOPLE[:20])
+    b = board_of(emulator, TOKEN_B, PEOPLE[:20])
+    pairs = [(TOKEN_A, e) for e in PEOPLE[:19]] + [(TOKEN_B, e) for e in PEOPLE[:19]]
+    text = rows_csv([*pairs, (TOKEN_B, PEOPLE[0].upper())]) + f"{TOKEN_A},not-an-address\n"
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(text))
+    assert result.exit_code == 1
+    assert held(a) == set(PEOPLE[:20])
+    assert held(b) == set(PEOPLE[:19])
+    [refused] = by_kind(read_report(config.report_path), "prune_refused")
+    assert (refused["token"], refused["code"]) == (TOKEN_A, "rejected_rows")
+    assert result.summary["emails_revoked"] == 1
+
+
+async def test_an_empty_list_prunes_nothing(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A list with a header and no row (or only a blank line) removes nobody anywhere."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:5])
+    result = await run(make_config(prune=True, prune_max=PruneMax(None, 100.0)),
+                       csv_source("token,email\n\n"))  # fmt: skip
+    assert result.exit_code == 0
+    assert held(board) == set(PEOPLE[:5])
+    assert {r.method for r in emulator.requests} <= {"GET"}
+
+
+async def test_removal_keeps_an_edit_made_between_its_reads(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Someone adds an invitee between the removal's two reads: it reads again, and both
+    that addition and the removal hold; the share list keeps what the list names."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:4])
+    board.share_list = {PEOPLE[0], PEOPLE[3]}
+
+    def someone_else(dashboard: Dashboard) -> None:
+        assert dashboard.invitees is not None
+        dashboard.invitees["colleague@example.com"] = Invitee("colleague@example.com")
+
+    # Reads: the preflight's, the survey's, then the removal's first and second.
+    emulator.before_read[TOKEN_A] = [None, None, None, someone_else]
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:2]])))
+    assert result.exit_code == 0
+    assert set(board.invitees or {}) == {*PEOPLE[:2], "colleague@example.com"}
+    assert board.share_list == {PEOPLE[0]}
+    assert {e for e, _ in board.invitations} == set(PEOPLE[:2])
+    assert [r.method for r in emulator.requests].count("PUT") == 1
+    removed = {e: r["removed"] for r in by_kind(read_report(config.report_path), "revoked")
+               for e in r["emails"]}  # fmt: skip
+    assert removed == {PEOPLE[2]: ["invitation", "invitee"],
+                       PEOPLE[3]: ["invitation", "invitee", "share_list"]}  # fmt: skip
+
+
+async def test_a_removal_the_read_back_does_not_show_leaves_the_invitations_and_exits_1(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The read-back shows a removed invitee back (someone re-added it at once): the
+    dashboard's refusal is recorded (prune_update_failed), no DELETE, exit 1."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:4])
+
+    def re_added(dashboard: Dashboard) -> None:
+        assert dashboard.invitees is not None
+        dashboard.invitees[PEOPLE[3]] = Invitee(PEOPLE[3])
+
+    emulator.before_read[TOKEN_A] = [None, None, None, None, re_added]
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:3]])))
+    assert result.exit_code == 1
+    assert "DELETE" not in {r.method for r in emulator.requests}
+    assert len(board.invitations) == 4
+    [refused] = by_kind(read_report(config.report_path), "prune_refused")
+    assert refused["code"] == "prune_update_failed"
+
+
+async def test_a_listing_shorter_than_asked_is_read_on_to_its_total_count(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Pages of 150 asked, 100 honored: the survey goes on at 100 until total_count, so
+    the 250th invitation's holder is found too."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=[])
+    people = [f"q{i}@example.com" for i in range(250)]
+    board.invitations = [(e, time.time()) for e in people]
+    config = make_config()
+    async with client_for(config) as client:
+        pruner = Pruner(client, pacer_for(config, SystemClock()), RetryPolicy(2, 0.01, 0.02),
+                        SystemClock(), random.Random(0), batch_size=10, page_size=150)  # fmt: skip
+        survey = await pruner.survey(TOKEN_A, lambda emails: [e != people[-1] for e in emails])
+    assert survey is not None
+    assert survey.people == 250
+    assert list(survey.remove) == [people[-1]]
+    assert pruner.requests["list_invitations"] == 3
+
+
+async def test_the_emulator_revokes_object_and_list_forms_and_ends_sessions(
+    emulator: Emulator,
+) -> None:
+    """DELETE .../invitation: 204 with an empty text/html body, for one object or a list;
+    the invitations leave the listing and their sessions end."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:3])
+    board.open_session(PEOPLE[0], time.time())
+    url = f"{emulator.url}/api/v1/dashboard/public/{TOKEN_A}/invitation"
+    keys = {"DD-API-KEY": API_KEY, "DD-APPLICATION-KEY": APP_KEY}
+    item = {"type": "public_dashboard_invitation", "attributes": {"email": PEOPLE[0]}}
+    items = [{"type": "public_dashboard_invitation", "attributes": {"email": e}}
+             for e in PEOPLE[1:3]]  # fmt: skip
+    async with aiohttp.ClientSession(headers=keys) as session:
+        for body in ({"data": item}, {"data": items}):
+            async with session.delete(url, json=body) as resp:
+                assert resp.status == 204
+                assert resp.content_type == "text/html"
+                assert await resp.read() == b""
+    assert board.invitations == []
+    assert board.sessions == {}
+    assert [(r.emails, r.list_form) for r in emulator.requests if r.method == "DELETE"] == [
+        (1, False), (2, True)
+    ]  # fmt: skip
+
+
+def test_prune_options_misused_are_usage_errors(tmp_path: Path, spawn: Callable[..., Proc]) -> None:
+    """--prune with a stream, --prune-max without --prune, a bad --prune-max,
+    --access-expires without --add-invitees, and a dry run of --prune without
+    --preflight: exit 2, with the fix, before any request."""
+    source = write_list(tmp_path, [(TOKEN_A, PEOPLE[0])])
+    api_url = ("--api-url", "http://127.0.0.1:9")
+    for args, says in (
+        (("redis://127.0.0.1:9/0", "--stream", "s", "--prune"), "a stream has no end"),
+        ((source, "--prune-max", "20%"), "add --prune"),
+        ((source, "--prune", "--prune-max", "half"), "e.g. 10%, 100% or 25"),
+        ((source, "--access-expires", "7d"), "add --add-invitees"),
+        ((source, "--dry-run", "--prune"), "needs --preflight"),
+    ):
+        proc = spawn("run", *args, *api_url, "--report", str(tmp_path / "r.jsonl"))
+        proc.expect(2, timeout=30)
+        assert says in proc.stderr(), args
+
+
+def test_report_summarize_counts_revoked_emails_and_refused_prunes(tmp_path: Path) -> None:
+    """`report summarize` adds up revoked records (planned ones apart) and refusals."""
+    report = tmp_path / "r.jsonl"
+    report.write_text("\n".join(json.dumps(r) for r in [
+        {"kind": "revoked", "token": TOKEN_A, "emails": ["a@x.io", "b@x.io"],
+         "removed": ["invitation", "invitee"]},
+        {"kind": "revoked", "token": TOKEN_A, "emails": ["c@x.io"], "removed": ["invitee"]},
+        {"kind": "revoked", "token": TOKEN_B, "emails": ["d@x.io"], "removed": ["invitee"],
+         "planned": True},
+        {"kind": "prune_refused", "token": TOKEN_B, "code": "prune_max", "message": "m",
+         "people": 10, "remove": 5},
+        {"kind": "summary", "requests": 4},
+    ]) + "\n")  # fmt: skip
+    totals = Replay.read(report).summary()
+    assert totals["revoked"] == 3
+    assert totals["revoked_by_what"] == {"invitation": 2, "invitee": 3}
+    assert totals["prune_refused_by_code"] == {"prune_max": 1}
+    out = io.StringIO()
+    print_summary(report, totals, out)
+    assert "emails revoked" in out.getvalue()
+    assert "prune_max" in out.getvalue()
+
+
+async def test_metrics_and_the_table_count_revoked_emails_and_refused_prunes(
+    emulator: Emulator, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """emails.revoked (tagged with what was removed) and prunes.refused (by code) reach
+    DogStatsD; the end-of-run table shows both."""
+    for name in ("DD_TAGS", "DD_ENV", "DD_SERVICE", "DD_VERSION"):
+        monkeypatch.delenv(name, raising=False)
+    board_of(emulator, TOKEN_A, PEOPLE[:10])
+    board_of(emulator, TOKEN_B, PEOPLE[:10])
+    pairs = [(TOKEN_A, e) for e in PEOPLE[:9]] + [(TOKEN_B, e) for e in PEOPLE[:5]]
+    agent = Agent()
+    try:
+        config = make_config(prune=True, statsd=agent.target)
+        result = await run(config, csv_source(rows_csv(pairs)))
+        agent.metrics(wait=2.0)
+        assert agent.total("emails.revoked", "removed:invitation", "removed:invitee") == 1
+        assert agent.total("prunes.refused", "code:prune_max") == 1
+    finally:
+        agent.sock.close()
+    assert result.exit_code == 1
+    out = io.StringIO()
+    human_summary(result.summary, str(config.report_path), ["invite-worker"], out)
+    assert "revoked (pruned)" in out.getvalue()
+    assert "prune refused: prune_max" in out.getvalue()
+
+
+async def test_revocations_refused_for_their_size_are_split_until_they_pass(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A service that takes at most 2 addresses per list: a DELETE of 5 refused with a 400
+    is halved until every part passes; all 5 are revoked and recorded once each."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:6])
+    emulator.faults.max_batch = 2
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0), batch_size=5)
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, PEOPLE[0])])))
+    assert result.exit_code == 0
+    assert held(board) == {PEOPLE[0]}
+    assert sorted(e for r in by_kind(read_report(config.report_path), "revoked")
+                  for e in r["emails"]) == sorted(PEOPLE[1:6])  # fmt: skip
+    ok = [r.emails for r in emulator.requests if r.method == "DELETE" and r.status == 204]
+    assert sum(ok) == 5
+    assert max(ok) <= 2
+
+
+def test_sigterm_mid_prune_stops_at_once_and_resume_finishes(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """SIGTERM while revoking: the run stops before its next DELETE (exit 3, nothing
+    lost); --resume finishes the prune, and nobody is emailed twice."""
+    board = {"token": TOKEN_A, "invitees": [{"email": e} for e in PEOPLE[:16]],
+             "invited": PEOPLE[:16]}  # fmt: skip
+    url = start_emulator("--dashboards", seed(tmp_path, [board]), "--limit", "3", "--period",
+                         "1")  # fmt: skip
+    source = write_list(tmp_path, [(TOKEN_A, e) for e in PEOPLE[:4]])
+    report = tmp_path / "r.jsonl"
+    args = run_args(source, url, report, "--prune", "--prune-max", "100%", "--batch-size", "1")
+    first = spawn(*args)
+    deadline = time.monotonic() + 50
+    while time.monotonic() < deadline and not (
+        report.exists() and '"kind":"revoked"' in report.read_text()
+    ):
+        time.sleep(0.05)
+    first.popen.send_signal(signal.SIGTERM)
+    first.expect(3, timeout=20)
+    assert read_report(report)[-1]["interrupted"] is True
+    assert len(state(url, TOKEN_A)["invited"]) > 4, "stopped too late to test anything"
+    spawn(*args, "--resume").expect(0, timeout=90)
+    after = state(url, TOKEN_A)
+    assert set(after["invitees"]) == after["invited"] == set(PEOPLE[:4])
+    assert max(emulator_invited(url).values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("reason", "token", "outcome"),
+    [
+        ("invalid_email", TOKEN_A, "blocked"),
+        ("missing_email", TOKEN_A, "blocked"),
+        ("missing_email", "not a token", "unreadable"),
+        ("invalid_email", None, "unreadable"),
+        ("duplicate", TOKEN_A, "harmless"),
+        ("missing_token", None, "unreadable"),
+        ("invalid_token", "bad/token", "unreadable"),
+        ("malformed_csv", None, "unreadable"),
+        ("too_many_fields", TOKEN_A, "unreadable"),
+        ("bad_encoding", None, "unreadable"),
+        ("line_too_long", None, "unreadable"),
+        ("not_an_object", None, "unreadable"),
+    ],
+)
+def test_each_rejection_reason_is_attributed_or_stops_the_prune(
+    reason: str, token: str | None, outcome: str
+) -> None:
+    """A row rejected for its address spares only its token; a duplicate is harmless;
+    every other rejection (unreadable, unattributable) stops the prune everywhere."""
+    listed = ListedInput()
+    listed.chunk([(1, TOKEN_B, PEOPLE[0], None)], [(2, reason, token, "x")])
+    got = ("unreadable" if listed.unreadable == (2, reason)
+           else "blocked" if TOKEN_A.lower() in listed.blocked else "harmless")  # fmt: skip
+    assert got == outcome
+    assert TOKEN_B.lower() in listed.tokens
+
+
+async def test_keys_refused_while_pruning_abort_the_run(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The keys stop being accepted once the survey has read the dashboard: the listing's
+    403 ends the prune with nothing removed, recorded, and the run exits 3 (aborted)."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:10])
+
+    def keys_revoked(_: Dashboard) -> None:
+        emulator.app_key = "no-longer-valid-key"
+
+    emulator.before_read[TOKEN_A] = [None, keys_revoked]  # the preflight's read, the survey's
+    config = make_config(prune=True)
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:9]])))
+    assert result.exit_code == 3
+    assert result.summary["aborted"] is True
+    assert held(board) == set(PEOPLE[:10])
+    [refused] = by_kind(read_report(config.report_path), "prune_refused")
+    assert refused["code"] == "forbidden"
+
+
+UNIVERSE = [f"u{i}@example.com" for i in range(12)]
+dashboards_and_lists = st.fixed_dictionaries({
+    "invitees": st.sets(st.integers(0, 11)),
+    "share_list": st.sets(st.integers(0, 11), max_size=4),
+    "invited": st.sets(st.integers(0, 11)),
+    "listed": st.lists(st.tuples(st.integers(0, 11), st.booleans()), max_size=14),
+    "batch_size": st.integers(1, 4),
+    "max_batch": st.sampled_from([None, 1, 2]),
+    "prune_max": st.sampled_from(["100%", "100%", "10%", "50%", "2", "0"]),
+})  # fmt: skip
+
+
+async def _prune_once(case: dict[str, Any], directory: Path) -> tuple[Dashboard, Emulator]:
+    """One run of a random list, with --prune 100%, against a fresh emulator."""
+    async with Emulator(api_key=API_KEY, app_key=APP_KEY, sandbox_rules=False) as emulator:
+        board = emulator.add_dashboard(
+            TOKEN_A, [UNIVERSE[i] for i in case["share_list"]],
+            invitees=[UNIVERSE[i] for i in case["invitees"]],
+        )  # fmt: skip
+        board.invitations = [(UNIVERSE[i], time.time() - 60) for i in sorted(case["invited"])]
+        emulator.faults.max_batch = case["max_batch"]
+        pairs = [(TOKEN_A, UNIVERSE[i].upper() if upper else UNIVERSE[i])
+                 for i, upper in case["listed"]]  # fmt: skip
+        config = Config(api_url=emulator.url, api_key=API_KEY, app_key=APP_KEY,
+                        report_path=directory / "r.jsonl", batch_size=case["batch_size"],
+                        backoff_base=0.001, backoff_max=0.002, ratelimit_jitter=0.001,
+                        reconcile_delay=0.0, durable_journal=False, prune=True,
+                        prune_max=PruneMax.parse(case["prune_max"]))  # fmt: skip
+        plan = dataclasses.replace(config, report_path=directory / "plan.jsonl")
+        await asyncio.wait_for(dry_run(plan, csv_source(rows_csv(pairs)), preflight=True,
+                                       out=io.StringIO()), 30)  # fmt: skip
+        assert {r.method for r in emulator.requests} <= {"GET"}
+        await asyncio.wait_for(run(config, csv_source(rows_csv(pairs))), 30)
+    return board, emulator
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=dashboards_and_lists)
+def test_a_pruned_dashboard_holds_exactly_what_it_held_of_the_list(case: dict[str, Any]) -> None:
+    """Whatever the dashboard, the list (cases, duplicates, people with only an entry or
+    only an invitation), --prune-max and a service taking short lists: afterwards it
+    holds exactly the people it held whom the list names, each with every entry they had
+    (or, over the cap, all it held), and nobody was invited twice."""
+    directory = tempfile.mkdtemp()
+    try:
+        board, emulator = asyncio.run(_prune_once(case, Path(directory)))
+        planned = {e.lower() for r in by_kind(read_report(Path(directory) / "plan.jsonl"),
+                                              "revoked") for e in r["emails"]}  # fmt: skip
+    finally:
+        shutil.rmtree(directory)
+    # An empty list names no dashboard: nothing is touched.
+    listed = {UNIVERSE[i] for i, _ in case["listed"]} if case["listed"] else set(UNIVERSE)
+    before = {UNIVERSE[i] for i in case["invitees"] | case["share_list"] | case["invited"]}
+    if not PruneMax.parse(case["prune_max"]).allows(len(before - listed), len(before)):
+        listed = set(UNIVERSE)  # over the cap: left whole
+    assert planned == before - listed  # the dry run named exactly them
+    assert held(board) == before & listed
+    assert set(board.invitees or {}) == {UNIVERSE[i] for i in case["invitees"]} & listed
+    assert (board.share_list or set()) == {UNIVERSE[i] for i in case["share_list"]} & listed
+    assert max(emulator.invited.values(), default=0) <= 1
+
+
+async def test_people_with_only_an_entry_go_with_one_put_and_no_delete(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Invitees and share-list entries never invited: one PUT removes them, no DELETE is
+    made, and each is recorded with what went."""
+    board = emulator.add_dashboard(TOKEN_A, [PEOPLE[3]], invitees=PEOPLE[:3])
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await asyncio.wait_for(run(config, csv_source(rows_csv([(TOKEN_A, PEOPLE[0])]))), 20)
+    assert result.exit_code == 0
+    assert set(board.invitees or {}) == {PEOPLE[0]}
+    assert board.share_list == set()
+    methods = [r.method for r in emulator.requests]
+    assert (methods.count("PUT"), methods.count("DELETE")) == (1, 0)
+    removed = {e: r["removed"] for r in by_kind(read_report(config.report_path), "revoked")
+               for e in r["emails"]}  # fmt: skip
+    assert removed == {PEOPLE[1]: ["invitee"], PEOPLE[2]: ["invitee"], PEOPLE[3]: ["share_list"]}

@@ -1,0 +1,227 @@
+"""``--prune``: once the whole list is read and sent, take away what it no longer grants.
+
+:class:`ListedInput` gathers, as the input is read, what the guards need: the tokens the
+list names, those with a row rejected for its address (never pruned), and the first row
+that could not be read or attributed to a token (then nothing is pruned anywhere). Which
+addresses the list names is not kept a second time: the validator's duplicate index
+already holds every valid pair, settled ones on ``--resume`` included, as a 64-bit hash
+of the lower-cased token and address (8 bytes a row). A collision can only make an
+address look named, so it is kept: never a removal the list did not ask for.
+
+:func:`prune` then goes dashboard by dashboard (``--concurrency`` at a time): survey,
+guard (``--prune-max``), remove entries, revoke invitations, each step recorded in the
+report as it completes. With ``plan`` (``--dry-run --preflight --prune``) it surveys only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from worker.config import Config
+from worker.errors import AuthError, BadRequest, SendError
+from worker.send.prune import INVITATION, Named, Pruner, Survey
+from worker.send.removal import INVITEE, SHARE_LIST
+from worker.sources.lines import Columns
+from worker.validate import RawRow, Reason, Rejection, check_token
+
+if TYPE_CHECKING:
+    from worker.record.report import Report
+    from worker.validate.dedupe import PairIndex
+
+log = structlog.get_logger("worker.run.prune")
+
+#: Rejections that leave the row attributed to its token: that token is not pruned.
+ADDRESS_REASONS = frozenset({Reason.INVALID_EMAIL, Reason.MISSING_EMAIL})
+
+
+class ListedInput:
+    """What the input says for ``--prune``, gathered while it is read."""
+
+    def __init__(self) -> None:
+        #: Every valid pair of the input (the validator's duplicate index).
+        self.index: PairIndex | None = None
+        #: lower-cased token -> the token as the list first spells it
+        self.tokens: dict[str, str] = {}
+        #: lower-cased token -> the first (line, reason) rejected for its address
+        self.blocked: dict[str, tuple[int | str, str]] = {}
+        #: The first row that could not be read or attributed: (line, reason)
+        self.unreadable: tuple[int | str, str] | None = None
+
+    def chunk(self, rows: Sequence[RawRow], rejections: list[Rejection]) -> None:
+        """Take note of one chunk: its tokens, and what was rejected (every rejection,
+        also those an earlier run reported)."""
+        tokens = rows.tokens if isinstance(rows, Columns) else [r[1] for r in rows if r[3] is None]
+        for raw in set(tokens):
+            token = raw.strip() if isinstance(raw, str) else ""
+            if check_token(token):
+                self.tokens.setdefault(token.lower(), token)
+        for line, reason, rejected, _ in rejections:
+            if reason == Reason.DUPLICATE:
+                continue  # harmless: the pair is in the list once already
+            clean = rejected.strip() if rejected else ""
+            if reason in ADDRESS_REASONS and check_token(clean):
+                self.blocked.setdefault(clean.lower(), (line, reason))
+            elif self.unreadable is None:
+                self.unreadable = (line, reason)
+
+    def named(self, token: str) -> Named:
+        """Whether the list names each address for ``token`` (ignoring case)."""
+        index, token_hash = self.index, hash(token.lower())
+
+        def check(emails: list[str]) -> list[bool]:
+            keys = [token_hash ^ hash(e.lower()) for e in emails]
+            found = index.find_many(keys) if index is not None else set()
+            return [k in found for k in keys]
+
+        return check
+
+
+async def prune(
+    config: Config,
+    pruner: Pruner,
+    listed: ListedInput,
+    report: Report,
+    *,
+    stop: asyncio.Event,
+    plan: dict[str, Counter[str]] | None = None,
+    abort: Callable[[AuthError], None] | None = None,
+) -> None:
+    """Prune every dashboard the list names (or, with ``plan``, count what would go).
+
+    Refused keys (401/403) end the prune, and are passed to ``abort`` (the run's).
+    """
+    if listed.unreadable is not None:
+        line, reason = listed.unreadable
+        _refuse(report, "input_unreadable", f"nothing was pruned: line {line} could not be "
+                f"read or attributed to a token ({reason}); fix it and run again")  # fmt: skip
+        return
+    pending = iter(sorted(listed.tokens.items()))
+    denied: list[AuthError] = []
+
+    async def work() -> None:
+        for lower, token in pending:
+            if stop.is_set() or denied:
+                return
+            counts = plan.setdefault(token, Counter()) if plan is not None else None
+            try:
+                await _one(config, pruner, listed, report, token, lower, counts, stop)
+            except AuthError as exc:  # the keys may not write dashboards: stop here
+                denied.append(exc)
+                if abort is not None:
+                    abort(exc)
+                _refuse(report, exc.code, f"the service refused to let these keys read or "
+                        f"change the dashboard ({exc.message}); give the application key "
+                        "dashboards_invite_share", token)  # fmt: skip
+            except SendError as exc:
+                _refuse(report, exc.code, f"the dashboard could not be pruned: {exc.message}; "
+                        "run again to finish", token)  # fmt: skip
+
+    try:
+        async with asyncio.TaskGroup() as group:  # a fault in one ends them all
+            for _ in range(config.concurrency):
+                group.create_task(work())
+    except* Exception as failed:  # the first failure, as itself: a fault, a stop, a bug
+        raise failed.exceptions[0] from None
+
+
+async def _one(
+    config: Config,
+    pruner: Pruner,
+    listed: ListedInput,
+    report: Report,
+    token: str,
+    lower: str,
+    counts: Counter[str] | None,
+    stop: asyncio.Event,
+) -> None:
+    """Survey, guard and prune one dashboard."""
+    if lower in listed.blocked:
+        line, reason = listed.blocked[lower]
+        _refuse(report, "rejected_rows", f"line {line} of this dashboard was rejected "
+                f"({reason}), so the list may be missing someone: nobody was removed from "
+                "it; fix the row and run again", token)  # fmt: skip
+        if counts is not None:
+            counts["refuse removal: rejected_rows"] += 1
+        return
+    survey = await pruner.survey(token, listed.named(token))
+    if survey is None or not survey.remove:
+        if counts is not None:
+            counts["remove"] += 0
+        return
+    remove, people = len(survey.remove), survey.people
+    if not config.prune_max.allows(remove, people):
+        _refuse(report, "prune_max", f"{remove:,} of the dashboard's {people:,} people are "
+                f"not on the list, more than --prune-max {config.prune_max} allows: nothing "
+                "was removed from it. Check the list; if it is right, run with a higher "
+                "--prune-max (e.g. 100%)", token, people, remove)  # fmt: skip
+        if counts is not None:
+            counts["refuse removal: prune_max"] += remove
+        return
+    if counts is not None:
+        counts["remove"] += remove
+        for removed, emails in _groups(survey.remove.values()).items():
+            report.revoked(token, emails, list(removed), planned=True)
+        return
+    await _remove(pruner, report, survey, stop)
+
+
+async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.Event) -> None:
+    """Entries first (no new link can be asked for), then invitations, in batches."""
+    token, entries = survey.token, survey.holding(INVITEE) + survey.holding(SHARE_LIST)
+    removed: dict[str, set[str]] = {}
+    if entries:
+        done = await pruner.remove_entries(token, entries)
+        if done is None:
+            _refuse(report, "prune_update_failed", "the dashboard's invitees could not be "
+                    "changed safely (see removal.update_failed): nothing was removed from "
+                    "it; run again", token)  # fmt: skip
+            return
+        removed = done
+    invited = survey.holding(INVITATION)
+    holders = {e.lower() for e in invited}
+    only_entries = ((survey.remove[k][0], v) for k, v in removed.items() if k not in holders)
+    for what, emails in _groups(only_entries).items():
+        report.revoked(token, emails, list(what))
+    batches = [invited]
+    while batches:
+        if stop.is_set():
+            return
+        batch = batches.pop(0)
+        if not batch:  # nobody's invitation to revoke (only entries went)
+            continue
+        size = pruner.list_size()
+        if len(batch) > size:
+            batches[:0] = [batch[:size], batch[size:]]
+            continue
+        try:
+            await pruner.revoke(token, batch)
+        except BadRequest:
+            if len(batch) == 1:
+                raise
+            # Refused for its size, or for one address in it: halves find out which.
+            batches[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+            continue
+        held = ((e, removed.get(e.lower(), set()) | {INVITATION}) for e in batch)
+        for what, emails in _groups(held).items():
+            report.revoked(token, emails, list(what))
+
+
+def _refuse(report: Report, code: str, message: str, token: str | None = None,
+            people: int | None = None, remove: int | None = None) -> None:  # fmt: skip
+    """Record (and log) a dashboard left whole, or a run that pruned nothing."""
+    log.warning("prune.refused", code=code, token=token, message=message)
+    report.prune_refused(code, message, token, people, remove)
+
+
+def _groups(removals: Iterable[tuple[str, set[str]]]) -> dict[tuple[str, ...], list[str]]:
+    """(address, what is removed) pairs grouped by what: one record per group."""
+    out: dict[tuple[str, ...], list[str]] = {}
+    for email, what in removals:
+        if what:
+            out.setdefault(tuple(sorted(what)), []).append(email)
+    return out

@@ -1,0 +1,83 @@
+"""``--prune``: removing addresses from a shared dashboard's invitees and share list, and
+nothing else.
+
+The discipline of ``--add-invitees`` (see :mod:`worker.send.invitees`): the API has no
+version field or ETag, so read twice and write only if nobody changed the dashboard in
+between (else read again, up to three times); send back every writable field exactly as
+read, without the entries to remove; then read back: every other entry unchanged and the
+removed ones gone. Nothing to remove, nothing written.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import structlog
+
+from worker.send.client import InvitationClient
+from worker.send.invitees import Paced, invitee_list, writable
+
+log = structlog.get_logger("worker.removal")
+
+INVITEE, SHARE_LIST = "invitee", "share_list"
+
+
+async def remove_entries(
+    paced: Paced, client: InvitationClient, token: str, gone: frozenset[str]
+) -> dict[str, set[str]] | None:
+    """Remove the entries of ``gone`` (lower-cased addresses) from ``token``'s invitees and
+    share list: per address removed, which entries went; None if it could not be done
+    safely (the dashboard kept changing, or the read-back does not show the change)."""
+    read = functools.partial(client.get_dashboard, token)
+    for _ in range(3):
+        first, before = (await paced(read)).raw, (await paced(read)).raw
+        if writable(first) != writable(before):
+            log.warning("removal.concurrent_edit", token=token, action="reading again")
+            continue
+        body = writable(before)
+        removed: dict[str, set[str]] = {}
+        kept_invitees: dict[str, dict[str, Any]] = {}
+        for item in invitee_list(before):
+            lower = item["email"].lower()
+            if lower in gone:
+                removed.setdefault(lower, set()).add(INVITEE)
+            else:
+                kept_invitees[lower] = item
+        if isinstance(before.get("invitees"), list):
+            body["invitees"] = list(kept_invitees.values())
+        elif "invitees" in body:
+            body["invitees"] = before["invitees"]  # as read (null stays null)
+        share = before.get("share_list")
+        kept_share: set[str] = set()
+        if isinstance(share, list):
+            body["share_list"] = []
+            for entry in share:
+                lower = entry.lower() if isinstance(entry, str) else None
+                if lower is not None and lower in gone:
+                    removed.setdefault(lower, set()).add(SHARE_LIST)
+                else:
+                    body["share_list"].append(entry)
+                    kept_share.add(lower or "")
+        if not removed:
+            return {}
+        await paced(functools.partial(client.put_dashboard, token, body))
+        after = (await paced(read)).raw
+        now_invitees = {i["email"].lower(): i for i in invitee_list(after)}
+        now_share = _lowered(after.get("share_list"))
+        intact = all(now_invitees.get(k) == v for k, v in kept_invitees.items())
+        intact = intact and kept_share - {""} <= now_share
+        left = [e for e in removed if e in now_invitees or e in now_share]
+        if intact and not left:
+            log.info("removal.done", token=token, removed=len(removed))
+            return removed
+        log.error("removal.update_failed", token=token, intact=intact, still_there=len(left),
+                  reason="the read-back does not show the change as written")  # fmt: skip
+        return None
+    log.error("removal.update_failed", token=token,
+              reason="the dashboard kept changing while being read")  # fmt: skip
+    return None
+
+
+def _lowered(value: Any) -> set[str]:
+    return {e.lower() for e in value if isinstance(e, str)} if isinstance(value, list) else set()
