@@ -42,6 +42,7 @@ from worker.clock import SystemClock
 from worker.config import Config, PruneMax
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard, Invitee
+from worker.errors import UsageError
 from worker.record.replay import Replay
 from worker.run import run
 from worker.run.human import print_summary as human_summary
@@ -217,9 +218,9 @@ def test_the_dry_run_reads_only_and_names_the_8(
     assert sorted(e for r in planned for e in r["emails"]) == sorted(GONE)
     assert all(r["planned"] is True for r in planned)
     counts = records[-1]["preflight"][TOKEN_A]
-    assert counts["remove"] == 8
-    assert counts["refuse: not_on_share_list"] == 5  # not invitees yet
-    assert counts["skip: already_invited"] + counts["skip: active_session"] == 80
+    assert counts["would remove"] == 8
+    assert counts["would refuse: not_on_share_list"] == 5  # not invitees yet
+    assert counts["would skip: already_invited"] + counts["would skip: active_session"] == 80
     assert records[-1]["emails_revoked"] == 0
     assert len(state(url, TOKEN_A)["invitees"]) == 88
 
@@ -337,13 +338,15 @@ async def test_an_address_rejection_spares_its_token_and_duplicates_are_harmless
 async def test_an_empty_list_prunes_nothing(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
-    """A list with a header and no row (or only a blank line) removes nobody anywhere."""
+    """A list with a header and no row (or only a blank line) is refused before anything
+    starts: nobody is removed anywhere, no request is made."""
     board = board_of(emulator, TOKEN_A, PEOPLE[:5])
-    result = await run(make_config(prune=True, prune_max=PruneMax(None, 100.0)),
-                       csv_source("token,email\n\n"))  # fmt: skip
-    assert result.exit_code == 0
+    for text in ("token,email\n", "token,email\n\n"):
+        with pytest.raises(UsageError):
+            await run(make_config(prune=True, prune_max=PruneMax(None, 100.0), overwrite=True),
+                      csv_source(text))  # fmt: skip
     assert held(board) == set(PEOPLE[:5])
-    assert {r.method for r in emulator.requests} <= {"GET"}
+    assert emulator.requests == []
 
 
 async def test_removal_keeps_an_edit_made_between_its_reads(
@@ -629,6 +632,9 @@ async def _prune_once(case: dict[str, Any], directory: Path) -> tuple[Dashboard,
                         backoff_base=0.001, backoff_max=0.002, ratelimit_jitter=0.001,
                         reconcile_delay=0.0, durable_journal=False, prune=True,
                         prune_max=PruneMax.parse(case["prune_max"]))  # fmt: skip
+        if not pairs:  # an empty list is refused before anything starts (exit 2)
+            (directory / "plan.jsonl").write_text("")
+            return board, emulator
         plan = dataclasses.replace(config, report_path=directory / "plan.jsonl")
         await asyncio.wait_for(dry_run(plan, csv_source(rows_csv(pairs)), preflight=True,
                                        out=io.StringIO()), 30)  # fmt: skip

@@ -114,7 +114,7 @@ async def _plan(
         "exit_code": EXIT_INCOMPLETE if report.rejected_total or report.prunes_refused else EXIT_OK,
     }
     if listed is not None:
-        summary["removals"] = sum(c["remove"] for c in checked.values())
+        summary["removals"] = sum(c["would remove"] for c in checked.values())
         summary.update(prune_fields(report))
     if preflight:
         summary["preflight"] = {token: dict(sorted(c.items())) for token, c in checked.items()}

@@ -146,12 +146,12 @@ async def _one(
                 f"({reason}), so the list may be missing someone: nobody was removed from "
                 "it; fix the row and run again", token)  # fmt: skip
         if counts is not None:
-            counts["refuse removal: rejected_rows"] += 1
+            counts["would refuse removal: rejected_rows"] += 1
         return
     survey = await pruner.survey(token, listed.named(token))
     if survey is None or not survey.remove:
         if counts is not None:
-            counts["remove"] += 0
+            counts["would remove"] += 0
         return
     remove, people = len(survey.remove), survey.people
     if not config.prune_max.allows(remove, people):
@@ -160,10 +160,10 @@ async def _one(
                 "was removed from it. Check the list; if it is right, run with a higher "
                 "--prune-max (e.g. 100%)", token, people, remove)  # fmt: skip
         if counts is not None:
-            counts["refuse removal: prune_max"] += remove
+            counts["would refuse removal: prune_max"] += remove
         return
     if counts is not None:
-        counts["remove"] += remove
+        counts["would remove"] += remove
         for removed, emails in _groups(survey.remove.values()).items():
             report.revoked(token, emails, list(removed), planned=True)
         return
