@@ -685,3 +685,22 @@ async def test_people_with_only_an_entry_go_with_one_put_and_no_delete(
     removed = {e: r["removed"] for r in by_kind(read_report(config.report_path), "revoked")
                for e in r["emails"]}  # fmt: skip
     assert removed == {PEOPLE[1]: ["invitee"], PEOPLE[2]: ["invitee"], PEOPLE[3]: ["share_list"]}
+
+
+async def test_a_listing_that_cannot_be_read_to_its_end_prunes_nobody(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A service answering every page_number with the first page: the survey cannot see
+    who holds the later invitations, so the dashboard is left whole and the refusal
+    recorded (exit 1)."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=[])
+    people = [f"q{i}@example.com" for i in range(250)]
+    board.invitations = [(e, time.time()) for e in people]
+    emulator.ignore_page_number = True
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0), resend=True)
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, people[0])])))
+    assert result.exit_code == 1
+    assert len(board.invitations) == 250
+    assert "DELETE" not in {r.method for r in emulator.requests}
+    [refused] = by_kind(read_report(config.report_path), "prune_refused")
+    assert refused["code"] == "unexpected_response"

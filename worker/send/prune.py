@@ -27,7 +27,7 @@ import numpy as np
 import structlog
 
 from worker.clock import Clock
-from worker.errors import TokenNotFound
+from worker.errors import TokenNotFound, UnexpectedResponse
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer
 from worker.send.removal import INVITEE, SHARE_LIST, remove_entries
@@ -123,9 +123,10 @@ class Pruner:
 
         The end is ``total_count`` entries, or an empty page. A page shorter than asked
         means the service honors a smaller size: the listing goes on at that size, from
-        the entries read so far (``page_number`` counts pages of the size asked).
+        the entries read so far (``page_number`` counts pages of the size asked). A
+        listing that cannot be read to its end raises :class:`UnexpectedResponse`.
         """
-        read, size = 0, self.page_size
+        read, size, last = 0, self.page_size, None
         for _ in range(MAX_PAGES):
             number, skip = divmod(read, size)
             call = functools.partial(self._client.list_invitations, token, number, size)
@@ -133,12 +134,20 @@ class Pruner:
             fresh = page.invitations[skip:]
             if not fresh:
                 return
+            # The same page twice: page_number is not honored, and whoever is further on
+            # could not be seen (a survey that cannot see everyone removes nobody).
+            held = hash(tuple((i.email, i.created_at) for i in page.invitations))
+            if held == last:
+                raise UnexpectedResponse(f"the invitation list answered page {number} with "
+                                         "the page before it; it cannot be read")  # fmt: skip
+            last = held
             yield [item.email for item in fresh]
             read += len(fresh)
-            if page.total_count is not None and read >= page.total_count:
+            if page.total_count == read:  # a total below what was read is not trusted
                 return
             if len(page.invitations) != size:
                 size = len(page.invitations)
+        raise UnexpectedResponse(f"the invitation list did not end after {MAX_PAGES:,} pages")
 
     async def remove_entries(self, token: str, gone: Iterable[str]) -> dict[str, set[str]] | None:
         """Remove the invitee and share-list entries of ``gone`` (see ``removal``)."""
