@@ -100,6 +100,12 @@ class Dashboard:
         return doc if isinstance(doc, dict) else {}
 
 
+def list_form(emails: list[str]) -> bytes:
+    """The list-form body of an invitation request (POST or DELETE)."""
+    items = [{"type": "public_dashboard_invitation", "attributes": {"email": e}} for e in emails]
+    return msgspec.json.encode({"data": items})
+
+
 class InvitationClient:
     """Posts list-form invitation requests for one organization.
 
@@ -178,14 +184,7 @@ class InvitationClient:
 
     async def invite(self, token: str, emails: list[str]) -> Sent:
         """Send one list-form request; return :class:`Sent` or raise a :class:`SendError`."""
-        body = msgspec.json.encode(
-            {
-                "data": [
-                    {"type": "public_dashboard_invitation", "attributes": {"email": e}}
-                    for e in emails
-                ]
-            }
-        )
+        body = list_form(emails)
         url = self._urls.get(token)
         if url is None:
             url = URL(self.invitation_url(token), encoded=True)
@@ -204,11 +203,8 @@ class InvitationClient:
     async def revoke(self, token: str, emails: list[str]) -> Revoked:
         """Revoke the invitations of ``emails`` (list form; ends their sessions): 2xx, with
         an empty body (204, ``text/html``), or a :class:`SendError`."""
-        body = msgspec.json.encode({"data": [
-            {"type": "public_dashboard_invitation", "attributes": {"email": e}} for e in emails
-        ]})  # fmt: skip
         url = self.invitation_url(token)
-        status, headers, raw = await self._request("revoke", "DELETE", url, body)
+        status, headers, raw = await self._request("revoke", "DELETE", url, list_form(emails))
         ratelimit = self._ratelimit(headers)
         if 200 <= status < 300:
             return Revoked(status, ratelimit)
