@@ -67,7 +67,9 @@ def worker(spawn: Callable[..., Proc], tmp_path: Path, url: str, stream: str, ap
            name: str, *extra: str, env: dict[str, str]) -> Proc:  # fmt: skip
     return spawn("run", url, "--stream", stream, "--consumer", name, "--linger", "0.1",
                  "--api-url", api, "--report", str(tmp_path / f"{name}.jsonl"),
-                 "--batch-size", "20", "--reconcile-delay", "0.2", *extra, env=env)  # fmt: skip
+                 "--batch-size", "20", "--reconcile-delay", "0.2",
+                 # A refused POST leaves its intent: the next worker waits out its timeout.
+                 "--timeout", "3", *extra, env=env)  # fmt: skip
 
 
 def expect_refused(proc: Proc, report: Path) -> float:
