@@ -107,8 +107,9 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes_it(
     source = tmp_path / "in.csv"
     pairs = write_input(source, 3000, 4)
     report = small_disk / "report.jsonl"
+    # A short --timeout: the resume waits out each open intent's timeout before listing it.
     common = ("--api-url", url, "--batch-size", "10", "--reconcile-delay", "0.2",
-              "--log-format", "json")  # fmt: skip
+              "--timeout", "3", "--log-format", "json")  # fmt: skip
     started = time.monotonic()
     run = spawn("run", str(source), "--report", str(report), *common)
     run.expect(3, timeout=60)

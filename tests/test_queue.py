@@ -247,7 +247,7 @@ def test_a_worker_killed_mid_run_is_finished_by_another(
         return spawn("run", redis_server, "--stream", stream_name, "--consumer", name,
                      "--until-empty", "--linger", "0.1", "--api-url", url,
                      "--report", str(tmp_path / f"{name}.jsonl"), "--batch-size", "50",
-                     "--reconcile-delay", "0.2", *extra)  # fmt: skip
+                     "--reconcile-delay", "0.2", "--timeout", "3", *extra)  # fmt: skip
 
     first = worker("first")
     deadline = time.monotonic() + 30
