@@ -152,7 +152,7 @@ def test_a_resume_that_settles_a_batch_by_listing_counts_it_reconciled(
     source, report = tmp_path / "in.csv", tmp_path / "r.jsonl"
     emails = [f"u{n}@example.com" for n in range(3)]
     source.write_text("token,email\n" + "".join(f"tok-a,{e}\n" for e in emails))
-    before = time.time() - 5
+    before = time.time() - 60  # long enough ago that no request sent then is in flight
     done = invite_worker("run", str(source), "--api-url", url, "--report", str(report))
     assert done.returncode == 0, done.stderr
     # As if the process died after the POST, before its outcome was recorded.
