@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -306,6 +307,10 @@ async def test_a_mistyped_redis_url_or_stream_is_refused(
     (and create nothing); a long-lived worker still waits for its stream, which enqueue
     creates."""
     await redis.xadd(stream_name, {"token": "tok", "email": "a@example.com"})
+    # On a shared server the meant stream must still be named, ahead of others that sort first.
+    decoys = [f"a-decoy-{n}-{uuid.uuid4().hex[:8]}" for n in range(12)]
+    for decoy in decoys:
+        await redis.xadd(decoy, {"token": "tok", "email": "a@example.com"})
     port = redis_server.rsplit(":", 1)[1].split("/")[0]
     typo = stream_name[:-1]
     cases = [
@@ -327,6 +332,7 @@ async def test_a_mistyped_redis_url_or_stream_is_refused(
         assert says in done.stderr, done.stderr
         if "the streams there" in says:
             assert stream_name in done.stderr
+    await redis.delete(*decoys)
     assert not await redis.exists(typo)
     assert not await redis.exists(f"{typo}:dead")
     listed = await asyncio.to_thread(invite_worker, "dead-letter", "list", redis_server,

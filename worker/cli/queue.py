@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from collections import Counter
@@ -34,7 +35,7 @@ SHOWN_STREAMS = 10
 
 
 async def require_stream(redis: Redis, stream: str, why: str) -> None:
-    """Refuse a stream that does not exist, naming those that do.
+    """Refuse a stream that does not exist, naming those that do, closest names first.
 
     ``why``: what the stream was needed for. A mistyped name would otherwise read as an
     empty queue (``--until-empty`` exits 0) or as no dead letters.
@@ -49,7 +50,9 @@ async def require_stream(redis: Redis, stream: str, why: str) -> None:
         names.append(name)
         if len(names) > 10 * SHOWN_STREAMS:
             break
-    names.sort()
+    # The likeliest meant names first: on a shared server a typo's stream would otherwise
+    # fall outside the first few names in alphabetical order.
+    names.sort(key=lambda name: (-difflib.SequenceMatcher(None, stream, name).ratio(), name))
     shown = ", ".join(names[:SHOWN_STREAMS]) + (", ..." if len(names) > SHOWN_STREAMS else "")
     found = f"the streams there: {shown}" if names else "there is no stream on that server"
     raise UsageError(
