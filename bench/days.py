@@ -4,9 +4,13 @@
 ``--dashboards`` file for the emulator), as the real service requires before it sends, so
 the dashboard check reads the whole allow-list of each token. ``--days N`` runs the same
 list N times against one emulator, as a daily job does: day 1 sends everything, day 2
-finds everyone invited and sends nothing. Each day is its own worker process: its CPU per
-row, peak RSS, wall time, what it sent and skipped, and its requests by kind (from the
-report's summary), with day N's CPU as a share of day 1's.
+finds everyone invited and sends nothing. Each later day runs twice, both against the same
+service: once as the CronJob in ``deploy/`` runs it, continuing day 1's report with
+``--resume`` (the report's history settles who was served: no request), and once from a
+fresh report (``--overwrite``: the dashboard check lists every token's invitations). Each
+run is its own worker process: its CPU per row, peak RSS, wall time, what it sent and
+skipped, and its requests by kind (from the report's summary), with its CPU as a share of
+day 1's.
 """
 
 from __future__ import annotations
@@ -40,42 +44,58 @@ def summary_of(report: Path) -> dict[str, Any]:
     return summary
 
 
+#: How a later day runs: (label, mode); day 1 is mode "first".
+LATER_DAYS = (("--resume", "resume"), ("fresh report", "fresh"))
+
+
 def day_rows(
     days: int,
     rows: int,
     fresh: Callable[[], AbstractContextManager[str]],
-    run_day: Callable[[str], dict[str, Any]],
+    run_day: Callable[[str, str], dict[str, Any]],
     stats: Callable[[str], dict[str, Any]],
 ) -> list[tuple[str, str]]:
-    """Run the job ``days`` times against one emulator; a table row per figure per day,
-    then what the service holds at the end (every address invited once, or not)."""
+    """Run the job ``days`` times against one emulator; a table row per figure per run,
+    then what the service holds at the end (every address invited once, or not).
+
+    ``run_day(url, mode)``: one worker run; ``first`` writes the report, ``resume``
+    continues it (``--resume``), ``fresh`` writes another from scratch.
+    """
     table: list[tuple[str, str]] = []
     first_cpu = 0.0
     with fresh() as url:
         for day in range(1, days + 1):
-            worker = run_day(url)
-            summary = worker["summary"]
-            if day == 1:
-                first_cpu = worker["cpu"]
-            kinds = summary.get("requests_by_kind", {})
-            table += [
-                (f"day {day}: exit / wall", f"{worker['exit']} / {worker['wall']:.2f} s"),
-                (f"day {day}: CPU per row",
-                 f"{worker['cpu'] / rows * 1e6:.2f} µs (user {worker['user']:.2f} s + sys "
-                 f"{worker['sys']:.2f} s){_share(worker['cpu'], first_cpu, day)}"),
-                (f"day {day}: peak RSS", f"{worker['rss_mb']:.1f} MB"),
-                (f"day {day}: sent / skipped / failed",
-                 f"{summary.get('emails_sent', 0):,} / {summary.get('emails_skipped', 0):,} / "
-                 f"{summary.get('emails_failed', 0):,}"),
-                (f"day {day}: requests by kind",
-                 ", ".join(f"{k} {v:,}" for k, v in kinds.items())
-                 + f"; {summary.get('list_pages', 0):,} pages listed"),
-            ]  # fmt: skip
+            for how, mode in LATER_DAYS if day > 1 else (("", "first"),):
+                worker = run_day(url, mode)
+                if day == 1:
+                    first_cpu = worker["cpu"]
+                table += _figures(f"day {day}" + (f" ({how})" if how else ""), worker, rows,
+                                  first_cpu if day > 1 else 0.0)  # fmt: skip
         service = stats(url)
     table.append(("invitations / duplicates", f"{service['invitations']:,} / "
                   f"{service['duplicates']:,}"))  # fmt: skip
     return table
 
 
-def _share(cpu: float, first: float, day: int) -> str:
-    return f" = {cpu / first:.2f}x day 1" if day > 1 and first else ""
+def _figures(
+    name: str, worker: dict[str, Any], rows: int, first_cpu: float
+) -> list[tuple[str, str]]:
+    """One run's rows of the table; ``first_cpu``: day 1's, for the share (0: none)."""
+    summary = worker["summary"]
+    kinds = summary.get("requests_by_kind", {})
+    share = f" = {worker['cpu'] / first_cpu:.2f}x day 1" if first_cpu else ""
+    settled = summary.get("skipped", 0) if summary.get("resumed") else 0
+    return [
+        (f"{name}: exit / wall", f"{worker['exit']} / {worker['wall']:.2f} s"),
+        (f"{name}: CPU per row",
+         f"{worker['cpu'] / rows * 1e6:.2f} µs (user {worker['user']:.2f} s + sys "
+         f"{worker['sys']:.2f} s){share}"),
+        (f"{name}: peak RSS", f"{worker['rss_mb']:.1f} MB"),
+        (f"{name}: sent / skipped / failed",
+         f"{summary.get('emails_sent', 0):,} / {summary.get('emails_skipped', 0):,} / "
+         f"{summary.get('emails_failed', 0):,}"
+         + (f"; {settled:,} rows settled by the report" if settled else "")),
+        (f"{name}: requests by kind",
+         ", ".join(f"{k} {v:,}" for k, v in kinds.items())
+         + f"; {summary.get('list_pages', 0):,} pages listed"),
+    ]  # fmt: skip

@@ -22,7 +22,8 @@ first ``--peer-rows`` rows, and list-form batches over enough rows to fill lists
 every token. The per-email figures and their ratios to the worker's are added to the table.
 
 ``--invitees`` makes every address an invitee of its dashboard; ``--days N`` runs the same
-list N times against one emulator and prints each day (see ``bench/days.py``).
+list N times against one emulator and prints each day, later days both as the CronJob runs
+them (``--resume``) and from a fresh report (see ``bench/days.py``).
 """
 
 from __future__ import annotations
@@ -89,11 +90,16 @@ def start_emulator(
     raise SystemExit("the emulator did not start")
 
 
-def run_worker(source: Path, report: Path, url: str, opts: argparse.Namespace) -> dict[str, Any]:
-    """Run the worker; its CPU and peak RSS come from wait4 on the child alone."""
+def run_worker(
+    source: Path, report: Path, url: str, opts: argparse.Namespace, *, resume: bool = False
+) -> dict[str, Any]:
+    """Run the worker; its CPU and peak RSS come from wait4 on the child alone.
+
+    ``resume``: continue ``report`` (``--resume``), as the CronJob does every day."""
     args = [sys.executable, "-m", "worker", "run", str(source), "--api-url", url, "--report",
-            str(report), "--overwrite", "--batch-size", str(opts.batch_size), "--concurrency",
-            str(opts.concurrency), "--log-format", "json"]  # fmt: skip
+            str(report), "--resume" if resume else "--overwrite", "--batch-size",
+            str(opts.batch_size), "--concurrency", str(opts.concurrency),
+            "--log-format", "json"]  # fmt: skip
     if opts.list_page_size:
         args += ["--list-page-size", str(opts.list_page_size)]
     with open(report.with_suffix(".log"), "wb") as log:
@@ -312,7 +318,14 @@ def main() -> None:
     compileall.compile_dir(ROOT / "worker", quiet=1)
     fresh = lambda: emulator(opts.limit, opts.period, opts.latency, extra)  # noqa: E731
     if opts.days > 1:
-        day = lambda url: run_worker(opts.source, report, url, opts)  # noqa: E731
+        # A later day from a fresh report writes beside day 1's, which --resume continues.
+        day = lambda url, mode: run_worker(  # noqa: E731
+            opts.source,
+            workdir / "fresh.jsonl" if mode == "fresh" else report,
+            url,
+            opts,
+            resume=mode == "resume",
+        )
         who = "every address an invitee" if opts.invitees else "no allow-list"
         print_table([("rows / tokens / batch", f"{opts.rows:,} / {opts.tokens:,} / "
                       f"{opts.batch_size}; {who}"),
