@@ -22,8 +22,8 @@ from worker.emulator import Emulator
 from worker.errors import ServerError, Stopped
 from worker.record.journal import Journal, read_journal
 from worker.send import client_for, pacer_for, reconciler_for
-from worker.send.client import Sent
 from worker.send.pacing import Pacer
+from worker.send.replies import Sent
 from worker.send.retry import RetryPolicy, paced_call
 from worker.send.sender import Sender
 from worker.state import RunState

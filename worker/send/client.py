@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -27,18 +26,24 @@ from worker.errors import (
     ServiceUnreachable,
 )
 from worker.metrics import Metrics
-from worker.outcome import Invitation
 from worker.send.answers import (
     created,
     error_for,
     error_message,
-    json_or_none,
     read_body,
     read_ratelimit,
 )
-from worker.send.listed import Listed, SharedDashboard, read_dashboard, read_listing
+from worker.send.listed import read_dashboard, read_listing
 from worker.send.proxy import PROXY_AUTH_REQUIRED, Proxy, refused
 from worker.send.refusals import named_addresses
+from worker.send.replies import (
+    Dashboard,
+    Listing,
+    Revoked,
+    Sent,
+    Validated,
+    list_form,
+)
 from worker.validate import check_token
 
 log = structlog.get_logger("worker.client")
@@ -49,61 +54,6 @@ MIN_SECRET_LENGTH = 8
 #: Connections that failed before the service ever answered, after which the run stops:
 #: a wrong URL or port, DNS or TLS trouble will not heal by retrying batch after batch.
 UNREACHABLE_AFTER = 3
-
-
-@dataclass(frozen=True, slots=True)
-class Sent:
-    """A 2xx answer: which invitations the service says it created."""
-
-    http_status: int
-    invitations: list[Invitation]
-    ratelimit: RateLimitInfo
-
-
-@dataclass(frozen=True, slots=True)
-class Revoked:
-    """A 2xx answer to a revocation (its body is empty)."""
-
-    http_status: int
-    ratelimit: RateLimitInfo
-
-
-@dataclass(frozen=True, slots=True)
-class Listing:
-    """One page of a token's invitations (the fields decisions and records need)."""
-
-    invitations: list[Listed]
-    total_count: int | None
-    ratelimit: RateLimitInfo
-
-
-@dataclass(frozen=True, slots=True)
-class Validated:
-    """The answer to ``GET /api/v1/validate``: its status."""
-
-    http_status: int
-    ratelimit: RateLimitInfo
-
-
-@dataclass(frozen=True, slots=True)
-class Dashboard:
-    """The shared dashboard a token names: what the worker reads of it, and the whole object."""
-
-    dashboard: SharedDashboard
-    ratelimit: RateLimitInfo
-    body: bytes
-
-    @property
-    def raw(self) -> dict[str, Any]:
-        """The whole object, decoded on demand (only ``--add-invitees`` writes it back)."""
-        doc = json_or_none(self.body)
-        return doc if isinstance(doc, dict) else {}
-
-
-def list_form(emails: list[str]) -> bytes:
-    """The list-form body of an invitation request (POST or DELETE)."""
-    items = [{"type": "public_dashboard_invitation", "attributes": {"email": e}} for e in emails]
-    return msgspec.json.encode({"data": items})
 
 
 class InvitationClient:

@@ -14,7 +14,8 @@ from typing import Any
 
 import structlog
 
-from worker.send.client import Dashboard, InvitationClient
+from worker.send.client import InvitationClient
+from worker.send.replies import Dashboard
 
 log = structlog.get_logger("worker.invitees")
 

@@ -40,12 +40,13 @@ from worker.errors import (
     WrongUrl,
 )
 from worker.outcome import DASHBOARD_PAUSED, NOT_INVITE_ONLY, Failure
-from worker.send.client import Dashboard, InvitationClient
+from worker.send.client import InvitationClient
 from worker.send.compact import key_set, keys_of, member
 from worker.send.invitees import add_invitees
 from worker.send.listed import SharedDashboard
 from worker.send.pacing import Pacer
 from worker.send.reconcile import Reconciler
+from worker.send.replies import Dashboard
 from worker.send.retry import paced_call
 from worker.send.screening import (
     ACTIVE_SESSION,

@@ -21,9 +21,10 @@ import structlog
 from worker.clock import Clock
 from worker.errors import TokenNotFound, UnexpectedResponse
 from worker.outcome import Invitation, Outcome, Status
-from worker.send.client import InvitationClient, Listing
+from worker.send.client import InvitationClient
 from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_epoch
 from worker.send.pacing import Pacer
+from worker.send.replies import Listing
 from worker.send.retry import RetryPolicy, paced_call
 
 __all__ = ["Reconciler", "TokenListing", "created_epoch", "found_outcome", "iso_epoch"]
