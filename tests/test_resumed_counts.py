@@ -217,3 +217,25 @@ async def test_a_queue_workers_bar_shows_pending_and_dead_lettered_first(
     bars = [line for line in lines if "messages " in line]
     assert any("dead-lettered 1" in bar for bar in bars), lines
     assert all("pending " in bar and len(bar) <= 60 for bar in bars), bars
+
+
+def test_a_daily_lists_new_bad_row_at_an_old_bad_rows_line_is_recorded(tmp_path: Path) -> None:
+    """A resumed run over a list that changed since (the CronJob's next day) records a bad
+    row found at the line where an earlier day's bad row was; the same row read again by
+    a resume of the same list is not recorded twice."""
+    source, report = tmp_path / "list.csv", tmp_path / "r.jsonl"
+    source.write_text("token,email\ntok-aaaa,a@example.com\ntok-aaaa,bad-address\n")
+    first = invite_worker("run", str(source), "--sandbox", "--report", str(report))
+    assert first.returncode == 1, first.stderr  # a rejected row
+    source.write_text("token,email\ntok-aaaa,a@example.com\nbad token!,x@example.com\n"
+                      "tok-aaaa,also-bad\n")  # fmt: skip
+    for _ in range(2):  # the next day, then that day's run resumed
+        again = invite_worker("run", str(source), "--sandbox", "--report", str(report),
+                              "--resume")  # fmt: skip
+        assert again.returncode == 1, again.stderr
+    rejected = sorted((r["line"], r["reason"], r.get("token"), r.get("email"))
+                      for r in by_kind(read_report(report), "rejected"))  # fmt: skip
+    assert rejected == [(3, "invalid_email", "tok-aaaa", "bad-address"),
+                        (3, "invalid_token", "bad token!", "x@example.com"),
+                        (4, "invalid_email", "tok-aaaa", "also-bad")]  # fmt: skip
+    assert summarize(report)["rejected"] == 3

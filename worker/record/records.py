@@ -16,6 +16,9 @@ from msgspec import UNSET, UnsetType
 
 from worker.outcome import Invitation, Status
 
+#: The most of a rejected row's token and email its record keeps (hostile input is long).
+TOKEN_KEPT, EMAIL_KEPT = 200, 320
+
 
 class ErrorInfo(msgspec.Struct, frozen=True):
     """A failed batch's ``error``: the stable ``code`` and the human ``message``."""
@@ -62,6 +65,26 @@ class RejectedRecord(msgspec.Struct, tag_field="kind", tag="rejected"):
         if isinstance(self.line, int):
             return self.line
         return self.stream_id if isinstance(self.stream_id, str) else None
+
+    @property
+    def row(self) -> RejectedRow:
+        """Which row this is: its place and what it said (see :func:`rejected_row`)."""
+        token = self.token if isinstance(self.token, str) else None
+        email = self.email if isinstance(self.email, str) else None
+        return rejected_row(self.where, token, email)
+
+
+#: A rejected row as a report tells it: (line or stream id, token, email).
+RejectedRow = tuple[int | str | None, str | None, str | None]
+
+
+def rejected_row(where: int | str | None, token: str | None, email: str | None) -> RejectedRow:
+    """A rejected row's identity, as its record keeps it (token and email cut to length).
+
+    Its place alone is not enough: a daily job's list changes, and another row at the same
+    line the next day is another rejection, to be recorded too.
+    """
+    return (where, token[:TOKEN_KEPT] if token else None, email[:EMAIL_KEPT] if email else None)
 
 
 class SkippedRecord(msgspec.Struct, tag_field="kind", tag="skipped"):

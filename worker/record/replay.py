@@ -24,6 +24,7 @@ from worker.record.records import (
     BatchRecord,
     PruneRefusedRecord,
     RejectedRecord,
+    RejectedRow,
     ReportRecord,
     RevokedRecord,
     SkippedRecord,
@@ -63,7 +64,7 @@ class Replay:
     #: (status, error code, token) of every batch and skipped record, in the report's
     #: order; a skipped record's code is its reason
     batches: list[tuple[str, str | None, str]] = field(default_factory=list)
-    rejected: dict[Any, str] = field(default_factory=dict)  # line or stream id -> reason
+    rejected: dict[RejectedRow, str] = field(default_factory=dict)  # row -> reason
     runs: list[SummaryRecord] = field(default_factory=list)
     #: ``--prune``: emails whose access was taken away (by what), dashboards left whole
     revoked: int = 0
@@ -87,7 +88,7 @@ class Replay:
                 review.batches.append(state_of(record))
                 keys.extend(pair_key(token, email) for email in emails)
             elif isinstance(record, RejectedRecord):
-                review.rejected.setdefault(record.where, record.reason)
+                review.rejected.setdefault(record.row, record.reason)
             elif isinstance(record, RevokedRecord):
                 if record.planned is not True:
                     review.revoked += len(record.emails)

@@ -19,6 +19,8 @@ from worker.metrics import Metrics
 from worker.outcome import REFUSED, Status
 from worker.record.files import AppendFile, holds_only_a_plan, reads_as_report
 from worker.record.records import (
+    EMAIL_KEPT,
+    TOKEN_KEPT,
     BatchRecord,
     ErrorInfo,
     PruneRefusedRecord,
@@ -99,8 +101,8 @@ class Report:
 
         ``line`` is the input's line number, or a stream message id (``stream_id``).
         """
-        record = RejectedRecord(reason, token=token[:200] if token else UNSET,
-                                email=email[:320] if email else UNSET)  # fmt: skip
+        record = RejectedRecord(reason, token=token[:TOKEN_KEPT] if token else UNSET,
+                                email=email[:EMAIL_KEPT] if email else UNSET)  # fmt: skip
         if isinstance(line, int):
             record.line = line
         else:

@@ -22,6 +22,7 @@ from worker.errors import UsageError
 from worker.metrics import metrics_for
 from worker.record.journal import Journal, journal_path
 from worker.record.lock import hold_report
+from worker.record.records import rejected_row
 from worker.record.report import Report
 from worker.run.progress import Progress, snapshot_of
 from worker.run.prune import ListedInput, prune
@@ -67,7 +68,7 @@ async def read_batches(
     if listed is not None:
         listed.index = validator.seen
     batcher = Batcher(config.batch_size, config.max_buffered_rows)
-    known_rejected = history.rejected_lines if history is not None else set()
+    known_rejected = history.rejected_rows if history is not None else set()
     settled = history.settled if history is not None else None
     tokens: set[str] = set()
     chunks = source.chunks()
@@ -91,7 +92,7 @@ async def read_batches(
             ahead = asyncio.ensure_future(anext(chunks, None))
             ahead.add_done_callback(known_total)
             for line, reason, token, email in rejections:
-                if line not in known_rejected:
+                if rejected_row(line, token, email) not in known_rejected:
                     reject(line, reason, token, email)
             for batch in batcher.add_many(valid):
                 tokens.add(batch.token)

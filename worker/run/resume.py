@@ -29,7 +29,7 @@ from worker.errors import SendError, UsageError, is_final
 from worker.outcome import Outcome, Status
 from worker.record.files import read_records
 from worker.record.journal import Intent, journal_path, read_journal
-from worker.record.records import JOURNAL_LINE, REPORT_LINE
+from worker.record.records import JOURNAL_LINE, REPORT_LINE, RejectedRow
 from worker.record.replay import Replay
 from worker.send.reconcile import Reconciler, found_outcome
 from worker.validate import pair_key
@@ -48,7 +48,8 @@ class History:
     skipped: PairIndex = field(default_factory=PairIndex)
     #: pair -> code of its latest failure (removed once the pair is sent)
     failed: dict[int, str] = field(default_factory=dict)
-    rejected_lines: set[int] = field(default_factory=set)
+    #: The rows of the input rejected and recorded (see :func:`rejected_row`).
+    rejected_rows: set[RejectedRow] = field(default_factory=set)
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
     #: Journal intents never cleared whose pairs are not known to be sent.
     unknown: list[Intent] = field(default_factory=list)
@@ -94,7 +95,7 @@ class History:
         return {
             "emails_sent": len(self.sent),
             "emails_failed": len(self.failed),
-            "rejected": len(self.rejected_lines),
+            "rejected": len(self.rejected_rows),
             "unknown": len(self.blocked),
         }
 
@@ -143,9 +144,9 @@ def load_history(report_path: Path, journal_path: Path, *, resend: bool = False)
     failed, records = replay.keys_in(Status.FAILED)
     codes = [code or "failed" for _, code, _ in replay.batches]
     history.failed = dict(zip(failed.tolist(), map(codes.__getitem__, records), strict=True))
-    for where, reason in replay.rejected.items():
-        if isinstance(where, int):
-            history.rejected_lines.add(where)
+    for row, reason in replay.rejected.items():
+        if isinstance(row[0], int):
+            history.rejected_rows.add(row)
             history.rejected_by_reason[reason] += 1
     del replay, sent, failed, records  # the history holds what it needs, compactly
 
