@@ -28,6 +28,8 @@ from redis.asyncio import Redis
 
 from worker.config import Config
 from worker.emulator import Emulator, Logged
+from worker.run.counts import FileRead, QueueRead
+from worker.run.summary import AnySummary, Summary
 from worker.sources import Source, open_source
 
 API_KEY = "test-api-key-0123456789abcdef"
@@ -99,6 +101,24 @@ def write_input(path: Path, rows: int, tokens: int) -> set[tuple[str, str]]:
     pairs = {(f"dash-{i % tokens}", f"person{i}@example.com") for i in range(rows)}
     path.write_text(rows_csv(sorted(pairs)))
     return pairs
+
+
+def a_summary(read: FileRead | QueueRead | None = None, **facts: Any) -> AnySummary:
+    """A run's summary for the terminal's table: 10 invited in 1.5 s, one request, and
+    ``facts`` (``read``: a stream worker's share, else a file's)."""
+    values: dict[str, Any] = {
+        "source": "in.csv", "rows": 10, "valid": 10, "rejected": 0, "rejected_by_reason": {},
+        "emails_sent": 10, "emails_failed": 0, "emails_skipped": 0, "refused_by_code": {},
+        "invitees_added": 0, "skipped_by_reason": {}, "batches_sent": 1, "batches_failed": 0,
+        "requests": 1, "retries": 0, "rate_limited": 0, "ratelimit_waits": 0, "splits": 0,
+        "unknown_outcomes": 0, "reconciled_sent": 0, "reconcile_requests": 0, "list_pages": 0,
+        "requests_by_kind": {"invite": 1}, "unsent": 0, "unread": 0, "aborted": False,
+        "abort_reason": None, "interrupted": False, "halted": None, "resumed": False,
+        "exit_code": 0, "started_at": "", "finished_at": "", "duration_ms": 1500.0,
+    }  # fmt: skip
+    if isinstance(read, QueueRead):
+        return Summary(read=read, **{**values, **facts})
+    return Summary(read=read or FileRead(skipped=0, tokens=1), **{**values, **facts})
 
 
 def read_report(path: Path) -> list[dict[str, Any]]:

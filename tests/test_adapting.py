@@ -216,8 +216,10 @@ async def test_eio_on_the_journal_stops_sending_and_no_post_leaves_without_its_i
     with capture_logs():
         result = await run(config, csv_source(rows_csv(pairs)))
     assert result.exit_code == 3
-    assert result.summary["halted"]["code"] == "storage_error"
-    assert "(EIO)" in result.summary["halted"]["message"]
+    halted = result.summary.halted
+    assert halted is not None
+    assert halted.code == "storage_error"
+    assert "(EIO)" in halted.message
     posted = sum(r.emails for r in emulator.requests if r.method == "POST")
     assert 0 < posted < len(pairs)
     journaled = {e for intent in read_journal(journal_path(config.report_path)).values()

@@ -26,6 +26,7 @@ from worker.record.journal import Intent, Journal, journal_path, read_journal
 from worker.record.replay import Replay
 from worker.run import run
 from worker.run.resume import load_history
+from worker.run.summary import JobTotals
 from worker.validate import pair_key
 
 
@@ -96,7 +97,7 @@ async def test_a_502_after_commit_is_reconciled_not_resent(
     assert batch["reconciled"] is True
     assert len(batch["invitations"]) == 5
     assert result.exit_code == 0
-    assert result.summary["reconciled_sent"] == 5
+    assert result.summary.reconciled_sent == 5
     assert find_capture(logs, "batch.outcome_unknown")[0]["http_status"] == 502
     assert max(emulator.invited.values()) == 1
 
@@ -190,8 +191,8 @@ async def test_a_fault_heavy_service_still_gets_everyone_exactly_once(
         assert result.exit_code == 0, result.summary
         assert emu.invited == Counter(dict.fromkeys(pairs, 1))
         assert sent_pairs(config.report_path) == emu.invited
-        assert result.summary["unknown_outcomes"] > 10
-        assert result.summary["reconciled_sent"] > 0
+        assert result.summary.unknown_outcomes > 10
+        assert result.summary.reconciled_sent > 0
 
 
 async def test_crash_between_sent_and_recorded_is_settled_on_resume(
@@ -222,8 +223,8 @@ async def test_crash_between_sent_and_recorded_is_settled_on_resume(
     records = read_report(report)
     reconciled = [b for b in by_kind(records, "batch") if b.get("reconciled")]
     assert [sorted(b["emails"]) for b in reconciled] == [sorted(created)]
-    assert result.summary["skipped"] == 3
-    assert result.summary["resumed"] is True
+    assert result.summary.read.skipped == 3
+    assert result.summary.resumed is True
     assert load_history(report, journal_path(report)).unknown == []  # nothing left to check
 
 
@@ -238,12 +239,12 @@ async def test_resume_skips_sent_and_final_failures_but_retries_aborted_batches(
                       csv_source(rows_csv(pairs)))  # fmt: skip
     assert first.exit_code == 3
     second = await run(make_config(batch_size=10, resume=True), csv_source(rows_csv(pairs)))
-    assert second.summary["job"] == {"emails_sent": 40, "emails_failed": 1, "rejected": 1,
-                                     "unknown": 0}  # fmt: skip
+    assert second.summary.job == JobTotals(emails_sent=40, emails_failed=1, rejected=1,
+                                           unknown=0)  # fmt: skip
     assert second.exit_code == 1
     third = await run(make_config(batch_size=10, resume=True), csv_source(rows_csv(pairs)))
-    assert third.summary["skipped"] == 41
-    assert third.summary["requests"] == 0
+    assert third.summary.read.skipped == 41
+    assert third.summary.requests == 0
     assert max(emulator.invited.values()) == 1
     records = read_report(make_config().report_path)
     assert len(by_kind(records, "rejected")) == 1  # not written again on each resume
@@ -265,8 +266,8 @@ async def test_stop_leaves_unsent_batches_for_resume(
     stop.set()
     result = await task
     assert result.exit_code == 3
-    assert result.summary["interrupted"] is True
-    assert result.summary["unsent"] == 300 - result.summary["emails_sent"] > 0
+    assert result.summary.interrupted is True
+    assert result.summary.unsent == 300 - result.summary.emails_sent > 0
     assert sent_pairs(config.report_path) == emulator.invited  # nothing created is missing
     again = await run(make_config(batch_size=10, resume=True), csv_source(rows_csv(pairs)))
     assert again.exit_code == 0
@@ -287,8 +288,8 @@ async def test_resume_after_a_dry_run_sends_everything_once(
     assert planned.failed == {}
     assert len(planned.sent) == 0
     result = await run(make_config(batch_size=5, resume=True), csv_source(rows_csv(pairs)))
-    assert result.summary["job"] == {"emails_sent": 12, "emails_failed": 0, "rejected": 1,
-                                     "unknown": 0}  # fmt: skip
+    assert result.summary.job == JobTotals(emails_sent=12, emails_failed=0, rejected=1,
+                                           unknown=0)  # fmt: skip
     assert emulator.invited == Counter(dict.fromkeys(pairs[:12], 1))
 
 

@@ -57,7 +57,7 @@ async def test_dead_letters_are_listed_then_requeued_once_fixed_and_invited_once
     await enqueue_rows(redis, stream_name, paused + fine)
     first = await run_stream(make_config(report_path=tmp_path / "1.jsonl"),
                              drain(redis_server, stream_name))  # fmt: skip
-    assert first.summary["dead_lettered"] == 7
+    assert first.summary.read.dead_lettered == 7
 
     listed = await asyncio.to_thread(dead_letter, "list", redis_server, "--stream", stream_name)
     assert listed.returncode == 0, listed.stderr

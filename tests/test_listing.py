@@ -107,10 +107,10 @@ async def test_without_total_count_a_listing_ends_at_an_empty_page(
     with capture_logs() as logs:
         second = await run(make_config(report_path=tmp_path / "day2.jsonl"),
                            csv_source(rows_csv(pairs)))  # fmt: skip
-    assert second.summary["emails_skipped"] == 150
+    assert second.summary.emails_skipped == 150
     assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in PEOPLE[:150]})
     # 40, 40, 40, 30, then the empty page that ends it.
-    assert second.summary["list_pages"] == 5
+    assert second.summary.list_pages == 5
     [listed] = find_capture(logs, "reconcile.listed")
     assert (listed["invitations"], listed["pages"]) == (150, 5)
 
@@ -123,9 +123,9 @@ async def test_list_page_size_is_what_the_worker_asks_for(
     board.invitations.extend((e, 1_000.0) for e in PEOPLE[:150])
     result = await run(make_config(list_page_size=25),
                        csv_source(rows_csv([(TOKEN_B, e) for e in PEOPLE[:151]])))  # fmt: skip
-    assert result.summary["list_pages"] == 6
+    assert result.summary.list_pages == 6
     assert emulator.pages_asked == [(25, n) for n in range(6)]
-    assert result.summary["emails_sent"] == 1
+    assert result.summary.emails_sent == 1
 
 
 def test_a_listing_keeps_the_newest_time_and_session_of_each_address() -> None:
@@ -210,7 +210,7 @@ async def test_a_resume_settles_every_intent_of_a_token_from_one_listing(
     assert result.exit_code == 0
     assert emulator.invited == Counter({(TOKEN_A, e): 1 for _, e in pairs})
     assert [r.emails for r in emulator.requests if r.method == "POST"] == [4]
-    assert result.summary["list_pages"] == 3  # 251 invitations at 100 a page, listed once
+    assert result.summary.list_pages == 3  # 251 invitations at 100 a page, listed once
 
 
 @pytest.mark.parametrize(
@@ -269,6 +269,6 @@ async def test_a_service_ignoring_page_number_fails_the_token_and_sends_nothing(
     result = await run(make_config(), csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:250]])))
     assert result.exit_code == 1
     assert not [r for r in emulator.requests if r.method == "POST"]
-    assert result.summary["emails_failed"] == 250
+    assert result.summary.emails_failed == 250
     failed = by_kind(read_report(make_config().report_path), "batch")
     assert {b["error"]["code"] for b in failed} == {"unexpected_response"}

@@ -155,19 +155,19 @@ async def test_a_file_run_reports_every_kind_of_outcome_with_the_documented_name
     summary = result.summary
     agent.metrics(wait=2.0)
 
-    assert agent.total("emails.sent") == summary["emails_sent"] == 41
+    assert agent.total("emails.sent") == summary.emails_sent == 41
     assert agent.total("emails.skipped", "reason:already_invited") == 1
     assert agent.total("emails.refused", "code:dashboard_paused") == 1
     assert agent.total("emails.refused", "code:token_not_found") == 1
     assert agent.total("emails.failed") == 1  # the address off the share list
     assert agent.total("rows.rejected", "reason:invalid_token") == 1
-    kinds = summary["requests_by_kind"]
+    kinds = summary.requests_by_kind
     for kind in ("invite", "list_invitations", "dashboard"):
         assert agent.total("requests", f"kind:{kind}") == kinds[kind], kind
     assert agent.total("requests", "kind:invite", "status_class:4xx") >= 2  # the 429, the 400
     assert agent.total("requests", "kind:invite", "status_class:5xx") == 2
-    assert agent.total("requests.throttled", "kind:invite") == summary["rate_limited"] == 1
-    assert agent.total("retries") == summary["retries"] >= 1
+    assert agent.total("requests.throttled", "kind:invite") == summary.rate_limited == 1
+    assert agent.total("retries") == summary.retries >= 1
     assert agent.total("reconciliations", "result:created") == 1
     assert agent.total("reconciliations", "result:none") == 1
     latencies = [m for m in agent.metrics() if m.name == "invite_worker.request.latency"]
@@ -293,7 +293,7 @@ async def test_metrics_that_cannot_be_sent_never_fail_or_slow_a_run(
         result = await run(make_config(statsd=target, batch_size=10), csv_source(rows_csv(pairs)))
     assert time.monotonic() - started < 30  # a bound against a hang, not a speed target
     assert result.exit_code == 0
-    assert result.summary["emails_sent"] == 3000
+    assert result.summary.emails_sent == 3000
     warnings = find_capture(logs, "metrics.unavailable")
     # No socket at the path fails the first send; UDP fails once the kernel has the ICMP.
     assert len(warnings) == 1 if where.startswith("missing") else len(warnings) <= 1

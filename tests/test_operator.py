@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -12,6 +13,7 @@ import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -20,6 +22,7 @@ from tests.conftest import (
     API_KEY,
     APP_KEY,
     ROOT,
+    a_summary,
     by_kind,
     emulator_invited,
     on_a_terminal,
@@ -30,8 +33,10 @@ from tests.conftest import (
 )
 from worker.cli.review import write_failed
 from worker.record.replay import Replay
+from worker.run.counts import QueueRead
 from worker.run.human import print_summary
 from worker.run.progress import SteadyRate, duration_text
+from worker.run.summary import Halt
 
 SAMPLES = ROOT / "sample_inputs"
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
@@ -262,36 +267,34 @@ def test_a_pairs_last_batch_record_decides_its_state(tmp_path: Path) -> None:
     assert sorted(row[2] for row in rows[1:]) == ["bad_request", "server_error", "timeout"]
 
 
+QUEUE = QueueRead(claimed=0, dead_lettered=0, group="g", consumer="c")
+
+
 @pytest.mark.parametrize(
     ("facts", "advice"),
     [
         ({}, "nothing: everyone is invited"),
         ({"interrupted": True, "unsent": 5},
          "5 not sent yet, nothing is lost. Finish with: invite-worker run in.csv --resume"),
-        ({"interrupted": True, "group": "g"},
+        ({"interrupted": True, "read": QUEUE},
          "stay pending for the next worker, nothing is lost. Run again with: invite-worker "
          "run redis://r:6379/0 --stream s"),
         ({"emails_failed": 2}, "invite-worker report failed r.jsonl --output retry.csv"),
         ({"aborted": True}, "check DD_API_KEY"),
-        ({"halted": {"code": "storage_error", "message": "cannot write 'r.jsonl': full. More"}},
+        ({"halted": Halt("storage_error", "cannot write 'r.jsonl': full. More")},
          "cannot write 'r.jsonl': full; then: invite-worker run in.csv --resume"),
         ({"emails_failed": 1, "refused_by_code": {"not_on_share_list": 1}}, "--add-invitees"),
         ({"rejected": 3}, "fix the rejected rows"),
-        ({"group": "g", "dead_lettered": 2},
+        ({"read": dataclasses.replace(QUEUE, dead_lettered=2)},
          "invite-worker dead-letter list redis://r:6379/0 --stream s; once fixed"),
-        ({"group": "g"}, "nothing: every message read is settled"),
+        ({"read": QUEUE}, "nothing: every message read is settled"),
     ],
 )  # fmt: skip
-def test_the_terminal_summary_ends_with_the_next_step(
-    facts: dict[str, object], advice: str
-) -> None:
+def test_the_terminal_summary_ends_with_the_next_step(facts: dict[str, Any], advice: str) -> None:
     """The human summary names the one next step that fits how the run ended."""
-    summary: dict[str, object] = {
-        "source": "in.csv", "exit_code": 0, "duration_ms": 1500.0, "emails_sent": 10,
-        "emails_failed": 0, "rejected": 0, "requests": 1, "rate_limited": 0,
-        **facts,
-    }  # fmt: skip
-    source = ["redis://r:6379/0", "--stream", "s"] if "group" in facts else ["in.csv"]
+    summary = a_summary(**facts)
+    queue = isinstance(summary.read, QueueRead)
+    source = ["redis://r:6379/0", "--stream", "s"] if queue else ["in.csv"]
     out = io.StringIO()
     print_summary(summary, "r.jsonl", ["invite-worker", "run", *source], out)
     text = out.getvalue()

@@ -67,9 +67,9 @@ async def test_the_same_list_twice_sends_nothing_the_second_time(
     skipped = by_kind(read_report(second_config.report_path), "skipped")
     assert sorted(e for s in skipped for e in s["emails"]) == sorted(PEOPLE)
     assert {s["reason"] for s in skipped} == {"already_invited"}
-    assert second.summary["emails_skipped"] == 30
-    assert second.summary["skipped_by_reason"] == {"already_invited": 30}
-    assert second.summary["requests_by_kind"] == {"invite": 0, "list_invitations": 1,
+    assert second.summary.emails_skipped == 30
+    assert second.summary.skipped_by_reason == {"already_invited": 30}
+    assert second.summary.requests_by_kind == {"invite": 0, "list_invitations": 1,
                                                   "dashboard": 1}  # fmt: skip
     assert find_capture(logs, "batch.skipped")
     third_config = make_config(batch_size=10, report_path=tmp_path / "third.jsonl")
@@ -94,12 +94,12 @@ async def test_open_sessions_are_skipped_even_with_resend_after(
     board.open_session("open@example.com", now - 86400)
     pairs = [(TOKEN_A, e) for e in ("old@example.com", "open@example.com", "recent@example.com")]
     after = await run(make_config(resend_after=2 * 86400), csv_source(rows_csv(pairs)))
-    assert after.summary["skipped_by_reason"] == {"active_session": 1, "already_invited": 1}
+    assert after.summary.skipped_by_reason == {"active_session": 1, "already_invited": 1}
     assert posts(emulator) == [1]
     assert emulator.invited[(TOKEN_A, "old@example.com")] == 1
     everyone = await run(make_config(resend=True, report_path=tmp_path / "all.jsonl"),
                          csv_source(rows_csv(pairs)))  # fmt: skip
-    assert everyone.summary["emails_skipped"] == 0
+    assert everyone.summary.emails_skipped == 0
     assert posts(emulator) == [1, 3]
 
 
@@ -147,7 +147,7 @@ async def test_paused_open_and_missing_dashboards_are_refused_unsent(
               if b["status"] == "failed"]  # fmt: skip
     assert sorted(e for b in failed for e in b["emails"]) == sorted(PEOPLE[:12])
     assert {b["error"]["code"] for b in failed} == {code}
-    assert result.summary["refused_by_code"] == {code: 12}
+    assert result.summary.refused_by_code == {code: 12}
     reads = [r for r in emulator.requests if r.token == token]
     assert len(reads) == 1  # one read for the token, however many batches
 
@@ -183,7 +183,7 @@ async def test_queue_mode_skips_and_refuses_by_the_same_rules(
         dead: Any = await client.xrange(f"{stream_name}:dead")
     finally:
         await client.aclose()
-    assert result.summary["emails_skipped"] == 1
+    assert result.summary.emails_skipped == 1
     assert posts(emulator) == [3]
     assert pending["pending"] == 0
     assert [fields["error_code"] for _, fields in dead] == ["not_on_share_list"]
@@ -223,7 +223,7 @@ async def test_add_invitees_adds_only_what_is_missing_and_keeps_everything_else(
     result = await run(make_config(add_invitees=True),
                        csv_source(rows_csv([(TOKEN_A, e) for e in emails])))  # fmt: skip
     assert result.exit_code == 0
-    assert result.summary["invitees_added"] == 2
+    assert result.summary.invitees_added == 2
     assert set(board.invitees) == {"a@example.com", "b@example.com", "new1@example.com",
                                    "new2@example.com"}  # fmt: skip
     assert board.invitees["b@example.com"].access_expiration == later
@@ -356,10 +356,11 @@ async def test_a_resumed_run_does_not_count_skipped_people_as_failed(
     board.invitations += [(e, emulator._clock() - 60) for e in PEOPLE[:10]]
     pairs = [(TOKEN_A, e) for e in PEOPLE]
     first = await run(make_config(batch_size=10), csv_source(rows_csv(pairs[:20])))
-    assert first.summary["emails_skipped"] == 10
+    assert first.summary.emails_skipped == 10
     again = await run(make_config(batch_size=10, resume=True), csv_source(rows_csv(pairs)))
     assert again.exit_code == 0, again.summary
-    assert again.summary["job"]["emails_failed"] == 0
+    assert again.summary.job is not None
+    assert again.summary.job.emails_failed == 0
     assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in PEOPLE[10:]})
 
 
@@ -383,7 +384,9 @@ async def test_the_url_check_is_retried_and_only_a_404_halts(
     failed = [b for b in by_kind(read_report(make_config().report_path), "batch")
               if b["status"] == "failed"]  # fmt: skip
     if exit_code == 3:
-        assert result.summary["halted"]["code"] == "wrong_url"
+        halted = result.summary.halted
+        assert halted is not None
+        assert halted.code == "wrong_url"
         assert failed == []  # nothing recorded as failed for good
         return
     # Tried again after each drop (aiohttp itself may retry a GET once on a reused
@@ -408,6 +411,6 @@ async def test_a_stop_ends_the_url_checks_retries_at_once(
     started = time.monotonic()
     result = await run(config, csv_source(rows_csv(pairs)), stop=stop)
     assert time.monotonic() - started < 15
-    assert result.summary["interrupted"] is True
-    assert result.summary["unsent"] == 3
+    assert result.summary.interrupted is True
+    assert result.summary.unsent == 3
     assert by_kind(read_report(config.report_path), "batch") == []

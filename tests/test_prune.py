@@ -332,7 +332,8 @@ async def test_an_address_rejection_spares_its_token_and_duplicates_are_harmless
     assert held(b) == set(PEOPLE[:19])
     [refused] = by_kind(read_report(config.report_path), "prune_refused")
     assert (refused["token"], refused["code"]) == (TOKEN_A, "rejected_rows")
-    assert result.summary["emails_revoked"] == 1
+    assert result.summary.prune is not None
+    assert result.summary.prune.emails_revoked == 1
 
 
 async def test_an_empty_list_prunes_nothing(
@@ -598,7 +599,7 @@ async def test_keys_refused_while_pruning_abort_the_run(
     config = make_config(prune=True)
     result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:9]])))
     assert result.exit_code == 3
-    assert result.summary["aborted"] is True
+    assert result.summary.aborted is True
     assert held(board) == set(PEOPLE[:10])
     [refused] = by_kind(read_report(config.report_path), "prune_refused")
     assert refused["code"] == "forbidden"

@@ -101,7 +101,7 @@ async def test_two_workers_drain_a_group_exactly_once(
         for i, r in enumerate(reports)
     ))  # fmt: skip
     assert [r.exit_code for r in results] == [0, 0]
-    assert all(r.summary["emails_sent"] > 0 for r in results)  # both did a share
+    assert all(r.summary.emails_sent > 0 for r in results)  # both did a share
     assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
     assert sent_in(*reports) == emulator.invited
     assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0
@@ -157,7 +157,7 @@ async def test_linger_sends_a_trickle_without_waiting_for_a_full_batch(
     stop.set()
     result = await asyncio.wait_for(task, 30)
     assert result.exit_code == 3  # a stop is exit 3 in both modes; nothing is lost
-    assert result.summary["interrupted"] is True
+    assert result.summary.interrupted is True
     assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0
 
 
@@ -425,5 +425,5 @@ async def test_a_pair_enqueued_twice_and_read_by_two_workers_is_sent_once(
     duplicates = [r for report in reports for r in by_kind(read_report(report), "rejected")
                   if r["reason"] == "duplicate"]  # fmt: skip
     assert len(duplicates) == 600
-    assert sum(r.summary["emails_sent"] for r in results) == 600
+    assert sum(r.summary.emails_sent for r in results) == 600
     assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0

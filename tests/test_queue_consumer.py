@@ -180,6 +180,6 @@ async def test_a_dashboard_shared_after_a_404_gets_the_messages_that_come_later(
     finally:
         stop.set()
         result = await run
-    assert result.summary["emails_sent"] == 1
+    assert result.summary.emails_sent == 1
     assert emulator.invited[(GONE, "bob@example.com")] == 1
     assert await redis.xlen(options.dead_letter) == 1  # ann's, from before

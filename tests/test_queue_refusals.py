@@ -23,6 +23,7 @@ from tests.conftest import (
     APP_KEY,
     TOKEN_A,
     Proc,
+    a_summary,
     by_kind,
     emulator_invited,
     read_report,
@@ -32,6 +33,7 @@ from worker.clock import SystemClock
 from worker.config import Config
 from worker.errors import keeps_pending
 from worker.record.journal import Journal
+from worker.run.counts import QueueRead
 from worker.send import client_for, pacer_for
 from worker.send.sender import Sender
 from worker.state import RunState
@@ -162,8 +164,8 @@ def test_the_terminal_summary_of_a_refused_queue_worker_names_the_fix() -> None:
     from worker.run.human import next_step
 
     command = ["invite-worker", "run", "redis://127.0.0.1:6379/0", "--stream", "s"]
-    summary = {"aborted": True, "group": "invite-worker", "halted": None}
-    step = next_step(summary, "r.jsonl", command)
+    queue = QueueRead(claimed=0, dead_lettered=0, group="invite-worker", consumer="c")
+    step = next_step(a_summary(queue, aborted=True), "r.jsonl", command)
     assert "DD_API_KEY / DD_APP_KEY" in step
     assert "stay pending" in step
     assert "--resume" not in step

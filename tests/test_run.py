@@ -220,7 +220,7 @@ async def test_a_429_is_a_wait_not_a_failed_attempt(
     [batch] = by_kind(read_report(config.report_path), "batch")
     assert (batch["status"], batch["attempts"], batch["rate_limited"]) == ("sent", 1, 2)
     assert [e["reason"] for e in find_capture(logs, "ratelimit.wait")] == ["429", "429"]
-    assert result.summary["rate_limited"] == 2
+    assert result.summary.rate_limited == 2
     assert result.exit_code == 0
 
 

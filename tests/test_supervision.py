@@ -29,7 +29,7 @@ from worker.outcome import Outcome
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.queue.stream import StreamQueue
-from worker.run import files
+from worker.run import assembly
 from worker.run import run as run_file
 from worker.send.sender import Sender
 from worker.sources import RawRow, Source
@@ -55,20 +55,21 @@ async def test_a_sender_that_raises_halts_the_run_and_resume_sends_the_rest_once
     """A bug in every sender ends the run: halted (internal_error), exit 3, within seconds;
     the reader does not wait on a full queue forever, and --resume invites the rest once."""
     BuggySender.calls = 0
-    monkeypatch.setattr(files, "Sender", BuggySender)
+    monkeypatch.setattr(assembly, "Sender", BuggySender)
     config = make_config(batch_size=5, concurrency=2)
     with capture_logs() as logs:
         result = await asyncio.wait_for(run_file(config, csv_source(rows_csv(PAIRS))), 20)
     assert result.exit_code == 3
-    halted = result.summary["halted"]
-    assert halted["code"] == "internal_error"
-    assert "RuntimeError" in halted["message"]
-    assert "injected bug" in halted["message"]
+    halted = result.summary.halted
+    assert halted is not None
+    assert halted.code == "internal_error"
+    assert "RuntimeError" in halted.message
+    assert "injected bug" in halted.message
     assert find_capture(logs, "run.halted")[0]["role"] == "sender"
     sent = sum(len(b["emails"]) for b in by_kind(read_report(config.report_path), "batch"))
     assert sent == 10  # the two batches sent before the bug
-    assert result.summary["unsent"] == len(PAIRS) - 10
-    monkeypatch.setattr(files, "Sender", Sender)
+    assert result.summary.unsent == len(PAIRS) - 10
+    monkeypatch.setattr(assembly, "Sender", Sender)
     again = await run_file(dataclasses.replace(config, resume=True),
                            csv_source(rows_csv(PAIRS)))  # fmt: skip
     assert again.exit_code == 0
@@ -96,8 +97,10 @@ async def test_a_reader_that_raises_halts_the_run_instead_of_crashing(
     config = make_config(batch_size=5, concurrency=2)
     result = await asyncio.wait_for(run_file(config, BrokenSource()), 20)
     assert result.exit_code == 3
-    assert result.summary["halted"]["code"] == "internal_error"
-    assert "injected bug in the reader" in result.summary["halted"]["message"]
+    halted = result.summary.halted
+    assert halted is not None
+    assert halted.code == "internal_error"
+    assert "injected bug in the reader" in halted.message
     assert max(emulator.invited.values(), default=0) <= 1
     assert set(emulator.invited) <= set(PAIRS[:20])
 
@@ -127,7 +130,9 @@ async def test_a_queue_flusher_that_raises_halts_the_worker_leaving_messages_pen
     first = make_config(batch_size=5, report_path=Path(str(make_config().report_path) + ".1"))
     result = await asyncio.wait_for(run_stream(first, opts), 20)
     assert result.exit_code == 3
-    assert result.summary["halted"]["code"] == "internal_error"
+    halted = result.summary.halted
+    assert halted is not None
+    assert halted.code == "internal_error"
     assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == len(PAIRS)
     monkeypatch.setattr(StreamQueue, "settle", real_settle)
     second = make_config(batch_size=5, report_path=Path(str(make_config().report_path) + ".2"))

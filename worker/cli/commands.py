@@ -26,6 +26,7 @@ from worker.queue.options import StreamOptions, check_redis_url, is_redis_url
 from worker.record.files import reads_as_report
 from worker.run import run
 from worker.run.human import print_summary, resume_command
+from worker.run.summary import AnySummary
 from worker.send.proxy import env_proxy, proxy_secrets
 from worker.sources import open_source
 
@@ -221,7 +222,7 @@ async def _execute_run(args: argparse.Namespace, config: Config) -> int:
             # instead of waiting --claim-idle for another name to claim them.
             command += ["--consumer", options.consumer]
         received = _install_stop(stop, shlex.join(command))
-        result = await run_stream(config, options, stop=stop)
+        summary: AnySummary = (await run_stream(config, options, stop=stop)).summary
     elif args.dry_run:
         from worker.run.plan import dry_run, parse_limit
 
@@ -236,11 +237,11 @@ async def _execute_run(args: argparse.Namespace, config: Config) -> int:
     else:
         source = open_source(args.source, args.format, columns=columns_of(args))
         received = _install_stop(stop, resume_command(command))
-        result = await run(config, source, stop=stop)
+        summary = (await run(config, source, stop=stop)).summary
     if config.progress == "bar":  # a person at a terminal: how it went, and what next
-        print_summary(result.summary, str(config.report_path), command, sys.stderr,
+        print_summary(summary, str(config.report_path), command, sys.stderr,
                       signal=received[0] if received else None)  # fmt: skip
-    return result.exit_code
+    return summary.exit_code
 
 
 async def _require_stream(options: StreamOptions) -> None:

@@ -48,7 +48,7 @@ class Metrics:
 
     def finished(self, exit_code: int, outcome: str) -> None:
         """The run ended with ``exit_code`` (0: all done, 1: some failed, 3: stopped before
-        the end); ``outcome`` says how (see :func:`worker.run.summary.outcome_of`)."""
+        the end); ``outcome`` says how (see :attr:`worker.run.summary.Summary.outcome`)."""
 
     def close(self) -> None:
         """Send what is buffered; never blocks a run for long."""

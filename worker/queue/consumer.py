@@ -39,7 +39,7 @@ from worker.queue.messages import (
 from worker.queue.options import StreamOptions
 from worker.queue.stream import Message, StreamQueue
 from worker.record.report import Report, iso
-from worker.run.summary import QueueCounts
+from worker.run.counts import QueueCounts
 from worker.send.reconcile import found_outcome
 from worker.send.sender import Sender
 from worker.validate import Reason, Validator

@@ -21,29 +21,23 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import FatalError, InviteWorkerError, UsageError
-from worker.exits import EXIT_USAGE
 from worker.metrics import metrics_for
-from worker.queue.consumer import Consumer
 from worker.queue.failures import (
     FAILING_OVER,
     REFUSALS,
     RedisFailures,
-    RedisOutOfMemory,
     RedisRefused,
 )
-from worker.queue.messages import MessageIndex, RedisIntents
+from worker.queue.mode import StreamMode
 from worker.queue.options import StreamOptions
 from worker.queue.ratelimit import SharedBudget
 from worker.queue.stream import StreamQueue, enqueue_rows
 from worker.record.lock import hold_report
 from worker.record.report import Report
-from worker.run.progress import Progress, snapshot_of
-from worker.run.runner import Runner
-from worker.run.summary import RunResult, build_summary, finish, outcome_of
-from worker.send import client_for, pacer_for
-from worker.send.sender import Sender
+from worker.run.assembly import assemble
+from worker.run.counts import QueueRead
+from worker.run.summary import RunResult
 from worker.sources import Source
-from worker.state import RunState
 from worker.validate import Validator
 
 log = structlog.get_logger("worker.queue")
@@ -145,7 +139,7 @@ async def run_stream(
     clock: Clock | None = None,
     rng: random.Random | None = None,
     stop: asyncio.Event | None = None,
-) -> RunResult:
+) -> RunResult[QueueRead]:
     """Consume the stream as one member of the group; returns the exit code and summary."""
     with hold_report(config.report_path):
         return await _run_stream(config, options, clock or SystemClock(), rng,
@@ -158,64 +152,36 @@ async def _run_stream(
     clock: Clock,
     rng: random.Random | None,
     stop: asyncio.Event,
-) -> RunResult:
+) -> RunResult[QueueRead]:
     # Messages trickle in for hours: a dashboard check is good for a minute, not a day.
     config = dataclasses.replace(config, preflight_ttl=config.preflight_ttl or PREFLIGHT_TTL)
     redis = await connect(options.url, options.where, lambda r: RedisFailures(
         r, options.where, options.stream, options.group, options.dead_letter))  # fmt: skip
     metrics = metrics_for(config, mode="queue", consumer=options.consumer)
     try:
-        queue = _queue(redis, options)
         try:
-            await queue.ensure_group()
-        except RedisError as exc:
-            raise at_start(await queue.failure(exc, "XGROUP CREATE")) from None
-        # A queue worker's report is its log: each run appends to it.
-        report = Report(config.report_path, overwrite=config.overwrite, resume=True)
-        started = clock.time()
-        log.info("run.started", source=options.where, group=options.group,
-                 consumer=options.consumer, until_empty=options.until_empty,
-                 report=str(config.report_path))  # fmt: skip
-        index = MessageIndex()
-        report.metrics = metrics
-        async with client_for(config, metrics) as client:
+            queue = _queue(redis, options)
+            try:
+                await queue.ensure_group()
+            except RedisError as exc:
+                raise at_start(await queue.failure(exc, "XGROUP CREATE")) from None
+            # A queue worker's report is its log: each run appends to it.
+            report = Report(config.report_path, overwrite=config.overwrite, resume=True)
+            started = clock.time()
+            log.info("run.started", source=options.where, group=options.group,
+                     consumer=options.consumer, until_empty=options.until_empty,
+                     report=str(config.report_path))  # fmt: skip
+            report.metrics = metrics
             shared = SharedBudget(redis, urlsplit(config.api_url).netloc, options.where,
                                   queue.failure)  # fmt: skip
-            pacer = pacer_for(config, clock, rng, shared)
-            intents = RedisIntents(queue, index)
-            # Refused keys stop a queue worker: its messages stay pending for a worker
-            # with good keys, and reading more would only meet the same refusal.
-            state = RunState(stop, stop_on_abort=True)
-            sender = Sender(client, pacer, intents, config, clock, rng, state)
-            consumer = Consumer(config, options, queue, report, sender, index, clock)
-            hooks = (consumer.on_outcome, metrics.outcome)
-            runner = Runner(config, sender, report, intents, hooks=hooks)
-            consumer.record = runner.record
-            # A bar for a person watching; no periodic events: a worker's log stays as it was.
-            mode = "bar" if config.progress == "bar" else "off"
-            progress = Progress(snapshot_of(runner, consumer.counts, lambda: len(index)), mode,
-                                config.progress_every, queue=True)  # fmt: skip
-            progress.start()
-            try:
-                # The flusher acknowledges what outcomes settle, last after the senders.
-                await runner.drive(consumer.batches(), services=[
-                    ("flusher", consumer.flush_until), ("progress", progress.run)])  # fmt: skip
-            finally:
-                progress.close()
-                await shared.settle()
-            # Refused keys, a stop, Redis or the disk failing: not the messages' fault.
-            await consumer.held.give_back(queue, state)
-        if isinstance(state.fatal, RedisOutOfMemory):  # what the last flush left pending
-            state.fatal.recount(await queue.failure.pending())
-        summary = build_summary(runner, options.where, consumer.counts, started, clock.time())
-        summary["group"], summary["consumer"] = options.group, options.consumer
-        if isinstance(state.fatal, RedisRefused):  # the URL's user: a usage error
-            summary["exit_code"] = EXIT_USAGE
-        result = finish(report, summary, for_people=config.progress == "bar")
-        metrics.finished(result.exit_code, outcome_of(result.summary))
-        return result
+            mode = StreamMode(config, options, queue, report, clock, stop)
+        except BaseException:
+            metrics.close()  # no run follows
+            raise
+        return await assemble(config, mode, report=report, intents=mode.intents,
+                              metrics=metrics, state=mode.state, clock=clock, rng=rng,
+                              source=options.where, started=started, shared=shared)  # fmt: skip
     finally:
-        metrics.close()
         await redis.aclose()
 
 

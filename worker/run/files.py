@@ -1,8 +1,9 @@
 """A run over a file: source -> validation -> batching, driven through the runner.
 
 :func:`read_batches` is the file's async iterator of batches (rejections go to a sink);
-:func:`run` sets up the report, journal, client and sender around it, settles what an
-earlier run left unknown (``--resume``), drives the batches, and writes the summary.
+:func:`run` sets up the report and journal around it; its :class:`_FileMode` is what the
+run's one assembly (:mod:`worker.run.assembly`) is told of the file: settle first what an
+earlier run left unknown (``--resume``), send the batches, then ``--prune``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from worker.record.journal import Journal, journal_path
 from worker.record.lock import hold_report
 from worker.record.records import rejected_row
 from worker.record.report import Report
-from worker.run.progress import Progress, snapshot_of
+from worker.run.assembly import Ending, Mode, assemble
+from worker.run.counts import FileCounts, FileRead
 from worker.run.prune import ListedInput, prune
 from worker.run.resume import (
     History,
@@ -34,9 +36,10 @@ from worker.run.resume import (
     settle_unknowns,
 )
 from worker.run.rows import InputRows
-from worker.run.runner import Runner
-from worker.run.summary import FileCounts, RunResult, build_summary, finish, outcome_of
-from worker.send import client_for, pacer_for, pruner_for
+from worker.run.runner import OutcomeHook, Runner, Service
+from worker.run.summary import RunResult
+from worker.send import pruner_for
+from worker.send.client import InvitationClient
 from worker.send.prune import Pruner
 from worker.send.sender import Sender
 from worker.sources import RawRow, Source
@@ -117,7 +120,7 @@ async def run(
     clock: Clock | None = None,
     rng: random.Random | None = None,
     stop: asyncio.Event | None = None,
-) -> RunResult:
+) -> RunResult[FileRead]:
     """Send every valid pair of ``source`` and write the report; returns the exit code.
 
     The report's lock is held throughout: a second run on the same report is refused
@@ -133,7 +136,7 @@ async def run(
 
 async def _run(
     config: Config, source: Source, clock: Clock, rng: random.Random | None, stop: asyncio.Event
-) -> RunResult:
+) -> RunResult[FileRead]:
     jpath = journal_path(config.report_path)
     # --resend/--resend-after: a pair skipped as served earlier may be due now; check again.
     recheck = config.resend or config.resend_after is not None
@@ -148,53 +151,74 @@ async def _run(
     log.info("run.started", source=source.description, api=_public_origin(config.api_url),
              batch_size=config.batch_size, concurrency=config.concurrency, rate=config.rate,
              report=str(config.report_path), resume=config.resume)  # fmt: skip
-    counts = FileCounts(
-        input=InputRows.of(source.description, header=isinstance(source, CsvSource))
-    )
-    pruner: Pruner | None = None
+    mode = _FileMode(config, source, report, journal, history, clock, rng, stop)
     report.metrics = metrics = metrics_for(config, mode="file")
-    state = RunState(stop)
-    try:
-        async with client_for(config, metrics) as client:
-            sender = Sender(client, pacer_for(config, clock, rng), journal, config, clock, rng,
-                            state)  # fmt: skip
-            hooks = (history.on_outcome,) if history is not None else ()
-            runner = Runner(config, sender, report, journal, hooks=(*hooks, metrics.outcome))
-            if history is not None:
-                await runner.supervise("reconciler", _settle(runner, history, clock))
-            runner.recorded = 0  # settling is not this run's reading
-            progress = Progress(snapshot_of(runner, counts), config.progress, config.progress_every,
-                                rows=counts.input)  # fmt: skip
-            progress.start()
-            listed = ListedInput() if config.prune else None
-            if config.prune:
-                pruner = pruner_for(config, client, sender.pacer, sender.retry, clock, rng,
-                                    sender.cap.size, state.stop)  # fmt: skip
-            try:
-                await runner.drive(_flushed(report, read_batches(
-                    config, source, report.rejected, counts, history, stop, listed)),
-                    services=[("progress", progress.run)])  # fmt: skip
-            finally:
-                progress.close()
-            finished = counts.read_all and not (state.stop.is_set() or state.aborted)
-            if listed is not None and pruner is not None and finished:
-                pruning = prune(config, pruner, listed, report, stop=state.stop,
-                                abort=state.abort)  # fmt: skip
-                await runner.supervise("prune", pruning)
-    except BaseException:
-        metrics.close()  # no summary follows
-        raise
-    finally:
-        source.close()
-        journal.close()
-    try:
-        summary = build_summary(runner, source.description, counts, started, clock.time(),
-                                history=history, resumed=config.resume, pruner=pruner)  # fmt: skip
-        result = finish(report, summary, for_people=config.progress == "bar")
-        metrics.finished(result.exit_code, outcome_of(result.summary))
-    finally:
-        metrics.close()
-    return result
+    return await assemble(config, mode, report=report, intents=journal, metrics=metrics,
+                          state=mode.state, clock=clock, rng=rng, source=source.description,
+                          started=started)  # fmt: skip
+
+
+class _FileMode(Mode[FileRead]):
+    """A file run: read and batch the input; settle ``--resume``'s unknowns first and
+    ``--prune`` once everything is sent."""
+
+    def __init__(self, config: Config, source: Source, report: Report, journal: Journal,
+                 history: History | None, clock: Clock, rng: random.Random | None,
+                 stop: asyncio.Event) -> None:  # fmt: skip
+        self.config, self.source, self.report, self.journal = config, source, report, journal
+        self.history, self.clock, self.rng, self.stop = history, clock, rng, stop
+        self._counts = FileCounts(
+            input=InputRows.of(source.description, header=isinstance(source, CsvSource))
+        )
+        self.state = RunState(stop)
+        self.listed = ListedInput() if config.prune else None
+        self.pruner: Pruner | None = None
+
+    @property
+    def counts(self) -> FileCounts:
+        """What reading the file found."""
+        return self._counts
+
+    def hooks(self, sender: Sender) -> tuple[OutcomeHook, ...]:
+        """``--resume``: the history learns what this run settles."""
+        return (self.history.on_outcome,) if self.history is not None else ()
+
+    async def prepare(self, runner: Runner, client: InvitationClient) -> None:
+        """``--resume``: settle what the earlier run left unknown, before any batch."""
+        if self.history is not None:
+            await runner.supervise("reconciler", _settle(runner, self.history, self.clock))
+        runner.recorded = 0  # settling is not this run's reading
+        if self.listed is not None:
+            sender = runner.sender
+            self.pruner = pruner_for(self.config, client, sender.pacer, sender.retry,
+                                     self.clock, self.rng, sender.cap.size,
+                                     self.state.stop)  # fmt: skip
+
+    def feed(self) -> tuple[AsyncGenerator[Batch, None], Sequence[tuple[str, Service]]]:
+        """The input's batches, its rejected rows written before each chunk's go out."""
+        batches = read_batches(self.config, self.source, self.report.rejected, self.counts,
+                               self.history, self.stop, self.listed)  # fmt: skip
+        return _flushed(self.report, batches), ()
+
+    async def after(self, runner: Runner, client: InvitationClient) -> None:
+        """``--prune``, once the whole list is read and sent (not after a stop)."""
+        state = self.state
+        finished = self.counts.read_all and not (state.stop.is_set() or state.aborted)
+        if self.listed is not None and self.pruner is not None and finished:
+            pruning = prune(self.config, self.pruner, self.listed, self.report,
+                            stop=state.stop, abort=state.abort)  # fmt: skip
+            await runner.supervise("prune", pruning)
+
+    def close(self) -> None:
+        """The input and the journal."""
+        self.source.close()
+        self.journal.close()
+
+    async def ending(self) -> Ending[FileRead]:
+        """The file's counts, the job's totals (``--resume``), what ``--prune`` did."""
+        read = FileRead(self.counts.skipped, self.counts.tokens)
+        return Ending(read, history=self.history, resumed=self.config.resume,
+                      pruner=self.pruner)  # fmt: skip
 
 
 async def _settle(runner: Runner, history: History, clock: Clock) -> None:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import itertools
 import shlex
-from typing import Any, TextIO
+from collections.abc import Mapping
+from typing import TextIO
+
+from worker.run.counts import QueueRead
+from worker.run.summary import AnySummary
 
 
 def print_summary(
-    summary: dict[str, Any],
+    summary: AnySummary,
     report: str,
     command: list[str],
     out: TextIO,
@@ -24,30 +28,29 @@ def print_summary(
     A run stopped by ``signal`` (SIGINT, SIGTERM) ends with one plain line instead: what
     was done, what is left, and the exact command that finishes it.
     """
-    seconds = summary["duration_ms"] / 1000
-    sent = summary["emails_sent"]
+    seconds = summary.duration_ms / 1000
+    sent = summary.emails_sent
     rows: list[tuple[str, str]] = [("invited", f"{sent:,}")]
-    rows += _by("skipped", summary.get("skipped_by_reason", {}))
-    rows += _by("refused", summary.get("refused_by_code", {}))
-    refused = sum(summary.get("refused_by_code", {}).values())
-    failed = summary["emails_failed"] - refused
+    rows += _by("skipped", summary.skipped_by_reason)
+    rows += _by("refused", summary.refused_by_code)
+    failed = summary.emails_failed - sum(summary.refused_by_code.values())
     if failed:
         rows.append(("failed", f"{failed:,}"))
-    rows += _by("rejected rows", summary.get("rejected_by_reason", {}))
-    if "emails_revoked" in summary:  # --prune
-        rows.append(("revoked (pruned)", f"{summary['emails_revoked']:,}"))
-        rows += _by("prune refused", summary.get("prune_refused_by_code", {}))
-    left = summary.get("unsent", 0) + (summary.get("unread") or 0)
+    rows += _by("rejected rows", summary.rejected_by_reason)
+    if summary.prune is not None:  # --prune
+        rows.append(("revoked (pruned)", f"{summary.prune.emails_revoked:,}"))
+        rows += _by("prune refused", summary.prune.prune_refused_by_code)
+    left = summary.unsent + (summary.unread or 0)
     if left:
         rows.append(("not sent yet", f"{left:,}" + _unknown_rest(summary)))
-    kinds = summary.get("requests_by_kind", {"invite": summary["requests"]})
+    kinds = summary.requests_by_kind
     rows.append(("requests", ", ".join(f"{n:,} {k}" for k, n in kinds.items() if n)))
-    rows.append(("429 answers", f"{summary['rate_limited']:,}"))
+    rows.append(("429 answers", f"{summary.rate_limited:,}"))
     rate = f", {sent / seconds:,.0f} invited/s" if seconds > 0 and sent else ""
     rows.append(("duration", f"{seconds:,.1f} s{rate}"))
     width = max(len(name) for name, _ in rows)
-    stopped = summary.get("interrupted") and not summary.get("halted")
-    print(f"\n{heading(summary)}: {summary['source']} (exit {summary['exit_code']})",
+    stopped = summary.interrupted and summary.halted is None
+    print(f"\n{heading(summary)}: {summary.source} (exit {summary.exit_code})",
           file=out)  # fmt: skip
     for name, value in rows:
         print(f"  {name:<{width}}  {value}", file=out)
@@ -57,50 +60,51 @@ def print_summary(
         print(f"Next: {next_step(summary, report, command)}", file=out)
 
 
-def heading(summary: dict[str, Any]) -> str:
+def heading(summary: AnySummary) -> str:
     """What happened, in a word: Done, Stopped (a signal) or Halted (a fault, the keys)."""
-    if summary.get("halted") or summary.get("aborted"):
+    if summary.halted is not None or summary.aborted:
         return "Halted"
-    return "Stopped" if summary.get("interrupted") else "Done"
+    return "Stopped" if summary.interrupted else "Done"
 
 
-def _unknown_rest(summary: dict[str, Any]) -> str:
+def _unknown_rest(summary: AnySummary) -> str:
     """For a stop on a pipe: the rows it never read cannot be counted."""
-    return " read, and the rest of the input" if summary.get("unread", 0) is None else ""
+    return " read, and the rest of the input" if summary.unread is None else ""
 
 
-def stopped_line(summary: dict[str, Any], command: list[str], signal: str | None) -> str:
+def stopped_line(summary: AnySummary, command: list[str], signal: str | None) -> str:
     """One plain line for a run a signal stopped: done, left, and how to finish."""
     by = f" by {signal}" if signal else ""
-    counts = (("invited", summary["emails_sent"]), ("skipped", summary.get("emails_skipped", 0)),
-              ("failed", summary["emails_failed"]))  # fmt: skip
+    counts = (("invited", summary.emails_sent), ("skipped", summary.emails_skipped),
+              ("failed", summary.emails_failed))  # fmt: skip
     done = ", ".join(f"{n:,} {what}" for what, n in counts if n or what == "invited")
-    if "group" in summary:  # a queue worker: the stream keeps what it did not settle
+    if isinstance(summary.read, QueueRead):  # the stream keeps what it did not settle
         return (f"Stopped{by}: {done}; messages not yet settled stay pending for the next "
                 f"worker, nothing is lost. Run again with: {shlex.join(command)}")  # fmt: skip
-    left = summary.get("unsent", 0) + (summary.get("unread") or 0)
+    left = summary.unsent + (summary.unread or 0)
     return (f"Stopped{by}: {done}; {left:,}{_unknown_rest(summary)} not sent yet, nothing "
             f"is lost. Finish with: {resume_command(command)}")  # fmt: skip
 
 
-def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
+def next_step(summary: AnySummary, report: str, command: list[str]) -> str:
     """The one thing to do now, as a command where there is one."""
+    queue = summary.read if isinstance(summary.read, QueueRead) else None  # a queue worker
     # A queue worker runs the same command again: its unsettled messages stay pending.
-    resume = shlex.join(command) if "group" in summary else resume_command(command)
-    if summary.get("halted"):
-        if "group" in summary:  # a queue worker's halt says what to do (another URL, say)
-            return str(summary["halted"]["message"])
-        return f"{summary['halted']['message'].split('. ')[0]}; then: {resume}"
-    if summary.get("aborted"):
-        kept = "; the messages not settled stay pending" if "group" in summary else ""
+    resume = shlex.join(command) if queue is not None else resume_command(command)
+    if summary.halted is not None:
+        if queue is not None:  # a queue worker's halt says what to do (another URL, say)
+            return summary.halted.message
+        return f"{summary.halted.message.split('. ')[0]}; then: {resume}"
+    if summary.aborted:
+        kept = "; the messages not settled stay pending" if queue is not None else ""
         return ("the service refused the keys: check DD_API_KEY / DD_APP_KEY, --site and the "
                 f"dashboards_invite_share permission{kept}, then: {resume}")  # fmt: skip
-    if "group" in summary:  # a queue worker
-        return _queue_step(summary, command)
-    if summary.get("interrupted") or summary.get("unsent") or summary.get("unread"):
+    if queue is not None:
+        return _queue_step(summary, queue, command)
+    if summary.interrupted or summary.unsent or summary.unread:
         return f"finish the run: {resume}"
-    refused = summary.get("refused_by_code", {})
-    if summary["emails_failed"] > sum(refused.values()):
+    refused = summary.refused_by_code
+    if summary.emails_failed > sum(refused.values()):
         retry = shlex.join(["invite-worker", "report", "failed", report, "--output",
                             "retry.csv"])  # fmt: skip
         return f"once the cause is fixed: {retry}, then run retry.csv"
@@ -109,9 +113,9 @@ def next_step(summary: dict[str, Any], report: str, command: list[str]) -> str:
         retry = shlex.join(["invite-worker", "report", "failed", report, "--include-refused",
                             "--output", "retry.csv"])  # fmt: skip
         return f"{fixes}; then: {retry}, and run retry.csv"
-    if summary["rejected"]:
+    if summary.rejected:
         return "fix the rejected rows in the input (their lines are in the report)"
-    if summary.get("prunes_refused"):
+    if summary.prune is not None and summary.prune.prunes_refused:
         return ("see why --prune left dashboards whole (the prune_refused records in "
                 f"{shlex.quote(report)}), then run again")  # fmt: skip
     return "nothing: everyone is invited"
@@ -128,16 +132,16 @@ REFUSAL_FIXES = {
 }
 
 
-def _queue_step(summary: dict[str, Any], command: list[str]) -> str:
+def _queue_step(summary: AnySummary, queue: QueueRead, command: list[str]) -> str:
     """A stream worker's next step: its dead letters, else nothing (the stream goes on)."""
-    if summary.get("dead_lettered"):
+    if queue.dead_lettered:
         stream = next((v for k, v in itertools.pairwise(command) if k == "--stream"), None)
         listing = ["invite-worker", "dead-letter", "list", command[2]]
         listing += ["--stream", stream] if stream else []
-        return (f"see why {summary['dead_lettered']:,} message(s) were dead-lettered: "
+        return (f"see why {queue.dead_lettered:,} message(s) were dead-lettered: "
                 f"{shlex.join(listing)}; once fixed, 'dead-letter requeue' puts them "
                 "back")  # fmt: skip
-    if summary["rejected"]:
+    if summary.rejected:
         return "fix the producer of the rejected messages (their ids are in the report)"
     return "nothing: every message read is settled"
 
@@ -147,5 +151,5 @@ def resume_command(command: list[str]) -> str:
     return shlex.join([*command, *(["--resume"] if "--resume" not in command else [])])
 
 
-def _by(label: str, counts: dict[str, int]) -> list[tuple[str, str]]:
+def _by(label: str, counts: Mapping[str, int]) -> list[tuple[str, str]]:
     return [(f"{label}: {key}", f"{count:,}") for key, count in counts.items() if count]

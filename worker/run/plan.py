@@ -9,6 +9,7 @@ import random
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import structlog
@@ -19,15 +20,24 @@ from worker.errors import SendError, UsageError
 from worker.exits import EXIT_INCOMPLETE, EXIT_OK
 from worker.record.lock import hold_report
 from worker.record.report import Report
+from worker.run.counts import FileCounts
 from worker.run.files import read_batches
 from worker.run.prune import ListedInput, prune
-from worker.run.summary import FileCounts, RunResult, prune_fields
+from worker.run.summary import PruneTotals
 from worker.send import client_for, pacer_for, preflight_for, pruner_for, reconciler_for
 from worker.send.preflight import Preflight
 from worker.send.prune import Pruner
 from worker.sources import Source
 
 log = structlog.get_logger("worker.plan")
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """How a dry run ended: its exit code and the plan (the report's ``summary`` record)."""
+
+    exit_code: int
+    plan: dict[str, Any]
 
 
 def parse_limit(text: str) -> tuple[int, float]:
@@ -59,7 +69,7 @@ def estimate(requests: int, rate: float | None, limit: tuple[int, float] | None)
 async def dry_run(
     config: Config, source: Source, *, assume_limit: tuple[int, float] | None = None,
     out: TextIO | None = None, preflight: bool = False,
-) -> RunResult:  # fmt: skip
+) -> Planned:  # fmt: skip
     """Plan the run: ``planned`` batches and rejected rows to the report, the plan to ``out``.
 
     With ``preflight`` each token's dashboard is read and its invitations listed (GETs,
@@ -75,7 +85,7 @@ async def _plan(
     assume_limit: tuple[int, float] | None,
     out: TextIO | None,
     preflight: bool,
-) -> RunResult:
+) -> Planned:
     report = Report(config.report_path, overwrite=config.overwrite, plan=True)
     counts = FileCounts()
     requests = 0
@@ -115,13 +125,13 @@ async def _plan(
     }
     if listed is not None:
         summary["removals"] = sum(c["would remove"] for c in checked.values())
-        summary.update(prune_fields(report))
+        summary.update(PruneTotals.of(report).fields())
     if preflight:
         summary["preflight"] = {token: dict(sorted(c.items())) for token, c in checked.items()}
     report.summary(summary)
     log.info("plan.ready", **{k: v for k, v in summary.items() if k != "rejected_by_reason"})
     print_plan(summary, out or sys.stdout)
-    return RunResult(summary["exit_code"], summary)
+    return Planned(summary["exit_code"], summary)
 
 
 @contextlib.asynccontextmanager

@@ -25,9 +25,9 @@ from typing import Any
 import structlog
 
 from worker import logs
+from worker.run.counts import FileCounts, QueueCounts
 from worker.run.rows import InputRows
 from worker.run.runner import Runner
-from worker.run.summary import FileCounts, QueueCounts
 
 log = structlog.get_logger("worker.progress")
 
