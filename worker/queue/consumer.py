@@ -4,48 +4,34 @@ Messages are validated and batched per token as rows from a file are, with ``--l
 so a trickle still flows. A message is acknowledged only once its outcome is written and
 ``fdatasync``\\ ed in the report. Messages that failed for good are copied to the
 dead-letter stream with the error; those refused for lack of permission or whose outcome
-could not be settled stay pending, to be delivered again.
+could not be settled stay pending, to be delivered again. Messages claimed back from
+another worker are screened first (:mod:`worker.queue.reclaim`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
-import structlog
 from redis.exceptions import RedisError
 
 from worker.batching import Batch, Batcher
 from worker.clock import Clock
 from worker.config import Config
-from worker.errors import (
-    AuthError,
-    OutcomeUnknown,
-    QueueLost,
-    SendError,
-    TokenNotFound,
-    keeps_pending,
-)
+from worker.errors import OutcomeUnknown, QueueLost, TokenNotFound, keeps_pending
 from worker.outcome import Outcome, Status
 from worker.queue.deliveries import HeldDeliveries
-from worker.queue.messages import (
-    MessageIndex,
-    RecentlySettled,
-    parse_message,
-    unset_record,
-)
+from worker.queue.messages import MessageIndex, RecentlySettled, parse_message, unset_record
 from worker.queue.options import StreamOptions
+from worker.queue.reclaim import screen_reclaimed
 from worker.queue.stream import Message, StreamQueue
 from worker.record.report import Report, iso
 from worker.run.counts import QueueCounts
-from worker.send.reconcile import found_outcome
 from worker.send.sender import Sender
 from worker.validate import Reason, Validator
 from worker.validate.dedupe import PairIndex
-
-log = structlog.get_logger("worker.queue")
 
 #: Message ids settled here that are remembered, so a claim racing with their
 #: acknowledgement does not take them for new work (see ``Consumer._take``).
@@ -102,9 +88,10 @@ class Consumer:
             self.gone.setdefault(token, self.clock.time())
         for mid, email in zip(mids, outcome.emails, strict=True):
             if mid is not None:
-                self._dead_letter(mid, token, email, error.code, error.message)
+                self.dead_letter(mid, token, email, error.code, error.message)
 
-    def _dead_letter(self, mid: str, token: str, email: str, code: str, message: str) -> None:
+    def dead_letter(self, mid: str, token: str, email: str, code: str, message: str) -> None:
+        """Settle one message into the dead-letter stream (with the next flush)."""
         self.settled.update((mid,))
         self.counts.dead_lettered += 1
         self.dead.append((mid, {"token": token, "email": email, "stream_id": mid,
@@ -224,7 +211,7 @@ class Consumer:
         for token in recheck:  # what this worker learnt of the token may be what was fixed
             self.sender.forget(token)
         if reclaimed and fresh:
-            fresh = await self._screen(fresh)
+            fresh = await screen_reclaimed(self, fresh)
         # Repeats are dropped within this read only. Across reads (and workers) Redis's hold
         # on the pair is the check: it lets go of a dead-lettered pair, so a requeued message
         # is sent, and a pair kept here for the worker's life would grow with it.
@@ -261,82 +248,3 @@ class Consumer:
         for token in aged:
             del self.gone[token]
         return aged
-
-    async def _screen(self, fresh: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
-        """Reclaimed messages: dead-letter the over-delivered, settle unknown outcomes."""
-        ids = [mid for mid, _, _ in fresh]
-        deliveries = await self.queue.deliveries(ids)
-        kept = []
-        for mid, token, email in fresh:
-            if deliveries.get(mid, 0) > self.options.max_deliveries:
-                self._dead_letter(
-                    mid,
-                    token,
-                    email,
-                    "max_deliveries",
-                    f"delivered {deliveries[mid]} times without an outcome",
-                )
-            else:
-                kept.append((mid, token, email))
-        times = await self.queue.intent_times([mid for mid, _, _ in kept])
-        unknown: dict[str, list[tuple[str, str, float]]] = defaultdict(list)
-        landed: dict[str, float] = {}
-        rest = []
-        for mid, token, email in kept:
-            if mid in times:
-                at, timeout = times[mid]
-                unknown[token].append((mid, email, at))
-                # A request sent at ``at`` may still be in progress until its timeout has
-                # passed (the one it was sent with; ours when an older worker did not say),
-                # and the service may create its invitations until the very end.
-                until = at + (timeout if timeout is not None else self.config.timeout)
-                until += self.config.reconcile_delay
-                landed[token] = max(landed.get(token, until), until)
-            else:
-                rest.append((mid, token, email))
-        for token in sorted(unknown, key=landed.__getitem__):
-            rest.extend(await self._reconcile(token, unknown[token], landed[token]))
-        return rest
-
-    async def _reconcile(
-        self, token: str, items: list[tuple[str, str, float]], landed: float
-    ) -> list[tuple[str, str, str]]:
-        """Messages a dead worker may have sent: once its request can no longer be in
-        progress (``landed``), record what was created, return the rest."""
-        emails = [email for _, email, _ in items]
-        since = min(at for _, _, at in items)
-        if self.state.aborted:
-            return []  # refused keys: left pending for a worker with good ones
-        mids = [mid for mid, _, _ in items]
-        try:
-            if (wait := landed - self.clock.time()) > 0:
-                log.info("queue.waiting", token=token, messages=len(items),
-                         seconds=round(wait, 3),
-                         reason="the dead worker's request may still be in progress")  # fmt: skip
-                # One listing first: refused keys end the run now, not after the wait.
-                await self.sender.reconciler.listing(token, 0.0)
-                # Claimed again every half --claim-idle meanwhile: no other worker takes them.
-                if not await self.queue.keep(mids, landed, self.options.claim_idle / 2,
-                                             self.clock, self.stop):  # fmt: skip
-                    return []  # stopping: left pending, settled by the next worker to hold them
-            found = await self.sender.reconciler.created_since(token, emails, since, landed)
-        except AuthError as exc:  # refused keys end the run; the messages stay pending
-            self.state.abort(exc)
-            return []
-        except SendError as exc:
-            log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
-            if not self.stop.is_set():  # left pending for its own failure: it counts
-                self.held.forget(mid for mid, _, _ in items)
-            return []  # left pending; claimed again later
-        for mid, email, _ in items:
-            if email.lower() in found:
-                # Registered before the record is written: writing it acknowledges them.
-                self.index.add(token, email, mid)
-        outcome = found_outcome(token, emails, found, started_at=since,
-                                finished_at=self.clock.time())  # fmt: skip
-        if outcome is not None:
-            self.record(outcome)  # which acknowledges them
-        created = len(outcome.emails) if outcome else 0
-        log.info("queue.reconciled", token=token, created=created,
-                 not_created=len(items) - created)  # fmt: skip
-        return [(mid, token, email) for mid, email, _ in items if email.lower() not in found]
