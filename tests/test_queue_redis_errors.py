@@ -78,10 +78,15 @@ def cli(tmp_path: Path) -> Iterator[Workers]:
 
 
 def worker_args(url: str, api: str, report: Path, *extra: str) -> list[str]:
-    """A queue worker draining ``invites`` as consumer ``w1``."""
+    """A queue worker draining ``invites`` as consumer ``w1``.
+
+    A short --timeout: a worker ended mid-send leaves intents, and the run after it waits
+    out their requests' timeout (30 s by default) before it lists what they created.
+    """
     return ["run", url, "--stream", "invites", "--until-empty", "--consumer", "w1",
             "--linger", "0.05", "--api-url", api, "--report", str(report), "--batch-size",
-            "10", "--claim-idle", "2", "--reconcile-delay", "0.2", *extra]  # fmt: skip
+            "10", "--claim-idle", "2", "--reconcile-delay", "0.2", "--timeout", "3",
+            *extra]  # fmt: skip
 
 
 def one_message(proc: Proc) -> str:
