@@ -182,6 +182,23 @@ def free_port() -> int:
         return port
 
 
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes], what: str, log: Path | None = None,
+    seconds: float = 20,
+) -> None:  # fmt: skip
+    """Return once something accepts connections on 127.0.0.1:``port``; fail if ``proc``
+    (the process meant to listen there) ends first, or after ``seconds``, showing ``log``."""
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    told = f"; its output:\n{log.read_text(errors='replace')[-6000:]}" if log else ""
+    ended = "exited" if proc.poll() is not None else f"did not listen within {seconds:g} s"
+    raise RuntimeError(f"{what} {ended}{told}")
+
+
 class Proc:
     """A process a test started, its stderr kept in a file to show when a check fails."""
 
@@ -246,13 +263,8 @@ def start_emulator(tmp_path: Path) -> Iterator[Callable[..., str]]:
             tmp_path / f"emulator-{port}.log",
         )  # fmt: skip
         procs.append(proc)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and proc.popen.poll() is None:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return f"http://127.0.0.1:{port}"
-            time.sleep(0.05)
-        raise RuntimeError(f"the emulator did not start; stderr:\n{proc.stderr()}")
+        wait_for_port(port, proc.popen, "the emulator", proc.log)
+        return f"http://127.0.0.1:{port}"
 
     yield start
     for proc in procs:
@@ -299,14 +311,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not start")
+        wait_for_port(port, proc, "redis-server", workdir / "redis.log")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()

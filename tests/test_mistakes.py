@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from tests.conftest import (
     emulator_invited,
     free_port,
     read_report,
+    wait_for_port,
     worker_command,
 )
 from tests.conftest import worker_env as clean_env
@@ -161,13 +161,7 @@ def not_an_api(tmp_path: Path) -> Iterator[str]:
     empty.mkdir()
     proc = Proc([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                  "--directory", str(empty)], tmp_path / "http.log")  # fmt: skip
-    deadline = time.monotonic() + 20
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert time.monotonic() < deadline, proc.stderr()
-        time.sleep(0.05)
+    wait_for_port(port, proc.popen, "the web server", proc.log)
     yield f"http://127.0.0.1:{port}"
     proc.stop()
 

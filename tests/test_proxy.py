@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from tests.conftest import (
     emulator_invited,
     free_port,
     rows_csv,
+    wait_for_port,
     worker_command,
     worker_env,
 )
@@ -60,14 +59,7 @@ def proxy_server(tmp_path: Path) -> Iterator[ProxyServer]:
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError(f"pproxy did not start: {log.read_text()}")
+        wait_for_port(port, proc, "pproxy", log)
         yield ProxyServer(port, log)
     finally:
         proc.terminate()
@@ -289,12 +281,7 @@ def tls_front(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+        wait_for_port(port, proc, "the TLS front")
         yield f"https://127.0.0.1:{port}", url, cert
     finally:
         proc.terminate()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Proc, emulator_invited, free_port
+from tests.conftest import Proc, emulator_invited, free_port, wait_for_port
 
 
 class RedisProcess:
@@ -35,13 +34,7 @@ class RedisProcess:
              *persistence],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        wait_for_port(self.port, self.proc, "redis-server", self.workdir / "redis.log")
 
     def kill(self) -> None:
         """SIGKILL: whatever is not on disk is gone."""
