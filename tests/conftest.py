@@ -326,6 +326,35 @@ async def redis(redis_server: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+def redis_cli(url: str, *args: str) -> str:
+    """What ``redis-cli -u URL ARGS`` prints, stripped."""
+    done = subprocess.run(["redis-cli", "-u", url, *args], capture_output=True, check=True,
+                          timeout=30)  # fmt: skip
+    return done.stdout.decode().strip()
+
+
+def pending(url: str, stream: str) -> int:
+    """How many of the stream's messages group ``invite-worker`` read and has not settled."""
+    return int(redis_cli(url, "XPENDING", stream, "invite-worker").split("\n")[0])
+
+
+def dead_letters(url: str, stream: str) -> int:
+    """How many messages the stream's dead-letter stream holds."""
+    return int(redis_cli(url, "XLEN", f"{stream}:dead"))
+
+
+def each_invited_once_nothing_left(
+    api: str, pairs: set[tuple[str, str]], url: str, stream: str
+) -> None:
+    """A queue drained: the standalone emulator at ``api`` invited every pair exactly once
+    (and nobody else), nothing is pending in the group, nothing was dead-lettered."""
+    invited = emulator_invited(api)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
+    assert pending(url, stream) == 0
+    assert dead_letters(url, stream) == 0
+
+
 @pytest.fixture
 def stream_name() -> str:
     """A stream name no other test uses (the server may be shared through REDIS_URL)."""

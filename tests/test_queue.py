@@ -23,6 +23,7 @@ from tests.conftest import (
     TOKEN_A,
     Proc,
     by_kind,
+    each_invited_once_nothing_left,
     emulator_invited,
     on_a_terminal,
     read_report,
@@ -258,12 +259,7 @@ def test_a_worker_killed_mid_run_is_finished_by_another(
     assert sum(emulator_invited(url).values()) < len(pairs)
     second = worker("second", "--claim-idle", "1")
     second.expect(0, timeout=120)
-    invited = emulator_invited(url)
-    assert set(invited) == pairs
-    assert set(invited.values()) == {1}
-    pending = subprocess.run(["redis-cli", "-u", redis_server, "XPENDING", stream_name,
-                              "invite-worker"], capture_output=True, check=True)  # fmt: skip
-    assert pending.stdout.split(b"\n")[0].strip() == b"0"
+    each_invited_once_nothing_left(url, pairs, redis_server, stream_name)
     second_report = read_report(tmp_path / "second.jsonl")
     assert by_kind(second_report, "rejected") == []
 

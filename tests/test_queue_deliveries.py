@@ -16,17 +16,14 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from tests.conftest import Proc, emulator_invited
-from tests.test_queue_refusals import (
-    GOOD,
-    WRONG,
+from tests.conftest import (
+    Proc,
     dead_letters,
-    enqueue,
-    expect_refused,
-    pending,
+    each_invited_once_nothing_left,
+    emulator_invited,
     redis_cli,
-    worker,
 )
+from tests.test_queue_refusals import GOOD, WRONG, enqueue, expect_refused, worker
 from worker.queue.deliveries import HeldDeliveries
 from worker.queue.stream import StreamQueue, enqueue_rows
 from worker.state import RunState
@@ -47,11 +44,7 @@ def finish_with_good_keys(spawn: Callable[..., Proc], tmp_path: Path, url: str, 
     """A worker with good keys and --max-deliveries 1 sends each pair exactly once."""
     good = worker(spawn, tmp_path, url, stream, api, "good", "--until-empty", *STRICT, env=GOOD)
     good.expect(0, timeout=90)
-    invited = emulator_invited(api)
-    assert set(invited) == pairs
-    assert set(invited.values()) == {1}
-    assert dead_letters(url, stream) == 0
-    assert pending(url, stream) == 0
+    each_invited_once_nothing_left(api, pairs, url, stream)
 
 
 def test_five_refused_runs_in_a_row_dead_letter_nothing(

@@ -10,7 +10,6 @@ import asyncio
 import random
 import shlex
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,10 @@ from tests.conftest import (
     Proc,
     a_summary,
     by_kind,
+    dead_letters,
+    each_invited_once_nothing_left,
     emulator_invited,
+    pending,
     read_report,
 )
 from worker.batching import Batch
@@ -40,19 +42,6 @@ from worker.state import RunState
 
 WRONG = {"DD_API_KEY": API_KEY, "DD_APP_KEY": "rotated-app-key-000000"}
 GOOD = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
-
-
-def redis_cli(url: str, *args: str) -> str:
-    done = subprocess.run(["redis-cli", "-u", url, *args], capture_output=True, check=True)
-    return done.stdout.decode().strip()
-
-
-def pending(url: str, stream: str) -> int:
-    return int(redis_cli(url, "XPENDING", stream, "invite-worker").split("\n")[0])
-
-
-def dead_letters(url: str, stream: str) -> int:
-    return int(redis_cli(url, "XLEN", f"{stream}:dead"))
 
 
 def enqueue(
@@ -111,10 +100,7 @@ def test_refused_keys_on_a_fresh_stream_end_the_worker_and_lose_nothing(
     good = worker(spawn, tmp_path, redis_server, stream_name, api, "good", "--until-empty",
                   "--claim-idle", "1", env=GOOD)  # fmt: skip
     good.expect(0, timeout=60)
-    invited = emulator_invited(api)
-    assert set(invited) == pairs
-    assert set(invited.values()) == {1}
-    assert pending(redis_server, stream_name) == 0
+    each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
 
 
 def test_refused_keys_while_settling_a_killed_workers_messages_end_the_worker(
@@ -151,11 +137,7 @@ def test_refused_keys_while_settling_a_killed_workers_messages_end_the_worker(
     good = worker(spawn, tmp_path, redis_server, stream_name, api, "good", "--until-empty",
                   "--claim-idle", "1", env=GOOD)  # fmt: skip
     good.expect(0, timeout=90)
-    invited = emulator_invited(api)
-    assert set(invited) == pairs
-    assert set(invited.values()) == {1}
-    assert pending(redis_server, stream_name) == 0
-    assert dead_letters(redis_server, stream_name) == 0
+    each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
 
 
 def test_the_terminal_summary_of_a_refused_queue_worker_names_the_fix() -> None:
