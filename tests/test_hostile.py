@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import sysconfig
 import venv
 from collections.abc import Callable
 from pathlib import Path
@@ -254,16 +255,31 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_sandbox(tmp_path: Pat
                     str(ROOT)], check=True, capture_output=True, timeout=240)  # fmt: skip
     [wheel] = wheels.glob("invite_worker-*.whl")
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
+    venv.create(env_dir)  # without pip: this environment's pip installs into it
     python = env_dir / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True,
+    # The dependencies are this environment's, installed from the same pyproject.toml:
+    # fetching and unpacking them again was most of this test's 20 s. A path line in a .pth
+    # file adds no .pth of its own, so this checkout's editable install stays out of reach.
+    where = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path("
+                            "'purelib'))"], check=True, capture_output=True, text=True)  # fmt: skip
+    ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    (Path(where.stdout.strip()) / "dependencies.pth").write_text("\n".join(sorted(ours)) + "\n")
+    pip = [sys.executable, "-m", "pip", "--python", str(python)]
+    subprocess.run([*pip, "install", "--no-deps", "-q", str(wheel)], check=True,
                    capture_output=True, timeout=240)  # fmt: skip
+    # Every requirement the wheel declares is met, and the code run is the wheel's.
+    checked = subprocess.run([*pip, "check"], capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stdout
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DD_", "PYTHON"))}
+    imported = subprocess.run([str(python), "-c", "import worker; print(worker.__file__)"],
+                              capture_output=True, text=True, cwd=tmp_path, env=clean,
+                              check=True)  # fmt: skip
+    assert Path(imported.stdout.strip()).is_relative_to(env_dir), imported.stdout
     report = tmp_path / "r.jsonl"
     done = subprocess.run(
         [str(env_dir / "bin" / "invite-worker"), "run",
          str(ROOT / "sample_inputs" / "invites.csv"), "--sandbox", "--report", str(report)],
-        capture_output=True, cwd=tmp_path, timeout=60, check=False,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("DD_", "PYTHON"))},
+        capture_output=True, cwd=tmp_path, timeout=60, check=False, env=clean,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr.decode()
     assert read_report(report)[-1]["emails_sent"] == 3  # 2 more skipped, 2 refused
