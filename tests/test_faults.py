@@ -51,8 +51,9 @@ def test_a_second_run_on_the_same_report_is_refused_before_any_request(
     url = start_emulator("--limit", "20", "--period", "1")
     source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
     pairs = write_input(source, 1500, 3)
+    # A short --timeout: the --resume after the SIGKILL waits out its requests' timeout.
     common = ("--report", str(report), "--api-url", url, "--batch-size", "10",
-              "--log-format", "json", "--reconcile-delay", "0.2")  # fmt: skip
+              "--log-format", "json", "--reconcile-delay", "0.2", "--timeout", "3")  # fmt: skip
     first = spawn("run", str(source), *common)
     wait_until(lambda: sum(emulator_invited(url).values()) >= 50, 30)
     before = report.read_bytes()
