@@ -29,6 +29,7 @@ from tests.conftest import (
     emulator_invited,
     pending,
     read_report,
+    redis_cli,
 )
 from worker.batching import Batch
 from worker.clock import SystemClock
@@ -55,12 +56,12 @@ def enqueue(
 
 
 def worker(spawn: Callable[..., Proc], tmp_path: Path, url: str, stream: str, api: str,
-           name: str, *extra: str, env: dict[str, str]) -> Proc:  # fmt: skip
+           name: str, *extra: str, env: dict[str, str], timeout: str = "3") -> Proc:  # fmt: skip
     return spawn("run", url, "--stream", stream, "--consumer", name, "--linger", "0.1",
                  "--api-url", api, "--report", str(tmp_path / f"{name}.jsonl"),
                  "--batch-size", "20", "--reconcile-delay", "0.2",
-                 # A refused POST leaves its intent: the next worker waits out its timeout.
-                 "--timeout", "3", *extra, env=env)  # fmt: skip
+                 # A killed worker's requests are waited out for their --timeout.
+                 "--timeout", timeout, *extra, env=env)  # fmt: skip
 
 
 def expect_refused(proc: Proc, report: Path) -> float:
@@ -100,6 +101,30 @@ def test_refused_keys_on_a_fresh_stream_end_the_worker_and_lose_nothing(
     good = worker(spawn, tmp_path, redis_server, stream_name, api, "good", "--until-empty",
                   "--claim-idle", "1", env=GOOD)  # fmt: skip
     good.expect(0, timeout=60)
+    each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
+
+
+def test_a_refused_request_leaves_no_intent_for_the_next_worker_to_wait_out(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """A request the service refused created nothing: the refused worker drops its intents
+    on the way out, so a good worker claiming the messages sends them without waiting out
+    the refused requests' 30 s timeout; every pair invited exactly once."""
+    api = start_emulator()
+    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 100)
+    refused = worker(spawn, tmp_path, redis_server, stream_name, api, "refused", env=WRONG,
+                     timeout="30")  # fmt: skip
+    expect_refused(refused, tmp_path / "refused.jsonl")
+    assert pending(redis_server, stream_name) == len(pairs)
+    assert redis_cli(redis_server, "HLEN", f"{stream_name}:invite-worker:intents") == "0"
+    good = worker(spawn, tmp_path, redis_server, stream_name, api, "good", "--until-empty",
+                  "--claim-idle", "1", env=GOOD, timeout="30")  # fmt: skip
+    good.expect(0, timeout=60)
+    assert "queue.waiting" not in good.stderr()
     each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
 
 

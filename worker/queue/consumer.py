@@ -104,17 +104,20 @@ class Consumer:
         Raises :class:`FatalError` when the report cannot be made durable or Redis is lost:
         the messages then stay pending.
         """
-        if not (self.acks or self.dead) or isinstance(self.state.fatal, QueueLost):
+        if isinstance(self.state.fatal, QueueLost):
             return  # with Redis lost, the messages stay pending for the next worker
         acks, dead = self.acks, self.dead
         self.acks, self.dead = [], []
         try:
-            await self.report.sync()
-            await self.queue.settle(acks, dead, self.clock.time())
-            self.held.forget(acks)
-            self.held.forget(mid for mid, _ in dead)
-            for code, count in Counter(f["error_code"] for _, f in dead).items():
-                self.sender.metrics.dead_lettered(code, count)
+            if acks or dead:
+                await self.report.sync()
+                await self.queue.settle(acks, dead, self.clock.time())
+                self.held.forget(acks)
+                self.held.forget(mid for mid, _ in dead)
+                for code, count in Counter(f["error_code"] for _, f in dead).items():
+                    self.sender.metrics.dead_lettered(code, count)
+            if self.queue.answered:  # requests that created nothing: no wait for a claimer
+                await self.queue.drop_answered()
         except RedisError as exc:
             raise await self.queue.failure(exc) from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -10,7 +11,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from worker.outcome import Outcome
-from worker.queue.stream import StreamQueue
+from worker.queue.stream import StreamQueue, intent_value
 from worker.validate import Reason
 
 
@@ -111,20 +112,36 @@ class RecentlySettled:
 
 
 class RedisIntents:
-    """The sender's intent log in stream mode: send times kept in Redis, per message."""
+    """The sender's intent log in stream mode: send times kept in Redis, per message.
+
+    An intent is removed with its messages' acknowledgement; one whose request the service
+    answered without creating anything (a refusal, a 429) is dropped at the next flush, so
+    that a worker claiming the messages later (after refused keys, say) sends them without
+    first waiting out a request that can no longer create anything.
+    """
 
     def __init__(self, queue: StreamQueue, index: MessageIndex) -> None:
         self._queue, self._index = queue, index
+        self._last_at = 0.0
 
     async def intent(
         self, token: str, emails: list[str], at: float, request_timeout: float | None = None
     ) -> str:
         ids = self._index.ids(token, emails)
+        # Each request's value is its own, so dropping one never drops a later one's.
+        at = self._last_at = max(at, math.nextafter(self._last_at, math.inf))
+        value = intent_value(at, request_timeout)
         try:
-            await self._queue.record_intents(ids, at, request_timeout)
+            await self._queue.record_intents(ids, value)
         except RedisError as exc:  # no intent stored: the request must not leave
             raise await self._queue.failure(exc) from None
-        return ids[0]
+        return f"{value}|{','.join(ids)}"
 
     def clear(self, ident: str) -> None:
         """Intents are removed when their messages are acknowledged."""
+
+    def answered(self, ident: str) -> None:
+        """The request created nothing: its intent goes at the next flush (unless a later
+        request for the same messages replaced it)."""
+        value, _, ids = ident.partition("|")
+        self._queue.answered.append((ids.split(","), value))

@@ -84,6 +84,18 @@ end
 return #fields / 2
 """
 
+# KEYS: intents hash. ARGV: "id,id,...", the value they were recorded with. Only intents
+# still holding that value go: a later request for the same messages wrote its own.
+_DROP_INTENTS = """
+local dropped = 0
+for id in string.gmatch(ARGV[1], '[^,]+') do
+  if redis.call('HGET', KEYS[1], id) == ARGV[2] then
+    dropped = dropped + redis.call('HDEL', KEYS[1], id)
+  end
+end
+return dropped
+"""
+
 # KEYS: stream, intents hash. ARGV: group, "id,id,...".
 _ACK = """
 local ids = {}
@@ -115,6 +127,10 @@ class StreamQueue:
         # message's fields to a dict cost more than the rest of reading it.
         redis.set_response_callback("XREADGROUP", _as_sent)
         self._intents: Any = redis.register_script(_INTENTS)
+        self._drop_intents: Any = redis.register_script(_DROP_INTENTS)
+        #: Intents of requests the service answered without creating anything (ids and
+        #: the value recorded), dropped by :meth:`drop_answered` at the next flush.
+        self.answered: list[tuple[list[str], str]] = []
         self._hold: Any = redis.register_script(_HOLD)
         self._ack: Any = redis.register_script(_ACK)
 
@@ -204,13 +220,17 @@ class StreamQueue:
         summary = await self.redis.xpending(self.stream, self.group)
         return int(summary["pending"])
 
-    async def record_intents(
-        self, ids: list[str], at: float, request_timeout: float | None
-    ) -> None:
-        """Before sending: these messages go out in a request sent at ``at`` that may take
-        up to ``request_timeout`` seconds (one script)."""
-        value = repr(at) if request_timeout is None else f"{at!r} {request_timeout!r}"
+    async def record_intents(self, ids: list[str], value: str) -> None:
+        """Before sending: these messages go out in a request; ``value`` says when it was
+        sent and how long it may take (see :func:`intent_value`; one script)."""
         await self._intents(keys=[self.intents_key], args=[",".join(ids), value])
+
+    async def drop_answered(self) -> None:
+        """Drop the intents of :attr:`answered`: a worker claiming those messages need not
+        wait out a request the service already answered."""
+        answered, self.answered = self.answered, []
+        for ids, value in answered:
+            await self._drop_intents(keys=[self.intents_key], args=[",".join(ids), value])
 
     async def intent_times(self, ids: list[str]) -> dict[str, tuple[float, float | None]]:
         """The recorded send time and timeout (None: not recorded) of each message that
@@ -261,6 +281,11 @@ class StreamQueue:
 
 def _name(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def intent_value(at: float, request_timeout: float | None) -> str:
+    """An intent as stored: ``"SENT TIMEOUT"`` (``"SENT"`` when the timeout is unknown)."""
+    return repr(at) if request_timeout is None else f"{at!r} {request_timeout!r}"
 
 
 def _intent(value: str) -> tuple[float, float | None]:

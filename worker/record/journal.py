@@ -47,7 +47,12 @@ class IntentLog(Protocol):
         ...
 
     def clear(self, ident: str) -> None:
-        """The intent is resolved."""
+        """The intent is resolved (its outcome is recorded)."""
+        ...
+
+    def answered(self, ident: str) -> None:
+        """The request created nothing (the service said so, or a listing made after it
+        could no longer be in progress found nothing): nothing is left to settle."""
         ...
 
 
@@ -101,6 +106,10 @@ class Journal:
     def clear(self, ident: str) -> None:
         """Mark an intent resolved (no sync needed: losing a clear only costs a re-check)."""
         self._write(JournalLine(c=ident))
+
+    def answered(self, ident: str) -> None:
+        """The request created nothing: its intent is resolved."""
+        self.clear(ident)
 
     def _write(self, record: JournalLine) -> None:
         self._file.write(encode(record) + b"\n")  # StorageError if it fails

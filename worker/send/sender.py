@@ -233,7 +233,7 @@ class Sender:
         )  # fmt: skip
         self.metrics.reconciled("none" if outcome is None else "created")
         if outcome is None:
-            self._journal.clear(intent)  # nothing was created: nothing to account for
+            self._journal.answered(intent)  # nothing was created: nothing to account for
         else:
             trip.out.append(outcome)
             self.stats.reconciled_sent += len(outcome.emails)
@@ -268,7 +268,7 @@ class _Journaled(Hooks):
         sender.stats.requests += 1
 
     def unsent(self) -> None:
-        self._sender._journal.clear(self._intent)  # the service created nothing
+        self._sender._journal.answered(self._intent)  # the service created nothing
 
     def cut(self) -> None:
         # The intent stays open: --resume (or a claiming worker) settles it once the
