@@ -224,11 +224,12 @@ def test_a_daily_lists_new_bad_row_at_an_old_bad_rows_line_is_recorded(tmp_path:
     row found at the line where an earlier day's bad row was; the same row read again by
     a resume of the same list is not recorded twice."""
     source, report = tmp_path / "list.csv", tmp_path / "r.jsonl"
-    source.write_text("token,email\ntok-aaaa,a@example.com\ntok-aaaa,bad-address\n")
+    source.write_text("token,email\ntok-aaaa,a@example.com\ntok-aaaa,bad-address\n"
+                      "tok-aaaa,b@example.com,extra\n")  # fmt: skip
     first = invite_worker("run", str(source), "--sandbox", "--report", str(report))
     assert first.returncode == 1, first.stderr  # a rejected row
     source.write_text("token,email\ntok-aaaa,a@example.com\nbad token!,x@example.com\n"
-                      "tok-aaaa,also-bad\n")  # fmt: skip
+                      "tok-aaaa,also-bad\n\"tok-aaaa,c@example.com\n")  # fmt: skip
     for _ in range(2):  # the next day, then that day's run resumed
         again = invite_worker("run", str(source), "--sandbox", "--report", str(report),
                               "--resume")  # fmt: skip
@@ -237,5 +238,7 @@ def test_a_daily_lists_new_bad_row_at_an_old_bad_rows_line_is_recorded(tmp_path:
                       for r in by_kind(read_report(report), "rejected"))  # fmt: skip
     assert rejected == [(3, "invalid_email", "tok-aaaa", "bad-address"),
                         (3, "invalid_token", "bad token!", "x@example.com"),
-                        (4, "invalid_email", "tok-aaaa", "also-bad")]  # fmt: skip
-    assert summarize(report)["rejected"] == 3
+                        (4, "invalid_email", "tok-aaaa", "also-bad"),
+                        (4, "too_many_fields", None, None),
+                        (5, "malformed_csv", None, None)]  # fmt: skip
+    assert summarize(report)["rejected"] == 5

@@ -71,20 +71,25 @@ class RejectedRecord(msgspec.Struct, tag_field="kind", tag="rejected"):
         """Which row this is: its place and what it said (see :func:`rejected_row`)."""
         token = self.token if isinstance(self.token, str) else None
         email = self.email if isinstance(self.email, str) else None
-        return rejected_row(self.where, token, email)
+        return rejected_row(self.where, self.reason, token, email)
 
 
-#: A rejected row as a report tells it: (line or stream id, token, email).
-RejectedRow = tuple[int | str | None, str | None, str | None]
+#: A rejected row as a report tells it: (line or stream id, reason, token, email).
+RejectedRow = tuple[int | str | None, str, str | None, str | None]
 
 
-def rejected_row(where: int | str | None, token: str | None, email: str | None) -> RejectedRow:
+def rejected_row(
+    where: int | str | None, reason: str, token: str | None, email: str | None
+) -> RejectedRow:
     """A rejected row's identity, as its record keeps it (token and email cut to length).
 
     Its place alone is not enough: a daily job's list changes, and another row at the same
-    line the next day is another rejection, to be recorded too.
+    line the next day is another rejection, to be recorded too. A row no reader could
+    take apart has no token or email: one at the same line for the same reason is taken
+    for the same row.
     """
-    return (where, token[:TOKEN_KEPT] if token else None, email[:EMAIL_KEPT] if email else None)
+    return (where, str(reason), token[:TOKEN_KEPT] if token else None,
+            email[:EMAIL_KEPT] if email else None)  # fmt: skip
 
 
 class SkippedRecord(msgspec.Struct, tag_field="kind", tag="skipped"):

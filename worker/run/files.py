@@ -95,7 +95,7 @@ async def read_batches(
             ahead = asyncio.ensure_future(anext(chunks, None))
             ahead.add_done_callback(known_total)
             for line, reason, token, email in rejections:
-                if rejected_row(line, token, email) not in known_rejected:
+                if rejected_row(line, reason, token, email) not in known_rejected:
                     reject(line, reason, token, email)
             for batch in batcher.add_many(valid):
                 tokens.add(batch.token)
