@@ -301,10 +301,13 @@ async def test_a_mistyped_redis_url_or_stream_is_refused(
     (and create nothing); a long-lived worker still waits for its stream, which enqueue
     creates."""
     await redis.xadd(stream_name, {"token": "tok", "email": "a@example.com"})
-    # On a shared server the meant stream must still be named, ahead of others that sort first.
-    decoys = [f"a-decoy-{n}-{uuid.uuid4().hex[:8]}" for n in range(12)]
-    for decoy in decoys:
-        await redis.xadd(decoy, {"token": "tok", "email": "a@example.com"})
+    # On a shared server the meant stream must still be named: hundreds of others, which
+    # sort first and come before it in SCAN's order as likely as not.
+    decoys = [f"a-decoy-{n}-{uuid.uuid4().hex[:8]}" for n in range(500)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for decoy in decoys:
+            pipe.xadd(decoy, {"token": "tok", "email": "a@example.com"})
+        await pipe.execute()
     port = redis_server.rsplit(":", 1)[1].split("/")[0]
     typo = stream_name[:-1]
     cases = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import heapq
 import json
 import sys
 from collections import Counter
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 
     from worker.queue.deadletters import Selection
 
-#: Stream names shown when the one asked for does not exist.
-SHOWN_STREAMS = 10
+#: Stream names shown when the one asked for does not exist, of at most so many looked at.
+SHOWN_STREAMS, SCANNED_STREAMS = 10, 20_000
 
 
 async def require_stream(redis: Redis, stream: str, why: str) -> None:
@@ -45,15 +46,18 @@ async def require_stream(redis: Redis, stream: str, why: str) -> None:
         if kind == "stream":
             return
         raise UsageError(f"{stream!r} is a Redis {kind}, not a stream; check --stream")
+    # The likeliest meant names first, over every stream there (up to SCANNED_STREAMS): on
+    # a shared server the meant one may come anywhere in SCAN's order.
     names: list[str] = []
     async for name in redis.scan_iter(_type="stream", count=1000):
         names.append(name)
-        if len(names) > 10 * SHOWN_STREAMS:
+        if len(names) >= SCANNED_STREAMS:
             break
-    # The likeliest meant names first: on a shared server a typo's stream would otherwise
-    # fall outside the first few names in alphabetical order.
-    names.sort(key=lambda name: (-difflib.SequenceMatcher(None, stream, name).ratio(), name))
-    shown = ", ".join(names[:SHOWN_STREAMS]) + (", ..." if len(names) > SHOWN_STREAMS else "")
+    closest = heapq.nsmallest(
+        SHOWN_STREAMS, names,
+        key=lambda name: (-difflib.SequenceMatcher(None, stream, name).ratio(), name),
+    )  # fmt: skip
+    shown = ", ".join(closest) + (", ..." if len(names) > len(closest) else "")
     found = f"the streams there: {shown}" if names else "there is no stream on that server"
     raise UsageError(
         f"no stream {stream!r} on that Redis server ({found}); {why}. Check --stream "
