@@ -43,6 +43,7 @@ from worker.config import Config, PruneMax
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard, Invitee
 from worker.errors import UsageError
+from worker.record.files import holds_only_a_plan, reads_as_report
 from worker.record.replay import Replay
 from worker.run import run
 from worker.run.human import print_summary as human_summary
@@ -444,8 +445,8 @@ async def test_the_emulator_revokes_object_and_list_forms_and_ends_sessions(
 
 def test_prune_options_misused_are_usage_errors(tmp_path: Path, spawn: Callable[..., Proc]) -> None:
     """--prune with a stream, --prune-max without --prune, a bad --prune-max,
-    --access-expires without --add-invitees, and a dry run of --prune without
-    --preflight: exit 2, with the fix, before any request."""
+    --access-expires without --add-invitees, without a unit or past 100 years, and a dry
+    run of --prune without --preflight: exit 2, with the fix, before any request."""
     source = write_list(tmp_path, [(TOKEN_A, PEOPLE[0])])
     api_url = ("--api-url", "http://127.0.0.1:9")
     for args, says in (
@@ -453,11 +454,28 @@ def test_prune_options_misused_are_usage_errors(tmp_path: Path, spawn: Callable[
         ((source, "--prune-max", "20%"), "add --prune"),
         ((source, "--prune", "--prune-max", "half"), "e.g. 10%, 100% or 25"),
         ((source, "--access-expires", "7d"), "add --add-invitees"),
+        ((source, "--add-invitees", "--access-expires", "7"), "give --access-expires a unit"),
+        ((source, "--add-invitees", "--access-expires", "99999999d"), "at most 36500d"),
         ((source, "--dry-run", "--prune"), "needs --preflight"),
     ):
         proc = spawn("run", *args, *api_url, "--report", str(tmp_path / "r.jsonl"))
         proc.expect(2, timeout=30)
         assert says in proc.stderr(), args
+
+
+def test_a_prune_plan_is_replaced_by_the_next_dry_run(tmp_path: Path) -> None:
+    """A dry run's plan may open with what --prune would do (a planned revoked record, a
+    refusal): the next dry run replaces it; a report opening with a real revocation is
+    a run's, and is kept."""
+    plan = tmp_path / "plan.jsonl"
+    revoked = {"kind": "revoked", "token": TOKEN_A, "emails": ["a@x.io"], "removed": ["invitee"]}
+    refused = {"kind": "prune_refused", "token": TOKEN_B, "code": "prune_max", "message": "m"}
+    for first, replaced in (({**revoked, "planned": True}, True), (refused, True),
+                            (revoked, False)):  # fmt: skip
+        plan.write_text(json.dumps(first) + "\n" + json.dumps({"kind": "summary",
+                        "dry_run": True}) + "\n")  # fmt: skip
+        assert reads_as_report(plan)
+        assert holds_only_a_plan(plan) is replaced, first
 
 
 def test_report_summarize_counts_revoked_emails_and_refused_prunes(tmp_path: Path) -> None:

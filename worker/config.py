@@ -27,6 +27,8 @@ SITES: dict[str, str] = {
     "us2.ddog-gov.com": "https://api.us2.ddog-gov.com",
 }
 DEFAULT_SITE = "datadoghq.com"
+#: The longest --access-expires: a date past it would overflow a calendar year.
+MAX_ACCESS = 36500 * 86400.0
 
 
 def api_url_for_site(site: str) -> str:
@@ -249,8 +251,9 @@ class Config:
         if self.access_expires is not None and not self.add_invitees:
             raise UsageError("--access-expires sets the access of the invitees --add-invitees "
                              "adds; add --add-invitees, or drop it")  # fmt: skip
-        if self.access_expires is not None and not self.access_expires > 0:
-            raise UsageError("--access-expires must be a positive duration, e.g. 7d or 12h")
+        if self.access_expires is not None and not 0 < self.access_expires <= MAX_ACCESS:
+            raise UsageError("--access-expires must be a positive duration of at most "
+                             "36500d (100 years), e.g. 7d or 12h")  # fmt: skip
         if self.max_buffered_rows < self.batch_size:
             raise UsageError("max_buffered_rows must be at least --batch-size")
 

@@ -32,6 +32,16 @@ def duration(text: str) -> float:
     return seconds
 
 
+def expiry(text: str) -> float:
+    """``--access-expires``: a duration with its unit (``7d``, ``12h``, ``90m``); a bare
+    number would be seconds, which nobody granting access means."""
+    if text.strip()[-1:].lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"give --access-expires a unit: {text!r} would be seconds (e.g. 7d, 12h, 90m)"
+        )
+    return duration(text)
+
+
 def prune_max(text: str) -> PruneMax:
     """``10%``, ``100%`` or a count, for ``--prune-max``."""
     try:
@@ -229,7 +239,7 @@ def add_who_options(r: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--access-expires",
-        type=duration,
+        type=expiry,
         default=None,
         metavar="DURATION",
         help="with --add-invitees: the invitees it adds get access until now + DURATION "

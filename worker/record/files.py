@@ -155,13 +155,14 @@ class AppendFile:
 
 
 #: The ``kind`` of every report record.
-REPORT_KINDS = frozenset({"batch", "rejected", "skipped", "summary"})
+REPORT_KINDS = frozenset({"batch", "rejected", "skipped", "summary", "revoked", "prune_refused"})
 
 
 class _Kind(msgspec.Struct):
     kind: str = ""
     status: str = ""
     dry_run: bool = False
+    planned: bool = False  # a revoked record: --prune's dry run
 
 
 _KIND = msgspec.json.Decoder(_Kind)
@@ -230,7 +231,9 @@ def holds_only_a_plan(path: Path) -> bool:
                     return False
                 if record.kind == "summary" and not record.dry_run:
                     return False
-                planned = planned or record.kind == "batch" or record.kind == "summary"
+                if record.kind == "revoked" and not record.planned:
+                    return False  # a run took access away: its record is kept
+                planned = planned or record.kind in ("batch", "summary", "revoked")
     except OSError:
         return False
     return planned or not text  # a blank file holds nothing to lose
