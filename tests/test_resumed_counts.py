@@ -26,6 +26,8 @@ from tests.conftest import (
     worker_command,
     worker_env,
 )
+from worker.outcome import Status
+from worker.run.resume import History
 
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -242,3 +244,41 @@ def test_a_daily_lists_new_bad_row_at_an_old_bad_rows_line_is_recorded(tmp_path:
                         (4, "too_many_fields", None, None),
                         (5, "malformed_csv", None, None)]  # fmt: skip
     assert summarize(report)["rejected"] == 5
+
+
+def test_a_daily_resume_exits_by_what_todays_list_holds(tmp_path: Path) -> None:
+    """The CronJob's next day: a bad row still on the list is counted (rows add up) and
+    exits 1; once it is fixed, and a pair refused for good is off the list, the day exits
+    0, while the job's totals still hold the whole history."""
+    source, report = tmp_path / "list.csv", tmp_path / "r.jsonl"
+    good, gone = "tok-aaaa,m1@example.com\n", "gone-token,g@example.com\n"
+    source.write_text("token,email\n" + good + "tok-aaaa,zzz\n" + gone)
+    day1 = invite_worker("run", str(source), "--sandbox", "--report", str(report))
+    assert day1.returncode == 1, day1.stderr
+
+    def resumed() -> tuple[int, dict[str, object]]:
+        done = invite_worker("run", str(source), "--sandbox", "--report", str(report),
+                             "--resume")  # fmt: skip
+        return done.returncode, by_kind(read_report(report), "summary")[-1]
+
+    code, summary = resumed()  # the same list: the bad row and the refused pair are still on it
+    assert code == 1
+    assert (summary["rows"], summary["valid"], summary["skipped"], summary["rejected"]) == (
+        3, 0, 2, 1)  # fmt: skip
+    assert summary["rejected_by_reason"] == {"invalid_email": 1}
+    source.write_text("token,email\n" + good + "tok-aaaa,m2@example.com\n")  # fixed, gone dropped
+    code, summary = resumed()
+    assert code == 0, summary
+    assert (summary["emails_sent"], summary["rejected"]) == (1, 0)
+    assert summary["job"] == {"emails_sent": 2, "emails_failed": 1, "rejected": 1, "unknown": 0}
+    assert summarize(report)["rejected"] == 1
+
+
+def test_a_pair_refused_then_found_served_is_no_longer_failed_in_the_jobs_totals() -> None:
+    """A pair refused on one day and skipped as already served on a later one counts as
+    served, not failed, in the job's totals (as ``report summarize`` counts it)."""
+    history = History()
+    history.on_batch("tok-aaaa", ["new1@example.com"], Status.FAILED, "not_on_share_list")
+    assert history.totals()["emails_failed"] == 1
+    history.on_batch("tok-aaaa", ["new1@example.com"], Status.SKIPPED, "already_invited")
+    assert history.totals()["emails_failed"] == 0

@@ -3,7 +3,8 @@ and each mode's own share of the summary once it is over."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from worker.run.rows import InputRows
@@ -17,6 +18,9 @@ class FileCounts:
     valid: int = 0
     skipped: int = 0
     tokens: int = 0
+    #: Rows of this input rejected, recorded now or (``--resume``) by an earlier run.
+    rejected: int = 0
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
     read_all: bool = False  # every row is read: the total is known from here on
     #: The input file's rows, counted apart (None: standard input, a pipe).
     input: InputRows | None = None

@@ -64,8 +64,9 @@ async def read_batches(
 ) -> AsyncGenerator[Batch, None]:
     """Read, validate and batch ``source``: the batches to send; rejections to ``reject``.
 
-    Updates ``counts`` as it goes; on ``--resume`` skips settled pairs and does not report
-    already-rejected lines again. ``listed`` (``--prune``) learns what the list names.
+    Updates ``counts`` as it goes; on ``--resume`` skips settled pairs and does not record
+    rows an earlier run recorded as rejected again (they are counted all the same).
+    ``listed`` (``--prune``) learns what the list names.
     """
     validator = Validator()
     if listed is not None:
@@ -95,8 +96,13 @@ async def read_batches(
             ahead = asyncio.ensure_future(anext(chunks, None))
             ahead.add_done_callback(known_total)
             for line, reason, token, email in rejections:
-                if rejected_row(line, reason, token, email) not in known_rejected:
+                counts.rejected += 1
+                counts.rejected_by_reason[str(reason)] += 1
+                row = rejected_row(line, reason, token, email)
+                if row not in known_rejected:
                     reject(line, reason, token, email)
+                    if history is not None:  # the job's totals count it from here on
+                        known_rejected.add(row)
             for batch in batcher.add_many(valid):
                 tokens.add(batch.token)
                 yield batch

@@ -55,6 +55,8 @@ class History:
     unknown: list[Intent] = field(default_factory=list)
     #: Pairs whose outcome could not be settled now: not sent again in this run.
     blocked: set[int] = field(default_factory=set)
+    #: Pairs of this run's input settled by an earlier failure for good: not invited.
+    failed_in_input: set[int] = field(default_factory=set)
     runs: int = 0
 
     def settled(self, keys: list[int]) -> set[int]:
@@ -64,15 +66,26 @@ class History:
             done.update(self.skipped.find_many(keys))
         if self.blocked or self.failed:
             blocked, failed = self.blocked, self.failed
-            done.update(k for k in keys if k in blocked or is_final(failed.get(k, "")))
+            for key in keys:
+                if key in blocked:
+                    done.add(key)
+                elif is_final(failed.get(key, "")):
+                    done.add(key)
+                    self.failed_in_input.add(key)
         return done
 
     def on_batch(self, token: str, emails: list[str], status: str, code: str | None) -> None:
         """Track a batch record as it is read or written, so totals cover the whole job."""
-        if status in (Status.PLANNED, Status.SKIPPED):
-            # A plan is not an outcome; a skip needs nothing (a resumed run checks again).
-            return
+        if status == Status.PLANNED:
+            return  # a plan is not an outcome
         keys = [pair_key(token, email) for email in emails]
+        if status == Status.SKIPPED:
+            # Served already (invited, in a session): an earlier failure no longer stands.
+            if self.failed or self.blocked:
+                for key in keys:
+                    self.failed.pop(key, None)
+                    self.blocked.discard(key)
+            return
         if status == Status.SENT:
             self.sent.add_many(keys)
             if self.failed or self.blocked:

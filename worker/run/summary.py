@@ -196,10 +196,15 @@ def build_summary(
     # of requests that went out but whose outcome is unknown (cut by the stop) are not.
     unsent = max(0, counts.valid - runner.recorded - sender.stats.unknown_left)
     job = JobTotals(**history.totals()) if history is not None else None
-    if job is not None:
-        failed, rejected, unknown = job.emails_failed, job.rejected, job.unknown
-    else:
-        failed, rejected, unknown = report.emails["failed"], report.rejected_total, 0
+    rejected, by_reason = report.rejected_total, report.rejected_by_reason
+    if isinstance(counts, FileCounts):  # --resume: rows an earlier run recorded count too
+        rejected, by_reason = counts.rejected, counts.rejected_by_reason
+    failed, unknown = report.emails["failed"], 0
+    if history is not None and job is not None:
+        # What this input still holds decides, not the whole history: a daily list's row
+        # fixed since, or a pair no longer on it, no longer makes the run incomplete.
+        failed += len(history.failed_in_input)
+        unknown = job.unknown
     incomplete = bool(failed or rejected or unknown or unsent or report.prunes_refused)
     # One code per kind of stop, in both modes: a signal is exit 3 for a queue worker too
     # (what it did not settle stays pending for the next one, nothing is lost).
@@ -214,8 +219,7 @@ def build_summary(
         by_kind[kind] = by_kind.get(kind, 0) + n  # --prune's reads, PUTs and DELETEs
     return Summary(
         source=description, rows=counts.rows, valid=counts.valid, read=read,
-        rejected=report.rejected_total,
-        rejected_by_reason=dict(sorted(report.rejected_by_reason.items())),
+        rejected=rejected, rejected_by_reason=dict(sorted(by_reason.items())),
         emails_sent=report.emails["sent"], emails_failed=report.emails["failed"],
         emails_skipped=report.emails["skipped"],
         refused_by_code=dict(sorted(report.refused_by_code.items())),
