@@ -299,7 +299,7 @@ async def test_a_mistyped_redis_url_or_stream_is_refused(
     """Case 4: a one-slash Redis URL, one with a query (?db=3 would beat /0), --until-empty
     or dead-letter on a stream that does not exist are exit 2 naming the streams that do
     (and create nothing); a long-lived worker still waits for its stream, which enqueue
-    creates."""
+    creates, saying which streams it may have meant."""
     await redis.xadd(stream_name, {"token": "tok", "email": "a@example.com"})
     # On a shared server the meant stream must still be named: hundreds of others, which
     # sort first and come before it in SCAN's order as likely as not.
@@ -341,6 +341,9 @@ async def test_a_mistyped_redis_url_or_stream_is_refused(
                    url, "--report", str(tmp_path / "w.jsonl"))  # fmt: skip
     await asyncio.sleep(1.5)
     assert worker.popen.poll() is None, worker.stderr()  # waits for its stream
+    said = worker.stderr()  # and says so, naming the streams it may have meant
+    assert "queue.stream_created" in said, said
+    assert stream_name in said.split("queue.stream_created", 1)[1], said
     source = tmp_path / "later.csv"
     source.write_text("token,email\ntok,later@example.com\n")
     await asyncio.to_thread(

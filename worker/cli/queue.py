@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
-import heapq
 import json
 import sys
 from collections import Counter
@@ -23,6 +21,7 @@ from worker.cli.help import (
 )
 from worker.errors import UsageError
 from worker.exits import EXIT_INCOMPLETE
+from worker.queue.names import closest_streams
 from worker.queue.options import StreamOptions, is_redis_url
 from worker.sources import open_source
 
@@ -30,9 +29,6 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from worker.queue.deadletters import Selection
-
-#: Stream names shown when the one asked for does not exist, of at most so many looked at.
-SHOWN_STREAMS, SCANNED_STREAMS = 10, 20_000
 
 
 async def require_stream(redis: Redis, stream: str, why: str) -> None:
@@ -46,19 +42,9 @@ async def require_stream(redis: Redis, stream: str, why: str) -> None:
         if kind == "stream":
             return
         raise UsageError(f"{stream!r} is a Redis {kind}, not a stream; check --stream")
-    # The likeliest meant names first, over every stream there (up to SCANNED_STREAMS): on
-    # a shared server the meant one may come anywhere in SCAN's order.
-    names: list[str] = []
-    async for name in redis.scan_iter(_type="stream", count=1000):
-        names.append(name)
-        if len(names) >= SCANNED_STREAMS:
-            break
-    closest = heapq.nsmallest(
-        SHOWN_STREAMS, names,
-        key=lambda name: (-difflib.SequenceMatcher(None, stream, name).ratio(), name),
-    )  # fmt: skip
-    shown = ", ".join(closest) + (", ..." if len(names) > len(closest) else "")
-    found = f"the streams there: {shown}" if names else "there is no stream on that server"
+    closest, more = await closest_streams(redis, stream)
+    shown = ", ".join(closest) + (", ..." if more else "")
+    found = f"the streams there: {shown}" if closest else "there is no stream on that server"
     raise UsageError(
         f"no stream {stream!r} on that Redis server ({found}); {why}. Check --stream "
         "(and the URL's database number)"

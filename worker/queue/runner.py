@@ -29,6 +29,7 @@ from worker.queue.failures import (
     RedisRefused,
 )
 from worker.queue.mode import StreamMode
+from worker.queue.names import closest_streams
 from worker.queue.options import StreamOptions
 from worker.queue.ratelimit import SharedBudget
 from worker.queue.stream import StreamQueue, enqueue_rows
@@ -162,7 +163,13 @@ async def _run_stream(
         try:
             queue = _queue(redis, options)
             try:
-                await queue.ensure_group()
+                if await queue.ensure_group():
+                    # Waiting for the stream is right when producers create it later, and
+                    # silent forever when --stream has a typo: say which it may have meant.
+                    closest, _ = await closest_streams(redis, options.stream)
+                    log.warning("queue.stream_created", stream=options.stream,
+                                other_streams=closest, action="waiting for messages; "
+                                "if --stream has a typo, stop; name one of these")  # fmt: skip
             except RedisError as exc:
                 raise at_start(await queue.failure(exc, "XGROUP CREATE")) from None
             # A queue worker's report is its log: each run appends to it.

@@ -134,23 +134,26 @@ class StreamQueue:
         self._hold: Any = redis.register_script(_HOLD)
         self._ack: Any = redis.register_script(_ACK)
 
-    async def ensure_group(self) -> None:
+    async def ensure_group(self) -> bool:
         """Create the group (and the stream) if missing; reading starts at the beginning.
+        Returns whether the stream itself was missing.
 
         It is looked for first: XGROUP CREATE is a write, which a full (OOM) or read-only
         Redis refuses even when the group exists.
         """
+        missing = False
         try:
             groups: Any = await self.redis.xinfo_groups(self.stream)
         except ResponseError:  # no such key (or not a stream: XGROUP CREATE says which)
-            groups = []
+            groups, missing = [], not await self.redis.exists(self.stream)
         if any(_name(group["name"]) == self.group for group in groups):
-            return
+            return False
         try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        return missing
 
     async def read_new(self, count: int, block: float) -> list[Message]:
         """Messages never delivered to this group, waiting up to ``block`` seconds."""
