@@ -91,6 +91,18 @@ def test_the_bar_fits_a_narrow_terminal(tmp_path: Path, start_emulator: Callable
     assert any("email/s" in bar and "sent" in bar for bar in bars)
 
 
+def test_the_bar_counts_a_refused_email_once(tmp_path: Path) -> None:
+    """The sample's two refused emails show as refused on the bar, not as failed too: the
+    bar adds up as the end table does."""
+    code, seen = on_a_terminal(
+        worker_command("run", str(SAMPLE), "--sandbox", "--report", str(tmp_path / "r.jsonl")),
+        columns=200,
+    )  # fmt: skip
+    assert code == 1  # the sample's bad rows
+    last = [part for part in shown(seen) if part.startswith("invites:")][-1]
+    assert "sent 3" in last and "failed 0" in last and "refused 2" in last, last
+
+
 @pytest.mark.timeout(150)
 async def test_a_queue_worker_stopped_says_how_to_resume_at_once(
     tmp_path: Path, start_emulator: Callable[..., str], redis_server: str, redis: Redis,

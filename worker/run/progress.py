@@ -257,8 +257,10 @@ class Progress:
         # Most telling first: what does not fit the terminal's width is left out, so the
         # line is never cut (nor wrapped, which would stop it redrawing in place).
         speed = f"{rate:,.0f}" if rate >= 100 else f"{rate:,.1f}"
-        parts = [f"{speed} email/s{when}", f"sent {snap['sent']:,}",
-                 f"failed {snap['failed']:,}", f"rows {snap['rows']:,}"]  # fmt: skip
+        # Refused emails are failures shown on their own, as the end table shows them.
+        failed = snap["failed"] - snap["refused"]
+        parts = [f"{speed} email/s{when}", f"sent {snap['sent']:,}", f"failed {failed:,}",
+                 f"rows {snap['rows']:,}"]  # fmt: skip
         want = 0
         if self.queue:  # what a worker's watcher looks for first (its bar has no total)
             parts = [f"messages {snap['rows']:,}", f"pending {snap['pending']:,}",
