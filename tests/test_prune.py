@@ -298,6 +298,54 @@ def test_a_run_killed_mid_prune_is_finished_by_running_again(
     assert revoked == set(PEOPLE[6:24])
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["sandbox_rule", "invitees"])
+def test_a_person_pruned_then_listed_again_is_invited_again_on_resume(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc], explicit: bool
+) -> None:
+    """The daily job (--prune --resume, one report): a person the list drops is revoked, and
+    when the list names them again the next day they are invited once more (added back as
+    an invitee with --add-invitees), with no listing to settle the request that first sent
+    them; nobody else is invited twice, and `report summarize` counts them sent once."""
+    people = [f"v{i}@example.com" for i in range(20)]
+    boards = [{"token": TOKEN_A, "invitees": [{"email": e} for e in people]}] if explicit else []
+    url = start_emulator("--dashboards", seed(tmp_path, boards))
+    every = write_list(tmp_path, [(TOKEN_A, e) for e in people])
+    (tmp_path / "without-v1.csv").write_text(
+        rows_csv([(TOKEN_A, e) for e in people if e != people[1]]))  # fmt: skip
+    report = tmp_path / "v.jsonl"
+    extra = ["--add-invitees"] if explicit else []
+
+    runs: list[Proc] = []
+
+    def day(source: str, *more: str) -> dict[str, Any]:
+        runs.append(spawn(*run_args(source, url, report, "--prune", *extra, *more)))
+        runs[-1].expect(0, timeout=60)
+        summary: dict[str, Any] = by_kind(read_report(report), "summary")[-1]
+        return summary
+
+    assert day(every)["emails_sent"] == 20
+    second = day(str(tmp_path / "without-v1.csv"), "--resume")
+    assert (second["emails_sent"], second["emails_revoked"]) == (0, 1)
+    assert people[1] not in state(url, TOKEN_A)["invited"]
+    totals = Replay.read(report).summary()
+    assert (totals["sent"], totals["revoked"]) == (19, 1)
+    third = day(every, "--resume")
+    assert (third["emails_sent"], third["skipped"]) == (1, 19)
+    assert "resume.reconciling" not in runs[-1].stderr()
+    after = state(url, TOKEN_A)
+    assert after["invited"] == set(people)
+    if explicit:
+        assert set(after["invitees"]) == set(people)
+    invited = emulator_invited(url)
+    assert invited.pop((TOKEN_A, people[1])) == 2  # day 1, and day 3 after the revocation
+    assert set(invited.values()) == {1}
+    assert api(url, "/_emulator/stats")["duplicates"] == 1
+    totals = Replay.read(report).summary()
+    assert (totals["sent"], totals["revoked"]) == (20, 1)
+    day(every, "--resume")  # a fourth day changes nothing: v1 is settled again
+    assert api(url, "/_emulator/stats")["duplicates"] == 1
+
+
 # -- the guards, the removal's discipline and the listing, against an in-process emulator --
 
 

@@ -1,7 +1,9 @@
 """Replaying a report's history: each pair's last state, the runs, the rejected rows.
 
 A report may hold several runs (``--resume``): a pair's *last* batch or skipped record is
-its state, so a pair skipped again by a resumed run is counted once.
+its state, so a pair skipped again by a resumed run is counted once. A ``revoked`` record
+(``--prune`` took the access away) ends what came before it: the pair has no state until
+a later record gives it one, so a person back on the list is sent again.
 ``--resume`` (which pairs are settled) and ``report summarize|failed`` (totals, the failed
 pairs) both read a report through :class:`Replay`, so they cannot disagree.
 """
@@ -73,12 +75,17 @@ class Replay:
     ends_with_summary: bool = False
     _keys: Any = None  # sorted pair keys, each once
     _last: Any = None  # for each, the number of its last batch record
+    #: sorted keys of the pairs sent, then revoked: the request that sent them is settled
+    #: (the journal need not list the token again), though the pairs are not
+    revoked_after_sent: Any = None
 
     @classmethod
     def read(cls, path: Path, *, strict: bool = False) -> Replay:
         """Replay the report at ``path``; ``strict``: one without any record is an error."""
         review = cls()
         keys, owners = array("q"), array("i")  # 8 + 4 bytes a pair
+        # Revoked pairs, each with the number the next batch or skipped record would get.
+        revoked, revoked_at = array("q"), array("i")
         last: ReportRecord | None = None
         for record in records(path):
             last = record
@@ -92,6 +99,8 @@ class Replay:
             elif isinstance(record, RevokedRecord):
                 if record.planned is not True:
                     review.revoked += len(record.emails)
+                    revoked.extend(pair_key(record.token, email) for email in record.emails)
+                    revoked_at.extend(repeat(len(review.batches), len(record.emails)))
                     for what in record.removed:
                         review.revoked_by_what[what] += len(record.emails)
             elif isinstance(record, PruneRefusedRecord):
@@ -104,17 +113,34 @@ class Replay:
                 "(a JSON line with kind batch, rejected, skipped or summary)"
             )
         review.ends_with_summary = isinstance(last, SummaryRecord)
-        review._index(keys, owners)
+        review._index(keys, owners, revoked, revoked_at)
         return review
 
-    def _index(self, keys: array[int], owners: array[int]) -> None:
+    def _index(
+        self, keys: array[int], owners: array[int], revoked: array[int], revoked_at: array[int]
+    ) -> None:
         import numpy as np
 
         all_keys = np.frombuffer(keys, dtype=np.int64) if keys else np.empty(0, np.int64)
         all_owners = np.frombuffer(owners, dtype=np.intc) if owners else np.empty(0, np.intc)
-        # A pair once sent stays sent (nobody may be invited twice), whatever follows: order
-        # each pair's records so its last sent one, if any, comes last, else its last one.
         sent = np.array([s == Status.SENT for s, _, _ in self.batches], dtype=bool)
+        self.revoked_after_sent = np.empty(0, np.int64)
+        if revoked and len(all_keys):
+            # A pair's records before its last revocation no longer count: it was sent, then
+            # its access taken away, so it is no longer settled (nor failed, nor skipped).
+            gone = np.frombuffer(revoked, dtype=np.int64)
+            at = np.frombuffer(revoked_at, dtype=np.intc)
+            order = np.lexsort((at, gone))
+            gone, at = gone[order], at[order]
+            final = np.ones(len(gone), dtype=bool)  # the last revocation of each pair
+            final[:-1] = gone[1:] != gone[:-1]
+            gone, at = gone[final], at[final]
+            where, found = locate(gone, all_keys)
+            keep = ~found | (all_owners >= at[where])
+            self.revoked_after_sent = np.unique(all_keys[~keep & sent[all_owners]])
+            all_keys, all_owners = all_keys[keep], all_owners[keep]
+        # A pair once sent stays sent (nobody may be invited twice) until revoked: order
+        # each pair's records so its last sent one, if any, comes last, else its last one.
         was_sent = sent[all_owners] if len(all_owners) else np.empty(0, bool)
         order = np.lexsort((all_owners, was_sent, all_keys))
         sorted_keys, sorted_owners = all_keys[order], all_owners[order]
@@ -133,7 +159,8 @@ class Replay:
         return self._keys[mask].copy(), self._last[mask].tolist()
 
     def last_records(self, keys: list[int]) -> list[int]:
-        """For each key, the number of the record holding its last state (-1: none).
+        """For each key, the number of the record holding its last state (-1: none, or
+        revoked since).
 
         Batch and skipped records are numbered together, in the report's order."""
         import numpy as np

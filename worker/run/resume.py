@@ -150,6 +150,9 @@ def load_history(report_path: Path, journal_path: Path, *, resend: bool = False)
     history = History(runs=len(replay.runs))
     sent, _ = replay.keys_in(Status.SENT)
     history.sent = PairIndex.of_sorted(sent)
+    # Their sent records still settle the requests that sent them (a revocation is no
+    # unknown outcome): the journal must not list the token again for those.
+    answered = PairIndex.of_sorted(replay.revoked_after_sent)
     if not resend:
         skipped, _ = replay.keys_in(Status.SKIPPED)
         history.skipped = PairIndex.of_sorted(skipped)
@@ -166,7 +169,7 @@ def load_history(report_path: Path, journal_path: Path, *, resend: bool = False)
     def unsent(intent: Intent) -> Intent | None:
         """What of an intent has no ``sent`` record."""
         keys = [pair_key(intent.token, e) for e in intent.emails]
-        sent = history.sent.find_many(keys)
+        sent = history.sent.find_many(keys) | answered.find_many(keys)
         pending = [e for e, key in zip(intent.emails, keys, strict=True) if key not in sent]
         if not pending:
             return None
