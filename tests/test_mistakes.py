@@ -339,10 +339,13 @@ async def test_a_mistyped_redis_url_or_stream_is_refused(
     url, later = start_emulator(), f"{stream_name}-later"
     worker = spawn("run", redis_server, "--stream", later, "--linger", "0.05", "--api-url",
                    url, "--report", str(tmp_path / "w.jsonl"))  # fmt: skip
-    await asyncio.sleep(1.5)
-    assert worker.popen.poll() is None, worker.stderr()  # waits for its stream
-    said = worker.stderr()  # and says so, naming the streams it may have meant
-    assert "queue.stream_created" in said, said
+    deadline = time.monotonic() + 30  # it says so, naming the streams it may have meant
+    while "queue.stream_created" not in (said := worker.stderr()):
+        assert worker.popen.poll() is None, said
+        assert time.monotonic() < deadline, said
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    assert worker.popen.poll() is None, worker.stderr()  # and waits for its stream
     assert stream_name in said.split("queue.stream_created", 1)[1], said
     source = tmp_path / "later.csv"
     source.write_text("token,email\ntok,later@example.com\n")
