@@ -226,6 +226,35 @@ def test_the_dry_run_reads_only_and_names_the_8(
     assert len(state(url, TOKEN_A)["invitees"]) == 88
 
 
+def test_the_dry_run_with_add_invitees_plans_what_the_run_then_does(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """--dry-run --preflight --prune --add-invitees: GETs only; the 5 not yet allowed are
+    planned as invitees to add and send, not refused; the run then adds and sends them."""
+    url = start_emulator("--dashboards", seed(tmp_path, [eighty_eight()]))
+    source = write_list(tmp_path, THE_LIST)
+    plan = tmp_path / "plan.jsonl"
+    options = ("--prune", "--add-invitees", "--access-expires", "7d")
+    spawn(*run_args(source, url, plan, "--dry-run", "--preflight",
+                    *options)).expect(0, timeout=60)  # fmt: skip
+    assert methods(url).keys() == {"GET"}
+    assert len(state(url, TOKEN_A)["invitees"]) == 88
+    records = read_report(plan)
+    counts = records[-1]["preflight"][TOKEN_A]
+    assert (counts["would add invitee"], counts["would send"], counts["would remove"]) == (5, 5, 8)
+    assert not any(k.startswith("would refuse") for k in counts)
+    planned = by_kind(records, "batch")
+    assert sorted(e for r in planned for e in r["emails"]) == sorted(NEW)
+    assert sorted(e for r in planned for e in r["invitees_to_add"]) == sorted(NEW)
+    spawn(*run_args(source, url, tmp_path / "run.jsonl", *options)).expect(0, timeout=60)
+    summary = read_report(tmp_path / "run.jsonl")[-1]
+    assert (summary["invitees_added"], summary["emails_sent"], summary["emails_revoked"]) == (
+        5, 5, 8)  # fmt: skip
+    after = state(url, TOKEN_A)
+    assert set(after["invitees"]) == set(KEPT + NEW)
+    assert after["invited"] >= set(NEW)
+
+
 def test_a_second_identical_run_changes_nothing(
     tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
 ) -> None:

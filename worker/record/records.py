@@ -43,6 +43,8 @@ class BatchRecord(msgspec.Struct, tag_field="kind", tag="batch"):
     duration_ms: float | UnsetType = UNSET
     #: Found created by listing after an unknown outcome, not confirmed by the POST's answer.
     reconciled: bool | UnsetType = UNSET
+    #: A ``planned`` batch: those of ``emails`` ``--add-invitees`` would add as invitees first.
+    invitees_to_add: list[str] | UnsetType = UNSET
 
     @property
     def code(self) -> str | None:

@@ -160,11 +160,13 @@ class Report:
         self._pending.append(encode(record))
         self.flush()
 
-    def planned(self, token: str, emails: list[str]) -> None:
-        """A batch a dry run would send."""
+    def planned(self, token: str, emails: list[str], to_add: list[str] | None = None) -> None:
+        """A batch a dry run would send; ``to_add``: those of ``emails`` that
+        ``--add-invitees`` would add to the dashboard's invitees first."""
         self.batches[Status.PLANNED] += 1
         self.emails[Status.PLANNED] += len(emails)
-        self._pending.append(encode(BatchRecord(token, emails, Status.PLANNED)))
+        record = BatchRecord(token, emails, Status.PLANNED, invitees_to_add=to_add or UNSET)
+        self._pending.append(encode(record))
 
     def summary(self, fields: dict[str, Any]) -> None:
         """Write the one ``summary`` record, last, and close the file."""

@@ -95,11 +95,14 @@ async def _plan(
         async with _checker(config, preflight) as (check, pruner):
             async for batch in read_batches(config, source, report.rejected, counts,
                                             listed=listed):  # fmt: skip
-                emails = batch.emails
+                emails, added = batch.emails, list[str]()  # added: by --add-invitees
                 if check is not None:
-                    emails = await _screen(check, batch.token, emails, checked)
+                    emails, added = await _screen(check, batch.token, emails, checked)
                 if emails:
-                    report.planned(batch.token, emails)
+                    if added:  # those it would add and then skip are in the counts only
+                        sent = set(emails)
+                        added = [e for e in added if e in sent]
+                    report.planned(batch.token, emails, added)
                     requests += math.ceil(len(emails) / config.batch_size)
             report.flush()
             if listed is not None and pruner is not None:
@@ -156,20 +159,23 @@ async def _checker(
 
 async def _screen(
     check: Preflight, token: str, emails: list[str], checked: dict[str, Counter[str]]
-) -> list[str]:
-    """What of a batch would be sent; the counts per token of what would not."""
+) -> tuple[list[str], list[str]]:
+    """What of a batch would be sent, and whom ``--add-invitees`` would add first; the
+    counts per token of what would not be sent."""
     counts = checked.setdefault(token, Counter())
     try:
         screened = await check.screen(token, emails)
     except SendError as exc:
         counts[f"unchecked ({exc.code})"] += len(emails)
-        return emails
+        return emails, []
+    if screened.added:
+        counts["would add invitee"] += len(screened.added)
     counts["would send"] += len(screened.send)
     for reason, skipped in screened.skipped.items():
         counts[f"would skip: {reason}"] += len(skipped)
     for _, failure in screened.refused:
         counts[f"would refuse: {failure.code}"] += 1
-    return screened.send
+    return screened.send, screened.added
 
 
 def print_plan(plan: dict[str, Any], out: TextIO) -> None:

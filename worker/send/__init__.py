@@ -73,11 +73,12 @@ def preflight_for(
     *,
     writes: bool = True,
 ) -> Preflight:
-    """The dashboard check of a run; ``writes=False`` (a plan) never adds invitees."""
+    """The dashboard check of a run; ``writes=False`` (a plan) never adds invitees, it
+    says whom ``--add-invitees`` would add."""
     return Preflight(
         client, pacer, reconciler, clock, resend=config.resend,
         resend_after=config.resend_after, ttl=config.preflight_ttl,
-        add_invitees=config.add_invitees and writes, access_expires=config.access_expires,
+        add_invitees=config.add_invitees, access_expires=config.access_expires, writes=writes,
     )  # fmt: skip
 
 

@@ -76,11 +76,13 @@ class Preflight:
         ttl: float | None = None,
         add_invitees: bool = False,
         access_expires: float | None = None,
+        writes: bool = True,
     ) -> None:
         self._client, self._pacer, self._reconciler = client, pacer, reconciler
         self._clock = clock
         self._resend, self._resend_after, self._ttl = resend, resend_after, ttl
         self._add_invitees, self._access_expires = add_invitees, access_expires
+        self._writes = writes  # False: a plan, which says whom it would add, adding nobody
         self._checks: dict[str, TokenCheck] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._readable = True  # False once the key proved unable to read dashboards
@@ -115,8 +117,11 @@ class Preflight:
             if not allowed.all():
                 outside = [e for e, ok in zip(emails, allowed.tolist(), strict=True) if not ok]
         if outside and self._add_invitees:
-            if await self.add(token, outside):
-                outside = []
+            if not self._writes:  # a plan: screened as the run would, once it added them
+                out.added, outside = outside, []
+                self._allow(token, out.added)
+            elif await self.add(token, outside):
+                out.added, outside = outside, []
             else:
                 why = "could not add the address to the dashboard's invitees safely"
                 failure = Failure(INVITEE_UPDATE_FAILED, f"{why} (see invitees.update_failed)")
@@ -264,12 +269,16 @@ class Preflight:
         if added is None:
             return False
         self.invitees_added += added
+        self._allow(token, emails)
+        return True
+
+    def _allow(self, token: str, emails: list[str]) -> None:
+        """Count ``emails`` allowed on ``token``'s dashboard from now on."""
         check = self._checks.get(token)
         if check is not None and check.allowed is not None:
             import numpy as np
 
             check.allowed = np.union1d(check.allowed, key_set(emails))
-        return True
 
     async def _paced(self, call: Callable[[], Awaitable[Dashboard]]) -> Dashboard:
         """One read or write of a dashboard, paced and retried like every request."""

@@ -48,6 +48,8 @@ class Screened:
     send: list[str] = field(default_factory=list)
     refused: list[tuple[str, Failure]] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> emails
+    #: ``--add-invitees``: those added to the dashboard's invitees (a plan: to be added).
+    added: list[str] = field(default_factory=list)
 
     def outcomes(self, token: str, started: float, finished: float) -> list[Outcome]:
         """The refused and the skipped as outcomes (one per code, one per reason)."""
