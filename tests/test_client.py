@@ -144,6 +144,7 @@ def test_ratelimit_headers_tolerate_garbage() -> None:
         {"X-RateLimit-Limit": "10", "X-RateLimit-Period": "abc"},
         {"X-RateLimit-Limit": "10", "X-RateLimit-Period": "-1"},
         {"X-RateLimit-Limit": "10", "X-RateLimit-Period": "nan"},
+        {"X-RateLimit-Period": "2.225073858507e-311"},  # a window's arithmetic would overflow
         {"X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "-3"},
         {"X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "11"},
         {"X-RateLimit-Period": "10", "X-RateLimit-Reset": "-5"},

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import API_KEY, APP_KEY, TOKEN_A
@@ -174,6 +174,9 @@ answers = st.lists(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(answers=answers, max_wait=st.floats(0.5, 30), seed=st.integers(0, 1000))
+# Found once: a subnormal period overflowed the window's arithmetic.
+@example(answers=[({"X-RateLimit-Period": "2.225073858507e-311"}, False, 0.0, 0.0)],
+         max_wait=1.0, seed=170)  # fmt: skip
 def test_the_pacer_under_random_headers(
     answers: list[tuple[dict[str, str], bool, float, float]], max_wait: float, seed: int
 ) -> None:

@@ -39,11 +39,15 @@ def parse_ratelimit(headers: Mapping[str, str]) -> RateLimitInfo:
     return read_ratelimit(headers)[0]
 
 
+#: The shortest ``X-RateLimit-Period`` taken for a window, in seconds.
+MIN_PERIOD = 0.001
+
+
 def read_ratelimit(headers: Mapping[str, str]) -> tuple[RateLimitInfo, dict[str, str] | None]:
     """``X-RateLimit-*`` as evidence: ``(info, None)``, or ``(RateLimitInfo(), raw)``.
 
     Absent headers are ``None`` in the info. Headers that make no sense together — a limit
-    of 0 or less, a period of 0 or less or not a number, a negative remaining or reset, a
+    of 0 or less, a period under a millisecond or not a number, a negative remaining or reset, a
     remaining above the limit or a reset longer than the period — make the whole set
     unknown, returned raw (for one warning) with an empty info.
     """
@@ -54,7 +58,8 @@ def read_ratelimit(headers: Mapping[str, str]) -> tuple[RateLimitInfo, dict[str,
     remaining, reset = _number(raw["Remaining"], int), _number(raw["Reset"], float)
     bad = (
         (raw["Limit"] is not None and (limit is None or limit <= 0))
-        or (raw["Period"] is not None and (period is None or period <= 0))
+        # A period of a few femtoseconds is no window (and would overflow its arithmetic).
+        or (raw["Period"] is not None and (period is None or period < MIN_PERIOD))
         or (raw["Remaining"] is not None and (remaining is None or remaining < 0))
         or (raw["Reset"] is not None and (reset is None or reset < 0))
         or (limit is not None and remaining is not None and remaining > limit)
