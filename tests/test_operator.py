@@ -302,6 +302,16 @@ def test_the_terminal_summary_ends_with_the_next_step(facts: dict[str, Any], adv
     assert advice in text.splitlines()[-1]
 
 
+def test_the_terminal_summary_says_zero_requests_when_none_were_made() -> None:
+    """A run that asked the service nothing (everyone settled by --resume) says 0 requests,
+    not an empty line."""
+    summary = a_summary(requests=0, requests_by_kind={"invite": 0, "dashboard": 0})
+    out = io.StringIO()
+    print_summary(summary, "r.jsonl", ["invite-worker", "run", "in.csv"], out)
+    [line] = [line for line in out.getvalue().splitlines() if line.strip().startswith("requests")]
+    assert line.split()[-1] == "0", line
+
+
 def test_the_eta_holds_steady_through_bursts_paced_by_a_rate_limit() -> None:
     """A run paced to 100 requests per 10 s window sends in bursts; the ETA shown at each
     redraw stays within 15% of the truth once a minute has passed, where the instant rate

@@ -44,7 +44,7 @@ def print_summary(
     if left:
         rows.append(("not sent yet", f"{left:,}" + _unknown_rest(summary)))
     kinds = summary.requests_by_kind
-    rows.append(("requests", ", ".join(f"{n:,} {k}" for k, n in kinds.items() if n)))
+    rows.append(("requests", ", ".join(f"{n:,} {k}" for k, n in kinds.items() if n) or "0"))
     rows.append(("429 answers", f"{summary.rate_limited:,}"))
     rate = f", {sent / seconds:,.0f} invited/s" if seconds > 0 and sent else ""
     rows.append(("duration", f"{seconds:,.1f} s{rate}"))
