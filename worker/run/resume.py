@@ -17,7 +17,6 @@ After a crash, the files alone say where every pair stands:
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,6 @@ class History:
     failed: dict[int, str] = field(default_factory=dict)
     #: The rows of the input rejected and recorded (see :func:`rejected_row`).
     rejected_rows: set[RejectedRow] = field(default_factory=set)
-    rejected_by_reason: Counter[str] = field(default_factory=Counter)
     #: Journal intents never cleared whose pairs are not known to be sent.
     unknown: list[Intent] = field(default_factory=list)
     #: Pairs whose outcome could not be settled now: not sent again in this run.
@@ -160,10 +158,7 @@ def load_history(report_path: Path, journal_path: Path, *, resend: bool = False)
     failed, records = replay.keys_in(Status.FAILED)
     codes = [code or "failed" for _, code, _ in replay.batches]
     history.failed = dict(zip(failed.tolist(), map(codes.__getitem__, records), strict=True))
-    for row, reason in replay.rejected.items():
-        if isinstance(row[0], int):
-            history.rejected_rows.add(row)
-            history.rejected_by_reason[reason] += 1
+    history.rejected_rows.update(row for row in replay.rejected if isinstance(row[0], int))
     del replay, sent, failed, records  # the history holds what it needs, compactly
 
     def unsent(intent: Intent) -> Intent | None:

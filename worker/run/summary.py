@@ -200,11 +200,11 @@ def build_summary(
     if isinstance(counts, FileCounts):  # --resume: rows an earlier run recorded count too
         rejected, by_reason = counts.rejected, counts.rejected_by_reason
     failed, unknown = report.emails["failed"], 0
-    if history is not None and job is not None:
+    if history is not None:
         # What this input still holds decides, not the whole history: a daily list's row
         # fixed since, or a pair no longer on it, no longer makes the run incomplete.
         failed += len(history.failed_in_input)
-        unknown = job.unknown
+        unknown = len(history.blocked)
     incomplete = bool(failed or rejected or unknown or unsent or report.prunes_refused)
     # One code per kind of stop, in both modes: a signal is exit 3 for a queue worker too
     # (what it did not settle stays pending for the next one, nothing is lost).
