@@ -117,6 +117,15 @@ def write_list(tmp_path: Path, pairs: list[tuple[str, str]], extra: str = "") ->
     return str(path)
 
 
+def wait_for_revoked(report: Path, count: int) -> None:
+    """Until the report holds ``count`` revoked records (at most 50 s): a prune under way."""
+    deadline = time.monotonic() + 50
+    while time.monotonic() < deadline and not (
+        report.exists() and report.read_text().count('"kind":"revoked"') >= count
+    ):
+        time.sleep(0.05)
+
+
 def run_args(source: str, url: str, report: Path, *extra: str) -> list[str]:
     return ["run", source, "--api-url", url, "--report", str(report), "--log-format", "json",
             "--batch-size", "3", *extra]  # fmt: skip
@@ -309,11 +318,7 @@ def test_a_run_killed_mid_prune_is_finished_by_running_again(
     report = tmp_path / "r.jsonl"
     args = run_args(source, url, report, "--prune", "--prune-max", "100%", "--batch-size", "1")
     first = spawn(*args)
-    deadline = time.monotonic() + 50
-    while time.monotonic() < deadline and not (
-        report.exists() and report.read_text().count('"kind":"revoked"') >= 3
-    ):
-        time.sleep(0.05)
+    wait_for_revoked(report, 3)
     first.popen.send_signal(signal.SIGKILL)
     first.popen.wait(timeout=10)
     middle = state(url, TOKEN_A)
@@ -635,11 +640,7 @@ def test_sigterm_mid_prune_stops_at_once_and_resume_finishes(
     report = tmp_path / "r.jsonl"
     args = run_args(source, url, report, "--prune", "--prune-max", "100%", "--batch-size", "1")
     first = spawn(*args)
-    deadline = time.monotonic() + 50
-    while time.monotonic() < deadline and not (
-        report.exists() and '"kind":"revoked"' in report.read_text()
-    ):
-        time.sleep(0.05)
+    wait_for_revoked(report, 1)
     first.popen.send_signal(signal.SIGTERM)
     first.expect(3, timeout=20)
     assert read_report(report)[-1]["interrupted"] is True
