@@ -50,8 +50,9 @@ def posts(emulator: Emulator) -> list[int]:
 async def test_the_same_list_twice_sends_nothing_the_second_time(
     emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path
 ) -> None:
-    """Run 1 invites everyone; run 2 of the same list makes zero POSTs and reports every
-    pair skipped (already_invited); new rows added between runs are the only ones sent."""
+    """Run 1 invites everyone; run 2 of the same list makes zero POSTs, reads only the
+    listing (everyone on it was served: the dashboard is not read) and reports every pair
+    skipped (already_invited); new rows added between runs are the only ones sent."""
     emulator.add_dashboard(TOKEN_A, invitees=[*PEOPLE, "new@example.com"])
     pairs = [(TOKEN_A, e) for e in PEOPLE]
     first = await run(make_config(batch_size=10), csv_source(rows_csv(pairs)))
@@ -63,14 +64,14 @@ async def test_the_same_list_twice_sends_nothing_the_second_time(
         second = await run(second_config, csv_source(rows_csv(pairs)))
     assert second.exit_code == 0
     assert sum(posts(emulator)) == 30  # not one more
-    assert [r.method for r in emulator.requests[before:]] == ["GET", "GET"]  # two reads
+    assert [r.method for r in emulator.requests[before:]] == ["GET"]  # the listing only
     skipped = by_kind(read_report(second_config.report_path), "skipped")
     assert sorted(e for s in skipped for e in s["emails"]) == sorted(PEOPLE)
     assert {s["reason"] for s in skipped} == {"already_invited"}
     assert second.summary.emails_skipped == 30
     assert second.summary.skipped_by_reason == {"already_invited": 30}
     assert second.summary.requests_by_kind == {"invite": 0, "list_invitations": 1,
-                                                  "dashboard": 1}  # fmt: skip
+                                                  "dashboard": 0}  # fmt: skip
     assert find_capture(logs, "batch.skipped")
     third_config = make_config(batch_size=10, report_path=tmp_path / "third.jsonl")
     third = await run(third_config, csv_source(rows_csv([*pairs, (TOKEN_A, "new@example.com")])))
@@ -124,6 +125,36 @@ async def test_addresses_the_dashboard_does_not_allow_are_refused_without_a_400(
     assert refused["attempts"] == 0
 
 
+async def test_people_already_served_are_skipped_whatever_the_dashboard_says_now(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Invited people are skipped even once the dashboard is paused or no longer allows
+    them; the dashboard is read once, for the rest, who are refused as it says."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=PEOPLE[:6], status="paused")
+    removed = emulator.add_dashboard(TOKEN_B, invitees=PEOPLE[1:6])
+    for dashboard, invited in ((board, PEOPLE[:3]), (removed, PEOPLE[:2])):
+        dashboard.invitations.extend((e, time.time() - 60) for e in invited)
+        emulator.seed([dashboard])
+    pairs = [(TOKEN_A, e) for e in PEOPLE[:6]] + [(TOKEN_B, e) for e in PEOPLE[:6]]
+    config = make_config(batch_size=6)
+    result = await run(config, csv_source(rows_csv(pairs)))
+    assert result.exit_code == 1
+    assert result.summary.skipped_by_reason == {"already_invited": 5}
+    assert result.summary.refused_by_code == {"dashboard_paused": 3}
+    records = read_report(config.report_path)
+    skipped = {(s["token"], e) for s in by_kind(records, "skipped") for e in s["emails"]}
+    assert skipped == {*((TOKEN_A, e) for e in PEOPLE[:3]), (TOKEN_B, PEOPLE[0]),
+                       (TOKEN_B, PEOPLE[1])}  # fmt: skip
+    [refused] = [b for b in by_kind(records, "batch") if b["status"] == "failed"]
+    assert (refused["token"], refused["emails"]) == (TOKEN_A, PEOPLE[3:6])
+    assert posts(emulator) == [4]  # TOKEN_B's four not yet invited; PEOPLE[0] is skipped
+    assert all(emulator.invited[(t, e.lower())] == 1 for t, e in pairs if (t, e) not in
+               {(TOKEN_A, p) for p in PEOPLE[3:6]})  # fmt: skip
+    dashboard_reads = [r.token for r in emulator.requests
+                       if r.method == "GET" and not r.path.endswith("/invitation")]  # fmt: skip
+    assert sorted(dashboard_reads) == sorted([TOKEN_A, TOKEN_B])
+
+
 @pytest.mark.parametrize(
     ("setup", "code"),
     [("paused", "dashboard_paused"), ("open", "not_invite_only"), ("missing", "token_not_found")],
@@ -148,8 +179,10 @@ async def test_paused_open_and_missing_dashboards_are_refused_unsent(
     assert sorted(e for b in failed for e in b["emails"]) == sorted(PEOPLE[:12])
     assert {b["error"]["code"] for b in failed} == {code}
     assert result.summary.refused_by_code == {code: 12}
-    reads = [r for r in emulator.requests if r.token == token]
-    assert len(reads) == 1  # one read for the token, however many batches
+    # One listing for the token, however many batches; its dashboard is read once, when
+    # nobody listed was served (none here), and not at all when the listing says 404.
+    reads = [r.path.rsplit("/", 1)[-1] for r in emulator.requests if r.token == token]
+    assert reads == (["invitation"] if setup == "missing" else ["invitation", token])
 
 
 async def test_report_summarize_counts_skipped_by_reason(

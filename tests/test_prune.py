@@ -445,8 +445,9 @@ async def test_removal_keeps_an_edit_made_between_its_reads(
         assert dashboard.invitees is not None
         dashboard.invitees["colleague@example.com"] = Invitee("colleague@example.com")
 
-    # Reads: the preflight's, the survey's, then the removal's first and second.
-    emulator.before_read[TOKEN_A] = [None, None, None, someone_else]
+    # Reads: the survey's, then the removal's first and second (everyone listed was
+    # invited, so the preflight reads no dashboard).
+    emulator.before_read[TOKEN_A] = [None, None, someone_else]
     config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
     result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:2]])))
     assert result.exit_code == 0
@@ -471,7 +472,7 @@ async def test_a_removal_the_read_back_does_not_show_leaves_the_invitations_and_
         assert dashboard.invitees is not None
         dashboard.invitees[PEOPLE[3]] = Invitee(PEOPLE[3])
 
-    emulator.before_read[TOKEN_A] = [None, None, None, None, re_added]
+    emulator.before_read[TOKEN_A] = [None, None, None, re_added]  # no preflight read: all invited
     config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
     result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:3]])))
     assert result.exit_code == 1
@@ -691,7 +692,7 @@ async def test_keys_refused_while_pruning_abort_the_run(
     def keys_revoked(_: Dashboard) -> None:
         emulator.app_key = "no-longer-valid-key"
 
-    emulator.before_read[TOKEN_A] = [None, keys_revoked]  # the preflight's read, the survey's
+    emulator.before_read[TOKEN_A] = [keys_revoked]  # the survey's (all invited: no preflight read)
     config = make_config(prune=True)
     result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:9]])))
     assert result.exit_code == 3

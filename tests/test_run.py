@@ -263,7 +263,8 @@ async def test_wrong_keys_abort_quickly_and_record_everything_as_failed(
 async def test_unknown_token_fails_its_batches_without_more_requests(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
-    """404 on the dashboard read: every batch of the token fails, and nothing is POSTed."""
+    """404 on the token's first read (its listing): every batch of the token fails, with
+    no other request for it, and nothing is POSTed."""
     config = make_config(batch_size=2, concurrency=1)
     pairs = [("gone-token", f"p{i}@example.com") for i in range(6)] + [(TOKEN_A, "a@example.com")]
     result = await run(config, csv_source(rows_csv(pairs)))

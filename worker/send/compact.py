@@ -109,6 +109,8 @@ class TokenListing:
     #: Entries read and pages requested.
     read: int = 0
     pages: int = 0
+    #: The service's 404 message when the token has no shared dashboard (nothing listed).
+    gone: str | None = None
 
     def newest(self, needles: npt.NDArray[np.int64]) -> tuple[Any, Any]:
         """For each needle: whether it is listed, and its newest creation time (or NaN)."""

@@ -1,17 +1,20 @@
 """Before a token's first send: is the dashboard there, open to invitations, and who on the
 list is allowed, already invited, or already in a session?
 
-Each token's shared dashboard is read once (``GET .../public/{token}``) and its invitations
-listed once (all pages), through the same pacer as every other request. What that settles
-needs no POST at all:
+Each token's invitations are listed once (all pages), through the same pacer as every
+other request, and its shared dashboard (``GET .../public/{token}``) is read once, only if
+a batch names someone the listing does not show served: a day after a send, when the list
+names nobody new, the read would decide nothing. What that settles needs no POST at all:
 
-- the whole token is refused when there is no dashboard (``token_not_found``), it is not
-  invite-only (``not_invite_only``) or it is paused (``dashboard_paused``);
-- an address neither an invitee with unexpired access nor on the ``share_list`` is refused
-  (``not_on_share_list``) — where the service gives an allow-list at all;
 - an address with an open session is skipped (``active_session``), and one invited before
   is skipped (``already_invited``): any invitation the service still lists, or with
-  ``--resend-after``, one created within that long. ``--resend`` skips nobody.
+  ``--resend-after``, one created within that long. ``--resend`` skips nobody. Whatever
+  the dashboard says now, nothing is sent to them;
+- the rest of the token is refused when there is no dashboard (``token_not_found``, a 404
+  on the listing or the read), it is not invite-only (``not_invite_only``) or it is
+  paused (``dashboard_paused``);
+- an address neither an invitee with unexpired access nor on the ``share_list`` is refused
+  (``not_on_share_list``) — where the service gives an allow-list at all.
 
 A key without ``dashboards_read`` (a 403 on the read) is not an error: the run goes on
 without the check, saying so once.
@@ -28,6 +31,7 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from itertools import compress
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -103,19 +107,34 @@ class Preflight:
         return len(self._checks)
 
     async def screen(self, token: str, emails: list[str]) -> Screened:
-        """Which of ``emails`` to send, which are refused, which skipped (by reason)."""
+        """Which of ``emails`` to send, which are refused, which skipped (by reason).
+
+        Who was already served (invited, or in a session) is skipped whatever the
+        dashboard says now: nothing goes to them. The dashboard is read only for the
+        rest, so a day after a send, when everyone was served, it is not read at all.
+        """
         check = await self._check(token)
         out = Screened()
-        if check.refused is not None:
-            out.refused = [(e, check.refused) for e in emails]
-            return out
         keys = keys_of(emails)
+        session, invited = member(check.in_session, keys), member(check.invited, keys)
+        send = None  # None: all of them, the common case of a first day
+        if session.any() or invited.any():
+            send = self._skip(out, emails, session, invited)
+            if not send.any():  # the common case a day after a send, decided in C
+                return out
+        if not check.board:
+            await self._board(token, check)
+        if check.refused is not None:
+            refused = emails if send is None else list(compress(emails, send.tolist()))
+            out.refused = [(e, check.refused) for e in refused]
+            return out
         outside: list[str] = []
-        allowed = None
         if check.allowed is not None:
-            allowed = member(check.allowed, keys)
-            if not allowed.all():
-                outside = [e for e, ok in zip(emails, allowed.tolist(), strict=True) if not ok]
+            outside_mask = ~member(check.allowed, keys)
+            if send is not None:
+                outside_mask &= send
+            if outside_mask.any():
+                outside = list(compress(emails, outside_mask.tolist()))
         if outside and self._add_invitees:
             if not self._writes:  # a plan: screened as the run would, once it added them
                 out.added, outside = outside, []
@@ -128,27 +147,24 @@ class Preflight:
                 out.refused = [(e, failure) for e in outside]
         elif outside:
             out.refused = [(e, not_allowed(e)) for e in outside]
-        session, invited = member(check.in_session, keys), member(check.invited, keys)
-        if not outside and not session.any():  # the common cases, decided in C
-            if not invited.any():
-                out.send = list(emails)
-                return out
-            if invited.all():  # a day after a send: everyone was invited then
-                out.skipped[ALREADY_INVITED] = list(emails)
-                return out
-        # Column by column too: a day after a send, every address of a batch is skipped.
-        invited &= ~session  # an open session is the reason given first
-        send = ~(session | invited)
         if outside:  # the refused are neither sent nor skipped
-            session &= allowed
-            invited &= allowed
-            send &= allowed
-        out.send = list(compress(emails, send.tolist()))
+            send = ~outside_mask if send is None else send & ~outside_mask
+        out.send = list(emails) if send is None else list(compress(emails, send.tolist()))
+        return out
+
+    @staticmethod
+    def _skip(out: Screened, emails: list[str], session: Any, invited: Any) -> Any:
+        """Skip who is in a session or invited (reasons in the order of their first
+        address, as listed); the rest, as a mask."""
+        invited &= ~session  # an open session is the reason given first
+        if invited.all():  # a day after a send: everyone was invited then
+            out.skipped[ALREADY_INVITED] = list(emails)
+            return ~invited
         reasons = [(ACTIVE_SESSION, session), (ALREADY_INVITED, invited)]
         for reason, mask in sorted(reasons, key=lambda r: int(r[1].argmax())):
-            if mask.any():  # reasons in the order of their first address, as listed
+            if mask.any():
                 out.skipped[reason] = list(compress(emails, mask.tolist()))
-        return out
+        return ~(session | invited)
 
     def forget(self, token: str) -> None:
         """Read ``token``'s dashboard again before its next batch."""
@@ -177,19 +193,57 @@ class Preflight:
                 del self._locks[token]
 
     async def _read(self, token: str, now: float) -> TokenCheck:
+        """Who the token's invitations say was served (none listed with ``--resend``).
+
+        The dashboard is read later, by :meth:`_board`, only if a batch holds anyone else.
+        """
         check = TokenCheck(now)
         if not self._readable:
+            check.board = True  # nothing can be checked: send, and let the service decide
             return check
+        if not self._resend:
+            try:
+                listing = await self._reconciler.listing(token, now)
+            except AuthError as exc:
+                self._unreadable(exc)
+                check.board = True
+                return check
+            if listing.gone is not None:  # a 404: no dashboard to read either
+                await self._check_url()
+                check.refused = Failure(TokenNotFound.code, listing.gone)
+                check.board = True
+                return check
+            open_ = listing.session_ends > now
+            check.in_session = listing.keys[open_]
+            invited = ~open_
+            if self._resend_after is not None:  # only those invited within that long
+                invited &= listing.created >= now - self._resend_after
+            check.invited = listing.keys[invited]
+        served = len(check.in_session) + len(check.invited)
+        log.info("preflight.checked", token=token, served=served)
+        return check
+
+    async def _board(self, token: str, check: TokenCheck) -> None:
+        """Read the token's dashboard into ``check``, once: refused, or who is allowed."""
+        async with self._locks.setdefault(token, asyncio.Lock()):
+            if check.board:  # read meanwhile, for another batch of the token
+                return
+            await self._read_board(token, check)  # a failure leaves it to the next batch
+            check.board = True
+
+    async def _read_board(self, token: str, check: TokenCheck) -> None:
+        if not self._readable:
+            return
         try:
             board = await self._dashboard(token)
         except TokenNotFound as exc:
             await self._check_url()
             check.refused = Failure(TokenNotFound.code, exc.message)
-            return check
+            return
         except AuthError as exc:
             self._url_checked = True  # the API answered
             self._unreadable(exc)
-            return check
+            return
         self._url_checked = True
         if board.share_type is not None and board.share_type != "invite":
             check.refused = Failure(NOT_INVITE_ONLY, f"the shared dashboard is shared as "
@@ -198,26 +252,10 @@ class Preflight:
         elif board.status == "paused":
             check.refused = Failure(DASHBOARD_PAUSED, "the shared dashboard is paused; "
                                     "resume sharing it, then run again")  # fmt: skip
-        if check.refused is not None:
-            return check
-        check.allowed = allowed_keys(board, now)
-        del board  # the allow-list's strings: only their keys are kept
-        if not self._resend:
-            try:
-                listing = await self._reconciler.listing(token, now)
-            except AuthError as exc:
-                self._unreadable(exc)
-                return check
-            open_ = listing.session_ends > now
-            check.in_session = listing.keys[open_]
-            invited = ~open_
-            if self._resend_after is not None:  # only those invited within that long
-                invited &= listing.created >= now - self._resend_after
-            check.invited = listing.keys[invited]
-        allowed = None if check.allowed is None else len(check.allowed)
-        served = len(check.in_session) + len(check.invited)
-        log.info("preflight.checked", token=token, allowed=allowed, served=served)
-        return check
+        else:
+            check.allowed = allowed_keys(board, check.checked)
+            allowed = None if check.allowed is None else len(check.allowed)
+            log.info("preflight.dashboard", token=token, allowed=allowed)
 
     async def _check_url(self) -> None:
         """A 404 before any other answer: is there an API at this base URL at all?

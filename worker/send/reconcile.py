@@ -187,10 +187,13 @@ class Reconciler:
                 raise UnexpectedResponse(f"the invitation list did not end after {MAX_PAGES:,} "
                                          f"pages ({listing.read:,} invitations read)")  # fmt: skip
             number, skip = divmod(listing.read, size)
-            result = await self._page(token, number, size)
-            listing.pages += 1
-            if result is None:  # the dashboard is gone: nothing of ours can exist
+            try:
+                result = await self._page(token, number, size)
+            except TokenNotFound as exc:  # the dashboard is gone: nothing of ours can exist
+                listing.pages += 1
+                listing.gone = exc.message
                 break
+            listing.pages += 1
             fresh = result.invitations[skip:]
             if not fresh:  # an empty page: the end (or the listing shrank meanwhile)
                 break
@@ -216,15 +219,12 @@ class Reconciler:
                  pages=listing.pages, page_size=size)  # fmt: skip
         return builder.done()
 
-    async def _page(self, token: str, number: int, size: int) -> Listing | None:
-        """One page, retried by the run's policy; None when the dashboard is gone."""
-        try:
-            return await paced_call(
-                functools.partial(self._client.list_invitations, token, number, size),
-                self._pacer, self.retry, self._clock, self.rng, self._count, stop=self.stop,
-            )  # fmt: skip
-        except TokenNotFound:
-            return None  # nothing of ours can exist there
+    async def _page(self, token: str, number: int, size: int) -> Listing:
+        """One page, retried by the run's policy (``TokenNotFound``: the dashboard is gone)."""
+        return await paced_call(
+            functools.partial(self._client.list_invitations, token, number, size),
+            self._pacer, self.retry, self._clock, self.rng, self._count, stop=self.stop,
+        )  # fmt: skip
 
     def _count(self) -> None:
         self.requests += 1

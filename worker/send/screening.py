@@ -39,6 +39,9 @@ class TokenCheck:
     #: Keys of the addresses skipped: with an open session, and (the others) invited.
     in_session: npt.NDArray[np.int64] = field(default_factory=lambda: key_set(()))
     invited: npt.NDArray[np.int64] = field(default_factory=lambda: key_set(()))
+    #: Whether the dashboard was read (``refused`` and ``allowed`` say what it said):
+    #: it is read only once a batch holds someone not yet served.
+    board: bool = False
 
 
 @dataclass(slots=True)
