@@ -28,37 +28,31 @@ worker holds the checks of the tokens it is working on, not of every token it ev
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Awaitable, Callable
 from itertools import compress
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 
 from worker.clock import Clock, second_text
 from worker.errors import (
     AuthError,
-    SendError,
     TokenNotFound,
-    WrongUrl,
 )
-from worker.outcome import DASHBOARD_PAUSED, NOT_INVITE_ONLY, Failure
+from worker.outcome import Failure
+from worker.send.boards import BoardReader
 from worker.send.client import InvitationClient
 from worker.send.compact import key_set, keys_of, member
 from worker.send.invitees import add_invitees
-from worker.send.listed import SharedDashboard
 from worker.send.pacing import Pacer
 from worker.send.reconcile import Reconciler
-from worker.send.replies import Dashboard
-from worker.send.retry import paced_call
+from worker.send.retry import A, paced_call
 from worker.send.screening import (
     ACTIVE_SESSION,
     ALREADY_INVITED,
     INVITEE_UPDATE_FAILED,
     Screened,
     TokenCheck,
-    allowed_keys,
     not_allowed,
 )
 
@@ -89,11 +83,7 @@ class Preflight:
         self._writes = writes  # False: a plan, which says whom it would add, adding nobody
         self._checks: dict[str, TokenCheck] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._readable = True  # False once the key proved unable to read dashboards
-        # Whether the base URL is known to serve the API (checked on the first 404).
-        self._url_checked = False
-        self._url_lock = asyncio.Lock()
-        self._wrong_url: WrongUrl | None = None
+        self._boards = BoardReader(client, self._paced)
         self._swept = clock.time()
         #: Requests for dashboards, reads and writes (invitation listings are the
         #: reconciler's).
@@ -198,18 +188,18 @@ class Preflight:
         The dashboard is read later, by :meth:`_board`, only if a batch holds anyone else.
         """
         check = TokenCheck(now)
-        if not self._readable:
+        if not self._boards.readable:
             check.board = True  # nothing can be checked: send, and let the service decide
             return check
         if not self._resend:
             try:
                 listing = await self._reconciler.listing(token, now)
             except AuthError as exc:
-                self._unreadable(exc)
+                self._boards.unreadable(exc)
                 check.board = True
                 return check
             if listing.gone is not None:  # a 404: no dashboard to read either
-                await self._check_url()
+                await self._boards.check_url()
                 check.refused = Failure(TokenNotFound.code, listing.gone)
                 check.board = True
                 return check
@@ -228,74 +218,8 @@ class Preflight:
         async with self._locks.setdefault(token, asyncio.Lock()):
             if check.board:  # read meanwhile, for another batch of the token
                 return
-            await self._read_board(token, check)  # a failure leaves it to the next batch
+            await self._boards.read(token, check)  # a failure leaves it to the next batch
             check.board = True
-
-    async def _read_board(self, token: str, check: TokenCheck) -> None:
-        if not self._readable:
-            return
-        try:
-            board = await self._dashboard(token)
-        except TokenNotFound as exc:
-            await self._check_url()
-            check.refused = Failure(TokenNotFound.code, exc.message)
-            return
-        except AuthError as exc:
-            self._url_checked = True  # the API answered
-            self._unreadable(exc)
-            return
-        self._url_checked = True
-        if board.share_type is not None and board.share_type != "invite":
-            check.refused = Failure(NOT_INVITE_ONLY, f"the shared dashboard is shared as "
-                                    f"{board.share_type!r}; invitations are for invite-only "
-                                    "sharing (share_type 'invite')")  # fmt: skip
-        elif board.status == "paused":
-            check.refused = Failure(DASHBOARD_PAUSED, "the shared dashboard is paused; "
-                                    "resume sharing it, then run again")  # fmt: skip
-        else:
-            check.allowed = allowed_keys(board, check.checked)
-            allowed = None if check.allowed is None else len(check.allowed)
-            log.info("preflight.dashboard", token=token, allowed=allowed)
-
-    async def _check_url(self) -> None:
-        """A 404 before any other answer: is there an API at this base URL at all?
-
-        A base URL with a path, or another service on the port, answers 404 to every
-        token; refusing each as ``token_not_found`` would record them failed for good.
-        One ``GET /api/v1/validate`` tells: a 404 there too halts the run (:class:`WrongUrl`,
-        exit 3), leaving every row for ``--resume``. It is paced, retried and stopped as
-        every read is; any other answer, or none after every try (a reverse proxy that
-        does not forward the path, a timeout), is taken for an API: the check must never
-        be what halts a run.
-        """
-        async with self._url_lock:
-            if self._wrong_url is not None:
-                raise self._wrong_url
-            if self._url_checked:
-                return
-            reconciler = self._reconciler
-            try:
-                answer = await paced_call(self._client.validate, self._pacer, reconciler.retry,
-                                          self._clock, reconciler.rng, self._count,
-                                          stop=reconciler.stop)  # fmt: skip
-            except SendError as exc:
-                log.warning("preflight.url_unchecked", error=exc.code, message=exc.message,
-                            action="taken for an API; the 404 refuses the token")  # fmt: skip
-            else:
-                if answer.http_status == 404:
-                    url = urlsplit(self._client.api_url)  # never user-info: may hold secrets
-                    origin = f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
-                    self._wrong_url = WrongUrl(
-                        f"{origin} answers 404 to every dashboard and to GET "
-                        "/api/v1/validate: no Datadog API there. Check --api-url (the base "
-                        "URL only, e.g. https://api.datadoghq.com) or --site; nothing was "
-                        "recorded as failed: run the same command again with --resume"
-                    )
-                    raise self._wrong_url
-            self._url_checked = True
-
-    async def _dashboard(self, token: str) -> SharedDashboard:
-        return (await self._paced(functools.partial(self._client.get_dashboard, token))).dashboard
 
     async def add(self, token: str, emails: list[str]) -> bool:
         """``--add-invitees``: add ``emails`` to the dashboard's invitees (see ``invitees``)."""
@@ -318,7 +242,7 @@ class Preflight:
 
             check.allowed = np.union1d(check.allowed, key_set(emails))
 
-    async def _paced(self, call: Callable[[], Awaitable[Dashboard]]) -> Dashboard:
+    async def _paced(self, call: Callable[[], Awaitable[A]]) -> A:
         """One read or write of a dashboard, paced and retried like every request."""
         reconciler = self._reconciler
         return await paced_call(call, self._pacer, reconciler.retry, self._clock, reconciler.rng,
@@ -326,10 +250,3 @@ class Preflight:
 
     def _count(self) -> None:
         self.requests += 1
-
-    def _unreadable(self, error: AuthError) -> None:
-        if self._readable:
-            self._readable = False
-            log.warning("preflight.unavailable", error=error.message,
-                        consequence="sending without checking who is allowed or already "
-                        "invited: give the application key dashboards_read")  # fmt: skip
