@@ -199,6 +199,18 @@ async def test_keep_alive_carries_many_gets_on_one_connection(
     assert (server.connections, len(server.requests)) == (1, 10)
 
 
+async def test_a_204_has_no_body_whatever_length_it_states(
+    scripted: Callable[..., Awaitable[tuple[Scripted, str]]],
+) -> None:
+    """204 (and 304) end at their head, even with a Content-Length: the next answer follows."""
+    empty = b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"
+    server, url = await scripted(send(empty), send(ok()))
+    async with client(url) as c:
+        assert (await c.validate()).http_status == 204
+        assert (await c.get_dashboard(TOKEN_A)).body == BODY
+    assert server.connections == 1
+
+
 async def test_connections_open_at_once_stay_within_the_pool_size(
     scripted: Callable[..., Awaitable[tuple[Scripted, str]]],
 ) -> None:

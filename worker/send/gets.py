@@ -204,6 +204,8 @@ def _head(raw: bytes) -> tuple[int, CIMultiDict[str], bool]:
 async def _body(reader: _Reader, status: int, headers: CIMultiDict[str]) -> tuple[bytes, bool]:
     """The body (at most MAX_BODY_BYTES) and whether it was read to its end, leaving the
     connection at the start of the next answer."""
+    if status in _NO_BODY:  # whatever length it states is the one it would have had
+        return b"", True
     coding = headers.get("Transfer-Encoding")
     if coding is not None:
         if coding.strip().lower() != "chunked":
@@ -219,8 +221,6 @@ async def _body(reader: _Reader, status: int, headers: CIMultiDict[str]) -> tupl
         length = int(text[:19]) if len(text) < 19 else MAX_BODY_BYTES + 1
         body = await reader.readexactly(min(length, MAX_BODY_BYTES))
         return body, length <= MAX_BODY_BYTES
-    if status in _NO_BODY:
-        return b"", True
     parts: list[bytes] = []  # no length: the body ends with the connection, which is not kept
     size = 0
     while size < MAX_BODY_BYTES and (part := await reader.read(MAX_BODY_BYTES - size)):
