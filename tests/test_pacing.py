@@ -45,6 +45,21 @@ async def test_only_one_request_probes_until_the_first_answer() -> None:
     assert pacer.in_flight == 1
 
 
+async def test_after_refused_keys_the_next_request_probes_alone_again() -> None:
+    """Once keys were refused somewhere, the next request goes alone until it is answered."""
+    pacer = Pacer(FakeClock())
+    pacer.release(await pacer.acquire(), RateLimitInfo())
+    pacer.probe_again()
+    first = await pacer.acquire()
+    second = asyncio.create_task(pacer.acquire())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not second.done()
+    pacer.release(first, RateLimitInfo())
+    await asyncio.wait_for(second, 1)
+    assert pacer.try_acquire() is not None  # answered: no more probing
+
+
 async def test_no_headers_means_no_pacing_after_the_first_answer() -> None:
     """A server that announces no limit is only bounded by concurrency."""
     clock = FakeClock()

@@ -25,11 +25,18 @@ log = structlog.get_logger("worker.preflight")
 
 
 class BoardReader:
-    """Reads dashboards through ``paced`` (the run's pacer and retry policy)."""
+    """Reads dashboards through ``paced`` (the run's pacer and retry policy); ``refused``
+    is called once, when the key proves unable to read them."""
 
-    def __init__(self, client: InvitationClient, paced: Callable[[Any], Awaitable[Any]]) -> None:
+    def __init__(
+        self,
+        client: InvitationClient,
+        paced: Callable[[Any], Awaitable[Any]],
+        refused: Callable[[], None] | None = None,
+    ) -> None:
         self._client = client
         self._paced = paced
+        self._refused = refused
         #: False once the key proved unable to read dashboards.
         self.readable = True
         # Whether the base URL is known to serve the API (checked on the first 404).
@@ -104,6 +111,8 @@ class BoardReader:
         """The key cannot read dashboards: no check from now on, said once."""
         if self.readable:
             self.readable = False
+            if self._refused is not None:
+                self._refused()
             log.warning("preflight.unavailable", error=error.message,
                         consequence="sending without checking who is allowed or already "
                         "invited: give the application key dashboards_read")  # fmt: skip

@@ -83,7 +83,9 @@ class Preflight:
         self._writes = writes  # False: a plan, which says whom it would add, adding nobody
         self._checks: dict[str, TokenCheck] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._boards = BoardReader(client, self._paced)
+        # A refused read: the same keys may be refused for invitations too, so the next
+        # request goes alone (one more request for wrong keys, not one per sender).
+        self._boards = BoardReader(client, self._paced, refused=pacer.probe_again)
         self._swept = clock.time()
         #: Requests for dashboards, reads and writes (invitation listings are the
         #: reconciler's).

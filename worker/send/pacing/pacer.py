@@ -197,6 +197,11 @@ class Pacer:
             self.adaptive.answered(now)
         self._wake()
 
+    def probe_again(self) -> None:
+        """Keys refused somewhere: the next request goes alone, as the first did, so that
+        wrong keys cost one more request, not one per sender."""
+        self._learned = False
+
     def cancel(self) -> None:
         """Give back an acquired slot whose request was never sent."""
         self._in_flight -= 1
