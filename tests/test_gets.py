@@ -300,6 +300,7 @@ async def test_a_server_closing_mid_body_is_a_dropped_connection(
         (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * MAX_HEAD + b"\r\n\r\n", "over 65536 bytes"),
         (b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\nok", "'br'"),
         (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\nok", "gzip"),
+        (ok(gzip.compress(BODY)[:-12], b"Content-Encoding: gzip\r\n"), "gzip body cut short"),
         (b"HTTP/1.1 2OO " + API_KEY.encode() + b"\r\n\r\n", "[redacted]"),
     ],
     ids=[
@@ -314,6 +315,7 @@ async def test_a_server_closing_mid_body_is_a_dropped_connection(
         "oversized-head",
         "unknown-encoding",
         "bad-gzip",
+        "short-gzip",
         "key-echoed",
     ],
 )
