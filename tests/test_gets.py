@@ -373,6 +373,21 @@ async def test_no_answer_in_time_is_a_timeout_within_the_bound(
         assert server.open == 0  # the connection was closed, not kept
 
 
+async def test_an_answer_cut_mid_body_counts_as_the_service_answering(
+    scripted: Callable[..., Awaitable[tuple[Scripted, str]]],
+) -> None:
+    """A head read, then the body cut: the service answered, so later refused connections
+    are each a ConnectionFailed, never ServiceUnreachable."""
+    server, url = await scripted(send(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", keep=False))
+    async with client(url) as c:
+        with pytest.raises(ConnectionDropped):
+            await c.get_dashboard(TOKEN_A)
+        await server.stop()
+        for _ in range(4):
+            with pytest.raises(ConnectionFailed):
+                await c.get_dashboard(TOKEN_A)
+
+
 async def test_three_refused_connections_before_any_answer_are_unreachable() -> None:
     """Nothing listening: ConnectionFailed twice, then ServiceUnreachable saying what to check."""
     with socket.socket() as s:

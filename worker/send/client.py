@@ -229,10 +229,11 @@ class InvitationClient:
         if self._session is None:
             raise RuntimeError("use InvitationClient as 'async with'")
         try:
-            if method == "GET" and self._gets is not None:
-                answer = await self._gets.get(url if isinstance(url, URL) else URL(url))
-                self.answered = True
-                return answer
+            if method == "GET" and (gets := self._gets) is not None:
+                try:
+                    return await gets.get(url if isinstance(url, URL) else URL(url))
+                finally:  # a head read is an answer, even if the body then broke
+                    self.answered = self.answered or gets.answered
             async with self._session.request(
                 method, url, data=body, timeout=self._timeout, allow_redirects=False,
                 proxy=self._proxy_url, proxy_headers=self._proxy_headers,

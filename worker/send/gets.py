@@ -88,6 +88,8 @@ class Gets:
         self._slots = asyncio.Semaphore(pool_size)  # connections open at once, as aiohttp's
         self._idle: list[_Conn] = []  # the most recently used last: taken first
         self._open: set[_Conn] = set()
+        #: Whether the service ever answered (a status line and headers were read).
+        self.answered = False
 
     async def get(self, url: URL) -> Answer:
         """Status, headers and body (at most MAX_BODY_BYTES); raises TimeoutError,
@@ -149,6 +151,7 @@ class Gets:
                     raise _Stale from None
                 raise
             status, headers, keep = _head(head)
+            self.answered = True
             while 100 <= status < 200:  # interim (100 Continue, 103 Early Hints): the next
                 status, headers, keep = _head(await reader.readuntil(b"\r\n\r\n"))
             body, whole = await _body(reader, status, headers)
