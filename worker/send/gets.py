@@ -82,7 +82,10 @@ class Gets:
         self._tail = request_tail(base, headers)
         # The same verification aiohttp applies by default: the system's CAs (SSL_CERT_FILE
         # and SSL_CERT_DIR are honoured), the certificate's name checked against the host.
+        # Made once per client: it reads the CA bundle from disk.
         self._ssl = ssl.create_default_context() if base.scheme == "https" else None
+        if self._ssl is not None:
+            self._ssl.set_alpn_protocols(["http/1.1"])  # as aiohttp: never offered h2
         self._timeout = timeout
         self._size = pool_size
         self._slots = asyncio.Semaphore(pool_size)  # connections open at once, as aiohttp's
