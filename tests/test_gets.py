@@ -60,6 +60,7 @@ class Scripted:
         self.open = 0
         self.most_open = 0
         self.closed_by_client = 0
+        self.alpn: list[str | None] = []  # the protocol a TLS connection agreed on
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -73,6 +74,8 @@ class Scripted:
         assert task is not None
         self.tasks.add(task)
         self.connections += 1
+        tls = writer.get_extra_info("ssl_object")
+        self.alpn.append(tls.selected_alpn_protocol() if tls is not None else None)
         self.open += 1
         self.most_open = max(self.most_open, self.open)
         try:
@@ -447,6 +450,7 @@ def tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
     ca = trustme.CA()
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server)
+    server.set_alpn_protocols(["h2", "http/1.1"])
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
@@ -456,13 +460,13 @@ def tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
 async def test_https_verifies_the_certificate_and_keeps_the_connection(
     scripted: Callable[..., Awaitable[tuple[Scripted, str]]], tls: ssl.SSLContext
 ) -> None:
-    """https: a certificate from a trusted CA for the URL's host, one connection for two
-    GETs."""
+    """https: a certificate from a trusted CA for the URL's host, HTTP/1.1 agreed (never
+    h2), one connection for two GETs."""
     server, url = await scripted(send(ok()), send(ok()), tls=tls)
     async with client(url) as c:
         assert (await c.get_dashboard(TOKEN_A)).body == BODY
         assert (await c.get_dashboard(TOKEN_A)).body == BODY
-    assert server.connections == 1
+    assert (server.connections, server.alpn) == (1, ["http/1.1"])
 
 
 async def test_https_refuses_an_untrusted_certificate_as_a_failed_connect(
