@@ -107,17 +107,17 @@ class InvitationClient:
         self.metrics = metrics or Metrics()
 
     async def __aenter__(self) -> InvitationClient:
+        if self.proxy is None:  # first: it may refuse the headers, with nothing to close
+            reads = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+            self._gets = Gets(URL(self.api_url), reads, pool_size=self._pool_size,
+                              timeout=self._timeout.total)  # fmt: skip
         connector = aiohttp.TCPConnector(limit=self._pool_size)
         # No cookies: the API sets none we need, and the jar costs time on every request.
         # No trust_env: the proxy was read from the environment once, up front.
         self._session = aiohttp.ClientSession(
             connector=connector, headers=self._headers, cookie_jar=aiohttp.DummyCookieJar()
         )
-        if self.proxy is None:
-            reads = {k: v for k, v in self._headers.items() if k != "Content-Type"}
-            self._gets = Gets(URL(self.api_url), reads, pool_size=self._pool_size,
-                              timeout=self._timeout.total)  # fmt: skip
-        else:
+        if self.proxy is not None:
             log.info("client.proxy", proxy=self.proxy.url, source=self.proxy.source,
                      api=self._origin())  # fmt: skip
         return self
