@@ -60,6 +60,7 @@ class Scripted:
         self.open = 0
         self.most_open = 0
         self.closed_by_client = 0
+        self.served: list[int] = []  # which connection (1, 2, ...) each request came on
         self.alpn: list[str | None] = []  # the protocol a TLS connection agreed on
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -74,6 +75,7 @@ class Scripted:
         assert task is not None
         self.tasks.add(task)
         self.connections += 1
+        number = self.connections
         tls = writer.get_extra_info("ssl_object")
         self.alpn.append(tls.selected_alpn_protocol() if tls is not None else None)
         self.open += 1
@@ -82,6 +84,7 @@ class Scripted:
             while True:
                 try:
                     self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+                    self.served.append(number)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     self.closed_by_client += 1
                     return
@@ -228,6 +231,27 @@ async def test_connections_open_at_once_stay_within_the_pool_size(
     async with client(url, pool_size=2) as c:
         await asyncio.gather(*(c.get_dashboard(TOKEN_A) for _ in range(6)))
     assert (server.connections, server.most_open) == (2, 2)
+
+
+async def test_the_connection_idle_the_shortest_time_is_used_first(
+    scripted: Callable[..., Awaitable[tuple[Scripted, str]]],
+) -> None:
+    """Idle connections are taken most recent first: the others may age out at the server."""
+
+    def after(seconds: float) -> Step:
+        async def step(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+            await asyncio.sleep(seconds)
+            writer.write(ok())
+            return True
+
+        return step
+
+    server, url = await scripted(after(0.1), after(0.01), send(ok()))
+    async with client(url) as c:
+        await asyncio.gather(c.get_dashboard(TOKEN_A), c.get_dashboard(TOKEN_A))
+        await c.get_dashboard(TOKEN_A)
+    assert server.connections == 2
+    assert server.served[2] == server.served[0]  # the one answered last
 
 
 @pytest.mark.parametrize("how", ["eof", "reset"])
