@@ -273,7 +273,8 @@ async def test_a_message_claimed_back_while_its_ack_is_under_way_is_not_new_work
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Messages settled here but not yet acknowledged, claimed back by this worker's own
-    periodic claim, are not new work: one record each, no 'duplicate' rejection, exit 0.
+    periodic claim, are not new work: one record each, no 'duplicate' rejection, none
+    counted as claimed from another worker, exit 0.
 
     This race made the two-worker SIGKILL test flaky on a loaded machine: the second
     worker's own settled messages were claimed back after --claim-idle and handled again."""
@@ -298,6 +299,7 @@ async def test_a_message_claimed_back_while_its_ack_is_under_way_is_not_new_work
             stop=stop,
         )
     assert result.exit_code == 3, result.summary  # stopped: exit 3 in both modes
+    assert result.summary.read.claimed == 0  # its own, claimed back: no other worker's
     records = read_report(config.report_path)
     assert by_kind(records, "rejected") == []
     assert sorted(e for b in by_kind(records, "batch") for e in b["emails"]) == sorted(

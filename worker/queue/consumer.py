@@ -150,8 +150,7 @@ class Consumer:
         while not self.stop.is_set():
             if self.clock.time() >= next_claim:
                 claimed = await self.queue.claim_idle(self.options.claim_idle)
-                self.counts.claimed += len(claimed)
-                for batch in await self._take(claimed, reclaimed=True):
+                for batch in await self._take(claimed, reclaimed=True, claimed=True):
                     yield batch
                 next_claim = self.clock.time() + min(max(self.options.claim_idle / 2, 0.5), 30)
             block = min(self.options.linger or 0.5, 0.5)
@@ -178,8 +177,11 @@ class Consumer:
         await self.flush()
         return await self.queue.group_pending() == 0
 
-    async def _take(self, messages: list[Message], *, reclaimed: bool) -> list[Batch]:
-        """Validate, reconcile (for reclaimed messages) and batch a set of messages."""
+    async def _take(
+        self, messages: list[Message], *, reclaimed: bool, claimed: bool = False
+    ) -> list[Batch]:
+        """Validate, reconcile (for reclaimed messages) and batch a set of messages
+        (``claimed``: from other consumers, counted once each in the summary)."""
         # Only a claimed message can be one of ours still in flight (claimed back because it
         # was slow); new messages cannot, so skip building the set for them.
         in_flight = set(self.index.values()) if reclaimed else set()
@@ -192,6 +194,7 @@ class Consumer:
                 # claimed back only because it took longer than --claim-idle.
                 self.held.claimed_again(mid)
                 continue
+            self.counts.claimed += claimed  # not this worker's own, claimed back
             self.held.taken(mid)
             self.counts.rows += 1
             if fields is None:  # deleted from the stream meanwhile
