@@ -323,3 +323,38 @@ def test_resume_and_summarize_replay_a_report_the_same_way(tmp_path: Path) -> No
     totals = Replay.read(report).summary()
     assert (totals["sent"], totals["failed"], totals["rejected"]) == (2, 2, 1)
     assert totals["failed_by_code"] == {"bad_request": 1, "timeout": 1}
+
+
+async def test_a_run_that_leaves_nothing_open_empties_its_journal(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A finished run (a bad row and all) empties its journal once the report is durable:
+    a daily --resume then reads no earlier day's intents, and still sends nobody twice."""
+    pairs = [(TOKEN_A, f"p{i}@example.com") for i in range(30)]
+    config = make_config(batch_size=10)
+    first = await run(config, csv_source(rows_csv([*pairs, (TOKEN_A, "not-an-email")])))
+    assert first.exit_code == 1  # the bad row: incomplete, yet nothing is open
+    assert journal_path(config.report_path).stat().st_size == 0
+    more = [*pairs, (TOKEN_B, "q@example.com")]
+    again = await run(make_config(batch_size=10, resume=True), csv_source(rows_csv(more)))
+    assert again.exit_code == 0
+    assert journal_path(config.report_path).stat().st_size == 0
+    assert emulator.invited == Counter(dict.fromkeys(more, 1))
+
+
+async def test_a_run_that_ends_with_an_unknown_outcome_keeps_its_journal(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A request whose outcome no listing could tell (the service ignores page_number) is
+    still open when the run ends: its intent stays in the journal for --resume."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=None)
+    board.invitations.extend((f"other{i}@example.com", 1.0) for i in range(150))
+    emulator.ignore_page_number = True  # two pages, each the first: the list is unreadable
+    emulator.script("502-after")  # created, but the answer says 502
+    config = make_config(batch_size=5, resend=True, reconcile_delay=0.0, max_attempts=2)
+    emails = [f"p{i}@example.com" for i in range(5)]
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in emails])))
+    assert result.exit_code == 1
+    [intent] = read_journal(journal_path(config.report_path)).values()
+    assert intent.emails == emails
+    assert sum(1 for r in emulator.requests if r.method == "POST") == 1

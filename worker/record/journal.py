@@ -13,22 +13,30 @@ It lives beside the report (``<report>.journal``) and holds two kinds of line:
 A 2xx needs no clear: the report's ``sent`` record settles those pairs. So after any crash
 an intent that is neither cleared nor covered by a ``sent`` record is an *unknown* outcome,
 and ``--resume`` lists the token's invitations before sending those pairs again.
+
+A run that ends with nothing open (see :func:`empty_journal`) empties the journal once
+the report is durable: otherwise a daily job continuing one report with ``--resume`` would
+read every intent of every earlier day, each already settled by the report.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import structlog
 from msgspec import UNSET
 
 from worker.errors import UsageError
 from worker.record.files import AppendFile, read_records
 from worker.record.records import JOURNAL_LINE, JournalLine, encode
+
+log = structlog.get_logger("worker.journal")
 
 
 def journal_path(report_path: Path) -> Path:
@@ -162,3 +170,35 @@ def read_journal(
 
 def _readable(line: JournalLine) -> bool:
     return line.is_clear() or line.is_intent()
+
+
+async def empty_journal(report: Path, journal: Path) -> bool:
+    """Make ``report`` durable, then empty ``journal``; whether it was emptied.
+
+    Only for a run that left nothing open: every request it made has its outcome in the
+    report, and nothing an earlier run left unknown is unknown still. The report is
+    synced first, so no power loss can keep the emptied journal and lose the records
+    that settle its intents. A failure keeps the journal: the next ``--resume`` reads it
+    as before, only slower.
+    """
+
+    def sync_then_empty() -> None:
+        fd = os.open(report, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(journal, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    try:
+        await asyncio.to_thread(sync_then_empty)
+    except OSError as exc:
+        log.warning("journal.kept", path=str(journal), cause=exc.strerror,
+                    consequence="the next --resume reads it again; nothing is lost")  # fmt: skip
+        return False
+    return True

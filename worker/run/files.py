@@ -21,7 +21,7 @@ from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import UsageError
 from worker.metrics import metrics_for
-from worker.record.journal import Journal, journal_path
+from worker.record.journal import Journal, empty_journal, journal_path
 from worker.record.lock import hold_report
 from worker.record.records import rejected_row
 from worker.record.report import Report
@@ -159,9 +159,12 @@ async def _run(
              report=str(config.report_path), resume=config.resume)  # fmt: skip
     mode = _FileMode(config, source, report, journal, history, clock, rng, stop)
     report.metrics = metrics = metrics_for(config, mode="file")
-    return await assemble(config, mode, report=report, intents=journal, metrics=metrics,
-                          state=mode.state, clock=clock, rng=rng, source=source.description,
-                          started=started)  # fmt: skip
+    result = await assemble(config, mode, report=report, intents=journal, metrics=metrics,
+                            state=mode.state, clock=clock, rng=rng, source=source.description,
+                            started=started)  # fmt: skip
+    if mode.left_nothing_open(result):
+        await empty_journal(config.report_path, jpath)
+    return result
 
 
 class _FileMode(Mode[FileRead]):
@@ -179,6 +182,7 @@ class _FileMode(Mode[FileRead]):
         self.state = RunState(stop)
         self.listed = ListedInput() if config.prune else None
         self.pruner: Pruner | None = None
+        self._sender: Sender | None = None
 
     @property
     def counts(self) -> FileCounts:
@@ -194,6 +198,7 @@ class _FileMode(Mode[FileRead]):
         if self.history is not None:
             await runner.supervise("reconciler", _settle(runner, self.history, self.clock))
         runner.recorded = 0  # settling is not this run's reading
+        self._sender = runner.sender
         if self.listed is not None:
             sender = runner.sender
             self.pruner = pruner_for(self.config, client, sender.pacer, sender.retry,
@@ -219,6 +224,18 @@ class _FileMode(Mode[FileRead]):
         """The input and the journal."""
         self.source.close()
         self.journal.close()
+
+    def left_nothing_open(self, result: RunResult[FileRead]) -> bool:
+        """The run went to its end, every request it made has a known outcome, and nothing
+        an earlier run left unknown is unknown still: the journal holds nothing to settle."""
+        sender, history = self._sender, self.history
+        return (
+            result.exit_code in (0, 1)
+            and result.summary.outcome in ("done", "incomplete")
+            and sender is not None
+            and sender.stats.unknown_left == sender.stats.open_intents == 0
+            and not (history is not None and history.blocked)
+        )
 
     async def ending(self) -> Ending[FileRead]:
         """The file's counts, the job's totals (``--resume``), what ``--prune`` did."""

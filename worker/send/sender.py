@@ -213,19 +213,23 @@ class Sender:
         not_before = self._clock.time() + self._config.reconcile_delay
         if not await self.state.sleep(self._clock, self._config.reconcile_delay):
             self.stats.unknown_left += len(emails)
+            self.stats.open_intents += 1
             raise Stopped("stopping: the unknown outcome is left in the journal")
         try:
             found = await self.reconciler.created_since(token, emails, sent_at, not_before)
         except Stopped:
             self.stats.unknown_left += len(emails)
+            self.stats.open_intents += 1
             raise
         except AuthError as exc:
             self.state.abort(exc)
             self.metrics.reconciled("unreadable")
+            self.stats.open_intents += 1
             return None
         except SendError as exc:
             log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
             self.metrics.reconciled("unreadable")
+            self.stats.open_intents += 1
             return None
         outcome = found_outcome(
             token, emails, found, started_at=sent_at, finished_at=self._clock.time(),
@@ -276,6 +280,7 @@ class _Journaled(Hooks):
         stats, trip = self._sender.stats, self._trip
         stats.unknown_outcomes += 1
         stats.unknown_left += len(trip.emails)
+        stats.open_intents += 1
         log.warning("batch.outcome_unknown", token=trip.token, emails=len(trip.emails),
                     code="grace_expired", error="stopped with the request in flight")  # fmt: skip
 

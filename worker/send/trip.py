@@ -24,6 +24,9 @@ class SendStats:
     #: Emails of unknown outcomes left open when the run stopped (a request cut at the end
     #: of the grace, or one whose check was not waited for): neither sent nor unsent.
     unknown_left: int = 0
+    #: Journal intents left open (an unknown outcome no listing could settle, or one cut
+    #: or left by a stop): a later --resume must settle them, so the journal is kept.
+    open_intents: int = 0
     reconciled_sent: int = 0
 
 
