@@ -38,6 +38,7 @@ from worker.queue.runner import run_stream
 from worker.record.replay import Replay
 from worker.run import run
 from worker.run.progress import Progress
+from worker.send.keyed import KeyedLocks
 
 PEOPLE = [f"p{i}@example.com" for i in range(30)]
 
@@ -447,3 +448,75 @@ async def test_a_stop_ends_the_url_checks_retries_at_once(
     assert result.summary.interrupted is True
     assert result.summary.unsent == 3
     assert by_kind(read_report(config.report_path), "batch") == []
+
+
+async def test_a_token_gone_on_day_two_is_refused_without_doubting_the_url(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """A listing that answered 200 proves the API is there: a later token's 404 refuses
+    it without asking /api/v1/validate, even behind a gateway that 404s that path."""
+    gone = "gone-dashboard"
+    emulator.add_dashboard(TOKEN_A, invitees=PEOPLE)
+    emulator.add_dashboard(gone, invitees=PEOPLE)
+    pairs = [(TOKEN_A, e) for e in PEOPLE[:3]] + [(gone, e) for e in PEOPLE[:3]]
+    await run(make_config(batch_size=10), csv_source(rows_csv(pairs)))
+    del emulator.dashboards[gone]
+    emulator.validate_script = ["404"] * 10
+    before = len(emulator.requests)
+    config = make_config(batch_size=10, report_path=tmp_path / "2.jsonl", concurrency=1)
+    result = await run(config, csv_source(rows_csv(pairs)))
+    assert result.exit_code == 1
+    assert result.summary.halted is None
+    assert result.summary.refused_by_code == {"token_not_found": 3}
+    assert result.summary.skipped_by_reason == {"already_invited": 3}
+    assert not any(r.path.endswith("/validate") for r in emulator.requests[before:])
+
+
+def _refuse(_: Dashboard) -> None:
+    from aiohttp import web
+
+    raise web.HTTPForbidden(text='{"errors": ["Forbidden"]}', content_type="application/json")
+
+
+async def test_a_refused_dashboard_read_leaves_the_listings_on(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """One token's dashboard read answers 403: the check goes on without allow-lists, but
+    every token is still listed, so nobody already invited is invited again."""
+    emulator.add_dashboard(TOKEN_A, invitees=PEOPLE)
+    emulator.add_dashboard(TOKEN_B, invitees=PEOPLE)
+    pairs = [(TOKEN_A, e) for e in PEOPLE[:3]] + [(TOKEN_B, e) for e in PEOPLE[:3]]
+    await run(make_config(batch_size=10), csv_source(rows_csv(pairs)))
+    emulator.before_read[TOKEN_A] = [_refuse] * 10
+    grown = [(TOKEN_A, e) for e in PEOPLE[:4]] + [(TOKEN_B, e) for e in PEOPLE[:3]]
+    config = make_config(batch_size=10, report_path=tmp_path / "2.jsonl", concurrency=1)
+    with capture_logs() as logs:
+        result = await run(config, csv_source(rows_csv(grown)))
+    assert result.exit_code == 0
+    assert result.summary.skipped_by_reason == {"already_invited": 6}
+    assert result.summary.emails_sent == 1
+    assert emulator.invited == Counter({(t, e.lower()): 1 for t, e in grown})
+    assert find_capture(logs, "preflight.unavailable")
+
+
+async def test_a_tokens_lock_serializes_everyone_and_goes_when_nobody_needs_it() -> None:
+    """Holders of one token's lock never overlap, newcomers arriving as it is released
+    included (the moment ``locked()`` is already False), and the lock is dropped once its
+    last holder or waiter leaves: a long-lived worker keeps no lock per token ever met."""
+    locks = KeyedLocks()
+    inside: Counter[str] = Counter()
+    most = 0
+
+    async def user(token: str, delay: int) -> None:
+        nonlocal most
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        async with locks.hold(token):
+            inside[token] += 1
+            most = max(most, inside[token])
+            await asyncio.sleep(0)
+            inside[token] -= 1
+
+    await asyncio.gather(*(user(t, d) for t in ("a", "b") for d in range(30)))
+    assert most == 1
+    assert len(locks) == 0

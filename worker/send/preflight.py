@@ -27,7 +27,6 @@ worker holds the checks of the tokens it is working on, not of every token it ev
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from itertools import compress
 from typing import Any
@@ -44,6 +43,7 @@ from worker.send.boards import BoardReader
 from worker.send.client import InvitationClient
 from worker.send.compact import key_set, keys_of, member
 from worker.send.invitees import add_invitees
+from worker.send.keyed import KeyedLocks
 from worker.send.pacing import Pacer
 from worker.send.reconcile import Reconciler
 from worker.send.retry import A, paced_call
@@ -82,11 +82,13 @@ class Preflight:
         self._add_invitees, self._access_expires = add_invitees, access_expires
         self._writes = writes  # False: a plan, which says whom it would add, adding nobody
         self._checks: dict[str, TokenCheck] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         # A refused read: the same keys may be refused for invitations too, so the next
         # request goes alone (one more request for wrong keys, not one per sender).
         self._boards = BoardReader(client, self._paced, refused=pacer.probe_again)
         self._swept = clock.time()
+        # False once a listing was refused (a refused dashboard read leaves listings on).
+        self._listable = True
         #: Requests for dashboards, reads and writes (invitation listings are the
         #: reconciler's).
         self.requests = 0
@@ -163,8 +165,7 @@ class Preflight:
         self._checks.pop(token, None)
 
     async def _check(self, token: str) -> TokenCheck:
-        lock = self._locks.setdefault(token, asyncio.Lock())
-        async with lock:
+        async with self._locks.hold(token):
             now = self._clock.time()
             check = self._checks.get(token)
             if check is None or (self._ttl is not None and now - check.checked > self._ttl):
@@ -180,9 +181,6 @@ class Preflight:
         self._swept = now
         for token in [t for t, c in self._checks.items() if now - c.checked > ttl]:
             del self._checks[token]
-            lock = self._locks.get(token)
-            if lock is not None and not lock.locked():
-                del self._locks[token]
 
     async def _read(self, token: str, now: float) -> TokenCheck:
         """Who the token's invitations say was served (none listed with ``--resend``).
@@ -191,13 +189,13 @@ class Preflight:
         """
         check = TokenCheck(now)
         if not self._boards.readable:
-            check.board = True  # nothing can be checked: send, and let the service decide
-            return check
-        if not self._resend:
+            check.board = True  # dashboards cannot be read: let the service decide
+        if not self._resend and self._listable:
             try:
                 listing = await self._reconciler.listing(token, now)
             except AuthError as exc:
-                self._boards.unreadable(exc)
+                self._listable = False
+                self._boards.unreadable(exc, listing=True)
                 check.board = True
                 return check
             if listing.gone is not None:  # a 404: no dashboard to read either
@@ -205,6 +203,7 @@ class Preflight:
                 check.refused = Failure(TokenNotFound.code, listing.gone)
                 check.board = True
                 return check
+            self._boards.answered()
             open_ = listing.session_ends > now
             check.in_session = listing.keys[open_]
             invited = ~open_
@@ -217,7 +216,7 @@ class Preflight:
 
     async def _board(self, token: str, check: TokenCheck) -> None:
         """Read the token's dashboard into ``check``, once: refused, or who is allowed."""
-        async with self._locks.setdefault(token, asyncio.Lock()):
+        async with self._locks.hold(token):
             if check.board:  # read meanwhile, for another batch of the token
                 return
             await self._boards.read(token, check)  # a failure leaves it to the next batch
@@ -225,7 +224,7 @@ class Preflight:
 
     async def add(self, token: str, emails: list[str]) -> bool:
         """``--add-invitees``: add ``emails`` to the dashboard's invitees (see ``invitees``)."""
-        async with self._locks.setdefault(token, asyncio.Lock()):
+        async with self._locks.hold(token):
             expires = None
             if self._access_expires is not None:  # whole seconds: they read back exactly
                 expires = second_text(int(self._clock.time() + self._access_expires)) + "+00:00"

@@ -23,6 +23,7 @@ from worker.errors import TokenNotFound, UnexpectedResponse
 from worker.outcome import Invitation, Outcome, Status
 from worker.send.client import InvitationClient
 from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_epoch
+from worker.send.keyed import KeyedLocks
 from worker.send.pacing import Pacer
 from worker.send.replies import Listing
 from worker.send.retry import RetryPolicy, paced_call
@@ -97,7 +98,7 @@ class Reconciler:
         #: The run's stop: a listing's pacing and backoff end when it is set (``Stopped``).
         self.stop = stop
         self.page_size = page_size
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._cache: OrderedDict[str, TokenListing] = OrderedDict()
         #: Keys asked about per token, not yet listed: the next listing keeps their
         #: invitations, so concurrent questions share it.
@@ -146,8 +147,7 @@ class Reconciler:
         """
         if wanted:
             self._wanted.setdefault(token, set()).update(wanted)
-        lock = self._locks.setdefault(token, asyncio.Lock())
-        async with lock:
+        async with self._locks.hold(token):
             listing = self._cache.get(token)
             if (
                 listing is None
@@ -158,10 +158,7 @@ class Reconciler:
                 listing = await self._list(token, pending | frozenset(wanted))
                 self._cache[token] = listing
                 while len(self._cache) > CACHED_LISTINGS:
-                    gone, _ = self._cache.popitem(last=False)
-                    held = self._locks.get(gone)
-                    if held is not None and not held.locked():
-                        del self._locks[gone]  # a token met once holds nothing
+                    self._cache.popitem(last=False)
             elif wanted and token in self._wanted:  # answered: no need to keep them next
                 self._wanted[token].difference_update(wanted)
                 if not self._wanted[token]:
