@@ -509,3 +509,15 @@ async def test_https_refuses_an_untrusted_certificate_as_a_failed_connect(
         with pytest.raises(ConnectionFailed, match="CERTIFICATE_VERIFY_FAILED"):
             await c.get_dashboard(TOKEN_A)
     assert server.requests == []
+
+
+async def test_credentials_in_the_api_url_go_with_every_get_too(
+    scripted: Callable[..., Awaitable[tuple[Scripted, str]]],
+) -> None:
+    """user:password in --api-url reaches GETs as it reaches POSTs (Basic authorization):
+    such a URL's reads stay on the session that sends it."""
+    server, url = await scripted(send(ok()))
+    with_user = url.replace("http://", "http://reader:s3cret@")
+    async with client(with_user) as c:
+        await c.get_dashboard(TOKEN_A)
+    assert b"Authorization: Basic cmVhZGVyOnMzY3JldA==" in server.requests[0]

@@ -107,7 +107,9 @@ class InvitationClient:
         self.metrics = metrics or Metrics()
 
     async def __aenter__(self) -> InvitationClient:
-        if self.proxy is None:  # first: it may refuse the headers, with nothing to close
+        # Not through a proxy, nor with credentials in the URL (aiohttp sends those as
+        # Authorization, the GET path would not). First: it may refuse the headers.
+        if self.proxy is None and URL(self.api_url).user is None:
             reads = {k: v for k, v in self._headers.items() if k != "Content-Type"}
             self._gets = Gets(URL(self.api_url), reads, pool_size=self._pool_size,
                               timeout=self._timeout.total)  # fmt: skip

@@ -91,6 +91,7 @@ class Gets:
         self._slots = asyncio.Semaphore(pool_size)  # connections open at once, as aiohttp's
         self._idle: list[_Conn] = []  # the most recently used last: taken first
         self._open: set[_Conn] = set()
+        self._closed = False
         #: Whether the service ever answered (a status line and headers were read).
         self.answered = False
 
@@ -105,10 +106,13 @@ class Gets:
                     return await self._exchange(conn, request, reused=True)
                 except _Stale:
                     pass  # closed while idle: GET is idempotent, once more on a new one
+            if self._closed:  # close() broke this one off: open nothing it would not close
+                raise Dropped("the client was closed")
             return await self._exchange(await self._connect(), request, reused=False)
 
     async def close(self) -> None:
-        """Close every connection, idle or in use."""
+        """Close every connection, idle or in use; none is kept or opened after."""
+        self._closed = True
         for conn in self._open:
             conn.writer.close()
         self._open.clear()
@@ -168,7 +172,13 @@ class Gets:
             ):
                 raise Dropped(f"{type(exc).__name__}: {exc}") from None
             raise
-        if keep and whole and not reader._buffer and len(self._idle) < self._size:
+        if (
+            keep
+            and whole
+            and not reader._buffer
+            and len(self._idle) < self._size
+            and not self._closed
+        ):
             self._idle.append(conn)
         else:
             self._discard(conn)
