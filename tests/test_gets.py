@@ -521,3 +521,30 @@ async def test_credentials_in_the_api_url_go_with_every_get_too(
     async with client(with_user) as c:
         await c.get_dashboard(TOKEN_A)
     assert b"Authorization: Basic cmVhZGVyOnMzY3JldA==" in server.requests[0]
+
+
+async def test_a_get_in_flight_when_the_client_closes_ends_and_leaves_nothing_open(
+    scripted: Callable[..., Awaitable[tuple[Scripted, str]]],
+) -> None:
+    """Closing the client while a GET waits on a kept connection: that GET fails as a
+    dropped connection instead of opening another, and no connection stays open."""
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.3)  # the client closes meanwhile
+        return await send(ok())(reader, writer)
+
+    server, url = await scripted(send(ok()), slow, send(ok()))
+    c = client(url)
+    await c.__aenter__()
+    try:
+        await c.get_dashboard(TOKEN_A)
+        pending = asyncio.create_task(c.get_dashboard(TOKEN_A))
+        await asyncio.sleep(0.1)
+    finally:
+        await c.__aexit__(None, None, None)
+    with pytest.raises(ConnectionDropped):
+        await asyncio.wait_for(pending, 5)
+    deadline = time.monotonic() + 5
+    while server.open and time.monotonic() < deadline:  # the server's step ends first
+        await asyncio.sleep(0.05)
+    assert (server.connections, server.open) == (1, 0)
