@@ -520,3 +520,27 @@ async def test_a_tokens_lock_serializes_everyone_and_goes_when_nobody_needs_it()
     await asyncio.gather(*(user(t, d) for t in ("a", "b") for d in range(30)))
     assert most == 1
     assert len(locks) == 0
+
+
+def _broken(_: Dashboard) -> None:
+    raise RuntimeError("the dashboard read fails")  # the emulator answers 500
+
+
+async def test_a_dashboard_that_cannot_be_read_fails_only_those_not_yet_served(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Every dashboard read fails (500s): in a batch of served and new people, the served
+    are skipped all the same and only the new ones fail, to be sent by --resume."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=PEOPLE[:6])
+    board.invitations.extend((e, time.time() - 60) for e in PEOPLE[:3])
+    emulator.seed([board])
+    emulator.before_read[TOKEN_A] = [_broken] * 50
+    config = make_config(batch_size=6, max_attempts=2)
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]])))
+    assert result.exit_code == 1
+    assert result.summary.skipped_by_reason == {"already_invited": 3}
+    [failed] = [b for b in by_kind(read_report(config.report_path), "batch")
+                if b["status"] == "failed"]  # fmt: skip
+    assert failed["emails"] == PEOPLE[3:6]
+    assert failed["error"]["code"] == "server_error"
+    assert posts(emulator) == []

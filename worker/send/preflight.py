@@ -34,10 +34,7 @@ from typing import Any
 import structlog
 
 from worker.clock import Clock, second_text
-from worker.errors import (
-    AuthError,
-    TokenNotFound,
-)
+from worker.errors import AuthError, SendError, TokenNotFound
 from worker.outcome import Failure
 from worker.send.boards import BoardReader
 from worker.send.client import InvitationClient
@@ -117,7 +114,13 @@ class Preflight:
             if not send.any():  # the common case a day after a send, decided in C
                 return out
         if not check.board:
-            await self._board(token, check)
+            try:
+                await self._board(token, check)
+            except SendError as exc:
+                if send is None:
+                    raise
+                out.unread = (exc, list(compress(emails, send.tolist())))
+                return out
         if check.refused is not None:
             refused = emails if send is None else list(compress(emails, send.tolist()))
             out.refused = [(e, check.refused) for e in refused]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from worker.errors import SendError
 from worker.outcome import NOT_ON_SHARE_LIST, Failure, Outcome, Status
 from worker.send.compact import iso_epoch, key_set
 
@@ -53,6 +54,9 @@ class Screened:
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> emails
     #: ``--add-invitees``: those added to the dashboard's invitees (a plan: to be added).
     added: list[str] = field(default_factory=list)
+    #: The dashboard could not be read (the error), for these emails, not yet served: the
+    #: served are skipped all the same.
+    unread: tuple[SendError, list[str]] | None = None
 
     def outcomes(self, token: str, started: float, finished: float) -> list[Outcome]:
         """The refused and the skipped as outcomes (one per code, one per reason)."""

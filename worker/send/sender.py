@@ -105,17 +105,27 @@ class Sender:
         try:
             screened = await self.preflight.screen(token, emails)
         except SendError as exc:  # the dashboard could not be read: --resume tries again
-            if isinstance(exc, AuthError):  # a write refused (--add-invitees): keys refused
-                self.state.abort(exc)
-            failure = Failure(exc.code, f"could not read the shared dashboard: {exc.message}")
-            out.append(Outcome(token, emails, Status.FAILED, exc.http_status, 0, started,
-                               self._clock.time(), failure))  # fmt: skip
+            self._unchecked(token, emails, exc, started, out)
             return []
         for outcome in screened.outcomes(token, started, self._clock.time()):
             if outcome.error is not None and outcome.error.code == TokenNotFound.code:
                 self.dead_tokens[token] = outcome.error.message
             out.append(outcome)
+        if screened.unread is not None:  # the served were skipped; the rest not checked
+            self._unchecked(token, screened.unread[1], screened.unread[0], started, out)
+            return []
         return screened.send
+
+    def _unchecked(
+        self, token: str, emails: list[str], exc: SendError, started: float, out: list[Outcome]
+    ) -> None:
+        """``emails`` failed: the dashboard could not be read (a write refused with
+        --add-invitees is the keys refused: the run aborts)."""
+        if isinstance(exc, AuthError):
+            self.state.abort(exc)
+        failure = Failure(exc.code, f"could not read the shared dashboard: {exc.message}")
+        out.append(Outcome(token, emails, Status.FAILED, exc.http_status, 0, started,
+                           self._clock.time(), failure))  # fmt: skip
 
     async def _send(self, token: str, emails: list[str], out: list[Outcome]) -> bool:
         """Send ``emails`` in lists the service takes; True if it accepted every one.
