@@ -544,3 +544,69 @@ async def test_a_dashboard_that_cannot_be_read_fails_only_those_not_yet_served(
     assert failed["emails"] == PEOPLE[3:6]
     assert failed["error"]["code"] == "server_error"
     assert posts(emulator) == []
+
+
+async def test_a_refused_listing_stops_the_run_before_any_post(
+    make_config: Callable[..., Config],
+) -> None:
+    """Keys the listing refuses (403) while POSTs would pass: nobody already invited could
+    be told apart, so the run stops as for refused keys (exit 3), with no POST at all."""
+    from aiohttp import web
+
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        if request.method == "POST":
+            return web.json_response({"data": []}, status=201)
+        return web.json_response({"errors": ["Forbidden"]}, status=403)
+
+    app = web.Application()
+    app.router.add_route("*", "/{anything:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        config = make_config(api_url=f"http://127.0.0.1:{runner.addresses[0][1]}")
+        result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:5]])))
+    finally:
+        await runner.cleanup()
+    assert result.exit_code == 3
+    assert result.summary.aborted is True
+    assert "POST" not in seen
+
+
+async def test_a_dry_run_whose_keys_are_refused_says_so_and_exits_3(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """--dry-run --preflight with keys the service refuses: the plan says the run would
+    stop at its first check and exits 3, as the run would, instead of planning sends."""
+    from worker.run.plan import dry_run
+
+    emulator.add_dashboard(TOKEN_A, invitees=PEOPLE)
+    emulator.app_key = "no-longer-valid-key"
+    out = io.StringIO()
+    planned = await dry_run(make_config(), csv_source(rows_csv([(TOKEN_A, PEOPLE[0])])),
+                            out=out, preflight=True)  # fmt: skip
+    assert planned.exit_code == 3
+    assert planned.plan["keys_refused"] is True
+    assert "refused the keys" in out.getvalue()
+    assert "keys refused" not in json.dumps(planned.plan["preflight"])
+    assert [r.method for r in emulator.requests] == ["GET"]
+
+
+async def test_a_check_that_fails_is_not_made_again_for_every_batch_of_the_token(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A token whose listing cannot be read (page_number ignored): its ten batches all
+    fail from the one attempt, each at once, rather than listing the token ten times."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=None)
+    board.invitations.extend((f"other{i}@example.com", 1.0) for i in range(150))
+    emulator.ignore_page_number = True
+    people = [f"n{i}@example.com" for i in range(50)]
+    config = make_config(batch_size=5)
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in people])))
+    assert result.exit_code == 1
+    assert result.summary.emails_failed == 50
+    assert posts(emulator) == []
+    assert len([r for r in emulator.requests if r.path.endswith("/invitation")]) == 2

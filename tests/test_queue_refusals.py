@@ -191,6 +191,8 @@ async def test_a_listing_refused_while_settling_an_unknown_outcome_stops_a_queue
         seen.append(f"{request.method} {request.path.rsplit('/', 1)[-1]}")
         if request.method == "POST":
             return web.json_response({"errors": ["Service Unavailable"]}, status=503)
+        if seen.count("GET invitation") == 1:  # the check's listing: nobody invited yet
+            return web.json_response({"data": [], "meta": {"page": {"total_count": 0}}})
         return web.json_response({"errors": ["Forbidden"]}, status=403)
 
     app = web.Application()

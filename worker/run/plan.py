@@ -16,8 +16,8 @@ import structlog
 
 from worker.clock import SystemClock
 from worker.config import Config
-from worker.errors import SendError, UsageError
-from worker.exits import EXIT_INCOMPLETE, EXIT_OK
+from worker.errors import AuthError, SendError, UsageError
+from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE, EXIT_OK
 from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.counts import FileCounts
@@ -126,6 +126,10 @@ async def _plan(
         "estimated_seconds": None if seconds is None else round(seconds, 1),
         "exit_code": EXIT_INCOMPLETE if report.rejected_total or report.prunes_refused else EXIT_OK,
     }
+    refused = [c.pop(REFUSED_KEYS) for c in checked.values() if REFUSED_KEYS in c]
+    if refused:  # the run itself would stop at its first check: say so, as it would end
+        summary["exit_code"] = EXIT_ABORTED
+        summary["keys_refused"] = True
     if listed is not None:
         summary["removals"] = sum(c["would remove"] for c in checked.values())
         summary.update(PruneTotals.of(report).fields())
@@ -166,8 +170,7 @@ async def _screen(
     try:
         screened = await check.screen(token, emails)
     except SendError as exc:
-        counts[f"unchecked ({exc.code})"] += len(emails)
-        return emails, []
+        return _unchecked(exc, emails, counts), []
     if screened.added:
         counts["would add invitee"] += len(screened.added)
     counts["would send"] += len(screened.send)
@@ -175,7 +178,22 @@ async def _screen(
         counts[f"would skip: {reason}"] += len(skipped)
     for _, failure in screened.refused:
         counts[f"would refuse: {failure.code}"] += 1
+    if screened.unread is not None:  # the served are skipped; the rest, unchecked
+        return _unchecked(screened.unread[0], screened.unread[1], counts), []
     return screened.send, screened.added
+
+
+def _unchecked(exc: SendError, emails: list[str], counts: Counter[str]) -> list[str]:
+    """``emails`` could not be checked: planned as the run would try them, counted as
+    unchecked; refused keys are noted for the plan's exit code (3, as the run's)."""
+    counts[f"unchecked ({exc.code})"] += len(emails)
+    if isinstance(exc, AuthError):
+        counts[REFUSED_KEYS] = 1
+    return emails
+
+
+#: A count key marking a token whose check the service refused the keys for (not shown).
+REFUSED_KEYS = "keys refused"
 
 
 def print_plan(plan: dict[str, Any], out: TextIO) -> None:
@@ -209,6 +227,10 @@ def print_plan(plan: dict[str, Any], out: TextIO) -> None:
         for token, counts in plan["preflight"].items():
             text = ", ".join(f"{k} {v:,}" for k, v in counts.items())
             print(f"  {token}: {text}", file=out)
+    if plan.get("keys_refused"):
+        print("The service refused the keys (401/403): the run would stop at its first "
+              "check (exit 3). Check DD_API_KEY / DD_APP_KEY, the site (--site) and the "
+              "application key's permissions.", file=out)  # fmt: skip
     if "removals" in plan:
         print(f"--prune would remove {plan['removals']:,} people (their addresses are in "
               f"{plan['report']}); dashboards it would leave whole: "

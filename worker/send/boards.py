@@ -111,15 +111,13 @@ class BoardReader:
         """Something other than a 404 came back (a listing): the base URL serves the API."""
         self._url_checked = True
 
-    def unreadable(self, error: AuthError, *, listing: bool = False) -> None:
-        """The key cannot read dashboards (``listing``: nor their invitations): no such
-        check from now on, said once."""
+    def unreadable(self, error: AuthError) -> None:
+        """The key cannot read dashboards: no allow-list check from now on, said once."""
         if self.readable:
             self.readable = False
             if self._refused is not None:
                 self._refused()
-            unchecked = "who is allowed or already invited" if listing else (
-                "who is allowed (who was invited is still listed)")  # fmt: skip
             log.warning("preflight.unavailable", error=error.message,
-                        consequence=f"sending without checking {unchecked}: give the "
-                        "application key dashboards_read")  # fmt: skip
+                        consequence="sending without checking who is allowed (who was "
+                        "invited is still listed): give the application key "
+                        "dashboards_read")  # fmt: skip

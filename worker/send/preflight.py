@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 
 from worker.clock import Clock, second_text
-from worker.errors import AuthError, SendError, TokenNotFound
+from worker.errors import SendError, TokenNotFound
 from worker.outcome import Failure
 from worker.send.boards import BoardReader
 from worker.send.client import InvitationClient
@@ -84,8 +84,6 @@ class Preflight:
         # request goes alone (one more request for wrong keys, not one per sender).
         self._boards = BoardReader(client, self._paced, refused=pacer.probe_again)
         self._swept = clock.time()
-        # False once a listing was refused (a refused dashboard read leaves listings on).
-        self._listable = True
         #: Requests for dashboards, reads and writes (invitation listings are the
         #: reconciler's).
         self.requests = 0
@@ -114,13 +112,12 @@ class Preflight:
             if not send.any():  # the common case a day after a send, decided in C
                 return out
         if not check.board:
-            try:
-                await self._board(token, check)
-            except SendError as exc:
-                if send is None:
-                    raise
-                out.unread = (exc, list(compress(emails, send.tolist())))
-                return out
+            await self._board(token, check)
+        if check.unread is not None:  # the dashboard could not be read
+            if send is None:
+                raise check.unread.with_traceback(None)
+            out.unread = (check.unread, list(compress(emails, send.tolist())))
+            return out
         if check.refused is not None:
             refused = emails if send is None else list(compress(emails, send.tolist()))
             out.refused = [(e, check.refused) for e in refused]
@@ -173,7 +170,13 @@ class Preflight:
             check = self._checks.get(token)
             if check is None or (self._ttl is not None and now - check.checked > self._ttl):
                 self._sweep(now)
-                check = self._checks[token] = await self._read(token, now)
+                try:
+                    check = await self._read(token, now)
+                except SendError as exc:  # remembered: the token's other batches fail alike
+                    check = TokenCheck(now, unread=exc)  # at once, not after as many tries
+                self._checks[token] = check
+            if check.unread is not None and not check.board:
+                raise check.unread.with_traceback(None)
             return check
 
     def _sweep(self, now: float) -> None:
@@ -193,14 +196,11 @@ class Preflight:
         check = TokenCheck(now)
         if not self._boards.readable:
             check.board = True  # dashboards cannot be read: let the service decide
-        if not self._resend and self._listable:
-            try:
-                listing = await self._reconciler.listing(token, now)
-            except AuthError as exc:
-                self._listable = False
-                self._boards.unreadable(exc, listing=True)
-                check.board = True
-                return check
+        if not self._resend:
+            # A refused listing (401/403) is not passed over: without it nobody already
+            # invited can be told apart, so it goes up as the keys refused and the run
+            # stops (exit 3) before any POST; --resend is the way to send without it.
+            listing = await self._reconciler.listing(token, now)
             if listing.gone is not None:  # a 404: no dashboard to read either
                 await self._boards.check_url()
                 check.refused = Failure(TokenNotFound.code, listing.gone)
@@ -222,7 +222,10 @@ class Preflight:
         async with self._locks.hold(token):
             if check.board:  # read meanwhile, for another batch of the token
                 return
-            await self._boards.read(token, check)  # a failure leaves it to the next batch
+            try:
+                await self._boards.read(token, check)
+            except SendError as exc:  # remembered, as a listing's failure is (see _check)
+                check.unread = exc
             check.board = True
 
     async def add(self, token: str, emails: list[str]) -> bool:

@@ -43,6 +43,10 @@ class TokenCheck:
     #: Whether the dashboard was read (``refused`` and ``allowed`` say what it said):
     #: it is read only once a batch holds someone not yet served.
     board: bool = False
+    #: Why the listing (``board`` False) or the dashboard (``board`` True) could not be
+    #: read: every batch of the token fails alike until the check is made again (queue
+    #: mode: after its ttl; a file: on --resume).
+    unread: SendError | None = None
 
 
 @dataclass(slots=True)

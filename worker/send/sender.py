@@ -123,7 +123,7 @@ class Sender:
         --add-invitees is the keys refused: the run aborts)."""
         if isinstance(exc, AuthError):
             self.state.abort(exc)
-        failure = Failure(exc.code, f"could not read the shared dashboard: {exc.message}")
+        failure = Failure(exc.code, f"the dashboard check could not be made: {exc.message}")
         out.append(Outcome(token, emails, Status.FAILED, exc.http_status, 0, started,
                            self._clock.time(), failure))  # fmt: skip
 
