@@ -192,3 +192,43 @@ def test_resume_without_an_earlier_run_exits_2_before_any_request(
     run.expect(2, timeout=30)
     assert str(report) in run.stderr()
     assert requests_seen(url) == 0
+
+
+@pytest.mark.parametrize("listener", ["closes at once", "never answers"])
+def test_a_port_where_something_else_listens_stops_the_run_like_a_wrong_one(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc], listener: str
+) -> None:
+    """Something that is not the API on the port (it hangs up, or says nothing): reads
+    that get no HTTP answer count as failed connections, so the run stops with exit 3
+    and no row recorded failed, as for a refused port; --resume then sends everyone."""
+    import socketserver
+    import threading
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            if listener == "never answers":
+                self.request.recv(65536)
+                time.sleep(3)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
+        pairs = write_input(source, 200, 2)
+        wrong = f"http://127.0.0.1:{server.server_address[1]}"
+        started = time.monotonic()
+        run = spawn("run", str(source), "--report", str(report), "--api-url", wrong,
+                    "--batch-size", "10", "--log-format", "json", "--timeout", "1")  # fmt: skip
+        run.expect(3, timeout=60)
+        assert time.monotonic() - started < 30
+        records = read_report(report)
+        assert by_kind(records, "batch") == []
+        assert records[-1]["halted"]["code"] == "service_unreachable"
+    finally:
+        server.shutdown()
+        server.server_close()
+    url = start_emulator()
+    spawn("run", str(source), "--report", str(report), "--api-url", url,
+          "--resume").expect(0, timeout=60)  # fmt: skip
+    assert emulator_invited(url) == dict.fromkeys(pairs, 1)

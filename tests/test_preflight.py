@@ -605,8 +605,11 @@ async def test_a_check_that_fails_is_not_made_again_for_every_batch_of_the_token
     emulator.ignore_page_number = True
     people = [f"n{i}@example.com" for i in range(50)]
     config = make_config(batch_size=5)
-    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in people])))
+    with capture_logs() as logs:
+        result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in people])))
     assert result.exit_code == 1
     assert result.summary.emails_failed == 50
+    failed = [e for e in logs if e["event"] == "batch.failed"]
+    assert len(failed) == 10 and {e["code"] for e in failed} == {"unexpected_response"}
     assert posts(emulator) == []
     assert len([r for r in emulator.requests if r.path.endswith("/invitation")]) == 2

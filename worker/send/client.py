@@ -251,20 +251,28 @@ class InvitationClient:
             self._count_failed_connect(cause)
             raise ConnectionFailed(f"cannot connect{self._via}: {cause}") from None
         except TimeoutError:
-            raise RequestTimeout(
-                f"no answer within {self._timeout.total:g}s (raise --timeout if the service "
-                "is slow)"
-            ) from None
+            cause = f"no answer within {self._timeout.total:g}s"
+            self._count_unanswered_read(method, cause)
+            raise RequestTimeout(f"{cause} (raise --timeout if the service is slow)") from None
         except (aiohttp.ClientConnectorError, CannotConnect) as exc:
             cause = self._scrub(str(exc.os_error) or str(exc))
             self._count_failed_connect(cause)
             raise ConnectionFailed(f"cannot connect{self._via}: {cause}") from None
         except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise ConnectionDropped(
-                self._scrub(f"connection broke: {type(exc).__name__}: {exc}")
-            ) from None
+            cause = self._scrub(f"connection broke: {type(exc).__name__}: {exc}")
+            self._count_unanswered_read(method, cause)
+            raise ConnectionDropped(cause) from None
         except Dropped as exc:  # the GET path's: already "type: text" or what was malformed
-            raise ConnectionDropped(self._scrub(f"connection broke: {exc}")) from None
+            cause = self._scrub(f"connection broke: {exc}")
+            self._count_unanswered_read(method, cause)
+            raise ConnectionDropped(cause) from None
+
+    def _count_unanswered_read(self, method: str, cause: str) -> None:
+        """A read that got no HTTP answer counts as a failed connection until the service
+        ever answered: a port where something else listens (or nothing answers) stops the
+        run, as a refused one does. A read creates nothing; a write's fate stays unknown."""
+        if method == "GET":
+            self._count_failed_connect(cause)
 
     def _count_failed_connect(self, cause: str) -> None:
         """A connection failed: past :data:`UNREACHABLE_AFTER` before any answer, stop."""

@@ -124,8 +124,12 @@ class Sender:
         if isinstance(exc, AuthError):
             self.state.abort(exc)
         failure = Failure(exc.code, f"the dashboard check could not be made: {exc.message}")
-        out.append(Outcome(token, emails, Status.FAILED, exc.http_status, 0, started,
-                           self._clock.time(), failure))  # fmt: skip
+        finished = self._clock.time()
+        out.append(Outcome(token, emails, Status.FAILED, exc.http_status, 0, started, finished,
+                           failure))  # fmt: skip
+        log.warning("batch.failed", token=token, emails=len(emails), http_status=exc.http_status,
+                    attempts=0, code=exc.code, ms=round((finished - started) * 1000, 1),
+                    error=failure.message)  # fmt: skip
 
     async def _send(self, token: str, emails: list[str], out: list[Outcome]) -> bool:
         """Send ``emails`` in lists the service takes; True if it accepted every one.
