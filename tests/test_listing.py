@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -272,3 +273,25 @@ async def test_a_service_ignoring_page_number_fails_the_token_and_sends_nothing(
     assert result.summary.emails_failed == 250
     failed = by_kind(read_report(make_config().report_path), "batch")
     assert {b["error"]["code"] for b in failed} == {"unexpected_response"}
+
+
+async def test_429s_and_retries_of_the_checks_reads_are_in_the_summary(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """A day 2 that only reads, against a limit it exceeds: the listings' 429 answers are
+    counted in rate_limited, as the POSTs' are, and nobody is invited twice."""
+    from worker.emulator.model import RateWindow
+
+    people = [f"r{i}@example.com" for i in range(4)]
+    tokens = [f"tok-{i:02d}-zzzzzzzzzzzz" for i in range(6)]
+    pairs = [(t, e) for t in tokens for e in people]
+    first = await run(make_config(batch_size=10), csv_source(rows_csv(pairs)))
+    assert first.exit_code == 0
+    emulator.window = RateWindow(3, 0.3, "none", time.time)
+    config = make_config(batch_size=10, report_path=tmp_path / "2.jsonl")
+    second = await run(config, csv_source(rows_csv(pairs)))
+    assert second.exit_code == 0
+    assert second.summary.emails_skipped == len(pairs)
+    assert second.summary.rate_limited >= 1
+    assert second.summary.rate_limited == sum(1 for r in emulator.requests if r.status == 429)
+    assert all(n == 1 for n in emulator.invited.values())

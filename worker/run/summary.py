@@ -210,6 +210,7 @@ def build_summary(
     # (what it did not settle stays pending for the next one, nothing is lost).
     code = exit_code(aborted=state.aborted, halted=halted is not None,
                      interrupted=state.interrupted, incomplete=incomplete)  # fmt: skip
+    reads = sender.reconciler.tally  # the check's listings and dashboard reads
     by_kind = {
         "invite": sender.stats.requests,
         "list_invitations": sender.reconciler.requests,
@@ -226,8 +227,9 @@ def build_summary(
         invitees_added=sender.preflight.invitees_added,
         skipped_by_reason=dict(sorted(report.skipped_by_reason.items())),
         batches_sent=report.batches["sent"], batches_failed=report.batches["failed"],
-        requests=sum(by_kind.values()), retries=sender.stats.retries,
-        rate_limited=sender.stats.rate_limited, ratelimit_waits=sender.pacer.waits,
+        requests=sum(by_kind.values()), retries=sender.stats.retries + reads.retries,
+        rate_limited=sender.stats.rate_limited + reads.limited,
+        ratelimit_waits=sender.pacer.waits,
         splits=sender.stats.splits, unknown_outcomes=sender.stats.unknown_outcomes,
         reconciled_sent=sender.stats.reconciled_sent,
         reconcile_requests=sender.reconciler.requests, list_pages=sender.reconciler.pages,

@@ -253,7 +253,8 @@ class Preflight:
         """One read or write of a dashboard, paced and retried like every request."""
         reconciler = self._reconciler
         return await paced_call(call, self._pacer, reconciler.retry, self._clock, reconciler.rng,
-                                self._count, stop=reconciler.stop)  # fmt: skip
+                                self._count, stop=reconciler.stop,
+                                tally=reconciler.tally)  # fmt: skip
 
     def _count(self) -> None:
         self.requests += 1

@@ -26,7 +26,7 @@ from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_e
 from worker.send.keyed import KeyedLocks
 from worker.send.pacing import Pacer
 from worker.send.replies import Listing
-from worker.send.retry import RetryPolicy, paced_call
+from worker.send.retry import RetryPolicy, Tally, paced_call
 
 __all__ = ["Reconciler", "TokenListing", "created_epoch", "found_outcome", "iso_epoch"]
 
@@ -107,6 +107,8 @@ class Reconciler:
         self.requests = 0
         #: Pages of invitations read, over every listing.
         self.pages = 0
+        #: The listings' 429s and retries.
+        self.tally = Tally()
 
     @property
     def held(self) -> int:
@@ -223,6 +225,7 @@ class Reconciler:
         return await paced_call(
             functools.partial(self._client.list_invitations, token, number, size),
             self._pacer, self.retry, self._clock, self.rng, self._count, stop=self.stop,
+            tally=self.tally,
         )  # fmt: skip
 
     def _count(self) -> None:

@@ -168,12 +168,29 @@ async def attempt(
             raise Stopped("stopping: the retry was not waited for")
 
 
+@dataclass(slots=True)
+class Tally:
+    """What a reader's requests met, for the summary: 429 answers and retries."""
+
+    limited: int = 0
+    retries: int = 0
+
+
 class _Counted(Hooks):
-    def __init__(self, counted: Callable[[], None]) -> None:
+    def __init__(self, counted: Callable[[], None], tally: Tally | None) -> None:
         self._counted = counted
+        self._tally = tally
 
     async def sending(self, sent_at: float) -> None:
         self._counted()
+
+    def limited(self) -> None:
+        if self._tally is not None:
+            self._tally.limited += 1
+
+    def retrying(self, error: SendError, attempt: int, delay: float) -> None:
+        if self._tally is not None:
+            self._tally.retries += 1
 
 
 async def paced_call(
@@ -185,13 +202,15 @@ async def paced_call(
     counted: Callable[[], None],
     *,
     stop: asyncio.Event | None = None,
+    tally: Tally | None = None,
 ) -> A:
     """One request (a read, or an idempotent write) through :func:`attempt`.
 
-    ``counted`` is called for every request made (for the summary's counters); with
-    ``stop``, a stop ends it with :class:`Stopped`.
+    ``counted`` is called for every request made and ``tally`` counts its 429s and
+    retries (for the summary's counters); with ``stop``, a stop ends it with
+    :class:`Stopped`.
     """
-    answer = await attempt(call, _Counted(counted), pacer=pacer, policy=policy, clock=clock,
-                           rng=rng, stop=stop)  # fmt: skip
+    answer = await attempt(call, _Counted(counted, tally), pacer=pacer, policy=policy,
+                           clock=clock, rng=rng, stop=stop)  # fmt: skip
     assert answer is not None  # the default hooks never end the attempts early
     return answer
