@@ -17,13 +17,21 @@ import termios
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    MutableMapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 import structlog
+from aiohttp import web
 from redis.asyncio import Redis
 
 from worker.config import Config
@@ -44,6 +52,28 @@ def _reset_structlog() -> Iterator[None]:
     """The CLI configures structlog globally; give every test the defaults back."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+async def answering() -> AsyncIterator[
+    Callable[[Callable[[web.Request], Awaitable[web.Response]]], Awaitable[str]]
+]:
+    """Serve every request on 127.0.0.1 with the test's own handler (a service the
+    emulator cannot play); its base URL. Stopped when the test ends."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Callable[[web.Request], Awaitable[web.Response]]) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{anything:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import json
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -547,7 +547,7 @@ async def test_a_dashboard_that_cannot_be_read_fails_only_those_not_yet_served(
 
 
 async def test_a_refused_listing_stops_the_run_before_any_post(
-    make_config: Callable[..., Config],
+    make_config: Callable[..., Config], answering: Callable[..., Awaitable[str]]
 ) -> None:
     """Keys the listing refuses (403) while POSTs would pass: nobody already invited could
     be told apart, so the run stops as for refused keys (exit 3), with no POST at all."""
@@ -561,16 +561,8 @@ async def test_a_refused_listing_stops_the_run_before_any_post(
             return web.json_response({"data": []}, status=201)
         return web.json_response({"errors": ["Forbidden"]}, status=403)
 
-    app = web.Application()
-    app.router.add_route("*", "/{anything:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        config = make_config(api_url=f"http://127.0.0.1:{runner.addresses[0][1]}")
-        result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:5]])))
-    finally:
-        await runner.cleanup()
+    config = make_config(api_url=await answering(answer))
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:5]])))
     assert result.exit_code == 3
     assert result.summary.aborted is True
     assert "POST" not in seen
@@ -610,6 +602,7 @@ async def test_a_check_that_fails_is_not_made_again_for_every_batch_of_the_token
     assert result.exit_code == 1
     assert result.summary.emails_failed == 50
     failed = [e for e in logs if e["event"] == "batch.failed"]
-    assert len(failed) == 10 and {e["code"] for e in failed} == {"unexpected_response"}
+    assert len(failed) == 10
+    assert {e["code"] for e in failed} == {"unexpected_response"}
     assert posts(emulator) == []
     assert len([r for r in emulator.requests if r.path.endswith("/invitation")]) == 2

@@ -11,7 +11,7 @@ import random
 import shlex
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -180,7 +180,7 @@ def test_the_terminal_summary_of_a_refused_queue_worker_names_the_fix() -> None:
 
 
 async def test_a_listing_refused_while_settling_an_unknown_outcome_stops_a_queue_worker(
-    make_config: Callable[..., Config], tmp_path: Path
+    make_config: Callable[..., Config], tmp_path: Path, answering: Callable[..., Awaitable[str]]
 ) -> None:
     """A POST's answer is lost (503), and the listing that would settle it is refused
     (403): a queue worker's run stops, no second POST, and the emails stay unsettled
@@ -195,12 +195,7 @@ async def test_a_listing_refused_while_settling_an_unknown_outcome_stops_a_queue
             return web.json_response({"data": [], "meta": {"page": {"total_count": 0}}})
         return web.json_response({"errors": ["Forbidden"]}, status=403)
 
-    app = web.Application()
-    app.router.add_route("*", "/{anything:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    config = make_config(api_url=f"http://127.0.0.1:{runner.addresses[0][1]}")
+    config = make_config(api_url=await answering(answer))
     state = RunState(stop_on_abort=True)
     journal = Journal(tmp_path / "j", durable=False, truncate=True)
     try:
@@ -211,7 +206,6 @@ async def test_a_listing_refused_while_settling_an_unknown_outcome_stops_a_queue
             [outcome] = await asyncio.wait_for(sender.send(Batch(TOKEN_A, ["a@example.com"])), 10)
     finally:
         journal.close()
-        await runner.cleanup()
     assert state.aborted
     assert state.stop.is_set()
     assert seen.count("POST invitation") == 1
