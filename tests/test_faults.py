@@ -194,21 +194,22 @@ def test_resume_without_an_earlier_run_exits_2_before_any_request(
     assert requests_seen(url) == 0
 
 
-@pytest.mark.parametrize("listener", ["closes at once", "never answers"])
+@pytest.mark.parametrize("listener", ["closes at once", "answers garbage"])
 def test_a_port_where_something_else_listens_stops_the_run_like_a_wrong_one(
     tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc], listener: str
 ) -> None:
-    """Something that is not the API on the port (it hangs up, or says nothing): reads
-    that get no HTTP answer count as failed connections, so the run stops with exit 3
-    and no row recorded failed, as for a refused port; --resume then sends everyone."""
+    """Something that is not the API on the port (it hangs up, or answers what is not
+    HTTP, as a Redis would): reads that get no HTTP answer count as failed connections,
+    so the run stops with exit 3 and no row recorded failed, as for a refused port;
+    --resume then sends everyone."""
     import socketserver
     import threading
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
-            if listener == "never answers":
+            if listener == "answers garbage":
                 self.request.recv(65536)
-                time.sleep(3)
+                self.request.sendall(b"-ERR unknown command 'GET'\r\n")
 
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

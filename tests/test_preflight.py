@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import random
 import time
 import urllib.request
 from collections import Counter
@@ -30,14 +31,17 @@ from tests.conftest import (
     rows_csv,
 )
 from worker.cli.review import write_failed
+from worker.clock import SystemClock
 from worker.config import Config
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard, Invitee
+from worker.errors import SendError
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.record.replay import Replay
 from worker.run import run
 from worker.run.progress import Progress
+from worker.send import client_for, pacer_for, preflight_for, reconciler_for
 from worker.send.keyed import KeyedLocks
 
 PEOPLE = [f"p{i}@example.com" for i in range(30)]
@@ -606,3 +610,90 @@ async def test_a_check_that_fails_is_not_made_again_for_every_batch_of_the_token
     assert {e["code"] for e in failed} == {"unexpected_response"}
     assert posts(emulator) == []
     assert len([r for r in emulator.requests if r.path.endswith("/invitation")]) == 2
+
+
+def _flaky_service(
+    fail_listings: int, delay: float = 0.0
+) -> tuple[Callable[[Any], Awaitable[Any]], list[str]]:
+    """A service whose first ``fail_listings`` listings answer 500 (after ``delay``),
+    then lists nobody; dashboards allow everyone; POSTs are created. Its request log."""
+    from aiohttp import web
+
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        kind = "list" if request.path.endswith("/invitation") else "dashboard"
+        kind = "post" if request.method == "POST" else kind
+        seen.append(kind)
+        if kind == "list" and seen.count("list") <= fail_listings:
+            await asyncio.sleep(delay)
+            return web.json_response({"errors": ["Internal Server Error"]}, status=500)
+        if kind == "list":
+            return web.json_response({"data": [], "meta": {"page": {"total_count": 0}}})
+        if kind == "dashboard":
+            return web.json_response({"share_type": "invite", "status": "active"})
+        return web.json_response({"data": []}, status=201)
+
+    return answer, seen
+
+
+async def _screen_twice(preflight: Any, forget_after: float | None = None) -> list[str]:
+    """Screen one batch (its check fails), maybe forgetting the token meanwhile, then
+    another: what the second was told (raised error code or 'send')."""
+    first = asyncio.ensure_future(preflight.screen(TOKEN_A, [PEOPLE[0]]))
+    if forget_after is not None:
+        await asyncio.sleep(forget_after)
+        preflight.forget(TOKEN_A)
+    with pytest.raises(SendError):
+        await first
+    try:
+        second = await preflight.screen(TOKEN_A, [PEOPLE[1]])
+    except SendError as exc:
+        return [exc.code]
+    return ["send"] if second.send == [PEOPLE[1]] else ["?"]
+
+
+@pytest.mark.parametrize(
+    ("ttl", "forget", "second", "listings"),
+    [(None, False, "server_error", 1), (60.0, False, "send", 2), (None, True, "send", 2)],
+)
+async def test_a_failed_check_is_kept_only_where_keeping_it_cannot_lose_a_message(
+    make_config: Callable[..., Config], answering: Callable[..., Awaitable[str]],
+    ttl: float | None, forget: bool, second: str, listings: int,
+) -> None:  # fmt: skip
+    """A listing fails (500): a file run keeps the failure, so the token's next batch
+    fails at once; a queue worker (a ttl) does not keep one that may pass (it would
+    dead-letter every message of the token); nor is one kept that was forgotten (a
+    requeued message's recheck) while it was being made."""
+    answer, seen = _flaky_service(1, delay=0.3 if forget else 0.0)
+    config = make_config(api_url=await answering(answer), max_attempts=1, preflight_ttl=ttl)
+    clock = SystemClock()
+    async with client_for(config) as client:
+        pacer = pacer_for(config, clock)
+        reconciler = reconciler_for(config, client, pacer, clock, random.Random(1))
+        preflight = preflight_for(config, client, pacer, reconciler, clock)
+        told = await _screen_twice(preflight, forget_after=0.1 if forget else None)
+    assert told == [second]
+    assert seen.count("list") == listings
+
+
+async def test_rows_a_check_failed_with_a_400_are_sent_by_resume(
+    emulator: Emulator, make_config: Callable[..., Config],
+    answering: Callable[..., Awaitable[str]],
+) -> None:  # fmt: skip
+    """A listing answered 400 (final for a POST): the rows fail check_failed, not
+    bad_request, and --resume against a service that lists sends them, once each."""
+    from aiohttp import web
+
+    async def bad_listing(request: web.Request) -> web.Response:
+        return web.json_response({"errors": ["page_size is invalid"]}, status=400)
+
+    pairs = [(TOKEN_A, e) for e in PEOPLE[:3]]
+    config = make_config(api_url=await answering(bad_listing))
+    first = await run(config, csv_source(rows_csv(pairs)))
+    assert first.exit_code == 1
+    [failed] = by_kind(read_report(config.report_path), "batch")
+    assert failed["error"]["code"] == "check_failed"
+    again = await run(make_config(resume=True), csv_source(rows_csv(pairs)))
+    assert again.exit_code == 0
+    assert emulator.invited == Counter({(t, e.lower()): 1 for t, e in pairs})

@@ -250,10 +250,11 @@ class InvitationClient:
             cause = self._scrub(f"the proxy answered {exc.status} {exc.message}")
             self._count_failed_connect(cause)
             raise ConnectionFailed(f"cannot connect{self._via}: {cause}") from None
-        except TimeoutError:
-            cause = f"no answer within {self._timeout.total:g}s"
-            self._count_unanswered_read(method, cause)
-            raise RequestTimeout(f"{cause} (raise --timeout if the service is slow)") from None
+        except TimeoutError:  # a slow service keeps its retries: not counted as unreachable
+            raise RequestTimeout(
+                f"no answer within {self._timeout.total:g}s (raise --timeout if the service "
+                "is slow)"
+            ) from None
         except (aiohttp.ClientConnectorError, CannotConnect) as exc:
             cause = self._scrub(str(exc.os_error) or str(exc))
             self._count_failed_connect(cause)
@@ -268,9 +269,10 @@ class InvitationClient:
             raise ConnectionDropped(cause) from None
 
     def _count_unanswered_read(self, method: str, cause: str) -> None:
-        """A read that got no HTTP answer counts as a failed connection until the service
-        ever answered: a port where something else listens (or nothing answers) stops the
-        run, as a refused one does. A read creates nothing; a write's fate stays unknown."""
+        """A read answered by a hang-up or by something that is not HTTP counts as a failed
+        connection until the service ever answered: a port where something else listens
+        stops the run, as a refused one does. A read creates nothing; a write's fate stays
+        unknown, and a timeout is a slow service's, retried as before."""
         if method == "GET":
             self._count_failed_connect(cause)
 

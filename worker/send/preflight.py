@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 
 from worker.clock import Clock, second_text
-from worker.errors import SendError, TokenNotFound
+from worker.errors import PermanentError, SendError, TokenNotFound
 from worker.outcome import Failure
 from worker.send.boards import BoardReader
 from worker.send.client import InvitationClient
@@ -80,6 +80,9 @@ class Preflight:
         self._writes = writes  # False: a plan, which says whom it would add, adding nobody
         self._checks: dict[str, TokenCheck] = {}
         self._locks = KeyedLocks()
+        # Tokens whose check is being made, and those of them forgotten meanwhile.
+        self._reading: set[str] = set()
+        self._stale: set[str] = set()
         # A refused read: the same keys may be refused for invitations too, so the next
         # request goes alone (one more request for wrong keys, not one per sender).
         self._boards = BoardReader(client, self._paced, refused=pacer.probe_again)
@@ -111,12 +114,17 @@ class Preflight:
             send = self._skip(out, emails, session, invited)
             if not send.any():  # the common case a day after a send, decided in C
                 return out
+        unread = check.unread
         if not check.board:
-            await self._board(token, check)
-        if check.unread is not None:  # the dashboard could not be read
+            try:
+                await self._board(token, check)
+                unread = check.unread
+            except SendError as exc:  # not kept (see _keeps): this batch's alone
+                unread = exc
+        if unread is not None:  # the dashboard could not be read
             if send is None:
-                raise check.unread.with_traceback(None)
-            out.unread = (check.unread, list(compress(emails, send.tolist())))
+                raise unread.with_traceback(None)
+            out.unread = (unread, list(compress(emails, send.tolist())))
             return out
         if check.refused is not None:
             refused = emails if send is None else list(compress(emails, send.tolist()))
@@ -161,8 +169,11 @@ class Preflight:
         return ~(session | invited)
 
     def forget(self, token: str) -> None:
-        """Read ``token``'s dashboard again before its next batch."""
+        """Read ``token``'s dashboard again before its next batch (a check being made
+        now is used by the batch waiting for it, and not kept)."""
         self._checks.pop(token, None)
+        if token in self._reading:
+            self._stale.add(token)
 
     async def _check(self, token: str) -> TokenCheck:
         async with self._locks.hold(token):
@@ -170,14 +181,26 @@ class Preflight:
             check = self._checks.get(token)
             if check is None or (self._ttl is not None and now - check.checked > self._ttl):
                 self._sweep(now)
+                self._reading.add(token)
                 try:
                     check = await self._read(token, now)
-                except SendError as exc:  # remembered: the token's other batches fail alike
-                    check = TokenCheck(now, unread=exc)  # at once, not after as many tries
-                self._checks[token] = check
+                except SendError as exc:
+                    check = TokenCheck(now, unread=exc)
+                finally:
+                    self._reading.discard(token)
+                if token in self._stale:  # forgotten while it was made: not kept
+                    self._stale.discard(token)
+                elif self._keeps(check.unread):
+                    self._checks[token] = check
             if check.unread is not None and not check.board:
                 raise check.unread.with_traceback(None)
             return check
+
+    def _keeps(self, failure: SendError | None) -> bool:
+        """Whether a check is kept: a failed one is, so the token's other batches fail at
+        once rather than each after as many tries; but not in queue mode (a ttl) when
+        it may pass, since every message it failed would go to the dead letters."""
+        return failure is None or self._ttl is None or isinstance(failure, PermanentError)
 
     def _sweep(self, now: float) -> None:
         """Drop the checks past ``ttl`` (queue mode), at most once per ``ttl``."""
@@ -224,8 +247,10 @@ class Preflight:
                 return
             try:
                 await self._boards.read(token, check)
-            except SendError as exc:  # remembered, as a listing's failure is (see _check)
-                check.unread = exc
+            except SendError as exc:
+                if not self._keeps(exc):  # the next batch reads it again
+                    raise
+                check.unread = exc  # remembered, as a listing's failure is (see _check)
             check.board = True
 
     async def add(self, token: str, emails: list[str]) -> bool:

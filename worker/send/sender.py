@@ -39,6 +39,9 @@ from worker.state import RunState
 
 log = structlog.get_logger("worker.sender")
 
+#: The code of rows failed by a check that failed for a reason final for a POST.
+CHECK_FAILED = "check_failed"
+
 
 class Sender:
     """Sends batches through one client and pacer; returns each batch's outcomes.
@@ -123,12 +126,16 @@ class Sender:
         --add-invitees is the keys refused: the run aborts)."""
         if isinstance(exc, AuthError):
             self.state.abort(exc)
-        failure = Failure(exc.code, f"the dashboard check could not be made: {exc.message}")
+        # Nobody was sent anything: a code final for a POST (a 400 to a read) must not keep
+        # --resume from trying these people again.
+        code = CHECK_FAILED if exc.final else exc.code
+        failure = Failure(code, f"the dashboard check could not be made ({exc.code}): "
+                          f"{exc.message}")  # fmt: skip
         finished = self._clock.time()
         out.append(Outcome(token, emails, Status.FAILED, exc.http_status, 0, started, finished,
                            failure))  # fmt: skip
         log.warning("batch.failed", token=token, emails=len(emails), http_status=exc.http_status,
-                    attempts=0, code=exc.code, ms=round((finished - started) * 1000, 1),
+                    attempts=0, code=code, ms=round((finished - started) * 1000, 1),
                     error=failure.message)  # fmt: skip
 
     async def _send(self, token: str, emails: list[str], out: list[Outcome]) -> bool:
