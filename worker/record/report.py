@@ -169,10 +169,13 @@ class Report:
         self._pending.append(encode(record))
 
     def summary(self, fields: dict[str, Any]) -> None:
-        """Write the one ``summary`` record, last, and close the file."""
+        """Write the one ``summary`` record, last, and close the file (even if the write
+        fails: :class:`StorageError` is raised all the same)."""
         self._pending.append(encode({"kind": "summary", **fields}))
-        self.flush()
-        self.close()
+        try:
+            self.flush()
+        finally:
+            self.close()
 
     async def sync(self) -> None:
         """Make everything written so far durable (before acknowledging it to a queue).
