@@ -20,7 +20,8 @@ from yarl import URL
 from tests.conftest import API_KEY, APP_KEY, TOKEN_A
 from worker.errors import ConnectionDropped, ConnectionFailed, RequestTimeout, ServiceUnreachable
 from worker.send.client import InvitationClient
-from worker.send.gets import MAX_HEAD, request_tail
+from worker.send.framing import MAX_HEAD
+from worker.send.gets import request_tail
 
 #: One scripted answer: given the connection, answer; True keeps the connection open.
 Step = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]

@@ -33,7 +33,8 @@ from worker.send.answers import (
     read_body,
     read_ratelimit,
 )
-from worker.send.gets import CannotConnect, Dropped, Gets
+from worker.send.framing import Dropped
+from worker.send.gets import CannotConnect, Gets
 from worker.send.listed import read_dashboard, read_listing
 from worker.send.proxy import PROXY_AUTH_REQUIRED, Proxy, refused
 from worker.send.refusals import named_addresses
