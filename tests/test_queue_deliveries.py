@@ -88,7 +88,9 @@ def test_workers_stopped_by_sigterm_again_and_again_dead_letter_nothing(
     back the deliveries they added; a worker with --max-deliveries 1 then sends the rest:
     every pair exactly once, none dead-lettered."""
     api = start_emulator("--limit", "20", "--period", "1")
-    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 400)
+    # Enough that three runs stopped after a batch or a few never drain the stream: each
+    # needs messages left to be stopped on (60 batches of 20; a run sends a few).
+    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 1200)
     for number in range(3):
         time.sleep(0.3)
         before = sum(emulator_invited(api).values())
