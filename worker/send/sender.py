@@ -131,12 +131,9 @@ class Sender:
         code = CHECK_FAILED if exc.final else exc.code
         failure = Failure(code, f"the dashboard check could not be made ({exc.code}): "
                           f"{exc.message}")  # fmt: skip
-        finished = self._clock.time()
-        out.append(Outcome(token, emails, Status.FAILED, exc.http_status, 0, started, finished,
-                           failure))  # fmt: skip
-        log.warning("batch.failed", token=token, emails=len(emails), http_status=exc.http_status,
-                    attempts=0, code=code, ms=round((finished - started) * 1000, 1),
-                    error=failure.message)  # fmt: skip
+        trip = Trip(token, emails, self._clock, out)
+        trip.started = started  # the check began the batch's way
+        trip.fail(failure, exc.http_status)  # its outcome, and batch.failed as any other
 
     async def _send(self, token: str, emails: list[str], out: list[Outcome]) -> bool:
         """Send ``emails`` in lists the service takes; True if it accepted every one.
