@@ -90,6 +90,7 @@ async def _plan(
     counts = FileCounts()
     requests = 0
     checked: dict[str, Counter[str]] = {}
+    refused: list[AuthError] = []  # the keys refused by a check (the run would stop)
     listed = ListedInput() if config.prune else None
     try:
         async with _checker(config, preflight) as (check, pruner):
@@ -97,7 +98,7 @@ async def _plan(
                                             listed=listed):  # fmt: skip
                 emails, added = batch.emails, list[str]()  # added: by --add-invitees
                 if check is not None:
-                    emails, added = await _screen(check, batch.token, emails, checked)
+                    emails, added = await _screen(check, batch.token, emails, checked, refused)
                 if emails:
                     if added:  # those it would add and then skip are in the counts only
                         sent = set(emails)
@@ -126,7 +127,6 @@ async def _plan(
         "estimated_seconds": None if seconds is None else round(seconds, 1),
         "exit_code": EXIT_INCOMPLETE if report.rejected_total or report.prunes_refused else EXIT_OK,
     }
-    refused = [c.pop(REFUSED_KEYS) for c in checked.values() if REFUSED_KEYS in c]
     if refused:  # the run itself would stop at its first check: say so, as it would end
         summary["exit_code"] = EXIT_ABORTED
         summary["keys_refused"] = True
@@ -162,7 +162,11 @@ async def _checker(
 
 
 async def _screen(
-    check: Preflight, token: str, emails: list[str], checked: dict[str, Counter[str]]
+    check: Preflight,
+    token: str,
+    emails: list[str],
+    checked: dict[str, Counter[str]],
+    refused: list[AuthError],
 ) -> tuple[list[str], list[str]]:
     """What of a batch would be sent, and whom ``--add-invitees`` would add first; the
     counts per token of what would not be sent."""
@@ -170,7 +174,7 @@ async def _screen(
     try:
         screened = await check.screen(token, emails)
     except SendError as exc:
-        return _unchecked(exc, emails, counts), []
+        return _unchecked(exc, emails, counts, refused), []
     if screened.added:
         counts["would add invitee"] += len(screened.added)
     counts["would send"] += len(screened.send)
@@ -179,21 +183,19 @@ async def _screen(
     for _, failure in screened.refused:
         counts[f"would refuse: {failure.code}"] += 1
     if screened.unread is not None:  # the served are skipped; the rest, unchecked
-        return _unchecked(screened.unread[0], screened.unread[1], counts), []
+        return _unchecked(screened.unread[0], screened.unread[1], counts, refused), []
     return screened.send, screened.added
 
 
-def _unchecked(exc: SendError, emails: list[str], counts: Counter[str]) -> list[str]:
+def _unchecked(
+    exc: SendError, emails: list[str], counts: Counter[str], refused: list[AuthError]
+) -> list[str]:
     """``emails`` could not be checked: planned as the run would try them, counted as
     unchecked; refused keys are noted for the plan's exit code (3, as the run's)."""
     counts[f"unchecked ({exc.code})"] += len(emails)
-    if isinstance(exc, AuthError):
-        counts[REFUSED_KEYS] = 1
+    if isinstance(exc, AuthError) and not refused:  # the first one says it
+        refused.append(exc)
     return emails
-
-
-#: A count key marking a token whose check the service refused the keys for (not shown).
-REFUSED_KEYS = "keys refused"
 
 
 def print_plan(plan: dict[str, Any], out: TextIO) -> None:
