@@ -230,8 +230,7 @@ class _FileMode(Mode[FileRead]):
         an earlier run left unknown is unknown still: the journal holds nothing to settle."""
         sender, history = self._sender, self.history
         return (
-            result.exit_code in (0, 1)
-            and result.summary.outcome in ("done", "incomplete")
+            result.exit_code in (0, 1)  # not a stop (exit 3), nor a usage error (2)
             and sender is not None
             and sender.stats.unknown_left == sender.stats.open_intents == 0
             and not (history is not None and history.blocked)
