@@ -30,7 +30,7 @@ from worker.emulator import Emulator
 from worker.record.journal import Journal, journal_path
 from worker.run import run
 from worker.send import client_for, pacer_for, preflight_for, reconciler_for
-from worker.send.compact import ListingBuilder, address_key, keys_of
+from worker.send.compact import MERGE_EVERY, ListingBuilder, address_key, keys_of
 from worker.send.listed import Listed, read_dashboard, read_listing
 from worker.send.reconcile import CACHED_LISTINGS
 
@@ -147,6 +147,26 @@ def test_a_listing_keeps_the_newest_time_and_session_of_each_address() -> None:
     assert listing.session_ends[a_at] == base + 9
     assert list(listing.invitations) == [address_key("b@x.io")]
     assert listing.invitations[address_key("b@x.io")][1].invitation_expiry == "exp-5"
+
+
+def test_a_session_listed_after_a_merge_is_kept_with_the_earlier_entries() -> None:
+    """Pages without sessions merged first, then a page with one for an address already
+    merged: the address keeps its earliest-read newest time and gains the session's end;
+    addresses without a session end at -inf."""
+    builder = ListingBuilder(0.0)
+    iso = "2026-01-01T00:00:{:02d}+00:00".format
+    for n in range(MERGE_EVERY):
+        builder.add([Listed(f"p{n}@x.io", iso(n % 60)), Listed("a@x.io", iso(30))])
+    builder.add([Listed("A@x.io", iso(10), has_session=True, session_expiry=iso(50))])
+    listing = builder.done()
+    assert len(listing.keys) == MERGE_EVERY + 1
+    found, created = listing.newest(keys_of(["a@x.io", "p1@x.io"]))
+    assert found.tolist() == [True, True]
+    base = 1767225600.0
+    assert created.tolist() == [base + 30, base + 1]
+    ends = dict(zip(listing.keys.tolist(), listing.session_ends.tolist(), strict=True))
+    assert ends[address_key("a@x.io")] == base + 50
+    assert ends[address_key("p1@x.io")] == -math.inf
 
 
 async def test_a_long_lived_worker_holds_the_checks_of_recent_tokens_only(

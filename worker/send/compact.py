@@ -46,6 +46,9 @@ else:
 
     np = _Numpy()
 
+#: Creation times remembered while a listing is read (a listing of invitations made a
+#: request at a time holds few distinct ones).
+MAX_TIMES = 1024
 #: Pages folded before their keys are merged into one sorted run (bounds the chunks held).
 MERGE_EVERY = 64
 
@@ -123,25 +126,34 @@ class TokenListing:
 class ListingBuilder:
     """Builds a :class:`TokenListing` page by page, as the pages come in.
 
-    A page's entries become three small arrays; every :data:`MERGE_EVERY` pages they are
-    merged into the sorted, distinct run, so what is held stays about 24 bytes per
-    distinct address listed, however long the listing.
+    A page's entries become small arrays (keys and creation times; session ends only when
+    the page lists an open session); every :data:`MERGE_EVERY` pages they are merged into
+    the sorted, distinct run (a sort, then one pass over runs of equal keys), so what is
+    held stays about 24 bytes per distinct address listed, however long the listing.
     """
 
     def __init__(self, started: float, wanted: frozenset[int] = frozenset()) -> None:
         self.listing = TokenListing(started, wanted=wanted)
-        self._chunks: list[tuple[Any, Any, Any]] = []
+        self._chunks: list[tuple[Any, Any, Any]] = []  # keys, times, session ends or None
+        self._epochs: dict[str | None, float] = {}  # creation times parsed so far
+        self._sessions = False  # whether any open session was listed
 
     def add(self, page: Sequence[Listed]) -> None:
         """Fold one page in (a column at a time: a page is a few C calls, mostly)."""
         listing, count = self.listing, len(page)
         keys = np.fromiter(map(hash, map(str.lower, map(_EMAIL, page))), np.int64, count)
         stamps = list(map(_CREATED, page))
-        # The invitations of one request share a creation time: parse each time once.
-        epochs = {stamp: _epoch_or_nan(stamp) for stamp in set(stamps)}
-        created = np.fromiter(map(epochs.__getitem__, stamps), float, count)
-        ends = np.full(count, -math.inf)
-        if any(map(_HAS_SESSION, page)):  # most listed invitations have no open session
+        # The invitations of one request share a creation time, often over several pages:
+        # each time is parsed once per listing (the few of a page looked up, not each).
+        known = self._epochs
+        for stamp in set(stamps).difference(known):
+            known[stamp] = _epoch_or_nan(stamp)
+        created = np.fromiter(map(known.__getitem__, stamps), float, count)
+        if len(known) > MAX_TIMES:
+            known.clear()
+        ends = None  # most listed invitations have no open session: no array for them
+        if any(map(_HAS_SESSION, page)):
+            ends = np.full(count, -math.inf)
             for at, item in enumerate(page):
                 if item.has_session is True:
                     ends[at] = _session_end(item)
@@ -173,13 +185,23 @@ class ListingBuilder:
         if not len(keys):
             return
         created = np.concatenate([listing.created, *(c[1] for c in chunks)])
-        ends = np.concatenate([listing.session_ends, *(c[2] for c in chunks)])
-        order = np.argsort(keys, kind="stable")
-        keys, created, ends = keys[order], created[order], ends[order]
-        listing.keys, starts = np.unique(keys, return_index=True)
+        self._sessions = self._sessions or any(c[2] is not None for c in chunks)
+        order = np.argsort(keys)
+        keys, created = keys[order], created[order]
+        # Sorted: an address's entries are adjacent, the first of each starts a run.
+        first = np.empty(len(keys), dtype=bool)
+        first[0] = True
+        np.not_equal(keys[1:], keys[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        listing.keys = keys[starts]
         # fmax ignores NaN: an unreadable time never hides a readable one.
         listing.created = np.fmax.reduceat(created, starts)
-        listing.session_ends = np.maximum.reduceat(ends, starts)
+        if not self._sessions:
+            listing.session_ends = np.full(len(starts), -math.inf)
+            return
+        absent = (np.full(len(c[0]), -math.inf) if c[2] is None else c[2] for c in chunks)
+        ends = np.concatenate([listing.session_ends, *absent])
+        listing.session_ends = np.maximum.reduceat(ends[order], starts)
 
 
 def _epoch_or_nan(value: str | None) -> float:
