@@ -410,15 +410,22 @@ async def test_a_resumed_run_does_not_count_skipped_people_as_failed(
 async def test_the_url_check_is_retried_and_only_a_404_halts(
     emulator: Emulator, make_config: Callable[..., Config], script: list[str], exit_code: int
 ) -> None:
-    """GET /api/v1/validate after a token's 404 is retried as every read is: a dropped
-    connection there never fails the batch; only a clear 404 halts the run (exit 3), any
-    other answer, or none after every try, leaves the token refused and the run going."""
+    """GET /api/v1/validate after a token's 404 is retried as every read is (and counted
+    as ``validate``): a dropped connection there never fails the batch; only a clear 404
+    halts the run (exit 3), any other answer, or none after every try, leaves the token
+    refused and the run going."""
     emulator.add_dashboard(TOKEN_C, invitees=PEOPLE)
     emulator.validate_script = list(script)
     pairs = [("gone-dashboard", e) for e in PEOPLE[:3]] + [(TOKEN_C, PEOPLE[0])]
     result = await run(make_config(batch_size=5, concurrency=1), csv_source(rows_csv(pairs)))
     assert result.exit_code == exit_code
     checks = [r for r in emulator.requests if r.path == "/api/v1/validate"]
+    # Counted as their own kind, not as dashboard reads: one per try (a try that met a
+    # kept connection closed under it goes again on a new one, within the same try).
+    assert 0 < result.summary.requests_by_kind["validate"] <= len(checks)
+    dashboards = [r for r in emulator.requests if r.path.startswith("/api/v1/dashboard/")
+                  and not r.path.endswith("/invitation")]  # fmt: skip
+    assert result.summary.requests_by_kind["dashboard"] == len(dashboards)
     failed = [b for b in by_kind(read_report(make_config().report_path), "batch")
               if b["status"] == "failed"]  # fmt: skip
     if exit_code == 3:

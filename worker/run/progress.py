@@ -65,8 +65,8 @@ def snapshot_of(
                 "sent": report.emails["sent"], "failed": report.emails["failed"],
                 "skipped": report.emails["skipped"], "refused": report.refused,
                 "requests": sender.stats.requests + sender.reconciler.requests
-                + sender.preflight.requests, "limited": sender.stats.rate_limited,
-                "waits": sender.pacer.waits}  # fmt: skip
+                + sender.preflight.requests + sender.preflight.validations,
+                "limited": sender.stats.rate_limited, "waits": sender.pacer.waits}  # fmt: skip
         if isinstance(counts, FileCounts):
             snap["read_all"] = int(counts.read_all)
             estimate = counts.input.estimate() if counts.input is not None else None

@@ -216,6 +216,8 @@ def build_summary(
         "list_invitations": sender.reconciler.requests,
         "dashboard": sender.preflight.requests,
     }
+    if sender.preflight.validations:  # asked only when a 404 came before any answer
+        by_kind["validate"] = sender.preflight.validations
     for kind, n in (pruner.requests if pruner is not None else {}).items():
         by_kind[kind] = by_kind.get(kind, 0) + n  # --prune's reads, PUTs and DELETEs
     return Summary(

@@ -31,7 +31,7 @@ class BoardReader:
     def __init__(
         self,
         client: InvitationClient,
-        paced: Callable[[Any], Awaitable[Any]],
+        paced: Callable[..., Awaitable[Any]],
         refused: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
@@ -90,7 +90,7 @@ class BoardReader:
             if self._url_checked:
                 return
             try:
-                answer = await self._paced(self._client.validate)
+                answer = await self._paced(self._client.validate, validate=True)
             except SendError as exc:
                 log.warning("preflight.url_unchecked", error=exc.code, message=exc.message,
                             action="taken for an API; the 404 refuses the token")  # fmt: skip

@@ -90,6 +90,8 @@ class Preflight:
         #: Requests for dashboards, reads and writes (invitation listings are the
         #: reconciler's).
         self.requests = 0
+        #: ``GET /api/v1/validate`` requests (asked once a 404 came before any answer).
+        self.validations = 0
         #: Addresses added to dashboards' invitees (``--add-invitees``).
         self.invitees_added = 0
 
@@ -274,12 +276,16 @@ class Preflight:
 
             check.allowed = np.union1d(check.allowed, key_set(emails))
 
-    async def _paced(self, call: Callable[[], Awaitable[A]]) -> A:
-        """One read or write of a dashboard, paced and retried like every request."""
+    async def _paced(self, call: Callable[[], Awaitable[A]], *, validate: bool = False) -> A:
+        """One read or write of a dashboard (or, ``validate``, the base URL's check), paced
+        and retried like every request."""
         reconciler = self._reconciler
+        counted = self._count_validate if validate else self._count
         return await paced_call(call, self._pacer, reconciler.retry, self._clock, reconciler.rng,
-                                self._count, stop=reconciler.stop,
-                                tally=reconciler.tally)  # fmt: skip
+                                counted, stop=reconciler.stop, tally=reconciler.tally)  # fmt: skip
 
     def _count(self) -> None:
         self.requests += 1
+
+    def _count_validate(self) -> None:
+        self.validations += 1
