@@ -190,6 +190,19 @@ def test_every_token_answering_404_is_a_wrong_url_left_for_resume(
     assert set(invited.values()) == {1}
 
 
+def test_a_dry_run_against_a_wrong_url_says_to_plan_again(tmp_path: Path, not_an_api: str) -> None:
+    """A dry run with --preflight where every read answers 404 halts with exit 3 and says
+    to run the dry run again once the URL is right, not to --resume a real run."""
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\ntok0,a@example.com\n")
+    done = invite_worker("run", str(source), "--api-url", not_an_api, "--dry-run",
+                         "--preflight", "--report", str(tmp_path / "plan.jsonl"))  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "no Datadog API there" in done.stderr
+    assert "run the dry run again" in done.stderr
+    assert "--resume" not in done.stderr
+
+
 def test_a_wrong_token_column_names_what_is_missing(tmp_path: Path) -> None:
     """Case 7: a wrong --token-column says that column is missing, not the email's."""
     source = tmp_path / "users.csv"

@@ -26,15 +26,19 @@ log = structlog.get_logger("worker.preflight")
 
 class BoardReader:
     """Reads dashboards through ``paced`` (the run's pacer and retry policy); ``refused``
-    is called once, when the key proves unable to read them."""
+    is called once, when the key proves unable to read them; ``plan``: for a dry run
+    (what it advises after a wrong URL)."""
 
     def __init__(
         self,
         client: InvitationClient,
         paced: Callable[..., Awaitable[Any]],
         refused: Callable[[], None] | None = None,
+        *,
+        plan: bool = False,
     ) -> None:
         self._client = client
+        self._plan = plan
         self._paced = paced
         self._refused = refused
         #: False once the key proved unable to read dashboards.
@@ -98,11 +102,13 @@ class BoardReader:
                 if answer.http_status == 404:
                     url = urlsplit(self._client.api_url)  # never user-info: may hold secrets
                     origin = f"{url.scheme}://{url.netloc.rpartition('@')[2]}"
+                    then = ("nothing was sent: run the dry run again once it points at the API"
+                            if self._plan else "nothing was recorded as failed: run the same "
+                            "command again with --resume")  # fmt: skip
                     self._wrong_url = WrongUrl(
                         f"{origin} answers 404 to every dashboard and to GET "
                         "/api/v1/validate: no Datadog API there. Check --api-url (the base "
-                        "URL only, e.g. https://api.datadoghq.com) or --site; nothing was "
-                        "recorded as failed: run the same command again with --resume"
+                        f"URL only, e.g. https://api.datadoghq.com) or --site; {then}"
                     )
                     raise self._wrong_url
             self._url_checked = True

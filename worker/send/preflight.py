@@ -85,7 +85,7 @@ class Preflight:
         self._stale: set[str] = set()
         # A refused read: the same keys may be refused for invitations too, so the next
         # request goes alone (one more request for wrong keys, not one per sender).
-        self._boards = BoardReader(client, self._paced, refused=pacer.probe_again)
+        self._boards = BoardReader(client, self._paced, refused=pacer.probe_again, plan=not writes)
         self._swept = clock.time()
         #: Requests for dashboards, reads and writes (invitation listings are the
         #: reconciler's).
