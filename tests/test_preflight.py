@@ -251,12 +251,14 @@ async def test_add_invitees_adds_only_what_is_missing_and_keeps_everything_else(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
     """--add-invitees: the missing addresses are added (read, merge, write, read back),
-    existing invitees and the share list are untouched, then everyone is invited."""
+    existing invitees (their expiry, their creation time) and the share list are
+    untouched, then everyone is invited."""
     board = emulator.add_dashboard(TOKEN_A, share_list=["s@example.com"],
                                    invitees=["a@example.com", "b@example.com"])  # fmt: skip
     assert board.invitees is not None
     later = float(int(emulator._clock()) + 86400)  # whole seconds survive ISO 8601
     board.invitees["b@example.com"].access_expiration = later
+    board.invitees["a@example.com"].created_at = 1_700_000_000.0  # long before this run
     emails = ["a@example.com", "new1@example.com", "New2@example.com"]
     result = await run(make_config(add_invitees=True),
                        csv_source(rows_csv([(TOKEN_A, e) for e in emails])))  # fmt: skip
@@ -265,6 +267,7 @@ async def test_add_invitees_adds_only_what_is_missing_and_keeps_everything_else(
     assert set(board.invitees) == {"a@example.com", "b@example.com", "new1@example.com",
                                    "new2@example.com"}  # fmt: skip
     assert board.invitees["b@example.com"].access_expiration == later
+    assert board.invitees["a@example.com"].created_at == 1_700_000_000.0
     assert board.share_list == {"s@example.com"}
     assert emulator.invited == Counter({(TOKEN_A, e.lower()): 1 for e in emails})
     assert [r.method for r in emulator.requests].count("PUT") == 1

@@ -155,7 +155,7 @@ class Dashboard:
         if "share_list" in body:
             self.share_list = _addresses(body["share_list"])
         if "invitees" in body:
-            self.invitees = _invitees(body["invitees"], now)
+            self.invitees = _invitees(body["invitees"], now, self.invitees or {})
         if isinstance(body.get("title"), str):
             self.title = body["title"]
 
@@ -168,7 +168,11 @@ def _addresses(value: Any) -> set[str] | None:
     return {e.lower() for e in value}
 
 
-def _invitees(value: Any, now: float) -> dict[str, Invitee] | None:
+def _invitees(
+    value: Any, now: float, current: dict[str, Invitee] | None = None
+) -> dict[str, Invitee] | None:
+    """Invitees as a body lists them; one already ``current`` keeps its creation time (the
+    service's, whatever a PUT says), a new one is created ``now`` unless the body says."""
     if value is None:
         return None
     if not isinstance(value, list):
@@ -177,8 +181,10 @@ def _invitees(value: Any, now: float) -> dict[str, Invitee] | None:
     for item in value:
         if not isinstance(item, dict) or not isinstance(item.get("email"), str):
             raise ValueError("each invitee must be an object with an email")
-        created = epoch(item.get("created_at"))
-        out[item["email"].lower()] = Invitee(
+        lower = item["email"].lower()
+        kept = (current or {}).get(lower)
+        created = kept.created_at if kept is not None else epoch(item.get("created_at"))
+        out[lower] = Invitee(
             item["email"], epoch(item.get("access_expiration")), now if created is None else created
         )
     return out
