@@ -40,6 +40,7 @@ from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.record.replay import Replay
 from worker.run import run
+from worker.run.plan import SHOWN_TOKENS, print_plan
 from worker.run.progress import Progress
 from worker.send import client_for, pacer_for, preflight_for, reconciler_for
 from worker.send.keyed import KeyedLocks
@@ -347,6 +348,27 @@ def test_dry_run_preflight_only_reads_and_says_what_would_happen(
         TOKEN_B: {"would refuse: dashboard_paused": 1, "would send": 0},
     }  # fmt: skip
     assert summary["requests"] == 1
+
+
+def test_a_printed_plan_shows_the_first_tokens_and_sums_the_rest() -> None:
+    """--dry-run --preflight over many tokens prints SHOWN_TOKENS of them one per line and
+    one line for the rest (how many, and the counts of all); the report keeps each."""
+    per_token = {f"tok{n:03d}": {"would send": n, "would skip: already_invited": 1}
+                 for n in range(SHOWN_TOKENS + 5)}  # fmt: skip
+    plan = {"source": "in.csv", "report": "plan.jsonl", "rows": 1, "valid": 1, "rejected": 0,
+            "rejected_by_reason": {}, "tokens": len(per_token), "requests": 1,
+            "batch_size": 100, "estimated_seconds": None, "rate": None, "assume_limit": None,
+            "preflight": per_token}  # fmt: skip
+    out = io.StringIO()
+    print_plan(plan, out)
+    lines = out.getvalue().splitlines()
+    assert sum(line.startswith("  tok0") for line in lines) == SHOWN_TOKENS
+    total = sum(range(SHOWN_TOKENS + 5))
+    assert lines[-1] == (
+        f"  … 5 more tokens (each in the summary record of plan.jsonl); all "
+        f"{SHOWN_TOKENS + 5}: would send {total:,}, would skip: already_invited "
+        f"{SHOWN_TOKENS + 5}"
+    )
 
 
 def test_preflight_without_dry_run_is_a_usage_error(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import random
 import sys
@@ -30,6 +31,10 @@ from worker.send.prune import Pruner
 from worker.sources import Source
 
 log = structlog.get_logger("worker.plan")
+
+#: Tokens whose counts the printed plan shows one per line; the rest are summed (the
+#: report's summary holds every one).
+SHOWN_TOKENS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +231,18 @@ def print_plan(plan: dict[str, Any], out: TextIO) -> None:
         print(f"  {name:<16} {value}", file=out)
     if "preflight" in plan:
         print("Per token (dashboards read, invitations listed; nothing written):", file=out)
-        for token, counts in plan["preflight"].items():
+        per_token = plan["preflight"]
+        for token, counts in itertools.islice(per_token.items(), SHOWN_TOKENS):
             text = ", ".join(f"{k} {v:,}" for k, v in counts.items())
             print(f"  {token}: {text}", file=out)
+        if len(per_token) > SHOWN_TOKENS:  # an input may name tens of thousands of tokens
+            totals: Counter[str] = Counter()
+            for counts in per_token.values():
+                totals.update(counts)
+            text = ", ".join(f"{k} {v:,}" for k, v in sorted(totals.items()))
+            print(f"  … {len(per_token) - SHOWN_TOKENS:,} more tokens (each in the summary "
+                  f"record of {plan['report']}); all {len(per_token):,}: {text}",
+                  file=out)  # fmt: skip
     if plan.get("keys_refused"):
         print("The service refused the keys (401/403): the run would stop at its first "
               "check (exit 3). Check DD_API_KEY / DD_APP_KEY, the site (--site) and the "
