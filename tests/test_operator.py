@@ -33,9 +33,9 @@ from tests.conftest import (
 )
 from worker.cli.review import write_failed
 from worker.record.replay import Replay
+from worker.run.bar import SteadyRate, duration_text
 from worker.run.counts import QueueRead
 from worker.run.human import print_summary
-from worker.run.progress import SteadyRate, duration_text
 from worker.run.summary import Halt
 
 SAMPLES = ROOT / "sample_inputs"
