@@ -28,85 +28,16 @@ from redis.exceptions import ResponseError
 
 from worker.clock import Clock, sleep_unless
 from worker.queue.failures import RedisFailures
+from worker.queue.scripts import ACK, DROP_INTENTS, ENQUEUE, HOLD, INTENTS
 
 #: A message: its id and its fields as Redis sends them, ``[name, value, name, value…]``
 #: (None: deleted from the stream meanwhile).
 Message = tuple[str, list[str] | None]
 
-# Scripts take a whole batch's ids (or rows) as one joined string: redis-py packs every
-# argument in Python, so one argument instead of hundreds is most of the saving, and one
-# round trip instead of several. Lua's unpack() is limited in size, hence the slices.
-
-# KEYS: stream. ARGV: rows "token\temail\n..." (validated: no tab or newline inside).
-_ENQUEUE = r"""
-local n = 0
-for token, email in string.gmatch(ARGV[1], '([^\t\n]*)\t([^\n]*)\n') do
-  redis.call('XADD', KEYS[1], '*', 'token', token, 'email', email)
-  n = n + 1
-end
-return n
-"""
-
 #: How long a message holds its pair against duplicates in other workers, at least. Past
 #: that, the dashboard check (the token's invitations, listed) is what tells a pair was
 #: invited. Pairs are held in one hash per period, the current and the previous one read.
 HOLD_SECONDS = 3600
-
-# KEYS: this period's hash, the previous period's. ARGV: hash lifetime in seconds,
-# "id\ttoken\temail\n..." (validated; email lower-cased). Returns the ids whose pair another
-# message holds.
-_HOLD = r"""
-local taken = {}
-for id, pair in string.gmatch(ARGV[2], '([^\t\n]+)\t([^\n]*)\n') do
-  local holder = redis.call('HGET', KEYS[2], pair)
-  if not holder or holder == id then
-    holder = id
-    if redis.call('HSETNX', KEYS[1], pair, id) == 0 then
-      holder = redis.call('HGET', KEYS[1], pair)
-    end
-  end
-  if holder ~= id then taken[#taken + 1] = id end
-end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return taken
-"""
-
-# KEYS: intents hash. ARGV: "id,id,...", send time.
-_INTENTS = """
-local fields = {}
-for id in string.gmatch(ARGV[1], '[^,]+') do
-  fields[#fields + 1] = id
-  fields[#fields + 1] = ARGV[2]
-end
-for i = 1, #fields, 1000 do
-  redis.call('HSET', KEYS[1], unpack(fields, i, math.min(i + 999, #fields)))
-end
-return #fields / 2
-"""
-
-# KEYS: intents hash. ARGV: "id,id,...", the value they were recorded with. Only intents
-# still holding that value go: a later request for the same messages wrote its own.
-_DROP_INTENTS = """
-local dropped = 0
-for id in string.gmatch(ARGV[1], '[^,]+') do
-  if redis.call('HGET', KEYS[1], id) == ARGV[2] then
-    dropped = dropped + redis.call('HDEL', KEYS[1], id)
-  end
-end
-return dropped
-"""
-
-# KEYS: stream, intents hash. ARGV: group, "id,id,...".
-_ACK = """
-local ids = {}
-for id in string.gmatch(ARGV[2], '[^,]+') do ids[#ids + 1] = id end
-for i = 1, #ids, 1000 do
-  local slice = {unpack(ids, i, math.min(i + 999, #ids))}
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(slice))
-  redis.call('HDEL', KEYS[2], unpack(slice))
-end
-return #ids
-"""
 
 
 class StreamQueue:
@@ -126,13 +57,13 @@ class StreamQueue:
         # XREADGROUP replies are taken as Redis sends them: redis-py's conversion of each
         # message's fields to a dict cost more than the rest of reading it.
         redis.set_response_callback("XREADGROUP", _as_sent)
-        self._intents: Any = redis.register_script(_INTENTS)
-        self._drop_intents: Any = redis.register_script(_DROP_INTENTS)
+        self._intents: Any = redis.register_script(INTENTS)
+        self._drop_intents: Any = redis.register_script(DROP_INTENTS)
         #: Intents of requests the service answered without creating anything (ids and
         #: the value recorded), dropped by :meth:`drop_answered` at the next flush.
         self.answered: list[tuple[list[str], str]] = []
-        self._hold: Any = redis.register_script(_HOLD)
-        self._ack: Any = redis.register_script(_ACK)
+        self._hold: Any = redis.register_script(HOLD)
+        self._ack: Any = redis.register_script(ACK)
 
     async def ensure_group(self) -> bool:
         """Create the group (and the stream) if missing; reading starts at the beginning.
@@ -317,6 +248,6 @@ def _flat(fields: dict[str, str] | None) -> list[str] | None:
 
 async def enqueue_rows(redis: Redis, stream: str, rows: list[tuple[str, str]]) -> int:
     """Add validated ``(token, email)`` rows as ``token``/``email`` messages, in one script."""
-    script: Any = redis.register_script(_ENQUEUE)
+    script: Any = redis.register_script(ENQUEUE)
     text = "".join(f"{token}\t{email}\n" for token, email in rows)
     return int(await script(keys=[stream], args=[text]))

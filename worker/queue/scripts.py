@@ -1,0 +1,74 @@
+"""The Lua scripts a stream's consumer runs: a batch's Redis commands in one round trip.
+
+Each takes a whole batch's ids (or rows) as one joined string, not an argument per id:
+redis-py packs every argument in Python, so one argument instead of hundreds is most of the
+saving, and one round trip instead of several. Lua's unpack() is limited in size, hence the
+slices. They are kept apart from :mod:`worker.queue.stream`, which registers and calls them,
+so that the Python there reads in one sitting.
+"""
+
+# KEYS: stream. ARGV: rows "token\temail\n..." (validated: no tab or newline inside).
+ENQUEUE = r"""
+local n = 0
+for token, email in string.gmatch(ARGV[1], '([^\t\n]*)\t([^\n]*)\n') do
+  redis.call('XADD', KEYS[1], '*', 'token', token, 'email', email)
+  n = n + 1
+end
+return n
+"""
+
+# KEYS: this period's hash, the previous period's. ARGV: hash lifetime in seconds,
+# "id\ttoken\temail\n..." (validated; email lower-cased). Returns the ids whose pair another
+# message holds.
+HOLD = r"""
+local taken = {}
+for id, pair in string.gmatch(ARGV[2], '([^\t\n]+)\t([^\n]*)\n') do
+  local holder = redis.call('HGET', KEYS[2], pair)
+  if not holder or holder == id then
+    holder = id
+    if redis.call('HSETNX', KEYS[1], pair, id) == 0 then
+      holder = redis.call('HGET', KEYS[1], pair)
+    end
+  end
+  if holder ~= id then taken[#taken + 1] = id end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return taken
+"""
+
+# KEYS: intents hash. ARGV: "id,id,...", send time.
+INTENTS = """
+local fields = {}
+for id in string.gmatch(ARGV[1], '[^,]+') do
+  fields[#fields + 1] = id
+  fields[#fields + 1] = ARGV[2]
+end
+for i = 1, #fields, 1000 do
+  redis.call('HSET', KEYS[1], unpack(fields, i, math.min(i + 999, #fields)))
+end
+return #fields / 2
+"""
+
+# KEYS: intents hash. ARGV: "id,id,...", the value they were recorded with. Only intents
+# still holding that value go: a later request for the same messages wrote its own.
+DROP_INTENTS = """
+local dropped = 0
+for id in string.gmatch(ARGV[1], '[^,]+') do
+  if redis.call('HGET', KEYS[1], id) == ARGV[2] then
+    dropped = dropped + redis.call('HDEL', KEYS[1], id)
+  end
+end
+return dropped
+"""
+
+# KEYS: stream, intents hash. ARGV: group, "id,id,...".
+ACK = """
+local ids = {}
+for id in string.gmatch(ARGV[2], '[^,]+') do ids[#ids + 1] = id end
+for i = 1, #ids, 1000 do
+  local slice = {unpack(ids, i, math.min(i + 999, #ids))}
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(slice))
+  redis.call('HDEL', KEYS[2], unpack(slice))
+end
+return #ids
+"""
