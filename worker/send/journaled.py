@@ -1,0 +1,140 @@
+"""The sender's hooks in one request's attempt loop: the journal and unknown outcomes.
+
+:func:`~worker.send.retry.attempt` tells its owner what happens to each request through
+:class:`~worker.send.retry.Hooks`. The sender's make the intent durable in the journal
+before each POST, count what the loop saw, and settle an unknown outcome (timeout, dropped
+connection, 5xx) by listing the token's invitations: only addresses without a new
+invitation go again. They are apart from :mod:`worker.send.sender`, which splits and
+records a batch, because what one request's attempts owe the journal reads on its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+
+from worker.errors import Aborted, AuthError, OutcomeUnknown, SendError, Stopped, TokenNotFound
+from worker.outcome import Failure
+from worker.send.reconcile import found_outcome
+from worker.send.retry import Hooks
+from worker.send.trip import Trip
+
+if TYPE_CHECKING:
+    from worker.send.sender import Sender
+
+log = structlog.get_logger("worker.sender")
+
+
+class Journaled(Hooks):
+    """The sender's side of one request's attempts: journal, reconciliation, counters."""
+
+    def __init__(self, sender: Sender, trip: Trip) -> None:
+        self._sender, self._trip = sender, trip
+        self._intent = ""
+        #: Set when a listing found every email of the request created.
+        self.all_created = False
+
+    def refusal(self) -> SendError | None:
+        sender, token = self._sender, self._trip.token
+        refused = sender.state.abort_error
+        if refused is not None:
+            return Aborted("not sent: the run stopped after the service refused the keys "
+                           f"({refused.message})")  # fmt: skip
+        if token in sender.dead_tokens:
+            return TokenNotFound(sender.dead_tokens[token])
+        return None
+
+    async def sending(self, sent_at: float) -> None:
+        sender, trip = self._sender, self._trip
+        self._intent = await sender._journal.intent(trip.token, trip.emails, sent_at,
+                                                    sender._config.timeout)  # fmt: skip
+        sender.stats.requests += 1
+
+    def unsent(self) -> None:
+        self._sender._journal.answered(self._intent)  # the service created nothing
+
+    def cut(self) -> None:
+        # The intent stays open: --resume (or a claiming worker) settles it once the
+        # request can no longer be in progress.
+        stats, trip = self._sender.stats, self._trip
+        stats.unknown_outcomes += 1
+        stats.unknown_left += len(trip.emails)
+        stats.open_intents += 1
+        log.warning("batch.outcome_unknown", token=trip.token, emails=len(trip.emails),
+                    code="grace_expired", error="stopped with the request in flight")  # fmt: skip
+
+    def limited(self) -> None:
+        self._sender.stats.rate_limited += 1
+        self._trip.limited += 1
+
+    def failed(self, error: SendError, attempt: int) -> None:
+        self._trip.attempts = attempt
+
+    async def unknown(self, error: OutcomeUnknown, attempt: int, sent_at: float) -> bool:
+        trip = self._trip
+        remaining = await self._settle(error, sent_at)
+        if remaining is None:  # could not tell what happened; resume will
+            trip.fail(Failure("outcome_unknown", f"{error.message}; the invitation list "
+                              "could not be read to check"), error.http_status)  # fmt: skip
+            return False
+        if not remaining:
+            self.all_created = True
+            return False
+        trip.emails = remaining
+        return True
+
+    def retrying(self, error: SendError, attempt: int, delay: float) -> None:
+        sender, trip = self._sender, self._trip
+        sender.stats.retries += 1
+        sender.metrics.retry(error.code)
+        log.warning("batch.retry_scheduled", token=trip.token, emails=len(trip.emails),
+                    attempt=attempt, delay=round(delay, 3), code=error.code,
+                    http_status=error.http_status, error=error.message)  # fmt: skip
+
+    async def _settle(self, error: OutcomeUnknown, sent_at: float) -> list[str] | None:
+        """After an unknown outcome: the created become an outcome; return the others.
+
+        Returns None when the invitation list could not be read; the intent then stays
+        open in the journal for ``--resume``.
+        """
+        sender, trip, intent = self._sender, self._trip, self._intent
+        token, emails = trip.token, trip.emails
+        sender.stats.unknown_outcomes += 1
+        log.warning("batch.outcome_unknown", token=token, emails=len(emails), code=error.code,
+                    http_status=error.http_status, error=error.message)  # fmt: skip
+        # Give a request that is still being processed time to land before we look.
+        not_before = sender._clock.time() + sender._config.reconcile_delay
+        if not await sender.state.sleep(sender._clock, sender._config.reconcile_delay):
+            sender.stats.unknown_left += len(emails)
+            sender.stats.open_intents += 1
+            raise Stopped("stopping: the unknown outcome is left in the journal")
+        try:
+            found = await sender.reconciler.created_since(token, emails, sent_at, not_before)
+        except Stopped:
+            sender.stats.unknown_left += len(emails)
+            sender.stats.open_intents += 1
+            raise
+        except AuthError as exc:
+            sender.state.abort(exc)
+            sender.metrics.reconciled("unreadable")
+            sender.stats.open_intents += 1
+            return None
+        except SendError as exc:
+            log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
+            sender.metrics.reconciled("unreadable")
+            sender.stats.open_intents += 1
+            return None
+        outcome = found_outcome(
+            token, emails, found, started_at=sent_at, finished_at=sender._clock.time(),
+            attempts=trip.attempts, http_status=error.http_status, clears=(intent,),
+        )  # fmt: skip
+        sender.metrics.reconciled("none" if outcome is None else "created")
+        if outcome is None:
+            sender._journal.answered(intent)  # nothing was created: nothing to account for
+        else:
+            trip.out.append(outcome)
+            sender.stats.reconciled_sent += len(outcome.emails)
+            log.info("batch.reconciled", token=token, created=len(outcome.emails),
+                     not_created=len(emails) - len(outcome.emails))  # fmt: skip
+        return [e for e in emails if e.lower() not in found]
