@@ -1,8 +1,11 @@
-"""The HTTP client for the invitation endpoint: one pooled session, typed errors."""
+"""The HTTP client for the invitation endpoint: one pooled session, typed errors.
+
+What a request that got no answer means (and when the service counts as unreachable) is
+:mod:`worker.send.reach`'s.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -14,17 +17,7 @@ import msgspec
 import structlog
 from yarl import URL
 
-from worker.errors import (
-    BadRequest,
-    ConnectionDropped,
-    ConnectionFailed,
-    InviteWorkerError,
-    RateLimitInfo,
-    RequestTimeout,
-    SendError,
-    ServerError,
-    ServiceUnreachable,
-)
+from worker.errors import BadRequest, InviteWorkerError, RateLimitInfo, SendError, ServerError
 from worker.metrics import Metrics
 from worker.send.answers import (
     created,
@@ -33,10 +26,10 @@ from worker.send.answers import (
     read_body,
     read_ratelimit,
 )
-from worker.send.framing import Dropped
-from worker.send.gets import CannotConnect, Gets
+from worker.send.gets import Gets
 from worker.send.listed import read_dashboard, read_listing
 from worker.send.proxy import PROXY_AUTH_REQUIRED, Proxy, refused
+from worker.send.reach import NO_ANSWER, Reach
 from worker.send.refusals import named_addresses
 from worker.send.replies import (
     Dashboard,
@@ -51,11 +44,6 @@ from worker.validate import check_token
 log = structlog.get_logger("worker.client")
 
 USER_AGENT = "invite-worker/0.1"
-#: Shorter "secrets" (the sandbox's, a test's) are not scrubbed: they would mangle words.
-MIN_SECRET_LENGTH = 8
-#: Connections that failed before the service ever answered, after which the run stops:
-#: a wrong URL or port, DNS or TLS trouble will not heal by retrying batch after batch.
-UNREACHABLE_AFTER = 3
 
 
 class InvitationClient:
@@ -87,23 +75,18 @@ class InvitationClient:
             # Answers are small; uncompressed ones spare us decompression on every response.
             "Accept-Encoding": "identity",
         }
-        self._secrets = tuple(s for s in (api_key, app_key) if len(s) >= MIN_SECRET_LENGTH)
         #: Requests go through it when set (resolved once: see worker.send.proxy).
         self.proxy = proxy
         self._proxy_url = URL(proxy.url) if proxy is not None else None
-        self._via = f" through the proxy {proxy}" if proxy is not None else ""
         self._proxy_headers = proxy.headers() if proxy is not None else None
-        if proxy is not None:
-            self._secrets += proxy.secrets()
-            if not self.api_url.startswith("https:"):  # plain HTTP: on every request
-                self._headers.update(self._proxy_headers or {})
+        if proxy is not None and not self.api_url.startswith("https:"):
+            self._headers.update(self._proxy_headers or {})  # plain HTTP: on every request
+        #: Whether the service was ever reached; what a request without an answer means.
+        self._reach = Reach(self.api_url, (api_key, app_key), proxy, timeout)
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
         self._gets: Gets | None = None
         self._urls: dict[str, URL] = {}
-        #: Whether the service ever answered (any HTTP status) on this client.
-        self.answered = False
-        self._failed_connects = 0
         self._bad_headers_logged = False
         self.metrics = metrics or Metrics()
 
@@ -122,7 +105,7 @@ class InvitationClient:
         )
         if self.proxy is not None:
             log.info("client.proxy", proxy=self.proxy.url, source=self.proxy.source,
-                     api=self._origin())  # fmt: skip
+                     api=self._reach.origin())  # fmt: skip
         return self
 
     async def __aexit__(
@@ -236,64 +219,17 @@ class InvitationClient:
                 try:
                     return await gets.get(url if isinstance(url, URL) else URL(url))
                 finally:  # a head read is an answer, even if the body then broke
-                    self.answered = self.answered or gets.answered
+                    self._reach.answered = self._reach.answered or gets.answered
             async with self._session.request(
                 method, url, data=body, timeout=self._timeout, allow_redirects=False,
                 proxy=self._proxy_url, proxy_headers=self._proxy_headers,
             ) as resp:  # fmt: skip
                 if resp.status == PROXY_AUTH_REQUIRED and self.proxy is not None:
                     raise refused(self.proxy)
-                self.answered = True
+                self._reach.answered = True
                 return resp.status, resp.headers, await read_body(resp.content)
-        except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the tunnel (CONNECT)
-            if exc.status == PROXY_AUTH_REQUIRED and self.proxy is not None:
-                raise refused(self.proxy) from None
-            cause = self._scrub(f"the proxy answered {exc.status} {exc.message}")
-            self._count_failed_connect(cause)
-            raise ConnectionFailed(f"cannot connect{self._via}: {cause}") from None
-        except TimeoutError:  # a slow service keeps its retries: not counted as unreachable
-            raise RequestTimeout(
-                f"no answer within {self._timeout.total:g}s (raise --timeout if the service "
-                "is slow)"
-            ) from None
-        except (aiohttp.ClientConnectorError, CannotConnect) as exc:
-            cause = self._scrub(str(exc.os_error) or str(exc))
-            self._count_failed_connect(cause)
-            raise ConnectionFailed(f"cannot connect{self._via}: {cause}") from None
-        except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            cause = self._scrub(f"connection broke: {type(exc).__name__}: {exc}")
-            self._count_unanswered_read(method, cause)
-            raise ConnectionDropped(cause) from None
-        except Dropped as exc:  # the GET path's: already "type: text" or what was malformed
-            cause = self._scrub(f"connection broke: {exc}")
-            self._count_unanswered_read(method, cause)
-            raise ConnectionDropped(cause) from None
-
-    def _count_unanswered_read(self, method: str, cause: str) -> None:
-        """A read answered by a hang-up or by something that is not HTTP counts as a failed
-        connection until the service ever answered: a port where something else listens
-        stops the run, as a refused one does. A read creates nothing; a write's fate stays
-        unknown, and a timeout is a slow service's, retried as before."""
-        if method == "GET":
-            self._count_failed_connect(cause)
-
-    def _count_failed_connect(self, cause: str) -> None:
-        """A connection failed: past :data:`UNREACHABLE_AFTER` before any answer, stop."""
-        if self.answered:
-            return
-        self._failed_connects += 1
-        if self._failed_connects >= UNREACHABLE_AFTER:
-            proxy = "the proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)" if self.proxy else "proxies"
-            raise ServiceUnreachable(
-                f"cannot reach the API at {self._origin()}{self._via}: {cause}. Nothing reached "
-                f"the service. Check --api-url or --site (DD_SITE), DNS, {proxy} and TLS, then "
-                "run the same command again (--resume for a file)"
-            ) from None
-
-    def _origin(self) -> str:
-        """Scheme, host and port of the API: never a path or credentials."""
-        url = URL(self.api_url)
-        return f"{url.scheme}://{url.host}:{url.port}"
+        except NO_ANSWER as exc:  # a timeout, a refused, failed or broken connection
+            raise self._reach.no_answer(method, exc) from None
 
     def _ratelimit(self, headers: Mapping[str, str]) -> RateLimitInfo:
         info, bad = read_ratelimit(headers)
@@ -306,9 +242,5 @@ class InvitationClient:
         return info
 
     def _error(self, status: int, raw: bytes, ratelimit: RateLimitInfo) -> SendError:
-        return error_for(status, self._scrub(error_message(raw) or f"HTTP {status}"), ratelimit)
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        return text
+        message = self._reach.scrub(error_message(raw) or f"HTTP {status}")
+        return error_for(status, message, ratelimit)
