@@ -181,3 +181,23 @@ def test_the_level_follows_the_options_and_who_watches(
 ) -> None:
     """A watched run defaults to warnings, anything else to info; the options override."""
     assert choose_level(watched=watched, **flags) == level  # type: ignore[arg-type]
+
+
+def test_a_dry_run_on_a_terminal_prints_its_plan_without_the_plan_event(tmp_path: Path) -> None:
+    """A dry run watched on a terminal (even with -q) shows no plan.ready line, whose fields
+    the printed plan says; piped, the plan.ready event is there for machines."""
+    source = write_rows(tmp_path / "a.csv", 10)
+    for flags in ((), ("-q",)):
+        plan = tmp_path / "plan.jsonl"
+        argv = worker_command("run", str(source), "--dry-run", "--report", str(plan), *flags)
+        code, seen = on_a_terminal(argv)
+        assert code == 0, plain(seen)[-3000:]
+        assert "plan.ready" not in plain(seen)
+    done = subprocess.run(
+        worker_command("run", str(source), "--dry-run", "--report", str(tmp_path / "plan.jsonl")),
+        env=worker_env(), cwd=ROOT, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    events = [msgspec.json.decode(line) for line in done.stderr.splitlines()]
+    assert [e["event"] for e in events if e["event"] == "plan.ready"] == ["plan.ready"]
+    assert "Dry run of" in done.stdout.decode()

@@ -229,7 +229,13 @@ async def _execute_run(args: argparse.Namespace, config: Config) -> int:
         assume = parse_limit(args.assume_limit) if args.assume_limit else None
         source = open_source(args.source, args.format, columns=columns_of(args))
         try:
-            plan = await dry_run(config, source, assume_limit=assume, preflight=args.preflight)
+            plan = await dry_run(
+                config,
+                source,
+                assume_limit=assume,
+                preflight=args.preflight,
+                for_people=_watched(args),
+            )
         except FatalError as exc:  # --preflight found no API at the URL
             say("run.halted", str(exc), json_lines=json_stderr(sys.argv[1:]))
             return EXIT_ABORTED

@@ -73,15 +73,17 @@ def estimate(requests: int, rate: float | None, limit: tuple[int, float] | None)
 
 async def dry_run(
     config: Config, source: Source, *, assume_limit: tuple[int, float] | None = None,
-    out: TextIO | None = None, preflight: bool = False,
+    out: TextIO | None = None, preflight: bool = False, for_people: bool = False,
 ) -> Planned:  # fmt: skip
     """Plan the run: ``planned`` batches and rejected rows to the report, the plan to ``out``.
 
     With ``preflight`` each token's dashboard is read and its invitations listed (GETs,
     never a write): the plan then says who would be sent, skipped and refused.
+    ``for_people`` (a terminal, which reads the printed plan) leaves out the ``plan.ready``
+    event that says the same, as a run leaves out ``run.finished`` for its end table.
     """
     with hold_report(config.report_path):
-        return await _plan(config, source, assume_limit, out, preflight)
+        return await _plan(config, source, assume_limit, out, preflight, for_people)
 
 
 async def _plan(
@@ -90,6 +92,7 @@ async def _plan(
     assume_limit: tuple[int, float] | None,
     out: TextIO | None,
     preflight: bool,
+    for_people: bool,
 ) -> Planned:
     report = Report(config.report_path, overwrite=config.overwrite, plan=True)
     counts = FileCounts()
@@ -141,7 +144,8 @@ async def _plan(
     if preflight:
         summary["preflight"] = {token: dict(sorted(c.items())) for token, c in checked.items()}
     report.summary(summary)
-    log.info("plan.ready", **{k: v for k, v in summary.items() if k != "rejected_by_reason"})
+    if not for_people:
+        log.info("plan.ready", **{k: v for k, v in summary.items() if k != "rejected_by_reason"})
     print_plan(summary, out or sys.stdout)
     return Planned(summary["exit_code"], summary)
 
