@@ -269,7 +269,8 @@ def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
     sample: Path, tmp_path: Path
 ) -> None:
     """Case 8: a second dry run replaces the first one's plan (no --resume hint); a dry run
-    in a read-only folder names a writable --report, and that command works."""
+    never replaces, nor continues (--resume), a real run's report; a dry run in a
+    read-only folder names a writable --report, and that command works."""
     first = invite_worker("run", str(sample), "--dry-run", cwd=tmp_path)
     again = invite_worker("run", str(sample), "--dry-run", cwd=tmp_path)
     assert (first.returncode, again.returncode) == (1, 1), again.stderr
@@ -280,6 +281,13 @@ def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
     kept = invite_worker("run", str(sample), "--dry-run", "--report", str(real))
     assert kept.returncode == 2  # a real run's report is not a plan: never replaced silently
     assert "--overwrite to replace it with this plan" in one_line(kept)
+    # Adding --dry-run to the daily --resume: refused as such, the report left as it was.
+    before = real.read_bytes()
+    resumed = invite_worker("run", str(sample), "--dry-run", "--resume", "--report", str(real))
+    assert resumed.returncode == 2, resumed.stderr
+    assert "never continues a report: drop --resume" in one_line(resumed)
+    assert "--overwrite" not in one_line(resumed)
+    assert real.read_bytes() == before
     readonly = tmp_path / "ro"
     readonly.mkdir()
     mount = shutil.which("mount")

@@ -122,6 +122,12 @@ def _refuse_mistakes(args: argparse.Namespace) -> None:
             "--preflight goes with --dry-run (it plans from the dashboards' reads and sends "
             "nothing); add --dry-run, or drop --preflight: a run checks the dashboards anyway"
         )
+    if args.resume and args.dry_run:  # a plan is of a whole list; never of a report's rest
+        raise UsageError(
+            "--dry-run plans the whole list and never continues a report: drop --resume to "
+            "plan it (into a plan report of its own: the default, or --report PLAN.jsonl), "
+            "or drop --dry-run to continue the run"
+        )
     if args.assume_limit and not args.dry_run:
         raise UsageError("--assume-limit only shapes a --dry-run estimate; add --dry-run")
     if args.prune_max is not None and not args.prune:
