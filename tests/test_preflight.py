@@ -324,7 +324,8 @@ def test_dry_run_preflight_only_reads_and_says_what_would_happen(
     tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
 ) -> None:
     """--dry-run --preflight: GETs only (no POST, PUT or DELETE); the plan says per token
-    how many would be sent, skipped by reason and refused by code."""
+    how many would be sent, skipped by reason and refused by code, and exits 1 for the
+    refusals, as the run would."""
     seed = tmp_path / "dashboards.json"
     seed.write_text(json.dumps([
         {"token": TOKEN_A, "invitees": [{"email": e} for e in PEOPLE[:5]],
@@ -336,7 +337,7 @@ def test_dry_run_preflight_only_reads_and_says_what_would_happen(
     source.write_text(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]] + [(TOKEN_B, PEOPLE[0])]))
     plan = spawn("run", str(source), "--dry-run", "--preflight", "--api-url", url,
                  "--report", str(tmp_path / "plan.jsonl"), "--log-format", "json")  # fmt: skip
-    plan.expect(0, timeout=60)
+    plan.expect(1, timeout=60)  # as the run would: it would record the refused as failed
     with urllib.request.urlopen(f"{url}/_emulator/stats", timeout=10) as resp:  # noqa: S310
         stats = json.loads(resp.read())
     assert stats["posts"] == 0

@@ -32,6 +32,8 @@ from worker.sources import Source
 
 log = structlog.get_logger("worker.plan")
 
+#: How a --preflight plan counts the people the check would refuse (by code).
+REFUSE = "would refuse: "
 #: Tokens whose counts the printed plan shows one per line; the rest are summed (the
 #: report's summary holds every one).
 SHOWN_TOKENS = 20
@@ -135,6 +137,8 @@ async def _plan(
         "estimated_seconds": None if seconds is None else round(seconds, 1),
         "exit_code": EXIT_INCOMPLETE if report.rejected_total or report.prunes_refused else EXIT_OK,
     }
+    if any(n for c in checked.values() for k, n in c.items() if k.startswith(REFUSE)):
+        summary["exit_code"] = EXIT_INCOMPLETE  # the run would record them failed: exit 1
     if refused:  # the run itself would stop at its first check: say so, as it would end
         summary["exit_code"] = EXIT_ABORTED
         summary["keys_refused"] = True
@@ -190,7 +194,7 @@ async def _screen(
     for reason, skipped in screened.skipped.items():
         counts[f"would skip: {reason}"] += len(skipped)
     for _, failure in screened.refused:
-        counts[f"would refuse: {failure.code}"] += 1
+        counts[f"{REFUSE}{failure.code}"] += 1
     if screened.unread is not None:  # the served are skipped; the rest, unchecked
         return _unchecked(screened.unread[0], screened.unread[1], counts, refused), []
     return screened.send, screened.added
