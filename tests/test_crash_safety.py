@@ -239,8 +239,8 @@ async def test_resume_skips_sent_and_final_failures_but_retries_aborted_batches(
                       csv_source(rows_csv(pairs)))  # fmt: skip
     assert first.exit_code == 3
     second = await run(make_config(batch_size=10, resume=True), csv_source(rows_csv(pairs)))
-    assert second.summary.job == JobTotals(emails_sent=40, emails_failed=1, rejected=1,
-                                           unknown=0)  # fmt: skip
+    assert second.summary.job == JobTotals(emails_sent=40, emails_failed=1, emails_skipped=0,
+                                           rejected=1, unknown=0)  # fmt: skip
     assert second.exit_code == 1
     third = await run(make_config(batch_size=10, resume=True), csv_source(rows_csv(pairs)))
     assert third.summary.read.skipped == 41
@@ -288,8 +288,8 @@ async def test_resume_after_a_dry_run_sends_everything_once(
     assert planned.failed == {}
     assert len(planned.sent) == 0
     result = await run(make_config(batch_size=5, resume=True), csv_source(rows_csv(pairs)))
-    assert result.summary.job == JobTotals(emails_sent=12, emails_failed=0, rejected=1,
-                                           unknown=0)  # fmt: skip
+    assert result.summary.job == JobTotals(emails_sent=12, emails_failed=0, emails_skipped=0,
+                                           rejected=1, unknown=0)  # fmt: skip
     assert emulator.invited == Counter(dict.fromkeys(pairs[:12], 1))
 
 
@@ -308,6 +308,7 @@ def test_resume_and_summarize_replay_a_report_the_same_way(tmp_path: Path) -> No
                 '{"kind":"batch","token":"t","emails":["d@x.io"],"status":"failed",'
                 '"error":{"code":"timeout","message":"slow"}}',
                 '{"kind":"rejected","line":7,"reason":"invalid_email","email":"nope"}',
+                '{"kind":"skipped","token":"t","emails":["e@x.io"],"reason":"already_invited"}',
                 '{"kind":"summary","requests":3}',
             ]
         )
@@ -317,11 +318,12 @@ def test_resume_and_summarize_replay_a_report_the_same_way(tmp_path: Path) -> No
     keys = {e: pair_key("t", e) for e in ("a@x.io", "b@x.io", "c@x.io", "d@x.io")}
     assert history.settled(list(keys.values())) == {keys["a@x.io"], keys["b@x.io"],
                                                     keys["c@x.io"]}  # fmt: skip
-    assert history.totals() == {"emails_sent": 2, "emails_failed": 2, "rejected": 1,
-                                "unknown": 0}  # fmt: skip
+    assert history.totals() == {"emails_sent": 2, "emails_failed": 2, "emails_skipped": 1,
+                                "rejected": 1, "unknown": 0}  # fmt: skip
     assert history.runs == 1
     totals = Replay.read(report).summary()
     assert (totals["sent"], totals["failed"], totals["rejected"]) == (2, 2, 1)
+    assert totals["skipped"] == 1
     assert totals["failed_by_code"] == {"bad_request": 1, "timeout": 1}
 
 

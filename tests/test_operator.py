@@ -104,8 +104,8 @@ def test_summarize_agrees_with_the_report_to_the_row(
     assert totals["complete"] is True
     records = read_report(report)
     assert totals["requests"] == sum(r["requests"] for r in by_kind(records, "summary"))
-    assert records[-1]["job"] == {"emails_sent": 50, "emails_failed": 2, "rejected": 1,
-                                  "unknown": 0}  # fmt: skip
+    assert records[-1]["job"] == {"emails_sent": 50, "emails_failed": 2, "emails_skipped": 0,
+                                  "rejected": 1, "unknown": 0}  # fmt: skip
     assert totals["failed_by_code"] == {"bad_request": 1, "token_not_found": 1}
     assert totals["failed_by_token"] == {"tok-1": 1, "gone-x": 1}
     assert totals["rejected_by_reason"] == {"invalid_email": 1}

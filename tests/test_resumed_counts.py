@@ -70,7 +70,7 @@ def test_a_resume_does_not_check_or_record_settled_skips_again(
     tmp_path: Path, start_emulator: Callable[..., str]
 ) -> None:
     """A resumed run leaves the pairs its report settled as skipped alone: no new skipped
-    record, no listing for them; the report still counts each pair once."""
+    record, no listing for them; the report, and the job's totals, count each pair once."""
     url = start_emulator()
     first, second = tmp_path / "old.csv", tmp_path / "all.csv"
     tokens = [f"tok{i}" for i in range(5)]
@@ -91,6 +91,8 @@ def test_a_resume_does_not_check_or_record_settled_skips_again(
     assert (added[-1]["requests"], added[-1]["skipped"]) == (0, 20)  # all settled, read
     totals = summarize(report)
     assert (totals["sent"], totals["skipped"]) == (15, 5)
+    job = added[-1]["job"]  # the job's totals say the same, the skipped included
+    assert (job["emails_sent"], job["emails_skipped"]) == (15, 5)
 
 
 @pytest.mark.parametrize("what", ["input", "input beside the report", "journal", "lock"])
@@ -270,7 +272,8 @@ def test_a_daily_resume_exits_by_what_todays_list_holds(tmp_path: Path) -> None:
     code, summary = resumed()
     assert code == 0, summary
     assert (summary["emails_sent"], summary["rejected"]) == (1, 0)
-    assert summary["job"] == {"emails_sent": 2, "emails_failed": 1, "rejected": 1, "unknown": 0}
+    assert summary["job"] == {"emails_sent": 2, "emails_failed": 1, "emails_skipped": 0,
+                              "rejected": 1, "unknown": 0}  # fmt: skip
     assert summarize(report)["rejected"] == 1
 
 
@@ -282,3 +285,4 @@ def test_a_pair_refused_then_found_served_is_no_longer_failed_in_the_jobs_totals
     assert history.totals()["emails_failed"] == 1
     history.on_batch("tok-aaaa", ["new1@example.com"], Status.SKIPPED, "already_invited")
     assert history.totals()["emails_failed"] == 0
+    assert history.totals()["emails_skipped"] == 1

@@ -55,6 +55,8 @@ class History:
     blocked: set[int] = field(default_factory=set)
     #: Pairs of this run's input settled by an earlier failure for good: not invited.
     failed_in_input: set[int] = field(default_factory=set)
+    #: Emails this run skipped as already served (the earlier runs' are in ``skipped``).
+    skipped_now: int = 0
     runs: int = 0
 
     def settled(self, keys: list[int]) -> set[int]:
@@ -78,6 +80,7 @@ class History:
             return  # a plan is not an outcome
         keys = [pair_key(token, email) for email in emails]
         if status == Status.SKIPPED:
+            self.skipped_now += len(keys)
             # Served already (invited, in a session): an earlier failure no longer stands.
             if self.failed or self.blocked:
                 for key in keys:
@@ -106,6 +109,7 @@ class History:
         return {
             "emails_sent": len(self.sent),
             "emails_failed": len(self.failed),
+            "emails_skipped": len(self.skipped) + self.skipped_now,
             "rejected": len(self.rejected_rows),
             "unknown": len(self.blocked),
         }

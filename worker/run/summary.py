@@ -64,6 +64,8 @@ class JobTotals:
 
     emails_sent: int
     emails_failed: int
+    #: Already served when the job came to them (invited, or in a session).
+    emails_skipped: int
     rejected: int
     unknown: int
 
