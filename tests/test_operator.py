@@ -34,7 +34,7 @@ from tests.conftest import (
 from worker.cli.review import write_failed
 from worker.record.replay import Replay
 from worker.run.bar import SteadyRate, duration_text
-from worker.run.counts import QueueRead
+from worker.run.counts import FileRead, QueueRead
 from worker.run.human import print_summary
 from worker.run.summary import Halt
 
@@ -310,6 +310,19 @@ def test_the_terminal_summary_says_zero_requests_when_none_were_made() -> None:
     print_summary(summary, "r.jsonl", ["invite-worker", "run", "in.csv"], out)
     [line] = [line for line in out.getvalue().splitlines() if line.strip().startswith("requests")]
     assert line.split()[-1] == "0", line
+
+
+def test_a_resumed_runs_table_says_what_the_report_had_settled() -> None:
+    """--resume: the table says how many rows the report's earlier runs had settled, beside
+    what this run did (a daily job's table would otherwise show only today's few)."""
+    summary = a_summary(read=FileRead(skipped=152, tokens=3), resumed=True, emails_sent=1)
+    out = io.StringIO()
+    print_summary(summary, "r.jsonl", ["invite-worker", "run", "in.csv", "--resume"], out)
+    lines = [line.split() for line in out.getvalue().splitlines()]
+    assert ["settled", "before", "152", "(by", "this", "report's", "earlier", "runs)"] in lines
+    fresh = io.StringIO()
+    print_summary(a_summary(), "r.jsonl", ["invite-worker", "run", "in.csv"], fresh)
+    assert "settled before" not in fresh.getvalue()
 
 
 def test_the_eta_holds_steady_through_bursts_paced_by_a_rate_limit() -> None:

@@ -11,7 +11,7 @@ import shlex
 from collections.abc import Mapping
 from typing import TextIO
 
-from worker.run.counts import QueueRead
+from worker.run.counts import FileRead, QueueRead
 from worker.run.summary import AnySummary
 
 
@@ -31,6 +31,9 @@ def print_summary(
     seconds = summary.duration_ms / 1000
     sent = summary.emails_sent
     rows: list[tuple[str, str]] = [("invited", f"{sent:,}")]
+    settled = summary.read.skipped if isinstance(summary.read, FileRead) else 0
+    if settled:  # --resume: what the report's earlier runs had already settled
+        rows.append(("settled before", f"{settled:,} (by this report's earlier runs)"))
     rows += _by("skipped", summary.skipped_by_reason)
     rows += _by("refused", summary.refused_by_code)
     failed = summary.emails_failed - sum(summary.refused_by_code.values())
