@@ -191,8 +191,9 @@ def test_every_token_answering_404_is_a_wrong_url_left_for_resume(
 
 
 def test_a_dry_run_against_a_wrong_url_says_to_plan_again(tmp_path: Path, not_an_api: str) -> None:
-    """A dry run with --preflight where every read answers 404 halts with exit 3 and says
-    to run the dry run again once the URL is right, not to --resume a real run."""
+    """A dry run with --preflight where every read answers 404 halts with exit 3, says to
+    run the dry run again once the URL is right (not to --resume a real run), and ends its
+    plan with a summary that says why; the next dry run replaces it."""
     source = tmp_path / "in.csv"
     source.write_text("token,email\ntok0,a@example.com\n")
     done = invite_worker("run", str(source), "--api-url", not_an_api, "--dry-run",
@@ -201,6 +202,11 @@ def test_a_dry_run_against_a_wrong_url_says_to_plan_again(tmp_path: Path, not_an
     assert "no Datadog API there" in done.stderr
     assert "run the dry run again" in done.stderr
     assert "--resume" not in done.stderr
+    summary = read_report(tmp_path / "plan.jsonl")[-1]  # the plan says why it stopped
+    assert (summary["kind"], summary["dry_run"], summary["exit_code"]) == ("summary", True, 3)
+    assert summary["halted"]["code"] == "wrong_url"
+    again = invite_worker("run", str(source), "--dry-run", "--report", str(tmp_path / "plan.jsonl"))
+    assert again.returncode == 0, again.stderr  # a halted plan is replaced as any plan is
 
 
 def test_a_wrong_token_column_names_what_is_missing(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import structlog
 
 from worker.clock import SystemClock
 from worker.config import Config
-from worker.errors import AuthError, SendError, UsageError
+from worker.errors import AuthError, FatalError, SendError, StorageError, UsageError
 from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE, EXIT_OK
 from worker.record.lock import hold_report
 from worker.record.report import Report
@@ -118,6 +118,12 @@ async def _plan(
             report.flush()
             if listed is not None and pruner is not None:
                 await prune(config, pruner, listed, report, stop=asyncio.Event(), plan=checked)
+    except FatalError as exc:  # --preflight found no API at the URL: the plan says so too
+        with contextlib.suppress(StorageError):
+            report.summary({"source": source.description, "dry_run": True,
+                            "report": str(config.report_path), "exit_code": EXIT_ABORTED,
+                            "halted": {"code": exc.code, "message": str(exc)}})  # fmt: skip
+        raise
     finally:
         source.close()
     seconds = estimate(requests, config.rate, assume_limit)
