@@ -204,12 +204,33 @@ CaptureFactory = Callable[[], Any]
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Where the servers tests start listen: below the kernel's ephemeral range (32768 and up
+#: on Linux), which it hands to outgoing connections and to ``bind(0)``. A port taken from
+#: that range and released could be taken again, by a client socket or another test
+#: process, before the server binds it, and a test would then talk to the wrong server.
+#: Each test process (pytest-xdist worker) has a slice of its own and hands each port once.
+PORT_RANGE = (20000, 32000)
+_ports: list[int] = []
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port free on 127.0.0.1, handed out once, in this test process's own slice."""
+    if not _ports:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+        workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        low, high = PORT_RANGE
+        size = (high - low) // max(workers, 8)
+        start = low + (int(worker) if worker.isdigit() else 0) % max(workers, 8) * size
+        _ports.extend(range(start + size - 1, start - 1, -1))
+    while _ports:
+        port = _ports.pop()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))  # taken by another program on the machine: next
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port left in this test process's slice of {PORT_RANGE}")
 
 
 def wait_for_port(
