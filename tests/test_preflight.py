@@ -40,7 +40,7 @@ from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.record.replay import Replay
 from worker.run import run
-from worker.run.plan import SHOWN_TOKENS, print_plan
+from worker.run.human import SHOWN_TOKENS, print_plan
 from worker.run.progress import Progress
 from worker.send import client_for, pacer_for, preflight_for, reconciler_for
 from worker.send.keyed import KeyedLocks

@@ -1,6 +1,7 @@
-"""How a run went, for a person at a terminal: a short table, then the one next step.
+"""How a run went, for a person at a terminal: a short table, then the one next step; and
+a dry run's plan, printed.
 
-Off a terminal (JSON logs, a CronJob) nothing here is printed: the ``run.finished`` event
+Off a terminal (JSON logs, a CronJob) the table is not printed: the ``run.finished`` event
 carries the same numbers for machines.
 """
 
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import itertools
 import shlex
+from collections import Counter
 from collections.abc import Mapping
-from typing import TextIO
+from typing import Any, TextIO
 
 from worker.run.counts import FileRead, QueueRead
 from worker.run.summary import AnySummary
@@ -156,3 +158,66 @@ def resume_command(command: list[str]) -> str:
 
 def _by(label: str, counts: Mapping[str, int]) -> list[tuple[str, str]]:
     return [(f"{label}: {key}", f"{count:,}") for key, count in counts.items() if count]
+
+
+#: Tokens whose counts the printed plan shows one per line; the rest are summed (the
+#: report's summary holds every one).
+SHOWN_TOKENS = 20
+
+
+def print_plan(plan: dict[str, Any], out: TextIO) -> None:
+    """The plan for a person."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in plan["rejected_by_reason"].items())
+    seconds = plan["estimated_seconds"]
+    if seconds is None:
+        when = "unknown: give --rate R or --assume-limit L/P"
+    else:
+        basis = []
+        if plan["rate"]:
+            basis.append(f"--rate {plan['rate']:g}/s")
+        if plan["assume_limit"]:
+            limit, period = plan["assume_limit"]
+            basis.append(f"{limit} requests per {period:g} s window")
+        when = f"{_duration(seconds)} at {' and '.join(basis)}" if basis else _duration(seconds)
+    rows = [
+        ("rows read", f"{plan['rows']:,}"),
+        ("valid", f"{plan['valid']:,}"),
+        ("rejected", f"{plan['rejected']:,}" + (f"   ({reasons})" if reasons else "")),
+        ("tokens", f"{plan['tokens']:,}"),
+        ("requests needed", f"{plan['requests']:,}   (batches of up to {plan['batch_size']})"),
+        ("estimated time", when),
+    ]
+    print(f"Dry run of {plan['source']}: nothing was sent; the plan is in {plan['report']}.",
+          file=out)  # fmt: skip
+    for name, value in rows:
+        print(f"  {name:<16} {value}", file=out)
+    if "preflight" in plan:
+        print("Per token (dashboards read, invitations listed; nothing written):", file=out)
+        per_token = plan["preflight"]
+        for token, counts in itertools.islice(per_token.items(), SHOWN_TOKENS):
+            text = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+            print(f"  {token}: {text}", file=out)
+        if len(per_token) > SHOWN_TOKENS:  # an input may name tens of thousands of tokens
+            totals: Counter[str] = Counter()
+            for counts in per_token.values():
+                totals.update(counts)
+            text = ", ".join(f"{k} {v:,}" for k, v in sorted(totals.items()))
+            print(f"  … {len(per_token) - SHOWN_TOKENS:,} more tokens (each in the summary "
+                  f"record of {plan['report']}); all {len(per_token):,}: {text}",
+                  file=out)  # fmt: skip
+    if plan.get("keys_refused"):
+        print("The service refused the keys (401/403): the run would stop at its first "
+              "check (exit 3). Check DD_API_KEY / DD_APP_KEY, the site (--site) and the "
+              "application key's permissions.", file=out)  # fmt: skip
+    if "removals" in plan:
+        print(f"--prune would remove {plan['removals']:,} people (their addresses are in "
+              f"{plan['report']}); dashboards it would leave whole: "
+              f"{plan['prunes_refused']:,}", file=out)  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
