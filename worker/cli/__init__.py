@@ -9,10 +9,11 @@ import sys
 from collections.abc import Sequence
 
 from worker.cli.commands import run_command
+from worker.cli.deadletter import dead_letter_command
 from worker.cli.emulator import emulator_command
 from worker.cli.help import commands_overview, json_stderr, say
 from worker.cli.parser import build_parser
-from worker.cli.queue import dead_letter_command, enqueue_command
+from worker.cli.queue import enqueue_command
 from worker.cli.review import report_command
 from worker.errors import FatalError, UsageError
 from worker.exits import EXIT_ABORTED, EXIT_USAGE

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from worker import __version__
+from worker.cli.deadletter import add_dead_letter_parser
 from worker.cli.emulator import add_emulator_parser
 from worker.cli.help import HelpFormatter, Parser, command
-from worker.cli.queue import add_dead_letter_parser, add_enqueue_parser, add_stream_options
+from worker.cli.queue import add_enqueue_parser, add_stream_options
 from worker.cli.review import add_report_parser
 from worker.cli.run_options import RUN_DESCRIPTION, RUN_EXAMPLES, add_run_options
 
