@@ -253,7 +253,7 @@ async def test_add_invitees_adds_only_what_is_missing_and_keeps_everything_else(
 ) -> None:
     """--add-invitees: the missing addresses are added (read, merge, write, read back),
     existing invitees (their expiry, their creation time) and the share list are
-    untouched, then everyone is invited."""
+    untouched, then everyone is invited; the batch records name those added."""
     board = emulator.add_dashboard(TOKEN_A, share_list=["s@example.com"],
                                    invitees=["a@example.com", "b@example.com"])  # fmt: skip
     assert board.invitees is not None
@@ -272,6 +272,10 @@ async def test_add_invitees_adds_only_what_is_missing_and_keeps_everything_else(
     assert board.share_list == {"s@example.com"}
     assert emulator.invited == Counter({(TOKEN_A, e.lower()): 1 for e in emails})
     assert [r.method for r in emulator.requests].count("PUT") == 1
+    # The report names whom the run granted access, on the records of their sends.
+    sent = by_kind(read_report(make_config().report_path), "batch")
+    granted = [e for b in sent for e in b.get("invitees_added", [])]
+    assert sorted(granted) == ["New2@example.com", "new1@example.com"]
 
 
 async def test_add_invitees_keeps_an_edit_made_between_its_read_and_its_write(

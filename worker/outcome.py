@@ -84,3 +84,5 @@ class Outcome:
     clears: tuple[str, ...] = ()
     #: Why the emails were skipped (``active_session``, ``already_invited``).
     reason: str | None = None
+    #: Those of ``emails`` that ``--add-invitees`` added to the dashboard's invitees first.
+    invitees_added: tuple[str, ...] = ()

@@ -45,6 +45,9 @@ class BatchRecord(msgspec.Struct, tag_field="kind", tag="batch"):
     reconciled: bool | UnsetType = UNSET
     #: A ``planned`` batch: those of ``emails`` ``--add-invitees`` would add as invitees first.
     invitees_to_add: list[str] | UnsetType = UNSET
+    #: A sent or failed batch: those of ``emails`` ``--add-invitees`` added as invitees first
+    #: (access granted, whatever the send's answer).
+    invitees_added: list[str] | UnsetType = UNSET
 
     @property
     def code(self) -> str | None:

@@ -131,6 +131,7 @@ class Report:
                 list(outcome.invitations), iso(outcome.started_at), iso(outcome.finished_at),
                 round((outcome.finished_at - outcome.started_at) * 1000, 1),
                 True if outcome.reconciled else UNSET,
+                invitees_added=list(outcome.invitees_added) or UNSET,
             )  # fmt: skip
         self._pending.append(encode(record))
         self.flush()

@@ -11,6 +11,7 @@ re-send.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import structlog
@@ -85,32 +86,40 @@ class Sender:
         before it are in ``out`` all the same.
         """
         out = [] if out is None else out
+        first, added = len(out), list[str]()
         try:
-            emails = await self._screen(batch.token, batch.emails, out)
+            emails, added = await self._screen(batch.token, batch.emails, out)
             if emails:
                 await self._send(batch.token, emails, out)
         except Stopped:
             pass  # what has no outcome yet is left for --resume (or pending in the stream)
+        finally:  # their records say whom --add-invitees granted access, a fault or not
+            if added:
+                granted = set(added)
+                out[first:] = [_granted(o, granted) for o in out[first:]]
         return out
 
-    async def _screen(self, token: str, emails: list[str], out: list[Outcome]) -> list[str]:
-        """The preflight check: refused and skipped become outcomes; returns what to send."""
+    async def _screen(
+        self, token: str, emails: list[str], out: list[Outcome]
+    ) -> tuple[list[str], list[str]]:
+        """The preflight check: refused and skipped become outcomes; returns what to send,
+        and those of them ``--add-invitees`` added to the dashboard's invitees."""
         if self.state.stop.is_set() or self.state.aborted or token in self.dead_tokens:
-            return emails  # _send records (or leaves) them as before
+            return emails, []  # _send records (or leaves) them as before
         started = self._clock.time()
         try:
             screened = await self.preflight.screen(token, emails)
         except SendError as exc:  # the dashboard could not be read: --resume tries again
             self._unchecked(token, emails, exc, started, out)
-            return []
+            return [], []
         for outcome in screened.outcomes(token, started, self._clock.time()):
             if outcome.error is not None and outcome.error.code == TokenNotFound.code:
                 self.dead_tokens[token] = outcome.error.message
             out.append(outcome)
         if screened.unread is not None:  # the served were skipped; the rest not checked
             self._unchecked(token, screened.unread[1], screened.unread[0], started, out)
-            return []
-        return screened.send
+            return [], []
+        return screened.send, screened.added
 
     def _unchecked(
         self, token: str, emails: list[str], exc: SendError, started: float, out: list[Outcome]
@@ -207,3 +216,11 @@ class Sender:
         finally:
             self.cap.settle(len(emails), all_accepted=accepted)
         return accepted
+
+
+def _granted(outcome: Outcome, added: set[str]) -> Outcome:
+    """``outcome`` naming those of its emails that were added to the invitees first."""
+    if outcome.status is Status.SKIPPED:
+        return outcome
+    granted = [e for e in outcome.emails if e in added]
+    return dataclasses.replace(outcome, invitees_added=tuple(granted)) if granted else outcome
