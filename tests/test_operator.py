@@ -284,6 +284,9 @@ QUEUE = QueueRead(claimed=0, dead_lettered=0, group="g", consumer="c")
         ({"halted": Halt("storage_error", "cannot write 'r.jsonl': full. More")},
          "cannot write 'r.jsonl': full; then: invite-worker run in.csv --resume"),
         ({"emails_failed": 1, "refused_by_code": {"not_on_share_list": 1}}, "--add-invitees"),
+        ({"emails_failed": 3, "refused_by_code": {"dashboard_paused": 2}},
+         "--output retry.csv, then run retry.csv (the refused are left out: resume sharing the "
+         "paused dashboards, then add --include-refused)"),
         ({"rejected": 3}, "fix the rejected rows"),
         ({"read": dataclasses.replace(QUEUE, dead_lettered=2)},
          "invite-worker dead-letter list redis://r:6379/0 --stream s; once fixed"),
@@ -323,6 +326,16 @@ def test_a_resumed_runs_table_says_what_the_report_had_settled() -> None:
     fresh = io.StringIO()
     print_summary(a_summary(), "r.jsonl", ["invite-worker", "run", "in.csv"], fresh)
     assert "settled before" not in fresh.getvalue()
+    assert "invitees added" not in fresh.getvalue()
+
+
+def test_the_table_says_how_many_invitees_were_added_even_when_their_sends_failed() -> None:
+    """--add-invitees: the table counts the invitees added (access granted), beside a send
+    that then failed."""
+    summary = a_summary(emails_sent=0, emails_failed=2, invitees_added=2, exit_code=1)
+    out = io.StringIO()
+    print_summary(summary, "r.jsonl", ["invite-worker", "run", "in.csv", "--add-invitees"], out)
+    assert ["invitees", "added", "2"] in [line.split() for line in out.getvalue().splitlines()]
 
 
 def test_the_eta_holds_steady_through_bursts_paced_by_a_rate_limit() -> None:

@@ -276,6 +276,7 @@ async def test_add_invitees_adds_only_what_is_missing_and_keeps_everything_else(
     sent = by_kind(read_report(make_config().report_path), "batch")
     granted = [e for b in sent for e in b.get("invitees_added", [])]
     assert sorted(granted) == ["New2@example.com", "new1@example.com"]
+    assert Replay.read(make_config().report_path).summary()["invitees_added"] == 2
 
 
 async def test_add_invitees_keeps_an_edit_made_between_its_read_and_its_write(

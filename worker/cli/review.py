@@ -41,6 +41,8 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
     if totals["revoked"] or totals["prunes_refused"]:
         lines.insert(4, ("emails revoked", totals["revoked"]))
         lines.insert(5, ("prunes refused", totals["prunes_refused"]))
+    if totals["invitees_added"]:  # --add-invitees: access granted
+        lines.insert(4, ("invitees added", totals["invitees_added"]))
     for name, value in lines:
         print(f"  {name:<18} {value:,}", file=out)
     print(f"  {'duration':<18} {totals['duration_ms'] / 1000:,.1f} s", file=out)

@@ -71,6 +71,8 @@ class Replay:
     #: ``--prune``: emails whose access was taken away (by what), dashboards left whole
     revoked: int = 0
     revoked_by_what: Counter[str] = field(default_factory=Counter)
+    #: ``--add-invitees``: addresses added to dashboards' invitees before their sends
+    invitees_added: int = 0
     prunes_refused: Counter[str] = field(default_factory=Counter)
     ends_with_summary: bool = False
     _keys: Any = None  # sorted pair keys, each once
@@ -94,6 +96,8 @@ class Replay:
                 owners.extend(repeat(len(review.batches), len(emails)))
                 review.batches.append(state_of(record))
                 keys.extend(pair_key(token, email) for email in emails)
+                if isinstance(record, BatchRecord) and isinstance(record.invitees_added, list):
+                    review.invitees_added += len(record.invitees_added)
             elif isinstance(record, RejectedRecord):
                 review.rejected.setdefault(record.row, record.reason)
             elif isinstance(record, RevokedRecord):
@@ -204,6 +208,7 @@ class Replay:
         totals["failed_by_token"] = dict(failed_by_token.most_common())
         totals["rejected_by_reason"] = dict(Counter(self.rejected.values()).most_common())
         totals["skipped_by_reason"] = dict(skipped.most_common())
+        totals["invitees_added"] = self.invitees_added
         totals["revoked"] = self.revoked
         totals["revoked_by_what"] = dict(sorted(self.revoked_by_what.items()))
         totals["prunes_refused"] = sum(self.prunes_refused.values())

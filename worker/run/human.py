@@ -36,6 +36,8 @@ def print_summary(
     settled = summary.read.skipped if isinstance(summary.read, FileRead) else 0
     if settled:  # --resume: what the report's earlier runs had already settled
         rows.append(("settled before", f"{settled:,} (by this report's earlier runs)"))
+    if summary.invitees_added:  # --add-invitees granted access, whatever the sends did
+        rows.append(("invitees added", f"{summary.invitees_added:,}"))
     rows += _by("skipped", summary.skipped_by_reason)
     rows += _by("refused", summary.refused_by_code)
     failed = summary.emails_failed - sum(summary.refused_by_code.values())
@@ -109,12 +111,15 @@ def next_step(summary: AnySummary, report: str, command: list[str]) -> str:
     if summary.interrupted or summary.unsent or summary.unread:
         return f"finish the run: {resume}"
     refused = summary.refused_by_code
+    fixes = "; ".join(REFUSAL_FIXES.get(code, code) for code in sorted(refused))
     if summary.emails_failed > sum(refused.values()):
         retry = shlex.join(["invite-worker", "report", "failed", report, "--output",
                             "retry.csv"])  # fmt: skip
-        return f"once the cause is fixed: {retry}, then run retry.csv"
+        step = f"once the cause is fixed: {retry}, then run retry.csv"
+        if refused:  # left out of that file: their fix is another
+            step += f" (the refused are left out: {fixes}, then add --include-refused)"
+        return step
     if refused:
-        fixes = "; ".join(REFUSAL_FIXES.get(code, code) for code in sorted(refused))
         retry = shlex.join(["invite-worker", "report", "failed", report, "--include-refused",
                             "--output", "retry.csv"])  # fmt: skip
         return f"{fixes}; then: {retry}, and run retry.csv"
