@@ -13,7 +13,7 @@ import structlog
 
 from worker import logs
 from worker.cli.help import add_log_format, command, log_level
-from worker.cli.queue import add_dead_letter_option, require_stream
+from worker.cli.queue import add_dead_letter_option, add_url_and_stream, require_stream
 from worker.errors import UsageError
 from worker.exits import EXIT_INCOMPLETE
 from worker.queue.options import StreamOptions
@@ -63,13 +63,7 @@ def add_dead_letter_parser(sub: Any) -> None:
         help="put fixed dead letters back on the stream",
     )
     for p in (ls, rq):
-        p.add_argument("url", metavar="URL", help="the Redis server; e.g. redis://127.0.0.1:6379/0")
-        p.add_argument(
-            "--stream",
-            required=True,
-            metavar="NAME",
-            help="the stream the workers read; e.g. --stream invites",
-        )
+        add_url_and_stream(p, "the stream the workers read; e.g. --stream invites")
         add_dead_letter_option(p)
         p.add_argument(
             "--code",

@@ -90,6 +90,12 @@ def add_stream_options(r: argparse.ArgumentParser) -> None:
     )
 
 
+def add_url_and_stream(p: argparse.ArgumentParser, stream_help: str) -> None:
+    """The Redis server (positional) and the stream (``--stream``) of a queue command."""
+    p.add_argument("url", metavar="URL", help="the Redis server; e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--stream", required=True, metavar="NAME", help=stream_help)
+
+
 def add_group_option(p: argparse._ActionsContainer) -> None:
     """``--group``."""
     p.add_argument(
@@ -127,13 +133,7 @@ def add_enqueue_parser(sub: Any) -> None:
     n.add_argument(
         "file", metavar="FILE", help="a .csv or .jsonl path, or - for stdin; e.g. invites.csv"
     )
-    n.add_argument("url", metavar="URL", help="the Redis server; e.g. redis://127.0.0.1:6379/0")
-    n.add_argument(
-        "--stream",
-        required=True,
-        metavar="NAME",
-        help="the stream to add to; e.g. --stream invites",
-    )
+    add_url_and_stream(n, "the stream to add to; e.g. --stream invites")
     add_format(n)
     add_column_options(n)
     add_log_format(n)
