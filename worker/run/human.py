@@ -165,8 +165,8 @@ def _by(label: str, counts: Mapping[str, int]) -> list[tuple[str, str]]:
     return [(f"{label}: {key}", f"{count:,}") for key, count in counts.items() if count]
 
 
-#: Tokens whose counts the printed plan shows one per line; the rest are summed (the
-#: report's summary holds every one).
+#: Tokens whose counts the printed plan shows one per line; then how many more, and the
+#: counts over all of them (the report's summary holds every token's).
 SHOWN_TOKENS = 20
 
 
