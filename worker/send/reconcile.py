@@ -186,13 +186,12 @@ class Reconciler:
                 raise UnexpectedResponse(f"the invitation list did not end after {MAX_PAGES:,} "
                                          f"pages ({listing.read:,} invitations read)")  # fmt: skip
             number, skip = divmod(listing.read, size)
+            listing.pages += 1  # (a listing that fails is not kept: nothing counts it)
             try:
                 result = await self._page(token, number, size)
             except TokenNotFound as exc:  # the dashboard is gone: nothing of ours can exist
-                listing.pages += 1
                 listing.gone = exc.message
                 break
-            listing.pages += 1
             fresh = result.invitations[skip:]
             if not fresh:  # an empty page: the end (or the listing shrank meanwhile)
                 break
