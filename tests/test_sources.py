@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import collect, csv_source, jsonl_source
 from worker.errors import UsageError
-from worker.sources import detect_format, open_source
+from worker.sources import detect_format, feed, open_source
 from worker.sources.lines import MAX_LINE_BYTES, LineReader
 
 
@@ -147,6 +147,46 @@ async def test_many_rows_come_in_several_chunks(tmp_path: Path) -> None:
     source.close()
     assert len(chunks) > 1
     assert [r[0] for c in chunks for r in c] == list(range(2, 60_002))
+
+
+async def test_a_regular_file_is_parsed_on_the_loop_with_turns_between_blocks(
+    tmp_path: Path,
+) -> None:
+    """A regular file's blocks are parsed on the loop (no reader thread, whose every block
+    would cost the loop the interpreter lock), and a task waiting meanwhile gets a turn
+    between any two blocks; a pipe is still read in a thread."""
+    path = tmp_path / "big.csv"
+    path.write_text("token,email\n" + "".join(f"t,u{i}@example.com\n" for i in range(60_000)))
+    ticks: list[int] = []
+
+    async def other() -> None:
+        while True:
+            ticks.append(len(chunks))
+            await asyncio.sleep(0)
+
+    readers_before = {t for t in threading.enumerate() if t.name == "invite-worker-read"}
+    chunks: list[object] = []
+    source = open_source(str(path))
+    ticking = asyncio.ensure_future(other())
+    try:
+        async for chunk in source.chunks():
+            chunks.append(chunk)
+            assert {
+                t for t in threading.enumerate() if t.name == "invite-worker-read"
+            } <= readers_before
+    finally:
+        ticking.cancel()
+        source.close()
+    assert len(chunks) > 2
+    assert set(range(1, len(chunks))) <= set(ticks), "a block followed another with no turn"
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"token,email\nt,a@example.com\n")
+    os.close(write_end)
+    piped = open_source("-", "csv", stdin=os.fdopen(read_end, "rb"))
+    with patch("worker.sources.lines.in_thread", wraps=feed.in_thread) as threaded:
+        assert [row[2] for row in await collect(piped)] == ["a@example.com"]
+    assert threaded.called
 
 
 def test_format_detection() -> None:

@@ -6,9 +6,9 @@ lock: a stop would then hang on whoever feeds the input. Here the descriptor its
 read, only once ``poll`` says there is something to read (or an end), and ``close`` wakes
 that wait. No lock is held across a wait, so ``close`` returns at once from any thread.
 
-Blocking reads happen in a daemon thread per read (:func:`in_thread`), not in the event
-loop's executor: a read still waiting when the run ends is left behind instead of being
-joined at exit.
+Reads that may wait happen in a daemon thread per read (:func:`in_thread`), not in the
+event loop's executor: a read still waiting when the run ends is left behind instead of
+being joined at exit.
 """
 
 from __future__ import annotations
@@ -57,6 +57,14 @@ class Feed:
             self._poll = select.poll()
             self._poll.register(fd, select.POLLIN)
             self._poll.register(self._wake[0], select.POLLIN)
+
+    @property
+    def may_wait(self) -> bool:
+        """Whether a read can wait on a writer (a pipe, a FIFO, a terminal, a socket).
+
+        A regular file (or an in-memory stream) always has its bytes, or its end, at hand.
+        """
+        return self._poll is not None
 
     def read(self, size: int) -> bytes:
         """Up to ``size`` bytes, as soon as any are there; ``b""`` at the end of the input.

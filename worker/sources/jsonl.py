@@ -65,7 +65,7 @@ class JsonlSource:
             )
 
     def chunks(self) -> AsyncIterator[Sequence[Row]]:
-        return chunked(self._parse_chunk)
+        return chunked(self._parse_chunk, may_wait=self._reader.may_wait)
 
     def _parse_chunk(self) -> list[Row] | None:
         if self._pending is not None:

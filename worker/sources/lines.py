@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from itertools import count, repeat
 from typing import BinaryIO, cast, overload
@@ -104,6 +105,12 @@ class LineReader:
                 return self._count(self._clean(lines, b"\r" in data))
         return None
 
+    @property
+    def may_wait(self) -> bool:
+        """Whether a read can wait on a writer (a pipe, a FIFO, a terminal): read it in a
+        thread. A regular file's blocks are always at hand."""
+        return self._feed.may_wait
+
     def close(self) -> None:
         """Close the stream (idempotent); a read waiting in another thread is woken."""
         self._feed.close()
@@ -127,17 +134,24 @@ class LineReader:
 
 
 async def chunked(
-    parse_chunk: Callable[[], Sequence[Row] | None],
+    parse_chunk: Callable[[], Sequence[Row] | None], *, may_wait: bool = True
 ) -> AsyncIterator[Sequence[Row]]:
-    """Call a blocking ``parse_chunk`` in a thread until it returns ``None`` (end of input).
+    """Call a blocking ``parse_chunk`` until it returns ``None`` (end of input).
 
-    Reading happens off the event loop so a slow pipe on standard input never stalls the
+    ``may_wait``: the input can keep a read waiting (see :attr:`LineReader.may_wait`).
+    Such an input is read in a thread, so a slow pipe on standard input never stalls the
     requests in flight; the thread is a daemon of its own, so a read still waiting on a
-    silent writer never holds up the end of the run. Empty chunks (only blank lines) are
-    skipped.
+    silent writer never holds up the end of the run. A regular file is parsed on the
+    loop, a block at a time with a turn for the others between blocks: a thread would
+    gain nothing there, and it would cost the loop the interpreter lock each time a reply
+    comes in while a block is being parsed. Empty chunks (only blank lines) are skipped.
     """
     while True:
-        rows = await in_thread(parse_chunk)
+        if may_wait:
+            rows = await in_thread(parse_chunk)
+        else:
+            await asyncio.sleep(0)  # requests in flight go on between blocks
+            rows = parse_chunk()
         if rows is None:
             return
         if rows:
