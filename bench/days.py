@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 
@@ -54,9 +55,11 @@ def day_rows(
     fresh: Callable[[], AbstractContextManager[str]],
     run_day: Callable[[str, str], dict[str, Any]],
     stats: Callable[[str], dict[str, Any]],
+    cpus: dict[str, float] | None = None,
 ) -> list[tuple[str, str]]:
     """Run the job ``days`` times against one emulator; a table row per figure per run,
     then what the service holds at the end (every address invited once, or not).
+    ``cpus``: filled with each run's CPU seconds, by its name in the table.
 
     ``run_day(url, mode)``: one worker run; ``first`` writes the report, ``resume``
     continues it (``--resume``), ``fresh`` writes another from scratch.
@@ -69,8 +72,10 @@ def day_rows(
                 worker = run_day(url, mode)
                 if day == 1:
                     first_cpu = worker["cpu"]
-                table += _figures(f"day {day}" + (f" ({how})" if how else ""), worker, rows,
-                                  first_cpu if day > 1 else 0.0)  # fmt: skip
+                name = f"day {day}" + (f" ({how})" if how else "")
+                if cpus is not None:
+                    cpus[name] = worker["cpu"]
+                table += _figures(name, worker, rows, first_cpu if day > 1 else 0.0)
         service = stats(url)
     table.append(("invitations / duplicates", f"{service['invitations']:,} / "
                   f"{service['duplicates']:,}"))  # fmt: skip
@@ -99,3 +104,37 @@ def _figures(
          ", ".join(f"{k} {v:,}" for k, v in kinds.items())
          + f"; {summary.get('list_pages', 0):,} pages listed"),
     ]  # fmt: skip
+
+
+def rounds_rows(
+    rounds: list[tuple[list[tuple[str, str]], dict[str, float]]], rows: int
+) -> list[tuple[str, str]]:
+    """Several rounds of the days: the table of the round whose day 1 took the median
+    CPU, then every round's CPU ratio of each later run to its own day 1 (and of day 1 to
+    the round's day 1 without an allow-list, when run), with their medians.
+
+    A shared machine drifts by a third within minutes; a ratio within one round, runs
+    one right after the other, is what holds still.
+    """
+    ordered = sorted(rounds, key=lambda r: r[1]["day 1"])
+    table = list(ordered[len(ordered) // 2][0])
+    if len(rounds) == 1:
+        return table
+    table.append(("rounds", f"{len(rounds)}; day 1 CPU per row: " + "; ".join(
+        f"{r[1]['day 1'] / rows * 1e6:.2f}" for r in rounds) + " µs"))  # fmt: skip
+    for name in rounds[0][1]:
+        if name == "day 1":
+            continue
+        ratios = [r[1][name] / r[1]["day 1"] for r in rounds]
+        if name == PLAIN:
+            ratios = [1 / ratio for ratio in ratios]
+            label = "day 1 / day 1 with no allow-list"
+        else:
+            label = f"{name} / day 1"
+        shown = "; ".join(f"{ratio:.2f}" for ratio in ratios)
+        table.append((f"{label}, each round", f"{shown} (median {median(ratios):.2f}x)"))
+    return table
+
+
+#: The name of the comparison run: day 1 against dashboards that list no allow-list.
+PLAIN = "day 1, no allow-list"

@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from days import day_rows, summary_of, write_dashboards
+from days import PLAIN, day_rows, rounds_rows, summary_of, write_dashboards
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-key-0123456789"
@@ -250,7 +250,8 @@ def main() -> None:
         type=int,
         default=1,
         help="run the worker this many times, each against a fresh emulator, and show the "
-        "run with the median CPU (a shared machine is noisy)",
+        "run with the median CPU (a shared machine is noisy); with --days N, run the days "
+        "this many rounds and show each round's ratios and their medians",
     )
     parser.add_argument(
         "--queue",
@@ -294,10 +295,18 @@ def main() -> None:
         default=None,
         help="with --dry-run: also time the same rows over this many tokens, and the ratio",
     )
+    parser.add_argument(
+        "--versus-plain",
+        action="store_true",
+        help="with --invitees --days N: after each round's days, day 1 again against a "
+        "service whose dashboards list no allow-list, and the ratio of the two day 1s",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the input and report")
     opts = parser.parse_args()  # fmt: skip
     if opts.versus_tokens and not opts.dry_run:
         parser.error("--versus-tokens goes with --dry-run")
+    if opts.versus_plain and not (opts.invitees and opts.days > 1):
+        parser.error("--versus-plain goes with --invitees and --days 2 or more")
 
     workdir = Path(tempfile.mkdtemp(prefix="invite-bench-"))
     opts.source, report = workdir / f"input.{opts.format}", workdir / "report.jsonl"
@@ -307,12 +316,13 @@ def main() -> None:
         cleanup(workdir, opts.keep)
         return
     write_input(opts.source, opts.rows, opts.tokens)
-    extra: tuple[str, ...] = ()
+    pages: tuple[str, ...] = ()
+    if opts.max_page_size:
+        pages = ("--max-page-size", str(opts.max_page_size))
+    extra = pages
     if opts.invitees:
         write_dashboards(workdir / "dashboards.json", opts.rows, opts.tokens)
-        extra += ("--dashboards", str(workdir / "dashboards.json"))
-    if opts.max_page_size:
-        extra += ("--max-page-size", str(opts.max_page_size))
+        extra = ("--dashboards", str(workdir / "dashboards.json"), *pages)
     # Measure the worker as installed from a wheel, with its bytecode compiled: where
     # PYTHONDONTWRITEBYTECODE is set, an editable checkout would compile it on every run.
     compileall.compile_dir(ROOT / "worker", quiet=1)
@@ -327,9 +337,22 @@ def main() -> None:
             resume=mode == "resume",
         )
         who = "every address an invitee" if opts.invitees else "no allow-list"
+        rounds = []
+        for _ in range(max(1, opts.repeat)):
+            by_run: dict[str, float] = {}
+            table = day_rows(opts.days, opts.rows, fresh, day, stats, by_run)
+            if opts.versus_plain:
+                # Right after, against a service whose dashboards list no allow-list.
+                with emulator(opts.limit, opts.period, opts.latency, pages) as url:
+                    worker = run_worker(opts.source, workdir / "plain.jsonl", url, opts)
+                by_run[PLAIN] = worker["cpu"]
+                table.append((f"{PLAIN}: CPU per row",
+                              f"{worker['cpu'] / opts.rows * 1e6:.2f} µs (day 1 = "
+                              f"{by_run['day 1'] / worker['cpu']:.2f}x this)"))  # fmt: skip
+            rounds.append((table, by_run))
         print_table([("rows / tokens / batch", f"{opts.rows:,} / {opts.tokens:,} / "
                       f"{opts.batch_size}; {who}"),
-                     *day_rows(opts.days, opts.rows, fresh, day, stats)])  # fmt: skip
+                     *rounds_rows(rounds, opts.rows)])  # fmt: skip
         cleanup(workdir, opts.keep)
         return
     runs = []
