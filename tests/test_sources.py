@@ -20,6 +20,7 @@ from tests.conftest import collect, csv_source, jsonl_source
 from worker.errors import UsageError
 from worker.sources import detect_format, feed, open_source
 from worker.sources.lines import MAX_LINE_BYTES, LineReader
+from worker.validate.rules import Reason
 
 
 async def test_csv_header_any_order_case_and_extra_columns() -> None:
@@ -187,6 +188,36 @@ async def test_a_regular_file_is_parsed_on_the_loop_with_turns_between_blocks(
     with patch("worker.sources.lines.in_thread", wraps=feed.in_thread) as threaded:
         assert [row[2] for row in await collect(piped)] == ["a@example.com"]
     assert threaded.called
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+async def test_an_over_long_line_in_a_regular_file_never_holds_the_loop_for_its_length(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A line of 16 MiB amid the rows is read a block per turn of the loop, not in one
+    call: a task waiting meanwhile gets a turn per block; the line is rejected as too long
+    and the row after it is read."""
+    path = tmp_path / f"long.{fmt}"
+    row = "t,b@example.com\n" if fmt == "csv" else '{"token": "t", "email": "b@example.com"}\n'
+    with path.open("w") as f:
+        f.write(("token,email\n" if fmt == "csv" else "") + row)
+        f.write("x" * (16 << 20) + "\n" + row)
+    turns = 0
+
+    async def other() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.ensure_future(other())
+    try:
+        rows = await collect(open_source(str(path)))
+    finally:
+        ticking.cancel()
+    assert [row[3] for row in rows] == [None, Reason.LINE_TOO_LONG, None]
+    assert rows[-1][2] == "b@example.com"
+    assert turns >= (16 << 20) // (256 << 10) // 2, turns
 
 
 def test_format_detection() -> None:

@@ -71,7 +71,12 @@ class LineReader:
         self.number = 0
 
     def read(self) -> list[bytes | None] | None:
-        """The next lines (``None`` for an over-long one), or None at the end of input."""
+        """The next lines (``None`` for an over-long one), or None at the end of input.
+
+        At most one block is read per call: a block that ends no line (inside an over-long
+        one) gives ``[]``, so a caller on the event loop is never held for a whole line of
+        a gigabyte.
+        """
         while not self._done:
             block = self._read(BLOCK_BYTES)
             if not block:
@@ -103,6 +108,7 @@ class LineReader:
                 self._skipping = True
             if lines:
                 return self._count(self._clean(lines, b"\r" in data))
+            return []
         return None
 
     @property
