@@ -1,6 +1,7 @@
 """``run``'s options, in groups: the service, sending, who is invited, planning, operating.
 
-Stream mode's own options are in :mod:`worker.cli.queue`.
+Stream mode's own options are in :mod:`worker.cli.queue`; "who is invited", with the values
+it parses, in :mod:`worker.cli.who_options`.
 """
 
 from __future__ import annotations
@@ -10,45 +11,8 @@ import os
 from pathlib import Path
 
 from worker.cli.help import add_column_options, add_format, add_log_format
-from worker.config import DEFAULT_SITE, PruneMax
-from worker.errors import UsageError
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def duration(text: str) -> float:
-    """``90m``, ``12h``, ``7d`` (or plain seconds) as seconds."""
-    value, unit = text.strip(), "s"
-    if value and value[-1].lower() in _UNITS:
-        value, unit = value[:-1], value[-1].lower()
-    try:
-        seconds = float(value) * _UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a duration: {text!r} (use e.g. 90m, 12h, 7d)"
-        ) from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
-    return seconds
-
-
-def expiry(text: str) -> float:
-    """``--access-expires``: a duration with its unit (``7d``, ``12h``, ``90m``); a bare
-    number would be seconds, which nobody granting access means."""
-    if text.strip()[-1:].lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(
-            f"give --access-expires a unit: {text!r} would be seconds (e.g. 7d, 12h, 90m)"
-        )
-    return duration(text)
-
-
-def prune_max(text: str) -> PruneMax:
-    """``10%``, ``100%`` or a count, for ``--prune-max``."""
-    try:
-        return PruneMax.parse(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
+from worker.cli.who_options import add_who_options
+from worker.config import DEFAULT_SITE
 
 RUN_DESCRIPTION = """\
 Send the invitations a file (or a Redis Stream) lists: rows are validated, grouped per
@@ -203,63 +167,6 @@ def add_sending_options(r: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fdatasync each journal intent before its request: survive power loss too, "
         "at one sync per request",
-    )
-
-
-def add_who_options(r: argparse.ArgumentParser) -> None:
-    """Who is invited: skip the invited, or not; add invitees."""
-    g = r.add_argument_group("who is invited")
-    g.add_argument(
-        "--resend",
-        action="store_true",
-        help="send to everyone, even those the service lists as already invited or in a "
-        "session (default: skip them)",
-    )
-    g.add_argument(
-        "--resend-after",
-        type=duration,
-        default=None,
-        metavar="DURATION",
-        help="invite again those whose last invitation is older than this and who have no "
-        "open session; e.g. --resend-after 7d (or 90m, 12h)",
-    )
-    g.add_argument(
-        "--list-page-size",
-        type=int,
-        default=100,
-        metavar="N",
-        help="invitations asked for per page when listing a dashboard's (a service that "
-        "honors fewer is read at its size, to the end); e.g. --list-page-size 500",
-    )
-    g.add_argument(
-        "--add-invitees",
-        action="store_true",
-        help="add addresses the dashboard does not allow to its invitees first (read, merge, "
-        "write, read back; nothing existing is removed or changed), then invite them",
-    )
-    g.add_argument(
-        "--access-expires",
-        type=expiry,
-        default=None,
-        metavar="DURATION",
-        help="with --add-invitees: the invitees it adds get access until now + DURATION "
-        "(existing invitees keep theirs); e.g. --access-expires 7d (or 12h)",
-    )
-    g.add_argument(
-        "--prune",
-        action="store_true",
-        help="make each dashboard the list names match it: once everything is sent, remove "
-        "whom the list no longer names (invitee and share_list entries, invitations, "
-        "sessions); a file only",
-    )
-    g.add_argument(
-        "--prune-max",
-        type=prune_max,
-        default=None,
-        metavar="SHARE|N",
-        help="with --prune: the most one run may remove of a dashboard's people; a dashboard "
-        "over it is left whole and the run exits 1 (default 10%%); e.g. --prune-max 25 or "
-        "--prune-max 100%%",
     )
 
 
