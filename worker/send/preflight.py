@@ -23,6 +23,9 @@ What a check keeps is compact (see ``send.compact``): the allowed, the invited a
 a session as sorted arrays of 64-bit address hashes, 8 bytes an address, decided once when
 the token is read. In queue mode a check older than ``ttl`` is dropped, so a long-lived
 worker holds the checks of the tokens it is working on, not of every token it ever met.
+
+How a check is made and kept is :mod:`worker.send.checks`; this module decides with it,
+batch by batch.
 """
 
 from __future__ import annotations
@@ -31,12 +34,11 @@ from collections.abc import Awaitable, Callable
 from itertools import compress
 from typing import Any
 
-import structlog
-
 from worker.clock import Clock, second_text
-from worker.errors import PermanentError, SendError, TokenNotFound
+from worker.errors import SendError
 from worker.outcome import Failure
 from worker.send.boards import BoardReader
+from worker.send.checks import TokenChecks
 from worker.send.client import InvitationClient
 from worker.send.compact import key_set, keys_of, member
 from worker.send.invitees import add_invitees
@@ -53,10 +55,8 @@ from worker.send.screening import (
     not_allowed,
 )
 
-log = structlog.get_logger("worker.preflight")
 
-
-class Preflight:
+class Preflight(TokenChecks):
     """Checks each token once (or again after ``ttl`` seconds, in queue mode)."""
 
     def __init__(
@@ -94,11 +94,6 @@ class Preflight:
         self.validations = 0
         #: Addresses added to dashboards' invitees (``--add-invitees``).
         self.invitees_added = 0
-
-    @property
-    def held(self) -> int:
-        """How many tokens' checks are held (all of a file run's; queue mode: recent ones)."""
-        return len(self._checks)
 
     async def screen(self, token: str, emails: list[str]) -> Screened:
         """Which of ``emails`` to send, which are refused, which skipped (by reason).
@@ -169,91 +164,6 @@ class Preflight:
             if mask.any():
                 out.skipped[reason] = list(compress(emails, mask.tolist()))
         return ~(session | invited)
-
-    def forget(self, token: str) -> None:
-        """Read ``token``'s dashboard again before its next batch (a check being made
-        now is used by the batch waiting for it, and not kept)."""
-        self._checks.pop(token, None)
-        if token in self._reading:
-            self._stale.add(token)
-
-    async def _check(self, token: str) -> TokenCheck:
-        async with self._locks.hold(token):
-            now = self._clock.time()
-            check = self._checks.get(token)
-            if check is None or (self._ttl is not None and now - check.checked > self._ttl):
-                self._sweep(now)
-                self._reading.add(token)
-                try:
-                    check = await self._read(token, now)
-                except SendError as exc:
-                    check = TokenCheck(now, unread=exc)
-                finally:
-                    self._reading.discard(token)
-                if token in self._stale:  # forgotten while it was made: not kept
-                    self._stale.discard(token)
-                elif self._keeps(check.unread):
-                    self._checks[token] = check
-            if check.unread is not None and not check.board:
-                raise check.unread.with_traceback(None)
-            return check
-
-    def _keeps(self, failure: SendError | None) -> bool:
-        """Whether a check is kept: a failed one is, so the token's other batches fail at
-        once rather than each after as many tries; but not in queue mode (a ttl) when
-        it may pass, since every message it failed would go to the dead letters."""
-        return failure is None or self._ttl is None or isinstance(failure, PermanentError)
-
-    def _sweep(self, now: float) -> None:
-        """Drop the checks past ``ttl`` (queue mode), at most once per ``ttl``."""
-        ttl = self._ttl
-        if ttl is None or now - self._swept < ttl:
-            return
-        self._swept = now
-        for token in [t for t, c in self._checks.items() if now - c.checked > ttl]:
-            del self._checks[token]
-
-    async def _read(self, token: str, now: float) -> TokenCheck:
-        """Who the token's invitations say was served (none listed with ``--resend``).
-
-        The dashboard is read later, by :meth:`_board`, only if a batch holds anyone else.
-        """
-        check = TokenCheck(now)
-        if not self._boards.readable:
-            check.board = True  # dashboards cannot be read: let the service decide
-        if not self._resend:
-            # A refused listing (401/403) is not passed over: without it nobody already
-            # invited can be told apart, so it goes up as the keys refused and the run
-            # stops (exit 3) before any POST; --resend is the way to send without it.
-            listing = await self._reconciler.listing(token, now)
-            if listing.gone is not None:  # a 404: no dashboard to read either
-                await self._boards.check_url()
-                check.refused = Failure(TokenNotFound.code, listing.gone)
-                check.board = True
-                return check
-            self._boards.answered()
-            open_ = listing.session_ends > now
-            check.in_session = listing.keys[open_]
-            invited = ~open_
-            if self._resend_after is not None:  # only those invited within that long
-                invited &= listing.created >= now - self._resend_after
-            check.invited = listing.keys[invited]
-        served = len(check.in_session) + len(check.invited)
-        log.info("preflight.checked", token=token, served=served)
-        return check
-
-    async def _board(self, token: str, check: TokenCheck) -> None:
-        """Read the token's dashboard into ``check``, once: refused, or who is allowed."""
-        async with self._locks.hold(token):
-            if check.board:  # read meanwhile, for another batch of the token
-                return
-            try:
-                await self._boards.read(token, check)
-            except SendError as exc:
-                if not self._keeps(exc):  # the next batch reads it again
-                    raise
-                check.unread = exc  # remembered, as a listing's failure is (see _check)
-            check.board = True
 
     async def add(self, token: str, emails: list[str]) -> bool:
         """``--add-invitees``: add ``emails`` to the dashboard's invitees (see ``invitees``)."""
