@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pty
+import random
 import select
 import shutil
 import socket
@@ -208,7 +209,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: on Linux), which it hands to outgoing connections and to ``bind(0)``. A port taken from
 #: that range and released could be taken again, by a client socket or another test
 #: process, before the server binds it, and a test would then talk to the wrong server.
-#: Each test process (pytest-xdist worker) has a slice of its own and hands each port once.
+#: Each test process (pytest-xdist worker) has a slice of its own and hands each port once,
+#: in a random order.
 PORT_RANGE = (20000, 32000)
 _ports: list[int] = []
 
@@ -221,7 +223,11 @@ def free_port() -> int:
         low, high = PORT_RANGE
         size = (high - low) // max(workers, 8)
         start = low + (int(worker) if worker.isdigit() else 0) % max(workers, 8) * size
-        _ports.extend(range(start + size - 1, start - 1, -1))
+        _ports.extend(range(start, start + size))
+        # In an order of its own: two test sessions at once (two checkouts) hold the same
+        # slices, and handing ports out in the same order would give both the same port
+        # at the same moment, each then talking to the other's server.
+        random.Random(os.getpid() ^ time.time_ns()).shuffle(_ports)
     while _ports:
         port = _ports.pop()
         with socket.socket() as s:
