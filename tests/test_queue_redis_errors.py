@@ -357,7 +357,8 @@ def test_a_frozen_redis_ends_the_run_within_its_bound_and_nobody_is_invited_twic
 ) -> None:
     """A Redis that stops answering (SIGSTOP: connections stay open, nothing comes back)
     no longer holds a worker forever: each command has a time limit, then the reconnection
-    budget, then exit 3; after SIGCONT a run sends the rest, nobody twice."""
+    budget, then exit 3 (and a command started meanwhile, exit 3 too); after SIGCONT a run
+    sends the rest, nobody twice."""
     server = servers()
     api = start_emulator("--limit", "30", "--period", "1")
     pairs = enqueue(cli, tmp_path, server.url, 600)
@@ -372,9 +373,41 @@ def test_a_frozen_redis_ends_the_run_within_its_bound_and_nobody_is_invited_twic
         assert time.monotonic() - stopped < 10
         assert "lost Redis at" in one_message(worker)
         at_start = cli("dead-letter", "list", server.url, "--stream", "invites", quick=True)
-        at_start.expect(2, timeout=30)
+        at_start.expect(3, timeout=30)
         assert "cannot reach Redis" in one_message(at_start)
     finally:
         server.proc.send_signal(signal.SIGCONT)
     cli(*worker_args(server.url, api, tmp_path / "2.jsonl")).expect(0, timeout=120)
+    each_invited_once_nothing_left(api, pairs, server.url, "invites")
+
+
+def test_redis_not_answering_at_the_start_is_a_fault_to_run_again_not_a_mistake(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """No Redis on the URL's port when run, enqueue or dead-letter starts: exit 3 (a fault,
+    as an unreachable API), one line naming host and port and what to do, nothing sent or
+    added; with the server back on that port, a run sends what is then enqueued, once."""
+    server = servers()
+    api = start_emulator()
+    server.kill()
+    where = f"redis://127.0.0.1:{server.port}/0"
+    source = tmp_path / "late.csv"
+    source.write_text("token,email\ndash-0,late@example.com\n")
+    for args in (worker_args(server.url, api, tmp_path / "1.jsonl"),
+                 ["enqueue", str(source), server.url, "--stream", "invites"],
+                 ["dead-letter", "list", server.url, "--stream", "invites"]):  # fmt: skip
+        proc = cli(*args, quick=True)
+        proc.expect(3, timeout=30)
+        said = one_message(proc)
+        assert f"cannot reach Redis at {where}" in said, said
+        assert "run the same command again" in said, said
+        assert ".;" not in said, said
+    assert emulator_invited(api) == {}
+    server.start()
+    assert server.cli("EXISTS", "invites") == "0"  # nothing was added while it was down
+    pairs = enqueue(cli, tmp_path, server.url, 30)
+    cli(*worker_args(server.url, api, tmp_path / "2.jsonl")).expect(0, timeout=60)
     each_invited_once_nothing_left(api, pairs, server.url, "invites")

@@ -68,6 +68,13 @@ class QueueLost(FatalError):
     code = "queue_lost"
 
 
+class QueueUnreachable(FatalError):
+    """Redis did not answer when the command started: nothing was read, sent or added. A
+    fault like an unreachable API (exit 3, run again), not a mistake in the command."""
+
+    code = "queue_unreachable"
+
+
 class InternalError(FatalError):
     """A part of the run (the reader, a sender, the flusher, the progress) raised something
     unexpected: a bug. The run halts as for any fault, so nothing is lost or sent twice."""

@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.clock import Clock, SystemClock
 from worker.config import Config
-from worker.errors import FatalError, InviteWorkerError, UsageError
+from worker.errors import FatalError, InviteWorkerError, QueueUnreachable, UsageError
 from worker.metrics import metrics_for
 from worker.queue.failures import (
     FAILING_OVER,
@@ -105,7 +105,8 @@ def _retry(retries: int, backoff: ExponentialWithJitterBackoff) -> Retry:
 
 
 async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailures]) -> Redis:
-    """A Redis connection, checked with PING (an unreachable server is a usage error).
+    """A Redis connection, checked with PING: a refusal (a password, a permission) is a
+    usage error (exit 2); no answer is :class:`QueueUnreachable` (exit 3, run again).
 
     Once it answered, a dropped connection (a restart, a fail-over) is retried with
     backoff for about 30 s, commands included, before the run gives up on it. A command
@@ -123,7 +124,10 @@ async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailure
         raise UsageError(str(failure)) from None
     except (RedisError, OSError) as exc:
         await redis.aclose()
-        raise UsageError(f"cannot reach Redis at {where}: {exc}") from None
+        raise QueueUnreachable(
+            f"cannot reach Redis at {where}: {str(exc).rstrip('.')}; check the host and port "
+            "in the URL, and once Redis answers, run the same command again"
+        ) from None
     redis.set_retry(_retry(RECONNECT_RETRIES, _Reconnecting(cap=2.0, base=0.1)))
     return redis
 
