@@ -253,7 +253,8 @@ async def test_add_invitees_adds_only_what_is_missing_and_keeps_everything_else(
 ) -> None:
     """--add-invitees: the missing addresses are added (read, merge, write, read back),
     existing invitees (their expiry, their creation time) and the share list are
-    untouched, then everyone is invited; the batch records name those added."""
+    untouched, then everyone is invited; the batch records name those added, and until
+    when."""
     board = emulator.add_dashboard(TOKEN_A, share_list=["s@example.com"],
                                    invitees=["a@example.com", "b@example.com"])  # fmt: skip
     assert board.invitees is not None
@@ -276,6 +277,9 @@ async def test_add_invitees_adds_only_what_is_missing_and_keeps_everything_else(
     sent = by_kind(read_report(make_config().report_path), "batch")
     granted = [e for b in sent for e in b.get("invitees_added", [])]
     assert sorted(granted) == ["New2@example.com", "new1@example.com"]
+    # For good (no --access-expires): said as null; a batch that added nobody says nothing.
+    assert [b["access_expiration"] for b in sent if "invitees_added" in b] == [None]
+    assert all("access_expiration" not in b for b in sent if "invitees_added" not in b)
     assert Replay.read(make_config().report_path).summary()["invitees_added"] == 2
 
 

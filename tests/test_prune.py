@@ -287,8 +287,8 @@ def test_a_second_identical_run_changes_nothing(
 def test_access_expires_sets_the_expiration_of_the_invitees_it_adds_and_only_theirs(
     tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
 ) -> None:
-    """--add-invitees --access-expires 7d: the invitees added expire in 7 days; existing
-    ones keep theirs (none, or the date they had)."""
+    """--add-invitees --access-expires 7d: the invitees added expire in 7 days, and their
+    batch records say when; existing ones keep theirs (none, or the date they had)."""
     later = "2031-01-02T03:04:05+00:00"
     url = start_emulator("--dashboards", seed(tmp_path, [{"token": TOKEN_A, "invitees": [
         {"email": "old@example.com"},
@@ -303,6 +303,15 @@ def test_access_expires_sets_the_expiration_of_the_invitees_it_adds_and_only_the
     for email in NEW:
         expires = datetime.fromisoformat(invitees[email]).timestamp()
         assert started + 7 * 86400 - 2 <= expires <= time.time() + 7 * 86400 + 1
+    # The report says whom the run granted access, and until when, as the service holds it.
+    added = [b for b in by_kind(read_report(tmp_path / "r.jsonl"), "batch")
+             if b.get("invitees_added")]  # fmt: skip
+    assert sorted(e for b in added for e in b["invitees_added"]) == sorted(NEW)
+    for batch in added:
+        for email in batch["invitees_added"]:
+            assert datetime.fromisoformat(batch["access_expiration"]) == datetime.fromisoformat(
+                invitees[email]
+            )
 
 
 def test_a_run_killed_mid_prune_is_finished_by_running_again(

@@ -86,3 +86,5 @@ class Outcome:
     reason: str | None = None
     #: Those of ``emails`` that ``--add-invitees`` added to the dashboard's invitees first.
     invitees_added: tuple[str, ...] = ()
+    #: The ``access_expiration`` they were given (None: never expires).
+    access_expiration: str | None = None

@@ -48,6 +48,9 @@ class BatchRecord(msgspec.Struct, tag_field="kind", tag="batch"):
     #: A sent or failed batch: those of ``emails`` ``--add-invitees`` added as invitees first
     #: (access granted, whatever the send's answer).
     invitees_added: list[str] | UnsetType = UNSET
+    #: With ``invitees_added``: the ``access_expiration`` they were given (``--access-expires``;
+    #: null: their access never expires).
+    access_expiration: str | UnsetType | None = UNSET
 
     @property
     def code(self) -> str | None:

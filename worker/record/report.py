@@ -132,6 +132,8 @@ class Report:
                 round((outcome.finished_at - outcome.started_at) * 1000, 1),
                 True if outcome.reconciled else UNSET,
                 invitees_added=list(outcome.invitees_added) or UNSET,
+                access_expiration=outcome.access_expiration if outcome.invitees_added
+                else UNSET,
             )  # fmt: skip
         self._pending.append(encode(record))
         self.flush()

@@ -138,8 +138,8 @@ class Preflight(TokenChecks):
             if not self._writes:  # a plan: screened as the run would, once it added them
                 out.added, outside = outside, []
                 self._allow(token, out.added)
-            elif await self.add(token, outside):
-                out.added, outside = outside, []
+            elif (granted := await self.add(token, outside))[0]:
+                out.added, out.added_until, outside = outside, granted[1], []
             else:
                 why = "could not add the address to the dashboard's invitees safely"
                 failure = Failure(INVITEE_UPDATE_FAILED, f"{why} (see invitees.update_failed)")
@@ -165,18 +165,22 @@ class Preflight(TokenChecks):
                 out.skipped[reason] = list(compress(emails, mask.tolist()))
         return ~(session | invited)
 
-    async def add(self, token: str, emails: list[str]) -> bool:
-        """``--add-invitees``: add ``emails`` to the dashboard's invitees (see ``invitees``)."""
+    async def add(self, token: str, emails: list[str]) -> tuple[bool, str | None]:
+        """``--add-invitees``: add ``emails`` to the dashboard's invitees (see ``invitees``).
+
+        Whether they were added, and the ``access_expiration`` they were given (None: their
+        access never expires).
+        """
         async with self._locks.hold(token):
             expires = None
             if self._access_expires is not None:  # whole seconds: they read back exactly
                 expires = second_text(int(self._clock.time() + self._access_expires)) + "+00:00"
             added = await add_invitees(self._paced, self._client, token, emails, expires)
         if added is None:
-            return False
+            return False, None
         self.invitees_added += added
         self._allow(token, emails)
-        return True
+        return True, expires
 
     def _allow(self, token: str, emails: list[str]) -> None:
         """Count ``emails`` allowed on ``token``'s dashboard from now on."""

@@ -62,6 +62,8 @@ class Screened:
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> emails
     #: ``--add-invitees``: those added to the dashboard's invitees (a plan: to be added).
     added: list[str] = field(default_factory=list)
+    #: The ``access_expiration`` those ``added`` were given (None: never expires).
+    added_until: str | None = None
     #: The dashboard could not be read (the error), for these emails, not yet served: the
     #: served are skipped all the same.
     unread: tuple[SendError, list[str]] | None = None

@@ -86,9 +86,9 @@ class Sender:
         before it are in ``out`` all the same.
         """
         out = [] if out is None else out
-        first, added = len(out), list[str]()
+        first, added, until = len(out), list[str](), None
         try:
-            emails, added = await self._screen(batch.token, batch.emails, out)
+            emails, added, until = await self._screen(batch.token, batch.emails, out)
             if emails:
                 await self._send(batch.token, emails, out)
         except Stopped:
@@ -96,30 +96,31 @@ class Sender:
         finally:  # their records say whom --add-invitees granted access, a fault or not
             if added:
                 granted = set(added)
-                out[first:] = [_granted(o, granted) for o in out[first:]]
+                out[first:] = [_granted(o, granted, until) for o in out[first:]]
         return out
 
     async def _screen(
         self, token: str, emails: list[str], out: list[Outcome]
-    ) -> tuple[list[str], list[str]]:
+    ) -> tuple[list[str], list[str], str | None]:
         """The preflight check: refused and skipped become outcomes; returns what to send,
-        and those of them ``--add-invitees`` added to the dashboard's invitees."""
+        those of them ``--add-invitees`` added to the dashboard's invitees, and the access
+        expiration they were given."""
         if self.state.stop.is_set() or self.state.aborted or token in self.dead_tokens:
-            return emails, []  # _send records (or leaves) them as before
+            return emails, [], None  # _send records (or leaves) them as before
         started = self._clock.time()
         try:
             screened = await self.preflight.screen(token, emails)
         except SendError as exc:  # the dashboard could not be read: --resume tries again
             self._unchecked(token, emails, exc, started, out)
-            return [], []
+            return [], [], None
         for outcome in screened.outcomes(token, started, self._clock.time()):
             if outcome.error is not None and outcome.error.code == TokenNotFound.code:
                 self.dead_tokens[token] = outcome.error.message
             out.append(outcome)
         if screened.unread is not None:  # the served were skipped; the rest not checked
             self._unchecked(token, screened.unread[1], screened.unread[0], started, out)
-            return [], []
-        return screened.send, screened.added
+            return [], [], None
+        return screened.send, screened.added, screened.added_until
 
     def _unchecked(
         self, token: str, emails: list[str], exc: SendError, started: float, out: list[Outcome]
@@ -218,9 +219,12 @@ class Sender:
         return accepted
 
 
-def _granted(outcome: Outcome, added: set[str]) -> Outcome:
-    """``outcome`` naming those of its emails that were added to the invitees first."""
+def _granted(outcome: Outcome, added: set[str], until: str | None) -> Outcome:
+    """``outcome`` naming those of its emails that were added to the invitees first, and
+    until when (``until``; None: for good)."""
     if outcome.status is Status.SKIPPED:
         return outcome
     granted = [e for e in outcome.emails if e in added]
-    return dataclasses.replace(outcome, invitees_added=tuple(granted)) if granted else outcome
+    if not granted:
+        return outcome
+    return dataclasses.replace(outcome, invitees_added=tuple(granted), access_expiration=until)
