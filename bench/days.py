@@ -109,9 +109,10 @@ def _figures(
 def rounds_rows(
     rounds: list[tuple[list[tuple[str, str]], dict[str, float]]], rows: int
 ) -> list[tuple[str, str]]:
-    """Several rounds of the days: the table of the round whose day 1 took the median
-    CPU, then every round's CPU ratio of each later run to its own day 1 (and of day 1 to
-    the round's day 1 without an allow-list, when run), with their medians.
+    """Several rounds of the days: the table of the middle round by day 1's CPU (of an
+    even number, the upper of the two middle ones), then every round's CPU ratio of each
+    later run to its own day 1 (and of day 1 to the round's day 1 without an allow-list,
+    when run), with their medians.
 
     A shared machine drifts by a third within minutes; a ratio within one round, runs
     one right after the other, is what holds still.

@@ -345,6 +345,9 @@ def main() -> None:
                 # Right after, against a service whose dashboards list no allow-list.
                 with emulator(opts.limit, opts.period, opts.latency, pages) as url:
                     worker = run_worker(opts.source, workdir / "plain.jsonl", url, opts)
+                if worker["exit"] != 0:
+                    raise SystemExit(f"the day 1 with no allow-list exited {worker['exit']}: "
+                                     f"see {workdir / 'plain.log'} (kept)")  # fmt: skip
                 by_run[PLAIN] = worker["cpu"]
                 table.append((f"{PLAIN}: CPU per row",
                               f"{worker['cpu'] / opts.rows * 1e6:.2f} µs (day 1 = "

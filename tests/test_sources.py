@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import collect, csv_source, jsonl_source
 from worker.errors import UsageError
-from worker.sources import detect_format, feed, open_source
+from worker.sources import detect_format, feed, lines, open_source
 from worker.sources.lines import MAX_LINE_BYTES, LineReader
 from worker.validate.rules import Reason
 
@@ -218,6 +218,37 @@ async def test_an_over_long_line_in_a_regular_file_never_holds_the_loop_for_its_
     assert [row[3] for row in rows] == [None, Reason.LINE_TOO_LONG, None]
     assert rows[-1][2] == "b@example.com"
     assert turns >= (16 << 20) // (256 << 10) // 2, turns
+
+
+@pytest.mark.parametrize(("fmt", "bad"), [("csv", '"x\n'), ("jsonl", "{\n")])
+async def test_malformed_lines_are_parsed_a_bounded_number_per_turn_of_the_loop(
+    tmp_path: Path, fmt: str, bad: str
+) -> None:
+    """200,000 short malformed lines (a stray quote, a broken object) take the slow path
+    line by line: they come at most MAX_LINES to a chunk, with a turn for other tasks
+    between chunks, so one 256 KiB block never holds the loop for all its 90,000 lines."""
+    path = tmp_path / f"bad.{fmt}"
+    first = "token,email\n" if fmt == "csv" else '{"token": "t", "email": "a@example.com"}\n'
+    path.write_text(first + bad * 200_000)
+    sizes: list[int] = []
+    ticks: list[int] = []
+
+    async def other() -> None:
+        while True:
+            ticks.append(len(sizes))
+            await asyncio.sleep(0)
+
+    ticking = asyncio.ensure_future(other())
+    source = open_source(str(path))
+    try:
+        async for chunk in source.chunks():
+            sizes.append(len(chunk))
+    finally:
+        ticking.cancel()
+        source.close()
+    assert sum(sizes) == 200_000 + (fmt == "jsonl")
+    assert max(sizes) <= lines.MAX_LINES
+    assert set(range(1, len(sizes))) <= set(ticks), "a chunk followed another with no turn"
 
 
 def test_format_detection() -> None:

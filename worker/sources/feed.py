@@ -8,7 +8,8 @@ that wait. No lock is held across a wait, so ``close`` returns at once from any 
 
 Reads that may wait happen in a daemon thread per read (:func:`in_thread`), not in the
 event loop's executor: a read still waiting when the run ends is left behind instead of
-being joined at exit.
+being joined at exit. A regular file is read on the loop: a disk that stalls (a network
+mount) stalls the run with it, and a second SIGTERM still exits at once.
 """
 
 from __future__ import annotations
