@@ -80,6 +80,47 @@ def test_a_request_cut_by_sigterm_is_settled_on_resume_only_once_it_has_landed(
     assert (resumed["job"]["emails_sent"], resumed["job"]["unknown"]) == (3, 0)
 
 
+def test_a_resumed_run_stopped_mid_request_counts_that_request_unknown_in_its_job_totals(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """A --resume that settles the last stop's request, then is itself stopped during a
+    slow POST of the day's new rows: its job totals count those emails unknown (not a job
+    with nothing open); the next --resume settles them, exit 0, everyone invited once."""
+    url = start_emulator("--slow-rate", "1", "--slow-seconds", SLOW)
+    source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
+    first = [("dash-slow", f"t{i}@example.com") for i in range(3)]
+    later = [("dash-later", f"u{i}@example.com") for i in range(4)]
+    journal = journal_path(report)
+
+    def run(pairs: list[tuple[str, str]], *extra: str) -> Proc:
+        source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in pairs))
+        return spawn("run", str(source), "--report", str(report), "--api-url", url,
+                     "--timeout", TIMEOUT, "--reconcile-delay", "0.5", "--grace", "0.5",
+                     *extra)  # fmt: skip
+
+    def stop_mid_post(proc: Proc, intents: int) -> None:
+        wait_for(lambda: journal.exists() and journal.read_bytes().count(b'"i":') >= intents,
+                 "the intent")  # fmt: skip
+        time.sleep(0.3)  # the POST is on its way; the service answers it SLOW s later
+        proc.popen.send_signal(signal.SIGTERM)
+        proc.expect(3, timeout=15)
+
+    stop_mid_post(run(first), 1)
+    # The same report the next day, with new rows: the first request is settled, the new
+    # one is cut by a stop in turn.
+    resumed = run(first + later, "--resume")
+    wait_for(lambda: len(emulator_invited(url)) == 3, "the first request to land")
+    stop_mid_post(resumed, 2)
+    run(first + later, "--resume").expect(0, timeout=60)
+    assert emulator_invited(url) == dict.fromkeys(first + later, 1)
+    summaries = by_kind(read_report(report), "summary")
+    assert [s["exit_code"] for s in summaries] == [3, 3, 0]
+    cut, done = summaries[1], summaries[2]
+    assert (cut["unknown_outcomes"], cut["unsent"]) == (1, 0)
+    assert (cut["job"]["emails_sent"], cut["job"]["unknown"]) == (3, 4)
+    assert (done["job"]["emails_sent"], done["job"]["unknown"]) == (7, 0)
+
+
 def test_a_killed_queue_workers_slow_request_is_settled_only_once_it_has_landed(
     tmp_path: Path,
     start_emulator: Callable[..., str],
