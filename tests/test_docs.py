@@ -163,3 +163,22 @@ def test_a_broken_link_or_anchor_is_reported(tmp_path: Path) -> None:
         "../outside.md: points outside the repository",
         "docs/c.md: no file docs/c.md",
     ]
+
+
+def test_every_log_event_the_code_emits_is_listed_in_running_md() -> None:
+    """The list of stable event names in docs/running.md is complete: every namespaced
+    event name in the package (and ``progress``) appears there, and nothing else does."""
+    namespaces = ("run|batch|cli|client|emulator|enqueue|invitees|journal|metrics|plan|"
+                  "preflight|prune|queue|ratelimit|reconcile|removal|report|resume|records|"
+                  "sandbox|dead_letter")  # fmt: skip
+    event = re.compile(rf'"((?:{namespaces})\.[a-z_]+)"')
+    emitted = {"progress"}
+    for path in (ROOT / "worker").rglob("*.py"):
+        text = path.read_text()
+        emitted |= set(event.findall(text))
+    emitted.discard("ratelimit.remaining")  # a metric's name (statsd), not a log event
+    running = (ROOT / "docs" / "running.md").read_text()
+    section = running[running.index("Log events have stable names") : running.index("## Exit")]
+    listed = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)?)`", section)) - {"--resume"}
+    assert emitted - listed == set(), "emitted but not listed"
+    assert listed - emitted == set(), "listed but never emitted"
