@@ -204,6 +204,33 @@ def test_sigterm_while_the_input_is_silent_stops_within_grace(
     assert set(invited.values()) == {1}
 
 
+def test_a_run_stopped_before_any_batch_filled_counts_the_rows_and_tokens_it_read(
+    tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker]
+) -> None:
+    """Six rows over two tokens from a pipe that stays open, no batch of 100 full: SIGTERM
+    exits 3 with nothing sent, and the summary counts the six rows, the two tokens they
+    name, and six emails unsent for --resume."""
+    url = start_emulator()
+    report = tmp_path / "report.jsonl"
+    read_end, write_end = os.pipe()
+    try:
+        worker = start("run", "-", "--api-url", url, "--report", str(report), stdin=read_end)
+        os.close(read_end)
+        read_end = -1
+        os.write(write_end, rows_csv(PAIRS[:3] + PAIRS[-3:]).encode())
+        wait_for(lambda: report.exists() and catches_sigterm(worker.popen.pid), "the run")
+        time.sleep(0.5)  # the six rows read, the next read waiting on the silent writer
+        worker.popen.send_signal(signal.SIGTERM)
+        assert worker.exits(3, within=15) < 5
+    finally:
+        os.close(write_end)
+        if read_end != -1:
+            os.close(read_end)
+    assert emulator_invited(url) == {}
+    summary = read_report(report)[-1]
+    assert (summary["valid"], summary["tokens"], summary["unsent"]) == (6, 2, 6)
+
+
 def test_sigterm_before_the_header_exits_at_once(
     tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker]
 ) -> None:

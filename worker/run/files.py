@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncGenerator, Callable, Sequence
+from operator import itemgetter
 from urllib.parse import urlsplit
 
 import structlog
@@ -53,6 +54,9 @@ log = structlog.get_logger("worker.run")
 RejectSink = Callable[[int | str, str, str | None, str | None], None]
 
 
+_TOKEN = itemgetter(0)
+
+
 async def read_batches(
     config: Config,
     source: Source,
@@ -88,6 +92,7 @@ async def read_batches(
             valid, rejections, skipped = validator.check_rows(chunk, settled)
             counts.rows += len(chunk)
             counts.valid += len(valid)
+            tokens.update(map(_TOKEN, valid))  # read, whether or not a batch of it went out
             counts.skipped += skipped
             if listed is not None:
                 listed.chunk(chunk, rejections)
@@ -104,14 +109,12 @@ async def read_batches(
                     if history is not None:  # the job's totals count it from here on
                         known_rejected.add(row)
             for batch in batcher.add_many(valid):
-                tokens.add(batch.token)
                 yield batch
             if stop is not None and stop.is_set():
                 return
             chunk = await ahead
         counts.read_all = True
         for batch in batcher.drain():
-            tokens.add(batch.token)
             yield batch
     finally:
         if ahead is not None and not ahead.done():
