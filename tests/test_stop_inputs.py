@@ -175,7 +175,7 @@ def test_sigterm_while_the_input_is_silent_stops_within_grace(
     report = tmp_path / "report.jsonl"
     worker = start("run", feed.source, "--api-url", url, "--report", str(report),
                    "--batch-size", "5", "--grace", "5", "--reconcile-delay", "0.2",
-                   stdin=feed.stdin)  # fmt: skip
+                   "--linger", "600", stdin=feed.stdin)  # fmt: skip
     feed.started()
     feed.open_writer(worker)
     os.write(feed.writer, rows_csv(FIRST).encode())
@@ -214,7 +214,8 @@ def test_a_run_stopped_before_any_batch_filled_counts_the_rows_and_tokens_it_rea
     report = tmp_path / "report.jsonl"
     read_end, write_end = os.pipe()
     try:
-        worker = start("run", "-", "--api-url", url, "--report", str(report), stdin=read_end)
+        worker = start("run", "-", "--api-url", url, "--report", str(report), "--linger",
+                       "600", stdin=read_end)  # fmt: skip
         os.close(read_end)
         read_end = -1
         os.write(write_end, rows_csv(PAIRS[:3] + PAIRS[-3:]).encode())
@@ -229,6 +230,43 @@ def test_a_run_stopped_before_any_batch_filled_counts_the_rows_and_tokens_it_rea
     assert emulator_invited(url) == {}
     summary = read_report(report)[-1]
     assert (summary["valid"], summary["tokens"], summary["unsent"]) == (6, 2, 6)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_rows_from_a_pipe_gone_quiet_go_out_after_linger_and_the_run_reads_on(
+    tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker], fmt: str
+) -> None:
+    """A writer that sends six rows over two tokens, then stays silent: with --linger 0.3
+    their partial batches are sent while the writer is still open; the rows it sends
+    later go out too, each address invited once, exit 0 at the end of the input."""
+    url = start_emulator()
+    report = tmp_path / "report.jsonl"
+    read_end, write_end = os.pipe()
+
+    def rows(pairs: list[tuple[str, str]]) -> bytes:
+        if fmt == "csv":
+            return rows_csv(pairs).encode()
+        return "".join(f'{{"token": "{t}", "email": "{e}"}}\n' for t, e in pairs).encode()
+
+    try:
+        worker = start("run", "-", "--format", fmt, "--api-url", url, "--report", str(report),
+                       "--linger", "0.3", stdin=read_end)  # fmt: skip
+        os.close(read_end)
+        read_end = -1
+        first, then = PAIRS[:3] + PAIRS[-3:], PAIRS[3:6] + PAIRS[-6:-3]
+        os.write(write_end, rows(first))
+        wait_for(lambda: len(emulator_invited(url)) == 6, "the quiet pipe's rows sent", 20)
+        assert worker.popen.poll() is None  # still reading: the writer is open
+        os.write(write_end, rows(then)[len("token,email\n") if fmt == "csv" else 0 :])
+        os.close(write_end)
+        write_end = -1
+        assert worker.exits(0, within=30) < 30
+    finally:
+        for fd in (read_end, write_end):
+            if fd != -1:
+                os.close(fd)
+    assert emulator_invited(url) == dict.fromkeys(first + then, 1)
+    assert sent_in_report(report) == Counter(dict.fromkeys(first + then, 1))
 
 
 def test_sigterm_before_the_header_exits_at_once(

@@ -159,6 +159,9 @@ class Config:
     timeout: float = 30.0
     #: Rows held in per-token buffers across all tokens before the fullest are sent early.
     max_buffered_rows: int = 200_000
+    #: Input from a pipe, a FIFO or a terminal gone silent this long: its partial batches
+    #: are sent rather than held until more rows come (``--linger``, as in queue mode).
+    linger: float = 2.0
     #: First retry waits about this long; each further one doubles it, up to ``backoff_max``.
     backoff_base: float = 0.5
     backoff_max: float = 30.0
@@ -217,6 +220,8 @@ class Config:
             )
         _check_range("--batch-size", self.batch_size, 1, 10_000)
         _check_range("--concurrency", self.concurrency, 1, 256)
+        if not self.linger >= 0:
+            raise UsageError(f"--linger must be >= 0 seconds, got {self.linger}")
         _check_range("--max-attempts", self.max_attempts, 1, 100)
         _check_range("--list-page-size", self.list_page_size, 1, 10_000)
         if self.rate is not None and not self.rate > 0:

@@ -43,6 +43,7 @@ def config_from(
         overwrite=args.overwrite,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
+        linger=args.linger,
         rate=args.rate,
         max_attempts=args.max_attempts,
         timeout=args.timeout,

@@ -63,7 +63,8 @@ def add_stream_options(r: argparse.ArgumentParser) -> None:
         default=2.0,
         metavar="S",
         help="send a partial batch once its first message has waited this long and the "
-        "stream is caught up; e.g. --linger 0.5",
+        "stream is caught up; for input from a pipe, a FIFO or a terminal, once it has been "
+        "silent this long; e.g. --linger 0.5",
     )
     add_dead_letter_option(q)
     q.add_argument(

@@ -79,6 +79,7 @@ async def read_batches(
     known_rejected = history.rejected_rows if history is not None else set()
     settled = history.settled if history is not None else None
     tokens: set[str] = set()
+    linger = config.linger if source.may_wait else None
     chunks = source.chunks()
     ahead: asyncio.Future[Sequence[RawRow] | None] | None = None
 
@@ -112,6 +113,12 @@ async def read_batches(
                 yield batch
             if stop is not None and stop.is_set():
                 return
+            if linger is not None and batcher.buffered and not ahead.done():
+                # A pipe gone quiet: what it sent goes out now, not when more rows come.
+                await asyncio.wait({ahead}, timeout=linger)
+                if not ahead.done():
+                    for batch in batcher.drain():
+                        yield batch
             chunk = await ahead
         counts.read_all = True
         for batch in batcher.drain():

@@ -32,6 +32,13 @@ class Source(Protocol):
     #: Human description for logs, e.g. the path.
     description: str
 
+    @property
+    def may_wait(self) -> bool:
+        """Whether a read can wait on a writer (a pipe, a FIFO, a terminal): the rows read
+        may then be all there is for a while, and partial batches go out after
+        ``--linger``."""
+        return False
+
     def chunks(self) -> AsyncIterator[Sequence[RawRow]]:
         """Yield chunks of raw rows until the input ends."""
         ...

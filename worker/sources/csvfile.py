@@ -98,6 +98,11 @@ class CsvSource:
             "--email-column"
         )
 
+    @property
+    def may_wait(self) -> bool:
+        """Whether a read can wait on a writer (see :class:`~worker.sources.Source`)."""
+        return self._reader.may_wait
+
     def chunks(self) -> AsyncIterator[Sequence[Row]]:
         return chunked(self._parse_chunk, may_wait=self._reader.may_wait)
 

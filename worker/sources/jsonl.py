@@ -64,6 +64,11 @@ class JsonlSource:
                 "name the fields with --token-column and --email-column"
             )
 
+    @property
+    def may_wait(self) -> bool:
+        """Whether a read can wait on a writer (see :class:`~worker.sources.Source`)."""
+        return self._reader.may_wait
+
     def chunks(self) -> AsyncIterator[Sequence[Row]]:
         return chunked(self._parse_chunk, may_wait=self._reader.may_wait)
 
