@@ -269,6 +269,85 @@ def test_rows_from_a_pipe_gone_quiet_go_out_after_linger_and_the_run_reads_on(
     assert sent_in_report(report) == Counter(dict.fromkeys(first + then, 1))
 
 
+def test_a_steady_trickle_from_a_pipe_goes_out_while_it_lasts(
+    tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker]
+) -> None:
+    """A row every 0.15 s, more often than --linger 0.5: the held rows go out once the
+    first of them has waited --linger, while the writer is still writing (not only once it
+    stops); every address invited once at the end."""
+    url = start_emulator()
+    report = tmp_path / "report.jsonl"
+    read_end, write_end = os.pipe()
+    pairs = PAIRS[:20]
+    try:
+        worker = start("run", "-", "--api-url", url, "--report", str(report), "--linger",
+                       "0.5", stdin=read_end)  # fmt: skip
+        os.close(read_end)
+        read_end = -1
+        os.write(write_end, b"token,email\n")
+        for token, email in pairs:
+            os.write(write_end, f"{token},{email}\n".encode())
+            time.sleep(0.15)
+        sent_while_writing = len(emulator_invited(url))
+        os.close(write_end)
+        write_end = -1
+        assert worker.exits(0, within=30) < 30
+    finally:
+        for fd in (read_end, write_end):
+            if fd != -1:
+                os.close(fd)
+    assert sent_while_writing >= 5, sent_while_writing
+    assert emulator_invited(url) == dict.fromkeys(pairs, 1)
+
+
+def test_linger_zero_keeps_a_fast_pipes_batches_whole(
+    tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker]
+) -> None:
+    """--linger 0 on a pipe that keeps up (cat of 100,000 rows over 200 tokens): a read in
+    progress is not silence, so batches stay full: 1,000 requests of 100."""
+    url = start_emulator()
+    source = tmp_path / "in.csv"
+    pairs = [(f"dash-{i % 200}", f"p{i}@example.com") for i in range(100_000)]
+    source.write_text(rows_csv(pairs))
+    cat = subprocess.Popen(["cat", str(source)], stdout=subprocess.PIPE)
+    try:
+        assert cat.stdout is not None
+        worker = start("run", "-", "--api-url", url, "--report", str(tmp_path / "r.jsonl"),
+                       "--linger", "0", stdin=cat.stdout.fileno())  # fmt: skip
+        cat.stdout.close()
+        assert worker.exits(0, within=60) < 60
+    finally:
+        cat.wait(timeout=10)
+    batches = by_kind(read_report(tmp_path / "r.jsonl"), "batch")
+    assert sorted(len(b["emails"]) for b in batches) == [100] * 1000
+
+
+def test_a_dry_run_from_a_pipe_plans_the_list_whole_whatever_its_pauses(
+    tmp_path: Path, start: Callable[..., Worker]
+) -> None:
+    """A plan sends nothing, so a pause of the writer longer than --linger does not split
+    it: three rows of one token, a second apart, are one planned request."""
+    read_end, write_end = os.pipe()
+    plan = tmp_path / "plan.jsonl"
+    try:
+        worker = start("run", "-", "--dry-run", "--report", str(plan), "--linger", "0.2",
+                       stdin=read_end)  # fmt: skip
+        os.close(read_end)
+        read_end = -1
+        os.write(write_end, rows_csv(PAIRS[:2]).encode())
+        time.sleep(1)
+        os.write(write_end, f"{PAIRS[2][0]},{PAIRS[2][1]}\n".encode())
+        os.close(write_end)
+        write_end = -1
+        worker.exits(0, within=30)
+    finally:
+        for fd in (read_end, write_end):
+            if fd != -1:
+                os.close(fd)
+    planned = by_kind(read_report(plan), "batch")
+    assert [len(b["emails"]) for b in planned] == [3]
+
+
 def test_sigterm_before_the_header_exits_at_once(
     tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker]
 ) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -33,7 +36,7 @@ class Batcher:
         self.max_buffered = max_buffered
         self._buffers: dict[str, list[str]] = {}
         self._buffered = 0
-        # Queue mode: when each buffer was started, for --linger.
+        # With a clock (queue mode, a pipe): when each buffer was started, for --linger.
         self._clock = clock
         self._since: dict[str, float] = {}
         # Kept only near the bound: for each size, the tokens in the order their buffers
@@ -118,8 +121,12 @@ class Batcher:
             self._levels, self._top = None, 0
         return Batch(token, emails)
 
+    def oldest(self) -> float | None:
+        """When the longest-held partial batch was started (with a clock); None: none held."""
+        return next(iter(self._since.values()), None)
+
     def expired(self, linger: float) -> list[Batch]:
-        """Partial batches whose first row has waited ``linger`` seconds (queue mode)."""
+        """Partial batches whose first row has waited ``linger`` seconds (with a clock)."""
         if self._clock is None:
             return []
         deadline = self._clock() - linger
@@ -140,3 +147,34 @@ class Batcher:
             for token in list(self._buffers):
                 if token in self._buffers:
                     yield self._pop(token)
+
+
+#: A read of a pipe not back within this long is the input being quiet: only then do
+#: partial batches go out (so --linger 0 does not break up a fast pipe's batches).
+QUIET = 0.1
+
+
+async def lingered(
+    batcher: Batcher,
+    ahead: asyncio.Future[Any],
+    linger: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[Batch]:
+    """Partial batches to send while ``ahead``, the next read of an input that may wait,
+    is not back (``batcher`` keeps time by ``clock``).
+
+    Once the read has been out :data:`QUIET` seconds (a read in progress is not silence),
+    each partial batch goes out as its first row comes to have waited ``linger``, as queue
+    mode does once caught up: a pipe that stops is served, and a steady trickle too.
+    """
+    wait = QUIET
+    while batcher.buffered and not ahead.done():
+        await asyncio.wait({ahead}, timeout=wait)
+        if ahead.done():
+            return
+        for batch in batcher.expired(linger):
+            yield batch
+        oldest = batcher.oldest()
+        if oldest is None:
+            return
+        wait = max(QUIET, oldest + linger - clock())

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from operator import itemgetter
 from urllib.parse import urlsplit
 
 import structlog
 
-from worker.batching import Batch, Batcher
+from worker.batching import Batch, Batcher, lingered
 from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import UsageError
@@ -65,21 +66,26 @@ async def read_batches(
     history: History | None = None,
     stop: asyncio.Event | None = None,
     listed: ListedInput | None = None,
+    whole: bool = False,
 ) -> AsyncGenerator[Batch, None]:
     """Read, validate and batch ``source``: the batches to send; rejections to ``reject``.
 
     Updates ``counts`` as it goes; on ``--resume`` skips settled pairs and does not record
     rows an earlier run recorded as rejected again (they are counted all the same).
-    ``listed`` (``--prune``) learns what the list names.
+    ``listed`` (``--prune``) learns what the list names. From a pipe, a FIFO or a
+    terminal, partial batches go out after ``--linger`` (see
+    :func:`~worker.batching.lingered`), unless ``whole`` (a plan: nothing is sent, the
+    list is planned as a whole).
     """
     validator = Validator()
     if listed is not None:
         listed.index = validator.seen
-    batcher = Batcher(config.batch_size, config.max_buffered_rows)
+    linger = config.linger if source.may_wait and not whole else None
+    batcher = Batcher(config.batch_size, config.max_buffered_rows,
+                      time.monotonic if linger is not None else None)  # fmt: skip
     known_rejected = history.rejected_rows if history is not None else set()
     settled = history.settled if history is not None else None
     tokens: set[str] = set()
-    linger = config.linger if source.may_wait else None
     chunks = source.chunks()
     ahead: asyncio.Future[Sequence[RawRow] | None] | None = None
 
@@ -113,12 +119,9 @@ async def read_batches(
                 yield batch
             if stop is not None and stop.is_set():
                 return
-            if linger is not None and batcher.buffered and not ahead.done():
-                # A pipe gone quiet: what it sent goes out now, not when more rows come.
-                await asyncio.wait({ahead}, timeout=linger)
-                if not ahead.done():
-                    for batch in batcher.drain():
-                        yield batch
+            if linger is not None:
+                async for batch in lingered(batcher, ahead, linger):
+                    yield batch
             chunk = await ahead
         counts.read_all = True
         for batch in batcher.drain():

@@ -102,7 +102,7 @@ async def _plan(
     try:
         async with _checker(config, preflight) as (check, pruner):
             async for batch in read_batches(config, source, report.rejected, counts,
-                                            listed=listed):  # fmt: skip
+                                            listed=listed, whole=True):  # fmt: skip
                 emails, added = batch.emails, list[str]()  # added: by --add-invitees
                 if check is not None:
                     emails, added = await _screen(check, batch.token, emails, checked, refused)
