@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import (
     TOKEN_A,
     TOKEN_B,
@@ -26,6 +28,7 @@ from tests.conftest import (
 from worker.clock import FakeClock
 from worker.config import Config
 from worker.emulator import Emulator
+from worker.errors import Stopped
 from worker.outcome import Outcome
 from worker.record.journal import Intent, journal_path
 from worker.run.resume import History, settle_unknowns
@@ -209,6 +212,31 @@ async def test_resume_lists_an_intent_only_once_its_request_can_no_longer_be_in_
     ]  # fmt: skip
     assert [r.method for r in emulator.requests] == ["GET", "GET"]
     assert history.blocked == set()
+
+
+async def test_a_stop_while_resume_lists_for_a_request_leaves_it_and_the_rest_open(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A stop that comes while --resume's listing waits for the rate limit (its wait for
+    the request to land over): its pairs and those of the intents after it are held as
+    unknown, in the job's totals and not sent, left for the next --resume; an earlier
+    failure of one of them no longer counts as failed."""
+    config = make_config(timeout=1.0, reconcile_delay=0.0, rate=0.01)  # a GET per 100 s
+    clock = FakeClock(time.time())
+    stop = asyncio.Event()
+    stop.set()  # the listing waits for its slot: a stop ends that wait
+    intents = [Intent("r-1", TOKEN_A, ["a@example.com"], clock.now - 60, 1.0),
+               Intent("r-2", TOKEN_B, ["b@example.com", "c@example.com"], clock.now - 50,
+                      1.0)]  # fmt: skip
+    history = History(unknown=intents, failed={pair_key(TOKEN_B, "b@example.com"): "timeout"})
+    with pytest.raises(Stopped):
+        await asyncio.wait_for(settle(config, history, clock, stop), 10)
+    assert emulator.requests == []
+    assert history.blocked == {pair_key(TOKEN_A, "a@example.com"),
+                               pair_key(TOKEN_B, "b@example.com"),
+                               pair_key(TOKEN_B, "c@example.com")}  # fmt: skip
+    totals = history.totals()
+    assert (totals["unknown"], totals["emails_failed"]) == (3, 0)
 
 
 async def test_a_stop_while_resume_waits_for_a_request_leaves_it_open(

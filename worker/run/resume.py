@@ -24,7 +24,7 @@ from pathlib import Path
 import structlog
 
 from worker.clock import Clock, sleep_unless
-from worker.errors import SendError, UsageError, is_final
+from worker.errors import SendError, Stopped, UsageError, is_final
 from worker.outcome import Outcome, Status
 from worker.record.files import read_records
 from worker.record.journal import Intent, journal_path, read_journal
@@ -104,14 +104,18 @@ class History:
         code = outcome.error.code if outcome.error else None
         self.on_batch(outcome.token, outcome.emails, outcome.status, code)
 
-    def totals(self) -> dict[str, int]:
-        """Email and row counts over the whole job so far."""
+    def totals(self, cut: set[int] | None = None) -> dict[str, int]:
+        """Email and row counts over the whole job so far; ``cut``: the pairs of requests
+        this run's stop left with an unknown outcome. A pair whose outcome is unknown now
+        counts as unknown only, whatever failure an earlier record gave it."""
+        unknown = self.blocked | cut if cut else self.blocked
+        failed = len(self.failed) - sum(1 for key in unknown if key in self.failed)
         return {
             "emails_sent": len(self.sent),
-            "emails_failed": len(self.failed),
+            "emails_failed": failed,
             "emails_skipped": len(self.skipped) + self.skipped_now,
             "rejected": len(self.rejected_rows),
-            "unknown": len(self.blocked),
+            "unknown": len(unknown),
         }
 
 
@@ -223,6 +227,10 @@ async def settle_unknowns(
                       error=exc.message)  # fmt: skip
             history.blocked.update(pair_key(intent.token, e) for e in intent.emails)
             continue
+        except Stopped:  # stopped while listing: this intent and the rest stay open
+            history.blocked.update(pair_key(i.token, e) for i in waiting[number:]
+                                   for e in i.emails)  # fmt: skip
+            raise
         outcome = found_outcome(intent.token, intent.emails, found, started_at=intent.at,
                                 finished_at=clock.time(), clears=(intent.id,))  # fmt: skip
         created = len(outcome.emails) if outcome else 0

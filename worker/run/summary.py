@@ -199,13 +199,9 @@ def build_summary(
     # Valid pairs read but neither sent nor failed (left for --resume after a stop); those
     # of requests that went out but whose outcome is unknown (cut by the stop) are not.
     unsent = max(0, counts.valid - runner.recorded - sender.stats.unknown_left)
-    job = None
-    if history is not None:
-        # The history knows what was open when this run began; what this run's stop cut
-        # in flight is just as unknown, and the next --resume settles both.
-        totals = history.totals()
-        totals["unknown"] += sender.stats.unknown_left
-        job = JobTotals(**totals)
+    # The history knows what was open when this run began; what this run's stop cut in
+    # flight is just as unknown, and the next --resume settles both.
+    job = JobTotals(**history.totals(sender.stats.unknown_keys)) if history is not None else None
     rejected, by_reason = report.rejected_total, report.rejected_by_reason
     if isinstance(counts, FileCounts):  # --resume: rows an earlier run recorded count too
         rejected, by_reason = counts.rejected, counts.rejected_by_reason

@@ -19,6 +19,7 @@ from worker.outcome import Failure
 from worker.send.reconcile import found_outcome
 from worker.send.retry import Hooks
 from worker.send.trip import Trip
+from worker.validate import pair_key
 
 if TYPE_CHECKING:
     from worker.send.sender import Sender
@@ -60,6 +61,7 @@ class Journaled(Hooks):
         stats, trip = self._sender.stats, self._trip
         stats.unknown_outcomes += 1
         stats.unknown_left += len(trip.emails)
+        stats.unknown_keys.update(pair_key(trip.token, e) for e in trip.emails)
         stats.open_intents += 1
         log.warning("batch.outcome_unknown", token=trip.token, emails=len(trip.emails),
                     code="grace_expired", error="stopped with the request in flight")  # fmt: skip
@@ -107,12 +109,14 @@ class Journaled(Hooks):
         not_before = sender._clock.time() + sender._config.reconcile_delay
         if not await sender.state.sleep(sender._clock, sender._config.reconcile_delay):
             sender.stats.unknown_left += len(emails)
+            sender.stats.unknown_keys.update(pair_key(token, e) for e in emails)
             sender.stats.open_intents += 1
             raise Stopped("stopping: the unknown outcome is left in the journal")
         try:
             found = await sender.reconciler.created_since(token, emails, sent_at, not_before)
         except Stopped:
             sender.stats.unknown_left += len(emails)
+            sender.stats.unknown_keys.update(pair_key(token, e) for e in emails)
             sender.stats.open_intents += 1
             raise
         except AuthError as exc:

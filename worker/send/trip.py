@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -24,6 +24,9 @@ class SendStats:
     #: Emails of unknown outcomes left open when the run stopped (a request cut at the end
     #: of the grace, or one whose check was not waited for): neither sent nor unsent.
     unknown_left: int = 0
+    #: Their pairs (see :func:`~worker.validate.pair_key`): the job's totals count them
+    #: unknown, whatever an earlier record says.
+    unknown_keys: set[int] = field(default_factory=set)
     #: Journal intents left open (an unknown outcome no listing could settle, or one cut
     #: or left by a stop): a later --resume must settle them, so the journal is kept.
     open_intents: int = 0
