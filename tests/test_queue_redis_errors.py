@@ -411,3 +411,18 @@ def test_redis_not_answering_at_the_start_is_a_fault_to_run_again_not_a_mistake(
     pairs = enqueue(cli, tmp_path, server.url, 30)
     cli(*worker_args(server.url, api, tmp_path / "2.jsonl")).expect(0, timeout=60)
     each_invited_once_nothing_left(api, pairs, server.url, "invites")
+
+
+def test_a_url_whose_port_is_not_redis_is_a_mistake_said_plainly(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A Redis URL pointing at something else (here the emulator's HTTP port): exit 2, one
+    line saying it does not answer as Redis and to check the port; nothing sent."""
+    api = start_emulator()
+    wrong = "redis://" + api.removeprefix("http://") + "/0"
+    proc = cli(*worker_args(wrong, api, tmp_path / "1.jsonl"), quick=True)
+    proc.expect(2, timeout=30)
+    said = one_message(proc)
+    assert "does not answer as Redis does" in said, said
+    assert "check the port" in said, said
+    assert emulator_invited(api) == {}

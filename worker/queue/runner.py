@@ -14,7 +14,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import BusyLoadingError, RedisError
+from redis.exceptions import BusyLoadingError, InvalidResponse, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -122,6 +122,12 @@ async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailure
         failure = await failures(redis)(exc, "PING")
         await redis.aclose()
         raise UsageError(str(failure)) from None
+    except InvalidResponse as exc:  # something answers, and it is not Redis
+        await redis.aclose()
+        raise UsageError(
+            f"{where} does not answer as Redis does ({str(exc).rstrip('.')}): check the port "
+            "in the URL (Redis listens on 6379 unless told otherwise)"
+        ) from None
     except (RedisError, OSError) as exc:
         await redis.aclose()
         raise QueueUnreachable(
