@@ -81,6 +81,41 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
             worker.popen.wait(timeout=10)
 
 
+class Writer:
+    """The writing end of a pipe on a worker's standard input."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def close(self) -> None:
+        """The end of the input (idempotent)."""
+        if self.fd != -1:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@pytest.fixture
+def piped(start: Callable[..., Worker]) -> Iterator[Callable[..., tuple[Worker, Writer]]]:
+    """Start a worker (argv after ``python -m worker``) reading a pipe: the worker and the
+    pipe's writing end, closed after the test."""
+    writers: list[Writer] = []
+
+    def starter(*args: str) -> tuple[Worker, Writer]:
+        read_end, write_end = os.pipe()
+        writers.append(Writer(write_end))
+        try:
+            return start(*args, stdin=read_end), writers[-1]
+        finally:
+            os.close(read_end)
+
+    yield starter
+    for writer in writers:
+        writer.close()
+
+
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -205,28 +240,20 @@ def test_sigterm_while_the_input_is_silent_stops_within_grace(
 
 
 def test_a_run_stopped_before_any_batch_filled_counts_the_rows_and_tokens_it_read(
-    tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker]
+    tmp_path: Path, start_emulator: Callable[..., str], piped: Callable[..., tuple[Worker, Writer]]
 ) -> None:
     """Six rows over two tokens from a pipe that stays open, no batch of 100 full: SIGTERM
     exits 3 with nothing sent, and the summary counts the six rows, the two tokens they
     name, and six emails unsent for --resume."""
     url = start_emulator()
     report = tmp_path / "report.jsonl"
-    read_end, write_end = os.pipe()
-    try:
-        worker = start("run", "-", "--api-url", url, "--report", str(report), "--linger",
-                       "600", stdin=read_end)  # fmt: skip
-        os.close(read_end)
-        read_end = -1
-        os.write(write_end, rows_csv(PAIRS[:3] + PAIRS[-3:]).encode())
-        wait_for(lambda: report.exists() and catches_sigterm(worker.popen.pid), "the run")
-        time.sleep(0.5)  # the six rows read, the next read waiting on the silent writer
-        worker.popen.send_signal(signal.SIGTERM)
-        assert worker.exits(3, within=15) < 5
-    finally:
-        os.close(write_end)
-        if read_end != -1:
-            os.close(read_end)
+    worker, writer = piped("run", "-", "--api-url", url, "--report", str(report), "--linger",
+                           "600")  # fmt: skip
+    writer.write(rows_csv(PAIRS[:3] + PAIRS[-3:]).encode())
+    wait_for(lambda: report.exists() and catches_sigterm(worker.popen.pid), "the run")
+    time.sleep(0.5)  # the six rows read, the next read waiting on the silent writer
+    worker.popen.send_signal(signal.SIGTERM)
+    assert worker.exits(3, within=15) < 5
     assert emulator_invited(url) == {}
     summary = read_report(report)[-1]
     assert (summary["valid"], summary["tokens"], summary["unsent"]) == (6, 2, 6)
@@ -234,68 +261,52 @@ def test_a_run_stopped_before_any_batch_filled_counts_the_rows_and_tokens_it_rea
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_rows_from_a_pipe_gone_quiet_go_out_after_linger_and_the_run_reads_on(
-    tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker], fmt: str
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    piped: Callable[..., tuple[Worker, Writer]],
+    fmt: str,
 ) -> None:
     """A writer that sends six rows over two tokens, then stays silent: with --linger 0.3
     their partial batches are sent while the writer is still open; the rows it sends
     later go out too, each address invited once, exit 0 at the end of the input."""
     url = start_emulator()
     report = tmp_path / "report.jsonl"
-    read_end, write_end = os.pipe()
 
     def rows(pairs: list[tuple[str, str]]) -> bytes:
         if fmt == "csv":
             return rows_csv(pairs).encode()
         return "".join(f'{{"token": "{t}", "email": "{e}"}}\n' for t, e in pairs).encode()
 
-    try:
-        worker = start("run", "-", "--format", fmt, "--api-url", url, "--report", str(report),
-                       "--linger", "0.3", stdin=read_end)  # fmt: skip
-        os.close(read_end)
-        read_end = -1
-        first, then = PAIRS[:3] + PAIRS[-3:], PAIRS[3:6] + PAIRS[-6:-3]
-        os.write(write_end, rows(first))
-        wait_for(lambda: len(emulator_invited(url)) == 6, "the quiet pipe's rows sent", 20)
-        assert worker.popen.poll() is None  # still reading: the writer is open
-        os.write(write_end, rows(then)[len("token,email\n") if fmt == "csv" else 0 :])
-        os.close(write_end)
-        write_end = -1
-        assert worker.exits(0, within=30) < 30
-    finally:
-        for fd in (read_end, write_end):
-            if fd != -1:
-                os.close(fd)
+    worker, writer = piped("run", "-", "--format", fmt, "--api-url", url, "--report",
+                           str(report), "--linger", "0.3")  # fmt: skip
+    first, then = PAIRS[:3] + PAIRS[-3:], PAIRS[3:6] + PAIRS[-6:-3]
+    writer.write(rows(first))
+    wait_for(lambda: len(emulator_invited(url)) == 6, "the quiet pipe's rows sent", 20)
+    assert worker.popen.poll() is None  # still reading: the writer is open
+    writer.write(rows(then)[len("token,email\n") if fmt == "csv" else 0 :])
+    writer.close()
+    assert worker.exits(0, within=30) < 30
     assert emulator_invited(url) == dict.fromkeys(first + then, 1)
     assert sent_in_report(report) == Counter(dict.fromkeys(first + then, 1))
 
 
 def test_a_steady_trickle_from_a_pipe_goes_out_while_it_lasts(
-    tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker]
+    tmp_path: Path, start_emulator: Callable[..., str], piped: Callable[..., tuple[Worker, Writer]]
 ) -> None:
     """A row every 0.15 s, more often than --linger 0.5: the held rows go out once the
     first of them has waited --linger, while the writer is still writing (not only once it
     stops); every address invited once at the end."""
     url = start_emulator()
-    report = tmp_path / "report.jsonl"
-    read_end, write_end = os.pipe()
     pairs = PAIRS[:20]
-    try:
-        worker = start("run", "-", "--api-url", url, "--report", str(report), "--linger",
-                       "0.5", stdin=read_end)  # fmt: skip
-        os.close(read_end)
-        read_end = -1
-        os.write(write_end, b"token,email\n")
-        for token, email in pairs:
-            os.write(write_end, f"{token},{email}\n".encode())
-            time.sleep(0.15)
-        sent_while_writing = len(emulator_invited(url))
-        os.close(write_end)
-        write_end = -1
-        assert worker.exits(0, within=30) < 30
-    finally:
-        for fd in (read_end, write_end):
-            if fd != -1:
-                os.close(fd)
+    worker, writer = piped("run", "-", "--api-url", url, "--report",
+                           str(tmp_path / "report.jsonl"), "--linger", "0.5")  # fmt: skip
+    writer.write(b"token,email\n")
+    for token, email in pairs:
+        writer.write(f"{token},{email}\n".encode())
+        time.sleep(0.15)
+    sent_while_writing = len(emulator_invited(url))
+    writer.close()
+    assert worker.exits(0, within=30) < 30
     assert sent_while_writing >= 5, sent_while_writing
     assert emulator_invited(url) == dict.fromkeys(pairs, 1)
 
@@ -323,27 +334,17 @@ def test_linger_zero_keeps_a_fast_pipes_batches_whole(
 
 
 def test_a_dry_run_from_a_pipe_plans_the_list_whole_whatever_its_pauses(
-    tmp_path: Path, start: Callable[..., Worker]
+    tmp_path: Path, piped: Callable[..., tuple[Worker, Writer]]
 ) -> None:
     """A plan sends nothing, so a pause of the writer longer than --linger does not split
     it: three rows of one token, a second apart, are one planned request."""
-    read_end, write_end = os.pipe()
     plan = tmp_path / "plan.jsonl"
-    try:
-        worker = start("run", "-", "--dry-run", "--report", str(plan), "--linger", "0.2",
-                       stdin=read_end)  # fmt: skip
-        os.close(read_end)
-        read_end = -1
-        os.write(write_end, rows_csv(PAIRS[:2]).encode())
-        time.sleep(1)
-        os.write(write_end, f"{PAIRS[2][0]},{PAIRS[2][1]}\n".encode())
-        os.close(write_end)
-        write_end = -1
-        worker.exits(0, within=30)
-    finally:
-        for fd in (read_end, write_end):
-            if fd != -1:
-                os.close(fd)
+    worker, writer = piped("run", "-", "--dry-run", "--report", str(plan), "--linger", "0.2")
+    writer.write(rows_csv(PAIRS[:2]).encode())
+    time.sleep(1)
+    writer.write(f"{PAIRS[2][0]},{PAIRS[2][1]}\n".encode())
+    writer.close()
+    worker.exits(0, within=30)
     planned = by_kind(read_report(plan), "batch")
     assert [len(b["emails"]) for b in planned] == [3]
 
