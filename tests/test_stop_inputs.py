@@ -290,20 +290,25 @@ def test_rows_from_a_pipe_gone_quiet_go_out_after_linger_and_the_run_reads_on(
     assert sent_in_report(report) == Counter(dict.fromkeys(first + then, 1))
 
 
+@pytest.mark.parametrize("every", [0.15, 0.03])
 def test_a_steady_trickle_from_a_pipe_goes_out_while_it_lasts(
-    tmp_path: Path, start_emulator: Callable[..., str], piped: Callable[..., tuple[Worker, Writer]]
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    piped: Callable[..., tuple[Worker, Writer]],
+    every: float,
 ) -> None:
-    """A row every 0.15 s, more often than --linger 0.5: the held rows go out once the
-    first of them has waited --linger, while the writer is still writing (not only once it
-    stops); every address invited once at the end."""
+    """A row every 0.15 s, more often than --linger 0.5 (each read out long enough to be
+    quiet), or every 0.03 s (never quiet): the held rows go out while the writer is still
+    writing, not only once it stops; every address invited once at the end."""
     url = start_emulator()
-    pairs = PAIRS[:20]
+    pairs = PAIRS[:20] if every > 0.1 else PAIRS[:40] + [("dash-2", f"x{i}@example.com")
+                                                        for i in range(60)]  # fmt: skip
     worker, writer = piped("run", "-", "--api-url", url, "--report",
                            str(tmp_path / "report.jsonl"), "--linger", "0.5")  # fmt: skip
     writer.write(b"token,email\n")
     for token, email in pairs:
         writer.write(f"{token},{email}\n".encode())
-        time.sleep(0.15)
+        time.sleep(every)
     sent_while_writing = len(emulator_invited(url))
     writer.close()
     assert worker.exits(0, within=30) < 30

@@ -152,6 +152,10 @@ class Batcher:
 #: A read of a pipe not back within this long is the input being quiet: only then do
 #: partial batches go out (so --linger 0 does not break up a fast pipe's batches).
 QUIET = 0.1
+#: While rows keep coming (reads back within :data:`QUIET`), a partial batch goes out once
+#: its first row has waited this long, or ``--linger`` if longer: a steady feed is served,
+#: and a fast one's batches stay whole even at ``--linger 0``.
+BUSY = 1.0
 
 
 async def lingered(
@@ -165,8 +169,11 @@ async def lingered(
 
     Once the read has been out :data:`QUIET` seconds (a read in progress is not silence),
     each partial batch goes out as its first row comes to have waited ``linger``, as queue
-    mode does once caught up: a pipe that stops is served, and a steady trickle too.
+    mode does once caught up: a pipe that stops is served. Rows that keep coming faster
+    than that are served too, at :data:`BUSY` seconds (or ``linger``) of age.
     """
+    for batch in batcher.expired(max(linger, BUSY)):
+        yield batch
     wait = QUIET
     while batcher.buffered and not ahead.done():
         await asyncio.wait({ahead}, timeout=wait)
