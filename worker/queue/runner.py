@@ -14,7 +14,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import BusyLoadingError, InvalidResponse, RedisError
+from redis.exceptions import BusyLoadingError, InvalidResponse, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -130,9 +130,17 @@ async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailure
         ) from None
     except (RedisError, OSError) as exc:
         await redis.aclose()
+        if isinstance(exc, ResponseError) and str(exc).startswith("DENIED"):
+            # Protected mode: it answers and refuses, until its configuration changes.
+            raise UsageError(
+                f"Redis at {where} refused PING: {str(exc).rstrip('.')}; change its "
+                "configuration as it says (bind it, or set a password), then run again"
+            ) from None
+        # A TLS port spoken to in plain text resets the connection, as a restart does.
+        tls = " (if that port speaks TLS, use rediss://)" if url.startswith("redis://") else ""
         raise QueueUnreachable(
             f"cannot reach Redis at {where}: {str(exc).rstrip('.')}; check the host and port "
-            "in the URL, and once Redis answers, run the same command again"
+            f"in the URL{tls}, and once Redis answers, run the same command again"
         ) from None
     redis.set_retry(_retry(RECONNECT_RETRIES, _Reconnecting(cap=2.0, base=0.1)))
     return redis
