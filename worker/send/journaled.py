@@ -19,7 +19,6 @@ from worker.outcome import Failure
 from worker.send.reconcile import found_outcome
 from worker.send.retry import Hooks
 from worker.send.trip import Trip
-from worker.validate import pair_key
 
 if TYPE_CHECKING:
     from worker.send.sender import Sender
@@ -60,9 +59,7 @@ class Journaled(Hooks):
         # request can no longer be in progress.
         stats, trip = self._sender.stats, self._trip
         stats.unknown_outcomes += 1
-        stats.unknown_left += len(trip.emails)
-        stats.unknown_keys.update(pair_key(trip.token, e) for e in trip.emails)
-        stats.open_intents += 1
+        stats.left_unknown(trip.token, trip.emails)
         log.warning("batch.outcome_unknown", token=trip.token, emails=len(trip.emails),
                     code="grace_expired", error="stopped with the request in flight")  # fmt: skip
 
@@ -108,16 +105,12 @@ class Journaled(Hooks):
         # Give a request that is still being processed time to land before we look.
         not_before = sender._clock.time() + sender._config.reconcile_delay
         if not await sender.state.sleep(sender._clock, sender._config.reconcile_delay):
-            sender.stats.unknown_left += len(emails)
-            sender.stats.unknown_keys.update(pair_key(token, e) for e in emails)
-            sender.stats.open_intents += 1
+            sender.stats.left_unknown(token, emails)
             raise Stopped("stopping: the unknown outcome is left in the journal")
         try:
             found = await sender.reconciler.created_since(token, emails, sent_at, not_before)
         except Stopped:
-            sender.stats.unknown_left += len(emails)
-            sender.stats.unknown_keys.update(pair_key(token, e) for e in emails)
-            sender.stats.open_intents += 1
+            sender.stats.left_unknown(token, emails)
             raise
         except AuthError as exc:
             sender.state.abort(exc)

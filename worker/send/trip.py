@@ -8,6 +8,7 @@ import structlog
 
 from worker.clock import Clock
 from worker.outcome import Failure, Invitation, Outcome, Status
+from worker.validate import pair_key
 
 log = structlog.get_logger("worker.sender")
 
@@ -31,6 +32,12 @@ class SendStats:
     #: or left by a stop): a later --resume must settle them, so the journal is kept.
     open_intents: int = 0
     reconciled_sent: int = 0
+
+    def left_unknown(self, token: str, emails: list[str]) -> None:
+        """A stop leaves this request's outcome unknown, its intent open for --resume."""
+        self.unknown_left += len(emails)
+        self.unknown_keys.update(pair_key(token, e) for e in emails)
+        self.open_intents += 1
 
 
 class Trip:
