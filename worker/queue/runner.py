@@ -125,7 +125,7 @@ async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailure
     except InvalidResponse as exc:  # something answers, and it is not Redis
         await redis.aclose()
         raise UsageError(
-            f"{where} does not answer as Redis does ({str(exc).rstrip('.')}): check the port "
+            f"{where} does not answer as Redis does ({_said(exc)}): check the port "
             "in the URL (Redis listens on 6379 unless told otherwise)"
         ) from None
     except (RedisError, OSError) as exc:
@@ -133,17 +133,22 @@ async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailure
         if isinstance(exc, ResponseError) and str(exc).startswith("DENIED"):
             # Protected mode: it answers and refuses, until its configuration changes.
             raise UsageError(
-                f"Redis at {where} refused PING: {str(exc).rstrip('.')}; change its "
+                f"Redis at {where} refused PING: {_said(exc)}; change its "
                 "configuration as it says (bind it, or set a password), then run again"
             ) from None
         # A TLS port spoken to in plain text resets the connection, as a restart does.
         tls = " (if that port speaks TLS, use rediss://)" if url.startswith("redis://") else ""
         raise QueueUnreachable(
-            f"cannot reach Redis at {where}: {str(exc).rstrip('.')}; check the host and port "
+            f"cannot reach Redis at {where}: {_said(exc)}; check the host and port "
             f"in the URL{tls}, and once Redis answers, run the same command again"
         ) from None
     redis.set_retry(_retry(RECONNECT_RETRIES, _Reconnecting(cap=2.0, base=0.1)))
     return redis
+
+
+def _said(exc: BaseException) -> str:
+    """What an error says, without the period redis-py ends it with: the fix follows."""
+    return str(exc).rstrip(".")
 
 
 def at_start(failure: FatalError) -> InviteWorkerError:

@@ -70,7 +70,7 @@ class JsonlSource:
         return self._reader.may_wait
 
     def chunks(self) -> AsyncIterator[Sequence[Row]]:
-        return chunked(self._parse_chunk, may_wait=self._reader.may_wait)
+        return chunked(self._parse_chunk, may_wait=self.may_wait)
 
     def _parse_chunk(self) -> list[Row] | None:
         if self._pending is not None:
