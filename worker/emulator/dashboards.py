@@ -43,7 +43,14 @@ def _stamps(created: float) -> tuple[str, str]:
 
 def iso(epoch: float | None) -> str | None:
     """An epoch time as the API writes it (ISO 8601 with an offset), or None."""
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
+    return None if epoch is None else _iso(epoch)
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso(epoch: float) -> str:
+    # Cached: a dashboard's invitees mostly share a creation time (those a file or one PUT
+    # added), and formatting one per invitee was most of a large dashboard's GET.
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
 def epoch(value: Any) -> float | None:
