@@ -5,14 +5,11 @@ every message exactly once."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
 import signal
-import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,7 +52,7 @@ def servers(tmp_path: Path) -> Iterator[Callable[[], RedisProcess]]:
 
 #: The CLI with Redis's retry budget shrunk (about 30 s of reconnecting, and 5 s for a
 #: command to be answered, down to a second or two), for failures that are retried first.
-QUICK = ("import sys, worker.queue.runner as r; r.RECONNECT_RETRIES = 2; "
+QUICK = ("import sys, worker.queue.connect as r; r.RECONNECT_RETRIES = 2; "
          "r.COMMAND_TIMEOUT = 1.0; from worker.cli import main; sys.exit(main())")  # fmt: skip
 
 
@@ -415,49 +412,3 @@ def test_redis_not_answering_at_the_start_is_a_fault_to_run_again_not_a_mistake(
     pairs = enqueue(cli, tmp_path, server.url, 30)
     cli(*worker_args(server.url, api, tmp_path / "2.jsonl")).expect(0, timeout=60)
     each_invited_once_nothing_left(api, pairs, server.url, "invites")
-
-
-def test_a_url_whose_port_is_not_redis_is_a_mistake_said_plainly(
-    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
-) -> None:
-    """A Redis URL pointing at something else (here the emulator's HTTP port): exit 2, one
-    line saying it does not answer as Redis and to check the port; nothing sent."""
-    api = start_emulator()
-    wrong = "redis://" + api.removeprefix("http://") + "/0"
-    proc = cli(*worker_args(wrong, api, tmp_path / "1.jsonl"), quick=True)
-    proc.expect(2, timeout=30)
-    said = one_message(proc)
-    assert "does not answer as Redis does" in said, said
-    assert "check the port" in said, said
-    assert emulator_invited(api) == {}
-
-
-def test_redis_in_protected_mode_is_a_setting_to_change_not_a_fault(
-    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
-) -> None:
-    """A Redis that answers DENIED (protected mode; a real one says so only to clients not
-    on loopback, so a server on loopback plays it): exit 2, its words and the fix."""
-    api = start_emulator()
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def deny() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = server.accept()
-                with conn:
-                    while conn.recv(4096):
-                        conn.sendall(b"-DENIED Redis is running in protected mode because "
-                                     b"protected mode is enabled.\r\n")  # fmt: skip
-
-    threading.Thread(target=deny, daemon=True).start()
-    try:
-        proc = cli(*worker_args(f"redis://127.0.0.1:{port}/0", api, tmp_path / "1.jsonl"),
-                   quick=True)  # fmt: skip
-        proc.expect(2, timeout=30)
-        said = one_message(proc)
-        assert "refused PING: DENIED Redis is running in protected mode" in said, said
-        assert "change its configuration" in said, said
-    finally:
-        server.close()
-    assert emulator_invited(api) == {}

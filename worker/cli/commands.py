@@ -262,7 +262,8 @@ async def _require_stream(options: StreamOptions) -> None:
     from redis.exceptions import RedisError
 
     from worker.cli.queue import require_stream
-    from worker.queue.runner import at_start, command_failures, connect
+    from worker.queue.connect import connect
+    from worker.queue.runner import at_start, command_failures
 
     failures = command_failures(options.stream, options.where, options.dead_letter)
     redis = await connect(options.url, options.where, failures)

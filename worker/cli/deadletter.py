@@ -93,8 +93,9 @@ async def dead_letter_command(args: argparse.Namespace) -> int:
     """``dead-letter list`` or ``dead-letter requeue``."""
     from redis.exceptions import RedisError
 
+    from worker.queue.connect import connect
     from worker.queue.deadletters import Selection
-    from worker.queue.runner import at_start, command_failures, connect
+    from worker.queue.runner import at_start, command_failures
 
     logs.configure(args.log_format, level=log_level(args))
     options = StreamOptions(url=args.url, stream=args.stream, dead_letter=args.dead_letter)

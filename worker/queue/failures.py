@@ -4,7 +4,7 @@ Every Redis error a queue worker, ``enqueue`` or ``dead-letter`` meets ends here
 told apart by its type (never shown as a traceback):
 
 - unreachable, a dropped connection, a timeout, a server still loading: retried with
-  backoff (see ``runner.connect``); once that gives up, :class:`QueueLost`;
+  backoff (see ``connect.connect``); once that gives up, :class:`QueueLost`;
 - ``READONLY`` (the address now belongs to a replica: a failover): retried the same way;
   if it lasts, :class:`RedisReadOnly`, naming the primary;
 - ``OOM``: :class:`RedisOutOfMemory`: nothing is lost, the messages stay pending;

@@ -1,0 +1,202 @@
+"""What answers on a Redis URL at the start of ``run``, ``enqueue`` or ``dead-letter`` and
+cannot hold the stream: another kind of server, a Sentinel, a Redis too old, one in
+protected mode. Each is the user's to fix (exit 2), said in one line with the fix, and
+nothing is sent or added. (Redis not answering at all is a fault: see
+``test_queue_redis_errors``.)"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import emulator_invited, free_port, wait_for_port
+from tests.test_queue_redis_errors import Workers, cli, one_message, worker_args
+
+__all__ = ["cli"]  # the fixture, used by name
+
+Answer = Callable[[list[bytes]], bytes]
+
+
+@contextlib.contextmanager
+def toy_server(answer: Answer) -> Iterator[int]:
+    """A server on a loopback port reading Redis commands, answering each with
+    ``answer(command)`` (raw RESP bytes); yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            buffer = b""
+            while data := conn.recv(65536):
+                buffer += data
+                commands, buffer = parse(buffer)
+                conn.sendall(b"".join(map(answer, commands)))
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+def parse(buffer: bytes) -> tuple[list[list[bytes]], bytes]:
+    """The whole commands (arrays of bulk strings) at the start of ``buffer``, and the rest."""
+    commands: list[list[bytes]] = []
+    while buffer.startswith(b"*") and b"\r\n" in buffer:
+        head, rest = buffer[1:].split(b"\r\n", 1)
+        parts = []
+        for _ in range(int(head)):
+            if b"\r\n" not in rest:
+                return commands, buffer
+            size, tail = rest[1:].split(b"\r\n", 1)
+            if len(tail) < int(size) + 2:
+                return commands, buffer
+            parts.append(tail[: int(size)])
+            rest = tail[int(size) + 2 :]
+        commands.append(parts)
+        buffer = rest
+    return commands, buffer
+
+
+def commands_refused(port: int, api: str, tmp_path: Path, cli: Workers) -> list[str]:
+    """``run``, ``enqueue`` and ``dead-letter list`` on ``port``: each exits 2 with one
+    message (returned), and nothing was sent."""
+    url = f"redis://127.0.0.1:{port}/0"
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\ndash-0,someone@example.com\n")
+    said = []
+    for args in (worker_args(url, api, tmp_path / "1.jsonl"),
+                 ["enqueue", str(source), url, "--stream", "invites"],
+                 ["dead-letter", "list", url, "--stream", "invites"]):  # fmt: skip
+        proc = cli(*args, quick=True)
+        proc.expect(2, timeout=30)
+        said.append(one_message(proc))
+    assert emulator_invited(api) == {}
+    return said
+
+
+def test_a_url_whose_port_is_not_redis_is_a_mistake_said_plainly(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A Redis URL pointing at something else (here the emulator's HTTP port): exit 2, one
+    line saying it does not answer as Redis and to check the port; nothing sent."""
+    api = start_emulator()
+    wrong = "redis://" + api.removeprefix("http://") + "/0"
+    proc = cli(*worker_args(wrong, api, tmp_path / "1.jsonl"), quick=True)
+    proc.expect(2, timeout=30)
+    said = one_message(proc)
+    assert "does not answer as Redis does" in said, said
+    assert "check the port" in said, said
+    assert emulator_invited(api) == {}
+
+
+def test_a_server_that_says_ok_to_everything_is_not_taken_for_redis(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A server answering +OK to every command (PING included) speaks Redis's protocol
+    but is no Redis: exit 2 and the port to check, not a traceback from the first reply
+    of the wrong shape."""
+    api = start_emulator()
+    with toy_server(lambda command: b"+OK\r\n") as port:
+        for said in commands_refused(port, api, tmp_path, cli):
+            assert "does not answer as Redis does (PING was not answered PONG)" in said, said
+            assert "check the port" in said, said
+
+
+def test_a_redis_older_than_streams_need_is_named_with_its_version(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A Redis 6.0 (played by a server on loopback; no old Redis is installed) lacks
+    XAUTOCLAIM: exit 2 at the start, naming its version and the one needed, rather than
+    exit 3 and "run again" the first time a worker claims a message."""
+    api = start_emulator()
+
+    def answer(command: list[bytes]) -> bytes:
+        name = command[0].upper()
+        if name == b"HELLO":
+            return b"%2\r\n+server\r\n+redis\r\n+version\r\n+6.0.9\r\n"
+        if name == b"PING":
+            return b"+PONG\r\n"
+        if name == b"INFO":
+            info = b"# Server\r\nredis_version:6.0.9\r\nredis_mode:standalone\r\n"
+            return b"$%d\r\n%s\r\n" % (len(info), info)
+        if name == b"CLIENT":
+            return b"+OK\r\n"
+        return b"-ERR unknown command '%s'\r\n" % command[0]
+
+    with toy_server(answer) as port:
+        for said in commands_refused(port, api, tmp_path, cli):
+            assert f"Redis at redis://127.0.0.1:{port}/0" in said, said
+            assert "is version 6.0.9; the worker needs Redis 6.2 or newer" in said, said
+
+
+def test_a_sentinel_url_names_the_primary_to_use_instead(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A URL pointing at a real Redis Sentinel (it answers PING, holds no data): exit 2,
+    saying it is a Sentinel and which primary it watches, where each command said
+    "unknown command" and exit 3 (run again) before."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("needs redis-server on PATH")
+    api = start_emulator()
+    port, watched = free_port(), free_port()
+    config = tmp_path / "sentinel.conf"  # a Sentinel rewrites its configuration: a file
+    config.write_text(f"port {port}\nbind 127.0.0.1\n"
+                      f"sentinel monitor jobs 127.0.0.1 {watched} 1\n")  # fmt: skip
+    log = tmp_path / "sentinel.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([binary, str(config), "--sentinel"], stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for_port(port, proc, "redis-server --sentinel", log)
+        for said in commands_refused(port, api, tmp_path, cli):
+            assert f"redis://127.0.0.1:{port}/0#invites is a Redis Sentinel" in said or \
+                f"redis://127.0.0.1:{port}/0 is a Redis Sentinel" in said, said  # fmt: skip
+            assert f"(it watches jobs at 127.0.0.1:{watched})" in said, said
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_redis_in_protected_mode_is_a_setting_to_change_not_a_fault(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A Redis that answers DENIED (protected mode; a real one says so only to clients not
+    on loopback, so a server on loopback plays it): exit 2, its words and the fix."""
+    api = start_emulator()
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def deny() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    while conn.recv(4096):
+                        conn.sendall(b"-DENIED Redis is running in protected mode because "
+                                     b"protected mode is enabled.\r\n")  # fmt: skip
+
+    threading.Thread(target=deny, daemon=True).start()
+    try:
+        proc = cli(*worker_args(f"redis://127.0.0.1:{port}/0", api, tmp_path / "1.jsonl"),
+                   quick=True)  # fmt: skip
+        proc.expect(2, timeout=30)
+        said = one_message(proc)
+        assert "refused PING: DENIED Redis is running in protected mode" in said, said
+        assert "change its configuration" in said, said
+    finally:
+        server.close()
+    assert emulator_invited(api) == {}
