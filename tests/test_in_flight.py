@@ -11,27 +11,33 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from tests.conftest import (
     TOKEN_A,
     TOKEN_B,
     Proc,
     by_kind,
+    csv_source,
     each_invited_once_nothing_left,
     emulator_invited,
     read_report,
+    rows_csv,
 )
 from worker.clock import FakeClock
 from worker.config import Config
 from worker.emulator import Emulator
+from worker.emulator.model import parse_body
 from worker.errors import Stopped
 from worker.outcome import Outcome
-from worker.record.journal import Intent, journal_path
+from worker.record.journal import Intent, journal_path, read_journal
+from worker.run import run
 from worker.run.resume import History, settle_unknowns
+from worker.run.summary import JobTotals
 from worker.send import client_for, pacer_for, reconciler_for
 from worker.validate import pair_key
 
@@ -254,3 +260,46 @@ async def test_a_stop_while_resume_waits_for_a_request_leaves_it_open(
     assert emulator.requests == []
     assert clock.now - clock.started < 10
     assert history.blocked == {pair_key(TOKEN_A, "a@example.com")}
+
+
+async def test_an_unknown_outcome_no_listing_could_settle_counts_unknown_in_the_job(
+    make_config: Callable[..., Config],
+    answering: Callable[[Callable[[web.Request], Awaitable[web.Response]]], Awaitable[str]],
+) -> None:
+    """A resumed run's POST is answered 502 (it may have created the invitation) and the
+    listing that would tell cannot be read: the email is recorded failed
+    (``outcome_unknown``) with its intent open, and the job's totals count it unknown, not
+    failed; the run is incomplete (exit 1)."""
+    broken = False
+    posts: list[list[str]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            posts.append(parse_body(await request.read())[0] or [])
+            if broken:
+                return web.json_response({"errors": ["Bad Gateway"]}, status=502)
+            data = [{"type": "public_dashboard_invitation", "attributes": {"email": e}}
+                    for e in posts[-1]]  # fmt: skip
+            return web.json_response({"data": data}, status=201)
+        if request.path.endswith("/invitation"):  # a listing: the check's, then settling's
+            if broken and posts:
+                return web.json_response({"errors": ["Internal Server Error"]}, status=500)
+            return web.json_response({"data": [], "meta": {"page": {"total_count": 0}}})
+        return web.json_response({"share_type": "invite", "status": "active",
+                                  "invitees": None, "share_list": None})  # fmt: skip
+
+    url = await answering(answer)
+    first, later = (TOKEN_A, "a@example.com"), (TOKEN_B, "b@example.com")
+    done = await run(make_config(api_url=url), csv_source(rows_csv([first])))
+    assert done.exit_code == 0
+    broken, posts = True, []
+    resumed = await run(make_config(api_url=url, resume=True), csv_source(rows_csv([first, later])))
+    assert posts == [["b@example.com"]]  # one POST: the unknown outcome is not sent again
+    assert resumed.exit_code == 1
+    assert resumed.summary.job == JobTotals(emails_sent=1, emails_failed=0, emails_skipped=0,
+                                            rejected=0, unknown=1)  # fmt: skip
+    [failed] = [o for o in by_kind(read_report(make_config().report_path), "batch")
+                if o["status"] == "failed"]  # fmt: skip
+    assert (failed["emails"], failed["error"]["code"]) == (["b@example.com"], "outcome_unknown")
+    open_ = read_journal(journal_path(make_config().report_path)).values()
+    assert [i.emails for i in open_] == [["b@example.com"]]

@@ -106,8 +106,9 @@ class History:
 
     def totals(self, cut: set[int] | None = None) -> dict[str, int]:
         """Email and row counts over the whole job so far; ``cut``: the pairs of requests
-        this run's stop left with an unknown outcome. A pair whose outcome is unknown now
-        counts as unknown only, whatever failure an earlier record gave it."""
+        this run left with an unknown outcome (cut by its stop, or not settled for want of
+        a listing). A pair whose outcome is unknown now counts as unknown only, whatever
+        failure a record gave it."""
         unknown = self.blocked | cut if cut else self.blocked
         failed = len(self.failed) - sum(1 for key in unknown if key in self.failed)
         return {

@@ -68,7 +68,8 @@ class JobTotals:
     emails_skipped: int
     rejected: int
     #: Emails whose request went out with its outcome still unknown: left open by an
-    #: earlier run and not settled yet, or cut by this run's stop.
+    #: earlier run and not settled yet, cut by this run's stop, or whose listing this
+    #: run could not read to settle them (recorded failed, ``outcome_unknown``).
     unknown: int
 
 

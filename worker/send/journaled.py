@@ -115,12 +115,12 @@ class Journaled(Hooks):
         except AuthError as exc:
             sender.state.abort(exc)
             sender.metrics.reconciled("unreadable")
-            sender.stats.open_intents += 1
+            sender.stats.unsettled(token, emails)
             return None
         except SendError as exc:
             log.error("reconcile.failed", token=token, emails=len(emails), error=exc.message)
             sender.metrics.reconciled("unreadable")
-            sender.stats.open_intents += 1
+            sender.stats.unsettled(token, emails)
             return None
         outcome = found_outcome(
             token, emails, found, started_at=sent_at, finished_at=sender._clock.time(),

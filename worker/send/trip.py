@@ -25,8 +25,9 @@ class SendStats:
     #: Emails of unknown outcomes left open when the run stopped (a request cut at the end
     #: of the grace, or one whose check was not waited for): neither sent nor unsent.
     unknown_left: int = 0
-    #: Their pairs (see :func:`~worker.validate.pair_key`): the job's totals count them
-    #: unknown, whatever an earlier record says.
+    #: Their pairs (see :func:`~worker.validate.pair_key`), and those of an unknown
+    #: outcome no listing could settle (see :meth:`unsettled`): the job's totals count
+    #: them unknown, whatever a record says.
     unknown_keys: set[int] = field(default_factory=set)
     #: Journal intents left open (an unknown outcome no listing could settle, or one cut
     #: or left by a stop): a later --resume must settle them, so the journal is kept.
@@ -36,6 +37,12 @@ class SendStats:
     def left_unknown(self, token: str, emails: list[str]) -> None:
         """A stop leaves this request's outcome unknown, its intent open for --resume."""
         self.unknown_left += len(emails)
+        self.unknown_keys.update(pair_key(token, e) for e in emails)
+        self.open_intents += 1
+
+    def unsettled(self, token: str, emails: list[str]) -> None:
+        """No listing could tell whether this request created its invitations: recorded
+        failed (``outcome_unknown``), its intent open for --resume to settle."""
         self.unknown_keys.update(pair_key(token, e) for e in emails)
         self.open_intents += 1
 
