@@ -2,109 +2,19 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from worker.errors import UsageError
+from worker.urls import check_api_url
 
 if TYPE_CHECKING:
     from worker.metrics.target import StatsdTarget
     from worker.send.proxy import Proxy
 
-#: ``DD_SITE`` value -> API base URL, as Datadog documents them.
-SITES: dict[str, str] = {
-    "datadoghq.com": "https://api.datadoghq.com",
-    "us3.datadoghq.com": "https://api.us3.datadoghq.com",
-    "us5.datadoghq.com": "https://api.us5.datadoghq.com",
-    "datadoghq.eu": "https://api.datadoghq.eu",
-    "ap1.datadoghq.com": "https://api.ap1.datadoghq.com",
-    "ap2.datadoghq.com": "https://api.ap2.datadoghq.com",
-    "uk1.datadoghq.com": "https://api.uk1.datadoghq.com",
-    "ddog-gov.com": "https://api.ddog-gov.com",
-    "us2.ddog-gov.com": "https://api.us2.ddog-gov.com",
-}
-DEFAULT_SITE = "datadoghq.com"
 #: The longest --access-expires: a date past it would overflow a calendar year.
 MAX_ACCESS = 36500 * 86400.0
-
-
-def api_url_for_site(site: str) -> str:
-    """The API base URL of a Datadog site; an unknown site is a :class:`UsageError`."""
-    try:
-        return SITES[site.strip().lower()]
-    except KeyError:
-        known = ", ".join(SITES)
-        raise UsageError(f"unknown Datadog site {site!r}; use one of: {known}") from None
-
-
-def site_of(api_url: str) -> str:
-    """The Datadog site an API URL belongs to; ``local`` for an emulator on loopback."""
-    for site, url in SITES.items():
-        if api_url.rstrip("/") == url:
-            return site
-    host = urlsplit(api_url).hostname or ""
-    return "local" if is_loopback_host(host) else host
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and any loopback address (127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def without_userinfo(url: str) -> str:
-    """``url`` for a message: any ``user:password@`` replaced by ``***@``.
-
-    Cut by hand (everything up to the last ``@``), not by ``urlsplit``: the URLs shown are
-    the ones that failed to parse, and a password may hold ``/``, ``?`` or ``#``.
-    """
-    head, sep, rest = url.partition("://")
-    if not sep:
-        head, rest = "", url
-    if "@" not in rest:
-        return url
-    return f"{head}{sep}***@{rest.rsplit('@', 1)[1]}"
-
-
-def check_api_url(url: str) -> str:
-    """Validate a base URL: http(s), a host, no path or query; plain HTTP only to loopback.
-
-    Keys travel in headers, so plain HTTP to any other host would publish them. No message
-    shows the URL's user-info: it may hold a password.
-    """
-    shown = without_userinfo(url)
-    try:
-        parts = urlsplit(url)
-        hostname = parts.hostname
-    except ValueError:  # an unclosed "[" of an IPv6 address
-        raise UsageError(f"--api-url is not a valid URL: {shown!r}") from None
-    if parts.scheme not in ("http", "https") or not hostname:
-        raise UsageError(f"--api-url must be an http(s) URL with a host, got {shown!r}")
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        raise UsageError(f"--api-url has a port that is not a number: {shown!r}") from None
-    base = f"{parts.scheme}://{hostname}{port}"  # never user-info: it may hold secrets
-    # "?" or "#" with nothing after it too: urlsplit drops an empty query or fragment.
-    if parts.path.strip("/") or "?" in url or "#" in url:
-        what = "a path" if parts.path.strip("/") else "a query or fragment"
-        raise UsageError(
-            f"--api-url takes the base URL only, without {what} (the worker adds "
-            f"/api/v1/dashboard/...); use --api-url {base}"
-        )
-    if parts.scheme == "http" and not is_loopback_host(hostname):
-        raise UsageError(
-            f"--api-url {shown!r} is plain HTTP to a non-loopback host; the keys would travel "
-            "unencrypted. Use https:// (plain http is allowed only for 127.0.0.1/localhost)."
-        )
-    return url.rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from worker.cli import signals
 from worker.cli.emulator import SANDBOX_KEY
 from worker.cli.guards import check_not_input, check_report_path, run_outputs
 from worker.cli.help import columns_of, json_stderr, log_level, say
-from worker.config import Config, PruneMax, api_url_for_site, check_api_url
+from worker.config import Config, PruneMax
 from worker.errors import FatalError, UsageError
 from worker.exits import EXIT_ABORTED
 from worker.metrics.target import statsd_target
@@ -29,6 +29,7 @@ from worker.run.human import print_summary, resume_command
 from worker.run.summary import AnySummary
 from worker.send.proxy import env_proxy, proxy_secrets
 from worker.sources import open_source
+from worker.urls import api_url_for_site, check_api_url
 
 
 def config_from(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from worker.cli.help import add_column_options, add_format, add_log_format
 from worker.cli.who_options import add_who_options
-from worker.config import DEFAULT_SITE
+from worker.urls import DEFAULT_SITE
 
 RUN_DESCRIPTION = """\
 Send the invitations a file (or a Redis Stream) lists: rows are validated, grouped per

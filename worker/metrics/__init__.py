@@ -9,9 +9,10 @@ hands each call to Datadog's DogStatsD client. Names and tags are documented in 
 
 from __future__ import annotations
 
-from worker.config import Config, site_of
+from worker.config import Config
 from worker.metrics.target import StatsdTarget, statsd_target
 from worker.outcome import Outcome
+from worker.urls import site_of
 
 __all__ = ["Metrics", "StatsdTarget", "metrics_for", "statsd_target"]
 

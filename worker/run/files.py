@@ -1,7 +1,7 @@
 """A run over a file: source -> validation -> batching, driven through the runner.
 
-:func:`read_batches` is the file's async iterator of batches (rejections go to a sink);
-:func:`run` sets up the report and journal around it; its :class:`_FileMode` is what the
+:func:`run` sets up the report and journal around the batches of
+:func:`~worker.run.reading.read_batches`; its :class:`_FileMode` is what the
 run's one assembly (:mod:`worker.run.assembly`) is told of the file: settle first what an
 earlier run left unknown (``--resume``), send the batches, then ``--prune``.
 """
@@ -11,25 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
-from collections.abc import AsyncGenerator, Callable, Sequence
-from operator import itemgetter
+from collections.abc import AsyncGenerator, Sequence
 from urllib.parse import urlsplit
 
 import structlog
 
-from worker.batching import Batch, Batcher, lingered
+from worker.batching import Batch
 from worker.clock import Clock, SystemClock
 from worker.config import Config
 from worker.errors import UsageError
 from worker.metrics import metrics_for
 from worker.record.journal import Journal, empty_journal, journal_path
 from worker.record.lock import hold_report
-from worker.record.records import rejected_row
 from worker.record.report import Report
 from worker.run.assembly import Ending, Mode, assemble
 from worker.run.counts import FileCounts, FileRead
 from worker.run.prune import ListedInput, prune
+from worker.run.reading import read_batches
 from worker.run.resume import (
     History,
     check_resumable,
@@ -44,92 +42,11 @@ from worker.send import pruner_for
 from worker.send.client import InvitationClient
 from worker.send.prune import Pruner
 from worker.send.sender import Sender
-from worker.sources import RawRow, Source
+from worker.sources import Source
 from worker.sources.csvfile import CsvSource
 from worker.state import RunState
-from worker.validate import Validator
 
 log = structlog.get_logger("worker.run")
-
-#: Where a rejected row goes: (line or stream id, reason, token, email).
-RejectSink = Callable[[int | str, str, str | None, str | None], None]
-
-
-_TOKEN = itemgetter(0)
-
-
-async def read_batches(
-    config: Config,
-    source: Source,
-    reject: RejectSink,
-    counts: FileCounts,
-    history: History | None = None,
-    stop: asyncio.Event | None = None,
-    listed: ListedInput | None = None,
-    whole: bool = False,
-) -> AsyncGenerator[Batch, None]:
-    """Read, validate and batch ``source``: the batches to send; rejections to ``reject``.
-
-    Updates ``counts`` as it goes; on ``--resume`` skips settled pairs and does not record
-    rows an earlier run recorded as rejected again (they are counted all the same).
-    ``listed`` (``--prune``) learns what the list names. From a pipe, a FIFO or a
-    terminal, partial batches go out after ``--linger`` (see
-    :func:`~worker.batching.lingered`), unless ``whole`` (a plan: nothing is sent, the
-    list is planned as a whole).
-    """
-    validator = Validator()
-    if listed is not None:
-        listed.index = validator.seen
-    linger = config.linger if source.may_wait and not whole else None
-    batcher = Batcher(config.batch_size, config.max_buffered_rows,
-                      time.monotonic if linger is not None else None)  # fmt: skip
-    known_rejected = history.rejected_rows if history is not None else set()
-    settled = history.settled if history is not None else None
-    tokens: set[str] = set()
-    chunks = source.chunks()
-    ahead: asyncio.Future[Sequence[RawRow] | None] | None = None
-
-    def known_total(read: asyncio.Future[Sequence[RawRow] | None]) -> None:
-        if not read.cancelled() and read.exception() is None and read.result() is None:
-            counts.read_all = True  # the last chunk is counted: the total is known
-
-    try:
-        chunk = await anext(chunks, None)
-        while chunk is not None:
-            valid, rejections, skipped = validator.check_rows(chunk, settled)
-            counts.rows += len(chunk)
-            counts.valid += len(valid)
-            tokens.update(map(_TOKEN, valid))  # read, whether or not a batch of it went out
-            counts.skipped += skipped
-            if listed is not None:
-                listed.chunk(chunk, rejections)
-            # The next chunk is read while this one's batches go out, so the total (and the
-            # ETA) shows as soon as every row is read, and a pipe is never waited on early.
-            ahead = asyncio.ensure_future(anext(chunks, None))
-            ahead.add_done_callback(known_total)
-            for line, reason, token, email in rejections:
-                counts.rejected += 1
-                counts.rejected_by_reason[str(reason)] += 1
-                row = rejected_row(line, reason, token, email)
-                if row not in known_rejected:
-                    reject(line, reason, token, email)
-                    if history is not None:  # the job's totals count it from here on
-                        known_rejected.add(row)
-            for batch in batcher.add_many(valid):
-                yield batch
-            if stop is not None and stop.is_set():
-                return
-            if linger is not None:
-                async for batch in lingered(batcher, ahead, linger):
-                    yield batch
-            chunk = await ahead
-        counts.read_all = True
-        for batch in batcher.drain():
-            yield batch
-    finally:
-        if ahead is not None and not ahead.done():
-            ahead.cancel()
-        counts.tokens = len(tokens)
 
 
 async def run(

@@ -21,9 +21,9 @@ from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE, EXIT_OK
 from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.counts import FileCounts
-from worker.run.files import read_batches
 from worker.run.human import print_plan
 from worker.run.prune import ListedInput, prune
+from worker.run.reading import read_batches
 from worker.run.summary import PruneTotals
 from worker.send import client_for, pacer_for, preflight_for, pruner_for, reconciler_for
 from worker.send.preflight import Preflight

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from worker.config import without_userinfo
 from worker.errors import ServiceUnreachable, UsageError
+from worker.urls import without_userinfo
 
 #: The variables, in the order curl reads them for an ``https://`` URL.
 _NAMES = {"https": ("https_proxy", "HTTPS_PROXY"), "http": ("http_proxy", "HTTP_PROXY")}
