@@ -9,7 +9,6 @@ import shlex
 import stat
 import sys
 import time
-from pathlib import Path
 
 import structlog
 
@@ -18,92 +17,18 @@ from worker.cli import signals
 from worker.cli.emulator import SANDBOX_KEY
 from worker.cli.guards import check_not_input, check_report_path, run_outputs
 from worker.cli.help import columns_of, json_stderr, log_level, say
-from worker.config import Config, PruneMax
+from worker.cli.run_config import config_from, read_key, report_path, watched
+from worker.config import Config
 from worker.errors import FatalError, UsageError
 from worker.exits import EXIT_ABORTED
-from worker.metrics.target import statsd_target
 from worker.queue.options import StreamOptions, check_redis_url, is_redis_url
 from worker.record.files import reads_as_report
 from worker.run import run
 from worker.run.human import print_summary, resume_command
 from worker.run.summary import AnySummary
-from worker.send.proxy import env_proxy, proxy_secrets
+from worker.send.proxy import proxy_secrets
 from worker.sources import open_source
 from worker.urls import api_url_for_site, check_api_url
-
-
-def config_from(
-    args: argparse.Namespace, api_url: str, api_key: str, app_key: str, *, direct: bool = False
-) -> Config:
-    """The run's configuration; ``direct``: ignore proxy variables (the sandbox's emulator)."""
-    return Config(
-        api_url=api_url,
-        api_key=api_key,
-        app_key=app_key,
-        report_path=report_path(args),
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        linger=args.linger,
-        rate=args.rate,
-        max_attempts=args.max_attempts,
-        timeout=args.timeout,
-        max_wait=args.max_wait,
-        resend=args.resend,
-        resend_after=args.resend_after,
-        add_invitees=args.add_invitees,
-        list_page_size=args.list_page_size,
-        access_expires=args.access_expires,
-        prune=args.prune,
-        prune_max=args.prune_max or PruneMax(),
-        resume=args.resume,
-        grace=args.grace,
-        reconcile_delay=args.reconcile_delay,
-        durable_journal=args.fsync,
-        progress=_progress_mode(args),
-        progress_every=args.progress_every,
-        statsd=statsd_target(args.statsd, os.environ),
-        proxy=None if direct else env_proxy(api_url, os.environ),
-    )
-
-
-#: Where the report goes without --report; a dry run's plan goes beside it, not in it.
-DEFAULT_REPORT = Path("invite-report.jsonl")
-DEFAULT_PLAN = Path("invite-report.plan.jsonl")
-
-
-def report_path(args: argparse.Namespace) -> Path:
-    """``--report``, or the default for a run or a dry run."""
-    if args.report is not None:
-        return Path(args.report)
-    return DEFAULT_PLAN if getattr(args, "dry_run", False) else DEFAULT_REPORT
-
-
-def _progress_mode(args: argparse.Namespace) -> str:
-    """A bar for a person at a terminal; progress events for everything else."""
-    return "bar" if _watched(args) else "events"
-
-
-def _watched(args: argparse.Namespace) -> bool:
-    """A person at a terminal: console logs on a TTY (the bar and the end table show)."""
-    return logs.resolve_format(args.log_format, sys.stderr) == "console" and sys.stderr.isatty()
-
-
-def read_key(name: str, path: Path | None, file_variable: str, variable: str) -> str:
-    """A key from ``--*-key-file``, else the file named by ``*_FILE``, else the variable.
-
-    Files are how Kubernetes and Docker secrets arrive; a trailing newline is dropped.
-    Errors name the file, never its content.
-    """
-    source = path or (Path(os.environ[file_variable]) if os.environ.get(file_variable) else None)
-    if source is None:
-        return os.environ.get(variable, "").strip()
-    try:
-        return source.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read the {name} file {str(source)!r}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"the {name} file {str(source)!r} is not UTF-8 text") from None
 
 
 def _install_stop(stop: asyncio.Event, again: str) -> list[str]:
@@ -165,7 +90,7 @@ async def run_command(args: argparse.Namespace) -> int:
         from worker.emulator import Emulator
         from worker.emulator.dashboards import SANDBOX, dashboards_from
 
-        logs.configure(args.log_format, level=log_level(args, watched=_watched(args)))
+        logs.configure(args.log_format, level=log_level(args, watched=watched(args)))
         if _read_twice_safely(args.source):  # the input first
             open_source(args.source, args.format, columns=columns_of(args)).close()
         async with Emulator() as emulator:
@@ -178,7 +103,7 @@ async def run_command(args: argparse.Namespace) -> int:
     api_key = read_key("API key", args.api_key_file, "DD_API_KEY_FILE", "DD_API_KEY")
     app_key = read_key("application key", args.app_key_file, "DD_APP_KEY_FILE", "DD_APP_KEY")
     logs.configure(args.log_format, secrets=(api_key, app_key, *proxy_secrets(os.environ)),
-                   level=log_level(args, watched=_watched(args)))  # fmt: skip
+                   level=log_level(args, watched=watched(args)))  # fmt: skip
     api_url = args.api_url or api_url_for_site(args.site)
     if args.dry_run and not args.preflight:  # no request is made, so no key is needed
         api_key, app_key = api_key or "unused-in-a-dry-run", app_key or "unused-in-a-dry-run"
@@ -242,7 +167,7 @@ async def _execute_run(args: argparse.Namespace, config: Config) -> int:
                 source,
                 assume_limit=assume,
                 preflight=args.preflight,
-                for_people=_watched(args),
+                for_people=watched(args),
             )
         except FatalError as exc:  # --preflight found no API at the URL
             say("run.halted", str(exc), json_lines=json_stderr(sys.argv[1:]))
