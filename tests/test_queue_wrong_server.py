@@ -1,7 +1,7 @@
 """What answers on a Redis URL at the start of ``run``, ``enqueue`` or ``dead-letter`` and
-cannot hold the stream: another kind of server, a Sentinel, a Redis too old, one in
-protected mode. Each is the user's to fix (exit 2), said in one line with the fix, and
-nothing is sent or added. (Redis not answering at all is a fault: see
+cannot hold the stream: another kind of server, a Sentinel, a cluster node, a Redis too
+old, one in protected mode. Each is the user's to fix (exit 2), said in one line with the
+fix, and nothing is sent or added. (Redis not answering at all is a fault: see
 ``test_queue_redis_errors``.)"""
 
 from __future__ import annotations
@@ -166,6 +166,40 @@ def test_a_sentinel_url_names_the_primary_to_use_instead(
             assert f"redis://127.0.0.1:{port}/0#invites is a Redis Sentinel" in said or \
                 f"redis://127.0.0.1:{port}/0 is a Redis Sentinel" in said, said  # fmt: skip
             assert f"(it watches jobs at 127.0.0.1:{watched})" in said, said
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_a_redis_cluster_node_is_refused_at_the_start_not_after_a_message(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A real single-node Redis Cluster holding every slot: the worker's scripts take keys
+    of different slots (CROSSSLOT), which halted a worker with exit 3, "run again", once
+    it held messages. Now run, enqueue and dead-letter say so at the start: exit 2."""
+    binary = shutil.which("redis-server")
+    if binary is None or shutil.which("redis-cli") is None:
+        pytest.skip("needs redis-server and redis-cli on PATH")
+    api = start_emulator()
+    port = free_port()
+    log = tmp_path / "cluster.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(tmp_path), "--cluster-enabled", "yes",
+             "--cluster-config-file", str(tmp_path / "nodes.conf")],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for_port(port, proc, "redis-server --cluster-enabled yes", log)
+        subprocess.run(["redis-cli", "-p", str(port), "CLUSTER", "ADDSLOTSRANGE", "0", "16383"],
+                       check=True, capture_output=True, timeout=10)  # fmt: skip
+        for said in commands_refused(port, api, tmp_path, cli):
+            assert "is a node of a Redis Cluster" in said, said
+            assert "use a standalone Redis" in said, said
+        keys = subprocess.run(["redis-cli", "-p", str(port), "DBSIZE"], check=True,
+                              capture_output=True, timeout=10, text=True)  # fmt: skip
+        assert keys.stdout.strip() == "0"  # enqueue added nothing
     finally:
         proc.kill()
         proc.wait(timeout=10)

@@ -2,8 +2,9 @@
 
 At the start, what answers must be a Redis that can hold the stream: a refusal (a
 password, a permission, protected mode) or something else on the port (an HTTP server, a
-Sentinel, a Redis older than 6.2) is a usage error (exit 2), since running again changes
-nothing; no answer at all is :class:`QueueUnreachable` (exit 3, run again).
+Sentinel, a cluster node, a Redis older than 6.2) is a usage error (exit 2), since
+running again changes nothing; no answer at all is :class:`QueueUnreachable` (exit 3,
+run again).
 """
 
 from __future__ import annotations
@@ -136,13 +137,19 @@ async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailure
 
 async def _unfit(redis: Redis, where: str) -> str | None:
     """Why the server that answered PING cannot hold the stream, when its INFO says so:
-    a Sentinel (it knows where the primary is, and holds no data), or a Redis too old."""
+    a cluster node, a Sentinel (it knows where the primary is, and holds no data), or a
+    Redis too old."""
     try:
         info: Any = await redis.info("server")
     except ResponseError:
         return None  # INFO refused to this user, or renamed: the commands will tell
     if not isinstance(info, dict):
         return None
+    if info.get("redis_mode") == "cluster":
+        # The scripts take a stream and its hashes together, keys of different slots.
+        return (f"Redis at {where} is a node of a Redis Cluster, which refuses the "
+                "worker's scripts (their keys hash to different slots): use a standalone "
+                "Redis (a primary, with replicas if you like)")  # fmt: skip
     if info.get("redis_mode") == "sentinel":
         return (f"{where} is a Redis Sentinel, which holds no stream: put the address "
                 f"of the primary it watches in the URL{await _primaries(redis)}")  # fmt: skip
