@@ -11,13 +11,17 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from tests.conftest import emulator_invited, free_port, wait_for_port
 from tests.test_queue_redis_errors import Workers, cli, one_message, worker_args
+from worker.queue.connect import connect
+from worker.queue.failures import RedisFailures
 
 __all__ = ["cli"]  # the fixture, used by name
 
@@ -115,31 +119,105 @@ def test_a_server_that_says_ok_to_everything_is_not_taken_for_redis(
             assert "check the port" in said, said
 
 
-def test_a_redis_older_than_streams_need_is_named_with_its_version(
-    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
-) -> None:
-    """A Redis 6.0 (played by a server on loopback; no old Redis is installed) lacks
-    XAUTOCLAIM: exit 2 at the start, naming its version and the one needed, rather than
-    exit 3 and "run again" the first time a worker claims a message."""
-    api = start_emulator()
+def redis_like(
+    version: str,
+    *,
+    mode: str = "redis_mode:standalone",
+    commands: bool = True,
+    hello: bool = True,
+    ping: bytes = b"+PONG\r\n",
+    info_delay: float = 0.0,
+) -> Answer:
+    """Answers as a server of ``version`` would (no such server is installed here):
+    INFO's ``mode`` line, whether it knows XAUTOCLAIM (``commands``) and HELLO."""
 
     def answer(command: list[bytes]) -> bytes:
         name = command[0].upper()
         if name == b"HELLO":
-            return b"%2\r\n+server\r\n+redis\r\n+version\r\n+6.0.9\r\n"
+            if not hello:
+                return b"-ERR unknown command `HELLO`, with args beginning with: `3`, \r\n"
+            return b"%%2\r\n+server\r\n+redis\r\n+version\r\n+%s\r\n" % version.encode()
         if name == b"PING":
-            return b"+PONG\r\n"
+            return ping
         if name == b"INFO":
-            info = b"# Server\r\nredis_version:6.0.9\r\nredis_mode:standalone\r\n"
+            time.sleep(info_delay)
+            info = f"# Server\r\nredis_version:{version}\r\n{mode}\r\n".encode()
             return b"$%d\r\n%s\r\n" % (len(info), info)
         if name == b"CLIENT":
             return b"+OK\r\n"
+        if name == b"COMMAND" and command[1:] == [b"INFO", b"XAUTOCLAIM"]:
+            return b"*1\r\n*1\r\n+xautoclaim\r\n" if commands else b"*1\r\n_\r\n"
         return b"-ERR unknown command '%s'\r\n" % command[0]
 
-    with toy_server(answer) as port:
+    return answer
+
+
+def test_a_redis_without_xautoclaim_is_named_with_its_version(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A Redis 6.0 lacks XAUTOCLAIM: exit 2 at the start, naming its version and the one
+    needed, rather than exit 3 and "run again" the first time a worker claims a message.
+    A Redis 5 does not even know the client's HELLO: exit 2 too, not "cannot reach"."""
+    api = start_emulator()
+    with toy_server(redis_like("6.0.9", commands=False)) as port:
         for said in commands_refused(port, api, tmp_path, cli):
             assert f"Redis at redis://127.0.0.1:{port}/0" in said, said
-            assert "is version 6.0.9; the worker needs Redis 6.2 or newer" in said, said
+            assert "does not know XAUTOCLAIM (it says it is version 6.0.9)" in said, said
+            assert "the worker needs Redis 6.2 or newer" in said, said
+    with toy_server(redis_like("5.0.14", commands=False, hello=False)) as port:
+        for said in commands_refused(port, api, tmp_path, cli):
+            assert "does not know HELLO, so it is older than Redis 6.0" in said, said
+            assert "the worker needs Redis 6.2 or newer" in said, said
+
+
+@pytest.mark.parametrize("mode", ["redis_mode:sentinel", "server_mode:sentinel",
+                                  "server_mode:cluster"])  # fmt: skip
+def test_a_server_that_says_what_it_is_in_valkeys_words_is_heard(
+    mode: str, tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """Valkey 8 says ``server_mode`` where Redis says ``redis_mode``: a Valkey Sentinel or
+    cluster node is refused at the start (exit 2) as Redis's are."""
+    api = start_emulator()
+    with toy_server(redis_like("8.0.1", mode=mode)) as port:
+        for said in commands_refused(port, api, tmp_path, cli):
+            kind = "Sentinel" if mode.endswith("sentinel") else "Redis Cluster"
+            assert f"is a Redis {kind}" in said or f"a node of a {kind}" in said, said
+
+
+async def test_a_compatible_server_with_its_own_version_number_is_let_through() -> None:
+    """Kvrocks says it is Redis 4.0.0 and has every stream command the worker uses: asked
+    whether it knows XAUTOCLAIM, it says yes, and the connection is made."""
+    with toy_server(redis_like("4.0.0")) as port:
+        redis = await connect(f"redis://127.0.0.1:{port}/0", "the toy", _no_failures)
+        await redis.aclose()
+
+
+def _no_failures(redis: Redis) -> RedisFailures:
+    raise AssertionError("nothing was refused")
+
+
+def test_a_redis_loading_or_going_quiet_at_the_start_is_a_fault_said_as_such(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A Redis still loading its data, or one that answers PING and then nothing (INFO
+    unanswered past the command timeout): exit 3, to run again, each said as it is, not
+    "check the host and port"."""
+    api = start_emulator()
+    loading = redis_like("7.0.15", ping=b"-LOADING Redis is loading the dataset in memory\r\n")
+    quiet = redis_like("7.0.15", info_delay=3.0)
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\ndash-0,someone@example.com\n")
+    for answer, words in ((loading, "is loading its data into memory"),
+                          (quiet, "answered PING, then no more")):  # fmt: skip
+        with toy_server(answer) as port:
+            url = f"redis://127.0.0.1:{port}/0"
+            proc = cli("enqueue", str(source), url, "--stream", "invites", quick=True)
+            proc.expect(3, timeout=30)
+            said = one_message(proc)
+            assert words in said, said
+            assert "run the same command again" in said, said
+            assert "check the host and port" not in said, said
+    assert emulator_invited(api) == {}
 
 
 def test_a_sentinel_url_names_the_primary_to_use_instead(

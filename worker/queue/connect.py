@@ -32,8 +32,6 @@ RECONNECT_RETRIES = 20
 #: Seconds a Redis command may go unanswered (reads block for at most one); set here, not
 #: left to the client library's default, which was "forever" before redis-py 8.
 COMMAND_TIMEOUT = 5.0
-#: The oldest Redis with every command the worker uses (XAUTOCLAIM, XPENDING ... IDLE).
-MIN_VERSION = (6, 2)
 T = TypeVar("T")
 
 
@@ -85,9 +83,9 @@ def _retry(retries: int, backoff: ExponentialWithJitterBackoff) -> Retry:
 
 
 async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailures]) -> Redis:
-    """A Redis connection, checked with PING and INFO: a refusal (a password, a
-    permission) or a server that cannot hold the stream is a usage error (exit 2); no
-    answer is :class:`QueueUnreachable` (exit 3, run again).
+    """A Redis connection, checked with PING, INFO and COMMAND INFO: a refusal (a
+    password, a permission) or a server that cannot hold the stream is a usage error
+    (exit 2); no answer is :class:`QueueUnreachable` (exit 3, run again).
 
     Once it answered, a dropped connection (a restart, a fail-over) is retried with
     backoff for about 30 s, commands included, before the run gives up on it. A command
@@ -97,68 +95,98 @@ async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailure
     first = _retry(1, ExponentialWithJitterBackoff(cap=2.0, base=0.1))
     redis = Redis.from_url(url, decode_responses=True, retry=first, socket_connect_timeout=5,
                            socket_timeout=COMMAND_TIMEOUT)  # fmt: skip
+    answered = False
     try:
         # redis-py answers True only for PONG: a server saying OK to anything is no Redis.
-        unfit = None if await redis.ping() else "PING was not answered PONG"
-        unfit = unfit or await _unfit(redis, where)
+        if not await redis.ping():
+            raise UsageError(f"{where} does not answer as Redis does (PING was not "
+                             f"answered PONG): {CHECK_PORT}")  # fmt: skip
+        answered = True
+        unfit = await _unfit(redis, where)
     except REFUSALS as exc:
         failure = await failures(redis)(exc, "PING")
         await redis.aclose()
         raise UsageError(str(failure)) from None
-    except InvalidResponse as exc:  # something answers, and it is not Redis
+    except (RedisError, OSError, UsageError) as exc:
         await redis.aclose()
-        raise UsageError(
-            f"{where} does not answer as Redis does ({_said(exc)}): check the port "
-            "in the URL (Redis listens on 6379 unless told otherwise)"
-        ) from None
-    except (RedisError, OSError) as exc:
-        await redis.aclose()
-        if isinstance(exc, ResponseError) and str(exc).startswith("DENIED"):
-            # Protected mode: it answers and refuses, until its configuration changes.
-            raise UsageError(
-                f"Redis at {where} refused PING: {_said(exc)}; change its "
-                "configuration as it says (bind it, or set a password), then run again"
-            ) from None
-        # A TLS port spoken to in plain text resets the connection, as a restart does.
-        tls = " (if that port speaks TLS, use rediss://)" if url.startswith("redis://") else ""
-        raise QueueUnreachable(
-            f"cannot reach Redis at {where}: {_said(exc)}; check the host and port "
-            f"in the URL{tls}, and once Redis answers, run the same command again"
-        ) from None
+        raise _at_start(exc, url, where, answered=answered) from None
     if unfit is not None:
         await redis.aclose()
-        if unfit.startswith("PING"):
-            unfit = (f"{where} does not answer as Redis does ({unfit}): check the port in "
-                     "the URL (Redis listens on 6379 unless told otherwise)")  # fmt: skip
         raise UsageError(unfit)
     redis.set_retry(_retry(RECONNECT_RETRIES, _Reconnecting(cap=2.0, base=0.1)))
     return redis
 
 
+CHECK_PORT = "check the port in the URL (Redis listens on 6379 unless told otherwise)"
+
+
+def _at_start(
+    exc: RedisError | OSError | UsageError, url: str, where: str, *, answered: bool
+) -> UsageError | QueueUnreachable:
+    """What an error while connecting means: the set-up's mistake (exit 2), or a Redis
+    not answering (exit 3, the same command again once it does)."""
+    if isinstance(exc, UsageError):
+        return exc
+    if isinstance(exc, InvalidResponse):  # something answers, and it is not Redis
+        return UsageError(f"{where} does not answer as Redis does ({_said(exc)}): {CHECK_PORT}")
+    said = _said(exc)
+    if isinstance(exc, ResponseError) and said.startswith("DENIED"):
+        # Protected mode: it answers and refuses, until its configuration changes.
+        return UsageError(f"Redis at {where} refused PING: {said}; change its configuration "
+                          "as it says (bind it, or set a password), then run again")  # fmt: skip
+    if isinstance(exc, ResponseError) and "HELLO" in said and "unknown command" in said:
+        # The client opens with HELLO (Redis 6.0); only an older server does not know it.
+        return UsageError(f"Redis at {where} does not know HELLO, so it is older than Redis "
+                          f"6.0; {NEEDS}: upgrade it, or point the URL at one that is")  # fmt: skip
+    if isinstance(exc, BusyLoadingError):
+        return QueueUnreachable(f"Redis at {where} is loading its data into memory "
+                                f"({said}): run the same command again once it has")  # fmt: skip
+    if answered:
+        return QueueUnreachable(f"Redis at {where} answered PING, then no more ({said}): "
+                                "run the same command again once it answers")  # fmt: skip
+    # A TLS port spoken to in plain text resets the connection, as a restart does.
+    tls = " (if that port speaks TLS, use rediss://)" if url.startswith("redis://") else ""
+    return QueueUnreachable(f"cannot reach Redis at {where}: {said}; check the host and port "
+                            f"in the URL{tls}, and once Redis answers, run the same command "
+                            "again")  # fmt: skip
+
+
+NEEDS = "the worker needs Redis 6.2 or newer (or a server with its stream commands)"
+
+
 async def _unfit(redis: Redis, where: str) -> str | None:
-    """Why the server that answered PING cannot hold the stream, when its INFO says so:
-    a cluster node, a Sentinel (it knows where the primary is, and holds no data), or a
-    Redis too old."""
+    """Why the server that answered PING cannot hold the stream, when it says so: a
+    cluster node or a Sentinel (INFO's mode), or a server without XAUTOCLAIM (Redis 6.2).
+
+    What it has is asked, not read from ``redis_version``: Redis-compatible servers set
+    that as they please (Kvrocks says 4.0.0 and has every command the worker uses). A
+    user not allowed INFO or COMMAND is not refused for it: its commands will tell.
+    """
     try:
         info: Any = await redis.info("server")
     except ResponseError:
-        return None  # INFO refused to this user, or renamed: the commands will tell
-    if not isinstance(info, dict):
-        return None
-    if info.get("redis_mode") == "cluster":
+        info = {}
+    info = info if isinstance(info, dict) else {}
+    mode = info.get("redis_mode") or info.get("server_mode")  # Valkey 8: server_mode
+    if mode == "cluster":
         # The scripts take a stream and its hashes together, keys of different slots.
         return (f"Redis at {where} is a node of a Redis Cluster, which refuses the "
                 "worker's scripts (their keys hash to different slots): use a standalone "
                 "Redis (a primary, with replicas if you like)")  # fmt: skip
-    if info.get("redis_mode") == "sentinel":
+    if mode == "sentinel":
         return (f"{where} is a Redis Sentinel, which holds no stream: put the address "
                 f"of the primary it watches in the URL{await _primaries(redis)}")  # fmt: skip
-    version = str(info.get("redis_version", ""))
-    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
-    if len(numbers) == 2 and numbers < MIN_VERSION:
-        return (f"Redis at {where} is version {version}; the worker needs Redis "
-                f"{'.'.join(map(str, MIN_VERSION))} or newer (XAUTOCLAIM): upgrade it, or "
-                "point the URL at one that is")  # fmt: skip
+    try:
+        # One word, so redis-py's parser for COMMAND (which fails on a nil) is not used.
+        ask: Any = redis.execute_command  # untyped in redis-py
+        known: Any = await ask("COMMAND INFO", "XAUTOCLAIM")
+    except ResponseError:
+        return None
+    if isinstance(known, list) and known == [None]:
+        version = info.get("redis_version")
+        told = f" (it says it is version {version})" if version else ""
+        return (f"Redis at {where} does not know XAUTOCLAIM{told}; {NEEDS}: upgrade it, "
+                "or point the URL at one that is")  # fmt: skip
     return None
 
 

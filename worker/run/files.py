@@ -120,8 +120,12 @@ class _FileMode(Mode[FileRead]):
         return self._counts
 
     def hooks(self, sender: Sender) -> tuple[OutcomeHook, ...]:
-        """``--resume``: the history learns what this run settles."""
-        return (self.history.on_outcome,) if self.history is not None else ()
+        """``--resume``: the history learns what this run settles, and the sender keeps
+        the pairs it leaves unknown, for the job's totals."""
+        if self.history is None:
+            return ()
+        sender.stats.unknown_keys = set()
+        return (self.history.on_outcome,)
 
     async def prepare(self, runner: Runner, client: InvitationClient) -> None:
         """``--resume``: settle what the earlier run left unknown, before any batch."""

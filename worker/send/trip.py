@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -27,8 +27,9 @@ class SendStats:
     unknown_left: int = 0
     #: Their pairs (see :func:`~worker.validate.pair_key`), and those of an unknown
     #: outcome no listing could settle (see :meth:`unsettled`): the job's totals count
-    #: them unknown, whatever a record says.
-    unknown_keys: set[int] = field(default_factory=set)
+    #: them unknown, whatever a record says. None: not kept (only a file's --resume
+    #: counts job totals; a queue worker lives for days, and would only pile them up).
+    unknown_keys: set[int] | None = None
     #: Journal intents left open (an unknown outcome no listing could settle, or one cut
     #: or left by a stop): a later --resume must settle them, so the journal is kept.
     open_intents: int = 0
@@ -37,13 +38,13 @@ class SendStats:
     def left_unknown(self, token: str, emails: list[str]) -> None:
         """A stop leaves this request's outcome unknown, its intent open for --resume."""
         self.unknown_left += len(emails)
-        self.unknown_keys.update(pair_key(token, e) for e in emails)
-        self.open_intents += 1
+        self.unsettled(token, emails)
 
     def unsettled(self, token: str, emails: list[str]) -> None:
         """No listing could tell whether this request created its invitations: recorded
         failed (``outcome_unknown``), its intent open for --resume to settle."""
-        self.unknown_keys.update(pair_key(token, e) for e in emails)
+        if self.unknown_keys is not None:
+            self.unknown_keys.update(pair_key(token, e) for e in emails)
         self.open_intents += 1
 
 
