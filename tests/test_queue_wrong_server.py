@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -311,4 +312,32 @@ def test_redis_in_protected_mode_is_a_setting_to_change_not_a_fault(
         assert "change its configuration" in said, said
     finally:
         server.close()
+    assert emulator_invited(api) == {}
+
+
+def test_a_signal_while_redis_never_answers_ends_each_command_at_once(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A Redis port that accepts and never answers: SIGTERM while run, enqueue or
+    dead-letter waits for it ends each at once (exit 3, saying nothing was changed), not
+    after the connection's timeouts."""
+    api = start_emulator()
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\ndash-0,someone@example.com\n")
+    with toy_server(lambda command: b"") as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        for args in (worker_args(url, api, tmp_path / "1.jsonl"),
+                     ["run", url, "--stream", "invites", "--api-url", api, "--report",
+                      str(tmp_path / "2.jsonl")],
+                     ["enqueue", str(source), url, "--stream", "invites"],
+                     ["dead-letter", "list", url, "--stream", "invites"]):  # fmt: skip
+            proc = cli(*args)
+            time.sleep(1.0)  # connected, waiting for an answer to its first command
+            assert proc.popen.poll() is None, proc.stderr()
+            signalled = time.monotonic()
+            proc.popen.send_signal(signal.SIGTERM)
+            proc.expect(3, timeout=30)
+            assert time.monotonic() - signalled < 3, proc.stderr()
+            said = one_message(proc)
+            assert "SIGTERM, stopping at once" in said, said
     assert emulator_invited(api) == {}

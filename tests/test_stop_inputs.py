@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -429,24 +430,43 @@ def test_a_second_sigterm_exits_at_once_while_the_loop_is_stuck(
     assert "--resume" in worker.stderr()
 
 
-def test_ctrl_c_on_enqueue_from_a_silent_pipe_exits(
-    redis_server: str, stream_name: str, start: Callable[..., Worker]
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_on_enqueue_from_a_silent_pipe_says_where_it_stopped(
+    sig: signal.Signals,
+    redis_server: str,
+    stream_name: str,
+    start: Callable[..., Worker],
+    tmp_path: Path,
 ) -> None:
-    """enqueue reading a pipe whose writer stays silent: Ctrl-C (SIGINT) ends it at once,
-    with the read still waiting (it is not joined at exit)."""
+    """enqueue reading a pipe whose writer stays silent: Ctrl-C or SIGTERM ends it at once
+    (exit 3, where SIGTERM had killed it silently, 143), saying how many rows it added and
+    the input's last line it took; enqueuing the rows after that line adds each row once."""
     read_end, write_end = os.pipe()
+    whole = rows_csv(PAIRS).splitlines(keepends=True)  # the header is line 1
     try:
         worker = start("enqueue", "-", redis_server, "--stream", stream_name, stdin=read_end)
         os.close(read_end)
         read_end = -1
-        os.write(write_end, rows_csv(PAIRS[:3]).encode())
+        os.write(write_end, "".join(whole[:4]).encode())
         with Redis.from_url(redis_server) as redis:
             wait_for(lambda: redis.exists(stream_name) and redis.xlen(stream_name) == 3,
                      "the rows enqueued")  # fmt: skip
         time.sleep(0.3)  # and the next read waiting on the silent writer
-        worker.popen.send_signal(signal.SIGINT)
+        worker.popen.send_signal(sig)
         assert worker.exits(3, within=10) < 5
     finally:
         os.close(write_end)
         if read_end != -1:
             os.close(read_end)
+    said = worker.stderr()
+    assert "Traceback" not in said, said
+    assert "stopped by a signal: 3 row(s) added; every row up to line 4" in said, said
+    after = re.search(r"enqueue only the rows after line (\d+)", said)
+    assert after is not None, said
+    last = int(after[1])
+    rest = tmp_path / "rest.csv"
+    rest.write_text(whole[0] + "".join(whole[last:]))
+    start("enqueue", str(rest), redis_server, "--stream", stream_name).exits(0, within=30)
+    with Redis.from_url(redis_server, decode_responses=True) as redis:
+        added = [(f["token"], f["email"]) for _, f in redis.xrange(stream_name)]
+    assert sorted(added) == PAIRS  # each row once

@@ -154,8 +154,13 @@ async def _execute_run(args: argparse.Namespace, config: Config) -> int:
             # Run again under the same name, it re-reads its own pending messages at once
             # instead of waiting --claim-idle for another name to claim them.
             command += ["--consumer", options.consumer]
-        received = _install_stop(stop, shlex.join(command))
-        summary: AnySummary = (await run_stream(config, options, stop=stop)).summary
+        # A signal before Redis answers exits at once (nothing was read); after, it stops
+        # the worker gently.
+        received = signals.current().received
+        result = await run_stream(
+            config, options, stop=stop, connected=lambda: _install_stop(stop, shlex.join(command))
+        )
+        summary: AnySummary = result.summary
     elif args.dry_run:
         from worker.run.plan import dry_run, parse_limit
 

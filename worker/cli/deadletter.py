@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 import structlog
 
 from worker import logs
-from worker.cli.help import add_log_format, command, log_level
+from worker.cli import signals
+from worker.cli.help import add_log_format, command, json_stderr, log_level
 from worker.cli.queue import add_dead_letter_option, add_url_and_stream, require_stream
 from worker.errors import UsageError
 from worker.exits import EXIT_INCOMPLETE
@@ -103,13 +104,20 @@ async def dead_letter_command(args: argparse.Namespace) -> int:
     if args.dead_letter_command == "requeue" and not (args.all or args.code or args.ids):
         raise UsageError("say which dead letters to requeue: --code CODE, --id ID, or --all")
     failures = command_failures(options.stream, options.where, options.dead_letter)
-    redis = await connect(args.url, options.where, failures)
-    try:
-        return await _dead_letter(args, redis, options, selection)
-    except RedisError as exc:  # one message for what it means, never a traceback
-        raise at_start(await failures(redis)(exc)) from None
-    finally:
-        await redis.aclose()
+    # A signal ends it at once, with a line saying so: a listing changes nothing, and
+    # each dead letter is requeued whole (added to the stream as it leaves the dead
+    # letters) or not at all.
+    early = ("each dead letter requeued so far was moved whole; list them to see what is "
+             "left" if args.dead_letter_command == "requeue" and not args.dry_run
+             else "nothing was changed")  # fmt: skip
+    with signals.StopSignals(json_lines=json_stderr(sys.argv[1:]), early=early):
+        redis = await connect(args.url, options.where, failures)
+        try:
+            return await _dead_letter(args, redis, options, selection)
+        except RedisError as exc:  # one message for what it means, never a traceback
+            raise at_start(await failures(redis)(exc)) from None
+        finally:
+            await redis.aclose()
 
 
 async def _dead_letter(

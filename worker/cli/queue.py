@@ -4,20 +4,25 @@ is :mod:`worker.cli.deadletter`)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 from worker import logs
+from worker.cli import signals
 from worker.cli.help import (
     add_column_options,
     add_format,
     add_log_format,
     columns_of,
     command,
+    json_stderr,
     log_level,
+    say,
 )
 from worker.errors import UsageError
-from worker.exits import EXIT_INCOMPLETE
+from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE
 from worker.queue.names import closest_streams
 from worker.queue.options import StreamOptions, is_redis_url
 from worker.sources import open_source
@@ -149,6 +154,24 @@ async def enqueue_command(args: argparse.Namespace) -> int:
         raise UsageError(f"not a Redis URL: {args.url!r} (use redis://HOST:PORT/DB)")
     source = open_source(args.file, args.format, columns=columns_of(args))
     where = StreamOptions(url=args.url, stream=args.stream).where
-    summary = await enqueue(source, args.url, args.stream, where)
+    json_lines = json_stderr(sys.argv[1:])
+    # A first signal stops it between two chunks of the input; before Redis answered,
+    # or a second one, ends it at once (each slice of rows is added whole or not at all).
+    with signals.StopSignals(json_lines=json_lines, early="nothing was added yet"):
+        stop, heard = asyncio.Event(), list[str]()
+        again = ("enqueue only the rows after those the stream holds (its last message is "
+                 "the last row added)")  # fmt: skip
+
+        def connected() -> None:
+            heard.extend(signals.current().run_started(stop, again))
+
+        summary = await enqueue(source, args.url, args.stream, where, stop, connected)
     print(json.dumps(summary))
+    if summary.get("interrupted"):
+        line = summary["last_line"]
+        say("enqueue.stopped", f"stopped by a signal: {summary['enqueued']:,} row(s) added; "
+            f"every row up to line {line} of the input was added or rejected, none after "
+            f"it. To finish, enqueue only the rows after line {line}",
+            json_lines=json_lines)  # fmt: skip
+        return EXIT_ABORTED
     return EXIT_INCOMPLETE if summary["rejected"] else 0

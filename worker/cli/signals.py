@@ -1,4 +1,5 @@
-"""SIGTERM and SIGINT during ``run``, heard by a thread of their own.
+"""SIGTERM and SIGINT during ``run`` (and ``enqueue``, ``dead-letter``), heard by a thread
+of their own.
 
 The event loop cannot be relied on to hear a signal: a callback that blocks keeps it from
 running, and every handler it would run with it. So the interpreter's C-level handler only
@@ -45,8 +46,10 @@ def current() -> StopSignals:
 class StopSignals:
     """While entered, SIGTERM/SIGINT are acted on as the module describes."""
 
-    def __init__(self, *, json_lines: bool) -> None:
+    def __init__(self, *, json_lines: bool, early: str = "nothing was sent yet") -> None:
         self.json_lines = json_lines
+        #: What a signal before :meth:`run_started` leaves, said as it exits at once.
+        self.early = early
         #: Names of the signals that stopped the run, in order.
         self.received: list[str] = []
         self._stop: asyncio.Event | None = None
@@ -97,7 +100,7 @@ class StopSignals:
     def _heard(self, name: str) -> None:
         stop = self._stop
         if stop is None:
-            self._exit_now("run.stopped", f"{name}, stopping at once: nothing was sent yet")
+            self._exit_now("run.stopped", f"{name}, stopping at once: {self.early}")
         # Only a signal heard before is a second one: a run that halted or was refused its
         # keys is already stopping, and the first SIGTERM (a scale-down, say) must still
         # leave it its grace, its last acknowledgements and its summary.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
@@ -33,7 +34,7 @@ from worker.record.report import Report
 from worker.run.assembly import assemble
 from worker.run.counts import QueueRead
 from worker.run.summary import RunResult
-from worker.sources import Source
+from worker.sources import RawRow, Source
 from worker.validate import Validator
 
 log = structlog.get_logger("worker.queue")
@@ -57,11 +58,15 @@ async def run_stream(
     clock: Clock | None = None,
     rng: random.Random | None = None,
     stop: asyncio.Event | None = None,
+    connected: Callable[[], object] | None = None,
 ) -> RunResult[QueueRead]:
-    """Consume the stream as one member of the group; returns the exit code and summary."""
+    """Consume the stream as one member of the group; returns the exit code and summary.
+
+    ``connected`` is called once Redis answered: until then ``stop`` is not looked at
+    (the command line exits at once on a signal then: nothing was read)."""
     with hold_report(config.report_path):
         return await _run_stream(config, options, clock or SystemClock(), rng,
-                                 stop or asyncio.Event())  # fmt: skip
+                                 stop or asyncio.Event(), connected)  # fmt: skip
 
 
 async def _run_stream(
@@ -70,11 +75,14 @@ async def _run_stream(
     clock: Clock,
     rng: random.Random | None,
     stop: asyncio.Event,
+    connected: Callable[[], object] | None,
 ) -> RunResult[QueueRead]:
     # Messages trickle in for hours: a dashboard check is good for a minute, not a day.
     config = dataclasses.replace(config, preflight_ttl=config.preflight_ttl or PREFLIGHT_TTL)
     redis = await connect(options.url, options.where, lambda r: RedisFailures(
         r, options.where, options.stream, options.group, options.dead_letter))  # fmt: skip
+    if connected is not None:
+        connected()
     metrics = metrics_for(config, mode="queue", consumer=options.consumer)
     try:
         try:
@@ -121,19 +129,36 @@ def command_failures(
     return lambda redis: RedisFailures(redis, where, stream, "", dead_letter, worker=False)
 
 
-async def enqueue(source: Source, url: str, stream: str, where: str) -> dict[str, Any]:
+async def enqueue(
+    source: Source,
+    url: str,
+    stream: str,
+    where: str,
+    stop: asyncio.Event | None = None,
+    connected: Callable[[], object] | None = None,
+) -> dict[str, Any]:
     """Load valid rows of a file into a stream as ``token``/``email`` messages.
 
     Rejected rows are logged (``enqueue.rejected`` with line and reason) and counted. A
     Redis error ends it with the failure it means, saying how many rows were added.
+    ``stop`` set (a signal; ``connected`` is called once it can be) ends it between two
+    chunks of the input: the summary then says ``interrupted`` and ``last_line``, the
+    input's last line added or rejected (every one before it was too, none after).
     """
     failures = command_failures(stream, where)
     redis = await connect(url, where, failures)
+    if connected is not None:
+        connected()
+    stop = stop or asyncio.Event()
     validator = Validator()
-    enqueued = 0
+    enqueued, last_line, interrupted = 0, 0, False
     rejected: Counter[str] = Counter()
+    chunks = source.chunks()
     try:
-        async for chunk in source.chunks():
+        while (chunk := await _next_unless_stopped(chunks, stop)) is not None:
+            if chunk is STOPPED:
+                interrupted = True
+                break
             valid, rejections, _ = validator.check_rows(chunk)
             for line, reason, _token, _email in rejections:
                 rejected[str(reason)] += 1
@@ -149,10 +174,37 @@ async def enqueue(source: Source, url: str, stream: str, where: str) -> dict[str
                     failure.args = (f"{failure}; {enqueued:,} row(s) had been added to the "
                                     f"stream, the rest of the input was not{again}",)  # fmt: skip
                     raise failure from None
+            last_line = chunk[-1][0] if chunk else last_line
     finally:
         source.close()
         await redis.aclose()
     summary = {"stream": stream, "enqueued": enqueued, "rejected": sum(rejected.values()),
                "rejected_by_reason": dict(sorted(rejected.items()))}  # fmt: skip
+    if interrupted:
+        summary.update(interrupted=True, last_line=last_line)
     log.info("enqueue.finished", **summary)
     return summary
+
+
+#: What :func:`_next_unless_stopped` returns once stopped: no chunk is this object.
+STOPPED = cast(Sequence[RawRow], object())
+
+
+async def _next_unless_stopped(
+    chunks: AsyncIterator[Sequence[RawRow]], stop: asyncio.Event
+) -> Sequence[RawRow] | None:
+    """The next chunk (None at the end), or :data:`STOPPED` once ``stop`` is set first:
+    the read is then cancelled, since a pipe's writer may be silent for hours."""
+    if stop.is_set():
+        return STOPPED
+    read = asyncio.ensure_future(anext(chunks, None))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((read, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not read.done():
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await read
+    return STOPPED if read.cancelled() else read.result()
