@@ -67,10 +67,10 @@ class Workers:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path, self.procs = tmp_path, list[Proc]()
 
-    def __call__(self, *args: str, quick: bool = False) -> Proc:
+    def __call__(self, *args: str, quick: bool = False, **env: str) -> Proc:
         argv = [sys.executable, *(("-c", QUICK) if quick else ("-m", "worker")), *args]
         log = self.tmp_path / f"cli-{len(self.procs)}.log"
-        proc = Proc(argv, log, worker_env(DD_API_KEY=API_KEY, DD_APP_KEY=APP_KEY))
+        proc = Proc(argv, log, worker_env(DD_API_KEY=API_KEY, DD_APP_KEY=APP_KEY, **env))
         self.procs.append(proc)
         return proc
 
@@ -297,7 +297,7 @@ def test_a_redis_user_without_permission_is_a_usage_error_naming_user_and_comman
     (tmp_path / "more.csv").write_text("token,email\ndash-0,late@example.com\n")
     more = cli("enqueue", str(tmp_path / "more.csv"), alice, "--stream", "invites")
     more.expect(2, timeout=10)
-    assert "refused user 'alice' EVALSHA (NOPERM" in one_message(more)
+    assert "refused user 'alice' TYPE (NOPERM" in one_message(more)  # checked first
 
     wrong = f"redis://alice:guess@127.0.0.1:{server.port}/0"
     listed = cli("dead-letter", "list", wrong, "--stream", "invites")

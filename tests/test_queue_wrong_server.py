@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from tests.conftest import emulator_invited, free_port, wait_for_port
@@ -75,10 +76,10 @@ def parse(buffer: bytes) -> tuple[list[list[bytes]], bytes]:
     return commands, buffer
 
 
-def commands_refused(port: int, api: str, tmp_path: Path, cli: Workers) -> list[str]:
-    """``run``, ``enqueue`` and ``dead-letter list`` on ``port``: each exits 2 with one
-    message (returned), and nothing was sent."""
-    url = f"redis://127.0.0.1:{port}/0"
+def commands_refused(port: int, api: str, tmp_path: Path, cli: Workers, url: str = "") -> list[str]:
+    """``run``, ``enqueue`` and ``dead-letter list`` on ``port`` (or ``url``): each exits
+    2 with one message (returned), and nothing was sent."""
+    url = url or f"redis://127.0.0.1:{port}/0"
     source = tmp_path / "in.csv"
     source.write_text("token,email\ndash-0,someone@example.com\n")
     said = []
@@ -341,3 +342,74 @@ def test_a_signal_while_redis_never_answers_ends_each_command_at_once(
             said = one_message(proc)
             assert "SIGTERM, stopping at once" in said, said
     assert emulator_invited(api) == {}
+
+
+def test_a_database_redis_has_not_is_a_mistake_in_the_url(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers, redis_server: str
+) -> None:
+    """A URL naming database 99 of a Redis that has 16: exit 2 with Redis's words (not
+    exit 3 and "cannot reach ... check the host and port")."""
+    api = start_emulator()
+    url = redis_server.rsplit("/", 1)[0] + "/99"
+    for said in commands_refused(0, api, tmp_path, cli, url):
+        assert "refused the connection (DB index is out of range)" in said, said
+
+
+def test_a_certificate_that_cannot_be_verified_is_said_with_the_fix(
+    tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
+) -> None:
+    """A real Redis on a TLS port with a self-signed certificate: exit 2, saying the
+    certificate could not be verified and to point SSL_CERT_FILE at the CA (not exit 3
+    and "run again"); with SSL_CERT_FILE set so, enqueue adds its rows."""
+    binary, openssl = shutil.which("redis-server"), shutil.which("openssl")
+    if binary is None or openssl is None:
+        pytest.skip("needs redis-server and openssl on PATH")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    api, port = start_emulator(), free_port()
+    log = tmp_path / "tls.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients",
+             "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        try:
+            wait_for_port(port, proc, "redis-server --tls-port", log)
+        except RuntimeError:
+            pytest.skip("this redis-server was built without TLS")
+        url = f"rediss://127.0.0.1:{port}/0"
+        for said in commands_refused(port, api, tmp_path, cli, url):
+            assert "showed a certificate that could not be verified (self-signed" in said, said
+            assert "point SSL_CERT_FILE at that CA's certificate" in said, said
+        source = tmp_path / "in.csv"
+        source.write_text("token,email\ndash-0,someone@example.com\n")
+        cli("enqueue", str(source), url, "--stream", "invites",
+            SSL_CERT_FILE=str(cert)).expect(0, timeout=30)  # fmt: skip
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_enqueue_into_a_key_that_is_not_a_stream_is_a_mistyped_name(
+    tmp_path: Path, cli: Workers, redis_server: str, stream_name: str
+) -> None:
+    """enqueue --stream naming a string or a hash: exit 2 before any row is added, as run
+    and dead-letter say it (not exit 3 with Redis's WRONGTYPE and "run again")."""
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\ndash-0,someone@example.com\n")
+    with SyncRedis.from_url(redis_server, decode_responses=True) as redis:
+        redis.set(f"{stream_name}-string", "hello")
+        redis.hset(f"{stream_name}-hash", "a", "b")
+        for kind in ("string", "hash"):
+            proc = cli("enqueue", str(source), redis_server, "--stream", f"{stream_name}-{kind}")
+            proc.expect(2, timeout=30)
+            said = one_message(proc)
+            assert f"'{stream_name}-{kind}' is a Redis {kind}, not a stream" in said, said
+        assert redis.get(f"{stream_name}-string") == "hello"
+        assert redis.hgetall(f"{stream_name}-hash") == {"a": "b"}

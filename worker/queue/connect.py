@@ -10,6 +10,7 @@ run again).
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -130,14 +131,14 @@ def _at_start(
     if isinstance(exc, InvalidResponse):  # something answers, and it is not Redis
         return UsageError(f"{where} does not answer as Redis does ({_said(exc)}): {CHECK_PORT}")
     said = _said(exc)
-    if isinstance(exc, ResponseError) and said.startswith("DENIED"):
-        # Protected mode: it answers and refuses, until its configuration changes.
-        return UsageError(f"Redis at {where} refused PING: {said}; change its configuration "
-                          "as it says (bind it, or set a password), then run again")  # fmt: skip
-    if isinstance(exc, ResponseError) and "HELLO" in said and "unknown command" in said:
-        # The client opens with HELLO (Redis 6.0); only an older server does not know it.
-        return UsageError(f"Redis at {where} does not know HELLO, so it is older than Redis "
-                          f"6.0; {NEEDS}: upgrade it, or point the URL at one that is")  # fmt: skip
+    refused = _certificate_refused(exc)
+    if refused is not None:
+        return UsageError(f"Redis at {where} showed a certificate that could not be "
+                          f"verified ({refused.verify_message}): if your own CA signed it, "
+                          "point SSL_CERT_FILE at that CA's certificate; else check the "
+                          "host in the URL")  # fmt: skip
+    if isinstance(exc, ResponseError):
+        return _answered_with(said, where)
     if isinstance(exc, BusyLoadingError):
         return QueueUnreachable(f"Redis at {where} is loading its data into memory "
                                 f"({said}): run the same command again once it has")  # fmt: skip
@@ -151,7 +152,39 @@ def _at_start(
                             "again")  # fmt: skip
 
 
+def _answered_with(said: str, where: str) -> UsageError | QueueUnreachable:
+    """What an error Redis answered while connecting (``said``) means."""
+    if said.startswith("DENIED"):
+        # Protected mode: it answers and refuses, until its configuration changes.
+        return UsageError(f"Redis at {where} refused PING: {said}; change its configuration "
+                          "as it says (bind it, or set a password), then run again")  # fmt: skip
+    if "HELLO" in said and "unknown command" in said:
+        # The client opens with HELLO (Redis 6.0); only an older server does not know it.
+        return UsageError(f"Redis at {where} does not know HELLO, so it is older than Redis "
+                          f"6.0; {NEEDS}: upgrade it, or point the URL at one that is")  # fmt: skip
+    if said.startswith(_NOT_READY):
+        return QueueUnreachable(f"Redis at {where} is not ready ({said}): run the same "
+                                "command again once it is")  # fmt: skip
+    # An answer, not a state it passes through (a database the URL names and Redis has
+    # not, say): running again changes nothing.
+    return UsageError(f"Redis at {where} refused the connection ({said}): fix what it "
+                      "says in the URL or in Redis, then run again")  # fmt: skip
+
+
 NEEDS = "the worker needs Redis 6.2 or newer (or a server with its stream commands)"
+#: Errors of a Redis passing through a state (a replica without its primary, a script
+#: running, a cluster reconfiguring): the same command may well work in a moment.
+_NOT_READY = ("MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
+
+
+def _certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that failed under ``exc``, if that is what it is."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # redis-py wraps it once or twice
+        if seen is None or isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 async def _unfit(redis: Redis, where: str) -> str | None:

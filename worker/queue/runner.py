@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from worker.clock import Clock, SystemClock
 from worker.config import Config
-from worker.errors import FatalError, InviteWorkerError
+from worker.errors import FatalError, InviteWorkerError, UsageError
 from worker.metrics import metrics_for
 from worker.queue.connect import connect
 from worker.queue.failures import (
@@ -155,6 +155,7 @@ async def enqueue(
     rejected: Counter[str] = Counter()
     chunks = source.chunks()
     try:
+        await _require_stream_or_none(redis, stream, failures)
         while (chunk := await _next_unless_stopped(chunks, stop)) is not None:
             if chunk is STOPPED:
                 interrupted = True
@@ -184,6 +185,20 @@ async def enqueue(
         summary.update(interrupted=True, last_line=last_line)
     log.info("enqueue.finished", **summary)
     return summary
+
+
+async def _require_stream_or_none(
+    redis: Redis, stream: str, failures: Callable[[Redis], RedisFailures]
+) -> None:
+    """``stream`` is a stream or nothing yet (XADD creates it); a key of another type is
+    a mistyped name, refused before any row is read (exit 2)."""
+    try:
+        kind = str(await redis.type(stream))
+    except RedisError as exc:
+        raise at_start(await failures(redis)(exc, "TYPE")) from None
+    if kind not in ("none", "stream"):
+        raise UsageError(f"{stream!r} is a Redis {kind}, not a stream: enqueue adds to a "
+                         "stream (or makes it); check --stream")  # fmt: skip
 
 
 #: What :func:`_next_unless_stopped` returns once stopped: no chunk is this object.
