@@ -138,7 +138,8 @@ def test_a_killed_queue_workers_slow_request_is_settled_only_once_it_has_landed(
     spawn: Callable[..., Proc],
 ) -> None:
     """SIGKILL a queue worker during a slow POST; another claims its messages at once but
-    lists them only once that POST can no longer be in progress: each invited once."""
+    lists them only once that POST can no longer be in progress: each invited once, and
+    its summary counts them ``reconciled_sent``."""
     url = start_emulator("--slow-rate", "1", "--slow-seconds", SLOW)
     source = tmp_path / "in.csv"
     source.write_text("token,email\ndash-q,k1@example.com\ndash-q,k2@example.com\n")
@@ -168,9 +169,11 @@ def test_a_killed_queue_workers_slow_request_is_settled_only_once_it_has_landed(
     each_invited_once_nothing_left(url, {("dash-q", "k1@example.com"),
                                          ("dash-q", "k2@example.com")},
                                    redis_server, stream_name)  # fmt: skip
-    [sent] = [b for b in by_kind(read_report(tmp_path / "second.jsonl"), "batch")
-              if b["status"] == "sent"]  # fmt: skip
+    records = read_report(tmp_path / "second.jsonl")
+    [sent] = [b for b in by_kind(records, "batch") if b["status"] == "sent"]
     assert sent["reconciled"] is True
+    [summary] = by_kind(records, "summary")  # counted as a file's --resume counts them
+    assert (summary["reconciled_sent"], summary["emails_sent"]) == (2, 2)
 
 
 class StopOnLongWait(FakeClock):

@@ -94,7 +94,10 @@ async def _reconcile(
     outcome = found_outcome(token, emails, found, started_at=since,
                             finished_at=consumer.clock.time())  # fmt: skip
     if outcome is not None:
-        consumer.record(outcome)  # which acknowledges them
+        # Counted as the sender counts what a listing settles (the summary's
+        # reconciled_sent), then recorded, which acknowledges them.
+        consumer.sender.stats.reconciled_sent += len(outcome.emails)
+        consumer.record(outcome)
     created = len(outcome.emails) if outcome else 0
     log.info("queue.reconciled", token=token, created=created,
              not_created=len(items) - created)  # fmt: skip
