@@ -387,3 +387,23 @@ async def test_a_mistyped_redis_url_or_stream_is_refused(
         await asyncio.sleep(0.1)
     worker.popen.send_signal(signal.SIGTERM)
     await asyncio.to_thread(worker.expect, 3, 30)  # a stop: exit 3, as in file mode
+
+
+def test_options_of_the_other_kind_of_source_are_refused(redis_server: str) -> None:
+    """--resume with a stream (a queue worker always appends and re-reads its pending
+    messages) and --stream or --until-empty with a file were silently ignored: each is
+    exit 2, naming the option to drop, before anything is read."""
+    sample = str(ROOT / "sample_inputs" / "invites.csv")
+    cases = [
+        (("run", redis_server, "--stream", "invites", "--resume", "--sandbox"),
+         "--resume continues a file run's report"),
+        (("run", sample, "--stream", "invites", "--sandbox"),
+         "--stream is for a redis:// SOURCE (a stream)"),
+        (("run", sample, "--until-empty", "--sandbox"),
+         "--until-empty is for a redis:// SOURCE (a stream)"),
+    ]  # fmt: skip
+    for args, says in cases:
+        done = invite_worker(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert says in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr

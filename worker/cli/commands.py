@@ -59,6 +59,15 @@ def _refuse_mistakes(args: argparse.Namespace) -> None:
         raise UsageError("--assume-limit only shapes a --dry-run estimate; add --dry-run")
     if args.prune_max is not None and not args.prune:
         raise UsageError("--prune-max caps what --prune removes; add --prune, or drop it")
+    if args.resume and is_redis_url(args.source):  # silently ignored, it would mislead
+        raise UsageError("--resume continues a file run's report; a queue worker always "
+                         "appends to its --report and re-reads its pending messages (run "
+                         "again under the same --consumer): drop --resume")  # fmt: skip
+    if not is_redis_url(args.source) and (args.stream is not None or args.until_empty):
+        given = "--stream" if args.stream is not None else "--until-empty"
+        raise UsageError(f"{given} is for a redis:// SOURCE (a stream); {args.source!r} "
+                         f"is read as a file: drop {given}, or give the Redis URL as "
+                         "SOURCE")  # fmt: skip
     if args.prune and is_redis_url(args.source):  # a stream has no whole list to compare
         raise UsageError("--prune compares dashboards with a whole list; a stream has no "
                          "end. Use 'invite-worker run FILE --prune' on the file you would "
