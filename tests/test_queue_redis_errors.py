@@ -381,6 +381,34 @@ def test_a_frozen_redis_ends_the_run_within_its_bound_and_nobody_is_invited_twic
     each_invited_once_nothing_left(api, pairs, server.url, "invites")
 
 
+def test_a_user_whose_scripts_are_refused_xack_is_named_with_the_grant(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """A user allowed everything but XACK passes the start and sends, then its
+    acknowledging script is refused (Redis 7.0 says so without NOPERM): exit 2 naming the
+    user and the grant, not exit 3 and "fix what Redis says"; the messages stay pending,
+    and a run as a user that has the grant settles them by listing: each invited once."""
+    server = servers()
+    api = start_emulator()
+    pairs = enqueue(cli, tmp_path, server.url, 30)
+    server.cli("ACL", "SETUSER", "noack", "on", ">s3cret", "~*", "&*", "+@all", "-xack")
+    noack = f"redis://noack:s3cret@127.0.0.1:{server.port}/0"
+    worker = cli(*worker_args(noack, api, tmp_path / "1.jsonl"))
+    worker.expect(2, timeout=60)
+    said = worker.stderr()
+    assert "Traceback" not in said, said
+    assert "refused user 'noack' a command its script runs" in said, said
+    assert f"ACL SETUSER noack {WORKER_RULES}" in said, said
+    assert "s3cret" not in said
+    assert set(emulator_invited(api)) == pairs  # sent, not acknowledged
+    assert pending(server) == 30
+    cli(*worker_args(server.url, api, tmp_path / "2.jsonl")).expect(0, timeout=60)
+    each_invited_once_nothing_left(api, pairs, server.url, "invites")
+
+
 def test_redis_not_answering_at_the_start_is_a_fault_to_run_again_not_a_mistake(
     tmp_path: Path,
     start_emulator: Callable[..., str],

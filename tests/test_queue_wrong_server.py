@@ -201,16 +201,19 @@ def _no_failures(redis: Redis) -> RedisFailures:
 def test_a_redis_loading_or_going_quiet_at_the_start_is_a_fault_said_as_such(
     tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
 ) -> None:
-    """A Redis still loading its data, or one that answers PING and then nothing (INFO
-    unanswered past the command timeout): exit 3, to run again, each said as it is, not
-    "check the host and port"."""
+    """A Redis still loading its data, a replica cut from its primary (MASTERDOWN), or
+    one that answers PING and then nothing (INFO unanswered past the command timeout):
+    exit 3, to run again, each said as it is, not "check the host and port"."""
     api = start_emulator()
     loading = redis_like("7.0.15", ping=b"-LOADING Redis is loading the dataset in memory\r\n")
     quiet = redis_like("7.0.15", info_delay=3.0)
     source = tmp_path / "in.csv"
     source.write_text("token,email\ndash-0,someone@example.com\n")
+    stale = redis_like("7.0.15", ping=b"-MASTERDOWN Link with MASTER is down and "
+                       b"replica-serve-stale-data is set to 'no'.\r\n")  # fmt: skip
     for answer, words in ((loading, "is loading its data into memory"),
-                          (quiet, "answered PING, then no more")):  # fmt: skip
+                          (quiet, "answered PING, then no more"),
+                          (stale, "is not ready (Link with MASTER is down")):  # fmt: skip
         with toy_server(answer) as port:
             url = f"redis://127.0.0.1:{port}/0"
             proc = cli("enqueue", str(source), url, "--stream", "invites", quick=True)

@@ -18,7 +18,14 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import BusyLoadingError, InvalidResponse, RedisError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    InvalidResponse,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -137,6 +144,12 @@ def _at_start(
                           f"verified ({refused.verify_message}): if your own CA signed it, "
                           "point SSL_CERT_FILE at that CA's certificate; else check the "
                           "host in the URL")  # fmt: skip
+    if isinstance(exc, _NOT_READY) or (isinstance(exc, ResponseError)
+                                       and said.startswith("BUSY ")):  # fmt: skip
+        # A state it passes through: a replica without its primary, a cluster
+        # reconfiguring, a script running (BUSY has no class of its own in redis-py).
+        return QueueUnreachable(f"Redis at {where} is not ready ({said}): run the same "
+                                "command again once it is")  # fmt: skip
     if isinstance(exc, ResponseError):
         return _answered_with(said, where)
     if isinstance(exc, BusyLoadingError):
@@ -162,19 +175,16 @@ def _answered_with(said: str, where: str) -> UsageError | QueueUnreachable:
         # The client opens with HELLO (Redis 6.0); only an older server does not know it.
         return UsageError(f"Redis at {where} does not know HELLO, so it is older than Redis "
                           f"6.0; {NEEDS}: upgrade it, or point the URL at one that is")  # fmt: skip
-    if said.startswith(_NOT_READY):
-        return QueueUnreachable(f"Redis at {where} is not ready ({said}): run the same "
-                                "command again once it is")  # fmt: skip
-    # An answer, not a state it passes through (a database the URL names and Redis has
-    # not, say): running again changes nothing.
+    # An answer, not a state it passes through (see _NOT_READY; a database the URL names
+    # and Redis has not, say): running again changes nothing.
     return UsageError(f"Redis at {where} refused the connection ({said}): fix what it "
                       "says in the URL or in Redis, then run again")  # fmt: skip
 
 
 NEEDS = "the worker needs Redis 6.2 or newer (or a server with its stream commands)"
-#: Errors of a Redis passing through a state (a replica without its primary, a script
-#: running, a cluster reconfiguring): the same command may well work in a moment.
-_NOT_READY = ("MASTERDOWN", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "LOADING")
+#: Errors of a Redis passing through a state (a replica without its primary, a cluster
+#: reconfiguring; MasterDownError is a ClusterDownError): the same command may work soon.
+_NOT_READY = (TryAgainError, ClusterDownError)
 
 
 def _certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:

@@ -8,8 +8,8 @@ told apart by its type (never shown as a traceback):
 - ``READONLY`` (the address now belongs to a replica: a failover): retried the same way;
   if it lasts, :class:`RedisReadOnly`, naming the primary;
 - ``OOM``: :class:`RedisOutOfMemory`: nothing is lost, the messages stay pending;
-- ``NOPERM``, ``NOAUTH``, ``WRONGPASS``: :class:`RedisRefused`, a usage error naming the
-  user and the command;
+- ``NOPERM``, ``NOAUTH``, ``WRONGPASS`` (and a script refused a command by the ACL):
+  :class:`RedisRefused`, a usage error naming the user and the command;
 - the stream or its group really missing: :class:`QueueLost`, the one failure after which
   messages must be enqueued again;
 - anything else: :class:`RedisFailed`, with Redis's own words.
@@ -117,7 +117,7 @@ class RedisFailures:
 
     async def __call__(self, exc: RedisError, command: str = "") -> FatalError:
         """The failure ``exc`` means; ``command`` names what was asked, where known."""
-        if isinstance(exc, REFUSALS):
+        if isinstance(exc, REFUSALS) or script_refused(exc):
             return RedisRefused(self._refused(exc, command))
         if isinstance(exc, FAILING_OVER):
             return RedisReadOnly(await self._read_only(exc))
@@ -143,9 +143,14 @@ class RedisFailures:
     def _refused(self, exc: RedisError, command: str) -> str:
         said = str(exc).rstrip(".")
         user = self.user
-        if isinstance(exc, NoPermissionError):
+        if isinstance(exc, NoPermissionError) or script_refused(exc):
             named = re.search(r"'([^']+)' command", said)  # only to name it; not a decision
-            what = named.group(1).upper() if named else command or "a command on its keys"
+            if named:
+                what = named.group(1).upper()
+            elif script_refused(exc):
+                what = "a command its script runs" + (f" ({command})" if command else "")
+            else:
+                what = command or "a command on its keys"
             return (f"Redis at {self.where} refused user '{user}' {what} (NOPERM: {said}): "
                     f"grant it what the worker needs, ACL SETUSER {user} {self.grants()}, or "
                     "put a user that has it in the URL")  # fmt: skip
@@ -200,6 +205,12 @@ class RedisFailures:
         except RedisError:
             return False
         return self.group not in {_text(g["name"]) for g in groups}
+
+
+def script_refused(exc: RedisError) -> bool:
+    """Whether a script was refused a command by the user's ACL. Redis 7.0 says so as a
+    plain error, with no NOPERM code (7.2 says NOPERM): only its words tell it apart."""
+    return isinstance(exc, ResponseError) and "user executing the script can't run" in str(exc)
 
 
 def acl_rules(stream: str, dead_letter: str = "") -> str:
