@@ -76,6 +76,20 @@ def parse(buffer: bytes) -> tuple[list[list[bytes]], bytes]:
     return commands, buffer
 
 
+@contextlib.contextmanager
+def server_process(argv: list[str], port: int, log: Path) -> Iterator[None]:
+    """A server process (``argv``) listening on loopback ``port``, killed after; its
+    output in ``log``, shown if it ends before it listens."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc, " ".join(argv[:2]), log)
+        yield
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def commands_refused(port: int, api: str, tmp_path: Path, cli: Workers, url: str = "") -> list[str]:
     """``run``, ``enqueue`` and ``dead-letter list`` on ``port`` (or ``url``): each exits
     2 with one message (returned), and nothing was sent."""
@@ -239,19 +253,11 @@ def test_a_sentinel_url_names_the_primary_to_use_instead(
     config = tmp_path / "sentinel.conf"  # a Sentinel rewrites its configuration: a file
     config.write_text(f"port {port}\nbind 127.0.0.1\n"
                       f"sentinel monitor jobs 127.0.0.1 {watched} 1\n")  # fmt: skip
-    log = tmp_path / "sentinel.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([binary, str(config), "--sentinel"], stdout=out,
-                                stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        wait_for_port(port, proc, "redis-server --sentinel", log)
+    with server_process([binary, str(config), "--sentinel"], port, tmp_path / "sentinel.log"):
         for said in commands_refused(port, api, tmp_path, cli):
             assert f"redis://127.0.0.1:{port}/0#invites is a Redis Sentinel" in said or \
                 f"redis://127.0.0.1:{port}/0 is a Redis Sentinel" in said, said  # fmt: skip
             assert f"(it watches jobs at 127.0.0.1:{watched})" in said, said
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_a_redis_cluster_node_is_refused_at_the_start_not_after_a_message(
@@ -265,16 +271,10 @@ def test_a_redis_cluster_node_is_refused_at_the_start_not_after_a_message(
         pytest.skip("needs redis-server and redis-cli on PATH")
     api = start_emulator()
     port = free_port()
-    log = tmp_path / "cluster.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp_path), "--cluster-enabled", "yes",
-             "--cluster-config-file", str(tmp_path / "nodes.conf")],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        wait_for_port(port, proc, "redis-server --cluster-enabled yes", log)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+            "no", "--dir", str(tmp_path), "--cluster-enabled", "yes", "--cluster-config-file",
+            str(tmp_path / "nodes.conf")]  # fmt: skip
+    with server_process(argv, port, tmp_path / "cluster.log"):
         subprocess.run(["redis-cli", "-p", str(port), "CLUSTER", "ADDSLOTSRANGE", "0", "16383"],
                        check=True, capture_output=True, timeout=10)  # fmt: skip
         for said in commands_refused(port, api, tmp_path, cli):
@@ -283,9 +283,6 @@ def test_a_redis_cluster_node_is_refused_at_the_start_not_after_a_message(
         keys = subprocess.run(["redis-cli", "-p", str(port), "DBSIZE"], check=True,
                               capture_output=True, timeout=10, text=True)  # fmt: skip
         assert keys.stdout.strip() == "0"  # enqueue added nothing
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_redis_in_protected_mode_is_a_setting_to_change_not_a_fault(
@@ -373,17 +370,12 @@ def test_a_certificate_that_cannot_be_verified_is_said_with_the_fix(
                     "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True, timeout=60)  # fmt: skip
     api, port = start_emulator(), free_port()
-    log = tmp_path / "tls.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients",
-             "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
+    argv = [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients",
+            "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]  # fmt: skip
+    with contextlib.ExitStack() as stack:
         try:
-            wait_for_port(port, proc, "redis-server --tls-port", log)
+            stack.enter_context(server_process(argv, port, tmp_path / "tls.log"))
         except RuntimeError:
             pytest.skip("this redis-server was built without TLS")
         url = f"rediss://127.0.0.1:{port}/0"
@@ -394,9 +386,6 @@ def test_a_certificate_that_cannot_be_verified_is_said_with_the_fix(
         source.write_text("token,email\ndash-0,someone@example.com\n")
         cli("enqueue", str(source), url, "--stream", "invites",
             SSL_CERT_FILE=str(cert)).expect(0, timeout=30)  # fmt: skip
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_enqueue_into_a_key_that_is_not_a_stream_is_a_mistyped_name(
