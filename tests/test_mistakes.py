@@ -407,3 +407,15 @@ def test_options_of_the_other_kind_of_source_are_refused(redis_server: str) -> N
         assert done.returncode == 2, (args, done.stderr)
         assert says in done.stderr, done.stderr
         assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_redis_url_is_shown_as_it_can_be_written_back() -> None:
+    """An IPv6 host keeps its brackets where the URL is shown (it was printed
+    redis://::1:6379/0), and a port past 65535 is named as out of range, not as "not a
+    number"."""
+    from worker.queue.options import StreamOptions
+
+    assert StreamOptions(url="redis://[::1]:6379/0", stream="s").where == "redis://[::1]:6379/0#s"
+    done = invite_worker("enqueue", "-", "redis://127.0.0.1:99999/0", "--stream", "s", stdin=b"")
+    assert done.returncode == 2, done.stderr
+    assert "has a port that is not a number from 0 to 65535" in done.stderr, done.stderr

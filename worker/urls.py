@@ -81,7 +81,9 @@ def check_api_url(url: str) -> str:
     try:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
-        raise UsageError(f"--api-url has a port that is not a number: {shown!r}") from None
+        raise UsageError(
+            f"--api-url has a port that is not a number from 0 to 65535: {shown!r}"
+        ) from None
     base = f"{parts.scheme}://{hostname}{port}"  # never user-info: it may hold secrets
     # "?" or "#" with nothing after it too: urlsplit drops an empty query or fragment.
     if parts.path.strip("/") or "?" in url or "#" in url:

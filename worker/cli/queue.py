@@ -152,8 +152,8 @@ async def enqueue_command(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, level=log_level(args))
     if not is_redis_url(args.url):
         raise UsageError(f"not a Redis URL: {args.url!r} (use redis://HOST:PORT/DB)")
+    where = StreamOptions(url=args.url, stream=args.stream).where  # the URL checked first
     source = open_source(args.file, args.format, columns=columns_of(args))
-    where = StreamOptions(url=args.url, stream=args.stream).where
     json_lines = json_stderr(sys.argv[1:])
     # A first signal stops it between two chunks of the input; before Redis answered,
     # or a second one, ends it at once (each slice of rows is added whole or not at all).

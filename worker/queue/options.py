@@ -43,8 +43,8 @@ def check_redis_url(url: str) -> None:
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
         raise UsageError(
-            f"the Redis URL {shown!r} has a port that is not a number; write "
-            "redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0"
+            f"the Redis URL {shown!r} has a port that is not a number from 0 to 65535; "
+            "write redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0"
         ) from None
     query = parse_qsl(parts.query, keep_blank_values=True)
     if (
@@ -116,4 +116,6 @@ class StreamOptions:
         """The URL without credentials, for logs."""
         parts = urlsplit(self.url)
         port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{parts.hostname}{port}{parts.path}#{self.stream}"
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host  # an IPv6 address, as the URL wrote it
+        return f"{parts.scheme}://{host}{port}{parts.path}#{self.stream}"
