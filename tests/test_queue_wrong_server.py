@@ -341,6 +341,8 @@ def test_a_signal_while_redis_never_answers_ends_each_command_at_once(
             assert time.monotonic() - signalled < 3, proc.stderr()
             said = one_message(proc)
             assert "SIGTERM, stopping at once" in said, said
+            if args[0] == "run":
+                assert "run the same command again to start" in said, said
     assert emulator_invited(api) == {}
 
 

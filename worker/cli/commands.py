@@ -134,7 +134,10 @@ def _read_twice_safely(source: str) -> bool:
 
 async def _execute(args: argparse.Namespace, config: Config) -> int:
     """Run under :class:`StopSignals`: a signal is heard from the start, a stuck loop or not."""
-    with signals.StopSignals(json_lines=json_stderr(sys.argv[1:])):
+    # Stopped before it started, a first run may have written no report yet: the same
+    # command starts it again (with --resume that command was continuing one already).
+    early = "nothing was sent yet; run the same command again to start"
+    with signals.StopSignals(json_lines=json_stderr(sys.argv[1:]), early=early):
         return await _execute_run(args, config)
 
 
