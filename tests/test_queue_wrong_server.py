@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from tests.conftest import emulator_invited, free_port, wait_for_port
 from tests.test_queue_redis_errors import Workers, cli, one_message, worker_args
+from tests.test_stop_inputs import catches_sigterm, wait_for
 from worker.queue.connect import connect
 from worker.queue.failures import RedisFailures
 
@@ -215,9 +216,10 @@ def _no_failures(redis: Redis) -> RedisFailures:
 def test_a_redis_loading_or_going_quiet_at_the_start_is_a_fault_said_as_such(
     tmp_path: Path, start_emulator: Callable[..., str], cli: Workers
 ) -> None:
-    """A Redis still loading its data, a replica cut from its primary (MASTERDOWN), or
-    one that answers PING and then nothing (INFO unanswered past the command timeout):
-    exit 3, to run again, each said as it is, not "check the host and port"."""
+    """A Redis still loading its data, a replica cut from its primary (MASTERDOWN), one
+    at its maxclients, or one that answers PING and then nothing (INFO unanswered past
+    the command timeout): exit 3, to run again, each said as it is, not "check the host
+    and port"."""
     api = start_emulator()
     loading = redis_like("7.0.15", ping=b"-LOADING Redis is loading the dataset in memory\r\n")
     quiet = redis_like("7.0.15", info_delay=3.0)
@@ -225,9 +227,11 @@ def test_a_redis_loading_or_going_quiet_at_the_start_is_a_fault_said_as_such(
     source.write_text("token,email\ndash-0,someone@example.com\n")
     stale = redis_like("7.0.15", ping=b"-MASTERDOWN Link with MASTER is down and "
                        b"replica-serve-stale-data is set to 'no'.\r\n")  # fmt: skip
+    full = redis_like("7.0.15", ping=b"-ERR max number of clients reached\r\n")
     for answer, words in ((loading, "is loading its data into memory"),
                           (quiet, "answered PING, then no more"),
-                          (stale, "is not ready (Link with MASTER is down")):  # fmt: skip
+                          (stale, "is not ready (Link with MASTER is down"),
+                          (full, "takes no more clients")):  # fmt: skip
         with toy_server(answer) as port:
             url = f"redis://127.0.0.1:{port}/0"
             proc = cli("enqueue", str(source), url, "--stream", "invites", quick=True)
@@ -333,7 +337,8 @@ def test_a_signal_while_redis_never_answers_ends_each_command_at_once(
                      ["enqueue", str(source), url, "--stream", "invites"],
                      ["dead-letter", "list", url, "--stream", "invites"]):  # fmt: skip
             proc = cli(*args)
-            time.sleep(1.0)  # connected, waiting for an answer to its first command
+            wait_for(lambda: catches_sigterm(proc.popen.pid), "the signal handler")  # noqa: B023
+            time.sleep(0.5)  # connected, waiting for an answer to its first command
             assert proc.popen.poll() is None, proc.stderr()
             signalled = time.monotonic()
             proc.popen.send_signal(signal.SIGTERM)
@@ -407,3 +412,15 @@ def test_enqueue_into_a_key_that_is_not_a_stream_is_a_mistyped_name(
             assert f"'{stream_name}-{kind}' is a Redis {kind}, not a stream" in said, said
         assert redis.get(f"{stream_name}-string") == "hello"
         assert redis.hgetall(f"{stream_name}-hash") == {"a": "b"}
+
+
+def test_rediss_to_a_plain_port_says_to_try_redis(
+    tmp_path: Path, cli: Workers, redis_server: str
+) -> None:
+    """rediss:// to a Redis that speaks plain text: the handshake goes unanswered, exit 3
+    as unreachable, and the message says to use redis:// if the port speaks plain text."""
+    url = "rediss://" + redis_server.removeprefix("redis://")
+    proc = cli("dead-letter", "list", url, "--stream", "invites", quick=True)
+    proc.expect(3, timeout=60)
+    said = one_message(proc)
+    assert "(if that port speaks plain text, use redis://)" in said, said

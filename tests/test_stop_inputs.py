@@ -431,6 +431,30 @@ def test_a_second_sigterm_exits_at_once_while_the_loop_is_stuck(
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_on_enqueue_waiting_for_a_pipes_header_exits_at_once(
+    sig: signal.Signals, redis_server: str, stream_name: str, start: Callable[..., Worker]
+) -> None:
+    """enqueue from a pipe whose writer has not sent the header yet: Ctrl-C or SIGTERM
+    exits 3 at once saying nothing was added (SIGTERM killed it silently, Ctrl-C hung)."""
+    read_end, write_end = os.pipe()
+    try:
+        worker = start("enqueue", "-", redis_server, "--stream", stream_name, stdin=read_end)
+        os.close(read_end)
+        read_end = -1
+        wait_for(lambda: catches_sigterm(worker.popen.pid), "the signal handler")
+        time.sleep(0.3)  # and the header's read waiting on the silent writer
+        worker.popen.send_signal(sig)
+        assert worker.exits(3, within=10) < 3
+    finally:
+        os.close(write_end)
+        if read_end != -1:
+            os.close(read_end)
+    assert "stopping at once: nothing was added yet" in worker.stderr(), worker.stderr()
+    with Redis.from_url(redis_server) as redis:
+        assert not redis.exists(stream_name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_on_enqueue_from_a_silent_pipe_says_where_it_stopped(
     sig: signal.Signals,
     redis_server: str,
@@ -461,6 +485,7 @@ def test_a_signal_on_enqueue_from_a_silent_pipe_says_where_it_stopped(
     said = worker.stderr()
     assert "Traceback" not in said, said
     assert "stopped by a signal: 3 row(s) added; every row up to line 4" in said, said
+    assert "(head -n 1 FILE; tail -n +5 FILE)" in said, said
     after = re.search(r"enqueue only the rows after line (\d+)", said)
     assert after is not None, said
     last = int(after[1])

@@ -153,25 +153,32 @@ async def enqueue_command(args: argparse.Namespace) -> int:
     if not is_redis_url(args.url):
         raise UsageError(f"not a Redis URL: {args.url!r} (use redis://HOST:PORT/DB)")
     where = StreamOptions(url=args.url, stream=args.stream).where  # the URL checked first
-    source = open_source(args.file, args.format, columns=columns_of(args))
     json_lines = json_stderr(sys.argv[1:])
-    # A first signal stops it between two chunks of the input; before Redis answered,
-    # or a second one, ends it at once (each slice of rows is added whole or not at all).
+    # A first signal stops it between two chunks of the input; before Redis answered (or
+    # while a pipe's header is awaited), or a second one, ends it at once: each slice of
+    # rows is added whole or not at all.
     with signals.StopSignals(json_lines=json_lines, early="nothing was added yet"):
-        stop, heard = asyncio.Event(), list[str]()
-        again = ("enqueue only the rows after those the stream holds (its last message is "
-                 "the last row added)")  # fmt: skip
-
-        def connected() -> None:
-            heard.extend(signals.current().run_started(stop, again))
-
-        summary = await enqueue(source, args.url, args.stream, where, stop, connected)
+        source = open_source(args.file, args.format, columns=columns_of(args))
+        stop = asyncio.Event()
+        again = (f"enqueue the rows after the last one the stream holds (XREVRANGE "
+                 f"{args.stream} + - COUNT 1 shows it)")  # fmt: skip
+        summary = await enqueue(source, args.url, args.stream, where, stop,
+                                lambda: signals.current().run_started(stop, again))  # fmt: skip
     print(json.dumps(summary))
     if summary.get("interrupted"):
-        line = summary["last_line"]
-        say("enqueue.stopped", f"stopped by a signal: {summary['enqueued']:,} row(s) added; "
-            f"every row up to line {line} of the input was added or rejected, none after "
-            f"it. To finish, enqueue only the rows after line {line}",
-            json_lines=json_lines)  # fmt: skip
+        say("enqueue.stopped", _stopped(summary), json_lines=json_lines)
         return EXIT_ABORTED
     return EXIT_INCOMPLETE if summary["rejected"] else 0
+
+
+def _stopped(summary: dict[str, Any]) -> str:
+    """What a signal left, and how to finish."""
+    line, added = summary["last_line"], summary["enqueued"]
+    if not line:
+        return "stopped by a signal before any row was added: run the same command again"
+    return (
+        f"stopped by a signal: {added:,} row(s) added; every row up to line {line} of "
+        f"the input was added or rejected, none after it. To finish, enqueue only the "
+        f"rows after line {line} (for a CSV, with its header line first: e.g. "
+        f"(head -n 1 FILE; tail -n +{line + 1} FILE))"
+    )

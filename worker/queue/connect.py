@@ -158,10 +158,16 @@ def _at_start(
     if answered:
         return QueueUnreachable(f"Redis at {where} answered PING, then no more ({said}): "
                                 "run the same command again once it answers")  # fmt: skip
-    # A TLS port spoken to in plain text resets the connection, as a restart does.
-    tls = " (if that port speaks TLS, use rediss://)" if url.startswith("redis://") else ""
+    if "max number of clients reached" in said:  # redis-py's ConnectionError for it
+        return QueueUnreachable(f"Redis at {where} takes no more clients ({said}): run the "
+                                "same command again once some have gone, or raise its "
+                                "maxclients")  # fmt: skip
+    # A TLS port spoken to in plain text resets the connection, as a restart does; a
+    # plain port spoken to in TLS leaves the handshake unanswered.
+    hint = (" (if that port speaks TLS, use rediss://)" if url.startswith("redis://")
+            else " (if that port speaks plain text, use redis://)")  # fmt: skip
     return QueueUnreachable(f"cannot reach Redis at {where}: {said}; check the host and port "
-                            f"in the URL{tls}, and once Redis answers, run the same command "
+                            f"in the URL{hint}, and once Redis answers, run the same command "
                             "again")  # fmt: skip
 
 
