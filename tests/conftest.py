@@ -105,6 +105,8 @@ def make_config(tmp_path: Path, emulator: Emulator) -> Callable[..., Config]:
             "timeout": 5.0,
             "reconcile_delay": 0.01,
             "durable_journal": False,
+            # A queue worker's partial batches go at once when the stream is caught up.
+            "linger": 0.05,
         }
         values.update(overrides)
         return Config(**values)

@@ -27,7 +27,7 @@ QUEUE_ONLY = {"claimed", "dead_lettered", "group", "consumer"}
 
 
 def stream_options(url: str, stream: str) -> StreamOptions:
-    return StreamOptions(url=url, stream=stream, linger=0.05, until_empty=True,
+    return StreamOptions(url=url, stream=stream, until_empty=True,
                          claim_idle=60.0, consumer="c1")  # fmt: skip
 
 

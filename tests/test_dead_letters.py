@@ -37,7 +37,7 @@ async def entries(redis: Redis, key: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def drain(redis_server: str, stream: str) -> StreamOptions:
-    return StreamOptions(url=redis_server, stream=stream, linger=0.05, until_empty=True)
+    return StreamOptions(url=redis_server, stream=stream, until_empty=True)
 
 
 async def test_dead_letters_are_listed_then_requeued_once_fixed_and_invited_once(

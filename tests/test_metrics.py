@@ -205,7 +205,7 @@ async def test_a_queue_worker_tags_its_metrics_with_mode_and_consumer(
     finally:
         await redis.aclose()
     options = StreamOptions(url=redis_server, stream=stream_name, consumer="host 7|a",
-                            linger=0.05, until_empty=True)  # fmt: skip
+                            until_empty=True)  # fmt: skip
     result = await run_stream(make_config(statsd=agent.target), options)
     assert result.exit_code == 0
     agent.metrics(wait=2.0)
@@ -221,7 +221,7 @@ async def test_a_stopped_queue_worker_is_counted_interrupted_not_failed(
     """A queue worker stopped by a signal (a scale-down) ends exit 3 with outcome:interrupted,
     so the failed-run monitor, which leaves that outcome out, does not fire for it."""
     stop = asyncio.Event()
-    options = StreamOptions(url=redis_server, stream=stream_name, linger=0.05)
+    options = StreamOptions(url=redis_server, stream=stream_name)
     task = asyncio.create_task(run_stream(make_config(statsd=agent.target), options, stop=stop))
     await asyncio.sleep(0.5)
     stop.set()
@@ -249,7 +249,7 @@ async def test_dead_letters_and_the_end_of_a_run_are_counted(
     try:
         await enqueue_rows(redis, stream_name, rows)
         options = StreamOptions(url=redis_server, stream=stream_name, consumer="w1",
-                                linger=0.05, until_empty=True)  # fmt: skip
+                                until_empty=True)  # fmt: skip
         result = await run_stream(make_config(statsd=agent.target), options)
         dead: Any = await redis.xrange(f"{stream_name}:dead")
     finally:

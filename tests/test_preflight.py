@@ -215,7 +215,7 @@ async def test_queue_mode_skips_and_refuses_by_the_same_rules(
     try:
         for email in [*PEOPLE[:4], "stranger@example.com"]:
             await client.xadd(stream_name, {"token": TOKEN_A, "email": email})
-        options = StreamOptions(url=redis_server, stream=stream_name, linger=0.05,
+        options = StreamOptions(url=redis_server, stream=stream_name,
                                 until_empty=True)  # fmt: skip
         result = await run_stream(make_config(), options)
         pending = await client.xpending(stream_name, "invite-worker")

@@ -40,8 +40,8 @@ from worker.record.lock import hold_report
 
 
 def options(url: str, stream: str, **extra: Any) -> StreamOptions:
-    values: dict[str, Any] = {"url": url, "stream": stream, "linger": 0.05,
-                              "until_empty": True, "claim_idle": 60.0}  # fmt: skip
+    values: dict[str, Any] = {"url": url, "stream": stream, "until_empty": True,
+                              "claim_idle": 60.0}  # fmt: skip
     return StreamOptions(**{**values, **extra})
 
 
@@ -147,9 +147,9 @@ async def test_linger_sends_a_trickle_without_waiting_for_a_full_batch(
 ) -> None:
     """A partial batch goes once it has waited --linger, with the worker still running."""
     stop = asyncio.Event()
-    config = make_config(batch_size=100)
+    config = make_config(batch_size=100, linger=0.2)
     task = asyncio.create_task(run_stream(
-        config, options(redis_server, stream_name, until_empty=False, linger=0.2), stop=stop
+        config, options(redis_server, stream_name, until_empty=False), stop=stop
     ))  # fmt: skip
     await add(redis, stream_name, [(TOKEN_A, "first@example.com")])
     await asyncio.wait_for(emulator.wait_for_invitations(1), 10)
@@ -384,8 +384,8 @@ async def test_a_backlog_is_sent_in_full_batches_whatever_the_linger(
     addresses (half-full ones would spend the rate limit on half the emails)."""
     pairs = [(f"dash-{i % 10}", f"b{i}@example.com") for i in range(2000)]
     await add(redis, stream_name, pairs)
-    opts = options(redis_server, stream_name, linger=0.0, read_count=100)
-    result = await run_stream(make_config(batch_size=100), opts)
+    opts = options(redis_server, stream_name, read_count=100)
+    result = await run_stream(make_config(batch_size=100, linger=0.0), opts)
     assert result.exit_code == 0
     posts = [r for r in emulator.requests if r.method == "POST"]
     assert len(posts) == 20

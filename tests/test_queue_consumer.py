@@ -162,7 +162,7 @@ async def test_a_dashboard_shared_after_a_404_gets_the_messages_that_come_later(
     check has aged, so a message for it that arrives after the dashboard was shared is
     sent, not refused for the rest of the worker's life."""
     stop = asyncio.Event()
-    options = StreamOptions(url=redis_server, stream=stream_name, linger=0.05)
+    options = StreamOptions(url=redis_server, stream=stream_name)
     await enqueue_rows(redis, stream_name, [(GONE, "ann@example.com")])
     run = asyncio.create_task(run_stream(make_config(preflight_ttl=0.3), options, stop=stop))
     try:

@@ -119,7 +119,7 @@ async def test_a_queue_flusher_that_raises_halts_the_worker_leaving_messages_pen
         for token, email in PAIRS:
             pipe.xadd(stream_name, {"token": token, "email": email})
         await pipe.execute()
-    opts = StreamOptions(url=redis_server, stream=stream_name, linger=0.05, until_empty=True,
+    opts = StreamOptions(url=redis_server, stream=stream_name, until_empty=True,
                          claim_idle=0.5, consumer="w1")  # fmt: skip
     real_settle: Any = StreamQueue.settle
 

@@ -69,8 +69,8 @@ class Config:
     timeout: float = 30.0
     #: Rows held in per-token buffers across all tokens before the fullest are sent early.
     max_buffered_rows: int = 200_000
-    #: Input from a pipe, a FIFO or a terminal gone silent this long: its partial batches
-    #: are sent rather than held until more rows come (``--linger``, as in queue mode).
+    #: ``--linger``: a partial batch is sent once its first row has waited this long and
+    #: the input is quiet: a stream caught up, or a pipe, FIFO or terminal gone silent.
     linger: float = 2.0
     #: First retry waits about this long; each further one doubles it, up to ``backoff_max``.
     backoff_base: float = 0.5

@@ -156,7 +156,7 @@ async def _execute_run(args: argparse.Namespace, config: Config) -> int:
 
         options = StreamOptions(
             url=args.source, stream=args.stream or "", group=args.group,
-            consumer=args.consumer, linger=args.linger, dead_letter=args.dead_letter,
+            consumer=args.consumer, dead_letter=args.dead_letter,
             claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
             until_empty=args.until_empty,
         )  # fmt: skip

@@ -153,7 +153,7 @@ class Consumer:
                 for batch in await self._take(claimed, reclaimed=True, claimed=True):
                     yield batch
                 next_claim = self.clock.time() + min(max(self.options.claim_idle / 2, 0.5), 30)
-            block = min(self.options.linger or 0.5, 0.5)
+            block = min(self.config.linger or 0.5, 0.5)
             messages = await self.queue.read_new(self.options.read_count, block)
             for batch in await self._take(messages, reclaimed=False):
                 yield batch
@@ -161,7 +161,7 @@ class Consumer:
             # backlog is read, waiting costs nothing and fills them, and half-full requests
             # would spend the rate limit's budget (and CPU) on half the emails.
             if len(messages) < self.options.read_count:
-                for batch in self.batcher.expired(self.options.linger):
+                for batch in self.batcher.expired(self.config.linger):
                     yield batch
             if self.options.until_empty and not messages and await self._drained():
                 break

@@ -73,14 +73,13 @@ def check_redis_url(url: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class StreamOptions:
-    """Where to read and how to behave as one consumer of a group. Durations in seconds."""
+    """Where to read and how to behave as one consumer of a group. Durations in seconds;
+    ``--linger`` is the run's (:class:`~worker.config.Config`), as for a pipe."""
 
     url: str
     stream: str
     group: str = "invite-worker"
     consumer: str = ""
-    #: A partial batch is sent once its first message has waited this long.
-    linger: float = 2.0
     #: Where messages that failed for good go; default ``<stream>:dead``.
     dead_letter: str = ""
     #: Other consumers' messages idle this long are claimed.
@@ -106,8 +105,8 @@ class StreamOptions:
             object.__setattr__(self, "dead_letter", f"{self.stream}:dead")
         if self.dead_letter == self.stream:
             raise UsageError("--dead-letter must differ from --stream")
-        if self.linger < 0 or not self.claim_idle > 0:
-            raise UsageError("--linger must be >= 0 and --claim-idle > 0 seconds")
+        if not self.claim_idle > 0:
+            raise UsageError(f"--claim-idle must be > 0 seconds, got {self.claim_idle}")
         if self.max_deliveries < 1 or self.read_count < 1:
             raise UsageError("--max-deliveries must be at least 1")
 
