@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE
 from worker.queue.names import closest_streams
 from worker.queue.options import StreamOptions, is_redis_url
 from worker.sources import open_source
+from worker.sources.csvfile import CsvSource
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -166,19 +168,23 @@ async def enqueue_command(args: argparse.Namespace) -> int:
                                 lambda: signals.current().run_started(stop, again))  # fmt: skip
     print(json.dumps(summary))
     if summary.get("interrupted"):
-        say("enqueue.stopped", _stopped(summary), json_lines=json_lines)
+        header = source.header_line if isinstance(source, CsvSource) else 0
+        say("enqueue.stopped", _stopped(summary, args.file, header), json_lines=json_lines)
         return EXIT_ABORTED
     return EXIT_INCOMPLETE if summary["rejected"] else 0
 
 
-def _stopped(summary: dict[str, Any]) -> str:
-    """What a signal left, and how to finish."""
+def _stopped(summary: dict[str, Any], file: str, header: int) -> str:
+    """What a signal left, and how to finish (``header``: a CSV's header line; 0: none)."""
     line, added = summary["last_line"], summary["enqueued"]
     if not line:
         return "stopped by a signal before any row was added: run the same command again"
+    name = shlex.quote(file) if file != "-" else "FILE"  # a pipe: wherever its rows are
+    rest = f"tail -n +{line + 1} {name}"
+    if header:  # the rest of a CSV needs its header line first
+        rest = f"(sed -n {header}p {name}; {rest})"
     return (
         f"stopped by a signal: {added:,} row(s) added; every row up to line {line} of "
         f"the input was added or rejected, none after it. To finish, enqueue only the "
-        f"rows after line {line} (for a CSV, with its header line first: e.g. "
-        f"(head -n 1 FILE; tail -n +{line + 1} FILE))"
+        f"rows after line {line}: {rest} | invite-worker enqueue - ..."
     )

@@ -201,6 +201,9 @@ async def _require_stream_or_none(
                          "stream (or makes it); check --stream")  # fmt: skip
 
 
+#: Seconds a stopped enqueue still waits for its input's next read: the end of a file
+#: comes at once, a silent pipe's next row may never.
+END_GRACE = 0.05
 #: What :func:`_next_unless_stopped` returns once stopped: no chunk is this object.
 STOPPED = cast(Sequence[RawRow], object())
 
@@ -209,17 +212,26 @@ async def _next_unless_stopped(
     chunks: AsyncIterator[Sequence[RawRow]], stop: asyncio.Event
 ) -> Sequence[RawRow] | None:
     """The next chunk (None at the end), or :data:`STOPPED` once ``stop`` is set first:
-    the read is then cancelled, since a pipe's writer may be silent for hours."""
-    if stop.is_set():
-        return STOPPED
+    the read is then cancelled, since a pipe's writer may be silent for hours. Stopped,
+    it still looks a moment (:data:`END_GRACE`) whether the input has ended: a stop
+    during the last chunk leaves nothing to finish, and must not say otherwise."""
     read = asyncio.ensure_future(anext(chunks, None))
-    stopped = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait((read, stopped), return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            stopped = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait((read, stopped), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+        if not read.done():
+            await asyncio.wait((read,), timeout=END_GRACE)
     finally:
-        stopped.cancel()
         if not read.done():
             read.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await read
-    return STOPPED if read.cancelled() else read.result()
+    if read.cancelled():
+        return STOPPED
+    chunk: Sequence[RawRow] | None = read.result()
+    # Rows read once stopped are not added: the summary's last_line stays before them.
+    return STOPPED if chunk is not None and stop.is_set() else chunk

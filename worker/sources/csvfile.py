@@ -33,6 +33,8 @@ class CsvSource:
         self._reader = LineReader(stream)
         # Lines read along with the header, still to be parsed: (first line number, lines).
         self._pending: tuple[int, list[bytes | None]] | None = None
+        #: The line the header is on (blank lines before it are skipped).
+        self.header_line = 0
         try:
             self._delimiter, self._token_at, self._email_at, self._width = self._read_header()
         except BaseException:
@@ -49,6 +51,7 @@ class CsvSource:
                 if not raw.strip():
                     continue
                 header = self._parse_header(number, raw)
+                self.header_line = number
                 self._pending = self._first_rows(number, number + 1, lines[offset + 1 :])
                 return header
         raise UsageError(
