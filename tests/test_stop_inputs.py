@@ -451,23 +451,18 @@ def test_a_signal_while_enqueue_adds_its_last_rows_leaves_nothing_to_finish(
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_on_enqueue_waiting_for_a_pipes_header_exits_at_once(
-    sig: signal.Signals, redis_server: str, stream_name: str, start: Callable[..., Worker]
+    sig: signal.Signals,
+    redis_server: str,
+    stream_name: str,
+    piped: Callable[..., tuple[Worker, Writer]],
 ) -> None:
     """enqueue from a pipe whose writer has not sent the header yet: Ctrl-C or SIGTERM
     exits 3 at once saying nothing was added (SIGTERM killed it silently, Ctrl-C hung)."""
-    read_end, write_end = os.pipe()
-    try:
-        worker = start("enqueue", "-", redis_server, "--stream", stream_name, stdin=read_end)
-        os.close(read_end)
-        read_end = -1
-        wait_for(lambda: catches_sigterm(worker.popen.pid), "the signal handler")
-        time.sleep(0.3)  # and the header's read waiting on the silent writer
-        worker.popen.send_signal(sig)
-        assert worker.exits(3, within=10) < 3
-    finally:
-        os.close(write_end)
-        if read_end != -1:
-            os.close(read_end)
+    worker, _ = piped("enqueue", "-", redis_server, "--stream", stream_name)
+    wait_for(lambda: catches_sigterm(worker.popen.pid), "the signal handler")
+    time.sleep(0.3)  # and the header's read waiting on the silent writer
+    worker.popen.send_signal(sig)
+    assert worker.exits(3, within=10) < 3
     assert "stopping at once: nothing was added yet" in worker.stderr(), worker.stderr()
     with Redis.from_url(redis_server) as redis:
         assert not redis.exists(stream_name)
@@ -478,31 +473,23 @@ def test_a_signal_on_enqueue_from_a_silent_pipe_says_where_it_stopped(
     sig: signal.Signals,
     redis_server: str,
     stream_name: str,
-    start: Callable[..., Worker],
+    piped: Callable[..., tuple[Worker, Writer]],
     tmp_path: Path,
 ) -> None:
     """enqueue reading a pipe whose writer stays silent: Ctrl-C or SIGTERM ends it at once
     (exit 3, where SIGTERM had killed it silently, 143), saying how many rows it added and
     the input's last line it took, and how to enqueue the rest of a CSV whose header is
     not on line 1; doing so adds each row once."""
-    read_end, write_end = os.pipe()
     # A blank line first: the header is line 2, the rows from line 3.
     whole = ["\n", *rows_csv(PAIRS).splitlines(keepends=True)]
-    try:
-        worker = start("enqueue", "-", redis_server, "--stream", stream_name, stdin=read_end)
-        os.close(read_end)
-        read_end = -1
-        os.write(write_end, "".join(whole[:5]).encode())
-        with Redis.from_url(redis_server) as redis:
-            wait_for(lambda: redis.exists(stream_name) and redis.xlen(stream_name) == 3,
-                     "the rows enqueued")  # fmt: skip
-        time.sleep(0.3)  # and the next read waiting on the silent writer
-        worker.popen.send_signal(sig)
-        assert worker.exits(3, within=10) < 5
-    finally:
-        os.close(write_end)
-        if read_end != -1:
-            os.close(read_end)
+    worker, writer = piped("enqueue", "-", redis_server, "--stream", stream_name)
+    writer.write("".join(whole[:5]).encode())
+    with Redis.from_url(redis_server) as redis:
+        wait_for(lambda: redis.exists(stream_name) and redis.xlen(stream_name) == 3,
+                 "the rows enqueued")  # fmt: skip
+    time.sleep(0.3)  # and the next read waiting on the silent writer
+    worker.popen.send_signal(sig)
+    assert worker.exits(3, within=10) < 5
     said = worker.stderr()
     assert "Traceback" not in said, said
     assert "stopped by a signal: 3 row(s) added; every row up to line 5" in said, said
@@ -511,11 +498,9 @@ def test_a_signal_on_enqueue_from_a_silent_pipe_says_where_it_stopped(
     source.write_text("".join(whole))
     rest = subprocess.run(["sh", "-c", f"sed -n 2p {source}; tail -n +6 {source}"],
                           capture_output=True, check=True, timeout=10).stdout  # fmt: skip
-    read_end, write_end = os.pipe()
-    os.write(write_end, rest)
-    os.close(write_end)
-    finish = start("enqueue", "-", redis_server, "--stream", stream_name, stdin=read_end)
-    os.close(read_end)
+    finish, writer = piped("enqueue", "-", redis_server, "--stream", stream_name)
+    writer.write(rest)
+    writer.close()
     finish.exits(0, within=30)
     with Redis.from_url(redis_server, decode_responses=True) as redis:
         added = [(f["token"], f["email"]) for _, f in redis.xrange(stream_name)]
