@@ -4,6 +4,7 @@ an API that cannot be reached, a --resume with nothing to resume."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -73,6 +74,29 @@ def test_a_second_run_on_the_same_report_is_refused_before_any_request(
     assert set(invited) == pairs
     assert set(invited.values()) == {1}
     assert lock_path(report).exists()
+
+
+def test_a_second_run_through_a_hard_link_to_the_report_is_refused(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """A hard link is the same report under another name, with a .lock of its own beside
+    it: a second run through it exits 2 at once, sending nothing (both ran, inviting 54
+    people twice); the first then finishes, everyone invited once."""
+    url = start_emulator("--limit", "20", "--period", "1")
+    source, report, alias = tmp_path / "in.csv", tmp_path / "report.jsonl", tmp_path / "alias.jsonl"
+    pairs = write_input(source, 600, 3)
+    common = ("--api-url", url, "--batch-size", "10", "--log-format", "json")
+    first = spawn("run", str(source), "--report", str(report), *common)
+    wait_until(lambda: report.exists() and sum(emulator_invited(url).values()) >= 20, 30)
+    os.link(report, alias)
+    second = spawn("run", str(source), "--report", str(alias), "--resume", *common)
+    second.expect(2, timeout=30)
+    assert "in use by another run under another name (a hard link" in second.stderr()
+    assert not [e for e in events(second) if e.get("event") == "run.started"]
+    first.expect(0, timeout=120)
+    invited = emulator_invited(url)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 Two runs on one report and journal would each read the other's intents as their own and
 send the same pairs twice. So before a run reads or writes either file it takes an
 exclusive ``flock(2)`` on ``<report>.lock``, non-blocking: a second run fails at once and
-says who holds it. The kernel drops the lock when the holder's process ends, however it
+says who holds it. It locks the report file itself as well: a hard link reaches the same
+file by another name, with a ``.lock`` of its own. The kernel drops the lock when the holder's process ends, however it
 ends (SIGKILL, OOM), so a crash never leaves a stale lock behind.
 
 The lock file stays after the run: removing it would let a process that opened the old
@@ -21,6 +22,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -44,6 +46,7 @@ class ReportLock:
         self.report_path = report_path
         self.path = lock_path(report_path)
         self._fd = -1
+        self._file_fd = -1  # the report file's own lock, see _lock_the_file
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`ReportLocked` naming the holder."""
@@ -81,12 +84,46 @@ class ReportLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)
         self._fd = fd
+        self._lock_the_file()
+
+    def _lock_the_file(self) -> None:
+        """Lock the report file itself too: a hard link is the same file under another
+        name, whose ``.lock`` beside it another run would take. A report not there yet is
+        made (empty, as the run would make it), so a link made to it later is locked too."""
+        try:
+            fd = os.open(self.report_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            try:
+                fd = os.open(self.report_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             PRIVATE_MODE)  # fmt: skip
+            except OSError:
+                return  # the run says what is wrong with the path when it writes there
+        except OSError:
+            return  # unreadable: said later
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device: refused elsewhere
+            os.close(fd)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            self.release()
+            raise ReportLocked(
+                f"the report {str(self.report_path)!r} is in use by another run under another "
+                "name (a hard link to the same file). Two runs on one report would invite "
+                "people twice: wait for that run to end, or stop it, then start this one again"
+            ) from None
+        except OSError:
+            os.close(fd)
+            return  # no locks on this filesystem: the lock file was taken, which must do
+        self._file_fd = fd
 
     def release(self) -> None:
         """Drop the lock (idempotent); the file stays, see the module notes."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for name in ("_file_fd", "_fd"):
+            if getattr(self, name) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
 
 def _holder(fd: int) -> str:
