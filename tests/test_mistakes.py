@@ -114,7 +114,8 @@ def test_overwrite_replaces_only_a_report_and_report_failed_never_its_input(
     sample: Path, tmp_path: Path
 ) -> None:
     """Case 1: --overwrite on a file that is not a report is refused; ``report failed``
-    with --output the report itself is refused, --overwrite or not."""
+    with --output the report itself is refused, --overwrite or not, naming another
+    --output (it named a --report)."""
     notes = tmp_path / "notes.jsonl"
     notes.write_text('{"my": "notes"}\n')
     done = invite_worker("run", str(sample), "--sandbox", "--report", str(notes), "--overwrite")
@@ -126,7 +127,8 @@ def test_overwrite_replaces_only_a_report_and_report_failed_never_its_input(
     before = report.read_bytes()
     done = invite_worker("report", "failed", str(report), "--output", str(report), "--overwrite")
     assert done.returncode == 2, done.stderr
-    assert "is the input" in one_line(done)
+    assert "is the report itself" in one_line(done)
+    assert f"e.g. --output {tmp_path / 'r-failed.csv'}" in one_line(done)  # not --report
     assert report.read_bytes() == before
 
 
@@ -419,3 +421,22 @@ def test_a_redis_url_is_shown_as_it_can_be_written_back() -> None:
     done = invite_worker("enqueue", "-", "redis://127.0.0.1:99999/0", "--stream", "s", stdin=b"")
     assert done.returncode == 2, done.stderr
     assert "has a port that is not a number from 0 to 65535" in done.stderr, done.stderr
+
+
+def test_durations_are_plain_numbers_and_access_lasts_at_least_a_minute() -> None:
+    """--access-expires under a minute (0.4s made an entry already expired when the
+    request landed) and numbers float() takes but nobody writes (1e3, 1_000, other
+    scripts' digits) are exit 2, naming the value; 90m still goes."""
+    sample = str(ROOT / "sample_inputs" / "invites.csv")
+    for value, says in (("0.4s", "within a minute"), ("30s", "within a minute"),
+                        ("1e3s", "not a duration"), ("1_000s", "not a duration"),
+                        ("\u0663d", "not a duration")):  # fmt: skip
+        done = invite_worker("run", sample, "--sandbox", "--add-invitees",
+                             f"--access-expires={value}", "--dry-run")  # fmt: skip
+        assert done.returncode == 2, (value, done.stderr)
+        assert says in done.stderr, done.stderr
+    done = invite_worker("run", sample, "--sandbox", "--resend-after=1e3s", "--dry-run")
+    assert done.returncode == 2, done.stderr
+    done = invite_worker("run", sample, "--sandbox", "--add-invitees", "--access-expires=90m",
+                         "--dry-run", "--report", "/dev/null/never")  # fmt: skip
+    assert "--access-expires" not in done.stderr, done.stderr

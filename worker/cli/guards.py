@@ -64,9 +64,11 @@ def check_not_input(source: str, outputs: dict[str, Path]) -> None:
 def check_failed_output(report: Path, output: Path, sources: Iterable[str]) -> None:
     """``report failed --output``: never the report, its journal, its lock, or the input
     of a run the report records (``sources``, as the runs named them)."""
-    check_not_input(str(report), {"--output": output})
     instead = report.with_name(report.stem + "-failed.csv")
     fix = f"(--overwrite or not). Choose another path, e.g. --output {instead}"
+    if same_file(output, str(report)):
+        raise UsageError(f"--output {str(output)!r} is the report itself: writing it would "
+                         f"destroy the run's record of what it sent {fix}")  # fmt: skip
     for what, path in run_outputs(report, dry_run=False).items():
         if what != "the report (--report)" and same_file(output, str(path)):
             raise UsageError(f"--output {str(output)!r} is {what} {str(path)!r}: writing it "

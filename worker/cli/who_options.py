@@ -8,6 +8,7 @@ only it uses; the other groups of ``run`` are in :mod:`worker.cli.run_options`.
 from __future__ import annotations
 
 import argparse
+import re
 
 from worker.config import PruneMax
 from worker.errors import UsageError
@@ -15,17 +16,22 @@ from worker.errors import UsageError
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+#: A number as a person writes one: ASCII digits, a decimal point at most (float() would
+#: also take 1e3, 1_000 and other scripts' digits).
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?|\.[0-9]+")
+#: The shortest --access-expires: access ending sooner would end before the invitation is
+#: even read (and under a second, before the request lands).
+MIN_ACCESS = 60.0
+
+
 def duration(text: str) -> float:
     """``90m``, ``12h``, ``7d`` (or plain seconds) as seconds."""
     value, unit = text.strip(), "s"
     if value and value[-1].lower() in _UNITS:
         value, unit = value[:-1], value[-1].lower()
-    try:
-        seconds = float(value) * _UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a duration: {text!r} (use e.g. 90m, 12h, 7d)"
-        ) from None
+    if not _NUMBER.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90m, 12h, 7d)")
+    seconds = float(value) * _UNITS[unit]
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
     return seconds
@@ -38,7 +44,13 @@ def expiry(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"give --access-expires a unit: {text!r} would be seconds (e.g. 7d, 12h, 90m)"
         )
-    return duration(text)
+    seconds = duration(text)
+    if seconds < MIN_ACCESS:
+        raise argparse.ArgumentTypeError(
+            f"--access-expires {text!r} would end access within a minute, before the "
+            "invitation is even read: give at least 1m (e.g. 7d, 12h, 90m)"
+        )
+    return seconds
 
 
 def prune_max(text: str) -> PruneMax:

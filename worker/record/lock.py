@@ -4,8 +4,9 @@ Two runs on one report and journal would each read the other's intents as their 
 send the same pairs twice. So before a run reads or writes either file it takes an
 exclusive ``flock(2)`` on ``<report>.lock``, non-blocking: a second run fails at once and
 says who holds it. It locks the report file itself as well: a hard link reaches the same
-file by another name, with a ``.lock`` of its own. The kernel drops the lock when the holder's process ends, however it
-ends (SIGKILL, OOM), so a crash never leaves a stale lock behind.
+file by another name, with a ``.lock`` of its own. The kernel drops the locks when the
+holder's process ends, however it ends (SIGKILL, OOM), so a crash never leaves a stale
+lock behind.
 
 The lock file stays after the run: removing it would let a process that opened the old
 file lock it while a third locks a new one.
