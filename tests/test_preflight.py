@@ -124,11 +124,41 @@ async def test_addresses_the_dashboard_does_not_allow_are_refused_without_a_400(
     assert result.exit_code == 1
     assert [r.status for r in emulator.requests if r.method == "POST"] == [201]
     assert posts(emulator) == [2]
+    expired, outside = [b for b in by_kind(read_report(make_config().report_path), "batch")
+                        if b["status"] == "failed"]  # fmt: skip
+    assert (expired["emails"], outside["emails"]) == (["expired@example.com"], ["x@example.com"])
+    assert {expired["error"]["code"], outside["error"]["code"]} == {"not_on_share_list"}
+    assert "access has expired" in expired["error"]["message"]  # its own fix: extend it
+    assert "add it to the invitees" in outside["error"]["message"]
+    assert expired["attempts"] == outside["attempts"] == 0
+
+
+async def test_add_invitees_refuses_an_expired_entry_before_any_post_plan_and_run_alike(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """--add-invitees leaves an existing entry as it is: an invitee whose access expired
+    is refused not_on_share_list before any POST (it was POSTed and answered 400, and the
+    plan said it would be added), saying to extend it; a new address is added and sent."""
+    from worker.run.plan import dry_run
+
+    board = emulator.add_dashboard(TOKEN_A, invitees=["keep@example.com"])
+    assert board.invitees is not None
+    board.invitees["keep@example.com"].access_expiration = emulator._clock() - 60
+    rows = rows_csv([(TOKEN_A, "keep@example.com"), (TOKEN_A, "new@example.com")])
+    planned = await dry_run(make_config(add_invitees=True), csv_source(rows), out=io.StringIO(),
+                            preflight=True)  # fmt: skip
+    assert planned.exit_code == 1  # as the run's
+    assert [r.method for r in emulator.requests if r.method != "GET"] == []
+    result = await run(make_config(add_invitees=True, overwrite=True), csv_source(rows))
+    assert result.exit_code == 1
+    assert [r.status for r in emulator.requests if r.method == "POST"] == [201]
+    assert emulator.invited == Counter({(TOKEN_A, "new@example.com"): 1})
     [refused] = [b for b in by_kind(read_report(make_config().report_path), "batch")
                  if b["status"] == "failed"]  # fmt: skip
-    assert refused["emails"] == ["expired@example.com", "x@example.com"]
+    assert refused["emails"] == ["keep@example.com"]
     assert refused["error"]["code"] == "not_on_share_list"
-    assert refused["attempts"] == 0
+    assert "extend it on the dashboard" in refused["error"]["message"]
+    assert board.invitees["keep@example.com"].access_expiration is not None  # unchanged
 
 
 async def test_people_already_served_are_skipped_whatever_the_dashboard_says_now(

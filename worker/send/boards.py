@@ -73,7 +73,7 @@ class BoardReader:
             check.refused = Failure(DASHBOARD_PAUSED, "the shared dashboard is paused; "
                                     "resume sharing it, then run again")  # fmt: skip
         else:
-            check.allowed = allowed_keys(board, check.checked)
+            check.allowed, check.expired = allowed_keys(board, check.checked)
             allowed = None if check.allowed is None else len(check.allowed)
             log.info("preflight.dashboard", token=token, allowed=allowed)
 

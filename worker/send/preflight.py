@@ -52,6 +52,7 @@ from worker.send.screening import (
     INVITEE_UPDATE_FAILED,
     Screened,
     TokenCheck,
+    access_expired,
     not_allowed,
 )
 
@@ -132,6 +133,14 @@ class Preflight(TokenChecks):
             outside_mask = ~member(check.allowed, keys)
             if send is not None:
                 outside_mask &= send
+            if len(check.expired) and outside_mask.any():
+                # An expired entry is refused, --add-invitees or not: adding leaves an
+                # existing entry as it is, so the service would refuse the send (a 400).
+                gone = outside_mask & member(check.expired, keys)
+                if gone.any():
+                    out.refused = [(e, access_expired(e)) for e in compress(emails, gone.tolist())]
+                    send = ~gone if send is None else send & ~gone
+                    outside_mask &= ~gone
             if outside_mask.any():
                 outside = list(compress(emails, outside_mask.tolist()))
         if outside and self._add_invitees:
@@ -143,9 +152,9 @@ class Preflight(TokenChecks):
             else:
                 why = "could not add the address to the dashboard's invitees safely"
                 failure = Failure(INVITEE_UPDATE_FAILED, f"{why} (see invitees.update_failed)")
-                out.refused = [(e, failure) for e in outside]
+                out.refused += [(e, failure) for e in outside]
         elif outside:
-            out.refused = [(e, not_allowed(e)) for e in outside]
+            out.refused += [(e, not_allowed(e)) for e in outside]
         if outside:  # the refused are neither sent nor skipped
             send = ~outside_mask if send is None else send & ~outside_mask
         out.send = list(emails) if send is None else list(compress(emails, send.tolist()))

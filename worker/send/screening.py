@@ -14,7 +14,7 @@ import structlog
 
 from worker.errors import SendError
 from worker.outcome import NOT_ON_SHARE_LIST, Failure, Outcome, Status
-from worker.send.compact import iso_epoch, key_set
+from worker.send.compact import iso_epoch, key_set, member
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,6 +41,9 @@ class TokenCheck:
     refused: Failure | None = None
     #: Keys of the addresses allowed now; None when the service gave no allow-list.
     allowed: npt.NDArray[np.int64] | None = None
+    #: Keys of invitees whose access has expired (not allowed, and not to be added again:
+    #: ``--add-invitees`` never changes an existing entry).
+    expired: npt.NDArray[np.int64] = field(default_factory=lambda: key_set(()))
     #: Keys of the addresses skipped: with an open session, and (the others) invited.
     in_session: npt.NDArray[np.int64] = field(default_factory=lambda: key_set(()))
     invited: npt.NDArray[np.int64] = field(default_factory=lambda: key_set(()))
@@ -69,12 +72,15 @@ class Screened:
     unread: tuple[SendError, list[str]] | None = None
 
     def outcomes(self, token: str, started: float, finished: float) -> list[Outcome]:
-        """The refused and the skipped as outcomes (one per code, one per reason)."""
+        """The refused and the skipped as outcomes (one per refusal, one per reason)."""
         out: list[Outcome] = []
-        by_code: dict[str, tuple[Failure, list[str]]] = {}
+        # One record per kind of refusal: by code, and an expired entry apart from an
+        # address never allowed (the same code, another fix).
+        by_code: dict[tuple[str, bool], tuple[Failure, list[str]]] = {}
         for email, failure in self.refused:
-            by_code.setdefault(failure.code, (failure, []))[1].append(email)
-        for code, (failure, refused) in by_code.items():
+            kind = (failure.code, EXPIRED in failure.message)
+            by_code.setdefault(kind, (failure, []))[1].append(email)
+        for (code, _), (failure, refused) in by_code.items():
             if len(refused) > 1:
                 failure = Failure(code, refusal_message(failure))
             log.warning("batch.refused", token=token, emails=len(refused), code=code)
@@ -86,21 +92,30 @@ class Screened:
         return out
 
 
-def allowed_keys(board: SharedDashboard, now: float) -> npt.NDArray[np.int64] | None:
-    """Keys of the addresses allowed now: invitees whose access has not expired, and the
-    share list."""
+def allowed_keys(
+    board: SharedDashboard, now: float
+) -> tuple[npt.NDArray[np.int64] | None, npt.NDArray[np.int64]]:
+    """Keys of the addresses allowed now (invitees whose access has not expired, and the
+    share list; None when the service gave no allow-list), and of the invitees whose
+    access has expired."""
     if board.invitees is None and board.share_list is None:
-        return None
+        return None, key_set(())
     invitees = board.invitees or []
     # A dashboard of a million invitees is read in C: one pass for the addresses, one for
     # whether any expiry is set at all (an empty one, like none, never expires).
     emails = list(map(_EMAIL, invitees))
+    expired: list[str] = []
     if any(map(_EXPIRY, invitees)):
-        emails = [i.email for i in invitees
-                  if not i.access_expiration or _after(i.access_expiration, now)]  # fmt: skip
+        emails = []
+        for i in invitees:
+            live = not i.access_expiration or _after(i.access_expiration, now)
+            (emails if live else expired).append(i.email)
     if board.share_list:
         emails += board.share_list
-    return key_set(emails)
+    allowed = key_set(emails)
+    gone = key_set(expired)
+    # One on the share list too is allowed, whatever its invitee entry says.
+    return allowed, gone[~member(allowed, gone)] if len(gone) else gone
 
 
 def _after(value: str, now: float) -> bool:
@@ -116,8 +131,20 @@ def not_allowed(email: str) -> Failure:
     return Failure(NOT_ON_SHARE_LIST, f"{email} is {NOT_ALLOWED}; add it to the invitees")
 
 
+EXPIRED = ("an invitee whose access has expired, which a run never extends: extend it on "
+           "the dashboard, or remove the entry and let --add-invitees add it again")  # fmt: skip
+
+
+def access_expired(email: str) -> Failure:
+    """The refusal of one address whose invitee entry has expired (``--add-invitees``
+    leaves existing entries as they are)."""
+    return Failure(NOT_ON_SHARE_LIST, f"{email} is {EXPIRED}")
+
+
 def refusal_message(failure: Failure) -> str:
     """The message for several emails refused alike (one record for them all)."""
+    if failure.code == NOT_ON_SHARE_LIST and EXPIRED in failure.message:
+        return f"each address is {EXPIRED}"
     if failure.code == NOT_ON_SHARE_LIST:
         return f"each address is {NOT_ALLOWED}; add them to the invitees"
     return failure.message
