@@ -222,8 +222,9 @@ def test_version_and_quiet_broken_pipes(tmp_path: Path) -> None:
 def test_report_failed_keeps_an_existing_file_and_summarize_refuses_a_non_report(
     tmp_path: Path,
 ) -> None:
-    """report failed will not replace a file without --overwrite (exit 2); report
-    summarize on a file that is not a report says so and exits 2."""
+    """report failed will not replace a file without --overwrite (exit 2), and --output -
+    is standard output; report summarize on a file that is not a report says so and
+    exits 2."""
     report = tmp_path / "r.jsonl"
     invite_worker("run", str(SAMPLES / "invites.csv"), "--sandbox", "--report", str(report))
     existing = tmp_path / "failed.csv"
@@ -236,6 +237,11 @@ def test_report_failed_keeps_an_existing_file_and_summarize_refuses_a_non_report
                              "--overwrite")  # fmt: skip
     assert replaced.returncode == 0, replaced.stderr.decode()
     assert existing.read_text().startswith("token,email,error_code,error_message\n")
+    # --output - is standard output, as - is for an input (it wrote a file named "-").
+    dashed = invite_worker("report", "failed", str(report), "--output", "-")
+    assert dashed.returncode == 0, dashed.stderr.decode()
+    assert dashed.stdout.decode() == existing.read_text()
+    assert not Path("-").exists()  # in the directory the command ran in
     not_a_report = tmp_path / "invites.csv"
     not_a_report.write_text("token,email\nt,a@example.com\n")
     done = invite_worker("report", "summarize", str(not_a_report))

@@ -176,7 +176,7 @@ def add_report_parser(sub: Any) -> None:
         "--output",
         type=Path,
         metavar="PATH",
-        help="write the CSV here (default: stdout); e.g. --output retry.csv",
+        help="write the CSV here (default, or -: stdout); e.g. --output retry.csv",
     )
     rf.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     rf.add_argument(
@@ -198,7 +198,7 @@ def report_command(args: argparse.Namespace) -> int:
             print_summary(args.report, totals, sys.stdout)
         return 0
     left_out: Counter[str] = Counter()
-    if args.output is None:
+    if args.output is None or str(args.output) == "-":  # "-": standard output, as for input
         count = write_failed(args.report, sys.stdout, include_refused=args.include_refused,
                              left_out=left_out)  # fmt: skip
         if left_out:
