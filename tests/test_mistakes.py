@@ -276,14 +276,21 @@ def test_messages_point_the_right_way(sample: Path, tmp_path: Path) -> None:
 def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
     sample: Path, tmp_path: Path
 ) -> None:
-    """Case 8: a second dry run replaces the first one's plan (no --resume hint); a dry run
-    never replaces, nor continues (--resume), a real run's report; a dry run in a
+    """Case 8: a second dry run replaces the first one's plan (no --resume hint), and a run
+    onto a plan is not told to --resume it; a dry run never replaces, nor continues
+    (--resume), a real run's report; a dry run in a
     read-only folder names a writable --report, and that command works."""
     first = invite_worker("run", str(sample), "--dry-run", cwd=tmp_path)
     again = invite_worker("run", str(sample), "--dry-run", cwd=tmp_path)
     assert (first.returncode, again.returncode) == (1, 1), again.stderr
     plan = read_report(tmp_path / "invite-report.plan.jsonl")
     assert len(by_kind(plan, "summary")) == 1  # replaced, not appended to
+    # A real run pointed at the plan: not told to --resume it (a plan is no run).
+    onto = invite_worker("run", str(sample), "--sandbox", "--report",
+                         str(tmp_path / "invite-report.plan.jsonl"))  # fmt: skip
+    assert onto.returncode == 2, onto.stderr
+    assert "holds a dry run's plan, not a run" in onto.stderr, onto.stderr
+    assert "--resume" not in onto.stderr, onto.stderr
     real = tmp_path / "real.jsonl"
     assert invite_worker("run", str(sample), "--sandbox", "--report", str(real)).returncode == 1
     kept = invite_worker("run", str(sample), "--dry-run", "--report", str(real))

@@ -68,6 +68,12 @@ class Report:
                 hint = ("--overwrite to replace it with this plan, or choose another --report "
                         "path" if plan else "--resume to continue that run, --overwrite to "
                         "replace it, or choose another --report path")  # fmt: skip
+                if not plan and holds_only_a_plan(path):  # a plan is no run to continue
+                    raise UsageError(
+                        f"the report {str(path)!r} holds a dry run's plan, not a run: "
+                        "choose another --report path for the run (or --overwrite to "
+                        "replace the plan)"
+                    )
                 raise UsageError(
                     f"the report {str(path)!r} already exists and holds an earlier run; pass "
                     + hint
