@@ -24,7 +24,7 @@ from worker.cli.help import (
 )
 from worker.errors import UsageError
 from worker.exits import EXIT_ABORTED, EXIT_INCOMPLETE
-from worker.queue.names import closest_streams
+from worker.queue.names import closest_streams, wrong_type
 from worker.queue.options import StreamOptions, is_redis_url
 from worker.sources import open_source
 from worker.sources.csvfile import CsvSource
@@ -40,10 +40,10 @@ async def require_stream(redis: Redis, stream: str, why: str) -> None:
     empty queue (``--until-empty`` exits 0) or as no dead letters.
     """
     if await redis.exists(stream):
-        kind = str(await redis.type(stream))
-        if kind == "stream":
+        refused = wrong_type(stream, str(await redis.type(stream)))
+        if refused is None:
             return
-        raise UsageError(f"{stream!r} is a Redis {kind}, not a stream; check --stream")
+        raise refused
     closest, more = await closest_streams(redis, stream)
     shown = ", ".join(closest) + (", ..." if more else "")
     found = f"the streams there: {shown}" if closest else "there is no stream on that server"

@@ -7,6 +7,8 @@ import difflib
 import heapq
 from typing import TYPE_CHECKING
 
+from worker.errors import UsageError
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
@@ -32,3 +34,11 @@ async def closest_streams(redis: Redis, stream: str) -> tuple[list[str], bool]:
         key=lambda name: (-difflib.SequenceMatcher(None, stream, name).ratio(), name),
     )  # fmt: skip
     return closest, len(names) > len(closest)
+
+
+def wrong_type(stream: str, kind: str) -> UsageError | None:
+    """The refusal of a ``--stream`` that names a key of another type (a string, a
+    hash): a mistyped name. None for a stream, or nothing there (``kind`` ``none``)."""
+    if kind in ("none", "stream"):
+        return None
+    return UsageError(f"{stream!r} is a Redis {kind}, not a stream; check --stream")

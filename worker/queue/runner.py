@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from worker.clock import Clock, SystemClock
 from worker.config import Config
-from worker.errors import FatalError, InviteWorkerError, UsageError
+from worker.errors import FatalError, InviteWorkerError
 from worker.metrics import metrics_for
 from worker.queue.connect import connect
 from worker.queue.failures import (
@@ -25,7 +25,7 @@ from worker.queue.failures import (
     RedisRefused,
 )
 from worker.queue.mode import StreamMode
-from worker.queue.names import closest_streams
+from worker.queue.names import closest_streams, wrong_type
 from worker.queue.options import StreamOptions
 from worker.queue.ratelimit import SharedBudget
 from worker.queue.stream import StreamQueue, enqueue_rows
@@ -193,12 +193,11 @@ async def _require_stream_or_none(
     """``stream`` is a stream or nothing yet (XADD creates it); a key of another type is
     a mistyped name, refused before any row is read (exit 2)."""
     try:
-        kind = str(await redis.type(stream))
+        refused = wrong_type(stream, str(await redis.type(stream)))
     except RedisError as exc:
         raise at_start(await failures(redis)(exc, "TYPE")) from None
-    if kind not in ("none", "stream"):
-        raise UsageError(f"{stream!r} is a Redis {kind}, not a stream: enqueue adds to a "
-                         "stream (or makes it); check --stream")  # fmt: skip
+    if refused is not None:
+        raise refused
 
 
 #: Seconds a stopped enqueue still waits for its input's next read: the end of a file
