@@ -74,15 +74,15 @@ class Screened:
     def outcomes(self, token: str, started: float, finished: float) -> list[Outcome]:
         """The refused and the skipped as outcomes (one per refusal, one per reason)."""
         out: list[Outcome] = []
-        # One record per kind of refusal: by code, and an expired entry apart from an
-        # address never allowed (the same code, another fix).
-        by_code: dict[tuple[str, bool], tuple[Failure, list[str]]] = {}
+        # One record per kind of refusal, told by what it says of several addresses: an
+        # expired entry apart from an address never allowed (the same code, another fix).
+        by_kind: dict[tuple[str, str], tuple[Failure, list[str]]] = {}
         for email, failure in self.refused:
-            kind = (failure.code, EXPIRED in failure.message)
-            by_code.setdefault(kind, (failure, []))[1].append(email)
-        for (code, _), (failure, refused) in by_code.items():
+            kind = (failure.code, refusal_message(failure))
+            by_kind.setdefault(kind, (failure, []))[1].append(email)
+        for (code, several), (failure, refused) in by_kind.items():
             if len(refused) > 1:
-                failure = Failure(code, refusal_message(failure))
+                failure = Failure(code, several)
             log.warning("batch.refused", token=token, emails=len(refused), code=code)
             out.append(Outcome(token, refused, Status.FAILED, None, 0, started, finished, failure))
         for reason, skipped in self.skipped.items():
