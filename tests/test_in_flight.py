@@ -7,6 +7,7 @@ a listing made before that request could end would miss them and invite everyone
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from tests.conftest import (
     emulator_invited,
     read_report,
     rows_csv,
+    worker_command,
 )
 from worker.clock import FakeClock
 from worker.config import Config
@@ -306,3 +308,41 @@ async def test_an_unknown_outcome_no_listing_could_settle_counts_unknown_in_the_
     assert (failed["emails"], failed["error"]["code"]) == (["b@example.com"], "outcome_unknown")
     open_ = read_journal(journal_path(make_config().report_path)).values()
     assert [i.emails for i in open_] == [["b@example.com"]]
+
+
+def test_summarize_counts_the_emails_of_a_killed_runs_request_unknown_until_resumed(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """SIGKILL during a slow POST: report summarize counts its emails unknown (not sent,
+    not failed) and says --resume settles them; after --resume, none is unknown and each
+    is sent once."""
+    url = start_emulator("--slow-rate", "1", "--slow-seconds", SLOW)
+    source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
+    pairs = {("dash-slow", f"k{i}@example.com") for i in range(3)}
+    source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
+    args = ("run", str(source), "--report", str(report), "--api-url", url, "--timeout", TIMEOUT,
+            "--reconcile-delay", "0.5")  # fmt: skip
+    first = spawn(*args)
+    journal = journal_path(report)
+    wait_for(lambda: journal.exists() and b'"i":' in journal.read_bytes(), "the intent")
+    time.sleep(0.3)  # the POST is on its way; the service answers it SLOW s later
+    first.popen.kill()
+    first.expect(-signal.SIGKILL, timeout=15)
+
+    def summarize(*extra: str) -> subprocess.CompletedProcess[bytes]:
+        done = subprocess.run(worker_command("report", "summarize", str(report), *extra),
+                              capture_output=True, timeout=30)  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        return done
+
+    totals = json.loads(summarize("--json").stdout)
+    assert (totals["unknown"], totals["sent"], totals["failed"]) == (3, 0, 0)
+    assert totals["complete"] is False
+    human = summarize().stdout.decode()
+    assert "emails unknown     3" in human
+    assert "`run --resume` with this report" in human
+    spawn(*args, "--resume").expect(0, timeout=60)
+    assert emulator_invited(url) == dict.fromkeys(pairs, 1)
+    totals = json.loads(summarize("--json").stdout)
+    assert (totals["unknown"], totals["sent"], totals["complete"]) == (0, 3, True)
+    assert "unknown" not in summarize().stdout.decode()

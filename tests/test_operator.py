@@ -32,6 +32,7 @@ from tests.conftest import (
     worker_env,
 )
 from worker.cli.review import write_failed
+from worker.record.journal import journal_path
 from worker.record.replay import Replay
 from worker.run.bar import SteadyRate, duration_text
 from worker.run.counts import FileRead, QueueRead
@@ -364,3 +365,28 @@ def test_the_eta_holds_steady_through_bursts_paced_by_a_rate_limit() -> None:
 def test_durations_are_short_and_steady_in_width(seconds: float, text: str) -> None:
     """The ETA reads 45s, 3m 20s, 2h 05m."""
     assert duration_text(seconds) == text
+
+
+def test_summarize_counts_an_open_intent_unknown_whatever_an_earlier_record_says(
+    tmp_path: Path,
+) -> None:
+    """A pair failed on one day and asked again the next by a run that died with its request
+    out counts unknown only; a pair sent since its intent, or whose intent was cleared,
+    counts as its record says."""
+    report = tmp_path / "r.jsonl"
+    batch = '{"kind":"batch","token":"tok","emails":%s,"status":"%s"}\n'
+    report.write_text(batch % ('["a@x.example","b@x.example"]', "failed")
+                      + batch % ('["c@x.example"]', "sent"))  # fmt: skip
+    journal_path(report).write_text(
+        '{"i":"1","token":"tok","emails":["a@x.example","c@x.example"],"at":1.0}\n'
+        '{"i":"2","token":"tok","emails":["b@x.example"],"at":1.0}\n{"c":"2"}\n'
+    )
+    totals = Replay.read(report).summary(Replay.read(report).open_in(journal_path(report)))
+    assert (totals["unknown"], totals["failed"], totals["sent"]) == (1, 1, 1)
+    assert totals["failed_by_token"] == {"tok": 1}
+    # No journal (a run that ended with nothing open empties it): nothing unknown.
+    journal_path(report).unlink()
+    assert (
+        Replay.read(report).summary(Replay.read(report).open_in(journal_path(report)))["unknown"]
+        == 0
+    )

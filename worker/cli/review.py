@@ -16,6 +16,7 @@ from worker.cli.help import command, json_stderr, say
 from worker.errors import UsageError
 from worker.outcome import REFUSED, Status
 from worker.record.files import reads_as_report
+from worker.record.journal import journal_path
 from worker.record.records import BatchRecord, ErrorInfo, SkippedRecord, SummaryRecord
 from worker.record.replay import Replay, records
 from worker.validate import pair_key
@@ -24,7 +25,7 @@ from worker.validate import pair_key
 def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
     """The summary for a person."""
     runs = totals["runs"]
-    state = "" if totals["complete"] else "; the last run did not finish (no summary)"
+    state = "" if totals["complete"] else "; the last run did not finish: no summary"
     print(f"Report {path} ({runs} run{'s' if runs != 1 else ''}{state})", file=out)
     lines = [
         ("emails sent", totals["sent"]),
@@ -43,6 +44,8 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
         lines.insert(5, ("prunes refused", totals["prunes_refused"]))
     if totals["invitees_added"]:  # --add-invitees: access granted
         lines.insert(4, ("invitees added", totals["invitees_added"]))
+    if totals["unknown"]:  # sent for all anyone knows: never to be sent again blindly
+        lines.insert(2, ("emails unknown", totals["unknown"]))
     for name, value in lines:
         print(f"  {name:<18} {value:,}", file=out)
     print(f"  {'duration':<18} {totals['duration_ms'] / 1000:,.1f} s", file=out)
@@ -58,6 +61,11 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
             print(title, file=out)
             for name, count in totals[key].items():
                 print(f"  {name:<18} {count:,}", file=out)
+    if totals["unknown"]:
+        print(f"{totals['unknown']:,} email(s) with an unknown outcome: a run stopped with "
+              "their requests out (or is still running). `run --resume` with this report "
+              "finds out by listing the invitations, and sends only those not created.",
+              file=out)  # fmt: skip
 
 
 def write_failed(
@@ -191,7 +199,10 @@ def report_command(args: argparse.Namespace) -> int:
     """``report summarize`` or ``report failed``."""
     require_report(args.report)
     if args.report_command == "summarize":
-        totals = Replay.read(args.report, strict=True).summary()
+        # A run killed before its first record leaves a report with none, and a journal.
+        journal = journal_path(args.report)
+        replay = Replay.read(args.report, strict=not journal.exists())
+        totals = replay.summary(replay.open_in(journal))
         if args.json:
             print(json.dumps(totals))
         else:

@@ -21,6 +21,7 @@ from typing import Any
 from worker.errors import UsageError
 from worker.outcome import Status
 from worker.record.files import read_records
+from worker.record.journal import Intent, read_journal
 from worker.record.records import (
     REPORT_LINE,
     BatchRecord,
@@ -45,6 +46,15 @@ def records(path: Path) -> Iterator[ReportRecord]:
         yield from read_records(path, REPORT_LINE)
     except OSError as exc:
         raise UsageError(f"cannot read the report {str(path)!r}: {exc.strerror}") from None
+
+
+def _member(keys: Any, needles: Any) -> Any:
+    """For each needle, whether it is in the sorted ``keys``."""
+    import numpy as np
+
+    if not len(keys) or not len(needles):
+        return np.zeros(len(needles), dtype=bool)
+    return locate(keys, needles)[1]
 
 
 def state_of(record: BatchRecord | SkippedRecord) -> tuple[str, str | None, str]:
@@ -175,15 +185,47 @@ class Replay:
         result: list[int] = np.where(found, self._last[at], -1).tolist()
         return result
 
-    def summary(self) -> dict[str, Any]:
-        """Totals over the whole history (emails by final state, rows rejected)."""
+    def open_in(self, journal: Path) -> Any:
+        """Sorted keys of the pairs whose outcome is unknown: in an intent of ``journal``
+        never cleared (a run stopped, or killed, with their request out, or still running)
+        and not in a ``sent`` record since."""
+        import numpy as np
+
+        sent, _ = self.keys_in(Status.SENT)
+        answered = np.union1d(sent, self.revoked_after_sent)
+
+        def unsent(intent: Intent) -> Intent | None:  # only what is still open is held
+            keys = np.array([pair_key(intent.token, e) for e in intent.emails], np.int64)
+            still = ~_member(answered, keys)
+            if not still.any():
+                return None
+            emails = [e for e, left in zip(intent.emails, still.tolist(), strict=True) if left]
+            return Intent(intent.id, intent.token, emails, intent.at, intent.timeout)
+
+        try:
+            intents = read_journal(journal, unsent).values()
+        except OSError as exc:
+            raise UsageError(f"cannot read the journal {str(journal)!r}: {exc.strerror}") from None
+        keys = [pair_key(i.token, e) for i in intents for e in i.emails]
+        return np.unique(np.array(keys, np.int64))
+
+    def summary(self, unknown: Any = None) -> dict[str, Any]:
+        """Totals over the whole history (emails by final state, rows rejected).
+
+        ``unknown``: keys of the pairs whose outcome is unknown (see :meth:`open_in`); each
+        counts as unknown only, whatever an earlier record of it says."""
         import numpy as np
 
         statuses: Counter[str] = Counter()
         failed_by_code: Counter[str] = Counter()
         failed_by_token: Counter[str] = Counter()
         skipped: Counter[str] = Counter()
-        finals = np.bincount(self._last, minlength=len(self.batches)).tolist()
+        finals = np.bincount(self._last, minlength=len(self.batches))
+        unknown = np.empty(0, np.int64) if unknown is None else unknown
+        if len(unknown) and len(self._keys):
+            at, found = locate(self._keys, unknown)
+            np.subtract.at(finals, self._last[at[found]], 1)
+        finals = finals.tolist()
         for (status, code, token), pairs in zip(self.batches, finals, strict=True):
             if pairs:
                 statuses[status] += pairs
@@ -198,6 +240,7 @@ class Replay:
             "planned": statuses["planned"],
             "rejected": len(self.rejected),
             "skipped": statuses["skipped"],
+            "unknown": len(unknown),
             "runs": len(self.runs),
             "complete": self.ends_with_summary,
         }
