@@ -9,11 +9,15 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from tests.conftest import (
+    API_KEY,
+    APP_KEY,
     TOKEN_A,
     TOKEN_B,
     Proc,
@@ -27,6 +31,8 @@ from tests.conftest import (
 from worker.clock import FakeClock, SystemClock
 from worker.config import Config
 from worker.emulator import Emulator
+from worker.emulator.dashboards import Dashboard
+from worker.emulator.invitations import Invitations
 from worker.record.journal import Journal, journal_path
 from worker.run import run
 from worker.send import client_for, pacer_for, preflight_for, reconciler_for
@@ -315,3 +321,120 @@ async def test_429s_and_retries_of_the_checks_reads_are_in_the_summary(
     assert second.summary.rate_limited >= 1
     assert second.summary.rate_limited == sum(1 for r in emulator.requests if r.status == 429)
     assert all(n == 1 for n in emulator.invited.values())
+
+
+def served_as(
+    monkeypatch: pytest.MonkeyPatch,
+    change: Callable[[Dashboard, int, int], tuple[int, web.StreamResponse | None]],
+) -> Emulator:
+    """An emulator (to start) whose listing calls ``change(board, page_number,
+    times_served)`` first: it may change the board (as other clients do meanwhile), and
+    returns the page number to serve instead, or an answer to give in place of the page."""
+    original = Invitations._list
+    served: Counter[int] = Counter()
+
+    async def listing(
+        self: Invitations, request: web.Request, log: Any, headers: dict[str, str], board: Dashboard
+    ) -> web.StreamResponse:
+        number = int(request.query["page_number"])
+        served[number] += 1
+        instead, answer = change(board, number, served[number])
+        if answer is not None:
+            logged: web.StreamResponse = log(answer)
+            return logged
+        query = {**request.query, "page_number": str(instead)}
+        return await original(self, request.clone(rel_url=request.rel_url.with_query(query)),
+                              log, headers, board)  # fmt: skip
+
+    monkeypatch.setattr(Invitations, "_list", listing)  # before the routes are bound
+    return Emulator(api_key=API_KEY, app_key=APP_KEY)
+
+
+def invited_already(emulator: Emulator, people: list[str]) -> None:
+    board = emulator.add_dashboard(TOKEN_A, invitees=people)
+    now = emulator._clock()
+    board.invitations.extend((e, now - 3600) for e in people)
+    for e in people:
+        emulator.invited[(TOKEN_A, e)] += 1
+
+
+async def test_invitations_revoked_while_a_listing_is_read_make_it_read_again(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten invitations revoked right after the first page is served move ten others back
+    onto that page, unseen: total_count went down, so the listing is read again from its
+    start, and none of the 190 still invited is emailed again."""
+    people = PEOPLE[:200]
+
+    def revoke_after_first_page(board: Dashboard, number: int, times: int) -> tuple[int, None]:
+        if number == 1 and times == 1:  # someone revoked p0..p9 after page 0 was read
+            board.invitations = [(e, t) for e, t in board.invitations if e not in people[:10]]
+        return number, None
+
+    async with served_as(monkeypatch, revoke_after_first_page) as emulator:
+        invited_already(emulator, people)
+        config = make_config(api_url=emulator.url)
+        with capture_logs() as logs:
+            result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in people[10:]])))
+    assert result.exit_code == 0, result.summary
+    assert (result.summary.emails_sent, result.summary.emails_skipped) == (0, 190)
+    assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in people})
+    moved = find_capture(logs, "reconcile.list_moved")[0]
+    assert "total_count went down from 200 to 190" in moved["why"]
+
+
+@pytest.mark.parametrize(
+    ("odd", "said"),
+    [("empty", "page 1 was empty after 100 of 300"), ("repeat", "page 2 repeated an earlier")],
+)
+async def test_an_empty_or_repeated_page_before_the_total_makes_the_listing_read_again(
+    make_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+    odd: str,
+    said: str,
+) -> None:
+    """Once, an empty page while total_count says 300 (or page 2 answered with page 0):
+    not an end, the listing is read again, and nobody of the 300 invited is sent."""
+    people = PEOPLE[:250] + [f"q{i}@example.com" for i in range(50)]
+
+    def once_odd(board: Dashboard, number: int, times: int) -> tuple[int, Any]:
+        if odd == "empty" and number == 1 and times == 1:
+            total = {"page": {"total_count": len(board.invitations)}}
+            return number, web.json_response({"data": [], "meta": total})
+        if odd == "repeat" and number == 2 and times == 1:
+            return 0, None
+        return number, None
+
+    async with served_as(monkeypatch, once_odd) as emulator:
+        invited_already(emulator, people)
+        config = make_config(api_url=emulator.url)
+        with capture_logs() as logs:
+            result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in people])))
+    assert result.exit_code == 0, result.summary
+    assert (result.summary.emails_sent, result.summary.emails_skipped) == (0, 300)
+    assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in people})
+    assert said in find_capture(logs, "reconcile.list_moved")[0]["why"]
+
+
+async def test_a_listing_that_moves_every_time_it_is_read_fails_its_token_unsent(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invitations revoked during every reading: after three readings the token's rows fail
+    (unexpected_response, saying the list kept changing), and nothing is POSTed."""
+    people = PEOPLE[:200]
+
+    def revoke_one_each_time(board: Dashboard, number: int, times: int) -> tuple[int, None]:
+        if number == 1:
+            board.invitations = board.invitations[1:]
+        return number, None
+
+    async with served_as(monkeypatch, revoke_one_each_time) as emulator:
+        invited_already(emulator, people)
+        config = make_config(api_url=emulator.url)
+        result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in people[10:]])))
+    assert result.exit_code == 1
+    assert result.summary.emails_failed == 190
+    assert not [r for r in emulator.requests if r.method == "POST"]
+    batches = by_kind(read_report(config.report_path), "batch")
+    assert {b["error"]["code"] for b in batches} == {"unexpected_response"}
+    assert "kept changing while it was read" in batches[0]["error"]["message"]

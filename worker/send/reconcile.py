@@ -40,6 +40,8 @@ MAX_PAGES = 100_000
 #: Listings kept for reuse by later questions about the same token. They are compact, but
 #: a long-lived queue worker meets ever more tokens: the least recently used go.
 CACHED_LISTINGS = 32
+#: Readings of one listing from its start, when it changes while it is read.
+LIST_ATTEMPTS = 3
 #: What tells one listed invitation from another when a page is compared with the last.
 _IDENTITY = operator.attrgetter("email", "created_at")
 
@@ -169,17 +171,43 @@ class Reconciler:
         return listing
 
     async def _list(self, token: str, wanted: frozenset[int]) -> TokenListing:
-        """Every page, to the end of the listing.
+        """Every page, to the end of the listing, read again from its start when it
+        changed while it was read (at most :data:`LIST_ATTEMPTS` times)."""
+        for attempt in range(1, LIST_ATTEMPTS + 1):
+            builder = ListingBuilder(self._clock.time(), wanted)
+            moved = await self._read(token, builder)
+            listing = builder.listing
+            self.pages += listing.pages
+            if moved is None:
+                return builder.done()
+            log.warning("reconcile.list_moved", token=token, attempt=attempt, why=moved,
+                        action="reading it again from its first page")  # fmt: skip
+        raise UnexpectedResponse(
+            f"the invitation list kept changing while it was read ({moved}), "
+            f"{LIST_ATTEMPTS} times: who is invited cannot be told, so nobody of this token "
+            "is sent now; run again (--resume) once the dashboard's invitations settle"
+        )
 
-        The end is ``meta.page.total_count`` entries, or an empty page. A page shorter
-        than asked is not the end: the service may honor a smaller size than the one
-        asked for, so the listing goes on at that size. ``page_number`` counts pages of
-        the size asked, so after a change of size the next page starts from the entries
-        read so far, and any of them the page repeats are passed over.
+    async def _read(self, token: str, builder: ListingBuilder) -> str | None:
+        """Read the listing into ``builder``; what shows it moved meanwhile, or None.
+
+        Pages are offsets into a list that others may change: invitations revoked before
+        the offset move later entries onto pages already read, and those would never be
+        seen (then invited again). So ``meta.page.total_count`` must not go down from page
+        to page, an empty page comes only at that total, a page never repeats an earlier
+        one, and a 404 comes on the first page only; anything else is a listing that moved
+        (or a service that does not honor ``page_number``), to be read again. A total that
+        grows is only new invitations: entries pushed on are read twice, none is missed.
+
+        The end is ``total_count`` entries, or an empty page. A page shorter than asked is
+        not the end: the service may honor a smaller size than the one asked for, so the
+        listing goes on at that size. ``page_number`` counts pages of the size asked, so
+        after a change of size the next page starts from the entries read so far, and any
+        of them the page repeats are passed over.
         """
-        builder = ListingBuilder(self._clock.time(), wanted)
         listing, size = builder.listing, self.page_size
-        last: int | None = None  # what the previous page held
+        seen: set[int] = set()  # what every page held
+        total: int | None = None
         while True:
             if listing.pages >= MAX_PAGES:
                 # Not an end: taking it for one could invite again whoever is further on.
@@ -190,34 +218,42 @@ class Reconciler:
             try:
                 result = await self._page(token, number, size)
             except TokenNotFound as exc:  # the dashboard is gone: nothing of ours can exist
+                if listing.read:
+                    return f"page {number} answered 404 after {listing.read:,} were listed"
                 listing.gone = exc.message
                 break
+            if result.total_count is not None:
+                # More is only new invitations (sends go on meanwhile): entries pushed on
+                # are read twice, none is missed. Fewer may have moved some past us.
+                if total is not None and result.total_count < total:
+                    return f"total_count went down from {total:,} to {result.total_count:,}"
+                total = result.total_count
             fresh = result.invitations[skip:]
-            if not fresh:  # an empty page: the end (or the listing shrank meanwhile)
+            if not fresh:  # an empty page: the end, unless the total says more
+                if total is not None and listing.read < total:
+                    return f"page {number} was empty after {listing.read:,} of {total:,}"
                 break
             # Two pages holding the same invitations (address and creation time, in the
-            # same order) are one page served twice: page_number is not being honored,
-            # and counting on would take the first page for the whole listing. Their
-            # first and last entries tell: two pages of one listing never share both.
+            # same order) are one page served twice: page_number is not honored, or as
+            # many invitations were created ahead meanwhile; counting on would take the
+            # page for the rest of the listing. Their first and last entries tell: two
+            # pages of one listing never share both.
             page = result.invitations
             held = hash((len(page), _IDENTITY(page[0]), _IDENTITY(page[-1])))
-            if held == last:
-                raise UnexpectedResponse(
-                    f"the invitation list answered page {number} with the page before it: "
-                    "the service does not seem to honor page_number, so it cannot be read"
-                )
-            last = held
+            if held in seen:
+                return (f"page {number} repeated an earlier page: page_number is not honored, "
+                        "or invitations were created meanwhile")  # fmt: skip
+            seen.add(held)
             builder.add(fresh)
             # Past a total that says less than was read, the total is stale or wrong: on
             # to an empty page instead.
-            if result.total_count == listing.read:
+            if total == listing.read:
                 break
             if len(result.invitations) != size:
                 size = len(result.invitations)  # the size the service honors
-        self.pages += listing.pages
         log.info("reconcile.listed", token=token, invitations=listing.read,
                  pages=listing.pages, page_size=size)  # fmt: skip
-        return builder.done()
+        return None
 
     async def _page(self, token: str, number: int, size: int) -> Listing:
         """One page, retried by the run's policy (``TokenNotFound``: the dashboard is gone)."""
