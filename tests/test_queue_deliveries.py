@@ -18,9 +18,11 @@ from redis.asyncio import Redis
 
 from tests.conftest import (
     Proc,
+    by_kind,
     dead_letters,
     each_invited_once_nothing_left,
     emulator_invited,
+    read_report,
     redis_cli,
 )
 from tests.test_queue_refusals import GOOD, WRONG, enqueue, expect_refused, worker
@@ -145,3 +147,26 @@ async def test_deliveries_are_given_back_only_for_messages_still_this_consumers(
     assert await held_by(redis, stream_name) == {
         a: ("c1", 1), b: ("c2", 3), c: ("c1", 0), d: ("c1", 0)}  # fmt: skip
     assert len(held) == 0
+
+
+def test_messages_a_live_worker_waits_on_are_not_claimed_by_another(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """A worker holding messages it cannot send yet (the service's rate limit makes it wait
+    several --claim-idle) keeps them: a second worker side by side claims none, and each
+    person is invited once."""
+    api = start_emulator("--limit", "3", "--period", "2")
+    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 12)
+    slow = ("--concurrency", "1", "--batch-size", "1", "--claim-idle", "0.6", "--until-empty")
+    first = worker(spawn, tmp_path, redis_server, stream_name, api, "first", *slow, env=GOOD)
+    time.sleep(1.0)  # the first has read every message and is waiting on the limit
+    second = worker(spawn, tmp_path, redis_server, stream_name, api, "second", *slow, env=GOOD)
+    first.expect(0, timeout=90)
+    second.expect(0, timeout=30)
+    each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
+    claimed = by_kind(read_report(tmp_path / "second.jsonl"), "summary")[-1]
+    assert claimed["emails_sent"] == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
@@ -123,12 +124,29 @@ class Consumer:
 
     async def flush_until(self, finished: asyncio.Event) -> None:
         """Flush every 0.1 s, and once more when ``finished`` is set (a runner's service:
-        the last outcomes are acknowledged after the senders are done)."""
+        the last outcomes are acknowledged after the senders are done); every third of
+        ``--claim-idle``, keep the messages held (see :meth:`keep_held`)."""
+        every = self.options.claim_idle / 3
+        next_keep = time.monotonic() + every
         while not finished.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), 0.1)
             await self.flush()
+            if time.monotonic() >= next_keep and not finished.is_set():
+                await self.keep_held()
+                next_keep = time.monotonic() + every
         await self.flush()  # a no-op unless the run ended before the first round
+
+    async def keep_held(self) -> None:
+        """Tell Redis the messages held are not abandoned, however long they wait here
+        (see :meth:`HeldDeliveries.keep`); here, not in the reading loop, which waits
+        whenever the senders are behind."""
+        if isinstance(self.state.fatal, QueueLost):
+            return
+        try:
+            await self.held.keep(self.queue, [*self.acks, *(mid for mid, _ in self.dead)])
+        except RedisError as exc:
+            raise await self.queue.failure(exc) from None
 
     async def batches(self) -> AsyncGenerator[Batch, None]:
         """Batches to send, until stopped or, with ``--until-empty``, the group is drained.

@@ -52,6 +52,22 @@ return given
 """
 
 
+# KEYS: stream. ARGV: group, consumer, "id\n...". Returns the ids no longer pending for this
+# consumer. Each one still its own has its idle time started over (XCLAIM to itself with
+# JUSTID: no delivery counted), so no other worker takes it for abandoned.
+_KEEP = r"""
+local lost = {}
+for id in string.gmatch(ARGV[3], '([^\n]+)\n') do
+  if redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2])[1] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
+"""
+
+
 class HeldDeliveries:
     """Message id -> deliveries this run added, for each message read and not settled."""
 
@@ -80,6 +96,27 @@ class HeldDeliveries:
         for mid in mids:
             if mid is not None:
                 pop(mid, None)
+
+    async def keep(self, queue: StreamQueue, settling: Iterable[str]) -> None:
+        """Start over the idle time of every message held, so that no other worker claims
+        one as abandoned while it waits here (in a buffer, behind a long listing, for the
+        rate limit). One no longer pending for this consumer and not being ``settling``
+        here was claimed by another worker (this one stalled past ``--claim-idle``): it
+        is let go of, and said."""
+        if not self._added:
+            return
+        script: Any = queue.redis.register_script(_KEEP)
+        mids = list(self._added)
+        lost: set[str] = set()
+        for start in range(0, len(mids), SLICE):
+            text = "".join(f"{mid}\n" for mid in mids[start : start + SLICE])
+            reply = await script(keys=[queue.stream], args=[queue.group, queue.consumer, text])
+            lost.update(m.decode() if isinstance(m, bytes) else str(m) for m in reply)
+        lost.difference_update(settling)
+        if lost:
+            self.forget(lost)
+            log.warning("queue.claimed_elsewhere", messages=len(lost),
+                        action="let go of: another worker holds them now")  # fmt: skip
 
     async def give_back(self, queue: StreamQueue, state: RunState) -> None:
         """At the end of a run: give back the deliveries, unless the run's end may be the
