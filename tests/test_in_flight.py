@@ -346,3 +346,40 @@ def test_summarize_counts_the_emails_of_a_killed_runs_request_unknown_until_resu
     totals = json.loads(summarize("--json").stdout)
     assert (totals["unknown"], totals["sent"], totals["complete"]) == (0, 3, True)
     assert "unknown" not in summarize().stdout.decode()
+
+
+@pytest.mark.parametrize("again", [(), ("--overwrite",)], ids=["same-command", "overwrite"])
+def test_a_run_over_a_killed_runs_open_sends_is_refused_until_resumed(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    spawn: Callable[..., Proc],
+    again: tuple[str, ...],
+) -> None:
+    """SIGKILL during a slow POST, before the report's first record: the same command run
+    again (or with --overwrite) is exit 2 before any request, naming --resume, and leaves
+    the journal; --resume then settles the send, and each person is invited once."""
+    url = start_emulator("--slow-rate", "1", "--slow-seconds", SLOW)
+    source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
+    pairs = {("dash-slow", f"o{i}@example.com") for i in range(3)}
+    source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
+    args = ("run", str(source), "--report", str(report), "--api-url", url, "--timeout", TIMEOUT,
+            "--reconcile-delay", "0.5")  # fmt: skip
+    first = spawn(*args)
+    journal = journal_path(report)
+    wait_for(lambda: journal.exists() and b'"i":' in journal.read_bytes(), "the intent")
+    time.sleep(0.3)  # the POST is on its way; the service answers it SLOW s later
+    first.popen.kill()
+    first.expect(-signal.SIGKILL, timeout=15)
+    assert report.read_bytes() == b""
+    kept = journal.read_bytes()
+    refused = spawn(*args, *again)
+    refused.expect(2, timeout=30)
+    assert "holds 3 email(s) whose request was out" in refused.stderr()
+    assert "Pass --resume" in refused.stderr()
+    assert journal.read_bytes() == kept
+    spawn(*args, "--resume").expect(0, timeout=60)
+    assert emulator_invited(url) == dict.fromkeys(pairs, 1)
+    # Once settled, the journal is empty: a new run over the report is refused only as
+    # any earlier run's report is (it holds a run), and --overwrite starts afresh.
+    spawn(*args, "--overwrite").expect(0, timeout=60)
+    assert emulator_invited(url) == dict.fromkeys(pairs, 1)

@@ -30,6 +30,7 @@ from worker.run.prune import ListedInput, prune
 from worker.run.reading import read_batches
 from worker.run.resume import (
     History,
+    check_nothing_open,
     check_resumable,
     load_history,
     require_report,
@@ -67,6 +68,8 @@ async def run(
     with hold_report(config.report_path):
         if config.resume:
             check_resumable(config.report_path)
+        else:
+            check_nothing_open(config.report_path)
         return await _run(config, source, clock or SystemClock(), rng, stop or asyncio.Event())
 
 
