@@ -273,6 +273,27 @@ def test_messages_point_the_right_way(sample: Path, tmp_path: Path) -> None:
             assert misleading not in line, (args, line)
 
 
+def test_a_report_name_or_port_that_cannot_be_meant_is_refused(
+    sample: Path, tmp_path: Path
+) -> None:
+    """A --report named as another report's journal or lock, an --api-url on port 0 (it
+    would reach port 80), an emulator port out of range: exit 2, one line, nothing made."""
+    cases = [
+        (("run", str(sample), "--sandbox", "--report", str(tmp_path / "daily.jsonl.journal")),
+         "the name a report's journal takes"),
+        (("run", str(sample), "--sandbox", "--report", str(tmp_path / "daily.jsonl.lock")),
+         "the name a report's lock takes"),
+        (("run", str(sample), "--report", str(tmp_path / "r.jsonl"), "--api-url",
+          "http://127.0.0.1:0"), "not a number from 1 to 65535"),
+        (("emulator", "--port", "99999"), "'99999' is not a port number from 0 to 65535"),
+    ]  # fmt: skip
+    for args, says in cases:
+        done = invite_worker(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert says in one_line(done), (args, done.stderr)
+    assert [p.name for p in tmp_path.iterdir()] == [sample.name]
+
+
 def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
     sample: Path, tmp_path: Path
 ) -> None:

@@ -80,10 +80,11 @@ def check_api_url(url: str) -> str:
         raise UsageError(f"--api-url must be an http(s) URL with a host, got {shown!r}")
     try:
         port = f":{parts.port}" if parts.port else ""
+        zero = parts.port == 0  # no service listens there: connecting would go to port 80
     except ValueError:
-        raise UsageError(
-            f"--api-url has a port that is not a number from 0 to 65535: {shown!r}"
-        ) from None
+        zero = True
+    if zero:
+        raise UsageError(f"--api-url has a port that is not a number from 1 to 65535: {shown!r}")
     base = f"{parts.scheme}://{hostname}{port}"  # never user-info: it may hold secrets
     # "?" or "#" with nothing after it too: urlsplit drops an empty query or fragment.
     if parts.path.strip("/") or "?" in url or "#" in url:

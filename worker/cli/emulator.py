@@ -30,6 +30,17 @@ EMULATOR_EXAMPLES = """\
   DD_API_KEY=sandbox DD_APP_KEY=sandbox invite-worker run invites.csv --api-url http://127.0.0.1:8126"""
 
 
+def _port(text: str) -> int:
+    """A TCP port number (0: any free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 0 to 65535")
+    return port
+
+
 def add_emulator_parser(sub: Any) -> None:
     """``invite-worker emulator``: serve the emulated API for rehearsals."""
     e = command(sub, "emulator", EMULATOR_DESCRIPTION, EMULATOR_EXAMPLES)
@@ -38,7 +49,7 @@ def add_emulator_parser(sub: Any) -> None:
         default="127.0.0.1",
         help="the address to listen on; e.g. --host 0.0.0.0 inside a container",
     )
-    e.add_argument("--port", type=int, default=8126, help="the port; e.g. --port 9000")
+    e.add_argument("--port", type=_port, default=8126, help="the port; e.g. --port 9000")
     e.add_argument(
         "--limit",
         type=int,

@@ -117,6 +117,15 @@ def check_report_path(report: Path, *, dry_run: bool = False) -> None:
             f"--report {str(report)!r} is a folder; name a file in it, e.g. "
             f"--report {str(report / name)!r}"
         )
+    for suffix, what in ((".journal", "journal"), (".lock", "lock")):
+        if report.name.endswith(suffix) and len(report.name) > len(suffix):
+            # A report's journal and lock lie beside it under these names: a report named
+            # so would be another report's (emptied by its next run), or collide with it.
+            raise UsageError(
+                f"--report {str(report)!r} ends in {suffix!r}, the name a report's {what} "
+                f"takes beside it; choose another name, e.g. --report "
+                f"{str(report.with_name(report.name[: -len(suffix)] + '-report.jsonl'))!r}"
+            )
     folder = report.resolve().parent
     if not folder.is_dir():
         raise UsageError(

@@ -127,7 +127,8 @@ class RedisFailures:
         if isinstance(exc, RedisConnectionError | RedisTimeoutError):
             left = ("unsettled messages stay pending in the group for the next worker"
                     if self.worker else "run the command again once Redis is back")  # fmt: skip
-            return QueueLost(f"lost Redis at {self.where}: {exc}. Reconnecting did not help; "
+            return QueueLost(f"lost Redis at {self.where}: {str(exc).rstrip('.')}. "
+                             "Reconnecting did not help; "
                              f"{left}")  # fmt: skip
         if isinstance(exc, ResponseError) and self.worker and await self._gone():
             return QueueLost(
