@@ -170,3 +170,30 @@ def test_messages_a_live_worker_waits_on_are_not_claimed_by_another(
     each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
     claimed = by_kind(read_report(tmp_path / "second.jsonl"), "summary")[-1]
     assert claimed["emails_sent"] == 0
+
+
+def test_a_worker_stalled_past_claim_idle_sends_nothing_another_claimed(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """A worker paused (SIGSTOP) with messages read but not sent: another claims and sends
+    them; resumed (SIGCONT), the first finds them claimed when it would record their
+    intents and sends none of them: each person is invited once."""
+    api = start_emulator("--limit", "3", "--period", "2")
+    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 12)
+    slow = ("--concurrency", "1", "--batch-size", "1", "--claim-idle", "0.6", "--until-empty")
+    first = worker(spawn, tmp_path, redis_server, stream_name, api, "first", *slow, env=GOOD)
+    time.sleep(1.5)  # the first has read every message and is waiting on the limit
+    first.popen.send_signal(signal.SIGSTOP)
+    try:
+        second = worker(spawn, tmp_path, redis_server, stream_name, api, "second", *slow,
+                        env=GOOD)  # fmt: skip
+        second.expect(0, timeout=90)
+    finally:
+        first.popen.send_signal(signal.SIGCONT)
+    first.expect(0, timeout=60)
+    each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
+    assert "queue.claimed_elsewhere" in first.stderr(60_000)

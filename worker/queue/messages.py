@@ -8,11 +8,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
+import structlog
 from redis.exceptions import RedisError
 
 from worker.outcome import Outcome
 from worker.queue.stream import StreamQueue, intent_value
+from worker.record.journal import Claimed
 from worker.validate import Reason
+
+log = structlog.get_logger("worker.queue")
 
 
 def parse_message(fields: dict[str, str]) -> tuple[str | None, str | None, str | None]:
@@ -132,10 +136,17 @@ class RedisIntents:
         at = self._last_at = max(at, math.nextafter(self._last_at, math.inf))
         value = intent_value(at, request_timeout)
         try:
-            await self._queue.record_intents(ids, value)
+            lost = await self._queue.record_intents(ids, value)
         except RedisError as exc:  # no intent stored: the request must not leave
             raise await self._queue.failure(exc) from None
-        return f"{value}|{','.join(ids)}"
+        ident = f"{value}|{','.join(mid for mid in ids if mid not in lost)}"
+        if lost:  # another worker claimed them: it sends them, this one never does
+            gone = [email for email, mid in zip(emails, ids, strict=True) if mid in lost]
+            self._index.pop(token, gone)
+            log.warning("queue.claimed_elsewhere", token=token, messages=len(gone),
+                        action="not sent here: another worker holds them now")  # fmt: skip
+            raise Claimed(ident, gone)
+        return ident
 
     def clear(self, ident: str) -> None:
         """Intents are removed when their messages are acknowledged."""

@@ -36,17 +36,24 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return taken
 """
 
-# KEYS: intents hash. ARGV: "id,id,...", send time.
+# KEYS: intents hash, stream. ARGV: "id,id,...", send time, group, consumer. Records the
+# intents of the messages still pending for this consumer; returns the ids that are not
+# (another worker claimed them while this one stalled): those must not be sent here.
 INTENTS = """
 local fields = {}
+local lost = {}
 for id in string.gmatch(ARGV[1], '[^,]+') do
-  fields[#fields + 1] = id
-  fields[#fields + 1] = ARGV[2]
+  if redis.call('XPENDING', KEYS[2], ARGV[3], id, id, 1, ARGV[4])[1] then
+    fields[#fields + 1] = id
+    fields[#fields + 1] = ARGV[2]
+  else
+    lost[#lost + 1] = id
+  end
 end
 for i = 1, #fields, 1000 do
   redis.call('HSET', KEYS[1], unpack(fields, i, math.min(i + 999, #fields)))
 end
-return #fields / 2
+return lost
 """
 
 # KEYS: intents hash. ARGV: "id,id,...", the value they were recorded with. Only intents

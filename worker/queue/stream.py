@@ -154,10 +154,14 @@ class StreamQueue:
         summary = await self.redis.xpending(self.stream, self.group)
         return int(summary["pending"])
 
-    async def record_intents(self, ids: list[str], value: str) -> None:
+    async def record_intents(self, ids: list[str], value: str) -> set[str]:
         """Before sending: these messages go out in a request; ``value`` says when it was
-        sent and how long it may take (see :func:`intent_value`; one script)."""
-        await self._intents(keys=[self.intents_key], args=[",".join(ids), value])
+        sent and how long it may take (see :func:`intent_value`; one script). Returns the
+        ids no longer pending for this consumer (claimed by another): not recorded, and
+        not to be sent here."""
+        keys, args = [self.intents_key, self.stream], [",".join(ids), value, self.group]
+        lost = await self._intents(keys=keys, args=[*args, self.consumer])
+        return {_name(mid) for mid in lost}
 
     async def drop_answered(self) -> None:
         """Drop the intents of :attr:`answered`: a worker claiming those messages need not

@@ -44,6 +44,16 @@ def journal_path(report_path: Path) -> Path:
     return report_path.with_name(report_path.name + ".journal")
 
 
+class Claimed(Exception):
+    """Some of a request's emails are no longer this worker's to send: another claimed
+    their messages (it was stalled past ``--claim-idle``). ``ident`` is the intent of the
+    rest, recorded; the request goes without ``emails``, or not at all."""
+
+    def __init__(self, ident: str, emails: list[str]) -> None:
+        super().__init__(f"{len(emails)} email(s) claimed by another worker")
+        self.ident, self.emails = ident, emails
+
+
 class IntentLog(Protocol):
     """Where the sender records what it is about to send, before it sends it."""
 
@@ -51,7 +61,7 @@ class IntentLog(Protocol):
         self, token: str, emails: list[str], at: float, request_timeout: float | None = None
     ) -> str:
         """Durably record the intent (sent at ``at``, ``request_timeout`` the longest it may
-        take); returns its id."""
+        take); returns its id. Raises :class:`Claimed` when some emails are not to be sent."""
         ...
 
     def clear(self, ident: str) -> None:

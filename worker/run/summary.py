@@ -198,8 +198,10 @@ def build_summary(
     sender, report, state = runner.sender, runner.report, runner.state
     halted = state.fatal
     # Valid pairs read but neither sent nor failed (left for --resume after a stop); those
-    # of requests that went out but whose outcome is unknown (cut by the stop) are not.
-    unsent = max(0, counts.valid - runner.recorded - sender.stats.unknown_left)
+    # of requests that went out but whose outcome is unknown (cut by the stop) are not,
+    # nor those another queue worker claimed to send.
+    stats = sender.stats
+    unsent = max(0, counts.valid - runner.recorded - stats.unknown_left - stats.claimed_elsewhere)
     # The history knows what was open when this run began; what this run's stop cut in
     # flight is just as unknown, and the next --resume settles both.
     job = JobTotals(**history.totals(sender.stats.unknown_keys)) if history is not None else None

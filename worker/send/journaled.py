@@ -16,6 +16,7 @@ import structlog
 
 from worker.errors import Aborted, AuthError, OutcomeUnknown, SendError, Stopped, TokenNotFound
 from worker.outcome import Failure
+from worker.record.journal import Claimed
 from worker.send.reconcile import found_outcome
 from worker.send.retry import Hooks
 from worker.send.trip import Trip
@@ -47,8 +48,15 @@ class Journaled(Hooks):
 
     async def sending(self, sent_at: float) -> None:
         sender, trip = self._sender, self._trip
-        self._intent = await sender._journal.intent(trip.token, trip.emails, sent_at,
-                                                    sender._config.timeout)  # fmt: skip
+        try:
+            self._intent = await sender._journal.intent(trip.token, trip.emails, sent_at,
+                                                        sender._config.timeout)  # fmt: skip
+        except Claimed as claimed:  # another worker sends those: this request goes without
+            self._intent = claimed.ident
+            sender.stats.claimed_elsewhere += len(claimed.emails)
+            trip.emails = [e for e in trip.emails if e not in set(claimed.emails)]
+            if not trip.emails:
+                raise Stopped("not sent: another worker claimed every message") from None
         sender.stats.requests += 1
 
     def unsent(self) -> None:

@@ -34,6 +34,9 @@ class SendStats:
     #: or left by a stop): a later --resume must settle them, so the journal is kept.
     open_intents: int = 0
     reconciled_sent: int = 0
+    #: Queue mode: emails whose messages another worker claimed before they were sent here
+    #: (this one stalled past --claim-idle): that worker settles them, this one never does.
+    claimed_elsewhere: int = 0
 
     def left_unknown(self, token: str, emails: list[str]) -> None:
         """A stop leaves this request's outcome unknown, its intent open for --resume."""
