@@ -35,7 +35,7 @@ from worker.emulator.dashboards import Dashboard
 from worker.emulator.invitations import Invitations
 from worker.record.journal import Journal, journal_path
 from worker.run import run
-from worker.send import client_for, pacer_for, preflight_for, reconciler_for
+from worker.send import client_for, pacer_for, preflight_for, reconcile, reconciler_for
 from worker.send.compact import MERGE_EVERY, ListingBuilder, address_key, keys_of
 from worker.send.listed import Listed, read_dashboard, read_listing
 from worker.send.reconcile import CACHED_LISTINGS
@@ -196,6 +196,29 @@ async def test_a_long_lived_worker_holds_the_checks_of_recent_tokens_only(
         clock.advance(61)
         await preflight.screen("late-token-aaaa", ["a@example.com"])
         assert preflight.held == 1
+
+
+async def test_listings_kept_for_reuse_hold_a_bounded_number_of_addresses(
+    emulator: Emulator, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listings are kept for reuse up to CACHED_ENTRIES addresses in all (here 250), not
+    32 of whatever size: tokens of 100 invitations each leave two kept, the latest one
+    always (even alone past the bound)."""
+    monkeypatch.setattr(reconcile, "CACHED_ENTRIES", 250)
+    config = make_config()
+    async with client_for(config) as client:
+        clock = SystemClock()
+        reconciler = reconciler_for(config, client, pacer_for(config, clock), clock,
+                                    random.Random(1))  # fmt: skip
+        for n in range(5):
+            board = emulator.add_dashboard(f"big{n:03d}-aaaa", invitees=None)
+            board.invitations.extend((f"u{i}@example.com", 1.0) for i in range(100))
+            await reconciler.listing(f"big{n:03d}-aaaa", 0.0)
+            assert reconciler.held == min(n + 1, 2)
+        board = emulator.add_dashboard("huge-aaaa", invitees=None)
+        board.invitations.extend((f"u{i}@example.com", 1.0) for i in range(300))
+        assert len((await reconciler.listing("huge-aaaa", 0.0)).keys) == 300
+        assert reconciler.held == 1
 
 
 def test_a_listing_costs_24_bytes_per_address_listed() -> None:

@@ -40,6 +40,9 @@ MAX_PAGES = 100_000
 #: Listings kept for reuse by later questions about the same token. They are compact, but
 #: a long-lived queue worker meets ever more tokens: the least recently used go.
 CACHED_LISTINGS = 32
+#: Addresses those listings may hold in all (24 bytes each): a few tokens with millions of
+#: invitations would otherwise keep what the service holds, not what the input asks.
+CACHED_ENTRIES = 1_000_000
 #: Readings of one listing from its start, when it changes while it is read.
 LIST_ATTEMPTS = 3
 #: What tells one listed invitation from another when a page is compared with the last.
@@ -161,14 +164,22 @@ class Reconciler:
                 pending = frozenset(self._wanted.pop(token, ()))
                 listing = await self._list(token, pending | frozenset(wanted))
                 self._cache[token] = listing
-                while len(self._cache) > CACHED_LISTINGS:
-                    self._cache.popitem(last=False)
+                self._trim()
             elif wanted and token in self._wanted:  # answered: no need to keep them next
                 self._wanted[token].difference_update(wanted)
                 if not self._wanted[token]:
                     del self._wanted[token]
             self._cache.move_to_end(token)
         return listing
+
+    def _trim(self) -> None:
+        """The least recently used listings go, past :data:`CACHED_LISTINGS` or past
+        :data:`CACHED_ENTRIES` addresses in all (the latest is kept: it is in use)."""
+        cache = self._cache
+        entries = sum(len(listing.keys) for listing in cache.values())
+        while len(cache) > CACHED_LISTINGS or (entries > CACHED_ENTRIES and len(cache) > 1):
+            _, gone = cache.popitem(last=False)
+            entries -= len(gone.keys)
 
     async def _list(self, token: str, wanted: frozenset[int]) -> TokenListing:
         """Every page, to the end of the listing, read again from its start when it
