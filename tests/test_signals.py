@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from tests.conftest import Proc, by_kind, emulator_invited, read_report, write_input
 
@@ -132,3 +133,33 @@ def test_first_signal_while_a_halted_run_winds_down_is_not_taken_as_the_second()
     assert done.returncode == 0, done.stderr
     assert "finished ['SIGTERM']" in done.stdout
     assert "exiting_now" not in done.stderr
+
+
+def holds_sigterm(pid: int) -> bool:
+    """Whether the process holds SIGTERM back for now (its main thread's SigBlk mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    held = int(next(line for line in status.splitlines() if line.startswith("SigBlk:"))[7:], 16)
+    return bool(held >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_command_loads_is_exit_3_with_a_line(
+    tmp_path: Path, spawn: Callable[..., Proc], sig: signal.Signals
+) -> None:
+    """SIGTERM or Ctrl-C while the command's modules still load: held until they are,
+    then exit 3 and one line saying to run it again, never killed silently (143) nor a
+    traceback."""
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\ntok-aaaa,a@example.com\n")
+    proc = spawn("run", str(source), "--report", str(tmp_path / "r.jsonl"), "--api-url",
+                 "http://127.0.0.1:9", "--log-format", "console")  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not holds_sigterm(proc.popen.pid):
+        assert time.monotonic() < deadline, "the process never held SIGTERM back"
+        time.sleep(0.001)
+    proc.popen.send_signal(sig)
+    proc.expect(3, timeout=30)
+    said = proc.stderr()
+    assert "Traceback" not in said
+    assert "interrupted before it started: nothing was done; run the same command again" in said
+    assert not (tmp_path / "r.jsonl").exists()

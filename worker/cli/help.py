@@ -7,16 +7,15 @@ Every command has a description and examples; every option says what it does, it
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
-from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from worker.errors import UsageError
 from worker.exits import EXIT_USAGE
 from worker.logs import LEVELS, choose_level
+from worker.start import json_stderr as json_stderr
+from worker.start import say as say
 
 #: Every command and its one-line description (``invite-worker`` alone lists them).
 COMMANDS = {
@@ -28,29 +27,6 @@ COMMANDS = {
 }
 
 LOG_FORMATS = ("auto", "json", "console")
-
-
-def json_stderr(argv: Sequence[str]) -> bool:
-    """Whether stderr carries JSON lines for this command line (``--log-format``, or auto)."""
-    args = list(argv)
-    for i, arg in enumerate(args):
-        if arg == "--log-format" and i + 1 < len(args):
-            return args[i + 1] == "json" or (args[i + 1] == "auto" and not sys.stderr.isatty())
-        if arg.startswith("--log-format="):
-            value = arg.split("=", 1)[1]
-            return value == "json" or (value == "auto" and not sys.stderr.isatty())
-    logging = ("run", "enqueue", "emulator", "dead-letter", "report")
-    return bool(args) and args[0] in logging and not sys.stderr.isatty()
-
-
-def say(event: str, message: str, *, json_lines: bool, level: str = "error") -> None:
-    """One message on stderr: a JSON line in JSON mode, plain text otherwise."""
-    if json_lines:
-        line = {"event": event, "level": level, "message": message,
-                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}  # fmt: skip
-        print(json.dumps(line), file=sys.stderr)
-    else:
-        print(f"invite-worker: {message}", file=sys.stderr)
 
 
 def commands_overview() -> str:
