@@ -55,6 +55,27 @@ def wait_for(check: Callable[[], bool], what: str, seconds: float = 30) -> None:
         time.sleep(0.05)
 
 
+def killed_mid_post(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc], name: str
+) -> tuple[str, Path, set[tuple[str, str]], tuple[str, ...]]:
+    """A run of three people SIGKILLed while its one POST is out (the service creates the
+    invitations SLOW s later), before its report's first record: the emulator's URL, the
+    report, the pairs, and the run's arguments."""
+    url = start_emulator("--slow-rate", "1", "--slow-seconds", SLOW)
+    source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
+    pairs = {("dash-slow", f"{name}{i}@example.com") for i in range(3)}
+    source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
+    args = ("run", str(source), "--report", str(report), "--api-url", url, "--timeout", TIMEOUT,
+            "--reconcile-delay", "0.5")  # fmt: skip
+    first = spawn(*args)
+    journal = journal_path(report)
+    wait_for(lambda: journal.exists() and b'"i":' in journal.read_bytes(), "the intent")
+    time.sleep(0.3)  # the POST is on its way; the service answers it SLOW s later
+    first.popen.kill()
+    first.expect(-signal.SIGKILL, timeout=15)
+    return url, report, pairs, args
+
+
 def test_a_request_cut_by_sigterm_is_settled_on_resume_only_once_it_has_landed(
     tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
 ) -> None:
@@ -316,18 +337,7 @@ def test_summarize_counts_the_emails_of_a_killed_runs_request_unknown_until_resu
     """SIGKILL during a slow POST: report summarize counts its emails unknown (not sent,
     not failed) and says --resume settles them; after --resume, none is unknown and each
     is sent once."""
-    url = start_emulator("--slow-rate", "1", "--slow-seconds", SLOW)
-    source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
-    pairs = {("dash-slow", f"k{i}@example.com") for i in range(3)}
-    source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
-    args = ("run", str(source), "--report", str(report), "--api-url", url, "--timeout", TIMEOUT,
-            "--reconcile-delay", "0.5")  # fmt: skip
-    first = spawn(*args)
-    journal = journal_path(report)
-    wait_for(lambda: journal.exists() and b'"i":' in journal.read_bytes(), "the intent")
-    time.sleep(0.3)  # the POST is on its way; the service answers it SLOW s later
-    first.popen.kill()
-    first.expect(-signal.SIGKILL, timeout=15)
+    url, report, pairs, args = killed_mid_post(tmp_path, start_emulator, spawn, "k")
 
     def summarize(*extra: str) -> subprocess.CompletedProcess[bytes]:
         done = subprocess.run(worker_command("report", "summarize", str(report), *extra),
@@ -358,19 +368,9 @@ def test_a_run_over_a_killed_runs_open_sends_is_refused_until_resumed(
     """SIGKILL during a slow POST, before the report's first record: the same command run
     again (or with --overwrite) is exit 2 before any request, naming --resume, and leaves
     the journal; --resume then settles the send, and each person is invited once."""
-    url = start_emulator("--slow-rate", "1", "--slow-seconds", SLOW)
-    source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
-    pairs = {("dash-slow", f"o{i}@example.com") for i in range(3)}
-    source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
-    args = ("run", str(source), "--report", str(report), "--api-url", url, "--timeout", TIMEOUT,
-            "--reconcile-delay", "0.5")  # fmt: skip
-    first = spawn(*args)
-    journal = journal_path(report)
-    wait_for(lambda: journal.exists() and b'"i":' in journal.read_bytes(), "the intent")
-    time.sleep(0.3)  # the POST is on its way; the service answers it SLOW s later
-    first.popen.kill()
-    first.expect(-signal.SIGKILL, timeout=15)
+    url, report, pairs, args = killed_mid_post(tmp_path, start_emulator, spawn, "o")
     assert report.read_bytes() == b""
+    journal = journal_path(report)
     kept = journal.read_bytes()
     refused = spawn(*args, *again)
     refused.expect(2, timeout=30)

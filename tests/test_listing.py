@@ -210,8 +210,9 @@ async def test_listings_kept_for_reuse_hold_a_bounded_number_of_addresses(
         clock = SystemClock()
         reconciler = reconciler_for(config, client, pacer_for(config, clock), clock,
                                     random.Random(1))  # fmt: skip
+        boards = {}
         for n in range(5):
-            board = emulator.add_dashboard(f"big{n:03d}-aaaa", invitees=None)
+            board = boards[n] = emulator.add_dashboard(f"big{n:03d}-aaaa", invitees=None)
             board.invitations.extend((f"u{i}@example.com", 1.0) for i in range(100))
             await reconciler.listing(f"big{n:03d}-aaaa", 0.0)
             assert reconciler.held == min(n + 1, 2)
@@ -219,6 +220,13 @@ async def test_listings_kept_for_reuse_hold_a_bounded_number_of_addresses(
         board.invitations.extend((f"u{i}@example.com", 1.0) for i in range(300))
         assert len((await reconciler.listing("huge-aaaa", 0.0)).keys) == 300
         assert reconciler.held == 1
+        # The least recently used token listed again, grown past the bound meanwhile: it
+        # becomes the latest (kept), the others go.
+        await reconciler.listing("big003-aaaa", 0.0)
+        await reconciler.listing("big004-aaaa", 0.0)
+        boards[3].invitations.extend((f"v{i}@example.com", 1.0) for i in range(200))
+        again = await reconciler.listing("big003-aaaa", clock.time() + 1)
+        assert (len(again.keys), reconciler.held) == (300, 1)
 
 
 def test_a_listing_costs_24_bytes_per_address_listed() -> None:

@@ -149,6 +149,30 @@ async def test_deliveries_are_given_back_only_for_messages_still_this_consumers(
     assert len(held) == 0
 
 
+#: Two workers taking one request of one email at a time, each message claimable after
+#: 0.6 s idle, against a service that takes 3 requests per 2 s: they wait on it.
+HELD_UP = ("--concurrency", "1", "--batch-size", "1", "--claim-idle", "0.6", "--until-empty")
+
+
+def side_by_side(
+    spawn: Callable[..., Proc], tmp_path: Path, start_emulator: Callable[..., str],
+    redis_server: str, stream_name: str, first_alone: float,
+) -> tuple[str, set[tuple[str, str]], Proc, Callable[[], Proc]]:  # fmt: skip
+    """Twelve messages, a first worker held up by the service's rate limit for
+    ``first_alone`` s: the emulator, the pairs, the first worker, and how to start the
+    second."""
+    api = start_emulator("--limit", "3", "--period", "2")
+    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 12)
+    first = worker(spawn, tmp_path, redis_server, stream_name, api, "first", *HELD_UP, env=GOOD)
+    time.sleep(first_alone)  # it has read every message and waits on the limit
+
+    def second() -> Proc:
+        return worker(spawn, tmp_path, redis_server, stream_name, api, "second", *HELD_UP,
+                      env=GOOD)  # fmt: skip
+
+    return api, pairs, first, second
+
+
 def test_messages_a_live_worker_waits_on_are_not_claimed_by_another(
     tmp_path: Path,
     start_emulator: Callable[..., str],
@@ -159,12 +183,9 @@ def test_messages_a_live_worker_waits_on_are_not_claimed_by_another(
     """A worker holding messages it cannot send yet (the service's rate limit makes it wait
     several --claim-idle) keeps them: a second worker side by side claims none, and each
     person is invited once."""
-    api = start_emulator("--limit", "3", "--period", "2")
-    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 12)
-    slow = ("--concurrency", "1", "--batch-size", "1", "--claim-idle", "0.6", "--until-empty")
-    first = worker(spawn, tmp_path, redis_server, stream_name, api, "first", *slow, env=GOOD)
-    time.sleep(1.0)  # the first has read every message and is waiting on the limit
-    second = worker(spawn, tmp_path, redis_server, stream_name, api, "second", *slow, env=GOOD)
+    api, pairs, first, start_second = side_by_side(spawn, tmp_path, start_emulator,
+                                                   redis_server, stream_name, 1.0)  # fmt: skip
+    second = start_second()
     first.expect(0, timeout=90)
     second.expect(0, timeout=30)
     each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
@@ -182,16 +203,11 @@ def test_a_worker_stalled_past_claim_idle_sends_nothing_another_claimed(
     """A worker paused (SIGSTOP) with messages read but not sent: another claims and sends
     them; resumed (SIGCONT), the first finds them claimed when it would record their
     intents and sends none of them: each person is invited once."""
-    api = start_emulator("--limit", "3", "--period", "2")
-    pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 12)
-    slow = ("--concurrency", "1", "--batch-size", "1", "--claim-idle", "0.6", "--until-empty")
-    first = worker(spawn, tmp_path, redis_server, stream_name, api, "first", *slow, env=GOOD)
-    time.sleep(1.5)  # the first has read every message and is waiting on the limit
+    api, pairs, first, start_second = side_by_side(spawn, tmp_path, start_emulator,
+                                                   redis_server, stream_name, 1.5)  # fmt: skip
     first.popen.send_signal(signal.SIGSTOP)
     try:
-        second = worker(spawn, tmp_path, redis_server, stream_name, api, "second", *slow,
-                        env=GOOD)  # fmt: skip
-        second.expect(0, timeout=90)
+        start_second().expect(0, timeout=90)
     finally:
         first.popen.send_signal(signal.SIGCONT)
     first.expect(0, timeout=60)

@@ -320,7 +320,7 @@ def test_linger_zero_keeps_a_fast_pipes_batches_whole(
     tmp_path: Path, start_emulator: Callable[..., str], start: Callable[..., Worker]
 ) -> None:
     """--linger 0 on a pipe that keeps up (cat of 100,000 rows over 200 tokens): a read in
-    progress is not silence, so batches stay full: 1,000 requests of 100."""
+    progress is not silence, so batches stay full: about 1,000 requests of 100."""
     url = start_emulator()
     source = tmp_path / "in.csv"
     pairs = [(f"dash-{i % 200}", f"p{i}@example.com") for i in range(100_000)]
@@ -335,7 +335,12 @@ def test_linger_zero_keeps_a_fast_pipes_batches_whole(
     finally:
         cat.wait(timeout=10)
     batches = by_kind(read_report(tmp_path / "r.jsonl"), "batch")
-    assert sorted(len(b["emails"]) for b in batches) == [100] * 1000
+    sizes = [len(b["emails"]) for b in batches]
+    assert sum(sizes) == 100_000
+    # Whole, but for a read or two that a loaded machine held past the quiet time (0.1 s):
+    # those are silence, and what is buffered then goes out. Split at every read, the
+    # batches of 200 tokens would hold 9 rows each.
+    assert sizes.count(100) >= 950, sorted(sizes)[:20]
 
 
 def test_a_dry_run_from_a_pipe_plans_the_list_whole_whatever_its_pauses(

@@ -164,12 +164,12 @@ class Reconciler:
                 pending = frozenset(self._wanted.pop(token, ()))
                 listing = await self._list(token, pending | frozenset(wanted))
                 self._cache[token] = listing
-                self._trim()
             elif wanted and token in self._wanted:  # answered: no need to keep them next
                 self._wanted[token].difference_update(wanted)
                 if not self._wanted[token]:
                     del self._wanted[token]
-            self._cache.move_to_end(token)
+            self._cache.move_to_end(token)  # the most recently used, before any goes
+            self._trim()
         return listing
 
     def _trim(self) -> None:
