@@ -213,3 +213,21 @@ def test_a_worker_stalled_past_claim_idle_sends_nothing_another_claimed(
     first.expect(0, timeout=60)
     each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
     assert "queue.claimed_elsewhere" in first.stderr(60_000)
+
+
+def test_messages_trimmed_from_the_stream_while_held_are_still_sent_once(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """The stream trimmed to nothing (XTRIM MAXLEN 0, as a producer's MAXLEN does) while a
+    worker holds its messages, waiting on the rate limit: they are still its own to send,
+    not taken for claimed by another; each is sent once, and nothing stays pending."""
+    api, pairs, first, _ = side_by_side(spawn, tmp_path, start_emulator, redis_server,
+                                        stream_name, 1.5)  # fmt: skip
+    redis_cli(redis_server, "XTRIM", stream_name, "MAXLEN", "0")
+    first.expect(0, timeout=90)
+    each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
+    assert "queue.claimed_elsewhere" not in first.stderr(60_000)

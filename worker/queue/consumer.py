@@ -64,6 +64,8 @@ class Consumer:
         #: Deliveries this run added to the messages it holds: given back if the run ends
         #: for a reason that is not the messages' (see :mod:`worker.queue.deliveries`).
         self.held = HeldDeliveries()
+        #: Messages being acknowledged or dead-lettered right now (by a flush).
+        self.settling: set[str] = set()
         #: Records an outcome (the runner's): set before :meth:`batches` is iterated.
         self.record: Callable[[Outcome], None] = unset_record
         #: Tokens whose dashboard answered 404, and when. The sender refuses such a token
@@ -109,18 +111,21 @@ class Consumer:
             return  # with Redis lost, the messages stay pending for the next worker
         acks, dead = self.acks, self.dead
         self.acks, self.dead = [], []
+        settling = {*acks, *(mid for mid, _ in dead)}
+        self.settling |= settling
         try:
             if acks or dead:
                 await self.report.sync()
                 await self.queue.settle(acks, dead, self.clock.time())
-                self.held.forget(acks)
-                self.held.forget(mid for mid, _ in dead)
+                self.held.forget(settling)
                 for code, count in Counter(f["error_code"] for _, f in dead).items():
                     self.sender.metrics.dead_lettered(code, count)
             if self.queue.answered:  # requests that created nothing: no wait for a claimer
                 await self.queue.drop_answered()
         except RedisError as exc:
             raise await self.queue.failure(exc) from None
+        finally:
+            self.settling -= settling
 
     async def flush_until(self, finished: asyncio.Event) -> None:
         """Flush every 0.1 s, and once more when ``finished`` is set (a runner's service:
@@ -144,7 +149,9 @@ class Consumer:
         if isinstance(self.state.fatal, QueueLost):
             return
         try:
-            await self.held.keep(self.queue, [*self.acks, *(mid for mid, _ in self.dead)])
+            await self.held.keep(
+                self.queue, {*self.acks, *(m for m, _ in self.dead), *self.settling}
+            )
         except RedisError as exc:
             raise await self.queue.failure(exc) from None
 

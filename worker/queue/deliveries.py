@@ -52,15 +52,20 @@ return given
 """
 
 
-# KEYS: stream. ARGV: group, consumer, "id\n...". Returns the ids no longer pending for this
-# consumer. Each one still its own has its idle time started over (XCLAIM to itself with
-# JUSTID: no delivery counted), so no other worker takes it for abandoned.
+# KEYS: stream. ARGV: group, consumer, "id\n...". Each message still pending for this
+# consumer has its idle time started over (XCLAIM to itself with JUSTID: no delivery
+# counted), so no other worker takes it for abandoned; unless its entry was deleted from
+# the stream (trimmed): an XCLAIM would drop it from the pending list, and it is still
+# ours to send. Returns the ids another consumer holds now, or one settled (acknowledged
+# while its entry is still in the stream).
 _KEEP = r"""
 local lost = {}
 for id in string.gmatch(ARGV[3], '([^\n]+)\n') do
-  if redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2])[1] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
-  else
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)[1]
+  local kept = redis.call('XRANGE', KEYS[1], id, id)[1]
+  if entry and entry[2] == ARGV[2] then
+    if kept then redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID') end
+  elseif entry or kept then
     lost[#lost + 1] = id
   end
 end
@@ -112,6 +117,9 @@ class HeldDeliveries:
             text = "".join(f"{mid}\n" for mid in mids[start : start + SLICE])
             reply = await script(keys=[queue.stream], args=[queue.group, queue.consumer, text])
             lost.update(m.decode() if isinstance(m, bytes) else str(m) for m in reply)
+        # Only what is still held: one settled meanwhile (acknowledged as the script ran)
+        # was let go of by its settling, not by another worker.
+        lost.intersection_update(self._added)
         lost.difference_update(settling)
         if lost:
             self.forget(lost)

@@ -37,13 +37,18 @@ return taken
 """
 
 # KEYS: intents hash, stream. ARGV: "id,id,...", send time, group, consumer. Records the
-# intents of the messages still pending for this consumer; returns the ids that are not
-# (another worker claimed them while this one stalled): those must not be sent here.
+# intents of the messages still this consumer's; returns the others (another worker
+# claimed them while this one stalled, or settled them): those must not be sent here.
+# One neither pending nor in the stream was trimmed, and dropped from the pending list by
+# a claim that met it deleted: nobody else has it, so it is still ours.
 INTENTS = """
 local fields = {}
 local lost = {}
 for id in string.gmatch(ARGV[1], '[^,]+') do
-  if redis.call('XPENDING', KEYS[2], ARGV[3], id, id, 1, ARGV[4])[1] then
+  local entry = redis.call('XPENDING', KEYS[2], ARGV[3], id, id, 1)[1]
+  local ours = entry and entry[2] == ARGV[4]
+  if not entry then ours = not redis.call('XRANGE', KEYS[2], id, id)[1] end
+  if ours then
     fields[#fields + 1] = id
     fields[#fields + 1] = ARGV[2]
   else
