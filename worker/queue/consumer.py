@@ -10,10 +10,6 @@ another worker are screened first (:mod:`worker.queue.reclaim`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from redis.exceptions import RedisError
@@ -21,14 +17,14 @@ from redis.exceptions import RedisError
 from worker.batching import Batch, Batcher
 from worker.clock import Clock
 from worker.config import Config
-from worker.errors import OutcomeUnknown, QueueLost, TokenNotFound, keeps_pending
-from worker.outcome import Outcome, Status
+from worker.outcome import Outcome
 from worker.queue.deliveries import HeldDeliveries
 from worker.queue.messages import MessageIndex, RecentlySettled, parse_message, unset_record
 from worker.queue.options import StreamOptions
 from worker.queue.reclaim import screen_reclaimed
+from worker.queue.settling import Settling
 from worker.queue.stream import Message, StreamQueue
-from worker.record.report import Report, iso
+from worker.record.report import Report
 from worker.run.counts import QueueCounts
 from worker.send.sender import Sender
 from worker.validate import Reason, Validator
@@ -39,7 +35,7 @@ from worker.validate.dedupe import PairIndex
 RECENTLY_SETTLED = 100_000
 
 
-class Consumer:
+class Consumer(Settling):
     """Reads, claims, batches and settles; the senders do the HTTP side."""
 
     def __init__(
@@ -72,88 +68,6 @@ class Consumer:
         #: from then on; a worker that runs for days asks again once the dashboard check
         #: has aged (``preflight_ttl``): the dashboard may have been shared since.
         self.gone: dict[str, float] = {}
-
-    def on_outcome(self, outcome: Outcome) -> None:
-        """An outcome is on disk: acknowledge its messages, or dead-letter them."""
-        token = outcome.token
-        mids = self.index.pop(token, outcome.emails)
-        if outcome.status in (Status.SENT, Status.SKIPPED):  # both are done with
-            done = [mid for mid in mids if mid is not None]
-            self.acks.extend(done)
-            self.settled.update(done)
-            return
-        error = outcome.error
-        if error is None or keeps_pending(error.code):
-            if error is not None and error.code == OutcomeUnknown.code and not self.stop.is_set():
-                self.held.forget(mids)  # left pending for its own failure: it counts
-            return
-        if error.code == TokenNotFound.code:
-            self.gone.setdefault(token, self.clock.time())
-        for mid, email in zip(mids, outcome.emails, strict=True):
-            if mid is not None:
-                self.dead_letter(mid, token, email, error.code, error.message)
-
-    def dead_letter(self, mid: str, token: str, email: str, code: str, message: str) -> None:
-        """Settle one message into the dead-letter stream (with the next flush)."""
-        self.settled.update((mid,))
-        self.counts.dead_lettered += 1
-        self.dead.append((mid, {"token": token, "email": email, "stream_id": mid,
-                                "error_code": code, "error_message": message,
-                                "failed_at": iso(self.clock.time())}))  # fmt: skip
-
-    async def flush(self) -> None:
-        """Make the report durable, then dead-letter and acknowledge what it settles.
-
-        Raises :class:`FatalError` when the report cannot be made durable or Redis is lost:
-        the messages then stay pending.
-        """
-        if isinstance(self.state.fatal, QueueLost):
-            return  # with Redis lost, the messages stay pending for the next worker
-        acks, dead = self.acks, self.dead
-        self.acks, self.dead = [], []
-        settling = {*acks, *(mid for mid, _ in dead)}
-        self.settling |= settling
-        try:
-            if acks or dead:
-                await self.report.sync()
-                await self.queue.settle(acks, dead, self.clock.time())
-                self.held.forget(settling)
-                for code, count in Counter(f["error_code"] for _, f in dead).items():
-                    self.sender.metrics.dead_lettered(code, count)
-            if self.queue.answered:  # requests that created nothing: no wait for a claimer
-                await self.queue.drop_answered()
-        except RedisError as exc:
-            raise await self.queue.failure(exc) from None
-        finally:
-            self.settling -= settling
-
-    async def flush_until(self, finished: asyncio.Event) -> None:
-        """Flush every 0.1 s, and once more when ``finished`` is set (a runner's service:
-        the last outcomes are acknowledged after the senders are done); every third of
-        ``--claim-idle``, keep the messages held (see :meth:`keep_held`)."""
-        every = self.options.claim_idle / 3
-        next_keep = time.monotonic() + every
-        while not finished.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(finished.wait(), 0.1)
-            await self.flush()
-            if time.monotonic() >= next_keep and not finished.is_set():
-                await self.keep_held()
-                next_keep = time.monotonic() + every
-        await self.flush()  # a no-op unless the run ended before the first round
-
-    async def keep_held(self) -> None:
-        """Tell Redis the messages held are not abandoned, however long they wait here
-        (see :meth:`HeldDeliveries.keep`); here, not in the reading loop, which waits
-        whenever the senders are behind."""
-        if isinstance(self.state.fatal, QueueLost):
-            return
-        try:
-            await self.held.keep(
-                self.queue, {*self.acks, *(m for m, _ in self.dead), *self.settling}
-            )
-        except RedisError as exc:
-            raise await self.queue.failure(exc) from None
 
     async def batches(self) -> AsyncGenerator[Batch, None]:
         """Batches to send, until stopped or, with ``--until-empty``, the group is drained.
