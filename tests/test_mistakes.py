@@ -114,8 +114,8 @@ def test_overwrite_replaces_only_a_report_and_report_failed_never_its_input(
     sample: Path, tmp_path: Path
 ) -> None:
     """Case 1: --overwrite on a file that is not a report is refused; ``report failed``
-    with --output the report itself is refused, --overwrite or not, naming another
-    --output (it named a --report)."""
+    with --output the report itself (or another report, a journal, a lock) is refused,
+    --overwrite or not, naming another --output (it named a --report)."""
     notes = tmp_path / "notes.jsonl"
     notes.write_text('{"my": "notes"}\n')
     done = invite_worker("run", str(sample), "--sandbox", "--report", str(notes), "--overwrite")
@@ -130,6 +130,22 @@ def test_overwrite_replaces_only_a_report_and_report_failed_never_its_input(
     assert "is the report itself" in one_line(done)
     assert f"e.g. --output {tmp_path / 'r-failed.csv'}" in one_line(done)  # not --report
     assert report.read_bytes() == before
+    # Nor another report, any report's journal or lock (an open send's only record).
+    other = tmp_path / "other.jsonl"
+    shutil.copy(report, other)
+    for output in (other, tmp_path / "other.jsonl.journal", tmp_path / "other.jsonl.lock"):
+        output.touch()
+        kept = output.read_bytes()
+        done = invite_worker("report", "failed", str(report), "--output", str(output),
+                             "--overwrite")  # fmt: skip
+        assert done.returncode == 2, (output, done.stderr)
+        assert "is a report, or a report's journal or lock" in one_line(done)
+        assert output.read_bytes() == kept
+    # An earlier list of the failed is replaced, as asked.
+    listed = tmp_path / "r-failed.csv"
+    assert invite_worker("report", "failed", str(report), "--output", str(listed)).returncode == 0
+    again = invite_worker("report", "failed", str(report), "--output", str(listed), "--overwrite")
+    assert again.returncode == 0, again.stderr
 
 
 def test_preflight_without_dry_run_sends_nothing(sample: Path, tmp_path: Path) -> None:
@@ -285,6 +301,8 @@ def test_a_report_name_or_port_that_cannot_be_meant_is_refused(
          "the name a report's lock takes"),
         (("run", str(sample), "--report", str(tmp_path / "r.jsonl"), "--api-url",
           "http://127.0.0.1:0"), "not a number from 1 to 65535"),
+        (("run", str(sample), "--report", str(tmp_path / "r.jsonl"), "--api-url",
+          "http://127.0.0.1:"), "not a number from 1 to 65535"),
         (("emulator", "--port", "99999"), "'99999' is not a port number from 0 to 65535"),
     ]  # fmt: skip
     for args, says in cases:
@@ -441,14 +459,17 @@ def test_options_of_the_other_kind_of_source_are_refused(redis_server: str) -> N
 
 def test_a_redis_url_is_shown_as_it_can_be_written_back() -> None:
     """An IPv6 host keeps its brackets where the URL is shown (it was printed
-    redis://::1:6379/0), and a port past 65535 is named as out of range, not as "not a
-    number"."""
+    redis://::1:6379/0), and a port past 65535, 0 or none after the colon is named as out of
+    range, not as "not a number" (nor taken as 6379)."""
     from worker.queue.options import StreamOptions
 
     assert StreamOptions(url="redis://[::1]:6379/0", stream="s").where == "redis://[::1]:6379/0#s"
-    done = invite_worker("enqueue", "-", "redis://127.0.0.1:99999/0", "--stream", "s", stdin=b"")
-    assert done.returncode == 2, done.stderr
-    assert "has a port that is not a number from 0 to 65535" in done.stderr, done.stderr
+    # 0 or nothing after the colon: redis would quietly take 6379, another server.
+    for port in ("99999", "0", ""):
+        url = f"redis://127.0.0.1:{port}/0"
+        done = invite_worker("enqueue", "-", url, "--stream", "s", stdin=b"")
+        assert done.returncode == 2, (port, done.stderr)
+        assert "has a port that is not a number from 1 to 65535" in done.stderr, done.stderr
 
 
 def test_durations_are_plain_numbers_and_access_lasts_at_least_a_minute() -> None:

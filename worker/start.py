@@ -60,8 +60,13 @@ def main() -> int:
             # held meanwhile is delivered as the mask is lifted, raised from here.
             signal.signal(signal.SIGTERM, _interrupt)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-        return command()
+        code = command()
     except KeyboardInterrupt:  # (once a command runs, it says so itself)
         say("cli.interrupted", "interrupted before it started: nothing was done; run the "
             "same command again", json_lines=json_stderr(sys.argv[1:]))  # fmt: skip
-        return _STOPPED
+        code = _STOPPED
+    # Done: held again, so that one coming as the interpreter shuts down (which puts the
+    # default handlers back) does not kill the process and change the exit code the
+    # command's summary gave.
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    return code

@@ -80,7 +80,8 @@ def check_api_url(url: str) -> str:
         raise UsageError(f"--api-url must be an http(s) URL with a host, got {shown!r}")
     try:
         port = f":{parts.port}" if parts.port else ""
-        zero = parts.port == 0  # no service listens there: connecting would go to port 80
+        # 0, or nothing after the colon: the connection would go to the scheme's port.
+        zero = parts.port == 0 or parts.netloc.rsplit("@", 1)[-1].endswith(":")
     except ValueError:
         zero = True
     if zero:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from worker.errors import UsageError
+from worker.record.files import reads_as_report
 from worker.record.journal import journal_path
 from worker.record.lock import lock_path
 
@@ -73,6 +74,12 @@ def check_failed_output(report: Path, output: Path, sources: Iterable[str]) -> N
         if what != "the report (--report)" and same_file(output, str(path)):
             raise UsageError(f"--output {str(output)!r} is {what} {str(path)!r}: writing it "
                              f"would destroy the run's record of what it sent {fix}")  # fmt: skip
+    if output.name.endswith((".journal", ".lock")) or (
+        output.is_file() and output.stat().st_size and reads_as_report(output)
+    ):
+        # Any report's journal or lock, or another report: its record of what was sent.
+        raise UsageError(f"--output {str(output)!r} is a report, or a report's journal or "
+                         f"lock: writing it would destroy a run's record {fix}")  # fmt: skip
     for source in dict.fromkeys(sources):
         for place in _input_places(source, report):
             if same_file(output, place):

@@ -40,12 +40,15 @@ def check_redis_url(url: str) -> None:
             "redis://127.0.0.1:6379/0"
         )
     try:
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
+        # 0, or nothing after the colon: redis would quietly connect to 6379 instead.
+        bad = parts.port == 0 or parts.netloc.rsplit("@", 1)[-1].endswith(":")
+    except ValueError:  # not a number
+        bad = True
+    if bad:
         raise UsageError(
-            f"the Redis URL {shown!r} has a port that is not a number from 0 to 65535; "
+            f"the Redis URL {shown!r} has a port that is not a number from 1 to 65535; "
             "write redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0"
-        ) from None
+        )
     query = parse_qsl(parts.query, keep_blank_values=True)
     if (
         "#" in url

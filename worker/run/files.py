@@ -26,16 +26,10 @@ from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.assembly import Ending, Mode, assemble
 from worker.run.counts import FileCounts, FileRead
+from worker.run.prechecks import check_nothing_open, check_resumable, require_report
 from worker.run.prune import ListedInput, prune
 from worker.run.reading import read_batches
-from worker.run.resume import (
-    History,
-    check_nothing_open,
-    check_resumable,
-    load_history,
-    require_report,
-    settle_unknowns,
-)
+from worker.run.resume import History, load_history, settle_unknowns
 from worker.run.rows import InputRows
 from worker.run.runner import OutcomeHook, Runner, Service
 from worker.run.summary import RunResult

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import operator
 import random
 from collections import OrderedDict
 from collections.abc import Collection
@@ -19,12 +18,13 @@ from collections.abc import Collection
 import structlog
 
 from worker.clock import Clock
-from worker.errors import TokenNotFound, UnexpectedResponse
+from worker.errors import UnexpectedResponse
 from worker.outcome import Invitation, Outcome, Status
 from worker.send.client import InvitationClient
 from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_epoch
 from worker.send.keyed import KeyedLocks
 from worker.send.pacing import Pacer
+from worker.send.paging import read_pages
 from worker.send.replies import Listing
 from worker.send.retry import RetryPolicy, Tally, paced_call
 
@@ -34,9 +34,6 @@ log = structlog.get_logger("worker.reconcile")
 
 #: Invitations asked for per page (``--list-page-size``).
 PAGE_SIZE = 100
-#: Pages after which a listing that has not ended is given up as unreadable (a service
-#: ignoring page_number would repeat its first page forever).
-MAX_PAGES = 100_000
 #: Listings kept for reuse by later questions about the same token. They are compact, but
 #: a long-lived queue worker meets ever more tokens: the least recently used go.
 CACHED_LISTINGS = 32
@@ -45,8 +42,6 @@ CACHED_LISTINGS = 32
 CACHED_ENTRIES = 1_000_000
 #: Readings of one listing from its start, when it changes while it is read.
 LIST_ATTEMPTS = 3
-#: What tells one listed invitation from another when a page is compared with the last.
-_IDENTITY = operator.attrgetter("email", "created_at")
 
 
 def created_epoch(invitation: Invitation) -> float | None:
@@ -186,7 +181,7 @@ class Reconciler:
         changed while it was read (at most :data:`LIST_ATTEMPTS` times)."""
         for attempt in range(1, LIST_ATTEMPTS + 1):
             builder = ListingBuilder(self._clock.time(), wanted)
-            moved = await self._read(token, builder)
+            moved = await read_pages(token, builder, self._page, self.page_size)
             listing = builder.listing
             self.pages += listing.pages
             if moved is None:
@@ -198,73 +193,6 @@ class Reconciler:
             f"{LIST_ATTEMPTS} times: who is invited cannot be told, so nobody of this token "
             "is sent now; run again (--resume) once the dashboard's invitations settle"
         )
-
-    async def _read(self, token: str, builder: ListingBuilder) -> str | None:
-        """Read the listing into ``builder``; what shows it moved meanwhile, or None.
-
-        Pages are offsets into a list that others may change: invitations revoked before
-        the offset move later entries onto pages already read, and those would never be
-        seen (then invited again). So ``meta.page.total_count`` must not go down from page
-        to page, an empty page comes only at that total, a page never repeats an earlier
-        one, and a 404 comes on the first page only; anything else is a listing that moved
-        (or a service that does not honor ``page_number``), to be read again. A total that
-        grows is only new invitations: entries pushed on are read twice, none is missed.
-
-        The end is ``total_count`` entries, or an empty page. A page shorter than asked is
-        not the end: the service may honor a smaller size than the one asked for, so the
-        listing goes on at that size. ``page_number`` counts pages of the size asked, so
-        after a change of size the next page starts from the entries read so far, and any
-        of them the page repeats are passed over.
-        """
-        listing, size = builder.listing, self.page_size
-        seen: set[int] = set()  # what every page held
-        total: int | None = None
-        while True:
-            if listing.pages >= MAX_PAGES:
-                # Not an end: taking it for one could invite again whoever is further on.
-                raise UnexpectedResponse(f"the invitation list did not end after {MAX_PAGES:,} "
-                                         f"pages ({listing.read:,} invitations read)")  # fmt: skip
-            number, skip = divmod(listing.read, size)
-            listing.pages += 1  # (a listing that fails is not kept: nothing counts it)
-            try:
-                result = await self._page(token, number, size)
-            except TokenNotFound as exc:  # the dashboard is gone: nothing of ours can exist
-                if listing.read:
-                    return f"page {number} answered 404 after {listing.read:,} were listed"
-                listing.gone = exc.message
-                break
-            if result.total_count is not None:
-                # More is only new invitations (sends go on meanwhile): entries pushed on
-                # are read twice, none is missed. Fewer may have moved some past us.
-                if total is not None and result.total_count < total:
-                    return f"total_count went down from {total:,} to {result.total_count:,}"
-                total = result.total_count
-            fresh = result.invitations[skip:]
-            if not fresh:  # an empty page: the end, unless the total says more
-                if total is not None and listing.read < total:
-                    return f"page {number} was empty after {listing.read:,} of {total:,}"
-                break
-            # Two pages holding the same invitations (address and creation time, in the
-            # same order) are one page served twice: page_number is not honored, or as
-            # many invitations were created ahead meanwhile; counting on would take the
-            # page for the rest of the listing. Their first and last entries tell: two
-            # pages of one listing never share both.
-            page = result.invitations
-            held = hash((len(page), _IDENTITY(page[0]), _IDENTITY(page[-1])))
-            if held in seen:
-                return (f"page {number} repeated an earlier page: page_number is not honored, "
-                        "or invitations were created meanwhile")  # fmt: skip
-            seen.add(held)
-            builder.add(fresh)
-            # Past a total that says less than was read, the total is stale or wrong: on
-            # to an empty page instead.
-            if total == listing.read:
-                break
-            if len(result.invitations) != size:
-                size = len(result.invitations)  # the size the service honors
-        log.info("reconcile.listed", token=token, invitations=listing.read,
-                 pages=listing.pages, page_size=size)  # fmt: skip
-        return None
 
     async def _page(self, token: str, number: int, size: int) -> Listing:
         """One page, retried by the run's policy (``TokenNotFound``: the dashboard is gone)."""

@@ -1,0 +1,99 @@
+"""Reading a token's invitation listing page by page, to its end, into compact state.
+
+Apart from :mod:`worker.send.reconcile`, which shares listings between questions and reads
+one again when it moved, because what tells a listing's end (and a listing that moved
+under it) reads on its own.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from worker.errors import TokenNotFound, UnexpectedResponse
+from worker.send.compact import ListingBuilder
+from worker.send.replies import Listing
+
+log = structlog.get_logger("worker.reconcile")
+
+#: Pages after which a listing that has not ended is given up as unreadable (a service
+#: ignoring page_number would repeat its first page forever).
+MAX_PAGES = 100_000
+#: What tells one listed invitation from another when pages are compared.
+_IDENTITY = operator.attrgetter("email", "created_at")
+
+
+async def read_pages(
+    token: str,
+    builder: ListingBuilder,
+    fetch: Callable[[str, int, int], Awaitable[Listing]],
+    page_size: int,
+) -> str | None:
+    """Read ``token``'s listing into ``builder``, each page of ``page_size`` by ``fetch``
+    (token, page number, size); what shows it moved meanwhile, or None.
+
+    Pages are offsets into a list that others may change: invitations revoked before
+    the offset move later entries onto pages already read, and those would never be
+    seen (then invited again). So ``meta.page.total_count`` must not go down from page
+    to page, an empty page comes only at that total, a page never repeats an earlier
+    one, and a 404 comes on the first page only; anything else is a listing that moved
+    (or a service that does not honor ``page_number``), to be read again. A total that
+    grows is only new invitations: entries pushed on are read twice, none is missed.
+
+    The end is ``total_count`` entries, or an empty page. A page shorter than asked is
+    not the end: the service may honor a smaller size than the one asked for, so the
+    listing goes on at that size. ``page_number`` counts pages of the size asked, so
+    after a change of size the next page starts from the entries read so far, and any
+    of them the page repeats are passed over.
+    """
+    listing, size = builder.listing, page_size
+    seen: set[int] = set()  # what every page held
+    total: int | None = None
+    while True:
+        if listing.pages >= MAX_PAGES:
+            # Not an end: taking it for one could invite again whoever is further on.
+            raise UnexpectedResponse(f"the invitation list did not end after {MAX_PAGES:,} "
+                                     f"pages ({listing.read:,} invitations read)")  # fmt: skip
+        number, skip = divmod(listing.read, size)
+        listing.pages += 1  # (a listing that fails is not kept: nothing counts it)
+        try:
+            result = await fetch(token, number, size)
+        except TokenNotFound as exc:  # the dashboard is gone: nothing of ours can exist
+            if listing.read:
+                return f"page {number} answered 404 after {listing.read:,} were listed"
+            listing.gone = exc.message
+            break
+        if result.total_count is not None:
+            # More is only new invitations (sends go on meanwhile): entries pushed on
+            # are read twice, none is missed. Fewer may have moved some past us.
+            if total is not None and result.total_count < total:
+                return f"total_count went down from {total:,} to {result.total_count:,}"
+            total = result.total_count
+        fresh = result.invitations[skip:]
+        if not fresh:  # an empty page: the end, unless the total says more
+            if total is not None and listing.read < total:
+                return f"page {number} was empty after {listing.read:,} of {total:,}"
+            break
+        # Two pages holding the same invitations (address and creation time, in the
+        # same order) are one page served twice: page_number is not honored, or as
+        # many invitations were created ahead meanwhile; counting on would take the
+        # page for the rest of the listing. Their first and last entries tell: two
+        # pages of one listing never share both.
+        page = result.invitations
+        held = hash((len(page), _IDENTITY(page[0]), _IDENTITY(page[-1])))
+        if held in seen:
+            return (f"page {number} repeated an earlier page: page_number is not honored, "
+                    "or invitations were created meanwhile")  # fmt: skip
+        seen.add(held)
+        builder.add(fresh)
+        # Past a total that says less than was read, the total is stale or wrong: on
+        # to an empty page instead.
+        if total == listing.read:
+            break
+        if len(result.invitations) != size:
+            size = len(result.invitations)  # the size the service honors
+    log.info("reconcile.listed", token=token, invitations=listing.read,
+             pages=listing.pages, page_size=size)  # fmt: skip
+    return None
