@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from tests.conftest import (
@@ -215,7 +216,7 @@ def test_a_worker_stalled_past_claim_idle_sends_nothing_another_claimed(
     assert "queue.claimed_elsewhere" in first.stderr(60_000)
 
 
-def test_messages_trimmed_from_the_stream_while_held_are_still_sent_once(
+def test_messages_trimmed_from_the_stream_while_held_are_sent_once_or_dead_lettered(
     tmp_path: Path,
     start_emulator: Callable[..., str],
     redis_server: str,
@@ -223,11 +224,43 @@ def test_messages_trimmed_from_the_stream_while_held_are_still_sent_once(
     spawn: Callable[..., Proc],
 ) -> None:
     """The stream trimmed to nothing (XTRIM MAXLEN 0, as a producer's MAXLEN does) while a
-    worker holds its messages, waiting on the rate limit: they are still its own to send,
-    not taken for claimed by another; each is sent once, and nothing stays pending."""
+    worker holds its messages, waiting on the rate limit: each is either sent (still
+    pending for it) or, once no longer pending for anyone (a claim dropped the deleted
+    entry), dead-lettered message_trimmed, never silently dropped; nobody twice."""
     api, pairs, first, _ = side_by_side(spawn, tmp_path, start_emulator, redis_server,
                                         stream_name, 1.5)  # fmt: skip
     redis_cli(redis_server, "XTRIM", stream_name, "MAXLEN", "0")
-    first.expect(0, timeout=90)
-    each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
+    first.popen.wait(timeout=90)
+    invited = emulator_invited(api)
+    assert set(invited.values()) <= {1}
+    with SyncRedis.from_url(redis_server, decode_responses=True) as redis:
+        dead = [fields for _, fields in redis.xrange(f"{stream_name}:dead")]
+    trimmed = {(f["token"], f["email"]) for f in dead if f["error_code"] == "message_trimmed"}
+    assert len(trimmed) == len(dead)
+    assert set(invited).isdisjoint(trimmed)
+    assert set(invited) | trimmed == pairs
+    assert first.popen.returncode == (1 if trimmed else 0)
     assert "queue.claimed_elsewhere" not in first.stderr(60_000)
+
+
+def test_a_stalled_worker_sends_nothing_another_sent_before_the_stream_was_trimmed(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """Paused with messages read, a worker has them claimed, sent and acknowledged by
+    another, then trimmed from the stream: resumed, it cannot tell them from messages
+    trimmed while only it held them, so it sends none (dead letters at worst); each
+    person is invited exactly once."""
+    api, pairs, first, start_second = side_by_side(spawn, tmp_path, start_emulator,
+                                                   redis_server, stream_name, 1.5)  # fmt: skip
+    first.popen.send_signal(signal.SIGSTOP)
+    try:
+        start_second().expect(0, timeout=90)
+        redis_cli(redis_server, "XTRIM", stream_name, "MAXLEN", "0")
+    finally:
+        first.popen.send_signal(signal.SIGCONT)
+    first.popen.wait(timeout=60)
+    assert emulator_invited(api) == dict.fromkeys(pairs, 1)

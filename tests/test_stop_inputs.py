@@ -337,10 +337,10 @@ def test_linger_zero_keeps_a_fast_pipes_batches_whole(
     batches = by_kind(read_report(tmp_path / "r.jsonl"), "batch")
     sizes = [len(b["emails"]) for b in batches]
     assert sum(sizes) == 100_000
-    # Whole, but for a read or two that a loaded machine held past the quiet time (0.1 s):
-    # those are silence, and what is buffered then goes out. Split at every read, the
-    # batches of 200 tokens would hold 9 rows each.
-    assert sizes.count(100) >= 950, sorted(sizes)[:20]
+    # Whole, but for a few reads that a loaded machine held past the quiet time (0.1 s):
+    # those are silence, and every token's partial batch goes out then (200 at a time).
+    # Split at every read, the batches of 200 tokens would hold 9 rows each, none 100.
+    assert sizes.count(100) >= 500, sorted(sizes)[:20]
 
 
 def test_a_dry_run_from_a_pipe_plans_the_list_whole_whatever_its_pauses(

@@ -136,16 +136,18 @@ class RedisIntents:
         at = self._last_at = max(at, math.nextafter(self._last_at, math.inf))
         value = intent_value(at, request_timeout)
         try:
-            lost = await self._queue.record_intents(ids, value)
+            claimed, trimmed = await self._queue.record_intents(ids, value)
         except RedisError as exc:  # no intent stored: the request must not leave
             raise await self._queue.failure(exc) from None
-        ident = f"{value}|{','.join(mid for mid in ids if mid not in lost)}"
-        if lost:  # another worker claimed them: it sends them, this one never does
-            gone = [email for email, mid in zip(emails, ids, strict=True) if mid in lost]
-            self._index.pop(token, gone)
-            log.warning("queue.claimed_elsewhere", token=token, messages=len(gone),
-                        action="not sent here: another worker holds them now")  # fmt: skip
-            raise Claimed(ident, gone)
+        ident = f"{value}|{','.join(m for m in ids if m not in claimed and m not in trimmed)}"
+        if claimed or trimmed:  # not sent here: another worker has them, or may have
+            gone = [email for email, mid in zip(emails, ids, strict=True) if mid in claimed]
+            self._index.pop(token, gone)  # that worker settles them, this one never does
+            if gone:
+                log.warning("queue.claimed_elsewhere", token=token, messages=len(gone),
+                            action="not sent here: another worker holds them now")  # fmt: skip
+            cut = [email for email, mid in zip(emails, ids, strict=True) if mid in trimmed]
+            raise Claimed(ident, gone, cut)
         return ident
 
     def clear(self, ident: str) -> None:

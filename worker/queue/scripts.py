@@ -37,28 +37,29 @@ return taken
 """
 
 # KEYS: intents hash, stream. ARGV: "id,id,...", send time, group, consumer. Records the
-# intents of the messages still this consumer's; returns the others (another worker
-# claimed them while this one stalled, or settled them): those must not be sent here.
-# One neither pending nor in the stream was trimmed, and dropped from the pending list by
-# a claim that met it deleted: nobody else has it, so it is still ours.
+# intents of the messages still pending for this consumer. Returns the others: "c:ID" for
+# one another worker holds, or settled (its entry still in the stream), never to be sent
+# here; "t:ID" for one whose entry was deleted (trimmed) meanwhile, pending for nobody
+# else or claimed without its fields: whether a worker that claimed it before the trim
+# sent it cannot be told, so it is not sent here either, but recorded failed.
 INTENTS = """
 local fields = {}
-local lost = {}
+local others = {}
 for id in string.gmatch(ARGV[1], '[^,]+') do
   local entry = redis.call('XPENDING', KEYS[2], ARGV[3], id, id, 1)[1]
-  local ours = entry and entry[2] == ARGV[4]
-  if not entry then ours = not redis.call('XRANGE', KEYS[2], id, id)[1] end
-  if ours then
+  if entry and entry[2] == ARGV[4] then
     fields[#fields + 1] = id
     fields[#fields + 1] = ARGV[2]
+  elseif redis.call('XRANGE', KEYS[2], id, id)[1] then
+    others[#others + 1] = 'c:' .. id
   else
-    lost[#lost + 1] = id
+    others[#others + 1] = 't:' .. id
   end
 end
 for i = 1, #fields, 1000 do
   redis.call('HSET', KEYS[1], unpack(fields, i, math.min(i + 999, #fields)))
 end
-return lost
+return others
 """
 
 # KEYS: intents hash. ARGV: "id,id,...", the value they were recorded with. Only intents

@@ -154,14 +154,15 @@ class StreamQueue:
         summary = await self.redis.xpending(self.stream, self.group)
         return int(summary["pending"])
 
-    async def record_intents(self, ids: list[str], value: str) -> set[str]:
+    async def record_intents(self, ids: list[str], value: str) -> tuple[set[str], set[str]]:
         """Before sending: these messages go out in a request; ``value`` says when it was
         sent and how long it may take (see :func:`intent_value`; one script). Returns the
-        ids no longer pending for this consumer (claimed by another): not recorded, and
-        not to be sent here."""
+        ids not recorded, not to be sent here: those another consumer holds or settled,
+        and those whose entry was trimmed while no longer pending for this one."""
         keys, args = [self.intents_key, self.stream], [",".join(ids), value, self.group]
-        lost = await self._intents(keys=keys, args=[*args, self.consumer])
-        return {_name(mid) for mid in lost}
+        others = [_name(mid) for mid in await self._intents(keys=keys, args=[*args, self.consumer])]
+        claimed = {mid[2:] for mid in others if mid.startswith("c:")}
+        return claimed, {mid[2:] for mid in others if mid.startswith("t:")}
 
     async def drop_answered(self) -> None:
         """Drop the intents of :attr:`answered`: a worker claiming those messages need not

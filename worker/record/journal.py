@@ -46,12 +46,13 @@ def journal_path(report_path: Path) -> Path:
 
 class Claimed(Exception):
     """Some of a request's emails are no longer this worker's to send: another claimed
-    their messages (it was stalled past ``--claim-idle``). ``ident`` is the intent of the
-    rest, recorded; the request goes without ``emails``, or not at all."""
+    their messages (it was stalled past ``--claim-idle``), or their entries were trimmed
+    from the stream meanwhile (``trimmed``: whether another sent them cannot be told).
+    ``ident`` is the intent of the rest, recorded; the request goes without them."""
 
-    def __init__(self, ident: str, emails: list[str]) -> None:
+    def __init__(self, ident: str, emails: list[str], trimmed: list[str]) -> None:
         super().__init__(f"{len(emails)} email(s) claimed by another worker")
-        self.ident, self.emails = ident, emails
+        self.ident, self.emails, self.trimmed = ident, emails, trimmed
 
 
 class IntentLog(Protocol):

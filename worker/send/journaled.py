@@ -26,6 +26,14 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("worker.sender")
 
+#: Why a message whose stream entry was trimmed while it waited here is not sent.
+TRIMMED = Failure(
+    "message_trimmed",
+    "its stream entry was deleted (trimmed) while this worker held it, and whether a worker "
+    "that claimed it meanwhile sent it cannot be told; requeue it (dead-letter requeue "
+    "--code message_trimmed): the dashboard check then skips it if it was invited",
+)
+
 
 class Journaled(Hooks):
     """The sender's side of one request's attempts: journal, reconciliation, counters."""
@@ -54,9 +62,15 @@ class Journaled(Hooks):
         except Claimed as claimed:  # another worker sends those: this request goes without
             self._intent = claimed.ident
             sender.stats.claimed_elsewhere += len(claimed.emails)
-            trip.emails = [e for e in trip.emails if e not in set(claimed.emails)]
+            if claimed.trimmed:  # recorded (a dead letter), never sent twice
+                log.warning(
+                    "queue.message_trimmed", token=trip.token, messages=len(claimed.trimmed)
+                )
+                Trip(trip.token, claimed.trimmed, sender._clock, trip.out).fail(TRIMMED)
+            drop = {*claimed.emails, *claimed.trimmed}
+            trip.emails = [e for e in trip.emails if e not in drop]
             if not trip.emails:
-                raise Stopped("not sent: another worker claimed every message") from None
+                raise Stopped("not sent: no message of the request is this worker's") from None
         sender.stats.requests += 1
 
     def unsent(self) -> None:
