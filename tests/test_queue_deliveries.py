@@ -159,13 +159,20 @@ def side_by_side(
     spawn: Callable[..., Proc], tmp_path: Path, start_emulator: Callable[..., str],
     redis_server: str, stream_name: str, first_alone: float,
 ) -> tuple[str, set[tuple[str, str]], Proc, Callable[[], Proc]]:  # fmt: skip
-    """Twelve messages, a first worker held up by the service's rate limit for
-    ``first_alone`` s: the emulator, the pairs, the first worker, and how to start the
-    second."""
+    """Twelve messages, a first worker that has read them all and is held up by the
+    service's rate limit ``first_alone`` s more: the emulator, the pairs, the first
+    worker, and how to start the second."""
     api = start_emulator("--limit", "3", "--period", "2")
     pairs = enqueue(spawn, tmp_path, redis_server, stream_name, 12)
     first = worker(spawn, tmp_path, redis_server, stream_name, api, "first", *HELD_UP, env=GOOD)
-    time.sleep(first_alone)  # it has read every message and waits on the limit
+    with SyncRedis.from_url(redis_server, decode_responses=True) as redis:
+        last = redis.xinfo_stream(stream_name)["last-generated-id"]
+        deadline = time.monotonic() + 60
+        # (the group is made by the worker as it starts)
+        while [g["last-delivered-id"] for g in redis.xinfo_groups(stream_name)] != [last]:
+            assert time.monotonic() < deadline, f"the first worker never read: {first.stderr()}"
+            time.sleep(0.02)
+    time.sleep(first_alone)  # it has read every message, and waits on the limit
 
     def second() -> Proc:
         return worker(spawn, tmp_path, redis_server, stream_name, api, "second", *HELD_UP,
@@ -185,7 +192,7 @@ def test_messages_a_live_worker_waits_on_are_not_claimed_by_another(
     several --claim-idle) keeps them: a second worker side by side claims none, and each
     person is invited once."""
     api, pairs, first, start_second = side_by_side(spawn, tmp_path, start_emulator,
-                                                   redis_server, stream_name, 1.0)  # fmt: skip
+                                                   redis_server, stream_name, 0.5)  # fmt: skip
     second = start_second()
     first.expect(0, timeout=90)
     second.expect(0, timeout=30)
@@ -205,7 +212,7 @@ def test_a_worker_stalled_past_claim_idle_sends_nothing_another_claimed(
     them; resumed (SIGCONT), the first finds them claimed when it would record their
     intents and sends none of them: each person is invited once."""
     api, pairs, first, start_second = side_by_side(spawn, tmp_path, start_emulator,
-                                                   redis_server, stream_name, 1.5)  # fmt: skip
+                                                   redis_server, stream_name, 0.5)  # fmt: skip
     first.popen.send_signal(signal.SIGSTOP)
     try:
         start_second().expect(0, timeout=90)
@@ -228,7 +235,7 @@ def test_messages_trimmed_from_the_stream_while_held_are_sent_once_or_dead_lette
     pending for it) or, once no longer pending for anyone (a claim dropped the deleted
     entry), dead-lettered message_trimmed, never silently dropped; nobody twice."""
     api, pairs, first, _ = side_by_side(spawn, tmp_path, start_emulator, redis_server,
-                                        stream_name, 1.5)  # fmt: skip
+                                        stream_name, 0.5)  # fmt: skip
     redis_cli(redis_server, "XTRIM", stream_name, "MAXLEN", "0")
     first.popen.wait(timeout=90)
     invited = emulator_invited(api)
@@ -255,7 +262,7 @@ def test_a_stalled_worker_sends_nothing_another_sent_before_the_stream_was_trimm
     trimmed while only it held them, so it sends none (dead letters at worst); each
     person is invited exactly once."""
     api, pairs, first, start_second = side_by_side(spawn, tmp_path, start_emulator,
-                                                   redis_server, stream_name, 1.5)  # fmt: skip
+                                                   redis_server, stream_name, 0.5)  # fmt: skip
     first.popen.send_signal(signal.SIGSTOP)
     try:
         start_second().expect(0, timeout=90)
