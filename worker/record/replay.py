@@ -34,7 +34,7 @@ from worker.record.records import (
     SummaryRecord,
 )
 from worker.validate import pair_key
-from worker.validate.dedupe import locate
+from worker.validate.dedupe import locate, member
 
 #: Request counters summed over the runs' summaries.
 RUN_COUNTERS = ("requests", "retries", "rate_limited", "ratelimit_waits", "duration_ms")
@@ -46,15 +46,6 @@ def records(path: Path) -> Iterator[ReportRecord]:
         yield from read_records(path, REPORT_LINE)
     except OSError as exc:
         raise UsageError(f"cannot read the report {str(path)!r}: {exc.strerror}") from None
-
-
-def _member(keys: Any, needles: Any) -> Any:
-    """For each needle, whether it is in the sorted ``keys``."""
-    import numpy as np
-
-    if not len(keys) or not len(needles):
-        return np.zeros(len(needles), dtype=bool)
-    return locate(keys, needles)[1]
 
 
 def state_of(record: BatchRecord | SkippedRecord) -> tuple[str, str | None, str]:
@@ -196,7 +187,7 @@ class Replay:
 
         def unsent(intent: Intent) -> Intent | None:  # only what is still open is held
             keys = np.array([pair_key(intent.token, e) for e in intent.emails], np.int64)
-            still = ~_member(answered, keys)
+            still = ~member(answered, keys)
             if not still.any():
                 return None
             emails = [e for e, left in zip(intent.emails, still.tolist(), strict=True) if left]

@@ -76,13 +76,6 @@ def key_set(emails: Iterable[str]) -> npt.NDArray[np.int64]:
     return keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
 
 
-def member(keys: npt.NDArray[np.int64], needles: npt.NDArray[np.int64]) -> Any:
-    """For each needle, whether it is in the sorted ``keys`` (a boolean array)."""
-    if not len(keys) or not len(needles):
-        return np.zeros(len(needles), dtype=bool)
-    return locate(keys, needles)[1]
-
-
 def iso_epoch(value: str | None) -> float | None:
     """An ISO 8601 time from the API as epoch seconds; None when absent or unreadable."""
     if value is None:

@@ -40,7 +40,7 @@ from worker.outcome import Failure
 from worker.send.boards import BoardReader
 from worker.send.checks import TokenChecks
 from worker.send.client import InvitationClient
-from worker.send.compact import key_set, keys_of, member
+from worker.send.compact import key_set, keys_of
 from worker.send.invitees import add_invitees
 from worker.send.keyed import KeyedLocks
 from worker.send.pacing import Pacer
@@ -55,6 +55,7 @@ from worker.send.screening import (
     access_expired,
     not_allowed,
 )
+from worker.validate.dedupe import member
 
 
 class Preflight(TokenChecks):

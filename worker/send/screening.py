@@ -14,7 +14,8 @@ import structlog
 
 from worker.errors import SendError
 from worker.outcome import NOT_ON_SHARE_LIST, Failure, Outcome, Status
-from worker.send.compact import iso_epoch, key_set, member
+from worker.send.compact import iso_epoch, key_set
+from worker.validate.dedupe import member
 
 if TYPE_CHECKING:
     import numpy as np

@@ -139,6 +139,15 @@ def locate(haystack: npt.NDArray[np.int64], needles: npt.NDArray[np.int64]) -> t
     return at, haystack[at] == needles
 
 
+def member(keys: npt.NDArray[np.int64], needles: npt.NDArray[np.int64]) -> Any:
+    """For each needle, whether it is in the sorted ``keys`` (a boolean array)."""
+    import numpy as np
+
+    if not len(keys) or not len(needles):
+        return np.zeros(len(needles), dtype=bool)
+    return locate(keys, needles)[1]
+
+
 def _repeats_within(keys: Sequence[int]) -> list[int]:
     """Positions of keys that repeat an earlier key of the same sequence."""
     first: set[int] = set()
