@@ -176,16 +176,20 @@ class Replay:
         result: list[int] = np.where(found, self._last[at], -1).tolist()
         return result
 
-    def open_in(self, journal: Path) -> Any:
-        """Sorted keys of the pairs whose outcome is unknown: in an intent of ``journal``
-        never cleared (a run stopped, or killed, with their request out, or still running)
-        and not in a ``sent`` record since."""
+    def open_intents(self, journal: Path) -> list[Intent]:
+        """The intents of ``journal`` never cleared, each with only its emails not in a
+        ``sent`` record since (one sent, then revoked, was answered all the same): the
+        requests whose outcome is unknown. Only what is still open is held while the
+        journal is read; raises OSError."""
         import numpy as np
 
-        sent, _ = self.keys_in(Status.SENT)
-        answered = np.union1d(sent, self.revoked_after_sent)
+        answered: Any = None  # made at the first intent: most journals are empty
 
-        def unsent(intent: Intent) -> Intent | None:  # only what is still open is held
+        def unsent(intent: Intent) -> Intent | None:
+            nonlocal answered
+            if answered is None:
+                sent, _ = self.keys_in(Status.SENT)
+                answered = np.union1d(sent, self.revoked_after_sent)
             keys = np.array([pair_key(intent.token, e) for e in intent.emails], np.int64)
             still = ~member(answered, keys)
             if not still.any():
@@ -193,8 +197,15 @@ class Replay:
             emails = [e for e, left in zip(intent.emails, still.tolist(), strict=True) if left]
             return Intent(intent.id, intent.token, emails, intent.at, intent.timeout)
 
+        return list(read_journal(journal, unsent).values())
+
+    def open_in(self, journal: Path) -> Any:
+        """Sorted keys of the pairs whose outcome is unknown (see :meth:`open_intents`):
+        a run stopped, or killed, with their request out, or still running."""
+        import numpy as np
+
         try:
-            intents = read_journal(journal, unsent).values()
+            intents = self.open_intents(journal)
         except OSError as exc:
             raise UsageError(f"cannot read the journal {str(journal)!r}: {exc.strerror}") from None
         keys = [pair_key(i.token, e) for i in intents for e in i.emails]

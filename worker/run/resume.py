@@ -26,7 +26,7 @@ import structlog
 from worker.clock import Clock, sleep_unless
 from worker.errors import SendError, Stopped, is_final
 from worker.outcome import Outcome, Status
-from worker.record.journal import Intent, read_journal
+from worker.record.journal import Intent
 from worker.record.records import RejectedRow
 from worker.record.replay import Replay
 from worker.send.reconcile import Reconciler, found_outcome
@@ -125,11 +125,9 @@ def load_history(report_path: Path, journal_path: Path, *, resend: bool = False)
     With ``resend`` the pairs skipped as already served are checked again."""
     replay = Replay.read(report_path)
     history = History(runs=len(replay.runs))
+    history.unknown.extend(replay.open_intents(journal_path))
     sent, _ = replay.keys_in(Status.SENT)
     history.sent = PairIndex.of_sorted(sent)
-    # Their sent records still settle the requests that sent them (a revocation is no
-    # unknown outcome): the journal must not list the token again for those.
-    answered = PairIndex.of_sorted(replay.revoked_after_sent)
     if not resend:
         skipped, _ = replay.keys_in(Status.SKIPPED)
         history.skipped = PairIndex.of_sorted(skipped)
@@ -139,17 +137,6 @@ def load_history(report_path: Path, journal_path: Path, *, resend: bool = False)
     history.failed = dict(zip(failed.tolist(), map(codes.__getitem__, records), strict=True))
     history.rejected_rows.update(row for row in replay.rejected if isinstance(row[0], int))
     del replay, sent, failed, records  # the history holds what it needs, compactly
-
-    def unsent(intent: Intent) -> Intent | None:
-        """What of an intent has no ``sent`` record."""
-        keys = [pair_key(intent.token, e) for e in intent.emails]
-        sent = history.sent.find_many(keys) | answered.find_many(keys)
-        pending = [e for e, key in zip(intent.emails, keys, strict=True) if key not in sent]
-        if not pending:
-            return None
-        return Intent(intent.id, intent.token, pending, intent.at, intent.timeout)
-
-    history.unknown.extend(read_journal(journal_path, unsent).values())
     return history
 
 
