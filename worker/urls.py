@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from worker.errors import UsageError
 
@@ -64,6 +64,15 @@ def without_userinfo(url: str) -> str:
     return f"{head}{sep}***@{rest.rsplit('@', 1)[1]}"
 
 
+def port_ok(parts: SplitResult) -> bool:
+    """Whether a URL's port, if it has one, is a number from 1 to 65535. Port 0, or a
+    colon with nothing after it, would quietly mean the scheme's default port instead."""
+    try:
+        return parts.port != 0 and not parts.netloc.rsplit("@", 1)[-1].endswith(":")
+    except ValueError:  # not a number, or out of range
+        return False
+
+
 def check_api_url(url: str) -> str:
     """Validate a base URL: http(s), a host, no path or query; plain HTTP only to loopback.
 
@@ -78,14 +87,9 @@ def check_api_url(url: str) -> str:
         raise UsageError(f"--api-url is not a valid URL: {shown!r}") from None
     if parts.scheme not in ("http", "https") or not hostname:
         raise UsageError(f"--api-url must be an http(s) URL with a host, got {shown!r}")
-    try:
-        port = f":{parts.port}" if parts.port else ""
-        # 0, or nothing after the colon: the connection would go to the scheme's port.
-        zero = parts.port == 0 or parts.netloc.rsplit("@", 1)[-1].endswith(":")
-    except ValueError:
-        zero = True
-    if zero:
+    if not port_ok(parts):
         raise UsageError(f"--api-url has a port that is not a number from 1 to 65535: {shown!r}")
+    port = f":{parts.port}" if parts.port else ""
     base = f"{parts.scheme}://{hostname}{port}"  # never user-info: it may hold secrets
     # "?" or "#" with nothing after it too: urlsplit drops an empty query or fragment.
     if parts.path.strip("/") or "?" in url or "#" in url:

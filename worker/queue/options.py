@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from worker.errors import UsageError
+from worker.urls import port_ok
 
 
 def default_consumer() -> str:
@@ -39,12 +40,7 @@ def check_redis_url(url: str) -> None:
             "instead); write redis://HOST:PORT/DB, with two slashes, e.g. "
             "redis://127.0.0.1:6379/0"
         )
-    try:
-        # 0, or nothing after the colon: redis would quietly connect to 6379 instead.
-        bad = parts.port == 0 or parts.netloc.rsplit("@", 1)[-1].endswith(":")
-    except ValueError:  # not a number
-        bad = True
-    if bad:
+    if not port_ok(parts):  # (redis would take 0, or no number, for 6379)
         raise UsageError(
             f"the Redis URL {shown!r} has a port that is not a number from 1 to 65535; "
             "write redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0"
