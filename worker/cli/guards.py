@@ -74,7 +74,7 @@ def check_failed_output(report: Path, output: Path, sources: Iterable[str]) -> N
         if what != "the report (--report)" and same_file(output, str(path)):
             raise UsageError(f"--output {str(output)!r} is {what} {str(path)!r}: writing it "
                              f"would destroy the run's record of what it sent {fix}")  # fmt: skip
-    if output.name.endswith((".journal", ".lock")) or (
+    if _beside_a_report(output) or (
         output.is_file() and output.stat().st_size and reads_as_report(output)
     ):
         # Any report's journal or lock, or another report: its record of what was sent.
@@ -116,6 +116,16 @@ def run_outputs(report: Path, *, dry_run: bool) -> dict[str, Path]:
     }
 
 
+def _beside_a_report(path: Path) -> str | None:
+    """``journal`` or ``lock`` when ``path`` is named as a report's journal or lock would
+    be (see :func:`journal_path`, :func:`lock_path`); None otherwise."""
+    for what, beside in (("journal", journal_path), ("lock", lock_path)):
+        suffix = beside(Path("r")).name[1:]  # what the function adds to a report's name
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return what
+    return None
+
+
 def check_report_path(report: Path, *, dry_run: bool = False) -> None:
     """A ``--report`` that is a folder, or whose folder is missing, said as such."""
     if report.is_dir():
@@ -124,15 +134,15 @@ def check_report_path(report: Path, *, dry_run: bool = False) -> None:
             f"--report {str(report)!r} is a folder; name a file in it, e.g. "
             f"--report {str(report / name)!r}"
         )
-    for suffix, what in ((".journal", "journal"), (".lock", "lock")):
-        if report.name.endswith(suffix) and len(report.name) > len(suffix):
-            # A report's journal and lock lie beside it under these names: a report named
-            # so would be another report's (emptied by its next run), or collide with it.
-            raise UsageError(
-                f"--report {str(report)!r} ends in {suffix!r}, the name a report's {what} "
-                f"takes beside it; choose another name, e.g. --report "
-                f"{str(report.with_name(report.name[: -len(suffix)] + '-report.jsonl'))!r}"
-            )
+    if (what := _beside_a_report(report)) is not None:
+        # A report named so would be another report's journal or lock (emptied by that
+        # report's next run), or collide with it.
+        stem = report.name.removesuffix(f".{what}")
+        raise UsageError(
+            f"--report {str(report)!r} ends in '.{what}', the name a report's {what} takes "
+            f"beside it; choose another name, e.g. --report "
+            f"{str(report.with_name(stem + '-report.jsonl'))!r}"
+        )
     folder = report.resolve().parent
     if not folder.is_dir():
         raise UsageError(
