@@ -18,6 +18,8 @@ from worker.send.replies import Listing
 
 log = structlog.get_logger("worker.reconcile")
 
+#: Invitations asked for per page (``--list-page-size``; the service may honor fewer).
+PAGE_SIZE = 100
 #: Pages after which a listing that has not ended is given up as unreadable (a service
 #: ignoring page_number would repeat its first page forever).
 MAX_PAGES = 100_000

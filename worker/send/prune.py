@@ -30,6 +30,7 @@ from worker.clock import Clock
 from worker.errors import TokenNotFound, UnexpectedResponse
 from worker.send.client import InvitationClient
 from worker.send.pacing import Pacer
+from worker.send.paging import MAX_PAGES, PAGE_SIZE
 from worker.send.removal import INVITEE, SHARE_LIST, remove_entries
 from worker.send.retry import Answered, RetryPolicy, paced_call
 
@@ -37,10 +38,6 @@ log = structlog.get_logger("worker.prune")
 
 #: What a removal takes away (the ``removed`` of a ``revoked`` record).
 INVITATION = "invitation"
-#: Invitations asked for per page of a listing (the service may honor fewer).
-PAGE_SIZE = 100
-#: Safety stop for a listing that never ends (a service ignoring ``page_number``).
-MAX_PAGES = 100_000
 
 #: For a token's addresses, whether the list names each (same order).
 Named = Callable[[list[str]], list[bool]]

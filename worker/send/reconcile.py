@@ -24,7 +24,7 @@ from worker.send.client import InvitationClient
 from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_epoch
 from worker.send.keyed import KeyedLocks
 from worker.send.pacing import Pacer
-from worker.send.paging import read_pages
+from worker.send.paging import PAGE_SIZE, read_pages
 from worker.send.replies import Listing
 from worker.send.retry import RetryPolicy, Tally, paced_call
 
@@ -32,8 +32,6 @@ __all__ = ["Reconciler", "TokenListing", "created_epoch", "found_outcome", "iso_
 
 log = structlog.get_logger("worker.reconcile")
 
-#: Invitations asked for per page (``--list-page-size``).
-PAGE_SIZE = 100
 #: Listings kept for reuse by later questions about the same token. They are compact, but
 #: a long-lived queue worker meets ever more tokens: the least recently used go.
 CACHED_LISTINGS = 32
