@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from tests.conftest import Proc, by_kind, emulator_invited, read_report, write_input
+from tests.test_stop_inputs import sigterm_in
 
 
 def start_worker(
@@ -135,13 +136,6 @@ def test_first_signal_while_a_halted_run_winds_down_is_not_taken_as_the_second()
     assert "exiting_now" not in done.stderr
 
 
-def holds_sigterm(pid: int) -> bool:
-    """Whether the process holds SIGTERM back for now (its main thread's SigBlk mask)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    held = int(next(line for line in status.splitlines() if line.startswith("SigBlk:"))[7:], 16)
-    return bool(held >> (signal.SIGTERM - 1) & 1)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_the_command_loads_is_exit_3_with_a_line(
     tmp_path: Path, spawn: Callable[..., Proc], sig: signal.Signals
@@ -154,7 +148,7 @@ def test_a_signal_while_the_command_loads_is_exit_3_with_a_line(
     proc = spawn("run", str(source), "--report", str(tmp_path / "r.jsonl"), "--api-url",
                  "http://127.0.0.1:9", "--log-format", "console")  # fmt: skip
     deadline = time.monotonic() + 30
-    while not holds_sigterm(proc.popen.pid):
+    while not sigterm_in(proc.popen.pid, "SigBlk"):
         assert time.monotonic() < deadline, "the process never held SIGTERM back"
         time.sleep(0.001)
     proc.popen.send_signal(sig)

@@ -123,12 +123,18 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def catches_sigterm(pid: int) -> bool:
-    """Whether the process has a handler for SIGTERM yet (Linux: /proc/PID/status)."""
+def sigterm_in(pid: int, mask: str) -> bool:
+    """Whether SIGTERM is in the process's ``mask`` of /proc/PID/status (Linux): SigCgt,
+    a handler is set; SigBlk, its main thread holds it back."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
+        if line.startswith(f"{mask}:"):
             return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
     return False
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM yet."""
+    return sigterm_in(pid, "SigCgt")
 
 
 def open_fifo_writer(path: str | Path, worker: Worker, timeout: float = 30) -> int:
