@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
+import structlog
 from redis.exceptions import RedisError
 
 from worker.batching import Batch, Batcher
@@ -27,12 +28,14 @@ from worker.queue.stream import Message, StreamQueue
 from worker.record.report import Report
 from worker.run.counts import QueueCounts
 from worker.send.sender import Sender
-from worker.validate import Reason, Validator
+from worker.validate import REASONS, Reason, Validator
 from worker.validate.dedupe import PairIndex
 
 #: Message ids settled here that are remembered, so a claim racing with their
 #: acknowledgement does not take them for new work (see ``Consumer._take``).
 RECENTLY_SETTLED = 100_000
+
+log = structlog.get_logger("worker.queue")
 
 
 class Consumer(Settling):
@@ -127,6 +130,7 @@ class Consumer(Settling):
         fresh: list[tuple[str, str, str]] = []
         append = fresh.append
         recheck: set[str] = set()  # tokens to check afresh
+        trimmed = 0
         for mid, fields in messages:
             if reclaimed and (mid in in_flight or mid in self.settled):
                 # Ours: still being sent, or settled with its acknowledgement under way;
@@ -136,8 +140,10 @@ class Consumer(Settling):
             self.counts.claimed += claimed  # not this worker's own, claimed back
             self.held.taken(mid)
             self.counts.rows += 1
-            if fields is None:  # deleted from the stream meanwhile
-                self.acks.append(mid)
+            if fields is None:  # deleted from the stream meanwhile: its pair is gone
+                self.report.rejected(mid, Reason.MESSAGE_TRIMMED)
+                self._acknowledge(mid)
+                trimmed += 1
                 continue
             if len(fields) == 4 and fields[0] == "token" and fields[2] == "email":
                 append((mid, fields[1].strip(), fields[3].strip()))  # as enqueue writes it
@@ -150,7 +156,12 @@ class Consumer(Settling):
                     recheck.add((token or "").strip())
                 continue
             self.report.rejected(mid, reason, token, email)
-            self.acks.append(mid)
+            self._acknowledge(mid)
+        if trimmed:
+            log.warning("queue.message_trimmed", messages=trimmed, error=REASONS[
+                Reason.MESSAGE_TRIMMED], action="recorded rejected; keep the stream longer "
+                "than its backlog: trim with MAXLEN above the pending count, or MINID below "
+                "the oldest pending id")  # fmt: skip
         if self.gone:
             recheck.update(self._aged_gone({token for _, token, _ in fresh}))
         for token in recheck:  # what this worker learnt of the token may be what was fixed
@@ -166,7 +177,7 @@ class Consumer(Settling):
         valid, rejections, _ = self.validator.check_rows([(m, t, e, None) for m, t, e in fresh])
         for where, why, bad_token, bad_email in rejections:
             self.report.rejected(where, why, bad_token, bad_email)
-            self.acks.append(str(where))
+            self._acknowledge(str(where))
         refused = {where for where, _, _, _ in rejections}
         kept = [mid for mid, _, _ in fresh if mid not in refused] if refused else [
             mid for mid, _, _ in fresh]  # fmt: skip
@@ -176,7 +187,7 @@ class Consumer(Settling):
             for mid, pair in zip(kept, valid, strict=True):
                 if mid in taken:
                     self.report.rejected(mid, Reason.DUPLICATE, *pair)
-                    self.acks.append(mid)
+                    self._acknowledge(mid)
                 else:
                     held.append((mid, pair))
             kept, valid = [mid for mid, _ in held], [pair for _, pair in held]
@@ -185,6 +196,12 @@ class Consumer(Settling):
         full = self.batcher.add_many(valid)
         self.report.flush()
         return full
+
+    def _acknowledge(self, mid: str) -> None:
+        """Settle a message that is done with here (with the next flush): remembered as
+        settled, so that a claim racing with its acknowledgement does not take it again."""
+        self.acks.append(mid)
+        self.settled.update((mid,))
 
     def _aged_gone(self, tokens: set[str]) -> list[str]:
         """Of ``tokens``, those that answered 404 longer ago than a dashboard check lasts."""

@@ -45,6 +45,7 @@ class Reason(StrEnum):
     NOT_A_STRING = "not_a_string"
     BAD_ENCODING = "bad_encoding"
     LINE_TOO_LONG = "line_too_long"
+    MESSAGE_TRIMMED = "message_trimmed"
 
 
 #: Human explanations of every reason code, for logs and error messages.
@@ -62,6 +63,9 @@ REASONS: dict[Reason, str] = {
     Reason.MALFORMED_CSV: "the line's quoting is broken (unbalanced or stray quote)",
     Reason.TOO_FEW_FIELDS: "the line has fewer fields than the token/email columns need",
     Reason.TOO_MANY_FIELDS: "the line has more fields than the header (an unquoted delimiter?)",
+    Reason.MESSAGE_TRIMMED: "the stream message was deleted (a producer's MAXLEN or XDEL) "
+    "before it was settled: its token and email are gone, so it can be neither sent nor "
+    "dead-lettered; enqueue the pair again",
 }
 
 
