@@ -218,6 +218,27 @@ def test_resume_without_an_earlier_run_exits_2_before_any_request(
     assert requests_seen(url) == 0
 
 
+def test_resume_with_an_unreadable_journal_exits_2_before_any_request(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """--resume of a report whose journal cannot be read (here a directory in its place)
+    is a usage error naming it, exit 2, with nothing sent: not a traceback and exit 1."""
+    url = start_emulator()
+    source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
+    write_input(source, 5, 1)
+    args = ("run", str(source), "--report", str(report), "--api-url", url)
+    spawn(*args).expect(0, timeout=30)
+    journal = tmp_path / "report.jsonl.journal"
+    journal.unlink(missing_ok=True)
+    journal.mkdir()
+    before = requests_seen(url)
+    run = spawn(*args, "--resume")
+    run.expect(2, timeout=30)
+    assert str(journal) in run.stderr()
+    assert "Traceback" not in run.stderr()
+    assert requests_seen(url) == before
+
+
 @pytest.mark.parametrize("listener", ["closes at once", "answers garbage"])
 def test_a_port_where_something_else_listens_stops_the_run_like_a_wrong_one(
     tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc], listener: str

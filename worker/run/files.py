@@ -73,7 +73,13 @@ async def _run(
     jpath = journal_path(config.report_path)
     # --resend/--resend-after: a pair skipped as served earlier may be due now; check again.
     recheck = config.resend or config.resend_after is not None
-    history = load_history(config.report_path, jpath, resend=recheck) if config.resume else None
+    try:
+        history = load_history(config.report_path, jpath, resend=recheck) if config.resume else None
+    except OSError as exc:  # a journal made a directory, unreadable for this user, ...
+        raise UsageError(
+            f"--resume: cannot read {exc.filename!r}: {exc.strerror}; nothing "
+            "was sent. Fix it, then run the same command again"
+        ) from None
     report = Report(config.report_path, overwrite=config.overwrite, resume=config.resume)
     try:
         journal = Journal(jpath, durable=config.durable_journal, truncate=not config.resume)
