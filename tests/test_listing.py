@@ -469,3 +469,22 @@ async def test_a_listing_that_moves_every_time_it_is_read_fails_its_token_unsent
     batches = by_kind(read_report(config.report_path), "batch")
     assert {b["error"]["code"] for b in batches} == {"unexpected_response"}
     assert "kept changing while it was read" in batches[0]["error"]["message"]
+
+
+async def test_pages_read_before_a_listing_fails_are_counted(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing that fails part-way (its second page refused for good, a 400) still
+    counts the page it read in the summary's list_pages: what was read is said."""
+
+    def refuse_page_one(board: Dashboard, number: int, times: int) -> tuple[int, Any]:
+        if number == 1:
+            return number, web.json_response({"errors": ["bad page"]}, status=400)
+        return number, None
+
+    async with served_as(monkeypatch, refuse_page_one) as emulator:
+        invited_already(emulator, PEOPLE[:200])
+        config = make_config(api_url=emulator.url)
+        result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[200:210]])))
+    assert result.summary.emails_sent == 0
+    assert result.summary.list_pages == 1

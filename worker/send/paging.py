@@ -59,17 +59,18 @@ async def read_pages(
             raise UnexpectedResponse(f"the invitation list did not end after {MAX_PAGES:,} "
                                      f"pages ({listing.read:,} invitations read)")  # fmt: skip
         number, skip = divmod(listing.read, size)
-        listing.pages += 1  # (a listing that fails is not kept: nothing counts it)
         try:
             result = await fetch(token, number, size)
         except TokenNotFound as exc:  # the dashboard is gone: nothing of ours can exist
+            listing.pages += 1
             if listing.read:
                 return f"page {number} answered 404 after {listing.read:,} were listed"
             listing.gone = exc.message
             break
+        listing.pages += 1
         if result.total_count is not None:
-            # More is only new invitations (sends go on meanwhile): entries pushed on
-            # are read twice, none is missed. Fewer may have moved some past us.
+            # More is taken for new invitations (sends go on meanwhile); fewer may have
+            # moved some past us (see docs/who-gets-invited.md for what is not seen).
             if total is not None and result.total_count < total:
                 return f"total_count went down from {total:,} to {result.total_count:,}"
             total = result.total_count

@@ -179,9 +179,10 @@ class Reconciler:
         changed while it was read (at most :data:`LIST_ATTEMPTS` times)."""
         for attempt in range(1, LIST_ATTEMPTS + 1):
             builder = ListingBuilder(self._clock.time(), wanted)
-            moved = await read_pages(token, builder, self._page, self.page_size)
-            listing = builder.listing
-            self.pages += listing.pages
+            try:
+                moved = await read_pages(token, builder, self._page, self.page_size)
+            finally:  # read, even if the listing then failed or the run stopped
+                self.pages += builder.listing.pages
             if moved is None:
                 return builder.done()
             log.warning("reconcile.list_moved", token=token, attempt=attempt, why=moved,
