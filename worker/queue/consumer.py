@@ -24,7 +24,7 @@ from worker.queue.messages import MessageIndex, RecentlySettled, parse_message, 
 from worker.queue.options import StreamOptions
 from worker.queue.reclaim import screen_reclaimed
 from worker.queue.settling import Settling
-from worker.queue.stream import Message, StreamQueue
+from worker.queue.stream import Message, StreamQueue, hold_period
 from worker.record.report import Report
 from worker.run.counts import QueueCounts
 from worker.send.sender import Sender
@@ -71,6 +71,7 @@ class Consumer(Settling):
         #: from then on; a worker that runs for days asks again once the dashboard check
         #: has aged (``preflight_ttl``): the dashboard may have been shared since.
         self.gone: dict[str, float] = {}
+        self.holds_period = hold_period(clock.time())
 
     async def batches(self) -> AsyncGenerator[Batch, None]:
         """Batches to send, until stopped or, with ``--until-empty``, the group is drained.

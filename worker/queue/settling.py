@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections import Counter
 
+import structlog
 from redis.exceptions import RedisError
 
 from worker.clock import Clock
@@ -20,11 +21,13 @@ from worker.outcome import Outcome, Status
 from worker.queue.deliveries import HeldDeliveries
 from worker.queue.messages import MessageIndex, RecentlySettled
 from worker.queue.options import StreamOptions
-from worker.queue.stream import StreamQueue
+from worker.queue.stream import StreamQueue, hold_period
 from worker.record.report import Report, iso
 from worker.run.counts import QueueCounts
 from worker.send.sender import Sender
 from worker.state import RunState
+
+log = structlog.get_logger("worker.queue")
 
 
 class Settling:
@@ -45,6 +48,8 @@ class Settling:
     held: HeldDeliveries
     settling: set[str]
     gone: dict[str, float]
+    #: The period of pair holds in which the pairs in hand last took theirs.
+    holds_period: int
 
     def on_outcome(self, outcome: Outcome) -> None:
         """An outcome is on disk: acknowledge its messages, or dead-letter them."""
@@ -125,5 +130,21 @@ class Settling:
             await self.held.keep(
                 self.queue, {*self.acks, *(m for m, _ in self.dead), *self.settling}
             )
+            await self._hold_pairs_again()
         except RedisError as exc:
             raise await self.queue.failure(exc) from None
+
+    async def _hold_pairs_again(self) -> None:
+        """Once a period, the pairs in hand take their hold again (see
+        :meth:`StreamQueue.hold_pairs`). A hold lasts one to two periods, and a message may
+        wait here longer, behind the rate limit: once its hold lapsed, the same pair
+        enqueued again would be taken by another worker, and sent by both."""
+        now = self.clock.time()
+        if hold_period(now) == self.holds_period:
+            return
+        self.holds_period = hold_period(now)
+        mids, pairs = self.index.pairs()
+        if mids and (taken := await self.queue.hold_pairs(mids, pairs, now)):
+            log.warning("queue.hold_lost", messages=len(taken),
+                        consequence="another message of the same pair took it: only the "
+                        "dashboard check stands between the two")  # fmt: skip

@@ -181,7 +181,7 @@ class StreamQueue:
 
     def _pair_hashes(self, now: float) -> tuple[str, str]:
         """This period's hash of held pairs, and the previous period's."""
-        period = int(now // HOLD_SECONDS)
+        period = hold_period(now)
         return f"{self.pairs_prefix}{period}", f"{self.pairs_prefix}{period - 1}"
 
     async def hold_pairs(
@@ -216,6 +216,11 @@ class StreamQueue:
             pipe.xack(self.stream, self.group, *ids)
             pipe.hdel(self.intents_key, *ids)
             await pipe.execute()
+
+
+def hold_period(now: float) -> int:
+    """The period of pair holds ``now`` (epoch seconds) falls in."""
+    return int(now // HOLD_SECONDS)
 
 
 def _name(value: str | bytes) -> str:
