@@ -74,9 +74,12 @@ def write_failed(
     """``token,email`` of every email whose last outcome is failed; returns how many.
 
     Refusals a re-run cannot fix (see ``REFUSED``) are left out unless ``include_refused``;
-    ``left_out`` counts them by code.
+    ``left_out`` counts them by code. So are emails whose outcome is unknown (a request
+    still open in the journal, which may have created them): ``--resume`` settles those,
+    and a run of the CSV on a new report could invite them again (:data:`UNSETTLED`).
     """
     review = Replay.read(path, strict=True)
+    unsettled = set(review.open_in(journal_path(path)).tolist())
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["token", "email", "error_code", "error_message"])
     written = 0
@@ -94,6 +97,10 @@ def write_failed(
         for email, key, last in zip(emails, keys, review.last_records(keys), strict=True):
             if last == number and key not in here:
                 here.add(key)
+                if key in unsettled:
+                    if left_out is not None:
+                        left_out[UNSETTLED] += 1
+                    continue
                 if skip:
                     if left_out is not None:
                         left_out[record.code or ""] += 1
@@ -121,12 +128,21 @@ def _sources(path: Path) -> list[str]:
             if isinstance(record, SummaryRecord) and isinstance(record.source, str)]  # fmt: skip
 
 
+#: ``write_failed``'s ``left_out`` key for the emails whose outcome is unknown.
+UNSETTLED = "outcome unknown"
+
+
 def _left_out_note(left_out: Counter[str]) -> str:
-    if not left_out:
-        return ""
-    codes = ", ".join(f"{code} {n:,}" for code, n in sorted(left_out.items()))
-    return (f"; {left_out.total():,} refused by the dashboard check left out ({codes}): "
-            "add --include-refused to list them too")  # fmt: skip
+    refused = Counter({code: n for code, n in left_out.items() if code != UNSETTLED})
+    note = ""
+    if left_out[UNSETTLED]:
+        note += (f"; {left_out[UNSETTLED]:,} whose request may have created them left out "
+                 "(outcome unknown): settle them first with the same run and --resume")  # fmt: skip
+    if refused:
+        codes = ", ".join(f"{code} {n:,}" for code, n in sorted(refused.items()))
+        note += (f"; {refused.total():,} refused by the dashboard check left out ({codes}): "
+                 "add --include-refused to list them too")  # fmt: skip
+    return note
 
 
 def _message(record: BatchRecord) -> str:
