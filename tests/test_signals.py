@@ -157,3 +157,37 @@ def test_a_signal_while_the_command_loads_is_exit_3_with_a_line(
     assert "Traceback" not in said
     assert "interrupted before it started: nothing was done; run the same command again" in said
     assert not (tmp_path / "r.jsonl").exists()
+
+
+_SIGNAL_AS_THE_RUN_RETURNS = """
+import os, signal, sys
+import worker.cli.signals as signals
+
+leave = signals.StopSignals.__exit__
+
+def leave_then_term(self, *exc):
+    leave(self, *exc)
+    os.kill(os.getpid(), signal.SIGTERM)  # the run is done, the loop not yet closed
+
+signals.StopSignals.__exit__ = leave_then_term
+from worker.start import main
+sys.argv = ["invite-worker", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_a_signal_as_a_finished_run_returns_leaves_its_exit_code(tmp_path: Path) -> None:
+    """A SIGTERM heard after the run is done (its summary written, its handlers put back,
+    the loop closing) leaves the run's exit code as its summary gives it: not exit 3
+    with "interrupted"."""
+    source, report = tmp_path / "in.csv", tmp_path / "report.jsonl"
+    source.write_text("token,email\nabc-123,a@example.com\nabc-123,not-an-email\n")
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AS_THE_RUN_RETURNS, "run", str(source), "--sandbox",
+         "--report", str(report), "-q"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    summary = msgspec.json.decode(report.read_bytes().splitlines()[-1])
+    assert summary["exit_code"] == 1  # a row rejected
+    assert done.returncode == 1, done.stderr
+    assert "cli.interrupted" not in done.stderr

@@ -61,12 +61,17 @@ def main() -> int:
             signal.signal(signal.SIGTERM, _interrupt)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         code = command()
+        # Done: held again, so that one coming as the interpreter shuts down (which puts
+        # the default handlers back) does not kill the process and change the exit code
+        # the command's summary gave.
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
     except KeyboardInterrupt:  # (once a command runs, it says so itself)
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        done = getattr(sys.modules.get("worker.cli.signals"), "finished_code", None)
+        finished: int | None = done() if done is not None else None
+        if finished is not None:  # heard as the command returned: its result stands
+            return finished
         say("cli.interrupted", "interrupted before it started: nothing was done; run the "
             "same command again", json_lines=json_stderr(sys.argv[1:]))  # fmt: skip
         code = _STOPPED
-    # Done: held again, so that one coming as the interpreter shuts down (which puts the
-    # default handlers back) does not kill the process and change the exit code the
-    # command's summary gave.
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     return code

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from worker.cli import signals
 from worker.cli.commands import run_command
 from worker.cli.deadletter import dead_letter_command
 from worker.cli.emulator import emulator_command
@@ -52,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("cli.fatal", f"error: {exc}", json_lines=json_stderr(argv or sys.argv[1:]))
         return EXIT_ABORTED
     except KeyboardInterrupt:
+        if (code := signals.finished_code()) is not None:
+            return code  # heard once the command was done: its result stands
         say("cli.interrupted", "interrupted", json_lines=json_stderr(argv or sys.argv[1:]))
         return EXIT_ABORTED
     except BrokenPipeError:

@@ -138,7 +138,7 @@ async def _execute(args: argparse.Namespace, config: Config) -> int:
     # command starts it again (with --resume that command was continuing one already).
     early = "nothing was sent yet; run the same command again to start"
     with signals.StopSignals(json_lines=json_stderr(sys.argv[1:]), early=early):
-        return await _execute_run(args, config)
+        return signals.finish(await _execute_run(args, config))
 
 
 async def _execute_run(args: argparse.Namespace, config: Config) -> int:

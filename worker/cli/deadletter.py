@@ -113,7 +113,7 @@ async def dead_letter_command(args: argparse.Namespace) -> int:
     with signals.StopSignals(json_lines=json_stderr(sys.argv[1:]), early=early):
         redis = await connect(args.url, options.where, failures)
         try:
-            return await _dead_letter(args, redis, options, selection)
+            return signals.finish(await _dead_letter(args, redis, options, selection))
         except RedisError as exc:  # one message for what it means, never a traceback
             raise at_start(await failures(redis)(exc)) from None
         finally:

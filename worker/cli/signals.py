@@ -34,6 +34,22 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _CLOSE = 0  # not a signal number: tells the listening thread to end
 
 _current: StopSignals | None = None
+#: The exit code of the command last done under :class:`StopSignals` (see :func:`finish`).
+_finished: int | None = None
+
+
+def finish(code: int) -> int:
+    """The command is done, with ``code`` (returned): a signal heard from now on, as the
+    handlers are put back and the loop closes, leaves it as it is (the summary already
+    holds it), rather than turning it into exit 3 "interrupted"."""
+    global _finished
+    _finished = code
+    return code
+
+
+def finished_code() -> int | None:
+    """The code given to :func:`finish` since the last :class:`StopSignals` was entered."""
+    return _finished
 
 
 def current() -> StopSignals:
@@ -63,7 +79,8 @@ class StopSignals:
         return self.received
 
     def __enter__(self) -> StopSignals:
-        global _current
+        global _current, _finished
+        _finished = None
         self._loop = asyncio.get_running_loop()
         self._pipe = os.pipe()
         os.set_blocking(self._pipe[1], False)  # the C handler must never block on it
