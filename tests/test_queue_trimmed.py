@@ -97,13 +97,13 @@ def test_a_restarted_workers_own_trimmed_messages_are_recorded_once(
     assert set(emulator_invited(api).values()) <= {1}
 
 
-async def test_intents_leave_a_trimmed_message_another_consumer_holds_to_it(
+async def test_intents_of_trimmed_messages_not_this_workers_are_recorded_failed_here(
     redis: Redis, stream_name: str
 ) -> None:
     """Before a send, a worker whose messages were trimmed finds out which are still its
-    own (recorded, sent), which another consumer holds ("c:", that one's to send or
-    dead-letter, whether trimmed or not) and which are pending for nobody ("t:", recorded
-    failed here): a stalled worker never dead-letters what another holds."""
+    own (recorded, sent) and which are not: one another consumer claimed (maybe without
+    its fields: a claim after the trim) or one pending for nobody is "t:", recorded failed
+    and dead-lettered here with its pair, which this worker alone may still know."""
     await enqueue_rows(redis, stream_name, [(f"t{i}", f"p{i}@example.com") for i in range(3)])
     queue = StreamQueue(redis, stream_name, "invite-worker", "c1", f"{stream_name}:dead")
     await queue.ensure_group()
@@ -112,7 +112,7 @@ async def test_intents_leave_a_trimmed_message_another_consumer_holds_to_it(
     await redis.xack(stream_name, "invite-worker", nobodys)
     await redis.xtrim(stream_name, maxlen=0)
     claimed, trimmed = await queue.record_intents([mine, theirs, nobodys], intent_value(1.0, 3))
-    assert (claimed, trimmed) == ({theirs}, {nobodys})
+    assert (claimed, trimmed) == (set(), {theirs, nobodys})
     assert set(await redis.hkeys(queue.intents_key)) == {mine}
 
 

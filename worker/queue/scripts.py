@@ -38,11 +38,11 @@ return taken
 
 # KEYS: intents hash, stream. ARGV: "id,id,...", send time, group, consumer. Records the
 # intents of the messages still pending for this consumer. Returns the others: "c:ID" for
-# one another worker holds (trimmed or not: it is that worker's to send or dead-letter),
-# or settled (its entry still in the stream), never to be sent here; "t:ID" for one
-# pending for nobody whose entry was deleted (trimmed) meanwhile (a claim met it, and
-# Redis dropped it): whether a worker that claimed it before the trim sent it cannot be
-# told, so it is not sent here either, but recorded failed.
+# one another worker holds, or settled (its entry still in the stream), never to be sent
+# here; "t:ID" for one whose entry was deleted (trimmed) meanwhile, pending for nobody
+# else or claimed without its fields: whether a worker that claimed it before the trim
+# sent it cannot be told, so it is not sent here either, but recorded failed (and
+# dead-lettered with its pair, which a worker that claimed it afterwards never learns).
 INTENTS = """
 local fields = {}
 local others = {}
@@ -51,7 +51,7 @@ for id in string.gmatch(ARGV[1], '[^,]+') do
   if entry and entry[2] == ARGV[4] then
     fields[#fields + 1] = id
     fields[#fields + 1] = ARGV[2]
-  elseif entry or redis.call('XRANGE', KEYS[2], id, id)[1] then
+  elseif redis.call('XRANGE', KEYS[2], id, id)[1] then
     others[#others + 1] = 'c:' .. id
   else
     others[#others + 1] = 't:' .. id
