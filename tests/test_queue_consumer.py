@@ -199,17 +199,20 @@ async def test_pairs_held_past_their_hold_take_it_again_so_a_later_duplicate_is_
     options = StreamOptions(url=redis_server, stream=stream_name)
     queue = StreamQueue(redis, stream_name, options.group, "c1", options.dead_letter)
     await queue.ensure_group()
-    await enqueue_rows(redis, stream_name, [("tok-a", "Person@example.com")])
+    pairs = [("tok-a", f"Person{i}@example.com") for i in range(2_500)]  # several slices
+    await enqueue_rows(redis, stream_name, pairs)
     report, clock = Report(config.report_path), FakeClock()
     async with client_for(config) as client:
         journal = Journal(tmp_path / "unused.journal")  # nothing is sent here
         sender = Sender(client, pacer_for(config, clock), journal, config, clock)
         consumer = Consumer(config, options, queue, report, sender, MessageIndex(), clock)
-        assert await consumer._take(await queue.read_new(10, 0.1), reclaimed=False) == []
-        clock.advance(2 * HOLD_SECONDS + 1)  # still held here, its hold long lapsed
+        await consumer._take(await queue.read_new(len(pairs), 0.1), reclaimed=False)
+        assert len(consumer.index) == len(pairs)
+        clock.advance(2 * HOLD_SECONDS + 1)  # still held here, their holds long lapsed
         await consumer.keep_held()
     report.close()
     journal.close()
     other = StreamQueue(redis, stream_name, options.group, "c2", options.dead_letter)
-    again = await other.hold_pairs(["9-1"], [("tok-a", "person@example.com")], clock.time())
-    assert again == {"9-1"}
+    copies = [f"9-{i}" for i in range(len(pairs))]
+    lowered = [(token, email.lower()) for token, email in pairs]
+    assert await other.hold_pairs(copies, lowered, clock.time()) == set(copies)

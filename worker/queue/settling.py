@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from worker.clock import Clock
 from worker.errors import OutcomeUnknown, QueueLost, TokenNotFound, keeps_pending
 from worker.outcome import Outcome, Status
-from worker.queue.deliveries import HeldDeliveries
+from worker.queue.deliveries import SLICE, HeldDeliveries
 from worker.queue.messages import MessageIndex, RecentlySettled
 from worker.queue.options import StreamOptions
 from worker.queue.stream import StreamQueue, hold_period
@@ -144,7 +144,11 @@ class Settling:
             return
         self.holds_period = hold_period(now)
         mids, pairs = self.index.pairs()
-        if mids and (taken := await self.queue.hold_pairs(mids, pairs, now)):
+        taken: set[str] = set()
+        for start in range(0, len(mids), SLICE):  # a script call each: Redis never stalls
+            end = start + SLICE
+            taken |= await self.queue.hold_pairs(mids[start:end], pairs[start:end], now)
+        if taken:
             log.warning("queue.hold_lost", messages=len(taken),
                         consequence="another message of the same pair took it: only the "
                         "dashboard check stands between the two")  # fmt: skip
