@@ -22,14 +22,14 @@ from tests.conftest import (
     worker_command,
     worker_env,
 )
-from worker.clock import FakeClock, SystemClock
+from worker.clock import SystemClock
 from worker.config import Config
 from worker.emulator import Emulator
 from worker.queue.consumer import Consumer
 from worker.queue.messages import MessageIndex
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
-from worker.queue.stream import HOLD_SECONDS, StreamQueue, enqueue_rows
+from worker.queue.stream import StreamQueue, enqueue_rows
 from worker.record.journal import Journal
 from worker.record.report import Report
 from worker.send import client_for, pacer_for
@@ -183,36 +183,3 @@ async def test_a_dashboard_shared_after_a_404_gets_the_messages_that_come_later(
     assert result.summary.emails_sent == 1
     assert emulator.invited[(GONE, "bob@example.com")] == 1
     assert await redis.xlen(options.dead_letter) == 1  # ann's, from before
-
-
-async def test_pairs_held_past_their_hold_take_it_again_so_a_later_duplicate_is_rejected(
-    tmp_path: Path,
-    make_config: Callable[..., Config],
-    redis_server: str,
-    redis: Redis,
-    stream_name: str,
-) -> None:
-    """A worker holding messages longer than a pair's hold lasts (two periods, waiting on
-    the rate limit) takes their holds again as it keeps them: the same pair enqueued
-    again and read by another worker is still rejected as a duplicate, not sent twice."""
-    config = make_config()
-    options = StreamOptions(url=redis_server, stream=stream_name)
-    queue = StreamQueue(redis, stream_name, options.group, "c1", options.dead_letter)
-    await queue.ensure_group()
-    pairs = [("tok-a", f"Person{i}@example.com") for i in range(2_500)]  # several slices
-    await enqueue_rows(redis, stream_name, pairs)
-    report, clock = Report(config.report_path), FakeClock()
-    async with client_for(config) as client:
-        journal = Journal(tmp_path / "unused.journal")  # nothing is sent here
-        sender = Sender(client, pacer_for(config, clock), journal, config, clock)
-        consumer = Consumer(config, options, queue, report, sender, MessageIndex(), clock)
-        await consumer._take(await queue.read_new(len(pairs), 0.1), reclaimed=False)
-        assert len(consumer.index) == len(pairs)
-        clock.advance(2 * HOLD_SECONDS + 1)  # still held here, their holds long lapsed
-        await consumer.keep_held()
-    report.close()
-    journal.close()
-    other = StreamQueue(redis, stream_name, options.group, "c2", options.dead_letter)
-    copies = [f"9-{i}" for i in range(len(pairs))]
-    lowered = [(token, email.lower()) for token, email in pairs]
-    assert await other.hold_pairs(copies, lowered, clock.time()) == set(copies)

@@ -82,6 +82,9 @@ class HeldDeliveries:
     def __len__(self) -> int:
         return len(self._added)
 
+    def __contains__(self, mid: object) -> bool:
+        return mid in self._added
+
     def get(self, mid: str) -> int:
         """The deliveries this run added to ``mid`` (0 if not held)."""
         return self._added.get(mid, 0)

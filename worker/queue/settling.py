@@ -108,14 +108,16 @@ class Settling:
     async def flush_until(self, finished: asyncio.Event) -> None:
         """Flush every 0.1 s, and once more when ``finished`` is set (a runner's service:
         the last outcomes are acknowledged after the senders are done); every third of
-        ``--claim-idle``, keep the messages held (see :meth:`keep_held`)."""
+        ``--claim-idle``, and as a period of pair holds starts, keep the messages held
+        (see :meth:`keep_held`)."""
         every = self.options.claim_idle / 3
         next_keep = time.monotonic() + every
         while not finished.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), 0.1)
             await self.flush()
-            if time.monotonic() >= next_keep and not finished.is_set():
+            due = hold_period(self.clock.time()) != self.holds_period
+            if (due or time.monotonic() >= next_keep) and not finished.is_set():
                 await self.keep_held()
                 next_keep = time.monotonic() + every
         await self.flush()  # a no-op unless the run ended before the first round
@@ -135,15 +137,22 @@ class Settling:
             raise await self.queue.failure(exc) from None
 
     async def _hold_pairs_again(self) -> None:
-        """Once a period, the pairs in hand take their hold again (see
+        """Once a period, the pairs of the messages still held take their hold again (see
         :meth:`StreamQueue.hold_pairs`). A hold lasts one to two periods, and a message may
         wait here longer, behind the rate limit: once its hold lapsed, the same pair
-        enqueued again would be taken by another worker, and sent by both."""
+        enqueued again would be taken by another worker, and sent by both.
+
+        Only messages :meth:`HeldDeliveries.keep` has just found still this worker's (and
+        made idle for ``--claim-idle`` more): one another worker claimed may have been
+        dead-lettered there, its pair let go of for a requeued copy to take."""
         now = self.clock.time()
         if hold_period(now) == self.holds_period:
             return
         self.holds_period = hold_period(now)
-        mids, pairs = self.index.pairs()
+        held = self.held
+        in_hand, pairs_in_hand = self.index.pairs()
+        kept = [at for at, mid in enumerate(in_hand) if mid in held]
+        mids, pairs = [in_hand[at] for at in kept], [pairs_in_hand[at] for at in kept]
         taken: set[str] = set()
         for start in range(0, len(mids), SLICE):  # a script call each: Redis never stalls
             end = start + SLICE
