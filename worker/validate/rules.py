@@ -64,8 +64,9 @@ REASONS: dict[Reason, str] = {
     Reason.TOO_FEW_FIELDS: "the line has fewer fields than the token/email columns need",
     Reason.TOO_MANY_FIELDS: "the line has more fields than the header (an unquoted delimiter?)",
     Reason.MESSAGE_TRIMMED: "the stream message was deleted (a producer's MAXLEN or XDEL) "
-    "before it was settled: its token and email are gone, so it can be neither sent nor "
-    "dead-lettered; enqueue the pair again",
+    "before this worker read its token and email: a worker that read it settles it if it "
+    "is still running (its report or the dead letters name this id); if none is, the pair "
+    "went with the entry: enqueue it again from its source",
 }
 
 
