@@ -115,16 +115,19 @@ async def test_holds_are_taken_again_each_period_whatever_claim_idle(
     assert await other.hold_pairs(["9-1"], [("tok-a", "person@example.com")], clock.time())
 
 
+@pytest.mark.parametrize("entry", ["kept", "trimmed after"])
 async def test_a_message_lost_to_another_worker_does_not_hold_its_pair_again(
     tmp_path: Path,
     make_config: Callable[..., Config],
     redis_server: str,
     redis: Redis,
     stream_name: str,
+    entry: str,
 ) -> None:
     """A worker stalled past --claim-idle has a message claimed by another, which fails it
-    for good (dead-lettered: its pair let go of). Waking in the next period, the first
-    does not take that pair again: a requeued copy is read as new, not as a duplicate."""
+    for good (dead-lettered: its pair let go of; its entry then trimmed, or not). Waking
+    in the next period, the first does not take that pair again: a requeued copy is read
+    as new, not as a duplicate."""
     options = StreamOptions(url=redis_server, stream=stream_name, claim_idle=0.05)
     await enqueue_rows(redis, stream_name, [("tok-a", "ann@example.com")])
     clock = FakeClock(start=LATE)
@@ -138,6 +141,8 @@ async def test_a_message_lost_to_another_worker_does_not_hold_its_pair_again(
                                  clock.time(), clock.time(),
                                  Failure("token_not_found", "no shared dashboard")))  # fmt: skip
         await other.flush()
+        if entry == "trimmed after":
+            await redis.xtrim(stream_name, maxlen=0)
         clock.advance(HOLD_SECONDS)
         await stalled.keep_held()
     copy = StreamQueue(redis, stream_name, options.group, "w3", options.dead_letter)

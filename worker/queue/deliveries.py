@@ -56,20 +56,23 @@ return given
 # consumer has its idle time started over (XCLAIM to itself with JUSTID: no delivery
 # counted), so no other worker takes it for abandoned; unless its entry was deleted from
 # the stream (trimmed): an XCLAIM would drop it from the pending list, and it is still
-# ours to send. Returns the ids another consumer holds now, or one settled (acknowledged
-# while its entry is still in the stream).
+# ours to send. Returns the others: "l:ID" for one another consumer holds now, or one
+# settled (acknowledged while its entry is still in the stream); "n:ID" for one pending
+# for nobody whose entry is gone (the request that would send it records it failed).
 _KEEP = r"""
-local lost = {}
+local others = {}
 for id in string.gmatch(ARGV[3], '([^\n]+)\n') do
   local entry = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)[1]
   local kept = redis.call('XRANGE', KEYS[1], id, id)[1]
   if entry and entry[2] == ARGV[2] then
     if kept then redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID') end
   elseif entry or kept then
-    lost[#lost + 1] = id
+    others[#others + 1] = 'l:' .. id
+  else
+    others[#others + 1] = 'n:' .. id
   end
 end
-return lost
+return others
 """
 
 
@@ -81,9 +84,6 @@ class HeldDeliveries:
 
     def __len__(self) -> int:
         return len(self._added)
-
-    def __contains__(self, mid: object) -> bool:
-        return mid in self._added
 
     def get(self, mid: str) -> int:
         """The deliveries this run added to ``mid`` (0 if not held)."""
@@ -105,21 +105,23 @@ class HeldDeliveries:
             if mid is not None:
                 pop(mid, None)
 
-    async def keep(self, queue: StreamQueue, settling: Iterable[str]) -> None:
+    async def keep(self, queue: StreamQueue, settling: Iterable[str]) -> set[str]:
         """Start over the idle time of every message held, so that no other worker claims
         one as abandoned while it waits here (in a buffer, behind a long listing, for the
         rate limit). One no longer pending for this consumer and not being ``settling``
         here was claimed by another worker (this one stalled past ``--claim-idle``): it
-        is let go of, and said."""
+        is let go of, and said. Returns the ids found still pending for this consumer."""
         if not self._added:
-            return
+            return set()
         script: Any = queue.redis.register_script(_KEEP)
         mids = list(self._added)
-        lost: set[str] = set()
+        others: set[str] = set()
         for start in range(0, len(mids), SLICE):
             text = "".join(f"{mid}\n" for mid in mids[start : start + SLICE])
             reply = await script(keys=[queue.stream], args=[queue.group, queue.consumer, text])
-            lost.update(m.decode() if isinstance(m, bytes) else str(m) for m in reply)
+            others.update(m.decode() if isinstance(m, bytes) else str(m) for m in reply)
+        ours = set(mids).difference(mid[2:] for mid in others)
+        lost = {mid[2:] for mid in others if mid.startswith("l:")}
         # Only what is still held: one settled meanwhile (acknowledged as the script ran)
         # was let go of by its settling, not by another worker.
         lost.intersection_update(self._added)
@@ -128,6 +130,7 @@ class HeldDeliveries:
             self.forget(lost)
             log.warning("queue.claimed_elsewhere", messages=len(lost),
                         action="let go of: another worker holds them now")  # fmt: skip
+        return ours
 
     async def give_back(self, queue: StreamQueue, state: RunState) -> None:
         """At the end of a run: give back the deliveries, unless the run's end may be the

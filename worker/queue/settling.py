@@ -129,29 +129,28 @@ class Settling:
         if isinstance(self.state.fatal, QueueLost):
             return
         try:
-            await self.held.keep(
+            ours = await self.held.keep(
                 self.queue, {*self.acks, *(m for m, _ in self.dead), *self.settling}
             )
-            await self._hold_pairs_again()
+            await self._hold_pairs_again(ours)
         except RedisError as exc:
             raise await self.queue.failure(exc) from None
 
-    async def _hold_pairs_again(self) -> None:
+    async def _hold_pairs_again(self, ours: set[str]) -> None:
         """Once a period, the pairs of the messages still held take their hold again (see
         :meth:`StreamQueue.hold_pairs`). A hold lasts one to two periods, and a message may
         wait here longer, behind the rate limit: once its hold lapsed, the same pair
         enqueued again would be taken by another worker, and sent by both.
 
-        Only messages :meth:`HeldDeliveries.keep` has just found still this worker's (and
-        made idle for ``--claim-idle`` more): one another worker claimed may have been
-        dead-lettered there, its pair let go of for a requeued copy to take."""
+        Only ``ours``, the messages :meth:`HeldDeliveries.keep` has just found pending for
+        this worker (and made idle for ``--claim-idle`` more): one another worker claimed
+        may have been dead-lettered there, its pair let go of for a requeued copy to take."""
         now = self.clock.time()
         if hold_period(now) == self.holds_period:
             return
         self.holds_period = hold_period(now)
-        held = self.held
         in_hand, pairs_in_hand = self.index.pairs()
-        kept = [at for at, mid in enumerate(in_hand) if mid in held]
+        kept = [at for at, mid in enumerate(in_hand) if mid in ours]
         mids, pairs = [in_hand[at] for at in kept], [pairs_in_hand[at] for at in kept]
         taken: set[str] = set()
         for start in range(0, len(mids), SLICE):  # a script call each: Redis never stalls
