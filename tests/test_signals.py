@@ -191,3 +191,20 @@ def test_a_signal_as_a_finished_run_returns_leaves_its_exit_code(tmp_path: Path)
     assert summary["exit_code"] == 1  # a row rejected
     assert done.returncode == 1, done.stderr
     assert "cli.interrupted" not in done.stderr
+
+
+def test_a_signal_as_a_finished_enqueue_returns_leaves_its_summary_and_code(
+    tmp_path: Path, redis_server: str, stream_name: str
+) -> None:
+    """enqueue prints its summary before a SIGTERM heard as it returns can cut it short:
+    the summary is on stdout and the exit code is its own (0), not exit 3."""
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\nabc-123,a@example.com\n")
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AS_THE_RUN_RETURNS, "enqueue", str(source),
+         redis_server, "--stream", stream_name],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert msgspec.json.decode(done.stdout)["enqueued"] == 1
+    assert "cli.interrupted" not in done.stderr

@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (sys.argv[1:] if argv is None else list(argv)):
         print(commands_overview())
         return EXIT_USAGE
+    signals.forget_finished()
     args = build_parser().parse_args(argv)
     # A run allocates millions of short-lived rows and dicts; collecting every 700
     # allocations (the default) costs over 10% of its CPU. Collect far less often, and

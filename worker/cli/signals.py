@@ -48,8 +48,14 @@ def finish(code: int) -> int:
 
 
 def finished_code() -> int | None:
-    """The code given to :func:`finish` since the last :class:`StopSignals` was entered."""
+    """The code given to :func:`finish` since :func:`forget_finished` (a command's start)."""
     return _finished
+
+
+def forget_finished() -> None:
+    """A command starts: no code is recorded for it yet."""
+    global _finished
+    _finished = None
 
 
 def current() -> StopSignals:
@@ -79,8 +85,7 @@ class StopSignals:
         return self.received
 
     def __enter__(self) -> StopSignals:
-        global _current, _finished
-        _finished = None
+        global _current
         self._loop = asyncio.get_running_loop()
         self._pipe = os.pipe()
         os.set_blocking(self._pipe[1], False)  # the C handler must never block on it
