@@ -11,6 +11,7 @@ import shlex
 import signal
 import stat
 import subprocess
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tests.conftest import (
     API_KEY,
     APP_KEY,
     ROOT,
+    Proc,
     a_summary,
     by_kind,
     emulator_invited,
@@ -31,7 +33,7 @@ from tests.conftest import (
     worker_command,
     worker_env,
 )
-from worker.cli.review import write_failed
+from worker.cli.review import UNSETTLED, write_failed
 from worker.record.journal import journal_path
 from worker.record.replay import Replay
 from worker.run.bar import SteadyRate, duration_text
@@ -390,3 +392,39 @@ def test_summarize_counts_an_open_intent_unknown_whatever_an_earlier_record_says
         Replay.read(report).summary(Replay.read(report).open_in(journal_path(report)))["unknown"]
         == 0
     )
+
+
+def test_report_failed_leaves_out_a_queue_workers_unknown_outcome(tmp_path: Path) -> None:
+    """A queue worker's outcome_unknown (its message left pending; queue mode keeps no
+    journal) may have been created: report failed leaves it out, counted, as it does an
+    open intent; the failed beside it are listed."""
+    report = tmp_path / "r.jsonl"
+    batch = '{"kind":"batch","token":"tok","emails":%s,"status":"failed","error":%s}\n'
+    report.write_text(
+        batch % ('["a@x.example"]', '{"code":"outcome_unknown","message":"502"}')
+        + batch % ('["b@x.example"]', '{"code":"server_error","message":"500"}')
+    )
+    out, left_out = io.StringIO(), Counter[str]()
+    assert write_failed(report, out, left_out=left_out) == 1
+    assert "b@x.example" in out.getvalue()
+    assert "a@x.example" not in out.getvalue()
+    assert left_out == Counter({UNSETTLED: 1})
+
+
+def test_report_failed_keeps_its_output_when_the_journal_cannot_be_read(
+    tmp_path: Path, spawn: Callable[..., Proc]
+) -> None:
+    """report failed --output X --overwrite whose journal cannot be read (a directory in its
+    place) is exit 2 naming it, and X is left as it was, not emptied."""
+    report, output = tmp_path / "r.jsonl", tmp_path / "retry.csv"
+    error = '{"code":"server_error","message":"500"}'
+    report.write_text(
+        '{"kind":"batch","token":"tok","emails":["b@x.example"],"status":"failed",'
+        f'"error":{error}}}\n'
+    )
+    journal_path(report).mkdir()
+    output.write_text("token,email\nkept,kept@x.example\n")
+    failed = spawn("report", "failed", str(report), "--output", str(output), "--overwrite")
+    failed.expect(2, timeout=30)
+    assert str(journal_path(report)) in failed.stderr()
+    assert output.read_text() == "token,email\nkept,kept@x.example\n"

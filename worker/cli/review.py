@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from worker.cli.guards import check_failed_output
 from worker.cli.help import command, json_stderr, say
-from worker.errors import UsageError
+from worker.errors import OutcomeUnknown, UsageError
 from worker.outcome import REFUSED, Status
 from worker.record.files import reads_as_report
 from worker.record.journal import journal_path
@@ -68,18 +68,28 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
               file=out)  # fmt: skip
 
 
+def read_failed(path: Path) -> tuple[Replay, set[int]]:
+    """What :func:`write_failed` reads: the report replayed, and the keys of the pairs
+    still open in its journal (read before any output is opened: a journal that cannot
+    be read must not leave an emptied ``--output`` behind)."""
+    review = Replay.read(path, strict=True)
+    return review, set(review.open_in(journal_path(path)).tolist())
+
+
 def write_failed(
-    path: Path, out: TextIO, *, include_refused: bool = False, left_out: Counter[str] | None = None
-) -> int:
+    path: Path, out: TextIO, *, include_refused: bool = False,
+    left_out: Counter[str] | None = None, read: tuple[Replay, set[int]] | None = None,
+) -> int:  # fmt: skip
     """``token,email`` of every email whose last outcome is failed; returns how many.
 
     Refusals a re-run cannot fix (see ``REFUSED``) are left out unless ``include_refused``;
     ``left_out`` counts them by code. So are emails whose outcome is unknown (a request
-    still open in the journal, which may have created them): ``--resume`` settles those,
-    and a run of the CSV on a new report could invite them again (:data:`UNSETTLED`).
+    still open in the journal, or a queue worker's ``outcome_unknown``, its message left
+    pending), which may have been created: ``--resume`` or the worker that claims the
+    message settles those, and a run of the CSV on a new report could invite them again
+    (:data:`UNSETTLED`). ``read``: :func:`read_failed`'s answer, if already read.
     """
-    review = Replay.read(path, strict=True)
-    unsettled = set(review.open_in(journal_path(path)).tolist())
+    review, unsettled = read if read is not None else read_failed(path)
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["token", "email", "error_code", "error_message"])
     written = 0
@@ -97,7 +107,7 @@ def write_failed(
         for email, key, last in zip(emails, keys, review.last_records(keys), strict=True):
             if last == number and key not in here:
                 here.add(key)
-                if key in unsettled:
+                if key in unsettled or record.code == OutcomeUnknown.code:
                     if left_out is not None:
                         left_out[UNSETTLED] += 1
                     continue
@@ -137,7 +147,8 @@ def _left_out_note(left_out: Counter[str]) -> str:
     note = ""
     if left_out[UNSETTLED]:
         note += (f"; {left_out[UNSETTLED]:,} whose request may have created them left out "
-                 "(outcome unknown): settle them first with the same run and --resume")  # fmt: skip
+                 "(outcome unknown): settle them first, with the same run and --resume (a "
+                 "queue worker settles its own as it claims their messages)")  # fmt: skip
     if refused:
         codes = ", ".join(f"{code} {n:,}" for code, n in sorted(refused.items()))
         note += (f"; {refused.total():,} refused by the dashboard check left out ({codes}): "
@@ -234,6 +245,7 @@ def report_command(args: argparse.Namespace) -> int:
                 level="info")  # fmt: skip
         return 0
     check_failed_output(args.report, args.output, _sources(args.report))
+    read = read_failed(args.report)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.overwrite else os.O_EXCL)
     try:
         # Owner-only, like the report: the file holds addresses.
@@ -247,7 +259,7 @@ def report_command(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write {str(args.output)!r}: {exc.strerror}") from None
     with open(fd, "w", newline="", encoding="utf-8") as out:
         count = write_failed(args.report, out, include_refused=args.include_refused,
-                             left_out=left_out)  # fmt: skip
+                             left_out=left_out, read=read)  # fmt: skip
     say("report.failed_written", f"{count:,} failed email(s) written to {args.output}"
         f"{_left_out_note(left_out)}", json_lines=json_stderr(sys.argv[1:]),
         level="info")  # fmt: skip
