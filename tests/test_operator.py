@@ -397,7 +397,8 @@ def test_summarize_counts_an_open_intent_unknown_whatever_an_earlier_record_says
 def test_report_failed_leaves_out_a_queue_workers_unknown_outcome(tmp_path: Path) -> None:
     """A queue worker's outcome_unknown (its message left pending; queue mode keeps no
     journal) may have been created: report failed leaves it out, counted, as it does an
-    open intent; the failed beside it are listed."""
+    open intent; the failed beside it are listed. A file run's, its intent cleared by a
+    --resume that listed nobody created (the journal there, emptied), is listed."""
     report = tmp_path / "r.jsonl"
     batch = '{"kind":"batch","token":"tok","emails":%s,"status":"failed","error":%s}\n'
     report.write_text(
@@ -409,6 +410,10 @@ def test_report_failed_leaves_out_a_queue_workers_unknown_outcome(tmp_path: Path
     assert "b@x.example" in out.getvalue()
     assert "a@x.example" not in out.getvalue()
     assert left_out == Counter({UNSETTLED: 1})
+    journal_path(report).write_bytes(b"")
+    out, left_out = io.StringIO(), Counter[str]()
+    assert write_failed(report, out, left_out=left_out) == 2
+    assert not left_out
 
 
 def test_report_failed_keeps_its_output_when_the_journal_cannot_be_read(

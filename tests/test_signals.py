@@ -14,7 +14,15 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.conftest import Proc, by_kind, emulator_invited, read_report, write_input
+from tests.conftest import (
+    Proc,
+    by_kind,
+    emulator_invited,
+    read_report,
+    worker_command,
+    worker_env,
+    write_input,
+)
 from tests.test_stop_inputs import sigterm_in
 
 
@@ -208,3 +216,20 @@ def test_a_signal_as_a_finished_enqueue_returns_leaves_its_summary_and_code(
     assert done.returncode == 0, done.stderr
     assert msgspec.json.decode(done.stdout)["enqueued"] == 1
     assert "cli.interrupted" not in done.stderr
+
+
+def test_enqueue_keeps_its_exit_code_when_its_reader_is_gone(
+    tmp_path: Path, redis_server: str, stream_name: str
+) -> None:
+    """enqueue whose stdout reader went away before the summary (a closed pipe) still
+    exits 1 for its rejected row, not 0: the rows were added all the same."""
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\nabc-123,a@example.com\nabc-123,not-an-email\n")
+    proc = subprocess.Popen(
+        [*worker_command(), "enqueue", str(source), redis_server, "--stream", stream_name],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before anything is said
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err

@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ABORTED
     except BrokenPipeError:
         # The reader went away (``report failed ... | head``): not an error. Point stdout at
-        # /dev/null so the interpreter's final flush does not fail on the closed pipe.
+        # /dev/null so the interpreter's final flush does not fail on the closed pipe. A
+        # command done before its last words (enqueue's summary) keeps its own code.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        code = signals.finished_code()
+        return 0 if code is None else code

@@ -166,14 +166,16 @@ async def enqueue_command(args: argparse.Namespace) -> int:
                  f"{args.stream} + - COUNT 1 shows it)")  # fmt: skip
         summary = await enqueue(source, args.url, args.stream, where, stop,
                                 lambda: signals.current().run_started(stop, again))  # fmt: skip
-        # Said while signals are still heard here: one after the block ends leaves the
-        # code as it is (see signals.finish), and what was said stands.
-        print(json.dumps(summary), flush=True)
-        if summary.get("interrupted"):
+        interrupted = bool(summary.get("interrupted"))
+        # Known before it is said (a closed stdout keeps it), and said while signals are
+        # still heard here: one after the block leaves it as it is (see signals.finish).
+        code = signals.finish(EXIT_ABORTED if interrupted else (
+            EXIT_INCOMPLETE if summary["rejected"] else 0))  # fmt: skip
+        if interrupted:  # first, on stderr: how to finish, whatever becomes of stdout
             header = source.header_line if isinstance(source, CsvSource) else 0
             say("enqueue.stopped", _stopped(summary, args.file, header), json_lines=json_lines)
-            return signals.finish(EXIT_ABORTED)
-        return signals.finish(EXIT_INCOMPLETE if summary["rejected"] else 0)
+        print(json.dumps(summary), flush=True)
+        return code
 
 
 def _stopped(summary: dict[str, Any], file: str, header: int) -> str:

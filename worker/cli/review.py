@@ -68,28 +68,33 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
               file=out)  # fmt: skip
 
 
-def read_failed(path: Path) -> tuple[Replay, set[int]]:
-    """What :func:`write_failed` reads: the report replayed, and the keys of the pairs
-    still open in its journal (read before any output is opened: a journal that cannot
-    be read must not leave an emptied ``--output`` behind)."""
-    review = Replay.read(path, strict=True)
-    return review, set(review.open_in(journal_path(path)).tolist())
+def read_failed(path: Path) -> tuple[Replay, set[int], bool]:
+    """What :func:`write_failed` reads: the report replayed, the keys of the pairs still
+    open in its journal, and whether it has none (read before any output is opened: a
+    journal that cannot be read must not leave an emptied ``--output`` behind).
+
+    A file run always leaves a journal, emptied once nothing is open; a queue worker
+    keeps none (its pending messages are its intents)."""
+    review, journal = Replay.read(path, strict=True), journal_path(path)
+    return review, set(review.open_in(journal).tolist()), not journal.exists()
 
 
 def write_failed(
     path: Path, out: TextIO, *, include_refused: bool = False,
-    left_out: Counter[str] | None = None, read: tuple[Replay, set[int]] | None = None,
+    left_out: Counter[str] | None = None, read: tuple[Replay, set[int], bool] | None = None,
 ) -> int:  # fmt: skip
     """``token,email`` of every email whose last outcome is failed; returns how many.
 
     Refusals a re-run cannot fix (see ``REFUSED``) are left out unless ``include_refused``;
     ``left_out`` counts them by code. So are emails whose outcome is unknown (a request
-    still open in the journal, or a queue worker's ``outcome_unknown``, its message left
-    pending), which may have been created: ``--resume`` or the worker that claims the
-    message settles those, and a run of the CSV on a new report could invite them again
-    (:data:`UNSETTLED`). ``read``: :func:`read_failed`'s answer, if already read.
+    still open in the journal, or with no journal, a queue worker's ``outcome_unknown``,
+    its message left pending), which may have been created: ``--resume`` or the worker
+    that claims the message settles those, and a run of the CSV on a new report could
+    invite them again (:data:`UNSETTLED`). A file run's ``outcome_unknown`` whose intent
+    a ``--resume`` cleared is known not created: it is listed. ``read``:
+    :func:`read_failed`'s answer, if already read.
     """
-    review, unsettled = read if read is not None else read_failed(path)
+    review, unsettled, queued = read if read is not None else read_failed(path)
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["token", "email", "error_code", "error_message"])
     written = 0
@@ -107,7 +112,7 @@ def write_failed(
         for email, key, last in zip(emails, keys, review.last_records(keys), strict=True):
             if last == number and key not in here:
                 here.add(key)
-                if key in unsettled or record.code == OutcomeUnknown.code:
+                if key in unsettled or (queued and record.code == OutcomeUnknown.code):
                     if left_out is not None:
                         left_out[UNSETTLED] += 1
                     continue
