@@ -147,3 +147,29 @@ async def test_a_message_lost_to_another_worker_does_not_hold_its_pair_again(
         await stalled.keep_held()
     copy = StreamQueue(redis, stream_name, options.group, "w3", options.dead_letter)
     assert await copy.hold_pairs(["9-1"], [("tok-a", "ann@example.com")], clock.time()) == set()
+
+
+async def test_a_dead_letter_lets_go_of_its_own_hold_only(redis: Redis, stream_name: str) -> None:
+    """A message dead-lettered lets go of its pair where it holds it (a requeued copy can
+    take it), but not of the hold another message of the same pair has taken meanwhile
+    (it lost its own, or was dead-lettered twice): that copy stays the one held."""
+    queue = StreamQueue(redis, stream_name, "invite-worker", "c1", f"{stream_name}:dead")
+    rows = [("tok-a", "ann@example.com"), ("tok-b", "bo@example.com")]
+    await enqueue_rows(redis, stream_name, rows)
+    await queue.ensure_group()
+    a, b = [mid for mid, _ in await queue.read_new(2, 0.1)]
+    now = FakeClock(start=LATE).time()
+    assert not await queue.hold_pairs([a, b], [("tok-a", "Ann@example.com"),
+                                               ("tok-b", "bo@example.com")], now)  # fmt: skip
+    # Another message (a copy requeued meanwhile) has taken b's pair.
+    for key in queue._pair_hashes(now):
+        await redis.hset(key, "tok-b\tbo@example.com", "9-9")
+    dead = [(mid, {"token": token, "email": email, "stream_id": mid, "error_code": "x"})
+            for mid, (token, email) in ((a, ("tok-a", "Ann@example.com")),
+                                        (b, ("tok-b", "bo@example.com")))]  # fmt: skip
+    await queue.settle([], dead, now)
+    copies = StreamQueue(redis, stream_name, "invite-worker", "c2", f"{stream_name}:dead")
+    taken = await copies.hold_pairs(["8-1", "8-2"], [("tok-a", "ann@example.com"),
+                                                     ("tok-b", "bo@example.com")], now)  # fmt: skip
+    assert taken == {"8-2"}  # a's pair was let go of; b's copy still holds its own
+    assert await redis.xlen(f"{stream_name}:dead") == 2

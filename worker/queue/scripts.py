@@ -36,6 +36,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return taken
 """
 
+# KEYS: this period's hash of held pairs, the previous period's. ARGV: "id\ttoken\temail\n..."
+# (email lower-cased). Each message lets go of its pair where it holds it, and only there:
+# a pair another message holds (a copy requeued meanwhile) stays held.
+RELEASE = r"""
+for id, pair in string.gmatch(ARGV[1], '([^\t\n]+)\t([^\n]*)\n') do
+  for _, key in ipairs(KEYS) do
+    if redis.call('HGET', key, pair) == id then redis.call('HDEL', key, pair) end
+  end
+end
+return 0
+"""
+
 # KEYS: intents hash, stream. ARGV: "id,id,...", send time, group, consumer. Records the
 # intents of the messages still pending for this consumer. Returns the others: "c:ID" for
 # one another worker holds, or settled (its entry still in the stream), never to be sent

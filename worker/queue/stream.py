@@ -28,7 +28,7 @@ from redis.exceptions import ResponseError
 
 from worker.clock import Clock, sleep_unless
 from worker.queue.failures import RedisFailures
-from worker.queue.scripts import ACK, DROP_INTENTS, ENQUEUE, HOLD, INTENTS
+from worker.queue.scripts import ACK, DROP_INTENTS, ENQUEUE, HOLD, INTENTS, RELEASE
 
 #: A message: its id and its fields as Redis sends them, ``[name, value, name, value…]``
 #: (None: deleted from the stream meanwhile).
@@ -63,6 +63,7 @@ class StreamQueue:
         #: the value recorded), dropped by :meth:`drop_answered` at the next flush.
         self.answered: list[tuple[list[str], str]] = []
         self._hold: Any = redis.register_script(HOLD)
+        self._release: Any = redis.register_script(RELEASE)
         self._ack: Any = redis.register_script(ACK)
 
     async def ensure_group(self) -> bool:
@@ -199,8 +200,8 @@ class StreamQueue:
     async def settle(
         self, acks: list[str], dead: list[tuple[str, dict[str, str]]], now: float
     ) -> None:
-        """Atomically copy ``dead`` to the dead-letter stream (letting go of their pairs),
-        then acknowledge everything."""
+        """Atomically copy ``dead`` to the dead-letter stream (letting go of their pairs,
+        where they still hold them), then acknowledge everything."""
         ids = acks + [mid for mid, _ in dead]
         if not ids:
             return
@@ -208,11 +209,11 @@ class StreamQueue:
             await self._ack(keys=[self.stream, self.intents_key], args=[self.group, ",".join(ids)])
             return
         async with self.redis.pipeline(transaction=True) as pipe:
-            held = self._pair_hashes(now)
             for _, fields in dead:
                 pipe.xadd(self.dead_letter, fields)  # type: ignore[arg-type]
-                for key in held:
-                    pipe.hdel(key, f"{fields['token']}\t{fields['email'].lower()}")
+            pairs = "".join(f"{mid}\t{fields['token']}\t{fields['email'].lower()}\n"
+                            for mid, fields in dead)  # fmt: skip
+            await self._release(keys=list(self._pair_hashes(now)), args=[pairs], client=pipe)
             pipe.xack(self.stream, self.group, *ids)
             pipe.hdel(self.intents_key, *ids)
             await pipe.execute()
