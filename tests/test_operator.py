@@ -394,25 +394,28 @@ def test_summarize_counts_an_open_intent_unknown_whatever_an_earlier_record_says
     )
 
 
-def test_report_failed_leaves_out_a_queue_workers_unknown_outcome(tmp_path: Path) -> None:
-    """A queue worker's outcome_unknown (its message left pending; queue mode keeps no
-    journal) may have been created: report failed leaves it out, counted, as it does an
-    open intent; the failed beside it are listed. A file run's, its intent cleared by a
-    --resume that listed nobody created (the journal there, emptied), is listed."""
+def test_report_failed_leaves_out_what_a_queue_worker_left_pending(tmp_path: Path) -> None:
+    """A queue worker's failure that leaves its message pending (outcome_unknown, which
+    may have been created; forbidden: the keys, not the message) is settled by the worker
+    that claims it (queue mode keeps no journal): report failed leaves it out, counted,
+    as it does an open intent; a failure known unsent is listed. A file run's, an
+    outcome_unknown whose intent a --resume cleared (the journal there, emptied), is
+    listed."""
     report = tmp_path / "r.jsonl"
     batch = '{"kind":"batch","token":"tok","emails":%s,"status":"failed","error":%s}\n'
     report.write_text(
         batch % ('["a@x.example"]', '{"code":"outcome_unknown","message":"502"}')
         + batch % ('["b@x.example"]', '{"code":"server_error","message":"500"}')
+        + batch % ('["c@x.example"]', '{"code":"forbidden","message":"403"}')
     )
     out, left_out = io.StringIO(), Counter[str]()
     assert write_failed(report, out, left_out=left_out) == 1
     assert "b@x.example" in out.getvalue()
     assert "a@x.example" not in out.getvalue()
-    assert left_out == Counter({UNSETTLED: 1})
+    assert left_out == Counter({UNSETTLED: 2})
     journal_path(report).write_bytes(b"")
     out, left_out = io.StringIO(), Counter[str]()
-    assert write_failed(report, out, left_out=left_out) == 2
+    assert write_failed(report, out, left_out=left_out) == 3
     assert not left_out
 
 

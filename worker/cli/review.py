@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from worker.cli.guards import check_failed_output
 from worker.cli.help import command, json_stderr, say
-from worker.errors import OutcomeUnknown, UsageError
+from worker.errors import UsageError, keeps_pending
 from worker.outcome import REFUSED, Status
 from worker.record.files import reads_as_report
 from worker.record.journal import journal_path
@@ -86,12 +86,13 @@ def write_failed(
     """``token,email`` of every email whose last outcome is failed; returns how many.
 
     Refusals a re-run cannot fix (see ``REFUSED``) are left out unless ``include_refused``;
-    ``left_out`` counts them by code. So are emails whose outcome is unknown (a request
-    still open in the journal, or with no journal, a queue worker's ``outcome_unknown``,
-    its message left pending), which may have been created: ``--resume`` or the worker
-    that claims the message settles those, and a run of the CSV on a new report could
-    invite them again (:data:`UNSETTLED`). A file run's ``outcome_unknown`` whose intent
-    a ``--resume`` cleared is known not created: it is listed. ``read``:
+    ``left_out`` counts them by code. So are emails that are still to be settled
+    (:data:`UNSETTLED`): a request still open in the journal, which may have created
+    them (``--resume`` settles it), and, in a report with no journal (a queue worker's),
+    a failure that leaves the message pending (``outcome_unknown``, ``forbidden``,
+    ``aborted``: a worker that claims it settles it). A run of the CSV on a new report
+    could invite them again. A file run's ``outcome_unknown`` whose intent a
+    ``--resume`` cleared is known not created: it is listed. ``read``:
     :func:`read_failed`'s answer, if already read.
     """
     review, unsettled, queued = read if read is not None else read_failed(path)
@@ -112,7 +113,7 @@ def write_failed(
         for email, key, last in zip(emails, keys, review.last_records(keys), strict=True):
             if last == number and key not in here:
                 here.add(key)
-                if key in unsettled or (queued and record.code == OutcomeUnknown.code):
+                if key in unsettled or (queued and keeps_pending(record.code or "")):
                     if left_out is not None:
                         left_out[UNSETTLED] += 1
                     continue
@@ -143,17 +144,18 @@ def _sources(path: Path) -> list[str]:
             if isinstance(record, SummaryRecord) and isinstance(record.source, str)]  # fmt: skip
 
 
-#: ``write_failed``'s ``left_out`` key for the emails whose outcome is unknown.
-UNSETTLED = "outcome unknown"
+#: ``write_failed``'s ``left_out`` key for the emails still to be settled elsewhere.
+UNSETTLED = "not settled"
 
 
 def _left_out_note(left_out: Counter[str]) -> str:
     refused = Counter({code: n for code, n in left_out.items() if code != UNSETTLED})
     note = ""
     if left_out[UNSETTLED]:
-        note += (f"; {left_out[UNSETTLED]:,} whose request may have created them left out "
-                 "(outcome unknown): settle them first, with the same run and --resume (a "
-                 "queue worker settles its own as it claims their messages)")  # fmt: skip
+        note += (f"; {left_out[UNSETTLED]:,} not settled yet left out (a request that may "
+                 "have created them, or a stream message still pending): settle them first, "
+                 "with the same run and --resume (a queue worker settles its own as it "
+                 "claims their messages)")  # fmt: skip
     if refused:
         codes = ", ".join(f"{code} {n:,}" for code, n in sorted(refused.items()))
         note += (f"; {refused.total():,} refused by the dashboard check left out ({codes}): "
