@@ -143,7 +143,7 @@ class Consumer(Settling):
             self.counts.rows += 1
             if fields is None:  # deleted from the stream meanwhile: its pair is gone
                 self.report.rejected(mid, Reason.MESSAGE_TRIMMED)
-                self._acknowledge(mid)
+                self.acknowledge([mid])
                 trimmed += 1
                 continue
             if len(fields) == 4 and fields[0] == "token" and fields[2] == "email":
@@ -157,7 +157,7 @@ class Consumer(Settling):
                     recheck.add((token or "").strip())
                 continue
             self.report.rejected(mid, reason, token, email)
-            self._acknowledge(mid)
+            self.acknowledge([mid])
         if trimmed:
             log.warning("queue.message_trimmed", messages=trimmed, error=REASONS[
                 Reason.MESSAGE_TRIMMED], action="recorded rejected; keep the stream longer "
@@ -178,7 +178,7 @@ class Consumer(Settling):
         valid, rejections, _ = self.validator.check_rows([(m, t, e, None) for m, t, e in fresh])
         for where, why, bad_token, bad_email in rejections:
             self.report.rejected(where, why, bad_token, bad_email)
-            self._acknowledge(str(where))
+            self.acknowledge([str(where)])
         refused = {where for where, _, _, _ in rejections}
         kept = [mid for mid, _, _ in fresh if mid not in refused] if refused else [
             mid for mid, _, _ in fresh]  # fmt: skip
@@ -188,7 +188,7 @@ class Consumer(Settling):
             for mid, pair in zip(kept, valid, strict=True):
                 if mid in taken:
                     self.report.rejected(mid, Reason.DUPLICATE, *pair)
-                    self._acknowledge(mid)
+                    self.acknowledge([mid])
                 else:
                     held.append((mid, pair))
             kept, valid = [mid for mid, _ in held], [pair for _, pair in held]
@@ -197,12 +197,6 @@ class Consumer(Settling):
         full = self.batcher.add_many(valid)
         self.report.flush()
         return full
-
-    def _acknowledge(self, mid: str) -> None:
-        """Settle a message that is done with here (with the next flush): remembered as
-        settled, so that a claim racing with its acknowledgement does not take it again."""
-        self.acks.append(mid)
-        self.settled.update((mid,))
 
     def _aged_gone(self, tokens: set[str]) -> list[str]:
         """Of ``tokens``, those that answered 404 longer ago than a dashboard check lasts."""

@@ -91,13 +91,15 @@ class MessageIndex:
         """Every message id in hand."""
         return {mid for ids in self._by_token.values() for mid in ids.values()}
 
-    def pairs(self) -> tuple[list[str], list[tuple[str, str]]]:
-        """Every message id in hand, and its pair, in the same order."""
+    def pairs(self, of: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+        """The message ids in hand that are in ``of``, and their pairs, in the same order."""
         mids: list[str] = []
         pairs: list[tuple[str, str]] = []
         for token, ids in self._by_token.items():
-            mids.extend(ids.values())
-            pairs.extend((token, email) for email in ids)
+            for email, mid in ids.items():
+                if mid in of:
+                    mids.append(mid)
+                    pairs.append((token, email))
         return mids, pairs
 
 

@@ -56,9 +56,7 @@ class Settling:
         token = outcome.token
         mids = self.index.pop(token, outcome.emails)
         if outcome.status in (Status.SENT, Status.SKIPPED):  # both are done with
-            done = [mid for mid in mids if mid is not None]
-            self.acks.extend(done)
-            self.settled.update(done)
+            self.acknowledge([mid for mid in mids if mid is not None])
             return
         error = outcome.error
         if error is None or keeps_pending(error.code):
@@ -70,6 +68,13 @@ class Settling:
         for mid, email in zip(mids, outcome.emails, strict=True):
             if mid is not None:
                 self.dead_letter(mid, token, email, error.code, error.message)
+
+    def acknowledge(self, mids: list[str]) -> None:
+        """Settle messages that are done with here (with the next flush): remembered as
+        settled, so that a claim racing with their acknowledgement does not take them
+        again."""
+        self.acks.extend(mids)
+        self.settled.update(mids)
 
     def dead_letter(self, mid: str, token: str, email: str, code: str, message: str) -> None:
         """Settle one message into the dead-letter stream (with the next flush)."""
@@ -149,9 +154,7 @@ class Settling:
         if hold_period(now) == self.holds_period:
             return
         self.holds_period = hold_period(now)
-        in_hand, pairs_in_hand = self.index.pairs()
-        kept = [at for at, mid in enumerate(in_hand) if mid in ours]
-        mids, pairs = [in_hand[at] for at in kept], [pairs_in_hand[at] for at in kept]
+        mids, pairs = self.index.pairs(ours)
         taken: set[str] = set()
         for start in range(0, len(mids), SLICE):  # a script call each: Redis never stalls
             end = start + SLICE
