@@ -26,7 +26,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from worker.errors import InternalError, QueueLost
-from worker.queue.stream import StreamQueue
+from worker.queue.stream import StreamQueue, tagged
 from worker.state import RunState
 
 log = structlog.get_logger("worker.queue")
@@ -115,13 +115,13 @@ class HeldDeliveries:
             return set()
         script: Any = queue.redis.register_script(_KEEP)
         mids = list(self._added)
-        others: set[str] = set()
+        replies: list[str | bytes] = []
         for start in range(0, len(mids), SLICE):
             text = "".join(f"{mid}\n" for mid in mids[start : start + SLICE])
-            reply = await script(keys=[queue.stream], args=[queue.group, queue.consumer, text])
-            others.update(m.decode() if isinstance(m, bytes) else str(m) for m in reply)
-        ours = set(mids).difference(mid[2:] for mid in others)
-        lost = {mid[2:] for mid in others if mid.startswith("l:")}
+            replies += await script(keys=[queue.stream], args=[queue.group, queue.consumer, text])
+        others = tagged(replies)
+        ours = set(mids).difference(others["l"], others["n"])
+        lost = others["l"]
         # Only what is still held: one settled meanwhile (acknowledged as the script ran)
         # was let go of by its settling, not by another worker.
         lost.intersection_update(self._added)

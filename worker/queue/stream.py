@@ -21,6 +21,8 @@ Besides the stream and its group, two keys belong to a group:
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -161,9 +163,8 @@ class StreamQueue:
         ids not recorded, not to be sent here: those another consumer holds or settled,
         and those whose entry was trimmed while no longer pending for this one."""
         keys, args = [self.intents_key, self.stream], [",".join(ids), value, self.group]
-        others = [_name(mid) for mid in await self._intents(keys=keys, args=[*args, self.consumer])]
-        claimed = {mid[2:] for mid in others if mid.startswith("c:")}
-        return claimed, {mid[2:] for mid in others if mid.startswith("t:")}
+        others = tagged(await self._intents(keys=keys, args=[*args, self.consumer]))
+        return others["c"], others["t"]
 
     async def drop_answered(self) -> None:
         """Drop the intents of :attr:`answered`: a worker claiming those messages need not
@@ -190,8 +191,7 @@ class StreamQueue:
     ) -> set[str]:
         """Each message takes its pair (one script); returns the ids of those whose pair
         another message holds: duplicates, to be rejected."""
-        text = "".join(f"{mid}\t{token}\t{email.lower()}\n"
-                       for mid, (token, email) in zip(mids, pairs, strict=True))  # fmt: skip
+        text = _pair_lines(zip(mids, pairs, strict=True))
         # A hash lives two periods: a pair stays held between one and two periods.
         taken = await self._hold(keys=list(self._pair_hashes(now)),
                                  args=[2 * HOLD_SECONDS, text])  # fmt: skip
@@ -211,8 +211,7 @@ class StreamQueue:
         async with self.redis.pipeline(transaction=True) as pipe:
             for _, fields in dead:
                 pipe.xadd(self.dead_letter, fields)  # type: ignore[arg-type]
-            pairs = "".join(f"{mid}\t{fields['token']}\t{fields['email'].lower()}\n"
-                            for mid, fields in dead)  # fmt: skip
+            pairs = _pair_lines((mid, (f["token"], f["email"])) for mid, f in dead)
             await self._release(keys=list(self._pair_hashes(now)), args=[pairs], client=pipe)
             pipe.xack(self.stream, self.group, *ids)
             pipe.hdel(self.intents_key, *ids)
@@ -222,6 +221,20 @@ class StreamQueue:
 def hold_period(now: float) -> int:
     """The period of pair holds ``now`` (epoch seconds) falls in."""
     return int(now // HOLD_SECONDS)
+
+
+def tagged(reply: Iterable[str | bytes]) -> defaultdict[str, set[str]]:
+    """A script's ``"T:ID"`` answers as the ids of each tag ``T`` (none: an empty set)."""
+    by_tag: defaultdict[str, set[str]] = defaultdict(set)
+    for answer in map(_name, reply):
+        by_tag[answer[:1]].add(answer[2:])
+    return by_tag
+
+
+def _pair_lines(items: Iterable[tuple[str, tuple[str, str]]]) -> str:
+    """``id\ttoken\temail\n`` for each message and its pair, the address lower-cased: the
+    pair scripts' (HOLD, RELEASE) argument."""
+    return "".join(f"{mid}\t{token}\t{email.lower()}\n" for mid, (token, email) in items)
 
 
 def _name(value: str | bytes) -> str:
