@@ -26,7 +26,12 @@ from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.assembly import Ending, Mode, assemble
 from worker.run.counts import FileCounts, FileRead
-from worker.run.prechecks import check_nothing_open, check_resumable, require_report
+from worker.run.prechecks import (
+    check_nothing_open,
+    check_resumable,
+    require_report,
+    unreadable,
+)
 from worker.run.prune import ListedInput, prune
 from worker.run.reading import read_batches
 from worker.run.resume import History, load_history, settle_unknowns
@@ -76,10 +81,7 @@ async def _run(
     try:
         history = load_history(config.report_path, jpath, resend=recheck) if config.resume else None
     except OSError as exc:  # a journal made a directory, unreadable for this user, ...
-        raise UsageError(
-            f"--resume: cannot read {exc.filename!r}: {exc.strerror}; nothing "
-            "was sent. Fix it, then run the same command again"
-        ) from None
+        raise unreadable(exc) from None
     report = Report(config.report_path, overwrite=config.overwrite, resume=config.resume)
     try:
         journal = Journal(jpath, durable=config.durable_journal, truncate=not config.resume)

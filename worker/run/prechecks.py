@@ -64,8 +64,14 @@ def check_resumable(report_path: Path) -> None:
         ):
             return
     except OSError as exc:
-        raise UsageError(f"--resume: cannot read {exc.filename!r}: {exc.strerror}") from None
+        raise unreadable(exc) from None
     raise UsageError(
         f"--resume: the report {str(report_path)!r} holds no run (neither it nor its journal "
         "has a record), so there is nothing to continue; drop --resume to start a run"
     )
+
+
+def unreadable(exc: OSError) -> UsageError:
+    """``--resume`` could not read the report or its journal: which file, and why."""
+    return UsageError(f"--resume: cannot read {exc.filename!r}: {exc.strerror}; nothing was "
+                      "sent. Fix it, then run the same command again")  # fmt: skip

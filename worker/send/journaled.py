@@ -20,6 +20,7 @@ from worker.record.journal import Claimed
 from worker.send.reconcile import found_outcome
 from worker.send.retry import Hooks
 from worker.send.trip import Trip
+from worker.validate import Reason
 
 if TYPE_CHECKING:
     from worker.send.sender import Sender
@@ -28,7 +29,7 @@ log = structlog.get_logger("worker.sender")
 
 #: Why a message whose stream entry was trimmed while it waited here is not sent.
 TRIMMED = Failure(
-    "message_trimmed",
+    str(Reason.MESSAGE_TRIMMED),  # the code, as a message met without its fields is rejected
     "its stream entry was deleted (trimmed) while this worker held it, and whether a worker "
     "that claimed it meanwhile sent it cannot be told; requeue it (dead-letter requeue "
     "--code message_trimmed): the dashboard check then skips it if it was invited",

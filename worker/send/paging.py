@@ -42,7 +42,8 @@ async def read_pages(
     to page, an empty page comes only at that total, a page never repeats an earlier
     one, and a 404 comes on the first page only; anything else is a listing that moved
     (or a service that does not honor ``page_number``), to be read again. A total that
-    grows is only new invitations: entries pushed on are read twice, none is missed.
+    grows is taken for new invitations; a revocation hidden by them, or a reordered list,
+    goes unseen (docs/who-gets-invited.md says what this cannot see).
 
     The end is ``total_count`` entries, or an empty page. A page shorter than asked is
     not the end: the service may honor a smaller size than the one asked for, so the
