@@ -20,7 +20,7 @@ from worker.sources import open_source
 from worker.sources.csvfile import CsvSource
 from worker.sources.lines import Columns, Row
 from worker.validate import MAX_EMAIL_LENGTH, TOKEN_RE, Rejection, Validator
-from worker.validate.dedupe import PairIndex
+from worker.validate.dedupe import PairIndex, locate, member
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
@@ -48,6 +48,24 @@ def test_index_answers_like_a_set(chunks: list[list[int]]) -> None:
         assert len(index) == len(reference)
     assert all(key in index for key in reference)
     assert 2**62 + 1 not in index or 2**62 + 1 in reference
+
+
+@settings(deadline=None)
+@given(st.lists(st.integers(min_value=-50, max_value=50) | INT64, max_size=60),
+       st.lists(st.integers(min_value=-50, max_value=50) | INT64, max_size=60))  # fmt: skip
+def test_member_and_locate_answer_like_a_set(keys: list[int], needles: list[int]) -> None:
+    """member says, needle by needle in the needles' own order, what a set says; locate
+    gives the position of each needle found."""
+    import numpy as np
+
+    haystack = np.unique(np.array(keys, dtype=np.int64))
+    asked = np.array(needles, dtype=np.int64)
+    found = member(haystack, asked)
+    assert found.tolist() == [n in set(keys) for n in needles]
+    if len(haystack):
+        at, there = locate(haystack, asked)
+        assert there.tolist() == found.tolist()
+        assert all(haystack[a] == n for a, n, t in zip(at, needles, there, strict=True) if t)
 
 
 @pytest.mark.usefixtures("small_index")
