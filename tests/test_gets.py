@@ -148,6 +148,22 @@ async def test_a_get_sends_the_encoded_target_host_and_keys_and_reads_headers_in
     assert server.connections == 1
 
 
+async def test_an_api_url_with_a_path_keeps_it_on_every_page(
+    scripted: Callable[..., Awaitable[tuple[Scripted, str]]],
+) -> None:
+    """A base URL with a path (a reverse proxy's prefix), with a trailing slash or an
+    escape in it, puts each page under that path, encoded as given."""
+    listing = b'{"data": [], "meta": {"page": {"total_count": 0}}}'
+    server, url = await scripted(send(ok(listing)), send(ok(listing)))
+    for base in (f"{url}/dd%20api/", f"{url}/dd%20api"):
+        async with client(base) as c:
+            await c.list_invitations(TOKEN_A, 0, 100)
+    for request in server.requests:
+        line = request.decode().split("\r\n")[0]
+        assert line == (f"GET /dd%20api/api/v1/dashboard/public/{TOKEN_A}/invitation"
+                        "?page_size=100&page_number=0 HTTP/1.1")  # fmt: skip
+
+
 def test_the_host_header_has_a_port_only_when_not_the_schemes_and_ipv6_in_brackets() -> None:
     """Host: the port only when not the scheme's default; an IPv6 address in brackets."""
     assert request_tail(URL("https://api.example.com"), {}).startswith(

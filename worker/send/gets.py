@@ -84,10 +84,11 @@ class Gets:
         #: Whether the service ever answered (a status line and headers were read).
         self.answered = False
 
-    async def get(self, url: URL) -> Answer:
+    async def get(self, url: URL | str) -> Answer:
         """Status, headers and body (at most MAX_BODY_BYTES); raises TimeoutError,
-        :class:`CannotConnect` or :class:`Dropped`."""
-        request = b"GET " + url.raw_path_qs.encode("ascii") + self._tail
+        :class:`CannotConnect` or :class:`Dropped`. A str is the path and query, encoded."""
+        path = url if isinstance(url, str) else url.raw_path_qs
+        request = b"GET " + path.encode("ascii") + self._tail
         async with asyncio.timeout(self._timeout), self._slots:
             conn = self._take()
             if conn is not None:
