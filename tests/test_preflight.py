@@ -111,6 +111,18 @@ async def test_open_sessions_are_skipped_even_with_resend_after(
     assert posts(emulator) == [1, 3]
 
 
+def test_an_invitee_is_served_as_it_is_now_after_a_field_changes() -> None:
+    """The emulator makes an invitee's JSON once, and again once one of its fields is set."""
+    invitee = Invitee("a@example.com")
+    board = Dashboard(TOKEN_A, invitees={"a@example.com": invitee})
+    assert board.as_json()["invitees"][0]["access_expiration"] is None
+    invitee.access_expiration = 0.0
+    assert board.as_json()["invitees"] == [
+        {"email": "a@example.com", "access_expiration": "1970-01-01T00:00:00+00:00",
+         "last_accessed": None, "created_at": "1970-01-01T00:00:00+00:00"}
+    ]  # fmt: skip
+
+
 async def test_addresses_the_dashboard_does_not_allow_are_refused_without_a_400(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
