@@ -394,6 +394,31 @@ def test_summarize_counts_an_open_intent_unknown_whatever_an_earlier_record_says
     )
 
 
+def test_summarize_counts_pending_what_report_failed_leaves_out_of_a_queue_report(
+    tmp_path: Path,
+) -> None:
+    """A queue worker's failures that leave their message pending count as pending, not
+    failed, as report failed leaves them out; with a journal (a file run's report) the
+    same records are failures. The text names them and says who settles them."""
+    report = tmp_path / "r.jsonl"
+    batch = '{"kind":"batch","token":"tok","emails":%s,"status":"failed","error":%s}\n'
+    report.write_text(
+        batch % ('["a@x.example"]', '{"code":"outcome_unknown","message":"502"}')
+        + batch % ('["b@x.example"]', '{"code":"server_error","message":"500"}')
+        + batch % ('["c@x.example","d@x.example"]', '{"code":"forbidden","message":"403"}')
+    )
+    summarized = invite_worker("report", "summarize", str(report), "--json")
+    totals = json.loads(summarized.stdout)
+    assert (totals["pending"], totals["failed"], totals["failed_by_code"]) == (
+        3, 1, {"server_error": 1})  # fmt: skip
+    text = invite_worker("report", "summarize", str(report)).stdout.decode()
+    assert "emails pending" in text
+    assert "the worker that claims it settles it" in text
+    journal_path(report).write_bytes(b"")
+    totals = json.loads(invite_worker("report", "summarize", str(report), "--json").stdout)
+    assert (totals["pending"], totals["failed"]) == (0, 4)
+
+
 def test_report_failed_leaves_out_what_a_queue_worker_left_pending(tmp_path: Path) -> None:
     """A queue worker's failure that leaves its message pending (outcome_unknown, which
     may have been created; forbidden: the keys, not the message) is settled by the worker

@@ -46,6 +46,8 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
         lines.insert(4, ("invitees added", totals["invitees_added"]))
     if totals["unknown"]:  # sent for all anyone knows: never to be sent again blindly
         lines.insert(2, ("emails unknown", totals["unknown"]))
+    if totals["pending"]:  # a queue worker's, left in the stream for a claimer
+        lines.insert(2, ("emails pending", totals["pending"]))
     for name, value in lines:
         print(f"  {name:<18} {value:,}", file=out)
     print(f"  {'duration':<18} {totals['duration_ms'] / 1000:,.1f} s", file=out)
@@ -61,6 +63,11 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
             print(title, file=out)
             for name, count in totals[key].items():
                 print(f"  {name:<18} {count:,}", file=out)
+    if totals["pending"]:
+        print(f"{totals['pending']:,} email(s) failed in a way that leaves their stream "
+              "message pending (outcome_unknown, forbidden, aborted): the worker that claims "
+              "it settles it, in its own report; `report failed` leaves them out.",
+              file=out)  # fmt: skip
     if totals["unknown"]:
         print(f"{totals['unknown']:,} email(s) with an unknown outcome: a run stopped with "
               "their requests out (or is still running). `run --resume` with this report "
@@ -235,8 +242,9 @@ def report_command(args: argparse.Namespace) -> int:
     if args.report_command == "summarize":
         # A run killed before its first record leaves a report with none, and a journal.
         journal = journal_path(args.report)
-        replay = Replay.read(args.report, strict=not journal.exists())
-        totals = replay.summary(replay.open_in(journal))
+        queued = not journal.exists()  # a file run always leaves one (see read_failed)
+        replay = Replay.read(args.report, strict=queued)
+        totals = replay.summary(replay.open_in(journal), queued=queued)
         if args.json:
             print(json.dumps(totals))
         else:

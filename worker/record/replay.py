@@ -18,7 +18,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from worker.errors import UsageError
+from worker.errors import UsageError, keeps_pending
 from worker.outcome import Status
 from worker.record.files import read_records
 from worker.record.journal import Intent, read_journal
@@ -211,11 +211,14 @@ class Replay:
         keys = [pair_key(i.token, e) for i in intents for e in i.emails]
         return np.unique(np.array(keys, np.int64))
 
-    def summary(self, unknown: Any = None) -> dict[str, Any]:
+    def summary(self, unknown: Any = None, *, queued: bool = False) -> dict[str, Any]:
         """Totals over the whole history (emails by final state, rows rejected).
 
         ``unknown``: keys of the pairs whose outcome is unknown (see :meth:`open_in`); each
-        counts as unknown only, whatever an earlier record of it says."""
+        counts as unknown only, whatever an earlier record of it says. ``queued``: a queue
+        worker's report (no journal), whose failures that leave their message pending
+        (``outcome_unknown``, ``forbidden``, ``aborted``) count as ``pending``, not failed:
+        the worker that claims the message settles them, in its own report."""
         import numpy as np
 
         statuses: Counter[str] = Counter()
@@ -230,6 +233,9 @@ class Replay:
         finals = finals.tolist()
         for (status, code, token), pairs in zip(self.batches, finals, strict=True):
             if pairs:
+                if queued and status == Status.FAILED and keeps_pending(code or ""):
+                    statuses["pending"] += pairs
+                    continue
                 statuses[status] += pairs
                 if status == Status.FAILED:
                     failed_by_code[code or "?"] += pairs
@@ -243,6 +249,7 @@ class Replay:
             "rejected": len(self.rejected),
             "skipped": statuses["skipped"],
             "unknown": len(unknown),
+            "pending": statuses["pending"],
             "runs": len(self.runs),
             "complete": self.ends_with_summary,
         }
