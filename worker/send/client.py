@@ -87,7 +87,8 @@ class InvitationClient:
         self._session: aiohttp.ClientSession | None = None
         self._gets: Gets | None = None
         self._urls: dict[str, URL] = {}
-        # An API URL with no path: the URLs built on it are the path after it, as sent.
+        # An API URL with no path (a run's always is: see check_api_url): the URLs built
+        # on it are the path after it, as sent.
         base = URL(self.api_url)
         self._bare_origin = base.raw_path in ("", "/") and not (
             base.raw_query_string or base.raw_fragment
@@ -166,7 +167,9 @@ class InvitationClient:
         # A checked token and two integers: nothing to quote, and no URL object to build
         # for each of a day's 10,000 pages (see _exchange).
         query = f"page_size={int(page_size)}&page_number={int(page_number)}"
-        url = f"{self.invitation_url(token)}?{query}"
+        url: str | URL = f"{self.invitation_url(token)}?{query}"
+        if not self._bare_origin:  # taken as written, as the POSTs' URL is
+            url = URL(url, encoded=True)
         status, headers, raw = await self._request("list_invitations", "GET", url, None)
         ratelimit = self._ratelimit(headers)
         if status != 200:

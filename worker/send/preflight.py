@@ -112,7 +112,7 @@ class Preflight(TokenChecks):
         # other tokens' batches), so what has nothing to find is not asked.
         if len(check.in_session) or len(check.invited):
             invited = member(check.invited, keys)
-            if not len(check.in_session) and invited.all():
+            if not len(check.in_session) and len(keys) and invited.all():
                 out.skipped[ALREADY_INVITED] = list(emails)  # a day after a send
                 return out
             session = member(check.in_session, keys)
