@@ -172,6 +172,34 @@ def test_an_api_url_with_a_path_is_refused_before_any_request(
     assert emulator_stats(url)["requests"] == 0
 
 
+@pytest.mark.parametrize(("given", "says"), [
+    ("", "--api-url is empty: give the base URL"),
+    ("   ", "--api-url is empty: give the base URL"),
+    (" http://127.0.0.1:8126 ", "--api-url has spaces around it"),
+])  # fmt: skip
+def test_an_empty_or_padded_api_url_is_refused_not_taken_for_the_site(
+    sample: Path, tmp_path: Path, given: str, says: str
+) -> None:
+    """An --api-url given empty (a rehearsal's unset variable) is exit 2, never the
+    site's URL in its place; one with spaces around it says so, not that its port is
+    wrong. A dry run, so that not even a mistake here could reach the site."""
+    done = invite_worker("run", str(sample), "--dry-run", "--api-url", given, "--report",
+                         str(tmp_path / "r.jsonl"))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert says in one_line(done)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_an_unreachable_ipv6_api_is_named_as_it_is_written() -> None:
+    """The message for an API that cannot be reached names an IPv6 host in brackets, so
+    the URL it shows can be given back to --api-url."""
+    from worker.send.reach import Reach
+
+    assert Reach("http://[::1]:8126", (), None, 5.0).origin() == "http://[::1]:8126"
+    assert Reach("https://api.datadoghq.eu", (), None, 5.0).origin() == (
+        "https://api.datadoghq.eu:443")  # fmt: skip
+
+
 @pytest.fixture
 def not_an_api(tmp_path: Path) -> Iterator[str]:
     """A web server on loopback answering 404 to every GET (as a wrong base URL would)."""

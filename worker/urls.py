@@ -79,7 +79,14 @@ def check_api_url(url: str) -> str:
     Keys travel in headers, so plain HTTP to any other host would publish them. No message
     shows the URL's user-info: it may hold a password.
     """
+    if not url.strip():
+        # Never the site's default instead: a rehearsal's --api-url "$EMULATOR" with the
+        # variable unset would otherwise send real invitations with whatever keys are set.
+        raise UsageError("--api-url is empty: give the base URL, e.g. --api-url "
+                         "http://127.0.0.1:8126, or drop it to use --site (DD_SITE)")  # fmt: skip
     shown = without_userinfo(url)
+    if url != url.strip():
+        raise UsageError(f"--api-url has spaces around it: {shown!r}; give it without them")
     try:
         parts = urlsplit(url)
         hostname = parts.hostname

@@ -75,7 +75,7 @@ def _refuse_mistakes(args: argparse.Namespace) -> None:
     if args.prune and args.dry_run and not args.preflight:
         raise UsageError("a --dry-run of --prune needs --preflight: it reads the dashboards "
                          "to know whom a run would remove")  # fmt: skip
-    if args.api_url and not args.sandbox:
+    if args.api_url is not None and not args.sandbox:  # "" too: an unset shell variable
         check_api_url(args.api_url)
     report = report_path(args)
     check_report_path(report, dry_run=args.dry_run)
