@@ -84,7 +84,7 @@ class InternalError(FatalError):
     def __init__(self, role: str, cause: BaseException) -> None:
         super().__init__(
             f"unexpected {type(cause).__name__} in the {role}: {cause}. Nothing more is sent "
-            "and nothing is lost; run the same command again (with --resume for a file) "
+            "and nothing is lost; run the same command again (a run of a file with --resume) "
             "and report this error with the log"
         )
         self.role = role

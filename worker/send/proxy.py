@@ -167,5 +167,5 @@ def refused(proxy: Proxy) -> ServiceUnreachable:
         f"the proxy {proxy} refused the credentials (407 Proxy Authentication Required). "
         f"Nothing reached the service. Fix the user and password in {proxy.source} "
         "(http://USER:PASSWORD@HOST:PORT, percent-encoded), then run the same command "
-        "again (--resume for a file)"
+        "again (a run of a file with --resume; a dry run as it was)"
     )

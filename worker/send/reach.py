@@ -100,13 +100,14 @@ class Reach:
             raise ServiceUnreachable(
                 f"cannot reach the API at {self.origin()}{self._via}: {cause}. Nothing reached "
                 f"the service. Check --api-url or --site (DD_SITE), DNS, {proxy} and TLS, then "
-                "run the same command again (--resume for a file)"
+                "run the same command again (a run of a file with --resume; a dry run as it was)"
             ) from None
 
     def origin(self) -> str:
         """Scheme, host and port of the API: never a path or credentials."""
         url = URL(self._api_url)
-        return f"{url.scheme}://{url.host}:{url.port}"
+        host = f"[{url.host}]" if ":" in (url.host or "") else url.host  # IPv6, as written
+        return f"{url.scheme}://{host}:{url.port}"
 
     def scrub(self, text: str) -> str:
         """``text`` with the keys and the proxy's credentials redacted."""
