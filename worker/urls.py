@@ -108,6 +108,7 @@ def check_api_url(url: str) -> str:
     if parts.scheme == "http" and not is_loopback_host(hostname):
         raise UsageError(
             f"--api-url {shown!r} is plain HTTP to a non-loopback host; the keys would travel "
-            "unencrypted. Use https:// (plain http is allowed only for 127.0.0.1/localhost)."
+            "unencrypted. Use https:// (plain http is allowed only to loopback: localhost, "
+            "127.0.0.0/8 written as four plain numbers, [::1])."
         )
     return url.rstrip("/")
