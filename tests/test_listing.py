@@ -122,6 +122,18 @@ async def test_without_total_count_a_listing_ends_at_an_empty_page(
     assert (listed["invitations"], listed["pages"]) == (150, 5)
 
 
+async def test_a_listing_answered_404_is_logged_as_no_dashboard_not_as_listed(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A token whose listing is a 404 logs reconcile.not_found, not an empty listing."""
+    with capture_logs() as logs:
+        result = await run(make_config(), csv_source(rows_csv([("gone-dashboard", PEOPLE[0])])))
+    assert result.summary.refused_by_code == {"token_not_found": 1}
+    [missing] = find_capture(logs, "reconcile.not_found")
+    assert (missing["token"], missing["pages"]) == ("gone-dashboard", 1)
+    assert find_capture(logs, "reconcile.listed") == []
+
+
 async def test_list_page_size_is_what_the_worker_asks_for(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:

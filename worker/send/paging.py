@@ -67,7 +67,9 @@ async def read_pages(
             if listing.read:
                 return f"page {number} answered 404 after {listing.read:,} were listed"
             listing.gone = exc.message
-            break
+            log.info("reconcile.not_found", token=token, pages=listing.pages,
+                     message=exc.message)  # fmt: skip
+            return None
         listing.pages += 1
         if result.total_count is not None:
             # More is taken for new invitations (sends go on meanwhile); fewer may have
