@@ -190,6 +190,19 @@ def test_an_empty_or_padded_api_url_is_refused_not_taken_for_the_site(
     assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_an_emulator_on_a_busy_port_says_to_choose_another() -> None:
+    """invite-worker emulator on a port already taken: exit 2, naming --port."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = invite_worker("emulator", "--port", str(port))
+    assert done.returncode == 2, done.stderr
+    assert "choose another --port, or --port 0 for a free one" in one_line(done)
+
+
 def test_an_unreachable_ipv6_api_is_named_as_it_is_written() -> None:
     """The message for an API that cannot be reached names an IPv6 host in brackets, so
     the URL it shows can be given back to --api-url."""

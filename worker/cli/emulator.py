@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import signal
 import time
 from pathlib import Path
@@ -183,7 +184,9 @@ async def emulator_command(args: argparse.Namespace) -> int:
     try:
         await emulator.start(args.host, args.port)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        fix = ("; choose another --port, or --port 0 for a free one"
+               if exc.errno == errno.EADDRINUSE else "")  # fmt: skip
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}{fix}") from None
     log.info("emulator.listening", url=emulator.url, limit=args.limit, period=args.period)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
