@@ -394,19 +394,26 @@ def test_summarize_counts_an_open_intent_unknown_whatever_an_earlier_record_says
     )
 
 
+def queue_failures(tmp_path: Path, *forbidden: str) -> Path:
+    """A report of three failures as a queue worker writes them: a@ outcome_unknown, b@
+    server_error, and ``forbidden`` refused by a 403."""
+    report = tmp_path / "r.jsonl"
+    batch = '{"kind":"batch","token":"tok","emails":%s,"status":"failed","error":%s}\n'
+    report.write_text(
+        batch % ('["a@x.example"]', '{"code":"outcome_unknown","message":"502"}')
+        + batch % ('["b@x.example"]', '{"code":"server_error","message":"500"}')
+        + batch % (json.dumps(list(forbidden)), '{"code":"forbidden","message":"403"}')
+    )
+    return report
+
+
 def test_summarize_counts_pending_what_report_failed_leaves_out_of_a_queue_report(
     tmp_path: Path,
 ) -> None:
     """A queue worker's failures that leave their message pending count as pending, not
     failed, as report failed leaves them out; with a journal (a file run's report) the
     same records are failures. The text names them and says who settles them."""
-    report = tmp_path / "r.jsonl"
-    batch = '{"kind":"batch","token":"tok","emails":%s,"status":"failed","error":%s}\n'
-    report.write_text(
-        batch % ('["a@x.example"]', '{"code":"outcome_unknown","message":"502"}')
-        + batch % ('["b@x.example"]', '{"code":"server_error","message":"500"}')
-        + batch % ('["c@x.example","d@x.example"]', '{"code":"forbidden","message":"403"}')
-    )
+    report = queue_failures(tmp_path, "c@x.example", "d@x.example")
     summarized = invite_worker("report", "summarize", str(report), "--json")
     totals = json.loads(summarized.stdout)
     assert (totals["pending"], totals["failed"], totals["failed_by_code"]) == (
@@ -426,13 +433,7 @@ def test_report_failed_leaves_out_what_a_queue_worker_left_pending(tmp_path: Pat
     as it does an open intent; a failure known unsent is listed. A file run's, an
     outcome_unknown whose intent a --resume cleared (the journal there, emptied), is
     listed."""
-    report = tmp_path / "r.jsonl"
-    batch = '{"kind":"batch","token":"tok","emails":%s,"status":"failed","error":%s}\n'
-    report.write_text(
-        batch % ('["a@x.example"]', '{"code":"outcome_unknown","message":"502"}')
-        + batch % ('["b@x.example"]', '{"code":"server_error","message":"500"}')
-        + batch % ('["c@x.example"]', '{"code":"forbidden","message":"403"}')
-    )
+    report = queue_failures(tmp_path, "c@x.example")
     out, left_out = io.StringIO(), Counter[str]()
     assert write_failed(report, out, left_out=left_out) == 1
     assert "b@x.example" in out.getvalue()
