@@ -190,6 +190,18 @@ def test_an_empty_or_padded_api_url_is_refused_not_taken_for_the_site(
     assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_a_dry_run_that_cannot_reach_the_api_is_told_to_run_as_it_was(
+    sample: Path, tmp_path: Path
+) -> None:
+    """A dry run --preflight with nothing listening halts (exit 3) with advice it can
+    follow: --resume is for a run of a file, which a dry run refuses."""
+    url = f"http://127.0.0.1:{free_port()}"
+    done = invite_worker("run", str(sample), "--dry-run", "--preflight", "--api-url", url,
+                         "--report", str(tmp_path / "p.jsonl"))  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "a run of a file with --resume; a dry run as it was" in one_line(done)
+
+
 def test_an_emulator_on_a_busy_port_says_to_choose_another() -> None:
     """invite-worker emulator on a port already taken: exit 2, naming --port."""
     import socket

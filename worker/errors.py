@@ -50,6 +50,10 @@ class StorageError(FatalError):
         self.cause = cause
 
 
+#: What a halted run's message advises: the file's run continued, a dry run made again.
+RUN_AGAIN = "run the same command again (a run of a file with --resume; a dry run as it was)"
+
+
 class ServiceUnreachable(FatalError):
     """No connection to the API could ever be made: nothing reached the service."""
 
@@ -84,7 +88,7 @@ class InternalError(FatalError):
     def __init__(self, role: str, cause: BaseException) -> None:
         super().__init__(
             f"unexpected {type(cause).__name__} in the {role}: {cause}. Nothing more is sent "
-            "and nothing is lost; run the same command again (a run of a file with --resume) "
+            f"and nothing is lost; {RUN_AGAIN} "
             "and report this error with the log"
         )
         self.role = role

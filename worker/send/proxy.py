@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from worker.errors import ServiceUnreachable, UsageError
+from worker.errors import RUN_AGAIN, ServiceUnreachable, UsageError
 from worker.urls import without_userinfo
 
 #: The variables, in the order curl reads them for an ``https://`` URL.
@@ -166,6 +166,5 @@ def refused(proxy: Proxy) -> ServiceUnreachable:
     return ServiceUnreachable(
         f"the proxy {proxy} refused the credentials (407 Proxy Authentication Required). "
         f"Nothing reached the service. Fix the user and password in {proxy.source} "
-        "(http://USER:PASSWORD@HOST:PORT, percent-encoded), then run the same command "
-        "again (a run of a file with --resume; a dry run as it was)"
+        f"(http://USER:PASSWORD@HOST:PORT, percent-encoded), then {RUN_AGAIN}"
     )

@@ -17,6 +17,7 @@ import aiohttp
 from yarl import URL
 
 from worker.errors import (
+    RUN_AGAIN,
     ConnectionDropped,
     ConnectionFailed,
     InviteWorkerError,
@@ -100,7 +101,7 @@ class Reach:
             raise ServiceUnreachable(
                 f"cannot reach the API at {self.origin()}{self._via}: {cause}. Nothing reached "
                 f"the service. Check --api-url or --site (DD_SITE), DNS, {proxy} and TLS, then "
-                "run the same command again (a run of a file with --resume; a dry run as it was)"
+                f"{RUN_AGAIN}"
             ) from None
 
     def origin(self) -> str:
