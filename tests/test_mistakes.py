@@ -42,13 +42,17 @@ KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
 
 
 def invite_worker(
-    *args: str, stdin: bytes | int | None = None, cwd: Path = ROOT, timeout: float = 60
+    *args: str,
+    stdin: bytes | int | None = None,
+    cwd: Path = ROOT,
+    timeout: float = 60,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
-    """``invite-worker ARGS`` with the test keys; stderr as console text (not JSON)."""
+    """``invite-worker ARGS`` with the test keys (and ``env``); stderr as console text."""
     return subprocess.run(
         worker_command(*args, "--log-format", "console")
         if args[0] in ("run", "enqueue", "dead-letter") else worker_command(*args),
-        env=clean_env(**KEYS), cwd=cwd, capture_output=True, timeout=timeout, check=False,
+        env=clean_env(**KEYS, **env), cwd=cwd, capture_output=True, timeout=timeout, check=False,
         text=True, **({"input": stdin.decode()} if isinstance(stdin, bytes) else {"stdin": stdin}),
     )  # fmt: skip
 
@@ -213,6 +217,28 @@ def test_an_emulator_on_a_busy_port_says_to_choose_another() -> None:
         done = invite_worker("emulator", "--port", str(port))
     assert done.returncode == 2, done.stderr
     assert "choose another --port, or --port 0 for a free one" in one_line(done)
+
+
+def test_a_wrong_dd_api_url_is_named_as_the_variable_it_came_from(
+    sample: Path, tmp_path: Path
+) -> None:
+    """A base URL from DD_API_URL that cannot be meant names DD_API_URL and how to set it,
+    not --api-url; --sandbox with it set says to unset it. --api-url still wins over it."""
+    report = str(tmp_path / "r.jsonl")
+    wrong = invite_worker("run", str(sample), "--dry-run", "--report", report,
+                          DD_API_URL="http://127.0.0.1:8126/proxy/")  # fmt: skip
+    assert wrong.returncode == 2, wrong.stderr
+    assert "DD_API_URL takes the base URL only" in one_line(wrong)
+    assert "use DD_API_URL=http://127.0.0.1:8126" in one_line(wrong)
+    sandbox = invite_worker("run", str(sample), "--sandbox", "--report", report,
+                            DD_API_URL="http://127.0.0.1:8126")  # fmt: skip
+    assert sandbox.returncode == 2, sandbox.stderr
+    assert "unset DD_API_URL" in one_line(sandbox)
+    given = invite_worker("run", str(sample), "--dry-run", "--report", report,
+                          "--api-url", "http://127.0.0.1:8126/x",
+                          DD_API_URL="http://127.0.0.1:8126")  # fmt: skip
+    assert given.returncode == 2, given.stderr
+    assert "--api-url takes the base URL only" in one_line(given)
 
 
 def test_an_unreachable_ipv6_api_is_named_as_it_is_written() -> None:

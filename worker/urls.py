@@ -73,41 +73,43 @@ def port_ok(parts: SplitResult) -> bool:
         return False
 
 
-def check_api_url(url: str) -> str:
+def check_api_url(url: str, name: str = "--api-url") -> str:
     """Validate a base URL: http(s), a host, no path or query; plain HTTP only to loopback.
 
     Keys travel in headers, so plain HTTP to any other host would publish them. No message
-    shows the URL's user-info: it may hold a password.
+    shows the URL's user-info: it may hold a password. ``name``: where the URL was given
+    (``--api-url``, or ``DD_API_URL`` when it came from the environment), as messages say.
     """
+    use = f"{name} " if name.startswith("-") else f"{name}="  # how to give it the fix
     if not url.strip():
         # Never the site's default instead: a rehearsal's --api-url "$EMULATOR" with the
         # variable unset would otherwise send real invitations with whatever keys are set.
-        raise UsageError("--api-url is empty: give the base URL, e.g. --api-url "
+        raise UsageError(f"{name} is empty: give the base URL, e.g. {use}"
                          "http://127.0.0.1:8126, or drop it to use --site (DD_SITE)")  # fmt: skip
     shown = without_userinfo(url)
     if url != url.strip():
-        raise UsageError(f"--api-url has spaces around it: {shown!r}; give it without them")
+        raise UsageError(f"{name} has spaces around it: {shown!r}; give it without them")
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
     except ValueError:  # an unclosed "[" of an IPv6 address
-        raise UsageError(f"--api-url is not a valid URL: {shown!r}") from None
+        raise UsageError(f"{name} is not a valid URL: {shown!r}") from None
     if parts.scheme not in ("http", "https") or not hostname:
-        raise UsageError(f"--api-url must be an http(s) URL with a host, got {shown!r}")
+        raise UsageError(f"{name} must be an http(s) URL with a host, got {shown!r}")
     if not port_ok(parts):
-        raise UsageError(f"--api-url has a port that is not a number from 1 to 65535: {shown!r}")
+        raise UsageError(f"{name} has a port that is not a number from 1 to 65535: {shown!r}")
     port = f":{parts.port}" if parts.port else ""
     base = f"{parts.scheme}://{hostname}{port}"  # never user-info: it may hold secrets
     # "?" or "#" with nothing after it too: urlsplit drops an empty query or fragment.
     if parts.path.strip("/") or "?" in url or "#" in url:
         what = "a path" if parts.path.strip("/") else "a query or fragment"
         raise UsageError(
-            f"--api-url takes the base URL only, without {what} (the worker adds "
-            f"/api/v1/dashboard/...); use --api-url {base}"
+            f"{name} takes the base URL only, without {what} (the worker adds "
+            f"/api/v1/dashboard/...); use {use}{base}"
         )
     if parts.scheme == "http" and not is_loopback_host(hostname):
         raise UsageError(
-            f"--api-url {shown!r} is plain HTTP to a non-loopback host; the keys would travel "
+            f"{name} {shown!r} is plain HTTP to a non-loopback host; the keys would travel "
             "unencrypted. Use https:// (plain http is allowed only to loopback: localhost, "
             "127.0.0.0/8 written as four plain numbers, [::1])."
         )

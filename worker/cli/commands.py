@@ -75,8 +75,9 @@ def _refuse_mistakes(args: argparse.Namespace) -> None:
     if args.prune and args.dry_run and not args.preflight:
         raise UsageError("a --dry-run of --prune needs --preflight: it reads the dashboards "
                          "to know whom a run would remove")  # fmt: skip
-    if args.api_url is not None and not args.sandbox:  # "" too: an unset shell variable
-        check_api_url(args.api_url)
+    api_url, named = api_url_given(args)
+    if api_url is not None and not args.sandbox:  # "" too: an unset shell variable
+        check_api_url(api_url, named)
     report = report_path(args)
     check_report_path(report, dry_run=args.dry_run)
     if is_redis_url(args.source):
@@ -92,9 +93,11 @@ def _refuse_mistakes(args: argparse.Namespace) -> None:
 
 async def run_command(args: argparse.Namespace) -> int:
     _refuse_mistakes(args)
+    api_url, named = api_url_given(args)
     if args.sandbox:
-        if args.api_url:
-            raise UsageError("--sandbox runs against the built-in emulator; drop --api-url")
+        if api_url:
+            drop = "drop --api-url" if named == "--api-url" else "unset DD_API_URL"
+            raise UsageError(f"--sandbox runs against the built-in emulator; {drop}")
         # The server side loads only when needed.
         from worker.emulator import Emulator
         from worker.emulator.dashboards import SANDBOX, dashboards_from
@@ -113,11 +116,21 @@ async def run_command(args: argparse.Namespace) -> int:
     app_key = read_key("application key", args.app_key_file, "DD_APP_KEY_FILE", "DD_APP_KEY")
     logs.configure(args.log_format, secrets=(api_key, app_key, *proxy_secrets(os.environ)),
                    level=log_level(args, watched=watched(args)))  # fmt: skip
-    api_url = args.api_url or api_url_for_site(args.site)
+    api_url = api_url or api_url_for_site(args.site)
     if args.dry_run and not args.preflight:  # no request is made, so no key is needed
         api_key, app_key = api_key or "unused-in-a-dry-run", app_key or "unused-in-a-dry-run"
     config = config_from(args, api_url, api_key, app_key)
     return await _execute(args, config)
+
+
+def api_url_given(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The base URL given instead of the site's, and where: ``--api-url`` (even empty),
+    else a non-empty ``DD_API_URL``; (None, "--api-url") when neither."""
+    if args.api_url is not None:
+        return args.api_url, "--api-url"
+    if env := os.environ.get("DD_API_URL"):
+        return env, "DD_API_URL"
+    return None, "--api-url"
 
 
 def _read_twice_safely(source: str) -> bool:

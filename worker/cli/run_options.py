@@ -80,7 +80,7 @@ def add_target_options(r: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--api-url",
-        default=os.environ.get("DD_API_URL") or None,
+        default=None,  # else DD_API_URL: see commands.api_url_given (messages name which)
         metavar="URL",
         help="base URL instead of the site's, without a path (env DD_API_URL): a reverse "
         "proxy or an emulator (an egress proxy comes from HTTPS_PROXY); "
