@@ -40,6 +40,12 @@ def site_of(api_url: str) -> str:
     return "local" if is_loopback_host(host) else host
 
 
+def bracketed(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets (``urlsplit`` and yarl
+    give it without them)."""
+    return f"[{host}]" if ":" in host else host
+
+
 def is_loopback_host(host: str) -> bool:
     """True for ``localhost`` and any loopback address (127.0.0.0/8, ::1)."""
     if host.lower() == "localhost":

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from worker.emulator.model import Logged, RateWindow, RequestLog, summarize
 from worker.emulator.responses import error, hang_up, json_response
+from worker.urls import bracketed
 
 
 class Service:
@@ -47,8 +48,7 @@ class Service:
         server = site._server
         assert isinstance(server, asyncio.base_events.Server)
         bound = server.sockets[0].getsockname()
-        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self.url = f"http://{shown}:{bound[1]}"
+        self.url = f"http://{bracketed(bound[0])}:{bound[1]}"
         return self.url
 
     async def stop(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from worker.errors import UsageError
+from worker.urls import bracketed
 
 DEFAULT_PORT = 8125
 #: ``--statsd`` with no address and no Agent environment: the Agent on this host.
@@ -32,7 +33,7 @@ class StatsdTarget:
     def __str__(self) -> str:
         if self.socket_path is not None:
             return f"unix://{self.socket_path}"
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        host = bracketed(self.host) if self.host else self.host
         return f"udp://{host}:{self.port}"
 
 

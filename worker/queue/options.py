@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from worker.errors import UsageError
-from worker.urls import port_ok
+from worker.urls import bracketed, port_ok
 
 
 def default_consumer() -> str:
@@ -114,6 +114,5 @@ class StreamOptions:
         """The URL without credentials, for logs."""
         parts = urlsplit(self.url)
         port = f":{parts.port}" if parts.port else ""
-        host = parts.hostname or ""
-        host = f"[{host}]" if ":" in host else host  # an IPv6 address, as the URL wrote it
+        host = bracketed(parts.hostname or "")  # an IPv6 address, as the URL wrote it
         return f"{parts.scheme}://{host}{port}{parts.path}#{self.stream}"

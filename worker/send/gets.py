@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from worker.send.framing import MAX_HEAD, Dropped, decoded, read_body, read_head
+from worker.urls import bracketed
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -178,7 +179,7 @@ class Gets:
 def request_tail(base: URL, headers: Mapping[str, str]) -> bytes:
     """What follows a GET's path: the version, Host (its port when not the scheme's own,
     an IPv6 address in brackets), ``headers``, the empty line."""
-    host = f"[{base.raw_host}]" if ":" in (base.raw_host or "") else base.raw_host
+    host = bracketed(base.raw_host or "")
     if base.port != _DEFAULT_PORTS[base.scheme]:
         host = f"{host}:{base.port}"
     lines = [f"Host: {host}", *(f"{name}: {value}" for name, value in headers.items())]

@@ -27,6 +27,7 @@ from worker.errors import (
 from worker.send.framing import Dropped
 from worker.send.gets import CannotConnect
 from worker.send.proxy import PROXY_AUTH_REQUIRED, Proxy, refused
+from worker.urls import bracketed
 
 #: Shorter "secrets" (the sandbox's, a test's) are not scrubbed: they would mangle words.
 MIN_SECRET_LENGTH = 8
@@ -107,8 +108,7 @@ class Reach:
     def origin(self) -> str:
         """Scheme, host and port of the API: never a path or credentials."""
         url = URL(self._api_url)
-        host = f"[{url.host}]" if ":" in (url.host or "") else url.host  # IPv6, as written
-        return f"{url.scheme}://{host}:{url.port}"
+        return f"{url.scheme}://{bracketed(url.host or '')}:{url.port}"
 
     def scrub(self, text: str) -> str:
         """``text`` with the keys and the proxy's credentials redacted."""
