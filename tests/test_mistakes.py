@@ -241,6 +241,15 @@ def test_a_wrong_dd_api_url_is_named_as_the_variable_it_came_from(
     assert "--api-url takes the base URL only" in one_line(given)
 
 
+def test_an_ipv6_api_url_with_a_path_is_told_the_base_url_in_brackets() -> None:
+    """The base URL offered for an IPv6 --api-url with a path can be given back as is."""
+    from worker.errors import UsageError
+    from worker.urls import check_api_url
+
+    with pytest.raises(UsageError, match=r"use --api-url http://\[::1\]:8126$"):
+        check_api_url("http://[::1]:8126/x")
+
+
 def test_an_unreachable_ipv6_api_is_named_as_it_is_written() -> None:
     """The message for an API that cannot be reached names an IPv6 host in brackets, so
     the URL it shows can be given back to --api-url."""

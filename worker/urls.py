@@ -105,7 +105,7 @@ def check_api_url(url: str, name: str = "--api-url") -> str:
     if not port_ok(parts):
         raise UsageError(f"{name} has a port that is not a number from 1 to 65535: {shown!r}")
     port = f":{parts.port}" if parts.port else ""
-    base = f"{parts.scheme}://{hostname}{port}"  # never user-info: it may hold secrets
+    base = f"{parts.scheme}://{bracketed(hostname)}{port}"  # never user-info: may hold secrets
     # "?" or "#" with nothing after it too: urlsplit drops an empty query or fragment.
     if parts.path.strip("/") or "?" in url or "#" in url:
         what = "a path" if parts.path.strip("/") else "a query or fragment"
