@@ -112,7 +112,7 @@ async def test_open_sessions_are_skipped_even_with_resend_after(
 
 
 def test_an_invitee_is_served_as_it_is_now_after_a_field_changes() -> None:
-    """The emulator makes an invitee's JSON once, and again once one of its fields is set."""
+    """The emulator serves an invitee as it is now, after a field of it is set."""
     invitee = Invitee("a@example.com")
     board = Dashboard(TOKEN_A, invitees={"a@example.com": invitee})
     assert board.as_json()["invitees"][0]["access_expiration"] is None

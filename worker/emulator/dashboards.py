@@ -71,17 +71,6 @@ class Invitee:
     access_expiration: float | None = None
     created_at: float = 0.0
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        self.__dict__.pop("as_json", None)  # made again from what it says now
-
-    @functools.cached_property
-    def as_json(self) -> dict[str, Any]:
-        """The invitee as the dashboard lists it: made once, not for each GET of a
-        dashboard of thousands (made again once a field is set)."""
-        return {"email": self.email, "access_expiration": iso(self.access_expiration),
-                "last_accessed": None, "created_at": iso(self.created_at)}  # fmt: skip
-
 
 @dataclass
 class Dashboard:
@@ -140,7 +129,11 @@ class Dashboard:
         """The shared dashboard object, as GET and PUT answer it."""
         invitees = None
         if self.invitees is not None:
-            invitees = [i.as_json for i in self.invitees.values()]
+            invitees = [
+                {"email": i.email, "access_expiration": iso(i.access_expiration),
+                 "last_accessed": None, "created_at": iso(i.created_at)}
+                for i in self.invitees.values()
+            ]  # fmt: skip
         return {
             "token": self.token,
             "dashboard_id": f"emu-{zlib.crc32(self.token.encode()) % 1000:03d}",
