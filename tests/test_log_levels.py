@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import structlog
 
 from tests.conftest import (
     API_KEY,
@@ -201,3 +202,36 @@ def test_a_dry_run_on_a_terminal_prints_its_plan_without_the_plan_event(tmp_path
     events = [msgspec.json.decode(line) for line in done.stderr.splitlines()]
     assert [e["event"] for e in events if e["event"] == "plan.ready"] == ["plan.ready"]
     assert "Dry run of" in done.stdout.decode()
+
+
+class _Writes:
+    """A stand-in for stderr that keeps each write() apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_each_log_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log line reaches stderr in one write, newline included: processes sharing one
+    stderr (a container's log) never split each other's lines."""
+    from worker import logs
+
+    seen = _Writes()
+    monkeypatch.setattr("sys.stderr", seen)
+    logs.configure("json")
+    structlog.get_logger("test").warning("batch.refused", token="t", emails=3)
+    assert len(seen.writes) == 1
+    line = seen.writes[0]
+    assert line.endswith("\n")
+    assert line.count("\n") == 1
+    assert msgspec.json.decode(line)["event"] == "batch.refused"

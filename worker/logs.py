@@ -177,8 +177,10 @@ def configure(
         processors=[*processors, renderer],
         # Info calls reach LevelFilter, which keeps the summary events above info.
         wrapper_class=structlog.make_filtering_bound_logger(min(level, logging.INFO)),
-        # The proxy has all PrintLogger uses of a file: write() and flush().
-        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, stream)),
+        # One write() per line, its newline included (print() writes it apart): a line
+        # never splits around another process's when several share one stderr. The proxy
+        # has all WriteLogger uses of a file: write() and flush().
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, stream)),
         cache_logger_on_first_use=True,
     )
 
