@@ -500,3 +500,39 @@ async def test_pages_read_before_a_listing_fails_are_counted(
         result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[200:210]])))
     assert result.summary.emails_sent == 0
     assert result.summary.list_pages == 1
+
+
+@pytest.mark.parametrize("with_total", [False, True])
+async def test_pages_cut_shorter_each_time_never_end_a_listing_early(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, with_total: bool
+) -> None:
+    """A service that serves 60, then 45, then 12 a page (page_number times the size
+    asked): a page holding only entries already read is a smaller size, not the end, so
+    nobody of the 300 invited is emailed again, with or without total_count."""
+    people = PEOPLE[:250] + [f"q{i}@example.com" for i in range(50)]
+    caps = iter([60, 45])
+
+    async def listing(
+        self: Invitations, request: web.Request, log: Any, headers: dict[str, str], board: Dashboard
+    ) -> web.StreamResponse:
+        asked, number = int(request.query["page_size"]), int(request.query["page_number"])
+        start = number * asked
+        page = board.invitations[start : start + min(asked, next(caps, 12))]
+        body: dict[str, Any] = {"data": [board.invitation(e, t, 0.0) for e, t in page]}
+        if with_total:
+            body["meta"] = {"page": {"total_count": len(board.invitations)}}
+        answer: web.StreamResponse = log(web.json_response(body, headers=headers))
+        return answer
+
+    monkeypatch.setattr(Invitations, "_list", listing)
+    async with Emulator(api_key=API_KEY, app_key=APP_KEY) as emulator:
+        invited_already(emulator, people)
+        config = make_config(api_url=emulator.url)
+        with capture_logs() as logs:
+            result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in people])))
+    assert result.exit_code == 0, result.summary
+    assert (result.summary.emails_sent, result.summary.emails_skipped) == (0, 300)
+    assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in people})
+    [listed] = find_capture(logs, "reconcile.listed")
+    assert (listed["invitations"], listed["page_size"]) == (300, 12)
+    assert find_capture(logs, "reconcile.list_moved") == []

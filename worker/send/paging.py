@@ -49,7 +49,8 @@ async def read_pages(
     not the end: the service may honor a smaller size than the one asked for, so the
     listing goes on at that size. ``page_number`` counts pages of the size asked, so
     after a change of size the next page starts from the entries read so far, and any
-    of them the page repeats are passed over.
+    of them the page repeats are passed over (a page holding none but those: a smaller
+    size again, not an end).
     """
     listing, size = builder.listing, page_size
     seen: set[int] = set()  # what every page held
@@ -77,17 +78,23 @@ async def read_pages(
             if total is not None and result.total_count < total:
                 return f"total_count went down from {total:,} to {result.total_count:,}"
             total = result.total_count
-        fresh = result.invitations[skip:]
-        if not fresh:  # an empty page: the end, unless the total says more
+        page = result.invitations
+        if not page:  # an empty page: the end, unless the total says more
             if total is not None and listing.read < total:
                 return f"page {number} was empty after {listing.read:,} of {total:,}"
             break
+        fresh = page[skip:]
+        if not fresh:
+            # Shorter than the entries already read ahead of it: not an end either, but a
+            # smaller size honored (a service whose cap varies from page to page). The
+            # next page, at this size, starts past the last entry read.
+            size = len(page)
+            continue
         # Two pages holding the same invitations (address and creation time, in the
         # same order) are one page served twice: page_number is not honored, or as
         # many invitations were created ahead meanwhile; counting on would take the
         # page for the rest of the listing. Their first and last entries tell: two
         # pages of one listing never share both.
-        page = result.invitations
         held = hash((len(page), _IDENTITY(page[0]), _IDENTITY(page[-1])))
         if held in seen:
             return (f"page {number} repeated an earlier page: page_number is not honored, "
@@ -98,8 +105,8 @@ async def read_pages(
         # to an empty page instead.
         if total == listing.read:
             break
-        if len(result.invitations) != size:
-            size = len(result.invitations)  # the size the service honors
+        if len(page) != size:
+            size = len(page)  # the size the service honors
     log.info("reconcile.listed", token=token, invitations=listing.read,
              pages=listing.pages, page_size=size)  # fmt: skip
     return None
