@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from tests.conftest import (
@@ -33,6 +35,8 @@ from worker.config import Config
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard
 from worker.emulator.invitations import Invitations
+from worker.queue.options import StreamOptions
+from worker.queue.runner import run_stream
 from worker.record.journal import Journal, journal_path
 from worker.run import run
 from worker.send import client_for, pacer_for, preflight_for, reconcile, reconciler_for
@@ -341,7 +345,7 @@ async def test_a_service_ignoring_page_number_fails_the_token_and_sends_nothing(
     assert not [r for r in emulator.requests if r.method == "POST"]
     assert result.summary.emails_failed == 250
     failed = by_kind(read_report(make_config().report_path), "batch")
-    assert {b["error"]["code"] for b in failed} == {"unexpected_response"}
+    assert {b["error"]["code"] for b in failed} == {"listing_moved"}
 
 
 async def test_429s_and_retries_of_the_checks_reads_are_in_the_summary(
@@ -463,7 +467,7 @@ async def test_a_listing_that_moves_every_time_it_is_read_fails_its_token_unsent
     make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Invitations revoked during every reading: after three readings the token's rows fail
-    (unexpected_response, saying the list kept changing), and nothing is POSTed."""
+    (listing_moved, saying the list kept changing), and nothing is POSTed."""
     people = PEOPLE[:200]
 
     def revoke_one_each_time(board: Dashboard, number: int, times: int) -> tuple[int, None]:
@@ -479,8 +483,43 @@ async def test_a_listing_that_moves_every_time_it_is_read_fails_its_token_unsent
     assert result.summary.emails_failed == 190
     assert not [r for r in emulator.requests if r.method == "POST"]
     batches = by_kind(read_report(config.report_path), "batch")
-    assert {b["error"]["code"] for b in batches} == {"unexpected_response"}
+    assert {b["error"]["code"] for b in batches} == {"listing_moved"}
     assert "kept changing while it was read" in batches[0]["error"]["message"]
+
+
+async def test_a_queue_worker_checks_a_moving_listing_again_rather_than_dead_lettering(
+    make_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """A listing that moves during its first three readings only: a queue worker leaves
+    the token's messages pending (listing_moved), claims them again after --claim-idle
+    and sends each once; nothing is dead-lettered."""
+    people = PEOPLE[:200]
+    fresh = [f"new{i}@example.com" for i in range(5)]
+
+    def revoke_during_three_readings(board: Dashboard, number: int, times: int) -> tuple[int, None]:
+        if number == 1 and times <= 3:
+            board.invitations = board.invitations[1:]
+        return number, None
+
+    async with served_as(monkeypatch, revoke_during_three_readings) as emulator:
+        board = emulator.add_dashboard(TOKEN_A, invitees=people + fresh)
+        board.invitations.extend((e, emulator._clock() - 3600) for e in people)
+        emulator.invited.update((TOKEN_A, e) for e in people)
+        for email in fresh:
+            await redis.xadd(stream_name, {"token": TOKEN_A, "email": email})
+        config = make_config(api_url=emulator.url, linger=0.05)
+        options = StreamOptions(url=redis_server, stream=stream_name, until_empty=True,
+                                claim_idle=0.5)  # fmt: skip
+        result = await asyncio.wait_for(run_stream(config, options), 30)
+    assert await redis.xlen(f"{stream_name}:dead") == 0
+    assert result.summary.emails_sent == 5
+    assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in people + fresh})
+    failed = by_kind(read_report(config.report_path), "batch")
+    assert {b["error"]["code"] for b in failed if b["status"] == "failed"} == {"listing_moved"}
 
 
 async def test_pages_read_before_a_listing_fails_are_counted(

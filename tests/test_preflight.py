@@ -692,7 +692,7 @@ async def test_a_check_that_fails_is_not_made_again_for_every_batch_of_the_token
     assert result.summary.emails_failed == 50
     failed = [e for e in logs if e["event"] == "batch.failed"]
     assert len(failed) == 10
-    assert {e["code"] for e in failed} == {"unexpected_response"}
+    assert {e["code"] for e in failed} == {"listing_moved"}
     assert posts(emulator) == []
     # One listing, read again from its start as any listing that moved is: two pages each.
     listed = [r for r in emulator.requests if r.path.endswith("/invitation")]

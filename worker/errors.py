@@ -197,6 +197,16 @@ class ConnectionDropped(OutcomeUnknown):
     keep_pending = False  # settled by listing on each attempt: known not created
 
 
+class ListingMoved(RetryableError):
+    """The token's invitation list kept changing while it was read (invitations revoked
+    meanwhile): who is invited cannot be told now, so nobody of the token is sent. It
+    may settle: ``--resume`` reads it again, and in queue mode the messages stay pending,
+    to be claimed and checked again after ``--claim-idle``."""
+
+    code = "listing_moved"
+    keep_pending = True
+
+
 class PermanentError(SendError):
     """Sending the same request again will fail the same way."""
 

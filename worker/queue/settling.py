@@ -16,7 +16,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from worker.clock import Clock
-from worker.errors import OutcomeUnknown, QueueLost, TokenNotFound, keeps_pending
+from worker.errors import ListingMoved, OutcomeUnknown, QueueLost, TokenNotFound, keeps_pending
 from worker.outcome import Outcome, Status
 from worker.queue.deliveries import SLICE, HeldDeliveries
 from worker.queue.messages import MessageIndex, RecentlySettled
@@ -28,6 +28,10 @@ from worker.send.sender import Sender
 from worker.state import RunState
 
 log = structlog.get_logger("worker.queue")
+
+#: Failures that leave a message pending while the worker goes on, to be checked again:
+#: its hold is let go of, so that it is claimed (by any worker) after --claim-idle.
+RETRIED_LATER = frozenset({OutcomeUnknown.code, ListingMoved.code})
 
 
 class Settling:
@@ -60,7 +64,7 @@ class Settling:
             return
         error = outcome.error
         if error is None or keeps_pending(error.code):
-            if error is not None and error.code == OutcomeUnknown.code and not self.stop.is_set():
+            if error is not None and error.code in RETRIED_LATER and not self.stop.is_set():
                 self.held.forget(mids)  # left pending for its own failure: it counts
             return
         if error.code == TokenNotFound.code:

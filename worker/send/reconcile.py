@@ -18,7 +18,7 @@ from collections.abc import Collection
 import structlog
 
 from worker.clock import Clock
-from worker.errors import UnexpectedResponse
+from worker.errors import ListingMoved
 from worker.outcome import Invitation, Outcome, Status
 from worker.send.client import InvitationClient
 from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_epoch
@@ -187,7 +187,7 @@ class Reconciler:
                 return builder.done()
             log.warning("reconcile.list_moved", token=token, attempt=attempt, why=moved,
                         action="reading it again from its first page")  # fmt: skip
-        raise UnexpectedResponse(
+        raise ListingMoved(
             f"the invitation list kept changing while it was read ({moved}), "
             f"{LIST_ATTEMPTS} times: who is invited cannot be told, so nobody of this token "
             "is sent now; run again (--resume) once the dashboard's invitations settle"
