@@ -40,7 +40,7 @@ from worker.queue.runner import run_stream
 from worker.record.journal import Journal, journal_path
 from worker.run import run
 from worker.send import client_for, pacer_for, preflight_for, reconcile, reconciler_for
-from worker.send.compact import MERGE_EVERY, ListingBuilder, address_key, keys_of
+from worker.send.compact import MERGE_EVERY, ListingBuilder, address_key, iso_epoch, keys_of
 from worker.send.listed import Listed, read_dashboard, read_listing
 from worker.send.reconcile import CACHED_LISTINGS
 
@@ -575,3 +575,18 @@ async def test_pages_cut_shorter_each_time_never_end_a_listing_early(
     [listed] = find_capture(logs, "reconcile.listed")
     assert (listed["invitations"], listed["page_size"]) == (300, 12)
     assert find_capture(logs, "reconcile.list_moved") == []
+
+
+def test_a_time_without_an_offset_is_read_as_utc_in_any_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A listed time with no UTC offset is UTC, as the API's are, whatever the machine's
+    zone: it is compared with when requests were sent."""
+    monkeypatch.setenv("TZ", "XXX-9")  # nine hours ahead of UTC, no zone files needed
+    time.tzset()
+    try:
+        assert iso_epoch("2024-01-01T00:00:00") == 1704067200.0
+        assert iso_epoch("2024-01-01T09:00:00+09:00") == 1704067200.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()

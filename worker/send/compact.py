@@ -21,7 +21,7 @@ import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from worker.outcome import Invitation
@@ -77,13 +77,18 @@ def key_set(emails: Iterable[str]) -> npt.NDArray[np.int64]:
 
 
 def iso_epoch(value: str | None) -> float | None:
-    """An ISO 8601 time from the API as epoch seconds; None when absent or unreadable."""
+    """An ISO 8601 time from the API as epoch seconds; None when absent or unreadable.
+
+    One without an offset is UTC, as the API's times are: read as the machine's local
+    time, it would move by the zone's offset, and what is decided by comparing it with
+    when a request was sent (did that request create the invitation?) with it."""
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(value).timestamp()
+        when = datetime.fromisoformat(value)
     except ValueError:
         return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 @dataclass(slots=True)
