@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from worker.batching import Batch
 from worker.clock import FakeClock
 from worker.config import Config
 from worker.outcome import Failure, Outcome, Status
@@ -173,3 +174,31 @@ async def test_a_dead_letter_lets_go_of_its_own_hold_only(redis: Redis, stream_n
                                                      ("tok-b", "bo@example.com")], now)  # fmt: skip
     assert taken == {"8-2"}  # a's pair was let go of; b's copy still holds its own
     assert await redis.xlen(f"{stream_name}:dead") == 2
+
+
+async def test_a_long_lived_worker_keeps_no_deleted_dashboard_past_its_check(
+    tmp_path: Path,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """Fifty tokens answer 404 once and never come again: once their dashboard check has
+    aged, the worker keeps none of them (it would otherwise hold each for its life)."""
+    options = StreamOptions(url=redis_server, stream=stream_name)
+    clock = FakeClock()
+
+    def aged_in_a_minute(**overrides: object) -> Config:
+        return make_config(preflight_ttl=60.0, **overrides)
+
+    async with consumers(tmp_path, aged_in_a_minute, redis, options, clock, "c1") as [consumer]:
+        for n in range(50):
+            for outcome in await consumer.sender.send(Batch(f"gone{n:03d}-x", ["a@example.com"])):
+                consumer.on_outcome(outcome)
+        assert (len(consumer.gone), len(consumer.sender.dead_tokens)) == (50, 50)
+        clock.advance(30)
+        await consumer._take([], reclaimed=False)  # a read of nothing, as the loop's
+        assert (len(consumer.gone), len(consumer.sender.dead_tokens)) == (50, 50)
+        clock.advance(31)
+        await consumer._take([], reclaimed=False)
+        assert (len(consumer.gone), len(consumer.sender.dead_tokens)) == (0, 0)

@@ -71,6 +71,7 @@ class Consumer(Settling):
         #: from then on; a worker that runs for days asks again once the dashboard check
         #: has aged (``preflight_ttl``): the dashboard may have been shared since.
         self.gone: dict[str, float] = {}
+        self._gone_swept = clock.time()
         self.holds_period = hold_period(clock.time())
 
     async def batches(self) -> AsyncGenerator[Batch, None]:
@@ -199,8 +200,13 @@ class Consumer(Settling):
         return full
 
     def _aged_gone(self, tokens: set[str]) -> list[str]:
-        """Of ``tokens``, those that answered 404 longer ago than a dashboard check lasts."""
+        """Of ``tokens``, those that answered 404 longer ago than a dashboard check lasts;
+        once per check's life, every such token, whether it came again or not: a worker
+        that runs for days meets many deleted dashboards, and keeps none past its check."""
         now, ttl = self.clock.time(), self.config.preflight_ttl or 0.0
+        if now - self._gone_swept > ttl:
+            self._gone_swept = now
+            tokens = set(self.gone)
         aged = [token for token in tokens.intersection(self.gone) if now - self.gone[token] > ttl]
         for token in aged:
             del self.gone[token]
