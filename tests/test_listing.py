@@ -590,3 +590,39 @@ def test_a_time_without_an_offset_is_read_as_utc_in_any_zone(
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_long_listing_folds_to_what_each_address_last_said(seed: int) -> None:
+    """Pages past many merges (sizes 0-7, repeats, any case, unreadable times, sessions):
+    each address keeps its newest readable time and its latest session end, as a plain
+    reading of every entry says."""
+    rng = random.Random(seed)
+    base = 1767225600
+    builder = ListingBuilder(0.0)
+    newest: dict[int, float] = {}
+    ends: dict[int, float] = {}
+    for _ in range(MERGE_EVERY * 9 + 5):
+        page = []
+        for _ in range(rng.randrange(8)):
+            email = f"u{rng.randrange(400)}@x.io"
+            email = email.upper() if rng.random() < 0.2 else email
+            at = rng.randrange(60)
+            stamp = "no time" if rng.random() < 0.1 else f"2026-01-01T00:00:{at:02d}+00:00"
+            session = rng.random() < 0.05
+            page.append(Listed(email, stamp, has_session=session,
+                               session_expiry=f"2026-01-01T00:01:{at:02d}+00:00"))  # fmt: skip
+            key = address_key(email)
+            when = math.nan if stamp == "no time" else float(base + at)
+            newest[key] = max(newest.get(key, math.nan), when, key=lambda t: -math.inf if
+                              math.isnan(t) else t)  # fmt: skip
+            ends[key] = max(ends.get(key, -math.inf), base + 60 + at if session else -math.inf)
+        builder.add(page)
+    listing = builder.done()
+    assert sorted(listing.keys.tolist()) == listing.keys.tolist() == sorted(newest)
+    got = dict(zip(listing.keys.tolist(), listing.created.tolist(), strict=True))
+    unread = -1.0  # NaN never equals itself
+    assert {k: unread if math.isnan(t) else t for k, t in got.items()} == {
+        k: unread if math.isnan(t) else t for k, t in newest.items()
+    }
+    assert dict(zip(listing.keys.tolist(), listing.session_ends.tolist(), strict=True)) == ends
