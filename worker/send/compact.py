@@ -80,8 +80,8 @@ def iso_epoch(value: str | None) -> float | None:
     """An ISO 8601 time from the API as epoch seconds; None when absent or unreadable.
 
     One without an offset is UTC, as the API's times are: read as the machine's local
-    time, it would move by the zone's offset, and what is decided by comparing it with
-    when a request was sent (did that request create the invitation?) with it."""
+    time it would move by the zone's offset, and it is compared with when requests were
+    sent (did that request create this invitation?)."""
     if value is None:
         return None
     try:
@@ -121,8 +121,9 @@ class TokenListing:
         return found, np.where(found, self.created[at], math.nan)
 
 
-#: A sorted, distinct run of a listing: keys, newest creation times, session ends (None:
-#: no open session among them).
+#: Columns of listed entries: keys, creation times, session ends (None: no open session
+#: among them). A page's, as read; a run's, sorted and distinct (each key once, with its
+#: newest time and latest session end).
 Run = tuple[Any, Any, Any]
 
 
