@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import signal
@@ -36,6 +37,9 @@ from tests.conftest import (
     worker_command,
 )
 from tests.conftest import worker_env as clean_env
+from worker.config import Config
+from worker.errors import UsageError
+from worker.queue.options import StreamOptions
 
 SAMPLE = ROOT / "sample_inputs" / "invites.csv"
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
@@ -577,3 +581,36 @@ def test_durations_are_plain_numbers_and_access_lasts_at_least_a_minute() -> Non
     done = invite_worker("run", sample, "--sandbox", "--add-invitees", "--access-expires=90m",
                          "--dry-run", "--report", "/dev/null/never")  # fmt: skip
     assert "--access-expires" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "field"),
+    [("--reconcile-delay", "reconcile_delay"), ("--grace", "grace"), ("--timeout", "timeout"),
+     ("--max-wait", "max_wait"), ("--linger", "linger"), ("--progress-every", "progress_every")],
+)  # fmt: skip
+@pytest.mark.parametrize("value", [math.inf, math.nan, -1.0])
+def test_a_duration_that_is_endless_or_not_a_number_is_refused(
+    make_config: Callable[..., Config], option: str, field: str, value: float
+) -> None:
+    """inf, NaN or a negative duration is a usage error naming the option: an endless
+    --reconcile-delay once hung a run at its first 5xx, and NaN passed every check."""
+    with pytest.raises(UsageError, match=rf"^{option} must be .* seconds.*, got {value}"):
+        make_config(**{field: value})
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_an_endless_claim_idle_is_refused(value: float) -> None:
+    """--claim-idle inf would leave a dead worker's messages unclaimed for ever."""
+    with pytest.raises(UsageError, match=r"^--claim-idle must be a positive number"):
+        StreamOptions(url="redis://127.0.0.1:6390/0", stream="s", claim_idle=value)
+
+
+def test_reconcile_delay_inf_is_exit_2_before_anything_is_read(
+    sample: Path, tmp_path: Path
+) -> None:
+    """On the command line: exit 2 and one line naming the option, no report made."""
+    done = invite_worker("run", str(sample), "--sandbox", "--reconcile-delay", "inf",
+                         "--report", str(tmp_path / "r.jsonl"))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--reconcile-delay must be a number of seconds, 0 or more, got inf" in one_line(done)
+    assert not (tmp_path / "r.jsonl").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,8 +131,7 @@ class Config:
             )
         _check_range("--batch-size", self.batch_size, 1, 10_000)
         _check_range("--concurrency", self.concurrency, 1, 256)
-        if not self.linger >= 0:
-            raise UsageError(f"--linger must be >= 0 seconds, got {self.linger}")
+        check_seconds("--linger", self.linger, zero=True)
         _check_range("--max-attempts", self.max_attempts, 1, 100)
         _check_range("--list-page-size", self.list_page_size, 1, 10_000)
         if self.rate is not None and not self.rate > 0:
@@ -142,8 +142,7 @@ class Config:
             ("backoff_base", self.backoff_base),
             ("backoff_max", self.backoff_max),
         ):
-            if not value > 0:
-                raise UsageError(f"{name} must be a positive number of seconds, got {value}")
+            check_seconds(name, value)
         for name, value in (
             ("ratelimit_jitter", self.ratelimit_jitter),
             ("ratelimit_default_wait", self.ratelimit_default_wait),
@@ -151,12 +150,10 @@ class Config:
             ("reconcile_skew", self.reconcile_skew),
             ("--grace", self.grace),
         ):
-            if value < 0:
-                raise UsageError(f"{name} must not be negative, got {value}")
+            check_seconds(name, value, zero=True)
         if self.progress not in ("bar", "events", "off"):
             raise UsageError(f"progress must be bar, events or off, got {self.progress!r}")
-        if not self.progress_every > 0:
-            raise UsageError("--progress-every must be a positive number of seconds")
+        check_seconds("--progress-every", self.progress_every)
         if self.resend and self.resend_after is not None:
             raise UsageError("--resend sends to everyone; it cannot go with --resend-after")
         if self.resend_after is not None and not self.resend_after > 0:
@@ -171,6 +168,18 @@ class Config:
                              "36500d (100 years), e.g. 7d or 12h")  # fmt: skip
         if self.max_buffered_rows < self.batch_size:
             raise UsageError("max_buffered_rows must be at least --batch-size")
+
+
+def check_seconds(name: str, value: float, *, zero: bool = False) -> None:
+    """A duration option: a finite number of seconds, positive (or 0 too, with ``zero``).
+
+    Infinity and NaN are refused like a negative number: an endless wait (for a request
+    that may have created invitations, for in-flight requests on a stop) is a hang, and
+    NaN compares false with everything, so it would pass any check but this one."""
+    if not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+        kind = "a number of seconds, 0 or more" if zero else "a positive number of seconds"
+        example = f"; e.g. {name} 10" if name.startswith("--") else ""
+        raise UsageError(f"{name} must be {kind}, got {value}{example}")
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
+from worker.config import check_seconds
 from worker.errors import UsageError
 from worker.urls import bracketed, port_ok
 
@@ -104,8 +105,7 @@ class StreamOptions:
             object.__setattr__(self, "dead_letter", f"{self.stream}:dead")
         if self.dead_letter == self.stream:
             raise UsageError("--dead-letter must differ from --stream")
-        if not self.claim_idle > 0:
-            raise UsageError(f"--claim-idle must be > 0 seconds, got {self.claim_idle}")
+        check_seconds("--claim-idle", self.claim_idle)
         if self.max_deliveries < 1 or self.read_count < 1:
             raise UsageError("--max-deliveries must be at least 1")
 
