@@ -89,7 +89,8 @@ def test_summarize_agrees_with_the_report_to_the_row(
     tmp_path: Path, start_emulator: Callable[..., str]
 ) -> None:
     """Across a run refused by its keys and its --resume, summarize counts each pair's
-    final state, and agrees with the records line by line."""
+    final state, and agrees with the records line by line; after the refused run alone it
+    says that run stopped (exit 3) and how to finish."""
     url = start_emulator()
     source = tmp_path / "in.csv"
     rows = [f"tok-{i % 3},u{i}@example.com" for i in range(50)]
@@ -99,12 +100,18 @@ def test_summarize_agrees_with_the_report_to_the_row(
     common = ("run", str(source), "--api-url", url, "--report", str(report), "--batch-size", "7")
     refused = invite_worker(*common, DD_API_KEY="wrong-key-123456", DD_APP_KEY=APP_KEY)
     assert refused.returncode == 3, refused.stderr.decode()
+    stopped = invite_worker("report", "summarize", str(report)).stdout.decode()
+    assert "(1 run; the last run stopped before the end (exit 3))" in stopped
+    assert "run it again with --resume to finish." in stopped
+    totals = json.loads(invite_worker("report", "summarize", str(report), "--json").stdout)
+    assert totals["last_run"]["exit_code"] == 3
     resumed = invite_worker(*common, "--resume", **KEYS)
     assert resumed.returncode == 1, resumed.stderr.decode()
     totals = json.loads(invite_worker("report", "summarize", str(report), "--json").stdout)
     assert (totals["sent"], totals["failed"], totals["rejected"]) == (50, 2, 1)
     assert totals["runs"] == 2
     assert totals["complete"] is True
+    assert totals["last_run"] == {"exit_code": 1, "unsent": 0, "unread": 0}
     records = read_report(report)
     assert totals["requests"] == sum(r["requests"] for r in by_kind(records, "summary"))
     assert records[-1]["job"] == {"emails_sent": 50, "emails_failed": 2, "emails_skipped": 0,
@@ -115,6 +122,7 @@ def test_summarize_agrees_with_the_report_to_the_row(
     human = invite_worker("report", "summarize", str(report)).stdout.decode()
     assert "emails sent        50" in human
     assert "(2 runs)" in human
+    assert "stopped" not in human
 
 
 def test_failed_rows_come_back_as_a_csv_that_reruns_cleanly(

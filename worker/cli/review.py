@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from worker.cli.guards import check_failed_output
 from worker.cli.help import command, json_stderr, say
 from worker.errors import UsageError, keeps_pending
+from worker.exits import EXIT_ABORTED
 from worker.outcome import REFUSED, Status
 from worker.record.files import reads_as_report
 from worker.record.journal import journal_path
@@ -22,10 +23,13 @@ from worker.record.replay import Replay, records
 from worker.validate import pair_key
 
 
-def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
-    """The summary for a person."""
-    runs = totals["runs"]
+def print_summary(path: Path, totals: dict[str, Any], out: TextIO, *, queued: bool = False) -> None:
+    """The summary for a person (``queued``: a queue worker's report)."""
+    runs, last = totals["runs"], totals["last_run"]
     state = "" if totals["complete"] else "; the last run did not finish: no summary"
+    stopped = last is not None and last["exit_code"] == EXIT_ABORTED
+    if stopped:
+        state = "; the last run stopped before the end (exit 3)"
     print(f"Report {path} ({runs} run{'s' if runs != 1 else ''}{state})", file=out)
     lines = [
         ("emails sent", totals["sent"]),
@@ -65,9 +69,17 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO) -> None:
                 print(f"  {name:<18} {count:,}", file=out)
     if totals["pending"]:
         print(f"{totals['pending']:,} email(s) failed in a way that leaves their stream "
-              "message pending (outcome_unknown, forbidden, aborted): the worker that claims "
-              "it settles it, in its own report; `report failed` leaves them out.",
+              "message pending (outcome_unknown, listing_moved, forbidden, aborted): the "
+              "worker that claims it settles it, in its own report; `report failed` "
+              "leaves them out.",
               file=out)  # fmt: skip
+    if stopped:
+        left = [f"{last['unsent']:,} email(s) read but not sent"] if last["unsent"] else []
+        left += [f"{last['unread']:,} row(s) not read"] if last["unread"] else []
+        finish = ("what it did not settle stays pending in the stream, for the next worker"
+                  if queued else "run it again with --resume to finish")  # fmt: skip
+        detail = f" ({', '.join(left)})" if left else ""
+        print(f"The last run stopped before the end{detail}: {finish}.", file=out)
     if totals["unknown"]:
         print(f"{totals['unknown']:,} email(s) with an unknown outcome: a run stopped with "
               "their requests out (or is still running). `run --resume` with this report "
@@ -248,7 +260,7 @@ def report_command(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(totals))
         else:
-            print_summary(args.report, totals, sys.stdout)
+            print_summary(args.report, totals, sys.stdout, queued=queued)
         return 0
     left_out: Counter[str] = Counter()
     if args.output is None or str(args.output) == "-":  # "-": standard output, as for input

@@ -141,6 +141,11 @@ class SummaryRecord(msgspec.Struct, tag_field="kind", tag="summary"):
     rate_limited: int = 0
     ratelimit_waits: int = 0
     duration_ms: float = 0.0
+    #: How the run ended (3: stopped before the end), what it read and did not send, and
+    #: the rows it never read (None: unknown, as for a pipe).
+    exit_code: int | None = None
+    unsent: int = 0
+    unread: int | None = None
 
 
 ReportRecord = (

@@ -38,6 +38,8 @@ from worker.validate.dedupe import locate, member
 
 #: Request counters summed over the runs' summaries.
 RUN_COUNTERS = ("requests", "retries", "rate_limited", "ratelimit_waits", "duration_ms")
+#: What ``summary()["last_run"]`` says of the last run's end.
+LAST_RUN = ("exit_code", "unsent", "unread")
 
 
 def records(path: Path) -> Iterator[ReportRecord]:
@@ -217,7 +219,8 @@ class Replay:
         ``unknown``: keys of the pairs whose outcome is unknown (see :meth:`open_in`); each
         counts as unknown only, whatever an earlier record of it says. ``queued``: a queue
         worker's report (no journal), whose failures that leave their message pending
-        (``outcome_unknown``, ``forbidden``, ``aborted``) count as ``pending``, not failed:
+        (``outcome_unknown``, ``listing_moved``, ``forbidden``, ``aborted``) count as
+        ``pending``, not failed:
         the worker that claims the message settles them, in its own report."""
         import numpy as np
 
@@ -252,6 +255,10 @@ class Replay:
             "pending": statuses["pending"],
             "runs": len(self.runs),
             "complete": self.ends_with_summary,
+            # How the last run ended, from its summary (None: it wrote none).
+            "last_run": {name: getattr(self.runs[-1], name) for name in LAST_RUN}
+            if self.ends_with_summary and self.runs
+            else None,
         }
         for name in RUN_COUNTERS:
             totals[name] = sum(getattr(run, name) for run in self.runs)
