@@ -8,6 +8,7 @@ import math
 import random
 
 import pytest
+from structlog.testing import capture_logs
 
 from worker.clock import FakeClock, unless_set
 from worker.emulator import Emulator
@@ -85,6 +86,29 @@ async def test_budget_is_spread_evenly_to_the_window_end() -> None:
     assert all(g == pytest.approx(gaps[0], rel=0.05) for g in gaps)
     assert 1.5 < gaps[0] < 2.6
     assert times[-1] < 1010
+
+
+async def test_a_budget_spread_hours_apart_is_said_once_per_window() -> None:
+    """Three requests a day: the next waits hours to spread the budget, and says so once
+    (ratelimit.wait, reason paced), not silently; a short spread says nothing."""
+    clock = FakeClock(start=86_400.0)
+    pacer = Pacer(clock, max_wait=86_400.0)
+    first = await pacer.acquire()
+    with capture_logs() as logs:
+        pacer.release(first, RateLimitInfo(limit=3, period=86_400, remaining=2, reset=86_400))
+        second = await pacer.acquire()
+        pacer.release(second, None)
+        await pacer.acquire()
+    waits = [e for e in logs if e["event"] == "ratelimit.wait"]
+    assert [w["reason"] for w in waits] == ["paced"]
+    assert waits[0]["seconds"] == pytest.approx(86_400 / 3, rel=0.01)
+    assert (waits[0]["limit"], waits[0]["period"]) == (3, 86_400)
+    short = Pacer(FakeClock(start=1000.0))
+    sent = await short.acquire()
+    with capture_logs() as logs:
+        short.release(sent, RateLimitInfo(limit=5, period=10, remaining=4, reset=10))
+        await short.acquire()
+    assert [e for e in logs if e["event"] == "ratelimit.wait"] == []
 
 
 async def test_in_flight_requests_count_against_remaining() -> None:

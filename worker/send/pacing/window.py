@@ -20,6 +20,8 @@ log = structlog.get_logger("worker.pacing")
 
 #: Extra wait past a window boundary before counting on the new budget, for clock skew.
 BOUNDARY_MARGIN = 0.02
+#: A wait between two requests this long or longer, to spread a window's budget, is logged.
+LONG_PACE = 30.0
 
 
 def window_end(now: float, info: RateLimitInfo) -> float | None:
@@ -65,6 +67,7 @@ class Window:
         self.end: float | None = None
         self.remaining = 0
         self._logged: float | None = None
+        self._paced_logged: float | None = None
         #: Times the budget was spent and senders had to wait for the next window.
         self.waits = 0
 
@@ -99,7 +102,15 @@ class Window:
         # Spread what is left evenly between the last send and the window's end: with the
         # full budget of a fresh window that is exactly Period / Limit apart.
         earliest = last_send + (self.end - last_send) / (budget + 1)
-        return earliest - now if earliest > now else None
+        if earliest <= now:
+            return None
+        if earliest - now >= LONG_PACE and self._paced_logged != self.end:
+            # A small budget over a long window (3 a day) spaces requests hours apart:
+            # said once per window, or the run would look stuck.
+            self._paced_logged = self.end
+            log.info("ratelimit.wait", reason="paced", seconds=round(earliest - now, 3),
+                     limit=self.limit, period=self.period)  # fmt: skip
+        return earliest - now
 
     def observe(self, sent_at: float, end: float, remaining: int) -> bool:
         """An answer says ``remaining`` in the window ending at ``end``; True if news."""
