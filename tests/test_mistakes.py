@@ -614,3 +614,19 @@ def test_reconcile_delay_inf_is_exit_2_before_anything_is_read(
     assert done.returncode == 2, done.stderr
     assert "--reconcile-delay must be a number of seconds, 0 or more, got inf" in one_line(done)
     assert not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--resend-after", "-1d"), ("--access-expires", "-5m")]
+)
+def test_a_negative_duration_is_named_not_taken_for_a_missing_value(
+    sample: Path, tmp_path: Path, option: str, value: str
+) -> None:
+    """argparse reads '-1d' as an option, so it said "expected one argument" of an option
+    given one: the message names the negative value and a positive example."""
+    done = invite_worker("run", str(sample), "--sandbox", "--add-invitees", option, value,
+                         "--report", str(tmp_path / "r.jsonl"))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    line = one_line(done)
+    assert f"argument {option}: '{value}' is negative; use e.g. {option} {value[1:]}" in line
+    assert not (tmp_path / "r.jsonl").exists()

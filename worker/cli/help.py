@@ -7,6 +7,8 @@ Every command has a description and examples; every option says what it does, it
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 import sys
 import textwrap
 from typing import Any, NoReturn
@@ -55,11 +57,26 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """One line naming the mistake and where the options are: no usage dump."""
+        message = _negative_value(message, sys.argv[1:]) or message
         if json_stderr(sys.argv[1:]):
             say("cli.usage_error", f"{self.prog}: {message}", json_lines=True)
             raise SystemExit(EXIT_USAGE)
         print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+def _negative_value(message: str, argv: list[str]) -> str | None:
+    """argparse takes ``--resend-after -1d`` for an option missing its value (``-1d``
+    looks like an option): say what was given instead."""
+    missing = re.fullmatch(r"argument (\S+): expected one argument", message)
+    if missing is None:
+        return None
+    names = missing.group(1).split("/")
+    for option, value in itertools.pairwise(argv):
+        if option in names and re.match(r"-\.?\d", value):
+            example = f"{option} {value.lstrip('-')}"
+            return f"argument {missing.group(1)}: {value!r} is negative; use e.g. {example}"
+    return None
 
 
 def command(sub: Any, name: str, description: str, examples: str, **extra: Any) -> Parser:
