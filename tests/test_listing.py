@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +397,20 @@ def served_as(
     return Emulator(api_key=API_KEY, app_key=APP_KEY)
 
 
+async def sends_nobody_again(
+    emulator: Emulator, make_config: Callable[..., Config], people: list[str]
+) -> list[MutableMapping[str, Any]]:
+    """Run ``people`` (all invited already) for TOKEN_A: nobody is sent, everyone skipped,
+    each invited once in all. The run's logs."""
+    config = make_config(api_url=emulator.url)
+    with capture_logs() as logs:
+        result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in people])))
+    assert result.exit_code == 0, result.summary
+    assert (result.summary.emails_sent, result.summary.emails_skipped) == (0, len(people))
+    assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in people})
+    return logs
+
+
 def invited_already(emulator: Emulator, people: list[str]) -> None:
     board = emulator.add_dashboard(TOKEN_A, invitees=people)
     now = emulator._clock()
@@ -454,12 +468,7 @@ async def test_an_empty_or_repeated_page_before_the_total_makes_the_listing_read
 
     async with served_as(monkeypatch, once_odd) as emulator:
         invited_already(emulator, people)
-        config = make_config(api_url=emulator.url)
-        with capture_logs() as logs:
-            result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in people])))
-    assert result.exit_code == 0, result.summary
-    assert (result.summary.emails_sent, result.summary.emails_skipped) == (0, 300)
-    assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in people})
+        logs = await sends_nobody_again(emulator, make_config, people)
     assert said in find_capture(logs, "reconcile.list_moved")[0]["why"]
 
 
@@ -566,12 +575,7 @@ async def test_pages_cut_shorter_each_time_never_end_a_listing_early(
     monkeypatch.setattr(Invitations, "_list", listing)
     async with Emulator(api_key=API_KEY, app_key=APP_KEY) as emulator:
         invited_already(emulator, people)
-        config = make_config(api_url=emulator.url)
-        with capture_logs() as logs:
-            result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in people])))
-    assert result.exit_code == 0, result.summary
-    assert (result.summary.emails_sent, result.summary.emails_skipped) == (0, 300)
-    assert emulator.invited == Counter({(TOKEN_A, e): 1 for e in people})
+        logs = await sends_nobody_again(emulator, make_config, people)
     [listed] = find_capture(logs, "reconcile.listed")
     assert (listed["invitations"], listed["page_size"]) == (300, 12)
     assert find_capture(logs, "reconcile.list_moved") == []
