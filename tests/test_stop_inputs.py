@@ -449,12 +449,17 @@ def test_a_signal_while_enqueue_adds_its_last_rows_leaves_nothing_to_finish(
     source = tmp_path / "few.csv"
     source.write_text(rows_csv(PAIRS[:5]))
     with Redis.from_url(redis_server) as redis:
-        redis.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
-        worker = start("enqueue", str(source), redis_server, "--stream", stream_name)
-        wait_for(lambda: catches_sigterm(worker.popen.pid), "the signal handler")
-        time.sleep(0.8)  # connected, its first slice held by the pause
-        assert worker.popen.poll() is None, worker.stderr()
-        worker.popen.send_signal(signal.SIGINT)
+        # Held until the signal is sent, however slowly the process starts on a busy
+        # machine (a pause timed from before it starts could end before it connects).
+        redis.execute_command("CLIENT", "PAUSE", "30000", "WRITE")
+        try:
+            worker = start("enqueue", str(source), redis_server, "--stream", stream_name)
+            wait_for(lambda: catches_sigterm(worker.popen.pid), "the signal handler")
+            time.sleep(0.8)  # connected, its first slice held by the pause
+            assert worker.popen.poll() is None, worker.stderr()
+            worker.popen.send_signal(signal.SIGINT)
+        finally:
+            redis.execute_command("CLIENT", "UNPAUSE")
         worker.exits(0, within=20)
         assert redis.xlen(stream_name) == 5
     assert "interrupted" not in worker.stderr(), worker.stderr()
