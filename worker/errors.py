@@ -262,3 +262,8 @@ def keeps_pending(code: str) -> bool:
     """Whether a queue message that failed with ``code`` stays pending."""
     kind = SendError._by_code.get(code)
     return kind is not None and kind.keep_pending
+
+
+def pending_codes() -> list[str]:
+    """Every failure code that leaves a queue message pending (see :func:`keeps_pending`)."""
+    return [code for code, kind in SendError._by_code.items() if kind.keep_pending]

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from worker.cli.guards import check_failed_output
 from worker.cli.help import command, json_stderr, say
-from worker.errors import UsageError, keeps_pending
+from worker.errors import UsageError, keeps_pending, pending_codes
 from worker.exits import EXIT_ABORTED
 from worker.outcome import REFUSED, Status
 from worker.record.files import reads_as_report
@@ -69,9 +69,8 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO, *, queued: bo
                 print(f"  {name:<18} {count:,}", file=out)
     if totals["pending"]:
         print(f"{totals['pending']:,} email(s) failed in a way that leaves their stream "
-              "message pending (outcome_unknown, listing_moved, forbidden, aborted): the "
-              "worker that claims it settles it, in its own report; `report failed` "
-              "leaves them out.",
+              f"message pending ({', '.join(pending_codes())}): the worker that claims it "
+              "settles it, in its own report; `report failed` leaves them out.",
               file=out)  # fmt: skip
     if stopped:
         left = [f"{last['unsent']:,} email(s) read but not sent"] if last["unsent"] else []
