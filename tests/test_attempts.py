@@ -150,3 +150,44 @@ async def test_the_sender_and_a_listing_share_the_attempt_count_and_backoff(
     methods = [r.method for r in emulator.requests if r.path.endswith("/invitation")]
     assert methods[-5:] == ["POST", "GET", "POST", "GET", "POST"]
     assert emulator.invited[(TOKEN_A, "a@example.com")] == 1
+
+
+class StalledOnce(Journal):
+    """A journal whose first intent takes ``stall`` s to become durable (the process was
+    stopped meanwhile, as by SIGSTOP): the clock moves on while it is written."""
+
+    def __init__(self, path: Path, clock: FakeClock, stall: float) -> None:
+        super().__init__(path, durable=False, truncate=True)
+        self.clock, self.stall, self.times = clock, stall, list[float]()
+
+    async def intent(
+        self, token: str, emails: list[str], at: float, request_timeout: float | None = None
+    ) -> str:
+        self.times.append(at)
+        ident = await super().intent(token, emails, at, request_timeout)
+        if len(self.times) == 1:
+            self.clock.advance(self.stall)
+        return ident
+
+
+@pytest.mark.parametrize(("stall", "intents"), [(0.2, 1), (30.0, 2)])
+async def test_a_request_held_up_past_its_intent_goes_only_with_a_fresh_one(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path,
+    stall: float, intents: int,
+) -> None:  # fmt: skip
+    """Stalled for longer than --reconcile-delay while its intent was recorded, a POST
+    does not leave under it (a worker settling that intent may have sent since): it goes
+    as a retry with a new intent, sent once. A short hold-up sends under the first."""
+    config = make_config(reconcile_delay=5.0)
+    clock = FakeClock(start=1000.0)
+    journal = StalledOnce(tmp_path / "j", clock, stall)
+    async with client_for(config) as client:
+        sender = Sender(client, pacer_for(config, clock), journal, config, clock,
+                        random.Random(1), RunState())  # fmt: skip
+        [outcome] = await asyncio.wait_for(sender.send(Batch(TOKEN_A, ["a@example.com"])), 10)
+    journal.close()
+    assert outcome.status == "sent"
+    assert len(journal.times) == intents
+    assert journal.times[-1] >= 1000.0 + (stall if intents == 2 else 0.0)
+    assert [r.method for r in emulator.requests].count("POST") == 1
+    assert sum(emulator.invited.values()) == 1

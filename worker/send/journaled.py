@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from worker.errors import Aborted, AuthError, OutcomeUnknown, SendError, Stopped, TokenNotFound
+from worker.errors import (
+    Aborted,
+    AuthError,
+    ConnectionFailed,
+    OutcomeUnknown,
+    SendError,
+    Stopped,
+    TokenNotFound,
+)
 from worker.outcome import Failure
 from worker.record.journal import Claimed
 from worker.send.reconcile import found_outcome
@@ -28,6 +36,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("worker.sender")
 
 #: Why a message whose stream entry was trimmed while it waited here is not sent.
+#: The least delay past its pacing a request may leave with (--reconcile-delay if more):
+#: the time an intent takes to be made durable on a busy machine.
+MIN_HELD_UP = 0.5
+
 TRIMMED = Failure(
     str(Reason.MESSAGE_TRIMMED),  # the code, as a message met without its fields is rejected
     "its stream entry was deleted (trimmed) while this worker held it, and whether a worker "
@@ -73,6 +85,19 @@ class Journaled(Hooks):
             if not trip.emails:
                 raise Stopped("not sent: no message of the request is this worker's") from None
         sender.stats.requests += 1
+
+    def held_up(self, sent_at: float) -> SendError | None:
+        # Whoever settles this intent (a worker claiming the messages, --resume) waits out
+        # a request sent at sent_at: its --timeout, then --reconcile-delay, and lists what
+        # it created. One that leaves later than that delay (the process was stalled
+        # while its intent was recorded) could create invitations after that listing, for
+        # people the settler has invited since. It goes as a retry, with a fresh intent
+        # (which a worker whose messages were claimed meanwhile is refused).
+        late = self._sender._clock.time() - sent_at
+        if late <= max(self._sender._config.reconcile_delay, MIN_HELD_UP):
+            return None
+        why = f"not sent: held up {late:.1f} s after its intent was recorded (stalled?)"
+        return ConnectionFailed(f"{why}; it goes again with a new one")
 
     def unsent(self) -> None:
         self._sender._journal.answered(self._intent)  # the service created nothing

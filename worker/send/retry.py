@@ -81,6 +81,11 @@ class Hooks:
     async def sending(self, sent_at: float) -> None:
         """A request is about to leave (the sender makes its intent durable here)."""
 
+    def held_up(self, sent_at: float) -> SendError | None:
+        """Checked as the request, paced for ``sent_at``, is about to leave: an error to
+        fail this try with instead (nothing sent; the next try goes as any retry)."""
+        return None
+
     def unsent(self) -> None:
         """The last request created nothing: a 429, a known failure, or none was made."""
 
@@ -135,6 +140,8 @@ async def attempt(
             sent_at = slot.sent_at
             await hooks.sending(sent_at)
             try:
+                if (late := hooks.held_up(sent_at)) is not None:
+                    raise late
                 answer = await call()
             except asyncio.CancelledError:
                 hooks.cut()
