@@ -6,6 +6,7 @@ What a request that got no answer means (and when the service counts as unreacha
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -134,15 +135,17 @@ class InvitationClient:
         # quote() is belt and braces: a valid token has nothing to escape.
         return f"{self.api_url}/api/v1/dashboard/public/{quote(token, safe='')}/invitation"
 
-    async def invite(self, token: str, emails: list[str]) -> Sent:
-        """Send one list-form request; return :class:`Sent` or raise a :class:`SendError`."""
+    async def invite(self, token: str, emails: list[str], within: float | None = None) -> Sent:
+        """Send one list-form request; return :class:`Sent` or raise a :class:`SendError`.
+
+        ``within``: a time limit shorter than ``--timeout`` for this request (seconds)."""
         body = list_form(emails)
         url = self._urls.get(token)
         if url is None:
             url = URL(self.invitation_url(token), encoded=True)
             if len(self._urls) < 10_000:  # parsed once per token, bounded
                 self._urls[token] = url
-        status, headers, raw = await self._request("invite", "POST", url, body)
+        status, headers, raw = await self._request("invite", "POST", url, body, within)
         ratelimit = self._ratelimit(headers)
         if 200 <= status < 300:
             return Sent(status, created(raw), ratelimit)
@@ -206,12 +209,14 @@ class InvitationClient:
         return Dashboard(read_dashboard(raw), ratelimit, raw)
 
     async def _request(
-        self, kind: str, method: str, url: str | URL, body: bytes | None
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        """One request of ``kind`` (the metrics' name for it): status, headers and body."""
+        self, kind: str, method: str, url: str | URL, body: bytes | None,
+        within: float | None = None,
+    ) -> tuple[int, Mapping[str, str], bytes]:  # fmt: skip
+        """One request of ``kind`` (the metrics' name for it): status, headers and body;
+        ``within``: its time limit, when shorter than ``--timeout``."""
         started = time.perf_counter()
         try:
-            answer = await self._exchange(method, url, body)
+            answer = await self._exchange(method, url, body, within)
         except InviteWorkerError:  # no answer: a timeout, a refused or broken connection
             self.metrics.request(kind, None, time.perf_counter() - started)
             raise
@@ -219,7 +224,7 @@ class InvitationClient:
         return answer
 
     async def _exchange(
-        self, method: str, url: str | URL, body: bytes | None
+        self, method: str, url: str | URL, body: bytes | None, within: float | None
     ) -> tuple[int, Mapping[str, str], bytes]:
         if self._session is None:
             raise RuntimeError("use InvitationClient as 'async with'")
@@ -233,8 +238,11 @@ class InvitationClient:
                     return await gets.get(target)
                 finally:  # a head read is an answer, even if the body then broke
                     self._reach.answered = self._reach.answered or gets.answered
+            timeout = self._timeout
+            if within is not None and within < (timeout.total or math.inf):
+                timeout = aiohttp.ClientTimeout(total=within)
             async with self._session.request(
-                method, url, data=body, timeout=self._timeout, allow_redirects=False,
+                method, url, data=body, timeout=timeout, allow_redirects=False,
                 proxy=self._proxy_url, proxy_headers=self._proxy_headers,
             ) as resp:  # fmt: skip
                 if resp.status == PROXY_AUTH_REQUIRED and self.proxy is not None:
@@ -242,7 +250,7 @@ class InvitationClient:
                 self._reach.answered = True
                 return resp.status, resp.headers, await read_body(resp.content)
         except NO_ANSWER as exc:  # a timeout, a refused, failed or broken connection
-            raise self._reach.no_answer(method, exc) from None
+            raise self._reach.no_answer(method, exc, within) from None
 
     def _ratelimit(self, headers: Mapping[str, str]) -> RateLimitInfo:
         info, bad = read_ratelimit(headers)

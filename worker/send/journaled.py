@@ -54,6 +54,7 @@ class Journaled(Hooks):
     def __init__(self, sender: Sender, trip: Trip) -> None:
         self._sender, self._trip = sender, trip
         self._intent = ""
+        self._sent_at = 0.0
         #: Set when a listing found every email of the request created.
         self.all_created = False
 
@@ -69,6 +70,7 @@ class Journaled(Hooks):
 
     async def sending(self, sent_at: float) -> None:
         sender, trip = self._sender, self._trip
+        self._sent_at = sent_at
         try:
             self._intent = await sender._journal.intent(trip.token, trip.emails, sent_at,
                                                         sender._config.timeout)  # fmt: skip
@@ -93,11 +95,22 @@ class Journaled(Hooks):
         # while its intent was recorded) could create invitations after that listing, for
         # people the settler has invited since. It goes as a retry, with a fresh intent
         # (which a worker whose messages were claimed meanwhile is refused).
+        # A shorter hold-up still goes (an intent takes a moment to be made durable on a
+        # busy machine), its time limit cut to end when the settler expects (time_limit).
+        config = self._sender._config
         late = self._sender._clock.time() - sent_at
-        if late <= max(self._sender._config.reconcile_delay, MIN_HELD_UP):
+        if late <= max(config.reconcile_delay, MIN_HELD_UP) and late < config.timeout:
             return None
         why = f"not sent: held up {late:.1f} s after its intent was recorded (stalled?)"
         return ConnectionFailed(f"{why}; it goes again with a new one")
+
+    def time_limit(self) -> float | None:
+        """The time limit of the request about to leave: what is left of ``--timeout``
+        counted from its intent's time (None: all of it). Whoever settles the intent takes
+        the request for over then, and gives the service its own reconcile delay after
+        that to finish: a request that left late must not use that delay up."""
+        late = self._sender._clock.time() - self._sent_at
+        return self._sender._config.timeout - late if late > 0 else None
 
     def unsent(self) -> None:
         self._sender._journal.answered(self._intent)  # the service created nothing

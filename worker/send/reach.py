@@ -59,10 +59,13 @@ class Reach:
         self.answered = False
         self._failed_connects = 0
 
-    def no_answer(self, method: str, exc: Exception) -> InviteWorkerError:
+    def no_answer(
+        self, method: str, exc: Exception, within: float | None = None
+    ) -> InviteWorkerError:
         """The error for a ``method`` request that got no answer, ``exc`` (one of
-        :data:`NO_ANSWER`) being what ended it; raises :class:`ServiceUnreachable` when
-        that was one failed connection too many."""
+        :data:`NO_ANSWER`) being what ended it (``within``: its time limit, when shorter
+        than ``--timeout``); raises :class:`ServiceUnreachable` when that was one failed
+        connection too many."""
         if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused the tunnel
             if exc.status == PROXY_AUTH_REQUIRED and self._proxy is not None:
                 return refused(self._proxy)
@@ -70,6 +73,11 @@ class Reach:
             self._count_failed_connect(cause)
             return ConnectionFailed(f"cannot connect{self._via}: {cause}")
         if isinstance(exc, TimeoutError):  # a slow service keeps its retries: not counted
+            # Every request's limit counts from its intent, a few milliseconds before it
+            # leaves: only one that left noticeably late is told apart.
+            if within is not None and within < self._timeout - 0.1:
+                return RequestTimeout(f"no answer within {within:.3g}s (what was left of "
+                                      "--timeout: it left late, a stalled process?)")  # fmt: skip
             return RequestTimeout(
                 f"no answer within {self._timeout:g}s (raise --timeout if the service is slow)"
             )

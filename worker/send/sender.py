@@ -158,7 +158,8 @@ class Sender:
         hooks = Journaled(self, trip)
         try:
             result = await attempt(
-                lambda: self._client.invite(token, trip.emails), hooks, pacer=self.pacer,
+                lambda: self._client.invite(token, trip.emails, hooks.time_limit()), hooks,
+                pacer=self.pacer,
                 policy=self.retry, clock=self._clock, rng=self._rng, stop=self.state.stop,
             )  # fmt: skip
         except Stopped:
