@@ -14,6 +14,7 @@ from worker.batching import Batch
 from worker.clock import Clock
 from worker.config import Config
 from worker.queue.consumer import Consumer
+from worker.queue.edits import DashboardEdits
 from worker.queue.failures import RedisOutOfMemory, RedisRefused
 from worker.queue.messages import MessageIndex, RedisIntents
 from worker.queue.options import StreamOptions
@@ -61,8 +62,10 @@ class StreamMode(Mode[QueueRead]):
         return (self._consumer.on_outcome,)
 
     async def prepare(self, runner: Runner, client: InvitationClient) -> None:
-        """The consumer records what it settles itself (claimed messages) as the runner."""
+        """The consumer records what it settles itself (claimed messages) as the runner;
+        the stream's workers edit a dashboard one at a time."""
         self.consumer.record = runner.record
+        runner.sender.preflight.edits = DashboardEdits(self.queue, self.state.stop).hold
 
     def feed(self) -> tuple[AsyncGenerator[Batch, None], Sequence[tuple[str, Service]]]:
         """The consumer's batches; its flusher acknowledges what outcomes settle, last

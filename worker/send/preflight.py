@@ -30,7 +30,9 @@ batch by batch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from itertools import compress
 from typing import Any
 
@@ -96,6 +98,9 @@ class Preflight(TokenChecks):
         self.validations = 0
         #: Addresses added to dashboards' invitees (``--add-invitees``).
         self.invitees_added = 0
+        #: Held around each edit of a token's dashboard, beside this run's own lock: the
+        #: stream's workers edit a dashboard one at a time (see worker.queue.edits).
+        self.edits: Callable[[str], AbstractAsyncContextManager[None]] | None = None
 
     async def screen(self, token: str, emails: list[str]) -> Screened:
         """Which of ``emails`` to send, which are refused, which skipped (by reason).
@@ -188,7 +193,8 @@ class Preflight(TokenChecks):
         Whether they were added, and the ``access_expiration`` they were given (None: their
         access never expires).
         """
-        async with self._locks.hold(token):
+        edits = self.edits(token) if self.edits is not None else contextlib.nullcontext()
+        async with self._locks.hold(token), edits:
             expires = None
             if self._access_expires is not None:  # whole seconds: they read back exactly
                 expires = second_text(int(self._clock.time() + self._access_expires)) + "+00:00"

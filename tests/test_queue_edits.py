@@ -1,0 +1,112 @@
+"""--add-invitees in queue mode: workers of one stream edit a dashboard one at a time.
+
+The API has no version or ETag: a write puts back the invitees its writer read, with its
+additions. Two workers adding at once each wrote over the other's additions: people
+invited whom the dashboard then did not let in, and rows refused for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from tests.conftest import by_kind, read_report
+from tests.test_queue import add, options
+from worker.config import Config
+from worker.emulator import Emulator
+from worker.queue.runner import run_stream
+
+TOKENS = ("dash-0", "dash-1")
+
+
+async def test_two_workers_adding_invitees_at_once_keep_each_others_additions(
+    tmp_path: Path,
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """Two workers drain 2,000 pairs over two dashboards that allow nobody yet, each
+    adding its batches' addresses to the invitees: every address ends up an invitee and
+    invited once, no row is refused or dead-lettered, nothing is left pending."""
+    boards = [emulator.add_dashboard(token, invitees=[]) for token in TOKENS]
+    pairs = [(TOKENS[i % 2], f"p{i}@example.com") for i in range(2000)]
+    await add(redis, stream_name, pairs)
+    config = make_config(batch_size=20, concurrency=4, add_invitees=True)
+    reports = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    results = await asyncio.wait_for(asyncio.gather(*(
+        run_stream(dataclasses.replace(config, report_path=report),
+                   options(redis_server, stream_name, consumer=f"w{i}", read_count=40))
+        for i, report in enumerate(reports)
+    )), 120)  # fmt: skip
+    failed = [b for r in reports for b in by_kind(read_report(r), "batch") if b["status"] != "sent"]
+    assert failed == []
+    assert [r.exit_code for r in results] == [0, 0]
+    assert all(r.summary.emails_sent for r in results)  # both took part
+    assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
+    for token, board in zip(TOKENS, boards, strict=True):
+        assert board.invitees is not None
+        assert set(board.invitees) == {e for t, e in pairs if t == token}
+    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 0
+
+
+async def test_a_worker_waits_for_another_edit_of_the_dashboard_and_a_stop_ends_the_wait(
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """While another worker holds the dashboard's edit lock, a worker adding invitees
+    neither writes the dashboard nor invites anyone; a stop ends its wait at once
+    (exit 3, the messages left pending for a worker to claim)."""
+    board = emulator.add_dashboard(TOKENS[0], invitees=[])
+    await redis.set(f"{stream_name}:edit:{TOKENS[0]}", "another-worker", px=60_000)
+    pairs = [(TOKENS[0], f"w{i}@example.com") for i in range(5)]
+    await add(redis, stream_name, pairs)
+    stop = asyncio.Event()
+    run = asyncio.create_task(run_stream(
+        make_config(batch_size=5, add_invitees=True), options(redis_server, stream_name),
+        stop=stop,
+    ))  # fmt: skip
+    for _ in range(200):  # until it read the dashboard and met the lock
+        if any(r.method == "GET" and "invitation" not in r.path for r in emulator.requests):
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(1.0)  # two of its looks at the stop, the lock still held
+    assert [r.method for r in emulator.requests if r.method != "GET"] == []
+    stop.set()
+    result = await asyncio.wait_for(run, 5)
+    assert result.exit_code == 3
+    assert board.invitees == {}
+    assert emulator.invited == Counter()
+    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 5
+
+
+async def test_an_edit_lock_left_by_a_killed_worker_holds_the_dashboard_only_until_it_expires(
+    tmp_path: Path,
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    redis_server: str,
+    redis: Redis,
+    stream_name: str,
+) -> None:
+    """A lock whose holder died expires (here after 1 s): the next worker then adds the
+    invitees and invites everyone, once, and lets go of the lock."""
+    board = emulator.add_dashboard(TOKENS[0], invitees=[])
+    lock = f"{stream_name}:edit:{TOKENS[0]}"
+    await redis.set(lock, "a-killed-worker", px=1000)
+    pairs = [(TOKENS[0], f"k{i}@example.com") for i in range(5)]
+    await add(redis, stream_name, pairs)
+    config = make_config(batch_size=5, add_invitees=True)
+    result = await asyncio.wait_for(run_stream(config, options(redis_server, stream_name)), 20)
+    assert result.exit_code == 0
+    assert board.invitees is not None and set(board.invitees) == {e for _, e in pairs}
+    assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
+    assert await redis.exists(lock) == 0
