@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -19,7 +19,12 @@ from tests.conftest import by_kind, read_report
 from tests.test_queue import add, options
 from worker.config import Config
 from worker.emulator import Emulator
+from worker.queue.edits import DashboardEdits
 from worker.queue.runner import run_stream
+from worker.queue.stream import StreamQueue
+from worker.send import client_for
+from worker.send.invitees import add_invitees
+from worker.send.replies import Dashboard
 
 TOKENS = ("dash-0", "dash-1")
 
@@ -107,6 +112,52 @@ async def test_an_edit_lock_left_by_a_killed_worker_holds_the_dashboard_only_unt
     config = make_config(batch_size=5, add_invitees=True)
     result = await asyncio.wait_for(run_stream(config, options(redis_server, stream_name)), 20)
     assert result.exit_code == 0
-    assert board.invitees is not None and set(board.invitees) == {e for _, e in pairs}
+    assert board.invitees is not None
+    assert set(board.invitees) == {e for _, e in pairs}
     assert emulator.invited == Counter(dict.fromkeys(pairs, 1))
     assert await redis.exists(lock) == 0
+
+
+async def test_a_lock_lost_while_stalled_is_taken_again_before_the_write(
+    redis: Redis, stream_name: str
+) -> None:
+    """The holder confirms its lock as its write leaves: still its own, yes; once it
+    expired during a stall and another worker took it, the holder waits for that worker,
+    takes it again and is told to read afresh; it lets go at the end."""
+    queue = StreamQueue(redis, stream_name, "invite-worker", "w0", f"{stream_name}:dead")
+    key = f"{stream_name}:edit:{TOKENS[0]}"
+    async with DashboardEdits(queue, asyncio.Event()).hold(TOKENS[0]) as confirm:
+        assert await confirm() is True
+        await redis.set(key, "another-worker", px=300)  # ours expired; another took it
+        assert await asyncio.wait_for(confirm(), 10) is False
+        assert await redis.get(key) not in (None, "another-worker")  # ours again
+        assert await confirm() is True
+    assert await redis.exists(key) == 0
+
+
+async def test_a_write_whose_lock_was_lost_is_not_sent_and_the_dashboard_is_read_afresh(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """--add-invitees told, as its write leaves, that its lock was lost (another worker
+    added someone meanwhile): that write does not go; it reads again and writes both
+    additions, the other worker's kept."""
+    emulator.add_dashboard(TOKENS[0], invitees=["first@example.com"])
+    answers = [False, True]
+
+    async def confirm() -> bool:
+        if not answers[0]:  # what the other worker did while this one was stalled
+            emulator.add_dashboard(TOKENS[0], invitees=["first@example.com",
+                                                        "other@example.com"])  # fmt: skip
+        return answers.pop(0)
+
+    async def paced(call: Callable[[], Awaitable[Dashboard]]) -> Dashboard:
+        return await call()
+
+    async with client_for(make_config()) as client:
+        added = await add_invitees(paced, client, TOKENS[0], ["mine@example.com"],
+                                   confirm=confirm)  # fmt: skip
+    board = emulator.dashboards[TOKENS[0]]
+    assert added == 1
+    assert board.invitees is not None
+    assert set(board.invitees) == {"first@example.com", "other@example.com", "mine@example.com"}
+    assert [r.method for r in emulator.requests].count("PUT") == 1

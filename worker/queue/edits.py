@@ -9,9 +9,12 @@ the stream's own key pattern: the ACL rules a worker already has cover it).
 
 The lock expires :data:`LOCK_TTL` seconds after its holder last renewed it, so a worker
 killed mid-edit holds nobody up for long; the holder renews it every third of that while
-its paced requests wait for the rate limit. A writer outside the stream (a person, a run
-over a file) is not held by it: the read-twice and read-back checks of
-:mod:`worker.send.invitees` are what catch one.
+its paced requests wait for the rate limit. A holder stalled longer than that (SIGSTOP, a
+suspended VM) has lost it, and another worker may have edited since: so right before its
+write leaves, the holder confirms the lock is still its own, and if not takes it again
+and reads the dashboard afresh. A writer outside the stream (a person, a run over a file)
+is not held by it: the read-twice and read-back checks of :mod:`worker.send.invitees` are
+what catch one.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from collections.abc import AsyncIterator
 
 import structlog
 from redis.asyncio.lock import Lock
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
 from worker.errors import Stopped
 from worker.queue.stream import StreamQueue
+from worker.send.invitees import Confirm
 
 log = structlog.get_logger("worker.invitees")
 
@@ -36,27 +40,35 @@ STOP_CHECK = 0.5
 
 
 class DashboardEdits:
-    """``async with edits.hold(token):`` one edit of ``token``'s dashboard at a time,
-    across the workers of ``queue``'s stream; a stop ends a wait (:class:`Stopped`)."""
+    """``async with edits.hold(token) as confirm:`` one edit of ``token``'s dashboard at a
+    time, across the workers of ``queue``'s stream; a stop ends a wait (:class:`Stopped`)."""
 
     def __init__(self, queue: StreamQueue, stop: asyncio.Event) -> None:
         self._queue, self._stop = queue, stop
 
     @contextlib.asynccontextmanager
-    async def hold(self, token: str) -> AsyncIterator[None]:
+    async def hold(self, token: str) -> AsyncIterator[Confirm]:
         """Hold the lock of ``token``'s dashboard; a Redis failure halts the run, as any
         other of the stream's commands does."""
         name = f"{self._queue.stream}:edit:{token}"
         lock = self._queue.redis.lock(name, timeout=LOCK_TTL, sleep=0.05, thread_local=False)
+        await self._acquire(lock)
+
+        async def confirm() -> bool:
+            try:
+                await lock.reacquire()  # its time to live starts over: the write may be slow
+                return True
+            except LockNotOwnedError:
+                log.warning("invitees.lock_lost", token=token,
+                            action="taking it again; the dashboard is read afresh")  # fmt: skip
+            except RedisError as exc:
+                raise await self._queue.failure(exc, "EVALSHA") from None
+            await self._acquire(lock)
+            return False
+
+        renewing = asyncio.create_task(self._renew(lock))
         try:
-            while not await lock.acquire(blocking_timeout=STOP_CHECK):
-                if self._stop.is_set():
-                    raise Stopped("stopping: the dashboard was not edited")
-        except RedisError as exc:
-            raise await self._queue.failure(exc, "SET") from None
-        renewing = asyncio.create_task(self._renew(lock, token))
-        try:
-            yield
+            yield confirm
         finally:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -65,13 +77,18 @@ class DashboardEdits:
             with contextlib.suppress(LockError, RedisError):
                 await lock.release()
 
-    async def _renew(self, lock: Lock, token: str) -> None:
+    async def _acquire(self, lock: Lock) -> None:
+        try:
+            while not await lock.acquire(blocking_timeout=STOP_CHECK):
+                if self._stop.is_set():
+                    raise Stopped("stopping: the dashboard was not edited")
+        except RedisError as exc:
+            raise await self._queue.failure(exc, "SET") from None
+
+    @staticmethod
+    async def _renew(lock: Lock) -> None:
         while True:
             await asyncio.sleep(LOCK_TTL / 3)
-            try:
+            # Lost, or Redis failing: the check before the write tells, and takes it again.
+            with contextlib.suppress(LockError, RedisError):
                 await lock.extend(LOCK_TTL, replace_ttl=True)
-            except (LockError, RedisError) as exc:
-                # The edit goes on: its read-back still tells whether it held.
-                log.warning("invitees.lock_lost", token=token, error=str(exc),
-                            action="the edit goes on; its read-back checks it")  # fmt: skip
-                return

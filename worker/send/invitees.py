@@ -14,24 +14,37 @@ from typing import Any
 
 import structlog
 
+from worker.errors import InviteWorkerError
 from worker.send.client import InvitationClient
 from worker.send.replies import Dashboard
 
 log = structlog.get_logger("worker.invitees")
 
 Paced = Callable[[Callable[[], Awaitable[Dashboard]]], Awaitable[Dashboard]]
+#: Called as an edit's write is about to leave: whether the edit's lock was held all
+#: along (False: lost, and taken again since; see worker.queue.edits).
+Confirm = Callable[[], Awaitable[bool]]
 
 
 async def add_invitees(
     paced: Paced, client: InvitationClient, token: str, emails: list[str],
-    expires: str | None = None,
+    expires: str | None = None, confirm: Confirm | None = None,
 ) -> int | None:  # fmt: skip
     """Add ``emails`` to ``token``'s invitees; how many were new, or None if it failed.
 
     ``paced`` runs one request through the run's pacer and retry policy. The new invitees'
-    ``access_expiration`` is ``expires`` (``--access-expires``; None: never).
+    ``access_expiration`` is ``expires`` (``--access-expires``; None: never). ``confirm``,
+    called as the write is about to leave, says whether the edit's lock was held all
+    along (see worker.queue.edits); False: the write does not go, the dashboard is read
+    again.
     """
     read = functools.partial(client.get_dashboard, token)
+
+    async def write(body: dict[str, Any]) -> Dashboard:
+        if confirm is not None and not await confirm():
+            raise _LockLost
+        return await client.put_dashboard(token, body)
+
     for _ in range(3):
         first, before = (await paced(read)).raw, (await paced(read)).raw
         if writable(first) != writable(before):
@@ -42,7 +55,10 @@ async def add_invitees(
         present = {i["email"].lower() for i in kept}
         new = [e for e in dict.fromkeys(emails) if e.lower() not in present]
         body["invitees"] = [*kept, *({"email": e, "access_expiration": expires} for e in new)]
-        await paced(functools.partial(client.put_dashboard, token, body))
+        try:
+            await paced(functools.partial(write, body))
+        except _LockLost:  # another worker may have edited since those reads
+            continue
         after = {i["email"].lower(): i for i in invitee_list((await paced(read)).raw)}
         intact = all(after.get(i["email"].lower()) == i for i in kept)
         if intact and all(e.lower() in after for e in new):
@@ -54,6 +70,10 @@ async def add_invitees(
     log.error("invitees.update_failed", token=token,
               reason="the dashboard kept changing while being read")  # fmt: skip
     return None
+
+
+class _LockLost(InviteWorkerError):
+    """The edit's lock was lost before its write left (taken again since)."""
 
 
 #: The fields of a shared dashboard a PUT carries back: every writable one, as read.

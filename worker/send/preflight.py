@@ -43,7 +43,7 @@ from worker.send.boards import BoardReader
 from worker.send.checks import TokenChecks
 from worker.send.client import InvitationClient
 from worker.send.compact import key_set, keys_of
-from worker.send.invitees import add_invitees
+from worker.send.invitees import Confirm, add_invitees
 from worker.send.keyed import KeyedLocks
 from worker.send.pacing import Pacer
 from worker.send.reconcile import Reconciler
@@ -99,8 +99,9 @@ class Preflight(TokenChecks):
         #: Addresses added to dashboards' invitees (``--add-invitees``).
         self.invitees_added = 0
         #: Held around each edit of a token's dashboard, beside this run's own lock: the
-        #: stream's workers edit a dashboard one at a time (see worker.queue.edits).
-        self.edits: Callable[[str], AbstractAsyncContextManager[None]] | None = None
+        #: stream's workers edit a dashboard one at a time (see worker.queue.edits). What
+        #: it gives confirms, as the write leaves, that it was held all along.
+        self.edits: Callable[[str], AbstractAsyncContextManager[Confirm]] | None = None
 
     async def screen(self, token: str, emails: list[str]) -> Screened:
         """Which of ``emails`` to send, which are refused, which skipped (by reason).
@@ -193,12 +194,13 @@ class Preflight(TokenChecks):
         Whether they were added, and the ``access_expiration`` they were given (None: their
         access never expires).
         """
-        edits = self.edits(token) if self.edits is not None else contextlib.nullcontext()
-        async with self._locks.hold(token), edits:
+        edits = self.edits(token) if self.edits is not None else contextlib.nullcontext(None)
+        async with self._locks.hold(token), edits as confirm:
             expires = None
             if self._access_expires is not None:  # whole seconds: they read back exactly
                 expires = second_text(int(self._clock.time() + self._access_expires)) + "+00:00"
-            added = await add_invitees(self._paced, self._client, token, emails, expires)
+            added = await add_invitees(self._paced, self._client, token, emails, expires,
+                                       confirm)  # fmt: skip
         if added is None:
             return False, None
         self.invitees_added += added
