@@ -630,3 +630,38 @@ def test_a_long_listing_folds_to_what_each_address_last_said(seed: int) -> None:
         k: unread if math.isnan(t) else t for k, t in newest.items()
     }
     assert dict(zip(listing.keys.tolist(), listing.session_ends.tolist(), strict=True)) == ends
+
+
+async def test_batches_waiting_on_a_moving_listing_share_its_failure_in_queue_mode(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Queue mode (a check ttl): five batches of one token arrive together while its
+    listing moves on every reading. The first reads it three times and fails
+    (listing_moved, the messages kept pending); the four that waited for that reading
+    share its failure instead of reading three times each (15 readings before). Nothing
+    is POSTed."""
+    from worker.batching import Batch
+    from worker.send.sender import Sender
+
+    readings = Counter[str]()
+
+    def revoke_one_each_time(board: Dashboard, number: int, times: int) -> tuple[int, None]:
+        if number == 0:
+            readings["started"] += 1
+        if number == 1:
+            board.invitations = board.invitations[1:]
+        return number, None
+
+    async with served_as(monkeypatch, revoke_one_each_time) as emulator:
+        invited_already(emulator, PEOPLE[:200])
+        config = make_config(api_url=emulator.url, preflight_ttl=60.0)
+        clock = SystemClock()
+        async with client_for(config) as client:
+            sender = Sender(client, pacer_for(config, clock), Journal(tmp_path / "j",
+                            durable=False), config, clock)  # fmt: skip
+            batches = [Batch(TOKEN_A, [f"new{i}@example.com"]) for i in range(5)]
+            outcomes = await asyncio.wait_for(asyncio.gather(*map(sender.send, batches)), 30)
+    codes = [o.error.code if o.error else None for out in outcomes for o in out]
+    assert codes == ["listing_moved"] * 5
+    assert readings["started"] == 3
+    assert not [r for r in emulator.requests if r.method == "POST"]

@@ -34,6 +34,9 @@ class TokenChecks:
     _locks: KeyedLocks
     _reading: set[str]
     _stale: set[str]
+    #: Queue mode: the token's last reading that failed and was not kept, and when it
+    #: ended (see _check).
+    _failed: dict[str, tuple[float, SendError]]
     _boards: BoardReader
     _swept: float
 
@@ -46,11 +49,19 @@ class TokenChecks:
         """Read ``token``'s dashboard again before its next batch (a check being made
         now is used by the batch waiting for it, and not kept)."""
         self._checks.pop(token, None)
+        self._failed.pop(token, None)
         if token in self._reading:
             self._stale.add(token)
 
     async def _check(self, token: str) -> TokenCheck:
+        arrived = self._clock.time()
         async with self._locks.hold(token):
+            # A failure not kept (queue mode) is still shared with the batches that waited
+            # for that reading: a listing that keeps moving is read once for them all, not
+            # three times over for each; a batch that comes later reads again.
+            failed = self._failed.get(token)
+            if failed is not None and failed[0] >= arrived:
+                raise failed[1].with_traceback(None)
             now = self._clock.time()
             check = self._checks.get(token)
             if check is None or (self._ttl is not None and now - check.checked > self._ttl):
@@ -62,10 +73,13 @@ class TokenChecks:
                     check = TokenCheck(now, unread=exc)
                 finally:
                     self._reading.discard(token)
+                self._failed.pop(token, None)
                 if token in self._stale:  # forgotten while it was made: not kept
                     self._stale.discard(token)
                 elif self._keeps(check.unread):
                     self._checks[token] = check
+                elif check.unread is not None:
+                    self._failed[token] = (self._clock.time(), check.unread)
             if check.unread is not None and not check.board:
                 raise check.unread.with_traceback(None)
             return check
@@ -84,6 +98,8 @@ class TokenChecks:
         self._swept = now
         for token in [t for t, c in self._checks.items() if now - c.checked > ttl]:
             del self._checks[token]
+        for token in [t for t, (ended, _) in self._failed.items() if now - ended > ttl]:
+            del self._failed[token]
 
     async def _read(self, token: str, now: float) -> TokenCheck:
         """Who the token's invitations say was served (none listed with ``--resend``).

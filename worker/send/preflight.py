@@ -87,6 +87,7 @@ class Preflight(TokenChecks):
         # Tokens whose check is being made, and those of them forgotten meanwhile.
         self._reading: set[str] = set()
         self._stale: set[str] = set()
+        self._failed: dict[str, tuple[float, SendError]] = {}
         # A refused read: the same keys may be refused for invitations too, so the next
         # request goes alone (one more request for wrong keys, not one per sender).
         self._boards = BoardReader(client, self._paced, refused=pacer.probe_again, plan=not writes)
