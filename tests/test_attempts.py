@@ -238,3 +238,37 @@ async def test_a_request_held_up_briefly_ends_when_its_intent_says(
     assert 1.2 < limit <= 1.6, unknown[0]["error"]
     assert [r.method for r in emulator.requests].count("POST") == 1
     assert sum(emulator.invited.values()) == 1
+
+
+class Ticking(FakeClock):
+    """Virtual time that moves 2 µs at every reading (a busy machine between two lines)."""
+
+    def time(self) -> float:
+        now = self.now
+        self.now += 2e-6
+        return now
+
+
+async def test_the_time_limit_is_never_zero_or_less_when_a_request_goes(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """A request let go 1 µs inside its --timeout gets the 1 µs left, never a limit of
+    zero or less (which aiohttp takes for no limit at all): the limit comes from the
+    same reading of the clock as the decision to let it go."""
+    from worker.send.journaled import Journaled
+    from worker.send.trip import Trip
+
+    config = make_config(timeout=0.5, reconcile_delay=0.5)
+    clock = Ticking(start=1000.0)
+    journal = Journal(tmp_path / "j", durable=False, truncate=True)
+    async with client_for(config) as client:
+        sender = Sender(client, pacer_for(config, clock), journal, config, clock,
+                        random.Random(1), RunState())  # fmt: skip
+        hooks = Journaled(sender, Trip(TOKEN_A, ["a@example.com"], clock, []))
+        await hooks.sending(1000.0)
+        clock.now = 1000.0 + 0.5 - 1e-6  # the next reading: 1 µs inside the limit
+        assert hooks.held_up(1000.0) is None
+        limit = hooks.time_limit()
+    journal.close()
+    assert limit is not None
+    assert 0 < limit <= 1e-6 + 1e-9

@@ -66,7 +66,9 @@ class InvitationClient:
         proxy: Proxy | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # Not rounded up to a whole second past 5 s (aiohttp's default): whoever settles
+        # an intent takes its request for over at exactly its time limit.
+        self._timeout = aiohttp.ClientTimeout(total=timeout, ceil_threshold=math.inf)
         self._headers = {
             "DD-API-KEY": api_key,
             "DD-APPLICATION-KEY": app_key,
@@ -240,7 +242,7 @@ class InvitationClient:
                     self._reach.answered = self._reach.answered or gets.answered
             timeout = self._timeout
             if within is not None and within < (timeout.total or math.inf):
-                timeout = aiohttp.ClientTimeout(total=within)
+                timeout = aiohttp.ClientTimeout(total=within, ceil_threshold=math.inf)
             async with self._session.request(
                 method, url, data=body, timeout=timeout, allow_redirects=False,
                 proxy=self._proxy_url, proxy_headers=self._proxy_headers,

@@ -54,7 +54,7 @@ class Journaled(Hooks):
     def __init__(self, sender: Sender, trip: Trip) -> None:
         self._sender, self._trip = sender, trip
         self._intent = ""
-        self._sent_at = 0.0
+        self._limit: float | None = None
         #: Set when a listing found every email of the request created.
         self.all_created = False
 
@@ -70,7 +70,6 @@ class Journaled(Hooks):
 
     async def sending(self, sent_at: float) -> None:
         sender, trip = self._sender, self._trip
-        self._sent_at = sent_at
         try:
             self._intent = await sender._journal.intent(trip.token, trip.emails, sent_at,
                                                         sender._config.timeout)  # fmt: skip
@@ -100,17 +99,20 @@ class Journaled(Hooks):
         config = self._sender._config
         late = self._sender._clock.time() - sent_at
         if late <= max(config.reconcile_delay, MIN_HELD_UP) and late < config.timeout:
+            # From this one reading of the clock: a second one could find no time left,
+            # and a limit of zero or less is none at all to aiohttp.
+            self._limit = config.timeout - late if late > 0 else None
             return None
         why = f"not sent: held up {late:.1f} s after its intent was recorded (stalled?)"
         return ConnectionFailed(f"{why}; it goes again with a new one")
 
     def time_limit(self) -> float | None:
-        """The time limit of the request about to leave: what is left of ``--timeout``
-        counted from its intent's time (None: all of it). Whoever settles the intent takes
-        the request for over then, and gives the service its own reconcile delay after
-        that to finish: a request that left late must not use that delay up."""
-        late = self._sender._clock.time() - self._sent_at
-        return self._sender._config.timeout - late if late > 0 else None
+        """The time limit of the request about to leave (checked by :meth:`held_up`):
+        what is left of ``--timeout`` counted from its intent's time (None: all of it),
+        always more than zero. Whoever settles the intent takes the request for over
+        then, and gives the service its own reconcile delay after that to finish: a
+        request that left late must not use that delay up."""
+        return self._limit
 
     def unsent(self) -> None:
         self._sender._journal.answered(self._intent)  # the service created nothing
