@@ -69,17 +69,16 @@ async def test_a_worker_waits_for_another_edit_of_the_dashboard_and_a_stop_ends_
     stream_name: str,
 ) -> None:
     """While another worker holds the dashboard's edit lock, a worker adding invitees
-    neither writes the dashboard nor invites anyone; a stop ends its wait at once
-    (exit 3, the messages left pending for a worker to claim)."""
+    neither writes the dashboard nor invites anyone; a stop ends its wait at once, with
+    16 batches of the token queued behind its own lock (each waited half a second before
+    it looked at the stop): exit 3, the messages left pending for a worker to claim."""
     board = emulator.add_dashboard(TOKENS[0], invitees=[])
-    await redis.set(f"{stream_name}:edit:{TOKENS[0]}", "another-worker", px=60_000)
-    pairs = [(TOKENS[0], f"w{i}@example.com") for i in range(5)]
+    await redis.set(f"{stream_name}:edits:{TOKENS[0]}:lock", "another-worker", px=60_000)
+    pairs = [(TOKENS[0], f"w{i}@example.com") for i in range(40)]
     await add(redis, stream_name, pairs)
     stop = asyncio.Event()
-    run = asyncio.create_task(run_stream(
-        make_config(batch_size=5, add_invitees=True), options(redis_server, stream_name),
-        stop=stop,
-    ))  # fmt: skip
+    config = make_config(batch_size=1, concurrency=16, add_invitees=True)
+    run = asyncio.create_task(run_stream(config, options(redis_server, stream_name), stop=stop))
     for _ in range(200):  # until it read the dashboard and met the lock
         if any(r.method == "GET" and "invitation" not in r.path for r in emulator.requests):
             break
@@ -87,11 +86,11 @@ async def test_a_worker_waits_for_another_edit_of_the_dashboard_and_a_stop_ends_
     await asyncio.sleep(1.0)  # two of its looks at the stop, the lock still held
     assert [r.method for r in emulator.requests if r.method != "GET"] == []
     stop.set()
-    result = await asyncio.wait_for(run, 5)
+    result = await asyncio.wait_for(run, 3)
     assert result.exit_code == 3
     assert board.invitees == {}
     assert emulator.invited == Counter()
-    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 5
+    assert (await redis.xpending(stream_name, "invite-worker"))["pending"] == 40
 
 
 async def test_an_edit_lock_left_by_a_killed_worker_holds_the_dashboard_only_until_it_expires(
@@ -105,7 +104,7 @@ async def test_an_edit_lock_left_by_a_killed_worker_holds_the_dashboard_only_unt
     """A lock whose holder died expires (here after 1 s): the next worker then adds the
     invitees and invites everyone, once, and lets go of the lock."""
     board = emulator.add_dashboard(TOKENS[0], invitees=[])
-    lock = f"{stream_name}:edit:{TOKENS[0]}"
+    lock = f"{stream_name}:edits:{TOKENS[0]}:lock"
     await redis.set(lock, "a-killed-worker", px=1000)
     pairs = [(TOKENS[0], f"k{i}@example.com") for i in range(5)]
     await add(redis, stream_name, pairs)
@@ -125,7 +124,7 @@ async def test_a_lock_lost_while_stalled_is_taken_again_before_the_write(
     expired during a stall and another worker took it, the holder waits for that worker,
     takes it again and is told to read afresh; it lets go at the end."""
     queue = StreamQueue(redis, stream_name, "invite-worker", "w0", f"{stream_name}:dead")
-    key = f"{stream_name}:edit:{TOKENS[0]}"
+    key = f"{stream_name}:edits:{TOKENS[0]}:lock"
     async with DashboardEdits(queue, asyncio.Event()).hold(TOKENS[0]) as confirm:
         assert await confirm() is True
         await redis.set(key, "another-worker", px=300)  # ours expired; another took it

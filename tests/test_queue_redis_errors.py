@@ -409,6 +409,29 @@ def test_a_user_whose_scripts_are_refused_xack_is_named_with_the_grant(
     each_invited_once_nothing_left(api, pairs, server.url, "invites")
 
 
+def test_the_granted_rules_are_enough_to_add_invitees_one_edit_at_a_time(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """A user with exactly the rules the NOPERM message grants runs a worker with
+    --add-invitees over dashboards that allow nobody: each edit's lock in Redis is taken
+    and let go with those rules alone (a lock needing DEL stopped it at its first edit,
+    exit 2); everyone is added and invited once, and no lock is left behind."""
+    server = servers()
+    boards = tmp_path / "boards.json"
+    boards.write_text(json.dumps([{"token": f"dash-{i}", "invitees": []} for i in range(3)]))
+    api = start_emulator("--dashboards", str(boards))
+    pairs = enqueue(cli, tmp_path, server.url, 60)
+    server.cli("ACL", "SETUSER", "carol", "on", ">pw", *WORKER_RULES.split())
+    carol = f"redis://carol:pw@127.0.0.1:{server.port}/0"
+    worker = cli(*worker_args(carol, api, tmp_path / "1.jsonl", "--add-invitees"))
+    worker.expect(0, timeout=60)
+    each_invited_once_nothing_left(api, pairs, server.url, "invites")
+    assert server.cli("KEYS", "invites:edits:*") == ""  # let go, not left to expire
+
+
 def test_redis_not_answering_at_the_start_is_a_fault_to_run_again_not_a_mistake(
     tmp_path: Path,
     start_emulator: Callable[..., str],
