@@ -7,6 +7,7 @@ fix, and nothing is sent or added. (Redis not answering at all is a fault: see
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import signal
 import socket
@@ -273,6 +274,9 @@ def test_a_redis_cluster_node_is_refused_at_the_start_not_after_a_message(
     binary = shutil.which("redis-server")
     if binary is None or shutil.which("redis-cli") is None:
         pytest.skip("needs redis-server and redis-cli on PATH")
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    if (found := re.search(r"v=(\d+)\.", version.stdout)) is None or int(found.group(1)) < 7:
+        pytest.skip("--cluster-port needs redis-server 7.0 or later")
     api = start_emulator()
     # The cluster bus port is named too: its default (port + 10000) lies among the ports
     # the kernel hands to outgoing connections, and a node that cannot bind it listens for
