@@ -155,9 +155,10 @@ async def test_the_sender_and_a_listing_share_the_attempt_count_and_backoff(
 
 class StalledOnce(Journal):
     """A journal whose first intent takes ``stall`` s to become durable (the process was
-    stopped meanwhile, as by SIGSTOP): the clock moves on while it is written."""
+    stopped meanwhile, as by SIGSTOP, or the machine was busy): ``clock`` moves on while
+    it is written, or, without one, that much real time passes."""
 
-    def __init__(self, path: Path, clock: FakeClock, stall: float) -> None:
+    def __init__(self, path: Path, stall: float, clock: FakeClock | None = None) -> None:
         super().__init__(path, durable=False, truncate=True)
         self.clock, self.stall, self.times = clock, stall, list[float]()
 
@@ -167,7 +168,10 @@ class StalledOnce(Journal):
         self.times.append(at)
         ident = await super().intent(token, emails, at, request_timeout)
         if len(self.times) == 1:
-            self.clock.advance(self.stall)
+            if self.clock is None:
+                await asyncio.sleep(self.stall)
+            else:
+                self.clock.advance(self.stall)
         return ident
 
 
@@ -181,7 +185,7 @@ async def test_a_request_held_up_past_its_intent_goes_only_with_a_fresh_one(
     as a retry with a new intent, sent once. A short hold-up sends under the first."""
     config = make_config(reconcile_delay=5.0)
     clock = FakeClock(start=1000.0)
-    journal = StalledOnce(tmp_path / "j", clock, stall)
+    journal = StalledOnce(tmp_path / "j", stall, clock)
     async with client_for(config) as client:
         sender = Sender(client, pacer_for(config, clock), journal, config, clock,
                         random.Random(1), RunState())  # fmt: skip
@@ -192,24 +196,6 @@ async def test_a_request_held_up_past_its_intent_goes_only_with_a_fresh_one(
     assert journal.times[-1] >= 1000.0 + (stall if intents == 2 else 0.0)
     assert [r.method for r in emulator.requests].count("POST") == 1
     assert sum(emulator.invited.values()) == 1
-
-
-class SlowOnce(Journal):
-    """A journal whose first intent takes ``stall`` seconds of real time to record (a
-    busy machine, or the process stopped a moment)."""
-
-    def __init__(self, path: Path, stall: float) -> None:
-        super().__init__(path, durable=False, truncate=True)
-        self.stall, self.times = stall, list[float]()
-
-    async def intent(
-        self, token: str, emails: list[str], at: float, request_timeout: float | None = None
-    ) -> str:
-        self.times.append(at)
-        ident = await super().intent(token, emails, at, request_timeout)
-        if len(self.times) == 1:
-            await asyncio.sleep(self.stall)
-        return ident
 
 
 async def test_a_request_held_up_briefly_ends_when_its_intent_says(
@@ -223,7 +209,7 @@ async def test_a_request_held_up_briefly_ends_when_its_intent_says(
     config = make_config(reconcile_delay=0.45, timeout=2.0)
     emulator.faults = Faults(slow_seconds=1.8)
     emulator.script("slow")
-    journal = SlowOnce(tmp_path / "j", 0.4)
+    journal = StalledOnce(tmp_path / "j", 0.4)
     async with client_for(config) as client:
         sender = Sender(client, pacer_for(config, SystemClock()), journal, config,
                         SystemClock(), random.Random(1), RunState())  # fmt: skip
