@@ -665,3 +665,30 @@ async def test_batches_waiting_on_a_moving_listing_share_its_failure_in_queue_mo
     assert codes == ["listing_moved"] * 5
     assert readings["started"] == 3
     assert not [r for r in emulator.requests if r.method == "POST"]
+
+
+async def test_batches_waiting_on_a_failed_reading_read_again_when_it_would_dead_letter(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Queue mode: a reading that failed for a reason that would dead-letter its messages
+    (503s past every retry) is not shared: the batches that waited for it read again,
+    and are sent."""
+    from worker.batching import Batch
+    from worker.send.sender import Sender
+
+    def unavailable_twice(board: Dashboard, number: int, times: int) -> tuple[int, Any]:
+        if number == 0 and times <= 2:
+            return number, web.json_response({"errors": ["unavailable"]}, status=503)
+        return number, None
+
+    async with served_as(monkeypatch, unavailable_twice) as emulator:
+        config = make_config(api_url=emulator.url, preflight_ttl=60.0, max_attempts=2)
+        clock = SystemClock()
+        async with client_for(config) as client:
+            sender = Sender(client, pacer_for(config, clock), Journal(tmp_path / "j",
+                            durable=False), config, clock)  # fmt: skip
+            batches = [Batch(TOKEN_A, [f"new{i}@example.com"]) for i in range(5)]
+            outcomes = await asyncio.wait_for(asyncio.gather(*map(sender.send, batches)), 30)
+    statuses = [o.status for out in outcomes for o in out]
+    assert statuses.count("failed") == 1
+    assert statuses.count("sent") == 4

@@ -56,9 +56,10 @@ class TokenChecks:
     async def _check(self, token: str) -> TokenCheck:
         arrived = self._clock.time()
         async with self._locks.hold(token):
-            # A failure not kept (queue mode) is still shared with the batches that waited
-            # for that reading: a listing that keeps moving is read once for them all, not
-            # three times over for each; a batch that comes later reads again.
+            # A failure not kept (queue mode) that leaves messages pending is shared with
+            # the batches that waited for that reading: a listing that keeps moving is
+            # read once for them all, not three times over for each; a batch that comes
+            # later reads again.
             failed = self._failed.get(token)
             if failed is not None and failed[0] >= arrived:
                 raise failed[1].with_traceback(None)
@@ -78,7 +79,9 @@ class TokenChecks:
                     self._stale.discard(token)
                 elif self._keeps(check.unread):
                     self._checks[token] = check
-                elif check.unread is not None:
+                elif check.unread is not None and check.unread.keep_pending:
+                    # Only a failure that leaves the messages pending: one that would send
+                    # them to the dead letters (a timeout) is tried again by each batch.
                     self._failed[token] = (self._clock.time(), check.unread)
             if check.unread is not None and not check.board:
                 raise check.unread.with_traceback(None)
