@@ -689,6 +689,6 @@ async def test_batches_waiting_on_a_failed_reading_read_again_when_it_would_dead
                             durable=False), config, clock)  # fmt: skip
             batches = [Batch(TOKEN_A, [f"new{i}@example.com"]) for i in range(5)]
             outcomes = await asyncio.wait_for(asyncio.gather(*map(sender.send, batches)), 30)
-    statuses = [o.status for out in outcomes for o in out]
+    statuses = [str(o.status) for out in outcomes for o in out]
     assert statuses.count("failed") == 1
     assert statuses.count("sent") == 4
