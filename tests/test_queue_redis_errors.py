@@ -432,6 +432,38 @@ def test_the_granted_rules_are_enough_to_add_invitees_one_edit_at_a_time(
     assert server.cli("KEYS", "invites:edits:*") == ""  # let go, not left to expire
 
 
+def test_a_dead_letter_copy_refused_leaves_its_messages_pending_not_acknowledged(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """Rows the dashboard refuses, for a user granted the printed rules of a run whose
+    dead letters went to the default stream, now run with another --dead-letter it may
+    not write: the copy is refused, and the messages stay pending (they were
+    acknowledged without their copies: lost). With the rules for that stream, a run
+    dead-letters them all, once."""
+    server = servers()
+    boards = tmp_path / "boards.json"
+    boards.write_text(json.dumps([{"token": f"dash-{i}", "invitees": []} for i in range(3)]))
+    api = start_emulator("--dashboards", str(boards))
+    pairs = enqueue(cli, tmp_path, server.url, 12)
+    server.cli("ACL", "SETUSER", "dana", "on", ">pw", *WORKER_RULES.split())
+    dana = f"redis://dana:pw@127.0.0.1:{server.port}/0"
+    worker = cli(*worker_args(dana, api, tmp_path / "1.jsonl", "--dead-letter", "parked"))
+    worker.expect(2, timeout=60)
+    assert "refused user 'dana'" in one_message(worker)
+    assert pending(server) == 12
+    assert server.cli("XLEN", "parked") == "0"
+    server.cli("ACL", "SETUSER", "dana", "~parked")
+    cli(*worker_args(dana, api, tmp_path / "2.jsonl", "--dead-letter", "parked")).expect(
+        1, timeout=60
+    )
+    assert pending(server) == 0
+    assert server.cli("XLEN", "parked") == str(len(pairs))
+    assert emulator_invited(api) == {}
+
+
 def test_redis_not_answering_at_the_start_is_a_fault_to_run_again_not_a_mistake(
     tmp_path: Path,
     start_emulator: Callable[..., str],

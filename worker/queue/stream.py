@@ -21,6 +21,7 @@ Besides the stream and its group, two keys belong to a group:
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -30,7 +31,7 @@ from redis.exceptions import ResponseError
 
 from worker.clock import Clock, sleep_unless
 from worker.queue.failures import RedisFailures
-from worker.queue.scripts import ACK, DROP_INTENTS, ENQUEUE, HOLD, INTENTS, RELEASE
+from worker.queue.scripts import ACK, DEAD_LETTER, DROP_INTENTS, ENQUEUE, HOLD, INTENTS
 
 #: A message: its id and its fields as Redis sends them, ``[name, value, name, value…]``
 #: (None: deleted from the stream meanwhile).
@@ -65,7 +66,7 @@ class StreamQueue:
         #: the value recorded), dropped by :meth:`drop_answered` at the next flush.
         self.answered: list[tuple[list[str], str]] = []
         self._hold: Any = redis.register_script(HOLD)
-        self._release: Any = redis.register_script(RELEASE)
+        self._dead_letter: Any = redis.register_script(DEAD_LETTER)
         self._ack: Any = redis.register_script(ACK)
 
     async def ensure_group(self) -> bool:
@@ -201,21 +202,19 @@ class StreamQueue:
         self, acks: list[str], dead: list[tuple[str, dict[str, str]]], now: float
     ) -> None:
         """Atomically copy ``dead`` to the dead-letter stream (letting go of their pairs,
-        where they still hold them), then acknowledge everything."""
+        where they still hold them), then acknowledge everything: one script, whose
+        copies come first (a refused copy leaves everything pending)."""
         ids = acks + [mid for mid, _ in dead]
         if not ids:
             return
         if not dead:  # the common case: one script acknowledges a whole flush
             await self._ack(keys=[self.stream, self.intents_key], args=[self.group, ",".join(ids)])
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _, fields in dead:
-                pipe.xadd(self.dead_letter, fields)  # type: ignore[arg-type]
-            pairs = _pair_lines((mid, (f["token"], f["email"])) for mid, f in dead)
-            await self._release(keys=list(self._pair_hashes(now)), args=[pairs], client=pipe)
-            pipe.xack(self.stream, self.group, *ids)
-            pipe.hdel(self.intents_key, *ids)
-            await pipe.execute()
+        pairs = _pair_lines((mid, (f["token"], f["email"])) for mid, f in dead)
+        copies = json.dumps([[x for item in f.items() for x in item] for _, f in dead],
+                            ensure_ascii=False)  # fmt: skip
+        keys = [self.stream, self.intents_key, self.dead_letter, *self._pair_hashes(now)]
+        await self._dead_letter(keys=keys, args=[self.group, ",".join(ids), pairs, copies])
 
 
 def hold_period(now: float) -> int:
