@@ -179,6 +179,22 @@ def test_the_terminal_summary_of_a_refused_queue_worker_names_the_fix() -> None:
     assert step.endswith(shlex.join(command))
 
 
+def test_the_terminal_summary_of_a_halted_queue_worker_gives_the_command_with_its_name() -> None:
+    """A queue worker halted by a fault (the service unreachable) says what to fix, then
+    the command to run again under its own --consumer: its pending messages are taken up
+    at once, not after --claim-idle under another name."""
+    from worker.run.human import next_step
+    from worker.run.summary import Halt
+
+    command = ["invite-worker", "run", "redis://127.0.0.1:6379/0", "--stream", "s",
+               "--consumer", "vm-9030"]  # fmt: skip
+    queue = QueueRead(claimed=0, dead_lettered=0, group="invite-worker", consumer="vm-9030")
+    halt = Halt("service_unreachable", "cannot reach the API: check --api-url.")
+    step = next_step(a_summary(queue, halted=halt, exit_code=3), "r.jsonl", command)
+    assert step.startswith("cannot reach the API: check --api-url; then")
+    assert step.endswith(shlex.join(command))
+
+
 async def test_a_listing_refused_while_settling_an_unknown_outcome_stops_a_queue_worker(
     make_config: Callable[..., Config], tmp_path: Path, answering: Callable[..., Awaitable[str]]
 ) -> None:

@@ -100,7 +100,10 @@ def next_step(summary: AnySummary, report: str, command: list[str]) -> str:
     resume = shlex.join(command) if queue is not None else resume_command(command)
     if summary.halted is not None:
         if queue is not None:  # a queue worker's halt says what to do (another URL, say)
-            return summary.halted.message
+            # Under the same --consumer it re-reads its pending messages at once; under
+            # another name they wait --claim-idle to be claimed.
+            return (f"{summary.halted.message.rstrip('.')}; then, to take up its pending "
+                    f"messages at once: {shlex.join(command)}")  # fmt: skip
         return f"{summary.halted.message.split('. ')[0]}; then: {resume}"
     if summary.aborted:
         kept = "; the messages not settled stay pending" if queue is not None else ""
