@@ -432,6 +432,37 @@ def test_the_granted_rules_are_enough_to_add_invitees_one_edit_at_a_time(
     assert server.cli("KEYS", "invites:edits:*") == ""  # let go, not left to expire
 
 
+def test_a_lock_that_cannot_be_let_go_is_a_refusal_said_not_a_silent_wait(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    servers: Callable[[], RedisProcess],
+    cli: Workers,
+) -> None:
+    """A user denied PEXPIREAT cannot let go of a dashboard's edit lock: exit 2 naming the
+    user and the grant, the messages pending (each edit waited out the lock's 30 s in
+    silence); granted it, a run invites everyone once and leaves no lock."""
+    server = servers()
+    boards = tmp_path / "boards.json"
+    boards.write_text(json.dumps([{"token": f"dash-{i}", "invitees": []} for i in range(3)]))
+    api = start_emulator("--dashboards", str(boards))
+    pairs = enqueue(cli, tmp_path, server.url, 30)
+    rules = [rule for rule in WORKER_RULES.split() if rule != "+pexpireat"]
+    server.cli("ACL", "SETUSER", "erin", "on", ">pw", *rules)
+    erin = f"redis://erin:pw@127.0.0.1:{server.port}/0"
+    worker = cli(*worker_args(erin, api, tmp_path / "1.jsonl", "--add-invitees"))
+    worker.expect(2, timeout=20)
+    said = one_message(worker)
+    assert "refused user 'erin'" in said, said
+    assert "+pexpireat" in said, said
+    assert pending(server) > 0
+    server.cli("ACL", "SETUSER", "erin", "+pexpireat")
+    if left := server.cli("KEYS", "invites:edits:*"):  # as 30 s later
+        server.cli("DEL", *left.split())
+    cli(*worker_args(erin, api, tmp_path / "2.jsonl", "--add-invitees")).expect(0, timeout=60)
+    each_invited_once_nothing_left(api, pairs, server.url, "invites")
+    assert server.cli("KEYS", "invites:edits:*") == ""
+
+
 def test_a_dead_letter_copy_refused_leaves_its_messages_pending_not_acknowledged(
     tmp_path: Path,
     start_emulator: Callable[..., str],

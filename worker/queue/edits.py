@@ -104,14 +104,15 @@ class DashboardEdits:
         renewing = asyncio.create_task(self._renew(key, mine))
         try:
             yield confirm
-        finally:
-            renewing.cancel()
-            # Waited for without taking its CancelledError: a cancellation of this task
-            # arriving here must still reach it.
-            await asyncio.wait([renewing])
-            # Not let go (Redis failing): it expires on its own.
-            with contextlib.suppress(RedisError):
+        except BaseException:
+            await _ended(renewing)
+            with contextlib.suppress(RedisError):  # the edit's own failure is the one told
                 await self._let_go(keys=[key], args=[mine])
+            raise
+        await _ended(renewing)
+        # A refusal halts the run as any command's does: swallowed, each edit of the
+        # token would wait out the lock's 30 s, silently.
+        await self._call(self._let_go, key, mine)
 
     async def _acquire(self, key: str, mine: str) -> None:
         # The stop is looked at before each try: batches queued behind this worker's own
@@ -135,3 +136,10 @@ class DashboardEdits:
             # Lost, or Redis failing: the check before the write tells, and takes it again.
             with contextlib.suppress(RedisError):
                 await self._renew_script(keys=[key], args=[mine, int(LOCK_TTL * 1000)])
+
+
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it, without taking its CancelledError: a
+    cancellation of the caller arriving meanwhile must still reach the caller."""
+    task.cancel()
+    await asyncio.wait([task])
