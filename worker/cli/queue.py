@@ -62,7 +62,8 @@ def add_stream_options(r: argparse.ArgumentParser) -> None:
         "--consumer",
         default="",
         metavar="NAME",
-        help='this worker\'s name in the group (default: host-pid); e.g. --consumer "$HOSTNAME"',
+        help="this worker's name in the group, one live process per name (default: "
+        'host-pid); e.g. --consumer "$HOSTNAME" where each worker has its own host',
     )
     q.add_argument(
         "--linger",
