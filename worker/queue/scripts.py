@@ -36,32 +36,6 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return taken
 """
 
-# KEYS: stream, intents hash, dead-letter stream, this period's hash of held pairs, the
-# previous period's. ARGV: group, "id,id,..." (every id to acknowledge), the dead messages'
-# "id\ttoken\temail\n..." (email lower-cased), their fields as a JSON list of flat
-# [name, value, ...] lists. A flush that dead-letters, in one script rather than a MULTI:
-# a user refused MULTI would run the commands one by one, acknowledging messages whose
-# copy was refused. The copies are made first, so any refusal comes before anything is
-# acknowledged. Each dead message lets go of its pair where it holds it, and only there: a
-# pair another message holds (a copy requeued meanwhile) stays held.
-DEAD_LETTER = r"""
-for _, fields in ipairs(cjson.decode(ARGV[4])) do
-  redis.call('XADD', KEYS[3], '*', unpack(fields))
-end
-for id, pair in string.gmatch(ARGV[3], '([^\t\n]+)\t([^\n]*)\n') do
-  for _, key in ipairs({KEYS[4], KEYS[5]}) do
-    if redis.call('HGET', key, pair) == id then redis.call('HDEL', key, pair) end
-  end
-end
-local ids = {}
-for id in string.gmatch(ARGV[2], '[^,]+') do ids[#ids + 1] = id end
-for i = 1, #ids, 1000 do
-  local slice = {unpack(ids, i, math.min(i + 999, #ids))}
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(slice))
-  redis.call('HDEL', KEYS[2], unpack(slice))
-end
-return #ids
-"""
 
 # KEYS: intents hash, stream. ARGV: "id,id,...", send time, group, consumer. Records the
 # intents of the messages still pending for this consumer. Returns the others: "c:ID" for
@@ -113,3 +87,25 @@ for i = 1, #ids, 1000 do
 end
 return #ids
 """
+
+# KEYS: stream, intents hash, dead-letter stream, this period's hash of held pairs, the
+# previous period's. ARGV: group, "id,id,..." (every id to acknowledge), the dead messages'
+# "id\ttoken\temail\n..." (email lower-cased), their fields as a JSON list of flat
+# [name, value, ...] lists. A flush that dead-letters, in one script rather than a MULTI:
+# a user refused MULTI would run the commands one by one, acknowledging messages whose
+# copy was refused. The copies are made first, so any refusal comes before anything is
+# acknowledged (by ACK's own lines, which read the same keys and arguments). Each dead
+# message lets go of its pair where it holds it, and only there: a pair another message
+# holds (a copy requeued meanwhile) stays held.
+DEAD_LETTER = (
+    r"""
+for _, fields in ipairs(cjson.decode(ARGV[4])) do
+  redis.call('XADD', KEYS[3], '*', unpack(fields))
+end
+for id, pair in string.gmatch(ARGV[3], '([^\t\n]+)\t([^\n]*)\n') do
+  for _, key in ipairs({KEYS[4], KEYS[5]}) do
+    if redis.call('HGET', key, pair) == id then redis.call('HDEL', key, pair) end
+  end
+end"""
+    + ACK
+)
