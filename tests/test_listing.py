@@ -35,6 +35,7 @@ from worker.config import Config
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard
 from worker.emulator.invitations import Invitations
+from worker.outcome import Outcome
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
 from worker.record.journal import Journal, journal_path
@@ -632,6 +633,19 @@ def test_a_long_listing_folds_to_what_each_address_last_said(seed: int) -> None:
     assert dict(zip(listing.keys.tolist(), listing.session_ends.tolist(), strict=True)) == ends
 
 
+async def five_batches_at_once(config: Config, tmp_path: Path) -> list[list[Outcome]]:
+    """Five one-address batches of TOKEN_A sent at once by one sender: their outcomes."""
+    from worker.batching import Batch
+    from worker.send.sender import Sender
+
+    clock = SystemClock()
+    async with client_for(config) as client:
+        sender = Sender(client, pacer_for(config, clock), Journal(tmp_path / "j",
+                        durable=False), config, clock)  # fmt: skip
+        batches = [Batch(TOKEN_A, [f"new{i}@example.com"]) for i in range(5)]
+        return await asyncio.wait_for(asyncio.gather(*map(sender.send, batches)), 30)
+
+
 async def test_batches_waiting_on_a_moving_listing_share_its_failure_in_queue_mode(
     make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -640,9 +654,6 @@ async def test_batches_waiting_on_a_moving_listing_share_its_failure_in_queue_mo
     (listing_moved, the messages kept pending); the four that waited for that reading
     share its failure instead of reading three times each (15 readings before). Nothing
     is POSTed."""
-    from worker.batching import Batch
-    from worker.send.sender import Sender
-
     readings = Counter[str]()
 
     def revoke_one_each_time(board: Dashboard, number: int, times: int) -> tuple[int, None]:
@@ -655,12 +666,7 @@ async def test_batches_waiting_on_a_moving_listing_share_its_failure_in_queue_mo
     async with served_as(monkeypatch, revoke_one_each_time) as emulator:
         invited_already(emulator, PEOPLE[:200])
         config = make_config(api_url=emulator.url, preflight_ttl=60.0)
-        clock = SystemClock()
-        async with client_for(config) as client:
-            sender = Sender(client, pacer_for(config, clock), Journal(tmp_path / "j",
-                            durable=False), config, clock)  # fmt: skip
-            batches = [Batch(TOKEN_A, [f"new{i}@example.com"]) for i in range(5)]
-            outcomes = await asyncio.wait_for(asyncio.gather(*map(sender.send, batches)), 30)
+        outcomes = await five_batches_at_once(config, tmp_path)
     codes = [o.error.code if o.error else None for out in outcomes for o in out]
     assert codes == ["listing_moved"] * 5
     assert readings["started"] == 3
@@ -673,8 +679,6 @@ async def test_batches_waiting_on_a_failed_reading_read_again_when_it_would_dead
     """Queue mode: a reading that failed for a reason that would dead-letter its messages
     (503s past every retry) is not shared: the batches that waited for it read again,
     and are sent."""
-    from worker.batching import Batch
-    from worker.send.sender import Sender
 
     def unavailable_twice(board: Dashboard, number: int, times: int) -> tuple[int, Any]:
         if number == 0 and times <= 2:
@@ -683,12 +687,7 @@ async def test_batches_waiting_on_a_failed_reading_read_again_when_it_would_dead
 
     async with served_as(monkeypatch, unavailable_twice) as emulator:
         config = make_config(api_url=emulator.url, preflight_ttl=60.0, max_attempts=2)
-        clock = SystemClock()
-        async with client_for(config) as client:
-            sender = Sender(client, pacer_for(config, clock), Journal(tmp_path / "j",
-                            durable=False), config, clock)  # fmt: skip
-            batches = [Batch(TOKEN_A, [f"new{i}@example.com"]) for i in range(5)]
-            outcomes = await asyncio.wait_for(asyncio.gather(*map(sender.send, batches)), 30)
+        outcomes = await five_batches_at_once(config, tmp_path)
     statuses = [str(o.status) for out in outcomes for o in out]
     assert statuses.count("failed") == 1
     assert statuses.count("sent") == 4

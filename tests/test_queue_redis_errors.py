@@ -409,6 +409,13 @@ def test_a_user_whose_scripts_are_refused_xack_is_named_with_the_grant(
     each_invited_once_nothing_left(api, pairs, server.url, "invites")
 
 
+def allowing_nobody(tmp_path: Path, start_emulator: Callable[..., str]) -> str:
+    """An emulator whose dashboards ``dash-0``..``dash-2`` allow nobody yet: its URL."""
+    boards = tmp_path / "boards.json"
+    boards.write_text(json.dumps([{"token": f"dash-{i}", "invitees": []} for i in range(3)]))
+    return start_emulator("--dashboards", str(boards))
+
+
 def test_the_granted_rules_are_enough_to_add_invitees_one_edit_at_a_time(
     tmp_path: Path,
     start_emulator: Callable[..., str],
@@ -420,9 +427,7 @@ def test_the_granted_rules_are_enough_to_add_invitees_one_edit_at_a_time(
     and let go with those rules alone (a lock needing DEL stopped it at its first edit,
     exit 2); everyone is added and invited once, and no lock is left behind."""
     server = servers()
-    boards = tmp_path / "boards.json"
-    boards.write_text(json.dumps([{"token": f"dash-{i}", "invitees": []} for i in range(3)]))
-    api = start_emulator("--dashboards", str(boards))
+    api = allowing_nobody(tmp_path, start_emulator)
     pairs = enqueue(cli, tmp_path, server.url, 60)
     server.cli("ACL", "SETUSER", "carol", "on", ">pw", *WORKER_RULES.split())
     carol = f"redis://carol:pw@127.0.0.1:{server.port}/0"
@@ -442,9 +447,7 @@ def test_a_lock_that_cannot_be_let_go_is_a_refusal_said_not_a_silent_wait(
     user and the grant, the messages pending (each edit waited out the lock's 30 s in
     silence); granted it, a run invites everyone once and leaves no lock."""
     server = servers()
-    boards = tmp_path / "boards.json"
-    boards.write_text(json.dumps([{"token": f"dash-{i}", "invitees": []} for i in range(3)]))
-    api = start_emulator("--dashboards", str(boards))
+    api = allowing_nobody(tmp_path, start_emulator)
     pairs = enqueue(cli, tmp_path, server.url, 30)
     rules = [rule for rule in WORKER_RULES.split() if rule != "+pexpireat"]
     server.cli("ACL", "SETUSER", "erin", "on", ">pw", *rules)
@@ -475,9 +478,7 @@ def test_a_dead_letter_copy_refused_leaves_its_messages_pending_not_acknowledged
     acknowledged without their copies: lost). With the rules for that stream, a run
     dead-letters them all, once."""
     server = servers()
-    boards = tmp_path / "boards.json"
-    boards.write_text(json.dumps([{"token": f"dash-{i}", "invitees": []} for i in range(3)]))
-    api = start_emulator("--dashboards", str(boards))
+    api = allowing_nobody(tmp_path, start_emulator)
     pairs = enqueue(cli, tmp_path, server.url, 12)
     server.cli("ACL", "SETUSER", "dana", "on", ">pw", *WORKER_RULES.split())
     dana = f"redis://dana:pw@127.0.0.1:{server.port}/0"
