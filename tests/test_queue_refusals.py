@@ -195,6 +195,20 @@ def test_the_terminal_summary_of_a_halted_queue_worker_gives_the_command_with_it
     assert step.endswith(shlex.join(command))
 
 
+def test_the_terminal_summary_of_a_worker_whose_name_was_taken_over_says_nothing_to_run() -> None:
+    """A queue worker halted because another process took over its --consumer name is
+    not told to run again under that name: that process settles its messages."""
+    from worker.run.human import next_step
+    from worker.run.summary import Halt
+
+    command = ["invite-worker", "run", "redis://127.0.0.1:6379/0", "--consumer", "vm-9030"]
+    queue = QueueRead(claimed=0, dead_lettered=0, group="invite-worker", consumer="vm-9030")
+    halt = Halt("consumer_taken_over", "another process took over --consumer 'vm-9030'.")
+    step = next_step(a_summary(queue, halted=halt, exit_code=3), "r.jsonl", command)
+    assert step.startswith("nothing: the process now running as --consumer 'vm-9030'")
+    assert shlex.join(command) not in step
+
+
 async def test_a_listing_refused_while_settling_an_unknown_outcome_stops_a_queue_worker(
     make_config: Callable[..., Config], tmp_path: Path, answering: Callable[..., Awaitable[str]]
 ) -> None:

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from tests.conftest import Proc, by_kind, emulator_invited, pending, read_report, redis_cli
 from tests.test_queue_deliveries import HELD_UP, side_by_side
 from tests.test_queue_refusals import GOOD, worker
+from worker.queue.lease import ConsumerLease
 from worker.queue.stream import StreamQueue, enqueue_rows, intent_value
 
 
@@ -107,6 +108,7 @@ async def test_intents_of_trimmed_messages_not_this_workers_are_recorded_failed_
     await enqueue_rows(redis, stream_name, [(f"t{i}", f"p{i}@example.com") for i in range(3)])
     queue = StreamQueue(redis, stream_name, "invite-worker", "c1", f"{stream_name}:dead")
     await queue.ensure_group()
+    await ConsumerLease(queue).take()
     mine, theirs, nobodys = [mid for mid, _ in await queue.read_new(3, 0.1)]
     await redis.xclaim(stream_name, "invite-worker", "c2", 0, [theirs])
     await redis.xack(stream_name, "invite-worker", nobodys)

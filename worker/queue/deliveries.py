@@ -26,6 +26,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from worker.errors import InternalError, QueueLost
+from worker.queue.lease import ConsumerTakenOver
 from worker.queue.stream import StreamQueue, tagged
 from worker.state import RunState
 
@@ -134,8 +135,10 @@ class HeldDeliveries:
 
     async def give_back(self, queue: StreamQueue, state: RunState) -> None:
         """At the end of a run: give back the deliveries, unless the run's end may be the
-        messages' doing (a bug) or Redis is lost (each command would wait out the retries)."""
-        if not self._added or isinstance(state.fatal, (InternalError, QueueLost)):
+        messages' doing (a bug), Redis is lost (each command would wait out the retries),
+        or another process took over the consumer name (the messages are its own now)."""
+        if not self._added or isinstance(state.fatal, (InternalError, QueueLost,
+                                                       ConsumerTakenOver)):  # fmt: skip
             return
         script: Any = queue.redis.register_script(_GIVE_BACK)
         items = list(self._added.items())

@@ -16,6 +16,7 @@ from worker.config import Config
 from worker.queue.consumer import Consumer
 from worker.queue.edits import DashboardEdits
 from worker.queue.failures import RedisOutOfMemory, RedisRefused
+from worker.queue.lease import ConsumerLease
 from worker.queue.messages import MessageIndex, RedisIntents
 from worker.queue.options import StreamOptions
 from worker.queue.stream import StreamQueue
@@ -32,8 +33,10 @@ class StreamMode(Mode[QueueRead]):
     """A stream worker: a consumer's batches; its acknowledgements beside the senders."""
 
     def __init__(self, config: Config, options: StreamOptions, queue: StreamQueue,
-                 report: Report, clock: Clock, stop: asyncio.Event) -> None:  # fmt: skip
+                 report: Report, clock: Clock, stop: asyncio.Event,
+                 lease: ConsumerLease) -> None:  # fmt: skip
         self.config, self.options, self.queue, self.report = config, options, queue, report
+        self.lease = lease
         self.clock = clock
         self.index = MessageIndex()
         self.pending = lambda: len(self.index)
@@ -69,8 +72,9 @@ class StreamMode(Mode[QueueRead]):
 
     def feed(self) -> tuple[AsyncGenerator[Batch, None], Sequence[tuple[str, Service]]]:
         """The consumer's batches; its flusher acknowledges what outcomes settle, last
-        after the senders."""
-        return self.consumer.batches(), [("flusher", self.consumer.flush_until)]
+        after the senders; the consumer name's lease is renewed beside them."""
+        services = [("flusher", self.consumer.flush_until), ("lease", self.lease.keep)]
+        return self.consumer.batches(), services
 
     async def after(self, runner: Runner, client: InvitationClient) -> None:
         """Refused keys, a stop, Redis or the disk failing: not the messages' fault."""

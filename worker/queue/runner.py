@@ -24,6 +24,7 @@ from worker.queue.failures import (
     RedisFailures,
     RedisRefused,
 )
+from worker.queue.lease import ConsumerLease
 from worker.queue.mode import StreamMode
 from worker.queue.names import closest_streams, wrong_type
 from worker.queue.options import StreamOptions
@@ -81,12 +82,23 @@ async def _run_stream(
     config = dataclasses.replace(config, preflight_ttl=config.preflight_ttl or PREFLIGHT_TTL)
     redis = await connect(options.url, options.where, lambda r: RedisFailures(
         r, options.where, options.stream, options.group, options.dead_letter))  # fmt: skip
+    queue = _queue(redis, options)
+    lease = ConsumerLease(queue)
+    try:
+        # Before anything is read, and before a signal is looked at: a wait for a killed
+        # holder's lease is cut short by a signal at once, as a connection's is.
+        await lease.take()
+    except FatalError as failure:
+        await redis.aclose()
+        raise at_start(failure) from None
+    except BaseException:
+        await redis.aclose()
+        raise
     if connected is not None:
         connected()
     metrics = metrics_for(config, mode="queue", consumer=options.consumer)
     try:
         try:
-            queue = _queue(redis, options)
             try:
                 if await queue.ensure_group():
                     # Waiting for the stream is right when producers create it later, and
@@ -106,7 +118,7 @@ async def _run_stream(
             report.metrics = metrics
             shared = SharedBudget(redis, urlsplit(config.api_url).netloc, options.where,
                                   queue.failure)  # fmt: skip
-            mode = StreamMode(config, options, queue, report, clock, stop)
+            mode = StreamMode(config, options, queue, report, clock, stop, lease)
         except BaseException:
             metrics.close()  # no run follows
             raise
@@ -114,6 +126,7 @@ async def _run_stream(
                               metrics=metrics, state=mode.state, clock=clock, rng=rng,
                               source=options.where, started=started, shared=shared)  # fmt: skip
     finally:
+        await lease.let_go()
         await redis.aclose()
 
 

@@ -37,14 +37,28 @@ return taken
 """
 
 
-# KEYS: intents hash, stream. ARGV: "id,id,...", send time, group, consumer. Records the
-# intents of the messages still pending for this consumer. Returns the others: "c:ID" for
-# one another worker holds, or settled (its entry still in the stream), never to be sent
+# A Lua function for the scripts that act under a consumer name's lease (see
+# worker.queue.lease): whether the key holds ``token`` ("TOKEN RENEWED_MS").
+HOLDS_NAME = r"""
+local function holds(key, token)
+  local value = redis.call('GET', key)
+  return value and string.sub(value, 1, #token + 1) == token .. ' '
+end
+"""
+
+# KEYS: intents hash, stream, the consumer name's lease. ARGV: "id,id,...", send time,
+# group, consumer, the lease's token. Once another process has taken over the name,
+# nothing is recorded and "l:" alone is returned. Else records the intents of the
+# messages still pending for this consumer, and returns the others: "c:ID" for one
+# another worker holds, or settled (its entry still in the stream), never to be sent
 # here; "t:ID" for one whose entry was deleted (trimmed) meanwhile, pending for nobody
 # else or claimed without its fields: whether a worker that claimed it before the trim
 # sent it cannot be told, so it is not sent here either, but recorded failed (and
 # dead-lettered with its pair, which a worker that claimed it afterwards never learns).
-INTENTS = """
+INTENTS = (
+    HOLDS_NAME
+    + """
+if not holds(KEYS[3], ARGV[5]) then return {'l:'} end
 local fields = {}
 local others = {}
 for id in string.gmatch(ARGV[1], '[^,]+') do
@@ -63,6 +77,7 @@ for i = 1, #fields, 1000 do
 end
 return others
 """
+)
 
 # KEYS: intents hash. ARGV: "id,id,...", the value they were recorded with. Only intents
 # still holding that value go: a later request for the same messages wrote its own.

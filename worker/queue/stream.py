@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +32,7 @@ from redis.exceptions import ResponseError
 
 from worker.clock import Clock, sleep_unless
 from worker.queue.failures import RedisFailures
+from worker.queue.lease import ConsumerTakenOver, lease_key, taken_over
 from worker.queue.scripts import ACK, DEAD_LETTER, DROP_INTENTS, ENQUEUE, HOLD, INTENTS
 
 #: A message: its id and its fields as Redis sends them, ``[name, value, name, value…]``
@@ -56,6 +58,9 @@ class StreamQueue:
         #: What a Redis error means, as the failure that ends the run.
         self.failure = RedisFailures(redis, where or stream, stream, group, dead_letter)
         self.intents_key = f"{stream}:{group}:intents"
+        #: This process's hold on its consumer name (see :mod:`worker.queue.lease`).
+        self.lease_key = lease_key(stream, group, consumer)
+        self.lease_token = secrets.token_hex(16)
         self.pairs_prefix = f"{stream}:{group}:pairs:"
         # XREADGROUP replies are taken as Redis sends them: redis-py's conversion of each
         # message's fields to a dict cost more than the rest of reading it.
@@ -163,9 +168,19 @@ class StreamQueue:
         sent and how long it may take (see :func:`intent_value`; one script). Returns the
         ids not recorded, not to be sent here: those another consumer holds or settled,
         and those whose entry was trimmed while no longer pending for this one."""
-        keys, args = [self.intents_key, self.stream], [",".join(ids), value, self.group]
-        others = tagged(await self._intents(keys=keys, args=[*args, self.consumer]))
+        keys = [self.intents_key, self.stream, self.lease_key]
+        args = [",".join(ids), value, self.group, self.consumer, self.lease_token]
+        others = tagged(await self._intents(keys=keys, args=args))
+        if "l" in others:  # no intent recorded: the request must not leave
+            raise await self.name_lost()
         return others["c"], others["t"]
+
+    async def name_lost(self) -> ConsumerTakenOver:
+        """The failure of a worker that found its consumer name not its own: taken over,
+        unless the queue itself is gone (a Redis that came back empty lost the name with
+        the group: this raises the group's own error, NOGROUP)."""
+        await self.group_pending()
+        return taken_over(self.consumer)
 
     async def drop_answered(self) -> None:
         """Drop the intents of :attr:`answered`: a worker claiming those messages need not

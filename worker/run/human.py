@@ -99,6 +99,9 @@ def next_step(summary: AnySummary, report: str, command: list[str]) -> str:
     # A queue worker runs the same command again: its unsettled messages stay pending.
     resume = shlex.join(command) if queue is not None else resume_command(command)
     if summary.halted is not None:
+        if queue is not None and summary.halted.code == "consumer_taken_over":
+            return (f"nothing: the process now running as --consumer '{queue.consumer}' "
+                    "settles what this one held")  # fmt: skip
         if queue is not None:  # a queue worker's halt says what to do (another URL, say)
             # Under the same --consumer it re-reads its pending messages at once; under
             # another name they wait --claim-idle to be claimed.

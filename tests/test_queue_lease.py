@@ -1,0 +1,164 @@
+"""One live process per --consumer name: the name's lease, on a private redis-server.
+
+Two processes under one name would each take the other's pending messages for their own
+and invite people twice; a process that starts under the name of one killed without
+letting go must still take up its messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from tests.conftest import Proc, by_kind, emulator_invited, pending, read_report
+from tests.test_queue_deliveries import HELD_UP, side_by_side
+from tests.test_queue_refusals import GOOD, worker
+from worker.queue import lease as lease_module
+from worker.queue.lease import ConsumerInUse, ConsumerLease, ConsumerTakenOver
+from worker.queue.stream import StreamQueue, enqueue_rows, intent_value
+
+
+async def a_lease(redis: Redis, stream: str, consumer: str = "c1") -> ConsumerLease:
+    """The lease of ``consumer`` in a fresh process's queue (not taken yet)."""
+    queue = StreamQueue(redis, stream, "invite-worker", consumer, f"{stream}:dead")
+    await queue.ensure_group()
+    return ConsumerLease(queue)
+
+
+async def test_a_name_a_live_process_renews_is_refused_at_the_start(
+    redis: Redis, stream_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second process under a name whose holder keeps renewing it is refused (a usage
+    error naming the name and the fix) as soon as a renewal shows the holder alive."""
+    monkeypatch.setattr(lease_module, "RENEW_EVERY", 0.05)
+    first, second = await a_lease(redis, stream_name), await a_lease(redis, stream_name)
+    await first.take()
+    finished = asyncio.Event()
+    renewing = asyncio.create_task(first.keep(finished))
+    try:
+        with pytest.raises(ConsumerInUse, match="--consumer 'c1'") as refused:
+            await asyncio.wait_for(second.take(), 5)
+    finally:
+        finished.set()
+        await renewing
+    assert "its own --consumer name" in str(refused.value)
+    assert first.token in (await redis.get(first.key) or "")  # still the first's
+
+
+async def test_a_silent_holders_name_is_taken_once_its_lease_lapses(
+    redis: Redis, stream_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder that stopped renewing (killed, stalled) keeps its name for the lease's
+    time, then a process starting under it takes it; the old holder then records no
+    intent (nothing it held is sent) and its renewal halts it."""
+    monkeypatch.setattr(lease_module, "LEASE_TTL", 0.4)
+    await enqueue_rows(redis, stream_name, [("t", "a@example.com")])
+    old, new = await a_lease(redis, stream_name), await a_lease(redis, stream_name)
+    await old.take()
+    ids = [mid for mid, _ in await old._queue.read_new(1, 0.1)]
+    started = time.monotonic()
+    with capture_logs() as logs:
+        await asyncio.wait_for(new.take(), 5)
+    assert time.monotonic() - started >= 0.3
+    assert [e["event"] for e in logs] == ["queue.consumer_waiting", "queue.consumer_taken_over"]
+    with pytest.raises(ConsumerTakenOver, match="took over --consumer 'c1'"):
+        await old._queue.record_intents(ids, intent_value(time.time(), 3.0))
+    assert await redis.hlen(old._queue.intents_key) == 0
+    with pytest.raises(ConsumerTakenOver):
+        await old.keep(asyncio.Event())
+    assert await new._queue.record_intents(ids, intent_value(time.time(), 3.0)) == (set(), set())
+    assert await redis.hlen(new._queue.intents_key) == 1
+
+
+async def test_a_name_let_go_is_taken_at_once_and_a_stale_one_stays_its_holders(
+    redis: Redis, stream_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that ended lets go of its name: the next under it starts without waiting
+    (and the first, were it still running, would find the name another's).
+    A holder that could not renew for longer than the lease (Redis down), with nobody
+    starting under its name meanwhile, still holds it: it renews and sends."""
+    monkeypatch.setattr(lease_module, "LEASE_TTL", 0.2)
+    monkeypatch.setattr(lease_module, "RENEW_EVERY", 0.01)
+    first = await a_lease(redis, stream_name)
+    await first.take()
+    await asyncio.sleep(0.3)  # past the lease, unrenewed
+    finished = asyncio.Event()
+    renewing = asyncio.create_task(first.keep(finished))
+    await asyncio.sleep(0.05)
+    finished.set()
+    await renewing  # renewed without a halt
+    assert await first._queue.record_intents([], intent_value(time.time(), 3.0)) == (set(), set())
+    await first.let_go()
+    assert await redis.get(first.key) == f"{first.token} 0"  # free, still naming its holder
+    second = await a_lease(redis, stream_name)
+    with capture_logs() as logs:
+        await asyncio.wait_for(second.take(), 1)
+    assert logs == []
+    with pytest.raises(ConsumerTakenOver):
+        await first._queue.record_intents([], intent_value(time.time(), 3.0))
+
+
+def test_a_second_process_under_a_running_workers_name_is_refused(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """Two processes under one --consumer: the second exits 2 within seconds, saying why
+    and reading nothing; the first finishes, and everyone is invited once."""
+    api, pairs, first, _ = side_by_side(spawn, tmp_path, start_emulator, redis_server,
+                                        stream_name, 0.5)  # fmt: skip
+    twin = worker(spawn, tmp_path, redis_server, stream_name, api, "first", *HELD_UP,
+                  "--report", str(tmp_path / "twin.jsonl"), env=GOOD)  # fmt: skip
+    twin.expect(2, timeout=20)
+    assert "another live process is consuming stream" in twin.stderr()
+    assert "Traceback" not in twin.stderr()
+    assert read_report(tmp_path / "twin.jsonl") == []  # nothing read, nothing recorded
+    first.expect(0, timeout=90)
+    assert emulator_invited(api) == dict.fromkeys(pairs, 1)
+    assert pending(redis_server, stream_name) == 0
+
+
+@pytest.mark.timeout(150)
+def test_a_stalled_workers_name_is_taken_over_and_it_sends_nothing_more(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """A worker stopped (SIGSTOP) with messages read, another process started under its
+    name: that one waits out the lease and takes the name; the stalled worker, continued
+    while the other sends, sends nothing more and halts (exit 3, consumer_taken_over).
+    The other finishes the stream: nobody invited twice, nothing left pending."""
+    api, pairs, first, _ = side_by_side(spawn, tmp_path, start_emulator, redis_server,
+                                        stream_name, 0.5)  # fmt: skip
+    first.popen.send_signal(signal.SIGSTOP)
+    try:
+        before = sum(emulator_invited(api).values())
+        started = time.monotonic()
+        again = worker(spawn, tmp_path, redis_server, stream_name, api, "first", *HELD_UP,
+                       "--report", str(tmp_path / "again.jsonl"), env=GOOD)  # fmt: skip
+        while sum(emulator_invited(api).values()) == before:  # it took over, and sends
+            assert again.popen.poll() is None, again.stderr()
+            time.sleep(0.05)
+        assert time.monotonic() - started >= lease_module.LEASE_TTL - 1
+        assert "queue.consumer_waiting" in again.stderr(60_000)
+    finally:
+        first.popen.send_signal(signal.SIGCONT)
+    first.expect(3, timeout=30)
+    halted = by_kind(read_report(tmp_path / "first.jsonl"), "summary")[-1]["halted"]
+    assert halted["code"] == "consumer_taken_over"
+    again.expect(0, timeout=120)
+    invited = emulator_invited(api)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
+    assert pending(redis_server, stream_name) == 0

@@ -1,0 +1,192 @@
+"""One live process per ``--consumer`` name: the name's lease in Redis.
+
+A consumer's pending messages are its own: a worker sends only messages pending for its
+name, and one started under that name re-reads them all. Two processes running at once
+under one name would each take the other's messages for their own, and invite people
+twice. So a worker holds its name: ``<stream>:<group>:consumer:<name>`` holds a random
+token of its holder and when the holder last renewed it (every
+:data:`RENEW_EVERY` seconds).
+
+- **At the start**, a name held by a live process (renewed within :data:`LEASE_TTL`
+  seconds) is refused (exit 2), as soon as a renewal shows the holder alive. A holder that
+  does not renew (killed without a chance to let go) is waited for, up to
+  :data:`LEASE_TTL`: then the name is taken over, and its pending messages with it.
+- **While it runs**, a worker records a request's intents only while the name holds its
+  own token, in the same script (:data:`~worker.queue.scripts.INTENTS`): a worker that
+  stalled past the lease, and whose name was taken over meanwhile, sends nothing more and
+  halts (``consumer_taken_over``); the worker that took over settles its messages, those
+  it had sent included (their intents are recorded). An outage of Redis takes nobody's
+  name: only a process starting under it does, and the key itself stays for
+  :data:`KEEP_SECONDS` after its last renewal.
+- **At the end** the worker lets go of its name, so a restart under it starts at once;
+  the key still names it, so a worker stalled meanwhile still finds the name another's.
+
+The scripts use only GET and SET, which the ACL rules a worker is told to
+have already grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from redis.exceptions import RedisError
+
+from worker.errors import FatalError, UsageError
+from worker.queue.scripts import HOLDS_NAME
+
+if TYPE_CHECKING:
+    from worker.queue.stream import StreamQueue
+
+log = structlog.get_logger("worker.queue")
+
+#: Seconds a holder that stopped renewing keeps its name from a process starting under it.
+LEASE_TTL = 10.0
+#: How often a worker renews its name.
+RENEW_EVERY = LEASE_TTL / 4
+#: Seconds the key lives after its last renewal: far beyond any outage of Redis, so a
+#: worker cut off meanwhile still finds its own token; the key then goes by itself.
+KEEP_SECONDS = 86_400.0
+#: How often a worker waiting for a silent holder's lease looks again.
+POLL = 0.2
+
+# KEYS: the name's key. ARGV: the token, the time now, LEASE_TTL and KEEP_SECONDS (all in
+# ms). Takes the name if it is free, its own, or its holder has not renewed it for
+# LEASE_TTL: "1". Else "0 RENEWED": when its holder last renewed it.
+TAKE_NAME = r"""
+local value = redis.call('GET', KEYS[1])
+if value then
+  local holder, renewed = string.match(value, '^(%S+) (%d+)$')
+  if holder and holder ~= ARGV[1] and tonumber(ARGV[2]) - tonumber(renewed) < tonumber(ARGV[3]) then
+    return '0 ' .. renewed
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[4])
+return '1'
+"""
+
+# KEYS: the name's key. ARGV: the token, the time now and KEEP_SECONDS (in ms). 1 if the
+# name is still the token's (renewed now), 0 if another process took it over (or the key
+# is gone).
+RENEW_NAME = (
+    HOLDS_NAME
+    + r"""
+if not holds(KEYS[1], ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+)
+
+# KEYS: the name's key. ARGV: the token, the time now and KEEP_SECONDS (in ms). Let go
+# if still the token's: renewed at 0, so free to take at once, but still naming its last
+# holder, so that a worker stalled meanwhile still finds its name another's.
+LET_GO_NAME = (
+    HOLDS_NAME
+    + r"""
+if holds(KEYS[1], ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1] .. ' 0', 'PX', ARGV[3]) end
+return 1
+"""
+)
+
+
+class ConsumerInUse(UsageError):
+    """Another live process runs under this ``--consumer`` name (exit 2)."""
+
+
+class ConsumerTakenOver(FatalError):
+    """Another process took over this worker's ``--consumer`` name while it did not renew
+    it: nothing more is sent here (exit 3)."""
+
+    code = "consumer_taken_over"
+
+
+def lease_key(stream: str, group: str, consumer: str) -> str:
+    """The key of a consumer name's lease."""
+    return f"{stream}:{group}:consumer:{consumer}"
+
+
+class ConsumerLease:
+    """This process's hold on its ``--consumer`` name (see the module)."""
+
+    def __init__(self, queue: StreamQueue) -> None:
+        self._queue = queue
+        self.key = queue.lease_key
+        self.token = queue.lease_token
+        redis = queue.redis
+        self._take: Any = redis.register_script(TAKE_NAME)
+        self._renew: Any = redis.register_script(RENEW_NAME)
+        self._let_go: Any = redis.register_script(LET_GO_NAME)
+
+    async def take(self) -> None:
+        """Take the name, waiting out a holder that stopped renewing it; a live holder's
+        renewal refuses the start (:class:`ConsumerInUse`)."""
+        first: int | None = None
+        started = time.monotonic()
+        while True:
+            taken, *stamps = (await self._call(self._take, LEASE_TTL, KEEP_SECONDS)).split()
+            now = time.time()
+            if taken == "1":
+                if first is not None:
+                    log.info("queue.consumer_taken_over", consumer=self._queue.consumer,
+                             waited=round(time.monotonic() - started, 1))  # fmt: skip
+                return
+            renewed = int(stamps[0])
+            if first is None:
+                first = renewed
+                log.warning("queue.consumer_waiting", consumer=self._queue.consumer,
+                            renewed_ago=round(now - renewed / 1000, 1), action="another "
+                            "process held this --consumer name: waiting until it has not "
+                            f"renewed it for {LEASE_TTL:g} s (one killed without letting "
+                            "go), or refused if it still does")  # fmt: skip
+            elif renewed != first:
+                raise ConsumerInUse(self._in_use(now - renewed / 1000))
+            await asyncio.sleep(POLL)
+
+    def _in_use(self, ago: float) -> str:
+        queue = self._queue
+        return (f"another live process is consuming stream '{queue.stream}' (group "
+                f"'{queue.group}') as --consumer '{queue.consumer}': it renewed its hold "
+                f"{ago:.1f} s ago. Give each process its own --consumer name (two under one "
+                "name would each take the other's messages, and invite people twice); the "
+                "default, host and pid, is unique")  # fmt: skip
+
+    async def keep(self, finished: asyncio.Event) -> None:
+        """Renew the name every :data:`RENEW_EVERY` seconds until ``finished`` (a runner's
+        service); taken over meanwhile, the run halts (:class:`ConsumerTakenOver`)."""
+        while not finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), RENEW_EVERY)
+            if not await self._call(self._renew, KEEP_SECONDS):
+                try:
+                    raise await self._queue.name_lost()
+                except RedisError as exc:
+                    raise await self._queue.failure(exc) from None
+
+    async def let_go(self) -> None:
+        """Free the name, if still this process's: a restart under it starts at once. A
+        failure here is not the run's: the name then frees itself after LEASE_TTL."""
+        with contextlib.suppress(RedisError):
+            args = [self.token, int(time.time() * 1000), int(KEEP_SECONDS * 1000)]
+            await self._let_go(keys=[self.key], args=args)
+
+    async def _call(self, script: Any, *seconds: float) -> Any:
+        # The time is the worker's: TIME is not among the commands a worker is granted.
+        # Clocks that differ only shift how long a silent holder is waited for; whose the
+        # name is never depends on them.
+        args = [self.token, int(time.time() * 1000), *(int(s * 1000) for s in seconds)]
+        try:
+            return await script(keys=[self.key], args=args)
+        except RedisError as exc:
+            raise await self._queue.failure(exc, "EVALSHA") from None
+
+
+def taken_over(consumer: str) -> ConsumerTakenOver:
+    """The halt of a worker whose name another process took over."""
+    return ConsumerTakenOver(
+        f"another process took over --consumer '{consumer}' while this one did not renew it "
+        f"for over {LEASE_TTL:g} s (stalled, or cut off from Redis), so nothing more is sent "
+        "here; nothing is lost: that process settles the messages this one held"
+    )
