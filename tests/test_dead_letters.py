@@ -136,3 +136,33 @@ async def test_requeue_takes_only_what_is_chosen_and_leaves_what_it_cannot_send(
     moved = [(f["email"], f["requeued_from"]) for _, f in await entries(redis, stream_name)]
     assert moved == [("one@example.com", one)]
     assert await redis.xlen(dead) == 2  # "two" (not chosen) and the junk entry
+
+
+async def test_a_mistyped_code_moves_nothing_and_says_which_was_meant(
+    redis: Redis, redis_server: str, stream_name: str
+) -> None:
+    """A --code that no dead letter has but one close to it does ("sever_error") is a
+    slip of the keyboard: exit 2 naming the code meant, nothing moved, even beside a code
+    that matches. A code that is simply absent now moves nothing, exit 0, and says so
+    (unmatched_codes, dead_letter.no_match)."""
+    dead = f"{stream_name}:dead"
+    for code in ("server_error", "server_error", "not_on_share_list"):
+        await redis.xadd(dead, {"token": TOKEN_A, "email": f"{code}@example.com",
+                                "error_code": code})  # fmt: skip
+    for command in ("requeue", "list"):
+        slip = await asyncio.to_thread(dead_letter, command, redis_server, "--stream",
+                                       stream_name, "--code", "sever_error", "--code",
+                                       "not_on_share_list")  # fmt: skip
+        assert slip.returncode == 2, slip.stderr
+        assert "--code 'sever_error': did you mean 'server_error'?" in slip.stderr
+        assert "server_error 2, not_on_share_list 1" in slip.stderr
+    assert await redis.xlen(dead) == 3
+    assert await redis.exists(stream_name) == 0
+
+    absent = await asyncio.to_thread(dead_letter, "requeue", redis_server, "--stream",
+                                     stream_name, "--code", "timeout")  # fmt: skip
+    assert absent.returncode == 0, absent.stderr
+    assert json.loads(absent.stdout)["unmatched_codes"] == ["timeout"]
+    assert json.loads(absent.stdout)["requeued"] == 0
+    assert "dead_letter.no_match" in absent.stderr
+    assert await redis.xlen(dead) == 3

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
@@ -123,18 +124,27 @@ async def dead_letter_command(args: argparse.Namespace) -> int:
 async def _dead_letter(
     args: argparse.Namespace, redis: Redis, options: StreamOptions, selection: Selection
 ) -> int:
-    from worker.queue.deadletters import dead_letters, requeue
+    from worker.queue.deadletters import codes_present, dead_letters, requeue
 
     if not await redis.exists(options.dead_letter):  # none yet, or a mistyped name?
         why = f"its dead letters would be in {options.dead_letter!r}, which is not there"
         await require_stream(redis, options.stream, why)
+    unmatched: list[str] = []
+    if selection.codes:  # a code no dead letter has: none now, or a slip of the keyboard?
+        present = await codes_present(redis, options.dead_letter)
+        _refuse_mistyped(selection.codes, present, options.dead_letter)
+        if unmatched := sorted(set(selection.codes) - set(present)):
+            structlog.get_logger("worker.queue").warning(
+                "dead_letter.no_match", codes=unmatched, present=_by_code(present),
+                action="none of the dead letters has these codes now; "
+                "`dead-letter list` shows them")  # fmt: skip
     if args.dead_letter_command == "list":
         counts: Counter[str] = Counter()
         async for page in dead_letters(redis, options.dead_letter, selection):
             counts.update(letter.code for letter in page)
             _print_dead_letters(page, sys.stdout, as_json=args.json)
         if not args.json:
-            by_code = ", ".join(f"{code or '?'} {n}" for code, n in counts.most_common())
+            by_code = _by_code(counts)
             print(
                 f"{counts.total()} dead letter(s) in {options.dead_letter}"
                 + (f": {by_code}" if by_code else "")
@@ -150,11 +160,29 @@ async def _dead_letter(
         "stream": options.stream,
         "dry_run": args.dry_run,
         **done,
+        **({"unmatched_codes": unmatched} if unmatched else {}),
     }
     event = "dead_letter.requeue_planned" if args.dry_run else "dead_letter.requeued"
     structlog.get_logger("worker.queue").info(event, **summary)
     print(json.dumps(summary))
     return EXIT_INCOMPLETE if done["not_requeueable"] else 0
+
+
+def _by_code(counts: Counter[str]) -> str:
+    """``code n, code n``, most first (``?`` for a dead letter with no code)."""
+    return ", ".join(f"{code or '?'} {n}" for code, n in counts.most_common())
+
+
+def _refuse_mistyped(codes: Collection[str], present: Counter[str], where: str) -> None:
+    """A --code no dead letter has, close to one that some have: a slip of the keyboard,
+    refused before anything is listed or moved (the other codes would move alone)."""
+    from worker.queue.deadletters import mistyped_codes
+
+    if meant := mistyped_codes(codes, present):
+        slips = "; ".join(f"--code {code!r}: did you mean {close!r}?"
+                          for code, close in meant.items())  # fmt: skip
+        raise UsageError(f"no dead letter in {where!r} has {slips} (the codes there: "
+                         f"{_by_code(present)}); nothing was changed")  # fmt: skip
 
 
 def _print_dead_letters(page: list[Any], out: TextIO, *, as_json: bool) -> None:

@@ -10,6 +10,8 @@ again moves only what is left, and never puts a message back twice.
 
 from __future__ import annotations
 
+import difflib
+from collections import Counter
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +90,25 @@ async def dead_letters(
         if chosen:
             yield chosen
         start = f"({page[-1].id}"
+
+
+async def codes_present(redis: Redis, key: str) -> Counter[str]:
+    """How many dead letters there are of each error code."""
+    counts: Counter[str] = Counter()
+    async for page in dead_letters(redis, key):
+        counts.update(letter.code for letter in page)
+    return counts
+
+
+def mistyped_codes(wanted: Collection[str], present: Counter[str]) -> dict[str, str]:
+    """Of the codes asked for that no dead letter has, those that look like a slip of the
+    keyboard for one there is: each with the code it most likely meant."""
+    meant = {}
+    for code in sorted(set(wanted) - set(present)):
+        close = difflib.get_close_matches(code, [c for c in present if c], n=1, cutoff=0.8)
+        if close:
+            meant[code] = close[0]
+    return meant
 
 
 async def requeue(
