@@ -77,6 +77,21 @@ async def test_a_silent_holders_name_is_taken_once_its_lease_lapses(
     assert await redis.hlen(new._queue.intents_key) == 1
 
 
+async def test_a_silent_holder_whose_clock_ran_ahead_is_waited_for_no_longer_than_the_lease(
+    redis: Redis, stream_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder killed with its clock an hour ahead of this one's looks freshly renewed by
+    this clock: its renewal, seen unchanged for the lease's time, is taken over all the
+    same, not waited for an hour."""
+    monkeypatch.setattr(lease_module, "LEASE_TTL", 0.4)
+    lease = await a_lease(redis, stream_name)
+    await redis.set(lease.key, f"{'f' * 32} {int((time.time() + 3600) * 1000)}")
+    started = time.monotonic()
+    await asyncio.wait_for(lease.take(), 5)
+    assert 0.4 <= time.monotonic() - started < 2
+    assert str(await redis.get(lease.key)).startswith(lease.token)
+
+
 async def test_a_name_let_go_is_taken_at_once_and_a_stale_one_stays_its_holders(
     redis: Redis, stream_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

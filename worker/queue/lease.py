@@ -54,13 +54,16 @@ KEEP_SECONDS = 86_400.0
 POLL = 0.2
 
 # KEYS: the name's key. ARGV: the token, the time now, LEASE_TTL and KEEP_SECONDS (all in
-# ms). Takes the name if it is free, its own, or its holder has not renewed it for
-# LEASE_TTL: "1". Else "0 RENEWED": when its holder last renewed it.
+# ms), and a renewal the caller has seen unchanged for LEASE_TTL by its own clock (or
+# ""). Takes the name if it is free, its own, or its holder has not renewed it for
+# LEASE_TTL (by the time given, or since that renewal): "1". Else "0 RENEWED": when its
+# holder last renewed it.
 TAKE_NAME = r"""
 local value = redis.call('GET', KEYS[1])
 if value then
   local holder, renewed = string.match(value, '^(%S+) (%d+)$')
-  if holder and holder ~= ARGV[1] and tonumber(ARGV[2]) - tonumber(renewed) < tonumber(ARGV[3]) then
+  if holder and holder ~= ARGV[1] and renewed ~= ARGV[5]
+      and tonumber(ARGV[2]) - tonumber(renewed) < tonumber(ARGV[3]) then
     return '0 ' .. renewed
   end
 end
@@ -126,7 +129,11 @@ class ConsumerLease:
         first: int | None = None
         started = time.monotonic()
         while True:
-            taken, *stamps = (await self._call(self._take, LEASE_TTL, KEEP_SECONDS)).split()
+            # Seen unchanged for LEASE_TTL by this clock, the holder is silent, whatever the
+            # difference between its clock and this one.
+            silent = str(first) if time.monotonic() - started >= LEASE_TTL else ""
+            reply = await self._call(self._take, LEASE_TTL, KEEP_SECONDS, silent)
+            taken, *stamps = reply.split()
             now = time.time()
             if taken == "1":
                 if first is not None:
@@ -172,11 +179,13 @@ class ConsumerLease:
             args = [self.token, int(time.time() * 1000), int(KEEP_SECONDS * 1000)]
             await self._let_go(keys=[self.key], args=args)
 
-    async def _call(self, script: Any, *seconds: float) -> Any:
+    async def _call(self, script: Any, *seconds: float | str) -> Any:
         # The time is the worker's: TIME is not among the commands a worker is granted.
-        # Clocks that differ only shift how long a silent holder is waited for; whose the
-        # name is never depends on them.
-        args = [self.token, int(time.time() * 1000), *(int(s * 1000) for s in seconds)]
+        # Whose the name is never depends on clocks; a silent holder is waited for at
+        # most LEASE_TTL (see take), and a live one whose clock runs LEASE_TTL behind
+        # this one's is taken over (it halts, and sends nothing more).
+        ms = (s if isinstance(s, str) else int(s * 1000) for s in seconds)
+        args = [self.token, int(time.time() * 1000), *ms]
         try:
             return await script(keys=[self.key], args=args)
         except RedisError as exc:
