@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from tests.conftest import Proc, by_kind, emulator_invited, pending, read_report
+from tests.conftest import Proc, by_kind, emulator_invited, pending, read_report, redis_cli
 from tests.test_queue_deliveries import HELD_UP, side_by_side
 from tests.test_queue_refusals import GOOD, worker
 from worker.queue import lease as lease_module
@@ -43,12 +43,16 @@ async def test_a_name_a_live_process_renews_is_refused_at_the_start(
     finished = asyncio.Event()
     renewing = asyncio.create_task(first.keep(finished))
     try:
-        with pytest.raises(ConsumerInUse, match="--consumer 'c1'") as refused:
+        with (
+            capture_logs() as logs,
+            pytest.raises(ConsumerInUse, match="--consumer 'c1'") as refused,
+        ):
             await asyncio.wait_for(second.take(), 5)
     finally:
         finished.set()
         await renewing
     assert "its own --consumer name" in str(refused.value)
+    assert logs == []  # refused, without first saying it waits
     assert first.token in (await redis.get(first.key) or "")  # still the first's
 
 
@@ -59,6 +63,8 @@ async def test_a_silent_holders_name_is_taken_once_its_lease_lapses(
     time, then a process starting under it takes it; the old holder then records no
     intent (nothing it held is sent) and its renewal halts it."""
     monkeypatch.setattr(lease_module, "LEASE_TTL", 0.4)
+    monkeypatch.setattr(lease_module, "RENEW_EVERY", 0.05)
+    monkeypatch.setattr(lease_module, "POLL", 0.05)
     await enqueue_rows(redis, stream_name, [("t", "a@example.com")])
     old, new = await a_lease(redis, stream_name), await a_lease(redis, stream_name)
     await old.take()
@@ -176,4 +182,43 @@ def test_a_stalled_workers_name_is_taken_over_and_it_sends_nothing_more(
     invited = emulator_invited(api)
     assert set(invited) == pairs
     assert set(invited.values()) == {1}
+    assert pending(redis_server, stream_name) == 0
+
+
+def test_an_empty_consumer_name_is_refused_before_redis_is_asked(
+    tmp_path: Path, spawn: Callable[..., Proc]
+) -> None:
+    """--consumer "" (an unset "$HOSTNAME") is exit 2 naming the fix: a default name, new
+    at each start, would leave the worker's pending messages to wait --claim-idle."""
+    refused = spawn("run", "redis://127.0.0.1:1/0", "--stream", "s", "--consumer", "",
+                    "--report", str(tmp_path / "r.jsonl"))  # fmt: skip
+    refused.expect(2, timeout=30)
+    assert "--consumer is empty (an unset variable?)" in refused.stderr()
+
+
+def test_until_empty_says_it_waits_for_messages_a_killed_consumer_holds(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    redis_server: str,
+    stream_name: str,
+    spawn: Callable[..., Proc],
+) -> None:
+    """Messages pending for another consumer (read, never settled: a worker killed) keep
+    --until-empty waiting for --claim-idle: it says so once (queue.pending_elsewhere),
+    then claims them and sends each once."""
+    api = start_emulator()
+    pairs = {(f"dash-{i % 2}", f"held{i}@example.com") for i in range(6)}
+    source = tmp_path / "in.csv"
+    source.write_text("token,email\n" + "".join(f"{t},{e}\n" for t, e in sorted(pairs)))
+    spawn("enqueue", str(source), redis_server, "--stream", stream_name).expect(0, timeout=60)
+    redis_cli(redis_server, "XGROUP", "CREATE", stream_name, "invite-worker", "0")
+    redis_cli(redis_server, "XREADGROUP", "GROUP", "invite-worker", "killed", "STREAMS",
+              stream_name, ">")  # fmt: skip
+    drain = worker(spawn, tmp_path, redis_server, stream_name, api, "drain", "--until-empty",
+                   "--claim-idle", "2", "--log-format", "json", env=GOOD)  # fmt: skip
+    drain.expect(0, timeout=60)
+    said = [line for line in drain.stderr(60_000).splitlines() if "pending_elsewhere" in line]
+    assert len(said) == 1, said
+    assert '"messages":6' in said[0]
+    assert emulator_invited(api) == dict.fromkeys(pairs, 1)
     assert pending(redis_server, stream_name) == 0

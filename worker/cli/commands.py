@@ -167,9 +167,15 @@ async def _execute_run(args: argparse.Namespace, config: Config) -> int:
             )
         from worker.queue.runner import run_stream
 
+        if args.consumer is not None and not args.consumer.strip():
+            # An unset variable ("$HOSTNAME"): a default name, new at each start, would
+            # leave this worker's pending messages to be claimed after --claim-idle.
+            raise UsageError("--consumer is empty (an unset variable?): give the worker "
+                             "its name, or leave --consumer out for the default, host "
+                             "and pid")  # fmt: skip
         options = StreamOptions(
             url=args.source, stream=args.stream or "", group=args.group,
-            consumer=args.consumer, dead_letter=args.dead_letter,
+            consumer=args.consumer or "", dead_letter=args.dead_letter,
             claim_idle=args.claim_idle, max_deliveries=args.max_deliveries,
             until_empty=args.until_empty,
         )  # fmt: skip

@@ -60,7 +60,7 @@ def add_stream_options(r: argparse.ArgumentParser) -> None:
     add_group_option(q)
     q.add_argument(
         "--consumer",
-        default="",
+        default=None,
         metavar="NAME",
         help="this worker's name in the group, one live process per name (default: "
         'host-pid); e.g. --consumer "$HOSTNAME" where each worker has its own host',

@@ -73,6 +73,8 @@ class Consumer(Settling):
         self.gone: dict[str, float] = {}
         self._gone_swept = clock.time()
         self.holds_period = hold_period(clock.time())
+        #: Whether --until-empty said it waits for messages other consumers hold.
+        self.told_pending = False
 
     async def batches(self) -> AsyncGenerator[Batch, None]:
         """Batches to send, until stopped or, with ``--until-empty``, the group is drained.
@@ -119,7 +121,14 @@ class Consumer(Settling):
         if self.batcher.buffered or self.index:
             return False
         await self.flush()
-        return await self.queue.group_pending() == 0
+        pending = await self.queue.group_pending()
+        if pending and not self.told_pending:  # said once: a wait of --claim-idle is silent
+            self.told_pending = True
+            log.info("queue.pending_elsewhere", messages=pending,
+                     claim_idle=self.options.claim_idle, action="other consumers hold "
+                     "these: --until-empty ends once they are settled, and claims those "
+                     "left idle for --claim-idle (a worker that was killed)")  # fmt: skip
+        return pending == 0
 
     async def _take(
         self, messages: list[Message], *, reclaimed: bool, claimed: bool = False

@@ -16,7 +16,7 @@ token of its holder and when the holder last renewed it (every
   stalled past the lease, and whose name was taken over meanwhile, sends nothing more and
   halts (``consumer_taken_over``); the worker that took over settles its messages, those
   it had sent included (their intents are recorded). An outage of Redis takes nobody's
-  name: only a process starting under it does, and the key itself stays for
+  name: only a process starting under it does. The key itself goes
   :data:`KEEP_SECONDS` after its last renewal.
 - **At the end** the worker lets go of its name, so a restart under it starts at once;
   the key still names it, so a worker stalled meanwhile still finds the name another's.
@@ -47,9 +47,11 @@ log = structlog.get_logger("worker.queue")
 LEASE_TTL = 10.0
 #: How often a worker renews its name.
 RENEW_EVERY = LEASE_TTL / 4
-#: Seconds the key lives after its last renewal: far beyond any outage of Redis, so a
-#: worker cut off meanwhile still finds its own token; the key then goes by itself.
-KEEP_SECONDS = 86_400.0
+#: Seconds the key lives after its last renewal, then goes by itself. Longer than a worker
+#: stays cut off from Redis before it halts (about 30 s), so one that reconnects finds its
+#: own token; a worker stalled longer finds the key gone, takes that for a takeover
+#: (which it cannot rule out), and halts.
+KEEP_SECONDS = 3600.0
 #: How often a worker waiting for a silent holder's lease looks again.
 POLL = 0.2
 
@@ -127,7 +129,7 @@ class ConsumerLease:
         """Take the name, waiting out a holder that stopped renewing it; a live holder's
         renewal refuses the start (:class:`ConsumerInUse`)."""
         first: int | None = None
-        started = time.monotonic()
+        started, told = time.monotonic(), False
         while True:
             # Seen unchanged for LEASE_TTL by this clock, the holder is silent, whatever the
             # difference between its clock and this one.
@@ -136,20 +138,24 @@ class ConsumerLease:
             taken, *stamps = reply.split()
             now = time.time()
             if taken == "1":
-                if first is not None:
+                if told:
                     log.info("queue.consumer_taken_over", consumer=self._queue.consumer,
                              waited=round(time.monotonic() - started, 1))  # fmt: skip
                 return
             renewed = int(stamps[0])
             if first is None:
                 first = renewed
-                log.warning("queue.consumer_waiting", consumer=self._queue.consumer,
-                            renewed_ago=round(now - renewed / 1000, 1), action="another "
-                            "process held this --consumer name: waiting until it has not "
-                            f"renewed it for {LEASE_TTL:g} s (one killed without letting "
-                            "go), or refused if it still does")  # fmt: skip
             elif renewed != first:
                 raise ConsumerInUse(self._in_use(now - renewed / 1000))
+            elif not told and time.monotonic() - started > RENEW_EVERY + POLL:
+                # Said only once a live holder would have renewed: a start that is
+                # refused does not first say it waits.
+                told = True
+                log.warning("queue.consumer_waiting", consumer=self._queue.consumer,
+                            renewed_ago=round(now - renewed / 1000, 1), action="another "
+                            "process held this --consumer name and stopped renewing it (one "
+                            f"killed without letting go): waiting until it has been silent "
+                            f"for {LEASE_TTL:g} s")  # fmt: skip
             await asyncio.sleep(POLL)
 
     def _in_use(self, ago: float) -> str:
