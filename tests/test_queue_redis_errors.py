@@ -295,6 +295,12 @@ def test_a_redis_user_without_permission_is_a_usage_error_naming_user_and_comman
     grant = re.search(r"ACL SETUSER alice (.+?), or put", said)
     assert grant is not None, said
     assert grant.group(1) == WORKER_RULES
+    # A user that may touch every key already: Redis refuses the patterns, as said.
+    assert "without the ~ patterns" in said
+    server.cli("ACL", "SETUSER", "carol", "on", ">pw", "~*", "+@connection")
+    assert "Try 'resetkeys'" in server.cli("ACL", "SETUSER", "carol", *WORKER_RULES.split())
+    commands = [rule for rule in WORKER_RULES.split() if not rule.startswith("~")]
+    assert server.cli("ACL", "SETUSER", "carol", *commands) == "OK"
     (tmp_path / "more.csv").write_text("token,email\ndash-0,late@example.com\n")
     more = cli("enqueue", str(tmp_path / "more.csv"), alice, "--stream", "invites")
     more.expect(2, timeout=10)

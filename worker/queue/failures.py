@@ -154,7 +154,9 @@ class RedisFailures:
                 what = command or "a command on its keys"
             return (f"Redis at {self.where} refused user '{user}' {what} (NOPERM: {said}): "
                     f"grant it what the worker needs, ACL SETUSER {user} {self.grants()}, or "
-                    "put a user that has it in the URL")  # fmt: skip
+                    "put a user that has it in the URL (to a user that has ~* or allkeys "
+                    "already, give the rules without the ~ patterns: Redis refuses those "
+                    "after it)")  # fmt: skip
         # NOAUTH (no password sent) or WRONGPASS; redis-py gives both the same class.
         if getattr(exc, "status_code", None) == "NOAUTH" or "authenticated" in said.lower() \
                 or "required" in said.lower():  # fmt: skip
