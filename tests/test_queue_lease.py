@@ -98,6 +98,20 @@ async def test_a_silent_holder_whose_clock_ran_ahead_is_waited_for_no_longer_tha
     assert str(await redis.get(lease.key)).startswith(lease.token)
 
 
+async def test_a_worker_whose_names_key_is_gone_halts_saying_so(
+    redis: Redis, stream_name: str
+) -> None:
+    """The key gone (a stall past its hour, or Redis losing it while the group was made
+    again): a takeover cannot be ruled out, so nothing is recorded, and the halt says the
+    hold is gone rather than that another process took it."""
+    lease = await a_lease(redis, stream_name)
+    await lease.take()
+    await redis.delete(lease.key)
+    with pytest.raises(ConsumerTakenOver, match="is gone from Redis"):
+        await lease._queue.record_intents(["1-1"], intent_value(time.time(), 3.0))
+    assert await redis.hlen(lease._queue.intents_key) == 0
+
+
 async def test_a_name_let_go_is_taken_at_once_and_a_stale_one_stays_its_holders(
     redis: Redis, stream_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

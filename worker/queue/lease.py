@@ -54,6 +54,8 @@ RENEW_EVERY = LEASE_TTL / 4
 KEEP_SECONDS = 3600.0
 #: How often a worker waiting for a silent holder's lease looks again.
 POLL = 0.2
+#: Seconds a worker that ends waits for Redis to take its letting go of its name.
+LET_GO_WAIT = 2.0
 
 # KEYS: the name's key. ARGV: the token, the time now, LEASE_TTL and KEEP_SECONDS (all in
 # ms), and a renewal the caller has seen unchanged for LEASE_TTL by its own clock (or
@@ -180,10 +182,12 @@ class ConsumerLease:
 
     async def let_go(self) -> None:
         """Free the name, if still this process's: a restart under it starts at once. A
-        failure here is not the run's: the name then frees itself after LEASE_TTL."""
-        with contextlib.suppress(RedisError):
+        failure here is not the run's: the name then frees itself after LEASE_TTL. Not
+        waited for past :data:`LET_GO_WAIT`: a run that ends because Redis stopped
+        answering has already waited out the reconnections once."""
+        with contextlib.suppress(RedisError, TimeoutError):
             args = [self.token, int(time.time() * 1000), int(KEEP_SECONDS * 1000)]
-            await self._let_go(keys=[self.key], args=args)
+            await asyncio.wait_for(self._let_go(keys=[self.key], args=args), LET_GO_WAIT)
 
     async def _call(self, script: Any, *seconds: float | str) -> Any:
         # The time is the worker's: TIME is not among the commands a worker is granted.
@@ -198,10 +202,18 @@ class ConsumerLease:
             raise await self._queue.failure(exc, "EVALSHA") from None
 
 
-def taken_over(consumer: str) -> ConsumerTakenOver:
-    """The halt of a worker whose name another process took over."""
+def taken_over(consumer: str, *, gone: bool = False) -> ConsumerTakenOver:
+    """The halt of a worker whose name another process took over (``gone``: whose name's
+    key is not there at all, which a takeover cannot be ruled out from)."""
+    if gone:
+        why = (f"this worker's hold on --consumer '{consumer}' is gone from Redis (it did not "
+               f"renew it for {KEEP_SECONDS / 3600:g} h, or Redis lost it), and another "
+               "process may have taken over since")  # fmt: skip
+    else:
+        why = (f"another process took over --consumer '{consumer}': it found this one's "
+               f"last renewal over {LEASE_TTL:g} s old (this one stalled or was cut off from "
+               "Redis, or its clock runs behind that process's)")  # fmt: skip
     return ConsumerTakenOver(
-        f"another process took over --consumer '{consumer}' while this one did not renew it "
-        f"for over {LEASE_TTL:g} s (stalled, or cut off from Redis), so nothing more is sent "
-        "here; nothing is lost: that process settles the messages this one held"
+        f"{why}, so nothing more is sent here; nothing is lost: what "
+        "this one held stays pending for the process under that name"
     )

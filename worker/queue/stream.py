@@ -180,7 +180,7 @@ class StreamQueue:
         unless the queue itself is gone (a Redis that came back empty lost the name with
         the group: this raises the group's own error, NOGROUP)."""
         await self.group_pending()
-        return taken_over(self.consumer)
+        return taken_over(self.consumer, gone=not await self.redis.exists(self.lease_key))
 
     async def drop_answered(self) -> None:
         """Drop the intents of :attr:`answered`: a worker claiming those messages need not
