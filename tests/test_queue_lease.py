@@ -8,6 +8,7 @@ letting go must still take up its messages.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -20,7 +21,10 @@ from structlog.testing import capture_logs
 from tests.conftest import Proc, by_kind, emulator_invited, pending, read_report, redis_cli
 from tests.test_queue_deliveries import HELD_UP, side_by_side
 from tests.test_queue_refusals import GOOD, worker
+from tests.test_queue_restart import RedisProcess
 from worker.queue import lease as lease_module
+from worker.queue.connect import connect
+from worker.queue.failures import RedisFailures
 from worker.queue.lease import ConsumerInUse, ConsumerLease, ConsumerTakenOver
 from worker.queue.stream import StreamQueue, enqueue_rows, intent_value
 
@@ -236,3 +240,32 @@ def test_until_empty_says_it_waits_for_messages_a_killed_consumer_holds(
     assert '"messages":6' in said[0]
     assert emulator_invited(api) == dict.fromkeys(pairs, 1)
     assert pending(redis_server, stream_name) == 0
+
+
+async def test_letting_go_of_a_name_waits_two_seconds_at_most_for_a_frozen_redis(
+    tmp_path: Path,
+) -> None:
+    """A worker ending while Redis does not answer (a real redis-server, SIGSTOPped) lets
+    go of its name within LET_GO_WAIT, not after the client's reconnections (the name,
+    not let go, then frees itself after the lease)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("needs redis-server on PATH")
+    server = RedisProcess(binary, tmp_path, keep_data=False)
+    server.start()
+    redis = await connect(server.url, server.url, lambda r: RedisFailures(
+        r, server.url, "s", "invite-worker", "s:dead"))  # fmt: skip
+    try:
+        lease = await a_lease(redis, "s")
+        await lease.take()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            await lease.let_go()
+            assert time.monotonic() - started < lease_module.LET_GO_WAIT + 1
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+    finally:
+        await redis.aclose()
+        server.kill()
