@@ -22,10 +22,11 @@ from tests.conftest import Proc, by_kind, emulator_invited, pending, read_report
 from tests.test_queue_deliveries import HELD_UP, side_by_side
 from tests.test_queue_refusals import GOOD, worker
 from tests.test_queue_restart import RedisProcess
+from worker.errors import ConsumerTakenOver
 from worker.queue import lease as lease_module
 from worker.queue.connect import connect
 from worker.queue.failures import RedisFailures
-from worker.queue.lease import ConsumerInUse, ConsumerLease, ConsumerTakenOver
+from worker.queue.lease import ConsumerInUse, ConsumerLease
 from worker.queue.stream import StreamQueue, enqueue_rows, intent_value
 
 

@@ -72,6 +72,13 @@ class QueueLost(FatalError):
     code = "queue_lost"
 
 
+class ConsumerTakenOver(FatalError):
+    """Another process took over a queue worker's ``--consumer`` name while the worker did
+    not renew it (see :mod:`worker.queue.lease`): nothing more is sent there (exit 3)."""
+
+    code = "consumer_taken_over"
+
+
 class QueueUnreachable(FatalError):
     """Redis did not answer when the command started: nothing was read, sent or added. A
     fault like an unreachable API (exit 3, run again), not a mistake in the command."""

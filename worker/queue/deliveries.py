@@ -25,8 +25,7 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
-from worker.errors import InternalError, QueueLost
-from worker.queue.lease import ConsumerTakenOver
+from worker.errors import ConsumerTakenOver, InternalError, QueueLost
 from worker.queue.stream import StreamQueue, tagged
 from worker.state import RunState
 

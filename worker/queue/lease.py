@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from redis.exceptions import RedisError
 
-from worker.errors import FatalError, UsageError
+from worker.errors import ConsumerTakenOver, UsageError
 from worker.queue.scripts import HOLDS_NAME
 
 if TYPE_CHECKING:
@@ -103,13 +103,6 @@ class ConsumerInUse(UsageError):
     """Another live process runs under this ``--consumer`` name (exit 2)."""
 
 
-class ConsumerTakenOver(FatalError):
-    """Another process took over this worker's ``--consumer`` name while it did not renew
-    it: nothing more is sent here (exit 3)."""
-
-    code = "consumer_taken_over"
-
-
 def lease_key(stream: str, group: str, consumer: str) -> str:
     """The key of a consumer name's lease."""
     return f"{stream}:{group}:consumer:{consumer}"
@@ -175,10 +168,7 @@ class ConsumerLease:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), RENEW_EVERY)
             if not await self._call(self._renew, KEEP_SECONDS):
-                try:
-                    raise await self._queue.name_lost()
-                except RedisError as exc:
-                    raise await self._queue.failure(exc) from None
+                raise await self._queue.name_lost()
 
     async def let_go(self) -> None:
         """Free the name, if still this process's: a restart under it starts at once. A

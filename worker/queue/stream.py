@@ -28,11 +28,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from worker.clock import Clock, sleep_unless
+from worker.errors import FatalError
 from worker.queue.failures import RedisFailures
-from worker.queue.lease import ConsumerTakenOver, lease_key, taken_over
+from worker.queue.lease import lease_key, taken_over
 from worker.queue.scripts import ACK, DEAD_LETTER, DROP_INTENTS, ENQUEUE, HOLD, INTENTS
 
 #: A message: its id and its fields as Redis sends them, ``[name, value, name, value…]``
@@ -175,12 +176,16 @@ class StreamQueue:
             raise await self.name_lost()
         return others["c"], others["t"]
 
-    async def name_lost(self) -> ConsumerTakenOver:
+    async def name_lost(self) -> FatalError:
         """The failure of a worker that found its consumer name not its own: taken over,
         unless the queue itself is gone (a Redis that came back empty lost the name with
-        the group: this raises the group's own error, NOGROUP)."""
-        await self.group_pending()
-        return taken_over(self.consumer, gone=not await self.redis.exists(self.lease_key))
+        the group: the failure the group's own error, NOGROUP, means)."""
+        try:
+            await self.group_pending()
+            gone = not await self.redis.exists(self.lease_key)
+        except RedisError as exc:
+            return await self.failure(exc)
+        return taken_over(self.consumer, gone=gone)
 
     async def drop_answered(self) -> None:
         """Drop the intents of :attr:`answered`: a worker claiming those messages need not

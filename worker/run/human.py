@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from worker.errors import ConsumerTakenOver
 from worker.run.counts import FileRead, QueueRead
 from worker.run.summary import AnySummary
 
@@ -99,7 +100,7 @@ def next_step(summary: AnySummary, report: str, command: list[str]) -> str:
     # A queue worker runs the same command again: its unsettled messages stay pending.
     resume = shlex.join(command) if queue is not None else resume_command(command)
     if summary.halted is not None:
-        if queue is not None and summary.halted.code == "consumer_taken_over":
+        if queue is not None and summary.halted.code == ConsumerTakenOver.code:
             return (f"nothing: the process now running as --consumer '{queue.consumer}' "
                     "settles what this one held")  # fmt: skip
         if queue is not None:  # a queue worker's halt says what to do (another URL, say)
