@@ -131,7 +131,7 @@ async def _dead_letter(
         await require_stream(redis, options.stream, why)
     unmatched: list[str] = []
     if selection.codes:  # a code no dead letter has: none now, or a slip of the keyboard?
-        present = await codes_present(redis, options.dead_letter)
+        present = await codes_present(redis, options.dead_letter, selection.codes)
         _refuse_mistyped(selection.codes, present, options.dead_letter)
         if unmatched := sorted(set(selection.codes) - set(present)):
             structlog.get_logger("worker.queue").warning(

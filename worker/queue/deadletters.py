@@ -10,9 +10,10 @@ again moves only what is left, and never puts a message back twice.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections import Counter
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,7 @@ class Selection:
 
 async def dead_letters(
     redis: Redis, key: str, selection: Selection = Selection(), *, until: str = "+"
-) -> AsyncIterator[list[DeadLetter]]:
+) -> AsyncGenerator[list[DeadLetter], None]:
     """The selected dead letters of ``key`` up to id ``until``, oldest first, a page at a time."""
     start = "-"
     while True:
@@ -92,11 +93,16 @@ async def dead_letters(
         start = f"({page[-1].id}"
 
 
-async def codes_present(redis: Redis, key: str) -> Counter[str]:
-    """How many dead letters there are of each error code."""
+async def codes_present(redis: Redis, key: str, wanted: Collection[str]) -> Counter[str]:
+    """How many dead letters there are of each error code; read only until every code
+    ``wanted`` was seen (the counts are then partial): the command that asked reads the
+    dead letters again, so a second whole pass is kept for a code that is missing."""
     counts: Counter[str] = Counter()
-    async for page in dead_letters(redis, key):
-        counts.update(letter.code for letter in page)
+    async with contextlib.aclosing(dead_letters(redis, key)) as pages:
+        async for page in pages:
+            counts.update(letter.code for letter in page)
+            if all(code in counts for code in wanted):
+                break
     return counts
 
 
