@@ -9,6 +9,7 @@ A run's summary event is shown at every level.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -197,5 +198,8 @@ class _ToStructlog(logging.Handler):
 def _dumps(obj: Any, **_: Any) -> str:
     import msgspec
 
-    text: str = msgspec.json.encode(obj, enc_hook=str).decode()
+    try:
+        text: str = msgspec.json.encode(obj, enc_hook=str).decode()
+    except UnicodeEncodeError:  # a name from Redis holding bytes that are not UTF-8
+        text = json.dumps(obj, default=str)  # (escaped as \udcNN: still one JSON line)
     return text

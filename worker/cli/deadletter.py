@@ -186,12 +186,14 @@ def _refuse_mistyped(codes: Collection[str], present: Counter[str], where: str) 
 
 
 def _print_dead_letters(page: list[Any], out: TextIO, *, as_json: bool) -> None:
-    if as_json:
-        for letter in page:
-            print(json.dumps({"id": letter.id, **letter.fields}), file=out)
-        return
+    from worker.queue.messages import escaped
+
     for letter in page:
-        f = letter.fields
+        # Bytes another producer wrote that are not UTF-8 are shown as \xNN.
+        f = {name: escaped(value) for name, value in letter.fields.items()}
+        if as_json:
+            print(json.dumps({"id": letter.id, **f}), file=out)
+            continue
         message = f.get("error_message", "").replace("\n", " ")
         print(
             f"{letter.id}  {f.get('failed_at', '-')}  {letter.code or '-'}  "

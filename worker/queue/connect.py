@@ -101,7 +101,12 @@ async def connect(url: str, where: str, failures: Callable[[Redis], RedisFailure
     server or a network that silently lost the peer would otherwise hold it forever.
     """
     first = _retry(1, ExponentialWithJitterBackoff(cap=2.0, base=0.1))
-    redis = Redis.from_url(url, decode_responses=True, retry=first, socket_connect_timeout=5,
+    # Other producers may write any bytes into a message: a strict decoder raises in the
+    # middle of a reply (every worker that reads it, forever). Escaped, the bytes that
+    # are not UTF-8 come through as lone surrogates, which the consumer rejects
+    # (bad_encoding), and go back to Redis as the very bytes they were.
+    redis = Redis.from_url(url, decode_responses=True, encoding_errors="surrogateescape",
+                           retry=first, socket_connect_timeout=5,
                            socket_timeout=COMMAND_TIMEOUT)  # fmt: skip
     answered = False
     try:

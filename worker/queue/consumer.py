@@ -20,7 +20,14 @@ from worker.clock import Clock
 from worker.config import Config
 from worker.outcome import Outcome
 from worker.queue.deliveries import HeldDeliveries
-from worker.queue.messages import MessageIndex, RecentlySettled, parse_message, unset_record
+from worker.queue.messages import (
+    MessageIndex,
+    RecentlySettled,
+    escaped,
+    is_text,
+    parse_message,
+    unset_record,
+)
 from worker.queue.options import StreamOptions
 from worker.queue.reclaim import screen_reclaimed
 from worker.queue.settling import Settling
@@ -155,6 +162,13 @@ class Consumer(Settling):
                 self.report.rejected(mid, Reason.MESSAGE_TRIMMED)
                 self.acknowledge([mid])
                 trimmed += 1
+                continue
+            if not all(map(is_text, fields)):  # bytes another producer wrote, not UTF-8
+                named = dict(zip(fields[::2], fields[1::2], strict=True))
+                token, email = (named.get(name) for name in ("token", "email"))
+                self.report.rejected(mid, Reason.BAD_ENCODING, token and escaped(token),
+                                     email and escaped(email))  # fmt: skip
+                self.acknowledge([mid])
                 continue
             if len(fields) == 4 and fields[0] == "token" and fields[2] == "email":
                 append((mid, fields[1].strip(), fields[3].strip()))  # as enqueue writes it

@@ -58,7 +58,7 @@ REASONS: dict[Reason, str] = {
     Reason.INVALID_JSON: "the line is not valid JSON",
     Reason.NOT_AN_OBJECT: "the line is JSON but not an object with token and email",
     Reason.NOT_A_STRING: "token and email must be JSON strings",
-    Reason.BAD_ENCODING: "the line is not valid UTF-8",
+    Reason.BAD_ENCODING: "the line (or the stream message) is not valid UTF-8",
     Reason.LINE_TOO_LONG: "the line is longer than 64 KiB",
     Reason.MALFORMED_CSV: "the line's quoting is broken (unbalanced or stray quote)",
     Reason.TOO_FEW_FIELDS: "the line has fewer fields than the token/email columns need",
