@@ -138,6 +138,32 @@ async def test_requeue_takes_only_what_is_chosen_and_leaves_what_it_cannot_send(
     assert await redis.xlen(dead) == 2  # "two" (not chosen) and the junk entry
 
 
+async def test_a_dead_letter_with_an_empty_token_or_address_stays(
+    redis: Redis, redis_server: str, stream_name: str
+) -> None:
+    """A message that lacked its token or address is dead-lettered with that field empty:
+    such a dead letter is not_requeueable (exit 1) and stays, in the script as in the
+    count, rather than going back to be rejected again."""
+    dead = f"{stream_name}:dead"
+    for token, email in (("", "a@example.com"), (TOKEN_A, ""), ("", "")):
+        await redis.xadd(dead, {"token": token, "email": email, "error_code": "max_deliveries"})
+    done = await asyncio.to_thread(dead_letter, "requeue", redis_server, "--stream",
+                                   stream_name, "--all")  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert {"requeued": 0, "not_requeueable": 3}.items() <= json.loads(done.stdout).items()
+    assert await redis.xlen(stream_name) == 0
+    assert await redis.xlen(dead) == 3
+    # The script itself refuses them too, whoever asks it to move them.
+    ids = [mid for mid, _ in await entries(redis, dead)]
+    assert await redis.eval(_requeue_script(), 2, dead, stream_name, *ids) == 0
+
+
+def _requeue_script() -> str:
+    from worker.queue import deadletters
+
+    return deadletters._REQUEUE
+
+
 async def test_a_mistyped_code_moves_nothing_and_says_which_was_meant(
     redis: Redis, redis_server: str, stream_name: str
 ) -> None:

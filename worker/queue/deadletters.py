@@ -22,8 +22,9 @@ from redis.asyncio import Redis
 #: Dead letters read per XRANGE page, and moved per script call.
 PAGE = 500
 
-# KEYS: dead-letter stream, stream. ARGV: ids. A dead letter without token and email is
-# left where it is; one already moved (by an earlier requeue) is simply not found.
+# KEYS: dead-letter stream, stream. ARGV: ids. A dead letter without a token or an email
+# (or with an empty one) is left where it is; one already moved (by an earlier requeue) is
+# simply not found. The fields are moved as the bytes they are.
 _REQUEUE = """
 local moved = 0
 for _, id in ipairs(ARGV) do
@@ -34,7 +35,7 @@ for _, id in ipairs(ARGV) do
       if fields[i] == 'token' then token = fields[i + 1] end
       if fields[i] == 'email' then email = fields[i + 1] end
     end
-    if token and email then
+    if token and email and token ~= '' and email ~= '' then
       redis.call('XADD', KEYS[2], '*', 'token', token, 'email', email, 'requeued_from', id)
       redis.call('XDEL', KEYS[1], id)
       moved = moved + 1
@@ -59,8 +60,9 @@ class DeadLetter:
 
     @property
     def requeueable(self) -> bool:
-        """Whether it carries what a message needs: a token and an address."""
-        return "token" in self.fields and "email" in self.fields
+        """Whether it carries what a message needs: a token and an address (an empty one,
+        as a message lacking it is dead-lettered, is none)."""
+        return bool(self.fields.get("token")) and bool(self.fields.get("email"))
 
 
 @dataclass(frozen=True, slots=True)
