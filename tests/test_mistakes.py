@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -402,6 +403,32 @@ def test_a_report_name_or_port_that_cannot_be_meant_is_refused(
         assert done.returncode == 2, (args, done.stderr)
         assert says in one_line(done), (args, done.stderr)
     assert [p.name for p in tmp_path.iterdir()] == [sample.name]
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_report_that_is_a_device_or_a_fifo_is_refused_untouched(
+    sample: Path, tmp_path: Path, kind: str, dry_run: bool
+) -> None:
+    """A --report that is a device (/dev/null's kind) or a FIFO: exit 2 at once, one line,
+    the node's mode unchanged and nothing made beside it (opening a FIFO to write waits
+    for a reader, a device takes a chmod)."""
+    node = tmp_path / "out" / "report"
+    node.parent.mkdir()
+    if kind == "fifo":
+        os.mkfifo(node, 0o644)
+    elif os.geteuid() == 0:
+        os.mknod(node, 0o644 | stat.S_IFCHR, os.makedev(1, 3))  # what /dev/null is
+    else:
+        pytest.skip("making a device node needs root")
+    os.chmod(node, 0o644)  # (past the umask)
+    extra = ("--dry-run",) if dry_run else ()
+    done = invite_worker("run", str(sample), "--sandbox", "--report", str(node), *extra,
+                         timeout=30)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "is not a regular file" in one_line(done)
+    assert stat.S_IMODE(node.stat().st_mode) == 0o644
+    assert [p.name for p in node.parent.iterdir()] == ["report"]
 
 
 def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(

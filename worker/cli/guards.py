@@ -134,6 +134,15 @@ def check_report_path(report: Path, *, dry_run: bool = False) -> None:
             f"--report {str(report)!r} is a folder; name a file in it, e.g. "
             f"--report {str(report / name)!r}"
         )
+    kind = _special(report)
+    if kind is not None:
+        # Opening a FIFO to write waits for a reader (a run hung before its first line),
+        # and a device would be chmodded and get a journal and a lock beside it.
+        raise UsageError(
+            f"--report {str(report)!r} is not a regular file but {kind}: a report is read "
+            "back, locked and synced to disk; name a file, e.g. --report "
+            f"{'invite-report.plan.jsonl' if dry_run else 'invite-report.jsonl'}"
+        )
     if (what := _beside_a_report(report)) is not None:
         # A report named so would be another report's journal or lock (emptied by that
         # report's next run), or collide with it.
@@ -149,6 +158,22 @@ def check_report_path(report: Path, *, dry_run: bool = False) -> None:
             f"the folder of --report {str(report)!r} does not exist ({str(folder)!r}); "
             f"create it first (mkdir -p {folder}) or choose another --report"
         )
+
+
+def _special(path: Path) -> str | None:
+    """What ``path`` names when it is there and is neither a file nor a folder (links
+    followed, nothing opened: a FIFO would wait for a reader)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (a named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "a special file"
 
 
 def writable_elsewhere(report: Path) -> str:
