@@ -367,7 +367,10 @@ def test_summarize_counts_the_emails_of_a_killed_runs_request_unknown_until_resu
     assert "unknown" not in summarize().stdout.decode()
 
 
-@pytest.mark.parametrize("again", [(), ("--overwrite",)], ids=["same-command", "overwrite"])
+@pytest.mark.parametrize(
+    "again", [(), ("--overwrite",), ("--dry-run", "--overwrite")],
+    ids=["same-command", "overwrite", "plan-over-it"],
+)  # fmt: skip
 def test_a_run_over_a_killed_runs_open_sends_is_refused_until_resumed(
     tmp_path: Path,
     start_emulator: Callable[..., str],
@@ -375,8 +378,9 @@ def test_a_run_over_a_killed_runs_open_sends_is_refused_until_resumed(
     again: tuple[str, ...],
 ) -> None:
     """SIGKILL during a slow POST, before the report's first record: the same command run
-    again (or with --overwrite) is exit 2 before any request, naming --resume, and leaves
-    the journal; --resume then settles the send, and each person is invited once."""
+    again (or with --overwrite, or a dry run's plan written over it) is exit 2 before any
+    request, naming --resume, and leaves the report and the journal; --resume then settles
+    the send, and each person is invited once."""
     url, report, pairs, args = killed_mid_post(tmp_path, start_emulator, spawn, "o")
     assert report.read_bytes() == b""
     journal = journal_path(report)
@@ -386,6 +390,7 @@ def test_a_run_over_a_killed_runs_open_sends_is_refused_until_resumed(
     assert "holds 3 email(s) whose request was out" in refused.stderr()
     assert "Pass --resume" in refused.stderr()
     assert journal.read_bytes() == kept
+    assert report.read_bytes() == b""
     spawn(*args, "--resume").expect(0, timeout=60)
     assert emulator_invited(url) == dict.fromkeys(pairs, 1)
     # Once settled, the journal is empty: a new run over the report is refused only as

@@ -22,6 +22,7 @@ from worker.record.lock import hold_report
 from worker.record.report import Report
 from worker.run.counts import FileCounts
 from worker.run.human import print_plan
+from worker.run.prechecks import check_nothing_open
 from worker.run.prune import ListedInput, prune
 from worker.run.reading import read_batches
 from worker.run.summary import PruneTotals
@@ -82,6 +83,7 @@ async def dry_run(
     event that says the same, as a run leaves out ``run.finished`` for its end table.
     """
     with hold_report(config.report_path):
+        check_nothing_open(config.report_path, plan=True)
         return await _plan(config, source, assume_limit, out, preflight, for_people)
 
 

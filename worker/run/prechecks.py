@@ -25,14 +25,16 @@ def require_report(report_path: Path) -> None:
         )
 
 
-def check_nothing_open(report_path: Path) -> None:
-    """Before a run that does not continue the report (a new one, or ``--overwrite``): a
-    UsageError when the journal beside it holds sends whose outcome is unknown.
+def check_nothing_open(report_path: Path, *, plan: bool = False) -> None:
+    """Before a run that does not continue the report (a new one, or ``--overwrite``), or
+    a dry run's plan (``plan``): a UsageError when the journal beside it holds sends whose
+    outcome is unknown.
 
     A run stopped or killed with requests out leaves them open there (before its first
     record, the report is even empty). A new run would empty the journal, and its check
     lists only the invitations already created: one still being created by the service
-    would be sent again. ``--resume`` settles them first.
+    would be sent again. ``--resume`` settles them first. A plan would replace the record
+    of what was sent before them.
     """
     journal = journal_path(report_path)
     try:
@@ -48,9 +50,15 @@ def check_nothing_open(report_path: Path) -> None:
         raise UsageError(
             f"the journal beside the report, {str(journal)!r}, holds {unknown:,} email(s) "
             "whose request was out when a run stopped or was killed: their outcome is "
-            "unknown, and a new run could invite them again. Pass --resume to settle them "
-            "first (it lists what was created, and sends only the rest); to discard them "
-            "anyway, delete the journal"
+            + (
+                "unknown, and a plan written there would replace the report that records "
+                "that run. Pass --resume to settle them first, or write the plan to "
+                "another --report path"
+                if plan
+                else "unknown, and a new run could invite them again. Pass --resume to "
+                "settle them first (it lists what was created, and sends only the rest); "
+                "to discard them anyway, delete the journal"
+            )
         )
 
 
