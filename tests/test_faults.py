@@ -3,6 +3,7 @@ an API that cannot be reached, a --resume with nothing to resume."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -165,6 +166,45 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes_it(
         if b["status"] == "sent" for e in b["emails"]
     )  # fmt: skip
     assert set(sent) == pairs
+
+
+def test_a_disk_full_from_the_start_says_to_run_again_and_that_run_sends_all(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    spawn: Callable[..., Proc],
+    small_disk: Path,
+) -> None:
+    """The report's filesystem is full before the run writes anything: exit 3, no POST
+    made; the advice's --resume finds no run (exit 2, nothing sent), as the advice says it
+    may, and the same command without it, once space is freed, invites everyone once."""
+    url = start_emulator()
+    source = tmp_path / "in.csv"
+    pairs = write_input(source, 200, 2)
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):  # until the disk is full (ENOSPC)
+            while os.write(fd, b"\0" * 4096):
+                pass
+    finally:
+        os.close(fd)
+    args = ("run", str(source), "--report", str(small_disk / "report.jsonl"), "--api-url", url,
+            "--log-format", "json")  # fmt: skip
+    run = spawn(*args)
+    run.expect(3, timeout=60)
+    [halted] = [e for e in events(run) if e.get("event") == "run.halted"]
+    assert "if it finds no run in the report, nothing was sent" in str(halted["error"])
+    assert emulator_invited(url) == {}  # (the dashboard check read, nothing was posted)
+    filler.unlink()
+    before = requests_seen(url)
+    resumed = spawn(*args, "--resume")
+    resumed.expect(2, timeout=30)
+    assert "holds no run" in resumed.stderr()
+    assert requests_seen(url) == before
+    spawn(*args).expect(0, timeout=60)
+    invited = emulator_invited(url)
+    assert set(invited) == pairs
+    assert set(invited.values()) == {1}
 
 
 def test_an_api_that_cannot_be_reached_stops_within_seconds_and_resume_sends_all(

@@ -43,7 +43,8 @@ class StorageError(FatalError):
         super().__init__(
             f"cannot write {str(path)!r}: {reason}{f' ({errno_name})' if errno_name else ''}. "
             "Nothing more is sent. Free space (or fix the disk), then run the same command "
-            "again with --resume; to continue elsewhere, copy the report and its .journal "
+            "again with --resume (if it finds no run in the report, nothing was sent: run "
+            "it without --resume); to continue elsewhere, copy the report and its .journal "
             "together and point --report at the copy"
         )
         self.path = path
