@@ -13,16 +13,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from tests.conftest import ROOT, TOKEN_A, by_kind, read_report, worker_command, worker_env
+from tests.test_queue import options
 from worker.config import Config
 from worker.emulator import Emulator
-from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
-
-
-def options(url: str, stream: str, **extra: Any) -> StreamOptions:
-    values: dict[str, Any] = {"url": url, "stream": stream, "until_empty": True,
-                              "claim_idle": 60.0}  # fmt: skip
-    return StreamOptions(**{**values, **extra})
 
 
 async def add_mixed(redis: Redis, stream: str) -> dict[str, str]:
