@@ -20,14 +20,18 @@ from worker.queue.runner import run_stream
 
 
 async def add_mixed(redis: Redis, stream: str) -> dict[str, str]:
-    """Valid messages around three that are not UTF-8 (an email, a payload, a field
-    name); the ids of those three."""
+    """Valid messages around four that are not UTF-8 (an email, a payload, a field name,
+    an email given twice); the ids of those four."""
     await redis.xadd(stream, {"token": TOKEN_A, "email": "before@example.com"})
     bad = {
         "email": await redis.xadd(stream, {"token": TOKEN_A, "email": b"caf\xe9@example.com"}),
         "payload": await redis.xadd(stream, {"payload": b'{"token": "t", "email": "\xff"}'}),
         "name": await redis.xadd(stream, {b"tok\xffen": TOKEN_A, "email": "n@example.com"}),
-    }
+        # A name given twice: a claim must not keep only the last, as a dict would.
+        "repeated": await redis.execute_command(  # type: ignore[no-untyped-call]
+            "XADD", stream, "*", "token", TOKEN_A, "email", b"\xff", "email", "r@example.com"
+        ),
+    }  # fmt: skip
     await redis.xadd(stream, {"token": TOKEN_A, "email": "after@example.com"})
     return {name: str(mid) for name, mid in bad.items()}  # the client decodes replies
 
@@ -92,15 +96,17 @@ async def test_a_message_not_utf8_claimed_from_a_dead_worker_is_rejected(
 async def test_dead_letters_not_utf8_are_listed_escaped_and_requeued_as_they_are(
     tmp_path: Path, redis_server: str, redis: Redis, stream_name: str
 ) -> None:
-    """``dead-letter list`` shows a dead letter whose bytes are not UTF-8 with those bytes
-    escaped (no traceback), and ``requeue`` moves it back byte for byte."""
+    """``dead-letter list`` shows a dead letter whose bytes are not UTF-8 (an address, a
+    code, a field's name) with those bytes escaped, even to a strict terminal (no
+    traceback), and ``requeue`` moves it back byte for byte."""
     dead = f"{stream_name}:dead"
     mid = await redis.xadd(dead, {"token": TOKEN_A, "email": b"\xff@example.com",
-                                  "error_code": "server_error"})  # fmt: skip
+                                  "error_code": b"server\xfferror", b"n\xffte": "x"})  # fmt: skip
 
     async def cli(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            *worker_command("dead-letter", *args), env=worker_env(), cwd=ROOT,
+            *worker_command("dead-letter", *args), cwd=ROOT,
+            env={**worker_env(), "PYTHONIOENCODING": "utf-8:strict"},  # a strict terminal
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -110,10 +116,17 @@ async def test_dead_letters_not_utf8_are_listed_escaped_and_requeued_as_they_are
     code, out, err = await cli("list", redis_server, "--stream", stream_name, "--json")
     assert code == 0, err
     assert "Traceback" not in err
-    assert json.loads(out)["email"] == "\\xff@example.com"
+    shown = json.loads(out)
+    assert (shown["email"], shown["error_code"], shown["n\\xffte"]) == (
+        "\\xff@example.com",
+        "server\\xfferror",
+        "x",
+    )
     code, out, err = await cli("list", redis_server, "--stream", stream_name)
     assert code == 0, err
+    assert "server\\xfferror" in out
     assert "\\xff@example.com" in out
+    assert out.splitlines()[-1].endswith(": server\\xfferror 1")
     code, out, err = await cli("requeue", redis_server, "--stream", stream_name, "--all")
     assert code == 0, err
     assert json.loads(out.splitlines()[-1])["requeued"] == 1
@@ -125,3 +138,23 @@ async def test_dead_letters_not_utf8_are_listed_escaped_and_requeued_as_they_are
     [(_, fields)] = entries
     assert fields[b"email"] == b"\xff@example.com"
     assert fields[b"requeued_from"] == str(mid).encode()
+
+
+async def test_a_name_given_not_utf8_is_refused_before_anything_is_read(
+    redis_server: str, redis: Redis, stream_name: str
+) -> None:
+    """A --consumer (or --stream, --group) holding bytes that are not UTF-8 is exit 2, one
+    line, before the stream is read: the run's summary could not be written after sends."""
+    await redis.xadd(stream_name, {"token": TOKEN_A, "email": "a@example.com"})
+    for option, value in (("--consumer", "w\udcff"), ("--group", "g\udcff")):
+        proc = await asyncio.create_subprocess_exec(
+            *worker_command("run", redis_server, "--stream", stream_name, "--until-empty",
+                            "--sandbox", option, value, "--log-format", "console"),
+            env=worker_env(), cwd=ROOT,  # (the argument goes out as the byte 0xff)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 2, err.decode()
+        assert f"{option} " in err.decode()
+        assert "not UTF-8" in err.decode()
+    assert await redis.xinfo_groups(stream_name) == []  # nothing read, no group made

@@ -9,7 +9,6 @@ A run's summary event is shown at every level.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -201,5 +200,7 @@ def _dumps(obj: Any, **_: Any) -> str:
     try:
         text: str = msgspec.json.encode(obj, enc_hook=str).decode()
     except UnicodeEncodeError:  # a name from Redis holding bytes that are not UTF-8
-        text = json.dumps(obj, default=str)  # (escaped as \udcNN: still one JSON line)
+        from worker.queue.text import escaped_all
+
+        text = msgspec.json.encode(escaped_all(obj), enc_hook=str).decode()  # as \xNN
     return text

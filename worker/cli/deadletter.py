@@ -170,7 +170,9 @@ async def _dead_letter(
 
 def _by_code(counts: Counter[str]) -> str:
     """``code n, code n``, most first (``?`` for a dead letter with no code)."""
-    return ", ".join(f"{code or '?'} {n}" for code, n in counts.most_common())
+    from worker.queue.text import escaped
+
+    return ", ".join(f"{escaped(code) or '?'} {n}" for code, n in counts.most_common())
 
 
 def _refuse_mistyped(codes: Collection[str], present: Counter[str], where: str) -> None:
@@ -186,17 +188,17 @@ def _refuse_mistyped(codes: Collection[str], present: Counter[str], where: str) 
 
 
 def _print_dead_letters(page: list[Any], out: TextIO, *, as_json: bool) -> None:
-    from worker.queue.messages import escaped
+    from worker.queue.text import escaped
 
     for letter in page:
         # Bytes another producer wrote that are not UTF-8 are shown as \xNN.
-        f = {name: escaped(value) for name, value in letter.fields.items()}
+        f = {escaped(name): escaped(value) for name, value in letter.fields.items()}
         if as_json:
             print(json.dumps({"id": letter.id, **f}), file=out)
             continue
         message = f.get("error_message", "").replace("\n", " ")
         print(
-            f"{letter.id}  {f.get('failed_at', '-')}  {letter.code or '-'}  "
+            f"{letter.id}  {f.get('failed_at', '-')}  {f.get('error_code') or '-'}  "
             f"{f.get('token', '-')}  {f.get('email', '-')}  {message[:120]}",
             file=out,
         )

@@ -20,18 +20,12 @@ from worker.clock import Clock
 from worker.config import Config
 from worker.outcome import Outcome
 from worker.queue.deliveries import HeldDeliveries
-from worker.queue.messages import (
-    MessageIndex,
-    RecentlySettled,
-    escaped,
-    is_text,
-    parse_message,
-    unset_record,
-)
+from worker.queue.messages import MessageIndex, RecentlySettled, parse_message, unset_record
 from worker.queue.options import StreamOptions
 from worker.queue.reclaim import screen_reclaimed
 from worker.queue.settling import Settling
 from worker.queue.stream import Message, StreamQueue, hold_period
+from worker.queue.text import escaped, is_text
 from worker.record.report import Report
 from worker.run.counts import QueueCounts
 from worker.send.sender import Sender

@@ -19,23 +19,6 @@ from worker.validate import Reason
 log = structlog.get_logger("worker.queue")
 
 
-def is_text(value: str) -> bool:
-    """Whether ``value`` came from Redis as UTF-8: the connection escapes any other byte
-    as a lone surrogate (see worker.queue.connect), which no text holds."""
-    if value.isascii():
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def escaped(value: str) -> str:
-    """``value`` with each byte that was not UTF-8 written ``\\xNN``, to be shown."""
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def parse_message(fields: dict[str, str]) -> tuple[str | None, str | None, str | None]:
     """``(token, email, reason)`` from ``token``/``email`` fields or a JSON ``payload``."""
     values: dict[str, Any] = fields

@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from worker.config import check_seconds
 from worker.errors import UsageError
+from worker.queue.text import escaped, is_text
 from worker.urls import bracketed, port_ok
 
 
@@ -105,6 +106,12 @@ class StreamOptions:
             object.__setattr__(self, "dead_letter", f"{self.stream}:dead")
         if self.dead_letter == self.stream:
             raise UsageError("--dead-letter must differ from --stream")
+        for option, value in (("--stream", self.stream), ("--group", self.group),
+                              ("--consumer", self.consumer), ("--dead-letter", self.dead_letter),
+                              ("the Redis URL", self.url)):  # fmt: skip
+            if not is_text(value):  # Redis would take it, the report's summary could not
+                raise UsageError(f"{option} {escaped(value)!r} holds bytes that are not "
+                                 "UTF-8 (a shell's $'\\xNN'?); give it in plain text")  # fmt: skip
         check_seconds("--claim-idle", self.claim_idle)
         if self.max_deliveries < 1 or self.read_count < 1:
             raise UsageError("--max-deliveries must be at least 1")

@@ -66,6 +66,9 @@ class StreamQueue:
         # XREADGROUP replies are taken as Redis sends them: redis-py's conversion of each
         # message's fields to a dict cost more than the rest of reading it.
         redis.set_response_callback("XREADGROUP", _as_sent)
+        # XAUTOCLAIM's too: as a dict, a message's fields lose a name given twice, and a
+        # claimed message must be read exactly as a new one is.
+        redis.set_response_callback("XAUTOCLAIM", _as_sent)
         self._intents: Any = redis.register_script(INTENTS)
         self._drop_intents: Any = redis.register_script(DROP_INTENTS)
         #: Intents of requests the service answered without creating anything (ids and
@@ -132,7 +135,7 @@ class StreamQueue:
                 start_id=cursor, count=count,
             )  # fmt: skip
             cursor, claimed = reply[0], reply[1]
-            out.extend((mid, _flat(fields)) for mid, fields in claimed)
+            out.extend((mid, fields or None) for mid, fields in claimed)
             out.extend((mid, None) for mid in (reply[2] if len(reply) > 2 else []))
             if cursor in ("0-0", b"0-0"):
                 return out
@@ -282,11 +285,6 @@ def _entries(reply: Any) -> list[Message]:
         return []
     entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
     return [(mid, fields or None) for mid, fields in entries]
-
-
-def _flat(fields: dict[str, str] | None) -> list[str] | None:
-    """A parsed reply's fields back to the flat list XREADGROUP gives."""
-    return [item for pair in fields.items() for item in pair] if fields else None
 
 
 async def enqueue_rows(redis: Redis, stream: str, rows: list[tuple[str, str]]) -> int:
