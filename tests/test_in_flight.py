@@ -340,6 +340,31 @@ async def test_an_unknown_outcome_no_listing_could_settle_counts_unknown_in_the_
     assert left_out == Counter({UNSETTLED: 1})
 
 
+@pytest.mark.parametrize("again", [("--overwrite",), ("--dry-run", "--overwrite")],
+                         ids=["overwrite", "plan-over-it"])  # fmt: skip
+def test_a_link_to_a_killed_runs_report_finds_its_open_sends(
+    tmp_path: Path,
+    start_emulator: Callable[..., str],
+    spawn: Callable[..., Proc],
+    again: tuple[str, ...],
+) -> None:
+    """The report of a run killed during a slow POST, given again by a symbolic link to
+    it: the link's report has the file's journal (as it has its lock), so replacing it is
+    refused as for the file itself, and --resume through the link settles the send: each
+    person invited once."""
+    url, report, pairs, args = killed_mid_post(tmp_path, start_emulator, spawn, "l")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(report.name)
+    through_link = tuple(str(link) if a == str(report) else a for a in args)
+    refused = spawn(*through_link, *again)
+    refused.expect(2, timeout=30)
+    assert "holds 3 email(s) whose request was out" in refused.stderr()
+    assert report.read_bytes() == b""
+    spawn(*through_link, "--resume").expect(0, timeout=60)
+    assert emulator_invited(url) == dict.fromkeys(pairs, 1)
+    assert journal_path(link) == journal_path(report)
+
+
 def test_summarize_counts_the_emails_of_a_killed_runs_request_unknown_until_resumed(
     tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
 ) -> None:

@@ -40,7 +40,11 @@ log = structlog.get_logger("worker.journal")
 
 
 def journal_path(report_path: Path) -> Path:
-    """Where the journal of a report lives."""
+    """Where the journal of a report lives: beside the real file when the report is given
+    by a symbolic link (as its lock is), so that every name of a report finds the same
+    unsettled sends."""
+    if report_path.is_symlink():
+        report_path = report_path.resolve()
     return report_path.with_name(report_path.name + ".journal")
 
 
