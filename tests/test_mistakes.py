@@ -431,6 +431,21 @@ def test_a_report_that_is_a_device_or_a_fifo_is_refused_untouched(
     assert [p.name for p in node.parent.iterdir()] == ["report"]
 
 
+@pytest.mark.parametrize("beside", ["journal", "lock"])
+def test_a_fifo_where_the_journal_or_lock_goes_is_refused_at_once(
+    sample: Path, tmp_path: Path, beside: str
+) -> None:
+    """A FIFO named as the report's journal or lock (opening it to write would wait for a
+    reader, deaf to SIGTERM): exit 2 at once, one line naming it, nothing else made."""
+    report = tmp_path / "out" / "r.jsonl"
+    report.parent.mkdir()
+    os.mkfifo(report.with_name(f"r.jsonl.{beside}"))
+    done = invite_worker("run", str(sample), "--sandbox", "--report", str(report), timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert f"the {beside} of --report" in one_line(done)
+    assert [p.name for p in report.parent.iterdir()] == [f"r.jsonl.{beside}"]
+
+
 def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
     sample: Path, tmp_path: Path
 ) -> None:

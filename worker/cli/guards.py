@@ -143,6 +143,13 @@ def check_report_path(report: Path, *, dry_run: bool = False) -> None:
             "back, locked and synced to disk; name a file, e.g. --report "
             f"{'invite-report.plan.jsonl' if dry_run else 'invite-report.jsonl'}"
         )
+    for part, beside in (("journal", journal_path(report)), ("lock", lock_path(report))):
+        if (kind := _special(beside)) is not None:  # (a FIFO there would hang the run too)
+            raise UsageError(
+                f"the {part} of --report {str(report)!r}, {str(beside)!r}, is not a regular "
+                f"file but {kind}; a run makes it itself: remove it, or choose another "
+                "--report"
+            )
     if (what := _beside_a_report(report)) is not None:
         # A report named so would be another report's journal or lock (emptied by that
         # report's next run), or collide with it.
