@@ -446,6 +446,25 @@ def test_a_fifo_where_the_journal_or_lock_goes_is_refused_at_once(
     assert [p.name for p in report.parent.iterdir()] == [f"r.jsonl.{beside}"]
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_report_that_is_where_stdout_goes_is_refused(
+    sample: Path, tmp_path: Path, dry_run: bool
+) -> None:
+    """--report /dev/stdout with standard output sent to a file: exit 2, one line, the file
+    left as it was (the plan printed there and the records would overwrite each other)."""
+    out = tmp_path / "out.txt"
+    with out.open("wb") as stdout:
+        done = subprocess.run(
+            worker_command("run", str(sample), "--sandbox", "--report", "/dev/stdout",
+                           *(("--dry-run",) if dry_run else ()), "--log-format", "console"),
+            env=clean_env(), cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "is the file standard output goes to" in done.stderr
+    assert out.read_bytes() == b""
+
+
 def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
     sample: Path, tmp_path: Path
 ) -> None:

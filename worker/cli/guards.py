@@ -42,6 +42,15 @@ def _input_identity(source: str) -> tuple[int, int] | None:
     return _identity(Path(source))
 
 
+def _stdout_identity() -> tuple[int, int] | None:
+    """(device, inode) of the regular file standard output goes to, if it goes to one."""
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
 def same_file(written: Path, source: str) -> bool:
     """Whether writing ``written`` would write the input ``source`` (``-``: stdin)."""
     if source != "-" and written.resolve() == Path(source).resolve():
@@ -143,6 +152,11 @@ def check_report_path(report: Path, *, dry_run: bool = False) -> None:
             "back, locked and synced to disk; name a file, e.g. --report "
             f"{'invite-report.plan.jsonl' if dry_run else 'invite-report.jsonl'}"
         )
+    if (mine := _identity(report)) is not None and mine == _stdout_identity():
+        # (--report /dev/stdout with stdout sent to a file): the records and what the
+        # command prints would write over each other.
+        raise UsageError(f"--report {str(report)!r} is the file standard output goes to; "
+                         "name another file, e.g. --report invite-report.jsonl")  # fmt: skip
     for part, beside in (("journal", journal_path(report)), ("lock", lock_path(report))):
         if (kind := _special(beside)) is not None:  # (a FIFO there would hang the run too)
             raise UsageError(
