@@ -465,6 +465,19 @@ def test_a_report_that_is_where_stdout_goes_is_refused(
     assert out.read_bytes() == b""
 
 
+def test_a_report_through_a_missing_folder_is_refused_leaving_nothing(
+    sample: Path, tmp_path: Path
+) -> None:
+    """--report missing/../r.jsonl: the path goes through a folder that is not there (the
+    system cannot open it): exit 2 naming it, and no lock left where the name seemed to
+    point."""
+    done = invite_worker("run", str(sample), "--sandbox", "--report", "missing/../r.jsonl",
+                         cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "does not exist" in one_line(done)
+    assert [p.name for p in tmp_path.iterdir()] == [sample.name]
+
+
 def test_dry_runs_repeat_and_a_read_only_folder_says_where_to_write(
     sample: Path, tmp_path: Path
 ) -> None:

@@ -174,6 +174,10 @@ def check_report_path(report: Path, *, dry_run: bool = False) -> None:
             f"{str(report.with_name(stem + '-report.jsonl'))!r}"
         )
     folder = report.resolve().parent
+    if folder.is_dir() and not report.parent.is_dir():
+        # As the system opens it: "missing/../r.jsonl" goes through a folder that is not
+        # there, though the name resolves to one that is.
+        folder = report.parent
     if not folder.is_dir():
         raise UsageError(
             f"the folder of --report {str(report)!r} does not exist ({str(folder)!r}); "
