@@ -146,6 +146,14 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes_it(
     assert str(small_disk) in str(halted[0]["error"])
     assert "No space left on device (ENOSPC)" in str(halted[0]["error"])
     assert "Traceback" not in run.stderr()
+    # The halted run's counts are the report's: a send whose record the disk refused is
+    # an unknown outcome (its intent stays open), neither sent nor unsent.
+    [finished] = [e for e in events(run) if e.get("event") == "run.finished"]
+    recorded = sum(len(b["emails"]) for b in by_kind(read_report(report), "batch")
+                   if b["status"] == "sent")  # fmt: skip
+    assert finished["emails_sent"] == recorded
+    counted = [int(str(finished[key])) for key in ("emails_sent", "unsent", "valid")]
+    assert counted[0] + counted[1] <= counted[2]
     partial = emulator_invited(url)
     assert 0 < len(partial) < len(pairs)
     assert set(partial.values()) == {1}

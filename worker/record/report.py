@@ -120,16 +120,10 @@ class Report:
     def batch(self, outcome: Outcome) -> None:
         """Write one final batch outcome (``sent``, ``failed``, ``skipped``) at once."""
         count, error = len(outcome.emails), outcome.error
-        self.batches[outcome.status] += 1
-        self.emails[outcome.status] += count
         record: BatchRecord | SkippedRecord
         if outcome.status is Status.SKIPPED:
-            reason = outcome.reason or "skipped"
-            self.skipped_by_reason[reason] += count
-            record = SkippedRecord(outcome.token, outcome.emails, reason)
+            record = SkippedRecord(outcome.token, outcome.emails, outcome.reason or "skipped")
         else:
-            if error is not None and error.code in REFUSED and not outcome.attempts:
-                self.refused_by_code[error.code] += count
             record = BatchRecord(
                 outcome.token, outcome.emails, outcome.status, outcome.http_status,
                 outcome.attempts, outcome.rate_limited,
@@ -143,6 +137,14 @@ class Report:
             )  # fmt: skip
         self._pending.append(encode(record))
         self.flush()
+        # Counted once written: a record the disk refused is not in the report (a send's
+        # intent stays open in the journal: an unknown outcome, for --resume to settle).
+        self.batches[outcome.status] += 1
+        self.emails[outcome.status] += count
+        if outcome.status is Status.SKIPPED:
+            self.skipped_by_reason[outcome.reason or "skipped"] += count
+        elif error is not None and error.code in REFUSED and not outcome.attempts:
+            self.refused_by_code[error.code] += count
 
     def revoked(self, token: str, emails: list[str], removed: list[str], *,
                 planned: bool = False) -> None:  # fmt: skip

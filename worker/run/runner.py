@@ -28,7 +28,7 @@ import structlog
 
 from worker.batching import Batch
 from worker.config import Config
-from worker.errors import Stopped
+from worker.errors import Stopped, StorageError
 from worker.outcome import Outcome
 from worker.record.journal import IntentLog
 from worker.record.report import Report
@@ -73,7 +73,14 @@ class Runner:
         An outcome with no emails carries only journal clears (a listing found nothing).
         """
         if outcome.emails:
-            self.report.batch(outcome)
+            try:
+                self.report.batch(outcome)
+            except StorageError:
+                if outcome.clears:  # (a send's): not in the report, its intent stays open
+                    stats = self.sender.stats
+                    stats.unknown_outcomes += 1
+                    stats.left_unknown(outcome.token, outcome.emails)
+                raise
             self.recorded += len(outcome.emails)
         for intent in outcome.clears:
             self.journal.clear(intent)
