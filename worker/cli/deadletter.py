@@ -19,6 +19,7 @@ from worker.cli.queue import add_dead_letter_option, add_url_and_stream, require
 from worker.errors import UsageError
 from worker.exits import EXIT_INCOMPLETE
 from worker.queue.options import StreamOptions
+from worker.queue.text import escaped
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -170,8 +171,6 @@ async def _dead_letter(
 
 def _by_code(counts: Counter[str]) -> str:
     """``code n, code n``, most first (``?`` for a dead letter with no code)."""
-    from worker.queue.text import escaped
-
     return ", ".join(f"{escaped(code) or '?'} {n}" for code, n in counts.most_common())
 
 
@@ -188,8 +187,6 @@ def _refuse_mistyped(codes: Collection[str], present: Counter[str], where: str) 
 
 
 def _print_dead_letters(page: list[Any], out: TextIO, *, as_json: bool) -> None:
-    from worker.queue.text import escaped
-
     for letter in page:
         # Bytes another producer wrote that are not UTF-8 are shown as \xNN.
         f = {escaped(name): escaped(value) for name, value in letter.fields.items()}

@@ -77,9 +77,7 @@ class Runner:
                 self.report.batch(outcome)
             except StorageError:
                 if outcome.clears:  # (a send's): not in the report, its intent stays open
-                    stats = self.sender.stats
-                    stats.unknown_outcomes += 1
-                    stats.left_unknown(outcome.token, outcome.emails)
+                    self.sender.stats.cut(outcome.token, outcome.emails)
                 raise
             self.recorded += len(outcome.emails)
         for intent in outcome.clears:

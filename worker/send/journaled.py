@@ -120,9 +120,8 @@ class Journaled(Hooks):
     def cut(self) -> None:
         # The intent stays open: --resume (or a claiming worker) settles it once the
         # request can no longer be in progress.
-        stats, trip = self._sender.stats, self._trip
-        stats.unknown_outcomes += 1
-        stats.left_unknown(trip.token, trip.emails)
+        trip = self._trip
+        self._sender.stats.cut(trip.token, trip.emails)
         log.warning("batch.outcome_unknown", token=trip.token, emails=len(trip.emails),
                     code="grace_expired", error="stopped with the request in flight")  # fmt: skip
 

@@ -38,6 +38,12 @@ class SendStats:
     #: (this one stalled past --claim-idle): that worker settles them, this one never does.
     claimed_elsewhere: int = 0
 
+    def cut(self, token: str, emails: list[str]) -> None:
+        """A request whose outcome this run leaves unknown at its end (cut by a stop, or
+        answered but not recorded): one more unknown outcome, its intent open."""
+        self.unknown_outcomes += 1
+        self.left_unknown(token, emails)
+
     def left_unknown(self, token: str, emails: list[str]) -> None:
         """A stop leaves this request's outcome unknown, its intent open for --resume."""
         self.unknown_left += len(emails)
