@@ -18,7 +18,14 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from tests.conftest import Proc, by_kind, emulator_invited, pending, read_report, redis_cli
+from tests.conftest import (
+    Proc,
+    by_kind,
+    each_invited_once_nothing_left,
+    emulator_invited,
+    read_report,
+    redis_cli,
+)
 from tests.test_queue_deliveries import HELD_UP, side_by_side
 from tests.test_queue_refusals import GOOD, worker
 from tests.test_queue_restart import RedisProcess
@@ -163,8 +170,7 @@ def test_a_second_process_under_a_running_workers_name_is_refused(
     assert "Traceback" not in twin.stderr()
     assert read_report(tmp_path / "twin.jsonl") == []  # nothing read, nothing recorded
     first.expect(0, timeout=90)
-    assert emulator_invited(api) == dict.fromkeys(pairs, 1)
-    assert pending(redis_server, stream_name) == 0
+    each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
 
 
 @pytest.mark.timeout(150)
@@ -198,10 +204,7 @@ def test_a_stalled_workers_name_is_taken_over_and_it_sends_nothing_more(
     halted = by_kind(read_report(tmp_path / "first.jsonl"), "summary")[-1]["halted"]
     assert halted["code"] == "consumer_taken_over"
     again.expect(0, timeout=120)
-    invited = emulator_invited(api)
-    assert set(invited) == pairs
-    assert set(invited.values()) == {1}
-    assert pending(redis_server, stream_name) == 0
+    each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
 
 
 def test_an_empty_consumer_name_is_refused_before_redis_is_asked(
@@ -239,8 +242,7 @@ def test_until_empty_says_it_waits_for_messages_a_killed_consumer_holds(
     said = [line for line in drain.stderr(60_000).splitlines() if "pending_elsewhere" in line]
     assert len(said) == 1, said
     assert '"messages":6' in said[0]
-    assert emulator_invited(api) == dict.fromkeys(pairs, 1)
-    assert pending(redis_server, stream_name) == 0
+    each_invited_once_nothing_left(api, pairs, redis_server, stream_name)
 
 
 async def test_letting_go_of_a_name_waits_two_seconds_at_most_for_a_frozen_redis(
