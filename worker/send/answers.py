@@ -9,9 +9,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import msgspec
 
 from worker.errors import (
@@ -25,6 +24,9 @@ from worker.errors import (
     UnexpectedResponse,
 )
 from worker.outcome import Invitation
+
+if TYPE_CHECKING:
+    import aiohttp
 
 MAX_MESSAGE_CHARS = 500
 #: Largest response body read; 100 invitations are about 30 KB.

@@ -2,6 +2,11 @@
 
 What a request that got no answer means (and when the service counts as unreachable) is
 :mod:`worker.send.reach`'s.
+
+aiohttp is imported by the first request that goes through it (a write, or any request
+through a proxy), not with this module: its import costs a quarter of a second of CPU
+(it builds TLS contexts from the CA bundle), and a run that sends nothing — a day after a
+send, whose reads take :mod:`worker.send.gets`, or a dry run — never needs it.
 """
 
 from __future__ import annotations
@@ -10,10 +15,9 @@ import math
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import aiohttp
 import msgspec
 import structlog
 from yarl import URL
@@ -42,6 +46,9 @@ from worker.send.replies import (
 )
 from worker.validate import check_token
 
+if TYPE_CHECKING:
+    import aiohttp
+
 log = structlog.get_logger("worker.client")
 
 USER_AGENT = "invite-worker/0.1"
@@ -66,9 +73,7 @@ class InvitationClient:
         proxy: Proxy | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
-        # Not rounded up to a whole second past 5 s (aiohttp's default): whoever settles
-        # an intent takes its request for over at exactly its time limit.
-        self._timeout = aiohttp.ClientTimeout(total=timeout, ceil_threshold=math.inf)
+        self._timeout = timeout
         self._headers = {
             "DD-API-KEY": api_key,
             "DD-APPLICATION-KEY": app_key,
@@ -87,7 +92,8 @@ class InvitationClient:
         #: Whether the service was ever reached; what a request without an answer means.
         self._reach = Reach(self.api_url, (api_key, app_key), proxy, timeout)
         self._pool_size = pool_size
-        self._session: aiohttp.ClientSession | None = None
+        self._entered = False
+        self._session: aiohttp.ClientSession | None = None  # made when first needed
         self._gets: Gets | None = None
         self._urls: dict[str, URL] = {}
         # An API URL with no path (a run's always is: see check_api_url): the URLs built
@@ -105,13 +111,8 @@ class InvitationClient:
         if self.proxy is None and URL(self.api_url).user is None:
             reads = {k: v for k, v in self._headers.items() if k != "Content-Type"}
             self._gets = Gets(URL(self.api_url), reads, pool_size=self._pool_size,
-                              timeout=self._timeout.total)  # fmt: skip
-        connector = aiohttp.TCPConnector(limit=self._pool_size)
-        # No cookies: the API sets none we need, and the jar costs time on every request.
-        # No trust_env: the proxy was read from the environment once, up front.
-        self._session = aiohttp.ClientSession(
-            connector=connector, headers=self._headers, cookie_jar=aiohttp.DummyCookieJar()
-        )
+                              timeout=self._timeout)  # fmt: skip
+        self._entered = True
         if self.proxy is not None:
             log.info("client.proxy", proxy=self.proxy.url, source=self.proxy.source,
                      api=self._reach.origin())  # fmt: skip
@@ -126,9 +127,23 @@ class InvitationClient:
         if self._gets is not None:
             await self._gets.close()
             self._gets = None
+        self._entered = False
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def _opened(self) -> aiohttp.ClientSession:
+        """The pooled session, made (and aiohttp imported) at the first request needing it."""
+        if self._session is None:
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(limit=self._pool_size)
+            # No cookies: the API sets none we need, and the jar costs time on every
+            # request. No trust_env: the proxy was read from the environment once, up front.
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, cookie_jar=aiohttp.DummyCookieJar()
+            )
+        return self._session
 
     def invitation_url(self, token: str) -> str:
         """The POST URL for ``token``; refuses anything but a plain share token."""
@@ -228,22 +243,28 @@ class InvitationClient:
     async def _exchange(
         self, method: str, url: str | URL, body: bytes | None, within: float | None
     ) -> tuple[int, Mapping[str, str], bytes]:
-        if self._session is None:
+        if not self._entered:
             raise RuntimeError("use InvitationClient as 'async with'")
+        if method == "GET" and (gets := self._gets) is not None:
+            target: URL | str = url
+            if not isinstance(url, URL):  # one of ours, on a bare origin: its path as is
+                bare = self._bare_origin and url.startswith(self.api_url + "/")
+                target = url[len(self.api_url) :] if bare else URL(url)
+            try:
+                return await gets.get(target)
+            except NO_ANSWER as exc:  # a timeout, a refused, failed or broken connection
+                raise self._reach.no_answer(method, exc, within) from None
+            finally:  # a head read is an answer, even if the body then broke
+                self._reach.answered = self._reach.answered or gets.answered
+        session = self._opened()
+        import aiohttp  # imported by _opened: a name lookup
+
+        # Not rounded up to a whole second past 5 s (aiohttp's default): whoever settles
+        # an intent takes its request for over at exactly its time limit.
+        limit = self._timeout if within is None else min(within, self._timeout)
+        timeout = aiohttp.ClientTimeout(total=limit, ceil_threshold=math.inf)
         try:
-            if method == "GET" and (gets := self._gets) is not None:
-                target: URL | str = url
-                if not isinstance(url, URL):  # one of ours, on a bare origin: its path as is
-                    bare = self._bare_origin and url.startswith(self.api_url + "/")
-                    target = url[len(self.api_url) :] if bare else URL(url)
-                try:
-                    return await gets.get(target)
-                finally:  # a head read is an answer, even if the body then broke
-                    self._reach.answered = self._reach.answered or gets.answered
-            timeout = self._timeout
-            if within is not None and within < (timeout.total or math.inf):
-                timeout = aiohttp.ClientTimeout(total=within, ceil_threshold=math.inf)
-            async with self._session.request(
+            async with session.request(
                 method, url, data=body, timeout=timeout, allow_redirects=False,
                 proxy=self._proxy_url, proxy_headers=self._proxy_headers,
             ) as resp:  # fmt: skip
@@ -251,7 +272,7 @@ class InvitationClient:
                     raise refused(self.proxy)
                 self._reach.answered = True
                 return resp.status, resp.headers, await read_body(resp.content)
-        except NO_ANSWER as exc:  # a timeout, a refused, failed or broken connection
+        except (*NO_ANSWER, aiohttp.ClientError) as exc:  # as above, or aiohttp's own
             raise self._reach.no_answer(method, exc, within) from None
 
     def _ratelimit(self, headers: Mapping[str, str]) -> RateLimitInfo:

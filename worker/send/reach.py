@@ -12,8 +12,8 @@ telling an unreachable service from a slow or failing one is a question of its o
 from __future__ import annotations
 
 import asyncio
+import sys
 
-import aiohttp
 from yarl import URL
 
 from worker.errors import (
@@ -35,11 +35,9 @@ MIN_SECRET_LENGTH = 8
 #: a wrong URL or port, DNS or TLS trouble will not heal by retrying batch after batch.
 UNREACHABLE_AFTER = 3
 
-#: What a request that got no answer may raise (see :meth:`Reach.no_answer`).
-NO_ANSWER = (
-    aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError, ConnectionError,
-    CannotConnect, Dropped,
-)  # fmt: skip
+#: What a request that got no answer may raise (see :meth:`Reach.no_answer`), besides
+#: ``aiohttp.ClientError`` on a request through aiohttp (imported by that request).
+NO_ANSWER = (TimeoutError, asyncio.IncompleteReadError, ConnectionError, CannotConnect, Dropped)
 
 
 class Reach:
@@ -66,12 +64,19 @@ class Reach:
         :data:`NO_ANSWER`) being what ended it (``within``: its time limit, when shorter
         than ``--timeout``); raises :class:`ServiceUnreachable` when that was one failed
         connection too many."""
-        if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused the tunnel
-            if exc.status == PROXY_AUTH_REQUIRED and self._proxy is not None:
-                return refused(self._proxy)
-            cause = self.scrub(f"the proxy answered {exc.status} {exc.message}")
-            self._count_failed_connect(cause)
-            return ConnectionFailed(f"cannot connect{self._via}: {cause}")
+        failed_connect: tuple[type[Exception], ...] = (CannotConnect,)
+        broke: tuple[type[Exception], ...] = (asyncio.IncompleteReadError, ConnectionError)
+        if "aiohttp" in sys.modules:  # only then can an error be aiohttp's
+            import aiohttp
+
+            if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy refused the tunnel
+                if exc.status == PROXY_AUTH_REQUIRED and self._proxy is not None:
+                    return refused(self._proxy)
+                cause = self.scrub(f"the proxy answered {exc.status} {exc.message}")
+                self._count_failed_connect(cause)
+                return ConnectionFailed(f"cannot connect{self._via}: {cause}")
+            failed_connect += (aiohttp.ClientConnectorError,)
+            broke += (aiohttp.ClientError,)
         if isinstance(exc, TimeoutError):  # a slow service keeps its retries: not counted
             # Every request's limit counts from its intent, a few milliseconds before it
             # leaves: only one that left noticeably late is told apart.
@@ -81,11 +86,11 @@ class Reach:
             return RequestTimeout(
                 f"no answer within {self._timeout:g}s (raise --timeout if the service is slow)"
             )
-        if isinstance(exc, (aiohttp.ClientConnectorError, CannotConnect)):
-            cause = self.scrub(str(exc.os_error) or str(exc))
+        if isinstance(exc, failed_connect):
+            cause = self.scrub(str(getattr(exc, "os_error", "")) or str(exc))
             self._count_failed_connect(cause)
             return ConnectionFailed(f"cannot connect{self._via}: {cause}")
-        if isinstance(exc, (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError)):
+        if isinstance(exc, broke):
             cause = self.scrub(f"connection broke: {type(exc).__name__}: {exc}")
         else:  # Dropped, the GET path's: already "type: text" or what was malformed
             cause = self.scrub(f"connection broke: {exc}")
