@@ -7,7 +7,9 @@ once, without virtual time moving through it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -252,9 +254,97 @@ async def test_the_time_limit_is_never_zero_or_less_when_a_request_goes(
                         random.Random(1), RunState())  # fmt: skip
         hooks = Journaled(sender, Trip(TOKEN_A, ["a@example.com"], clock, []))
         await hooks.sending(1000.0)
-        clock.now = 1000.0 + 0.5 - 1e-6  # the next reading: 1 µs inside the limit
         assert hooks.held_up(1000.0) is None
-        limit = hooks.time_limit()
+        clock.now = 1000.0 + 0.5 - 1e-6  # the next reading: 1 µs inside the limit
+        limit = hooks.leaving()
     journal.close()
     assert limit is not None
     assert 0 < limit <= 1e-6 + 1e-9
+
+
+class StallsAsItLeaves(FakeClock):
+    """Virtual time that jumps ``stall`` s at the ``at``-th time a request asks whether it
+    may leave (``Journaled.leaving``: as it is let go, before it is made, and once its
+    connection is in hand), as a process stopped just then (SIGSTOP, a paused VM) sees."""
+
+    def __init__(self, start: float, at: int, stall: float) -> None:
+        super().__init__(start=start)
+        self.at, self.stall, self.asked = at, stall, 0
+
+    def time(self) -> float:
+        caller = inspect.currentframe()
+        asker = caller.f_back if caller is not None else None
+        if asker is not None and asker.f_code.co_name == "leaving":
+            self.asked += 1
+            if self.asked == self.at:
+                self.advance(self.stall)
+        return super().time()
+
+
+@pytest.mark.parametrize("at", [1, 2, 3])
+async def test_a_request_stalled_after_it_was_let_go_does_not_leave_late(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path, at: int
+) -> None:
+    """Stalled past --reconcile-delay wherever the stall falls between the decision to let a
+    POST go and its bytes leaving (as it is let go, before the request is made, once its
+    connection is in hand), it does not leave under that intent: a worker settling the
+    intent may have invited those people since. It goes again under a new one, once."""
+    config = make_config(reconcile_delay=5.0, timeout=30.0)
+    clock = StallsAsItLeaves(1000.0, at, 30.0)
+    journal = StalledOnce(tmp_path / "j", 0.0, clock)
+    async with client_for(config) as client:
+        sender = Sender(client, pacer_for(config, clock), journal, config, clock,
+                        random.Random(1), RunState())  # fmt: skip
+        [outcome] = await asyncio.wait_for(sender.send(Batch(TOKEN_A, ["a@example.com"])), 10)
+    journal.close()
+    assert clock.asked >= at
+    assert outcome.status == "sent"
+    assert len(journal.times) == 2  # the first intent was given up, unsent
+    assert journal.times[1] >= 1030.0
+    assert [r.method for r in emulator.requests].count("POST") == 1
+    assert sum(emulator.invited.values()) == 1
+
+
+class StalledAsItLeaves(SystemClock):
+    """The real clock, in a process that stops for ``stall`` real seconds (nothing of it
+    runs meanwhile) the ``at``-th time a request asks whether it may leave."""
+
+    def __init__(self, at: int, stall: float) -> None:
+        self.at, self.stall, self.asked = at, stall, 0
+
+    def time(self) -> float:
+        caller = inspect.currentframe()
+        asker = caller.f_back if caller is not None else None
+        if asker is not None and asker.f_code.co_name == "leaving":
+            self.asked += 1
+            if self.asked == self.at:
+                time.sleep(self.stall)  # the whole process, its event loop included
+        return super().time()
+
+
+async def test_a_request_held_up_briefly_as_it_is_made_still_ends_when_its_intent_says(
+    emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """Held up 0.4 s after it was let go, before the request is made (a first request
+    making its client, a busy loop), a POST still goes, but its time limit still counts
+    from the intent: answered 1.8 s after it left, it times out at 1.6 s and a listing
+    settles it. Sent once, under one intent."""
+    config = make_config(reconcile_delay=0.45, timeout=2.0)
+    emulator.faults = Faults(slow_seconds=1.8)
+    emulator.script("slow")
+    clock = StalledAsItLeaves(2, 0.4)
+    journal = StalledOnce(tmp_path / "j", 0.0)
+    async with client_for(config) as client:
+        sender = Sender(client, pacer_for(config, clock), journal, config, clock,
+                        random.Random(1), RunState())  # fmt: skip
+        with capture_logs() as logs:
+            [outcome] = await asyncio.wait_for(sender.send(Batch(TOKEN_A, ["a@example.com"])), 20)
+    journal.close()
+    assert outcome.status == "sent"
+    assert len(journal.times) == 1
+    unknown = [e for e in logs if e["event"] == "batch.outcome_unknown"]
+    assert [e["code"] for e in unknown] == ["timeout"], logs
+    limit = float(unknown[0]["error"].removeprefix("no answer within ").partition("s ")[0])
+    assert limit == pytest.approx(1.6, abs=0.01), unknown[0]["error"]
+    assert [r.method for r in emulator.requests].count("POST") == 1
+    assert sum(emulator.invited.values()) == 1

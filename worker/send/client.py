@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -132,12 +132,19 @@ class InvitationClient:
             await self._session.close()
             self._session = None
 
+    def open_writes(self) -> None:
+        """Make the session writes go through now (importing aiohttp the first time), not
+        between a write's intent and its leaving, where a slow import would hold it up."""
+        self._opened()
+
     def _opened(self) -> aiohttp.ClientSession:
         """The pooled session, made (and aiohttp imported) at the first request needing it."""
         if self._session is None:
             import aiohttp
 
-            connector = aiohttp.TCPConnector(limit=self._pool_size)
+            from worker.send.leaving import GatedConnector
+
+            connector = GatedConnector(limit=self._pool_size)
             # No cookies: the API sets none we need, and the jar costs time on every
             # request. No trust_env: the proxy was read from the environment once, up front.
             self._session = aiohttp.ClientSession(
@@ -152,17 +159,21 @@ class InvitationClient:
         # quote() is belt and braces: a valid token has nothing to escape.
         return f"{self.api_url}/api/v1/dashboard/public/{quote(token, safe='')}/invitation"
 
-    async def invite(self, token: str, emails: list[str], within: float | None = None) -> Sent:
+    async def invite(
+        self, token: str, emails: list[str], leaving: Callable[[], float | None] | None = None
+    ) -> Sent:
         """Send one list-form request; return :class:`Sent` or raise a :class:`SendError`.
 
-        ``within``: a time limit shorter than ``--timeout`` for this request (seconds)."""
+        ``leaving`` is asked as the request goes, and again once its connection is in hand
+        (see :mod:`worker.send.leaving`): the time limit left of ``--timeout`` (None: all
+        of it), or it raises a :class:`SendError` to keep the request from leaving."""
         body = list_form(emails)
         url = self._urls.get(token)
         if url is None:
             url = URL(self.invitation_url(token), encoded=True)
             if len(self._urls) < 10_000:  # parsed once per token, bounded
                 self._urls[token] = url
-        status, headers, raw = await self._request("invite", "POST", url, body, within)
+        status, headers, raw = await self._request("invite", "POST", url, body, leaving)
         ratelimit = self._ratelimit(headers)
         if 200 <= status < 300:
             return Sent(status, created(raw), ratelimit)
@@ -227,13 +238,13 @@ class InvitationClient:
 
     async def _request(
         self, kind: str, method: str, url: str | URL, body: bytes | None,
-        within: float | None = None,
+        leaving: Callable[[], float | None] | None = None,
     ) -> tuple[int, Mapping[str, str], bytes]:  # fmt: skip
         """One request of ``kind`` (the metrics' name for it): status, headers and body;
-        ``within``: its time limit, when shorter than ``--timeout``."""
+        ``leaving``: see :meth:`invite`."""
         started = time.perf_counter()
         try:
-            answer = await self._exchange(method, url, body, within)
+            answer = await self._exchange(method, url, body, leaving)
         except InviteWorkerError:  # no answer: a timeout, a refused or broken connection
             self.metrics.request(kind, None, time.perf_counter() - started)
             raise
@@ -241,8 +252,9 @@ class InvitationClient:
         return answer
 
     async def _exchange(
-        self, method: str, url: str | URL, body: bytes | None, within: float | None
-    ) -> tuple[int, Mapping[str, str], bytes]:
+        self, method: str, url: str | URL, body: bytes | None,
+        leaving: Callable[[], float | None] | None,
+    ) -> tuple[int, Mapping[str, str], bytes]:  # fmt: skip
         if not self._entered:
             raise RuntimeError("use InvitationClient as 'async with'")
         if method == "GET" and (gets := self._gets) is not None:
@@ -253,16 +265,22 @@ class InvitationClient:
             try:
                 return await gets.get(target)
             except NO_ANSWER as exc:  # a timeout, a refused, failed or broken connection
-                raise self._reach.no_answer(method, exc, within) from None
+                raise self._reach.no_answer(method, exc) from None
             finally:  # a head read is an answer, even if the body then broke
                 self._reach.answered = self._reach.answered or gets.answered
         session = self._opened()
         import aiohttp  # imported by _opened: a name lookup
 
+        from worker.send.leaving import LEAVING
+
+        # Asked with nothing left to do but make the request: its time limit counts from
+        # this reading, and the connection, once in hand, asks again.
+        within = leaving() if leaving is not None else None
         # Not rounded up to a whole second past 5 s (aiohttp's default): whoever settles
         # an intent takes its request for over at exactly its time limit.
         limit = self._timeout if within is None else min(within, self._timeout)
         timeout = aiohttp.ClientTimeout(total=limit, ceil_threshold=math.inf)
+        asked = LEAVING.set(leaving)
         try:
             async with session.request(
                 method, url, data=body, timeout=timeout, allow_redirects=False,
@@ -274,6 +292,8 @@ class InvitationClient:
                 return resp.status, resp.headers, await read_body(resp.content)
         except (*NO_ANSWER, aiohttp.ClientError) as exc:  # as above, or aiohttp's own
             raise self._reach.no_answer(method, exc, within) from None
+        finally:
+            LEAVING.reset(asked)
 
     def _ratelimit(self, headers: Mapping[str, str]) -> RateLimitInfo:
         info, bad = read_ratelimit(headers)

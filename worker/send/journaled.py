@@ -54,7 +54,7 @@ class Journaled(Hooks):
     def __init__(self, sender: Sender, trip: Trip) -> None:
         self._sender, self._trip = sender, trip
         self._intent = ""
-        self._limit: float | None = None
+        self._sent_at = 0.0
         #: Set when a listing found every email of the request created.
         self.all_created = False
 
@@ -95,24 +95,30 @@ class Journaled(Hooks):
         # people the settler has invited since. It goes as a retry, with a fresh intent
         # (which a worker whose messages were claimed meanwhile is refused).
         # A shorter hold-up still goes (an intent takes a moment to be made durable on a
-        # busy machine), its time limit cut to end when the settler expects (time_limit).
+        # busy machine), its time limit cut to end when the settler expects (leaving).
+        self._sent_at = sent_at
+        try:
+            self.leaving()
+        except ConnectionFailed as late:
+            return late
+        return None
+
+    def leaving(self) -> float | None:
+        """Asked as the request goes, and again once its connection is in hand (a process
+        may stall in between: see worker.send.leaving): the time limit left of
+        ``--timeout`` counted from its intent's time (None: all of it), always more than
+        zero; :class:`ConnectionFailed` when it is held up past what :meth:`held_up`
+        allows. Whoever settles the intent takes the request for over then, and gives
+        the service its own reconcile delay after that to finish: a request that left
+        late must not use that delay up."""
         config = self._sender._config
-        late = self._sender._clock.time() - sent_at
+        late = self._sender._clock.time() - self._sent_at
         if late <= max(config.reconcile_delay, MIN_HELD_UP) and late < config.timeout:
             # From this one reading of the clock: a second one could find no time left,
             # and a limit of zero or less is none at all to aiohttp.
-            self._limit = config.timeout - late if late > 0 else None
-            return None
+            return config.timeout - late if late > 0 else None
         why = f"not sent: held up {late:.1f} s after its intent was recorded (stalled?)"
-        return ConnectionFailed(f"{why}; it goes again with a new one")
-
-    def time_limit(self) -> float | None:
-        """The time limit of the request about to leave (checked by :meth:`held_up`):
-        what is left of ``--timeout`` counted from its intent's time (None: all of it),
-        always more than zero. Whoever settles the intent takes the request for over
-        then, and gives the service its own reconcile delay after that to finish: a
-        request that left late must not use that delay up."""
-        return self._limit
+        raise ConnectionFailed(f"{why}; it goes again with a new one")
 
     def unsent(self) -> None:
         self._sender._journal.answered(self._intent)  # the service created nothing

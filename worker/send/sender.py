@@ -156,9 +156,10 @@ class Sender:
         """Carry one request's worth of emails to their outcomes (see :meth:`_send`)."""
         trip = Trip(token, emails, self._clock, out)
         hooks = Journaled(self, trip)
+        self._client.open_writes()  # before any intent: see InvitationClient.open_writes
         try:
             result = await attempt(
-                lambda: self._client.invite(token, trip.emails, hooks.time_limit()), hooks,
+                lambda: self._client.invite(token, trip.emails, hooks.leaving), hooks,
                 pacer=self.pacer,
                 policy=self.retry, clock=self._clock, rng=self._rng, stop=self.state.stop,
             )  # fmt: skip
