@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -12,6 +15,7 @@ from multidict import CIMultiDict
 
 from tests.conftest import API_KEY, APP_KEY, TOKEN_A
 from worker.emulator import Emulator
+from worker.emulator.dashboards import load_dashboards
 from worker.errors import (
     AuthError,
     BadRequest,
@@ -226,3 +230,16 @@ async def test_an_odd_invitation_list_never_crashes(
         listing = await c.list_invitations(TOKEN_A, 0)
     assert listing.invitations == []
     assert listing.total_count is None
+
+
+async def test_an_address_a_dashboards_file_gives_as_invited_and_in_a_session_is_invited_once(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """The emulator's count of invitations (and of duplicates) starts right: an address a
+    dashboards file says is invited and in a session holds one invitation, not two."""
+    path = tmp_path / "boards.json"
+    path.write_text(json.dumps([{"token": TOKEN_A, "invited": ["a@x.io", "b@x.io"],
+                                 "sessions": ["A@x.io", "c@x.io"]}]))  # fmt: skip
+    emulator.seed(load_dashboards(path, time.time()))
+    stats = emulator.stats()
+    assert (stats["invitations"], stats["duplicates"]) == (3, 0)

@@ -349,7 +349,8 @@ def test_a_person_pruned_then_listed_again_is_invited_again_on_resume(
     """The daily job (--prune --resume, one report): a person the list drops is revoked, and
     when the list names them again the next day they are invited once more (added back as
     an invitee with --add-invitees), with no listing to settle the request that first sent
-    them; nobody else is invited twice, and `report summarize` counts them sent once."""
+    them; nobody else is invited twice, and `report summarize`, like each run's job totals,
+    counts them sent once, and not while they are revoked."""
     people = [f"v{i}@example.com" for i in range(20)]
     boards = [{"token": TOKEN_A, "invitees": [{"email": e} for e in people]}] if explicit else []
     url = start_emulator("--dashboards", seed(tmp_path, boards))
@@ -373,8 +374,12 @@ def test_a_person_pruned_then_listed_again_is_invited_again_on_resume(
     assert people[1] not in state(url, TOKEN_A)["invited"]
     totals = Replay.read(report).summary()
     assert (totals["sent"], totals["revoked"]) == (19, 1)
+    assert second["job"]["emails_sent"] == 19
+    # Every page --prune read counts (none of the check's: the rows were settled).
+    assert second["list_pages"] == second["requests_by_kind"]["list_invitations"] >= 1
     third = day(every, "--resume")
     assert (third["emails_sent"], third["skipped"]) == (1, 19)
+    assert third["job"]["emails_sent"] == 20
     assert "resume.reconciling" not in runs[-1].stderr()
     after = state(url, TOKEN_A)
     assert after["invited"] == set(people)

@@ -172,6 +172,41 @@ def test_a_resume_that_settles_a_batch_by_listing_counts_it_reconciled(
     assert set(emulator_invited(url).values()) == {1}
 
 
+def test_rows_a_resume_settles_as_it_begins_are_its_own_not_settled_before(
+    tmp_path: Path, start_emulator: Callable[..., str]
+) -> None:
+    """Rows whose open intent a resume settles by listing as it begins count as valid rows
+    of that run (its records hold them), not as rows an earlier run settled: rows = valid
+    + skipped + rejected, and no more are sent than are valid."""
+    url = start_emulator()
+    source, report = tmp_path / "in.csv", tmp_path / "r.jsonl"
+    emails = [f"u{n}@example.com" for n in range(3)]
+    source.write_text("token,email\n" + "".join(f"tok-a,{e}\n" for e in emails))
+    before = time.time() - 60  # long enough ago that no request sent then is in flight
+    done = invite_worker("run", str(source), "--api-url", url, "--report", str(report))
+    assert done.returncode == 0, done.stderr
+    # As if the process died after the POST, before its outcome was recorded.
+    report.write_text("".join(json.dumps(r) + "\n" for r in read_report(report)
+                              if r["kind"] != "batch"))  # fmt: skip
+    intent = {"i": "x-1", "token": "tok-a", "emails": emails[:2], "at": before}
+    Path(f"{report}.journal").write_text(json.dumps(intent) + "\n")
+    more = [f"v{n}@example.com" for n in range(2)]
+    with source.open("a") as f:  # the day's list: one row repeated, two new ones
+        f.write("".join(f"tok-a,{e}\n" for e in [emails[0], *more]))
+    done = invite_worker("run", str(source), "--api-url", url, "--report", str(report),
+                         "--resume")  # fmt: skip
+    assert done.returncode == 1, done.stderr  # the repeated row is rejected
+    summary = read_report(report)[-1]
+    assert summary["reconciled_sent"] == 2
+    assert (summary["rows"], summary["valid"], summary["skipped"], summary["rejected"]) == (
+        6, 5, 0, 1)  # fmt: skip
+    # Settled by listing, and the two new; u2, created with no record of it, is found
+    # invited by the dashboard check.
+    assert (summary["emails_sent"], summary["emails_skipped"], summary["unsent"]) == (4, 1, 0)
+    assert (summary["job"]["emails_sent"], summary["job"]["emails_skipped"]) == (4, 1)
+    assert set(emulator_invited(url).values()) == {1}
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("columns", [30, 40])
 def test_the_bar_is_never_cut_on_a_very_narrow_terminal(

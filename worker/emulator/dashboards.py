@@ -240,10 +240,12 @@ def dashboards_from(items: Any, now: float, where: str = "the dashboards") -> li
                 raise ValueError("needs a string token")
             board = Dashboard(item["token"], share_list=set(), invitees={})
             board.update({k: item[k] for k in WRITABLE if k in item}, now)
+            invited = {str(e).lower() for e in item.get("invited", [])}
             for email in item.get("invited", []):
                 board.invitations.append((email, now - 3600))
             for email in item.get("sessions", []):
-                board.invitations.append((email, now - 86400))
+                if str(email).lower() not in invited:  # in a session: invited, once
+                    board.invitations.append((email, now - 86400))
                 board.open_session(email, now - 86400)
         except (ValueError, UsageError) as exc:
             raise UsageError(f"{where!r}, dashboard {number}: {exc}") from None

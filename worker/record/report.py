@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +94,8 @@ class Report:
         self.revoked_by_what: Counter[str] = Counter()
         self.prunes_refused: Counter[str] = Counter()
         self.closed = False
+        #: Told of each revocation recorded (``--resume``: the job's totals follow it).
+        self.on_revoked: Callable[[str, list[str]], None] | None = None
         #: Rejections are counted here too, whichever stage found them.
         self.metrics = Metrics()
 
@@ -150,6 +153,8 @@ class Report:
                 planned: bool = False) -> None:  # fmt: skip
         """Emails whose access ``--prune`` took away (or, ``planned``, would), at once."""
         if not planned:
+            if self.on_revoked is not None:
+                self.on_revoked(token, emails)
             self.revoked_emails += len(emails)
             for what in removed:
                 self.revoked_by_what[what] += len(emails)

@@ -16,6 +16,9 @@ class FileCounts:
 
     rows: int = 0
     valid: int = 0
+    #: Of ``valid``, rows whose outcome the run recorded as it began (``--resume``
+    #: settling an earlier run's open intent): neither read for sending nor unsent.
+    settled_first: int = 0
     skipped: int = 0
     tokens: int = 0
     #: Rows of this input rejected, recorded now or (``--resume``) by an earlier run.

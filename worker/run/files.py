@@ -130,6 +130,7 @@ class _FileMode(Mode[FileRead]):
         if self.history is None:
             return ()
         sender.stats.unknown_keys = set()
+        self.report.on_revoked = self.history.on_revoked
         return (self.history.on_outcome,)
 
     async def prepare(self, runner: Runner, client: InvitationClient) -> None:

@@ -67,6 +67,11 @@ async def read_batches(
         chunk = await anext(chunks, None)
         while chunk is not None:
             valid, rejections, skipped = validator.check_rows(chunk, settled)
+            if history is not None and (ours := history.take_settled_now()):
+                # Settled as this run began (an earlier run's open intent): this run's.
+                skipped -= ours
+                counts.valid += ours
+                counts.settled_first += ours
             counts.rows += len(chunk)
             counts.valid += len(valid)
             tokens.update(map(_TOKEN, valid))  # read, whether or not a batch of it went out

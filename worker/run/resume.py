@@ -56,11 +56,22 @@ class History:
     failed_in_input: set[int] = field(default_factory=set)
     #: Emails this run skipped as already served (the earlier runs' are in ``skipped``).
     skipped_now: int = 0
+    #: Pairs whose open intent this run settled as it began (as many as were open): their
+    #: records are this run's, so their rows count as this run's, not as settled before.
+    settled_now: set[int] = field(default_factory=set)
+    #: Rows of ``settled_now`` met in the input so far (see :meth:`take_settled_now`).
+    _met_settled_now: int = 0
+    #: Pairs this run revoked (``--prune``): sent no longer, as ``report summarize`` counts.
+    revoked_now: set[int] = field(default_factory=set)
     runs: int = 0
 
     def settled(self, keys: list[int]) -> set[int]:
         """Those of ``keys`` (see :func:`pair_key`) that must not be sent again."""
         done = self.sent.find_many(keys)
+        if self.settled_now and done:
+            met = self.settled_now.intersection(done)
+            self.settled_now -= met  # once: a later row of the pair is a duplicate
+            self._met_settled_now += len(met)
         if len(self.skipped):
             done.update(self.skipped.find_many(keys))
         if self.blocked or self.failed:
@@ -72,6 +83,16 @@ class History:
                     done.add(key)
                     self.failed_in_input.add(key)
         return done
+
+    def take_settled_now(self) -> int:
+        """How many of the rows :meth:`settled` found settled since it was last asked were
+        settled by this run itself (see ``settled_now``)."""
+        met, self._met_settled_now = self._met_settled_now, 0
+        return met
+
+    def on_revoked(self, token: str, emails: list[str]) -> None:
+        """``--prune`` took these pairs' access away: the job no longer counts them sent."""
+        self.revoked_now.update(pair_key(token, email) for email in emails)
 
     def on_batch(self, token: str, emails: list[str], status: str, code: str | None) -> None:
         """Track a batch record as it is read or written, so totals cover the whole job."""
@@ -88,6 +109,8 @@ class History:
             return
         if status == Status.SENT:
             self.sent.add_many(keys)
+            if self.revoked_now:  # invited again since
+                self.revoked_now.difference_update(keys)
             if self.failed or self.blocked:
                 for key in keys:
                     self.failed.pop(key, None)
@@ -110,8 +133,9 @@ class History:
         failure a record gave it."""
         unknown = self.blocked | cut if cut else self.blocked
         failed = len(self.failed) - sum(1 for key in unknown if key in self.failed)
+        revoked = len(self.sent.find_many(list(self.revoked_now))) if self.revoked_now else 0
         return {
-            "emails_sent": len(self.sent),
+            "emails_sent": len(self.sent) - revoked,
             "emails_failed": failed,
             "emails_skipped": len(self.skipped) + self.skipped_now,
             "rejected": len(self.rejected_rows),
@@ -192,6 +216,8 @@ async def settle_unknowns(
         outcome = found_outcome(intent.token, intent.emails, found, started_at=intent.at,
                                 finished_at=clock.time(), clears=(intent.id,))  # fmt: skip
         created = len(outcome.emails) if outcome else 0
+        if outcome:
+            history.settled_now.update(pair_key(intent.token, e) for e in outcome.emails)
         log.info("resume.reconciled", token=intent.token, created=created,
                  not_created=len(intent.emails) - created)  # fmt: skip
         # Nothing found still clears the intent: an empty outcome carries the clear.

@@ -201,7 +201,10 @@ def build_summary(
     # of requests that went out but whose outcome is unknown (cut by the stop) are not,
     # nor those another queue worker claimed to send.
     stats = sender.stats
-    unsent = max(0, counts.valid - runner.recorded - stats.unknown_left - stats.claimed_elsewhere)
+    unsent = counts.valid - runner.recorded - stats.unknown_left - stats.claimed_elsewhere
+    if isinstance(counts, FileCounts):
+        unsent -= counts.settled_first  # recorded before reading began
+    unsent = max(0, unsent)
     # The history knows what was open when this run began; what this run's stop cut in
     # flight is just as unknown, and the next --resume settles both.
     job = JobTotals(**history.totals(sender.stats.unknown_keys)) if history is not None else None
@@ -243,7 +246,8 @@ def build_summary(
         ratelimit_waits=sender.pacer.waits,
         splits=sender.stats.splits, unknown_outcomes=sender.stats.unknown_outcomes,
         reconciled_sent=sender.stats.reconciled_sent,
-        reconcile_requests=sender.reconciler.requests, list_pages=sender.reconciler.pages,
+        reconcile_requests=sender.reconciler.requests,
+        list_pages=sender.reconciler.pages + (pruner.pages if pruner is not None else 0),
         requests_by_kind=by_kind, unsent=unsent,
         unread=counts.unread() if isinstance(counts, FileCounts) else 0,
         aborted=state.aborted,

@@ -81,6 +81,8 @@ class Pruner:
         self.batch_size, self.page_size, self._cap = batch_size, page_size, cap
         #: Requests made, by kind (dashboard reads and writes, listings, revocations).
         self.requests: Counter[str] = Counter()
+        #: Pages of invitations read (the summary's ``list_pages`` counts them too).
+        self.pages = 0
 
     async def survey(self, token: str, named: Named) -> Survey | None:
         """Whom ``token``'s dashboard holds that ``named`` says the list does not name;
@@ -128,6 +130,7 @@ class Pruner:
             number, skip = divmod(read, size)
             call = functools.partial(self._client.list_invitations, token, number, size)
             page = await self._paced(call, "list_invitations")
+            self.pages += 1
             fresh = page.invitations[skip:]
             if not fresh:
                 return
