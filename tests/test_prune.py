@@ -516,6 +516,47 @@ async def test_a_listing_shorter_than_asked_is_read_on_to_its_total_count(
     assert pruner.requests["list_invitations"] == 3
 
 
+@pytest.mark.parametrize("with_total", [True, False])
+async def test_pages_cut_shorter_each_time_never_end_a_survey_early(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, with_total: bool
+) -> None:
+    """A service serving 60, then 45, then 12 a page (page_number times the size asked): a
+    page holding only entries already read is a smaller size, not the end, so the survey
+    finds the 300th invitation's holder too, with or without total_count."""
+    from aiohttp import web
+
+    from worker.emulator.invitations import Invitations
+
+    caps = iter([60, 45])
+
+    async def listing(
+        self: Invitations, request: web.Request, log: Any, headers: dict[str, str],
+        board: Dashboard,
+    ) -> web.StreamResponse:  # fmt: skip
+        asked, number = int(request.query["page_size"]), int(request.query["page_number"])
+        page = board.invitations[number * asked : number * asked + min(asked, next(caps, 12))]
+        body: dict[str, Any] = {"data": [board.invitation(e, t, 0.0) for e, t in page]}
+        if with_total:
+            body["meta"] = {"page": {"total_count": len(board.invitations)}}
+        answer: web.StreamResponse = log(web.json_response(body, headers=headers))
+        return answer
+
+    monkeypatch.setattr(Invitations, "_list", listing)  # before the emulator binds it
+    people = [f"q{i}@example.com" for i in range(300)]
+    async with Emulator(api_key=API_KEY, app_key=APP_KEY) as emulator:
+        board = emulator.add_dashboard(TOKEN_A, invitees=[])
+        board.invitations = [(e, time.time()) for e in people]
+        config = make_config(api_url=emulator.url)
+        async with client_for(config) as client:
+            pruner = Pruner(client, pacer_for(config, SystemClock()), RetryPolicy(2, 0.01, 0.02),
+                            SystemClock(), random.Random(0), batch_size=10,
+                            page_size=100)  # fmt: skip
+            survey = await pruner.survey(TOKEN_A, lambda es: [e != people[-1] for e in es])
+    assert survey is not None
+    assert survey.people == 300
+    assert list(survey.remove) == [people[-1]]
+
+
 async def test_the_emulator_revokes_object_and_list_forms_and_ends_sessions(
     emulator: Emulator,
 ) -> None:

@@ -120,10 +120,13 @@ class Pruner:
     async def _invitations(self, token: str) -> AsyncGenerator[list[str], None]:
         """The addresses of every listed invitation, a page at a time, to the end.
 
-        The end is ``total_count`` entries, or an empty page. A page shorter than asked
-        means the service honors a smaller size: the listing goes on at that size, from
-        the entries read so far (``page_number`` counts pages of the size asked). A
-        listing that cannot be read to its end raises :class:`UnexpectedResponse`.
+        The end is ``total_count`` entries, or an empty page (one before that total is
+        not the end). A page shorter than asked means the service honors a smaller size:
+        the listing goes on at that size, from the entries read so far (``page_number``
+        counts pages of the size asked), and a page holding only entries already read is
+        a smaller size again, not the end. A listing that cannot be read to its end
+        raises :class:`UnexpectedResponse`: a survey that cannot see everyone removes
+        nobody.
         """
         read, size, last = 0, self.page_size, None
         for _ in range(MAX_PAGES):
@@ -131,9 +134,15 @@ class Pruner:
             call = functools.partial(self._client.list_invitations, token, number, size)
             page = await self._paced(call, "list_invitations")
             self.pages += 1
-            fresh = page.invitations[skip:]
-            if not fresh:
+            if not page.invitations:
+                if page.total_count is not None and read < page.total_count:
+                    raise UnexpectedResponse(f"the invitation list's page {number} was empty "
+                                             f"after {read:,} of {page.total_count:,}")  # fmt: skip
                 return
+            fresh = page.invitations[skip:]
+            if not fresh:  # only what was read: a smaller size honored (see above)
+                size = len(page.invitations)
+                continue
             # The same page twice: page_number is not honored, and whoever is further on
             # could not be seen (a survey that cannot see everyone removes nobody).
             held = hash(tuple((i.email, i.created_at) for i in page.invitations))
