@@ -146,6 +146,22 @@ def test_report_errors_off_a_terminal_are_json_lines(tmp_path: Path, action: str
         assert json.loads(line)["level"] == "info", line
 
 
+def sent_then_crashed(url: str, tmp_path: Path, emails: list[str], open_: int) -> tuple[Path, Path]:
+    """``emails`` of one token sent by a run whose process then died before recording the
+    outcome: its report holds no batch, its journal the intent of the first ``open_``.
+    The input and the report."""
+    source, report = tmp_path / "in.csv", tmp_path / "r.jsonl"
+    source.write_text("token,email\n" + "".join(f"tok-a,{e}\n" for e in emails))
+    before = time.time() - 60  # long enough ago that no request sent then is in flight
+    done = invite_worker("run", str(source), "--api-url", url, "--report", str(report))
+    assert done.returncode == 0, done.stderr
+    report.write_text("".join(json.dumps(r) + "\n" for r in read_report(report)
+                              if r["kind"] != "batch"))  # fmt: skip
+    intent = {"i": "x-1", "token": "tok-a", "emails": emails[:open_], "at": before}
+    Path(f"{report}.journal").write_text(json.dumps(intent) + "\n")
+    return source, report
+
+
 @pytest.mark.timeout(120)
 def test_a_resume_that_settles_a_batch_by_listing_counts_it_reconciled(
     tmp_path: Path, start_emulator: Callable[..., str]
@@ -153,17 +169,7 @@ def test_a_resume_that_settles_a_batch_by_listing_counts_it_reconciled(
     """A resume that finds an open intent's invitations created (by listing) records them
     sent and says so in its summary's ``reconciled_sent``; nobody is invited twice."""
     url = start_emulator()
-    source, report = tmp_path / "in.csv", tmp_path / "r.jsonl"
-    emails = [f"u{n}@example.com" for n in range(3)]
-    source.write_text("token,email\n" + "".join(f"tok-a,{e}\n" for e in emails))
-    before = time.time() - 60  # long enough ago that no request sent then is in flight
-    done = invite_worker("run", str(source), "--api-url", url, "--report", str(report))
-    assert done.returncode == 0, done.stderr
-    # As if the process died after the POST, before its outcome was recorded.
-    report.write_text("".join(json.dumps(r) + "\n" for r in read_report(report)
-                              if r["kind"] != "batch"))  # fmt: skip
-    intent = {"i": "x-1", "token": "tok-a", "emails": emails, "at": before}
-    Path(f"{report}.journal").write_text(json.dumps(intent) + "\n")
+    source, report = sent_then_crashed(url, tmp_path, [f"u{n}@example.com" for n in range(3)], 3)
     done = invite_worker("run", str(source), "--api-url", url, "--report", str(report),
                          "--resume")  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -172,6 +178,7 @@ def test_a_resume_that_settles_a_batch_by_listing_counts_it_reconciled(
     assert set(emulator_invited(url).values()) == {1}
 
 
+@pytest.mark.timeout(120)
 def test_rows_a_resume_settles_as_it_begins_are_its_own_not_settled_before(
     tmp_path: Path, start_emulator: Callable[..., str]
 ) -> None:
@@ -179,17 +186,8 @@ def test_rows_a_resume_settles_as_it_begins_are_its_own_not_settled_before(
     of that run (its records hold them), not as rows an earlier run settled: rows = valid
     + skipped + rejected, and no more are sent than are valid."""
     url = start_emulator()
-    source, report = tmp_path / "in.csv", tmp_path / "r.jsonl"
     emails = [f"u{n}@example.com" for n in range(3)]
-    source.write_text("token,email\n" + "".join(f"tok-a,{e}\n" for e in emails))
-    before = time.time() - 60  # long enough ago that no request sent then is in flight
-    done = invite_worker("run", str(source), "--api-url", url, "--report", str(report))
-    assert done.returncode == 0, done.stderr
-    # As if the process died after the POST, before its outcome was recorded.
-    report.write_text("".join(json.dumps(r) + "\n" for r in read_report(report)
-                              if r["kind"] != "batch"))  # fmt: skip
-    intent = {"i": "x-1", "token": "tok-a", "emails": emails[:2], "at": before}
-    Path(f"{report}.journal").write_text(json.dumps(intent) + "\n")
+    source, report = sent_then_crashed(url, tmp_path, emails, 2)
     more = [f"v{n}@example.com" for n in range(2)]
     with source.open("a") as f:  # the day's list: one row repeated, two new ones
         f.write("".join(f"tok-a,{e}\n" for e in [emails[0], *more]))
