@@ -288,14 +288,15 @@ class StallsAsItLeaves:
         await self.clock.sleep(seconds)
 
 
-@pytest.mark.parametrize("at", [1, 2, 3])
+@pytest.mark.parametrize("at", [1, 2, 3, 4])
 async def test_a_request_stalled_after_it_was_let_go_does_not_leave_late(
     emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path, at: int
 ) -> None:
     """Stalled past --reconcile-delay wherever the stall falls between the decision to let a
     POST go and its bytes leaving (as it is let go, before the request is made, once its
-    connection is in hand), it does not leave under that intent: a worker settling the
-    intent may have invited those people since. It goes again under a new one, once."""
+    connection is in hand, as its body is written a turn of the loop later), it does not
+    leave under that intent: a worker settling the intent may have invited those people
+    since. It goes again under a new one, once."""
     config = make_config(reconcile_delay=5.0, timeout=30.0)
     virtual = FakeClock(start=1000.0)
     clock = StallsAsItLeaves(virtual, at, lambda: virtual.advance(30.0))
@@ -303,9 +304,15 @@ async def test_a_request_stalled_after_it_was_let_go_does_not_leave_late(
     async with client_for(config) as client:
         sender = Sender(client, pacer_for(config, clock), journal, config, clock,
                         random.Random(1), RunState())  # fmt: skip
-        [outcome] = await asyncio.wait_for(sender.send(Batch(TOKEN_A, ["a@example.com"])), 10)
+        with capture_logs() as logs:
+            [outcome] = await asyncio.wait_for(sender.send(Batch(TOKEN_A, ["a@example.com"])), 10)
     journal.close()
     assert clock.asked >= at
+    # Known unsent (a retry, held up), not an unknown outcome to settle by listing.
+    retries = [e for e in logs if e["event"] == "batch.retry_scheduled"]
+    assert [(e["code"], "held up" in e["error"]) for e in retries] == [("connection_error", True)]
+    assert [e for e in logs if e["event"] == "batch.outcome_unknown"] == []
+    assert sender.stats.requests == 1  # the one that was kept from leaving is no request
     assert outcome.status == "sent"
     assert len(journal.times) == 2  # the first intent was given up, unsent
     assert journal.times[1] >= 1030.0

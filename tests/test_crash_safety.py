@@ -225,6 +225,7 @@ async def test_crash_between_sent_and_recorded_is_settled_on_resume(
     assert [sorted(b["emails"]) for b in reconciled] == [sorted(created)]
     # Settled by this run as it began: its own rows (valid), not settled before (skipped).
     assert (result.summary.valid, result.summary.read.skipped) == (5, 0)
+    assert result.summary.read.tokens == 2  # the settled rows' token counts too
     assert (result.summary.emails_sent, result.summary.unsent) == (5, 0)
     assert result.summary.resumed is True
     assert load_history(report, journal_path(report)).unknown == []  # nothing left to check

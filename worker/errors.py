@@ -172,6 +172,11 @@ class ConnectionFailed(RetryableError):
     code = "connection_error"
 
 
+class HeldUp(ConnectionFailed):
+    """A write held up past what its intent allows was kept from leaving (see
+    ``worker.send.leaving``): no request was made, so it goes again with a new intent."""
+
+
 class OutcomeUnknown(RetryableError):
     """The request went out but no verdict came back: the service may have acted on it.
 

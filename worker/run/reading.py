@@ -69,9 +69,10 @@ async def read_batches(
             valid, rejections, skipped = validator.check_rows(chunk, settled)
             if history is not None and (ours := history.take_settled_now()):
                 # Settled as this run began (an earlier run's open intent): this run's.
-                skipped -= ours
-                counts.valid += ours
-                counts.settled_first += ours
+                skipped -= len(ours)
+                counts.valid += len(ours)
+                counts.settled_first += len(ours)
+                tokens.update(ours)
             counts.rows += len(chunk)
             counts.valid += len(valid)
             tokens.update(map(_TOKEN, valid))  # read, whether or not a batch of it went out

@@ -58,9 +58,10 @@ class History:
     skipped_now: int = 0
     #: Pairs whose open intent this run settled as it began (as many as were open): their
     #: records are this run's, so their rows count as this run's, not as settled before.
-    settled_now: set[int] = field(default_factory=set)
-    #: Rows of ``settled_now`` met in the input so far (see :meth:`take_settled_now`).
-    _met_settled_now: int = 0
+    settled_now: dict[int, str] = field(default_factory=dict)  # pair -> its token
+    #: Tokens of the rows of ``settled_now`` met in the input, one per row, since
+    #: :meth:`take_settled_now` was last asked.
+    _met_settled_now: list[str] = field(default_factory=list)
     #: Pairs this run revoked (``--prune``): sent no longer, as ``report summarize`` counts.
     revoked_now: set[int] = field(default_factory=set)
     runs: int = 0
@@ -69,9 +70,9 @@ class History:
         """Those of ``keys`` (see :func:`pair_key`) that must not be sent again."""
         done = self.sent.find_many(keys)
         if self.settled_now and done:
-            met = self.settled_now.intersection(done)
-            self.settled_now -= met  # once: a later row of the pair is a duplicate
-            self._met_settled_now += len(met)
+            # Once: a later row of the pair is a duplicate.
+            met = [self.settled_now.pop(key) for key in done if key in self.settled_now]
+            self._met_settled_now += met
         if len(self.skipped):
             done.update(self.skipped.find_many(keys))
         if self.blocked or self.failed:
@@ -84,10 +85,10 @@ class History:
                     self.failed_in_input.add(key)
         return done
 
-    def take_settled_now(self) -> int:
-        """How many of the rows :meth:`settled` found settled since it was last asked were
-        settled by this run itself (see ``settled_now``)."""
-        met, self._met_settled_now = self._met_settled_now, 0
+    def take_settled_now(self) -> list[str]:
+        """The tokens of the rows :meth:`settled` found settled by this run itself (see
+        ``settled_now``) since it was last asked, one per row."""
+        met, self._met_settled_now = self._met_settled_now, []
         return met
 
     def on_revoked(self, token: str, emails: list[str]) -> None:
@@ -217,7 +218,8 @@ async def settle_unknowns(
                                 finished_at=clock.time(), clears=(intent.id,))  # fmt: skip
         created = len(outcome.emails) if outcome else 0
         if outcome:
-            history.settled_now.update(pair_key(intent.token, e) for e in outcome.emails)
+            history.settled_now.update((pair_key(intent.token, e), intent.token)
+                                       for e in outcome.emails)  # fmt: skip
         log.info("resume.reconciled", token=intent.token, created=created,
                  not_created=len(intent.emails) - created)  # fmt: skip
         # Nothing found still clears the intent: an empty outcome carries the clear.

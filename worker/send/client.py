@@ -22,7 +22,14 @@ import msgspec
 import structlog
 from yarl import URL
 
-from worker.errors import BadRequest, InviteWorkerError, RateLimitInfo, SendError, ServerError
+from worker.errors import (
+    BadRequest,
+    HeldUp,
+    InviteWorkerError,
+    RateLimitInfo,
+    SendError,
+    ServerError,
+)
 from worker.metrics import Metrics
 from worker.send.answers import (
     created,
@@ -245,6 +252,8 @@ class InvitationClient:
         started = time.perf_counter()
         try:
             answer = await self._exchange(method, url, body, leaving)
+        except HeldUp:  # kept from leaving: no request was made
+            raise
         except InviteWorkerError:  # no answer: a timeout, a refused or broken connection
             self.metrics.request(kind, None, time.perf_counter() - started)
             raise
@@ -271,7 +280,7 @@ class InvitationClient:
         session = self._opened()
         import aiohttp  # imported by _opened: a name lookup
 
-        from worker.send.leaving import LEAVING
+        from worker.send.leaving import LEAVING, GatedBody, held_back
 
         # Asked with nothing left to do but make the request: its time limit counts from
         # this reading, and the connection, once in hand, asks again.
@@ -281,9 +290,10 @@ class InvitationClient:
         limit = self._timeout if within is None else min(within, self._timeout)
         timeout = aiohttp.ClientTimeout(total=limit, ceil_threshold=math.inf)
         asked = LEAVING.set(leaving)
+        data = body if leaving is None or body is None else GatedBody(body, leaving)
         try:
             async with session.request(
-                method, url, data=body, timeout=timeout, allow_redirects=False,
+                method, url, data=data, timeout=timeout, allow_redirects=False,
                 proxy=self._proxy_url, proxy_headers=self._proxy_headers,
             ) as resp:  # fmt: skip
                 if resp.status == PROXY_AUTH_REQUIRED and self.proxy is not None:
@@ -291,6 +301,8 @@ class InvitationClient:
                 self._reach.answered = True
                 return resp.status, resp.headers, await read_body(resp.content)
         except (*NO_ANSWER, aiohttp.ClientError) as exc:  # as above, or aiohttp's own
+            if (kept := held_back(exc)) is not None:  # nothing left: see GatedBody
+                raise kept from None
             raise self._reach.no_answer(method, exc, within) from None
         finally:
             LEAVING.reset(asked)

@@ -17,7 +17,7 @@ import structlog
 from worker.errors import (
     Aborted,
     AuthError,
-    ConnectionFailed,
+    HeldUp,
     OutcomeUnknown,
     SendError,
     Stopped,
@@ -99,7 +99,7 @@ class Journaled(Hooks):
         self._sent_at = sent_at
         try:
             self.leaving()
-        except ConnectionFailed as late:
+        except HeldUp as late:
             return late
         return None
 
@@ -107,7 +107,7 @@ class Journaled(Hooks):
         """Asked as the request goes, and again once its connection is in hand (a process
         may stall in between: see worker.send.leaving): the time limit left of
         ``--timeout`` counted from its intent's time (None: all of it), always more than
-        zero; :class:`ConnectionFailed` when it is held up past what :meth:`held_up`
+        zero; :class:`HeldUp` when it is held up past what :meth:`held_up`
         allows. Whoever settles the intent takes the request for over then, and gives
         the service its own reconcile delay after that to finish: a request that left
         late must not use that delay up."""
@@ -118,7 +118,8 @@ class Journaled(Hooks):
             # and a limit of zero or less is none at all to aiohttp.
             return config.timeout - late if late > 0 else None
         why = f"not sent: held up {late:.1f} s after its intent was recorded (stalled?)"
-        raise ConnectionFailed(f"{why}; it goes again with a new one")
+        self._sender.stats.requests -= 1  # counted as it was let go; it never left
+        raise HeldUp(f"{why}; it goes again with a new one")
 
     def unsent(self) -> None:
         self._sender._journal.answered(self._intent)  # the service created nothing
