@@ -342,6 +342,31 @@ def test_a_run_killed_mid_prune_is_finished_by_running_again(
     assert revoked == set(PEOPLE[6:24])
 
 
+def test_a_served_person_the_list_drops_leaves_the_jobs_served_count(
+    tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
+) -> None:
+    """Skipped on day 1 as already invited, then dropped by the list and revoked by
+    --prune on day 2: the job's totals no longer count them served, as `report
+    summarize` does not."""
+    people = [f"w{i}@example.com" for i in range(6)]
+    boards = [{"token": TOKEN_A, "invitees": [{"email": e} for e in people],
+               "invited": people[:1]}]  # fmt: skip
+    url = start_emulator("--dashboards", seed(tmp_path, boards))
+    report = tmp_path / "w.jsonl"
+    every = write_list(tmp_path, [(TOKEN_A, e) for e in people])
+    spawn(*run_args(every, url, report, "--prune")).expect(0, timeout=60)
+    first = by_kind(read_report(report), "summary")[-1]
+    assert (first["emails_sent"], first["emails_skipped"]) == (5, 1)
+    (tmp_path / "fewer.csv").write_text(rows_csv([(TOKEN_A, e) for e in people[1:]]))
+    spawn(*run_args(str(tmp_path / "fewer.csv"), url, report, "--prune", "--resume",
+                    "--prune-max", "100%")).expect(0, timeout=60)  # fmt: skip
+    second = by_kind(read_report(report), "summary")[-1]
+    assert second["emails_revoked"] == 1
+    totals = Replay.read(report).summary()
+    assert (totals["sent"], totals["skipped"], totals["revoked"]) == (5, 0, 1)
+    assert (second["job"]["emails_sent"], second["job"]["emails_skipped"]) == (5, 0)
+
+
 @pytest.mark.parametrize("explicit", [False, True], ids=["sandbox_rule", "invitees"])
 def test_a_person_pruned_then_listed_again_is_invited_again_on_resume(
     tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc], explicit: bool

@@ -134,11 +134,17 @@ class History:
         failure a record gave it."""
         unknown = self.blocked | cut if cut else self.blocked
         failed = len(self.failed) - sum(1 for key in unknown if key in self.failed)
-        revoked = len(self.sent.find_many(list(self.revoked_now))) if self.revoked_now else 0
+        # What --prune revoked in this run is neither sent nor served any more (this run's
+        # own skips are of pairs the list names, which it does not revoke).
+        revoked, served = 0, 0
+        if self.revoked_now:
+            gone = list(self.revoked_now)
+            revoked = len(self.sent.find_many(gone))
+            served = len(self.skipped.find_many(gone)) if len(self.skipped) else 0
         return {
             "emails_sent": len(self.sent) - revoked,
             "emails_failed": failed,
-            "emails_skipped": len(self.skipped) + self.skipped_now,
+            "emails_skipped": len(self.skipped) - served + self.skipped_now,
             "rejected": len(self.rejected_rows),
             "unknown": len(unknown),
         }
