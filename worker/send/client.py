@@ -280,7 +280,7 @@ class InvitationClient:
         session = self._opened()
         import aiohttp  # imported by _opened: a name lookup
 
-        from worker.send.leaving import LEAVING, GatedBody, held_back
+        from worker.send.leaving import LEAVING, Asking, GatedBody, held_back
 
         # Asked with nothing left to do but make the request: its time limit counts from
         # this reading, and the connection, once in hand, asks again.
@@ -289,8 +289,9 @@ class InvitationClient:
         # an intent takes its request for over at exactly its time limit.
         limit = self._timeout if within is None else min(within, self._timeout)
         timeout = aiohttp.ClientTimeout(total=limit, ceil_threshold=math.inf)
-        asked = LEAVING.set(leaving)
-        data = body if leaving is None or body is None else GatedBody(body, leaving)
+        asking = Asking(leaving)
+        asked = LEAVING.set(asking)
+        data = body if leaving is None or body is None else GatedBody(body, asking)
         try:
             async with session.request(
                 method, url, data=data, timeout=timeout, allow_redirects=False,
@@ -305,6 +306,7 @@ class InvitationClient:
                 raise kept from None
             raise self._reach.no_answer(method, exc, within) from None
         finally:
+            asking.done()
             LEAVING.reset(asked)
 
     def _ratelimit(self, headers: Mapping[str, str]) -> RateLimitInfo:

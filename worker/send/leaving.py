@@ -27,9 +27,28 @@ from aiohttp.tracing import Trace
 
 from worker.errors import SendError
 
-#: The request in progress in this task: what to ask as it leaves (the time limit left,
-#: or an exception that keeps it from leaving); None for a request that asks nothing.
-LEAVING: ContextVar[Callable[[], float | None] | None] = ContextVar("leaving", default=None)
+
+class Asking:
+    """What the request in progress asks as it leaves (the time limit left, or an
+    exception that keeps it from leaving), until :meth:`done`.
+
+    Held through a context variable, which every timer and task made during the request
+    copies, a cancelled timer included, and the loop keeps those until it sweeps them.
+    So what they keep is this box, emptied once the request is over, not the sender's
+    state behind ``leaving`` (measured: 3 MB more at the peak of a 1M-row run)."""
+
+    __slots__ = ("leaving",)
+
+    def __init__(self, leaving: Callable[[], float | None] | None) -> None:
+        self.leaving = leaving
+
+    def done(self) -> None:
+        """The request is over: nothing is asked again."""
+        self.leaving = None
+
+
+#: The request in progress in this task (None: one that asks nothing).
+LEAVING: ContextVar[Asking | None] = ContextVar("leaving", default=None)
 
 
 class GatedConnector(aiohttp.TCPConnector):
@@ -43,10 +62,10 @@ class GatedConnector(aiohttp.TCPConnector):
         timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109
     ) -> Connection:
         conn = await super().connect(req, traces, timeout)
-        leaving = LEAVING.get()
-        if leaving is not None:
+        asking = LEAVING.get()
+        if asking is not None and asking.leaving is not None:
             try:
-                leaving()
+                asking.leaving()
             except BaseException:
                 conn.release()  # nothing was written on it: it serves the next request
                 raise
@@ -54,22 +73,26 @@ class GatedConnector(aiohttp.TCPConnector):
 
 
 class GatedBody(aiohttp.BytesPayload):
-    """A request body that asks ``leaving`` once more as aiohttp writes it: the headers go
-    with it (aiohttp holds them back for the body), so nothing has left before."""
+    """A request body that asks once more as aiohttp writes it: the headers go with it
+    (aiohttp holds them back for the body), so nothing has left before."""
 
-    def __init__(self, value: bytes, leaving: Callable[[], float | None]) -> None:
+    def __init__(self, value: bytes, asking: Asking) -> None:
         super().__init__(value, content_type="application/json")
-        self._leaving = leaving
+        self._asking = asking
 
     async def write(self, writer: AbstractStreamWriter) -> None:
-        self._leaving()
+        self._ask()
         await super().write(writer)
 
     async def write_with_length(
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
-        self._leaving()
+        self._ask()
         await super().write_with_length(writer, content_length)
+
+    def _ask(self) -> None:
+        if self._asking.leaving is not None:
+            self._asking.leaving()
 
 
 def held_back(exc: BaseException) -> SendError | None:
