@@ -25,7 +25,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 
-from worker.errors import SendError
+from worker.errors import HeldUp
 
 
 class Asking:
@@ -74,7 +74,9 @@ class GatedConnector(aiohttp.TCPConnector):
 
 class GatedBody(aiohttp.BytesPayload):
     """A request body that asks once more as aiohttp writes it: the headers go with it
-    (aiohttp holds them back for the body), so nothing has left before."""
+    (aiohttp, from 3.12, holds them back for the body), so nothing has left before. An
+    older aiohttp may have sent the headers alone: the request the service got is then
+    incomplete, its connection closed, and nothing is created."""
 
     def __init__(self, value: bytes, asking: Asking) -> None:
         super().__init__(value, content_type="application/json")
@@ -95,8 +97,8 @@ class GatedBody(aiohttp.BytesPayload):
             self._asking.leaving()
 
 
-def held_back(exc: BaseException) -> SendError | None:
+def held_back(exc: BaseException) -> HeldUp | None:
     """The refusal a :class:`GatedBody` raised, which aiohttp hands on wrapped in a
     connection error (its cause); None for any other error."""
     cause = exc.__cause__
-    return cause if isinstance(cause, SendError) else None
+    return cause if isinstance(cause, HeldUp) else None
