@@ -10,8 +10,9 @@ import asyncio
 import inspect
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -23,6 +24,7 @@ from worker.clock import Clock, FakeClock, SystemClock
 from worker.config import Config
 from worker.emulator import Emulator, Faults
 from worker.errors import ServerError, Stopped
+from worker.outcome import Outcome
 from worker.record.journal import Journal, read_journal
 from worker.send import client_for, pacer_for, reconciler_for
 from worker.send.pacing import Pacer
@@ -200,6 +202,20 @@ async def test_a_request_held_up_past_its_intent_goes_only_with_a_fresh_one(
     assert sum(emulator.invited.values()) == 1
 
 
+async def send_one(
+    config: Config, clock: Clock, journal: Journal
+) -> tuple[Outcome, list[MutableMapping[str, Any]], Sender]:
+    """One address of TOKEN_A through a Sender on ``clock`` and ``journal`` (closed after):
+    its outcome, the logs, the sender."""
+    async with client_for(config) as client:
+        sender = Sender(client, pacer_for(config, clock), journal, config, clock,
+                        random.Random(1), RunState())  # fmt: skip
+        with capture_logs() as logs:
+            [outcome] = await asyncio.wait_for(sender.send(Batch(TOKEN_A, ["a@example.com"])), 20)
+    journal.close()
+    return outcome, logs, sender
+
+
 @pytest.mark.parametrize("where", ["intent", "request"])
 async def test_a_request_held_up_briefly_ends_when_its_intent_says(
     emulator: Emulator, make_config: Callable[..., Config], tmp_path: Path, where: str
@@ -217,12 +233,7 @@ async def test_a_request_held_up_briefly_ends_when_its_intent_says(
     clock: Clock = SystemClock()
     if where == "request":  # stopped for real: nothing of the process runs meanwhile
         clock = StallsAsItLeaves(clock, 2, lambda: time.sleep(0.4))
-    async with client_for(config) as client:
-        sender = Sender(client, pacer_for(config, clock), journal, config, clock,
-                        random.Random(1), RunState())  # fmt: skip
-        with capture_logs() as logs:
-            [outcome] = await asyncio.wait_for(sender.send(Batch(TOKEN_A, ["a@example.com"])), 20)
-    journal.close()
+    outcome, logs, _ = await send_one(config, clock, journal)
     assert outcome.status == "sent"
     assert len(journal.times) == 1
     unknown = [e for e in logs if e["event"] == "batch.outcome_unknown"]
@@ -301,12 +312,7 @@ async def test_a_request_stalled_after_it_was_let_go_does_not_leave_late(
     virtual = FakeClock(start=1000.0)
     clock = StallsAsItLeaves(virtual, at, lambda: virtual.advance(30.0))
     journal = StalledOnce(tmp_path / "j", 0.0, virtual)
-    async with client_for(config) as client:
-        sender = Sender(client, pacer_for(config, clock), journal, config, clock,
-                        random.Random(1), RunState())  # fmt: skip
-        with capture_logs() as logs:
-            [outcome] = await asyncio.wait_for(sender.send(Batch(TOKEN_A, ["a@example.com"])), 10)
-    journal.close()
+    outcome, logs, sender = await send_one(config, clock, journal)
     assert clock.asked >= at
     # Known unsent (a retry, held up), not an unknown outcome to settle by listing.
     retries = [e for e in logs if e["event"] == "batch.retry_scheduled"]
