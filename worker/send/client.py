@@ -171,9 +171,10 @@ class InvitationClient:
     ) -> Sent:
         """Send one list-form request; return :class:`Sent` or raise a :class:`SendError`.
 
-        ``leaving`` is asked as the request goes, and again once its connection is in hand
-        (see :mod:`worker.send.leaving`): the time limit left of ``--timeout`` (None: all
-        of it), or it raises a :class:`SendError` to keep the request from leaving."""
+        ``leaving`` is asked as the request is made, once its connection is in hand, and
+        as its body is written (see :mod:`worker.send.leaving`): the time limit left of
+        ``--timeout`` (None: all of it), or it raises :class:`HeldUp` to keep the request
+        from leaving."""
         body = list_form(emails)
         url = self._urls.get(token)
         if url is None:

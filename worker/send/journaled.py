@@ -104,7 +104,7 @@ class Journaled(Hooks):
         return None
 
     def leaving(self) -> float | None:
-        """Asked as the request goes, and again once its connection is in hand (a process
+        """Asked as the request is let go, and again up to its body's write (a process
         may stall in between: see worker.send.leaving): the time limit left of
         ``--timeout`` counted from its intent's time (None: all of it), always more than
         zero; :class:`HeldUp` when it is held up past what :meth:`held_up`
