@@ -44,7 +44,7 @@ from worker.run.human import SHOWN_TOKENS, print_plan
 from worker.run.progress import Progress
 from worker.send import client_for, pacer_for, preflight_for, reconciler_for
 from worker.send.keyed import KeyedLocks
-from worker.send.reconcile import LIST_ATTEMPTS
+from worker.send.paging import LIST_ATTEMPTS
 
 PEOPLE = [f"p{i}@example.com" for i in range(30)]
 

@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from tests.conftest import (
     API_KEY,
@@ -33,16 +34,18 @@ from tests.conftest import (
     by_kind,
     csv_source,
     emulator_invited,
+    find_capture,
     read_report,
     rows_csv,
 )
+from tests.test_listing import served_as
 from tests.test_metrics import Agent
 from worker.cli.review import print_summary
 from worker.clock import SystemClock
 from worker.config import Config, PruneMax
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard, Invitee
-from worker.errors import UsageError
+from worker.errors import ListingMoved, UsageError
 from worker.record.files import holds_only_a_plan, reads_as_report
 from worker.record.replay import Replay
 from worker.run import run
@@ -50,6 +53,7 @@ from worker.run.human import print_summary as human_summary
 from worker.run.plan import dry_run
 from worker.run.prune import ListedInput
 from worker.send import client_for, pacer_for
+from worker.send.paging import LIST_ATTEMPTS
 from worker.send.prune import Pruner
 from worker.send.retry import RetryPolicy
 
@@ -582,6 +586,68 @@ async def test_pages_cut_shorter_each_time_never_end_a_survey_early(
     assert list(survey.remove) == [people[-1]]
 
 
+def surveyor(config: Config, client: Any) -> Pruner:
+    """A pruner of pages of 100, retrying at once."""
+    return Pruner(client, pacer_for(config, SystemClock()), RetryPolicy(2, 0.01, 0.02),
+                  SystemClock(), random.Random(0), batch_size=10, page_size=100)  # fmt: skip
+
+
+async def test_invitations_revoked_while_a_survey_reads_make_it_survey_again(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten invitations revoked by someone else right after page 0 is served move ten others
+    back onto that page: total_count went down, so the dashboard is surveyed again, and
+    those ten, whom the list does not name, are found for removal."""
+    people = [f"q{i}@example.com" for i in range(200)]
+    unnamed = set(people[100:110])
+
+    def revoke_after_first_page(board: Dashboard, number: int, times: int) -> tuple[int, None]:
+        if number == 1 and times == 1:
+            board.invitations = [(e, t) for e, t in board.invitations if e not in people[:10]]
+        return number, None
+
+    async with served_as(monkeypatch, revoke_after_first_page) as emulator:
+        board = emulator.add_dashboard(TOKEN_A, invitees=[])
+        board.invitations = [(e, time.time()) for e in people]
+        config = make_config(api_url=emulator.url)
+        async with client_for(config) as client:
+            pruner = surveyor(config, client)
+            with capture_logs() as logs:
+                survey = await pruner.survey(TOKEN_A, lambda es: [e not in unnamed for e in es])
+    assert survey is not None
+    assert set(survey.remove) == unnamed
+    assert survey.people == 190
+    assert pruner.requests["dashboard"] == 2
+    assert pruner.pages == pruner.requests["list_invitations"] == 4
+    [moved] = find_capture(logs, "prune.list_moved")
+    assert "total_count went down from 200 to 190" in moved["why"]
+
+
+async def test_a_listing_that_moves_at_every_survey_removes_nobody(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An invitation revoked during every reading: after three surveys the dashboard is
+    refused as listing_moved (saying the list kept changing), with nothing to remove."""
+    people = [f"q{i}@example.com" for i in range(200)]
+
+    def revoke_one_each_time(board: Dashboard, number: int, times: int) -> tuple[int, None]:
+        if number == 1:
+            board.invitations = board.invitations[1:]
+        return number, None
+
+    async with served_as(monkeypatch, revoke_one_each_time) as emulator:
+        board = emulator.add_dashboard(TOKEN_A, invitees=[])
+        board.invitations = [(e, time.time()) for e in people]
+        config = make_config(api_url=emulator.url)
+        async with client_for(config) as client:
+            pruner = surveyor(config, client)
+            with pytest.raises(ListingMoved, match="kept changing while it was read"):
+                await pruner.survey(TOKEN_A, lambda es: [False] * len(es))
+    assert pruner.requests["dashboard"] == LIST_ATTEMPTS
+    assert pruner.pages == 2 * LIST_ATTEMPTS
+    assert not [r for r in emulator.requests if r.method in ("PUT", "DELETE")]
+
+
 async def test_the_emulator_revokes_object_and_list_forms_and_ends_sessions(
     emulator: Emulator,
 ) -> None:
@@ -871,7 +937,7 @@ async def test_a_listing_that_cannot_be_read_to_its_end_prunes_nobody(
 ) -> None:
     """A service answering every page_number with the first page: the survey cannot see
     who holds the later invitations, so the dashboard is left whole and the refusal
-    recorded (exit 1)."""
+    recorded as the dashboard check records it (listing_moved, exit 1)."""
     board = emulator.add_dashboard(TOKEN_A, invitees=[])
     people = [f"q{i}@example.com" for i in range(250)]
     board.invitations = [(e, time.time()) for e in people]
@@ -882,4 +948,4 @@ async def test_a_listing_that_cannot_be_read_to_its_end_prunes_nobody(
     assert len(board.invitations) == 250
     assert "DELETE" not in {r.method for r in emulator.requests}
     [refused] = by_kind(read_report(config.report_path), "prune_refused")
-    assert refused["code"] == "unexpected_response"
+    assert refused["code"] == "listing_moved"

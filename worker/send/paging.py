@@ -1,19 +1,21 @@
-"""Reading a token's invitation listing page by page, to its end, into compact state.
+"""Reading a token's invitation listing page by page, to its end.
 
-Apart from :mod:`worker.send.reconcile`, which shares listings between questions and reads
-one again when it moved, because what tells a listing's end (and a listing that moved
-under it) reads on its own.
+One reader for both who reads listings: the dashboard check and reconciliation
+(:mod:`worker.send.reconcile`, into compact state) and ``--prune``'s survey
+(:mod:`worker.send.prune`, the addresses only). What tells a listing's end, and a listing
+that moved under it, is the same for both and reads on its own here.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import structlog
 
 from worker.errors import TokenNotFound, UnexpectedResponse
-from worker.send.compact import ListingBuilder
+from worker.send.listed import Listed
 from worker.send.replies import Listing
 
 log = structlog.get_logger("worker.reconcile")
@@ -23,18 +25,38 @@ PAGE_SIZE = 100
 #: Pages after which a listing that has not ended is given up as unreadable (a service
 #: ignoring page_number would repeat its first page forever).
 MAX_PAGES = 100_000
+#: Readings of one listing from its start, when it changes while it is read.
+LIST_ATTEMPTS = 3
 #: What tells one listed invitation from another when pages are compared.
 _IDENTITY = operator.attrgetter("email", "created_at")
 
 
+@dataclass(slots=True)
+class Reading:
+    """How one reading of a listing went, kept up to date as it goes (so a reading that
+    fails or is stopped still tells what it asked for)."""
+
+    #: Pages requested.
+    pages: int = 0
+    #: Entries taken (each once, though pages of another size may repeat some).
+    read: int = 0
+    #: The service's 404 message when the token has no shared dashboard (nothing listed).
+    gone: str | None = None
+
+
 async def read_pages(
     token: str,
-    builder: ListingBuilder,
+    add: Callable[[Sequence[Listed]], object],
     fetch: Callable[[str, int, int], Awaitable[Listing]],
     page_size: int,
+    reading: Reading,
+    *,
+    event: str = "reconcile",
 ) -> str | None:
-    """Read ``token``'s listing into ``builder``, each page of ``page_size`` by ``fetch``
-    (token, page number, size); what shows it moved meanwhile, or None.
+    """Read ``token``'s listing, each page of ``page_size`` by ``fetch`` (token, page
+    number, size), handing ``add`` the entries not seen before, page by page; what shows
+    the listing moved meanwhile, or None (``reading`` says how far it went, ``gone`` a
+    404 on its first page). ``event`` names the log events' namespace.
 
     Pages are offsets into a list that others may change: invitations revoked before
     the offset move later entries onto pages already read, and those would never be
@@ -52,26 +74,26 @@ async def read_pages(
     of them the page repeats are passed over (a page holding none but those: a smaller
     size again, not an end).
     """
-    listing, size = builder.listing, page_size
+    size = page_size
     seen: set[int] = set()  # what every page held
     total: int | None = None
     while True:
-        if listing.pages >= MAX_PAGES:
+        if reading.pages >= MAX_PAGES:
             # Not an end: taking it for one could invite again whoever is further on.
             raise UnexpectedResponse(f"the invitation list did not end after {MAX_PAGES:,} "
-                                     f"pages ({listing.read:,} invitations read)")  # fmt: skip
-        number, skip = divmod(listing.read, size)
+                                     f"pages ({reading.read:,} invitations read)")  # fmt: skip
+        number, skip = divmod(reading.read, size)
         try:
             result = await fetch(token, number, size)
         except TokenNotFound as exc:  # the dashboard is gone: nothing of ours can exist
-            listing.pages += 1
-            if listing.read:
-                return f"page {number} answered 404 after {listing.read:,} were listed"
-            listing.gone = exc.message
-            log.info("reconcile.not_found", token=token, pages=listing.pages,
+            reading.pages += 1
+            if reading.read:
+                return f"page {number} answered 404 after {reading.read:,} were listed"
+            reading.gone = exc.message
+            log.info(f"{event}.not_found", token=token, pages=reading.pages,
                      message=exc.message)  # fmt: skip
             return None
-        listing.pages += 1
+        reading.pages += 1
         if result.total_count is not None:
             # More is taken for new invitations (sends go on meanwhile); fewer may have
             # moved some past us (see docs/who-gets-invited.md for what is not seen).
@@ -80,8 +102,8 @@ async def read_pages(
             total = result.total_count
         page = result.invitations
         if not page:  # an empty page: the end, unless the total says more
-            if total is not None and listing.read < total:
-                return f"page {number} was empty after {listing.read:,} of {total:,}"
+            if total is not None and reading.read < total:
+                return f"page {number} was empty after {reading.read:,} of {total:,}"
             break
         fresh = page[skip:]
         if not fresh:
@@ -100,13 +122,14 @@ async def read_pages(
             return (f"page {number} repeated an earlier page: page_number is not honored, "
                     "or invitations were created meanwhile")  # fmt: skip
         seen.add(held)
-        builder.add(fresh)
+        add(fresh)
+        reading.read += len(fresh)
         # Past a total that says less than was read, the total is stale or wrong: on
         # to an empty page instead.
-        if total == listing.read:
+        if total == reading.read:
             break
         if len(page) != size:
             size = len(page)  # the size the service honors
-    log.info("reconcile.listed", token=token, invitations=listing.read,
-             pages=listing.pages, page_size=size)  # fmt: skip
+    log.info(f"{event}.listed", token=token, invitations=reading.read,
+             pages=reading.pages, page_size=size)  # fmt: skip
     return None

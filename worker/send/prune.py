@@ -2,7 +2,7 @@
 not name, and taking exactly those away.
 
 A :class:`Pruner` reads a dashboard (``GET .../public/{token}``) and lists its invitations
-to the end (``meta.page.total_count``; a page shorter than asked is not the end), and
+to the end as the dashboard check does (:mod:`worker.send.paging`), and
 finds every address — invitee, ``share_list`` entry, or holder of an invitation or session
 — the list does not name for that token. Removing them: their invitee and ``share_list``
 entries with one PUT under the discipline of ``--add-invitees`` (:mod:`worker.send.removal`),
@@ -14,12 +14,11 @@ interrupted and, once done, does nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import random
 from array import array
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,11 +26,13 @@ import numpy as np
 import structlog
 
 from worker.clock import Clock
-from worker.errors import TokenNotFound, UnexpectedResponse
+from worker.errors import ListingMoved, TokenNotFound
 from worker.send.client import InvitationClient
+from worker.send.listed import Listed
 from worker.send.pacing import Pacer
-from worker.send.paging import MAX_PAGES, PAGE_SIZE
+from worker.send.paging import LIST_ATTEMPTS, PAGE_SIZE, Reading, read_pages
 from worker.send.removal import INVITEE, SHARE_LIST, remove_entries
+from worker.send.replies import Listing
 from worker.send.retry import Answered, RetryPolicy, paced_call
 
 log = structlog.get_logger("worker.prune")
@@ -86,20 +87,51 @@ class Pruner:
 
     async def survey(self, token: str, named: Named) -> Survey | None:
         """Whom ``token``'s dashboard holds that ``named`` says the list does not name;
-        None when the token has no dashboard."""
-        out = Survey(token)
+        None when the token has no dashboard.
+
+        The invitations are listed to their end as the dashboard check lists them
+        (:func:`read_pages`). A listing that moves while it is read (revocations ahead of
+        the page read would hide entries behind it) is surveyed again from the start, at
+        most :data:`LIST_ATTEMPTS` times, then raises :class:`ListingMoved`: a survey
+        that cannot see everyone removes nobody.
+        """
+        for attempt in range(1, LIST_ATTEMPTS + 1):
+            surveyed = await self._survey_once(token, named)
+            if not isinstance(surveyed, str):
+                return surveyed
+            log.warning("prune.list_moved", token=token, attempt=attempt, why=surveyed,
+                        action="surveying the dashboard again")  # fmt: skip
+        raise ListingMoved(
+            f"the invitation list kept changing while it was read ({surveyed}), "
+            f"{LIST_ATTEMPTS} times: who holds access cannot be told, so nobody is removed "
+            "from this dashboard now"
+        )
+
+    async def _survey_once(self, token: str, named: Named) -> Survey | str | None:
+        """One survey: the survey, what shows the listing moved, or None (no dashboard)."""
+        out, reading = Survey(token), Reading()
         seen = array("q")  # hashes of the lower-cased addresses held, 8 bytes each
+
+        def add(page: Sequence[Listed]) -> None:
+            self._add(out, seen, [item.email for item in page], INVITATION, named)
+
         try:
             board = (await self._paced(functools.partial(self._client.get_dashboard, token),
                                        "dashboard")).raw  # fmt: skip
             self._add(out, seen, _emails(board.get("invitees"), "email"), INVITEE, named)
             self._add(out, seen, _emails(board.get("share_list"), None), SHARE_LIST, named)
             del board
-            async with contextlib.aclosing(self._invitations(token)) as pages:
-                async for page in pages:
-                    self._add(out, seen, page, INVITATION, named)
+            try:
+                moved = await read_pages(token, add, self._page, self.page_size, reading,
+                                         event="prune")  # fmt: skip
+            finally:  # read, even if the listing then failed or the run stopped
+                self.pages += reading.pages
         except TokenNotFound:
             return None
+        if reading.gone is not None:  # gone between the dashboard and its listing
+            return None
+        if moved is not None:
+            return moved
         out.people = len(np.unique(np.frombuffer(seen, dtype=np.int64))) if seen else 0
         log.info("prune.surveyed", token=token, people=out.people, remove=len(out.remove))
         return out
@@ -117,47 +149,6 @@ class Pruner:
             if what == INVITATION and spelled != email:  # revoke it as the service lists it
                 out.remove[email.lower()] = (email, held)
 
-    async def _invitations(self, token: str) -> AsyncGenerator[list[str], None]:
-        """The addresses of every listed invitation, a page at a time, to the end.
-
-        The end is ``total_count`` entries, or an empty page (one before that total is
-        not the end). A page shorter than asked means the service honors a smaller size:
-        the listing goes on at that size, from the entries read so far (``page_number``
-        counts pages of the size asked), and a page holding only entries already read is
-        a smaller size again, not the end. A listing that cannot be read to its end
-        raises :class:`UnexpectedResponse`: a survey that cannot see everyone removes
-        nobody.
-        """
-        read, size, last = 0, self.page_size, None
-        for _ in range(MAX_PAGES):
-            number, skip = divmod(read, size)
-            call = functools.partial(self._client.list_invitations, token, number, size)
-            page = await self._paced(call, "list_invitations")
-            self.pages += 1
-            if not page.invitations:
-                if page.total_count is not None and read < page.total_count:
-                    raise UnexpectedResponse(f"the invitation list's page {number} was empty "
-                                             f"after {read:,} of {page.total_count:,}")  # fmt: skip
-                return
-            fresh = page.invitations[skip:]
-            if not fresh:  # only what was read: a smaller size honored (see above)
-                size = len(page.invitations)
-                continue
-            # The same page twice: page_number is not honored, and whoever is further on
-            # could not be seen (a survey that cannot see everyone removes nobody).
-            held = hash(tuple((i.email, i.created_at) for i in page.invitations))
-            if held == last:
-                raise UnexpectedResponse(f"the invitation list answered page {number} with "
-                                         "the page before it; it cannot be read")  # fmt: skip
-            last = held
-            yield [item.email for item in fresh]
-            read += len(fresh)
-            if page.total_count == read:  # a total below what was read is not trusted
-                return
-            if len(page.invitations) != size:
-                size = len(page.invitations)
-        raise UnexpectedResponse(f"the invitation list did not end after {MAX_PAGES:,} pages")
-
     async def remove_entries(self, token: str, gone: Iterable[str]) -> dict[str, set[str]] | None:
         """Remove the invitee and share-list entries of ``gone`` (see ``removal``)."""
         return await remove_entries(self._dashboard_call, self._client, token,
@@ -172,6 +163,12 @@ class Pruner:
         """Revoke the invitations of ``emails``; raises :class:`SendError` if refused."""
         await self._paced(functools.partial(self._client.revoke, token, emails), "revoke")
         log.info("prune.revoked", token=token, emails=len(emails))
+
+    async def _page(self, token: str, number: int, size: int) -> Listing:
+        return await self._paced(
+            functools.partial(self._client.list_invitations, token, number, size),
+            "list_invitations",
+        )
 
     async def _dashboard_call(self, call: Callable[[], Awaitable[Any]]) -> Any:
         return await self._paced(call, "dashboard")

@@ -24,7 +24,7 @@ from worker.send.client import InvitationClient
 from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_epoch
 from worker.send.keyed import KeyedLocks
 from worker.send.pacing import Pacer
-from worker.send.paging import PAGE_SIZE, read_pages
+from worker.send.paging import LIST_ATTEMPTS, PAGE_SIZE, Reading, read_pages
 from worker.send.replies import Listing
 from worker.send.retry import RetryPolicy, Tally, paced_call
 
@@ -38,8 +38,6 @@ CACHED_LISTINGS = 32
 #: Addresses those listings may hold in all (24 bytes each): a few tokens with millions of
 #: invitations would otherwise keep what the service holds, not what the input asks.
 CACHED_ENTRIES = 1_000_000
-#: Readings of one listing from its start, when it changes while it is read.
-LIST_ATTEMPTS = 3
 
 
 def created_epoch(invitation: Invitation) -> float | None:
@@ -178,13 +176,16 @@ class Reconciler:
         """Every page, to the end of the listing, read again from its start when it
         changed while it was read (at most :data:`LIST_ATTEMPTS` times)."""
         for attempt in range(1, LIST_ATTEMPTS + 1):
-            builder = ListingBuilder(self._clock.time(), wanted)
+            builder, reading = ListingBuilder(self._clock.time(), wanted), Reading()
             try:
-                moved = await read_pages(token, builder, self._page, self.page_size)
+                moved = await read_pages(token, builder.add, self._page, self.page_size,
+                                         reading)  # fmt: skip
             finally:  # read, even if the listing then failed or the run stopped
-                self.pages += builder.listing.pages
+                self.pages += reading.pages
             if moved is None:
-                return builder.done()
+                listing = builder.done()
+                listing.pages, listing.gone = reading.pages, reading.gone
+                return listing
             log.warning("reconcile.list_moved", token=token, attempt=attempt, why=moved,
                         action="reading it again from its first page")  # fmt: skip
         raise ListingMoved(
