@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -552,7 +553,6 @@ async def test_pages_cut_shorter_each_time_never_end_a_survey_early(
     """A service serving 60, then 45, then 12 a page (page_number times the size asked): a
     page holding only entries already read is a smaller size, not the end, so the survey
     finds the 300th invitation's holder too, with or without total_count."""
-    from aiohttp import web
 
     from worker.emulator.invitations import Invitations
 
@@ -621,6 +621,35 @@ async def test_invitations_revoked_while_a_survey_reads_make_it_survey_again(
     assert pruner.pages == pruner.requests["list_invitations"] == 4
     [moved] = find_capture(logs, "prune.list_moved")
     assert "total_count went down from 200 to 190" in moved["why"]
+
+
+async def test_a_404_after_the_first_page_makes_the_survey_read_again(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Page 1 answers 404 once while the dashboard stays: not "no dashboard" (which would
+    remove nobody, silently) but a listing that moved, so the dashboard is surveyed again
+    and the unnamed holder of the 150th invitation is found (prune.listed logged)."""
+    people = [f"q{i}@example.com" for i in range(200)]
+
+    def gone_once(board: Dashboard, number: int, times: int) -> tuple[int, Any]:
+        if number == 1 and times == 1:
+            return number, web.json_response({"errors": ["Not Found"]}, status=404)
+        return number, None
+
+    async with served_as(monkeypatch, gone_once) as emulator:
+        board = emulator.add_dashboard(TOKEN_A, invitees=[])
+        board.invitations = [(e, time.time()) for e in people]
+        config = make_config(api_url=emulator.url)
+        async with client_for(config) as client:
+            pruner = surveyor(config, client)
+            with capture_logs() as logs:
+                survey = await pruner.survey(TOKEN_A, lambda es: [e != people[150] for e in es])
+    assert survey is not None
+    assert list(survey.remove) == [people[150]]
+    [moved] = find_capture(logs, "prune.list_moved")
+    assert "page 1 answered 404 after 100 were listed" in moved["why"]
+    [listed] = find_capture(logs, "prune.listed")
+    assert (listed["invitations"], listed["pages"]) == (200, 2)
 
 
 async def test_a_listing_that_moves_at_every_survey_removes_nobody(

@@ -51,12 +51,12 @@ async def read_pages(
     page_size: int,
     reading: Reading,
     *,
-    event: str = "reconcile",
+    events: tuple[str, str] = ("reconcile.listed", "reconcile.not_found"),
 ) -> str | None:
     """Read ``token``'s listing, each page of ``page_size`` by ``fetch`` (token, page
     number, size), handing ``add`` the entries not seen before, page by page; what shows
     the listing moved meanwhile, or None (``reading`` says how far it went, ``gone`` a
-    404 on its first page). ``event`` names the log events' namespace.
+    404 on its first page). ``events`` name the log events of a listing read, and of a 404.
 
     Pages are offsets into a list that others may change: invitations revoked before
     the offset move later entries onto pages already read, and those would never be
@@ -90,7 +90,7 @@ async def read_pages(
             if reading.read:
                 return f"page {number} answered 404 after {reading.read:,} were listed"
             reading.gone = exc.message
-            log.info(f"{event}.not_found", token=token, pages=reading.pages,
+            log.info(events[1], token=token, pages=reading.pages,
                      message=exc.message)  # fmt: skip
             return None
         reading.pages += 1
@@ -130,6 +130,6 @@ async def read_pages(
             break
         if len(page) != size:
             size = len(page)  # the size the service honors
-    log.info(f"{event}.listed", token=token, invitations=reading.read,
+    log.info(events[0], token=token, invitations=reading.read,
              pages=reading.pages, page_size=size)  # fmt: skip
     return None

@@ -100,7 +100,8 @@ class Pruner:
             if not isinstance(surveyed, str):
                 return surveyed
             log.warning("prune.list_moved", token=token, attempt=attempt, why=surveyed,
-                        action="surveying the dashboard again")  # fmt: skip
+                        action="surveying the dashboard again" if attempt < LIST_ATTEMPTS
+                        else "removing nobody from it")  # fmt: skip
         raise ListingMoved(
             f"the invitation list kept changing while it was read ({surveyed}), "
             f"{LIST_ATTEMPTS} times: who holds access cannot be told, so nobody is removed "
@@ -123,7 +124,7 @@ class Pruner:
             del board
             try:
                 moved = await read_pages(token, add, self._page, self.page_size, reading,
-                                         event="prune")  # fmt: skip
+                                         events=("prune.listed", "prune.not_found"))  # fmt: skip
             finally:  # read, even if the listing then failed or the run stopped
                 self.pages += reading.pages
         except TokenNotFound:

@@ -187,7 +187,8 @@ class Reconciler:
                 listing.pages, listing.gone = reading.pages, reading.gone
                 return listing
             log.warning("reconcile.list_moved", token=token, attempt=attempt, why=moved,
-                        action="reading it again from its first page")  # fmt: skip
+                        action="reading it again from its first page" if attempt < LIST_ATTEMPTS
+                        else "sending nobody of this token")  # fmt: skip
         raise ListingMoved(
             f"the invitation list kept changing while it was read ({moved}), "
             f"{LIST_ATTEMPTS} times: who is invited cannot be told, so nobody of this token "
