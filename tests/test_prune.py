@@ -4,6 +4,7 @@ truncated or mangled list never empties one; ``--access-expires`` bounds what it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
@@ -14,7 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -586,10 +587,27 @@ async def test_pages_cut_shorter_each_time_never_end_a_survey_early(
     assert list(survey.remove) == [people[-1]]
 
 
-def surveyor(config: Config, client: Any) -> Pruner:
-    """A pruner of pages of 100, retrying at once."""
-    return Pruner(client, pacer_for(config, SystemClock()), RetryPolicy(2, 0.01, 0.02),
-                  SystemClock(), random.Random(0), batch_size=10, page_size=100)  # fmt: skip
+#: The invitations of the dashboard surveyed while its listing moves.
+SURVEYED = [f"q{i}@example.com" for i in range(200)]
+
+
+@contextlib.asynccontextmanager
+async def surveying(
+    monkeypatch: pytest.MonkeyPatch,
+    make_config: Callable[..., Config],
+    change: Callable[[Dashboard, int, int], tuple[int, web.StreamResponse | None]],
+) -> AsyncIterator[tuple[Pruner, Emulator]]:
+    """A pruner (pages of 100, retrying at once) of TOKEN_A, whose dashboard has no
+    invitees and invites SURVEYED, on an emulator whose listing runs ``change`` first
+    (see ``served_as``)."""
+    async with served_as(monkeypatch, change) as emulator:
+        board = emulator.add_dashboard(TOKEN_A, invitees=[])
+        board.invitations = [(e, time.time()) for e in SURVEYED]
+        config = make_config(api_url=emulator.url)
+        async with client_for(config) as client:
+            yield Pruner(client, pacer_for(config, SystemClock()), RetryPolicy(2, 0.01, 0.02),
+                         SystemClock(), random.Random(0), batch_size=10,
+                         page_size=100), emulator  # fmt: skip
 
 
 async def test_invitations_revoked_while_a_survey_reads_make_it_survey_again(
@@ -598,22 +616,16 @@ async def test_invitations_revoked_while_a_survey_reads_make_it_survey_again(
     """Ten invitations revoked by someone else right after page 0 is served move ten others
     back onto that page: total_count went down, so the dashboard is surveyed again, and
     those ten, whom the list does not name, are found for removal."""
-    people = [f"q{i}@example.com" for i in range(200)]
-    unnamed = set(people[100:110])
+    unnamed = set(SURVEYED[100:110])
 
     def revoke_after_first_page(board: Dashboard, number: int, times: int) -> tuple[int, None]:
         if number == 1 and times == 1:
-            board.invitations = [(e, t) for e, t in board.invitations if e not in people[:10]]
+            board.invitations = [(e, t) for e, t in board.invitations if e not in SURVEYED[:10]]
         return number, None
 
-    async with served_as(monkeypatch, revoke_after_first_page) as emulator:
-        board = emulator.add_dashboard(TOKEN_A, invitees=[])
-        board.invitations = [(e, time.time()) for e in people]
-        config = make_config(api_url=emulator.url)
-        async with client_for(config) as client:
-            pruner = surveyor(config, client)
-            with capture_logs() as logs:
-                survey = await pruner.survey(TOKEN_A, lambda es: [e not in unnamed for e in es])
+    async with surveying(monkeypatch, make_config, revoke_after_first_page) as (pruner, _):
+        with capture_logs() as logs:
+            survey = await pruner.survey(TOKEN_A, lambda es: [e not in unnamed for e in es])
     assert survey is not None
     assert set(survey.remove) == unnamed
     assert survey.people == 190
@@ -629,23 +641,17 @@ async def test_a_404_after_the_first_page_makes_the_survey_read_again(
     """Page 1 answers 404 once while the dashboard stays: not "no dashboard" (which would
     remove nobody, silently) but a listing that moved, so the dashboard is surveyed again
     and the unnamed holder of the 150th invitation is found (prune.listed logged)."""
-    people = [f"q{i}@example.com" for i in range(200)]
 
     def gone_once(board: Dashboard, number: int, times: int) -> tuple[int, Any]:
         if number == 1 and times == 1:
             return number, web.json_response({"errors": ["Not Found"]}, status=404)
         return number, None
 
-    async with served_as(monkeypatch, gone_once) as emulator:
-        board = emulator.add_dashboard(TOKEN_A, invitees=[])
-        board.invitations = [(e, time.time()) for e in people]
-        config = make_config(api_url=emulator.url)
-        async with client_for(config) as client:
-            pruner = surveyor(config, client)
-            with capture_logs() as logs:
-                survey = await pruner.survey(TOKEN_A, lambda es: [e != people[150] for e in es])
+    async with surveying(monkeypatch, make_config, gone_once) as (pruner, _):
+        with capture_logs() as logs:
+            survey = await pruner.survey(TOKEN_A, lambda es: [e != SURVEYED[150] for e in es])
     assert survey is not None
-    assert list(survey.remove) == [people[150]]
+    assert list(survey.remove) == [SURVEYED[150]]
     [moved] = find_capture(logs, "prune.list_moved")
     assert "page 1 answered 404 after 100 were listed" in moved["why"]
     [listed] = find_capture(logs, "prune.listed")
@@ -657,21 +663,15 @@ async def test_a_listing_that_moves_at_every_survey_removes_nobody(
 ) -> None:
     """An invitation revoked during every reading: after three surveys the dashboard is
     refused as listing_moved (saying the list kept changing), with nothing to remove."""
-    people = [f"q{i}@example.com" for i in range(200)]
 
     def revoke_one_each_time(board: Dashboard, number: int, times: int) -> tuple[int, None]:
         if number == 1:
             board.invitations = board.invitations[1:]
         return number, None
 
-    async with served_as(monkeypatch, revoke_one_each_time) as emulator:
-        board = emulator.add_dashboard(TOKEN_A, invitees=[])
-        board.invitations = [(e, time.time()) for e in people]
-        config = make_config(api_url=emulator.url)
-        async with client_for(config) as client:
-            pruner = surveyor(config, client)
-            with pytest.raises(ListingMoved, match="kept changing while it was read"):
-                await pruner.survey(TOKEN_A, lambda es: [False] * len(es))
+    async with surveying(monkeypatch, make_config, revoke_one_each_time) as (pruner, emulator):
+        with pytest.raises(ListingMoved, match="kept changing while it was read"):
+            await pruner.survey(TOKEN_A, lambda es: [False] * len(es))
     assert pruner.requests["dashboard"] == LIST_ATTEMPTS
     assert pruner.pages == 2 * LIST_ATTEMPTS
     assert not [r for r in emulator.requests if r.method in ("PUT", "DELETE")]
