@@ -445,6 +445,82 @@ def held(board: Dashboard) -> set[str]:
     return invitees | (board.share_list or set()) | {e.lower() for e, _ in board.invitations}
 
 
+def cut_short(emulator: Emulator) -> Dashboard:
+    """TOKEN_A as a removal killed between its PUT and its DELETE leaves it: p0..p5 all
+    invited, p4 and p5 no longer invitees (and nothing recorded of it)."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:6])
+    assert board.invitees is not None
+    for email in PEOPLE[4:6]:
+        del board.invitees[email]
+    return board
+
+
+async def test_add_invitees_adds_back_the_invited_whom_a_cut_short_removal_left_unallowed(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """p4 and p5 back on the list hold an invitation but no entry (a prune stopped after
+    its PUT): the send skips them as served, so --prune --add-invitees adds them back to
+    the invitees (a skipped record names them in invitees_added), sends nobody, exit 0."""
+    board = cut_short(emulator)
+    config = make_config(prune=True, add_invitees=True, prune_max=PruneMax(None, 100.0))
+    with capture_logs() as logs:
+        result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]])))
+    assert result.exit_code == 0, result.summary
+    assert set(board.invitees or {}) == set(PEOPLE[:6])
+    assert "POST" not in {r.method for r in emulator.requests}
+    assert all(n == 1 for n in emulator.invited.values())
+    restored = [r for r in by_kind(read_report(config.report_path), "skipped")
+                if "invitees_added" in r]  # fmt: skip
+    assert [(r["emails"], r["invitees_added"]) for r in restored] == [(PEOPLE[4:6], PEOPLE[4:6])]
+    assert restored[0]["access_expiration"] is None
+    summary = result.summary
+    assert summary.prune is not None
+    assert (summary.invitees_added, summary.emails_skipped, summary.prune.emails_revoked) == (
+        2, 6, 0)  # fmt: skip
+    [logged] = find_capture(logs, "prune.restored")
+    assert logged["emails"] == 2
+
+
+async def test_without_add_invitees_the_invited_but_unallowed_are_only_logged(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The same dashboard pruned without --add-invitees: nothing is written to it (the
+    run adds no invitee), and prune.not_allowed says how many and what would help."""
+    board = cut_short(emulator)
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    with capture_logs() as logs:
+        result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]])))
+    assert result.exit_code == 0
+    assert set(board.invitees or {}) == set(PEOPLE[:4])
+    assert {r.method for r in emulator.requests} == {"GET"}
+    [logged] = find_capture(logs, "prune.not_allowed")
+    assert logged["emails"] == 2
+    assert "--add-invitees" in logged["action"]
+
+
+async def test_a_plan_counts_whom_add_invitees_would_add_among_the_dashboards_people(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """p0..p11 held, the list naming p0..p9 and ten new people: the run adds the ten, then
+    removes p10 and p11 (2 of 22, under --prune-max 10%), so the plan, which reads the
+    dashboard before any addition, counts the ten too and plans the same removal."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:12])
+    new = [f"w{i}@example.com" for i in range(10)]
+    pairs = [(TOKEN_A, e) for e in PEOPLE[:10] + new]
+    config = make_config(prune=True, add_invitees=True, prune_max=PruneMax.parse("10%"))
+    plan = dataclasses.replace(config, report_path=config.report_path.with_name("plan.jsonl"))
+    await dry_run(plan, csv_source(rows_csv(pairs)), preflight=True, out=io.StringIO())
+    records = read_report(plan.report_path)
+    counts = records[-1]["preflight"][TOKEN_A]
+    assert (counts["would add invitee"], counts["would remove"]) == (10, 2)
+    assert not any(k.startswith("would refuse") for k in counts)
+    result = await run(config, csv_source(rows_csv(pairs)))
+    assert result.exit_code == 0
+    assert result.summary.prune is not None
+    assert result.summary.prune.emails_revoked == 2
+    assert held(board) == set(PEOPLE[:10] + new)
+
+
 async def test_an_address_rejection_spares_its_token_and_duplicates_are_harmless(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:

@@ -101,11 +101,15 @@ def rejected_row(
 
 
 class SkippedRecord(msgspec.Struct, tag_field="kind", tag="skipped"):
-    """Emails of a token not sent because the service already serves them."""
+    """Emails of a token not sent because the service already serves them; with
+    ``invitees_added``, served but no longer allowed, and added back to the invitees
+    (``--prune --add-invitees``)."""
 
     token: str
     emails: list[str]
     reason: str  # active_session, already_invited
+    invitees_added: list[str] | UnsetType = UNSET
+    access_expiration: str | UnsetType | None = UNSET
 
 
 class RevokedRecord(msgspec.Struct, tag_field="kind", tag="revoked"):

@@ -149,6 +149,14 @@ class Report:
         elif error is not None and error.code in REFUSED and not outcome.attempts:
             self.refused_by_code[error.code] += count
 
+    def restored(self, token: str, emails: list[str], until: str | None) -> None:
+        """Emails already served whose invitee entries ``--prune --add-invitees`` added back
+        (access until ``until``; None: for good), at once. Their rows were counted when
+        they were skipped: nothing is counted again."""
+        self._pending.append(encode(SkippedRecord(token, emails, "already_invited",
+                                                  list(emails), until)))  # fmt: skip
+        self.flush()
+
     def revoked(self, token: str, emails: list[str], removed: list[str], *,
                 planned: bool = False) -> None:  # fmt: skip
         """Emails whose access ``--prune`` took away (or, ``planned``, would), at once."""

@@ -157,7 +157,8 @@ class _FileMode(Mode[FileRead]):
         finished = self.counts.read_all and not (state.stop.is_set() or state.aborted)
         if self.listed is not None and self.pruner is not None and finished:
             pruning = prune(self.config, self.pruner, self.listed, self.report,
-                            stop=state.stop, abort=state.abort)  # fmt: skip
+                            stop=state.stop, abort=state.abort,
+                            restore=runner.sender.preflight.add)  # fmt: skip
             await runner.supervise("prune", pruning)
 
     def close(self) -> None:

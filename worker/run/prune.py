@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -26,6 +26,7 @@ from worker.config import Config
 from worker.errors import AuthError, BadRequest, SendError
 from worker.send.prune import INVITATION, Named, Pruner, Survey
 from worker.send.removal import INVITEE, SHARE_LIST
+from worker.send.screening import INVITEE_UPDATE_FAILED
 from worker.sources.lines import Columns
 from worker.validate import RawRow, Reason, Rejection, check_token
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("worker.run.prune")
 
+#: Adds invitees to a token's dashboard: whether they were added, and their access's end.
+Restore = Callable[[str, list[str]], Awaitable[tuple[bool, str | None]]]
 #: Rejections that leave the row attributed to its token: that token is not pruned.
 ADDRESS_REASONS = frozenset({Reason.INVALID_EMAIL, Reason.MISSING_EMAIL})
 
@@ -90,8 +93,12 @@ async def prune(
     stop: asyncio.Event,
     plan: dict[str, Counter[str]] | None = None,
     abort: Callable[[AuthError], None] | None = None,
+    restore: Restore | None = None,
 ) -> None:
     """Prune every dashboard the list names (or, with ``plan``, count what would go).
+
+    ``restore`` (``--add-invitees``: the run's way to add invitees) adds back those the
+    list names who hold an invitation the dashboard no longer allows.
 
     Refused keys (401/403) end the prune, and are passed to ``abort`` (the run's).
     """
@@ -109,7 +116,8 @@ async def prune(
                 return
             counts = plan.setdefault(token, Counter()) if plan is not None else None
             try:
-                await _one(config, pruner, listed, report, token, lower, counts, stop)
+                await _one(config, pruner, listed, report, token, lower, counts, stop,
+                           restore)  # fmt: skip
             except AuthError as exc:  # the keys may not write dashboards: stop here
                 denied.append(exc)
                 if abort is not None:
@@ -138,8 +146,9 @@ async def _one(
     lower: str,
     counts: Counter[str] | None,
     stop: asyncio.Event,
+    restore: Restore | None,
 ) -> None:
-    """Survey, guard and prune one dashboard."""
+    """Survey, restore (see :func:`_restore`), guard and prune one dashboard."""
     if lower in listed.blocked:
         line, reason = listed.blocked[lower]
         _refuse(report, "rejected_rows", f"line {line} of this dashboard was rejected "
@@ -149,11 +158,16 @@ async def _one(
             counts["would refuse removal: rejected_rows"] += 1
         return
     survey = await pruner.survey(token, listed.named(token))
+    # A plan's survey reads the dashboard as it is: without the people its sends would
+    # add to the invitees first, whom a run's survey counts among the dashboard's people.
+    adding = counts["would add invitee"] if counts is not None else 0
+    if survey is not None and survey.restore:
+        await _restore(config, report, survey, counts, restore)
     if survey is None or not survey.remove:
         if counts is not None:
             counts["would remove"] += 0
         return
-    remove, people = len(survey.remove), survey.people
+    remove, people = len(survey.remove), survey.people + adding
     if not config.prune_max.allows(remove, people):
         _refuse(report, "prune_max", f"{remove:,} of the dashboard's {people:,} people are "
                 f"not on the list, more than --prune-max {config.prune_max} allows: nothing "
@@ -168,6 +182,32 @@ async def _one(
             report.revoked(token, emails, list(removed), planned=True)
         return
     await _remove(pruner, report, survey, stop)
+
+
+async def _restore(config: Config, report: Report, survey: Survey,
+                   counts: Counter[str] | None, restore: Restore | None) -> None:  # fmt: skip
+    """With ``--add-invitees``, add back to the invitees those the list names who hold an
+    invitation the dashboard no longer allows (see ``Survey.restore``; a removal cut short
+    by a crash leaves them so): the send skipped them as served, so nothing else would.
+    It only adds, so no guard holds it back. Without it, they are only logged."""
+    token, emails = survey.token, list(survey.restore.values())
+    if not config.add_invitees:
+        log.warning("prune.not_allowed", token=token, emails=len(emails),
+                    action="none: --add-invitees would add them back to the invitees")  # fmt: skip
+        return
+    if counts is not None:
+        counts["would add invitee"] += len(emails)
+        return
+    assert restore is not None, "a run with --add-invitees passes its way to add invitees"
+    added, until = await restore(token, emails)
+    if not added:
+        _refuse(report, INVITEE_UPDATE_FAILED, f"{len(emails):,} people the list names hold "
+                "an invitation but are neither invitees nor on the share list, and could "
+                "not be added back to the invitees (see invitees.update_failed); run again",
+                token)  # fmt: skip
+        return
+    log.info("prune.restored", token=token, emails=len(emails))
+    report.restored(token, emails, until)
 
 
 async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.Event) -> None:

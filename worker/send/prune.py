@@ -28,12 +28,14 @@ import structlog
 from worker.clock import Clock
 from worker.errors import ListingMoved, TokenNotFound
 from worker.send.client import InvitationClient
+from worker.send.compact import key_set, keys_of
 from worker.send.listed import Listed
 from worker.send.pacing import Pacer
 from worker.send.paging import LIST_ATTEMPTS, PAGE_SIZE, Reading, read_pages
 from worker.send.removal import INVITEE, SHARE_LIST, remove_entries
 from worker.send.replies import Listing
 from worker.send.retry import Answered, RetryPolicy, paced_call
+from worker.validate.dedupe import member
 
 log = structlog.get_logger("worker.prune")
 
@@ -54,6 +56,11 @@ class Survey:
     people: int = 0
     #: lower-cased address -> (the address as the dashboard spells it, what it holds)
     remove: dict[str, tuple[str, set[str]]] = field(default_factory=dict)
+    #: lower-cased address -> the address as listed: those the list names that hold an
+    #: invitation (or a session) but no entry (neither an invitee, in any state, nor on
+    #: the share list) of a dashboard that keeps an allow-list. Their invitation grants
+    #: nothing; ``--add-invitees`` adds them back (a removal cut short leaves them so).
+    restore: dict[str, str] = field(default_factory=dict)
 
     def holding(self, what: str) -> list[str]:
         """The addresses to remove that hold ``what`` (invitation, invitee, share_list)."""
@@ -112,16 +119,27 @@ class Pruner:
         """One survey: the survey, what shows the listing moved, or None (no dashboard)."""
         out, reading = Survey(token), Reading()
         seen = array("q")  # hashes of the lower-cased addresses held, 8 bytes each
+        entries: Any = None  # sorted keys of every entry; None: the board keeps no list
 
         def add(page: Sequence[Listed]) -> None:
-            self._add(out, seen, [item.email for item in page], INVITATION, named)
+            emails = [item.email for item in page]
+            listed = self._add(out, seen, emails, INVITATION, named)
+            if entries is not None and any(listed):
+                held = member(entries, keys_of(emails))
+                for email, on_list, entry in zip(emails, listed, held.tolist(), strict=True):
+                    if on_list and not entry:
+                        out.restore.setdefault(email.lower(), email)
 
         try:
             board = (await self._paced(functools.partial(self._client.get_dashboard, token),
                                        "dashboard")).raw  # fmt: skip
-            self._add(out, seen, _emails(board.get("invitees"), "email"), INVITEE, named)
-            self._add(out, seen, _emails(board.get("share_list"), None), SHARE_LIST, named)
-            del board
+            invitees = _emails(board.get("invitees"), "email")
+            share_list = _emails(board.get("share_list"), None)
+            self._add(out, seen, invitees, INVITEE, named)
+            self._add(out, seen, share_list, SHARE_LIST, named)
+            if isinstance(board.get("invitees"), list) or isinstance(board.get("share_list"), list):
+                entries = key_set(invitees + share_list)
+            del board, invitees, share_list
             try:
                 moved = await read_pages(token, add, self._page, self.page_size, reading,
                                          events=("prune.listed", "prune.not_found"))  # fmt: skip
@@ -138,17 +156,20 @@ class Pruner:
         return out
 
     def _add(self, out: Survey, seen: array[int], emails: list[str], what: str,
-             named: Named) -> None:  # fmt: skip
+             named: Named) -> list[bool]:  # fmt: skip
+        """Take note of ``emails`` holding ``what``; whether the list names each."""
         if not emails:
-            return
+            return []
         seen.extend(hash(e.lower()) for e in emails)
-        for email, listed in zip(emails, named(emails), strict=True):
+        listed_all = named(emails)
+        for email, listed in zip(emails, listed_all, strict=True):
             if listed:
                 continue
             spelled, held = out.remove.setdefault(email.lower(), (email, set()))
             held.add(what)
             if what == INVITATION and spelled != email:  # revoke it as the service lists it
                 out.remove[email.lower()] = (email, held)
+        return listed_all
 
     async def remove_entries(self, token: str, gone: Iterable[str]) -> dict[str, set[str]] | None:
         """Remove the invitee and share-list entries of ``gone`` (see ``removal``)."""
