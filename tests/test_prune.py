@@ -479,6 +479,51 @@ async def test_add_invitees_adds_back_the_invited_whom_a_cut_short_removal_left_
         2, 6, 0)  # fmt: skip
     [logged] = find_capture(logs, "prune.restored")
     assert logged["emails"] == 2
+    # report summarize counts them added, and the record is no pair's outcome.
+    totals = Replay.read(config.report_path).summary()
+    assert (totals["invitees_added"], totals["skipped"]) == (2, 6)
+
+
+@pytest.mark.parametrize("board_is", ["paused", "open"])
+async def test_nobody_is_added_back_to_a_dashboard_the_check_refuses_to_send_to(
+    emulator: Emulator, make_config: Callable[..., Config], board_is: str
+) -> None:
+    """A paused dashboard, or one not shared invite-only, is never sent to: the survey adds
+    nobody back to it either (no PUT), however its entries stand."""
+    board = cut_short(emulator)
+    if board_is == "paused":
+        board.status = "paused"
+    else:
+        board.share_type = "open"
+    config = make_config(prune=True, add_invitees=True, prune_max=PruneMax(None, 100.0))
+    await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]])))
+    assert "PUT" not in {r.method for r in emulator.requests}
+    assert set(board.invitees or {}) == set(PEOPLE[:4])
+
+
+async def test_a_dashboard_whose_invitees_cannot_be_added_back_is_left_whole(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Someone edits the dashboard at every read the adding makes: p4 and p5 cannot be
+    added back, which is recorded (invitee_update_failed, exit 1), and p6, whom the list
+    no longer names, is not removed either: a refused dashboard is left whole."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:7])
+    assert board.invitees is not None
+    for email in PEOPLE[4:6]:
+        del board.invitees[email]
+
+    def someone_else(dashboard: Dashboard) -> None:
+        dashboard.title += "!"
+
+    emulator.before_read[TOKEN_A] = [None, *[someone_else] * 6]  # the survey's read, then
+    config = make_config(prune=True, add_invitees=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]])))
+    assert result.exit_code == 1
+    assert "PUT" not in {r.method for r in emulator.requests}
+    assert held(board) == set(PEOPLE[:7])
+    [refused] = by_kind(read_report(config.report_path), "prune_refused")
+    assert refused["code"] == "invitee_update_failed"
+    assert "nothing was added or removed" in refused["message"]
 
 
 async def test_without_add_invitees_the_invited_but_unallowed_are_only_logged(
@@ -734,6 +779,28 @@ async def test_a_404_after_the_first_page_makes_the_survey_read_again(
     assert (listed["invitations"], listed["pages"]) == (200, 2)
 
 
+async def test_a_stop_during_a_survey_removes_nothing(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop while the survey reads the listing: its answer still comes, but no PUT
+    follows it, so no entry is taken away without its record (exit 3; --resume prunes)."""
+    stop = asyncio.Event()
+
+    def stop_at_the_survey(board: Dashboard, number: int, times: int) -> tuple[int, None]:
+        if times == 2:  # the send's check read the listing first
+            stop.set()
+        return number, None
+
+    async with served_as(monkeypatch, stop_at_the_survey) as emulator:
+        board = board_of(emulator, TOKEN_A, PEOPLE[:7])
+        config = make_config(api_url=emulator.url, prune=True, prune_max=PruneMax(None, 100.0))
+        pairs = [(TOKEN_A, e) for e in PEOPLE[:6]]
+        result = await run(config, csv_source(rows_csv(pairs)), stop=stop)
+    assert result.exit_code == 3
+    assert {r.method for r in emulator.requests} == {"GET"}
+    assert held(board) == set(PEOPLE[:7])
+
+
 async def test_a_listing_that_moves_at_every_survey_removes_nobody(
     make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -884,7 +951,8 @@ def test_sigterm_mid_prune_stops_at_once_and_resume_finishes(
     tmp_path: Path, start_emulator: Callable[..., str], spawn: Callable[..., Proc]
 ) -> None:
     """SIGTERM while revoking: the run stops before its next DELETE (exit 3, nothing
-    lost); --resume finishes the prune, and nobody is emailed twice."""
+    lost), and records the entries its PUT took from the people it did not revoke yet;
+    --resume finishes the prune, and nobody is emailed twice."""
     board = {"token": TOKEN_A, "invitees": [{"email": e} for e in PEOPLE[:16]],
              "invited": PEOPLE[:16]}  # fmt: skip
     url = start_emulator("--dashboards", seed(tmp_path, [board]), "--limit", "3", "--period",
@@ -898,6 +966,9 @@ def test_sigterm_mid_prune_stops_at_once_and_resume_finishes(
     first.expect(3, timeout=20)
     assert read_report(report)[-1]["interrupted"] is True
     assert len(state(url, TOKEN_A)["invited"]) > 4, "stopped too late to test anything"
+    entries = {e for r in by_kind(read_report(report), "revoked") if "invitee" in r["removed"]
+               for e in r["emails"]}  # fmt: skip
+    assert entries == set(PEOPLE[4:16])  # every entry the PUT took has its record
     spawn(*args, "--resume").expect(0, timeout=90)
     after = state(url, TOKEN_A)
     assert set(after["invitees"]) == after["invited"] == set(PEOPLE[:4])

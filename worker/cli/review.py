@@ -18,7 +18,7 @@ from worker.exits import EXIT_ABORTED
 from worker.outcome import REFUSED, Status
 from worker.record.files import reads_as_report
 from worker.record.journal import journal_path
-from worker.record.records import BatchRecord, ErrorInfo, SkippedRecord, SummaryRecord
+from worker.record.records import BatchRecord, ErrorInfo, SkippedRecord, SummaryRecord, restored
 from worker.record.replay import Replay, records
 from worker.validate import pair_key
 
@@ -119,7 +119,7 @@ def write_failed(
     written = 0
     number = -1  # of the batch or skipped record, counted as Replay.read counts them
     for record in records(path):
-        if not isinstance(record, BatchRecord | SkippedRecord):
+        if not isinstance(record, BatchRecord | SkippedRecord) or restored(record) is not None:
             continue
         number += 1
         if isinstance(record, SkippedRecord) or record.status != Status.FAILED:

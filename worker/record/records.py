@@ -112,6 +112,15 @@ class SkippedRecord(msgspec.Struct, tag_field="kind", tag="skipped"):
     access_expiration: str | UnsetType | None = UNSET
 
 
+def restored(record: object) -> list[str] | None:
+    """Whom ``record`` says ``--prune --add-invitees`` added back, or None for any other
+    record. Such a record is a note on pairs already served (each has its own record),
+    not one of their outcomes."""
+    if isinstance(record, SkippedRecord) and isinstance(record.invitees_added, list):
+        return record.invitees_added
+    return None
+
+
 class RevokedRecord(msgspec.Struct, tag_field="kind", tag="revoked"):
     """Emails of a token whose access ``--prune`` took away, and what it removed:
     ``invitation``, ``invitee``, ``share_list``. In a dry run's plan, what it would remove

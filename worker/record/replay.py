@@ -32,6 +32,7 @@ from worker.record.records import (
     RevokedRecord,
     SkippedRecord,
     SummaryRecord,
+    restored,
 )
 from worker.validate import pair_key
 from worker.validate.dedupe import locate, member
@@ -94,7 +95,9 @@ class Replay:
         last: ReportRecord | None = None
         for record in records(path):
             last = record
-            if isinstance(record, BatchRecord | SkippedRecord):
+            if (added := restored(record)) is not None:  # no pair's outcome: counted only
+                review.invitees_added += len(added)
+            elif isinstance(record, BatchRecord | SkippedRecord):
                 token, emails = record.token, record.emails
                 owners.extend(repeat(len(review.batches), len(emails)))
                 review.batches.append(state_of(record))

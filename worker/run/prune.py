@@ -161,8 +161,12 @@ async def _one(
     # A plan's survey reads the dashboard as it is: without the people its sends would
     # add to the invitees first, whom a run's survey counts among the dashboard's people.
     adding = counts["would add invitee"] if counts is not None else 0
-    if survey is not None and survey.restore:
-        await _restore(config, report, survey, counts, restore)
+    if stop.is_set():  # a survey is reads only: what a stop cuts, the next run surveys again
+        return
+    restored = survey is None or not survey.restore or await _restore(
+        config, report, survey, counts, restore)  # fmt: skip
+    if not restored:  # refused and recorded: the dashboard is left whole
+        return
     if survey is None or not survey.remove:
         if counts is not None:
             counts["would remove"] += 0
@@ -181,33 +185,37 @@ async def _one(
         for removed, emails in _groups(survey.remove.values()).items():
             report.revoked(token, emails, list(removed), planned=True)
         return
+    if stop.is_set():  # nothing removed yet: the PUT would leave entries gone, unrecorded
+        return
     await _remove(pruner, report, survey, stop)
 
 
 async def _restore(config: Config, report: Report, survey: Survey,
-                   counts: Counter[str] | None, restore: Restore | None) -> None:  # fmt: skip
+                   counts: Counter[str] | None, restore: Restore | None) -> bool:  # fmt: skip
     """With ``--add-invitees``, add back to the invitees those the list names who hold an
     invitation the dashboard no longer allows (see ``Survey.restore``; a removal cut short
     by a crash leaves them so): the send skipped them as served, so nothing else would.
-    It only adds, so no guard holds it back. Without it, they are only logged."""
+    It only adds, so no guard holds it back. Without it, they are only logged. False:
+    they could not be added, which is recorded, and nothing is removed either."""
     token, emails = survey.token, list(survey.restore.values())
     if not config.add_invitees:
         log.warning("prune.not_allowed", token=token, emails=len(emails),
                     action="none: --add-invitees would add them back to the invitees")  # fmt: skip
-        return
+        return True
     if counts is not None:
         counts["would add invitee"] += len(emails)
-        return
+        return True
     assert restore is not None, "a run with --add-invitees passes its way to add invitees"
     added, until = await restore(token, emails)
     if not added:
         _refuse(report, INVITEE_UPDATE_FAILED, f"{len(emails):,} people the list names hold "
                 "an invitation but are neither invitees nor on the share list, and could "
-                "not be added back to the invitees (see invitees.update_failed); run again",
-                token)  # fmt: skip
-        return
+                "not be added back to the invitees (see invitees.update_failed): nothing was "
+                "added or removed; run again", token)  # fmt: skip
+        return False
     log.info("prune.restored", token=token, emails=len(emails))
     report.restored(token, emails, until)
+    return True
 
 
 async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.Event) -> None:
@@ -227,6 +235,23 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
     only_entries = ((survey.remove[k][0], v) for k, v in removed.items() if k not in holders)
     for what, emails in _groups(only_entries).items():
         report.revoked(token, emails, list(what))
+    revoked: set[str] = set()
+    try:
+        await _revoke(pruner, report, token, invited, removed, revoked, stop)
+    finally:
+        # Stopped, or refused: the entries of those not revoked went with the PUT. Say
+        # so now, or no record would (the next run records their invitations apart).
+        if removed and len(revoked) < len(invited):
+            left = ((e, removed.get(e.lower(), set())) for e in invited if e not in revoked)
+            for what, emails in _groups(left).items():
+                report.revoked(token, emails, list(what))
+
+
+async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str],
+                  removed: dict[str, set[str]], revoked: set[str],
+                  stop: asyncio.Event) -> None:  # fmt: skip
+    """Revoke the invitations of ``invited`` in list-form DELETEs, recording each (with
+    the entries ``removed`` took from them), adding those revoked to ``revoked``."""
     batches = [invited]
     while batches:
         if stop.is_set():
@@ -246,6 +271,7 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
             # Refused for its size, or for one address in it: halves find out which.
             batches[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
             continue
+        revoked.update(batch)
         held = ((e, removed.get(e.lower(), set()) | {INVITATION}) for e in batch)
         for what, emails in _groups(held).items():
             report.revoked(token, emails, list(what))

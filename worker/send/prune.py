@@ -58,8 +58,9 @@ class Survey:
     remove: dict[str, tuple[str, set[str]]] = field(default_factory=dict)
     #: lower-cased address -> the address as listed: those the list names that hold an
     #: invitation (or a session) but no entry (neither an invitee, in any state, nor on
-    #: the share list) of a dashboard that keeps an allow-list. Their invitation grants
-    #: nothing; ``--add-invitees`` adds them back (a removal cut short leaves them so).
+    #: the share list) of an invite-only dashboard, not paused, that keeps an allow-list.
+    #: Their invitation grants nothing; ``--add-invitees`` adds them back (a removal cut
+    #: short leaves them so).
     restore: dict[str, str] = field(default_factory=dict)
 
     def holding(self, what: str) -> list[str]:
@@ -137,7 +138,7 @@ class Pruner:
             share_list = _emails(board.get("share_list"), None)
             self._add(out, seen, invitees, INVITEE, named)
             self._add(out, seen, share_list, SHARE_LIST, named)
-            if isinstance(board.get("invitees"), list) or isinstance(board.get("share_list"), list):
+            if _keeps_allow_list(board):
                 entries = key_set(invitees + share_list)
             del board, invitees, share_list
             try:
@@ -201,6 +202,15 @@ class Pruner:
 
         return await paced_call(call, self._pacer, self._retry, self._clock, self._rng, count,
                                 stop=self._stop)  # fmt: skip
+
+
+def _keeps_allow_list(board: dict[str, Any]) -> bool:
+    """Whether entries decide who an invitation serves: an invite-only dashboard, not
+    paused, with an allow-list (the dashboard check refuses to send to any other, so
+    nobody is added back to it either)."""
+    if board.get("share_type", "invite") not in ("invite", None) or board.get("status") == "paused":
+        return False
+    return isinstance(board.get("invitees"), list) or isinstance(board.get("share_list"), list)
 
 
 def _emails(value: Any, key: str | None) -> list[str]:
