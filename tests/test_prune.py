@@ -628,6 +628,70 @@ async def test_removal_keeps_an_edit_made_between_its_reads(
                        PEOPLE[3]: ["invitation", "invitee", "share_list"]}  # fmt: skip
 
 
+async def test_a_stop_while_the_put_is_answered_still_records_the_entries_it_took(
+    emulator: Emulator, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop as the removal's PUT is applied (paced, so the read-back then waits and is
+    stopped): p6's entry is gone, and its revoked record (invitee) is written before the
+    run ends; the invitation stays for --resume (exit 3)."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:7])
+    stop, update = asyncio.Event(), Dashboard.update
+
+    def applied_then_stopped(self: Dashboard, body: Any, now: float) -> None:
+        update(self, body, now)
+        stop.set()
+
+    monkeypatch.setattr(Dashboard, "update", applied_then_stopped)
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0), rate=5.0)
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]])), stop=stop)
+    assert result.exit_code == 3
+    assert set(board.invitees or {}) == set(PEOPLE[:6])
+    assert "DELETE" not in {r.method for r in emulator.requests}
+    revoked = by_kind(read_report(config.report_path), "revoked")
+    assert [(r["emails"], r["removed"]) for r in revoked] == [([PEOPLE[6]], ["invitee"])]
+
+
+async def test_a_stop_while_the_removal_reads_makes_no_put(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A stop while the removal reads the dashboard (no wait to end, so nothing else would
+    notice it): no PUT, nothing taken, nothing recorded, exit 3."""
+    board_of(emulator, TOKEN_A, PEOPLE[:7])
+    stop = asyncio.Event()
+    # The survey's read, then the removal's first.
+    emulator.before_read[TOKEN_A] = [None, lambda _: stop.set()]
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]])), stop=stop)
+    assert result.exit_code == 3
+    assert {r.method for r in emulator.requests} == {"GET"}
+    assert by_kind(read_report(config.report_path), "revoked") == []
+
+
+async def test_a_read_back_showing_one_entry_back_records_the_other_taken(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """p5 and p6 removed by the PUT, then someone adds p5 back before the read-back: the
+    dashboard is refused (prune_update_failed, no DELETE), and p6's entry, gone all the
+    same, has its revoked record; the message says so."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:7])
+
+    def p5_back(dashboard: Dashboard) -> None:
+        assert dashboard.invitees is not None
+        dashboard.invitees[PEOPLE[5]] = Invitee(PEOPLE[5])
+
+    emulator.before_read[TOKEN_A] = [None, None, None, p5_back]  # survey, two reads, read-back
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:5]])))
+    assert result.exit_code == 1
+    assert "DELETE" not in {r.method for r in emulator.requests}
+    assert set(board.invitees or {}) == set(PEOPLE[:6])
+    records = read_report(config.report_path)
+    revoked = by_kind(records, "revoked")
+    assert [(r["emails"], r["removed"]) for r in revoked] == [([PEOPLE[6]], ["invitee"])]
+    [refused] = by_kind(records, "prune_refused")
+    assert "1 people's entries are gone all the same (recorded)" in refused["message"]
+
+
 async def test_a_removal_the_read_back_does_not_show_leaves_the_invitations_and_exits_1(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:

@@ -219,39 +219,44 @@ async def _restore(config: Config, report: Report, survey: Survey,
 
 
 async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.Event) -> None:
-    """Entries first (no new link can be asked for), then invitations, in batches."""
+    """Entries first (no new link can be asked for), then invitations, in batches.
+
+    Every entry a PUT took is recorded before this returns or raises: with the
+    invitation, once revoked; alone, when the person holds none, or when their DELETE is
+    not made (a stop, a refusal) or the read-back fails. Otherwise a person back on the
+    list would be taken for served with no entry, and nothing would say why.
+    """
     token, entries = survey.token, survey.holding(INVITEE) + survey.holding(SHARE_LIST)
-    removed: dict[str, set[str]] = {}
-    if entries:
-        done = await pruner.remove_entries(token, entries)
-        if done is None:
-            _refuse(report, "prune_update_failed", "the dashboard's invitees could not be "
-                    "changed safely (see removal.update_failed): nothing was removed from "
-                    "it; run again", token)  # fmt: skip
-            return
-        removed = done
-    invited = survey.holding(INVITATION)
-    holders = {e.lower() for e in invited}
-    only_entries = ((survey.remove[k][0], v) for k, v in removed.items() if k not in holders)
-    for what, emails in _groups(only_entries).items():
-        report.revoked(token, emails, list(what))
-    revoked: set[str] = set()
+    took: dict[str, set[str]] = {}  # lower-cased address -> entries the PUT took
+    recorded: set[str] = set()  # lower-cased addresses with their revoked record
     try:
-        await _revoke(pruner, report, token, invited, removed, revoked, stop)
+        if entries and await pruner.remove_entries(token, entries, took) is None:
+            gone = "nothing was removed from it"
+            if took:
+                gone = (f"{len(took):,} people's entries are gone all the same (recorded), "
+                        "no invitation was revoked")  # fmt: skip
+            _refuse(report, "prune_update_failed", "the dashboard's invitees could not be "
+                    f"changed safely (see removal.update_failed): {gone}; run again",
+                    token)  # fmt: skip
+            return
+        invited = survey.holding(INVITATION)
+        holders = {e.lower() for e in invited}
+        only_entries = [(survey.remove[k][0], v) for k, v in took.items() if k not in holders]
+        for what, emails in _groups(only_entries).items():
+            report.revoked(token, emails, list(what))
+            recorded.update(e.lower() for e in emails)
+        await _revoke(pruner, report, token, invited, took, recorded, stop)
     finally:
-        # Stopped, or refused: the entries of those not revoked went with the PUT. Say
-        # so now, or no record would (the next run records their invitations apart).
-        if removed and len(revoked) < len(invited):
-            left = ((e, removed.get(e.lower(), set())) for e in invited if e not in revoked)
-            for what, emails in _groups(left).items():
-                report.revoked(token, emails, list(what))
+        left = [(survey.remove[k][0], v) for k, v in took.items() if k not in recorded]
+        for what, emails in _groups(left).items():
+            report.revoked(token, emails, list(what))
 
 
 async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str],
-                  removed: dict[str, set[str]], revoked: set[str],
+                  took: dict[str, set[str]], recorded: set[str],
                   stop: asyncio.Event) -> None:  # fmt: skip
     """Revoke the invitations of ``invited`` in list-form DELETEs, recording each (with
-    the entries ``removed`` took from them), adding those revoked to ``revoked``."""
+    the entries the PUT ``took`` from them), adding those recorded to ``recorded``."""
     batches = [invited]
     while batches:
         if stop.is_set():
@@ -271,10 +276,10 @@ async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str]
             # Refused for its size, or for one address in it: halves find out which.
             batches[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
             continue
-        revoked.update(batch)
-        held = ((e, removed.get(e.lower(), set()) | {INVITATION}) for e in batch)
+        held = ((e, took.get(e.lower(), set()) | {INVITATION}) for e in batch)
         for what, emails in _groups(held).items():
             report.revoked(token, emails, list(what))
+        recorded.update(e.lower() for e in batch)
 
 
 def _refuse(report: Report, code: str, message: str, token: str | None = None,

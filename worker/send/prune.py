@@ -172,10 +172,14 @@ class Pruner:
                 out.remove[email.lower()] = (email, held)
         return listed_all
 
-    async def remove_entries(self, token: str, gone: Iterable[str]) -> dict[str, set[str]] | None:
-        """Remove the invitee and share-list entries of ``gone`` (see ``removal``)."""
+    async def remove_entries(self, token: str, gone: Iterable[str],
+                             took: dict[str, set[str]]) -> dict[str, set[str]] | None:  # fmt: skip
+        """Remove the invitee and share-list entries of ``gone``; ``took`` says what the PUT
+        took as soon as it is answered (see ``removal``)."""
+        stop = self._stop
         return await remove_entries(self._dashboard_call, self._client, token,
-                                    frozenset(e.lower() for e in gone))  # fmt: skip
+                                    frozenset(e.lower() for e in gone), took,
+                                    stopped=lambda: stop is not None and stop.is_set())  # fmt: skip
 
     def list_size(self) -> int:
         """The longest list to revoke at once: ``--batch-size``, or the longest list the

@@ -11,10 +11,12 @@ removed ones gone. Nothing to remove, nothing written.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
+from worker.errors import Stopped
 from worker.send.client import InvitationClient
 from worker.send.invitees import Paced, invitee_list, writable
 
@@ -24,11 +26,21 @@ INVITEE, SHARE_LIST = "invitee", "share_list"
 
 
 async def remove_entries(
-    paced: Paced, client: InvitationClient, token: str, gone: frozenset[str]
+    paced: Paced,
+    client: InvitationClient,
+    token: str,
+    gone: frozenset[str],
+    took: dict[str, set[str]],
+    stopped: Callable[[], bool] = lambda: False,
 ) -> dict[str, set[str]] | None:
     """Remove the entries of ``gone`` (lower-cased addresses) from ``token``'s invitees and
     share list: per address removed, which entries went; None if it could not be done
-    safely (the dashboard kept changing, or the read-back does not show the change)."""
+    safely (the dashboard kept changing, or the read-back does not show the change).
+
+    ``took`` is filled as soon as the PUT is answered, with what it took (less, once the
+    read-back shows some still there), so what was taken is known whatever happens next:
+    a stop, a failed read-back. Once ``stopped()``, no PUT is made (:class:`Stopped`).
+    """
     read = functools.partial(client.get_dashboard, token)
     for _ in range(3):
         first, before = (await paced(read)).raw, (await paced(read)).raw
@@ -61,13 +73,18 @@ async def remove_entries(
                     kept_share.add(lower or "")
         if not removed:
             return {}
+        if stopped():  # a stop came while the dashboard was read: nothing taken yet
+            raise Stopped("stopping: the dashboard was not changed")
         await paced(functools.partial(client.put_dashboard, token, body))
+        took.update(removed)  # answered: taken, whatever the read-back then meets
         after = (await paced(read)).raw
         now_invitees = {i["email"].lower(): i for i in invitee_list(after)}
         now_share = _lowered(after.get("share_list"))
         intact = all(now_invitees.get(k) == v for k, v in kept_invitees.items())
         intact = intact and kept_share - {""} <= now_share
         left = [e for e in removed if e in now_invitees or e in now_share]
+        for email in left:  # still there (put back, or the PUT did not take): not taken
+            took.pop(email, None)
         if intact and not left:
             log.info("removal.done", token=token, removed=len(removed))
             return removed
