@@ -55,6 +55,7 @@ from worker.run.human import print_summary as human_summary
 from worker.run.plan import dry_run
 from worker.run.prune import ListedInput
 from worker.send import client_for, pacer_for
+from worker.send.client import InvitationClient
 from worker.send.paging import LIST_ATTEMPTS
 from worker.send.prune import Pruner
 from worker.send.retry import RetryPolicy
@@ -685,6 +686,60 @@ async def test_a_read_back_showing_one_entry_back_records_the_other_taken(
     assert result.exit_code == 1
     assert "DELETE" not in {r.method for r in emulator.requests}
     assert set(board.invitees or {}) == set(PEOPLE[:6])
+    records = read_report(config.report_path)
+    revoked = by_kind(records, "revoked")
+    assert [(r["emails"], r["removed"]) for r in revoked] == [([PEOPLE[6]], ["invitee"])]
+    [refused] = by_kind(records, "prune_refused")
+    assert "1 people's entries are gone all the same (recorded)" in refused["message"]
+
+
+async def test_a_stop_lets_another_dashboards_put_in_flight_finish_and_be_recorded(
+    emulator: Emulator, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two dashboards pruned at once; the stop comes while B's PUT, applied, is still
+    answering: A's worker ends at its next wait, B's PUT is not cancelled but answered, and
+    p6's entry on each dashboard it left has its revoked record (exit 3)."""
+    a, b = board_of(emulator, TOKEN_A, PEOPLE[:7]), board_of(emulator, TOKEN_B, PEOPLE[:7])
+    put, stop = InvitationClient.put_dashboard, asyncio.Event()
+
+    async def slow_to_answer(self: InvitationClient, token: str, body: Any) -> Any:
+        answer = await put(self, token, body)  # applied by the service
+        if token == TOKEN_B:
+            stop.set()
+            await asyncio.sleep(0.5)  # its answer still on the way
+        return answer
+
+    monkeypatch.setattr(InvitationClient, "put_dashboard", slow_to_answer)
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0), concurrency=2, rate=5.0)
+    pairs = [(t, e) for t in (TOKEN_A, TOKEN_B) for e in PEOPLE[:6]]
+    result = await run(config, csv_source(rows_csv(pairs)), stop=stop)
+    assert result.exit_code == 3
+    gone = {
+        t for t, board in ((TOKEN_A, a), (TOKEN_B, b)) if PEOPLE[6] not in (board.invitees or {})
+    }
+    assert TOKEN_B in gone
+    revoked = by_kind(read_report(config.report_path), "revoked")
+    assert {r["token"] for r in revoked} == gone
+    assert all(r["emails"] == [PEOPLE[6]] for r in revoked)
+
+
+async def test_a_read_back_showing_one_of_two_entries_back_records_the_other(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """p6 is an invitee and on the share list; the PUT takes both, and someone puts p6 back
+    on the share list before the read-back: the invitee entry, gone all the same, has its
+    record, and the refusal says one person's entries are gone."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:7])
+    board.share_list = {PEOPLE[6]}
+
+    def share_back(dashboard: Dashboard) -> None:
+        dashboard.share_list = {PEOPLE[6]}
+
+    emulator.before_read[TOKEN_A] = [None, None, None, share_back]  # survey, two reads, read-back
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]])))
+    assert result.exit_code == 1
+    assert PEOPLE[6] not in (board.invitees or {})
     records = read_report(config.report_path)
     revoked = by_kind(records, "revoked")
     assert [(r["emails"], r["removed"]) for r in revoked] == [([PEOPLE[6]], ["invitee"])]

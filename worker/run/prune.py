@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from worker.config import Config
-from worker.errors import AuthError, BadRequest, SendError
+from worker.errors import AuthError, BadRequest, SendError, Stopped
 from worker.send.prune import INVITATION, Named, Pruner, Survey
 from worker.send.removal import INVITEE, SHARE_LIST
 from worker.send.screening import INVITEE_UPDATE_FAILED
@@ -128,6 +128,11 @@ async def prune(
             except SendError as exc:
                 _refuse(report, exc.code, f"the dashboard could not be pruned: {exc.message}; "
                         "run again to finish", token)  # fmt: skip
+            except Stopped:
+                # This dashboard's waits ended; the others' requests in flight finish (a
+                # stop raised out of the group would cancel them, unanswered and
+                # unrecorded), and each ends at its next step.
+                return
 
     try:
         async with asyncio.TaskGroup() as group:  # a fault in one ends them all
@@ -243,8 +248,8 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
         holders = {e.lower() for e in invited}
         only_entries = [(survey.remove[k][0], v) for k, v in took.items() if k not in holders]
         for what, emails in _groups(only_entries).items():
+            recorded.update(e.lower() for e in emails)  # once: a write the disk refused too
             report.revoked(token, emails, list(what))
-            recorded.update(e.lower() for e in emails)
         await _revoke(pruner, report, token, invited, took, recorded, stop)
     finally:
         left = [(survey.remove[k][0], v) for k, v in took.items() if k not in recorded]
@@ -276,10 +281,10 @@ async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str]
             # Refused for its size, or for one address in it: halves find out which.
             batches[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
             continue
+        recorded.update(e.lower() for e in batch)  # once: a write the disk refused too
         held = ((e, took.get(e.lower(), set()) | {INVITATION}) for e in batch)
         for what, emails in _groups(held).items():
             report.revoked(token, emails, list(what))
-        recorded.update(e.lower() for e in batch)
 
 
 def _refuse(report: Report, code: str, message: str, token: str | None = None,

@@ -76,7 +76,7 @@ async def remove_entries(
         if stopped():  # a stop came while the dashboard was read: nothing taken yet
             raise Stopped("stopping: the dashboard was not changed")
         await paced(functools.partial(client.put_dashboard, token, body))
-        took.update(removed)  # answered: taken, whatever the read-back then meets
+        took.update((k, set(v)) for k, v in removed.items())  # answered: taken, whatever follows
         after = (await paced(read)).raw
         now_invitees = {i["email"].lower(): i for i in invitee_list(after)}
         now_share = _lowered(after.get("share_list"))
@@ -84,7 +84,10 @@ async def remove_entries(
         intact = intact and kept_share - {""} <= now_share
         left = [e for e in removed if e in now_invitees or e in now_share]
         for email in left:  # still there (put back, or the PUT did not take): not taken
-            took.pop(email, None)
+            took[email] -= {INVITEE} if email in now_invitees else set()
+            took[email] -= {SHARE_LIST} if email in now_share else set()
+            if not took[email]:
+                del took[email]
         if intact and not left:
             log.info("removal.done", token=token, removed=len(removed))
             return removed
