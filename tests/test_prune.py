@@ -524,7 +524,7 @@ async def test_a_dashboard_whose_invitees_cannot_be_added_back_is_left_whole(
     assert held(board) == set(PEOPLE[:7])
     [refused] = by_kind(read_report(config.report_path), "prune_refused")
     assert refused["code"] == "invitee_update_failed"
-    assert "nothing was added or removed" in refused["message"]
+    assert "nobody was removed from it" in refused["message"]
 
 
 async def test_without_add_invitees_the_invited_but_unallowed_are_only_logged(

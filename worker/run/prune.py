@@ -215,8 +215,8 @@ async def _restore(config: Config, report: Report, survey: Survey,
     if not added:
         _refuse(report, INVITEE_UPDATE_FAILED, f"{len(emails):,} people the list names hold "
                 "an invitation but are neither invitees nor on the share list, and could "
-                "not be added back to the invitees (see invitees.update_failed): nothing was "
-                "added or removed; run again", token)  # fmt: skip
+                "not be added back to the invitees (see invitees.update_failed): nobody was "
+                "removed from it; run again", token)  # fmt: skip
         return False
     log.info("prune.restored", token=token, emails=len(emails))
     report.restored(token, emails, until)
