@@ -1052,7 +1052,8 @@ async def test_revocations_refused_for_their_size_are_split_until_they_pass(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
     """A service that takes at most 2 addresses per list: a DELETE of 5 refused with a 400
-    is halved until every part passes; all 5 are revoked and recorded once each."""
+    is halved until every part passes; all 5 are revoked and recorded once each, and the
+    summary counts the two halvings in splits."""
     board = board_of(emulator, TOKEN_A, PEOPLE[:6])
     emulator.faults.max_batch = 2
     config = make_config(prune=True, prune_max=PruneMax(None, 100.0), batch_size=5)
@@ -1064,6 +1065,7 @@ async def test_revocations_refused_for_their_size_are_split_until_they_pass(
     ok = [r.emails for r in emulator.requests if r.method == "DELETE" and r.status == 204]
     assert sum(ok) == 5
     assert max(ok) <= 2
+    assert result.summary.splits == 2
 
 
 def test_sigterm_mid_prune_stops_at_once_and_resume_finishes(

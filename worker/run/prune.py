@@ -156,7 +156,7 @@ async def _one(
     """Survey, restore (see :func:`_restore`), guard and prune one dashboard."""
     if lower in listed.blocked:
         line, reason = listed.blocked[lower]
-        _refuse(report, "rejected_rows", f"line {line} of this dashboard was rejected "
+        _refuse(report, "rejected_rows", f"line {line}, a row for this dashboard, was rejected "
                 f"({reason}), so the list may be missing someone: nobody was removed from "
                 "it; fix the row and run again", token)  # fmt: skip
         if counts is not None:
@@ -280,6 +280,7 @@ async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str]
                 raise
             # Refused for its size, or for one address in it: halves find out which.
             batches[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+            pruner.splits += 1
             continue
         recorded.update(e.lower() for e in batch)  # once: a write the disk refused too
         held = ((e, took.get(e.lower(), set()) | {INVITATION}) for e in batch)

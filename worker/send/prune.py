@@ -92,6 +92,8 @@ class Pruner:
         self.requests: Counter[str] = Counter()
         #: Pages of invitations read (the summary's ``list_pages`` counts them too).
         self.pages = 0
+        #: Revocations refused (400) and halved (the summary's ``splits`` counts them too).
+        self.splits = 0
 
     async def survey(self, token: str, named: Named) -> Survey | None:
         """Whom ``token``'s dashboard holds that ``named`` says the list does not name;
