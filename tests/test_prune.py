@@ -567,6 +567,21 @@ async def test_a_plan_counts_whom_add_invitees_would_add_among_the_dashboards_pe
     assert held(board) == set(PEOPLE[:10] + new)
 
 
+async def test_the_plan_of_a_list_with_an_unreadable_row_says_it_removes_nobody_anywhere(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """--dry-run --preflight --prune of a list with a row that cannot be read, over two
+    dashboards: the plan says it would remove nobody from any dashboard, not that it
+    would leave one whole."""
+    board_of(emulator, TOKEN_A, PEOPLE[:3])
+    board_of(emulator, TOKEN_B, PEOPLE[:3])
+    text = rows_csv([(TOKEN_A, PEOPLE[0]), (TOKEN_B, PEOPLE[0])]) + '"broken,row\n'
+    out = io.StringIO()
+    await dry_run(make_config(prune=True), csv_source(text), preflight=True, out=out)
+    assert "--prune would remove nobody from any dashboard" in out.getvalue()
+    assert "would leave whole" not in out.getvalue()
+
+
 async def test_an_address_rejection_spares_its_token_and_duplicates_are_harmless(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:

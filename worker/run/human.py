@@ -221,7 +221,13 @@ def print_plan(plan: dict[str, Any], out: TextIO) -> None:
         print("The service refused the keys (401/403): the run would stop at its first "
               "check (exit 3). Check DD_API_KEY / DD_APP_KEY, the site (--site) and the "
               "application key's permissions.", file=out)  # fmt: skip
-    if "removals" in plan:
+    if "removals" in plan and "input_unreadable" in plan.get("prune_refused_by_code", {}):
+        # Refused for the whole list, not per dashboard: counting it as one dashboard
+        # left whole would understate it.
+        print("--prune would remove nobody from any dashboard: a row of the list cannot be "
+              f"read or attributed to a token (see the prune_refused record in "
+              f"{plan['report']})", file=out)  # fmt: skip
+    elif "removals" in plan:
         print(f"--prune would remove {plan['removals']:,} people (their addresses are in "
               f"{plan['report']}); dashboards it would leave whole: "
               f"{plan['prunes_refused']:,}", file=out)  # fmt: skip
