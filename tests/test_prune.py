@@ -667,6 +667,50 @@ async def test_a_stop_while_the_put_is_answered_still_records_the_entries_it_too
     assert [(r["emails"], r["removed"]) for r in revoked] == [([PEOPLE[6]], ["invitee"])]
 
 
+async def test_a_kill_while_a_delete_is_out_leaves_a_report_that_invites_a_returning_person(
+    emulator: Emulator,
+    make_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The report as a kill -9 finds it while a DELETE is out (applied, its answer not yet
+    come) already says p6 revoked; the next day's --resume --prune --add-invitees, p6
+    back on the list, invites p6 again with the entry added back, where a report still
+    saying p6 served would have skipped p6, left with neither."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:7])
+    revoke, out = InvitationClient.revoke, asyncio.Event()
+
+    async def applied_never_answered(self: InvitationClient, token: str, emails: list[str]) -> Any:
+        await revoke(self, token, emails)
+        out.set()
+        await asyncio.Event().wait()  # the answer never comes: killed meanwhile
+
+    config = make_config(prune=True, add_invitees=True, prune_max=PruneMax(None, 100.0))
+    day1 = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:7]])))
+    assert day1.summary.emails_skipped == 7  # served, as the report now says
+    monkeypatch.setattr(InvitationClient, "revoke", applied_never_answered)
+    config = dataclasses.replace(config, resume=True, overwrite=False)
+    day2 = asyncio.create_task(
+        run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:6]])))
+    )
+    await asyncio.wait_for(out.wait(), 20)
+    killed = tmp_path / "killed.jsonl"  # what a kill -9 leaves at this moment
+    shutil.copy(config.report_path, killed)
+    day2.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await day2
+    monkeypatch.setattr(InvitationClient, "revoke", revoke)
+    assert PEOPLE[6] not in (board.invitees or {})
+    assert PEOPLE[6] not in {e for e, _ in board.invitations}
+    day3 = make_config(prune=True, add_invitees=True, prune_max=PruneMax(None, 100.0),
+                       report_path=killed, resume=True)  # fmt: skip
+    result = await run(day3, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:7]])))
+    assert result.exit_code == 0, result.summary
+    assert PEOPLE[6] in (board.invitees or {})
+    assert PEOPLE[6] in {e for e, _ in board.invitations}
+    assert emulator.invited[(TOKEN_A, PEOPLE[6])] == 2  # revoked, then invited anew
+
+
 async def test_a_stop_while_the_removal_reads_makes_no_put(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:

@@ -227,9 +227,10 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
     """Entries first (no new link can be asked for), then invitations, in batches.
 
     Every entry a PUT took is recorded before this returns or raises: with the
-    invitation, once revoked; alone, when the person holds none, or when their DELETE is
-    not made (a stop, a refusal) or the read-back fails. Otherwise a person back on the
-    list would be taken for served with no entry, and nothing would say why.
+    invitation, as its DELETE leaves (see :func:`_revoke`); alone, when the person holds
+    none, or when their DELETE is not made (a stop, a refusal) or the read-back fails.
+    Otherwise a person back on the list would be taken for served with no entry, and
+    nothing would say why.
     """
     token, entries = survey.token, survey.holding(INVITEE) + survey.holding(SHARE_LIST)
     took: dict[str, set[str]] = {}  # lower-cased address -> entries the PUT took
@@ -260,8 +261,16 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
 async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str],
                   took: dict[str, set[str]], recorded: set[str],
                   stop: asyncio.Event) -> None:  # fmt: skip
-    """Revoke the invitations of ``invited`` in list-form DELETEs, recording each (with
-    the entries the PUT ``took`` from them), adding those recorded to ``recorded``."""
+    """Revoke the invitations of ``invited`` in list-form DELETEs, each recorded (with the
+    entries the PUT ``took`` from them) before it leaves, adding those recorded to
+    ``recorded``.
+
+    Before, not after: a DELETE whose answer never comes (the process killed while it is
+    out) may have revoked them, and a report still saying them served would make the next
+    ``--resume`` skip them when the list names them again, with neither invitation nor
+    entry. A record of a revocation that then did not happen only makes the next run
+    check them against the service (invited: skipped; not named: revoked again).
+    """
     batches = [invited]
     while batches:
         if stop.is_set():
@@ -273,6 +282,11 @@ async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str]
         if len(batch) > size:
             batches[:0] = [batch[:size], batch[size:]]
             continue
+        fresh = [e for e in batch if e.lower() not in recorded]  # halves are recorded
+        recorded.update(e.lower() for e in fresh)  # once: a write the disk refused too
+        held = ((e, took.get(e.lower(), set()) | {INVITATION}) for e in fresh)
+        for what, emails in _groups(held).items():
+            report.revoked(token, emails, list(what))
         try:
             await pruner.revoke(token, batch)
         except BadRequest:
@@ -281,11 +295,6 @@ async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str]
             # Refused for its size, or for one address in it: halves find out which.
             batches[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
             pruner.splits += 1
-            continue
-        recorded.update(e.lower() for e in batch)  # once: a write the disk refused too
-        held = ((e, took.get(e.lower(), set()) | {INVITATION}) for e in batch)
-        for what, emails in _groups(held).items():
-            report.revoked(token, emails, list(what))
 
 
 def _refuse(report: Report, code: str, message: str, token: str | None = None,
