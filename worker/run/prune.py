@@ -227,10 +227,9 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
     """Entries first (no new link can be asked for), then invitations, in batches.
 
     Every entry a PUT took is recorded before this returns or raises: with the
-    invitation, as its DELETE leaves (see :func:`_revoke`); alone, when the person holds
-    none, or when their DELETE is not made (a stop, a refusal) or the read-back fails.
-    Otherwise a person back on the list would be taken for served with no entry, and
-    nothing would say why.
+    invitation, before the first DELETE leaves (see :func:`_revoke`); alone, when the
+    person holds none, or when the read-back fails. Otherwise a person back on the list
+    would be taken for served with no entry, and nothing would say why.
     """
     token, entries = survey.token, survey.holding(INVITEE) + survey.holding(SHARE_LIST)
     took: dict[str, set[str]] = {}  # lower-cased address -> entries the PUT took
@@ -250,6 +249,12 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
         only_entries = [(survey.remove[k][0], v) for k, v in took.items() if k not in holders]
         for what, emails in _groups(only_entries).items():
             recorded.update(e.lower() for e in emails)  # once: a write the disk refused too
+            report.revoked(token, emails, list(what))
+        # Every holder's record now, before the first DELETE: a kill between two DELETEs
+        # must not leave those after it with entries gone and no record (see _revoke).
+        recorded.update(e.lower() for e in invited)
+        held = ((e, took.get(e.lower(), set()) | {INVITATION}) for e in invited)
+        for what, emails in _groups(held).items():
             report.revoked(token, emails, list(what))
         await _revoke(pruner, report, token, invited, took, recorded, stop)
     finally:
