@@ -159,7 +159,8 @@ class Report:
 
     def revoked(self, token: str, emails: list[str], removed: list[str], *,
                 planned: bool = False) -> None:  # fmt: skip
-        """Emails whose access ``--prune`` took away (or, ``planned``, would), at once."""
+        """Emails whose access ``--prune`` takes away (or, ``planned``, would), at once: an
+        invitation's record is written as its DELETE leaves (see ``run.prune._revoke``)."""
         if not planned:
             if self.on_revoked is not None:
                 self.on_revoked(token, emails)

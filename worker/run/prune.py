@@ -9,8 +9,10 @@ of the lower-cased token and address (8 bytes a row). A collision can only make 
 address look named, so it is kept: never a removal the list did not ask for.
 
 :func:`prune` then goes dashboard by dashboard (``--concurrency`` at a time): survey,
-guard (``--prune-max``), remove entries, revoke invitations, each step recorded in the
-report as it completes. With ``plan`` (``--dry-run --preflight --prune``) it surveys only.
+restore (``--add-invitees``), guard (``--prune-max``), remove entries, revoke
+invitations, each step recorded in the report: an entry once its PUT is answered, an
+invitation as its DELETE leaves (see :func:`_revoke`). With ``plan`` (``--dry-run
+--preflight --prune``) it surveys only.
 """
 
 from __future__ import annotations
@@ -227,9 +229,12 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
     """Entries first (no new link can be asked for), then invitations, in batches.
 
     Every entry a PUT took is recorded before this returns or raises: with the
-    invitation, before the first DELETE leaves (see :func:`_revoke`); alone, when the
-    person holds none, or when the read-back fails. Otherwise a person back on the list
-    would be taken for served with no entry, and nothing would say why.
+    invitation, as its DELETE leaves (see :func:`_revoke`); alone, when the person holds
+    none, or when their DELETE is not made (a stop, a refusal) or the read-back fails.
+    Otherwise a person back on the list would be taken for served with no entry, and
+    nothing would say why. Only a kill leaves those whose DELETE had not left yet with
+    entries gone unrecorded: they still hold their invitation, and a ``--prune
+    --add-invitees`` run adds their entry back if the list names them again.
     """
     token, entries = survey.token, survey.holding(INVITEE) + survey.holding(SHARE_LIST)
     took: dict[str, set[str]] = {}  # lower-cased address -> entries the PUT took
@@ -250,12 +255,6 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
         for what, emails in _groups(only_entries).items():
             recorded.update(e.lower() for e in emails)  # once: a write the disk refused too
             report.revoked(token, emails, list(what))
-        # Every holder's record now, before the first DELETE: a kill between two DELETEs
-        # must not leave those after it with entries gone and no record (see _revoke).
-        recorded.update(e.lower() for e in invited)
-        held = ((e, took.get(e.lower(), set()) | {INVITATION}) for e in invited)
-        for what, emails in _groups(held).items():
-            report.revoked(token, emails, list(what))
         await _revoke(pruner, report, token, invited, took, recorded, stop)
     finally:
         left = [(survey.remove[k][0], v) for k, v in took.items() if k not in recorded]
@@ -273,8 +272,10 @@ async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str]
     Before, not after: a DELETE whose answer never comes (the process killed while it is
     out) may have revoked them, and a report still saying them served would make the next
     ``--resume`` skip them when the list names them again, with neither invitation nor
-    entry. A record of a revocation that then did not happen only makes the next run
-    check them against the service (invited: skipped; not named: revoked again).
+    entry. A record of a revocation that then did not happen (the batch refused, or
+    stopped in its wait) only makes the next run check them against the service
+    (invited: skipped; not named: revoked again), and it overstates the counts by that
+    one batch; a batch not yet begun is not recorded.
     """
     batches = [invited]
     while batches:
