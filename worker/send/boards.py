@@ -65,13 +65,9 @@ class BoardReader:
             self.unreadable(exc)
             return
         self._url_checked = True
-        if board.share_type is not None and board.share_type != "invite":
-            check.refused = Failure(NOT_INVITE_ONLY, f"the shared dashboard is shared as "
-                                    f"{board.share_type!r}; invitations are for invite-only "
-                                    "sharing (share_type 'invite')")  # fmt: skip
-        elif board.status == "paused":
-            check.refused = Failure(DASHBOARD_PAUSED, "the shared dashboard is paused; "
-                                    "resume sharing it, then run again")  # fmt: skip
+        refusal = sharing_refusal(board.share_type, board.status)
+        if refusal is not None:
+            check.refused = refusal
         else:
             check.allowed, check.expired = allowed_keys(board, check.checked)
             allowed = None if check.allowed is None else len(check.allowed)
@@ -127,3 +123,16 @@ class BoardReader:
                         consequence="sending without checking who is allowed (who was "
                         "invited is still listed): give the application key "
                         "dashboards_read")  # fmt: skip
+
+
+def sharing_refusal(share_type: object, status: object) -> Failure | None:
+    """Why nobody is sent to a dashboard shared so (None: they may be): invitations are
+    for invite-only sharing, and not while it is paused. ``--prune`` adds nobody back to
+    such a dashboard either."""
+    if share_type is not None and share_type != "invite":
+        return Failure(NOT_INVITE_ONLY, f"the shared dashboard is shared as {share_type!r}; "
+                       "invitations are for invite-only sharing (share_type 'invite')")  # fmt: skip
+    if status == "paused":
+        return Failure(DASHBOARD_PAUSED, "the shared dashboard is paused; resume sharing it, "
+                       "then run again")  # fmt: skip
+    return None

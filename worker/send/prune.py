@@ -27,6 +27,7 @@ import structlog
 
 from worker.clock import Clock
 from worker.errors import ListingMoved, TokenNotFound
+from worker.send.boards import sharing_refusal
 from worker.send.client import InvitationClient
 from worker.send.compact import key_set, keys_of
 from worker.send.listed import Listed
@@ -211,10 +212,9 @@ class Pruner:
 
 
 def _keeps_allow_list(board: dict[str, Any]) -> bool:
-    """Whether entries decide who an invitation serves: an invite-only dashboard, not
-    paused, with an allow-list (the dashboard check refuses to send to any other, so
-    nobody is added back to it either)."""
-    if board.get("share_type", "invite") not in ("invite", None) or board.get("status") == "paused":
+    """Whether entries decide who an invitation serves: a dashboard the check sends to
+    (:func:`sharing_refusal`), with an allow-list."""
+    if sharing_refusal(board.get("share_type"), board.get("status")) is not None:
         return False
     return isinstance(board.get("invitees"), list) or isinstance(board.get("share_list"), list)
 
