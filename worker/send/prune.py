@@ -127,9 +127,9 @@ class Pruner:
 
         def add(page: Sequence[Listed]) -> None:
             emails = [item.email for item in page]
-            listed = self._add(out, seen, emails, INVITATION, named)
+            listed, keys = self._add(out, seen, emails, INVITATION, named)
             if entries is not None and any(listed):
-                held = member(entries, keys_of(emails))
+                held = member(entries, keys)
                 for email, on_list, entry in zip(emails, listed, held.tolist(), strict=True):
                     if on_list and not entry:
                         out.restore.setdefault(email.lower(), email)
@@ -160,11 +160,13 @@ class Pruner:
         return out
 
     def _add(self, out: Survey, seen: array[int], emails: list[str], what: str,
-             named: Named) -> list[bool]:  # fmt: skip
-        """Take note of ``emails`` holding ``what``; whether the list names each."""
+             named: Named) -> tuple[list[bool], Any]:  # fmt: skip
+        """Take note of ``emails`` holding ``what``; whether the list names each, and their
+        keys (:func:`keys_of`, hashed once)."""
+        keys = keys_of(emails)
         if not emails:
-            return []
-        seen.extend(hash(e.lower()) for e in emails)
+            return [], keys
+        seen.frombytes(keys.tobytes())
         listed_all = named(emails)
         for email, listed in zip(emails, listed_all, strict=True):
             if listed:
@@ -173,7 +175,7 @@ class Pruner:
             held.add(what)
             if what == INVITATION and spelled != email:  # revoke it as the service lists it
                 out.remove[email.lower()] = (email, held)
-        return listed_all
+        return listed_all, keys
 
     async def remove_entries(self, token: str, gone: Iterable[str],
                              took: dict[str, set[str]]) -> dict[str, set[str]] | None:  # fmt: skip
