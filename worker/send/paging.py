@@ -11,14 +11,17 @@ from __future__ import annotations
 import operator
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
-from worker.errors import TokenNotFound, UnexpectedResponse
+from worker.errors import ListingMoved, TokenNotFound, UnexpectedResponse
 from worker.send.listed import Listed
 from worker.send.replies import Listing
 
 log = structlog.get_logger("worker.reconcile")
+
+T = TypeVar("T")
 
 #: Invitations asked for per page (``--list-page-size``; the service may honor fewer).
 PAGE_SIZE = 100
@@ -29,6 +32,38 @@ MAX_PAGES = 100_000
 LIST_ATTEMPTS = 3
 #: What tells one listed invitation from another when pages are compared.
 _IDENTITY = operator.attrgetter("email", "created_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A reading found its listing moved while it was read: ``why`` says what showed it."""
+
+    why: str
+
+
+async def read_settled(
+    token: str,
+    once: Callable[[], Awaitable[T | Moved]],
+    *,
+    event: str,
+    again: str,
+    giving_up: str,
+    consequence: str,
+) -> T:
+    """What ``once`` (one reading from the listing's start) makes of ``token``'s listing,
+    read again while it moved, at most :data:`LIST_ATTEMPTS` times; then
+    :class:`ListingMoved` saying ``consequence``. Each move is logged as ``event``, its
+    action ``again`` (or, the last time, ``giving_up``)."""
+    why = ""
+    for attempt in range(1, LIST_ATTEMPTS + 1):
+        result = await once()
+        if not isinstance(result, Moved):
+            return result
+        why = result.why
+        log.warning(event, token=token, attempt=attempt, why=why,
+                    action=again if attempt < LIST_ATTEMPTS else giving_up)  # fmt: skip
+    raise ListingMoved(f"the invitation list kept changing while it was read ({why}), "
+                       f"{LIST_ATTEMPTS} times: {consequence}")  # fmt: skip
 
 
 @dataclass(slots=True)

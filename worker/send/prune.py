@@ -26,13 +26,13 @@ import numpy as np
 import structlog
 
 from worker.clock import Clock
-from worker.errors import ListingMoved, TokenNotFound
+from worker.errors import TokenNotFound
 from worker.send.boards import sharing_refusal
 from worker.send.client import InvitationClient
 from worker.send.compact import key_set, keys_of
 from worker.send.listed import Listed
 from worker.send.pacing import Pacer
-from worker.send.paging import LIST_ATTEMPTS, PAGE_SIZE, Reading, read_pages
+from worker.send.paging import PAGE_SIZE, Moved, Reading, read_pages, read_settled
 from worker.send.removal import INVITEE, SHARE_LIST, remove_entries
 from worker.send.replies import Listing
 from worker.send.retry import Answered, RetryPolicy, paced_call
@@ -106,20 +106,14 @@ class Pruner:
         most :data:`LIST_ATTEMPTS` times, then raises :class:`ListingMoved`: a survey
         that cannot see everyone removes nobody.
         """
-        for attempt in range(1, LIST_ATTEMPTS + 1):
-            surveyed = await self._survey_once(token, named)
-            if not isinstance(surveyed, str):
-                return surveyed
-            log.warning("prune.list_moved", token=token, attempt=attempt, why=surveyed,
-                        action="surveying the dashboard again" if attempt < LIST_ATTEMPTS
-                        else "removing nobody from it")  # fmt: skip
-        raise ListingMoved(
-            f"the invitation list kept changing while it was read ({surveyed}), "
-            f"{LIST_ATTEMPTS} times: who holds access cannot be told, so nobody is removed "
-            "from this dashboard now"
-        )
+        return await read_settled(
+            token, functools.partial(self._survey_once, token, named), event="prune.list_moved",
+            again="surveying the dashboard again", giving_up="removing nobody from it",
+            consequence="who holds access cannot be told, so nobody is removed from this "
+            "dashboard now",
+        )  # fmt: skip
 
-    async def _survey_once(self, token: str, named: Named) -> Survey | str | None:
+    async def _survey_once(self, token: str, named: Named) -> Survey | Moved | None:
         """One survey: the survey, what shows the listing moved, or None (no dashboard)."""
         out, reading = Survey(token), Reading()
         seen = array("q")  # hashes of the lower-cased addresses held, 8 bytes each
@@ -154,7 +148,7 @@ class Pruner:
         if reading.gone is not None:  # gone between the dashboard and its listing
             return None
         if moved is not None:
-            return moved
+            return Moved(moved)
         out.people = len(np.unique(np.frombuffer(seen, dtype=np.int64))) if seen else 0
         log.info("prune.surveyed", token=token, people=out.people, remove=len(out.remove))
         return out

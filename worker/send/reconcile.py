@@ -18,13 +18,12 @@ from collections.abc import Collection
 import structlog
 
 from worker.clock import Clock
-from worker.errors import ListingMoved
 from worker.outcome import Invitation, Outcome, Status
 from worker.send.client import InvitationClient
 from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_epoch
 from worker.send.keyed import KeyedLocks
 from worker.send.pacing import Pacer
-from worker.send.paging import LIST_ATTEMPTS, PAGE_SIZE, Reading, read_pages
+from worker.send.paging import PAGE_SIZE, Moved, Reading, read_pages, read_settled
 from worker.send.replies import Listing
 from worker.send.retry import RetryPolicy, Tally, paced_call
 
@@ -175,25 +174,27 @@ class Reconciler:
     async def _list(self, token: str, wanted: frozenset[int]) -> TokenListing:
         """Every page, to the end of the listing, read again from its start when it
         changed while it was read (at most :data:`LIST_ATTEMPTS` times)."""
-        for attempt in range(1, LIST_ATTEMPTS + 1):
+
+        async def once() -> TokenListing | Moved:
             builder, reading = ListingBuilder(self._clock.time(), wanted), Reading()
             try:
                 moved = await read_pages(token, builder.add, self._page, self.page_size,
                                          reading)  # fmt: skip
             finally:  # read, even if the listing then failed or the run stopped
                 self.pages += reading.pages
-            if moved is None:
-                listing = builder.done()
-                listing.pages, listing.gone = reading.pages, reading.gone
-                return listing
-            log.warning("reconcile.list_moved", token=token, attempt=attempt, why=moved,
-                        action="reading it again from its first page" if attempt < LIST_ATTEMPTS
-                        else "sending nobody of this token")  # fmt: skip
-        raise ListingMoved(
-            f"the invitation list kept changing while it was read ({moved}), "
-            f"{LIST_ATTEMPTS} times: who is invited cannot be told, so nobody of this token "
-            "is sent now; run again (--resume) once the dashboard's invitations settle"
-        )
+            if moved is not None:
+                return Moved(moved)
+            listing = builder.done()
+            listing.pages, listing.gone = reading.pages, reading.gone
+            return listing
+
+        return await read_settled(
+            token, once, event="reconcile.list_moved",
+            again="reading it again from its first page",
+            giving_up="sending nobody of this token",
+            consequence="who is invited cannot be told, so nobody of this token is sent now; "
+            "run again (--resume) once the dashboard's invitations settle",
+        )  # fmt: skip
 
     async def _page(self, token: str, number: int, size: int) -> Listing:
         """One page, retried by the run's policy (``TokenNotFound``: the dashboard is gone)."""
