@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -239,6 +239,15 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
     token, entries = survey.token, survey.holding(INVITEE) + survey.holding(SHARE_LIST)
     took: dict[str, set[str]] = {}  # lower-cased address -> entries the PUT took
     recorded: set[str] = set()  # lower-cased addresses with their revoked record
+
+    def record_entries(but: Collection[str] = ()) -> None:
+        """Record what the PUT took from those not recorded yet (nor in ``but``)."""
+        left = [(survey.remove[k][0], v) for k, v in took.items()
+                if k not in recorded and k not in but]  # fmt: skip
+        for what, emails in _groups(left).items():
+            recorded.update(e.lower() for e in emails)  # once: a write the disk refused too
+            report.revoked(token, emails, list(what))
+
     try:
         if entries and await pruner.remove_entries(token, entries, took) is None:
             gone = "nothing was removed from it"
@@ -250,16 +259,10 @@ async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.
                     token)  # fmt: skip
             return
         invited = survey.holding(INVITATION)
-        holders = {e.lower() for e in invited}
-        only_entries = [(survey.remove[k][0], v) for k, v in took.items() if k not in holders]
-        for what, emails in _groups(only_entries).items():
-            recorded.update(e.lower() for e in emails)  # once: a write the disk refused too
-            report.revoked(token, emails, list(what))
+        record_entries(but={e.lower() for e in invited})  # holders: with their invitation
         await _revoke(pruner, report, token, invited, took, recorded, stop)
     finally:
-        left = [(survey.remove[k][0], v) for k, v in took.items() if k not in recorded]
-        for what, emails in _groups(left).items():
-            report.revoked(token, emails, list(what))
+        record_entries()
 
 
 async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str],
