@@ -29,7 +29,7 @@ from aiohttp import web
 from worker.emulator.dashboards import Dashboard
 from worker.emulator.invitations import Invitations
 from worker.emulator.model import FAULTS, INVITATION_PATH, Faults, Logged, RateWindow, RequestLog
-from worker.emulator.responses import error, json_response, no_dashboard
+from worker.emulator.responses import error, hang_up, json_response, no_dashboard
 from worker.errors import UsageError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -37,6 +37,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BoardHandler = Callable[
     [web.Request, RequestLog, dict[str, str], Dashboard], Awaitable[web.StreamResponse]
 ]
+#: What a hook run as a PUT arrives says of it: None, applied and answered; an HTTP status,
+#: refused with it (not applied); :data:`DROP`, applied, then the connection closed with no
+#: answer.
+WriteHook = Callable[[Dashboard], "int | str | None"]
+DROP = "drop"
 
 
 class Emulator(Invitations):
@@ -90,6 +95,9 @@ class Emulator(Invitations):
         #: Per token, what happens to the dashboard before each of its next GETs (None:
         #: nothing): another person's edit, for tests of concurrent changes.
         self.before_read: dict[str, list[Callable[[Dashboard], None] | None]] = {}
+        #: Per token, what happens as each of its next PUTs arrives (None: nothing), before
+        #: the PUT is applied: another person's edit, and how the PUT is answered.
+        self.before_write: dict[str, list[WriteHook | None]] = {}
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -186,6 +194,10 @@ class Emulator(Invitations):
         self, request: web.Request, log: RequestLog, headers: dict[str, str], board: Dashboard
     ) -> web.StreamResponse:
         """PUT: the writable fields the body carries replace the dashboard's."""
+        hooks = self.before_write.get(board.token)
+        answer = hook(board) if hooks and (hook := hooks.pop(0)) is not None else None
+        if isinstance(answer, int):
+            return log(error(answer, "The service could not apply the update", headers))
         try:
             body = msgspec.json.decode(await request.read())
             if board.sandbox:
@@ -194,4 +206,6 @@ class Emulator(Invitations):
             board.update(body, self._clock())
         except ValueError as exc:  # not JSON, or a field of the wrong shape
             return log(error(400, f"Invalid shared dashboard update: {exc}", headers))
+        if answer == DROP:
+            return log(hang_up(request))
         return log(json_response(200, board.as_json(), headers))
