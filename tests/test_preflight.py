@@ -35,6 +35,7 @@ from worker.clock import SystemClock
 from worker.config import Config
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard, Invitee
+from worker.emulator.server import DROP
 from worker.errors import SendError
 from worker.queue.options import StreamOptions
 from worker.queue.runner import run_stream
@@ -345,6 +346,53 @@ async def test_add_invitees_keeps_an_edit_made_between_its_read_and_its_write(
     assert board.invitees is not None
     assert set(board.invitees) == {"a@example.com", "colleague@example.com", "new@example.com"}
     assert emulator.invited == Counter({(TOKEN_A, "new@example.com"): 1})
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_add_invitees_reads_again_rather_than_repeat_a_refused_write(
+    emulator: Emulator, make_config: Callable[..., Config], status: int
+) -> None:
+    """The PUT is refused (a 503, or a 429 and its wait) while someone adds an invitee:
+    the write is not sent again as it was (that would drop the colleague), the
+    dashboard is read again and the next write keeps both."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+
+    def someone_else_then_refused(dashboard: Dashboard) -> int:
+        assert dashboard.invitees is not None
+        dashboard.invitees["colleague@example.com"] = Invitee("colleague@example.com")
+        return status
+
+    emulator.before_write[TOKEN_A] = [someone_else_then_refused]
+    result = await run(make_config(add_invitees=True),
+                       csv_source(rows_csv([(TOKEN_A, "new@example.com")])))  # fmt: skip
+    assert result.exit_code == 0
+    assert set(board.invitees or {}) == {"a@example.com", "colleague@example.com",
+                                         "new@example.com"}  # fmt: skip
+    assert [r.method for r in emulator.requests].count("PUT") == 2
+    # The write not made again is not counted as a request.
+    made = sum(1 for r in emulator.requests if not r.path.endswith("/invitation"))
+    assert result.summary.requests_by_kind["dashboard"] == made
+    assert result.summary.invitees_added == 1
+    assert emulator.invited == Counter({(TOKEN_A, "new@example.com"): 1})
+
+
+async def test_add_invitees_takes_an_unanswered_write_that_was_applied_as_done(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The PUT is applied but its answer never comes (the connection drops): the next
+    reads show the address added, so no second PUT goes (it would overwrite whatever
+    changed meanwhile), the address counts as added and is invited once."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+    emulator.before_write[TOKEN_A] = [lambda _: DROP]
+    result = await run(make_config(add_invitees=True),
+                       csv_source(rows_csv([(TOKEN_A, "new@example.com")])))  # fmt: skip
+    assert result.exit_code == 0
+    assert set(board.invitees or {}) == {"a@example.com", "new@example.com"}
+    assert [r.method for r in emulator.requests].count("PUT") == 1
+    assert result.summary.invitees_added == 1
+    assert emulator.invited == Counter({(TOKEN_A, "new@example.com"): 1})
+    [sent] = by_kind(read_report(make_config().report_path), "batch")
+    assert sent["invitees_added"] == ["new@example.com"]
 
 
 async def test_add_invitees_fails_its_rows_loudly_when_the_change_does_not_hold(

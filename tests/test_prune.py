@@ -47,6 +47,7 @@ from worker.clock import SystemClock
 from worker.config import Config, PruneMax
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard, Invitee
+from worker.emulator.server import DROP
 from worker.errors import ListingMoved, UsageError
 from worker.record.files import holds_only_a_plan, reads_as_report
 from worker.record.replay import Replay
@@ -641,6 +642,49 @@ async def test_removal_keeps_an_edit_made_between_its_reads(
                for e in r["emails"]}  # fmt: skip
     assert removed == {PEOPLE[2]: ["invitation", "invitee"],
                        PEOPLE[3]: ["invitation", "invitee", "share_list"]}  # fmt: skip
+
+
+async def test_removal_reads_again_rather_than_repeat_a_refused_write(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The removal's PUT is refused (a 503) while someone adds an invitee: the write is
+    not sent again as it was (that would drop the colleague), the dashboard is read
+    again and the next write keeps the colleague and removes p2 and p3."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:4])
+
+    def someone_else_then_refused(dashboard: Dashboard) -> int:
+        assert dashboard.invitees is not None
+        dashboard.invitees["colleague@example.com"] = Invitee("colleague@example.com")
+        return 503
+
+    emulator.before_write[TOKEN_A] = [someone_else_then_refused]
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:2]])))
+    assert result.exit_code == 0
+    assert set(board.invitees or {}) == {*PEOPLE[:2], "colleague@example.com"}
+    assert [r.method for r in emulator.requests].count("PUT") == 2
+    removed = {e: r["removed"] for r in by_kind(read_report(config.report_path), "revoked")
+               for e in r["emails"]}  # fmt: skip
+    assert removed == {p: ["invitation", "invitee"] for p in PEOPLE[2:4]}
+
+
+async def test_an_unanswered_removal_that_was_applied_is_recorded_and_not_repeated(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The removal's PUT is applied but its answer never comes: the next reads show p2's
+    and p3's entries gone, so no second PUT goes, their entries are recorded taken and
+    their invitations revoked."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:4])
+    emulator.before_write[TOKEN_A] = [lambda _: DROP]
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:2]])))
+    assert result.exit_code == 0
+    assert set(board.invitees or {}) == set(PEOPLE[:2])
+    assert {e for e, _ in board.invitations} == set(PEOPLE[:2])
+    assert [r.method for r in emulator.requests].count("PUT") == 1
+    removed = {e: r["removed"] for r in by_kind(read_report(config.report_path), "revoked")
+               for e in r["emails"]}  # fmt: skip
+    assert removed == {p: ["invitation", "invitee"] for p in PEOPLE[2:4]}
 
 
 async def test_a_stop_while_the_put_is_answered_still_records_the_entries_it_took(

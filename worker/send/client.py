@@ -281,7 +281,7 @@ class InvitationClient:
         session = self._opened()
         import aiohttp  # imported by _opened: a name lookup
 
-        from worker.send.leaving import LEAVING, Asking, GatedBody, held_back
+        from worker.send.leaving import LEAVING, Asking, GatedBody, OnceBody, held_back
 
         # Asked with nothing left to do but make the request: its time limit counts from
         # this reading, and the connection, once in hand, asks again.
@@ -292,7 +292,9 @@ class InvitationClient:
         timeout = aiohttp.ClientTimeout(total=limit, ceil_threshold=math.inf)
         asking = Asking(leaving)
         asked = LEAVING.set(asking)
-        data = body if leaving is None or body is None else GatedBody(body, asking)
+        data = (
+            None if body is None else OnceBody(body) if leaving is None else GatedBody(body, asking)
+        )
         try:
             async with session.request(
                 method, url, data=data, timeout=timeout, allow_redirects=False,

@@ -4,6 +4,11 @@ The API has no version field or ETag, so a write replaces the writable fields wi
 the writer read. To keep another person's edit: read twice, write only if nobody changed
 the dashboard in between (else read again, up to three times), then read back — every
 earlier invitee unchanged and every new one present. Nothing is ever removed or changed.
+
+A write goes once for the reads it was made from: where the pacer or the retry policy
+would send it again (after a 429's wait, a backoff, an answer that never came), the
+dashboard is read again instead, so a body read before the wait never lands on what
+changed during it; a write that was applied without an answer shows in those reads.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import structlog
 from worker.errors import InviteWorkerError
 from worker.send.client import InvitationClient
 from worker.send.replies import Dashboard
+from worker.send.retry import Once
 
 log = structlog.get_logger("worker.invitees")
 
@@ -45,35 +51,64 @@ async def add_invitees(
             raise _LockLost
         return await client.put_dashboard(token, body)
 
-    for _ in range(3):
+    unanswered: set[str] = set()  # lower-cased, in a write that may have been applied
+    why = CHANGING  # why the rounds ran out
+    for _ in range(ROUNDS):
         first, before = (await paced(read)).raw, (await paced(read)).raw
         if writable(first) != writable(before):
+            why = CHANGING
             log.warning("invitees.concurrent_edit", token=token, action="reading again")
             continue
         body = writable(before)
         kept = invitee_list(before)
         present = {i["email"].lower() for i in kept}
         new = [e for e in dict.fromkeys(emails) if e.lower() not in present]
+        # Those an unanswered write of ours was adding and the dashboard now shows.
+        applied = len(unanswered & present)
+        if not new:  # nothing to write: no window for another person's edit to be lost
+            log.info("invitees.added", token=token, added=applied)
+            return applied
         body["invitees"] = [*kept, *({"email": e, "access_expiration": expires} for e in new)]
         try:
-            await paced(functools.partial(write, body))
+            await paced(once(functools.partial(write, body)))
         except _LockLost:  # another worker may have edited since those reads
+            continue
+        except WriteAgain:
+            unanswered.update(e.lower() for e in new)
+            why = UNSETTLED
+            log.warning("invitees.write_unsettled", token=token, action="reading again")
             continue
         after = {i["email"].lower(): i for i in invitee_list((await paced(read)).raw)}
         intact = all(after.get(i["email"].lower()) == i for i in kept)
         if intact and all(e.lower() in after for e in new):
-            log.info("invitees.added", token=token, added=len(new))
-            return len(new)
+            log.info("invitees.added", token=token, added=len(new) + applied)
+            return len(new) + applied
         log.error("invitees.update_failed", token=token, intact=intact,
                   reason="the read-back does not show the change as written")  # fmt: skip
         return None
     log.error("invitees.update_failed", token=token,
-              reason="the dashboard kept changing while being read")  # fmt: skip
+              reason=why)  # fmt: skip
     return None
 
 
 class _LockLost(InviteWorkerError):
     """The edit's lock was lost before its write left (taken again since)."""
+
+
+#: Rounds of reading twice (and writing) before an edit is given up, and why it was.
+ROUNDS = 3
+CHANGING = "the dashboard kept changing while being read"
+UNSETTLED = "its write was refused or went unanswered each time"
+
+
+class WriteAgain(InviteWorkerError):
+    """A write would be sent again with the body read before a wait: read again first."""
+
+
+def once(write: Callable[[], Awaitable[Dashboard]]) -> Once[Dashboard]:
+    """``write`` for one try: the retry the pacer or policy would make raises
+    :class:`WriteAgain` instead, before any request (see :class:`Once`)."""
+    return Once(write, WriteAgain("the dashboard is read again before another write"))
 
 
 #: The fields of a shared dashboard a PUT carries back: every writable one, as read.

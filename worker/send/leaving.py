@@ -97,6 +97,34 @@ class GatedBody(aiohttp.BytesPayload):
             self._asking.leaving()
 
 
+class OnceBody(aiohttp.BytesPayload):
+    """A request body written once. aiohttp sends a PUT or a DELETE again by itself when a
+    reused connection drops before the answer (HTTP allows it for idempotent methods),
+    but a dashboard's write sent again carries a body read before, over whatever changed
+    meanwhile: whether to write again is the writer's to decide, after reading again.
+    Once written, this body is consumed (aiohttp, from 3.12, then gives up with the
+    error) and refuses a second write (older versions): the request has no answer."""
+
+    def __init__(self, value: bytes) -> None:
+        super().__init__(value, content_type="application/json")
+        self._written = False
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        self._once()
+        await super().write(writer)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        self._once()
+        await super().write_with_length(writer, content_length)
+
+    def _once(self) -> None:
+        if self._written:
+            raise ConnectionError("the connection dropped; the body is not sent again")
+        self._written = self._consumed = True
+
+
 def held_back(exc: BaseException) -> HeldUp | None:
     """The refusal a :class:`GatedBody` raised, which aiohttp hands on wrapped in a
     connection error (its cause); None for any other error."""

@@ -5,7 +5,9 @@ The discipline of ``--add-invitees`` (see :mod:`worker.send.invitees`): the API 
 version field or ETag, so read twice and write only if nobody changed the dashboard in
 between (else read again, up to three times); send back every writable field exactly as
 read, without the entries to remove; then read back: every other entry unchanged and the
-removed ones gone. Nothing to remove, nothing written.
+removed ones gone. Nothing to remove, nothing written. A write goes once for the reads it
+was made from (see :func:`worker.send.invitees.once`): one that was applied without an
+answer shows in the next reads, which take its entries as taken.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ import structlog
 
 from worker.errors import Stopped
 from worker.send.client import InvitationClient
-from worker.send.invitees import Paced, invitee_list, writable
+from worker.send.invitees import (
+    CHANGING,
+    ROUNDS,
+    UNSETTLED,
+    Paced,
+    WriteAgain,
+    invitee_list,
+    once,
+    writable,
+)
 
 log = structlog.get_logger("worker.removal")
 
@@ -42,9 +53,12 @@ async def remove_entries(
     a stop, a failed read-back. Once ``stopped()``, no PUT is made (:class:`Stopped`).
     """
     read = functools.partial(client.get_dashboard, token)
-    for _ in range(3):
+    unanswered: dict[str, set[str]] = {}  # what a write that may have been applied took
+    why = CHANGING  # why the rounds ran out
+    for _ in range(ROUNDS):
         first, before = (await paced(read)).raw, (await paced(read)).raw
         if writable(first) != writable(before):
+            why = CHANGING
             log.warning("removal.concurrent_edit", token=token, action="reading again")
             continue
         body = writable(before)
@@ -71,11 +85,21 @@ async def remove_entries(
                 else:
                     body["share_list"].append(entry)
                     kept_share.add(lower or "")
+        # An unanswered write's entries these reads show gone: it took them (or someone
+        # else did; they are gone either way).
+        applied = _gone(unanswered, removed)
+        took.update((k, set(v)) for k, v in applied.items())
         if not removed:
-            return {}
+            return applied
         if stopped():  # a stop came while the dashboard was read: nothing taken yet
             raise Stopped("stopping: the dashboard was not changed")
-        await paced(functools.partial(client.put_dashboard, token, body))
+        try:
+            await paced(once(functools.partial(client.put_dashboard, token, body)))
+        except WriteAgain:
+            unanswered = {k: set(v) for k, v in removed.items()}
+            why = UNSETTLED
+            log.warning("removal.write_unsettled", token=token, action="reading again")
+            continue
         took.update((k, set(v)) for k, v in removed.items())  # answered: taken, whatever follows
         after = (await paced(read)).raw
         now_invitees = {i["email"].lower(): i for i in invitee_list(after)}
@@ -89,14 +113,20 @@ async def remove_entries(
             if not took[email]:
                 del took[email]
         if intact and not left:
-            log.info("removal.done", token=token, removed=len(removed))
-            return removed
+            log.info("removal.done", token=token, removed=len(removed) + len(applied))
+            return {**applied, **removed}
         log.error("removal.update_failed", token=token, intact=intact, still_there=len(left),
                   reason="the read-back does not show the change as written")  # fmt: skip
         return None
     log.error("removal.update_failed", token=token,
-              reason="the dashboard kept changing while being read")  # fmt: skip
+              reason=why)  # fmt: skip
     return None
+
+
+def _gone(unanswered: dict[str, set[str]], still: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The entries of ``unanswered`` not ``still`` there, per address."""
+    out = {k: v - still.get(k, set()) for k, v in unanswered.items()}
+    return {k: v for k, v in out.items() if v}
 
 
 def _lowered(value: Any) -> set[str]:

@@ -14,11 +14,12 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from worker.clock import Clock, sleep_unless
 from worker.errors import (
     FatalError,
+    InviteWorkerError,
     OutcomeUnknown,
     RateLimited,
     RateLimitInfo,
@@ -74,7 +75,7 @@ class Hooks:
     idempotent write): nothing to journal, and an unknown outcome is simply tried again.
     """
 
-    def refusal(self) -> SendError | None:
+    def refusal(self) -> InviteWorkerError | None:
         """Checked before each request: an error to end with instead of making it."""
         return None
 
@@ -183,10 +184,30 @@ class Tally:
     retries: int = 0
 
 
+class Once(Generic[A]):
+    """A request made at most once by :func:`paced_call`: where a 429's wait or the retry
+    policy would make it again, ``again`` is raised instead, before anything is counted
+    or sent (a dashboard's write, whose body is good only for the reads it came from)."""
+
+    def __init__(self, call: Callable[[], Awaitable[A]], again: InviteWorkerError) -> None:
+        self._call, self.again = call, again
+        self.made = False
+
+    async def __call__(self) -> A:
+        self.made = True
+        return await self._call()
+
+
 class _Counted(Hooks):
-    def __init__(self, counted: Callable[[], None], tally: Tally | None) -> None:
+    def __init__(
+        self, counted: Callable[[], None], tally: Tally | None, once: Once[Any] | None = None
+    ) -> None:
         self._counted = counted
         self._tally = tally
+        self._once = once
+
+    def refusal(self) -> InviteWorkerError | None:
+        return self._once.again if self._once is not None and self._once.made else None
 
     async def sending(self, sent_at: float) -> None:
         self._counted()
@@ -217,7 +238,8 @@ async def paced_call(
     retries (for the summary's counters); with ``stop``, a stop ends it with
     :class:`Stopped`.
     """
-    answer = await attempt(call, _Counted(counted, tally), pacer=pacer, policy=policy,
-                           clock=clock, rng=rng, stop=stop)  # fmt: skip
+    hooks = _Counted(counted, tally, call if isinstance(call, Once) else None)
+    answer = await attempt(call, hooks, pacer=pacer, policy=policy, clock=clock, rng=rng,
+                           stop=stop)  # fmt: skip
     assert answer is not None  # the default hooks never end the attempts early
     return answer
