@@ -72,31 +72,6 @@ class GatedConnector(aiohttp.TCPConnector):
         return conn
 
 
-class GatedBody(aiohttp.BytesPayload):
-    """A request body that asks once more as aiohttp writes it: the headers go with it
-    (aiohttp, from 3.12, holds them back for the body), so nothing has left before. An
-    older aiohttp may have sent the headers alone: the request the service got is then
-    incomplete, its connection closed, and nothing is created."""
-
-    def __init__(self, value: bytes, asking: Asking) -> None:
-        super().__init__(value, content_type="application/json")
-        self._asking = asking
-
-    async def write(self, writer: AbstractStreamWriter) -> None:
-        self._ask()
-        await super().write(writer)
-
-    async def write_with_length(
-        self, writer: AbstractStreamWriter, content_length: int | None
-    ) -> None:
-        self._ask()
-        await super().write_with_length(writer, content_length)
-
-    def _ask(self) -> None:
-        if self._asking.leaving is not None:
-            self._asking.leaving()
-
-
 class OnceBody(aiohttp.BytesPayload):
     """A request body written once. aiohttp sends a PUT or a DELETE again by itself when a
     reused connection drops before the answer (HTTP allows it for idempotent methods),
@@ -110,19 +85,35 @@ class OnceBody(aiohttp.BytesPayload):
         self._written = False
 
     async def write(self, writer: AbstractStreamWriter) -> None:
-        self._once()
+        self._leaving()
         await super().write(writer)
 
     async def write_with_length(
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
-        self._once()
+        self._leaving()
         await super().write_with_length(writer, content_length)
 
-    def _once(self) -> None:
+    def _leaving(self) -> None:
         if self._written:
             raise ConnectionError("the connection dropped; the body is not sent again")
         self._written = self._consumed = True
+
+
+class GatedBody(OnceBody):
+    """A request body that asks once more as aiohttp writes it: the headers go with it
+    (aiohttp, from 3.12, holds them back for the body), so nothing has left before. An
+    older aiohttp may have sent the headers alone: the request the service got is then
+    incomplete, its connection closed, and nothing is created."""
+
+    def __init__(self, value: bytes, asking: Asking) -> None:
+        super().__init__(value)
+        self._asking = asking
+
+    def _leaving(self) -> None:
+        if self._asking.leaving is not None:
+            self._asking.leaving()  # raises HeldUp to keep it from leaving: nothing written
+        super()._leaving()
 
 
 def held_back(exc: BaseException) -> HeldUp | None:
