@@ -49,7 +49,7 @@ from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard, Invitee
 from worker.emulator.server import DROP
 from worker.errors import ListingMoved, UsageError
-from worker.record.files import holds_only_a_plan, reads_as_report
+from worker.record.files import AppendFile, holds_only_a_plan, reads_as_report
 from worker.record.replay import Replay
 from worker.run import run
 from worker.run.human import print_summary as human_summary
@@ -685,6 +685,30 @@ async def test_an_unanswered_removal_that_was_applied_is_recorded_and_not_repeat
     removed = {e: r["removed"] for r in by_kind(read_report(config.report_path), "revoked")
                for e in r["emails"]}  # fmt: skip
     assert removed == {p: ["invitation", "invitee"] for p in PEOPLE[2:4]}
+
+
+async def test_with_fsync_a_revocation_is_on_disk_before_its_delete_leaves(
+    emulator: Emulator, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--fsync: the report's record of a revocation is fdatasync'd before its DELETE
+    leaves, so a power loss after the DELETE cannot take the record of whom it revoked."""
+    board_of(emulator, TOKEN_A, PEOPLE[:4])
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0), durable_journal=True)
+    synced: list[tuple[int, set[str]]] = []  # DELETEs made, and who is recorded revoked
+    real = AppendFile.sync_off_loop
+
+    async def sync(self: AppendFile) -> None:
+        await real(self)
+        if self.path == config.report_path:
+            revoked = by_kind(read_report(config.report_path), "revoked")
+            deletes = [r.method for r in emulator.requests].count("DELETE")
+            synced.append((deletes, {e for r in revoked for e in r["emails"]}))
+
+    monkeypatch.setattr(AppendFile, "sync_off_loop", sync)
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:2]])))
+    assert result.exit_code == 0
+    assert [r.method for r in emulator.requests].count("DELETE") == 1
+    assert (0, set(PEOPLE[2:4])) in synced
 
 
 async def test_a_stop_while_the_put_is_answered_still_records_the_entries_it_took(

@@ -165,8 +165,9 @@ def add_sending_options(r: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fsync",
         action="store_true",
-        help="fdatasync each journal intent before its request: survive power loss too, "
-        "at one sync per request",
+        help="fdatasync each journal intent before its request (and each --prune "
+        "revocation's record before its DELETE): survive power loss too, at one sync per "
+        "request",
     )
 
 

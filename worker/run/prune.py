@@ -296,6 +296,8 @@ async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str]
         held = ((e, took.get(e.lower(), set()) | {INVITATION}) for e in fresh)
         for what, emails in _groups(held).items():
             report.revoked(token, emails, list(what))
+        if pruner.durable and fresh:  # --fsync: the record survives a power loss too
+            await report.sync()
         try:
             await pruner.revoke(token, batch)
         except BadRequest:

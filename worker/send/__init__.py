@@ -96,4 +96,4 @@ def pruner_for(
     size (``cap``: the longest list the service took, learned from the POSTs)."""
     return Pruner(client, pacer, retry, clock, rng or random.Random(),  # jitter
                   batch_size=config.batch_size, page_size=config.list_page_size, cap=cap,
-                  stop=stop)  # fmt: skip
+                  stop=stop, durable=config.durable_journal)  # fmt: skip

@@ -85,8 +85,11 @@ class Pruner:
         page_size: int = PAGE_SIZE,
         cap: Callable[[], int] | None = None,
         stop: asyncio.Event | None = None,
+        durable: bool = False,
     ) -> None:
         self._client, self._pacer, self._retry, self._stop = client, pacer, retry, stop
+        #: ``--fsync``: a revocation's record is made durable before its DELETE leaves.
+        self.durable = durable
         self._clock, self._rng = clock, rng
         self.batch_size, self.page_size, self._cap = batch_size, page_size, cap
         #: Requests made, by kind (dashboard reads and writes, listings, revocations).
