@@ -156,7 +156,7 @@ async def test_a_write_whose_lock_was_lost_is_not_sent_and_the_dashboard_is_read
         added = await add_invitees(paced, client, TOKENS[0], ["mine@example.com"],
                                    confirm=confirm)  # fmt: skip
     board = emulator.dashboards[TOKENS[0]]
-    assert added == 1
+    assert added == ["mine@example.com"]
     assert board.invitees is not None
     assert set(board.invitees) == {"first@example.com", "other@example.com", "mine@example.com"}
     assert [r.method for r in emulator.requests].count("PUT") == 1

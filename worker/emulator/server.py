@@ -39,9 +39,10 @@ BoardHandler = Callable[
 ]
 #: What a hook run as a PUT arrives says of it: None, applied and answered; an HTTP status,
 #: refused with it (not applied); :data:`DROP`, applied, then the connection closed with no
-#: answer.
+#: answer; :data:`CUT`, the connection closed before it is applied (as a server closes a
+#: kept-alive connection).
 WriteHook = Callable[[Dashboard], "int | str | None"]
-DROP = "drop"
+DROP, CUT = "drop", "cut"
 
 
 class Emulator(Invitations):
@@ -198,6 +199,8 @@ class Emulator(Invitations):
         answer = hook(board) if hooks and (hook := hooks.pop(0)) is not None else None
         if isinstance(answer, int):
             return log(error(answer, "The service could not apply the update", headers))
+        if answer == CUT:
+            return log(hang_up(request))
         try:
             body = msgspec.json.decode(await request.read())
             if board.sandbox:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("worker.run.prune")
 
 #: Adds invitees to a token's dashboard: whether they were added, and their access's end.
-Restore = Callable[[str, list[str]], Awaitable[tuple[bool, str | None]]]
+Restore = Callable[[str, list[str]], Awaitable[tuple[list[str] | None, str | None]]]
 #: Rejections that leave the row attributed to its token: that token is not pruned.
 ADDRESS_REASONS = frozenset({Reason.INVALID_EMAIL, Reason.MISSING_EMAIL})
 
@@ -214,14 +214,15 @@ async def _restore(config: Config, report: Report, survey: Survey,
         return True
     assert restore is not None, "a run with --add-invitees passes its way to add invitees"
     added, until = await restore(token, emails)
-    if not added:
+    if added is None:
         _refuse(report, INVITEE_UPDATE_FAILED, f"{len(emails):,} people the list names hold "
                 "an invitation but are neither invitees nor on the share list, and could "
                 "not be added back to the invitees (see invitees.update_failed): nobody was "
                 "removed from it; run again", token)  # fmt: skip
         return False
-    log.info("prune.restored", token=token, emails=len(emails))
-    report.restored(token, emails, until)
+    log.info("prune.restored", token=token, emails=len(added))
+    if added:  # the others were added back by someone else meanwhile
+        report.restored(token, added, until)
     return True
 
 

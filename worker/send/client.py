@@ -292,9 +292,13 @@ class InvitationClient:
         timeout = aiohttp.ClientTimeout(total=limit, ceil_threshold=math.inf)
         asking = Asking(leaving)
         asked = LEAVING.set(asking)
-        data = (
-            None if body is None else OnceBody(body) if leaving is None else GatedBody(body, asking)
-        )
+        # A PUT's body is made once (see OnceBody); a DELETE, which cannot go stale, may be
+        # sent again by aiohttp on a dropped connection, as it always was.
+        data: bytes | OnceBody | None = body
+        if body is not None and leaving is not None:
+            data = GatedBody(body, asking)
+        elif body is not None and method == "PUT":
+            data = OnceBody(body)
         try:
             async with session.request(
                 method, url, data=data, timeout=timeout, allow_redirects=False,

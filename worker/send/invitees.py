@@ -21,8 +21,9 @@ import structlog
 
 from worker.errors import InviteWorkerError
 from worker.send.client import InvitationClient
+from worker.send.compact import iso_epoch
 from worker.send.replies import Dashboard
-from worker.send.retry import Once
+from worker.send.retry import Once, Unsettled
 
 log = structlog.get_logger("worker.invitees")
 
@@ -35,8 +36,9 @@ Confirm = Callable[[], Awaitable[bool]]
 async def add_invitees(
     paced: Paced, client: InvitationClient, token: str, emails: list[str],
     expires: str | None = None, confirm: Confirm | None = None,
-) -> int | None:  # fmt: skip
-    """Add ``emails`` to ``token``'s invitees; how many were new, or None if it failed.
+) -> list[str] | None:  # fmt: skip
+    """Add ``emails`` to ``token``'s invitees; those of them it added (the others were
+    there already), or None if it failed.
 
     ``paced`` runs one request through the run's pacer and retry policy. The new invitees'
     ``access_expiration`` is ``expires`` (``--access-expires``; None: never). ``confirm``,
@@ -51,44 +53,65 @@ async def add_invitees(
             raise _LockLost
         return await client.put_dashboard(token, body)
 
-    unanswered: set[str] = set()  # lower-cased, in a write that may have been applied
+    until = iso_epoch(expires)
+    unanswered: dict[str, str] = {}  # lower-cased -> as given: in a write with no answer
+    added: list[str] = []  # of those, the ones the dashboard showed added since
+
+    def settle(doc: dict[str, Any]) -> set[str]:
+        """Take what an unanswered write added, as ``doc`` shows it; the addresses shown."""
+        shown = {i["email"].lower(): i for i in invitee_list(doc)}
+        # Ours as far as can be told: shown, with the expiration that write gave it.
+        added.extend(e for k, e in unanswered.items()
+                     if k in shown and _expiry(shown[k]) == until)  # fmt: skip
+        unanswered.clear()  # the rest: not added, written again if still missing
+        return set(shown)
+
     why = CHANGING  # why the rounds ran out
     for _ in range(ROUNDS):
         first, before = (await paced(read)).raw, (await paced(read)).raw
+        present = settle(before)
+        new = [e for e in dict.fromkeys(emails) if e.lower() not in present]
+        if not new:  # nothing to write: no window for another person's edit to be lost
+            log.info("invitees.added", token=token, added=len(added))
+            return added
         if writable(first) != writable(before):
             why = CHANGING
             log.warning("invitees.concurrent_edit", token=token, action="reading again")
             continue
         body = writable(before)
         kept = invitee_list(before)
-        present = {i["email"].lower() for i in kept}
-        new = [e for e in dict.fromkeys(emails) if e.lower() not in present]
-        # Those an unanswered write of ours was adding and the dashboard now shows.
-        applied = len(unanswered & present)
-        if not new:  # nothing to write: no window for another person's edit to be lost
-            log.info("invitees.added", token=token, added=applied)
-            return applied
         body["invitees"] = [*kept, *({"email": e, "access_expiration": expires} for e in new)]
         try:
-            await paced(once(functools.partial(write, body)))
+            await paced(Once(functools.partial(write, body)))
         except _LockLost:  # another worker may have edited since those reads
             continue
-        except WriteAgain:
-            unanswered.update(e.lower() for e in new)
+        except Unsettled as exc:
+            if exc.maybe_applied:
+                unanswered.update((e.lower(), e) for e in new)
             why = UNSETTLED
-            log.warning("invitees.write_unsettled", token=token, action="reading again")
+            log.warning("invitees.write_unsettled", token=token, maybe_applied=exc.maybe_applied,
+                        action="reading again")  # fmt: skip
             continue
         after = {i["email"].lower(): i for i in invitee_list((await paced(read)).raw)}
         intact = all(after.get(i["email"].lower()) == i for i in kept)
         if intact and all(e.lower() in after for e in new):
-            log.info("invitees.added", token=token, added=len(new) + applied)
-            return len(new) + applied
+            log.info("invitees.added", token=token, added=len(added) + len(new))
+            return added + new
         log.error("invitees.update_failed", token=token, intact=intact,
                   reason="the read-back does not show the change as written")  # fmt: skip
         return None
+    # The last write went unanswered: what it did shows in one more read.
+    if unanswered and {e.lower() for e in emails} <= settle((await paced(read)).raw):
+        log.info("invitees.added", token=token, added=len(added))
+        return added
     log.error("invitees.update_failed", token=token,
               reason=why)  # fmt: skip
     return None
+
+
+def _expiry(item: dict[str, Any]) -> float | None:
+    value = item.get("access_expiration")
+    return iso_epoch(value) if isinstance(value, str) else None
 
 
 class _LockLost(InviteWorkerError):
@@ -99,16 +122,6 @@ class _LockLost(InviteWorkerError):
 ROUNDS = 3
 CHANGING = "the dashboard kept changing while being read"
 UNSETTLED = "its write was refused or went unanswered each time"
-
-
-class WriteAgain(InviteWorkerError):
-    """A write would be sent again with the body read before a wait: read again first."""
-
-
-def once(write: Callable[[], Awaitable[Dashboard]]) -> Once[Dashboard]:
-    """``write`` for one try: the retry the pacer or policy would make raises
-    :class:`WriteAgain` instead, before any request (see :class:`Once`)."""
-    return Once(write, WriteAgain("the dashboard is read again before another write"))
 
 
 #: The fields of a shared dashboard a PUT carries back: every writable one, as read.

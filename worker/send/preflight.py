@@ -162,8 +162,9 @@ class Preflight(TokenChecks):
             if not self._writes:  # a plan: screened as the run would, once it added them
                 out.added, outside = outside, []
                 self._allow(token, out.added)
-            elif (granted := await self.add(token, outside))[0]:
-                out.added, out.added_until, outside = outside, granted[1], []
+            elif (granted := await self.add(token, outside))[0] is not None:
+                # All are allowed now; the record names those this run added.
+                out.added, out.added_until, outside = granted[0], granted[1], []
             else:
                 why = "could not add the address to the dashboard's invitees safely"
                 failure = Failure(INVITEE_UPDATE_FAILED, f"{why} (see invitees.update_failed)")
@@ -189,11 +190,11 @@ class Preflight(TokenChecks):
                 out.skipped[reason] = list(compress(emails, mask.tolist()))
         return ~(session | invited)
 
-    async def add(self, token: str, emails: list[str]) -> tuple[bool, str | None]:
+    async def add(self, token: str, emails: list[str]) -> tuple[list[str] | None, str | None]:
         """``--add-invitees``: add ``emails`` to the dashboard's invitees (see ``invitees``).
 
-        Whether they were added, and the ``access_expiration`` they were given (None: their
-        access never expires).
+        Those of them this added (None: it failed; the others were there already), and the
+        ``access_expiration`` they were given (None: their access never expires).
         """
         edits = self.edits(token) if self.edits is not None else contextlib.nullcontext(None)
         async with self._locks.hold(token), edits as confirm:
@@ -203,10 +204,10 @@ class Preflight(TokenChecks):
             added = await add_invitees(self._paced, self._client, token, emails, expires,
                                        confirm)  # fmt: skip
         if added is None:
-            return False, None
-        self.invitees_added += added
+            return None, None
+        self.invitees_added += len(added)
         self._allow(token, emails)
-        return True, expires
+        return added, expires
 
     def _allow(self, token: str, emails: list[str]) -> None:
         """Count ``emails`` allowed on ``token``'s dashboard from now on."""

@@ -6,30 +6,23 @@ version field or ETag, so read twice and write only if nobody changed the dashbo
 between (else read again, up to three times); send back every writable field exactly as
 read, without the entries to remove; then read back: every other entry unchanged and the
 removed ones gone. Nothing to remove, nothing written. A write goes once for the reads it
-was made from (see :func:`worker.send.invitees.once`): one that was applied without an
-answer shows in the next reads, which take its entries as taken.
+was made from (see :class:`worker.send.retry.Once`): one that was applied without an
+answer shows in the next read, which takes its entries as taken.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from worker.errors import Stopped
+from worker.errors import InviteWorkerError, Stopped
 from worker.send.client import InvitationClient
-from worker.send.invitees import (
-    CHANGING,
-    ROUNDS,
-    UNSETTLED,
-    Paced,
-    WriteAgain,
-    invitee_list,
-    once,
-    writable,
-)
+from worker.send.invitees import CHANGING, ROUNDS, UNSETTLED, Paced, invitee_list, writable
+from worker.send.retry import Once, Unsettled
 
 log = structlog.get_logger("worker.removal")
 
@@ -45,82 +38,141 @@ async def remove_entries(
     stopped: Callable[[], bool] = lambda: False,
 ) -> dict[str, set[str]] | None:
     """Remove the entries of ``gone`` (lower-cased addresses) from ``token``'s invitees and
-    share list: per address removed, which entries went; None if it could not be done
-    safely (the dashboard kept changing, or the read-back does not show the change).
+    share list: per address removed, which entries went (``took``, fresh); None if it could
+    not be done safely (the dashboard kept changing, the writes went unanswered, or the
+    read-back does not show the change).
 
     ``took`` is filled as soon as the PUT is answered, with what it took (less, once the
-    read-back shows some still there), so what was taken is known whatever happens next:
-    a stop, a failed read-back. Once ``stopped()``, no PUT is made (:class:`Stopped`).
+    read-back shows some still there), or as a read shows what an unanswered PUT took, so
+    what was taken is known whatever happens next: a stop, a failed read-back. Once
+    ``stopped()``, no PUT is made (:class:`Stopped`).
     """
-    read = functools.partial(client.get_dashboard, token)
-    unanswered: dict[str, set[str]] = {}  # what a write that may have been applied took
-    why = CHANGING  # why the rounds ran out
-    for _ in range(ROUNDS):
-        first, before = (await paced(read)).raw, (await paced(read)).raw
-        if writable(first) != writable(before):
-            why = CHANGING
-            log.warning("removal.concurrent_edit", token=token, action="reading again")
-            continue
-        body = writable(before)
-        removed: dict[str, set[str]] = {}
-        kept_invitees: dict[str, dict[str, Any]] = {}
-        for item in invitee_list(before):
-            lower = item["email"].lower()
-            if lower in gone:
-                removed.setdefault(lower, set()).add(INVITEE)
-            else:
-                kept_invitees[lower] = item
-        if isinstance(before.get("invitees"), list):
-            body["invitees"] = list(kept_invitees.values())
-        elif "invitees" in body:
-            body["invitees"] = before["invitees"]  # as read (null stays null)
-        share = before.get("share_list")
-        kept_share: set[str] = set()
-        if isinstance(share, list):
-            body["share_list"] = []
-            for entry in share:
-                lower = entry.lower() if isinstance(entry, str) else None
-                if lower is not None and lower in gone:
-                    removed.setdefault(lower, set()).add(SHARE_LIST)
-                else:
-                    body["share_list"].append(entry)
-                    kept_share.add(lower or "")
-        # An unanswered write's entries these reads show gone: it took them (or someone
-        # else did; they are gone either way).
-        applied = _gone(unanswered, removed)
-        took.update((k, set(v)) for k, v in applied.items())
-        if not removed:
-            return applied
-        if stopped():  # a stop came while the dashboard was read: nothing taken yet
-            raise Stopped("stopping: the dashboard was not changed")
-        try:
-            await paced(once(functools.partial(client.put_dashboard, token, body)))
-        except WriteAgain:
-            unanswered = {k: set(v) for k, v in removed.items()}
-            why = UNSETTLED
-            log.warning("removal.write_unsettled", token=token, action="reading again")
-            continue
-        took.update((k, set(v)) for k, v in removed.items())  # answered: taken, whatever follows
-        after = (await paced(read)).raw
-        now_invitees = {i["email"].lower(): i for i in invitee_list(after)}
-        now_share = _lowered(after.get("share_list"))
-        intact = all(now_invitees.get(k) == v for k, v in kept_invitees.items())
-        intact = intact and kept_share - {""} <= now_share
-        left = [e for e in removed if e in now_invitees or e in now_share]
-        for email in left:  # still there (put back, or the PUT did not take): not taken
-            took[email] -= {INVITEE} if email in now_invitees else set()
-            took[email] -= {SHARE_LIST} if email in now_share else set()
-            if not took[email]:
-                del took[email]
-        if intact and not left:
-            log.info("removal.done", token=token, removed=len(removed) + len(applied))
-            return {**applied, **removed}
-        log.error("removal.update_failed", token=token, intact=intact, still_there=len(left),
-                  reason="the read-back does not show the change as written")  # fmt: skip
+    removal = _Removal(paced, client, token, gone, took)
+    try:
+        return await removal.rounds(stopped)
+    except Stopped:
+        if removal.unanswered:  # the reads a stop cut short: one, unpaced, says what it took
+            with contextlib.suppress(InviteWorkerError):
+                removal.settle((await client.get_dashboard(token)).raw)
+        raise
+
+
+class _Removal:
+    """One dashboard's removal: its rounds of reads and a write, and what they took."""
+
+    def __init__(self, paced: Paced, client: InvitationClient, token: str,
+                 gone: frozenset[str], took: dict[str, set[str]]) -> None:  # fmt: skip
+        self._paced, self._client, self._token, self._gone = paced, client, token, gone
+        self.took = took
+        #: What a write whose outcome is unknown was taking (settled by the next read).
+        self.unanswered: dict[str, set[str]] = {}
+
+    def settle(self, doc: dict[str, Any]) -> dict[str, set[str]]:
+        """Record what an unanswered write took, as ``doc`` shows it (gone: taken, by it or
+        by someone else); return the entries of ``gone`` still there."""
+        still = _held(doc, self._gone)
+        self.took.update(_gone(self.unanswered, still))
+        self.unanswered.clear()
+        return still
+
+    async def _read(self) -> dict[str, Any]:
+        return (await self._paced(functools.partial(self._client.get_dashboard, self._token))).raw
+
+    async def rounds(self, stopped: Callable[[], bool]) -> dict[str, set[str]] | None:
+        """Read twice, write once, read back; up to :data:`ROUNDS` times."""
+        token, gone, took = self._token, self._gone, self.took
+        why = CHANGING  # why the rounds ran out
+        for _ in range(ROUNDS):
+            first, before = await self._read(), await self._read()
+            self.settle(before)
+            body, removed, kept_invitees, kept_share = _without(before, gone)
+            if not removed:  # nothing to write
+                return dict(took)
+            if writable(first) != writable(before):
+                why = CHANGING
+                log.warning("removal.concurrent_edit", token=token, action="reading again")
+                continue
+            if stopped():  # a stop came while the dashboard was read: nothing taken yet
+                raise Stopped("stopping: the dashboard was not changed")
+            try:
+                await self._paced(Once(functools.partial(self._client.put_dashboard, token,
+                                                         body)))  # fmt: skip
+            except Unsettled as exc:
+                if exc.maybe_applied:
+                    self.unanswered = {k: set(v) for k, v in removed.items()}
+                why = UNSETTLED
+                log.warning("removal.write_unsettled", token=token,
+                            maybe_applied=exc.maybe_applied, action="reading again")  # fmt: skip
+                continue
+            # Answered: taken, whatever follows.
+            took.update((k, set(v)) for k, v in removed.items())
+            after = await self._read()
+            now_invitees = {i["email"].lower(): i for i in invitee_list(after)}
+            now_share = _lowered(after.get("share_list"))
+            intact = all(now_invitees.get(k) == v for k, v in kept_invitees.items())
+            intact = intact and kept_share - {""} <= now_share
+            left = [e for e in removed if e in now_invitees or e in now_share]
+            for email in left:  # still there (put back, or the PUT did not take): not taken
+                took[email] -= {INVITEE} if email in now_invitees else set()
+                took[email] -= {SHARE_LIST} if email in now_share else set()
+                if not took[email]:
+                    del took[email]
+            if intact and not left:
+                log.info("removal.done", token=token, removed=len(took))
+                return dict(took)
+            log.error("removal.update_failed", token=token, intact=intact,
+                      still_there=len(left),
+                      reason="the read-back does not show the change as written")  # fmt: skip
+            return None
+        # The last write went unanswered: what it did shows in one more read.
+        if self.unanswered and not self.settle(await self._read()):
+            log.info("removal.done", token=token, removed=len(took))
+            return dict(took)
+        log.error("removal.update_failed", token=token, reason=why)
         return None
-    log.error("removal.update_failed", token=token,
-              reason=why)  # fmt: skip
-    return None
+
+
+def _without(
+    doc: dict[str, Any], gone: frozenset[str]
+) -> tuple[dict[str, Any], dict[str, set[str]], dict[str, dict[str, Any]], set[str]]:
+    """The PUT body: every writable field of ``doc`` as read, without the entries of
+    ``gone``; the entries it removes, the invitees it keeps and the share list it keeps."""
+    body = writable(doc)
+    removed: dict[str, set[str]] = {}
+    kept_invitees: dict[str, dict[str, Any]] = {}
+    for item in invitee_list(doc):
+        lower = item["email"].lower()
+        if lower in gone:
+            removed.setdefault(lower, set()).add(INVITEE)
+        else:
+            kept_invitees[lower] = item
+    if isinstance(doc.get("invitees"), list):
+        body["invitees"] = list(kept_invitees.values())
+    elif "invitees" in body:
+        body["invitees"] = doc["invitees"]  # as read (null stays null)
+    share = doc.get("share_list")
+    kept_share: set[str] = set()
+    if isinstance(share, list):
+        body["share_list"] = []
+        for entry in share:
+            lower = entry.lower() if isinstance(entry, str) else None
+            if lower is not None and lower in gone:
+                removed.setdefault(lower, set()).add(SHARE_LIST)
+            else:
+                body["share_list"].append(entry)
+                kept_share.add(lower or "")
+    return body, removed, kept_invitees, kept_share
+
+
+def _held(doc: dict[str, Any], gone: frozenset[str]) -> dict[str, set[str]]:
+    """The entries of ``gone`` that ``doc`` holds, per lower-cased address."""
+    out: dict[str, set[str]] = {}
+    for item in invitee_list(doc):
+        if (lower := item["email"].lower()) in gone:
+            out.setdefault(lower, set()).add(INVITEE)
+    for entry in _lowered(doc.get("share_list")) & gone:
+        out.setdefault(entry, set()).add(SHARE_LIST)
+    return out
 
 
 def _gone(unanswered: dict[str, set[str]], still: dict[str, set[str]]) -> dict[str, set[str]]:

@@ -184,18 +184,33 @@ class Tally:
     retries: int = 0
 
 
-class Once(Generic[A]):
-    """A request made at most once by :func:`paced_call`: where a 429's wait or the retry
-    policy would make it again, ``again`` is raised instead, before anything is counted
-    or sent (a dashboard's write, whose body is good only for the reads it came from)."""
+class Unsettled(InviteWorkerError):
+    """A :class:`Once` request that failed for a reason worth trying again — a 429, a 5xx,
+    a broken connection, no answer — and was not made again. ``maybe_applied``: the
+    service may have acted on it (its outcome is unknown)."""
 
-    def __init__(self, call: Callable[[], Awaitable[A]], again: InviteWorkerError) -> None:
-        self._call, self.again = call, again
+    def __init__(self, cause: SendError | None) -> None:
+        super().__init__(f"made once, not again: {cause or 'rate limited (429)'}")
+        self.maybe_applied = isinstance(cause, OutcomeUnknown)
+
+
+class Once(Generic[A]):
+    """A request :func:`paced_call` makes at most once: a dashboard's write, whose body is
+    good only for the reads it came from. Paced like any other; a failure worth trying
+    again ends it at once with :class:`Unsettled` — no backoff, no retry, nothing counted
+    twice — and the caller reads again before it writes again."""
+
+    def __init__(self, call: Callable[[], Awaitable[A]]) -> None:
+        self._call = call
         self.made = False
 
     async def __call__(self) -> A:
         self.made = True
         return await self._call()
+
+
+#: A :class:`Once` request's policy: no retry (a 429 ends it through the hooks' refusal).
+_ONCE = RetryPolicy(attempts=1, base=0.0, cap=0.0)
 
 
 class _Counted(Hooks):
@@ -207,7 +222,8 @@ class _Counted(Hooks):
         self._once = once
 
     def refusal(self) -> InviteWorkerError | None:
-        return self._once.again if self._once is not None and self._once.made else None
+        # Asked again after a 429 (the one failure the loop goes on from by itself).
+        return Unsettled(None) if self._once is not None and self._once.made else None
 
     async def sending(self, sent_at: float) -> None:
         self._counted()
@@ -238,8 +254,14 @@ async def paced_call(
     retries (for the summary's counters); with ``stop``, a stop ends it with
     :class:`Stopped`.
     """
-    hooks = _Counted(counted, tally, call if isinstance(call, Once) else None)
-    answer = await attempt(call, hooks, pacer=pacer, policy=policy, clock=clock, rng=rng,
-                           stop=stop)  # fmt: skip
+    once = call if isinstance(call, Once) else None
+    try:
+        answer = await attempt(call, _Counted(counted, tally, once), pacer=pacer,
+                               policy=policy if once is None else _ONCE, clock=clock, rng=rng,
+                               stop=stop)  # fmt: skip
+    except RetryableError as exc:
+        if once is None:
+            raise
+        raise Unsettled(exc) from None
     assert answer is not None  # the default hooks never end the attempts early
     return answer

@@ -1,0 +1,226 @@
+"""A dashboard's write (``--add-invitees``, ``--prune``) is made once for the reads it came
+from: refused, cut or unanswered, the dashboard is read again, what an unanswered write
+did is taken from what it shows, and nothing is lost, counted twice or left unrecorded."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import TOKEN_A, by_kind, csv_source, read_report, rows_csv
+from tests.test_prune import PEOPLE, board_of
+from worker.config import Config, PruneMax
+from worker.emulator import Emulator
+from worker.emulator.dashboards import Dashboard, Invitee
+from worker.emulator.responses import hang_up
+from worker.emulator.server import CUT, DROP, WriteHook
+from worker.run import run
+from worker.run.counts import FileRead
+from worker.run.summary import RunResult
+
+NEW = "new@example.com"
+
+
+Ran = tuple[RunResult[FileRead], Dashboard]
+
+
+async def add_new(emulator: Emulator, config: Config, *hooks: WriteHook,
+                  stop: asyncio.Event | None = None) -> Ran:  # fmt: skip
+    """A dashboard allowing a@example.com; a run that adds and invites NEW, its PUTs
+    met by ``hooks`` in turn."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+    emulator.before_write[TOKEN_A] = list(hooks)
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, NEW)])), stop=stop)
+    return result, board
+
+
+async def prune_two(emulator: Emulator, config: Config, *hooks: WriteHook,
+                    stop: asyncio.Event | None = None) -> Ran:  # fmt: skip
+    """p0-p3 invited invitees; a --prune run over a list naming p0 and p1, its PUTs met by
+    ``hooks`` in turn."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:4])
+    emulator.before_write[TOKEN_A] = list(hooks)
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:2]])),
+                       stop=stop)  # fmt: skip
+    return result, board
+
+
+def recorded_entries(config: Config) -> dict[str, list[str]]:
+    """Per address, what the report says was removed from it."""
+    records = by_kind(read_report(config.report_path), "revoked")
+    return {e: r["removed"] for r in records for e in r["emails"]}
+
+
+def puts(emulator: Emulator) -> int:
+    return [r.method for r in emulator.requests].count("PUT")
+
+
+def refused(status: int) -> WriteHook:
+    return lambda _: status
+
+
+def dropped(_: Dashboard) -> str:
+    return DROP
+
+
+def cut(_: Dashboard) -> str:
+    return CUT
+
+
+# Each: the PUTs' answers, then the PUTs made. The last write is the one that shows.
+ROUNDS = {
+    "dropped after it was applied": ((dropped,), 1),
+    "refused twice, then applied without an answer": ((refused(503), refused(503), dropped), 3),
+    "cut before it was applied": ((cut,), 2),
+    "rate limited": ((refused(429),), 2),
+}
+
+
+@pytest.mark.parametrize("max_attempts", [1, 5])
+@pytest.mark.parametrize("case", list(ROUNDS))
+async def test_an_added_invitee_is_counted_once_whatever_its_writes_met(
+    emulator: Emulator, make_config: Callable[..., Config], case: str, max_attempts: int
+) -> None:
+    """However the PUTs went — refused, cut, or applied without an answer in any round,
+    the last included — and whatever --max-attempts says: NEW is added, counted once,
+    named on its send's record, invited once; no body is written twice."""
+    hooks, made = ROUNDS[case]
+    config = make_config(add_invitees=True, max_attempts=max_attempts)
+    result, board = await add_new(emulator, config, *hooks)
+    assert result.exit_code == 0
+    assert set(board.invitees or {}) == {"a@example.com", NEW}
+    assert puts(emulator) == made
+    assert result.summary.invitees_added == 1
+    assert emulator.invited[(TOKEN_A, NEW)] == 1
+    [sent] = by_kind(read_report(config.report_path), "batch")
+    assert sent["invitees_added"] == [NEW]
+    assert result.summary.retries == 0  # a write read again is no retry of it
+
+
+@pytest.mark.parametrize("max_attempts", [1, 5])
+@pytest.mark.parametrize("case", list(ROUNDS))
+async def test_removed_entries_are_recorded_whatever_the_writes_met(
+    emulator: Emulator, make_config: Callable[..., Config], case: str, max_attempts: int
+) -> None:
+    """However the PUTs went, p2's and p3's entries are gone and recorded with their
+    revoked invitations, and nobody else's entry is touched."""
+    hooks, made = ROUNDS[case]
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0), max_attempts=max_attempts)
+    result, board = await prune_two(emulator, config, *hooks)
+    assert result.exit_code == 0
+    assert set(board.invitees or {}) == set(PEOPLE[:2])
+    assert {e for e, _ in board.invitations} == set(PEOPLE[:2])
+    assert puts(emulator) == made
+    assert recorded_entries(config) == {p: ["invitation", "invitee"] for p in PEOPLE[2:4]}
+
+
+def edit_every_read(emulator: Emulator) -> None:
+    """Someone adds a colleague before every read of the dashboard: no two reads agree."""
+
+    def colleague(board: Dashboard) -> None:
+        assert board.invitees is not None
+        name = f"colleague{len(board.invitees)}@example.com"
+        board.invitees[name] = Invitee(name)
+
+    emulator.before_read[TOKEN_A] = [colleague] * 100
+
+
+async def test_an_applied_unanswered_write_counts_while_the_dashboard_keeps_changing(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The PUT is applied without an answer, and from then on no two reads agree: no
+    write can be made safely, but none is needed: NEW shows added, counts, is invited."""
+    edit_every_read(emulator)
+    config = make_config(add_invitees=True)
+    emulator.before_read[TOKEN_A][:3] = [None, None, None]  # the check's and the first round's
+    result, board = await add_new(emulator, config, dropped)
+    assert result.exit_code == 0
+    assert NEW in (board.invitees or {})
+    assert result.summary.invitees_added == 1
+    assert emulator.invited[(TOKEN_A, NEW)] == 1
+
+
+async def test_an_applied_unanswered_removal_is_recorded_while_the_dashboard_keeps_changing(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The removal's PUT is applied without an answer, and from then on no two reads
+    agree: nothing is left to remove, so the entries are recorded and the invitations
+    revoked, and the colleagues added meanwhile stay."""
+    edit_every_read(emulator)
+    emulator.before_read[TOKEN_A][:3] = [None, None, None]  # the survey's and the first round's
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result, board = await prune_two(emulator, config, dropped)
+    assert result.exit_code == 0
+    assert set(PEOPLE[:2]) < set(board.invitees or {})
+    assert not set(PEOPLE[2:4]) & set(board.invitees or {})
+    assert recorded_entries(config) == {p: ["invitation", "invitee"] for p in PEOPLE[2:4]}
+
+
+async def test_a_stop_right_after_an_unanswered_removal_still_records_what_it_took(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A stop as the removal's PUT is applied without an answer (paced, so every later
+    request waits and is stopped): one read says what it took, and p2's and p3's entries
+    are recorded; their invitations stay for the next run (exit 3)."""
+    stop = asyncio.Event()
+
+    def dropped_and_stopped(_: Dashboard) -> str:
+        stop.set()
+        return DROP
+
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0), rate=5.0)
+    result, board = await prune_two(emulator, config, dropped_and_stopped, stop=stop)
+    assert result.exit_code == 3
+    assert set(board.invitees or {}) == set(PEOPLE[:2])
+    assert "DELETE" not in {r.method for r in emulator.requests}
+    assert recorded_entries(config) == {p: ["invitee"] for p in PEOPLE[2:4]}
+
+
+async def test_someone_elses_entry_for_the_same_address_is_not_counted_as_added(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A colleague adds NEW (for good) as the run's PUT for it (access for a day) gets a
+    503: the entry is the colleague's, so the run counts nobody added and its record
+    names nobody; NEW is invited once, and no second PUT is made."""
+
+    def colleague_then_503(dashboard: Dashboard) -> int:
+        assert dashboard.invitees is not None
+        dashboard.invitees[NEW] = Invitee(NEW)
+        return 503
+
+    config = make_config(add_invitees=True, access_expires=86400.0)
+    result, board = await add_new(emulator, config, colleague_then_503)
+    assert result.exit_code == 0
+    assert puts(emulator) == 1
+    assert result.summary.invitees_added == 0
+    assert board.invitees is not None
+    assert board.invitees[NEW].access_expiration is None
+    [sent] = by_kind(read_report(config.report_path), "batch")
+    assert "invitees_added" not in sent
+    assert emulator.invited[(TOKEN_A, NEW)] == 1
+
+
+async def test_a_revocation_cut_before_it_is_handled_is_sent_again_even_at_one_attempt(
+    emulator: Emulator, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first DELETE's kept-alive connection is closed before the service handles it:
+    a DELETE cannot go stale, so it is sent again at once (as HTTP allows), even with
+    --max-attempts 1, and p2 and p3 lose their invitations."""
+    admit, cuts = emulator._admit, list[web.Request]()
+
+    def cut_first_delete(request: web.Request) -> Any:
+        if request.method == "DELETE" and not cuts:
+            cuts.append(request)
+            return hang_up(request), {}
+        return admit(request)
+
+    monkeypatch.setattr(emulator, "_admit", cut_first_delete)
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0), max_attempts=1)
+    result, board = await prune_two(emulator, config)
+    assert result.exit_code == 0
+    assert cuts
+    assert {e for e, _ in board.invitations} == set(PEOPLE[:2])
