@@ -73,9 +73,9 @@ class GatedConnector(aiohttp.TCPConnector):
 
 
 class OnceBody(aiohttp.BytesPayload):
-    """A request body written once. aiohttp sends a PUT or a DELETE again by itself when a
-    reused connection drops before the answer (HTTP allows it for idempotent methods),
-    but a dashboard's write sent again carries a body read before, over whatever changed
+    """A request body written once. aiohttp sends a PUT again by itself when a reused
+    connection drops before the answer (HTTP allows it for idempotent methods), but a
+    dashboard's write sent again carries a body read before, over whatever changed
     meanwhile: whether to write again is the writer's to decide, after reading again.
     Once written, this body is consumed (aiohttp, from 3.12, then gives up with the
     error) and refuses a second write (older versions): the request has no answer."""
