@@ -5,10 +5,11 @@ the writer read. To keep another person's edit: read twice, write only if nobody
 the dashboard in between (else read again, up to three times), then read back — every
 earlier invitee unchanged and every new one present. Nothing is ever removed or changed.
 
-A write goes once for the reads it was made from: where the pacer or the retry policy
-would send it again (after a 429's wait, a backoff, an answer that never came), the
-dashboard is read again instead, so a body read before the wait never lands on what
-changed during it; a write that was applied without an answer shows in those reads.
+A write is made once for the reads it came from (:class:`worker.send.retry.Once`):
+refused (a 429, a 5xx), cut or unanswered, the dashboard is read twice again — those
+reads paced and retried like any request — so a body read before never lands on what
+changed since. What a write applied without an answer did shows in those reads, or in one
+more after the last round: its addresses shown with the expiration it wrote are its own.
 """
 
 from __future__ import annotations
