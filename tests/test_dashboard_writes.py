@@ -16,7 +16,7 @@ from tests.test_prune import PEOPLE, board_of
 from worker.config import Config, PruneMax
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard, Invitee
-from worker.emulator.responses import hang_up
+from worker.emulator.responses import error, hang_up
 from worker.emulator.server import CUT, DROP, WriteHook
 from worker.run import run
 from worker.run.counts import FileRead
@@ -224,3 +224,58 @@ async def test_a_revocation_cut_before_it_is_handled_is_sent_again_even_at_one_a
     assert result.exit_code == 0
     assert cuts
     assert {e for e, _ in board.invitations} == set(PEOPLE[:2])
+
+
+async def test_a_read_that_fails_after_an_unanswered_removal_is_followed_by_one_more(
+    emulator: Emulator, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The removal's PUT is applied without an answer and the read after it fails (a 503,
+    --max-attempts 1): one more read says what the PUT took, so p2's and p3's entries
+    are recorded though the dashboard is refused this time; that read is counted."""
+    admit, failed = emulator._admit, list[web.Request]()
+
+    def fail_the_read_after_the_put(request: web.Request) -> Any:
+        dashboard = not request.path.endswith("/invitation")
+        if request.method == "GET" and dashboard and puts(emulator) and not failed:
+            failed.append(request)
+            return error(503, "unavailable", {}), {}
+        return admit(request)
+
+    monkeypatch.setattr(emulator, "_admit", fail_the_read_after_the_put)
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0), max_attempts=1)
+    result, board = await prune_two(emulator, config, dropped)
+    assert result.exit_code == 1
+    assert failed
+    assert set(board.invitees or {}) == set(PEOPLE[:2])
+    assert recorded_entries(config) == {p: ["invitee"] for p in PEOPLE[2:4]}
+    made = sum(1 for r in emulator.requests if not r.path.endswith("/invitation"))
+    assert result.summary.requests_by_kind["dashboard"] == made
+
+
+async def test_entries_taken_by_two_writes_are_all_recorded(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """p2 is an invitee and on the share list; the first PUT takes both without an
+    answer, someone puts p2 back on the share list, and the second PUT takes that: p2's
+    record names all three things it lost, once each."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:4])
+    board.share_list = {PEOPLE[2]}
+    put_back = list[str]()
+
+    def back_on_the_share_list(dashboard: Dashboard) -> None:
+        if puts(emulator) == 1 and not put_back:
+            assert dashboard.share_list is not None
+            dashboard.share_list.add(PEOPLE[2])
+            put_back.append(PEOPLE[2])
+
+    emulator.before_read[TOKEN_A] = [back_on_the_share_list] * 20
+    emulator.before_write[TOKEN_A] = [dropped]
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:2]])))
+    assert result.exit_code == 0
+    assert put_back
+    assert puts(emulator) == 2
+    assert recorded_entries(config)[PEOPLE[2]] == ["invitation", "invitee", "share_list"]
+    assert result.summary.prune is not None
+    assert result.summary.prune.revoked_by_what == {"invitation": 2, "invitee": 2,
+                                                    "share_list": 1}  # fmt: skip

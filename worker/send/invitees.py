@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from worker.errors import InviteWorkerError
+from worker.errors import InviteWorkerError, Stopped
 from worker.send.client import InvitationClient
 from worker.send.compact import iso_epoch
 from worker.send.replies import Dashboard
@@ -87,6 +87,8 @@ async def add_invitees(
         except _LockLost:  # another worker may have edited since those reads
             continue
         except Unsettled as exc:
+            if exc.stopped:  # what it added is allowed, and invited by the next run
+                raise Stopped("stopping: the dashboard's write is not settled") from None
             if exc.maybe_applied:
                 unanswered.update((e.lower(), e) for e in new)
             why = UNSETTLED

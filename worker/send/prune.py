@@ -34,7 +34,7 @@ from worker.send.listed import Listed
 from worker.send.pacing import Pacer
 from worker.send.paging import PAGE_SIZE, Moved, Reading, read_pages, read_settled
 from worker.send.removal import INVITEE, SHARE_LIST, remove_entries
-from worker.send.replies import Listing
+from worker.send.replies import Dashboard, Listing
 from worker.send.retry import Answered, RetryPolicy, paced_call
 from worker.validate.dedupe import member
 
@@ -181,7 +181,8 @@ class Pruner:
         stop = self._stop
         return await remove_entries(self._dashboard_call, self._client, token,
                                     frozenset(e.lower() for e in gone), took,
-                                    stopped=lambda: stop is not None and stop.is_set())  # fmt: skip
+                                    stopped=lambda: stop is not None and stop.is_set(),
+                                    read_now=functools.partial(self._read_now, token))  # fmt: skip
 
     def list_size(self) -> int:
         """The longest list to revoke at once: ``--batch-size``, or the longest list the
@@ -198,6 +199,11 @@ class Pruner:
             functools.partial(self._client.list_invitations, token, number, size),
             "list_invitations",
         )
+
+    async def _read_now(self, token: str) -> Dashboard:
+        """One read of the dashboard, unpaced and not retried (see ``remove_entries``)."""
+        self.requests["dashboard"] += 1
+        return await self._client.get_dashboard(token)
 
     async def _dashboard_call(self, call: Callable[[], Awaitable[Any]]) -> Any:
         return await self._paced(call, "dashboard")

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 
-from worker.errors import InviteWorkerError, Stopped
+from worker.errors import InviteWorkerError, SendError, Stopped
 from worker.send.client import InvitationClient
 from worker.send.invitees import CHANGING, ROUNDS, UNSETTLED, Paced, invitee_list, writable
+from worker.send.replies import Dashboard
 from worker.send.retry import Once, Unsettled
 
 log = structlog.get_logger("worker.removal")
@@ -36,6 +37,7 @@ async def remove_entries(
     gone: frozenset[str],
     took: dict[str, set[str]],
     stopped: Callable[[], bool] = lambda: False,
+    read_now: Callable[[], Awaitable[Dashboard]] | None = None,
 ) -> dict[str, set[str]] | None:
     """Remove the entries of ``gone`` (lower-cased addresses) from ``token``'s invitees and
     share list: per address removed, which entries went (``took``, fresh); None if it could
@@ -45,15 +47,19 @@ async def remove_entries(
     ``took`` is filled as soon as the PUT is answered, with what it took (less, once the
     read-back shows some still there), or as a read shows what an unanswered PUT took, so
     what was taken is known whatever happens next: a stop, a failed read-back. Once
-    ``stopped()``, no PUT is made (:class:`Stopped`).
+    ``stopped()``, no PUT is made (:class:`Stopped`). Cut short — a stop, a read that
+    failed — after a write with no answer, one more read (``read_now``, unpaced: a stop
+    refuses a paced one) says what that write took; only if it fails too are its entries
+    left unrecorded (the next run revokes their invitations, recorded as that alone).
     """
     removal = _Removal(paced, client, token, gone, took)
     try:
         return await removal.rounds(stopped)
-    except Stopped:
-        if removal.unanswered:  # the reads a stop cut short: one, unpaced, says what it took
+    except (Stopped, SendError):
+        if removal.unanswered:
+            read = read_now or functools.partial(client.get_dashboard, token)
             with contextlib.suppress(InviteWorkerError):
-                removal.settle((await client.get_dashboard(token)).raw)
+                removal.settle((await read()).raw)
         raise
 
 
@@ -71,7 +77,7 @@ class _Removal:
         """Record what an unanswered write took, as ``doc`` shows it (gone: taken, by it or
         by someone else); return the entries of ``gone`` still there."""
         still = _held(doc, self._gone)
-        self.took.update(_gone(self.unanswered, still))
+        _add(self.took, _gone(self.unanswered, still))
         self.unanswered.clear()
         return still
 
@@ -100,21 +106,24 @@ class _Removal:
             except Unsettled as exc:
                 if exc.maybe_applied:
                     self.unanswered = {k: set(v) for k, v in removed.items()}
+                if exc.stopped:  # settled by the caller's one more read
+                    raise Stopped("stopping: the dashboard's write is not settled") from None
                 why = UNSETTLED
                 log.warning("removal.write_unsettled", token=token,
                             maybe_applied=exc.maybe_applied, action="reading again")  # fmt: skip
                 continue
-            # Answered: taken, whatever follows.
-            took.update((k, set(v)) for k, v in removed.items())
+            earlier = {k: set(v) for k, v in took.items()}  # what earlier writes took
+            _add(took, removed)  # answered: taken, whatever follows
             after = await self._read()
             now_invitees = {i["email"].lower(): i for i in invitee_list(after)}
             now_share = _lowered(after.get("share_list"))
             intact = all(now_invitees.get(k) == v for k, v in kept_invitees.items())
             intact = intact and kept_share - {""} <= now_share
             left = [e for e in removed if e in now_invitees or e in now_share]
-            for email in left:  # still there (put back, or the PUT did not take): not taken
-                took[email] -= {INVITEE} if email in now_invitees else set()
-                took[email] -= {SHARE_LIST} if email in now_share else set()
+            for email in left:  # still there (put back, or this PUT did not take): not taken
+                back = {INVITEE} if email in now_invitees else set()
+                back |= {SHARE_LIST} if email in now_share else set()
+                took[email] = earlier.get(email, set()) | (removed[email] - back)
                 if not took[email]:
                     del took[email]
             if intact and not left:
@@ -173,6 +182,12 @@ def _held(doc: dict[str, Any], gone: frozenset[str]) -> dict[str, set[str]]:
     for entry in _lowered(doc.get("share_list")) & gone:
         out.setdefault(entry, set()).add(SHARE_LIST)
     return out
+
+
+def _add(took: dict[str, set[str]], more: dict[str, set[str]]) -> None:
+    """Add ``more``'s entries to ``took``'s (an address's earlier ones stay)."""
+    for email, entries in more.items():
+        took.setdefault(email, set()).update(entries)
 
 
 def _gone(unanswered: dict[str, set[str]], still: dict[str, set[str]]) -> dict[str, set[str]]:

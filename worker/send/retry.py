@@ -189,16 +189,19 @@ class Unsettled(InviteWorkerError):
     a broken connection, no answer — and was not made again. ``maybe_applied``: the
     service may have acted on it (its outcome is unknown)."""
 
-    def __init__(self, cause: SendError | None) -> None:
+    def __init__(self, cause: SendError | None, *, stopped: bool = False) -> None:
         super().__init__(f"made once, not again: {cause or 'rate limited (429)'}")
         self.maybe_applied = isinstance(cause, OutcomeUnknown)
+        #: A stop came during the backoff that followed (the caller stops too).
+        self.stopped = stopped
 
 
 class Once(Generic[A]):
     """A request :func:`paced_call` makes at most once: a dashboard's write, whose body is
     good only for the reads it came from. Paced like any other; a failure worth trying
-    again ends it at once with :class:`Unsettled` — no backoff, no retry, nothing counted
-    twice — and the caller reads again before it writes again."""
+    again ends it with :class:`Unsettled` — after the policy's first backoff (a 429: the
+    pacer's pause holds the next requests instead), never retried, nothing counted twice
+    — and the caller reads again before it writes again."""
 
     def __init__(self, call: Callable[[], Awaitable[A]]) -> None:
         self._call = call
@@ -262,6 +265,9 @@ async def paced_call(
     except RetryableError as exc:
         if once is None:
             raise
-        raise Unsettled(exc) from None
+        # Backed off as a retry would be, so the reads that follow do not press a service
+        # that just failed; a stop ends the wait, and the caller learns of both.
+        waited = await sleep_unless(clock, policy.delay(1, rng), stop)
+        raise Unsettled(exc, stopped=not waited) from None
     assert answer is not None  # the default hooks never end the attempts early
     return answer
