@@ -6,10 +6,11 @@ the dashboard in between (else read again, up to three times), then read back �
 earlier invitee unchanged and every new one present. Nothing is ever removed or changed.
 
 A write is made once for the reads it came from (:class:`worker.send.retry.Once`):
-refused (a 429, a 5xx), cut or unanswered, the dashboard is read twice again — those
-reads paced and retried like any request — so a body read before never lands on what
-changed since. What a write applied without an answer did shows in those reads, or in one
-more after the last round: its addresses shown with the expiration it wrote are its own.
+refused (a 429, a 5xx), cut or unanswered, it is backed off as a retry would be and the
+dashboard is read twice again — up to ``--max-attempts`` writes — so a body read before
+never lands on what changed since. What a write applied without an answer did shows in
+those reads, or in one more after the last round: its addresses shown with the
+expiration it wrote are its own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from worker.errors import InviteWorkerError, Stopped
+from worker.errors import InviteWorkerError, Stopped, UnexpectedResponse
 from worker.send.client import InvitationClient
 from worker.send.compact import iso_epoch
 from worker.send.replies import Dashboard
@@ -68,34 +69,38 @@ async def add_invitees(
         return set(shown)
 
     why = CHANGING  # why the rounds ran out
-    for _ in range(ROUNDS):
-        first, before = (await paced(read)).raw, (await paced(read)).raw
+    changes = failed = 0  # rounds that saw the dashboard change; writes that failed
+    while changes < ROUNDS:
+        first, before = await read_object(paced, read), await read_object(paced, read)
         present = settle(before)
         new = [e for e in dict.fromkeys(emails) if e.lower() not in present]
         if not new:  # nothing to write: no window for another person's edit to be lost
             log.info("invitees.added", token=token, added=len(added))
             return added
         if writable(first) != writable(before):
-            why = CHANGING
+            why, changes = CHANGING, changes + 1
             log.warning("invitees.concurrent_edit", token=token, action="reading again")
             continue
         body = writable(before)
         kept = invitee_list(before)
         body["invitees"] = [*kept, *({"email": e, "access_expiration": expires} for e in new)]
         try:
-            await paced(Once(functools.partial(write, body)))
+            await paced(Once(functools.partial(write, body), tries=failed + 1))
         except _LockLost:  # another worker may have edited since those reads
+            changes += 1
             continue
         except Unsettled as exc:
             if exc.stopped:  # what it added is allowed, and invited by the next run
                 raise Stopped("stopping: the dashboard's write is not settled") from None
             if exc.maybe_applied:
                 unanswered.update((e.lower(), e) for e in new)
-            why = UNSETTLED
+            why, failed = UNSETTLED, failed + exc.failed
             log.warning("invitees.write_unsettled", token=token, maybe_applied=exc.maybe_applied,
-                        action="reading again")  # fmt: skip
+                        action="giving up" if exc.final else "reading again")  # fmt: skip
+            if exc.final:
+                break
             continue
-        after = {i["email"].lower(): i for i in invitee_list((await paced(read)).raw)}
+        after = {i["email"].lower(): i for i in invitee_list(await read_object(paced, read))}
         intact = all(after.get(i["email"].lower()) == i for i in kept)
         if intact and all(e.lower() in after for e in new):
             log.info("invitees.added", token=token, added=len(added) + len(new))
@@ -104,12 +109,29 @@ async def add_invitees(
                   reason="the read-back does not show the change as written")  # fmt: skip
         return None
     # The last write went unanswered: what it did shows in one more read.
-    if unanswered and {e.lower() for e in emails} <= settle((await paced(read)).raw):
+    if unanswered and {e.lower() for e in emails} <= settle(await read_object(paced, read)):
         log.info("invitees.added", token=token, added=len(added))
         return added
     log.error("invitees.update_failed", token=token,
               reason=why)  # fmt: skip
     return None
+
+
+async def read_object(paced: Paced, read: Callable[[], Awaitable[Dashboard]]) -> dict[str, Any]:
+    """The dashboard object, read through ``paced``: what a write is made from and what
+    tells what a write did, so anything but an object with an allow-list field (a page a
+    proxy answered 200, a truncated body) is refused rather than read as empty."""
+    answer = await paced(read)
+    return dashboard_object(answer)
+
+
+def dashboard_object(answer: Dashboard) -> dict[str, Any]:
+    """``answer``'s object; :class:`UnexpectedResponse` if it is none (see read_object)."""
+    doc = answer.raw
+    if "invitees" not in doc and "share_list" not in doc:
+        raise UnexpectedResponse("the shared dashboard read back is not a dashboard object "
+                                 "(no invitees nor share_list)", http_status=200)  # fmt: skip
+    return doc
 
 
 def _expiry(item: dict[str, Any]) -> float | None:
@@ -121,10 +143,11 @@ class _LockLost(InviteWorkerError):
     """The edit's lock was lost before its write left (taken again since)."""
 
 
-#: Rounds of reading twice (and writing) before an edit is given up, and why it was.
+#: Rounds whose two reads disagree before an edit is given up (failed writes: as many as
+#: --max-attempts allows), and why it was.
 ROUNDS = 3
 CHANGING = "the dashboard kept changing while being read"
-UNSETTLED = "its write was refused or went unanswered each time"
+UNSETTLED = "its writes kept failing (refused or unanswered) up to --max-attempts"
 
 
 #: The fields of a shared dashboard a PUT carries back: every writable one, as read.

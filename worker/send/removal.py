@@ -21,7 +21,16 @@ import structlog
 
 from worker.errors import InviteWorkerError, SendError, Stopped
 from worker.send.client import InvitationClient
-from worker.send.invitees import CHANGING, ROUNDS, UNSETTLED, Paced, invitee_list, writable
+from worker.send.invitees import (
+    CHANGING,
+    ROUNDS,
+    UNSETTLED,
+    Paced,
+    dashboard_object,
+    invitee_list,
+    read_object,
+    writable,
+)
 from worker.send.replies import Dashboard
 from worker.send.retry import Once, Unsettled
 
@@ -59,7 +68,7 @@ async def remove_entries(
         if removal.unanswered:
             read = read_now or functools.partial(client.get_dashboard, token)
             with contextlib.suppress(InviteWorkerError):
-                removal.settle((await read()).raw)
+                removal.settle(dashboard_object(await read()))
         raise
 
 
@@ -82,35 +91,40 @@ class _Removal:
         return still
 
     async def _read(self) -> dict[str, Any]:
-        return (await self._paced(functools.partial(self._client.get_dashboard, self._token))).raw
+        return await read_object(self._paced, functools.partial(self._client.get_dashboard,
+                                                                 self._token))  # fmt: skip
 
     async def rounds(self, stopped: Callable[[], bool]) -> dict[str, set[str]] | None:
         """Read twice, write once, read back; up to :data:`ROUNDS` times."""
         token, gone, took = self._token, self._gone, self.took
         why = CHANGING  # why the rounds ran out
-        for _ in range(ROUNDS):
+        changes = failed = 0  # rounds that saw the dashboard change; writes that failed
+        while changes < ROUNDS:
             first, before = await self._read(), await self._read()
             self.settle(before)
             body, removed, kept_invitees, kept_share = _without(before, gone)
             if not removed:  # nothing to write
                 return dict(took)
             if writable(first) != writable(before):
-                why = CHANGING
+                why, changes = CHANGING, changes + 1
                 log.warning("removal.concurrent_edit", token=token, action="reading again")
                 continue
             if stopped():  # a stop came while the dashboard was read: nothing taken yet
                 raise Stopped("stopping: the dashboard was not changed")
+            write = functools.partial(self._client.put_dashboard, token, body)
             try:
-                await self._paced(Once(functools.partial(self._client.put_dashboard, token,
-                                                         body)))  # fmt: skip
+                await self._paced(Once(write, tries=failed + 1))
             except Unsettled as exc:
                 if exc.maybe_applied:
                     self.unanswered = {k: set(v) for k, v in removed.items()}
                 if exc.stopped:  # settled by the caller's one more read
                     raise Stopped("stopping: the dashboard's write is not settled") from None
-                why = UNSETTLED
+                why, failed = UNSETTLED, failed + exc.failed
                 log.warning("removal.write_unsettled", token=token,
-                            maybe_applied=exc.maybe_applied, action="reading again")  # fmt: skip
+                            maybe_applied=exc.maybe_applied,
+                            action="giving up" if exc.final else "reading again")  # fmt: skip
+                if exc.final:
+                    break
                 continue
             earlier = {k: set(v) for k, v in took.items()}  # what earlier writes took
             _add(took, removed)  # answered: taken, whatever follows

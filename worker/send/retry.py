@@ -189,9 +189,14 @@ class Unsettled(InviteWorkerError):
     a broken connection, no answer — and was not made again. ``maybe_applied``: the
     service may have acted on it (its outcome is unknown)."""
 
-    def __init__(self, cause: SendError | None, *, stopped: bool = False) -> None:
+    def __init__(
+        self, cause: SendError | None, *, final: bool = False, stopped: bool = False
+    ) -> None:
         super().__init__(f"made once, not again: {cause or 'rate limited (429)'}")
         self.maybe_applied = isinstance(cause, OutcomeUnknown)
+        #: A failed try as ``--max-attempts`` counts them (a 429 is none), and whether it
+        #: was the last the policy allows.
+        self.failed, self.final = cause is not None, final
         #: A stop came during the backoff that followed (the caller stops too).
         self.stopped = stopped
 
@@ -199,12 +204,14 @@ class Unsettled(InviteWorkerError):
 class Once(Generic[A]):
     """A request :func:`paced_call` makes at most once: a dashboard's write, whose body is
     good only for the reads it came from. Paced like any other; a failure worth trying
-    again ends it with :class:`Unsettled` — after the policy's first backoff (a 429: the
-    pacer's pause holds the next requests instead), never retried, nothing counted twice
-    — and the caller reads again before it writes again."""
+    again ends it with :class:`Unsettled` — after the policy's backoff for try ``tries``
+    (a 429: the pacer's pause holds the next requests instead), never retried, nothing
+    counted twice — and the caller reads again before it writes again, up to the
+    policy's attempts."""
 
-    def __init__(self, call: Callable[[], Awaitable[A]]) -> None:
-        self._call = call
+    def __init__(self, call: Callable[[], Awaitable[A]], tries: int = 1) -> None:
+        """``tries``: which try of the caller's this is (its backoff and its last)."""
+        self._call, self.tries = call, tries
         self.made = False
 
     async def __call__(self) -> A:
@@ -265,9 +272,11 @@ async def paced_call(
     except RetryableError as exc:
         if once is None:
             raise
+        if not policy.retries(exc, once.tries):
+            raise Unsettled(exc, final=True) from None
         # Backed off as a retry would be, so the reads that follow do not press a service
         # that just failed; a stop ends the wait, and the caller learns of both.
-        waited = await sleep_unless(clock, policy.delay(1, rng), stop)
+        waited = await sleep_unless(clock, policy.delay(once.tries, rng), stop)
         raise Unsettled(exc, stopped=not waited) from None
     assert answer is not None  # the default hooks never end the attempts early
     return answer
