@@ -602,6 +602,28 @@ async def test_an_address_rejection_spares_its_token_and_duplicates_are_harmless
     assert result.summary.prune.emails_revoked == 1
 
 
+async def test_a_token_spelled_two_ways_is_pruned_under_neither_and_says_so(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The list names TOKEN_A in lower case and, for someone else, in upper case: neither
+    spelling's dashboard is pruned, one prune_refused record (token_spellings) names both
+    spellings, and TOKEN_B's dashboard is pruned as usual; exit 1."""
+    board = board_of(emulator, TOKEN_A, PEOPLE[:4])
+    upper = board_of(emulator, TOKEN_A.upper(), PEOPLE[10:12])
+    other = board_of(emulator, TOKEN_B, PEOPLE[20:23])
+    rows = [(TOKEN_A, PEOPLE[0]), (TOKEN_A.upper(), PEOPLE[10]), (TOKEN_B, PEOPLE[20])]
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+    result = await run(config, csv_source(rows_csv(rows)))
+    assert result.exit_code == 1
+    assert held(board) == set(PEOPLE[:4])
+    assert held(upper) == set(PEOPLE[10:12])
+    assert held(other) == {PEOPLE[20]}
+    [refused] = by_kind(read_report(config.report_path), "prune_refused")
+    assert refused["code"] == "token_spellings"
+    assert TOKEN_A in refused["message"]
+    assert TOKEN_A.upper() in refused["message"]
+
+
 async def test_an_empty_list_prunes_nothing(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:

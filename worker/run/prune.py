@@ -54,6 +54,8 @@ class ListedInput:
         self.tokens: dict[str, str] = {}
         #: lower-cased token -> the first (line, reason) rejected for its address
         self.blocked: dict[str, tuple[int | str, str]] = {}
+        #: lower-cased token -> another spelling of it the list has (letter case apart)
+        self.respelled: dict[str, str] = {}
         #: The first row that could not be read or attributed: (line, reason)
         self.unreadable: tuple[int | str, str] | None = None
 
@@ -64,7 +66,9 @@ class ListedInput:
         for raw in set(tokens):
             token = raw.strip() if isinstance(raw, str) else ""
             if check_token(token):
-                self.tokens.setdefault(token.lower(), token)
+                first = self.tokens.setdefault(token.lower(), token)
+                if first != token:
+                    self.respelled.setdefault(token.lower(), token)
         for line, reason, rejected, _ in rejections:
             if reason == Reason.DUPLICATE:
                 continue  # harmless: the pair is in the list once already
@@ -163,6 +167,16 @@ async def _one(
                 "it; fix the row and run again", token)  # fmt: skip
         if counts is not None:
             counts["would refuse removal: rejected_rows"] += 1
+        return
+    if (other := listed.respelled.get(lower)) is not None:
+        # The duplicate rule takes the two for one token, but the service may hold a
+        # dashboard under each: which one the list means cannot be told, and a survey of
+        # one would leave the other unpruned without a word.
+        _refuse(report, "token_spellings", f"the list spells this token two ways, {token!r} "
+                f"and {other!r} (letter case apart): nobody was removed from either "
+                "dashboard; spell it one way and run again", token)  # fmt: skip
+        if counts is not None:
+            counts["would refuse removal: token_spellings"] += 1
         return
     survey = await pruner.survey(token, listed.named(token))
     # A plan's survey reads the dashboard as it is: without the people its sends would
