@@ -160,23 +160,23 @@ async def _one(
     restore: Restore | None,
 ) -> None:
     """Survey, restore (see :func:`_restore`), guard and prune one dashboard."""
+    refusal = None
     if lower in listed.blocked:
         line, reason = listed.blocked[lower]
-        _refuse(report, "rejected_rows", f"line {line}, a row for this dashboard, was rejected "
-                f"({reason}), so the list may be missing someone: nobody was removed from "
-                "it; fix the row and run again", token)  # fmt: skip
-        if counts is not None:
-            counts["would refuse removal: rejected_rows"] += 1
-        return
-    if (other := listed.respelled.get(lower)) is not None:
+        refusal = ("rejected_rows", f"line {line}, a row for this dashboard, was rejected "
+                   f"({reason}), so the list may be missing someone: nobody was removed "
+                   "from it; fix the row and run again")  # fmt: skip
+    elif (other := listed.respelled.get(lower)) is not None:
         # The duplicate rule takes the two for one token, but the service may hold a
         # dashboard under each: which one the list means cannot be told, and a survey of
         # one would leave the other unpruned without a word.
-        _refuse(report, "token_spellings", f"the list spells this token two ways, {token!r} "
-                f"and {other!r} (letter case apart): nobody was removed from either "
-                "dashboard; spell it one way and run again", token)  # fmt: skip
+        refusal = ("token_spellings", f"the list spells this token two ways, {token!r} and "
+                   f"{other!r} (letter case apart): nobody was removed from either "
+                   "dashboard; spell it one way and run again")  # fmt: skip
+    if refusal is not None:
+        _refuse(report, *refusal, token)
         if counts is not None:
-            counts["would refuse removal: token_spellings"] += 1
+            counts[f"would refuse removal: {refusal[0]}"] += 1
         return
     survey = await pruner.survey(token, listed.named(token))
     # A plan's survey reads the dashboard as it is: without the people its sends would
