@@ -181,8 +181,8 @@ class Pruner:
         stop = self._stop
         return await remove_entries(self._dashboard_call, self._client, token,
                                     frozenset(e.lower() for e in gone), took,
-                                    stopped=lambda: stop is not None and stop.is_set(),
-                                    read_now=functools.partial(self._read_now, token))  # fmt: skip
+                                    functools.partial(self._read_now, token),
+                                    stopped=lambda: stop is not None and stop.is_set())  # fmt: skip
 
     def list_size(self) -> int:
         """The longest list to revoke at once: ``--batch-size``, or the longest list the

@@ -45,8 +45,8 @@ async def remove_entries(
     token: str,
     gone: frozenset[str],
     took: dict[str, set[str]],
+    read_now: Callable[[], Awaitable[Dashboard]],
     stopped: Callable[[], bool] = lambda: False,
-    read_now: Callable[[], Awaitable[Dashboard]] | None = None,
 ) -> dict[str, set[str]] | None:
     """Remove the entries of ``gone`` (lower-cased addresses) from ``token``'s invitees and
     share list: per address removed, which entries went (``took``, fresh); None if it could
@@ -66,9 +66,8 @@ async def remove_entries(
         return await removal.rounds(stopped)
     except (Stopped, SendError):
         if removal.unanswered:
-            read = read_now or functools.partial(client.get_dashboard, token)
             with contextlib.suppress(InviteWorkerError):
-                removal.settle(dashboard_object(await read()))
+                removal.settle(_without(dashboard_object(await read_now()), gone)[1])
         raise
 
 
@@ -82,13 +81,11 @@ class _Removal:
         #: What a write whose outcome is unknown was taking (settled by the next read).
         self.unanswered: dict[str, set[str]] = {}
 
-    def settle(self, doc: dict[str, Any]) -> dict[str, set[str]]:
-        """Record what an unanswered write took, as ``doc`` shows it (gone: taken, by it or
-        by someone else); return the entries of ``gone`` still there."""
-        still = _held(doc, self._gone)
+    def settle(self, still: dict[str, set[str]]) -> None:
+        """Record what an unanswered write took, as a read shows ``still`` there of the
+        entries to remove (the rest: taken, by it or by someone else)."""
         _add(self.took, _gone(self.unanswered, still))
         self.unanswered.clear()
-        return still
 
     async def _read(self) -> dict[str, Any]:
         return await read_object(self._paced, functools.partial(self._client.get_dashboard,
@@ -101,8 +98,8 @@ class _Removal:
         changes = failed = 0  # rounds that saw the dashboard change; writes that failed
         while changes < ROUNDS:
             first, before = await self._read(), await self._read()
-            self.settle(before)
             body, removed, kept_invitees, kept_share = _without(before, gone)
+            self.settle(removed)
             if not removed:  # nothing to write
                 return dict(took)
             if writable(first) != writable(before):
@@ -148,9 +145,12 @@ class _Removal:
                       reason="the read-back does not show the change as written")  # fmt: skip
             return None
         # The last write went unanswered: what it did shows in one more read.
-        if self.unanswered and not self.settle(await self._read()):
-            log.info("removal.done", token=token, removed=len(took))
-            return dict(took)
+        if self.unanswered:
+            still = _without(await self._read(), gone)[1]
+            self.settle(still)
+            if not still:
+                log.info("removal.done", token=token, removed=len(took))
+                return dict(took)
         log.error("removal.update_failed", token=token, reason=why)
         return None
 
@@ -185,17 +185,6 @@ def _without(
                 body["share_list"].append(entry)
                 kept_share.add(lower or "")
     return body, removed, kept_invitees, kept_share
-
-
-def _held(doc: dict[str, Any], gone: frozenset[str]) -> dict[str, set[str]]:
-    """The entries of ``gone`` that ``doc`` holds, per lower-cased address."""
-    out: dict[str, set[str]] = {}
-    for item in invitee_list(doc):
-        if (lower := item["email"].lower()) in gone:
-            out.setdefault(lower, set()).add(INVITEE)
-    for entry in _lowered(doc.get("share_list")) & gone:
-        out.setdefault(entry, set()).add(SHARE_LIST)
-    return out
 
 
 def _add(took: dict[str, set[str]], more: dict[str, set[str]]) -> None:
