@@ -93,6 +93,9 @@ class Report:
         self.revoked_emails = 0
         self.revoked_by_what: Counter[str] = Counter()
         self.prunes_refused: Counter[str] = Counter()
+        #: ``--add-invitees``: people invited whose entry was gone at the run's end, and
+        #: could not be added back (see ``send.recheck``).
+        self.invitees_lost = 0
         self.closed = False
         #: Told of each revocation recorded (``--resume``: the job's totals follow it).
         self.on_revoked: Callable[[str, list[str]], None] | None = None

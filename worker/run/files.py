@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncGenerator, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import structlog
@@ -41,10 +42,14 @@ from worker.run.summary import RunResult
 from worker.send import pruner_for
 from worker.send.client import InvitationClient
 from worker.send.prune import Pruner
+from worker.send.recheck import recheck
 from worker.send.sender import Sender
 from worker.sources import Source
 from worker.sources.csvfile import CsvSource
 from worker.state import RunState
+
+if TYPE_CHECKING:
+    from worker.send.recheck import Keys
 
 log = structlog.get_logger("worker.run")
 
@@ -139,6 +144,8 @@ class _FileMode(Mode[FileRead]):
             await runner.supervise("reconciler", _settle(runner, self.history, self.clock))
         runner.recorded = 0  # settling is not this run's reading
         self._sender = runner.sender
+        if self.config.add_invitees and self.listed is None:  # --prune's survey looks anyway
+            runner.sender.preflight.vouched = {}
         if self.listed is not None:
             sender = runner.sender
             self.pruner = pruner_for(self.config, client, sender.pacer, sender.retry,
@@ -152,14 +159,27 @@ class _FileMode(Mode[FileRead]):
         return _flushed(self.report, batches), ()
 
     async def after(self, runner: Runner, client: InvitationClient) -> None:
-        """``--prune``, once the whole list is read and sent (not after a stop)."""
+        """Once the whole list is read and sent (not after a stop): with
+        ``--add-invitees``, a look at the entries the run made (``send.recheck``); with
+        ``--prune``, the prune (whose survey looks at every dashboard anyway)."""
         state = self.state
         finished = self.counts.read_all and not (state.stop.is_set() or state.aborted)
+        preflight = runner.sender.preflight
+        if preflight.vouched and finished:
+            vouched, preflight.vouched = preflight.vouched, None  # its own adds: not again
+            await runner.supervise("recheck", self._recheck(vouched, runner))
         if self.listed is not None and self.pruner is not None and finished:
             pruning = prune(self.config, self.pruner, self.listed, self.report,
                             stop=state.stop, abort=state.abort,
                             restore=runner.sender.preflight.add)  # fmt: skip
             await runner.supervise("prune", pruning)
+
+    async def _recheck(self, vouched: dict[str, list[Keys]], runner: Runner) -> None:
+        sender = runner.sender
+        self.report.invitees_lost = await recheck(
+            vouched, sender.preflight, sender.reconciler, self.report, self.clock,
+            concurrency=self.config.concurrency, stop=self.state.stop,
+        )  # fmt: skip
 
     def close(self) -> None:
         """The input and the journal."""

@@ -39,6 +39,8 @@ def print_summary(
         rows.append(("settled before", f"{settled:,} (by this report's earlier runs)"))
     if summary.invitees_added:  # --add-invitees granted access, whatever the sends did
         rows.append(("invitees added", f"{summary.invitees_added:,}"))
+    if summary.invitees_lost:  # entries gone again at the end: see invitees.lost
+        rows.append(("invitees lost", f"{summary.invitees_lost:,}"))
     rows += _by("skipped", summary.skipped_by_reason)
     rows += _by("refused", summary.refused_by_code)
     failed = summary.emails_failed - sum(summary.refused_by_code.values())
@@ -132,6 +134,14 @@ def next_step(summary: AnySummary, report: str, command: list[str]) -> str:
         return f"{fixes}; then: {retry}, and run retry.csv"
     if summary.rejected:
         return "fix the rejected rows in the input (their lines are in the report)"
+    if summary.invitees_lost:
+        # --prune's survey adds back whom the list names and the dashboard lost, before
+        # its guard: at --prune-max 0 it removes nobody.
+        again = resume_command([*command, "--prune", "--prune-max", "0"])
+        return (
+            "see invitees.lost: someone else keeps writing those dashboards from an "
+            f"older read; once they stop, add the lost back (removing nobody): {again}"
+        )
     if summary.prune is not None and summary.prune.prunes_refused:
         return ("see why --prune left dashboards whole (the prune_refused records in "
                 f"{shlex.quote(report)}), then run again")  # fmt: skip

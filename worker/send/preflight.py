@@ -31,10 +31,11 @@ batch by batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from itertools import compress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.clock import Clock, second_text
 from worker.errors import SendError
@@ -58,6 +59,12 @@ from worker.send.screening import (
     not_allowed,
 )
 from worker.validate.dedupe import member
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from worker.send.listed import SharedDashboard
 
 
 class Preflight(TokenChecks):
@@ -103,6 +110,9 @@ class Preflight(TokenChecks):
         #: stream's workers edit a dashboard one at a time (see worker.queue.edits). What
         #: it gives confirms, as the write leaves, that it was held all along.
         self.edits: Callable[[str], AbstractAsyncContextManager[Confirm]] | None = None
+        #: A file run's ``--add-invitees``: per token, the keys of the addresses an add made
+        #: sure of, for the look at the end (``send.recheck``). None: not kept (queue mode).
+        self.vouched: dict[str, list[npt.NDArray[np.int64]]] | None = None
 
     async def screen(self, token: str, emails: list[str]) -> Screened:
         """Which of ``emails`` to send, which are refused, which skipped (by reason).
@@ -207,7 +217,14 @@ class Preflight(TokenChecks):
             return None, None
         self.invitees_added += len(added)
         self._allow(token, emails)
+        if self.vouched is not None:
+            self.vouched.setdefault(token, []).append(key_set(emails))
         return added, expires
+
+    async def read_board(self, token: str) -> SharedDashboard:
+        """``token``'s dashboard as it is now, read as a check's is."""
+        answer = await self._paced(functools.partial(self._client.get_dashboard, token))
+        return answer.dashboard
 
     def _allow(self, token: str, emails: list[str]) -> None:
         """Count ``emails`` allowed on ``token``'s dashboard from now on."""

@@ -1,0 +1,118 @@
+"""``--add-invitees``: at the end of a file run, every dashboard it added invitees to is
+looked at again, and whoever invited has lost their entry to another writer meanwhile is
+added back — or, when they keep losing it, counted lost and the run exits 1."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from structlog.testing import capture_logs
+
+from tests.conftest import TOKEN_A, by_kind, csv_source, read_report, rows_csv
+from worker.config import Config, PruneMax
+from worker.emulator import Emulator
+from worker.emulator.dashboards import Dashboard
+from worker.run import run
+
+NEW = "new@example.com"
+
+
+def stale_writer(times: int) -> Callable[[Dashboard], None]:
+    """Another writer whose PUT, made from a read before NEW was added, lands after NEW
+    was invited: NEW's entry is gone, ``times`` times at most (seen at the next read)."""
+    left = [times]
+
+    def write(board: Dashboard) -> None:
+        invited = any(e == NEW for e, _ in board.invitations)
+        if invited and left[0] and board.invitees is not None and NEW in board.invitees:
+            del board.invitees[NEW]
+            left[0] -= 1
+
+    return write
+
+
+async def add_new(emulator: Emulator, config: Config, times: int) -> Dashboard:
+    """A dashboard allowing a@example.com; a run adding and inviting NEW while another
+    writer takes NEW's entry ``times`` times."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+    emulator.before_read[TOKEN_A] = [stale_writer(times)] * 50
+    return board
+
+
+def gets(emulator: Emulator) -> int:
+    return sum(1 for r in emulator.requests if r.method == "GET" and "invitation" not in r.path)
+
+
+async def test_an_entry_another_writer_took_is_added_back_at_the_end(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """NEW's entry, taken after NEW was invited, is back at the run's end: a ``skipped``
+    note names NEW in ``invitees_added``, nobody is lost, NEW is invited once."""
+    config = make_config(add_invitees=True)
+    board = await add_new(emulator, config, times=1)
+    with capture_logs() as logs:
+        result = await run(config, csv_source(rows_csv([(TOKEN_A, NEW)])))
+    assert result.exit_code == 0
+    assert set(board.invitees or {}) == {"a@example.com", NEW}
+    assert emulator.invited[(TOKEN_A, NEW)] == 1
+    [note] = by_kind(read_report(config.report_path), "skipped")
+    assert (note["emails"], note["invitees_added"]) == ([NEW], [NEW])
+    assert result.summary.invitees_lost == 0
+    assert [e["look"] for e in logs if e["event"] == "invitees.missing"] == [1]
+
+
+async def test_an_entry_taken_at_every_look_is_counted_lost_and_the_run_exits_1(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A writer that takes NEW's entry again after each time it is added back: after the
+    last look NEW is lost — ``invitees.lost``, the summary's ``invitees_lost``, exit 1 —
+    and still invited once."""
+    config = make_config(add_invitees=True)
+    await add_new(emulator, config, times=100)
+    with capture_logs() as logs:
+        result = await run(config, csv_source(rows_csv([(TOKEN_A, NEW)])))
+    assert result.exit_code == 1
+    assert result.summary.invitees_lost == 1
+    assert result.summary.record()["invitees_lost"] == 1
+    assert [e["emails"] for e in logs if e["event"] == "invitees.lost"] == [1]
+    assert emulator.invited[(TOKEN_A, NEW)] == 1
+    assert [r.method for r in emulator.requests].count("PUT") == 3  # the add, two add-backs
+
+
+async def test_an_entry_still_there_costs_one_read_and_a_plain_run_none(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Nobody took an entry: the look is one read of the dashboard, nothing is added back;
+    a run without --add-invitees looks at nothing."""
+    emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+    emulator.add_dashboard("abc-def-ghi2", invitees=["a@example.com"])
+    config = make_config(add_invitees=True)
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, NEW)])))
+    assert result.exit_code == 0
+    assert gets(emulator) == 5  # the check, the add (two reads, one back), the look
+    emulator.requests.clear()
+    plain = make_config(report_path=config.report_path.with_name("plain.jsonl"))
+    result = await run(plain, csv_source(rows_csv([("abc-def-ghi2", "a@example.com")])))
+    assert result.exit_code == 0
+    assert gets(emulator) == 1  # the check alone
+    assert not by_kind(read_report(config.report_path), "skipped")
+
+
+async def test_the_advised_run_adds_the_lost_back_and_removes_nobody(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """What the summary advises after a loss (the command again with --prune --prune-max 0
+    --resume) adds the lost back, leaves a@example.com (not on the list) whole, and invites
+    nobody again."""
+    config = make_config(add_invitees=True)
+    board = await add_new(emulator, config, times=3)
+    source = rows_csv([(TOKEN_A, NEW)])
+    result = await run(config, csv_source(source))
+    assert result.summary.invitees_lost == 1
+    emulator.before_read[TOKEN_A] = []
+    again = replace(config, prune=True, prune_max=PruneMax(0, None), resume=True)
+    result = await run(again, csv_source(source))
+    assert set(board.invitees or {}) == {"a@example.com", NEW}
+    assert emulator.invited[(TOKEN_A, NEW)] == 1
+    assert result.summary.invitees_added == 1

@@ -1,0 +1,131 @@
+"""``--add-invitees``: once a file run has sent everything, are the entries it made still
+on the dashboards?
+
+Another writer (a second run on the same dashboard, a person editing it by hand) reads a
+dashboard and writes back what it read. With no version or ETag, an entry this run added
+in between is gone without a trace, and its person holds an invitation that grants
+nothing; a later run skips them as invited. Nothing can prevent that (see
+docs/who-gets-invited.md); what can be done is to look.
+
+So after the last send, every dashboard the run vouched for (each address an add made
+sure of, held as 8-byte keys while the run lasts) is read again. Whoever of them has no
+entry and holds an invitation is added back through the run's own add (read twice,
+write once, read back), recorded as a ``skipped`` note carrying ``invitees_added``, and
+the dashboard is looked at again, up to :data:`LOOKS` times. Whoever still has no entry
+then is lost: ``invitees.lost``, the summary's ``invitees_lost``, exit 1. Who has no
+entry and no invitation was refused by the service (their row failed), and the next run
+adds and sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol, TypeAlias
+
+import structlog
+
+from worker.errors import SendError, Stopped
+from worker.send.boards import sharing_refusal
+from worker.send.compact import key_set
+from worker.validate.dedupe import member
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from worker.clock import Clock
+    from worker.record.report import Report
+    from worker.send.listed import SharedDashboard
+    from worker.send.reconcile import Reconciler
+
+    #: Sorted 64-bit address keys (``send.compact``).
+    Keys: TypeAlias = npt.NDArray[np.int64]
+
+log = structlog.get_logger("worker.invitees")
+
+#: Looks at a dashboard: after each but the last, the missing are added back.
+LOOKS = 3
+
+
+class Adds(Protocol):
+    """What the recheck needs of the run's dashboard check (``send.preflight.Preflight``)."""
+
+    async def read_board(self, token: str) -> SharedDashboard: ...
+
+    async def add(self, token: str, emails: list[str]) -> tuple[list[str] | None, str | None]: ...
+
+
+async def recheck(
+    vouched: dict[str, list[Keys]],
+    adds: Adds,
+    reconciler: Reconciler,
+    report: Report,
+    clock: Clock,
+    *,
+    concurrency: int,
+    stop: asyncio.Event,
+) -> int:
+    """Look at each dashboard of ``vouched`` (token -> the keys of the addresses each add
+    made sure of), ``concurrency`` at a time; add back who lost their entry. Returns how many
+    are lost (still without an entry, though invited)."""
+    pending = iter(list(vouched.items()))
+    lost = 0
+
+    async def work() -> None:
+        nonlocal lost
+        for token, parts in pending:
+            if stop.is_set():
+                return
+            import numpy as np
+
+            keys = np.unique(np.concatenate(parts))
+            try:
+                lost += await _one(token, keys, adds, reconciler, report, clock)
+            except Stopped:
+                return
+            except SendError as exc:  # not a loss: nothing shows one
+                log.warning("invitees.recheck_failed", token=token, error=exc.code,
+                            message=exc.message, consequence="the dashboard's entries made "
+                            "by this run were not looked at again")  # fmt: skip
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, min(concurrency, len(vouched)))):
+                group.create_task(work())
+    except* Exception as failed:  # the first failure, as itself: a fault, a bug
+        raise failed.exceptions[0] from None
+    return lost
+
+
+async def _one(token: str, keys: Keys, adds: Adds, reconciler: Reconciler,
+               report: Report, clock: Clock) -> int:  # fmt: skip
+    """Look at one dashboard, add back who lost their entry; how many are lost."""
+    for look in range(1, LOOKS + 1):
+        board = await adds.read_board(token)
+        if sharing_refusal(board.share_type, board.status) is not None:
+            return 0  # nobody is sent to it any more: nothing to add back into
+        if board.invitees is None and board.share_list is None:
+            return 0  # it gives no allow-list to look at
+        # An entry of any kind counts: one whose access expired since was not lost.
+        entries = key_set([*(i.email for i in board.invitees or ()), *(board.share_list or ())])
+        missing = keys[~member(entries, keys)]
+        if not len(missing):
+            return 0
+        # Those of them invited: a fresh listing, keeping their invitations (and names).
+        wanted = missing.tolist()
+        listing = await reconciler.listing(token, clock.time(), wanted)
+        names = [listing.invitations[k][1].email for k in wanted if k in listing.invitations]
+        if not names:  # refused by the service: their rows failed, the next run adds them
+            return 0
+        if look == LOOKS:
+            log.error("invitees.lost", token=token, emails=len(names), looks=LOOKS,
+                      consequence="they hold an invitation that grants nothing: someone "
+                      "else keeps writing the dashboard from an older read; a run with "
+                      "--prune --add-invitees adds them back")  # fmt: skip
+            return len(names)
+        log.warning("invitees.missing", token=token, emails=len(names), look=look,
+                    action="adding them back")  # fmt: skip
+        added, until = await adds.add(token, names)
+        if added:  # the others were added back by someone else meanwhile
+            report.restored(token, added, until)
+    return 0
