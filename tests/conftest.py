@@ -39,6 +39,7 @@ from worker.config import Config
 from worker.emulator import Emulator, Logged
 from worker.run.counts import FileRead, QueueRead
 from worker.run.summary import AnySummary, Summary
+from worker.send import edit_lock
 from worker.sources import Source, open_source
 
 API_KEY = "test-api-key-0123456789abcdef"
@@ -53,6 +54,15 @@ def _reset_structlog() -> Iterator[None]:
     """The CLI configures structlog globally; give every test the defaults back."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def edit_locks(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Runs in this process keep their dashboard edit locks in a directory of the test's
+    own (the machine's is left alone); it is returned."""
+    directory = tmp_path_factory.mktemp("edit-locks")
+    monkeypatch.setattr(edit_lock, "default_directory", lambda: directory)
+    return directory
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ from worker.run.runner import OutcomeHook, Runner, Service
 from worker.run.summary import RunResult
 from worker.send import pruner_for
 from worker.send.client import InvitationClient
+from worker.send.edit_lock import LocalEdits
 from worker.send.prune import Pruner
 from worker.send.recheck import recheck
 from worker.send.sender import Sender
@@ -144,13 +145,19 @@ class _FileMode(Mode[FileRead]):
             await runner.supervise("reconciler", _settle(runner, self.history, self.clock))
         runner.recorded = 0  # settling is not this run's reading
         self._sender = runner.sender
+        preflight = runner.sender.preflight
+        # Runs of this machine edit a dashboard one at a time (a queue's workers take
+        # turns through Redis instead).
+        edits = LocalEdits(self.config.api_url, self.state.stop, self.clock)
+        preflight.edits = edits.hold
         if self.config.add_invitees and self.listed is None:  # --prune's survey looks anyway
-            runner.sender.preflight.vouched = {}
+            preflight.vouched = {}
         if self.listed is not None:
             sender = runner.sender
             self.pruner = pruner_for(self.config, client, sender.pacer, sender.retry,
                                      self.clock, self.rng, sender.cap.size,
                                      self.state.stop)  # fmt: skip
+            self.pruner.edits = edits.hold
 
     def feed(self) -> tuple[AsyncGenerator[Batch, None], Sequence[tuple[str, Service]]]:
         """The input's batches, its rejected rows written before each chunk's go out."""

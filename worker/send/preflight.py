@@ -109,7 +109,7 @@ class Preflight(TokenChecks):
         #: Held around each edit of a token's dashboard, beside this run's own lock: the
         #: stream's workers edit a dashboard one at a time (see worker.queue.edits). What
         #: it gives confirms, as the write leaves, that it was held all along.
-        self.edits: Callable[[str], AbstractAsyncContextManager[Confirm]] | None = None
+        self.edits: Callable[[str], AbstractAsyncContextManager[Confirm | None]] | None = None
         #: A file run's ``--add-invitees``: per token, the keys of the addresses an add made
         #: sure of, for the look at the end (``send.recheck``). None: not kept (queue mode).
         self.vouched: dict[str, list[npt.NDArray[np.int64]]] | None = None

@@ -14,11 +14,13 @@ interrupted and, once done, does nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -98,6 +100,9 @@ class Pruner:
         self.pages = 0
         #: Revocations refused (400) and halved (the summary's ``splits`` counts them too).
         self.splits = 0
+        #: Held around each removal from a dashboard: other runs of this machine edit it
+        #: one at a time (see worker.send.edit_lock).
+        self.edits: Callable[[str], AbstractAsyncContextManager[None]] | None = None
 
     async def survey(self, token: str, named: Named) -> Survey | None:
         """Whom ``token``'s dashboard holds that ``named`` says the list does not name;
@@ -179,10 +184,13 @@ class Pruner:
         """Remove the invitee and share-list entries of ``gone``; ``took`` says what the PUT
         took as soon as it is answered (see ``removal``)."""
         stop = self._stop
-        return await remove_entries(self._dashboard_call, self._client, token,
-                                    frozenset(e.lower() for e in gone), took,
-                                    functools.partial(self._read_now, token),
-                                    stopped=lambda: stop is not None and stop.is_set())  # fmt: skip
+        edits = self.edits(token) if self.edits is not None else contextlib.nullcontext()
+        async with edits:
+            return await remove_entries(
+                self._dashboard_call, self._client, token, frozenset(e.lower() for e in gone),
+                took, functools.partial(self._read_now, token),
+                stopped=lambda: stop is not None and stop.is_set(),
+            )  # fmt: skip
 
     def list_size(self) -> int:
         """The longest list to revoke at once: ``--batch-size``, or the longest list the
