@@ -299,8 +299,8 @@ QUEUE = QueueRead(claimed=0, dead_lettered=0, group="g", consumer="c")
          "--output retry.csv, then run retry.csv (the refused are left out: resume sharing the "
          "paused dashboards, then add --include-refused)"),
         ({"rejected": 3}, "fix the rejected rows"),
-        ({"invitees_lost": 2}, "once they stop, add the lost back (removing nobody): "
-         "invite-worker run in.csv --prune --prune-max 0 --resume"),
+        ({"invitees_lost": 2, "emails_failed": 1}, "once they stop, look again and add the "
+         "lost back: invite-worker run in.csv --resume"),
         ({"read": dataclasses.replace(QUEUE, dead_lettered=2)},
          "invite-worker dead-letter list redis://r:6379/0 --stream s; once fixed"),
         ({"read": QUEUE}, "nothing: every message read is settled"),

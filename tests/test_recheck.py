@@ -4,13 +4,14 @@ added back — or, when they keep losing it, counted lost and the run exits 1.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 
 from structlog.testing import capture_logs
 
-from tests.conftest import TOKEN_A, by_kind, csv_source, read_report, rows_csv
-from worker.config import Config, PruneMax
+from tests.conftest import TOKEN_A, TOKEN_B, by_kind, csv_source, read_report, rows_csv
+from worker.config import Config
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard
 from worker.run import run
@@ -99,20 +100,52 @@ async def test_an_entry_still_there_costs_one_read_and_a_plain_run_none(
     assert not by_kind(read_report(config.report_path), "skipped")
 
 
-async def test_the_advised_run_adds_the_lost_back_and_removes_nobody(
+async def test_the_advised_resume_adds_the_lost_back(
     emulator: Emulator, make_config: Callable[..., Config]
 ) -> None:
-    """What the summary advises after a loss (the command again with --prune --prune-max 0
-    --resume) adds the lost back, leaves a@example.com (not on the list) whole, and invites
-    nobody again."""
+    """What the summary advises after a loss, once the other writer stopped (the same
+    command with --resume), looks again, adds the lost back and invites nobody again; the
+    run after that, ended with nobody lost, looks at nothing more."""
     config = make_config(add_invitees=True)
     board = await add_new(emulator, config, times=3)
     source = rows_csv([(TOKEN_A, NEW)])
     result = await run(config, csv_source(source))
     assert result.summary.invitees_lost == 1
-    emulator.before_read[TOKEN_A] = []
-    again = replace(config, prune=True, prune_max=PruneMax(0, None), resume=True)
+    emulator.before_read[TOKEN_A] = []  # the other writer stopped
+    again = replace(config, resume=True)
     result = await run(again, csv_source(source))
+    assert result.exit_code == 0
     assert set(board.invitees or {}) == {"a@example.com", NEW}
     assert emulator.invited[(TOKEN_A, NEW)] == 1
     assert result.summary.invitees_added == 1
+    emulator.requests.clear()
+    result = await run(again, csv_source(source))
+    assert (result.exit_code, gets(emulator)) == (0, 0)
+
+
+async def test_a_resume_looks_at_what_a_stopped_run_added(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A run stopped after NEW was added and invited makes no look; NEW's entry is taken
+    meanwhile; the --resume run, with nothing left to send, looks at what the stopped run
+    added and adds NEW back."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+    emulator.add_dashboard(TOKEN_B, invitees=["b@example.com"])
+    stop = asyncio.Event()
+
+    def taken_then_stopped(_: Dashboard) -> None:  # B's check comes after A's send
+        if board.invitees is not None:
+            board.invitees.pop(NEW, None)
+        stop.set()
+
+    emulator.before_read[TOKEN_B] = [taken_then_stopped]
+    config = make_config(add_invitees=True, concurrency=1)
+    source = rows_csv([(TOKEN_A, NEW), (TOKEN_B, "b@example.com")])
+    result = await run(config, csv_source(source), stop=stop)
+    assert result.exit_code == 3
+    assert emulator.invited[(TOKEN_A, NEW)] == 1
+    assert NEW not in (board.invitees or {})
+    result = await run(replace(config, resume=True), csv_source(source))
+    assert result.exit_code == 0
+    assert NEW in (board.invitees or {})
+    assert emulator.invited[(TOKEN_A, NEW)] == 1

@@ -159,6 +159,9 @@ class SummaryRecord(msgspec.Struct, tag_field="kind", tag="summary"):
     exit_code: int | None = None
     unsent: int = 0
     unread: int | None = None
+    #: ``--add-invitees``: entries still missing at the run's end (unset: a run that made
+    #: no such look, as before it was made)
+    invitees_lost: int | UnsetType = UNSET
 
 
 ReportRecord = (

@@ -58,6 +58,11 @@ def state_of(record: BatchRecord | SkippedRecord) -> tuple[str, str | None, str]
     return record.status, record.code, record.token
 
 
+def _note_adds(unlooked: dict[str, array[int]], token: str, emails: list[str]) -> None:
+    # send.compact.address_key, which this layer below the sending does not import
+    unlooked.setdefault(token, array("q")).extend(hash(e.lower()) for e in emails)
+
+
 @dataclass
 class Replay:
     """What a report says, pair by pair and run by run: its history replayed once.
@@ -79,6 +84,10 @@ class Replay:
     invitees_added: int = 0
     prunes_refused: Counter[str] = field(default_factory=Counter)
     ends_with_summary: bool = False
+    #: With ``adds``: per token, the address keys (``send.compact.address_key``) of those
+    #: added to its invitees since the last run that looked at its entries at its end and
+    #: found none missing (``send.recheck``): killed and stopped runs make no look.
+    unlooked: dict[str, array[int]] = field(default_factory=dict)
     _keys: Any = None  # sorted pair keys, each once
     _last: Any = None  # for each, the number of its last batch record
     #: sorted keys of the pairs sent, then revoked: the request that sent them is settled
@@ -86,9 +95,11 @@ class Replay:
     revoked_after_sent: Any = None
 
     @classmethod
-    def read(cls, path: Path, *, strict: bool = False) -> Replay:
-        """Replay the report at ``path``; ``strict``: one without any record is an error."""
+    def read(cls, path: Path, *, strict: bool = False, adds: bool = False) -> Replay:
+        """Replay the report at ``path``; ``strict``: one without any record is an error;
+        ``adds``: keep ``unlooked``."""
         review = cls()
+        unlooked = review.unlooked if adds else None
         keys, owners = array("q"), array("i")  # 8 + 4 bytes a pair
         # Revoked pairs, each with the number the next batch or skipped record would get.
         revoked, revoked_at = array("q"), array("i")
@@ -97,6 +108,8 @@ class Replay:
             last = record
             if (added := restored(record)) is not None:  # no pair's outcome: counted only
                 review.invitees_added += len(added)
+                if unlooked is not None and isinstance(record, SkippedRecord):
+                    _note_adds(unlooked, record.token, added)
             elif isinstance(record, BatchRecord | SkippedRecord):
                 token, emails = record.token, record.emails
                 owners.extend(repeat(len(review.batches), len(emails)))
@@ -104,6 +117,8 @@ class Replay:
                 keys.extend(pair_key(token, email) for email in emails)
                 if isinstance(record, BatchRecord) and isinstance(record.invitees_added, list):
                     review.invitees_added += len(record.invitees_added)
+                    if unlooked is not None:
+                        _note_adds(unlooked, token, record.invitees_added)
             elif isinstance(record, RejectedRecord):
                 review.rejected.setdefault(record.row, record.reason)
             elif isinstance(record, RevokedRecord):
@@ -117,6 +132,13 @@ class Replay:
                 review.prunes_refused[record.code] += 1
             else:
                 review.runs.append(record)
+                # A run that ended (0, 1) looked at what it and the runs before it added.
+                if (
+                    unlooked is not None
+                    and record.exit_code in (0, 1)
+                    and record.invitees_lost == 0
+                ):
+                    unlooked.clear()
         if last is None and strict:
             raise UsageError(
                 f"{str(path)!r} is not an invite-worker report: it holds no report record "

@@ -85,7 +85,11 @@ async def _run(
     # --resend/--resend-after: a pair skipped as served earlier may be due now; check again.
     recheck = config.resend or config.resend_after is not None
     try:
-        history = load_history(config.report_path, jpath, resend=recheck) if config.resume else None
+        history = (
+            load_history(config.report_path, jpath, resend=recheck, looks=_looks(config))
+            if config.resume
+            else None
+        )
     except OSError as exc:  # a journal made a directory, unreadable for this user, ...
         raise unreadable(exc) from None
     report = Report(config.report_path, overwrite=config.overwrite, resume=config.resume)
@@ -150,8 +154,13 @@ class _FileMode(Mode[FileRead]):
         # turns through Redis instead).
         edits = LocalEdits(self.config.api_url, self.state.stop, self.clock)
         preflight.edits = edits.hold
-        if self.config.add_invitees and self.listed is None:  # --prune's survey looks anyway
-            preflight.vouched = {}
+        if _looks(self.config):
+            # What earlier runs added and no run looked at since (killed, stopped) is
+            # looked at with this run's own adds.
+            import numpy as np
+
+            unlooked = self.history.unlooked if self.history is not None else {}
+            preflight.vouched = {t: [np.frombuffer(k, np.int64)] for t, k in unlooked.items()}
         if self.listed is not None:
             sender = runner.sender
             self.pruner = pruner_for(self.config, client, sender.pacer, sender.retry,
@@ -209,6 +218,12 @@ class _FileMode(Mode[FileRead]):
         read = FileRead(self.counts.skipped, self.counts.tokens)
         return Ending(read, history=self.history, resumed=self.config.resume,
                       pruner=self.pruner)  # fmt: skip
+
+
+def _looks(config: Config) -> bool:
+    """Whether the run looks at the entries it made, at its end (``send.recheck``):
+    ``--add-invitees``, but not ``--prune``, whose survey reads every dashboard anyway."""
+    return config.add_invitees and not config.prune
 
 
 async def _settle(runner: Runner, history: History, clock: Clock) -> None:

@@ -119,6 +119,10 @@ def next_step(summary: AnySummary, report: str, command: list[str]) -> str:
         return _queue_step(summary, queue, command)
     if summary.interrupted or summary.unsent or summary.unread:
         return f"finish the run: {resume}"
+    if summary.invitees_lost:  # before the failed: --resume also sends those again
+        return ("see invitees.lost: someone else keeps writing those dashboards from an "
+                "older read; once they stop, look again and add the lost back: "
+                f"{resume}")  # fmt: skip
     refused = summary.refused_by_code
     fixes = "; ".join(REFUSAL_FIXES.get(code, code) for code in sorted(refused))
     if summary.emails_failed > sum(refused.values()):
@@ -134,14 +138,6 @@ def next_step(summary: AnySummary, report: str, command: list[str]) -> str:
         return f"{fixes}; then: {retry}, and run retry.csv"
     if summary.rejected:
         return "fix the rejected rows in the input (their lines are in the report)"
-    if summary.invitees_lost:
-        # --prune's survey adds back whom the list names and the dashboard lost, before
-        # its guard: at --prune-max 0 it removes nobody.
-        again = resume_command([*command, "--prune", "--prune-max", "0"])
-        return (
-            "see invitees.lost: someone else keeps writing those dashboards from an "
-            f"older read; once they stop, add the lost back (removing nobody): {again}"
-        )
     if summary.prune is not None and summary.prune.prunes_refused:
         return ("see why --prune left dashboards whole (the prune_refused records in "
                 f"{shlex.quote(report)}), then run again")  # fmt: skip

@@ -17,6 +17,7 @@ After a crash, the files alone say where every pair stands:
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,9 @@ class History:
     #: Pairs this run revoked (``--prune``): sent no longer, as ``report summarize`` counts.
     revoked_now: set[int] = field(default_factory=set)
     runs: int = 0
+    #: ``--add-invitees``: per token, the keys of addresses earlier runs added that no run
+    #: has looked at since (see ``Replay.unlooked``): this run's look covers them too.
+    unlooked: dict[str, array[int]] = field(default_factory=dict)
 
     def settled(self, keys: list[int]) -> set[int]:
         """Those of ``keys`` (see :func:`pair_key`) that must not be sent again."""
@@ -150,12 +154,14 @@ class History:
         }
 
 
-def load_history(report_path: Path, journal_path: Path, *, resend: bool = False) -> History:
+def load_history(report_path: Path, journal_path: Path, *, resend: bool = False,
+                 looks: bool = False) -> History:  # fmt: skip
     """Read an earlier report (replayed as ``report summarize`` does) and its journal.
 
-    With ``resend`` the pairs skipped as already served are checked again."""
-    replay = Replay.read(report_path)
-    history = History(runs=len(replay.runs))
+    With ``resend`` the pairs skipped as already served are checked again; ``looks``
+    (``--add-invitees``): keep what earlier runs added that nobody looked at since."""
+    replay = Replay.read(report_path, adds=looks)
+    history = History(runs=len(replay.runs), unlooked=replay.unlooked)
     history.unknown.extend(replay.open_intents(journal_path))
     sent, _ = replay.keys_in(Status.SENT)
     history.sent = PairIndex.of_sorted(sent)

@@ -86,7 +86,7 @@ class LocalEdits:
                 raise Stopped("stopping: another run was editing the dashboard")
             if not said and self._clock.time() - started >= SAY_AFTER:
                 said = True
-                log.info("invitees.edit_waiting", token=token,
+                log.warning("invitees.edit_waiting", token=token,
                          action="waiting for another run on this machine to finish its "
                          "edit of the dashboard")  # fmt: skip
             await asyncio.sleep(POLL)
@@ -102,6 +102,8 @@ class LocalEdits:
                 info = os.lstat(self._dir)
                 if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
                     raise OSError(errno.EPERM, "not a directory of this user's own")
+                if info.st_mode & 0o077:  # made open by hand: private again
+                    os.chmod(self._dir, 0o700)
                 self._usable = True
             flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             return os.open(self._dir / f"{name}.lock", flags, 0o600)

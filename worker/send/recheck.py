@@ -14,7 +14,8 @@ write once, read back), recorded as a ``skipped`` note carrying ``invitees_added
 the dashboard is looked at again, up to :data:`LOOKS` times. Whoever still has no entry
 then is lost: ``invitees.lost``, the summary's ``invitees_lost``, exit 1. Who has no
 entry and no invitation was refused by the service (their row failed), and the next run
-adds and sends them.
+adds and sends them. A run that did not end so (a stop, a kill, a loss) leaves its adds to
+the next ``--resume`` run's look (``Replay.unlooked``).
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ async def _one(token: str, keys: Keys, adds: Adds, reconciler: Reconciler,
         if look == LOOKS:
             log.error("invitees.lost", token=token, emails=len(names), looks=LOOKS,
                       consequence="they hold an invitation that grants nothing: someone "
-                      "else keeps writing the dashboard from an older read; a run with "
-                      "--prune --add-invitees adds them back")  # fmt: skip
+                      "else keeps writing the dashboard from an older read; once they "
+                      "stop, the same command with --resume looks again and adds them "
+                      "back")  # fmt: skip
             return len(names)
         log.warning("invitees.missing", token=token, emails=len(names), look=look,
                     action="adding them back")  # fmt: skip
