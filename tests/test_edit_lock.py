@@ -126,3 +126,18 @@ async def test_without_a_usable_lock_directory_edits_go_on_and_say_so(
     assert result.exit_code == 0
     assert [e["event"] for e in logs].count("invitees.edit_lock_unavailable") == 1
     assert len(emulator.invited) == 3
+
+
+async def test_every_spelling_of_an_api_and_token_names_one_lock(tmp_path: Path) -> None:
+    """An origin with or without its default port, in any letter case, and a token in any
+    letter case, take the same lock file."""
+    from worker.clock import SystemClock
+    from worker.send.edit_lock import LocalEdits
+
+    stop = asyncio.Event()
+    spellings = [("https://api.datadoghq.com", "abc-def"),
+                 ("https://API.datadoghq.com:443/", "ABC-def")]  # fmt: skip
+    for url, token in spellings:
+        async with LocalEdits(url, stop, SystemClock(), tmp_path).hold(token):
+            pass
+    assert len(os.listdir(tmp_path)) == 1

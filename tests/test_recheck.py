@@ -149,3 +149,31 @@ async def test_a_resume_looks_at_what_a_stopped_run_added(
     assert result.exit_code == 0
     assert NEW in (board.invitees or {})
     assert emulator.invited[(TOKEN_A, NEW)] == 1
+
+
+async def test_a_stop_during_the_look_ends_it_and_the_resume_looks_again(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A stop as the look begins: no write follows it and nobody is counted lost (exit
+    3); the --resume run, once the other writer stopped, adds NEW back."""
+    config = make_config(add_invitees=True)
+    board = await add_new(emulator, config, times=100)
+    stop = asyncio.Event()
+    taking = stale_writer(100)
+
+    def taken_then_stopped(board: Dashboard) -> None:
+        taking(board)
+        if any(e == NEW for e, _ in board.invitations):
+            stop.set()
+
+    emulator.before_read[TOKEN_A] = [taken_then_stopped] * 50
+    source = rows_csv([(TOKEN_A, NEW)])
+    result = await run(config, csv_source(source), stop=stop)
+    assert result.exit_code == 3
+    assert result.summary.invitees_lost == 0
+    assert [r.method for r in emulator.requests].count("PUT") == 1  # the add alone
+    emulator.before_read[TOKEN_A] = []
+    result = await run(replace(config, resume=True), csv_source(source))
+    assert result.exit_code == 0
+    assert NEW in (board.invitees or {})
+    assert emulator.invited[(TOKEN_A, NEW)] == 1

@@ -50,7 +50,7 @@ from worker.sources.csvfile import CsvSource
 from worker.state import RunState
 
 if TYPE_CHECKING:
-    from worker.send.recheck import Keys
+    from array import array
 
 log = structlog.get_logger("worker.run")
 
@@ -157,10 +157,7 @@ class _FileMode(Mode[FileRead]):
         if _looks(self.config):
             # What earlier runs added and no run looked at since (killed, stopped) is
             # looked at with this run's own adds.
-            import numpy as np
-
-            unlooked = self.history.unlooked if self.history is not None else {}
-            preflight.vouched = {t: [np.frombuffer(k, np.int64)] for t, k in unlooked.items()}
+            preflight.vouched = self.history.unlooked if self.history is not None else {}
         if self.listed is not None:
             sender = runner.sender
             self.pruner = pruner_for(self.config, client, sender.pacer, sender.retry,
@@ -190,7 +187,7 @@ class _FileMode(Mode[FileRead]):
                             restore=runner.sender.preflight.add)  # fmt: skip
             await runner.supervise("prune", pruning)
 
-    async def _recheck(self, vouched: dict[str, list[Keys]], runner: Runner) -> None:
+    async def _recheck(self, vouched: dict[str, array[int]], runner: Runner) -> None:
         sender = runner.sender
         self.report.invitees_lost = await recheck(
             vouched, sender.preflight, sender.reconciler, self.report, self.clock,

@@ -55,11 +55,15 @@ class LocalEdits:
 
     def __init__(self, api_url: str, stop: asyncio.Event, clock: Clock,
                  directory: Path | None = None) -> None:  # fmt: skip
-        parts = urlsplit(api_url)  # the origin: never the user-info, which may hold secrets
-        self._origin = f"{parts.scheme}://{parts.hostname}:{parts.port}"
+        # The origin, as every spelling of it names one lock (never the user-info, which
+        # may hold secrets).
+        parts = urlsplit(api_url)
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+        self._origin = f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
         self._stop, self._clock = stop, clock
         self._dir = directory or default_directory()
         self._usable: bool | None = None  # None: not tried yet
+        self._said = False  # whether a lock that could not be had was said
 
     @contextlib.asynccontextmanager
     async def hold(self, token: str) -> AsyncIterator[None]:
@@ -95,7 +99,8 @@ class LocalEdits:
         """The lock file of ``token``, opened; None where locks cannot be had."""
         if self._usable is False:
             return None
-        name = hashlib.sha256(f"{self._origin}\n{token}".encode()).hexdigest()[:32]
+        # One dashboard, however the token's letters are cased.
+        name = hashlib.sha256(f"{self._origin}\n{token.lower()}".encode()).hexdigest()[:32]
         try:
             if self._usable is None:
                 self._dir.mkdir(mode=0o700, exist_ok=True)
@@ -108,9 +113,14 @@ class LocalEdits:
             flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             return os.open(self._dir / f"{name}.lock", flags, 0o600)
         except OSError as exc:
-            self._usable = False
-            log.warning("invitees.edit_lock_unavailable", directory=str(self._dir),
-                        error=exc.strerror or str(exc),
-                        consequence="dashboard edits go on without the lock between runs "
-                        "of this machine")  # fmt: skip
+            # The directory is unusable for the run; a file (a symlink planted, no file
+            # descriptor left) only for this edit. Said once either way.
+            if self._usable is None:
+                self._usable = False
+            if not self._said:
+                self._said = True
+                log.warning("invitees.edit_lock_unavailable", directory=str(self._dir),
+                            error=exc.strerror or str(exc),
+                            consequence="dashboard edits go on without the lock between "
+                            "runs of this machine")  # fmt: skip
             return None

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from array import array
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from itertools import compress
@@ -43,7 +44,7 @@ from worker.outcome import Failure
 from worker.send.boards import BoardReader
 from worker.send.checks import TokenChecks
 from worker.send.client import InvitationClient
-from worker.send.compact import key_set, keys_of
+from worker.send.compact import address_key, key_set, keys_of
 from worker.send.invitees import Confirm, add_invitees
 from worker.send.keyed import KeyedLocks
 from worker.send.pacing import Pacer
@@ -61,9 +62,6 @@ from worker.send.screening import (
 from worker.validate.dedupe import member
 
 if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
-
     from worker.send.listed import SharedDashboard
 
 
@@ -112,7 +110,7 @@ class Preflight(TokenChecks):
         self.edits: Callable[[str], AbstractAsyncContextManager[Confirm | None]] | None = None
         #: A file run's ``--add-invitees``: per token, the keys of the addresses an add made
         #: sure of, for the look at the end (``send.recheck``). None: not kept (queue mode).
-        self.vouched: dict[str, list[npt.NDArray[np.int64]]] | None = None
+        self.vouched: dict[str, array[int]] | None = None
 
     async def screen(self, token: str, emails: list[str]) -> Screened:
         """Which of ``emails`` to send, which are refused, which skipped (by reason).
@@ -218,7 +216,7 @@ class Preflight(TokenChecks):
         self.invitees_added += len(added)
         self._allow(token, emails)
         if self.vouched is not None:
-            self.vouched.setdefault(token, []).append(key_set(emails))
+            self.vouched.setdefault(token, array("q")).extend(map(address_key, emails))
         return added, expires
 
     async def read_board(self, token: str) -> SharedDashboard:

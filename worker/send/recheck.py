@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import structlog
 
-from worker.errors import SendError, Stopped
+from worker.errors import AuthError, SendError, Stopped
 from worker.send.boards import sharing_refusal
 from worker.send.compact import key_set
 from worker.validate.dedupe import member
 
 if TYPE_CHECKING:
+    from array import array
+
     import numpy as np
     import numpy.typing as npt
 
@@ -57,7 +59,7 @@ class Adds(Protocol):
 
 
 async def recheck(
-    vouched: dict[str, list[Keys]],
+    vouched: dict[str, array[int]],
     adds: Adds,
     reconciler: Reconciler,
     report: Report,
@@ -66,24 +68,30 @@ async def recheck(
     concurrency: int,
     stop: asyncio.Event,
 ) -> int:
-    """Look at each dashboard of ``vouched`` (token -> the keys of the addresses each add
-    made sure of), ``concurrency`` at a time; add back who lost their entry. Returns how many
-    are lost (still without an entry, though invited)."""
+    """Look at each dashboard of ``vouched`` (token -> the keys of the addresses the adds
+    made sure of, 8 bytes each), ``concurrency`` at a time; add back who lost their entry.
+    Returns how many are lost (still without an entry, though invited)."""
+    import numpy as np
+
     pending = iter(list(vouched.items()))
     lost = 0
+    refused: list[AuthError] = []
 
     async def work() -> None:
         nonlocal lost
-        for token, parts in pending:
-            if stop.is_set():
+        for token, added in pending:
+            if stop.is_set() or refused:
                 return
-            import numpy as np
-
-            keys = np.unique(np.concatenate(parts))
+            keys = np.unique(np.frombuffer(added, np.int64))
             try:
-                lost += await _one(token, keys, adds, reconciler, report, clock)
+                lost += await _one(token, keys, adds, reconciler, report, clock, stop)
             except Stopped:
                 return
+            except AuthError as exc:  # the keys may not read or write dashboards: no more
+                refused.append(exc)
+                log.warning("invitees.recheck_failed", token=token, error=exc.code,
+                            message=exc.message, consequence="the entries made by this run "
+                            "were not looked at again")  # fmt: skip
             except SendError as exc:  # not a loss: nothing shows one
                 log.warning("invitees.recheck_failed", token=token, error=exc.code,
                             message=exc.message, consequence="the dashboard's entries made "
@@ -99,9 +107,12 @@ async def recheck(
 
 
 async def _one(token: str, keys: Keys, adds: Adds, reconciler: Reconciler,
-               report: Report, clock: Clock) -> int:  # fmt: skip
-    """Look at one dashboard, add back who lost their entry; how many are lost."""
+               report: Report, clock: Clock, stop: asyncio.Event) -> int:  # fmt: skip
+    """Look at one dashboard, add back who lost their entry; how many are lost (none
+    counted once the run is stopped: the next --resume looks again)."""
     for look in range(1, LOOKS + 1):
+        if stop.is_set():
+            return 0
         board = await adds.read_board(token)
         if sharing_refusal(board.share_type, board.status) is not None:
             return 0  # nobody is sent to it any more: nothing to add back into
@@ -117,6 +128,8 @@ async def _one(token: str, keys: Keys, adds: Adds, reconciler: Reconciler,
         listing = await reconciler.listing(token, clock.time(), wanted)
         names = [listing.invitations[k][1].email for k in wanted if k in listing.invitations]
         if not names:  # refused by the service: their rows failed, the next run adds them
+            return 0
+        if stop.is_set():
             return 0
         if look == LOOKS:
             log.error("invitees.lost", token=token, emails=len(names), looks=LOOKS,
