@@ -14,6 +14,7 @@ from tests.conftest import TOKEN_A, TOKEN_B, by_kind, csv_source, read_report, r
 from worker.config import Config
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard
+from worker.record.replay import Replay
 from worker.run import run
 
 NEW = "new@example.com"
@@ -76,6 +77,7 @@ async def test_an_entry_taken_at_every_look_is_counted_lost_and_the_run_exits_1(
     assert result.exit_code == 1
     assert result.summary.invitees_lost == 1
     assert result.summary.record()["invitees_lost"] == 1
+    assert Replay.read(config.report_path).summary()["invitees_lost"] == 1
     assert [e["emails"] for e in logs if e["event"] == "invitees.lost"] == [1]
     assert emulator.invited[(TOKEN_A, NEW)] == 1
     assert [r.method for r in emulator.requests].count("PUT") == 3  # the add, two add-backs

@@ -293,6 +293,9 @@ class Replay:
         totals["rejected_by_reason"] = dict(Counter(self.rejected.values()).most_common())
         totals["skipped_by_reason"] = dict(skipped.most_common())
         totals["invitees_added"] = self.invitees_added
+        # The last run's: a later run that looks again adds them back (send.recheck).
+        lost = self.runs[-1].invitees_lost if self.ends_with_summary and self.runs else 0
+        totals["invitees_lost"] = lost if isinstance(lost, int) else 0
         totals["revoked"] = self.revoked
         totals["revoked_by_what"] = dict(sorted(self.revoked_by_what.items()))
         totals["prunes_refused"] = sum(self.prunes_refused.values())
