@@ -152,7 +152,8 @@ def a_summary(read: FileRead | QueueRead | None = None, **facts: Any) -> AnySumm
     values: dict[str, Any] = {
         "source": "in.csv", "rows": 10, "valid": 10, "rejected": 0, "rejected_by_reason": {},
         "emails_sent": 10, "emails_failed": 0, "emails_skipped": 0, "refused_by_code": {},
-        "invitees_added": 0, "invitees_lost": 0, "skipped_by_reason": {}, "batches_sent": 1,
+        "invitees_added": 0, "invitees_lost": None, "invitees_unchecked": None,
+        "skipped_by_reason": {}, "batches_sent": 1,
         "batches_failed": 0,
         "requests": 1, "retries": 0, "rate_limited": 0, "ratelimit_waits": 0, "splits": 0,
         "unknown_outcomes": 0, "reconciled_sent": 0, "reconcile_requests": 0, "list_pages": 0,

@@ -39,7 +39,7 @@ from worker.record.replay import Replay
 from worker.run.bar import SteadyRate, duration_text
 from worker.run.counts import FileRead, QueueRead
 from worker.run.human import print_summary
-from worker.run.summary import Halt
+from worker.run.summary import Halt, JobTotals
 
 SAMPLES = ROOT / "sample_inputs"
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
@@ -299,6 +299,8 @@ QUEUE = QueueRead(claimed=0, dead_lettered=0, group="g", consumer="c")
          "--output retry.csv, then run retry.csv (the refused are left out: resume sharing the "
          "paused dashboards, then add --include-refused)"),
         ({"rejected": 3}, "fix the rejected rows"),
+        ({"job": JobTotals(emails_sent=1, emails_failed=2, emails_skipped=0, rejected=0,
+                           unknown=0)}, "report failed r.jsonl --output retry.csv"),
         ({"invitees_lost": 2, "emails_failed": 1}, "once they stop, look again and add the "
          "lost back: invite-worker run in.csv --resume"),
         ({"read": dataclasses.replace(QUEUE, dead_lettered=2)},

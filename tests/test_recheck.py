@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from tests.conftest import TOKEN_A, TOKEN_B, by_kind, csv_source, read_report, rows_csv
@@ -179,3 +180,57 @@ async def test_a_stop_during_the_look_ends_it_and_the_resume_looks_again(
     assert result.exit_code == 0
     assert NEW in (board.invitees or {})
     assert emulator.invited[(TOKEN_A, NEW)] == 1
+
+
+async def test_a_look_that_cannot_read_leaves_it_to_the_resume(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """The look's read of the dashboard fails (a 500 every time): its people count as
+    unchecked, the run exits 1 rather than 0, and the --resume run looks again and adds
+    NEW back; a plain --resume in between (no --add-invitees) does not settle it."""
+    config = make_config(add_invitees=True, max_attempts=1)
+    board = await add_new(emulator, config, times=1)
+    failing = stale_writer(1)
+
+    def fails_after_the_send(board: Dashboard) -> None:
+        failing(board)
+        if any(e == NEW for e, _ in board.invitations):
+            raise web.HTTPInternalServerError
+
+    emulator.before_read[TOKEN_A] = [fails_after_the_send] * 50
+    source = rows_csv([(TOKEN_A, NEW)])
+    with capture_logs() as logs:
+        result = await run(config, csv_source(source))
+    assert (result.exit_code, result.summary.invitees_unchecked) == (1, 1)
+    assert [e["event"] for e in logs].count("invitees.recheck_failed") == 1
+    emulator.before_read[TOKEN_A] = []
+    plain = await run(replace(config, resume=True, add_invitees=False), csv_source(source))
+    assert (plain.exit_code, plain.summary.invitees_lost) == (0, None)
+    result = await run(replace(config, resume=True), csv_source(source))
+    assert (result.exit_code, result.summary.invitees_unchecked) == (0, 0)
+    assert NEW in (board.invitees or {})
+    assert emulator.invited[(TOKEN_A, NEW)] == 1
+
+
+async def test_the_look_leaves_alone_whom_the_list_no_longer_names(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A stopped run added NEW, whose entry is then removed; the next day's list no
+    longer names NEW: its --resume run does not add NEW back."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+    emulator.add_dashboard(TOKEN_B, invitees=["b@example.com"])
+    stop = asyncio.Event()
+
+    def removed_then_stopped(_: Dashboard) -> None:
+        if board.invitees is not None:
+            board.invitees.pop(NEW, None)
+        stop.set()
+
+    emulator.before_read[TOKEN_B] = [removed_then_stopped]
+    config = make_config(add_invitees=True, concurrency=1)
+    day1 = rows_csv([(TOKEN_A, NEW), (TOKEN_B, "b@example.com")])
+    assert (await run(config, csv_source(day1), stop=stop)).exit_code == 3
+    day2 = rows_csv([(TOKEN_B, "b@example.com")])
+    result = await run(replace(config, resume=True), csv_source(day2))
+    assert result.exit_code == 0
+    assert NEW not in (board.invitees or {})

@@ -50,6 +50,8 @@ def print_summary(path: Path, totals: dict[str, Any], out: TextIO, *, queued: bo
         lines.insert(4, ("invitees added", totals["invitees_added"]))
     if totals["invitees_lost"]:  # the last run's: see invitees.lost
         lines.insert(5, ("invitees lost", totals["invitees_lost"]))
+    if totals["invitees_unchecked"]:  # the last run's: see invitees.recheck_failed
+        lines.insert(5, ("invitees unchecked", totals["invitees_unchecked"]))
     if totals["unknown"]:  # sent for all anyone knows: never to be sent again blindly
         lines.insert(2, ("emails unknown", totals["unknown"]))
     if totals["pending"]:  # a queue worker's, left in the stream for a claimer

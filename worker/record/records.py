@@ -159,9 +159,11 @@ class SummaryRecord(msgspec.Struct, tag_field="kind", tag="summary"):
     exit_code: int | None = None
     unsent: int = 0
     unread: int | None = None
-    #: ``--add-invitees``: entries still missing at the run's end (unset: a run that made
-    #: no such look, as before it was made)
-    invitees_lost: int | UnsetType = UNSET
+    #: ``--add-invitees``: entries still missing at the run's end, and people whose
+    #: dashboard that look could not read (None: the run made no look; unset: a report
+    #: written before runs made one)
+    invitees_lost: int | UnsetType | None = UNSET
+    invitees_unchecked: int | UnsetType | None = UNSET
 
 
 ReportRecord = (

@@ -18,6 +18,8 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+from msgspec import UNSET
+
 from worker.errors import UsageError, keeps_pending
 from worker.outcome import Status
 from worker.record.files import read_records
@@ -56,6 +58,18 @@ def state_of(record: BatchRecord | SkippedRecord) -> tuple[str, str | None, str]
     if isinstance(record, SkippedRecord):
         return Status.SKIPPED, record.reason, record.token
     return record.status, record.code, record.token
+
+
+def _looked_at_all(run: SummaryRecord) -> bool:
+    """Whether ``run`` ended (exit 0, 1) having looked at every entry it and the runs
+    before it added, none lost (``send.recheck``). A summary from before runs looked says
+    nothing of it (unset): its runs are taken as settled, as they were then, so a newer
+    version does not look back over a report's whole history."""
+    if run.exit_code not in (0, 1):
+        return False
+    if run.invitees_lost is UNSET:
+        return True
+    return run.invitees_lost == 0 and run.invitees_unchecked in (0, UNSET)
 
 
 def _note_adds(unlooked: dict[str, array[int]], token: str, emails: list[str]) -> None:
@@ -132,12 +146,7 @@ class Replay:
                 review.prunes_refused[record.code] += 1
             else:
                 review.runs.append(record)
-                # A run that ended (0, 1) looked at what it and the runs before it added.
-                if (
-                    unlooked is not None
-                    and record.exit_code in (0, 1)
-                    and record.invitees_lost == 0
-                ):
+                if unlooked is not None and _looked_at_all(record):
                     unlooked.clear()
         if last is None and strict:
             raise UsageError(
@@ -294,8 +303,10 @@ class Replay:
         totals["skipped_by_reason"] = dict(skipped.most_common())
         totals["invitees_added"] = self.invitees_added
         # The last run's: a later run that looks again adds them back (send.recheck).
-        lost = self.runs[-1].invitees_lost if self.ends_with_summary and self.runs else 0
-        totals["invitees_lost"] = lost if isinstance(lost, int) else 0
+        last = self.runs[-1] if self.ends_with_summary and self.runs else None
+        for name in ("invitees_lost", "invitees_unchecked"):
+            value = getattr(last, name, 0)
+            totals[name] = value if isinstance(value, int) else 0
         totals["revoked"] = self.revoked
         totals["revoked_by_what"] = dict(sorted(self.revoked_by_what.items()))
         totals["prunes_refused"] = sum(self.prunes_refused.values())

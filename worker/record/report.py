@@ -93,9 +93,11 @@ class Report:
         self.revoked_emails = 0
         self.revoked_by_what: Counter[str] = Counter()
         self.prunes_refused: Counter[str] = Counter()
-        #: ``--add-invitees``: people invited whose entry was gone at the run's end, and
-        #: could not be added back (see ``send.recheck``).
-        self.invitees_lost = 0
+        #: ``--add-invitees``: people invited whose entry was gone at the run's end and
+        #: could not be added back, and people whose dashboard the look could not read
+        #: (see ``send.recheck``); None: the run made no look.
+        self.invitees_lost: int | None = None
+        self.invitees_unchecked: int | None = None
         self.closed = False
         #: Told of each revocation recorded (``--resume``: the job's totals follow it).
         self.on_revoked: Callable[[str, list[str]], None] | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from array import array
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -41,6 +42,7 @@ from worker.run.runner import OutcomeHook, Runner, Service
 from worker.run.summary import RunResult
 from worker.send import pruner_for
 from worker.send.client import InvitationClient
+from worker.send.compact import address_key
 from worker.send.edit_lock import LocalEdits
 from worker.send.prune import Pruner
 from worker.send.recheck import recheck
@@ -50,7 +52,8 @@ from worker.sources.csvfile import CsvSource
 from worker.state import RunState
 
 if TYPE_CHECKING:
-    from array import array
+    from worker.send.recheck import Keys
+    from worker.validate.dedupe import PairIndex
 
 log = structlog.get_logger("worker.run")
 
@@ -128,6 +131,7 @@ class _FileMode(Mode[FileRead]):
         self.listed = ListedInput() if config.prune else None
         self.pruner: Pruner | None = None
         self._sender: Sender | None = None
+        self._named: list[PairIndex] = []  # the input's pairs (the validator's index)
 
     @property
     def counts(self) -> FileCounts:
@@ -145,19 +149,20 @@ class _FileMode(Mode[FileRead]):
 
     async def prepare(self, runner: Runner, client: InvitationClient) -> None:
         """``--resume``: settle what the earlier run left unknown, before any batch."""
+        preflight = runner.sender.preflight
+        if _looks(self.config):
+            # What earlier runs added and no run looked at since (killed, stopped) is
+            # looked at with this run's own adds; so are the sends settled below: a run
+            # killed with its POST out recorded no add.
+            preflight.vouched = self.history.unlooked if self.history is not None else {}
         if self.history is not None:
             await runner.supervise("reconciler", _settle(runner, self.history, self.clock))
         runner.recorded = 0  # settling is not this run's reading
         self._sender = runner.sender
-        preflight = runner.sender.preflight
         # Runs of this machine edit a dashboard one at a time (a queue's workers take
         # turns through Redis instead).
         edits = LocalEdits(self.config.api_url, self.state.stop, self.clock)
         preflight.edits = edits.hold
-        if _looks(self.config):
-            # What earlier runs added and no run looked at since (killed, stopped) is
-            # looked at with this run's own adds.
-            preflight.vouched = self.history.unlooked if self.history is not None else {}
         if self.listed is not None:
             sender = runner.sender
             self.pruner = pruner_for(self.config, client, sender.pacer, sender.retry,
@@ -168,7 +173,8 @@ class _FileMode(Mode[FileRead]):
     def feed(self) -> tuple[AsyncGenerator[Batch, None], Sequence[tuple[str, Service]]]:
         """The input's batches, its rejected rows written before each chunk's go out."""
         batches = read_batches(self.config, self.source, self.report.rejected, self.counts,
-                               self.history, self.stop, self.listed)  # fmt: skip
+                               self.history, self.stop, self.listed,
+                               named=self._named.append)  # fmt: skip
         return _flushed(self.report, batches), ()
 
     async def after(self, runner: Runner, client: InvitationClient) -> None:
@@ -178,9 +184,11 @@ class _FileMode(Mode[FileRead]):
         state = self.state
         finished = self.counts.read_all and not (state.stop.is_set() or state.aborted)
         preflight = runner.sender.preflight
-        if preflight.vouched and finished:
+        if preflight.vouched is not None and finished:
             vouched, preflight.vouched = preflight.vouched, None  # its own adds: not again
-            await runner.supervise("recheck", self._recheck(vouched, runner))
+            self.report.invitees_lost = self.report.invitees_unchecked = 0
+            if vouched:
+                await runner.supervise("recheck", self._recheck(vouched, runner))
         if self.listed is not None and self.pruner is not None and finished:
             pruning = prune(self.config, self.pruner, self.listed, self.report,
                             stop=state.stop, abort=state.abort,
@@ -188,11 +196,21 @@ class _FileMode(Mode[FileRead]):
             await runner.supervise("prune", pruning)
 
     async def _recheck(self, vouched: dict[str, array[int]], runner: Runner) -> None:
-        sender = runner.sender
-        self.report.invitees_lost = await recheck(
+        sender, index = runner.sender, self._named[0] if self._named else None
+
+        def named(token: str, keys: Keys) -> Keys:
+            """Those of ``keys`` (addresses) the list names for ``token``."""
+            if index is None:
+                return keys[:0]
+            pairs = (keys ^ hash(token.lower())).tolist()  # validate.pair_key, in bulk
+            found = index.find_many(pairs)
+            return keys[[p in found for p in pairs]]
+
+        looked = await recheck(
             vouched, sender.preflight, sender.reconciler, self.report, self.clock,
-            concurrency=self.config.concurrency, stop=self.state.stop,
+            named=named, concurrency=self.config.concurrency, stop=self.state.stop,
         )  # fmt: skip
+        self.report.invitees_lost, self.report.invitees_unchecked = looked.lost, looked.unchecked
 
     def close(self) -> None:
         """The input and the journal."""
@@ -228,9 +246,14 @@ async def _settle(runner: Runner, history: History, clock: Clock) -> None:
     unknowns = settle_unknowns(history, runner.sender.reconciler, clock,
                                request_timeout=runner.config.timeout,
                                delay=runner.config.reconcile_delay)  # fmt: skip
+    vouched = runner.sender.preflight.vouched
     async for outcome in unknowns:
         if outcome.reconciled:  # counted as the sender counts what a listing settles
             runner.sender.stats.reconciled_sent += len(outcome.emails)
+            if vouched is not None:  # --add-invitees: its add may have gone unrecorded
+                vouched.setdefault(outcome.token, array("q")).extend(
+                    map(address_key, outcome.emails)
+                )
         runner.record(outcome)
 
 

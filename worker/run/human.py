@@ -41,6 +41,8 @@ def print_summary(
         rows.append(("invitees added", f"{summary.invitees_added:,}"))
     if summary.invitees_lost:  # entries gone again at the end: see invitees.lost
         rows.append(("invitees lost", f"{summary.invitees_lost:,}"))
+    if summary.invitees_unchecked:  # the look could not read: see invitees.recheck_failed
+        rows.append(("invitees unchecked", f"{summary.invitees_unchecked:,}"))
     rows += _by("skipped", summary.skipped_by_reason)
     rows += _by("refused", summary.refused_by_code)
     failed = summary.emails_failed - sum(summary.refused_by_code.values())
@@ -123,9 +125,15 @@ def next_step(summary: AnySummary, report: str, command: list[str]) -> str:
         return ("see invitees.lost: someone else keeps writing those dashboards from an "
                 "older read; once they stop, look again and add the lost back: "
                 f"{resume}")  # fmt: skip
+    if summary.invitees_unchecked:
+        return ("the look at the entries this run made could not read every dashboard (see "
+                "invitees.recheck_failed); once the service answers, look again: "
+                f"{resume}")  # fmt: skip
     refused = summary.refused_by_code
     fixes = "; ".join(REFUSAL_FIXES.get(code, code) for code in sorted(refused))
-    if summary.emails_failed > sum(refused.values()):
+    # --resume: failures for good of earlier runs still make the job incomplete (exit 1)
+    failed = max(summary.emails_failed, summary.job.emails_failed if summary.job else 0)
+    if failed > sum(refused.values()):
         retry = shlex.join(["invite-worker", "report", "failed", report, "--output",
                             "retry.csv"])  # fmt: skip
         step = f"once the cause is fixed: {retry}, then run retry.csv"

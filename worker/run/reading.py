@@ -20,6 +20,7 @@ from worker.run.prune import ListedInput
 from worker.run.resume import History
 from worker.sources import RawRow, Source
 from worker.validate import Validator
+from worker.validate.dedupe import PairIndex
 
 #: Where a rejected row goes: (line or stream id, reason, token, email).
 RejectSink = Callable[[int | str, str, str | None, str | None], None]
@@ -37,6 +38,7 @@ async def read_batches(
     stop: asyncio.Event | None = None,
     listed: ListedInput | None = None,
     whole: bool = False,
+    named: Callable[[PairIndex], object] | None = None,
 ) -> AsyncGenerator[Batch, None]:
     """Read, validate and batch ``source``: the batches to send; rejections to ``reject``.
 
@@ -50,6 +52,8 @@ async def read_batches(
     validator = Validator()
     if listed is not None:
         listed.index = validator.seen
+    if named is not None:  # every valid pair the list names, as it is read
+        named(validator.seen)
     linger = config.linger if source.may_wait and not whole else None
     batcher = Batcher(config.batch_size, config.max_buffered_rows,
                       time.monotonic if linger is not None else None)  # fmt: skip

@@ -88,7 +88,8 @@ class Summary(Generic[R]):
     emails_skipped: int
     refused_by_code: Mapping[str, int]
     invitees_added: int
-    invitees_lost: int
+    invitees_lost: int | None
+    invitees_unchecked: int | None
     skipped_by_reason: Mapping[str, int]
     batches_sent: int
     batches_failed: int
@@ -142,6 +143,7 @@ class Summary(Generic[R]):
             "emails_sent": self.emails_sent, "emails_failed": self.emails_failed,
             "emails_skipped": self.emails_skipped, "refused_by_code": dict(self.refused_by_code),
             "invitees_added": self.invitees_added, "invitees_lost": self.invitees_lost,
+            "invitees_unchecked": self.invitees_unchecked,
             "skipped_by_reason": dict(self.skipped_by_reason),
             "batches_sent": self.batches_sent, "batches_failed": self.batches_failed,
             "requests": self.requests, "retries": self.retries,
@@ -219,7 +221,7 @@ def build_summary(
         failed += len(history.failed_in_input)
         unknown = len(history.blocked)
     incomplete = bool(failed or rejected or unknown or unsent or report.prunes_refused
-                      or report.invitees_lost)  # fmt: skip
+                      or report.invitees_lost or report.invitees_unchecked)  # fmt: skip
     # One code per kind of stop, in both modes: a signal is exit 3 for a queue worker too
     # (what it did not settle stays pending for the next one, nothing is lost).
     code = exit_code(aborted=state.aborted, halted=halted is not None,
@@ -241,6 +243,7 @@ def build_summary(
         emails_skipped=report.emails["skipped"],
         refused_by_code=dict(sorted(report.refused_by_code.items())),
         invitees_added=sender.preflight.invitees_added, invitees_lost=report.invitees_lost,
+        invitees_unchecked=report.invitees_unchecked,
         skipped_by_reason=dict(sorted(report.skipped_by_reason.items())),
         batches_sent=report.batches["sent"], batches_failed=report.batches["failed"],
         requests=sum(by_kind.values()), retries=sender.stats.retries + reads.retries,

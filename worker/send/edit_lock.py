@@ -25,6 +25,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import socket
 import stat
 import tempfile
 from collections.abc import AsyncIterator
@@ -83,16 +84,21 @@ class LocalEdits:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
             except BlockingIOError:
                 pass
+            else:  # who holds it, for whoever waits (the file is this user's alone)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+                return
             if self._stop.is_set():
                 raise Stopped("stopping: another run was editing the dashboard")
             if not said and self._clock.time() - started >= SAY_AFTER:
                 said = True
-                log.warning("invitees.edit_waiting", token=token,
-                         action="waiting for another run on this machine to finish its "
-                         "edit of the dashboard")  # fmt: skip
+                holder = os.pread(fd, 200, 0).decode(errors="replace") or "another run"
+                log.warning("invitees.edit_waiting", token=token, holder=holder,
+                            action="waiting for that run on this machine to finish its edit "
+                            "of the dashboard (a stopped one holds it until it goes on or "
+                            "ends)")  # fmt: skip
             await asyncio.sleep(POLL)
 
     def _open(self, token: str) -> int | None:

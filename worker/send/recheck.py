@@ -12,20 +12,25 @@ sure of, held as 8-byte keys while the run lasts) is read again. Whoever of them
 entry and holds an invitation is added back through the run's own add (read twice,
 write once, read back), recorded as a ``skipped`` note carrying ``invitees_added``, and
 the dashboard is looked at again, up to :data:`LOOKS` times. Whoever still has no entry
-then is lost: ``invitees.lost``, the summary's ``invitees_lost``, exit 1. Who has no
-entry and no invitation was refused by the service (their row failed), and the next run
-adds and sends them. A run that did not end so (a stop, a kill, a loss) leaves its adds to
-the next ``--resume`` run's look (``Replay.unlooked``).
+then is lost: ``invitees.lost``, the summary's ``invitees_lost``, exit 1; a dashboard
+that could not be read counts its people in ``invitees_unchecked``, exit 1 too. Who has
+no entry and no invitation was refused by the service (their row failed), and the next
+run adds and sends them. Only those the list still names are looked at: an entry for
+someone it no longer names is not this run's to restore. A run that did not end with
+everyone looked at and nobody lost (a stop, a kill, a loss, a failed read) leaves its
+adds to the next ``--resume`` run's look (``Replay.unlooked``).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import structlog
 
-from worker.errors import AuthError, SendError, Stopped
+from worker.errors import AuthError, SendError, Stopped, TokenNotFound
 from worker.send.boards import sharing_refusal
 from worker.send.compact import key_set
 from worker.validate.dedupe import member
@@ -58,6 +63,15 @@ class Adds(Protocol):
     async def add(self, token: str, emails: list[str]) -> tuple[list[str] | None, str | None]: ...
 
 
+@dataclass
+class Looked:
+    """What a look found: people lost, and people whose dashboard could not be read
+    (both left to the next ``--resume`` run's look)."""
+
+    lost: int = 0
+    unchecked: int = 0
+
+
 async def recheck(
     vouched: dict[str, array[int]],
     adds: Adds,
@@ -65,37 +79,41 @@ async def recheck(
     report: Report,
     clock: Clock,
     *,
+    named: Callable[[str, Keys], Keys],
     concurrency: int,
     stop: asyncio.Event,
-) -> int:
+) -> Looked:
     """Look at each dashboard of ``vouched`` (token -> the keys of the addresses the adds
-    made sure of, 8 bytes each), ``concurrency`` at a time; add back who lost their entry.
-    Returns how many are lost (still without an entry, though invited)."""
+    made sure of, 8 bytes each), ``concurrency`` at a time, at those of them the list
+    still names (``named``: the keys of a token it names); add back who lost their entry."""
     import numpy as np
 
     pending = iter(list(vouched.items()))
-    lost = 0
+    looked = Looked()
     refused: list[AuthError] = []
 
     async def work() -> None:
-        nonlocal lost
         for token, added in pending:
-            if stop.is_set() or refused:
+            if stop.is_set():
                 return
-            keys = np.unique(np.frombuffer(added, np.int64))
+            keys = named(token, np.unique(np.frombuffer(added, np.int64)))
+            if refused:  # the keys were refused: not read, so not known
+                looked.unchecked += len(keys)
+                continue
             try:
-                lost += await _one(token, keys, adds, reconciler, report, clock, stop)
+                looked.lost += await _one(token, keys, adds, reconciler, report, clock, stop)
             except Stopped:
                 return
-            except AuthError as exc:  # the keys may not read or write dashboards: no more
-                refused.append(exc)
+            except TokenNotFound:  # no dashboard left: nothing to add back into
+                continue
+            except SendError as exc:  # not a loss: nothing shows one, nor its absence
+                looked.unchecked += len(keys)
+                if isinstance(exc, AuthError):  # the keys may not read dashboards: no more
+                    refused.append(exc)
                 log.warning("invitees.recheck_failed", token=token, error=exc.code,
-                            message=exc.message, consequence="the entries made by this run "
-                            "were not looked at again")  # fmt: skip
-            except SendError as exc:  # not a loss: nothing shows one
-                log.warning("invitees.recheck_failed", token=token, error=exc.code,
-                            message=exc.message, consequence="the dashboard's entries made "
-                            "by this run were not looked at again")  # fmt: skip
+                            message=exc.message, emails=len(keys),
+                            consequence="not looked at: the next run with --resume looks "
+                            "again")  # fmt: skip
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -103,7 +121,7 @@ async def recheck(
                 group.create_task(work())
     except* Exception as failed:  # the first failure, as itself: a fault, a bug
         raise failed.exceptions[0] from None
-    return lost
+    return looked
 
 
 async def _one(token: str, keys: Keys, adds: Adds, reconciler: Reconciler,
@@ -111,7 +129,7 @@ async def _one(token: str, keys: Keys, adds: Adds, reconciler: Reconciler,
     """Look at one dashboard, add back who lost their entry; how many are lost (none
     counted once the run is stopped: the next --resume looks again)."""
     for look in range(1, LOOKS + 1):
-        if stop.is_set():
+        if stop.is_set() or not len(keys):
             return 0
         board = await adds.read_board(token)
         if sharing_refusal(board.share_type, board.status) is not None:
