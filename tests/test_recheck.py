@@ -43,6 +43,35 @@ async def add_new(emulator: Emulator, config: Config, times: int) -> Dashboard:
     return board
 
 
+async def resume_adds_back(
+    emulator: Emulator, config: Config, source: str, board: Dashboard
+) -> None:
+    """The same run with --resume exits 0 with NEW an invitee again, invited once."""
+    result = await run(replace(config, resume=True), csv_source(source))
+    assert result.exit_code == 0
+    assert NEW in (board.invitees or {})
+    assert emulator.invited[(TOKEN_A, NEW)] == 1
+
+
+async def stopped_after_new_lost(emulator: Emulator, config: Config) -> tuple[Dashboard, str]:
+    """A run (``config``: one batch at a time) over NEW on TOKEN_A and b@ on TOKEN_B,
+    stopped as B's check reads its dashboard, after NEW was added and invited; NEW's entry
+    is taken then. The dashboard of TOKEN_A, and the input."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+    emulator.add_dashboard(TOKEN_B, invitees=["b@example.com"])
+    stop = asyncio.Event()
+
+    def taken_then_stopped(_: Dashboard) -> None:  # B's check comes after A's send
+        if board.invitees is not None:
+            board.invitees.pop(NEW, None)
+        stop.set()
+
+    emulator.before_read[TOKEN_B] = [taken_then_stopped]
+    source = rows_csv([(TOKEN_A, NEW), (TOKEN_B, "b@example.com")])
+    assert (await run(config, csv_source(source), stop=stop)).exit_code == 3
+    return board, source
+
+
 def gets(emulator: Emulator) -> int:
     return sum(1 for r in emulator.requests if r.method == "GET" and "invitation" not in r.path)
 
@@ -132,26 +161,11 @@ async def test_a_resume_looks_at_what_a_stopped_run_added(
     """A run stopped after NEW was added and invited makes no look; NEW's entry is taken
     meanwhile; the --resume run, with nothing left to send, looks at what the stopped run
     added and adds NEW back."""
-    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
-    emulator.add_dashboard(TOKEN_B, invitees=["b@example.com"])
-    stop = asyncio.Event()
-
-    def taken_then_stopped(_: Dashboard) -> None:  # B's check comes after A's send
-        if board.invitees is not None:
-            board.invitees.pop(NEW, None)
-        stop.set()
-
-    emulator.before_read[TOKEN_B] = [taken_then_stopped]
     config = make_config(add_invitees=True, concurrency=1)
-    source = rows_csv([(TOKEN_A, NEW), (TOKEN_B, "b@example.com")])
-    result = await run(config, csv_source(source), stop=stop)
-    assert result.exit_code == 3
+    board, source = await stopped_after_new_lost(emulator, config)
     assert emulator.invited[(TOKEN_A, NEW)] == 1
     assert NEW not in (board.invitees or {})
-    result = await run(replace(config, resume=True), csv_source(source))
-    assert result.exit_code == 0
-    assert NEW in (board.invitees or {})
-    assert emulator.invited[(TOKEN_A, NEW)] == 1
+    await resume_adds_back(emulator, config, source, board)
 
 
 async def test_a_stop_during_the_look_ends_it_and_the_resume_looks_again(
@@ -176,10 +190,7 @@ async def test_a_stop_during_the_look_ends_it_and_the_resume_looks_again(
     assert result.summary.invitees_lost == 0
     assert [r.method for r in emulator.requests].count("PUT") == 1  # the add alone
     emulator.before_read[TOKEN_A] = []
-    result = await run(replace(config, resume=True), csv_source(source))
-    assert result.exit_code == 0
-    assert NEW in (board.invitees or {})
-    assert emulator.invited[(TOKEN_A, NEW)] == 1
+    await resume_adds_back(emulator, config, source, board)
 
 
 async def test_a_look_that_cannot_read_leaves_it_to_the_resume(
@@ -217,19 +228,8 @@ async def test_the_look_leaves_alone_whom_the_list_no_longer_names(
 ) -> None:
     """A stopped run added NEW, whose entry is then removed; the next day's list no
     longer names NEW: its --resume run does not add NEW back."""
-    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
-    emulator.add_dashboard(TOKEN_B, invitees=["b@example.com"])
-    stop = asyncio.Event()
-
-    def removed_then_stopped(_: Dashboard) -> None:
-        if board.invitees is not None:
-            board.invitees.pop(NEW, None)
-        stop.set()
-
-    emulator.before_read[TOKEN_B] = [removed_then_stopped]
     config = make_config(add_invitees=True, concurrency=1)
-    day1 = rows_csv([(TOKEN_A, NEW), (TOKEN_B, "b@example.com")])
-    assert (await run(config, csv_source(day1), stop=stop)).exit_code == 3
+    board, _ = await stopped_after_new_lost(emulator, config)
     day2 = rows_csv([(TOKEN_B, "b@example.com")])
     result = await run(replace(config, resume=True), csv_source(day2))
     assert result.exit_code == 0
