@@ -234,3 +234,27 @@ async def test_the_look_leaves_alone_whom_the_list_no_longer_names(
     result = await run(replace(config, resume=True), csv_source(day2))
     assert result.exit_code == 0
     assert NEW not in (board.invitees or {})
+
+
+async def test_an_entry_gone_before_the_send_is_added_and_sent_again(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Another writer takes NEW's entry right after the add's read-back, so the POST is
+    refused (a 400, final for --resume): the batch adds NEW again and sends once more —
+    one invitation, one sent record naming NEW added, exit 0."""
+    board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
+
+    def taken_after_this_answer(board: Dashboard) -> None:
+        asyncio.get_running_loop().call_soon(lambda: (board.invitees or {}).pop(NEW, None))
+
+    # The check's read, the add's two reads, its read-back: then the entry goes.
+    emulator.before_read[TOKEN_A] = [None, None, None, taken_after_this_answer]
+    config = make_config(add_invitees=True)
+    with capture_logs() as logs:
+        result = await run(config, csv_source(rows_csv([(TOKEN_A, NEW)])))
+    assert result.exit_code == 0
+    assert [e["emails"] for e in logs if e["event"] == "batch.entries_lapsed"] == [1]
+    assert NEW in (board.invitees or {})
+    assert emulator.invited[(TOKEN_A, NEW)] == 1
+    [sent] = by_kind(read_report(config.report_path), "batch")
+    assert (sent["status"], sent["invitees_added"]) == ("sent", [NEW])

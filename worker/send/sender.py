@@ -91,6 +91,18 @@ class Sender:
             emails, added, until = await self._screen(batch.token, batch.emails, out)
             if emails:
                 await self._send(batch.token, emails, out)
+            if lapsed := _lapsed(out, first, added):
+                # --add-invitees: entries it added were gone when its POST came (another
+                # writer's older read written back), so the service refused them. A 400
+                # is final for --resume: added and sent again now, once, from a new check.
+                log.warning("batch.entries_lapsed", token=batch.token, emails=len(lapsed),
+                            action="adding them again and sending once more")  # fmt: skip
+                out[first:] = [o for o in out[first:] if not _refused_added(o, set(added))]
+                self.preflight.forget(batch.token)
+                emails, again, until = await self._screen(batch.token, lapsed, out)
+                added = [*added, *again]
+                if emails:
+                    await self._send(batch.token, emails, out)
         except Stopped:
             pass  # what has no outcome yet is left for --resume (or pending in the stream)
         finally:  # their records say whom --add-invitees granted access, a fault or not
@@ -230,3 +242,18 @@ def _granted(outcome: Outcome, added: set[str], until: str | None) -> Outcome:
     if not granted:
         return outcome
     return dataclasses.replace(outcome, invitees_added=tuple(granted), access_expiration=until)
+
+
+def _refused_added(outcome: Outcome, added: set[str]) -> bool:
+    """Whether ``outcome`` is a 400 refusing addresses the batch itself added."""
+    error = outcome.error
+    return (outcome.status is Status.FAILED and error is not None
+            and error.code == BadRequest.code and added.issuperset(outcome.emails))  # fmt: skip
+
+
+def _lapsed(out: list[Outcome], first: int, added: list[str]) -> list[str]:
+    """The addresses of ``out[first:]`` refused by a 400 though the batch added them."""
+    if not added:
+        return []
+    granted = set(added)
+    return [e for o in out[first:] if _refused_added(o, granted) for e in o.emails]
