@@ -45,14 +45,13 @@ from worker.send.client import InvitationClient
 from worker.send.compact import address_key
 from worker.send.edit_lock import LocalEdits
 from worker.send.prune import Pruner
-from worker.send.recheck import recheck
+from worker.send.recheck import named_in, recheck
 from worker.send.sender import Sender
 from worker.sources import Source
 from worker.sources.csvfile import CsvSource
 from worker.state import RunState
 
 if TYPE_CHECKING:
-    from worker.send.recheck import Keys
     from worker.validate.dedupe import PairIndex
 
 log = structlog.get_logger("worker.run")
@@ -86,10 +85,10 @@ async def _run(
 ) -> RunResult[FileRead]:
     jpath = journal_path(config.report_path)
     # --resend/--resend-after: a pair skipped as served earlier may be due now; check again.
-    recheck = config.resend or config.resend_after is not None
+    served_again = config.resend or config.resend_after is not None
     try:
         history = (
-            load_history(config.report_path, jpath, resend=recheck, looks=_looks(config))
+            load_history(config.report_path, jpath, resend=served_again, looks=_looks(config))
             if config.resume
             else None
         )
@@ -148,7 +147,9 @@ class _FileMode(Mode[FileRead]):
         return (self.history.on_outcome,)
 
     async def prepare(self, runner: Runner, client: InvitationClient) -> None:
-        """``--resume``: settle what the earlier run left unknown, before any batch."""
+        """Before any batch: ``--resume`` settles what the earlier run left unknown; the
+        dashboards' edits take turns with other runs; ``--add-invitees`` keeps what its
+        look at the end covers."""
         preflight = runner.sender.preflight
         if _looks(self.config):
             # What earlier runs added and no run looked at since (killed, stopped) is
@@ -197,18 +198,9 @@ class _FileMode(Mode[FileRead]):
 
     async def _recheck(self, vouched: dict[str, array[int]], runner: Runner) -> None:
         sender, index = runner.sender, self._named[0] if self._named else None
-
-        def named(token: str, keys: Keys) -> Keys:
-            """Those of ``keys`` (addresses) the list names for ``token``."""
-            if index is None:
-                return keys[:0]
-            pairs = (keys ^ hash(token.lower())).tolist()  # validate.pair_key, in bulk
-            found = index.find_many(pairs)
-            return keys[[p in found for p in pairs]]
-
         looked = await recheck(
             vouched, sender.preflight, sender.reconciler, self.report, self.clock,
-            named=named, concurrency=self.config.concurrency, stop=self.state.stop,
+            named=named_in(index), concurrency=self.config.concurrency, stop=self.state.stop,
         )  # fmt: skip
         self.report.invitees_lost, self.report.invitees_unchecked = looked.lost, looked.unchecked
 

@@ -105,11 +105,13 @@ class Preflight(TokenChecks):
         #: Addresses added to dashboards' invitees (``--add-invitees``).
         self.invitees_added = 0
         #: Held around each edit of a token's dashboard, beside this run's own lock: the
-        #: stream's workers edit a dashboard one at a time (see worker.queue.edits). What
-        #: it gives confirms, as the write leaves, that it was held all along.
+        #: stream's workers (see worker.queue.edits), and the file runs of one machine
+        #: (worker.send.edit_lock), edit a dashboard one at a time. What it gives (if
+        #: anything) confirms, as the write leaves, that it was held all along.
         self.edits: Callable[[str], AbstractAsyncContextManager[Confirm | None]] | None = None
-        #: A file run's ``--add-invitees``: per token, the keys of the addresses an add made
-        #: sure of, for the look at the end (``send.recheck``). None: not kept (queue mode).
+        #: A file run's ``--add-invitees``: per token, the keys of the addresses its adds
+        #: made sure of (with what earlier runs left to look at), for the look at the end
+        #: (``send.recheck``). None: not kept (queue mode, ``--prune``).
         self.vouched: dict[str, array[int]] | None = None
 
     async def screen(self, token: str, emails: list[str]) -> Screened:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from worker.record.report import Report
     from worker.send.listed import SharedDashboard
     from worker.send.reconcile import Reconciler
+    from worker.validate.dedupe import PairIndex
 
     #: Sorted 64-bit address keys (``send.compact``).
     Keys: TypeAlias = npt.NDArray[np.int64]
@@ -70,6 +71,20 @@ class Looked:
 
     lost: int = 0
     unchecked: int = 0
+
+
+def named_in(index: PairIndex | None) -> Callable[[str, Keys], Keys]:
+    """What of a token's address keys ``index`` (the input's valid pairs, the validator's
+    duplicate index) names; nothing without one."""
+
+    def named(token: str, keys: Keys) -> Keys:
+        if index is None:
+            return keys[:0]
+        pairs = (keys ^ hash(token.lower())).tolist()  # validate.pair_key, in bulk
+        found = index.find_many(pairs)
+        return keys[[p in found for p in pairs]]
+
+    return named
 
 
 async def recheck(
