@@ -236,19 +236,26 @@ async def test_the_look_leaves_alone_whom_the_list_no_longer_names(
     assert NEW not in (board.invitees or {})
 
 
-async def test_an_entry_gone_before_the_send_is_added_and_sent_again(
-    emulator: Emulator, make_config: Callable[..., Config]
-) -> None:
-    """Another writer takes NEW's entry right after the add's read-back, so the POST is
-    refused (a 400, final for --resume): the batch adds NEW again and sends once more —
-    one invitation, one sent record naming NEW added, exit 0."""
+def lapsing(emulator: Emulator, *after: Callable[[Dashboard], None] | None) -> Dashboard:
+    """TOKEN_A's dashboard, whose NEW entry another writer takes right after the add's
+    read-back is answered (so the POST is refused); ``after``: what meets the reads then."""
     board = emulator.add_dashboard(TOKEN_A, invitees=["a@example.com"])
 
     def taken_after_this_answer(board: Dashboard) -> None:
         asyncio.get_running_loop().call_soon(lambda: (board.invitees or {}).pop(NEW, None))
 
     # The check's read, the add's two reads, its read-back: then the entry goes.
-    emulator.before_read[TOKEN_A] = [None, None, None, taken_after_this_answer]
+    emulator.before_read[TOKEN_A] = [None, None, None, taken_after_this_answer, *after]
+    return board
+
+
+async def test_an_entry_gone_before_the_send_is_added_and_sent_again(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """Another writer takes NEW's entry right after the add's read-back, so the POST is
+    refused (a 400, final for --resume): the batch adds NEW again and sends once more —
+    one invitation, one sent record naming NEW added, NEW counted added once, exit 0."""
+    board = lapsing(emulator)
     config = make_config(add_invitees=True)
     with capture_logs() as logs:
         result = await run(config, csv_source(rows_csv([(TOKEN_A, NEW)])))
@@ -258,3 +265,20 @@ async def test_an_entry_gone_before_the_send_is_added_and_sent_again(
     assert emulator.invited[(TOKEN_A, NEW)] == 1
     [sent] = by_kind(read_report(config.report_path), "batch")
     assert (sent["status"], sent["invitees_added"]) == ("sent", [NEW])
+    assert result.summary.invitees_added == 1
+
+
+async def test_a_stop_after_the_lapsed_send_leaves_it_for_the_resume(
+    emulator: Emulator, make_config: Callable[..., Config]
+) -> None:
+    """A stop as the batch checks NEW again: no second POST, no record of the refusal
+    (exit 3, NEW unsent); the --resume run sends NEW, once."""
+    stop = asyncio.Event()
+    board = lapsing(emulator, lambda _: stop.set())
+    config = make_config(add_invitees=True)
+    source = rows_csv([(TOKEN_A, NEW)])
+    result = await run(config, csv_source(source), stop=stop)
+    assert (result.exit_code, result.summary.unsent) == (3, 1)
+    assert [r.method for r in emulator.requests].count("POST") == 1
+    assert not by_kind(read_report(config.report_path), "batch")
+    await resume_adds_back(emulator, config, source, board)

@@ -97,11 +97,14 @@ class Sender:
                 # is final for --resume: added and sent again now, once, from a new check.
                 log.warning("batch.entries_lapsed", token=batch.token, emails=len(lapsed),
                             action="adding them again and sending once more")  # fmt: skip
+                # Their refusal is not recorded: stopped now, they are left for --resume.
                 out[first:] = [o for o in out[first:] if not _refused_added(o, set(added))]
                 self.preflight.forget(batch.token)
                 emails, again, until = await self._screen(batch.token, lapsed, out)
+                # Each person is one add in the records, however many writes it took.
+                self.preflight.invitees_added -= len(set(again) & set(added))
                 added = [*added, *again]
-                if emails:
+                if emails and not self.state.stop.is_set():
                     await self._send(batch.token, emails, out)
         except Stopped:
             pass  # what has no outcome yet is left for --resume (or pending in the stream)
