@@ -58,10 +58,12 @@ def _reset_structlog() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def edit_locks(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Runs in this process keep their dashboard edit locks in a directory of the test's
-    own (the machine's is left alone); it is returned."""
+    """Runs keep their dashboard edit locks in a directory of the test's own, the
+    machine's left alone: those in this process here (returned), the processes it starts
+    under their own TMPDIR."""
     directory = tmp_path_factory.mktemp("edit-locks")
     monkeypatch.setattr(edit_lock, "default_directory", lambda: directory)
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
     return directory
 
 
