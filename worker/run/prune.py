@@ -80,12 +80,12 @@ class ListedInput:
 
     def named(self, token: str) -> Named:
         """Whether the list names each address for ``token`` (ignoring case)."""
-        index, token_hash = self.index, hash(token.lower())
+        index = self.index
 
         def check(emails: list[str]) -> list[bool]:
-            keys = [token_hash ^ hash(e.lower()) for e in emails]
-            found = index.find_many(keys) if index is not None else set()
-            return [k in found for k in keys]
+            if index is None:
+                return [False] * len(emails)
+            return index.holds_with(token, [hash(e.lower()) for e in emails])
 
         return check
 

@@ -78,11 +78,7 @@ def named_in(index: PairIndex | None) -> Callable[[str, Keys], Keys]:
     duplicate index) names; nothing without one."""
 
     def named(token: str, keys: Keys) -> Keys:
-        if index is None:
-            return keys[:0]
-        pairs = (keys ^ hash(token.lower())).tolist()  # validate.pair_key, in bulk
-        found = index.find_many(pairs)
-        return keys[[p in found for p in pairs]]
+        return keys[index.holds_with(token, keys.tolist())] if index is not None else keys[:0]
 
     return named
 

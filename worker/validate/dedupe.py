@@ -60,6 +60,14 @@ class PairIndex:
         found.update(self._recent.intersection(keys))
         return found
 
+    def holds_with(self, token: str, addresses: Sequence[int]) -> list[bool]:
+        """For each address key (the hash of a lower-cased address), whether the index
+        holds its pair with ``token``: :func:`worker.validate.pair_key`, in bulk."""
+        token_hash = hash(token.lower())
+        pairs = [token_hash ^ address for address in addresses]
+        found = self.find_many(pairs)
+        return [pair in found for pair in pairs]
+
     def add(self, key: int) -> bool:
         """Add one key; False when it was already there."""
         return not self.add_many([key])
