@@ -19,7 +19,7 @@ write leaves, the holder confirms the lock is still its own, and if not takes it
 and reads the dashboard afresh. A stall after that confirmation, or a write slower than
 the lock's life, is not covered: no fencing reaches the API. A writer outside the
 stream (a person, a run over a file) does not take the lock: the read-twice and
-read-back checks of :mod:`worker.send.invitees` are what catch one.
+read-back checks of :mod:`worker.send.rounds` are what catch one.
 """
 
 from __future__ import annotations

@@ -1,38 +1,24 @@
 """``--prune``: removing addresses from a shared dashboard's invitees and share list, and
 nothing else.
 
-The discipline of ``--add-invitees`` (see :mod:`worker.send.invitees`): the API has no
-version field or ETag, so read twice and write only if nobody changed the dashboard in
-between (else read again, up to three times); send back every writable field exactly as
-read, without the entries to remove; then read back: every other entry unchanged and the
-removed ones gone. Nothing to remove, nothing written. A write goes once for the reads it
-was made from (see :class:`worker.send.retry.Once`): one that was applied without an
-answer shows in the next read, which takes its entries as taken.
+Made in the rounds of :mod:`worker.send.rounds`, as ``--add-invitees``'s adds are: read
+twice and write only if nobody changed the dashboard in between; send back every
+writable field exactly as read, without the entries to remove; then read back: every
+other entry unchanged and the removed ones gone. Nothing to remove, nothing written. A
+write applied without an answer shows in the next read, which takes its entries as taken.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 
-from worker.errors import InviteWorkerError, SendError, Stopped
 from worker.send.client import InvitationClient
-from worker.send.invitees import (
-    CHANGING,
-    ROUNDS,
-    UNSETTLED,
-    Paced,
-    dashboard_object,
-    invitee_list,
-    read_object,
-    writable,
-)
 from worker.send.replies import Dashboard
-from worker.send.retry import Once, Unsettled
+from worker.send.rounds import Events, Paced, edit, invitee_list, writable
 
 log = structlog.get_logger("worker.removal")
 
@@ -61,98 +47,74 @@ async def remove_entries(
     refuses a paced one) says what that write took; only if it fails too are its entries
     left unrecorded (the next run revokes their invitations, recorded as that alone).
     """
-    removal = _Removal(paced, client, token, gone, took)
-    try:
-        return await removal.rounds(stopped)
-    except (Stopped, SendError):
-        if removal.unanswered:
-            with contextlib.suppress(InviteWorkerError):
-                removal.settle(_without(dashboard_object(await read_now()), gone)[1])
-        raise
+    read = functools.partial(client.get_dashboard, token)
+    write = functools.partial(client.put_dashboard, token)
+    return await edit(_Removal(gone, took), paced, read, write, token, stopped=stopped,
+                      read_now=read_now)  # fmt: skip
 
 
 class _Removal:
-    """One dashboard's removal: its rounds of reads and a write, and what they took."""
+    """Removing the entries of ``gone`` (see :class:`worker.send.rounds.Change`), with
+    what was taken kept in ``took`` as it is known."""
 
-    def __init__(self, paced: Paced, client: InvitationClient, token: str,
-                 gone: frozenset[str], took: dict[str, set[str]]) -> None:  # fmt: skip
-        self._paced, self._client, self._token, self._gone = paced, client, token, gone
-        self.took = took
+    log = log
+    events = Events("removal.concurrent_edit", "removal.write_unsettled",
+                    "removal.update_failed", "removal.done", "removed")  # fmt: skip
+
+    def __init__(self, gone: frozenset[str], took: dict[str, set[str]]) -> None:
+        self._gone, self._took = gone, took
         #: What a write whose outcome is unknown was taking (settled by the next read).
-        self.unanswered: dict[str, set[str]] = {}
+        self._unanswered: dict[str, set[str]] = {}
+        # The planned write: what it removes, and the invitees and share list it keeps.
+        self._removed: dict[str, set[str]] = {}
+        self._kept_invitees: dict[str, dict[str, Any]] = {}
+        self._kept_share: set[str] = set()
+        self._earlier: dict[str, set[str]] = {}  # what earlier writes took, as it was written
 
-    def settle(self, still: dict[str, set[str]]) -> None:
+    @property
+    def pending(self) -> bool:
+        return bool(self._unanswered)
+
+    def _settle(self, still: dict[str, set[str]]) -> None:
         """Record what an unanswered write took, as a read shows ``still`` there of the
         entries to remove (the rest: taken, by it or by someone else)."""
-        _add(self.took, _gone(self.unanswered, still))
-        self.unanswered.clear()
+        _add(self._took, _gone(self._unanswered, still))
+        self._unanswered.clear()
 
-    async def _read(self) -> dict[str, Any]:
-        return await read_object(self._paced, functools.partial(self._client.get_dashboard,
-                                                                 self._token))  # fmt: skip
+    def settle(self, doc: dict[str, Any]) -> bool:
+        still = _without(doc, self._gone)[1]
+        self._settle(still)
+        return not still
 
-    async def rounds(self, stopped: Callable[[], bool]) -> dict[str, set[str]] | None:
-        """Read twice, write once, read back; up to :data:`ROUNDS` times."""
-        token, gone, took = self._token, self._gone, self.took
-        why = CHANGING  # why the rounds ran out
-        changes = failed = 0  # rounds that saw the dashboard change; writes that failed
-        while changes < ROUNDS:
-            first, before = await self._read(), await self._read()
-            body, removed, kept_invitees, kept_share = _without(before, gone)
-            self.settle(removed)
-            if not removed:  # nothing to write
-                return dict(took)
-            if writable(first) != writable(before):
-                why, changes = CHANGING, changes + 1
-                log.warning("removal.concurrent_edit", token=token, action="reading again")
-                continue
-            if stopped():  # a stop came while the dashboard was read: nothing taken yet
-                raise Stopped("stopping: the dashboard was not changed")
-            write = functools.partial(self._client.put_dashboard, token, body)
-            try:
-                await self._paced(Once(write, tries=failed + 1))
-            except Unsettled as exc:
-                if exc.maybe_applied:
-                    self.unanswered = {k: set(v) for k, v in removed.items()}
-                if exc.stopped:  # settled by the caller's one more read
-                    raise Stopped("stopping: the dashboard's write is not settled") from None
-                why, failed = UNSETTLED, failed + exc.failed
-                log.warning("removal.write_unsettled", token=token,
-                            maybe_applied=exc.maybe_applied,
-                            action="giving up" if exc.final else "reading again")  # fmt: skip
-                if exc.final:
-                    break
-                continue
-            earlier = {k: set(v) for k, v in took.items()}  # what earlier writes took
-            _add(took, removed)  # answered: taken, whatever follows
-            after = await self._read()
-            now_invitees = {i["email"].lower(): i for i in invitee_list(after)}
-            now_share = _lowered(after.get("share_list"))
-            intact = all(now_invitees.get(k) == v for k, v in kept_invitees.items())
-            intact = intact and kept_share - {""} <= now_share
-            left = [e for e in removed if e in now_invitees or e in now_share]
-            for email in left:  # still there (put back, or this PUT did not take): not taken
-                back = {INVITEE} if email in now_invitees else set()
-                back |= {SHARE_LIST} if email in now_share else set()
-                took[email] = earlier.get(email, set()) | (removed[email] - back)
-                if not took[email]:
-                    del took[email]
-            if intact and not left:
-                log.info("removal.done", token=token, removed=len(took))
-                return dict(took)
-            log.error("removal.update_failed", token=token, intact=intact,
-                      still_there=len(left),
-                      reason="the read-back does not show the change as written")  # fmt: skip
-            return None
-        # The last write went unanswered: what it did shows in one more read.
-        if self.unanswered:
-            still = _without(await self._read(), gone)[1]
-            self.settle(still)
-            if not still:
-                log.info("removal.done", token=token, removed=len(took))
-                return dict(took)
-        log.error("removal.update_failed", token=token, reason=why)
-        return None
+    def plan(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        body, self._removed, self._kept_invitees, self._kept_share = _without(doc, self._gone)
+        self._settle(self._removed)
+        return body if self._removed else None
+
+    def unanswered(self) -> None:
+        self._unanswered = {k: set(v) for k, v in self._removed.items()}
+
+    def answered(self) -> None:
+        self._earlier = {k: set(v) for k, v in self._took.items()}
+        _add(self._took, self._removed)  # answered: taken, whatever follows
+
+    def check(self, after: dict[str, Any]) -> dict[str, Any] | None:
+        took, earlier, removed = self._took, self._earlier, self._removed
+        now_invitees = {i["email"].lower(): i for i in invitee_list(after)}
+        now_share = _lowered(after.get("share_list"))
+        intact = all(now_invitees.get(k) == v for k, v in self._kept_invitees.items())
+        intact = intact and self._kept_share - {""} <= now_share
+        left = [e for e in removed if e in now_invitees or e in now_share]
+        for email in left:  # still there (put back, or this PUT did not take): not taken
+            back = {INVITEE} if email in now_invitees else set()
+            back |= {SHARE_LIST} if email in now_share else set()
+            took[email] = earlier.get(email, set()) | (removed[email] - back)
+            if not took[email]:
+                del took[email]
+        return None if intact and not left else {"intact": intact, "still_there": len(left)}
+
+    def result(self) -> dict[str, set[str]]:
+        return dict(self._took)
 
 
 def _without(
