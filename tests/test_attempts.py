@@ -27,9 +27,10 @@ from worker.errors import ServerError, Stopped
 from worker.outcome import Outcome
 from worker.record.journal import Journal, read_journal
 from worker.send import client_for, pacer_for, reconciler_for
+from worker.send.paced import paced_call
 from worker.send.pacing import Pacer
 from worker.send.replies import Sent
-from worker.send.retry import RetryPolicy, paced_call
+from worker.send.retry import RetryPolicy
 from worker.send.sender import Sender
 from worker.state import RunState
 

@@ -47,9 +47,10 @@ from worker.send.client import InvitationClient
 from worker.send.compact import address_key, key_set, keys_of
 from worker.send.invitees import Confirm, add_invitees
 from worker.send.keyed import KeyedLocks
+from worker.send.paced import paced_call
 from worker.send.pacing import Pacer
 from worker.send.reconcile import Reconciler
-from worker.send.retry import A, paced_call
+from worker.send.retry import A
 from worker.send.screening import (
     ACTIVE_SESSION,
     ALREADY_INVITED,

@@ -33,11 +33,12 @@ from worker.send.boards import sharing_refusal
 from worker.send.client import InvitationClient
 from worker.send.compact import key_set, keys_of
 from worker.send.listed import Listed
+from worker.send.paced import paced_call
 from worker.send.pacing import Pacer
 from worker.send.paging import PAGE_SIZE, Moved, Reading, read_pages, read_settled
 from worker.send.removal import INVITEE, SHARE_LIST, remove_entries
 from worker.send.replies import Dashboard, Listing
-from worker.send.retry import Answered, RetryPolicy, paced_call
+from worker.send.retry import Answered, RetryPolicy
 from worker.validate.dedupe import member
 
 log = structlog.get_logger("worker.prune")

@@ -6,7 +6,7 @@ The API has no version field or ETag, so a write replaces the writable fields wi
 the writer read. To keep another person's edit: read twice, write only if nobody changed
 the dashboard in between (else read again, up to :data:`ROUNDS` times), then read back.
 
-A write is made once for the reads it came from (:class:`worker.send.retry.Once`):
+A write is made once for the reads it came from (:class:`worker.send.paced.Once`):
 refused (a 429, a 5xx), cut or unanswered, it is backed off as a retry would be and the
 dashboard is read twice again — up to ``--max-attempts`` writes — so a body read before
 never lands on what changed since. What a write applied without an answer did shows in
@@ -24,8 +24,8 @@ from typing import Any, Generic, Protocol, TypeVar
 from structlog.typing import FilteringBoundLogger
 
 from worker.errors import InviteWorkerError, SendError, Stopped, UnexpectedResponse
+from worker.send.paced import Once, Unsettled
 from worker.send.replies import Dashboard
-from worker.send.retry import Once, Unsettled
 
 Paced = Callable[[Callable[[], Awaitable[Dashboard]]], Awaitable[Dashboard]]
 R = TypeVar("R", bound=Sized, covariant=True)
