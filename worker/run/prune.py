@@ -11,23 +11,23 @@ address look named, so it is kept: never a removal the list did not ask for.
 :func:`prune` then goes dashboard by dashboard (``--concurrency`` at a time): survey,
 restore (``--add-invitees``), guard (``--prune-max``), remove entries, revoke
 invitations, each step recorded in the report: an entry once its PUT is answered, an
-invitation as its DELETE leaves (see :func:`_revoke`). With ``plan`` (``--dry-run
---preflight --prune``) it surveys only.
+invitation as its DELETE leaves (see :mod:`worker.run.taking`). With ``plan``
+(``--dry-run --preflight --prune``) it surveys only.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
 
 from worker.config import Config
-from worker.errors import AuthError, BadRequest, SendError, Stopped
-from worker.send.prune import INVITATION, Named, Pruner, Survey
-from worker.send.removal import INVITEE, SHARE_LIST
+from worker.errors import AuthError, SendError, Stopped
+from worker.run.taking import groups, take_away
+from worker.send.prune import Named, Pruner, Survey
 from worker.send.screening import INVITEE_UPDATE_FAILED
 from worker.sources.lines import Columns
 from worker.validate import RawRow, Reason, Rejection, check_token
@@ -203,12 +203,14 @@ async def _one(
         return
     if counts is not None:
         counts["would remove"] += remove
-        for removed, emails in _groups(survey.remove.values()).items():
+        for removed, emails in groups(survey.remove.values()).items():
             report.revoked(token, emails, list(removed), planned=True)
         return
     if stop.is_set():  # nothing removed yet: the PUT would leave entries gone, unrecorded
         return
-    await _remove(pruner, report, survey, stop)
+    failed = await take_away(pruner, report, survey, stop)
+    if failed is not None:
+        _refuse(report, "prune_update_failed", failed, token)
 
 
 async def _restore(config: Config, report: Report, survey: Survey,
@@ -240,100 +242,8 @@ async def _restore(config: Config, report: Report, survey: Survey,
     return True
 
 
-async def _remove(pruner: Pruner, report: Report, survey: Survey, stop: asyncio.Event) -> None:
-    """Entries first (no new link can be asked for), then invitations, in batches.
-
-    Every entry a PUT took is recorded before this returns or raises: with the
-    invitation, as its DELETE leaves (see :func:`_revoke`); alone, when the person holds
-    none, or when their DELETE is not made (a stop, a refusal) or the read-back fails.
-    Otherwise a person back on the list would be taken for served with no entry, and
-    nothing would say why. Only a kill leaves those whose DELETE had not left yet with
-    entries gone unrecorded: they still hold their invitation, and a ``--prune
-    --add-invitees`` run adds their entry back if the list names them again.
-    """
-    token, entries = survey.token, survey.holding(INVITEE) + survey.holding(SHARE_LIST)
-    took: dict[str, set[str]] = {}  # lower-cased address -> entries the PUT took
-    recorded: set[str] = set()  # lower-cased addresses with their revoked record
-
-    def record_entries(but: Collection[str] = ()) -> None:
-        """Record what the PUT took from those not recorded yet (nor in ``but``)."""
-        left = [(survey.remove[k][0], v) for k, v in took.items()
-                if k not in recorded and k not in but]  # fmt: skip
-        for what, emails in _groups(left).items():
-            recorded.update(e.lower() for e in emails)  # once: a write the disk refused too
-            report.revoked(token, emails, list(what))
-
-    try:
-        if entries and await pruner.remove_entries(token, entries, took) is None:
-            gone = "nothing was removed from it"
-            if took:
-                gone = (f"{len(took):,} people's entries are gone all the same (recorded), "
-                        "no invitation was revoked")  # fmt: skip
-            _refuse(report, "prune_update_failed", "the dashboard's invitees could not be "
-                    f"changed safely (see removal.update_failed): {gone}; run again",
-                    token)  # fmt: skip
-            return
-        invited = survey.holding(INVITATION)
-        record_entries(but={e.lower() for e in invited})  # holders: with their invitation
-        await _revoke(pruner, report, token, invited, took, recorded, stop)
-    finally:
-        record_entries()
-
-
-async def _revoke(pruner: Pruner, report: Report, token: str, invited: list[str],
-                  took: dict[str, set[str]], recorded: set[str],
-                  stop: asyncio.Event) -> None:  # fmt: skip
-    """Revoke the invitations of ``invited`` in list-form DELETEs, each recorded (with the
-    entries the PUT ``took`` from them) before it leaves, adding those recorded to
-    ``recorded``.
-
-    Before, not after: a DELETE whose answer never comes (the process killed while it is
-    out) may have revoked them, and a report still saying them served would make the next
-    ``--resume`` skip them when the list names them again, with neither invitation nor
-    entry. A record of a revocation that then did not happen (the batch refused, or
-    stopped in its wait) only makes the next run check them against the service
-    (invited: skipped; not named: revoked again), and it overstates the counts by that
-    one batch; a batch not yet begun is not recorded.
-    """
-    batches = [invited]
-    while batches:
-        if stop.is_set():
-            return
-        batch = batches.pop(0)
-        if not batch:  # nobody's invitation to revoke (only entries went)
-            continue
-        size = pruner.list_size()
-        if len(batch) > size:
-            batches[:0] = [batch[:size], batch[size:]]
-            continue
-        fresh = [e for e in batch if e.lower() not in recorded]  # halves are recorded
-        recorded.update(e.lower() for e in fresh)  # once: a write the disk refused too
-        held = ((e, took.get(e.lower(), set()) | {INVITATION}) for e in fresh)
-        for what, emails in _groups(held).items():
-            report.revoked(token, emails, list(what))
-        if pruner.durable and fresh:  # --fsync: the record survives a power loss too
-            await report.sync()
-        try:
-            await pruner.revoke(token, batch)
-        except BadRequest:
-            if len(batch) == 1:
-                raise
-            # Refused for its size, or for one address in it: halves find out which.
-            batches[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
-            pruner.splits += 1
-
-
 def _refuse(report: Report, code: str, message: str, token: str | None = None,
             people: int | None = None, remove: int | None = None) -> None:  # fmt: skip
     """Record (and log) a dashboard left whole, or a run that pruned nothing."""
     log.warning("prune.refused", code=code, token=token, message=message)
     report.prune_refused(code, message, token, people, remove)
-
-
-def _groups(removals: Iterable[tuple[str, set[str]]]) -> dict[tuple[str, ...], list[str]]:
-    """(address, what is removed) pairs grouped by what: one record per group."""
-    out: dict[tuple[str, ...], list[str]] = {}
-    for email, what in removals:
-        if what:
-            out.setdefault(tuple(sorted(what)), []).append(email)
-    return out
