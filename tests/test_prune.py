@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import random
@@ -48,9 +49,10 @@ from worker.config import Config, PruneMax
 from worker.emulator import Emulator
 from worker.emulator.dashboards import Dashboard, Invitee
 from worker.emulator.server import DROP
-from worker.errors import ListingMoved, UsageError
+from worker.errors import ListingMoved, StorageError, UsageError
 from worker.record.files import AppendFile, holds_only_a_plan, reads_as_report
 from worker.record.replay import Replay
+from worker.record.report import Report
 from worker.run import run
 from worker.run.human import print_summary as human_summary
 from worker.run.plan import dry_run
@@ -839,6 +841,33 @@ async def test_a_read_back_showing_one_entry_back_records_the_other_taken(
     assert [(r["emails"], r["removed"]) for r in revoked] == [([PEOPLE[6]], ["invitee"])]
     [refused] = by_kind(records, "prune_refused")
     assert "1 people's entries are gone all the same (recorded)" in refused["message"]
+
+
+async def test_a_failed_edit_keeps_its_refusal_when_the_report_refuses_what_it_took(
+    emulator: Emulator, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal of a dashboard whose edit failed is recorded before the entries the
+    edit took all the same: when the report then refuses those (a full disk), the run
+    still says the dashboard was left whole (prune_refused), and it halts (exit 3)."""
+    board_of(emulator, TOKEN_A, PEOPLE[:7])
+
+    def p5_back(dashboard: Dashboard) -> None:
+        assert dashboard.invitees is not None
+        dashboard.invitees[PEOPLE[5]] = Invitee(PEOPLE[5])
+
+    config = make_config(prune=True, prune_max=PruneMax(None, 100.0))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise StorageError(config.report_path, OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(Report, "revoked", disk_full)
+    emulator.before_read[TOKEN_A] = [None, None, None, p5_back]  # survey, two reads, read-back
+    result = await run(config, csv_source(rows_csv([(TOKEN_A, e) for e in PEOPLE[:5]])))
+    assert result.exit_code == 3
+    assert result.summary.prune is not None
+    assert result.summary.prune.prune_refused_by_code == {"prune_update_failed": 1}
+    [refused] = by_kind(read_report(config.report_path), "prune_refused")
+    assert refused["code"] == "prune_update_failed"
 
 
 async def test_a_stop_lets_another_dashboards_put_in_flight_finish_and_be_recorded(

@@ -208,9 +208,8 @@ async def _one(
         return
     if stop.is_set():  # nothing removed yet: the PUT would leave entries gone, unrecorded
         return
-    failed = await take_away(pruner, report, survey, stop)
-    if failed is not None:
-        _refuse(report, "prune_update_failed", failed, token)
+    await take_away(pruner, report, survey, stop,
+                    lambda why: _refuse(report, "prune_update_failed", why, token))  # fmt: skip
 
 
 async def _restore(config: Config, report: Report, survey: Survey,

@@ -5,7 +5,7 @@ each recorded in the report as it goes (see :func:`take_away`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
 from worker.errors import BadRequest
@@ -17,10 +17,15 @@ if TYPE_CHECKING:
 
 
 async def take_away(
-    pruner: Pruner, report: Report, survey: Survey, stop: asyncio.Event
-) -> str | None:
-    """Entries first (no new link can be asked for), then invitations, in batches; why
-    the entries could not be taken (and so nothing was revoked), or None.
+    pruner: Pruner,
+    report: Report,
+    survey: Survey,
+    stop: asyncio.Event,
+    refuse: Callable[[str], None],
+) -> None:
+    """Entries first (no new link can be asked for), then invitations, in batches.
+    ``refuse`` records why the entries could not be taken (and so nothing was revoked),
+    before what they took is: a report that then fails to write keeps the refusal.
 
     Every entry a PUT took is recorded before this returns or raises: with the
     invitation, as its DELETE leaves (see :func:`_revoke`); alone, when the person holds
@@ -48,12 +53,12 @@ async def take_away(
             if took:
                 gone = (f"{len(took):,} people's entries are gone all the same (recorded), "
                         "no invitation was revoked")  # fmt: skip
-            return ("the dashboard's invitees could not be changed safely (see "
-                    f"removal.update_failed): {gone}; run again")  # fmt: skip
+            refuse(f"the dashboard's invitees could not be changed safely (see "
+                   f"removal.update_failed): {gone}; run again")  # fmt: skip
+            return
         invited = survey.holding(INVITATION)
         record_entries(but={e.lower() for e in invited})  # holders: with their invitation
         await _revoke(pruner, report, token, invited, took, recorded, stop)
-        return None
     finally:
         record_entries()
 
