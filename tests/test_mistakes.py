@@ -108,6 +108,25 @@ def test_a_report_that_is_the_input_is_refused_even_with_overwrite(
     assert {p.name for p in tmp_path.iterdir()} == {sample.name} | linked  # no journal, no lock
 
 
+def test_a_report_given_as_the_input_is_refused_with_the_way_to_retry(
+    sample: Path, tmp_path: Path
+) -> None:
+    """A report given as the input (its first record a rejected row, which has token and
+    email fields like an input row) is exit 2, naming ``report failed``; nothing is sent
+    and no report is written."""
+    first = tmp_path / "day1.jsonl"
+    done = invite_worker("run", str(sample), "--sandbox", "--report", str(first))
+    assert done.returncode == 1, done.stderr
+    assert read_report(first)[0]["kind"] == "rejected"
+    again = tmp_path / "again.jsonl"
+    done = invite_worker("run", str(first), "--sandbox", "--report", str(again))
+    assert done.returncode == 2, done.stderr
+    line = one_line(done)
+    assert "line 1 is a record of an invite-worker report (kind 'rejected')" in line
+    assert "invite-worker report failed REPORT --output retry.csv" in line
+    assert not again.exists()
+
+
 def test_stdin_redirected_from_the_report_is_refused(sample: Path) -> None:
     """Case 1: ``run - --report in.csv < in.csv`` is the same file, told by its inode."""
     before = sample.read_bytes()

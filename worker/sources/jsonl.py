@@ -9,6 +9,7 @@ from typing import BinaryIO
 import msgspec
 
 from worker.errors import UsageError
+from worker.record.files import REPORT_KINDS
 from worker.sources.lines import LineReader, Row, chunked
 from worker.validate import Reason
 
@@ -49,6 +50,13 @@ class JsonlSource:
         except ValueError:
             obj = None
         token, email = self._fields
+        if isinstance(obj, dict) and obj.get("kind") in REPORT_KINDS:
+            raise UsageError(
+                f"{self.description}: line {number} is a record of an invite-worker report "
+                f"(kind {obj['kind']!r}), not an input row. To send again what a report "
+                "failed: invite-worker report failed REPORT --output retry.csv, then run "
+                "retry.csv; to finish a stopped run, run its input with --resume"
+            )
         if not isinstance(obj, dict):
             shown = (raw or b"")[:80].decode("utf-8", "replace")
             raise UsageError(
