@@ -1176,6 +1176,34 @@ def test_a_prune_plan_is_replaced_by_the_next_dry_run(tmp_path: Path) -> None:
         assert holds_only_a_plan(plan) is replaced, first
 
 
+def test_report_summarize_counts_a_removal_once_however_many_runs_recorded_it(
+    tmp_path: Path,
+) -> None:
+    """One removal recorded by two runs (the entries by a run stopped after its PUT, the
+    invitation by the next; a DELETE recorded as it left, then again by the run that
+    made it) counts each person once, by what went too; a person sent again and then
+    removed again counts twice."""
+    report = tmp_path / "r.jsonl"
+    a, b, c = "a@x.io", "B@x.io", "c@x.io"
+    both = ["invitation", "invitee"]
+    report.write_text("\n".join(json.dumps(r) for r in [
+        {"kind": "batch", "token": TOKEN_A, "emails": [a, b], "status": "sent"},
+        {"kind": "revoked", "token": TOKEN_A, "emails": [a], "removed": ["invitee"]},
+        {"kind": "revoked", "token": TOKEN_A, "emails": [b, c], "removed": both},
+        {"kind": "summary", "requests": 2},
+        {"kind": "revoked", "token": TOKEN_A, "emails": [a], "removed": ["invitation"]},
+        {"kind": "revoked", "token": TOKEN_A, "emails": [b.lower(), c], "removed": ["invitation"]},
+        {"kind": "summary", "requests": 2},
+        {"kind": "batch", "token": TOKEN_A, "emails": [a], "status": "sent"},
+        {"kind": "revoked", "token": TOKEN_A, "emails": [a], "removed": both},
+        {"kind": "summary", "requests": 2},
+    ]) + "\n")  # fmt: skip
+    totals = Replay.read(report).summary()
+    assert totals["revoked"] == 4  # a twice (sent again between), b and c once
+    assert totals["revoked_by_what"] == {"invitation": 4, "invitee": 4}
+    assert totals["sent"] == 0
+
+
 def test_report_summarize_counts_revoked_emails_and_refused_prunes(tmp_path: Path) -> None:
     """`report summarize` adds up revoked records (planned ones apart) and refusals."""
     report = tmp_path / "r.jsonl"
@@ -1271,6 +1299,10 @@ def test_sigterm_mid_prune_stops_at_once_and_resume_finishes(
     after = state(url, TOKEN_A)
     assert set(after["invitees"]) == after["invited"] == set(PEOPLE[:4])
     assert max(emulator_invited(url).values()) == 1
+    # Two runs' records of one removal each: the job's totals count each person once.
+    totals = Replay.read(report).summary()
+    assert totals["revoked"] == 12
+    assert totals["revoked_by_what"] == {"invitation": 12, "invitee": 12}
 
 
 @pytest.mark.parametrize(

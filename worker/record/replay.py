@@ -36,6 +36,7 @@ from worker.record.records import (
     SummaryRecord,
     restored,
 )
+from worker.record.revocations import Revocations
 from worker.validate import pair_key
 from worker.validate.dedupe import locate, member
 
@@ -91,7 +92,8 @@ class Replay:
     batches: list[tuple[str, str | None, str]] = field(default_factory=list)
     rejected: dict[RejectedRow, str] = field(default_factory=dict)  # row -> reason
     runs: list[SummaryRecord] = field(default_factory=list)
-    #: ``--prune``: emails whose access was taken away (by what), dashboards left whole
+    #: ``--prune``: removals (each person once per removal, see ``record.revocations``),
+    #: by what was taken, and dashboards left whole
     revoked: int = 0
     revoked_by_what: Counter[str] = field(default_factory=Counter)
     #: ``--add-invitees``: addresses added to dashboards' invitees before their sends
@@ -115,8 +117,7 @@ class Replay:
         review = cls()
         unlooked = review.unlooked if adds else None
         keys, owners = array("q"), array("i")  # 8 + 4 bytes a pair
-        # Revoked pairs, each with the number the next batch or skipped record would get.
-        revoked, revoked_at = array("q"), array("i")
+        revocations = Revocations()
         last: ReportRecord | None = None
         for record in records(path):
             last = record
@@ -137,11 +138,8 @@ class Replay:
                 review.rejected.setdefault(record.row, record.reason)
             elif isinstance(record, RevokedRecord):
                 if record.planned is not True:
-                    review.revoked += len(record.emails)
-                    revoked.extend(pair_key(record.token, email) for email in record.emails)
-                    revoked_at.extend(repeat(len(review.batches), len(record.emails)))
-                    for what in record.removed:
-                        review.revoked_by_what[what] += len(record.emails)
+                    pairs = (pair_key(record.token, email) for email in record.emails)
+                    revocations.add(pairs, len(review.batches), record.removed)
             elif isinstance(record, PruneRefusedRecord):
                 review.prunes_refused[record.code] += 1
             else:
@@ -154,16 +152,16 @@ class Replay:
                 "(a JSON line with kind batch, rejected, skipped or summary)"
             )
         review.ends_with_summary = isinstance(last, SummaryRecord)
-        review._index(keys, owners, revoked, revoked_at)
+        review._index(keys, owners, revocations)
         return review
 
-    def _index(
-        self, keys: array[int], owners: array[int], revoked: array[int], revoked_at: array[int]
-    ) -> None:
+    def _index(self, keys: array[int], owners: array[int], revocations: Revocations) -> None:
         import numpy as np
 
         all_keys = np.frombuffer(keys, dtype=np.int64) if keys else np.empty(0, np.int64)
         all_owners = np.frombuffer(owners, dtype=np.intc) if owners else np.empty(0, np.intc)
+        self.revoked, self.revoked_by_what = revocations.count(all_keys, all_owners)
+        revoked, revoked_at = revocations.keys, revocations.at
         sent = np.array([s == Status.SENT for s, _, _ in self.batches], dtype=bool)
         self.revoked_after_sent = np.empty(0, np.int64)
         if revoked and len(all_keys):
