@@ -1143,7 +1143,8 @@ async def test_the_emulator_revokes_object_and_list_forms_and_ends_sessions(
 
 def test_prune_options_misused_are_usage_errors(tmp_path: Path, spawn: Callable[..., Proc]) -> None:
     """--prune with a stream, --prune-max without --prune, a bad --prune-max,
-    --access-expires without --add-invitees, without a unit or past 100 years, and a dry
+    --access-expires without --add-invitees, without a unit, with one it does not know
+    or past 100 years, and a dry
     run of --prune without --preflight: exit 2, with the fix, before any request."""
     source = write_list(tmp_path, [(TOKEN_A, PEOPLE[0])])
     api_url = ("--api-url", "http://127.0.0.1:9")
@@ -1153,6 +1154,7 @@ def test_prune_options_misused_are_usage_errors(tmp_path: Path, spawn: Callable[
         ((source, "--prune", "--prune-max", "half"), "e.g. 10%, 100% or 25"),
         ((source, "--access-expires", "7d"), "add --add-invitees"),
         ((source, "--add-invitees", "--access-expires", "7"), "give --access-expires a unit"),
+        ((source, "--add-invitees", "--access-expires", "1y"), "'y' is not a unit; use s, m"),
         ((source, "--add-invitees", "--access-expires", "99999999d"), "at most 36500d"),
         ((source, "--dry-run", "--prune"), "needs --preflight"),
     ):

@@ -40,9 +40,19 @@ def duration(text: str) -> float:
 def expiry(text: str) -> float:
     """``--access-expires``: a duration with its unit (``7d``, ``12h``, ``90m``); a bare
     number would be seconds, which nobody granting access means."""
-    if text.strip()[-1:].lower() not in _UNITS:
+    last = text.strip()[-1:]
+    if not last:
+        raise argparse.ArgumentTypeError(
+            "--access-expires is empty: give a duration with its unit (e.g. 7d, 12h, 90m)"
+        )
+    if last.isdigit() or last == ".":
         raise argparse.ArgumentTypeError(
             f"give --access-expires a unit: {text!r} would be seconds (e.g. 7d, 12h, 90m)"
+        )
+    if last.lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"--access-expires {text!r}: {last!r} is not a unit; use s, m, h or d "
+            "(e.g. 7d, 12h, 90m; a year is 365d)"
         )
     seconds = duration(text)
     if seconds < MIN_ACCESS:
