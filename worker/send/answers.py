@@ -32,9 +32,6 @@ MAX_MESSAGE_CHARS = 500
 #: Largest response body read; 100 invitations are about 30 KB.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 _TAGS = re.compile(r"<[^>]*>")
-#: What a page does not show as its text: its head (a title that repeats the heading),
-#: scripts and styles.
-_UNSHOWN = re.compile(r"<(head|script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _SPACE = re.compile(r"\s+")
 _RATELIMIT_HEADERS = ("Limit", "Period", "Remaining", "Reset")
 
@@ -96,8 +93,7 @@ def error_message(raw: bytes, limit: int | None = MAX_MESSAGE_CHARS) -> str:
     if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
         text = "; ".join(str(e) for e in doc["errors"])
     else:
-        page = _UNSHOWN.sub(" ", raw.decode("utf-8", "replace"))
-        text = _SPACE.sub(" ", _TAGS.sub(" ", page)).strip()
+        text = _SPACE.sub(" ", _TAGS.sub(" ", raw.decode("utf-8", "replace"))).strip()
     return text[:limit]
 
 
