@@ -8,6 +8,7 @@ stream name is never taken as given, and JSONL is as strict as CSV.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from tests.conftest import worker_env as clean_env
 from worker.config import Config
 from worker.errors import UsageError
 from worker.queue.options import StreamOptions
+from worker.sources.jsonl import JsonlSource
 
 SAMPLE = ROOT / "sample_inputs" / "invites.csv"
 KEYS = {"DD_API_KEY": API_KEY, "DD_APP_KEY": APP_KEY}
@@ -123,8 +125,17 @@ def test_a_report_given_as_the_input_is_refused_with_the_way_to_retry(
     assert done.returncode == 2, done.stderr
     line = one_line(done)
     assert "line 1 is a record of an invite-worker report (kind 'rejected')" in line
-    assert "invite-worker report failed REPORT --output retry.csv" in line
+    assert f"invite-worker report failed {first} --output retry.csv" in line
     assert not again.exists()
+
+
+@pytest.mark.parametrize("kind", ["batch", "revoked", "summary", ["a", "list"], {"a": 1}])
+def test_an_input_rows_own_kind_field_is_not_taken_for_a_report(kind: object) -> None:
+    """An input row with a ``kind`` field of its own (a report's kind name, or not a string
+    at all) is an input row: only a record of a report's whole shape is refused."""
+    row = {"token": "abcdefabcdef", "email": "a@example.com", "kind": kind}
+    source = JsonlSource(io.BytesIO(json.dumps(row).encode() + b"\n"), "in.jsonl")
+    assert source.description == "in.jsonl"  # read past its first object, not refused
 
 
 def test_stdin_redirected_from_the_report_is_refused(sample: Path) -> None:

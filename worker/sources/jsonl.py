@@ -9,7 +9,7 @@ from typing import BinaryIO
 import msgspec
 
 from worker.errors import UsageError
-from worker.record.files import REPORT_KINDS
+from worker.record.records import REPORT_LINE, SummaryRecord
 from worker.sources.lines import LineReader, Row, chunked
 from worker.validate import Reason
 
@@ -50,12 +50,13 @@ class JsonlSource:
         except ValueError:
             obj = None
         token, email = self._fields
-        if isinstance(obj, dict) and obj.get("kind") in REPORT_KINDS:
+        if isinstance(obj, dict) and raw is not None and _a_report_record(raw):
             raise UsageError(
                 f"{self.description}: line {number} is a record of an invite-worker report "
-                f"(kind {obj['kind']!r}), not an input row. To send again what a report "
-                "failed: invite-worker report failed REPORT --output retry.csv, then run "
-                "retry.csv; to finish a stopped run, run its input with --resume"
+                f"(kind {obj['kind']!r}), not an input row: run the list the report came "
+                "from (with --resume and that report, to finish its run); to send again "
+                f"whom it failed: invite-worker report failed {_path(self.description)} "
+                "--output retry.csv, then run retry.csv"
             )
         if not isinstance(obj, dict):
             shown = (raw or b"")[:80].decode("utf-8", "replace")
@@ -128,3 +129,19 @@ def _why_not_json(raw: bytes) -> str:
     except UnicodeDecodeError:
         return Reason.BAD_ENCODING
     return Reason.INVALID_JSON
+
+
+def _a_report_record(raw: bytes) -> bool:
+    """Whether ``raw`` is a record an invite-worker report holds, by its whole shape (a
+    ``kind`` field alone is an input's own business): a summary, which has no required
+    field, only without an ``email``."""
+    try:
+        record = REPORT_LINE.decode(raw)
+    except ValueError:  # msgspec's DecodeError and ValidationError
+        return False
+    return not isinstance(record, SummaryRecord) or b'"email"' not in raw
+
+
+def _path(description: str) -> str:
+    """The input's path as a command takes it (standard input has none to give)."""
+    return "REPORT" if description.startswith("<") else description
