@@ -203,7 +203,8 @@ def reads_as_report(path: Path) -> bool:
         return False
     if first is None:
         return not text
-    return first.get("kind") in REPORT_KINDS
+    kind = first.get("kind")
+    return isinstance(kind, str) and kind in REPORT_KINDS  # a list or object: no report's
 
 
 def holds_only_a_plan(path: Path) -> bool:
