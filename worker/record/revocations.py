@@ -22,21 +22,26 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 
+#: Kinds of ``removed`` told apart (three exist: invitation, invitee, share_list); one
+#: past them is counted in ``revoked`` but not by what.
+MAX_KINDS = 32
+
+
 class Revocations:
-    """The ``revoked`` records of a report, in the order they are replayed: 13 bytes an
+    """The ``revoked`` records of a report, in the order they are replayed: 16 bytes an
     address named (its pair's key, where it falls among the pairs' records, what went)."""
 
     def __init__(self) -> None:
         #: Each address's pair key, and the number the next batch or skipped record gets.
         self.keys, self.at = array("q"), array("i")
-        self._what = array("B")  # what went, one bit per kind (see _bits)
+        self._what = array("I")  # what went, one bit per kind (see _bits)
         self._bits: dict[str, int] = {}
 
     def add(self, keys: Iterable[int], at: int, removed: Iterable[str]) -> None:
         """One record: the pairs of ``keys``, recorded before the record numbered ``at``."""
         mask = 0
         for what in removed:
-            if what not in self._bits and len(self._bits) < 8:
+            if what not in self._bits and len(self._bits) < MAX_KINDS:
                 self._bits[what] = 1 << len(self._bits)
             mask |= self._bits.get(what, 0)
         before = len(self.keys)
@@ -56,7 +61,7 @@ class Revocations:
             return 0, Counter()
         gone = np.frombuffer(self.keys, dtype=np.int64)
         at = np.frombuffer(self.at, dtype=np.intc)
-        what = np.frombuffer(self._what, dtype=np.uint8)
+        what = np.frombuffer(self._what, dtype=np.uint32)
         # The records of the revoked pairs only: a daily job prunes a few of many pairs.
         if len(keys):
             _, found = locate(np.unique(gone), keys)
@@ -76,7 +81,7 @@ class Revocations:
         before = seen - is_record - np.where(start > 0, seen[start - 1], 0)
         revoked = ~is_record
         removal = np.stack([key[revoked], before[revoked]], axis=1)
-        masks = np.concatenate([np.zeros(len(keys), np.uint8), what])[order][revoked]
+        masks = np.concatenate([np.zeros(len(keys), np.uint32), what])[order][revoked]
         by_what: Counter[str] = Counter()
         for name, bit in self._bits.items():
             if count := _distinct(removal[(masks & bit) != 0]):
