@@ -13,12 +13,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.conftest import by_kind, read_report
 from tests.test_queue import add, options
 from worker.config import Config
 from worker.emulator import Emulator
+from worker.queue import edits as edits_module
 from worker.queue.edits import DashboardEdits
 from worker.queue.runner import run_stream
 from worker.queue.stream import StreamQueue
@@ -132,6 +135,37 @@ async def test_a_lock_lost_while_stalled_is_taken_again_before_the_write(
         assert await redis.get(key) not in (None, "another-worker")  # ours again
         assert await confirm() is True
     assert await redis.exists(key) == 0
+
+
+async def test_a_renewal_whose_cancellation_comes_back_as_a_timeout_ends_with_the_edit(
+    redis: Redis, stream_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edit's lock renewal is ended when the edit is, even when its cancellation,
+    landing as a Redis command times out, comes back as that command's timeout (a
+    RedisError the renewal passes over): before, the renewal went on renewing the lock
+    for good and the edit waited for it forever (a queue worker hung after a SIGSTOP)."""
+    monkeypatch.setattr(edits_module, "LOCK_TTL", 0.3)  # a renewal every 0.1 s
+    queue = StreamQueue(redis, stream_name, "invite-worker", "w0", f"{stream_name}:dead")
+    edits = DashboardEdits(queue, asyncio.Event())
+    renewing = asyncio.Event()
+
+    async def renewal_timing_out(**kwargs: object) -> int:
+        renewing.set()
+        try:
+            await asyncio.sleep(30)  # a command out when the edit ends
+        except asyncio.CancelledError:
+            raise RedisTimeoutError("Timeout reading from socket") from None
+        return 1
+
+    edits._renew_script = renewal_timing_out
+    key = f"{stream_name}:edits:{TOKENS[0]}:lock"
+
+    async def one_edit() -> None:
+        async with edits.hold(TOKENS[0]):
+            await asyncio.wait_for(renewing.wait(), 5)
+
+    await asyncio.wait_for(one_edit(), 5)
+    assert await redis.exists(key) == 0  # let go of, and renewed by nobody
 
 
 async def test_a_write_whose_lock_was_lost_is_not_sent_and_the_dashboard_is_read_afresh(

@@ -101,15 +101,16 @@ class DashboardEdits:
             await self._acquire(key, mine)
             return False
 
-        renewing = asyncio.create_task(self._renew(key, mine))
+        done = asyncio.Event()
+        renewing = asyncio.create_task(self._renew(key, mine, done))
         try:
             yield confirm
         except BaseException:
-            await _ended(renewing)
+            await _ended(renewing, done)
             with contextlib.suppress(RedisError):  # the edit's own failure is the one told
                 await self._let_go(keys=[key], args=[mine])
             raise
-        await _ended(renewing)
+        await _ended(renewing, done)
         # A refusal halts the run as any command's does: swallowed, each edit of the
         # token would wait out the lock's 30 s, silently.
         await self._call(self._let_go, key, mine)
@@ -130,16 +131,26 @@ class DashboardEdits:
         except RedisError as exc:
             raise await self._queue.failure(exc, "EVALSHA") from None
 
-    async def _renew(self, key: str, mine: str) -> None:
-        while True:
-            await asyncio.sleep(LOCK_TTL / 3)
+    async def _renew(self, key: str, mine: str, done: asyncio.Event) -> None:
+        """Renew the lock every third of its life until ``done``.
+
+        ``done`` ends it, not only the cancellation: one that lands as a Redis command
+        times out can come back as that command's timeout (a RedisError, suppressed
+        here), and a loop that then went on renewing would hold the dashboard's lock for
+        good, with the edit waiting for it to end (seen after a SIGSTOP of 35 s)."""
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), LOCK_TTL / 3)
+            if done.is_set():
+                return
             # Lost, or Redis failing: the check before the write tells, and takes it again.
             with contextlib.suppress(RedisError):
                 await self._renew_script(keys=[key], args=[mine, int(LOCK_TTL * 1000)])
 
 
-async def _ended(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait for it, without taking its CancelledError: a
-    cancellation of the caller arriving meanwhile must still reach the caller."""
+async def _ended(task: asyncio.Task[None], done: asyncio.Event) -> None:
+    """End ``task`` (see ``_renew``) and wait for it, without taking its CancelledError:
+    a cancellation of the caller arriving meanwhile must still reach the caller."""
+    done.set()
     task.cancel()
     await asyncio.wait([task])
