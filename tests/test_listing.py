@@ -41,9 +41,10 @@ from worker.queue.runner import run_stream
 from worker.record.journal import Journal, journal_path
 from worker.run import run
 from worker.send import client_for, pacer_for, preflight_for, reconcile, reconciler_for
-from worker.send.compact import MERGE_EVERY, ListingBuilder, address_key, iso_epoch, keys_of
+from worker.send.compact import MERGE_EVERY, ListingBuilder, iso_epoch, keys_of
 from worker.send.listed import Listed, read_dashboard, read_listing
 from worker.send.reconcile import CACHED_LISTINGS
+from worker.validate import address_key
 
 PEOPLE = [f"p{i}@example.com" for i in range(260)]
 

@@ -37,7 +37,7 @@ from worker.record.records import (
     restored,
 )
 from worker.record.revocations import Revocations
-from worker.validate import pair_key
+from worker.validate import address_key, pair_key
 from worker.validate.dedupe import locate, member
 
 #: Request counters summed over the runs' summaries.
@@ -74,8 +74,7 @@ def _looked_at_all(run: SummaryRecord) -> bool:
 
 
 def _note_adds(unlooked: dict[str, array[int]], token: str, emails: list[str]) -> None:
-    # send.compact.address_key, which this layer below the sending does not import
-    unlooked.setdefault(token, array("q")).extend(hash(e.lower()) for e in emails)
+    unlooked.setdefault(token, array("q")).extend(map(address_key, emails))
 
 
 @dataclass
@@ -100,7 +99,7 @@ class Replay:
     invitees_added: int = 0
     prunes_refused: Counter[str] = field(default_factory=Counter)
     ends_with_summary: bool = False
-    #: With ``adds``: per token, the address keys (``send.compact.address_key``) of those
+    #: With ``adds``: per token, the address keys (``validate.address_key``) of those
     #: added to its invitees since the last run that looked at its entries at its end and
     #: found none missing (``send.recheck``): killed and stopped runs make no look.
     unlooked: dict[str, array[int]] = field(default_factory=dict)

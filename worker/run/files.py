@@ -42,7 +42,6 @@ from worker.run.runner import OutcomeHook, Runner, Service
 from worker.run.summary import RunResult
 from worker.send import pruner_for
 from worker.send.client import InvitationClient
-from worker.send.compact import address_key
 from worker.send.edit_lock import LocalEdits
 from worker.send.prune import Pruner
 from worker.send.recheck import named_in, recheck
@@ -50,6 +49,7 @@ from worker.send.sender import Sender
 from worker.sources import Source
 from worker.sources.csvfile import CsvSource
 from worker.state import RunState
+from worker.validate import address_key
 
 if TYPE_CHECKING:
     from worker.validate.dedupe import PairIndex

@@ -30,7 +30,7 @@ from worker.run.taking import groups, take_away
 from worker.send.prune import Named, Pruner, Survey
 from worker.send.screening import INVITEE_UPDATE_FAILED
 from worker.sources.lines import Columns
-from worker.validate import RawRow, Reason, Rejection, check_token
+from worker.validate import RawRow, Reason, Rejection, address_key, check_token
 
 if TYPE_CHECKING:
     from worker.record.report import Report
@@ -85,7 +85,7 @@ class ListedInput:
         def check(emails: list[str]) -> list[bool]:
             if index is None:
                 return [False] * len(emails)
-            return index.holds_with(token, [hash(e.lower()) for e in emails])
+            return index.holds_with(token, list(map(address_key, emails)))
 
         return check
 

@@ -58,11 +58,6 @@ _CREATED = operator.attrgetter("created_at")
 _HAS_SESSION = operator.attrgetter("has_session")
 
 
-def address_key(email: str) -> int:
-    """The identity of an address, ignoring case, as a 64-bit hash."""
-    return hash(email.lower())
-
-
 def keys_of(emails: Iterable[str]) -> npt.NDArray[np.int64]:
     """The :func:`address_key` of each address, in order."""
     items = emails if isinstance(emails, Sequence) else list(emails)

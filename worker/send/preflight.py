@@ -44,7 +44,7 @@ from worker.outcome import Failure
 from worker.send.boards import BoardReader
 from worker.send.checks import TokenChecks
 from worker.send.client import InvitationClient
-from worker.send.compact import address_key, key_set, keys_of
+from worker.send.compact import key_set, keys_of
 from worker.send.invitees import Confirm, add_invitees
 from worker.send.keyed import KeyedLocks
 from worker.send.paced import paced_call
@@ -60,6 +60,7 @@ from worker.send.screening import (
     access_expired,
     not_allowed,
 )
+from worker.validate import address_key
 from worker.validate.dedupe import member
 
 if TYPE_CHECKING:

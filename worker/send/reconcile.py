@@ -20,13 +20,14 @@ import structlog
 from worker.clock import Clock
 from worker.outcome import Invitation, Outcome, Status
 from worker.send.client import InvitationClient
-from worker.send.compact import ListingBuilder, TokenListing, address_key, iso_epoch
+from worker.send.compact import ListingBuilder, TokenListing, iso_epoch
 from worker.send.keyed import KeyedLocks
 from worker.send.paced import Tally, paced_call
 from worker.send.pacing import Pacer
 from worker.send.paging import PAGE_SIZE, Moved, Reading, read_pages, read_settled
 from worker.send.replies import Listing
 from worker.send.retry import RetryPolicy
+from worker.validate import address_key
 
 __all__ = ["Reconciler", "TokenListing", "created_epoch", "found_outcome", "iso_epoch"]
 

@@ -80,6 +80,13 @@ def check_email(email: str) -> bool:
     return len(email) <= MAX_EMAIL_LENGTH and EMAIL_RE.fullmatch(email) is not None
 
 
+def address_key(email: str) -> int:
+    """The identity of an address, ignoring case, as a 64-bit hash: what a pair's key
+    (:func:`pair_key`) combines with its token's, and what per-token state keeps of an
+    address (``send.compact``, a report's replay)."""
+    return hash(email.lower())
+
+
 def pair_key(token: str, email: str) -> int:
     """The identity of a (token, email) pair, ignoring case, as a 64-bit hash.
 
